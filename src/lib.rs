@@ -1,0 +1,2 @@
+//! p2pshare: peer-to-peer file sharing for groups.
+pub mod wire;
