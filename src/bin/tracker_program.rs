@@ -1,1 +1,82 @@
-fn main() {}
+//! `tracker_program [OPTIONS] <tracker_info_file> <tracker_no>`: runs one tracker.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use log::{error, LevelFilter};
+use p2pshare::cli::{self, CliError, EXIT_USAGE};
+use p2pshare::tracker::driver::{self, TrackerConfig};
+
+fn usage(opts: &getopts::Options) -> String {
+    opts.usage("Usage: tracker_program [OPTIONS] <tracker_info_file> <tracker_no>")
+}
+
+fn main() -> ExitCode {
+    let mut opts = getopts::Options::new();
+    cli::common_options(&mut opts);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parsed = opts
+        .parse(&args)
+        .map_err(|e| CliError(e.to_string()))
+        .and_then(|m| Ok((cli::common_args(&m, LevelFilter::Info)?, m)));
+    let (common, matches) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tracker_program: {e}\n{}", usage(&opts));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if common.help {
+        print!("{}", usage(&opts));
+        return ExitCode::SUCCESS;
+    }
+    if common.version {
+        println!("tracker_program {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let (info_path, tracker_no) = match matches.free.as_slice() {
+        [path, no] => match no.parse::<u16>() {
+            Ok(n) if n >= 1 => (path.clone(), n),
+            _ => {
+                eprintln!(
+                    "tracker_program: bad tracker number '{no}'\n{}",
+                    usage(&opts)
+                );
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        _ => {
+            eprintln!("tracker_program: expected 2 arguments\n{}", usage(&opts));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let trackers = match cli::read_tracker_info(Path::new(&info_path)) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tracker_program: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if usize::from(tracker_no) > trackers.len() {
+        eprintln!(
+            "tracker_program: tracker number {tracker_no} is not in {info_path} ({} trackers)",
+            trackers.len()
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if let Err(e) = cli::init_logging(common.log_level, common.log_file.as_deref().map(Path::new)) {
+        eprintln!("tracker_program: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match driver::run(TrackerConfig {
+        trackers,
+        tracker_no,
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("tracker {tracker_no} stopped: {e}");
+            eprintln!("tracker_program: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

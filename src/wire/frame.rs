@@ -99,7 +99,9 @@ impl FrameBuffer {
     /// Bytes still missing from the frame whose header is buffered (0 if none is).
     fn frame_need(&self) -> usize {
         match self.peek_len() {
-            Some(len) if len <= self.max_frame => (LEN_PREFIX + len).saturating_sub(self.buffered()),
+            Some(len) if len <= self.max_frame => {
+                (LEN_PREFIX + len).saturating_sub(self.buffered())
+            }
             _ => 0,
         }
     }

@@ -202,6 +202,9 @@ mod tests {
         let mut d = Sha1Digest::default();
         d.0[0] = 0xab;
         d.0[19] = 0x01;
-        assert_eq!(d.to_string(), "ab000000000000000000000000000000000000".to_owned() + "01");
+        assert_eq!(
+            d.to_string(),
+            "ab000000000000000000000000000000000000".to_owned() + "01"
+        );
     }
 }

@@ -32,7 +32,10 @@ pub enum Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMsg {
     /// `0x01`: `u32 magic | u16 version | u8 role (1 = client)`.
-    Hello { version: u16, role: Role },
+    Hello {
+        version: u16,
+        role: Role,
+    },
     Request(Request),
 }
 
@@ -149,7 +152,10 @@ impl FileMeta {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrackerMsg {
     /// `0x81`: `u32 magic | u16 version | u16 tracker_no`.
-    Welcome { version: u16, tracker_no: u16 },
+    Welcome {
+        version: u16,
+        tracker_no: u16,
+    },
     Reply(Reply),
 }
 
@@ -465,7 +471,8 @@ impl Request {
             | RequestBody::LeaveGroup { group }
             | RequestBody::ListRequests { group }
             | RequestBody::ListFiles { group } => put_str16(out, group.as_str()),
-            RequestBody::AcceptRequest { group, user } | RequestBody::RejectRequest { group, user } => {
+            RequestBody::AcceptRequest { group, user }
+            | RequestBody::RejectRequest { group, user } => {
                 put_str16(out, group.as_str());
                 put_str16(out, user.as_str());
             }

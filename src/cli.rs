@@ -1,0 +1,170 @@
+//! Command-line plumbing shared by both programs: `tracker_info.txt` parsing, the common
+//! options (`--help`, `--version`, `--log-level`, `--log-file`) and logging set-up.
+//! Everything here except [`init_logging`] is pure.
+
+use std::fmt;
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use log::LevelFilter;
+use simplelog::{ConfigBuilder, WriteLogger};
+
+/// Exit status for bad arguments.
+pub const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliError(pub String);
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Parses `tracker_info.txt`: one tracker per line, `IP:PORT` or `IP PORT`; blank lines and
+/// lines starting with `#` are ignored.
+pub fn parse_tracker_info(text: &str) -> Result<Vec<SocketAddr>, CliError> {
+    let mut trackers = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let addr = match words.as_slice() {
+            [one] => one.parse::<SocketAddr>().ok(),
+            [ip, port] => match (ip.parse::<IpAddr>(), port.parse::<u16>()) {
+                (Ok(ip), Ok(port)) => Some(SocketAddr::new(ip, port)),
+                _ => None,
+            },
+            _ => None,
+        };
+        match addr {
+            Some(a) => trackers.push(a),
+            None => {
+                return Err(CliError(format!(
+                    "tracker info line {}: expected IP:PORT or IP PORT, got '{line}'",
+                    n + 1
+                )))
+            }
+        }
+    }
+    if trackers.is_empty() {
+        return Err(CliError("tracker info file lists no tracker".into()));
+    }
+    Ok(trackers)
+}
+
+pub fn read_tracker_info(path: &Path) -> Result<Vec<SocketAddr>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError(format!("cannot read {}: {e}", path.display())))?;
+    parse_tracker_info(&text)
+}
+
+/// Adds the options both programs take.
+pub fn common_options(opts: &mut getopts::Options) {
+    opts.optflag("h", "help", "print this help and exit");
+    opts.optflag("V", "version", "print the version and exit");
+    opts.optopt(
+        "",
+        "log-level",
+        "error|warn|info|debug|trace (default: warn)",
+        "LEVEL",
+    );
+    opts.optopt(
+        "",
+        "log-file",
+        "write the log to PATH instead of stderr",
+        "PATH",
+    );
+}
+
+pub fn parse_level(s: &str) -> Result<LevelFilter, CliError> {
+    match s.to_ascii_lowercase().as_str() {
+        "off" => Ok(LevelFilter::Off),
+        "error" => Ok(LevelFilter::Error),
+        "warn" => Ok(LevelFilter::Warn),
+        "info" => Ok(LevelFilter::Info),
+        "debug" => Ok(LevelFilter::Debug),
+        "trace" => Ok(LevelFilter::Trace),
+        _ => Err(CliError(format!(
+            "bad log level '{s}' (error|warn|info|debug|trace)"
+        ))),
+    }
+}
+
+/// Sends the log to `file`, or to stderr. Log lines start with a time stamp, so they never
+/// start with `error: ` and cannot be mistaken for a command's failure line.
+pub fn init_logging(level: LevelFilter, file: Option<&Path>) -> Result<(), CliError> {
+    let config = ConfigBuilder::new()
+        .set_time_format_rfc3339()
+        .set_thread_level(LevelFilter::Off)
+        .set_target_level(LevelFilter::Off)
+        .build();
+    let result = match file {
+        Some(path) => {
+            let f = File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| CliError(format!("cannot open log file {}: {e}", path.display())))?;
+            WriteLogger::init(level, config, f)
+        }
+        None => WriteLogger::init(level, config, std::io::stderr()),
+    };
+    result.map_err(|e| CliError(format!("cannot start logging: {e}")))
+}
+
+/// The options both programs share, read from parsed matches.
+pub struct CommonArgs {
+    pub help: bool,
+    pub version: bool,
+    pub log_level: LevelFilter,
+    pub log_file: Option<String>,
+}
+
+pub fn common_args(
+    m: &getopts::Matches,
+    default_level: LevelFilter,
+) -> Result<CommonArgs, CliError> {
+    Ok(CommonArgs {
+        help: m.opt_present("h"),
+        version: m.opt_present("V"),
+        log_level: match m.opt_str("log-level") {
+            Some(s) => parse_level(&s)?,
+            None => default_level,
+        },
+        log_file: m.opt_str("log-file"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_info_formats() {
+        let text = "# comment\n\n127.0.0.1:6000\n  127.0.0.1 6001  \n[::1]:7000\n";
+        let t = parse_tracker_info(text).unwrap();
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[0], "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(t[1], "127.0.0.1:6001".parse().unwrap());
+        assert_eq!(t[2], "[::1]:7000".parse().unwrap());
+    }
+
+    #[test]
+    fn tracker_info_errors() {
+        assert!(parse_tracker_info("").is_err());
+        assert!(parse_tracker_info("# only\n").is_err());
+        assert!(parse_tracker_info("localhost:80").is_err());
+        assert!(parse_tracker_info("1.2.3.4 99999").is_err());
+        assert!(parse_tracker_info("1.2.3.4 80 extra").is_err());
+    }
+
+    #[test]
+    fn levels() {
+        assert_eq!(parse_level("DEBUG").unwrap(), LevelFilter::Debug);
+        assert!(parse_level("loud").is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! A framed, buffered, non-blocking TCP connection and the slab table that owns them.
+
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+use super::ConnId;
+use crate::wire::frame::FrameBuffer;
+use crate::wire::DecodeError;
+
+/// Once this many bytes wait to be written, the connection stops reading requests until the
+/// peer has taken some: a client that pipelines without reading cannot grow our memory.
+pub const MAX_PENDING_WRITE: usize = 4 * 1024 * 1024;
+
+/// Why a connection must be closed.
+#[derive(Debug)]
+pub enum ConnError {
+    Io(io::Error),
+    Decode(DecodeError),
+}
+
+impl std::fmt::Display for ConnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnError::Io(e) => write!(f, "io error: {e}"),
+            ConnError::Decode(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<io::Error> for ConnError {
+    fn from(e: io::Error) -> Self {
+        ConnError::Io(e)
+    }
+}
+
+impl From<DecodeError> for ConnError {
+    fn from(e: DecodeError) -> Self {
+        ConnError::Decode(e)
+    }
+}
+
+/// How a call to [`Conn::read_frames`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadEnd {
+    /// The socket has nothing more for now.
+    WouldBlock,
+    /// The peer closed its side; every frame before the close was handled.
+    Eof,
+    /// The frame budget was used up; more may be waiting (call again later).
+    Budget,
+    /// The handler asked to stop (for example, the connection is being closed).
+    Stopped,
+}
+
+/// One connection: the socket, its receive and send buffers, and the owner's data `T`.
+pub struct Conn<T> {
+    pub stream: TcpStream,
+    pub id: ConnId,
+    rbuf: FrameBuffer,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    writable_registered: bool,
+    /// Set while reading is suspended because too much output is pending.
+    pub read_paused: bool,
+    pub data: T,
+}
+
+impl<T> Conn<T> {
+    /// Raises or lowers the largest frame accepted from the peer.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.rbuf.set_max_frame(max_frame);
+    }
+
+    /// The send buffer: encode messages straight into it, then call [`flush`](Self::flush).
+    pub fn out(&mut self) -> &mut Vec<u8> {
+        &mut self.wbuf
+    }
+
+    /// Bytes queued but not yet written to the socket.
+    pub fn pending_write(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Reads what the socket has and calls `on_frame` with each whole frame's payload, at most
+    /// `max_frames` times. `on_frame` returns `false` to stop early.
+    pub fn read_frames(
+        &mut self,
+        max_frames: usize,
+        mut on_frame: impl FnMut(&[u8]) -> bool,
+    ) -> Result<ReadEnd, ConnError> {
+        let mut handled = 0;
+        loop {
+            // Frames already buffered go first: a close or an error after them must not
+            // lose them.
+            while let Some(payload) = self.rbuf.next_frame()? {
+                handled += 1;
+                if !on_frame(payload) {
+                    return Ok(ReadEnd::Stopped);
+                }
+                if handled >= max_frames {
+                    return Ok(ReadEnd::Budget);
+                }
+            }
+            match self.stream.read(self.rbuf.spare()) {
+                Ok(0) => return Ok(ReadEnd::Eof),
+                Ok(n) => self.rbuf.commit(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadEnd::WouldBlock),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ConnError::Io(e)),
+            }
+        }
+    }
+
+    /// Writes pending bytes until done or `WouldBlock`, and keeps `WRITABLE` interest exactly
+    /// while bytes remain.
+    pub fn flush(&mut self, registry: &Registry) -> io::Result<()> {
+        while self.wpos < self.wbuf.len() {
+            match self.stream.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.wpos == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wpos = 0;
+            if self.wbuf.capacity() > MAX_PENDING_WRITE {
+                self.wbuf = Vec::new();
+            }
+        } else if self.wpos > self.wbuf.len() / 2 {
+            self.wbuf.drain(..self.wpos);
+            self.wpos = 0;
+        }
+        let want_writable = self.wpos < self.wbuf.len();
+        if want_writable != self.writable_registered {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            registry.reregister(&mut self.stream, token_of(self.id.key), interest)?;
+            self.writable_registered = want_writable;
+        }
+        Ok(())
+    }
+}
+
+/// Slab keys are offset by this in mio tokens; smaller tokens name listeners, wakers, signals.
+pub const FIRST_CONN_TOKEN: usize = 16;
+
+pub fn token_of(key: usize) -> Token {
+    Token(key + FIRST_CONN_TOKEN)
+}
+
+/// The slab key a token names, if it names a connection.
+pub fn key_of(token: Token) -> Option<usize> {
+    token.0.checked_sub(FIRST_CONN_TOKEN)
+}
+
+/// Every open connection of a reactor.
+pub struct ConnTable<T> {
+    slab: Slab<Conn<T>>,
+    next_generation: u64,
+}
+
+impl<T> Default for ConnTable<T> {
+    fn default() -> Self {
+        ConnTable {
+            slab: Slab::new(),
+            next_generation: 0,
+        }
+    }
+}
+
+impl<T> ConnTable<T> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.slab.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
+    /// Registers `stream` for reading and takes ownership of it.
+    pub fn insert(
+        &mut self,
+        registry: &Registry,
+        mut stream: TcpStream,
+        max_frame: usize,
+        data: T,
+    ) -> io::Result<ConnId> {
+        let entry = self.slab.vacant_entry();
+        self.next_generation += 1;
+        let id = ConnId {
+            key: entry.key(),
+            generation: self.next_generation,
+        };
+        registry.register(&mut stream, token_of(id.key), Interest::READABLE)?;
+        entry.insert(Conn {
+            stream,
+            id,
+            rbuf: FrameBuffer::new(max_frame),
+            wbuf: Vec::new(),
+            wpos: 0,
+            writable_registered: false,
+            read_paused: false,
+            data,
+        });
+        Ok(id)
+    }
+
+    pub fn get(&self, id: ConnId) -> Option<&Conn<T>> {
+        self.slab.get(id.key).filter(|c| c.id == id)
+    }
+
+    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn<T>> {
+        self.slab.get_mut(id.key).filter(|c| c.id == id)
+    }
+
+    /// The connection a mio token names.
+    pub fn by_token(&mut self, token: Token) -> Option<&mut Conn<T>> {
+        self.slab.get_mut(key_of(token)?)
+    }
+
+    /// Deregisters and drops the connection (closing the socket).
+    pub fn remove(&mut self, registry: &Registry, id: ConnId) -> Option<Conn<T>> {
+        self.get(id)?;
+        let mut conn = self.slab.remove(id.key);
+        let _ = registry.deregister(&mut conn.stream);
+        Some(conn)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Conn<T>> {
+        self.slab.iter().map(|(_, c)| c)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Conn<T>> {
+        self.slab.iter_mut().map(|(_, c)| c)
+    }
+}

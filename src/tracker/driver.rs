@@ -1,0 +1,291 @@
+//! The tracker's mio reactor: one thread, one `Poll`, a slab of client connections.
+//!
+//! It accepts connections, moves bytes between sockets and [`TrackerCore`], and turns the
+//! core's outputs into writes and closes. It holds no tracker logic. Shutdown comes from the
+//! stdin line `quit` (read on a helper thread that wakes the loop) or SIGINT/SIGTERM (a mio
+//! source); end of stdin is not a shutdown, since trackers are often started with stdin closed.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::{debug, error, info, warn};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::core::{Output, TrackerCore};
+use crate::net::conn::MAX_PENDING_WRITE;
+use crate::net::wake::{self, StdinEvent};
+use crate::net::{ConnId, ConnTable, ReadEnd};
+use crate::wire::frame::MAX_HANDSHAKE_FRAME;
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const SIGNALS: Token = Token(2);
+
+/// Frames handled from one connection before the loop turns to the others.
+const FRAME_BUDGET: usize = 256;
+
+/// What a tracker needs to start.
+pub struct TrackerConfig {
+    pub trackers: Vec<SocketAddr>,
+    /// 1-based index into `trackers`.
+    pub tracker_no: u16,
+}
+
+#[derive(Default)]
+struct ConnData {
+    /// Queued in `dirty` for a flush.
+    dirty: bool,
+}
+
+struct Driver {
+    poll: Poll,
+    listener: TcpListener,
+    conns: ConnTable<ConnData>,
+    core: TrackerCore,
+    /// Connections with output to flush after this round.
+    dirty: Vec<ConnId>,
+    /// Connections that used their frame budget and may hold more input.
+    ready: VecDeque<ConnId>,
+}
+
+/// Runs a tracker until it is told to stop.
+pub fn run(config: TrackerConfig) -> io::Result<()> {
+    let index = usize::from(config.tracker_no)
+        .checked_sub(1)
+        .filter(|i| *i < config.trackers.len())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "tracker number {} is not in the tracker file ({} trackers)",
+                    config.tracker_no,
+                    config.trackers.len()
+                ),
+            )
+        })?;
+    let addr = config.trackers[index];
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        warn!("could not raise the open file limit: {e}");
+    }
+    let poll = Poll::new()?;
+    let mut listener = TcpListener::bind(addr)?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let _signals = wake::register_signals(poll.registry(), SIGNALS)?;
+    // The loop keeps its own handle: a waker whose last handle drops closes its eventfd, and
+    // the stdin thread drops its handle when input ends.
+    let stdin = wake::spawn_stdin_reader(Arc::clone(&waker))?;
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(32);
+    let mut driver = Driver {
+        poll,
+        listener,
+        conns: ConnTable::new(),
+        core: TrackerCore::new(config.tracker_no, seed),
+        dirty: Vec::new(),
+        ready: VecDeque::new(),
+    };
+    info!("tracker {} listening on {addr}", config.tracker_no);
+    // The one line on stdout: tests and scripts wait for it to know the tracker is up.
+    println!("tracker {} listening on {addr}", config.tracker_no);
+    let _ = io::stdout().flush();
+    let result = driver.run(&stdin);
+    drop(waker);
+    result
+}
+
+impl Driver {
+    fn run(&mut self, stdin: &Receiver<StdinEvent>) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut stdin_open = true;
+        loop {
+            let timeout = if self.ready.is_empty() {
+                self.core
+                    .poll_timeout()
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(std::time::Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    WAKER => {
+                        while stdin_open {
+                            match stdin.try_recv() {
+                                Ok(StdinEvent::Line(line)) if line.trim() == "quit" => {
+                                    info!("quit read on stdin: shutting down");
+                                    return Ok(());
+                                }
+                                Ok(StdinEvent::Line(line)) => {
+                                    if !line.trim().is_empty() {
+                                        warn!("stdin: unknown command '{}'", line.trim());
+                                    }
+                                }
+                                Ok(StdinEvent::TooLong) => warn!("stdin: line too long"),
+                                Ok(StdinEvent::Eof) | Err(TryRecvError::Disconnected) => {
+                                    debug!("stdin closed; still running");
+                                    stdin_open = false;
+                                }
+                                Err(TryRecvError::Empty) => break,
+                            }
+                        }
+                    }
+                    SIGNALS => {
+                        info!("signal received: shutting down");
+                        return Ok(());
+                    }
+                    token => {
+                        let Some(conn) = self.conns.by_token(token) else {
+                            continue;
+                        };
+                        let id = conn.id;
+                        if event.is_writable() {
+                            self.flush(id);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.service(id);
+                        }
+                    }
+                }
+            }
+            // Connections that stopped at their budget get another turn, in order.
+            for _ in 0..self.ready.len() {
+                if let Some(id) = self.ready.pop_front() {
+                    self.service(id);
+                }
+            }
+            self.core.handle_timeout(Instant::now());
+            self.drain_outputs();
+        }
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    match self.conns.insert(
+                        self.poll.registry(),
+                        stream,
+                        MAX_HANDSHAKE_FRAME,
+                        ConnData::default(),
+                    ) {
+                        Ok(id) => {
+                            debug!("conn {id}: accepted from {peer}");
+                            self.core.handle_open(id, Instant::now());
+                        }
+                        Err(e) => warn!("could not register a connection from {peer}: {e}"),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Typically EMFILE: leave the backlog for later rather than spin.
+                    error!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads and handles what `id` sent, within its budget, then flushes the answers.
+    fn service(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if conn.pending_write() >= MAX_PENDING_WRITE {
+            conn.read_paused = true;
+            return;
+        }
+        let core = &mut self.core;
+        let result = conn.read_frames(FRAME_BUDGET, |payload| {
+            core.handle_frame(id, payload);
+            true
+        });
+        match result {
+            Ok(ReadEnd::WouldBlock) | Ok(ReadEnd::Stopped) => {}
+            Ok(ReadEnd::Budget) => self.ready.push_back(id),
+            Ok(ReadEnd::Eof) => {
+                debug!("conn {id}: closed by peer");
+                self.drain_outputs();
+                self.close(id);
+            }
+            Err(e) => {
+                warn!("conn {id}: {e}; closing");
+                self.drain_outputs();
+                self.close(id);
+            }
+        }
+        self.drain_outputs();
+    }
+
+    fn drain_outputs(&mut self) {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                Output::Send(id, msg) => {
+                    if let Some(conn) = self.conns.get_mut(id) {
+                        msg.emit(conn.out());
+                        if !conn.data.dirty {
+                            conn.data.dirty = true;
+                            self.dirty.push(id);
+                        }
+                    }
+                }
+                Output::SetMaxFrame(id, max) => {
+                    if let Some(conn) = self.conns.get_mut(id) {
+                        conn.set_max_frame(max);
+                    }
+                }
+                Output::Close(id) => {
+                    if let Some(conn) = self.conns.get_mut(id) {
+                        // Best effort: let the peer see what was queued before the close.
+                        let _ = conn.flush(self.poll.registry());
+                    }
+                    self.conns.remove(self.poll.registry(), id);
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(conn) = self.conns.get_mut(id) {
+                conn.data.dirty = false;
+            }
+            self.flush(id);
+        }
+    }
+
+    fn flush(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if let Err(e) = conn.flush(self.poll.registry()) {
+            debug!("conn {id}: write failed: {e}; closing");
+            self.close(id);
+            return;
+        }
+        if conn.read_paused && conn.pending_write() < MAX_PENDING_WRITE / 2 {
+            conn.read_paused = false;
+            self.ready.push_back(id);
+        }
+    }
+
+    fn close(&mut self, id: ConnId) {
+        if self.conns.remove(self.poll.registry(), id).is_some() {
+            self.core.handle_close(id);
+        }
+    }
+}

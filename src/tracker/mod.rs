@@ -1,0 +1,7 @@
+//! The tracker: a deterministic state ([`state`]), the sans-IO request handling around it
+//! ([`core`]) and the mio reactor that feeds it ([`driver`]).
+
+pub mod core;
+pub mod driver;
+pub mod password;
+pub mod state;

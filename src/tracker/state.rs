@@ -1,0 +1,527 @@
+//! The tracker's replicated state and the one function that changes it.
+//!
+//! [`TrackerState`] holds users (with password hashes only), groups with their members, pending
+//! join requests and shared files, and the open sessions. It changes only through
+//! [`TrackerState::apply`], which is deterministic: no clock, no randomness, no IO, ordered maps
+//! only. Two replicas that apply the same [`Op`]s in the same order hold equal states, which is
+//! what replication builds on; a snapshot is simply the state.
+//!
+//! Architecture invariant: everything a tracker answers is derived from this state; nothing
+//! else in the tracker holds users, groups, files or sessions.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::wire::tracker_link::{FileInfo, FileMeta, GroupInfo, RejectCode, Relation};
+use crate::wire::{FileName, GroupId, UserId};
+
+/// Names an open session. Allocated by `apply` in order, so every replica agrees on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(pub u64);
+
+/// A logged-in user on one client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub user: UserId,
+    /// Where the user's client listens for peers.
+    pub peer_addr: SocketAddr,
+    /// The tracker holding the client's connection.
+    pub tracker_no: u16,
+    /// Secret the client may present to resume the session on another tracker.
+    pub token: [u8; 16],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// A PHC string (salted, slow hash); the clear password is never stored.
+    pub pw_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub owner: UserId,
+    /// Members in the order they joined; the owner is always among them.
+    pub members: Vec<UserId>,
+    /// Pending join requests, oldest first.
+    pub requests: Vec<UserId>,
+    pub files: BTreeMap<FileName, SharedFile>,
+}
+
+/// One file in a group, with everyone who shares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedFile {
+    pub meta: FileMeta,
+    pub sharers: Vec<Sharer>,
+}
+
+/// A user sharing a file from the client listening at `peer_addr`. The share is online while
+/// that user has a session on that same client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sharer {
+    pub user: UserId,
+    pub peer_addr: SocketAddr,
+}
+
+/// A change to the state. Ops name the acting session; `apply` resolves it to a user and checks
+/// every permission itself, so an op can be replayed on any replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    CreateUser {
+        user: UserId,
+        pw_hash: String,
+    },
+    /// Opens a session; the password was checked before the op was made.
+    OpenSession {
+        user: UserId,
+        peer_addr: SocketAddr,
+        tracker_no: u16,
+        token: [u8; 16],
+    },
+    CloseSession {
+        session: SessionId,
+    },
+    CreateGroup {
+        session: SessionId,
+        group: GroupId,
+    },
+    JoinGroup {
+        session: SessionId,
+        group: GroupId,
+    },
+    LeaveGroup {
+        session: SessionId,
+        group: GroupId,
+    },
+    AcceptRequest {
+        session: SessionId,
+        group: GroupId,
+        user: UserId,
+    },
+    RejectRequest {
+        session: SessionId,
+        group: GroupId,
+        user: UserId,
+    },
+    ShareFile {
+        session: SessionId,
+        group: GroupId,
+        meta: FileMeta,
+    },
+    StopShare {
+        session: SessionId,
+        group: GroupId,
+        name: FileName,
+    },
+}
+
+/// What a successful op did, when there is more to say than "done".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    SessionOpened(SessionId),
+    Shared { new_file: bool },
+}
+
+/// A refused op or query: a code for programs and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+impl Reject {
+    pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
+        Reject {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn not_logged_in() -> Reject {
+    Reject::new(RejectCode::NotLoggedIn, "not logged in")
+}
+
+fn no_such_group(group: &GroupId) -> Reject {
+    Reject::new(RejectCode::NoSuchGroup, format!("no such group '{group}'"))
+}
+
+fn not_member(group: &GroupId) -> Reject {
+    Reject::new(
+        RejectCode::NotMember,
+        format!("you are not a member of group '{group}'"),
+    )
+}
+
+fn not_owner(group: &GroupId) -> Reject {
+    Reject::new(
+        RejectCode::NotOwner,
+        format!("only the owner of group '{group}' can do that"),
+    )
+}
+
+impl Group {
+    fn is_member(&self, user: &UserId) -> bool {
+        self.members.contains(user)
+    }
+}
+
+/// Users, groups, files and sessions of the whole service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrackerState {
+    users: BTreeMap<UserId, User>,
+    groups: BTreeMap<GroupId, Group>,
+    sessions: BTreeMap<SessionId, Session>,
+    /// Index: the open session of each logged-in user (a user has at most one).
+    session_of_user: BTreeMap<UserId, SessionId>,
+    next_session: u64,
+}
+
+impl TrackerState {
+    pub fn new() -> Self {
+        TrackerState::default()
+    }
+
+    /// Applies one op. On `Err` the state is unchanged.
+    pub fn apply(&mut self, op: &Op) -> Result<Outcome, Reject> {
+        match op {
+            Op::CreateUser { user, pw_hash } => {
+                if self.users.contains_key(user) {
+                    return Err(Reject::new(
+                        RejectCode::UserExists,
+                        format!("user '{user}' already exists"),
+                    ));
+                }
+                self.users.insert(
+                    user.clone(),
+                    User {
+                        pw_hash: pw_hash.clone(),
+                    },
+                );
+                Ok(Outcome::Done)
+            }
+            Op::OpenSession {
+                user,
+                peer_addr,
+                tracker_no,
+                token,
+            } => {
+                self.check_can_log_in(user)?;
+                self.next_session += 1;
+                let id = SessionId(self.next_session);
+                self.sessions.insert(
+                    id,
+                    Session {
+                        user: user.clone(),
+                        peer_addr: *peer_addr,
+                        tracker_no: *tracker_no,
+                        token: *token,
+                    },
+                );
+                self.session_of_user.insert(user.clone(), id);
+                Ok(Outcome::SessionOpened(id))
+            }
+            Op::CloseSession { session } => {
+                let closed = self.sessions.remove(session).ok_or_else(not_logged_in)?;
+                self.session_of_user.remove(&closed.user);
+                Ok(Outcome::Done)
+            }
+            Op::CreateGroup { session, group } => {
+                let user = self.user_of(*session)?.clone();
+                if self.groups.contains_key(group) {
+                    return Err(Reject::new(
+                        RejectCode::GroupExists,
+                        format!("group '{group}' already exists"),
+                    ));
+                }
+                self.groups.insert(
+                    group.clone(),
+                    Group {
+                        owner: user.clone(),
+                        members: vec![user],
+                        requests: Vec::new(),
+                        files: BTreeMap::new(),
+                    },
+                );
+                Ok(Outcome::Done)
+            }
+            Op::JoinGroup { session, group } => {
+                let user = self.user_of(*session)?.clone();
+                let g = self
+                    .groups
+                    .get_mut(group)
+                    .ok_or_else(|| no_such_group(group))?;
+                if g.is_member(&user) {
+                    return Err(Reject::new(
+                        RejectCode::AlreadyMember,
+                        format!("you are already a member of group '{group}'"),
+                    ));
+                }
+                if g.requests.contains(&user) {
+                    return Err(Reject::new(
+                        RejectCode::AlreadyRequested,
+                        format!("a request to join group '{group}' is already pending"),
+                    ));
+                }
+                g.requests.push(user);
+                Ok(Outcome::Done)
+            }
+            Op::LeaveGroup { session, group } => {
+                let user = self.user_of(*session)?.clone();
+                let g = self
+                    .groups
+                    .get_mut(group)
+                    .ok_or_else(|| no_such_group(group))?;
+                if !g.is_member(&user) {
+                    return Err(not_member(group));
+                }
+                g.members.retain(|m| *m != user);
+                for file in g.files.values_mut() {
+                    file.sharers.retain(|s| s.user != user);
+                }
+                g.files.retain(|_, f| !f.sharers.is_empty());
+                match g.members.first() {
+                    None => {
+                        self.groups.remove(group);
+                    }
+                    Some(longest_standing) => {
+                        if g.owner == user {
+                            g.owner = longest_standing.clone();
+                        }
+                    }
+                }
+                Ok(Outcome::Done)
+            }
+            Op::AcceptRequest {
+                session,
+                group,
+                user,
+            }
+            | Op::RejectRequest {
+                session,
+                group,
+                user,
+            } => {
+                let acting = self.user_of(*session)?.clone();
+                let g = self
+                    .groups
+                    .get_mut(group)
+                    .ok_or_else(|| no_such_group(group))?;
+                if g.owner != acting {
+                    return Err(not_owner(group));
+                }
+                let pos = g.requests.iter().position(|r| r == user).ok_or_else(|| {
+                    Reject::new(
+                        RejectCode::NoSuchRequest,
+                        format!("no pending request from '{user}' to join group '{group}'"),
+                    )
+                })?;
+                g.requests.remove(pos);
+                if matches!(op, Op::AcceptRequest { .. }) {
+                    g.members.push(user.clone());
+                }
+                Ok(Outcome::Done)
+            }
+            Op::ShareFile {
+                session,
+                group,
+                meta,
+            } => {
+                let s = self.sessions.get(session).ok_or_else(not_logged_in)?;
+                let sharer = Sharer {
+                    user: s.user.clone(),
+                    peer_addr: s.peer_addr,
+                };
+                let g = self
+                    .groups
+                    .get_mut(group)
+                    .ok_or_else(|| no_such_group(group))?;
+                if !g.is_member(&sharer.user) {
+                    return Err(not_member(group));
+                }
+                match g.files.get_mut(&meta.name) {
+                    Some(file) => {
+                        if !file.meta.same_content(meta) {
+                            return Err(Reject::new(
+                                RejectCode::ContentMismatch,
+                                format!(
+                                    "a different file named '{}' is already shared in group '{group}'",
+                                    meta.name
+                                ),
+                            ));
+                        }
+                        if !file.sharers.contains(&sharer) {
+                            file.sharers.push(sharer);
+                        }
+                        Ok(Outcome::Shared { new_file: false })
+                    }
+                    None => {
+                        g.files.insert(
+                            meta.name.clone(),
+                            SharedFile {
+                                meta: meta.clone(),
+                                sharers: vec![sharer],
+                            },
+                        );
+                        Ok(Outcome::Shared { new_file: true })
+                    }
+                }
+            }
+            Op::StopShare {
+                session,
+                group,
+                name,
+            } => {
+                let s = self.sessions.get(session).ok_or_else(not_logged_in)?;
+                let (user, peer_addr) = (s.user.clone(), s.peer_addr);
+                let g = self
+                    .groups
+                    .get_mut(group)
+                    .ok_or_else(|| no_such_group(group))?;
+                if !g.is_member(&user) {
+                    return Err(not_member(group));
+                }
+                let file = g.files.get_mut(name).ok_or_else(|| {
+                    Reject::new(
+                        RejectCode::NoSuchFile,
+                        format!("no file '{name}' in group '{group}'"),
+                    )
+                })?;
+                let before = file.sharers.len();
+                file.sharers
+                    .retain(|s| !(s.user == user && s.peer_addr == peer_addr));
+                if file.sharers.len() == before {
+                    return Err(Reject::new(
+                        RejectCode::NotSharer,
+                        format!("you do not share '{name}' in group '{group}' from this client"),
+                    ));
+                }
+                if file.sharers.is_empty() {
+                    g.files.remove(name);
+                }
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    /// The user of an open session.
+    pub fn user_of(&self, session: SessionId) -> Result<&UserId, Reject> {
+        self.sessions
+            .get(&session)
+            .map(|s| &s.user)
+            .ok_or_else(not_logged_in)
+    }
+
+    pub fn session(&self, session: SessionId) -> Option<&Session> {
+        self.sessions.get(&session)
+    }
+
+    pub fn sessions(&self) -> impl Iterator<Item = (&SessionId, &Session)> {
+        self.sessions.iter()
+    }
+
+    /// The stored password hash of `user`, if the account exists.
+    pub fn password_hash(&self, user: &UserId) -> Option<&str> {
+        self.users.get(user).map(|u| u.pw_hash.as_str())
+    }
+
+    /// Whether `user` may open a session now: the account exists and has no open session.
+    pub fn check_can_log_in(&self, user: &UserId) -> Result<(), Reject> {
+        if !self.users.contains_key(user) {
+            return Err(Reject::new(
+                RejectCode::UnknownUser,
+                format!("no such user '{user}'"),
+            ));
+        }
+        if self.session_of_user.contains_key(user) {
+            return Err(Reject::new(
+                RejectCode::UserLoggedInElsewhere,
+                format!("user '{user}' is already logged in on another client"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every group, sorted by id, with the asking user's relation to it.
+    pub fn list_groups(&self, session: SessionId) -> Result<Vec<GroupInfo>, Reject> {
+        let user = self.user_of(session)?;
+        Ok(self
+            .groups
+            .iter()
+            .map(|(id, g)| GroupInfo {
+                group: id.clone(),
+                owner: g.owner.clone(),
+                n_members: u32::try_from(g.members.len()).unwrap_or(u32::MAX),
+                relation: if g.owner == *user {
+                    Relation::Owner
+                } else if g.is_member(user) {
+                    Relation::Member
+                } else if g.requests.contains(user) {
+                    Relation::Requested
+                } else {
+                    Relation::None
+                },
+            })
+            .collect())
+    }
+
+    /// Pending join requests of a group, oldest first; for its owner only.
+    pub fn list_requests(
+        &self,
+        session: SessionId,
+        group: &GroupId,
+    ) -> Result<Vec<UserId>, Reject> {
+        let user = self.user_of(session)?;
+        let g = self.groups.get(group).ok_or_else(|| no_such_group(group))?;
+        if g.owner != *user {
+            return Err(not_owner(group));
+        }
+        Ok(g.requests.clone())
+    }
+
+    /// The files of a group, sorted by name; for members only.
+    pub fn list_files(&self, session: SessionId, group: &GroupId) -> Result<Vec<FileInfo>, Reject> {
+        let user = self.user_of(session)?;
+        let g = self.groups.get(group).ok_or_else(|| no_such_group(group))?;
+        if !g.is_member(user) {
+            return Err(not_member(group));
+        }
+        Ok(g.files
+            .values()
+            .map(|f| FileInfo {
+                name: f.meta.name.clone(),
+                size: f.meta.size,
+                n_online: count_u32(f.sharers.iter().filter(|s| self.is_online(s)).count()),
+                n_sharers: count_u32(f.sharers.len()),
+                file_sha1: f.meta.file_sha1,
+            })
+            .collect())
+    }
+
+    /// A share is online while its user has a session on the client that holds the file.
+    pub fn is_online(&self, sharer: &Sharer) -> bool {
+        self.session_of_user
+            .get(&sharer.user)
+            .and_then(|id| self.sessions.get(id))
+            .is_some_and(|s| s.peer_addr == sharer.peer_addr)
+    }
+
+    pub fn group(&self, group: &GroupId) -> Option<&Group> {
+        self.groups.get(group)
+    }
+}
+
+fn count_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;
