@@ -1,1 +1,79 @@
-fn main() {}
+//! `client_program [OPTIONS] <IP>:<PORT> <tracker_info_file>`: the command-line client.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+
+use log::{error, LevelFilter};
+use p2pshare::cli::{self, CliError, EXIT_USAGE};
+use p2pshare::client::driver::{self, ClientConfig};
+
+fn usage(opts: &getopts::Options) -> String {
+    opts.usage("Usage: client_program [OPTIONS] <IP>:<PORT> <tracker_info_file>")
+}
+
+fn main() -> ExitCode {
+    let mut opts = getopts::Options::new();
+    cli::common_options(&mut opts);
+    opts.optflag(
+        "",
+        "serve",
+        "keep sharing files after standard input ends, until SIGINT or SIGTERM",
+    );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parsed = opts
+        .parse(&args)
+        .map_err(|e| CliError(e.to_string()))
+        .and_then(|m| Ok((cli::common_args(&m, LevelFilter::Warn)?, m)));
+    let (common, matches) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("client_program: {e}\n{}", usage(&opts));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if common.help {
+        print!("{}", usage(&opts));
+        return ExitCode::SUCCESS;
+    }
+    if common.version {
+        println!("client_program {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let (listen, info_path) = match matches.free.as_slice() {
+        [addr, path] => match addr.parse::<SocketAddr>() {
+            Ok(a) => (a, path.clone()),
+            Err(_) => {
+                eprintln!("client_program: bad address '{addr}' (expected IP:PORT)");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        _ => {
+            eprintln!("client_program: expected 2 arguments\n{}", usage(&opts));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let trackers = match cli::read_tracker_info(Path::new(&info_path)) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("client_program: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = cli::init_logging(common.log_level, common.log_file.as_deref().map(Path::new)) {
+        eprintln!("client_program: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match driver::run(ClientConfig {
+        listen,
+        trackers,
+        serve: matches.opt_present("serve"),
+    }) {
+        Ok(status) => ExitCode::from(status),
+        Err(e) => {
+            error!("client stopped: {e}");
+            eprintln!("client_program: cannot run on {listen}: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}

@@ -59,6 +59,7 @@ pub enum ReadEnd {
 pub struct Conn<T> {
     pub stream: TcpStream,
     pub id: ConnId,
+    token: Token,
     rbuf: FrameBuffer,
     wbuf: Vec<u8>,
     wpos: usize,
@@ -69,6 +70,35 @@ pub struct Conn<T> {
 }
 
 impl<T> Conn<T> {
+    /// Registers `stream` for reading under `token` and wraps it. Connections outside a
+    /// [`ConnTable`] (a client's tracker link) are made this way.
+    pub fn new(
+        registry: &Registry,
+        mut stream: TcpStream,
+        token: Token,
+        id: ConnId,
+        max_frame: usize,
+        data: T,
+    ) -> io::Result<Self> {
+        registry.register(&mut stream, token, Interest::READABLE)?;
+        Ok(Conn {
+            stream,
+            id,
+            token,
+            rbuf: FrameBuffer::new(max_frame),
+            wbuf: Vec::new(),
+            wpos: 0,
+            writable_registered: false,
+            read_paused: false,
+            data,
+        })
+    }
+
+    /// Deregisters the socket; dropping the connection afterwards closes it.
+    pub fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.stream);
+    }
+
     /// Raises or lowers the largest frame accepted from the peer.
     pub fn set_max_frame(&mut self, max_frame: usize) {
         self.rbuf.set_max_frame(max_frame);
@@ -143,7 +173,7 @@ impl<T> Conn<T> {
             } else {
                 Interest::READABLE
             };
-            registry.reregister(&mut self.stream, token_of(self.id.key), interest)?;
+            registry.reregister(&mut self.stream, self.token, interest)?;
             self.writable_registered = want_writable;
         }
         Ok(())
@@ -194,7 +224,7 @@ impl<T> ConnTable<T> {
     pub fn insert(
         &mut self,
         registry: &Registry,
-        mut stream: TcpStream,
+        stream: TcpStream,
         max_frame: usize,
         data: T,
     ) -> io::Result<ConnId> {
@@ -204,17 +234,14 @@ impl<T> ConnTable<T> {
             key: entry.key(),
             generation: self.next_generation,
         };
-        registry.register(&mut stream, token_of(id.key), Interest::READABLE)?;
-        entry.insert(Conn {
+        entry.insert(Conn::new(
+            registry,
             stream,
+            token_of(id.key),
             id,
-            rbuf: FrameBuffer::new(max_frame),
-            wbuf: Vec::new(),
-            wpos: 0,
-            writable_registered: false,
-            read_paused: false,
+            max_frame,
             data,
-        });
+        )?);
         Ok(id)
     }
 
@@ -235,7 +262,7 @@ impl<T> ConnTable<T> {
     pub fn remove(&mut self, registry: &Registry, id: ConnId) -> Option<Conn<T>> {
         self.get(id)?;
         let mut conn = self.slab.remove(id.key);
-        let _ = registry.deregister(&mut conn.stream);
+        conn.deregister(registry);
         Some(conn)
     }
 

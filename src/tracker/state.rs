@@ -379,8 +379,7 @@ impl TrackerState {
                 group,
                 name,
             } => {
-                let s = self.sessions.get(session).ok_or_else(not_logged_in)?;
-                let (user, peer_addr) = (s.user.clone(), s.peer_addr);
+                let user = self.user_of(*session)?.clone();
                 let g = self
                     .groups
                     .get_mut(group)
@@ -395,12 +394,12 @@ impl TrackerState {
                     )
                 })?;
                 let before = file.sharers.len();
-                file.sharers
-                    .retain(|s| !(s.user == user && s.peer_addr == peer_addr));
+                // The user stops sharing the file, from whichever clients they shared it.
+                file.sharers.retain(|s| s.user != user);
                 if file.sharers.len() == before {
                     return Err(Reject::new(
                         RejectCode::NotSharer,
-                        format!("you do not share '{name}' in group '{group}' from this client"),
+                        format!("you do not share '{name}' in group '{group}'"),
                     ));
                 }
                 if file.sharers.is_empty() {

@@ -1,0 +1,6 @@
+//! The client: the command loop ([`command`] parsing, [`session`] core) and the mio reactor
+//! that runs it ([`driver`]).
+
+pub mod command;
+pub mod driver;
+pub mod session;
