@@ -1,1 +1,939 @@
+//! Unit tests of [`ClientCore`] without IO: lines go in with `handle_line`, every
+//! `Output::Send` is answered by hand with `handle_reply`, hashing is answered with
+//! `handle_hashed`, and the `Print`/`Fail` sequences and the failure count are checked.
+//! Only `upload_file` touches the disk (a temp file), because the core checks the file itself.
 
+use super::*;
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use crate::hasher::sha1_of;
+use crate::wire::tracker_link::{FileInfo, GroupInfo, RejectCode};
+use crate::wire::{Password, Sha1Digest};
+
+// =============================================================================================
+// Harness
+// =============================================================================================
+
+fn uid(s: &str) -> UserId {
+    UserId::new(s).unwrap()
+}
+
+fn gid(s: &str) -> GroupId {
+    GroupId::new(s).unwrap()
+}
+
+fn fname(s: &str) -> FileName {
+    FileName::new(s).unwrap()
+}
+
+fn pw(s: &str) -> Password {
+    Password::new(s.as_bytes()).unwrap()
+}
+
+fn peer_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::new(10, 0, 0, 7), 4567))
+}
+
+struct Harness {
+    core: ClientCore,
+    now: Instant,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness {
+            core: ClientCore::new(peer_addr()),
+            now: Instant::now(),
+        }
+    }
+
+    fn drain(&mut self) -> Vec<Output> {
+        std::iter::from_fn(|| self.core.poll_output()).collect()
+    }
+
+    /// Feeds one line and returns what it produced at once.
+    fn line(&mut self, line: &str) -> Vec<Output> {
+        assert!(!self.core.is_busy(), "a line while busy: {line}");
+        self.core.handle_line(line, self.now);
+        self.drain()
+    }
+
+    /// Feeds a line that must send exactly one request; returns it.
+    #[track_caller]
+    fn line_sends(&mut self, line: &str) -> Request {
+        match self.line(line).as_slice() {
+            [Output::Send(req)] => {
+                assert!(self.core.is_busy(), "awaiting the reply to {line}");
+                req.clone()
+            }
+            other => panic!("{line}: expected one Send, got {other:?}"),
+        }
+    }
+
+    /// Answers `req` with `body` and returns what the reply produced.
+    fn reply(&mut self, req: &Request, body: ReplyBody) -> Vec<Output> {
+        self.core.handle_reply(Reply {
+            req_id: req.req_id,
+            body,
+        });
+        let outs = self.drain();
+        assert!(!self.core.is_busy(), "the command is finished");
+        outs
+    }
+
+    /// Runs one command answered by the tracker with `body`.
+    #[track_caller]
+    fn run(&mut self, line: &str, body: ReplyBody) -> Vec<Output> {
+        let req = self.line_sends(line);
+        self.reply(&req, body)
+    }
+
+    #[track_caller]
+    fn login(&mut self, user: &str) {
+        let outs = self.run(
+            &format!("login {user} pw"),
+            ReplyBody::LoggedIn { token: [9; 16] },
+        );
+        assert_eq!(outs.len(), 1, "{outs:?}");
+        assert_eq!(self.core.logged_in_user(), Some(&uid(user)));
+    }
+
+    /// Uploads `path` to `group`: checks the hash job, feeds the digests of `content` (the
+    /// file's bytes), checks the request and answers it with `Shared { new_file }`.
+    #[track_caller]
+    fn upload(&mut self, path: &Path, group: &str, content: &[u8], new_file: bool) -> Vec<Output> {
+        let line = format!("upload_file \"{}\" {group}", path.display());
+        let job = match self.line(&line).as_slice() {
+            [Output::HashFile { job, path: hashed }] => {
+                assert_eq!(*hashed, path.canonicalize().unwrap());
+                *job
+            }
+            other => panic!("{line}: expected HashFile, got {other:?}"),
+        };
+        assert!(self.core.is_busy(), "busy while hashing");
+        assert_eq!(self.core.poll_timeout(), None, "hashing has no deadline");
+        self.core.handle_hashed(
+            HashDone {
+                job,
+                result: Ok(hashes_of(content)),
+            },
+            self.now,
+        );
+        let req = match self.drain().as_slice() {
+            [Output::Send(req)] => req.clone(),
+            other => panic!("expected the upload request, got {other:?}"),
+        };
+        match &req.body {
+            RequestBody::UploadFile { group: g, meta } => {
+                assert_eq!(*g, gid(group));
+                let base = path.file_name().unwrap().to_str().unwrap();
+                assert_eq!(meta.name, fname(base), "the base name");
+                assert_eq!(meta.piece_len, PIECE_LEN);
+                assert_eq!(meta.size, content.len() as u64);
+                assert_eq!(meta.file_sha1, sha1_of(content));
+                assert_eq!(meta.piece_hashes, hashes_of(content).piece_hashes);
+            }
+            other => panic!("expected UploadFile, got {other:?}"),
+        }
+        self.reply(&req, ReplyBody::Shared { new_file })
+    }
+
+    fn share_names(&self) -> Vec<(String, String, String)> {
+        self.core
+            .shares()
+            .iter()
+            .map(|s| (s.user.to_string(), s.group.to_string(), s.name.to_string()))
+            .collect()
+    }
+}
+
+/// What the hasher computes for `content` in standard pieces.
+fn hashes_of(content: &[u8]) -> FileHashes {
+    FileHashes {
+        size: content.len() as u64,
+        file_sha1: sha1_of(content),
+        piece_hashes: content.chunks(PIECE_LEN as usize).map(sha1_of).collect(),
+    }
+}
+
+fn print(s: &str) -> Output {
+    Output::Print(s.to_owned())
+}
+
+fn fail(s: &str) -> Output {
+    Output::Fail(s.to_owned())
+}
+
+/// Writes `content` to `dir/name`.
+fn write_file(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    path
+}
+
+/// Every command that needs a session, with valid arguments.
+const SESSION_LINES: [&str; 12] = [
+    "create_group g",
+    "join_group g",
+    "leave_group g",
+    "list_requests g",
+    "accept_request g bob",
+    "reject_request g bob",
+    "list_groups",
+    "list_files g",
+    "upload_file /definitely/not/here g",
+    "download_file g f /tmp/",
+    "stop_share g f",
+    "logout",
+];
+
+// =============================================================================================
+// Lines that never reach the tracker
+// =============================================================================================
+
+#[test]
+fn blank_and_comment_lines_produce_nothing() {
+    let mut h = Harness::new();
+    for line in ["", "   ", "\t", "# a comment", "   # login a b", "#"] {
+        assert!(h.line(line).is_empty(), "{line:?}");
+        assert!(!h.core.is_busy());
+    }
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+#[test]
+fn bad_lines_fail_once_each() {
+    let mut h = Harness::new();
+    let bad = [
+        ("frobnicate", "unknown command 'frobnicate'"),
+        ("create_user alice", "usage: create_user <user_id> <passwd>"),
+        ("login a b c", "usage: login <user_id> <passwd>"),
+        ("create_group", "usage: create_group <group_id>"),
+        ("list_groups extra", "usage: list_groups"),
+        ("quit now", "usage: quit"),
+        ("logout now", "usage: logout"),
+        (
+            "upload_file only_path",
+            "usage: upload_file <file_path> <group_id>",
+        ),
+        ("show_downloads x", "usage: show_downloads"),
+    ];
+    for (i, (line, reason)) in bad.iter().enumerate() {
+        assert_eq!(h.line(line), [fail(reason)], "{line}");
+        assert_eq!(h.core.n_failed(), i as u64 + 1);
+        assert!(!h.core.is_busy());
+    }
+    // Also when logged in: still nothing is sent.
+    h.login("alice");
+    let before = h.core.n_failed();
+    assert_eq!(h.line("list_files"), [fail("usage: list_files <group_id>")]);
+    assert_eq!(h.line("unterminated \"quote").len(), 1);
+    assert!(matches!(
+        h.line("create_group \"a b\"").as_slice(),
+        [Output::Fail(_)]
+    ));
+    assert_eq!(h.core.n_failed(), before + 3);
+}
+
+#[test]
+fn session_commands_fail_locally_when_logged_out() {
+    let mut h = Harness::new();
+    for (i, line) in SESSION_LINES.iter().enumerate() {
+        assert_eq!(h.line(line), [fail("not logged in")], "{line}");
+        assert!(!h.core.is_busy());
+        assert_eq!(h.core.n_failed(), i as u64 + 1);
+    }
+}
+
+#[test]
+fn quit_and_show_downloads() {
+    let mut h = Harness::new();
+    assert!(h.line("show_downloads").is_empty());
+    assert_eq!(h.line("quit"), [Output::Quit]);
+    h.login("alice");
+    assert!(h.line("show_downloads").is_empty());
+    assert_eq!(h.line("quit"), [Output::Quit]);
+    assert_eq!(h.core.n_failed(), 0);
+    assert!(!h.core.is_busy());
+}
+
+// =============================================================================================
+// Users and sessions
+// =============================================================================================
+
+#[test]
+fn create_user_sends_and_prints() {
+    let mut h = Harness::new();
+    let req = h.line_sends("create_user alice s3cret");
+    assert_eq!(
+        req.body,
+        RequestBody::CreateUser {
+            user: uid("alice"),
+            password: pw("s3cret"),
+        }
+    );
+    assert_eq!(
+        h.reply(&req, ReplyBody::Done),
+        [print("user alice created")]
+    );
+    assert_eq!(h.core.logged_in_user(), None, "creating is not logging in");
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+#[test]
+fn login_carries_the_peer_addr_and_opens_the_session() {
+    let mut h = Harness::new();
+    let req = h.line_sends("login alice s3cret");
+    assert_eq!(
+        req.body,
+        RequestBody::Login {
+            user: uid("alice"),
+            password: pw("s3cret"),
+            peer_addr: peer_addr(),
+        }
+    );
+    assert_eq!(h.core.logged_in_user(), None, "not before the reply");
+    assert_eq!(
+        h.reply(&req, ReplyBody::LoggedIn { token: [1; 16] }),
+        [print("logged in as alice")]
+    );
+    assert_eq!(h.core.logged_in_user(), Some(&uid("alice")));
+
+    // A second login fails locally, whoever it names.
+    for line in ["login alice s3cret", "login bob pw"] {
+        let outs = h.line(line);
+        match outs.as_slice() {
+            [Output::Fail(reason)] => assert!(reason.contains("already"), "{reason}"),
+            other => panic!("{line}: {other:?}"),
+        }
+        assert!(!h.core.is_busy());
+    }
+    assert_eq!(h.core.n_failed(), 2);
+    assert_eq!(h.core.logged_in_user(), Some(&uid("alice")));
+}
+
+#[test]
+fn request_ids_are_fresh() {
+    let mut h = Harness::new();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let req = h.line_sends("create_user alice pw");
+        ids.push(req.req_id);
+        h.reply(&req, ReplyBody::Done);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
+#[test]
+fn busy_until_the_matching_reply() {
+    let mut h = Harness::new();
+    assert!(!h.core.is_busy());
+    assert_eq!(h.core.poll_timeout(), None);
+    let req = h.line_sends("login alice pw");
+    assert!(h.core.is_busy());
+    assert_eq!(h.core.poll_timeout(), Some(h.now + REPLY_TIMEOUT));
+
+    // A reply to another request is ignored.
+    for req_id in [req.req_id + 1, req.req_id.wrapping_sub(1), 0] {
+        h.core.handle_reply(Reply {
+            req_id,
+            body: ReplyBody::LoggedIn { token: [0; 16] },
+        });
+        assert!(h.drain().is_empty());
+        assert!(h.core.is_busy());
+        assert_eq!(h.core.logged_in_user(), None);
+    }
+
+    assert_eq!(
+        h.reply(&req, ReplyBody::LoggedIn { token: [0; 16] }),
+        [print("logged in as alice")]
+    );
+    // A duplicate of the reply finds nothing pending.
+    h.core.handle_reply(Reply {
+        req_id: req.req_id,
+        body: ReplyBody::Done,
+    });
+    assert!(h.drain().is_empty());
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+#[test]
+fn refusals_fail_with_the_trackers_message() {
+    let mut h = Harness::new();
+    let outs = h.run(
+        "login alice nope",
+        ReplyBody::Refused {
+            code: RejectCode::WrongPassword,
+            message: "wrong password".into(),
+        },
+    );
+    assert_eq!(outs, [fail("wrong password")]);
+    assert_eq!(h.core.logged_in_user(), None);
+    assert_eq!(h.core.n_failed(), 1);
+
+    h.login("alice");
+    let outs = h.run(
+        "create_group g",
+        ReplyBody::Refused {
+            code: RejectCode::GroupExists,
+            message: "group 'g' already exists".into(),
+        },
+    );
+    assert_eq!(outs, [fail("group 'g' already exists")]);
+    assert_eq!(h.core.n_failed(), 2);
+    assert_eq!(h.core.logged_in_user(), Some(&uid("alice")));
+}
+
+#[test]
+fn an_unexpected_answer_fails_once() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let outs = h.run("list_groups", ReplyBody::Pong);
+    assert!(matches!(outs.as_slice(), [Output::Fail(_)]), "{outs:?}");
+    assert_eq!(h.core.n_failed(), 1);
+
+    // A login answered with anything but a token does not open the session.
+    let mut h = Harness::new();
+    let outs = h.run("login alice pw", ReplyBody::Done);
+    assert!(matches!(outs.as_slice(), [Output::Fail(_)]), "{outs:?}");
+    assert_eq!(h.core.logged_in_user(), None);
+    assert_eq!(h.core.n_failed(), 1);
+}
+
+#[test]
+fn reply_timeout_fails_the_command() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let req = h.line_sends("list_groups");
+    h.core
+        .handle_timeout(h.now + REPLY_TIMEOUT - Duration::from_millis(1));
+    assert!(h.drain().is_empty());
+    assert!(h.core.is_busy());
+
+    h.core.handle_timeout(h.now + REPLY_TIMEOUT);
+    assert_eq!(h.drain(), [fail("the tracker did not answer in time")]);
+    assert!(!h.core.is_busy());
+    assert_eq!(h.core.poll_timeout(), None);
+    assert_eq!(h.core.n_failed(), 1);
+
+    // The late answer is ignored.
+    h.core.handle_reply(Reply {
+        req_id: req.req_id,
+        body: ReplyBody::Groups(vec![]),
+    });
+    assert!(h.drain().is_empty());
+    // And a timeout while idle does nothing.
+    h.core.handle_timeout(h.now + 10 * REPLY_TIMEOUT);
+    assert!(h.drain().is_empty());
+    assert_eq!(h.core.n_failed(), 1);
+}
+
+#[test]
+fn tracker_lost_fails_the_pending_command_and_logs_out() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let req = h.line_sends("list_groups");
+    h.core.handle_tracker_lost();
+    assert_eq!(h.drain(), [fail("lost the connection to the tracker")]);
+    assert!(!h.core.is_busy());
+    assert_eq!(h.core.logged_in_user(), None);
+    assert_eq!(h.core.n_failed(), 1);
+    h.core.handle_reply(Reply {
+        req_id: req.req_id,
+        body: ReplyBody::Groups(vec![]),
+    });
+    assert!(h.drain().is_empty());
+    assert_eq!(h.line("list_groups"), [fail("not logged in")]);
+
+    // When idle it only logs out.
+    h.login("alice");
+    h.core.handle_tracker_lost();
+    assert!(h.drain().is_empty());
+    assert_eq!(h.core.logged_in_user(), None);
+    assert_eq!(h.core.n_failed(), 2);
+}
+
+#[test]
+fn send_failed_fails_the_pending_command() {
+    let mut h = Harness::new();
+    h.core.handle_send_failed("no tracker answered");
+    assert!(h.drain().is_empty(), "nothing pending: nothing to fail");
+    assert_eq!(h.core.n_failed(), 0);
+
+    let req = h.line_sends("create_user alice pw");
+    h.core.handle_send_failed("no tracker answered");
+    assert_eq!(h.drain(), [fail("no tracker answered")]);
+    assert!(!h.core.is_busy());
+    assert_eq!(h.core.n_failed(), 1);
+    h.core.handle_reply(Reply {
+        req_id: req.req_id,
+        body: ReplyBody::Done,
+    });
+    assert!(h.drain().is_empty());
+}
+
+#[test]
+fn record_failure_counts() {
+    let mut h = Harness::new();
+    h.core.record_failure();
+    assert!(h.drain().is_empty());
+    assert_eq!(h.core.n_failed(), 1);
+}
+
+#[test]
+fn logout_prints_and_clears_the_user() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let req = h.line_sends("logout");
+    assert_eq!(req.body, RequestBody::Logout);
+    assert_eq!(
+        h.core.logged_in_user(),
+        Some(&uid("alice")),
+        "not before the reply"
+    );
+    assert_eq!(h.reply(&req, ReplyBody::Done), [print("logged out alice")]);
+    assert_eq!(h.core.logged_in_user(), None);
+    assert_eq!(h.line("list_groups"), [fail("not logged in")]);
+    // Another user may log in now.
+    h.login("bob");
+    assert_eq!(h.core.n_failed(), 1);
+}
+
+// =============================================================================================
+// Requests and their output
+// =============================================================================================
+
+#[test]
+fn group_commands_send_the_right_requests() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let g = gid("g1");
+    let cases = [
+        (
+            "create_group g1",
+            RequestBody::CreateGroup { group: g.clone() },
+            "group g1 created",
+        ),
+        (
+            "join_group g1",
+            RequestBody::JoinGroup { group: g.clone() },
+            "request to join group g1 sent",
+        ),
+        (
+            "accept_request g1 bob",
+            RequestBody::AcceptRequest {
+                group: g.clone(),
+                user: uid("bob"),
+            },
+            "bob accepted into group g1",
+        ),
+        (
+            "reject_request g1 carol",
+            RequestBody::RejectRequest {
+                group: g.clone(),
+                user: uid("carol"),
+            },
+            "request of carol to join group g1 rejected",
+        ),
+        (
+            "leave_group g1",
+            RequestBody::LeaveGroup { group: g.clone() },
+            "left group g1",
+        ),
+        (
+            "stop_share g1 \"my file.txt\"",
+            RequestBody::StopShare {
+                group: g.clone(),
+                name: fname("my file.txt"),
+            },
+            "stopped sharing my file.txt in group g1",
+        ),
+    ];
+    for (line, body, printed) in cases {
+        let req = h.line_sends(line);
+        assert_eq!(req.body, body, "{line}");
+        assert_eq!(h.reply(&req, ReplyBody::Done), [print(printed)], "{line}");
+    }
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+#[test]
+fn list_groups_format() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let req = h.line_sends("list_groups");
+    assert_eq!(req.body, RequestBody::ListGroups);
+    let info = |g: &str, owner: &str, n_members, relation| GroupInfo {
+        group: gid(g),
+        owner: uid(owner),
+        n_members,
+        relation,
+    };
+    let outs = h.reply(
+        &req,
+        ReplyBody::Groups(vec![
+            info("a", "alice", 3, Relation::Owner),
+            info("b", "bob", 2, Relation::Member),
+            info("c", "bob", 1, Relation::Requested),
+            info("d", "carol", 1, Relation::None),
+        ]),
+    );
+    assert_eq!(
+        outs,
+        [
+            print("a\towner=alice\tmembers=3\tyou=owner"),
+            print("b\towner=bob\tmembers=2\tyou=member"),
+            print("c\towner=bob\tmembers=1\tyou=requested"),
+            print("d\towner=carol\tmembers=1\tyou=-"),
+        ]
+    );
+    // SPEC: the first white-space separated field is the group id.
+    for (out, g) in outs.iter().zip(["a", "b", "c", "d"]) {
+        let Output::Print(line) = out else {
+            unreachable!()
+        };
+        assert_eq!(line.split_whitespace().next(), Some(g));
+    }
+    // No groups: nothing printed, and no failure.
+    assert!(h.run("list_groups", ReplyBody::Groups(vec![])).is_empty());
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+#[test]
+fn list_files_format() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let req = h.line_sends("list_files g");
+    assert_eq!(req.body, RequestBody::ListFiles { group: gid("g") });
+    let mut sha = [0u8; 20];
+    sha[0] = 0xab;
+    sha[19] = 0x01;
+    let outs = h.reply(
+        &req,
+        ReplyBody::Files(vec![
+            FileInfo {
+                name: fname("a b.txt"),
+                size: 1_048_577,
+                n_online: 1,
+                n_sharers: 2,
+                file_sha1: Sha1Digest(sha),
+            },
+            FileInfo {
+                name: fname("z"),
+                size: 0,
+                n_online: 0,
+                n_sharers: 1,
+                file_sha1: Sha1Digest([0xff; 20]),
+            },
+        ]),
+    );
+    let want_sha = format!("ab{}01", "00".repeat(18));
+    assert_eq!(
+        outs,
+        [
+            print(&format!("a b.txt\t1048577\t1\t2\t{want_sha}")),
+            print(&format!("z\t0\t0\t1\t{}", "ff".repeat(20))),
+        ]
+    );
+    let Output::Print(line) = &outs[0] else {
+        unreachable!()
+    };
+    let fields: Vec<&str> = line.split('\t').collect();
+    assert_eq!(
+        fields[..3],
+        ["a b.txt", "1048577", "1"],
+        "SPEC's first fields"
+    );
+    assert!(h.run("list_files g", ReplyBody::Files(vec![])).is_empty());
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+#[test]
+fn list_requests_format() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let req = h.line_sends("list_requests g");
+    assert_eq!(req.body, RequestBody::ListRequests { group: gid("g") });
+    let outs = h.reply(&req, ReplyBody::Users(vec![uid("zed"), uid("bob")]));
+    assert_eq!(outs, [print("zed"), print("bob")], "oldest first, as given");
+    assert!(h
+        .run("list_requests g", ReplyBody::Users(vec![]))
+        .is_empty());
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+// =============================================================================================
+// Uploads and local shares
+// =============================================================================================
+
+#[test]
+fn upload_hashes_registers_and_records_the_share() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let content: Vec<u8> = (0..PIECE_LEN as usize + 1000).map(|i| i as u8).collect();
+    write_file(dir.path(), "data.bin", &content);
+    // A path with `..` in it: the share must keep a clean absolute path.
+    let path = dir.path().join("sub").join("..").join("data.bin");
+
+    let mut h = Harness::new();
+    h.login("alice");
+    let outs = h.upload(&path, "g", &content, true);
+    assert_eq!(
+        outs,
+        [print(&format!(
+            "uploaded data.bin to group g ({} bytes, 2 pieces)",
+            content.len()
+        ))]
+    );
+    let shares = h.core.shares();
+    assert_eq!(shares.len(), 1);
+    let share = &shares[0];
+    assert_eq!(share.user, uid("alice"));
+    assert_eq!(share.group, gid("g"));
+    assert_eq!(share.name, fname("data.bin"));
+    assert!(share.path.is_absolute());
+    assert_eq!(
+        share.path,
+        dir.path().join("data.bin").canonicalize().unwrap()
+    );
+    assert_eq!(share.meta.size, content.len() as u64);
+    assert_eq!(share.meta.piece_hashes.len(), 2);
+    assert_eq!(h.core.n_failed(), 0);
+
+    // Sharing the same name again (an existing file) replaces the entry, not duplicates it.
+    let outs = h.upload(&path, "g", &content, false);
+    assert_eq!(
+        outs,
+        [print(
+            "sharing data.bin in group g (same content as the file already there)"
+        )]
+    );
+    assert_eq!(h.core.shares().len(), 1);
+}
+
+#[test]
+fn upload_of_a_file_name_with_spaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "my file.txt", b"hello");
+    let mut h = Harness::new();
+    h.login("alice");
+    let outs = h.upload(&path, "g", b"hello", true);
+    assert_eq!(
+        outs,
+        [print("uploaded my file.txt to group g (5 bytes, 1 pieces)")]
+    );
+    assert_eq!(h.core.shares()[0].name, fname("my file.txt"));
+}
+
+#[test]
+fn upload_of_a_missing_file_or_a_directory_fails_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let missing = dir.path().join("missing.bin");
+    for path in [missing.as_path(), dir.path()] {
+        let outs = h.line(&format!("upload_file \"{}\" g", path.display()));
+        match outs.as_slice() {
+            [Output::Fail(reason)] => {
+                assert!(reason.contains(&path.display().to_string()), "{reason}")
+            }
+            other => panic!("{}: {other:?}", path.display()),
+        }
+        assert!(!h.core.is_busy());
+    }
+    assert_eq!(h.core.n_failed(), 2);
+    assert!(h.core.shares().is_empty());
+}
+
+#[test]
+fn hash_errors_fail_the_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "f", b"x");
+    let mut h = Harness::new();
+    h.login("alice");
+    let job = match h
+        .line(&format!("upload_file \"{}\" g", path.display()))
+        .as_slice()
+    {
+        [Output::HashFile { job, .. }] => *job,
+        other => panic!("{other:?}"),
+    };
+    // A result for another job is ignored.
+    h.core.handle_hashed(
+        HashDone {
+            job: job + 1,
+            result: Ok(hashes_of(b"x")),
+        },
+        h.now,
+    );
+    assert!(h.drain().is_empty());
+    assert!(h.core.is_busy());
+    // A reply while hashing is ignored too.
+    h.core.handle_reply(Reply {
+        req_id: job,
+        body: ReplyBody::Shared { new_file: true },
+    });
+    assert!(h.drain().is_empty());
+    assert!(h.core.is_busy());
+
+    h.core.handle_hashed(
+        HashDone {
+            job,
+            result: Err("cannot map f: permission denied".into()),
+        },
+        h.now,
+    );
+    assert_eq!(h.drain(), [fail("cannot map f: permission denied")]);
+    assert!(!h.core.is_busy());
+    assert_eq!(h.core.n_failed(), 1);
+    assert!(h.core.shares().is_empty());
+}
+
+#[test]
+fn refused_upload_records_no_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "f", b"abc");
+    let mut h = Harness::new();
+    h.login("alice");
+    let job = match h
+        .line(&format!("upload_file \"{}\" g", path.display()))
+        .as_slice()
+    {
+        [Output::HashFile { job, .. }] => *job,
+        other => panic!("{other:?}"),
+    };
+    h.core.handle_hashed(
+        HashDone {
+            job,
+            result: Ok(hashes_of(b"abc")),
+        },
+        h.now,
+    );
+    let req = match h.drain().as_slice() {
+        [Output::Send(req)] => req.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(h.core.poll_timeout(), Some(h.now + REPLY_TIMEOUT));
+    let outs = h.reply(
+        &req,
+        ReplyBody::Refused {
+            code: RejectCode::ContentMismatch,
+            message: "a different file named 'f' is already shared in group 'g'".into(),
+        },
+    );
+    assert_eq!(
+        outs,
+        [fail(
+            "a different file named 'f' is already shared in group 'g'"
+        )]
+    );
+    assert!(h.core.shares().is_empty());
+    assert_eq!(h.core.n_failed(), 1);
+}
+
+#[test]
+fn stop_share_and_leave_group_remove_local_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_file(dir.path(), "a", b"aaa");
+    let b = write_file(dir.path(), "b", b"bbb");
+    let mut h = Harness::new();
+    h.login("alice");
+    h.upload(&a, "g", b"aaa", true);
+    h.upload(&b, "g", b"bbb", true);
+    h.upload(&a, "h", b"aaa", true);
+    assert_eq!(h.core.shares().len(), 3);
+
+    // Bob shares from the same client; alice's commands must not touch his share.
+    assert_eq!(
+        h.run("logout", ReplyBody::Done),
+        [print("logged out alice")]
+    );
+    assert_eq!(
+        h.core.shares().len(),
+        3,
+        "logout suspends, it does not forget"
+    );
+    h.login("bob");
+    h.upload(&a, "g", b"aaa", false);
+    assert_eq!(h.run("logout", ReplyBody::Done).len(), 1);
+    let outs = h.run("login alice pw", ReplyBody::LoggedIn { token: [0; 16] });
+    assert_eq!(outs, [print("logged in as alice (3 shared files resumed)")]);
+
+    assert_eq!(
+        h.run("stop_share g a", ReplyBody::Done),
+        [print("stopped sharing a in group g")]
+    );
+    let s = |u: &str, g: &str, n: &str| (u.to_owned(), g.to_owned(), n.to_owned());
+    assert_eq!(
+        h.share_names(),
+        [
+            s("alice", "g", "b"),
+            s("alice", "h", "a"),
+            s("bob", "g", "a")
+        ]
+    );
+
+    assert_eq!(
+        h.run("leave_group g", ReplyBody::Done),
+        [print("left group g")]
+    );
+    assert_eq!(h.share_names(), [s("alice", "h", "a"), s("bob", "g", "a")]);
+
+    // A refused stop_share keeps the share.
+    let outs = h.run(
+        "stop_share h a",
+        ReplyBody::Refused {
+            code: RejectCode::NoSuchGroup,
+            message: "no such group 'h'".into(),
+        },
+    );
+    assert_eq!(outs, [fail("no such group 'h'")]);
+    assert_eq!(h.share_names(), [s("alice", "h", "a"), s("bob", "g", "a")]);
+    assert_eq!(h.core.n_failed(), 1);
+}
+
+#[test]
+fn tracker_lost_while_hashing_ends_in_one_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "f", b"abc");
+    let mut h = Harness::new();
+    h.login("alice");
+    let job = match h
+        .line(&format!("upload_file \"{}\" g", path.display()))
+        .as_slice()
+    {
+        [Output::HashFile { job, .. }] => *job,
+        other => panic!("{other:?}"),
+    };
+    h.core.handle_tracker_lost();
+    assert!(h.drain().is_empty(), "hashing is not a tracker request");
+    assert_eq!(h.core.logged_in_user(), None);
+    h.core.handle_hashed(
+        HashDone {
+            job,
+            result: Ok(hashes_of(b"abc")),
+        },
+        h.now,
+    );
+    // The core may fail at once or ask a tracker that has no session for it; either way the
+    // command ends in exactly one failure and records no share.
+    match h.drain().as_slice() {
+        [Output::Fail(_)] => {}
+        [Output::Send(req)] => {
+            let outs = h.reply(
+                req,
+                ReplyBody::Refused {
+                    code: RejectCode::NotLoggedIn,
+                    message: "not logged in".into(),
+                },
+            );
+            assert_eq!(outs, [fail("not logged in")]);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!h.core.is_busy());
+    assert_eq!(h.core.n_failed(), 1);
+    assert!(h.core.shares().is_empty());
+}

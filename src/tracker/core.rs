@@ -5,26 +5,34 @@
 //! and drains [`Output`]s with `poll_output`. No sockets, clocks or threads live here: time is
 //! an argument, so the whole request path is tested without a network.
 //!
+//! Requests of one connection are answered in order. Password work (Argon2id) is slow, so the
+//! core hands it to the driver as [`Output::Password`] and parks the connection: its later
+//! requests wait in a bounded queue until [`TrackerCore::handle_password_done`] brings the
+//! answer. Other connections are served meanwhile.
+//!
 //! Errors split by what happens next: a frame that does not parse, a request before the
 //! handshake or a wrong protocol version closes that connection; a well-formed request that is
 //! refused is answered with `Refused` and the connection lives on.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use super::password;
+use super::password::{PasswordJob, PasswordResult};
 use super::state::{Op, Outcome, Reject, SessionId, TrackerState};
 use crate::net::ConnId;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
 };
-use crate::wire::PROTOCOL_VERSION;
+use crate::wire::{UserId, PROTOCOL_VERSION};
 
 /// A connection must complete its handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests a connection may pipeline behind one waiting for password work; more closes it.
+pub const MAX_QUEUED_REQUESTS: usize = 4096;
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,12 +41,39 @@ pub enum Output {
     /// The handshake is done: accept frames up to this size from now on.
     SetMaxFrame(ConnId, usize),
     Close(ConnId),
+    /// Run this password job off the reactor and call `handle_password_done(conn, result)`.
+    Password(ConnId, PasswordJob),
 }
 
 #[derive(Debug, Default)]
 struct Link {
     handshaken: bool,
     session: Option<SessionId>,
+    /// The request waiting for password work, if any.
+    waiting: Option<Waiting>,
+    /// Requests that arrived while `waiting` was set, oldest first.
+    queued: VecDeque<Request>,
+}
+
+/// A request parked until its password job is done.
+#[derive(Debug)]
+enum Waiting {
+    CreateUser {
+        req_id: u64,
+        user: UserId,
+    },
+    Login {
+        req_id: u64,
+        user: UserId,
+        peer_addr: SocketAddr,
+    },
+}
+
+/// What handling a request led to.
+enum Handled {
+    Reply(ReplyBody),
+    /// Parked until a password job is done.
+    Waiting(Waiting, PasswordJob),
 }
 
 /// Small deterministic generator for session tokens (seeded by the driver from the OS).
@@ -167,23 +202,118 @@ impl TrackerCore {
                 warn!("conn {conn}: request before the handshake");
                 self.close(conn);
             }
-            ClientMsg::Request(Request { req_id, body }) => {
-                let body = match self.handle_request(conn, body) {
-                    Ok(body) => body,
-                    Err(reject) => {
-                        debug!("conn {conn}: request {req_id} refused: {reject}");
-                        ReplyBody::Refused {
-                            code: reject.code,
-                            message: reject.message,
-                        }
-                    }
-                };
-                self.out.push_back(Output::Send(
-                    conn,
-                    TrackerMsg::Reply(Reply { req_id, body }),
-                ));
+            ClientMsg::Request(request) => {
+                if link.waiting.is_none() {
+                    self.handle_request(conn, request);
+                } else if link.queued.len() < MAX_QUEUED_REQUESTS {
+                    link.queued.push_back(request);
+                } else {
+                    warn!("conn {conn}: more than {MAX_QUEUED_REQUESTS} requests queued");
+                    self.close(conn);
+                }
             }
         }
+    }
+
+    /// A password job of `conn` is done: answer its parked request, then the ones queued
+    /// behind it, until one parks again.
+    pub fn handle_password_done(&mut self, conn: ConnId, result: PasswordResult) {
+        let Some(waiting) = self.links.get_mut(&conn).and_then(|l| l.waiting.take()) else {
+            // The connection closed meanwhile.
+            return;
+        };
+        let (req_id, body) = match (waiting, result) {
+            (Waiting::CreateUser { req_id, user }, PasswordResult::Hashed(Some(pw_hash))) => {
+                let body = self
+                    .commit(&Op::CreateUser {
+                        user: user.clone(),
+                        pw_hash,
+                    })
+                    .map(|_| {
+                        info!("user {user} created");
+                        ReplyBody::Done
+                    });
+                (req_id, body)
+            }
+            (
+                Waiting::Login {
+                    req_id,
+                    user,
+                    peer_addr,
+                },
+                PasswordResult::Verified(true),
+            ) => (req_id, self.open_session(conn, user, peer_addr)),
+            (Waiting::Login { req_id, .. }, PasswordResult::Verified(false)) => (
+                req_id,
+                Err(Reject::new(RejectCode::WrongPassword, "wrong password")),
+            ),
+            (Waiting::CreateUser { req_id, .. } | Waiting::Login { req_id, .. }, _) => (
+                req_id,
+                Err(Reject::new(RejectCode::Internal, "password check failed")),
+            ),
+        };
+        self.reply(conn, req_id, body);
+        while let Some(link) = self.links.get_mut(&conn) {
+            if link.waiting.is_some() {
+                break;
+            }
+            let Some(next) = link.queued.pop_front() else {
+                break;
+            };
+            self.handle_request(conn, next);
+        }
+    }
+
+    fn reply(&mut self, conn: ConnId, req_id: u64, body: Result<ReplyBody, Reject>) {
+        let body = body.unwrap_or_else(|reject| {
+            debug!("conn {conn}: request {req_id} refused: {reject}");
+            ReplyBody::Refused {
+                code: reject.code,
+                message: reject.message,
+            }
+        });
+        self.out.push_back(Output::Send(
+            conn,
+            TrackerMsg::Reply(Reply { req_id, body }),
+        ));
+    }
+
+    /// Answers a request, or parks it behind a password job.
+    fn handle_request(&mut self, conn: ConnId, request: Request) {
+        let Request { req_id, body } = request;
+        match self.answer(conn, req_id, body) {
+            Ok(Handled::Reply(body)) => self.reply(conn, req_id, Ok(body)),
+            Ok(Handled::Waiting(waiting, job)) => {
+                if let Some(link) = self.links.get_mut(&conn) {
+                    link.waiting = Some(waiting);
+                    self.out.push_back(Output::Password(conn, job));
+                }
+            }
+            Err(reject) => self.reply(conn, req_id, Err(reject)),
+        }
+    }
+
+    /// Opens a session for `conn` once its password has been checked.
+    fn open_session(
+        &mut self,
+        conn: ConnId,
+        user: UserId,
+        peer_addr: SocketAddr,
+    ) -> Result<ReplyBody, Reject> {
+        let mut token = [0u8; 16];
+        token[..8].copy_from_slice(&self.rng.next().to_be_bytes());
+        token[8..].copy_from_slice(&self.rng.next().to_be_bytes());
+        let outcome = self.commit(&Op::OpenSession {
+            user: user.clone(),
+            peer_addr,
+            tracker_no: self.tracker_no,
+            token,
+        })?;
+        if let (Outcome::SessionOpened(id), Some(link)) = (outcome, self.links.get_mut(&conn)) {
+            link.session = Some(id);
+        }
+        info!("user {user} logged in from {peer_addr}");
+        Ok(ReplyBody::LoggedIn { token })
     }
 
     /// The session of `conn`, or `NotLoggedIn`.
@@ -199,24 +329,21 @@ impl TrackerCore {
         self.state.apply(op)
     }
 
-    fn handle_request(&mut self, conn: ConnId, body: RequestBody) -> Result<ReplyBody, Reject> {
+    fn answer(&mut self, conn: ConnId, req_id: u64, body: RequestBody) -> Result<Handled, Reject> {
         let op = match body {
-            RequestBody::Ping => return Ok(ReplyBody::Pong),
+            RequestBody::Ping => return Ok(Handled::Reply(ReplyBody::Pong)),
             RequestBody::CreateUser { user, password } => {
                 if self.state.password_hash(&user).is_some() {
                     // Refuse before paying for a hash.
-                    return self
-                        .commit(&Op::CreateUser {
-                            user,
-                            pw_hash: String::new(),
-                        })
-                        .map(|_| ReplyBody::Done);
+                    return Err(Reject::new(
+                        RejectCode::UserExists,
+                        format!("user '{user}' already exists"),
+                    ));
                 }
-                let pw_hash = password::hash(&password).ok_or_else(|| {
-                    Reject::new(RejectCode::Internal, "could not hash the password")
-                })?;
-                info!("user {user} created");
-                Op::CreateUser { user, pw_hash }
+                return Ok(Handled::Waiting(
+                    Waiting::CreateUser { req_id, user },
+                    PasswordJob::Hash { password },
+                ));
             }
             RequestBody::Login {
                 user,
@@ -232,25 +359,17 @@ impl TrackerCore {
                 let phc = self.state.password_hash(&user).ok_or_else(|| {
                     Reject::new(RejectCode::UnknownUser, format!("no such user '{user}'"))
                 })?;
-                if !password::verify(&password, phc) {
-                    return Err(Reject::new(RejectCode::WrongPassword, "wrong password"));
-                }
-                let mut token = [0u8; 16];
-                token[..8].copy_from_slice(&self.rng.next().to_be_bytes());
-                token[8..].copy_from_slice(&self.rng.next().to_be_bytes());
-                let outcome = self.commit(&Op::OpenSession {
-                    user: user.clone(),
-                    peer_addr,
-                    tracker_no: self.tracker_no,
-                    token,
-                })?;
-                if let (Outcome::SessionOpened(id), Some(link)) =
-                    (outcome, self.links.get_mut(&conn))
-                {
-                    link.session = Some(id);
-                }
-                info!("user {user} logged in from {peer_addr}");
-                return Ok(ReplyBody::LoggedIn { token });
+                return Ok(Handled::Waiting(
+                    Waiting::Login {
+                        req_id,
+                        user,
+                        peer_addr,
+                    },
+                    PasswordJob::Verify {
+                        password,
+                        phc: phc.to_owned(),
+                    },
+                ));
             }
             RequestBody::Logout => {
                 let session = self.session_of(conn)?;
@@ -258,25 +377,25 @@ impl TrackerCore {
                 if let Some(link) = self.links.get_mut(&conn) {
                     link.session = None;
                 }
-                return Ok(ReplyBody::Done);
+                return Ok(Handled::Reply(ReplyBody::Done));
             }
             RequestBody::ListGroups => {
                 return self
                     .state
                     .list_groups(self.session_of(conn)?)
-                    .map(ReplyBody::Groups)
+                    .map(|g| Handled::Reply(ReplyBody::Groups(g)))
             }
             RequestBody::ListRequests { group } => {
                 return self
                     .state
                     .list_requests(self.session_of(conn)?, &group)
-                    .map(ReplyBody::Users)
+                    .map(|u| Handled::Reply(ReplyBody::Users(u)))
             }
             RequestBody::ListFiles { group } => {
                 return self
                     .state
                     .list_files(self.session_of(conn)?, &group)
-                    .map(ReplyBody::Files)
+                    .map(|f| Handled::Reply(ReplyBody::Files(f)))
             }
             RequestBody::CreateGroup { group } => Op::CreateGroup {
                 session: self.session_of(conn)?,
@@ -311,10 +430,10 @@ impl TrackerCore {
                 name,
             },
         };
-        Ok(match self.commit(&op)? {
+        Ok(Handled::Reply(match self.commit(&op)? {
             Outcome::Shared { new_file } => ReplyBody::Shared { new_file },
             Outcome::Done | Outcome::SessionOpened(_) => ReplyBody::Done,
-        })
+        }))
     }
 }
 

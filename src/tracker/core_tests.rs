@@ -1,1 +1,885 @@
+//! Unit tests of [`TrackerCore`] without sockets: connections are hand-made [`ConnId`]s, frames
+//! are produced with [`ClientMsg::emit`] (length prefix stripped, as the driver hands them up),
+//! and every `Output::Send` is checked to survive `emit`/`parse` before it is inspected.
+//!
+//! Argon2 runs for real here (`create_user` hashes, `login` verifies), so the tests keep the
+//! number of those calls small.
 
+use super::*;
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use crate::wire::frame::LEN_PREFIX;
+use crate::wire::tracker_link::{FileInfo, FileMeta, GroupInfo, Relation, Role};
+use crate::wire::{FileName, GroupId, Password, Sha1Digest, UserId, PIECE_LEN};
+
+// =============================================================================================
+// Harness
+// =============================================================================================
+
+fn conn(key: usize) -> ConnId {
+    ConnId { key, generation: 1 }
+}
+
+fn uid(s: &str) -> UserId {
+    UserId::new(s).unwrap()
+}
+
+fn gid(s: &str) -> GroupId {
+    GroupId::new(s).unwrap()
+}
+
+fn fname(s: &str) -> FileName {
+    FileName::new(s).unwrap()
+}
+
+fn pw(s: &str) -> Password {
+    Password::new(s.as_bytes()).unwrap()
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A frame payload (type byte + body) of `msg`, as the driver hands it to `handle_frame`.
+fn payload(msg: &ClientMsg) -> Vec<u8> {
+    let mut out = Vec::new();
+    msg.emit(&mut out);
+    out.split_off(LEN_PREFIX)
+}
+
+fn request(req_id: u64, body: RequestBody) -> ClientMsg {
+    ClientMsg::Request(Request { req_id, body })
+}
+
+/// Metadata of a two-piece file identified by `content`.
+fn meta(name: &str, content: u8) -> FileMeta {
+    let size = u64::from(PIECE_LEN) + 100;
+    FileMeta {
+        name: fname(name),
+        size,
+        piece_len: PIECE_LEN,
+        file_sha1: Sha1Digest([content; 20]),
+        piece_hashes: vec![Sha1Digest([content ^ 1; 20]), Sha1Digest([content ^ 2; 20])],
+    }
+}
+
+struct Harness {
+    core: TrackerCore,
+    now: Instant,
+    next_req: u64,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness {
+            core: TrackerCore::new(3, 0x1234_5678),
+            now: Instant::now(),
+            next_req: 100,
+        }
+    }
+
+    /// Every queued output; each `Send` is checked to round-trip through the wire format.
+    fn drain(&mut self) -> Vec<Output> {
+        let mut outs = Vec::new();
+        while let Some(o) = self.core.poll_output() {
+            // Password work runs inline here; the driver runs it on a worker thread.
+            if let Output::Password(conn, job) = &o {
+                let result = crate::tracker::password::run(job);
+                self.core.handle_password_done(*conn, result);
+                continue;
+            }
+            if let Output::Send(_, msg) = &o {
+                let mut bytes = Vec::new();
+                msg.emit(&mut bytes);
+                let parsed = TrackerMsg::parse(&bytes[LEN_PREFIX..]).unwrap();
+                assert_eq!(&parsed, msg, "a sent message survives the wire");
+            }
+            outs.push(o);
+        }
+        outs
+    }
+
+    fn open(&mut self, c: ConnId) {
+        self.core.handle_open(c, self.now);
+        assert!(self.drain().is_empty());
+    }
+
+    fn send(&mut self, c: ConnId, msg: &ClientMsg) -> Vec<Output> {
+        self.core.handle_frame(c, &payload(msg));
+        self.drain()
+    }
+
+    /// Opens `c` and completes its handshake.
+    fn connect(&mut self, c: ConnId) {
+        self.open(c);
+        let outs = self.send(c, &ClientMsg::hello());
+        assert_eq!(outs.len(), 2, "{outs:?}");
+    }
+
+    /// Sends one request on a handshaken conn and returns the single reply's body.
+    fn ask(&mut self, c: ConnId, body: RequestBody) -> ReplyBody {
+        self.next_req += 1;
+        let req_id = self.next_req;
+        let outs = self.send(c, &request(req_id, body));
+        match outs.as_slice() {
+            [Output::Send(to, TrackerMsg::Reply(reply))] => {
+                assert_eq!(*to, c);
+                assert_eq!(reply.req_id, req_id, "the reply carries the request's id");
+                reply.body.clone()
+            }
+            other => panic!("expected one reply, got {other:?}"),
+        }
+    }
+
+    fn create_user(&mut self, c: ConnId, user: &str, password: &str) -> ReplyBody {
+        self.ask(
+            c,
+            RequestBody::CreateUser {
+                user: uid(user),
+                password: pw(password),
+            },
+        )
+    }
+
+    fn login(&mut self, c: ConnId, user: &str, password: &str, port: u16) -> ReplyBody {
+        self.ask(
+            c,
+            RequestBody::Login {
+                user: uid(user),
+                password: pw(password),
+                peer_addr: addr(port),
+            },
+        )
+    }
+
+    /// Whether `user` has an open session in the state.
+    fn has_session(&self, user: &str) -> bool {
+        self.core
+            .state()
+            .sessions()
+            .any(|(_, s)| s.user.as_str() == user)
+    }
+}
+
+#[track_caller]
+fn assert_refused(body: &ReplyBody, want: RejectCode) {
+    match body {
+        ReplyBody::Refused { code, message } => {
+            assert_eq!(*code, want, "{message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected Refused {want:?}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_logged_in(body: &ReplyBody) -> [u8; 16] {
+    match body {
+        ReplyBody::LoggedIn { token } => *token,
+        other => panic!("expected LoggedIn, got {other:?}"),
+    }
+}
+
+/// Every request that needs a session.
+fn session_requests() -> Vec<RequestBody> {
+    let g = gid("g");
+    vec![
+        RequestBody::Logout,
+        RequestBody::CreateGroup { group: g.clone() },
+        RequestBody::JoinGroup { group: g.clone() },
+        RequestBody::LeaveGroup { group: g.clone() },
+        RequestBody::ListRequests { group: g.clone() },
+        RequestBody::AcceptRequest {
+            group: g.clone(),
+            user: uid("bob"),
+        },
+        RequestBody::RejectRequest {
+            group: g.clone(),
+            user: uid("bob"),
+        },
+        RequestBody::ListGroups,
+        RequestBody::ListFiles { group: g.clone() },
+        RequestBody::UploadFile {
+            group: g.clone(),
+            meta: meta("f", 1),
+        },
+        RequestBody::StopShare {
+            group: g,
+            name: fname("f"),
+        },
+    ]
+}
+
+// =============================================================================================
+// Handshake
+// =============================================================================================
+
+#[test]
+fn hello_gets_welcome_and_the_full_frame_limit() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.open(c);
+    let outs = h.send(c, &ClientMsg::hello());
+    assert_eq!(outs.len(), 2, "{outs:?}");
+    assert!(outs.contains(&Output::SetMaxFrame(c, MAX_CLIENT_TRACKER_FRAME)));
+    assert!(outs.contains(&Output::Send(
+        c,
+        TrackerMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            tracker_no: 3,
+        }
+    )));
+    // The link is usable.
+    assert_eq!(h.ask(c, RequestBody::Ping), ReplyBody::Pong);
+}
+
+#[test]
+fn wrong_version_closes() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.open(c);
+    let hello = ClientMsg::Hello {
+        version: PROTOCOL_VERSION + 1,
+        role: Role::Client,
+    };
+    assert_eq!(h.send(c, &hello), [Output::Close(c)]);
+    // The connection is forgotten: later frames get nothing.
+    assert!(h.send(c, &ClientMsg::hello()).is_empty());
+}
+
+#[test]
+fn second_hello_closes() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    assert_eq!(h.send(c, &ClientMsg::hello()), [Output::Close(c)]);
+}
+
+#[test]
+fn request_before_hello_closes() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.open(c);
+    assert_eq!(
+        h.send(c, &request(1, RequestBody::Ping)),
+        [Output::Close(c)]
+    );
+    assert!(h.send(c, &ClientMsg::hello()).is_empty());
+}
+
+#[test]
+fn malformed_frames_close() {
+    let mut h = Harness::new();
+    let bad: [&[u8]; 4] = [
+        &[],                          // no type byte
+        &[0x7f, 0, 0, 0],             // unknown type
+        &[0x01, 1, 2, 3],             // truncated hello
+        &[0x01, 0, 0, 0, 0, 0, 1, 1], // bad magic
+    ];
+    for (i, frame) in bad.iter().enumerate() {
+        let c = conn(10 + i);
+        h.open(c);
+        h.core.handle_frame(c, frame);
+        assert_eq!(h.drain(), [Output::Close(c)], "frame {frame:?}");
+    }
+    // Also after the handshake: a request with trailing bytes.
+    let c = conn(20);
+    h.connect(c);
+    let mut p = payload(&request(1, RequestBody::Ping));
+    p.push(0);
+    h.core.handle_frame(c, &p);
+    assert_eq!(h.drain(), [Output::Close(c)]);
+}
+
+#[test]
+fn malformed_frame_ends_the_session() {
+    let mut h = Harness::new();
+    let (a, b) = (conn(1), conn(2));
+    h.connect(a);
+    h.connect(b);
+    assert_eq!(h.create_user(a, "alice", "pw"), ReplyBody::Done);
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    assert!(h.has_session("alice"));
+
+    h.core.handle_frame(a, &[0xee]);
+    assert_eq!(h.drain(), [Output::Close(a)]);
+    assert!(!h.has_session("alice"), "closing the conn ends its session");
+    // The driver reports the close afterwards; that is harmless.
+    h.core.handle_close(a);
+    assert!(h.drain().is_empty());
+
+    assert_logged_in(&h.login(b, "alice", "pw", 5001));
+}
+
+#[test]
+fn handshake_timeout_closes_only_unhandshaken_conns() {
+    let mut h = Harness::new();
+    let t0 = h.now;
+    assert_eq!(h.core.poll_timeout(), None);
+
+    let (slow, fast, late) = (conn(1), conn(2), conn(3));
+    h.core.handle_open(slow, t0);
+    h.core.handle_open(fast, t0);
+    h.core.handle_open(late, t0 + Duration::from_secs(1));
+    assert_eq!(h.core.poll_timeout(), Some(t0 + HANDSHAKE_TIMEOUT));
+    assert_eq!(h.send(fast, &ClientMsg::hello()).len(), 2);
+
+    // Not yet due.
+    h.core
+        .handle_timeout(t0 + HANDSHAKE_TIMEOUT - Duration::from_millis(1));
+    assert!(h.drain().is_empty());
+
+    h.core.handle_timeout(t0 + HANDSHAKE_TIMEOUT);
+    assert_eq!(h.drain(), [Output::Close(slow)]);
+    assert_eq!(
+        h.core.poll_timeout(),
+        Some(t0 + Duration::from_secs(1) + HANDSHAKE_TIMEOUT),
+        "the next deadline is the later conn's"
+    );
+    // The handshaken conn lives on.
+    assert_eq!(h.ask(fast, RequestBody::Ping), ReplyBody::Pong);
+
+    h.core
+        .handle_timeout(t0 + Duration::from_secs(1) + HANDSHAKE_TIMEOUT);
+    assert_eq!(h.drain(), [Output::Close(late)]);
+    assert_eq!(h.core.poll_timeout(), None);
+    assert_eq!(h.ask(fast, RequestBody::Ping), ReplyBody::Pong);
+}
+
+#[test]
+fn a_conn_closed_before_its_deadline_is_not_closed_again() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.open(c);
+    h.core.handle_close(c);
+    h.core.handle_timeout(h.now + HANDSHAKE_TIMEOUT);
+    assert!(h.drain().is_empty());
+    assert_eq!(h.core.poll_timeout(), None);
+}
+
+#[test]
+fn frames_of_unknown_conns_are_ignored() {
+    let mut h = Harness::new();
+    let c = conn(9);
+    assert!(h.send(c, &ClientMsg::hello()).is_empty());
+    assert!(h.send(c, &request(1, RequestBody::Ping)).is_empty());
+}
+
+#[test]
+fn same_key_new_generation_is_a_new_conn() {
+    let mut h = Harness::new();
+    let old = ConnId {
+        key: 4,
+        generation: 1,
+    };
+    let new = ConnId {
+        key: 4,
+        generation: 2,
+    };
+    h.connect(old);
+    h.core.handle_close(old);
+    h.open(new);
+    // The new conn must do its own handshake.
+    assert_eq!(
+        h.send(new, &request(1, RequestBody::Ping)),
+        [Output::Close(new)]
+    );
+}
+
+// =============================================================================================
+// Requests without a session
+// =============================================================================================
+
+#[test]
+fn ping_needs_no_session() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    let outs = h.send(c, &request(42, RequestBody::Ping));
+    assert_eq!(
+        outs,
+        [Output::Send(
+            c,
+            TrackerMsg::Reply(Reply {
+                req_id: 42,
+                body: ReplyBody::Pong
+            })
+        )]
+    );
+}
+
+#[test]
+fn every_session_request_before_login_is_refused() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    for body in session_requests() {
+        let reply = h.ask(c, body.clone());
+        assert_refused(&reply, RejectCode::NotLoggedIn);
+    }
+    // The connection lives on.
+    assert_eq!(h.ask(c, RequestBody::Ping), ReplyBody::Pong);
+}
+
+#[test]
+fn replies_come_in_order_with_their_ids() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    let ids = [7u64, 3, u64::MAX, 0, 7];
+    for id in ids {
+        let body = if id % 2 == 0 {
+            RequestBody::Ping
+        } else {
+            RequestBody::ListGroups
+        };
+        h.core.handle_frame(c, &payload(&request(id, body)));
+    }
+    let got: Vec<(u64, bool)> = h
+        .drain()
+        .into_iter()
+        .map(|o| match o {
+            Output::Send(to, TrackerMsg::Reply(r)) => {
+                assert_eq!(to, c);
+                (r.req_id, r.body == ReplyBody::Pong)
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    let want: Vec<(u64, bool)> = ids.iter().map(|&id| (id, id % 2 == 0)).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn replies_go_to_the_asking_conn() {
+    let mut h = Harness::new();
+    let (a, b) = (conn(1), conn(2));
+    h.connect(a);
+    h.connect(b);
+    h.core
+        .handle_frame(a, &payload(&request(1, RequestBody::Ping)));
+    h.core
+        .handle_frame(b, &payload(&request(2, RequestBody::Ping)));
+    h.core
+        .handle_frame(a, &payload(&request(3, RequestBody::Ping)));
+    let to: Vec<(ConnId, u64)> = h
+        .drain()
+        .into_iter()
+        .map(|o| match o {
+            Output::Send(c, TrackerMsg::Reply(r)) => (c, r.req_id),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(to, [(a, 1), (b, 2), (a, 3)]);
+}
+
+// =============================================================================================
+// Users and sessions
+// =============================================================================================
+
+#[test]
+fn create_user_and_login() {
+    let mut h = Harness::new();
+    let (a, b) = (conn(1), conn(2));
+    h.connect(a);
+    h.connect(b);
+
+    assert_eq!(h.create_user(a, "alice", "s3cret"), ReplyBody::Done);
+    assert_refused(&h.create_user(b, "alice", "other"), RejectCode::UserExists);
+    let hash = h.core.state().password_hash(&uid("alice")).unwrap();
+    assert!(hash.starts_with("$argon2id$"), "only a hash is stored");
+    assert!(!hash.contains("s3cret"));
+
+    assert_refused(
+        &h.login(a, "alice", "wrong", 5000),
+        RejectCode::WrongPassword,
+    );
+    assert_refused(
+        &h.login(a, "nobody", "s3cret", 5000),
+        RejectCode::UnknownUser,
+    );
+    assert!(!h.has_session("alice"));
+
+    let token = assert_logged_in(&h.login(a, "alice", "s3cret", 5000));
+    let (_, session) = h.core.state().sessions().next().unwrap();
+    assert_eq!(session.user, uid("alice"));
+    assert_eq!(session.peer_addr, addr(5000));
+    assert_eq!(session.tracker_no, 3);
+    assert_eq!(session.token, token);
+
+    // A second login on the same conn, even as someone else.
+    assert_refused(
+        &h.login(a, "alice", "s3cret", 5000),
+        RejectCode::SessionAlreadyOpen,
+    );
+    // The same user on another conn.
+    assert_refused(
+        &h.login(b, "alice", "s3cret", 5001),
+        RejectCode::UserLoggedInElsewhere,
+    );
+
+    // Once the first conn is gone, the user may log in elsewhere.
+    h.core.handle_close(a);
+    assert!(h.drain().is_empty());
+    assert!(!h.has_session("alice"));
+    let token2 = assert_logged_in(&h.login(b, "alice", "s3cret", 5001));
+    assert_ne!(token, token2, "every session gets a fresh token");
+    assert_eq!(h.core.state().sessions().count(), 1);
+}
+
+#[test]
+fn second_login_as_another_user_on_the_same_conn_is_refused() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    assert_eq!(h.create_user(c, "alice", "pw"), ReplyBody::Done);
+    assert_logged_in(&h.login(c, "alice", "pw", 5000));
+    // Checked before the user is even looked up.
+    assert_refused(
+        &h.login(c, "nobody", "pw", 5000),
+        RejectCode::SessionAlreadyOpen,
+    );
+}
+
+#[test]
+fn logout_ends_the_session() {
+    let mut h = Harness::new();
+    let (a, b) = (conn(1), conn(2));
+    h.connect(a);
+    h.connect(b);
+    assert_eq!(h.create_user(a, "alice", "pw"), ReplyBody::Done);
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    assert_eq!(h.ask(a, RequestBody::ListGroups), ReplyBody::Groups(vec![]));
+
+    assert_eq!(h.ask(a, RequestBody::Logout), ReplyBody::Done);
+    assert!(!h.has_session("alice"));
+    for body in session_requests() {
+        assert_refused(&h.ask(a, body), RejectCode::NotLoggedIn);
+    }
+    // The conn itself is still open and can log in again; so could another.
+    assert_eq!(h.ask(a, RequestBody::Ping), ReplyBody::Pong);
+    assert_logged_in(&h.login(b, "alice", "pw", 5001));
+    // Closing the logged-out conn does not touch the new session.
+    h.core.handle_close(a);
+    assert!(h.has_session("alice"));
+}
+
+// =============================================================================================
+// A whole flow
+// =============================================================================================
+
+#[test]
+fn group_and_file_flow() {
+    let mut h = Harness::new();
+    let (a, b) = (conn(1), conn(2));
+    h.connect(a);
+    h.connect(b);
+    assert_eq!(h.create_user(a, "alice", "pa"), ReplyBody::Done);
+    assert_eq!(h.create_user(b, "bob", "pb"), ReplyBody::Done);
+    assert_logged_in(&h.login(a, "alice", "pa", 5000));
+    assert_logged_in(&h.login(b, "bob", "pb", 6000));
+    let g = gid("g1");
+
+    // Alice creates the group, bob asks to join.
+    assert_eq!(
+        h.ask(a, RequestBody::CreateGroup { group: g.clone() }),
+        ReplyBody::Done
+    );
+    assert_refused(
+        &h.ask(b, RequestBody::CreateGroup { group: g.clone() }),
+        RejectCode::GroupExists,
+    );
+    assert_refused(
+        &h.ask(b, RequestBody::ListFiles { group: g.clone() }),
+        RejectCode::NotMember,
+    );
+    assert_eq!(
+        h.ask(b, RequestBody::JoinGroup { group: g.clone() }),
+        ReplyBody::Done
+    );
+    assert_refused(
+        &h.ask(b, RequestBody::JoinGroup { group: g.clone() }),
+        RejectCode::AlreadyRequested,
+    );
+    assert_refused(
+        &h.ask(b, RequestBody::ListRequests { group: g.clone() }),
+        RejectCode::NotOwner,
+    );
+    assert_eq!(
+        h.ask(a, RequestBody::ListRequests { group: g.clone() }),
+        ReplyBody::Users(vec![uid("bob")])
+    );
+    assert_eq!(
+        h.ask(b, RequestBody::ListGroups),
+        ReplyBody::Groups(vec![GroupInfo {
+            group: g.clone(),
+            owner: uid("alice"),
+            n_members: 1,
+            relation: Relation::Requested,
+        }])
+    );
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::AcceptRequest {
+                group: g.clone(),
+                user: uid("bob"),
+            }
+        ),
+        ReplyBody::Done
+    );
+    assert_refused(
+        &h.ask(
+            a,
+            RequestBody::AcceptRequest {
+                group: g.clone(),
+                user: uid("bob"),
+            },
+        ),
+        RejectCode::NoSuchRequest,
+    );
+    assert_eq!(
+        h.ask(a, RequestBody::ListRequests { group: g.clone() }),
+        ReplyBody::Users(vec![])
+    );
+    assert_eq!(
+        h.ask(b, RequestBody::ListFiles { group: g.clone() }),
+        ReplyBody::Files(vec![])
+    );
+
+    // Bob shares a file; alice shares the same content; a different content is refused.
+    let m = meta("movie.mkv", 7);
+    assert_eq!(
+        h.ask(
+            b,
+            RequestBody::UploadFile {
+                group: g.clone(),
+                meta: m.clone(),
+            }
+        ),
+        ReplyBody::Shared { new_file: true }
+    );
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::UploadFile {
+                group: g.clone(),
+                meta: m.clone(),
+            }
+        ),
+        ReplyBody::Shared { new_file: false }
+    );
+    assert_refused(
+        &h.ask(
+            a,
+            RequestBody::UploadFile {
+                group: g.clone(),
+                meta: meta("movie.mkv", 8),
+            },
+        ),
+        RejectCode::ContentMismatch,
+    );
+    let file = |n_online, n_sharers| FileInfo {
+        name: fname("movie.mkv"),
+        size: m.size,
+        n_online,
+        n_sharers,
+        file_sha1: m.file_sha1,
+    };
+    assert_eq!(
+        h.ask(a, RequestBody::ListFiles { group: g.clone() }),
+        ReplyBody::Files(vec![file(2, 2)])
+    );
+
+    // Bob stops sharing; then alice, and the file disappears.
+    assert_eq!(
+        h.ask(
+            b,
+            RequestBody::StopShare {
+                group: g.clone(),
+                name: fname("movie.mkv"),
+            }
+        ),
+        ReplyBody::Done
+    );
+    assert_refused(
+        &h.ask(
+            b,
+            RequestBody::StopShare {
+                group: g.clone(),
+                name: fname("movie.mkv"),
+            },
+        ),
+        RejectCode::NotSharer,
+    );
+    assert_eq!(
+        h.ask(b, RequestBody::ListFiles { group: g.clone() }),
+        ReplyBody::Files(vec![file(1, 1)])
+    );
+
+    // A sharer whose conn closes is offline but still listed.
+    h.core.handle_close(a);
+    let c = conn(3);
+    h.connect(c);
+    assert_logged_in(&h.login(c, "alice", "pa", 5999));
+    assert_eq!(
+        h.ask(c, RequestBody::ListFiles { group: g.clone() }),
+        ReplyBody::Files(vec![file(0, 1)]),
+        "alice's share was on the client at port 5000"
+    );
+    assert_eq!(
+        h.ask(
+            c,
+            RequestBody::StopShare {
+                group: g.clone(),
+                name: fname("movie.mkv"),
+            }
+        ),
+        ReplyBody::Done
+    );
+    assert_eq!(
+        h.ask(b, RequestBody::ListFiles { group: g.clone() }),
+        ReplyBody::Files(vec![])
+    );
+
+    // The owner leaves: bob owns the group; bob leaves: the group is gone.
+    assert_eq!(
+        h.ask(c, RequestBody::LeaveGroup { group: g.clone() }),
+        ReplyBody::Done
+    );
+    assert_eq!(
+        h.ask(b, RequestBody::ListGroups),
+        ReplyBody::Groups(vec![GroupInfo {
+            group: g.clone(),
+            owner: uid("bob"),
+            n_members: 1,
+            relation: Relation::Owner,
+        }])
+    );
+    assert_eq!(
+        h.ask(b, RequestBody::LeaveGroup { group: g.clone() }),
+        ReplyBody::Done
+    );
+    assert_eq!(h.ask(c, RequestBody::ListGroups), ReplyBody::Groups(vec![]));
+    assert_refused(
+        &h.ask(c, RequestBody::JoinGroup { group: g }),
+        RejectCode::NoSuchGroup,
+    );
+}
+
+#[test]
+fn reject_request_drops_the_request() {
+    let mut h = Harness::new();
+    let (a, b) = (conn(1), conn(2));
+    h.connect(a);
+    h.connect(b);
+    assert_eq!(h.create_user(a, "alice", "pa"), ReplyBody::Done);
+    assert_eq!(h.create_user(b, "bob", "pb"), ReplyBody::Done);
+    assert_logged_in(&h.login(a, "alice", "pa", 5000));
+    assert_logged_in(&h.login(b, "bob", "pb", 6000));
+    let g = gid("g");
+    assert_eq!(
+        h.ask(a, RequestBody::CreateGroup { group: g.clone() }),
+        ReplyBody::Done
+    );
+    assert_eq!(
+        h.ask(b, RequestBody::JoinGroup { group: g.clone() }),
+        ReplyBody::Done
+    );
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::RejectRequest {
+                group: g.clone(),
+                user: uid("bob"),
+            }
+        ),
+        ReplyBody::Done
+    );
+    assert_eq!(
+        h.ask(a, RequestBody::ListRequests { group: g.clone() }),
+        ReplyBody::Users(vec![])
+    );
+    assert_refused(
+        &h.ask(b, RequestBody::ListFiles { group: g }),
+        RejectCode::NotMember,
+    );
+}
+
+#[test]
+fn requests_behind_password_work_wait_their_turn() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    let other = conn(2);
+    h.connect(c);
+    h.connect(other);
+    // create_user parks the connection on a password job; the ping behind it waits.
+    h.core.handle_frame(
+        c,
+        &payload(&request(
+            1,
+            RequestBody::CreateUser {
+                user: uid("alice"),
+                password: pw("pw"),
+            },
+        )),
+    );
+    h.core
+        .handle_frame(c, &payload(&request(2, RequestBody::Ping)));
+    let job = match h.core.poll_output() {
+        Some(Output::Password(to, job)) => {
+            assert_eq!(to, c);
+            job
+        }
+        other => panic!("expected a password job, got {other:?}"),
+    };
+    assert_eq!(
+        h.core.poll_output(),
+        None,
+        "the ping waits behind create_user"
+    );
+    // Another connection is served meanwhile.
+    h.core
+        .handle_frame(other, &payload(&request(9, RequestBody::Ping)));
+    assert!(matches!(
+        h.core.poll_output(),
+        Some(Output::Send(to, TrackerMsg::Reply(Reply { req_id: 9, .. }))) if to == other
+    ));
+    h.core
+        .handle_password_done(c, crate::tracker::password::run(&job));
+    let ids: Vec<u64> = h
+        .drain()
+        .into_iter()
+        .map(|o| match o {
+            Output::Send(to, TrackerMsg::Reply(r)) if to == c => r.req_id,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(ids, [1, 2], "answers keep the request order");
+}
+
+#[test]
+fn password_result_for_a_closed_conn_is_dropped() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    h.core.handle_frame(
+        c,
+        &payload(&request(
+            1,
+            RequestBody::CreateUser {
+                user: uid("alice"),
+                password: pw("pw"),
+            },
+        )),
+    );
+    let Some(Output::Password(_, job)) = h.core.poll_output() else {
+        panic!("expected a password job");
+    };
+    h.core.handle_close(c);
+    h.core
+        .handle_password_done(c, crate::tracker::password::run(&job));
+    assert_eq!(h.core.poll_output(), None);
+    assert!(h.core.state().password_hash(&uid("alice")).is_none());
+}

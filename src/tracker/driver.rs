@@ -8,8 +8,9 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc::{Receiver, TryRecvError};
-use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread;
 use std::time::Instant;
 
 use log::{debug, error, info, warn};
@@ -17,6 +18,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::core::{Output, TrackerCore};
+use super::password::{self, PasswordJob, PasswordResult};
 use crate::net::conn::MAX_PENDING_WRITE;
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{ConnId, ConnTable, ReadEnd};
@@ -28,6 +30,8 @@ const SIGNALS: Token = Token(2);
 
 /// Frames handled from one connection before the loop turns to the others.
 const FRAME_BUDGET: usize = 256;
+/// Threads that hash and check passwords (Argon2id), off the reactor.
+const PASSWORD_WORKERS: usize = 2;
 
 /// What a tracker needs to start.
 pub struct TrackerConfig {
@@ -40,6 +44,8 @@ pub struct TrackerConfig {
 struct ConnData {
     /// Queued in `dirty` for a flush.
     dirty: bool,
+    /// The peer closed its sending side; close once our answers are written.
+    read_closed: bool,
 }
 
 struct Driver {
@@ -51,6 +57,41 @@ struct Driver {
     dirty: Vec<ConnId>,
     /// Connections that used their frame budget and may hold more input.
     ready: VecDeque<ConnId>,
+    password_jobs: Sender<(ConnId, PasswordJob)>,
+    password_done: Receiver<(ConnId, PasswordResult)>,
+}
+
+/// Starts the password workers; each result is followed by a wake of the reactor.
+fn start_password_workers(
+    waker: &Arc<Waker>,
+) -> io::Result<(
+    Sender<(ConnId, PasswordJob)>,
+    Receiver<(ConnId, PasswordResult)>,
+)> {
+    let (job_tx, job_rx) = mpsc::channel::<(ConnId, PasswordJob)>();
+    let (done_tx, done_rx) = mpsc::channel();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    for i in 0..PASSWORD_WORKERS {
+        let job_rx = Arc::clone(&job_rx);
+        let done_tx = done_tx.clone();
+        let waker = Arc::clone(waker);
+        thread::Builder::new()
+            .name(format!("password-{i}"))
+            .spawn(move || loop {
+                let job = match job_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok((conn, job)) = job else {
+                    return;
+                };
+                if done_tx.send((conn, password::run(&job))).is_err() {
+                    return;
+                }
+                let _ = waker.wake();
+            })?;
+    }
+    Ok((job_tx, done_rx))
 }
 
 /// Runs a tracker until it is told to stop.
@@ -81,6 +122,7 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     // The loop keeps its own handle: a waker whose last handle drops closes its eventfd, and
     // the stdin thread drops its handle when input ends.
     let stdin = wake::spawn_stdin_reader(Arc::clone(&waker))?;
+    let (password_jobs, password_done) = start_password_workers(&waker)?;
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -93,6 +135,8 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         core: TrackerCore::new(config.tracker_no, seed),
         dirty: Vec::new(),
         ready: VecDeque::new(),
+        password_jobs,
+        password_done,
     };
     info!("tracker {} listening on {addr}", config.tracker_no);
     // The one line on stdout: tests and scripts wait for it to know the tracker is up.
@@ -125,6 +169,9 @@ impl Driver {
                 match event.token() {
                     LISTENER => self.accept_all(),
                     WAKER => {
+                        while let Ok((conn, result)) = self.password_done.try_recv() {
+                            self.core.handle_password_done(conn, result);
+                        }
                         while stdin_open {
                             match stdin.try_recv() {
                                 Ok(StdinEvent::Line(line)) if line.trim() == "quit" => {
@@ -222,8 +269,10 @@ impl Driver {
             Ok(ReadEnd::Budget) => self.ready.push_back(id),
             Ok(ReadEnd::Eof) => {
                 debug!("conn {id}: closed by peer");
-                self.drain_outputs();
-                self.close(id);
+                conn.data.read_closed = true;
+                // Answers to the frames before the close are still delivered (`flush` closes
+                // the connection once they are written).
+                self.dirty.push(id);
             }
             Err(e) => {
                 warn!("conn {id}: {e}; closing");
@@ -251,6 +300,9 @@ impl Driver {
                         conn.set_max_frame(max);
                     }
                 }
+                Output::Password(id, job) => {
+                    let _ = self.password_jobs.send((id, job));
+                }
                 Output::Close(id) => {
                     if let Some(conn) = self.conns.get_mut(id) {
                         // Best effort: let the peer see what was queued before the close.
@@ -274,6 +326,10 @@ impl Driver {
         };
         if let Err(e) = conn.flush(self.poll.registry()) {
             debug!("conn {id}: write failed: {e}; closing");
+            self.close(id);
+            return;
+        }
+        if conn.data.read_closed && conn.pending_write() == 0 {
             self.close(id);
             return;
         }

@@ -1,0 +1,134 @@
+//! Source-level checks of the architecture invariants listed in `src/lib.rs`, after
+//! rust-analyzer's tidy tests: they read the source tree as text.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+fn src_files() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&root, &mut files);
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let rel = p
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            (rel, fs::read_to_string(&p).unwrap())
+        })
+        .collect()
+}
+
+fn is_test_file(rel: &str) -> bool {
+    rel.ends_with("_tests.rs")
+}
+
+/// The part of a file before its `#[cfg(test)]` module.
+fn non_test_part(text: &str) -> &str {
+    text.split("#[cfg(test)]").next().unwrap_or(text)
+}
+
+fn is_core(rel: &str) -> bool {
+    rel.starts_with("wire/")
+        || matches!(
+            rel,
+            "tracker/state.rs" | "tracker/core.rs" | "client/session.rs" | "client/command.rs"
+        )
+}
+
+#[test]
+fn every_module_starts_with_a_doc_comment() {
+    for (rel, text) in src_files() {
+        if is_test_file(&rel) {
+            continue;
+        }
+        assert!(
+            text.trim_start().starts_with("//!"),
+            "{rel} must start with a //! module doc"
+        );
+    }
+}
+
+#[test]
+fn cores_do_no_io() {
+    for (rel, text) in src_files() {
+        if !is_core(&rel) || is_test_file(&rel) {
+            continue;
+        }
+        let code = non_test_part(&text);
+        for banned in [
+            "mio",
+            "Instant::now",
+            "TcpStream",
+            "TcpListener",
+            "std::thread",
+        ] {
+            assert!(
+                !code.contains(banned),
+                "{rel}: a sans-IO core must not use `{banned}`"
+            );
+        }
+    }
+}
+
+#[test]
+fn unsafe_only_in_storage() {
+    for (rel, text) in src_files() {
+        if rel == "storage.rs" {
+            continue;
+        }
+        assert!(
+            !text.contains("unsafe "),
+            "{rel}: `unsafe` belongs in storage.rs only"
+        );
+    }
+}
+
+#[test]
+fn every_unsafe_block_has_a_safety_comment() {
+    let (_, text) = src_files()
+        .into_iter()
+        .find(|(rel, _)| rel == "storage.rs")
+        .unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.contains("unsafe {") {
+            let before = &lines[i.saturating_sub(8)..i];
+            assert!(
+                before.iter().any(|l| l.contains("SAFETY:")),
+                "storage.rs:{}: unsafe block without a SAFETY comment",
+                i + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn no_unwrap_or_expect_in_cores() {
+    for (rel, text) in src_files() {
+        if !is_core(&rel) || is_test_file(&rel) {
+            continue;
+        }
+        let code = non_test_part(&text);
+        for banned in [".unwrap()", ".expect("] {
+            assert!(
+                !code.contains(banned),
+                "{rel}: `{banned}` outside tests; return an error instead"
+            );
+        }
+    }
+}
