@@ -1,1 +1,1237 @@
-fn main() {}
+//! Tracker throughput benchmark (`cargo bench --bench tracker_load`).
+//!
+//! Starts the real `tracker_program` (release build under `cargo bench`) on a free loopback
+//! port and drives it from this process with its own single-threaded, edge-triggered mio
+//! reactor. Every connection handshakes, then pipelines requests, keeping a fixed window in
+//! flight; replies come back in order, so each reply is matched with the send time of the
+//! oldest outstanding request to get its latency.
+//!
+//! Scenarios (pick some by name as free arguments, e.g. `cargo bench --bench tracker_load --
+//! ping hold`):
+//! - `ping`: `Ping` from N connections (default 1,000), window W (default 32).
+//! - `list_groups`: `ListGroups` needs a session, and each login costs the tracker an Argon2
+//!   verification (milliseconds of CPU), so only a few connections (default 50) log in, each
+//!   as its own user, and run `ListGroups` with a large window (default 256) against ~20
+//!   groups; the other N - 50 connections ping at the same time, so the tracker still juggles
+//!   N sockets. The two kinds should see similar latencies; a warning is printed if not.
+//! - `hold`: opens 10,000 handshaken connections and keeps them idle, checks that a fresh
+//!   connection still gets a `Pong` within 1 s, then has every held connection ping once.
+//!
+//! Knobs (environment): TRACKER_BENCH_CONNS, TRACKER_BENCH_WINDOW, TRACKER_BENCH_SECS
+//! (measured seconds), TRACKER_BENCH_WARMUP (seconds, excluded), TRACKER_BENCH_LG_CONNS,
+//! TRACKER_BENCH_LG_WINDOW, TRACKER_BENCH_GROUPS, TRACKER_BENCH_HOLD,
+//! TRACKER_BENCH_HOLD_SECS (time allowed to open the held connections).
+//!
+//! Tracker CPU time comes from `/proc/<pid>/stat` (utime + stime, at 100 ticks per second).
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
+use p2pshare::wire::tracker_link::{ClientMsg, Reply, ReplyBody, Request, RequestBody, TrackerMsg};
+use p2pshare::wire::{GroupId, Password, UserId};
+
+/// Connections allowed to be connecting or handshaking at once. mio's `TcpListener::bind`
+/// listens with a backlog of 128, so a bigger connection storm would overflow the tracker's
+/// accept queue and stall on SYN retransmits (1 s, 3 s, ...).
+const MAX_PENDING_CONNECTS: usize = 64;
+/// Clock ticks per second of `/proc/<pid>/stat` (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+const CLOCK_TICKS: f64 = 100.0;
+/// Longest single wait in the reactor, so deadlines are checked at least this often.
+const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
+const PASSWORD: &[u8] = b"bench-password";
+
+struct Config {
+    conns: usize,
+    window: usize,
+    warmup: Duration,
+    secs: Duration,
+    lg_conns: usize,
+    lg_window: usize,
+    groups: usize,
+    hold: usize,
+    hold_secs: Duration,
+    scenarios: Vec<String>,
+}
+
+fn env_num(name: &str, default: f64) -> f64 {
+    match std::env::var(name) {
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(n) if n >= 0.0 && n.is_finite() => n,
+            _ => {
+                eprintln!("tracker_load: ignoring {name}={v:?} (not a number)");
+                default
+            }
+        },
+        Err(_) => default,
+    }
+}
+
+impl Config {
+    fn from_env() -> Config {
+        let scenarios = std::env::args()
+            .skip(1)
+            .filter(|a| !a.starts_with('-'))
+            .collect();
+        Config {
+            conns: env_num("TRACKER_BENCH_CONNS", 1000.0).max(1.0) as usize,
+            window: env_num("TRACKER_BENCH_WINDOW", 32.0).max(1.0) as usize,
+            warmup: Duration::from_secs_f64(env_num("TRACKER_BENCH_WARMUP", 3.0)),
+            secs: Duration::from_secs_f64(env_num("TRACKER_BENCH_SECS", 10.0).max(0.1)),
+            lg_conns: env_num("TRACKER_BENCH_LG_CONNS", 50.0).max(1.0) as usize,
+            lg_window: env_num("TRACKER_BENCH_LG_WINDOW", 256.0).max(1.0) as usize,
+            groups: env_num("TRACKER_BENCH_GROUPS", 20.0) as usize,
+            hold: env_num("TRACKER_BENCH_HOLD", 10_000.0) as usize,
+            hold_secs: Duration::from_secs_f64(env_num("TRACKER_BENCH_HOLD_SECS", 60.0).max(1.0)),
+            scenarios,
+        }
+    }
+
+    fn wants(&self, scenario: &str) -> bool {
+        self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == scenario)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tracker process.
+
+/// The running tracker; stopped (`quit`, then kill) when dropped.
+struct Tracker {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Tracker {
+    fn start() -> Result<Tracker, String> {
+        let mut last_err = String::new();
+        // The port is found by binding :0 and letting it go; another process could grab it
+        // in between, so try a few times.
+        for _ in 0..3 {
+            match Tracker::try_start() {
+                Ok(t) => return Ok(t),
+                Err(e) => last_err = e,
+            }
+        }
+        Err(last_err)
+    }
+
+    fn try_start() -> Result<Tracker, String> {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("cannot find a free port: {e}"))?
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let dir = tempfile::tempdir().map_err(|e| format!("cannot make a temp dir: {e}"))?;
+        let info = dir.path().join("tracker_info.txt");
+        fs::write(&info, format!("{addr}\n")).map_err(|e| format!("cannot write {info:?}: {e}"))?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tracker_program"))
+            .arg("--log-level")
+            .arg("warn")
+            .arg(&info)
+            .arg("1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start tracker_program: {e}"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let mut tracker = Tracker {
+            child,
+            stdin,
+            addr,
+            _dir: dir,
+        };
+        let (tx, rx) = mpsc::channel();
+        if let Some(stdout) = stdout {
+            // Reads the ready line, then drains stdout until the tracker exits.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("tracker 1 listening on") => return Ok(tracker),
+                Ok(_) => {}
+                Err(_) => {
+                    let status = tracker.child.try_wait().ok().flatten();
+                    return Err(format!(
+                        "tracker did not report 'tracker 1 listening on' within 10 s \
+                         (exit status: {status:?})"
+                    ));
+                }
+            }
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds (user + system) the tracker has used so far.
+    fn cpu_secs(&self) -> Option<f64> {
+        proc_cpu_secs(&self.pid().to_string())
+    }
+
+    fn rss_kib(&self) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"quit\n");
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in seconds.
+fn proc_cpu_secs(pid: &str) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces; fields after it start
+    // at field 3 (state), so utime (14) and stime (15) are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / CLOCK_TICKS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A blocking client for set-up (users, logins, groups) and the fresh-connection probe.
+
+struct SyncClient {
+    stream: StdStream,
+    rbuf: FrameBuffer,
+    next_id: u64,
+}
+
+fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+impl SyncClient {
+    /// Connects and handshakes, within `timeout` for each step.
+    fn connect(addr: SocketAddr, timeout: Duration) -> Result<SyncClient, String> {
+        let stream = StdStream::connect_timeout(&addr, timeout).map_err(io_err("connect"))?;
+        stream.set_nodelay(true).map_err(io_err("set_nodelay"))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(io_err("set_read_timeout"))?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(io_err("set_write_timeout"))?;
+        let mut client = SyncClient {
+            stream,
+            rbuf: FrameBuffer::new(MAX_CLIENT_TRACKER_FRAME),
+            next_id: 1,
+        };
+        let mut out = Vec::new();
+        ClientMsg::hello().emit(&mut out);
+        client
+            .stream
+            .write_all(&out)
+            .map_err(io_err("send hello"))?;
+        match client.recv(Instant::now() + timeout)? {
+            TrackerMsg::Welcome { .. } => Ok(client),
+            other => Err(format!("expected Welcome, got {other:?}")),
+        }
+    }
+
+    fn recv(&mut self, deadline: Instant) -> Result<TrackerMsg, String> {
+        loop {
+            if let Some(payload) = self
+                .rbuf
+                .next_frame()
+                .map_err(|e| format!("bad frame: {e}"))?
+            {
+                return TrackerMsg::parse(payload).map_err(|e| format!("bad message: {e}"));
+            }
+            if Instant::now() >= deadline {
+                return Err("timed out waiting for the tracker".into());
+            }
+            match self.stream.read(self.rbuf.spare()) {
+                Ok(0) => return Err("connection closed by the tracker".into()),
+                Ok(n) => self.rbuf.commit(n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    /// Sends `bodies` pipelined; returns the first request id.
+    fn send(&mut self, bodies: &[RequestBody]) -> Result<u64, String> {
+        let first = self.next_id;
+        let mut out = Vec::new();
+        for body in bodies {
+            Request {
+                req_id: self.next_id,
+                body: body.clone(),
+            }
+            .emit(&mut out);
+            self.next_id += 1;
+        }
+        self.stream.write_all(&out).map_err(io_err("send"))?;
+        Ok(first)
+    }
+
+    /// Receives the `n` replies to requests sent from `first` on, in order.
+    fn replies(
+        &mut self,
+        first: u64,
+        n: usize,
+        deadline: Instant,
+    ) -> Result<Vec<ReplyBody>, String> {
+        let mut out = Vec::with_capacity(n);
+        for want in first..first + n as u64 {
+            match self.recv(deadline)? {
+                TrackerMsg::Reply(Reply { req_id, body }) if req_id == want => out.push(body),
+                other => return Err(format!("expected the reply to {want}, got {other:?}")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn call_all(
+        &mut self,
+        bodies: &[RequestBody],
+        timeout: Duration,
+    ) -> Result<Vec<ReplyBody>, String> {
+        let first = self.send(bodies)?;
+        self.replies(first, bodies.len(), Instant::now() + timeout)
+    }
+
+    /// Hands the connection to the reactor.
+    fn into_mio(self) -> Result<(TcpStream, FrameBuffer, u64), String> {
+        self.stream
+            .set_nonblocking(true)
+            .map_err(io_err("set_nonblocking"))?;
+        Ok((TcpStream::from_std(self.stream), self.rbuf, self.next_id))
+    }
+}
+
+fn expect_all(
+    what: &str,
+    replies: &[ReplyBody],
+    ok: impl Fn(&ReplyBody) -> bool,
+) -> Result<(), String> {
+    match replies.iter().find(|r| !ok(r)) {
+        Some(bad) => Err(format!("{what}: unexpected reply {bad:?}")),
+        None => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency histogram: log-linear buckets (64 per octave, < 1.6 % error) over nanoseconds.
+
+struct Hist {
+    buckets: Vec<u64>,
+    count: u64,
+    sum_ns: u128,
+    max_ns: u64,
+}
+
+impl Hist {
+    fn new() -> Hist {
+        Hist {
+            buckets: vec![0; 128 + 57 * 64],
+            count: 0,
+            sum_ns: 0,
+            max_ns: 0,
+        }
+    }
+
+    fn index(v: u64) -> usize {
+        if v < 128 {
+            return v as usize;
+        }
+        let e = 63 - v.leading_zeros();
+        let m = (v >> (e - 6)) as usize;
+        128 + (e as usize - 7) * 64 + (m - 64)
+    }
+
+    fn lower_bound(idx: usize) -> u64 {
+        if idx < 128 {
+            return idx as u64;
+        }
+        let k = idx - 128;
+        let e = k / 64 + 7;
+        let m = (k % 64 + 64) as u64;
+        m << (e - 6)
+    }
+
+    fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let idx = Hist::index(ns).min(self.buckets.len() - 1);
+        self.buckets[idx] += 1;
+        self.count += 1;
+        self.sum_ns += u128::from(ns);
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    fn mean_ms(&self) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        self.sum_ns as f64 / self.count as f64 / 1e6
+    }
+
+    fn quantile_ms(&self, q: f64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let rank = ((self.count as f64 * q).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0;
+        for (idx, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Hist::lower_bound(idx) as f64 / 1e6;
+            }
+        }
+        self.max_ns as f64 / 1e6
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The load reactor.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Connecting,
+    Handshaking,
+    Ready,
+}
+
+/// A group of connections doing the same thing.
+struct Class {
+    body: RequestBody,
+    window: usize,
+    /// Requests a connection sends in all (`None`: unbounded); 0 keeps it idle.
+    max_per_conn: Option<u64>,
+    /// Type byte of a reply already fully parsed and found right; later replies with the same
+    /// type byte are only checked for their request id, to keep the load generator cheap.
+    ok_type: Option<u8>,
+    /// Size of the first good reply frame, for the report.
+    reply_len: usize,
+    groups_in_reply: Option<usize>,
+    /// Replies received inside the measurement window, and their latencies.
+    replies: u64,
+    hist: Hist,
+    /// Replies received at any time (for the burst check).
+    total_replies: u64,
+    ready: usize,
+    failed: usize,
+    first_error: Option<String>,
+}
+
+impl Class {
+    fn new(body: RequestBody, window: usize) -> Class {
+        Class {
+            body,
+            window,
+            max_per_conn: None,
+            ok_type: None,
+            reply_len: 0,
+            groups_in_reply: None,
+            replies: 0,
+            hist: Hist::new(),
+            total_replies: 0,
+            ready: 0,
+            failed: 0,
+            first_error: None,
+        }
+    }
+
+    fn check_reply(&mut self, payload: &[u8], want_id: u64) -> Result<(), String> {
+        if payload.len() >= 9 && Some(payload[0]) == self.ok_type {
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&payload[1..9]);
+            let id = u64::from_be_bytes(id);
+            if id != want_id {
+                return Err(format!("reply id {id}, expected {want_id}"));
+            }
+            return Ok(());
+        }
+        let msg = TrackerMsg::parse(payload).map_err(|e| format!("bad reply: {e}"))?;
+        let TrackerMsg::Reply(Reply { req_id, body }) = msg else {
+            return Err(format!("expected a reply, got {msg:?}"));
+        };
+        if req_id != want_id {
+            return Err(format!("reply id {req_id}, expected {want_id}"));
+        }
+        match (&self.body, body) {
+            (RequestBody::Ping, ReplyBody::Pong) => {}
+            (RequestBody::ListGroups, ReplyBody::Groups(groups)) => {
+                self.groups_in_reply = Some(groups.len());
+            }
+            (_, other) => return Err(format!("unexpected reply {other:?}")),
+        }
+        self.ok_type = payload.first().copied();
+        self.reply_len = payload.len() + 4;
+        Ok(())
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    class: usize,
+    phase: Phase,
+    opened_at: Instant,
+    rbuf: FrameBuffer,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    /// Next request id to send, and the id the next reply must carry.
+    next_req: u64,
+    next_reply: u64,
+    /// Requests sent in all.
+    sent_total: u64,
+    /// Send times of the requests in flight, oldest first.
+    sent: VecDeque<Instant>,
+}
+
+/// The measurement window: replies arriving inside it are counted.
+#[derive(Clone, Copy)]
+struct Window {
+    from: Option<Instant>,
+    to: Option<Instant>,
+}
+
+impl Window {
+    fn contains(&self, t: Instant) -> bool {
+        self.from.is_some_and(|f| t >= f) && self.to.is_none_or(|e| t < e)
+    }
+}
+
+struct Load {
+    poll: Poll,
+    events: Events,
+    conns: Vec<Option<Conn>>,
+    classes: Vec<Class>,
+    window: Window,
+    /// Slowest connect + handshake seen.
+    max_open_time: Duration,
+    /// Connections still connecting or handshaking.
+    pending: usize,
+}
+
+impl Load {
+    fn new(classes: Vec<Class>) -> Result<Load, String> {
+        Ok(Load {
+            poll: Poll::new().map_err(io_err("Poll::new"))?,
+            events: Events::with_capacity(1024),
+            conns: Vec::new(),
+            classes,
+            window: Window {
+                from: None,
+                to: None,
+            },
+            max_open_time: Duration::ZERO,
+            pending: 0,
+        })
+    }
+
+    fn register(&mut self, mut conn: Conn) -> Result<usize, String> {
+        let idx = self.conns.len();
+        self.poll
+            .registry()
+            .register(
+                &mut conn.stream,
+                Token(idx),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(io_err("register"))?;
+        if conn.phase != Phase::Ready {
+            self.pending += 1;
+        }
+        self.conns.push(Some(conn));
+        Ok(idx)
+    }
+
+    /// Starts a non-blocking connect; the hello is queued and sent once it completes.
+    fn open(&mut self, addr: SocketAddr, class: usize) -> Result<(), String> {
+        let stream = TcpStream::connect(addr).map_err(io_err("connect"))?;
+        let _ = stream.set_nodelay(true);
+        let mut wbuf = Vec::new();
+        ClientMsg::hello().emit(&mut wbuf);
+        self.register(Conn {
+            stream,
+            class,
+            phase: Phase::Connecting,
+            opened_at: Instant::now(),
+            rbuf: FrameBuffer::new(MAX_CLIENT_TRACKER_FRAME),
+            wbuf,
+            wpos: 0,
+            next_req: 1,
+            next_reply: 1,
+            sent_total: 0,
+            sent: VecDeque::new(),
+        })
+        .map(|_| ())
+    }
+
+    /// Adopts a connection that is already handshaken (and logged in) and starts its load.
+    fn adopt(&mut self, client: SyncClient, class: usize) -> Result<(), String> {
+        let (stream, rbuf, next_id) = client.into_mio()?;
+        let idx = self.register(Conn {
+            stream,
+            class,
+            phase: Phase::Ready,
+            opened_at: Instant::now(),
+            rbuf,
+            wbuf: Vec::new(),
+            wpos: 0,
+            next_req: next_id,
+            next_reply: next_id,
+            sent_total: 0,
+            sent: VecDeque::new(),
+        })?;
+        self.classes[class].ready += 1;
+        self.kick(idx);
+        Ok(())
+    }
+
+    /// Opens `n` connections of `class`, at most `MAX_PENDING_CONNECTS` in progress at once,
+    /// until all are handshaken or failed, or until `deadline`. Returns the first error that
+    /// stopped new connects (such as EMFILE), if any.
+    fn open_many(
+        &mut self,
+        addr: SocketAddr,
+        class: usize,
+        n: usize,
+        deadline: Instant,
+    ) -> Option<String> {
+        let mut started = 0;
+        let mut stop: Option<String> = None;
+        while Instant::now() < deadline {
+            while stop.is_none() && started < n && self.pending < MAX_PENDING_CONNECTS {
+                match self.open(addr, class) {
+                    Ok(()) => started += 1,
+                    Err(e) => stop = Some(e),
+                }
+            }
+            if self.pending == 0 && (started == n || stop.is_some()) {
+                break;
+            }
+            self.turn(deadline);
+        }
+        stop
+    }
+
+    /// One poll and the handling of its events; waits at most until `deadline`.
+    fn turn(&mut self, deadline: Instant) {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(MAX_POLL_WAIT);
+        if let Err(e) = self.poll.poll(&mut self.events, Some(wait)) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                eprintln!("tracker_load: poll failed: {e}");
+                // Avoid spinning on a persistent poll error.
+                std::thread::sleep(wait);
+            }
+            return;
+        }
+        // Taken out for the loop so `handle` may borrow `self`; `with_capacity(0)` does not
+        // allocate.
+        let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
+        for ev in events.iter() {
+            let idx = ev.token().0;
+            if let Err(e) = self.handle(idx, ev) {
+                self.fail(idx, e);
+            }
+        }
+        self.events = events;
+    }
+
+    fn handle(&mut self, idx: usize, ev: &Event) -> Result<(), String> {
+        let Some(Some(conn)) = self.conns.get_mut(idx) else {
+            return Ok(());
+        };
+        let writable = ev.is_writable() || ev.is_error();
+        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+        if conn.phase == Phase::Connecting {
+            if !writable {
+                return Ok(());
+            }
+            if let Some(e) = conn.stream.take_error().map_err(io_err("take_error"))? {
+                return Err(format!("connect: {e}"));
+            }
+            match conn.stream.peer_addr() {
+                Ok(_) => conn.phase = Phase::Handshaking,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(115) => return Ok(()), // EINPROGRESS
+                Err(e) => return Err(format!("connect: {e}")),
+            }
+        }
+        if readable {
+            let class = &mut self.classes[conn.class];
+            let now_ready = read_replies(conn, class, self.window)?;
+            if now_ready {
+                class.ready += 1;
+                self.pending -= 1;
+                self.max_open_time = self.max_open_time.max(conn.opened_at.elapsed());
+            }
+        }
+        top_up(conn, &self.classes[conn.class]);
+        flush(conn)
+    }
+
+    /// Queues requests on connection `idx` up to its window and writes them.
+    fn kick(&mut self, idx: usize) {
+        let Some(Some(conn)) = self.conns.get_mut(idx) else {
+            return;
+        };
+        top_up(conn, &self.classes[conn.class]);
+        if let Err(e) = flush(conn) {
+            self.fail(idx, e);
+        }
+    }
+
+    fn kick_all(&mut self) {
+        for idx in 0..self.conns.len() {
+            self.kick(idx);
+        }
+    }
+
+    fn fail(&mut self, idx: usize, error: String) {
+        if let Some(slot) = self.conns.get_mut(idx) {
+            if let Some(mut conn) = slot.take() {
+                let _ = self.poll.registry().deregister(&mut conn.stream);
+                let class = &mut self.classes[conn.class];
+                class.failed += 1;
+                if conn.phase == Phase::Ready {
+                    class.ready -= 1;
+                } else {
+                    self.pending -= 1;
+                }
+                class.first_error.get_or_insert(error);
+            }
+        }
+    }
+
+    /// Runs the reactor until `deadline`.
+    fn run_until(&mut self, deadline: Instant) {
+        while Instant::now() < deadline {
+            self.turn(deadline);
+        }
+    }
+
+    /// Runs until `done` holds or `deadline` passes; returns whether `done` held.
+    fn run_while(&mut self, deadline: Instant, done: impl Fn(&Load) -> bool) -> bool {
+        loop {
+            if done(self) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.turn(deadline);
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.conns.iter().flatten().count()
+    }
+
+    /// Stops sending and waits (at most 5 s) for the replies in flight, so that closing the
+    /// sockets sends a FIN, not the RST a close with unread data would send.
+    fn drain(&mut self) {
+        for class in &mut self.classes {
+            class.max_per_conn = Some(0);
+        }
+        self.window.to = Some(self.window.to.unwrap_or_else(Instant::now));
+        self.run_while(Instant::now() + Duration::from_secs(5), |l| {
+            l.conns.iter().flatten().all(|c| c.sent.is_empty())
+        });
+    }
+}
+
+/// Reads until `WouldBlock`, handling each whole frame; returns whether the handshake
+/// completed during this call.
+fn read_replies(conn: &mut Conn, class: &mut Class, window: Window) -> Result<bool, String> {
+    let mut became_ready = false;
+    loop {
+        match conn.stream.read(conn.rbuf.spare()) {
+            Ok(0) => return Err("connection closed by the tracker".into()),
+            Ok(n) => conn.rbuf.commit(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(became_ready),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("read: {e}")),
+        }
+        let now = Instant::now();
+        while let Some(payload) = conn
+            .rbuf
+            .next_frame()
+            .map_err(|e| format!("bad frame: {e}"))?
+        {
+            match conn.phase {
+                Phase::Handshaking => match TrackerMsg::parse(payload) {
+                    Ok(TrackerMsg::Welcome { .. }) => {
+                        conn.phase = Phase::Ready;
+                        became_ready = true;
+                    }
+                    other => return Err(format!("expected Welcome, got {other:?}")),
+                },
+                Phase::Ready => {
+                    let sent = conn.sent.pop_front().ok_or("a reply to no request")?;
+                    class.check_reply(payload, conn.next_reply)?;
+                    conn.next_reply += 1;
+                    class.total_replies += 1;
+                    if window.contains(now) {
+                        class.replies += 1;
+                        class.hist.record(now.saturating_duration_since(sent));
+                    }
+                }
+                Phase::Connecting => return Err("data before the connect completed".into()),
+            }
+        }
+    }
+}
+
+/// Queues requests until the class's window is full.
+fn top_up(conn: &mut Conn, class: &Class) {
+    if conn.phase != Phase::Ready {
+        return;
+    }
+    let now = Instant::now();
+    while conn.sent.len() < class.window && class.max_per_conn.is_none_or(|m| conn.sent_total < m) {
+        Request {
+            req_id: conn.next_req,
+            body: class.body.clone(),
+        }
+        .emit(&mut conn.wbuf);
+        conn.next_req += 1;
+        conn.sent_total += 1;
+        conn.sent.push_back(now);
+    }
+}
+
+/// Writes queued bytes until done or `WouldBlock` (the `WRITABLE` edge brings us back).
+fn flush(conn: &mut Conn) -> Result<(), String> {
+    if conn.phase == Phase::Connecting {
+        return Ok(());
+    }
+    while conn.wpos < conn.wbuf.len() {
+        match conn.stream.write(&conn.wbuf[conn.wpos..]) {
+            Ok(0) => return Err("write returned 0".into()),
+            Ok(n) => conn.wpos += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("write: {e}")),
+        }
+    }
+    conn.wbuf.clear();
+    conn.wpos = 0;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios.
+
+/// CPU use of the tracker and of this process over the measurement window.
+struct CpuSample {
+    at: Instant,
+    tracker: Option<f64>,
+    bench: Option<f64>,
+}
+
+impl CpuSample {
+    fn take(tracker: &Tracker) -> CpuSample {
+        CpuSample {
+            at: Instant::now(),
+            tracker: tracker.cpu_secs(),
+            bench: proc_cpu_secs("self"),
+        }
+    }
+}
+
+struct Measured {
+    secs: f64,
+    tracker_cpu: Option<f64>,
+    bench_cpu: Option<f64>,
+}
+
+/// Warm-up, then the measured window; the load runs throughout.
+fn measure(load: &mut Load, tracker: &Tracker, cfg: &Config) -> Measured {
+    load.run_until(Instant::now() + cfg.warmup);
+    let before = CpuSample::take(tracker);
+    load.window = Window {
+        from: Some(before.at),
+        to: Some(before.at + cfg.secs),
+    };
+    load.run_until(before.at + cfg.secs);
+    let after = CpuSample::take(tracker);
+    Measured {
+        secs: after.at.duration_since(before.at).as_secs_f64(),
+        tracker_cpu: before.tracker.zip(after.tracker).map(|(b, a)| a - b),
+        bench_cpu: before.bench.zip(after.bench).map(|(b, a)| a - b),
+    }
+}
+
+fn class_line(label: &str, class: &Class, conns: usize, m: &Measured) -> String {
+    let rate = class.replies as f64 / m.secs;
+    let mut line = format!(
+        "{label:<12} conns={conns:<5} window={:<4} reqs/s={rate:>9.0}  latency mean={:.2}ms \
+         p50={:.2}ms p99={:.2}ms max={:.2}ms  replies={}",
+        class.window,
+        class.hist.mean_ms(),
+        class.hist.quantile_ms(0.50),
+        class.hist.quantile_ms(0.99),
+        class.hist.max_ns as f64 / 1e6,
+        class.replies,
+    );
+    if class.reply_len > 0 {
+        line += &format!(" reply_bytes={}", class.reply_len);
+    }
+    if let Some(g) = class.groups_in_reply {
+        line += &format!(" groups_per_reply={g}");
+    }
+    if class.failed > 0 {
+        line += &format!(
+            " FAILED_CONNS={} first_error={:?}",
+            class.failed,
+            class.first_error.as_deref().unwrap_or("")
+        );
+    }
+    line
+}
+
+fn cpu_line(total_replies: u64, m: &Measured) -> String {
+    let tracker = match m.tracker_cpu {
+        Some(cpu) if cpu > 0.0 => format!(
+            "tracker_cpu={cpu:.2}s ({:.0}% of one core, {:.0} reqs per tracker CPU-second)",
+            100.0 * cpu / m.secs,
+            total_replies as f64 / cpu
+        ),
+        Some(cpu) => format!("tracker_cpu={cpu:.2}s"),
+        None => "tracker_cpu=unknown".into(),
+    };
+    let bench = match m.bench_cpu {
+        Some(cpu) => format!(
+            "bench_cpu={cpu:.2}s ({:.0}% of one core)",
+            100.0 * cpu / m.secs
+        ),
+        None => "bench_cpu=unknown".into(),
+    };
+    format!("             measured {:.2}s  {tracker}  {bench}", m.secs)
+}
+
+fn scenario_ping(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
+    let mut load = Load::new(vec![Class::new(RequestBody::Ping, cfg.window)])?;
+    let started = Instant::now();
+    if let Some(e) = load.open_many(
+        tracker.addr,
+        0,
+        cfg.conns,
+        started + Duration::from_secs(30),
+    ) {
+        eprintln!("tracker_load: ping: stopped opening connections: {e}");
+    }
+    let opened_in = started.elapsed();
+    let m = measure(&mut load, tracker, cfg);
+    load.drain();
+    let class = &load.classes[0];
+    println!(
+        "{}   (connected+handshaken {} in {:.2}s)",
+        class_line("ping", class, class.ready, &m),
+        class.ready,
+        opened_in.as_secs_f64()
+    );
+    println!("{}", cpu_line(class.replies, &m));
+    Ok(())
+}
+
+fn scenario_list_groups(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
+    let lg_conns = cfg.lg_conns.min(cfg.conns);
+    let ping_conns = cfg.conns - lg_conns;
+    println!(
+        "list_groups: design: each login costs the tracker an Argon2 verification, so only \
+         {lg_conns} users log in on {lg_conns} connections that run ListGroups with window \
+         {}, against {} groups, while the other {ping_conns} connections ping with window {}",
+        cfg.lg_window, cfg.groups, cfg.window
+    );
+    let setup_timeout = Duration::from_secs(120);
+    let t0 = Instant::now();
+    // Users, created over one connection, pipelined. The names are unique per run so the
+    // scenario can be repeated against one tracker.
+    let tag = std::process::id();
+    let users: Vec<UserId> = (0..lg_conns)
+        .map(|i| UserId::new(&format!("bench{tag}u{i}")))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("user id: {e}"))?;
+    let password = Password::new(PASSWORD).map_err(|e| format!("password: {e}"))?;
+    let mut admin = SyncClient::connect(tracker.addr, Duration::from_secs(10))?;
+    let creates: Vec<RequestBody> = users
+        .iter()
+        .map(|u| RequestBody::CreateUser {
+            user: u.clone(),
+            password: password.clone(),
+        })
+        .collect();
+    let replies = admin.call_all(&creates, setup_timeout)?;
+    expect_all("create_user", &replies, |r| *r == ReplyBody::Done)?;
+    let users_in = t0.elapsed();
+    drop(admin);
+
+    // One connection per user, logged in; all logins pipelined across the connections.
+    let t1 = Instant::now();
+    let mut clients = Vec::with_capacity(lg_conns);
+    for _ in 0..lg_conns {
+        clients.push(SyncClient::connect(tracker.addr, Duration::from_secs(10))?);
+    }
+    let mut firsts = Vec::with_capacity(lg_conns);
+    for (i, (client, user)) in clients.iter_mut().zip(&users).enumerate() {
+        firsts.push(client.send(&[RequestBody::Login {
+            user: user.clone(),
+            password: password.clone(),
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
+        }])?);
+    }
+    let deadline = Instant::now() + setup_timeout;
+    for (client, first) in clients.iter_mut().zip(firsts) {
+        let replies = client.replies(first, 1, deadline)?;
+        expect_all("login", &replies, |r| {
+            matches!(r, ReplyBody::LoggedIn { .. })
+        })?;
+    }
+    let logins_in = t1.elapsed();
+
+    // Groups owned by the first user; every other user asks to join one, so the replies
+    // carry a mix of relations.
+    let groups: Vec<GroupId> = (0..cfg.groups)
+        .map(|i| GroupId::new(&format!("bench{tag}g{i:02}")))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("group id: {e}"))?;
+    let create_groups: Vec<RequestBody> = groups
+        .iter()
+        .map(|g| RequestBody::CreateGroup { group: g.clone() })
+        .collect();
+    let replies = clients[0].call_all(&create_groups, setup_timeout)?;
+    expect_all("create_group", &replies, |r| *r == ReplyBody::Done)?;
+    if !groups.is_empty() {
+        for (i, client) in clients.iter_mut().enumerate().skip(1) {
+            let join = [RequestBody::JoinGroup {
+                group: groups[i % groups.len()].clone(),
+            }];
+            let replies = client.call_all(&join, setup_timeout)?;
+            expect_all("join_group", &replies, |r| *r == ReplyBody::Done)?;
+        }
+    }
+    println!(
+        "list_groups: setup: {lg_conns} users created in {:.2}s ({:.1} ms per Argon2 hash), \
+         {lg_conns} logins in {:.2}s ({:.1} ms each), {} groups",
+        users_in.as_secs_f64(),
+        users_in.as_secs_f64() * 1e3 / lg_conns as f64,
+        logins_in.as_secs_f64(),
+        logins_in.as_secs_f64() * 1e3 / lg_conns as f64,
+        cfg.groups
+    );
+
+    let mut load = Load::new(vec![
+        Class::new(RequestBody::ListGroups, cfg.lg_window),
+        Class::new(RequestBody::Ping, cfg.window),
+    ])?;
+    for client in clients {
+        load.adopt(client, 0)?;
+    }
+    if let Some(e) = load.open_many(
+        tracker.addr,
+        1,
+        ping_conns,
+        Instant::now() + Duration::from_secs(30),
+    ) {
+        eprintln!("tracker_load: list_groups: stopped opening connections: {e}");
+    }
+    let m = measure(&mut load, tracker, cfg);
+    load.drain();
+    let (lg, ping) = (&load.classes[0], &load.classes[1]);
+    println!("{}", class_line("list_groups", lg, lg.ready, &m));
+    println!("{}", class_line("  +ping", ping, ping.ready, &m));
+    println!("{}", cpu_line(lg.replies + ping.replies, &m));
+    // Both kinds queue behind the same single thread, so a fair tracker gives them similar
+    // latencies; a large gap means some connections are being served far more often.
+    let (lg_p50, ping_p50) = (lg.hist.quantile_ms(0.5), ping.hist.quantile_ms(0.5));
+    if ping.replies > 0 && lg.replies > 0 && ping_p50 > 5.0 * lg_p50 {
+        println!(
+            "list_groups: WARNING: unfair service: ping p50 {ping_p50:.1}ms is {:.0}x the \
+             list_groups p50 {lg_p50:.1}ms",
+            ping_p50 / lg_p50
+        );
+    }
+    Ok(())
+}
+
+fn scenario_hold(tracker: &mut Tracker, cfg: &Config) -> Result<(), String> {
+    let mut idle = Class::new(RequestBody::Ping, 1);
+    idle.max_per_conn = Some(0);
+    let mut load = Load::new(vec![idle])?;
+    let rss_before = tracker.rss_kib();
+    let t0 = Instant::now();
+    let stop = load.open_many(tracker.addr, 0, cfg.hold, t0 + cfg.hold_secs);
+    let open_secs = t0.elapsed().as_secs_f64();
+    let held = load.classes[0].ready;
+    let mut line = format!(
+        "hold:        held={held}/{} handshaken connections, opened in {open_secs:.2}s \
+         ({:.0}/s, slowest connect+handshake {:.1}ms)",
+        cfg.hold,
+        held as f64 / open_secs,
+        load.max_open_time.as_secs_f64() * 1e3
+    );
+    if let Some(e) = &stop {
+        line += &format!("; opening stopped: {e}");
+    }
+    if load.classes[0].failed > 0 {
+        line += &format!(
+            "; {} failed, first: {}",
+            load.classes[0].failed,
+            load.classes[0].first_error.as_deref().unwrap_or("")
+        );
+    }
+    if let (Some(before), Some(after)) = (rss_before, tracker.rss_kib()) {
+        line += &format!(
+            "; tracker RSS {:.1} MiB -> {:.1} MiB",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0
+        );
+    }
+    println!("{line}");
+
+    // A fresh connection must still be served promptly.
+    let t1 = Instant::now();
+    let probe = SyncClient::connect(tracker.addr, Duration::from_secs(1)).and_then(|mut c| {
+        let replies = c.call_all(&[RequestBody::Ping], Duration::from_secs(1))?;
+        expect_all("ping", &replies, |r| *r == ReplyBody::Pong)
+    });
+    let probe_ms = t1.elapsed().as_secs_f64() * 1e3;
+    match probe {
+        Ok(()) if probe_ms < 1000.0 => println!(
+            "hold:        fresh connection: connect+hello+ping answered in {probe_ms:.2}ms \
+             with {held} connections held (OK, < 1 s)"
+        ),
+        Ok(()) => println!(
+            "hold:        fresh connection: answered in {probe_ms:.2}ms with {held} held \
+             (SLOW, > 1 s)"
+        ),
+        Err(e) => println!(
+            "hold:        fresh connection FAILED after {probe_ms:.2}ms with {held} held: {e}"
+        ),
+    }
+
+    // Every held connection pings once, all at the same time.
+    let t2 = Instant::now();
+    load.classes[0].max_per_conn = Some(1);
+    load.window = Window {
+        from: Some(t2),
+        to: None,
+    };
+    load.kick_all();
+    let want = load.live() as u64;
+    let all = load.run_while(t2 + Duration::from_secs(10), |l| {
+        l.classes[0].total_replies >= want
+    });
+    let class = &load.classes[0];
+    println!(
+        "hold:        burst: {} of {want} held connections pinged at once, all answered in \
+         {:.1}ms{} (latency mean={:.2}ms p99={:.2}ms)",
+        class.total_replies,
+        t2.elapsed().as_secs_f64() * 1e3,
+        if all { "" } else { " (INCOMPLETE after 10 s)" },
+        class.hist.mean_ms(),
+        class.hist.quantile_ms(0.99)
+    );
+    if !tracker.is_running() {
+        return Err("the tracker exited during the hold scenario".into());
+    }
+    Ok(())
+}
+
+fn main() {
+    let cfg = Config::from_env();
+    let nofile = rlimit::increase_nofile_limit(u64::MAX);
+    let mut tracker = match Tracker::start() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tracker_load: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "tracker_load: tracker pid {} on {} (--log-level warn), {} CPUs, bench nofile limit {}, \
+         warm-up {:.1}s, measure {:.1}s",
+        tracker.pid(),
+        tracker.addr,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        match &nofile {
+            Ok(n) => n.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        },
+        cfg.warmup.as_secs_f64(),
+        cfg.secs.as_secs_f64()
+    );
+    let mut failed = false;
+    if cfg.wants("ping") {
+        if let Err(e) = scenario_ping(&tracker, &cfg) {
+            println!("ping: FAILED: {e}");
+            failed = true;
+        }
+    }
+    if cfg.wants("list_groups") {
+        if let Err(e) = scenario_list_groups(&tracker, &cfg) {
+            println!("list_groups: FAILED: {e}");
+            failed = true;
+        }
+    }
+    if cfg.wants("hold") {
+        if let Err(e) = scenario_hold(&mut tracker, &cfg) {
+            println!("hold: FAILED: {e}");
+            failed = true;
+        }
+    }
+    let total_cpu = tracker.cpu_secs();
+    drop(tracker);
+    if let Some(cpu) = total_cpu {
+        println!("tracker_load: tracker used {cpu:.2} CPU-seconds in all");
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}

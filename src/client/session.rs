@@ -280,6 +280,10 @@ impl ClientCore {
             Ok(h) => h,
             Err(e) => return self.fail(e),
         };
+        if self.user.is_none() {
+            // The session ended (the tracker link broke) while the file was being hashed.
+            return self.fail("not logged in");
+        }
         let meta = FileMeta {
             name,
             size: hashes.size,

@@ -46,6 +46,8 @@ struct ConnData {
     dirty: bool,
     /// The peer closed its sending side; close once our answers are written.
     read_closed: bool,
+    /// Queued in `ready` for another turn (at most once).
+    in_ready: bool,
 }
 
 struct Driver {
@@ -57,17 +59,15 @@ struct Driver {
     dirty: Vec<ConnId>,
     /// Connections that used their frame budget and may hold more input.
     ready: VecDeque<ConnId>,
-    password_jobs: Sender<(ConnId, PasswordJob)>,
-    password_done: Receiver<(ConnId, PasswordResult)>,
+    password_jobs: PasswordJobs,
+    password_done: PasswordResults,
 }
 
+type PasswordJobs = Sender<(ConnId, PasswordJob)>;
+type PasswordResults = Receiver<(ConnId, PasswordResult)>;
+
 /// Starts the password workers; each result is followed by a wake of the reactor.
-fn start_password_workers(
-    waker: &Arc<Waker>,
-) -> io::Result<(
-    Sender<(ConnId, PasswordJob)>,
-    Receiver<(ConnId, PasswordResult)>,
-)> {
+fn start_password_workers(waker: &Arc<Waker>) -> io::Result<(PasswordJobs, PasswordResults)> {
     let (job_tx, job_rx) = mpsc::channel::<(ConnId, PasswordJob)>();
     let (done_tx, done_rx) = mpsc::channel();
     let job_rx = Arc::new(Mutex::new(job_rx));
@@ -213,6 +213,9 @@ impl Driver {
             // Connections that stopped at their budget get another turn, in order.
             for _ in 0..self.ready.len() {
                 if let Some(id) = self.ready.pop_front() {
+                    if let Some(conn) = self.conns.get_mut(id) {
+                        conn.data.in_ready = false;
+                    }
                     self.service(id);
                 }
             }
@@ -266,7 +269,7 @@ impl Driver {
         });
         match result {
             Ok(ReadEnd::WouldBlock) | Ok(ReadEnd::Stopped) => {}
-            Ok(ReadEnd::Budget) => self.ready.push_back(id),
+            Ok(ReadEnd::Budget) => self.make_ready(id),
             Ok(ReadEnd::Eof) => {
                 debug!("conn {id}: closed by peer");
                 conn.data.read_closed = true;
@@ -335,7 +338,17 @@ impl Driver {
         }
         if conn.read_paused && conn.pending_write() < MAX_PENDING_WRITE / 2 {
             conn.read_paused = false;
-            self.ready.push_back(id);
+            self.make_ready(id);
+        }
+    }
+
+    /// Gives `id` another turn after the current round (once, however often it is asked).
+    fn make_ready(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            if !conn.data.in_ready {
+                conn.data.in_ready = true;
+                self.ready.push_back(id);
+            }
         }
     }
 
