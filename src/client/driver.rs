@@ -56,7 +56,8 @@ struct Driver {
     tracker: Option<TrackerLink>,
     n_links: u64,
     hasher: HashPool,
-    lines: VecDeque<String>,
+    /// Input waiting for the core, in order (end of input included).
+    lines: VecDeque<StdinEvent>,
     input_done: bool,
     interactive: bool,
     prompted: bool,
@@ -161,19 +162,9 @@ impl Driver {
     fn drain_stdin(&mut self, stdin: &Receiver<StdinEvent>) {
         loop {
             match stdin.try_recv() {
-                Ok(StdinEvent::Line(line)) => {
-                    if !self.input_done {
-                        self.lines.push_back(line);
-                    }
-                }
-                Ok(StdinEvent::TooLong) => {
-                    if !self.input_done {
-                        // Keep its place in the order of commands.
-                        self.lines.push_back(String::from("\0too-long"));
-                    }
-                }
-                Ok(StdinEvent::Eof) | Err(TryRecvError::Disconnected) => {
-                    self.lines.push_back(String::from("\0eof"));
+                Ok(event) => self.lines.push_back(event),
+                Err(TryRecvError::Disconnected) => {
+                    self.lines.push_back(StdinEvent::Eof);
                     return;
                 }
                 Err(TryRecvError::Empty) => return,
@@ -184,22 +175,22 @@ impl Driver {
     /// Hands queued lines to the core while it is free.
     fn feed_commands(&mut self) {
         while !self.core.is_busy() && !self.input_done {
-            let Some(line) = self.lines.pop_front() else {
+            let Some(event) = self.lines.pop_front() else {
                 return;
             };
             self.prompted = false;
-            match line.as_str() {
-                "\0eof" => {
+            match event {
+                StdinEvent::Eof => {
                     self.input_done = true;
                     if self.interactive {
                         println!();
                     }
                 }
-                "\0too-long" => {
+                StdinEvent::TooLong => {
                     self.core.record_failure();
                     eprintln!("error: command line too long");
                 }
-                _ => {
+                StdinEvent::Line(line) => {
                     self.core.handle_line(&line, Instant::now());
                     self.perform_outputs();
                 }

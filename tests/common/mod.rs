@@ -1,0 +1,731 @@
+//! Harness for the end-to-end tests: trackers and clients as real processes.
+//!
+//! Every process is owned by a [`ProcGuard`], which kills and reaps it when dropped, so a
+//! panicking test leaves nothing running. Nothing here sleeps to wait for readiness: a tracker
+//! is ready when it prints its `listening` line, a batch client is done when it exits, and a
+//! live client is in sync when the expected output lines have arrived.
+
+#![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub const TRACKER_BIN: &str = env!("CARGO_BIN_EXE_tracker_program");
+pub const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_client_program");
+
+/// How long a tracker may take to print its `listening` line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one batch client may run.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a live client may take to answer one command.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a process may take to exit once told to.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+const ATTEMPTS: usize = 5;
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
+}
+
+/// `n` distinct loopback ports that were free a moment ago (all held at once while chosen).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local_addr").port())
+        .collect()
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Owns a child process: kills and reaps it on drop, whatever happened.
+pub struct ProcGuard {
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+impl ProcGuard {
+    pub fn new(child: Child) -> Self {
+        ProcGuard {
+            child,
+            status: None,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+}
+
+impl Drop for ProcGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends a signal (`TERM`, `INT`...) to a process (no libc: the `kill` command).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+}
+
+pub fn send_sigterm(pid: u32) {
+    send_signal(pid, "TERM");
+}
+
+fn read_all(file: &mut File) -> String {
+    let mut text = String::new();
+    file.seek(SeekFrom::Start(0)).expect("seek");
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).expect("read output");
+    text.push_str(&String::from_utf8_lossy(&bytes));
+    text
+}
+
+fn lines_of(text: &str) -> Vec<String> {
+    text.lines().map(str::to_owned).collect()
+}
+
+/// A running tracker (tracker 1 of a one-line tracker file in its own temp dir).
+pub struct Tracker {
+    proc: ProcGuard,
+    stdin: Option<ChildStdin>,
+    pub addr: SocketAddr,
+    /// The tracker info file clients use.
+    pub info: PathBuf,
+    stderr_path: PathBuf,
+    pub dir: TempDir,
+}
+
+impl Tracker {
+    pub fn start() -> Tracker {
+        Self::start_with(&[])
+    }
+
+    /// Starts a tracker with extra options before the positional arguments. If it exits before
+    /// it is ready (its port was taken meanwhile), it is retried on another port.
+    pub fn start_with(options: &[OsString]) -> Tracker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut failures = Vec::new();
+        for attempt in 0..ATTEMPTS {
+            let addr = free_addr();
+            let info = dir.path().join("tracker_info.txt");
+            std::fs::write(&info, format!("# test tracker\n{addr}\n")).expect("write info");
+            let stderr_path = dir.path().join(format!("tracker-stderr-{attempt}.log"));
+            let stderr = File::create(&stderr_path).expect("create stderr file");
+            let mut child = Command::new(TRACKER_BIN)
+                .args(options)
+                .arg(&info)
+                .arg("1")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(stderr))
+                .spawn()
+                .expect("spawn tracker_program");
+            let stdin = child.stdin.take();
+            let stdout = child.stdout.take().expect("tracker stdout");
+            let mut proc = ProcGuard::new(child);
+            let (tx, rx) = mpsc::channel();
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { return };
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(line) if line.starts_with("tracker 1 listening on") => {
+                        assert_eq!(line, format!("tracker 1 listening on {addr}"));
+                        return Tracker {
+                            proc,
+                            stdin,
+                            addr,
+                            info,
+                            stderr_path,
+                            dir,
+                        };
+                    }
+                    Ok(other) => failures.push(format!("unexpected stdout line: {other}")),
+                    Err(RecvTimeoutError::Disconnected) => {
+                        // Stdout closed: the tracker exited (typically: port taken).
+                        let status = proc.wait_timeout(EXIT_TIMEOUT);
+                        let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                        failures.push(format!("attempt {attempt} on {addr}: {status:?}: {err}"));
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                        panic!(
+                            "tracker on {addr} not ready within {READY_TIMEOUT:?}; stderr:\n{err}"
+                        );
+                    }
+                }
+            }
+        }
+        panic!("tracker did not start: {failures:#?}");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
+    }
+
+    /// Writes a line on the tracker's standard input.
+    pub fn write_stdin(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("tracker stdin already closed");
+        writeln!(stdin, "{line}").expect("write tracker stdin");
+        stdin.flush().expect("flush tracker stdin");
+    }
+
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Sends `quit` and waits for the exit status.
+    pub fn quit(&mut self) -> ExitStatus {
+        self.write_stdin("quit");
+        self.wait_exit()
+    }
+
+    /// Sends a signal (`TERM`, `INT`) and waits for the exit status.
+    pub fn signal(&mut self, signal: &str) -> ExitStatus {
+        send_signal(self.pid(), signal);
+        self.wait_exit()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM")
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        match self.proc.wait_timeout(EXIT_TIMEOUT) {
+            Some(status) => status,
+            None => panic!("tracker did not exit within {EXIT_TIMEOUT:?}"),
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.proc.try_status().is_none()
+    }
+
+    /// What the tracker wrote on stderr (its log, by default).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// A new client with a fresh listen address, for this tracker.
+    pub fn client(&self) -> Client {
+        Client::new(&self.info)
+    }
+
+    /// Runs one batch on a fresh client.
+    pub fn run(&self, commands: &[&str]) -> Outcome {
+        self.client().run(commands)
+    }
+}
+
+/// What a finished client printed, and how it exited.
+#[derive(Debug)]
+pub struct Outcome {
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+    /// The `error: ` lines of stderr.
+    pub errors: Vec<String>,
+    pub status: ExitStatus,
+}
+
+impl Outcome {
+    fn new(stdout: &str, stderr: &str, status: ExitStatus) -> Outcome {
+        let stderr = lines_of(stderr);
+        let errors = stderr
+            .iter()
+            .filter(|l| l.starts_with("error: "))
+            .cloned()
+            .collect();
+        Outcome {
+            stdout: lines_of(stdout),
+            stderr,
+            errors,
+            status,
+        }
+    }
+
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// The client could not bind its listen address.
+    pub fn addr_in_use(&self) -> bool {
+        self.code() == Some(2)
+            && self
+                .stderr
+                .iter()
+                .any(|l| l.contains("cannot run on") && l.to_lowercase().contains("in use"))
+    }
+
+    /// Asserts the exact stdout lines, the number of `error: ` lines and the exit code.
+    #[track_caller]
+    pub fn check(&self, stdout: &[&str], n_errors: usize, code: i32) {
+        let dump = format!(
+            "\n--- stdout:\n{}\n--- stderr:\n{}\n--- status: {}",
+            self.stdout.join("\n"),
+            self.stderr.join("\n"),
+            self.status
+        );
+        assert_eq!(self.stdout, stdout, "stdout differs{dump}");
+        assert_eq!(self.errors.len(), n_errors, "wrong number of errors{dump}");
+        assert_eq!(self.code(), Some(code), "wrong exit code{dump}");
+    }
+}
+
+/// Commands joined into a batch, one per line.
+pub fn batch_bytes(commands: &[&str]) -> Vec<u8> {
+    let mut input = Vec::new();
+    for c in commands {
+        input.extend_from_slice(c.as_bytes());
+        input.push(b'\n');
+    }
+    input
+}
+
+/// A client identity: a listen address (kept across runs, so that the same user logging in
+/// again is "on the same client"), a tracker file and a working directory.
+pub struct Client {
+    pub addr: SocketAddr,
+    info: PathBuf,
+    cwd: Option<PathBuf>,
+    options: Vec<OsString>,
+    /// The address has been used: a retry must keep it.
+    addr_fixed: bool,
+}
+
+/// A batch client that has been started.
+pub struct Running {
+    proc: ProcGuard,
+    stdout: File,
+    stderr: File,
+}
+
+impl Running {
+    /// Waits for the client to exit (at most until `deadline`) and collects its output.
+    pub fn finish(mut self, deadline: Instant) -> Outcome {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let status = self.proc.wait_timeout(left);
+        let stdout = read_all(&mut self.stdout);
+        let stderr = read_all(&mut self.stderr);
+        match status {
+            Some(status) => Outcome::new(&stdout, &stderr, status),
+            None => {
+                self.proc.kill();
+                panic!("client timed out\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}");
+            }
+        }
+    }
+}
+
+impl Client {
+    pub fn new(info: &Path) -> Client {
+        Client {
+            addr: free_addr(),
+            info: info.to_path_buf(),
+            cwd: None,
+            options: Vec::new(),
+            addr_fixed: false,
+        }
+    }
+
+    pub fn with_addr(info: &Path, addr: SocketAddr) -> Client {
+        Client {
+            addr,
+            info: info.to_path_buf(),
+            cwd: None,
+            options: Vec::new(),
+            addr_fixed: false,
+        }
+    }
+
+    /// Runs the client in `dir`.
+    pub fn cwd(mut self, dir: &Path) -> Client {
+        self.cwd = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Extra options before the positional arguments.
+    pub fn options(mut self, options: &[OsString]) -> Client {
+        self.options = options.to_vec();
+        self
+    }
+
+    /// Starts the client with `commands` (one per line) on stdin; stdout and stderr go to
+    /// anonymous temp files, so nothing needs draining while it runs.
+    pub fn spawn(&self, commands: &[&str]) -> Running {
+        self.spawn_raw(&batch_bytes(commands))
+    }
+
+    /// Starts the client with exactly these bytes on stdin.
+    pub fn spawn_raw(&self, stdin_bytes: &[u8]) -> Running {
+        let mut input = tempfile::tempfile().expect("tempfile");
+        input.write_all(stdin_bytes).expect("write commands");
+        input.seek(SeekFrom::Start(0)).expect("seek");
+        let stdout = tempfile::tempfile().expect("tempfile");
+        let stderr = tempfile::tempfile().expect("tempfile");
+        let mut cmd = Command::new(CLIENT_BIN);
+        cmd.args(&self.options)
+            .arg(self.addr.to_string())
+            .arg(&self.info)
+            .stdin(Stdio::from(input))
+            .stdout(Stdio::from(stdout.try_clone().expect("clone")))
+            .stderr(Stdio::from(stderr.try_clone().expect("clone")));
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        let child = cmd.spawn().expect("spawn client_program");
+        Running {
+            proc: ProcGuard::new(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Runs a batch of commands and waits (up to [`CLIENT_TIMEOUT`]) for the client to exit.
+    /// If the listen address turns out to be taken, a fresh client retries on a new address
+    /// and a client whose address is part of the test retries on the same one.
+    pub fn run(&mut self, commands: &[&str]) -> Outcome {
+        self.run_raw(&batch_bytes(commands))
+    }
+
+    /// Like [`run`](Self::run), with exactly these bytes on stdin.
+    pub fn run_raw(&mut self, stdin_bytes: &[u8]) -> Outcome {
+        let mut attempt = 0;
+        loop {
+            let outcome = self
+                .spawn_raw(stdin_bytes)
+                .finish(Instant::now() + CLIENT_TIMEOUT);
+            attempt += 1;
+            if !outcome.addr_in_use() || attempt >= ATTEMPTS {
+                self.addr_fixed = true;
+                return outcome;
+            }
+            if self.addr_fixed {
+                thread::sleep(Duration::from_millis(200 * attempt as u64));
+            } else {
+                self.addr = free_addr();
+            }
+        }
+    }
+
+    /// Starts this client with a pipe on stdin, to drive it command by command.
+    pub fn live(&mut self) -> LiveClient {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match LiveClient::start(self) {
+                Ok(live) => {
+                    self.addr_fixed = true;
+                    return live;
+                }
+                Err(why) if attempt < ATTEMPTS => {
+                    if self.addr_fixed {
+                        thread::sleep(Duration::from_millis(200 * attempt as u64));
+                    } else {
+                        self.addr = free_addr();
+                    }
+                    let _ = why;
+                }
+                Err(why) => panic!("live client could not start: {why}"),
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Line {
+    Out(String),
+    Err(String),
+}
+
+/// A client kept running, fed one command at a time; the test reads its output as it comes.
+pub struct LiveClient {
+    proc: ProcGuard,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<Line>,
+    pub addr: SocketAddr,
+    /// Every line seen, for failure messages.
+    seen: Vec<String>,
+}
+
+impl LiveClient {
+    /// Starts the client and waits until it listens on its address (a connection to it
+    /// succeeds while the process is alive). `Err` if it exited because the address was taken.
+    fn start(client: &Client) -> Result<LiveClient, String> {
+        let mut cmd = Command::new(CLIENT_BIN);
+        cmd.args(&client.options)
+            .arg(client.addr.to_string())
+            .arg(&client.info)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(dir) = &client.cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd.spawn().expect("spawn client_program");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut proc = ProcGuard::new(child);
+        let (tx, rx) = mpsc::channel();
+        let tx2 = tx.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(Line::Out(line)).is_err() {
+                    return;
+                }
+            }
+        });
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                if tx2.send(Line::Err(line)).is_err() {
+                    return;
+                }
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = proc.try_status() {
+                let mut text = String::new();
+                while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+                    text.push_str(&format!("{line:?}\n"));
+                }
+                return Err(format!(
+                    "client on {} exited: {status}\n{text}",
+                    client.addr
+                ));
+            }
+            if TcpStream::connect_timeout(&client.addr, Duration::from_secs(1)).is_ok() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                panic!("live client on {} never listened", client.addr);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(LiveClient {
+            proc,
+            stdin,
+            lines: rx,
+            addr: client.addr,
+            seen: Vec::new(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.proc.try_status()
+    }
+
+    /// Ends the client's input (the pipe closes).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    pub fn send(&mut self, command: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin already closed");
+        writeln!(stdin, "{command}").expect("write client stdin");
+        stdin.flush().expect("flush client stdin");
+    }
+
+    /// The next stdout or `error: ` line (log lines on stderr are skipped).
+    fn next_line(&mut self) -> Line {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(Line::Err(l)) if !l.starts_with("error: ") => self.seen.push(l),
+                Ok(line) => {
+                    self.seen.push(format!("{line:?}"));
+                    return line;
+                }
+                Err(e) => panic!(
+                    "live client on {}: no line ({e:?}); seen so far:\n{}",
+                    self.addr,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for exactly these stdout lines (an `error: ` line meanwhile is a failure).
+    #[track_caller]
+    pub fn expect_out(&mut self, expected: &[&str]) {
+        for want in expected {
+            match self.next_line() {
+                Line::Out(got) => assert_eq!(
+                    &got,
+                    want,
+                    "live client on {}; seen:\n{}",
+                    self.addr,
+                    self.seen.join("\n")
+                ),
+                Line::Err(e) => panic!(
+                    "live client on {}: expected '{want}', got {e}; seen:\n{}",
+                    self.addr,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for one `error: ` line (a stdout line meanwhile is a failure); returns it.
+    #[track_caller]
+    pub fn expect_error(&mut self) -> String {
+        match self.next_line() {
+            Line::Err(e) => e,
+            Line::Out(o) => panic!(
+                "live client on {}: expected an error, got '{o}'; seen:\n{}",
+                self.addr,
+                self.seen.join("\n")
+            ),
+        }
+    }
+
+    /// The next stdout line, whatever it is (an `error: ` line meanwhile is a failure).
+    #[track_caller]
+    pub fn next_out(&mut self) -> String {
+        match self.next_line() {
+            Line::Out(o) => o,
+            Line::Err(e) => panic!(
+                "live client on {}: expected output, got {e}; seen:\n{}",
+                self.addr,
+                self.seen.join("\n")
+            ),
+        }
+    }
+
+    /// The next `n` stdout lines.
+    #[track_caller]
+    pub fn next_outs(&mut self, n: usize) -> Vec<String> {
+        (0..n).map(|_| self.next_out()).collect()
+    }
+
+    /// Sends a command and waits for exactly these stdout lines.
+    #[track_caller]
+    pub fn cmd(&mut self, command: &str, expected: &[&str]) {
+        self.send(command);
+        self.expect_out(expected);
+    }
+
+    /// Closes stdin, waits for the exit, and returns the exit status plus any lines not yet
+    /// consumed (stdout lines and `error: ` lines).
+    pub fn finish(mut self) -> (ExitStatus, Vec<String>) {
+        self.stdin = None;
+        self.wait()
+    }
+
+    /// Waits for the exit (without closing stdin) and returns the exit status plus any lines
+    /// not yet consumed (stdout lines and `error: ` lines).
+    pub fn wait(mut self) -> (ExitStatus, Vec<String>) {
+        let status = self
+            .proc
+            .wait_timeout(EXIT_TIMEOUT)
+            .unwrap_or_else(|| panic!("live client on {} did not exit", self.addr));
+        let mut rest = Vec::new();
+        // The reader threads end at EOF, which closes the channel.
+        while let Ok(line) = self.lines.recv_timeout(EXIT_TIMEOUT) {
+            match line {
+                Line::Out(l) => rest.push(l),
+                Line::Err(l) if l.starts_with("error: ") => rest.push(l),
+                Line::Err(_) => {}
+            }
+        }
+        (status, rest)
+    }
+}
+
+/// Runs a program to completion with stdin closed, killing it after [`CLIENT_TIMEOUT`];
+/// returns (exit code, stdout, stderr).
+pub fn run_program(bin: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut stdout = tempfile::tempfile().expect("tempfile");
+    let mut stderr = tempfile::tempfile().expect("tempfile");
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout.try_clone().expect("clone")))
+        .stderr(Stdio::from(stderr.try_clone().expect("clone")))
+        .spawn()
+        .expect("spawn");
+    let mut proc = ProcGuard::new(child);
+    let status = proc.wait_timeout(CLIENT_TIMEOUT);
+    let (out, err) = (read_all(&mut stdout), read_all(&mut stderr));
+    match status {
+        Some(status) => (status.code(), out, err),
+        None => panic!("{bin} {args:?} did not exit\n{out}\n{err}"),
+    }
+}
+
+/// The SHA1 of a file in hex, from the `sha1sum` command (None if it is not installed).
+pub fn sha1sum(path: &Path) -> Option<String> {
+    let out = Command::new("sha1sum").arg(path).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).ok()?;
+    text.split_whitespace().next().map(str::to_owned)
+}
