@@ -397,6 +397,12 @@ impl TrackerCore {
                     .list_files(self.session_of(conn)?, &group)
                     .map(|f| Handled::Reply(ReplyBody::Files(f)))
             }
+            RequestBody::FileSharers { group, name } => {
+                return self
+                    .state
+                    .file_sharers(self.session_of(conn)?, &group, &name)
+                    .map(|(meta, peers)| Handled::Reply(ReplyBody::Sharers { meta, peers }))
+            }
             RequestBody::CreateGroup { group } => Op::CreateGroup {
                 session: self.session_of(conn)?,
                 group,

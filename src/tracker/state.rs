@@ -504,6 +504,35 @@ impl TrackerState {
             .collect())
     }
 
+    /// A file's metadata and the peer addresses of its online sharers; for members only.
+    pub fn file_sharers(
+        &self,
+        session: SessionId,
+        group: &GroupId,
+        name: &FileName,
+    ) -> Result<(FileMeta, Vec<SocketAddr>), Reject> {
+        let user = self.user_of(session)?;
+        let g = self.groups.get(group).ok_or_else(|| no_such_group(group))?;
+        if !g.is_member(user) {
+            return Err(not_member(group));
+        }
+        let file = g.files.get(name).ok_or_else(|| {
+            Reject::new(
+                RejectCode::NoSuchFile,
+                format!("no file '{name}' in group '{group}'"),
+            )
+        })?;
+        let mut peers: Vec<SocketAddr> = file
+            .sharers
+            .iter()
+            .filter(|s| self.is_online(s))
+            .map(|s| s.peer_addr)
+            .collect();
+        peers.sort_unstable();
+        peers.dedup();
+        Ok((file.meta.clone(), peers))
+    }
+
     /// A share is online while its user has a session on the client that holds the file.
     pub fn is_online(&self, sharer: &Sharer) -> bool {
         self.session_of_user

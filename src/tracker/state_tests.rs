@@ -1699,3 +1699,34 @@ fn random_ops_are_deterministic_and_keep_the_invariants() {
         }
     }
 }
+
+#[test]
+fn file_sharers_lists_online_sharers_for_members_only() {
+    let mut st = TrackerState::new();
+    let s = group_with(&mut st, "g", &["alice", "bob", "carol"]);
+    let m = meta("f", SIZE, 1);
+    ok(&mut st, op::share(s[0], "g", m.clone()));
+    ok(&mut st, op::share(s[1], "g", m.clone()));
+    let (got, peers) = st.file_sharers(s[2], &gid("g"), &fname("f")).unwrap();
+    assert_eq!(got, m);
+    assert_eq!(peers.len(), 2);
+    done(&mut st, op::close(s[1]));
+    let (_, peers) = st.file_sharers(s[2], &gid("g"), &fname("f")).unwrap();
+    assert_eq!(peers.len(), 1, "a logged-out sharer is not handed out");
+    assert_eq!(
+        st.file_sharers(s[2], &gid("g"), &fname("nope"))
+            .unwrap_err()
+            .code,
+        RejectCode::NoSuchFile
+    );
+    let outsider = {
+        done(&mut st, op::create_user("dave"));
+        login(&mut st, "dave", 40)
+    };
+    assert_eq!(
+        st.file_sharers(outsider, &gid("g"), &fname("f"))
+            .unwrap_err()
+            .code,
+        RejectCode::NotMember
+    );
+}

@@ -81,6 +81,9 @@ pub enum RequestBody {
     UploadFile { group: GroupId, meta: FileMeta },
     /// `0x1d`: `str group | str name`.
     StopShare { group: GroupId, name: FileName },
+    /// `0x1e`: `str group | str name`: the file's metadata and where its online sharers
+    /// listen (members only).
+    FileSharers { group: GroupId, name: FileName },
 }
 
 /// What a tracker records about a shared file's content.
@@ -184,6 +187,12 @@ pub enum ReplyBody {
     Files(Vec<FileInfo>),
     /// `0x97`: `u8 new_file` (1 if the upload created the file, 0 if it added a sharer).
     Shared { new_file: bool },
+    /// `0x98`: `file_meta | u32 n | addr * n`: a file and the peer addresses of its online
+    /// sharers.
+    Sharers {
+        meta: FileMeta,
+        peers: Vec<SocketAddr>,
+    },
 }
 
 /// One line of `list_groups`.
@@ -303,6 +312,7 @@ mod ty {
     pub const LIST_FILES: u8 = 0x1b;
     pub const UPLOAD_FILE: u8 = 0x1c;
     pub const STOP_SHARE: u8 = 0x1d;
+    pub const FILE_SHARERS: u8 = 0x1e;
 
     pub const WELCOME: u8 = 0x81;
     pub const DONE: u8 = 0x90;
@@ -313,6 +323,7 @@ mod ty {
     pub const USERS: u8 = 0x95;
     pub const FILES: u8 = 0x96;
     pub const SHARED: u8 = 0x97;
+    pub const SHARERS: u8 = 0x98;
 }
 
 const ROLE_CLIENT: u8 = 1;
@@ -395,6 +406,10 @@ impl ClientMsg {
                     group: group_id(&mut r)?,
                     name: file_name(&mut r)?,
                 },
+                ty::FILE_SHARERS => RequestBody::FileSharers {
+                    group: group_id(&mut r)?,
+                    name: file_name(&mut r)?,
+                },
                 other => return Err(DecodeError::UnknownType(other)),
             };
             ClientMsg::Request(Request { req_id, body })
@@ -448,6 +463,7 @@ impl Request {
             RequestBody::ListFiles { .. } => ty::LIST_FILES,
             RequestBody::UploadFile { .. } => ty::UPLOAD_FILE,
             RequestBody::StopShare { .. } => ty::STOP_SHARE,
+            RequestBody::FileSharers { .. } => ty::FILE_SHARERS,
         };
         let start = frame::begin(out, frame_type);
         put_u64(out, self.req_id);
@@ -480,7 +496,7 @@ impl Request {
                 put_str16(out, group.as_str());
                 meta.emit(out);
             }
-            RequestBody::StopShare { group, name } => {
+            RequestBody::StopShare { group, name } | RequestBody::FileSharers { group, name } => {
                 put_str16(out, group.as_str());
                 put_str16(out, name.as_str());
             }
@@ -557,6 +573,16 @@ impl TrackerMsg {
                 ty::SHARED => ReplyBody::Shared {
                     new_file: r.bool()?,
                 },
+                ty::SHARERS => {
+                    let meta = FileMeta::parse(&mut r)?;
+                    // The smallest address is 1 + 4 + 2 bytes.
+                    let n = r.count(7)?;
+                    let mut peers = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        peers.push(r.socket_addr()?);
+                    }
+                    ReplyBody::Sharers { meta, peers }
+                }
                 other => return Err(DecodeError::UnknownType(other)),
             };
             TrackerMsg::Reply(Reply { req_id, body })
@@ -594,6 +620,7 @@ impl Reply {
             ReplyBody::Users(_) => ty::USERS,
             ReplyBody::Files(_) => ty::FILES,
             ReplyBody::Shared { .. } => ty::SHARED,
+            ReplyBody::Sharers { .. } => ty::SHARERS,
         };
         let start = frame::begin(out, frame_type);
         put_u64(out, self.req_id);
@@ -635,6 +662,13 @@ impl Reply {
                 }
             }
             ReplyBody::Shared { new_file } => put_bool(out, *new_file),
+            ReplyBody::Sharers { meta, peers } => {
+                meta.emit(out);
+                put_count(out, peers.len());
+                for p in peers {
+                    put_socket_addr(out, p);
+                }
+            }
         }
         frame::end(out, start);
     }

@@ -188,10 +188,11 @@ fn client_variant(m: &ClientMsg) -> usize {
             RequestBody::ListFiles { .. } => 12,
             RequestBody::UploadFile { .. } => 13,
             RequestBody::StopShare { .. } => 14,
+            RequestBody::FileSharers { .. } => 15,
         },
     }
 }
-const CLIENT_VARIANTS: usize = 15;
+const CLIENT_VARIANTS: usize = 16;
 
 fn tracker_variant(m: &TrackerMsg) -> usize {
     match m {
@@ -205,10 +206,11 @@ fn tracker_variant(m: &TrackerMsg) -> usize {
             ReplyBody::Users(_) => 6,
             ReplyBody::Files(_) => 7,
             ReplyBody::Shared { .. } => 8,
+            ReplyBody::Sharers { .. } => 9,
         },
     }
 }
-const TRACKER_VARIANTS: usize = 9;
+const TRACKER_VARIANTS: usize = 10;
 
 fn meta(name: &str, size: u64, piece_len: u32, n: usize) -> FileMeta {
     FileMeta {
@@ -334,11 +336,35 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 name: fname("my file.txt"),
             },
         ),
+        req(
+            19,
+            RequestBody::FileSharers {
+                group: gid("grp"),
+                name: fname("my file.txt"),
+            },
+        ),
     ]
 }
 
 fn sample_tracker_msgs() -> Vec<TrackerMsg> {
     vec![
+        rep(
+            40,
+            ReplyBody::Sharers {
+                meta: meta("movie.mkv", 3 * u64::from(PIECE_LEN) - 1, PIECE_LEN, 3),
+                peers: vec![
+                    "127.0.0.1:7001".parse().unwrap(),
+                    "[::1]:7002".parse().unwrap(),
+                ],
+            },
+        ),
+        rep(
+            41,
+            ReplyBody::Sharers {
+                meta: meta("empty", 0, PIECE_LEN, 0),
+                peers: vec![],
+            },
+        ),
         TrackerMsg::Welcome {
             version: PROTOCOL_VERSION,
             tracker_no: 0,
@@ -572,7 +598,11 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
             group: rand_group(rng),
             meta: rand_meta(rng),
         },
-        _ => RequestBody::StopShare {
+        14 => RequestBody::StopShare {
+            group: rand_group(rng),
+            name: rand_name(rng),
+        },
+        _ => RequestBody::FileSharers {
             group: rand_group(rng),
             name: rand_name(rng),
         },
@@ -641,8 +671,12 @@ fn rand_tracker(rng: &mut Rng) -> TrackerMsg {
                 })
                 .collect(),
         ),
-        _ => ReplyBody::Shared {
+        8 => ReplyBody::Shared {
             new_file: rng.chance(1, 2),
+        },
+        _ => ReplyBody::Sharers {
+            meta: rand_meta(rng),
+            peers: (0..rng.below(4)).map(|_| rand_addr(rng)).collect(),
         },
     };
     rep(req_id, body)
@@ -1470,8 +1504,8 @@ fn bad_handshakes_are_rejected() {
 
 #[test]
 fn unknown_frame_types_are_rejected() {
-    let client_types: Vec<u8> = (0x10..=0x1d).chain([0x01]).collect();
-    let tracker_types: Vec<u8> = (0x90..=0x97).chain([0x81]).collect();
+    let client_types: Vec<u8> = (0x10..=0x1e).chain([0x01]).collect();
+    let tracker_types: Vec<u8> = (0x90..=0x98).chain([0x81]).collect();
     for t in 0..=255u8 {
         // A body long enough for the req_id, so the type is what fails.
         let p = B::with_id(t).0;
@@ -1909,4 +1943,43 @@ fn same_content_ignores_the_name() {
     let mut c = a.clone();
     c.file_sha1 = Sha1Digest([0; 20]);
     assert!(!a.same_content(&c));
+}
+
+#[test]
+fn golden_file_sharers_and_sharers() {
+    let msg = req(
+        7,
+        RequestBody::FileSharers {
+            group: gid("g"),
+            name: fname("f"),
+        },
+    );
+    let mut want = vec![0, 0, 0, 15, 0x1e];
+    want.extend_from_slice(&7u64.to_be_bytes());
+    want.extend_from_slice(&[0, 1, b'g', 0, 1, b'f']);
+    let mut got = Vec::new();
+    msg.emit(&mut got);
+    assert_eq!(got, want);
+
+    let reply = rep(
+        7,
+        ReplyBody::Sharers {
+            meta: meta("f", 1, PIECE_LEN, 1),
+            peers: vec!["10.0.0.1:80".parse().unwrap()],
+        },
+    );
+    let mut want = vec![0x98];
+    want.extend_from_slice(&7u64.to_be_bytes());
+    want.extend_from_slice(&[0, 1, b'f']); // name
+    want.extend_from_slice(&1u64.to_be_bytes()); // size
+    want.extend_from_slice(&PIECE_LEN.to_be_bytes()); // piece_len
+    want.extend_from_slice(&[0xaa; 20]); // file sha1
+    want.extend_from_slice(&[0, 0, 0, 1]); // n_pieces
+    want.extend_from_slice(&[0; 20]); // piece 0
+    want.extend_from_slice(&[0, 0, 0, 1, 4, 10, 0, 0, 1, 0, 80]); // one IPv4 peer
+    let mut framed = (want.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&want);
+    let mut got = Vec::new();
+    reply.emit(&mut got);
+    assert_eq!(got, framed);
 }
