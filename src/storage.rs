@@ -1,17 +1,24 @@
 //! Memory-mapped files, and the only `unsafe` code of the crate.
 //!
-//! A shared file is read through a read-only map of its source path, so hashing and (later)
-//! serving pieces never copy it through an intermediate buffer.
+//! A shared file is read through a read-only map of its source path ([`SourceMap`]), so hashing
+//! and serving pieces never copy it through an intermediate buffer. A download lands in
+//! `<target>.part`, created at full size and mapped read-write ([`PartFile`]), so block data goes
+//! from the socket straight into the file's pages.
 //!
-//! The ownership rule for piece bytes lives here: a piece's bytes belong to the writer until
-//! the piece is complete, to the hasher while it verifies, and are read-only afterwards. For a
-//! source file that we only read, the rule reduces to "never write through the map".
+//! The ownership rule for piece bytes lives here and is enforced by types and per-piece states:
+//! a piece's bytes belong to the writer until the piece is complete (`Writable`: only
+//! [`PartFile::write_with`] touches them, through `&mut PartFile`), to the hasher while it
+//! verifies (`Hashing`: only the one [`HashTicket`] reads them), and are read-only afterwards
+//! (`ReadOnly`: any [`PartReader`]). A failed piece goes back to `Writable` only when its ticket
+//! is handed back, so no hasher can still be reading it.
 
 use std::fs::File;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
-use memmap2::{Advice, Mmap};
+use memmap2::{Advice, Mmap, MmapRaw};
 
 /// A read-only view of a whole file. An empty file has no map (mapping zero bytes fails).
 #[derive(Debug)]
@@ -53,5 +60,347 @@ impl SourceMap {
 
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+const WRITABLE: u8 = 0;
+const HASHING: u8 = 1;
+const READ_ONLY: u8 = 2;
+
+/// What the writer, the hasher and the readers share: the map and each piece's state.
+struct PartShared {
+    /// `None` for an empty file (mapping zero bytes fails).
+    map: Option<MmapRaw>,
+    len: u64,
+    piece_len: u64,
+    states: Vec<AtomicU8>,
+}
+
+impl PartShared {
+    /// The byte range of `piece` within the file, if the piece exists.
+    fn piece_range(&self, piece: u32) -> Option<(usize, usize)> {
+        let idx = usize::try_from(piece).ok()?;
+        if idx >= self.states.len() {
+            return None;
+        }
+        let start = u64::from(piece) * self.piece_len;
+        let end = (start + self.piece_len).min(self.len);
+        Some((usize::try_from(start).ok()?, usize::try_from(end).ok()?))
+    }
+
+    fn state(&self, piece: u32) -> Option<u8> {
+        self.states
+            .get(usize::try_from(piece).ok()?)
+            .map(|s| s.load(Ordering::Acquire))
+    }
+
+    /// The bytes of `[start, end)`. Callers check the piece state first.
+    fn bytes(&self, start: usize, end: usize) -> &[u8] {
+        match &self.map {
+            // SAFETY: `start <= end <= len` (from `piece_range`) and the map is `len` bytes long,
+            // so the range is inside the mapping, which lives as long as `self`. The callers
+            // (`HashTicket::bytes`, `PartReader::piece`) only read pieces in the `Hashing` or
+            // `ReadOnly` state, and no `&mut` to such a piece can exist: `write_with` refuses
+            // every piece that is not `Writable`, and a piece only goes back to `Writable` when
+            // its ticket (and so every borrow from it) is gone.
+            Some(map) if end > start => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().add(start), end - start)
+            },
+            _ => &[],
+        }
+    }
+}
+
+/// The destination of a download, `<target>.part`, mapped read-write. Owned by the one thread
+/// that writes blocks; hashing and serving go through [`HashTicket`] and [`PartReader`].
+pub struct PartFile {
+    shared: Arc<PartShared>,
+    file: File,
+}
+
+/// Read-only access to the verified pieces of a [`PartFile`], for serving them to peers. Cheap
+/// to clone and usable from any thread.
+#[derive(Clone)]
+pub struct PartReader {
+    shared: Arc<PartShared>,
+}
+
+/// The right to read one complete piece while it is verified. There is exactly one per piece
+/// in the `Hashing` state; it goes back to [`PartFile::finish`] with the verdict.
+pub struct HashTicket {
+    shared: Arc<PartShared>,
+    piece: u32,
+}
+
+impl PartFile {
+    /// Creates `path` (which must not exist) at `len` bytes and maps it. Pieces are
+    /// `piece_len` bytes long (the last may be shorter); all start `Writable`.
+    pub fn create(path: &Path, len: u64, piece_len: u32) -> io::Result<Self> {
+        if piece_len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "piece length 0",
+            ));
+        }
+        let n_pieces = usize::try_from(len.div_ceil(u64::from(piece_len)))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.set_len(len)?;
+        let map = if len == 0 {
+            None
+        } else {
+            let map = MmapRaw::map_raw(&file)?;
+            let _ = map.advise(Advice::Sequential);
+            Some(map)
+        };
+        Ok(PartFile {
+            shared: Arc::new(PartShared {
+                map,
+                len,
+                piece_len: u64::from(piece_len),
+                states: (0..n_pieces).map(|_| AtomicU8::new(WRITABLE)).collect(),
+            }),
+            file,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.shared.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shared.len == 0
+    }
+
+    pub fn n_pieces(&self) -> usize {
+        self.shared.states.len()
+    }
+
+    pub fn reader(&self) -> PartReader {
+        PartReader {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Lends `f` the bytes `[offset, offset + len)` of a `Writable` piece to fill (for example
+    /// straight from a socket). `None`, without calling `f`, if the piece is not `Writable` or
+    /// the range is not inside the piece.
+    pub fn write_with<R>(
+        &mut self,
+        piece: u32,
+        offset: u32,
+        len: u32,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Option<R> {
+        let (piece_start, piece_end) = self.shared.piece_range(piece)?;
+        if self.shared.state(piece)? != WRITABLE {
+            return None;
+        }
+        let start = piece_start.checked_add(usize::try_from(offset).ok()?)?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        if end > piece_end || start >= end {
+            return None;
+        }
+        let map = self.shared.map.as_ref()?;
+        // SAFETY: `[start, end)` lies inside the piece and so inside the mapping. The piece is
+        // `Writable`, so no `HashTicket` or `PartReader` reads it (they only read `Hashing` and
+        // `ReadOnly` pieces, and a piece leaves `Writable` only through `seal`, which needs
+        // `&mut self`). `&mut self` is held for the whole call, so no other `write_with` slice
+        // exists at the same time, and the slice cannot escape `f`.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr().add(start), end - start) };
+        Some(f(bytes))
+    }
+
+    /// The piece is complete: from now on only its ticket reads it and nothing writes it.
+    /// `None` if the piece is not `Writable`.
+    pub fn seal(&mut self, piece: u32) -> Option<HashTicket> {
+        let state = self.shared.states.get(usize::try_from(piece).ok()?)?;
+        state
+            .compare_exchange(WRITABLE, HASHING, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        Some(HashTicket {
+            shared: Arc::clone(&self.shared),
+            piece,
+        })
+    }
+
+    /// Takes a ticket back with the verdict: a good piece becomes `ReadOnly` for good, a bad
+    /// one `Writable` again so it can be fetched anew.
+    pub fn finish(&mut self, ticket: HashTicket, verified: bool) {
+        if !Arc::ptr_eq(&ticket.shared, &self.shared) {
+            return;
+        }
+        if let Some(state) = self.shared.states.get(ticket.piece as usize) {
+            state.store(
+                if verified { READ_ONLY } else { WRITABLE },
+                Ordering::Release,
+            );
+        }
+    }
+
+    /// Whether every piece has been verified.
+    pub fn is_complete(&self) -> bool {
+        self.shared
+            .states
+            .iter()
+            .all(|s| s.load(Ordering::Acquire) == READ_ONLY)
+    }
+
+    /// Writes the mapped pages and the file's metadata to disk.
+    pub fn sync(&self) -> io::Result<()> {
+        if let Some(map) = &self.shared.map {
+            map.flush()?;
+        }
+        self.file.sync_all()
+    }
+}
+
+impl HashTicket {
+    pub fn piece(&self) -> u32 {
+        self.piece
+    }
+
+    /// The whole piece.
+    pub fn bytes(&self) -> &[u8] {
+        match self.shared.piece_range(self.piece) {
+            Some((start, end)) => self.shared.bytes(start, end),
+            None => &[],
+        }
+    }
+}
+
+impl PartReader {
+    /// The bytes `[offset, offset + len)` of a verified piece, or `None` if the piece is not
+    /// verified or the range is not inside it.
+    pub fn read(&self, piece: u32, offset: u32, len: u32) -> Option<&[u8]> {
+        if self.shared.state(piece)? != READ_ONLY {
+            return None;
+        }
+        let (piece_start, piece_end) = self.shared.piece_range(piece)?;
+        let start = piece_start.checked_add(usize::try_from(offset).ok()?)?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        if end > piece_end {
+            return None;
+        }
+        Some(self.shared.bytes(start, end))
+    }
+
+    pub fn is_verified(&self, piece: u32) -> bool {
+        self.shared.state(piece) == Some(READ_ONLY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(part: &mut PartFile, piece: u32, offset: u32, data: &[u8]) -> bool {
+        part.write_with(piece, offset, data.len() as u32, |b| {
+            b.copy_from_slice(data)
+        })
+        .is_some()
+    }
+
+    #[test]
+    fn piece_lifecycle_write_hash_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.part");
+        let mut part = PartFile::create(&path, 25, 10).unwrap();
+        assert_eq!(part.n_pieces(), 3);
+        let reader = part.reader();
+        assert!(fill(&mut part, 0, 0, b"01234"));
+        assert!(fill(&mut part, 0, 5, b"56789"));
+        assert!(reader.read(0, 0, 10).is_none(), "not verified yet");
+        let ticket = part.seal(0).unwrap();
+        assert!(part.seal(0).is_none(), "one ticket per piece");
+        assert!(!fill(&mut part, 0, 0, b"x"), "no writes while hashing");
+        let digest = std::thread::spawn(move || {
+            let d = crate::hasher::sha1_of(ticket.bytes());
+            (ticket, d)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(digest.1, crate::hasher::sha1_of(b"0123456789"));
+        part.finish(digest.0, true);
+        assert_eq!(reader.read(0, 2, 3).unwrap(), b"234");
+        assert!(
+            !fill(&mut part, 0, 0, b"x"),
+            "verified pieces are read-only"
+        );
+        assert!(reader.read(0, 8, 3).is_none(), "range past the piece");
+        // The last piece is shorter.
+        assert!(fill(&mut part, 2, 0, b"abcde"));
+        assert!(!fill(&mut part, 2, 3, b"xyz"), "past the end of the file");
+        let t = part.seal(2).unwrap();
+        assert_eq!(t.bytes(), b"abcde");
+        part.finish(t, true);
+        assert!(!part.is_complete());
+        assert!(fill(&mut part, 1, 0, b"ABCDEFGHIJ"));
+        let t = part.seal(1).unwrap();
+        part.finish(t, true);
+        assert!(part.is_complete());
+        part.sync().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789ABCDEFGHIJabcde");
+    }
+
+    #[test]
+    fn failed_piece_is_writable_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut part = PartFile::create(&dir.path().join("f.part"), 4, 4).unwrap();
+        assert!(fill(&mut part, 0, 0, b"bad!"));
+        let t = part.seal(0).unwrap();
+        part.finish(t, false);
+        assert!(!part.reader().is_verified(0));
+        assert!(fill(&mut part, 0, 0, b"good"));
+    }
+
+    #[test]
+    fn bad_ranges_and_pieces_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut part = PartFile::create(&dir.path().join("f.part"), 10, 4).unwrap();
+        assert!(!fill(&mut part, 3, 0, b"x"), "no such piece");
+        assert!(!fill(&mut part, u32::MAX, 0, b"x"));
+        assert!(!fill(&mut part, 0, 4, b"x"), "offset at the piece end");
+        assert!(part.write_with(0, 0, 0, |_| ()).is_none(), "empty write");
+        assert!(part.write_with(0, u32::MAX, u32::MAX, |_| ()).is_none());
+        assert!(part.seal(9).is_none());
+        assert!(part.reader().read(9, 0, 1).is_none());
+    }
+
+    #[test]
+    fn existing_target_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.part");
+        std::fs::write(&path, b"keep").unwrap();
+        assert!(PartFile::create(&path, 10, 4).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn empty_file_is_complete_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = PartFile::create(&dir.path().join("e.part"), 0, 4).unwrap();
+        assert_eq!(part.n_pieces(), 0);
+        assert!(part.is_complete());
+    }
+
+    #[test]
+    fn offsets_past_4_gib_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.part");
+        let len = 5 * (1u64 << 30) + 3; // sparse: nothing but the last piece is written
+        let piece_len = 512 * 1024;
+        let mut part = PartFile::create(&path, len, piece_len).unwrap();
+        let last = (part.n_pieces() - 1) as u32;
+        assert!(fill(&mut part, last, 0, b"xyz"));
+        let t = part.seal(last).unwrap();
+        assert_eq!(t.bytes(), b"xyz");
+        part.finish(t, true);
+        assert_eq!(part.reader().read(last, 1, 2).unwrap(), b"yz");
     }
 }
