@@ -1,8 +1,9 @@
-//! The SHA1 worker pool: hashes files off the reactor thread.
+//! The SHA1 worker pool: hashes files and downloaded pieces off the reactor thread.
 //!
 //! A file job maps the file, then splits into one task for the whole-file digest (inherently
 //! sequential) and tasks of a few pieces each, which the workers take from one queue, so a
-//! large file is hashed on every core at once. When the last task of a job finishes, its
+//! large file is hashed on every core at once. A piece job checks one downloaded piece, read
+//! through its [`HashTicket`], against its expected digest and hands the ticket back. Every
 //! result goes to the results channel and the owner's `mio::Waker` is woken; the reactor never
 //! blocks on hashing.
 
@@ -14,7 +15,7 @@ use std::thread;
 use mio::Waker;
 use sha1::{Digest, Sha1};
 
-use crate::storage::SourceMap;
+use crate::storage::{HashTicket, SourceMap};
 use crate::wire::Sha1Digest;
 
 /// Pieces per task: big enough to amortise the queue, small enough to balance the workers.
@@ -35,7 +36,38 @@ pub struct HashDone {
     pub result: Result<FileHashes, String>,
 }
 
+/// A checked piece: the ticket comes back with the verdict.
+pub struct PieceChecked {
+    pub job: u64,
+    pub ticket: HashTicket,
+    pub ok: bool,
+}
+
+impl std::fmt::Debug for PieceChecked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PieceChecked(job {}, piece {}, ok {})",
+            self.job,
+            self.ticket.piece(),
+            self.ok
+        )
+    }
+}
+
+/// What the pool sends back.
+#[derive(Debug)]
+pub enum HashResult {
+    File(HashDone),
+    Piece(PieceChecked),
+}
+
 enum Task {
+    Verify {
+        job: u64,
+        ticket: HashTicket,
+        expected: Sha1Digest,
+    },
     Open {
         job: u64,
         path: PathBuf,
@@ -73,7 +105,7 @@ impl HashPool {
     pub fn start(
         n_workers: usize,
         waker: Arc<Waker>,
-    ) -> std::io::Result<(Self, Receiver<HashDone>)> {
+    ) -> std::io::Result<(Self, Receiver<HashResult>)> {
         let (task_tx, task_rx) = mpsc::channel::<Task>();
         let (done_tx, done_rx) = mpsc::channel();
         let task_rx = Arc::new(Mutex::new(task_rx));
@@ -89,6 +121,15 @@ impl HashPool {
         Ok((HashPool { tasks: task_tx }, done_rx))
     }
 
+    /// Queues the check of a complete downloaded piece against `expected`.
+    pub fn verify_piece(&self, job: u64, ticket: HashTicket, expected: Sha1Digest) {
+        let _ = self.tasks.send(Task::Verify {
+            job,
+            ticket,
+            expected,
+        });
+    }
+
     /// Queues the hashing of the file at `path` in pieces of `piece_len` bytes.
     pub fn hash_file(&self, job: u64, path: PathBuf, piece_len: u32) {
         let _ = self.tasks.send(Task::Open {
@@ -102,7 +143,7 @@ impl HashPool {
 fn worker(
     tasks: &Mutex<Receiver<Task>>,
     requeue: &Sender<Task>,
-    done: &Sender<HashDone>,
+    done: &Sender<HashResult>,
     waker: &Waker,
 ) {
     loop {
@@ -114,14 +155,24 @@ fn worker(
             Err(_) => return,
         };
         let finished = match task {
+            Task::Verify {
+                job,
+                ticket,
+                expected,
+            } => {
+                let ok = sha1_of(ticket.bytes()) == expected;
+                Some(HashResult::Piece(PieceChecked { job, ticket, ok }))
+            }
             Task::Open {
                 job,
                 path,
                 piece_len,
-            } => open(job, &path, piece_len, requeue),
+            } => open(job, &path, piece_len, requeue).map(HashResult::File),
             Task::Whole(state) => {
                 let digest = sha1_of(state.map.bytes());
-                state.finish_task(|a| a.file_sha1 = Some(digest))
+                state
+                    .finish_task(|a| a.file_sha1 = Some(digest))
+                    .map(HashResult::File)
             }
             Task::Pieces(state, first, last) => {
                 let bytes = state.map.bytes();
@@ -132,11 +183,13 @@ fn worker(
                         sha1_of(bytes.get(start..end).unwrap_or(&[]))
                     })
                     .collect();
-                state.finish_task(|a| {
-                    for (slot, d) in a.piece_hashes[first..last].iter_mut().zip(digests) {
-                        *slot = d;
-                    }
-                })
+                state
+                    .finish_task(|a| {
+                        for (slot, d) in a.piece_hashes[first..last].iter_mut().zip(digests) {
+                            *slot = d;
+                        }
+                    })
+                    .map(HashResult::File)
             }
         };
         if let Some(result) = finished {
@@ -220,7 +273,7 @@ impl JobState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mio::{Events, Poll, Token};
+    use mio::{Poll, Token};
     use std::io::Write;
     use std::time::Duration;
 
@@ -235,11 +288,10 @@ mod tests {
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
         let (pool, done) = HashPool::start(3, waker).unwrap();
         pool.hash_file(7, path, piece_len);
-        let result = done.recv_timeout(Duration::from_secs(60)).unwrap();
+        let Ok(HashResult::File(result)) = done.recv_timeout(Duration::from_secs(60)) else {
+            panic!("expected a file result");
+        };
         assert_eq!(result.job, 7);
-        let mut events = Events::with_capacity(4);
-        let _ = poll;
-        let _ = &mut events;
         result.result.unwrap()
     }
 
@@ -274,7 +326,37 @@ mod tests {
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
         let (pool, done) = HashPool::start(1, waker).unwrap();
         pool.hash_file(1, PathBuf::from("/nonexistent/file"), 1024);
-        let r = done.recv_timeout(Duration::from_secs(10)).unwrap();
+        let Ok(HashResult::File(r)) = done.recv_timeout(Duration::from_secs(10)) else {
+            panic!("expected a file result");
+        };
         assert!(r.result.is_err());
+    }
+
+    #[test]
+    fn downloaded_pieces_are_checked_and_tickets_come_back() {
+        use crate::storage::PartFile;
+        let dir = tempfile::tempdir().unwrap();
+        let mut part = PartFile::create(&dir.path().join("f.part"), 8, 4).unwrap();
+        part.write_with(0, 0, 4, |b| b.copy_from_slice(b"good"))
+            .unwrap();
+        part.write_with(1, 0, 4, |b| b.copy_from_slice(b"evil"))
+            .unwrap();
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
+        let (pool, done) = HashPool::start(2, waker).unwrap();
+        pool.verify_piece(1, part.seal(0).unwrap(), sha1_of(b"good"));
+        pool.verify_piece(2, part.seal(1).unwrap(), sha1_of(b"nice"));
+        let mut verdicts = Vec::new();
+        for _ in 0..2 {
+            let Ok(HashResult::Piece(p)) = done.recv_timeout(Duration::from_secs(10)) else {
+                panic!("expected a piece result");
+            };
+            verdicts.push((p.job, p.ok));
+            part.finish(p.ticket, p.ok);
+        }
+        verdicts.sort();
+        assert_eq!(verdicts, [(1, true), (2, false)]);
+        assert!(part.reader().is_verified(0));
+        assert!(!part.reader().is_verified(1));
     }
 }

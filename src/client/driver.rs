@@ -18,7 +18,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::session::{ClientCore, Output};
-use crate::hasher::{HashDone, HashPool};
+use crate::hasher::{HashPool, HashResult};
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{Conn, ConnId, ReadEnd};
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
@@ -94,7 +94,11 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
 }
 
 impl Driver {
-    fn run(&mut self, stdin: &Receiver<StdinEvent>, hashed: &Receiver<HashDone>) -> io::Result<u8> {
+    fn run(
+        &mut self,
+        stdin: &Receiver<StdinEvent>,
+        hashed: &Receiver<HashResult>,
+    ) -> io::Result<u8> {
         let mut events = Events::with_capacity(256);
         loop {
             self.feed_commands();
@@ -116,8 +120,14 @@ impl Driver {
                 match event.token() {
                     WAKER => {
                         self.drain_stdin(stdin);
-                        while let Ok(done) = hashed.try_recv() {
-                            self.core.handle_hashed(done, Instant::now());
+                        while let Ok(result) = hashed.try_recv() {
+                            match result {
+                                HashResult::File(done) => {
+                                    self.core.handle_hashed(done, Instant::now())
+                                }
+                                // Downloads, which verify pieces, are not wired in yet.
+                                HashResult::Piece(_) => {}
+                            }
                             self.perform_outputs();
                         }
                     }
