@@ -31,6 +31,7 @@
 //! - Architecture Invariant: passwords exist in clear only in the request that carries them;
 //!   the tracker stores and logs nothing but an Argon2id PHC string.
 
+pub mod bitfield;
 pub mod cli;
 pub mod client;
 pub mod hasher;
