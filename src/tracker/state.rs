@@ -253,11 +253,7 @@ impl TrackerState {
                 Ok(Outcome::Done)
             }
             Op::JoinGroup { session, group } => {
-                let user = self.user_of(*session)?.clone();
-                let g = self
-                    .groups
-                    .get_mut(group)
-                    .ok_or_else(|| no_such_group(group))?;
+                let (user, g) = self.acting_in(*session, group)?;
                 if g.is_member(&user) {
                     return Err(Reject::new(
                         RejectCode::AlreadyMember,
@@ -274,11 +270,7 @@ impl TrackerState {
                 Ok(Outcome::Done)
             }
             Op::LeaveGroup { session, group } => {
-                let user = self.user_of(*session)?.clone();
-                let g = self
-                    .groups
-                    .get_mut(group)
-                    .ok_or_else(|| no_such_group(group))?;
+                let (user, g) = self.acting_in(*session, group)?;
                 if !g.is_member(&user) {
                     return Err(not_member(group));
                 }
@@ -309,11 +301,7 @@ impl TrackerState {
                 group,
                 user,
             } => {
-                let acting = self.user_of(*session)?.clone();
-                let g = self
-                    .groups
-                    .get_mut(group)
-                    .ok_or_else(|| no_such_group(group))?;
+                let (acting, g) = self.acting_in(*session, group)?;
                 if g.owner != acting {
                     return Err(not_owner(group));
                 }
@@ -379,11 +367,7 @@ impl TrackerState {
                 group,
                 name,
             } => {
-                let user = self.user_of(*session)?.clone();
-                let g = self
-                    .groups
-                    .get_mut(group)
-                    .ok_or_else(|| no_such_group(group))?;
+                let (user, g) = self.acting_in(*session, group)?;
                 if !g.is_member(&user) {
                     return Err(not_member(group));
                 }
@@ -408,6 +392,20 @@ impl TrackerState {
                 Ok(Outcome::Done)
             }
         }
+    }
+
+    /// The user of `session` and the group it acts on.
+    fn acting_in(
+        &mut self,
+        session: SessionId,
+        group: &GroupId,
+    ) -> Result<(UserId, &mut Group), Reject> {
+        let user = self.user_of(session)?.clone();
+        let g = self
+            .groups
+            .get_mut(group)
+            .ok_or_else(|| no_such_group(group))?;
+        Ok((user, g))
     }
 
     /// The user of an open session.
