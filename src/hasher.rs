@@ -15,7 +15,7 @@ use std::thread;
 use mio::Waker;
 use sha1::{Digest, Sha1};
 
-use crate::storage::{HashTicket, SourceMap};
+use crate::storage::{HashTicket, PartReader, SourceMap};
 use crate::wire::Sha1Digest;
 
 /// Pieces per task: big enough to amortise the queue, small enough to balance the workers.
@@ -55,11 +55,31 @@ impl std::fmt::Debug for PieceChecked {
     }
 }
 
+/// A stretch of a downloaded file's whole-file digest: pieces `[.., next)` are in `state`,
+/// or `ok` is false because a piece of the stretch was not verified.
+pub struct StreamDone {
+    pub job: u64,
+    pub state: Box<Sha1>,
+    pub next: u32,
+    pub ok: bool,
+}
+
+impl std::fmt::Debug for StreamDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "StreamDone(job {}, next {}, ok {})",
+            self.job, self.next, self.ok
+        )
+    }
+}
+
 /// What the pool sends back.
 #[derive(Debug)]
 pub enum HashResult {
     File(HashDone),
     Piece(PieceChecked),
+    Stream(StreamDone),
 }
 
 enum Task {
@@ -72,6 +92,13 @@ enum Task {
         job: u64,
         path: PathBuf,
         piece_len: u32,
+    },
+    Stream {
+        job: u64,
+        reader: PartReader,
+        state: Box<Sha1>,
+        from: u32,
+        to: u32,
     },
     Whole(Arc<JobState>),
     Pieces(Arc<JobState>, usize, usize),
@@ -130,6 +157,25 @@ impl HashPool {
         });
     }
 
+    /// Queues the next stretch of a downloaded file's whole-file digest: feeds the verified
+    /// pieces `[from, to)` to `state`, in order.
+    pub fn stream_pieces(
+        &self,
+        job: u64,
+        reader: PartReader,
+        state: Box<Sha1>,
+        from: u32,
+        to: u32,
+    ) {
+        let _ = self.tasks.send(Task::Stream {
+            job,
+            reader,
+            state,
+            from,
+            to,
+        });
+    }
+
     /// Queues the hashing of the file at `path` in pieces of `piece_len` bytes.
     pub fn hash_file(&self, job: u64, path: PathBuf, piece_len: u32) {
         let _ = self.tasks.send(Task::Open {
@@ -162,6 +208,30 @@ fn worker(
             } => {
                 let ok = sha1_of(ticket.bytes()) == expected;
                 Some(HashResult::Piece(PieceChecked { job, ticket, ok }))
+            }
+            Task::Stream {
+                job,
+                reader,
+                mut state,
+                from,
+                to,
+            } => {
+                let mut ok = true;
+                for piece in from..to {
+                    match reader.piece_bytes(piece) {
+                        Some(bytes) => state.update(bytes),
+                        None => {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                Some(HashResult::Stream(StreamDone {
+                    job,
+                    state,
+                    next: to,
+                    ok,
+                }))
             }
             Task::Open {
                 job,

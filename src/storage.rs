@@ -290,6 +290,19 @@ impl PartReader {
         Some(self.shared.bytes(start, end))
     }
 
+    /// The whole of a verified piece, or `None` if it is not verified.
+    pub fn piece_bytes(&self, piece: u32) -> Option<&[u8]> {
+        if self.shared.state(piece)? != READ_ONLY {
+            return None;
+        }
+        let (start, end) = self.shared.piece_range(piece)?;
+        Some(self.shared.bytes(start, end))
+    }
+
+    pub fn n_pieces(&self) -> usize {
+        self.shared.states.len()
+    }
+
     pub fn is_verified(&self, piece: u32) -> bool {
         self.shared.state(piece) == Some(READ_ONLY)
     }

@@ -17,13 +17,15 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::session::{ClientCore, Output};
+use super::session::{ClientCore, DownloadStatus, Output};
+use super::transfers::{ServeTarget, TransferEvent, Transfers};
 use crate::hasher::{HashPool, HashResult};
+use crate::net::conn::FIRST_CONN_TOKEN;
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{Conn, ConnId, ReadEnd};
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::tracker_link::{ClientMsg, TrackerMsg};
-use crate::wire::PROTOCOL_VERSION;
+use crate::wire::{FileName, GroupId, Sha1Digest, PROTOCOL_VERSION};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -56,6 +58,7 @@ struct Driver {
     tracker: Option<TrackerLink>,
     n_links: u64,
     hasher: HashPool,
+    transfers: Transfers,
     /// Input waiting for the core, in order (end of input included).
     lines: VecDeque<StdinEvent>,
     input_done: bool,
@@ -83,6 +86,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         tracker: None,
         n_links: 0,
         hasher,
+        transfers: Transfers::default(),
         lines: VecDeque::new(),
         input_done: false,
         interactive: io::stdin().is_terminal(),
@@ -102,14 +106,23 @@ impl Driver {
         let mut events = Events::with_capacity(256);
         loop {
             self.feed_commands();
-            if self.input_done && !self.core.is_busy() && !self.config.serve {
+            if self.input_done
+                && !self.core.is_busy()
+                && !self.core.has_running_downloads()
+                && !self.config.serve
+            {
                 return Ok(self.exit_status());
             }
             self.prompt();
-            let timeout = self
-                .core
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let deadline = match (self.core.poll_timeout(), self.transfers.next_deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = if self.transfers.has_ready() {
+                Some(Duration::ZERO)
+            } else {
+                deadline.map(|t| t.saturating_duration_since(Instant::now()))
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -121,18 +134,26 @@ impl Driver {
                     WAKER => {
                         self.drain_stdin(stdin);
                         while let Ok(result) = hashed.try_recv() {
+                            let now = Instant::now();
+                            let registry = self.poll.registry();
                             match result {
-                                HashResult::File(done) => {
-                                    self.core.handle_hashed(done, Instant::now())
+                                HashResult::File(done) => self.core.handle_hashed(done, now),
+                                HashResult::Piece(checked) => self.transfers.on_piece_checked(
+                                    registry,
+                                    &self.hasher,
+                                    checked,
+                                    now,
+                                ),
+                                HashResult::Stream(done) => {
+                                    self.transfers.on_stream(registry, &self.hasher, done)
                                 }
-                                // Downloads, which verify pieces, are not wired in yet.
-                                HashResult::Piece(_) => {}
                             }
-                            self.perform_outputs();
+                            self.pump();
                         }
                     }
                     SIGNALS => {
                         info!("signal received: exiting");
+                        self.transfers.abort_all(self.poll.registry());
                         return Ok(self.exit_status());
                     }
                     LISTENER => self.accept_peers(),
@@ -144,11 +165,35 @@ impl Driver {
                             self.read_tracker();
                         }
                     }
+                    token if token.0 >= FIRST_CONN_TOKEN => {
+                        let core = &self.core;
+                        let lookup =
+                            |g: &GroupId, n: &FileName, h: &Sha1Digest| serve_target(core, g, n, h);
+                        self.transfers.on_event(
+                            self.poll.registry(),
+                            &self.hasher,
+                            token,
+                            event.is_readable() || event.is_read_closed() || event.is_error(),
+                            event.is_writable(),
+                            &lookup,
+                            Instant::now(),
+                        );
+                    }
                     _ => {}
                 }
             }
-            self.core.handle_timeout(Instant::now());
-            self.perform_outputs();
+            let now = Instant::now();
+            if self.transfers.has_ready() {
+                let core = &self.core;
+                let lookup =
+                    |g: &GroupId, n: &FileName, h: &Sha1Digest| serve_target(core, g, n, h);
+                self.transfers
+                    .run_ready(self.poll.registry(), &self.hasher, &lookup, now);
+            }
+            self.transfers
+                .on_tick(self.poll.registry(), &self.hasher, now);
+            self.core.handle_timeout(now);
+            self.pump();
         }
     }
 
@@ -202,7 +247,7 @@ impl Driver {
                 }
                 StdinEvent::Line(line) => {
                     self.core.handle_line(&line, Instant::now());
-                    self.perform_outputs();
+                    self.pump();
                 }
             }
         }
@@ -236,8 +281,90 @@ impl Driver {
                     self.input_done = true;
                     self.lines.clear();
                 }
+                Output::StartDownload {
+                    id,
+                    group,
+                    meta,
+                    peers,
+                    target,
+                } => {
+                    let result = self.transfers.start_download(
+                        self.poll.registry(),
+                        &self.hasher,
+                        id,
+                        group,
+                        meta,
+                        &peers,
+                        target,
+                        Instant::now(),
+                    );
+                    self.core.handle_download_started(id, result);
+                }
+                Output::Sharers { download, result } => self.transfers.on_sharers(
+                    self.poll.registry(),
+                    &self.hasher,
+                    download,
+                    result,
+                    Instant::now(),
+                ),
+                Output::ShowDownloads => self.show_downloads(),
+                Output::SharesChanged => {
+                    let core = &self.core;
+                    let lookup =
+                        |g: &GroupId, n: &FileName, h: &Sha1Digest| serve_target(core, g, n, h);
+                    self.transfers.revalidate(self.poll.registry(), &lookup);
+                }
             }
         }
+    }
+
+    /// Performs the core's outputs and the transfers' events until both are quiet.
+    fn pump(&mut self) {
+        loop {
+            self.perform_outputs();
+            let Some(event) = self.transfers.poll_event() else {
+                return;
+            };
+            match event {
+                TransferEvent::FirstPiece { download } => self.core.handle_first_piece(download),
+                TransferEvent::QuerySharers { download } => self.core.query_sharers(download),
+                TransferEvent::Finished { download, result } => {
+                    self.core.handle_download_finished(download, result)
+                }
+            }
+        }
+    }
+
+    /// `show_downloads`: one line per download, in the order started; on a terminal the
+    /// running ones also show their progress.
+    fn show_downloads(&mut self) {
+        let mut stdout = io::stdout().lock();
+        for d in self.core.downloads() {
+            let tag = match d.status {
+                DownloadStatus::Running => "D",
+                DownloadStatus::Complete => "C",
+                DownloadStatus::Failed => "F",
+            };
+            let mut line = format!("[{tag}] [{}] {}", d.group, d.name);
+            if self.interactive && d.status == DownloadStatus::Running {
+                if let Some((p, elapsed)) = self.transfers.progress(d.id) {
+                    let pct = if p.size == 0 {
+                        100.0
+                    } else {
+                        p.bytes_verified as f64 * 100.0 / p.size as f64
+                    };
+                    let rate = p.bytes_verified as f64
+                        / (1024.0 * 1024.0)
+                        / elapsed.as_secs_f64().max(1e-3);
+                    line.push_str(&format!(
+                        "  {pct:.1}%  {rate:.1} MiB/s  {} peers",
+                        p.active_peers
+                    ));
+                }
+            }
+            let _ = writeln!(stdout, "{line}");
+        }
+        let _ = stdout.flush();
     }
 
     /// Connects to the first tracker of the file that accepts, if not connected.
@@ -337,7 +464,7 @@ impl Driver {
             warn!("tracker {addr}: {reason}");
             self.drop_tracker();
         }
-        self.perform_outputs();
+        self.pump();
     }
 
     fn drop_tracker(&mut self) {
@@ -347,11 +474,11 @@ impl Driver {
         }
     }
 
-    /// Peer serving arrives with the download engine; until then peers are turned away.
+    /// Takes every waiting peer connection.
     fn accept_peers(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((_stream, peer)) => debug!("peer {peer}: not serving yet; closed"),
+                Ok((stream, peer)) => self.transfers.accept(self.poll.registry(), stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -361,4 +488,17 @@ impl Driver {
             }
         }
     }
+}
+
+/// What the logged-in user shares under that group, name and content, for serving.
+fn serve_target(
+    core: &ClientCore,
+    group: &GroupId,
+    name: &FileName,
+    file_sha1: &Sha1Digest,
+) -> Option<ServeTarget> {
+    core.serving(group, name, file_sha1).map(|s| ServeTarget {
+        path: s.path.clone(),
+        meta: s.meta.clone(),
+    })
 }

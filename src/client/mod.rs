@@ -2,5 +2,7 @@
 //! that runs it ([`driver`]).
 
 pub mod command;
+pub mod download;
 pub mod driver;
 pub mod session;
+pub mod transfers;

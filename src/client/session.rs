@@ -8,9 +8,9 @@
 //! Every failed command produces exactly one [`Output::Fail`], which the driver prints as one
 //! `error: ` line; the core counts them for the exit status.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::command::{parse_line, Command};
@@ -34,6 +34,58 @@ pub enum Output {
     HashFile { job: u64, path: PathBuf },
     /// The user asked to quit.
     Quit,
+    /// Start download `id` of `meta` from the sharers at `peers` into `target` (through
+    /// `<target>.part`), then call `handle_download_started`.
+    StartDownload {
+        id: u64,
+        group: GroupId,
+        meta: FileMeta,
+        peers: Vec<SocketAddr>,
+        target: PathBuf,
+    },
+    /// The tracker's answer to `query_sharers` for download `download`.
+    Sharers {
+        download: u64,
+        result: Result<Vec<SocketAddr>, String>,
+    },
+    /// Print `show_downloads` (the driver adds live progress on a terminal).
+    ShowDownloads,
+    /// The set of files this client may serve changed (login, logout, stop_share,
+    /// leave_group): links serving what is no longer shared must close.
+    SharesChanged,
+}
+
+/// Where a download of this client stands, for `show_downloads`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownloadStatus {
+    Running,
+    Complete,
+    Failed,
+}
+
+/// A download this client started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadEntry {
+    pub id: u64,
+    pub user: UserId,
+    pub group: GroupId,
+    pub name: FileName,
+    pub target: PathBuf,
+    pub meta: Option<FileMeta>,
+    pub status: DownloadStatus,
+    /// The first piece verified: the download should be registered as a share.
+    pub wants_share: bool,
+    /// Registered with the tracker (or being registered).
+    pub registering: bool,
+}
+
+/// A request sent on the side, while commands go on.
+#[derive(Debug)]
+enum Background {
+    /// Registering a download as a share.
+    Register { download: u64 },
+    /// Asking for a download's sharers.
+    Sharers { download: u64 },
 }
 
 /// A file this client shares, kept so that it can be served (and resumed at the next login).
@@ -56,6 +108,8 @@ enum Pending {
         name: FileName,
         path: PathBuf,
     },
+    /// Waiting for the driver to start download `id`.
+    Starting { id: u64 },
     /// Waiting for the tracker's reply to `req_id`.
     Awaiting {
         req_id: u64,
@@ -73,6 +127,11 @@ enum Sent {
         path: PathBuf,
         meta: FileMeta,
     },
+    Download {
+        group: GroupId,
+        name: FileName,
+        target: PathBuf,
+    },
 }
 
 pub struct ClientCore {
@@ -81,6 +140,8 @@ pub struct ClientCore {
     pending: Option<Pending>,
     user: Option<UserId>,
     shares: Vec<LocalShare>,
+    downloads: Vec<DownloadEntry>,
+    background: BTreeMap<u64, Background>,
     out: VecDeque<Output>,
     n_failed: u64,
 }
@@ -94,6 +155,8 @@ impl ClientCore {
             pending: None,
             user: None,
             shares: Vec::new(),
+            downloads: Vec::new(),
+            background: BTreeMap::new(),
             out: VecDeque::new(),
             n_failed: 0,
         }
@@ -116,6 +179,35 @@ impl ClientCore {
     /// Files this client shares (for every user who shared from it).
     pub fn shares(&self) -> &[LocalShare] {
         &self.shares
+    }
+
+    /// The downloads started on this client, in order.
+    pub fn downloads(&self) -> &[DownloadEntry] {
+        &self.downloads
+    }
+
+    /// Whether some download is still running.
+    pub fn has_running_downloads(&self) -> bool {
+        self.downloads
+            .iter()
+            .any(|d| d.status == DownloadStatus::Running)
+    }
+
+    /// The share the logged-in user offers for `group`/`name` with content `file_sha1`: the
+    /// only files this client serves.
+    pub fn serving(
+        &self,
+        group: &GroupId,
+        name: &FileName,
+        file_sha1: &crate::wire::Sha1Digest,
+    ) -> Option<&LocalShare> {
+        let user = self.user.as_ref()?;
+        self.shares.iter().find(|s| {
+            &s.user == user
+                && &s.group == group
+                && &s.name == name
+                && &s.meta.file_sha1 == file_sha1
+        })
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -173,9 +265,26 @@ impl ClientCore {
         }
         let body = match &cmd {
             Command::Quit => return self.out.push_back(Output::Quit),
-            Command::ShowDownloads => return,
-            Command::DownloadFile { .. } => {
-                return self.fail("download_file is not supported by this build yet")
+            Command::ShowDownloads => return self.out.push_back(Output::ShowDownloads),
+            Command::DownloadFile {
+                group,
+                name,
+                destination,
+            } => {
+                let target = match self.resolve_target(destination, name) {
+                    Ok(t) => t,
+                    Err(reason) => return self.fail(reason),
+                };
+                let body = RequestBody::FileSharers {
+                    group: group.clone(),
+                    name: name.clone(),
+                };
+                let sent = Sent::Download {
+                    group: group.clone(),
+                    name: name.clone(),
+                    target,
+                };
+                return self.send(body, sent, now);
             }
             Command::UploadFile { path, group } => return self.start_upload(path, group),
             Command::CreateUser { user, password } => RequestBody::CreateUser {
@@ -235,6 +344,185 @@ impl ClientCore {
             deadline: now + REPLY_TIMEOUT,
         });
         self.out.push_back(Output::Send(Request { req_id, body }));
+    }
+
+    /// Where `download_file` saves `name` given `destination` (see SPEC): an existing
+    /// directory or a path ending in `/` means `destination/name`. The target must not exist,
+    /// its directory must, and no running download of this client may be writing it.
+    fn resolve_target(&self, destination: &Path, name: &FileName) -> Result<PathBuf, String> {
+        let text = destination.as_os_str().as_encoded_bytes();
+        let target = if text.ends_with(b"/") || destination.is_dir() {
+            destination.join(name.as_str())
+        } else {
+            destination.to_path_buf()
+        };
+        if target.symlink_metadata().is_ok() {
+            return Err(format!("{} already exists", target.display()));
+        }
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            return Err(format!("directory {} does not exist", dir.display()));
+        }
+        let target = match (std::fs::canonicalize(&dir), target.file_name()) {
+            (Ok(dir), Some(file)) => dir.join(file),
+            _ => target,
+        };
+        if self
+            .downloads
+            .iter()
+            .any(|d| d.status == DownloadStatus::Running && d.target == target)
+        {
+            return Err(format!(
+                "{} is already the target of a running download",
+                target.display()
+            ));
+        }
+        Ok(target)
+    }
+
+    /// The driver started (or could not start) download `id`; `Ok` carries the line to print.
+    pub fn handle_download_started(&mut self, id: u64, result: Result<String, String>) {
+        if !matches!(self.pending, Some(Pending::Starting { id: pending }) if pending == id) {
+            return;
+        }
+        self.pending = None;
+        match result {
+            Ok(line) => self.print(line),
+            Err(reason) => {
+                if let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) {
+                    d.status = DownloadStatus::Failed;
+                }
+                self.fail(reason)
+            }
+        }
+    }
+
+    /// Download `id` ended: `Ok` with the line to print, or `Err` with the reason.
+    pub fn handle_download_finished(&mut self, id: u64, result: Result<String, String>) {
+        let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) else {
+            return;
+        };
+        if d.status != DownloadStatus::Running {
+            return;
+        }
+        match result {
+            Ok(line) => {
+                d.status = DownloadStatus::Complete;
+                self.print(line);
+            }
+            Err(reason) => {
+                d.status = DownloadStatus::Failed;
+                let reason = format!(
+                    "download of {} from group {} failed: {reason}",
+                    d.name, d.group
+                );
+                self.fail(reason);
+            }
+        }
+    }
+
+    /// Download `id` verified its first piece: register it as a share of its user (now, or
+    /// at that user's next login).
+    pub fn handle_first_piece(&mut self, id: u64) {
+        if let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) {
+            d.wants_share = true;
+        }
+        self.register_downloads();
+    }
+
+    /// Sends the registrations due: downloads whose first piece verified, of the logged-in user.
+    fn register_downloads(&mut self) {
+        let Some(user) = self.user.clone() else {
+            return;
+        };
+        let due: Vec<(u64, GroupId, FileMeta)> = self
+            .downloads
+            .iter_mut()
+            .filter(|d| d.wants_share && !d.registering && d.user == user)
+            .filter_map(|d| {
+                d.registering = true;
+                Some((d.id, d.group.clone(), d.meta.clone()?))
+            })
+            .collect();
+        for (download, group, meta) in due {
+            let req_id = self.next_id();
+            self.background
+                .insert(req_id, Background::Register { download });
+            self.out.push_back(Output::Send(Request {
+                req_id,
+                body: RequestBody::UploadFile { group, meta },
+            }));
+        }
+    }
+
+    /// Download `id` needs the sharers online again; the answer comes as [`Output::Sharers`].
+    pub fn query_sharers(&mut self, id: u64) {
+        let Some(d) = self.downloads.iter().find(|d| d.id == id) else {
+            return;
+        };
+        if self.user.is_none() {
+            return self.out.push_back(Output::Sharers {
+                download: id,
+                result: Err("not logged in".into()),
+            });
+        }
+        let body = RequestBody::FileSharers {
+            group: d.group.clone(),
+            name: d.name.clone(),
+        };
+        let req_id = self.next_id();
+        self.background
+            .insert(req_id, Background::Sharers { download: id });
+        self.out.push_back(Output::Send(Request { req_id, body }));
+    }
+
+    /// A reply to a background request.
+    fn handle_background(&mut self, job: Background, body: ReplyBody) {
+        match job {
+            Background::Sharers { download } => {
+                let result = match body {
+                    ReplyBody::Sharers { peers, .. } => {
+                        Ok(peers.into_iter().filter(|a| *a != self.peer_addr).collect())
+                    }
+                    ReplyBody::Refused { message, .. } => Err(message),
+                    other => Err(format!("unexpected answer {other:?}")),
+                };
+                self.out.push_back(Output::Sharers { download, result });
+            }
+            Background::Register { download } => {
+                let Some(d) = self.downloads.iter_mut().find(|d| d.id == download) else {
+                    return;
+                };
+                match body {
+                    ReplyBody::Shared { .. } => {
+                        if let Some(meta) = d.meta.clone() {
+                            let share = LocalShare {
+                                user: d.user.clone(),
+                                group: d.group.clone(),
+                                name: d.name.clone(),
+                                path: d.target.clone(),
+                                meta,
+                            };
+                            self.shares.retain(|s| {
+                                !(s.user == share.user
+                                    && s.group == share.group
+                                    && s.name == share.name)
+                            });
+                            log::info!("now sharing {} in group {}", share.name, share.group);
+                            self.shares.push(share);
+                            self.out.push_back(Output::SharesChanged);
+                        }
+                    }
+                    other => {
+                        d.registering = false;
+                        log::warn!("could not register {} as a share: {other:?}", d.name);
+                    }
+                }
+            }
+        }
     }
 
     fn start_upload(&mut self, path: &std::path::Path, group: &GroupId) {
@@ -313,6 +601,20 @@ impl ClientCore {
     /// the client is logged out too.
     pub fn handle_tracker_lost(&mut self) {
         self.user = None;
+        for (_, job) in std::mem::take(&mut self.background) {
+            match job {
+                Background::Sharers { download } => self.out.push_back(Output::Sharers {
+                    download,
+                    result: Err("lost the connection to the tracker".into()),
+                }),
+                Background::Register { download } => {
+                    if let Some(d) = self.downloads.iter_mut().find(|d| d.id == download) {
+                        d.registering = false;
+                    }
+                }
+            }
+        }
+        self.out.push_back(Output::SharesChanged);
         if matches!(self.pending, Some(Pending::Awaiting { .. })) {
             self.pending = None;
             self.fail("lost the connection to the tracker");
@@ -331,6 +633,9 @@ impl ClientCore {
 
     /// A reply from the tracker.
     pub fn handle_reply(&mut self, reply: Reply) {
+        if let Some(job) = self.background.remove(&reply.req_id) {
+            return self.handle_background(job, reply.body);
+        }
         let Some(Pending::Awaiting { req_id, .. }) = &self.pending else {
             return;
         };
@@ -346,9 +651,54 @@ impl ClientCore {
         }
     }
 
+    /// The tracker's answer to `download_file`: start the download.
+    fn report_sharers(&mut self, group: GroupId, name: FileName, target: PathBuf, body: ReplyBody) {
+        let ReplyBody::Sharers { meta, peers } = body else {
+            return self.fail(format!("unexpected answer from the tracker: {body:?}"));
+        };
+        let Some(user) = self.user.clone() else {
+            return self.fail("not logged in");
+        };
+        if meta.name != name {
+            return self.fail(format!("the tracker answered about {} instead", meta.name));
+        }
+        let peers: Vec<SocketAddr> = peers.into_iter().filter(|a| *a != self.peer_addr).collect();
+        if peers.is_empty() {
+            return self.fail(format!("no sharer of {name} is online in group {group}"));
+        }
+        if target.symlink_metadata().is_ok() {
+            return self.fail(format!("{} already exists", target.display()));
+        }
+        let id = self.next_id();
+        self.downloads.push(DownloadEntry {
+            id,
+            user,
+            group: group.clone(),
+            name,
+            target: target.clone(),
+            meta: Some(meta.clone()),
+            status: DownloadStatus::Running,
+            wants_share: false,
+            registering: false,
+        });
+        self.pending = Some(Pending::Starting { id });
+        self.out.push_back(Output::StartDownload {
+            id,
+            group,
+            meta,
+            peers,
+            target,
+        });
+    }
+
     /// Prints the result of a successful command.
     fn report(&mut self, cmd: Sent, body: ReplyBody) {
         let cmd = match cmd {
+            Sent::Download {
+                group,
+                name,
+                target,
+            } => return self.report_sharers(group, name, target, body),
             Sent::Upload { group, path, meta } => {
                 let user = self.user.clone();
                 let Some(user) = user else {
@@ -384,6 +734,8 @@ impl ClientCore {
             (Command::Login { user, .. }, ReplyBody::LoggedIn { .. }) => {
                 let resumed = self.shares.iter().filter(|s| s.user == user).count();
                 self.user = Some(user.clone());
+                self.out.push_back(Output::SharesChanged);
+                self.register_downloads();
                 if resumed > 0 {
                     self.print(format!(
                         "logged in as {user} ({resumed} shared files resumed)"
@@ -393,6 +745,7 @@ impl ClientCore {
                 }
             }
             (Command::Logout, _) => {
+                self.out.push_back(Output::SharesChanged);
                 if let Some(user) = self.user.take() {
                     self.print(format!("logged out {user}"));
                 }
@@ -407,6 +760,7 @@ impl ClientCore {
                     self.shares
                         .retain(|s| !(s.user == user && s.group == group));
                 }
+                self.out.push_back(Output::SharesChanged);
                 self.print(format!("left group {group}"))
             }
             (Command::AcceptRequest { group, user }, _) => {
@@ -448,6 +802,7 @@ impl ClientCore {
                     self.shares
                         .retain(|s| !(s.user == user && s.group == group && s.name == name));
                 }
+                self.out.push_back(Output::SharesChanged);
                 self.print(format!("stopped sharing {name} in group {group}"))
             }
             (cmd, body) => self.fail(format!(

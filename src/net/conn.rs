@@ -1,6 +1,7 @@
 //! A framed, buffered, non-blocking TCP connection and the slab table that owns them.
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
@@ -55,6 +56,22 @@ pub enum ReadEnd {
     Stopped,
 }
 
+/// Bytes sent straight from where they live (a memory-mapped file), without a copy into the
+/// send buffer. The value keeps the bytes alive until they are written.
+pub trait MappedSlice: Send {
+    fn bytes(&self) -> &[u8];
+}
+
+/// A mapped slice queued behind the send buffer's first `at` bytes.
+struct MappedSeg {
+    at: usize,
+    data: Box<dyn MappedSlice>,
+    sent: usize,
+}
+
+/// Most buffers handed to one `writev`.
+const MAX_IOVECS: usize = 64;
+
 /// One connection: the socket, its receive and send buffers, and the owner's data `T`.
 pub struct Conn<T> {
     pub stream: TcpStream,
@@ -63,6 +80,10 @@ pub struct Conn<T> {
     rbuf: FrameBuffer,
     wbuf: Vec<u8>,
     wpos: usize,
+    /// Mapped data interleaved with `wbuf`, in order.
+    mapped: VecDeque<MappedSeg>,
+    /// Unsent bytes of `mapped`.
+    mapped_pending: usize,
     writable_registered: bool,
     /// Set while reading is suspended because too much output is pending.
     pub read_paused: bool,
@@ -88,10 +109,25 @@ impl<T> Conn<T> {
             rbuf: FrameBuffer::new(max_frame),
             wbuf: Vec::new(),
             wpos: 0,
+            mapped: VecDeque::new(),
+            mapped_pending: 0,
             writable_registered: false,
             read_paused: false,
             data,
         })
+    }
+
+    /// Asks for `WRITABLE` readiness, which tells when a non-blocking connect has finished
+    /// (check `stream.take_error()` then); [`flush`](Self::flush) drops it again once nothing
+    /// is pending.
+    pub fn await_connect(&mut self, registry: &Registry) -> io::Result<()> {
+        registry.reregister(
+            &mut self.stream,
+            self.token,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.writable_registered = true;
+        Ok(())
     }
 
     /// Deregisters the socket; dropping the connection afterwards closes it.
@@ -109,9 +145,72 @@ impl<T> Conn<T> {
         &mut self.wbuf
     }
 
+    /// Queues `data` to be sent after everything queued so far, straight from its memory.
+    pub fn queue_mapped(&mut self, data: Box<dyn MappedSlice>) {
+        let len = data.bytes().len();
+        if len > 0 {
+            self.mapped_pending += len;
+            self.mapped.push_back(MappedSeg {
+                at: self.wbuf.len(),
+                data,
+                sent: 0,
+            });
+        }
+    }
+
     /// Bytes queued but not yet written to the socket.
     pub fn pending_write(&self) -> usize {
-        self.wbuf.len() - self.wpos
+        self.wbuf.len() - self.wpos + self.mapped_pending
+    }
+
+    /// One `write` (or `writev` when mapped data is queued); the number of bytes taken.
+    fn write_some(&mut self) -> io::Result<usize> {
+        if self.mapped.is_empty() {
+            return self.stream.write(&self.wbuf[self.wpos..]);
+        }
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS);
+        let mut pos = self.wpos;
+        for seg in &self.mapped {
+            if iov.len() + 2 > MAX_IOVECS {
+                break;
+            }
+            if seg.at > pos {
+                iov.push(IoSlice::new(&self.wbuf[pos..seg.at]));
+            }
+            pos = seg.at;
+            iov.push(IoSlice::new(&seg.data.bytes()[seg.sent..]));
+        }
+        if iov.len() < MAX_IOVECS && self.wbuf.len() > pos && self.mapped.len() <= MAX_IOVECS / 2 {
+            iov.push(IoSlice::new(&self.wbuf[pos..]));
+        }
+        self.stream.write_vectored(&iov)
+    }
+
+    /// Marks `n` written bytes as sent, walking `wbuf` and the mapped segments in order.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            match self.mapped.front_mut() {
+                Some(seg) if seg.at == self.wpos => {
+                    let left = seg.data.bytes().len() - seg.sent;
+                    let take = n.min(left);
+                    seg.sent += take;
+                    self.mapped_pending -= take;
+                    n -= take;
+                    if take == left {
+                        self.mapped.pop_front();
+                    }
+                }
+                front => {
+                    let limit = front.map_or(self.wbuf.len(), |seg| seg.at);
+                    let take = n.min(limit - self.wpos);
+                    if take == 0 {
+                        return;
+                    }
+                    self.wpos += take;
+                    n -= take;
+                }
+            }
+        }
     }
 
     /// Reads what the socket has and calls `on_frame` with each whole frame's payload, at most
@@ -147,16 +246,16 @@ impl<T> Conn<T> {
     /// Writes pending bytes until done or `WouldBlock`, and keeps `WRITABLE` interest exactly
     /// while bytes remain.
     pub fn flush(&mut self, registry: &Registry) -> io::Result<()> {
-        while self.wpos < self.wbuf.len() {
-            match self.stream.write(&self.wbuf[self.wpos..]) {
+        while self.wpos < self.wbuf.len() || !self.mapped.is_empty() {
+            match self.write_some() {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.wpos += n,
+                Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        if self.wpos == self.wbuf.len() {
+        if self.wpos == self.wbuf.len() && self.mapped.is_empty() {
             self.wbuf.clear();
             self.wpos = 0;
             if self.wbuf.capacity() > MAX_PENDING_WRITE {
@@ -164,9 +263,12 @@ impl<T> Conn<T> {
             }
         } else if self.wpos > self.wbuf.len() / 2 {
             self.wbuf.drain(..self.wpos);
+            for seg in &mut self.mapped {
+                seg.at -= self.wpos;
+            }
             self.wpos = 0;
         }
-        let want_writable = self.wpos < self.wbuf.len();
+        let want_writable = self.wpos < self.wbuf.len() || !self.mapped.is_empty();
         if want_writable != self.writable_registered {
             let interest = if want_writable {
                 Interest::READABLE | Interest::WRITABLE
@@ -274,3 +376,7 @@ impl<T> ConnTable<T> {
         self.slab.iter_mut().map(|(_, c)| c)
     }
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

@@ -42,6 +42,8 @@ use super::{PROTOCOL_MAGIC, PROTOCOL_VERSION};
 
 /// Largest block a downloader may request and a sharer may send: 1 MiB.
 pub const MAX_BLOCK_LEN: u32 = 1 << 20;
+/// The type byte of a `Block` frame, for readers that take its header on its own.
+pub const BLOCK_TYPE: u8 = ty::BLOCK;
 /// Bytes of a `Block` frame between the type byte and the data: `u32 piece | u32 offset`.
 pub const BLOCK_HEADER_LEN: usize = 8;
 /// Largest frame (type byte + body) on a peer link: a `Block` of [`MAX_BLOCK_LEN`] bytes.

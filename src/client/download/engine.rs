@@ -1,0 +1,577 @@
+//! One download's state machine: its peer links, its picker, its timers and its ending.
+//!
+//! A [`Download`] knows the file (from the tracker's metadata) and the sharers' addresses. It
+//! opens a link to each sharer, sends the handshake, takes each sharer's bitfield and `have`s
+//! into its [`Picker`], keeps every link's request pipeline full, turns finished blocks into
+//! cancels (end-game losers) and hash jobs (complete pieces), bans peers whose pieces fail
+//! verification, and decides when the download is complete or has failed.
+//!
+//! It does no IO and reads no clock. The driver calls the `on_*` methods with what happened
+//! (and `now`) and performs the [`Action`]s that [`Download::poll_action`] hands out: open a
+//! connection, send a message, close a link, verify a piece, announce a verified piece, ask the
+//! tracker again for sharers, finish.
+//!
+//! # Failure
+//!
+//! A link that cannot connect, refuses, breaks or stalls costs only time: the picker gives its
+//! work to the others. When some missing piece is held by no connected, trusted peer (the
+//! picker is *stuck*), the download asks the tracker for the sharers online again (new sharers,
+//! or a sharer that came back) and retries the addresses it has not banned. It fails only when
+//! it has stayed stuck for [`Limits::stuck_grace`] after asking [`Limits::max_requeries`] times.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::picker::{Block, PeerId, Picker, Verdict, Written};
+use crate::bitfield::Bitfield;
+use crate::wire::peer_link::{BlockRef, DownloaderMsg};
+use crate::wire::tracker_link::FileMeta;
+use crate::wire::GroupId;
+
+/// Sizes and timers of a download.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Bytes per block request.
+    pub block_len: u32,
+    /// Blocks in flight per peer.
+    pub depth: usize,
+    /// How long connecting and the handshake may take.
+    pub connect_timeout: Duration,
+    /// How long a link with requests outstanding may go without delivering a byte.
+    pub stall_timeout: Duration,
+    /// How long to wait between asking the tracker for sharers while stuck.
+    pub requery_interval: Duration,
+    /// How many times to ask before giving up.
+    pub max_requeries: u32,
+    /// How long the download may stay stuck after the last answer before it fails.
+    pub stuck_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            block_len: 128 * 1024,
+            depth: 24,
+            connect_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(15),
+            requery_interval: Duration::from_secs(1),
+            max_requeries: 3,
+            stuck_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the driver must do for a download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Open a connection to `addr` for `peer` and send it the queued messages.
+    Connect { peer: PeerId, addr: SocketAddr },
+    /// Send `msg` on `peer`'s link.
+    Send { peer: PeerId, msg: DownloaderMsg },
+    /// Close `peer`'s link (it is already forgotten here).
+    Close { peer: PeerId },
+    /// Piece `piece` is complete in the file: seal it and hand it to the hasher.
+    Verify { piece: u32 },
+    /// Piece `piece` verified: serve it and announce it (the first one also registers this
+    /// client as a sharer with the tracker).
+    Verified { piece: u32 },
+    /// Ask the tracker for the sharers online and call [`Download::on_sharers`].
+    QuerySharers,
+    /// The download is over: every piece verified (`Ok`), or it cannot finish (`Err` with the
+    /// reason). No action follows.
+    Finished(Result<(), String>),
+}
+
+/// Where a link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    /// Connecting and waiting for the sharer's answer to the handshake.
+    Opening { since: Instant },
+    /// Accepted: requests flow.
+    Active { last_data: Instant },
+}
+
+#[derive(Debug)]
+struct Link {
+    addr: SocketAddr,
+    state: LinkState,
+}
+
+/// Why an address is not tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AddrState {
+    /// A link is open (or opening) to it.
+    Linked,
+    /// It was tried and the link ended; it may be tried again after a new tracker answer.
+    Idle,
+    /// It sent a bad piece: never again in this download.
+    Banned,
+}
+
+/// Progress figures for `show_downloads` and the end line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub bytes_verified: u64,
+    pub size: u64,
+    pub pieces_verified: u32,
+    pub n_pieces: u32,
+    pub active_peers: usize,
+}
+
+pub struct Download {
+    pub group: GroupId,
+    pub meta: FileMeta,
+    limits: Limits,
+    picker: Picker,
+    links: BTreeMap<PeerId, Link>,
+    addrs: BTreeMap<SocketAddr, AddrState>,
+    next_peer: u64,
+    actions: VecDeque<Action>,
+    /// Since when the picker has been stuck (no trusted peer for some missing piece).
+    stuck_since: Option<Instant>,
+    /// When the tracker was last asked for sharers, and how often while stuck.
+    last_query: Option<Instant>,
+    n_queries: u32,
+    query_outstanding: bool,
+    bytes_verified: u64,
+    finished: bool,
+}
+
+impl Download {
+    /// A download of `meta` from the sharers at `addrs`. Nothing happens before
+    /// [`start`](Self::start).
+    pub fn new(group: GroupId, meta: FileMeta, limits: Limits) -> Self {
+        let picker = Picker::new(meta.size, meta.piece_len, limits.block_len);
+        Download {
+            group,
+            meta,
+            limits,
+            picker,
+            links: BTreeMap::new(),
+            addrs: BTreeMap::new(),
+            next_peer: 0,
+            actions: VecDeque::new(),
+            stuck_since: None,
+            last_query: None,
+            n_queries: 0,
+            query_outstanding: false,
+            bytes_verified: 0,
+            finished: false,
+        }
+    }
+
+    /// Opens links to `addrs` (an empty file finishes at once).
+    pub fn start(&mut self, addrs: &[SocketAddr], now: Instant) {
+        if self.picker.is_complete() {
+            self.finish(Ok(()));
+            return;
+        }
+        self.on_sharers(addrs, now);
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn progress(&self) -> Progress {
+        Progress {
+            bytes_verified: self.bytes_verified,
+            size: self.meta.size,
+            pieces_verified: self.picker.n_have(),
+            n_pieces: self.picker.n_pieces(),
+            active_peers: self
+                .links
+                .values()
+                .filter(|l| matches!(l.state, LinkState::Active { .. }))
+                .count(),
+        }
+    }
+
+    /// Whether `piece` is verified.
+    pub fn has_piece(&self, piece: u32) -> bool {
+        self.picker.have(piece)
+    }
+
+    /// The picker's geometry, for the driver's bounds checks.
+    pub fn picker(&self) -> &Picker {
+        &self.picker
+    }
+
+    /// The tracker's list of sharers online: links open to the addresses not already linked
+    /// or banned.
+    pub fn on_sharers(&mut self, addrs: &[SocketAddr], now: Instant) {
+        self.query_outstanding = false;
+        if self.finished {
+            return;
+        }
+        for &addr in addrs {
+            match self.addrs.get(&addr) {
+                Some(AddrState::Linked | AddrState::Banned) => continue,
+                Some(AddrState::Idle) | None => {}
+            }
+            self.next_peer += 1;
+            let peer = PeerId(self.next_peer);
+            self.addrs.insert(addr, AddrState::Linked);
+            self.links.insert(
+                peer,
+                Link {
+                    addr,
+                    state: LinkState::Opening { since: now },
+                },
+            );
+            self.actions.push_back(Action::Connect { peer, addr });
+            self.actions.push_back(Action::Send {
+                peer,
+                msg: DownloaderMsg::handshake(
+                    self.group.clone(),
+                    self.meta.name.clone(),
+                    self.meta.file_sha1,
+                ),
+            });
+        }
+        self.check_stuck(now);
+    }
+
+    /// The tracker could not be asked (no tracker, or it refused).
+    pub fn on_sharers_failed(&mut self, now: Instant) {
+        self.query_outstanding = false;
+        self.check_stuck(now);
+    }
+
+    /// The sharer accepted the handshake with the pieces it holds.
+    pub fn on_accept(&mut self, peer: PeerId, bitfield: &Bitfield, now: Instant) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if bitfield.len() != self.picker.n_pieces() as usize {
+            let reason = format!(
+                "its bitfield has {} pieces, the file {}",
+                bitfield.len(),
+                self.picker.n_pieces()
+            );
+            return self.drop_link(peer, &reason, now);
+        }
+        link.state = LinkState::Active { last_data: now };
+        let pieces: Vec<bool> = (0..bitfield.len()).map(|i| bitfield.get(i)).collect();
+        self.picker.add_peer(peer, &pieces);
+        self.check_stuck(now);
+        self.fill(peer);
+    }
+
+    /// The sharer refused the handshake (or said something out of turn): the link ends.
+    pub fn on_refused(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        self.drop_link(peer, reason, now);
+    }
+
+    /// The sharer announced a piece.
+    pub fn on_have(&mut self, peer: PeerId, piece: u32, now: Instant) {
+        if !self.is_active(peer) {
+            return;
+        }
+        self.picker.peer_has(peer, piece);
+        self.check_stuck(now);
+        self.fill(peer);
+    }
+
+    /// A block's header arrived: write its data into the file or discard it.
+    pub fn on_block_header(
+        &mut self,
+        peer: PeerId,
+        piece: u32,
+        offset: u32,
+        len: u32,
+        now: Instant,
+    ) -> Verdict {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return Verdict::Discard;
+        };
+        if let LinkState::Active { last_data } = &mut link.state {
+            *last_data = now;
+        } else {
+            return Verdict::Discard;
+        }
+        self.picker
+            .block_arrived(peer, Block { piece, offset, len })
+    }
+
+    /// Data keeps arriving on the link (a long block): it is not stalled.
+    pub fn on_data(&mut self, peer: PeerId, now: Instant) {
+        if let Some(Link {
+            state: LinkState::Active { last_data },
+            ..
+        }) = self.links.get_mut(&peer)
+        {
+            *last_data = now;
+        }
+    }
+
+    /// The data of a block with a [`Verdict::Write`] is in the file.
+    pub fn on_block_written(&mut self, peer: PeerId, piece: u32, offset: u32, len: u32) {
+        let block = Block { piece, offset, len };
+        let Written {
+            piece_complete,
+            cancels,
+        } = self.picker.block_written(peer, block);
+        for (other, b) in cancels {
+            self.actions.push_back(Action::Send {
+                peer: other,
+                msg: DownloaderMsg::Cancel(block_ref(b)),
+            });
+            self.fill(other);
+        }
+        if let Some(piece) = piece_complete {
+            self.actions.push_back(Action::Verify { piece });
+        }
+        self.fill(peer);
+    }
+
+    /// The sharer will not send a block.
+    pub fn on_rejected(&mut self, peer: PeerId, block: BlockRef, now: Instant) {
+        self.picker.block_rejected(
+            peer,
+            Block {
+                piece: block.piece,
+                offset: block.offset,
+                len: block.len,
+            },
+        );
+        self.check_stuck(now);
+        self.fill_all();
+    }
+
+    /// The link broke (closed, reset, protocol error, connect failure).
+    pub fn on_link_lost(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        if self.links.contains_key(&peer) {
+            log::info!("{}: peer link {} lost: {reason}", self.meta.name, peer.0);
+            self.forget(peer, AddrState::Idle);
+            self.check_stuck(now);
+            self.fill_all();
+        }
+    }
+
+    /// The hasher's verdict on a piece.
+    pub fn on_piece_checked(&mut self, piece: u32, ok: bool, now: Instant) {
+        let banned = self.picker.piece_verified(piece, ok);
+        if ok && self.picker.have(piece) {
+            let len = self.picker.piece_size(piece).unwrap_or(0);
+            self.bytes_verified += u64::from(len);
+            self.actions.push_back(Action::Verified { piece });
+        } else if !ok {
+            log::warn!("{}: piece {piece} failed verification", self.meta.name);
+        }
+        for peer in banned {
+            if let Some(link) = self.links.get(&peer) {
+                log::warn!(
+                    "{}: peer {} sent a bad piece; not used again",
+                    self.meta.name,
+                    link.addr
+                );
+            }
+            self.forget(peer, AddrState::Banned);
+            self.actions.push_back(Action::Close { peer });
+        }
+        if self.picker.is_complete() {
+            self.finish(Ok(()));
+            return;
+        }
+        self.check_stuck(now);
+        self.fill_all();
+    }
+
+    /// Timers: links that take too long to open or stall, and a stuck download.
+    pub fn on_tick(&mut self, now: Instant) {
+        if self.finished {
+            return;
+        }
+        let mut expired = Vec::new();
+        for (&peer, link) in &self.links {
+            match link.state {
+                LinkState::Opening { since } if now >= since + self.limits.connect_timeout => {
+                    expired.push((peer, "no answer to the handshake"))
+                }
+                LinkState::Active { last_data }
+                    if self.picker.outstanding(peer) > 0
+                        && now >= last_data + self.limits.stall_timeout =>
+                {
+                    expired.push((peer, "stalled"))
+                }
+                _ => {}
+            }
+        }
+        for (peer, reason) in expired {
+            self.drop_link(peer, reason, now);
+            self.actions.push_back(Action::Close { peer });
+        }
+        self.check_stuck(now);
+    }
+
+    /// When [`on_tick`](Self::on_tick) next has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.finished {
+            return None;
+        }
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for link in self.links.values() {
+            match link.state {
+                LinkState::Opening { since } => consider(since + self.limits.connect_timeout),
+                LinkState::Active { last_data } => consider(last_data + self.limits.stall_timeout),
+            }
+        }
+        if let Some(since) = self.stuck_since {
+            if !self.query_outstanding {
+                let last = self.last_query.unwrap_or(since);
+                if self.n_queries < self.limits.max_requeries {
+                    consider(last + self.limits.requery_interval);
+                } else {
+                    consider(last + self.limits.stuck_grace);
+                }
+            }
+        }
+        next
+    }
+
+    /// Gives up at once (the user logged out of a client that shut down, say).
+    pub fn abort(&mut self, reason: &str) {
+        self.finish(Err(reason.to_owned()));
+    }
+
+    fn is_active(&self, peer: PeerId) -> bool {
+        matches!(
+            self.links.get(&peer),
+            Some(Link {
+                state: LinkState::Active { .. },
+                ..
+            })
+        )
+    }
+
+    fn drop_link(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        if let Some(link) = self.links.get(&peer) {
+            log::info!("{}: peer {}: {reason}", self.meta.name, link.addr);
+            self.forget(peer, AddrState::Idle);
+            self.actions.push_back(Action::Close { peer });
+            self.check_stuck(now);
+            self.fill_all();
+        }
+    }
+
+    /// Removes the link and gives its work back; the address's state becomes `addr_state`
+    /// (a banned address stays banned).
+    fn forget(&mut self, peer: PeerId, addr_state: AddrState) {
+        if let Some(link) = self.links.remove(&peer) {
+            let entry = self.addrs.entry(link.addr).or_insert(addr_state);
+            if *entry != AddrState::Banned {
+                *entry = addr_state;
+            }
+        }
+        self.picker.remove_peer(peer);
+    }
+
+    /// Tops `peer`'s pipeline up.
+    fn fill(&mut self, peer: PeerId) {
+        if self.finished || !self.is_active(peer) {
+            return;
+        }
+        for b in self.picker.next_requests(peer, self.limits.depth) {
+            self.actions.push_back(Action::Send {
+                peer,
+                msg: DownloaderMsg::Request(block_ref(b)),
+            });
+        }
+    }
+
+    fn fill_all(&mut self) {
+        let peers: Vec<PeerId> = self.links.keys().copied().collect();
+        for peer in peers {
+            self.fill(peer);
+        }
+    }
+
+    /// Whether some missing piece has no trusted, connected holder, counting links still
+    /// opening as hope.
+    fn is_stuck(&self) -> bool {
+        let opening = self
+            .links
+            .values()
+            .any(|l| matches!(l.state, LinkState::Opening { .. }));
+        !self.picker.is_complete() && !opening && (self.picker.stuck() || self.links.is_empty())
+    }
+
+    fn check_stuck(&mut self, now: Instant) {
+        if self.finished {
+            return;
+        }
+        if !self.is_stuck() {
+            self.stuck_since = None;
+            self.n_queries = 0;
+            return;
+        }
+        let since = *self.stuck_since.get_or_insert(now);
+        if self.query_outstanding {
+            return;
+        }
+        let last = self.last_query.unwrap_or(since);
+        if self.n_queries == 0
+            || (self.n_queries < self.limits.max_requeries
+                && now >= last + self.limits.requery_interval)
+        {
+            self.n_queries += 1;
+            self.last_query = Some(now);
+            self.query_outstanding = true;
+            self.actions.push_back(Action::QuerySharers);
+        } else if self.n_queries >= self.limits.max_requeries
+            && now >= last + self.limits.stuck_grace
+        {
+            let missing = (0..self.picker.n_pieces())
+                .find(|&p| !self.picker.have(p))
+                .unwrap_or(0);
+            self.finish(Err(format!(
+                "no trusted peer can supply piece {missing} ({} of {} pieces verified)",
+                self.picker.n_have(),
+                self.picker.n_pieces()
+            )));
+        }
+    }
+
+    fn finish(&mut self, result: Result<(), String>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        for (&peer, _) in std::mem::take(&mut self.links).iter() {
+            self.picker.remove_peer(peer);
+            self.actions.push_back(Action::Close { peer });
+        }
+        self.actions.push_back(Action::Finished(result));
+    }
+}
+
+fn block_ref(b: Block) -> BlockRef {
+    BlockRef {
+        piece: b.piece,
+        offset: b.offset,
+        len: b.len,
+    }
+}
+
+/// The pieces verified so far, as the bitfield a sharer offers.
+pub fn bitfield_of(picker: &Picker) -> Bitfield {
+    let n = picker.n_pieces() as usize;
+    let mut bits = Bitfield::new(n);
+    for piece in 0..picker.n_pieces() {
+        if picker.have(piece) {
+            bits.set(piece as usize);
+        }
+    }
+    bits
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;
