@@ -15,7 +15,8 @@
 //!
 //! Knobs: `TRANSFER_BENCH_MIB` (file size, default 1024), `TRANSFER_BENCH_SHARERS` (comma
 //! list, default `1,4`), `TRANSFER_BENCH_RUNS` (runs per sharer count, default 1),
-//! `TRANSFER_BENCH_DIR` (where the files go, default the system temp dir).
+//! `TRANSFER_BENCH_DIR` (where the files go, default the system temp dir),
+//! `TRANSFER_BENCH_WRAP` (a command to run the downloader under, e.g. a profiler).
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -95,6 +96,19 @@ impl Proc {
         }
     }
 
+    /// Closes stdin and gives the program a few seconds to exit on its own (a profiler
+    /// wrapping it then writes its data) before it is killed.
+    fn finish(mut self) {
+        self.stdin = None;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -113,7 +127,12 @@ fn cpu_secs(pid: u32) -> f64 {
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of stat; here, after the name and state, 11 and 12.
     (ticks(11) + ticks(12)) / CLOCK_TICKS
 }
@@ -210,7 +229,17 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
     }
 
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut d = Proc::start(client, &[&addr, info], &setup.dir);
+    // TRANSFER_BENCH_WRAP runs the downloader under another program (a profiler, say:
+    // `perf record -g -o /tmp/d.data --`); its CPU and memory figures are then the wrapper's.
+    let mut d = match std::env::var("TRANSFER_BENCH_WRAP") {
+        Ok(wrap) if !wrap.trim().is_empty() => {
+            let mut words: Vec<&str> = wrap.split_whitespace().collect();
+            let program = words.remove(0);
+            words.extend([client, "--", &addr, info]);
+            Proc::start(program, &words, &setup.dir)
+        }
+        _ => Proc::start(client, &[&addr, info], &setup.dir),
+    };
     let user = format!("d{tag}");
     d.send(&format!("create_user {user} pw"));
     d.send(&format!("login {user} pw"));
@@ -224,7 +253,11 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
     let t0 = Instant::now();
     d.send(&format!(
         "download_file {group} {} {}",
-        setup.file.file_name().and_then(|n| n.to_str()).expect("name"),
+        setup
+            .file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name"),
         target.display()
     ));
     // Sample memory until the completion line.
@@ -252,6 +285,7 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
         peak_anon as f64 / 1024.0
     );
     println!("  client said: {line}");
+    d.finish();
     assert!(identical, "the downloaded file differs");
     let _ = fs::remove_file(&target);
 }
