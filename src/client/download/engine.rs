@@ -126,6 +126,8 @@ pub struct Download {
     picker: Picker,
     links: BTreeMap<PeerId, Link>,
     addrs: BTreeMap<SocketAddr, AddrState>,
+    /// The address of every peer ever linked: a verdict may blame a peer whose link is gone.
+    peer_addrs: BTreeMap<PeerId, SocketAddr>,
     next_peer: u64,
     actions: VecDeque<Action>,
     /// Since when the picker has been stuck (no trusted peer for some missing piece).
@@ -150,6 +152,7 @@ impl Download {
             picker,
             links: BTreeMap::new(),
             addrs: BTreeMap::new(),
+            peer_addrs: BTreeMap::new(),
             next_peer: 0,
             actions: VecDeque::new(),
             stuck_since: None,
@@ -217,6 +220,7 @@ impl Download {
             self.next_peer += 1;
             let peer = PeerId(self.next_peer);
             self.addrs.insert(addr, AddrState::Linked);
+            self.peer_addrs.insert(peer, addr);
             self.links.insert(
                 peer,
                 Link {
@@ -260,7 +264,7 @@ impl Download {
         let pieces: Vec<bool> = (0..bitfield.len()).map(|i| bitfield.get(i)).collect();
         self.picker.add_peer(peer, &pieces);
         self.check_stuck(now);
-        self.fill(peer);
+        self.fill(peer, Some(now));
     }
 
     /// The sharer refused the handshake (or said something out of turn): the link ends.
@@ -275,7 +279,7 @@ impl Download {
         }
         self.picker.peer_has(peer, piece);
         self.check_stuck(now);
-        self.fill(peer);
+        self.fill(peer, Some(now));
     }
 
     /// A block's header arrived: write its data into the file or discard it.
@@ -322,12 +326,12 @@ impl Download {
                 peer: other,
                 msg: DownloaderMsg::Cancel(block_ref(b)),
             });
-            self.fill(other);
+            self.fill(other, None);
         }
         if let Some(piece) = piece_complete {
             self.actions.push_back(Action::Verify { piece });
         }
-        self.fill(peer);
+        self.fill(peer, None);
     }
 
     /// The sharer will not send a block.
@@ -341,7 +345,7 @@ impl Download {
             },
         );
         self.check_stuck(now);
-        self.fill_all();
+        self.fill_all(now);
     }
 
     /// The link broke (closed, reset, protocol error, connect failure).
@@ -350,14 +354,21 @@ impl Download {
             log::info!("{}: peer link {} lost: {reason}", self.meta.name, peer.0);
             self.forget(peer, AddrState::Idle);
             self.check_stuck(now);
-            self.fill_all();
+            self.fill_all(now);
         }
     }
 
     /// The hasher's verdict on a piece.
     pub fn on_piece_checked(&mut self, piece: u32, ok: bool, now: Instant) {
+        // A verdict arriving after the end (a hash job still running at an abort) must not
+        // queue a Verified or Close after Finished.
+        if self.finished {
+            return;
+        }
+        // A repeated verdict (the piece is already Have) is not announced or counted again.
+        let was_have = self.picker.have(piece);
         let banned = self.picker.piece_verified(piece, ok);
-        if ok && self.picker.have(piece) {
+        if ok && !was_have && self.picker.have(piece) {
             let len = self.picker.piece_size(piece).unwrap_or(0);
             self.bytes_verified += u64::from(len);
             self.actions.push_back(Action::Verified { piece });
@@ -365,22 +376,35 @@ impl Download {
             log::warn!("{}: piece {piece} failed verification", self.meta.name);
         }
         for peer in banned {
-            if let Some(link) = self.links.get(&peer) {
-                log::warn!(
-                    "{}: peer {} sent a bad piece; not used again",
-                    self.meta.name,
-                    link.addr
-                );
+            // The ban is on the address, found from the peer id even if that link has ended
+            // meanwhile, and it closes every link to that address. (Looking only at the open
+            // links left the address of a peer lost before the verdict Idle, so the next
+            // tracker answer linked the corrupt sharer again under a new, unbanned peer id.)
+            let Some(&addr) = self.peer_addrs.get(&peer) else {
+                continue;
+            };
+            log::warn!(
+                "{}: peer {addr} sent a bad piece; not used again",
+                self.meta.name
+            );
+            self.addrs.insert(addr, AddrState::Banned);
+            let linked: Vec<PeerId> = self
+                .links
+                .iter()
+                .filter(|(_, l)| l.addr == addr)
+                .map(|(&p, _)| p)
+                .collect();
+            for p in linked {
+                self.forget(p, AddrState::Banned);
+                self.actions.push_back(Action::Close { peer: p });
             }
-            self.forget(peer, AddrState::Banned);
-            self.actions.push_back(Action::Close { peer });
         }
         if self.picker.is_complete() {
             self.finish(Ok(()));
             return;
         }
         self.check_stuck(now);
-        self.fill_all();
+        self.fill_all(now);
     }
 
     /// Timers: links that take too long to open or stall, and a stuck download.
@@ -404,8 +428,8 @@ impl Download {
             }
         }
         for (peer, reason) in expired {
+            // `drop_link` queues the Close (a second one here closed the link twice).
             self.drop_link(peer, reason, now);
-            self.actions.push_back(Action::Close { peer });
         }
         self.check_stuck(now);
     }
@@ -417,14 +441,19 @@ impl Download {
         }
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        for link in self.links.values() {
+        for (&peer, link) in &self.links {
             match link.state {
                 LinkState::Opening { since } => consider(since + self.limits.connect_timeout),
-                LinkState::Active { last_data } => consider(last_data + self.limits.stall_timeout),
+                // Only a link with requests outstanding can stall (as in `on_tick`); an idle
+                // link's deadline would stay in the past and make the driver tick in a loop.
+                LinkState::Active { last_data } if self.picker.outstanding(peer) > 0 => {
+                    consider(last_data + self.limits.stall_timeout)
+                }
+                LinkState::Active { .. } => {}
             }
         }
         if let Some(since) = self.stuck_since {
-            if !self.query_outstanding {
+            if !self.query_outstanding && self.is_stuck() {
                 let last = self.last_query.unwrap_or(since);
                 if self.n_queries < self.limits.max_requeries {
                     consider(last + self.limits.requery_interval);
@@ -457,7 +486,7 @@ impl Download {
             self.forget(peer, AddrState::Idle);
             self.actions.push_back(Action::Close { peer });
             self.check_stuck(now);
-            self.fill_all();
+            self.fill_all(now);
         }
     }
 
@@ -473,12 +502,31 @@ impl Download {
         self.picker.remove_peer(peer);
     }
 
-    /// Tops `peer`'s pipeline up.
-    fn fill(&mut self, peer: PeerId) {
+    /// Tops `peer`'s pipeline up. `now` is `None` only where the peer had a request
+    /// outstanding until just now (its stall clock is running already).
+    fn fill(&mut self, peer: PeerId, now: Option<Instant>) {
         if self.finished || !self.is_active(peer) {
             return;
         }
-        for b in self.picker.next_requests(peer, self.limits.depth) {
+        let idle = self.picker.outstanding(peer) == 0;
+        let blocks = self.picker.next_requests(peer, self.limits.depth);
+        // The stall clock runs only while requests are outstanding, so it starts when an idle
+        // link is given work. (Without this, a link that had been idle for longer than the
+        // stall timeout, say until a `have` or another peer's departure gave it work, was
+        // dropped as stalled at the next tick, right after its first requests.)
+        if idle && !blocks.is_empty() {
+            if let (
+                Some(now),
+                Some(Link {
+                    state: LinkState::Active { last_data },
+                    ..
+                }),
+            ) = (now, self.links.get_mut(&peer))
+            {
+                *last_data = (*last_data).max(now);
+            }
+        }
+        for b in blocks {
             self.actions.push_back(Action::Send {
                 peer,
                 msg: DownloaderMsg::Request(block_ref(b)),
@@ -486,10 +534,10 @@ impl Download {
         }
     }
 
-    fn fill_all(&mut self) {
+    fn fill_all(&mut self, now: Instant) {
         let peers: Vec<PeerId> = self.links.keys().copied().collect();
         for peer in peers {
-            self.fill(peer);
+            self.fill(peer, Some(now));
         }
     }
 
@@ -508,8 +556,19 @@ impl Download {
             return;
         }
         if !self.is_stuck() {
-            self.stuck_since = None;
-            self.n_queries = 0;
+            // Links still opening are hope, not progress: the stuck clock and the count of
+            // questions to the tracker only reset once an accepted link can supply every
+            // missing piece. (Resetting on hope alone made a sharer that the tracker lists but
+            // that refuses every handshake cause a tight loop of questions and connections.)
+            let progress = !self.picker.stuck()
+                && self
+                    .links
+                    .values()
+                    .any(|l| matches!(l.state, LinkState::Active { .. }));
+            if progress {
+                self.stuck_since = None;
+                self.n_queries = 0;
+            }
             return;
         }
         let since = *self.stuck_since.get_or_insert(now);
