@@ -1308,11 +1308,11 @@ fn read_sharer(
                     Step::End(end) => return Ok(end),
                 };
                 let done = done + n as u32;
+                // Bytes are flowing: a slow link in the middle of a long block is not stalled.
+                active.engine.on_data(peer, now);
                 if done == len {
                     if write {
                         active.engine.on_block_written(peer, piece, offset, len);
-                    } else {
-                        active.engine.on_data(peer, now);
                     }
                     reader.state = ReadState::Prefix;
                     reader.have = 0;
