@@ -154,6 +154,9 @@ impl Driver {
                     SIGNALS => {
                         info!("signal received: exiting");
                         self.transfers.abort_all(self.poll.registry());
+                        // Report the abandoned downloads (an `error: ` line each; they count
+                        // as failures for the exit status).
+                        self.pump();
                         return Ok(self.exit_status());
                     }
                     LISTENER => self.accept_peers(),

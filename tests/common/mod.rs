@@ -594,7 +594,12 @@ impl LiveClient {
 
     /// The next stdout or `error: ` line (log lines on stderr are skipped).
     fn next_line(&mut self) -> Line {
-        let deadline = Instant::now() + LINE_TIMEOUT;
+        self.next_line_within(LINE_TIMEOUT)
+    }
+
+    /// The next stdout or `error: ` line within `timeout` (log lines on stderr are skipped).
+    fn next_line_within(&mut self, timeout: Duration) -> Line {
+        let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -657,6 +662,33 @@ impl LiveClient {
                 self.seen.join("\n")
             ),
         }
+    }
+
+    /// The next stdout line within `timeout` (an `error: ` line meanwhile is a failure).
+    #[track_caller]
+    pub fn next_out_within(&mut self, timeout: Duration) -> String {
+        match self.next_line_within(timeout) {
+            Line::Out(o) => o,
+            Line::Err(e) => panic!(
+                "live client on {}: expected output, got {e}; seen:\n{}",
+                self.addr,
+                self.seen.join("\n")
+            ),
+        }
+    }
+
+    /// The next line within `timeout`, stdout or `error: `: `Ok(stdout line)` or
+    /// `Err(error line)`.
+    pub fn next_any_within(&mut self, timeout: Duration) -> Result<String, String> {
+        match self.next_line_within(timeout) {
+            Line::Out(o) => Ok(o),
+            Line::Err(e) => Err(e),
+        }
+    }
+
+    /// Every line seen so far (stdout, `error: ` and log lines), for failure messages.
+    pub fn seen(&self) -> String {
+        self.seen.join("\n")
     }
 
     /// The next `n` stdout lines.
