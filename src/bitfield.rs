@@ -190,22 +190,7 @@ impl fmt::Debug for Bitfield {
 mod tests {
     use super::*;
 
-    /// splitmix64, seeded, for the random-operation test.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next_u64() % n as u64) as usize
-        }
-    }
+    use crate::rng::SplitMix64 as Rng;
 
     /// Checks every public view of `bf` against a plain `Vec<bool>`.
     fn check_against(bf: &Bitfield, model: &[bool]) {

@@ -36,6 +36,7 @@ pub mod cli;
 pub mod client;
 pub mod hasher;
 pub mod net;
+pub mod rng;
 pub mod storage;
 pub mod tracker;
 pub mod wire;

@@ -313,10 +313,6 @@ impl PartReader {
         Some(self.shared.bytes(start, end))
     }
 
-    pub fn n_pieces(&self) -> usize {
-        self.shared.states.len()
-    }
-
     pub fn is_verified(&self, piece: u32) -> bool {
         self.shared.state(piece) == Some(READ_ONLY)
     }

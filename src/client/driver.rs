@@ -18,14 +18,14 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::session::{ClientCore, DownloadStatus, Output};
-use super::transfers::{ServeTarget, TransferEvent, Transfers};
+use super::transfers::{TransferEvent, Transfers};
 use crate::hasher::{HashPool, HashResult};
 use crate::net::conn::FIRST_CONN_TOKEN;
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{Conn, ConnId, ReadEnd};
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::tracker_link::{ClientMsg, TrackerMsg};
-use crate::wire::{FileName, GroupId, Sha1Digest, PROTOCOL_VERSION};
+use crate::wire::PROTOCOL_VERSION;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -169,16 +169,13 @@ impl Driver {
                         }
                     }
                     token if token.0 >= FIRST_CONN_TOKEN => {
-                        let core = &self.core;
-                        let lookup =
-                            |g: &GroupId, n: &FileName, h: &Sha1Digest| serve_target(core, g, n, h);
                         self.transfers.on_event(
                             self.poll.registry(),
                             &self.hasher,
                             token,
                             event.is_readable() || event.is_read_closed() || event.is_error(),
                             event.is_writable(),
-                            &lookup,
+                            &self.core,
                             Instant::now(),
                         );
                     }
@@ -187,11 +184,8 @@ impl Driver {
             }
             let now = Instant::now();
             if self.transfers.has_ready() {
-                let core = &self.core;
-                let lookup =
-                    |g: &GroupId, n: &FileName, h: &Sha1Digest| serve_target(core, g, n, h);
                 self.transfers
-                    .run_ready(self.poll.registry(), &self.hasher, &lookup, now);
+                    .run_ready(self.poll.registry(), &self.hasher, &self.core, now);
             }
             self.transfers
                 .on_tick(self.poll.registry(), &self.hasher, now);
@@ -312,10 +306,7 @@ impl Driver {
                 ),
                 Output::ShowDownloads => self.show_downloads(),
                 Output::SharesChanged => {
-                    let core = &self.core;
-                    let lookup =
-                        |g: &GroupId, n: &FileName, h: &Sha1Digest| serve_target(core, g, n, h);
-                    self.transfers.revalidate(self.poll.registry(), &lookup);
+                    self.transfers.revalidate(self.poll.registry(), &self.core);
                 }
             }
         }
@@ -491,17 +482,4 @@ impl Driver {
             }
         }
     }
-}
-
-/// What the logged-in user shares under that group, name and content, for serving.
-fn serve_target(
-    core: &ClientCore,
-    group: &GroupId,
-    name: &FileName,
-    file_sha1: &Sha1Digest,
-) -> Option<ServeTarget> {
-    core.serving(group, name, file_sha1).map(|s| ServeTarget {
-        path: s.path.clone(),
-        meta: s.meta.clone(),
-    })
 }

@@ -71,7 +71,7 @@ pub struct DownloadEntry {
     pub group: GroupId,
     pub name: FileName,
     pub target: PathBuf,
-    pub meta: Option<FileMeta>,
+    pub meta: FileMeta,
     pub status: DownloadStatus,
     /// The first piece verified: the download should be registered as a share.
     pub wants_share: bool,
@@ -383,6 +383,13 @@ impl ClientCore {
         Ok(target)
     }
 
+    /// Records a share, replacing the same user's earlier share of that name in that group.
+    fn add_share(&mut self, share: LocalShare) {
+        self.shares
+            .retain(|s| !(s.user == share.user && s.group == share.group && s.name == share.name));
+        self.shares.push(share);
+    }
+
     /// The driver started (or could not start) download `id`; `Ok` carries the line to print.
     pub fn handle_download_started(&mut self, id: u64, result: Result<String, String>) {
         if !matches!(self.pending, Some(Pending::Starting { id: pending }) if pending == id) {
@@ -442,9 +449,9 @@ impl ClientCore {
             .downloads
             .iter_mut()
             .filter(|d| d.wants_share && !d.registering && d.user == user)
-            .filter_map(|d| {
+            .map(|d| {
                 d.registering = true;
-                Some((d.id, d.group.clone(), d.meta.clone()?))
+                (d.id, d.group.clone(), d.meta.clone())
             })
             .collect();
         for (download, group, meta) in due {
@@ -498,23 +505,16 @@ impl ClientCore {
                 };
                 match body {
                     ReplyBody::Shared { .. } => {
-                        if let Some(meta) = d.meta.clone() {
-                            let share = LocalShare {
-                                user: d.user.clone(),
-                                group: d.group.clone(),
-                                name: d.name.clone(),
-                                path: d.target.clone(),
-                                meta,
-                            };
-                            self.shares.retain(|s| {
-                                !(s.user == share.user
-                                    && s.group == share.group
-                                    && s.name == share.name)
-                            });
-                            log::info!("now sharing {} in group {}", share.name, share.group);
-                            self.shares.push(share);
-                            self.out.push_back(Output::SharesChanged);
-                        }
+                        let share = LocalShare {
+                            user: d.user.clone(),
+                            group: d.group.clone(),
+                            name: d.name.clone(),
+                            path: d.target.clone(),
+                            meta: d.meta.clone(),
+                        };
+                        log::info!("now sharing {} in group {}", share.name, share.group);
+                        self.add_share(share);
+                        self.out.push_back(Output::SharesChanged);
                     }
                     other => {
                         d.registering = false;
@@ -676,7 +676,7 @@ impl ClientCore {
             group: group.clone(),
             name,
             target: target.clone(),
-            meta: Some(meta.clone()),
+            meta: meta.clone(),
             status: DownloadStatus::Running,
             wants_share: false,
             registering: false,
@@ -716,9 +716,7 @@ impl ClientCore {
                         meta.name
                     ),
                 };
-                self.shares
-                    .retain(|s| !(s.user == user && s.group == group && s.name == meta.name));
-                self.shares.push(LocalShare {
+                self.add_share(LocalShare {
                     user,
                     group,
                     name: meta.name.clone(),

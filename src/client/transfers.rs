@@ -26,7 +26,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,7 @@ use sha1::{Digest, Sha1};
 
 use super::download::engine::{bitfield_of, Action, Download, Limits, Progress};
 use super::download::picker::{PeerId, Verdict};
+use super::session::ClientCore;
 use crate::bitfield::Bitfield;
 use crate::hasher::{HashPool, PieceChecked, StreamDone};
 use crate::net::conn::MappedSlice;
@@ -86,10 +87,15 @@ pub enum TransferEvent {
     },
 }
 
-/// A file the logged-in user shares, as the command loop knows it.
-pub struct ServeTarget {
-    pub path: PathBuf,
-    pub meta: FileMeta,
+/// What a serve link offers after its handshake.
+struct Offer {
+    source: Source,
+    /// The download whose `.part` is served, while it runs.
+    download: Option<u64>,
+    size: u64,
+    piece_len: u32,
+    n_pieces: u32,
+    bitfield: Bitfield,
 }
 
 /// Bytes to serve: a shared file's map, or the verified pieces of a download in progress.
@@ -281,11 +287,6 @@ impl Transfers {
             .map(|a| (a.engine.progress(), a.started.elapsed()))
     }
 
-    /// Whether `path` is the target of a running download (its `.part` is in use).
-    pub fn is_downloading_to(&self, path: &Path) -> bool {
-        self.downloads.values().any(|a| a.target == path)
-    }
-
     // -----------------------------------------------------------------------------------------
     // Downloads
     // -----------------------------------------------------------------------------------------
@@ -435,9 +436,7 @@ impl Transfers {
                     if let Some(&conn_id) = active.links.get(&peer) {
                         if let Some(conn) = self.conns.get_mut(conn_id) {
                             msg.emit(conn.out());
-                            if dirty.last() != Some(&conn_id) {
-                                dirty.push(conn_id);
-                            }
+                            dirty.push(conn_id);
                         }
                     }
                 }
@@ -755,7 +754,7 @@ impl Transfers {
         }
     }
 
-    /// A mio event for a peer link. `lookup` names what the logged-in user shares.
+    /// A mio event for a peer link. `shares` tells what the logged-in user shares.
     #[allow(clippy::too_many_arguments)]
     pub fn on_event(
         &mut self,
@@ -764,7 +763,7 @@ impl Transfers {
         token: Token,
         readable: bool,
         writable: bool,
-        lookup: &dyn Fn(&GroupId, &FileName, &Sha1Digest) -> Option<ServeTarget>,
+        shares: &ClientCore,
         now: Instant,
     ) {
         let Some(conn) = self.conns.by_token(token) else {
@@ -785,7 +784,7 @@ impl Transfers {
                     self.flush_conn(registry, id);
                 }
                 if readable || writable {
-                    self.serve_readable(registry, id, lookup);
+                    self.serve_readable(registry, id, shares);
                 }
             }
         }
@@ -796,7 +795,7 @@ impl Transfers {
         &mut self,
         registry: &Registry,
         hasher: &HashPool,
-        lookup: &dyn Fn(&GroupId, &FileName, &Sha1Digest) -> Option<ServeTarget>,
+        shares: &ClientCore,
         now: Instant,
     ) {
         for _ in 0..self.ready.len() {
@@ -805,7 +804,7 @@ impl Transfers {
             };
             match self.conns.get(id).map(|c| &c.data) {
                 Some(PeerConn::Fetch(_)) => self.fetch_readable(registry, hasher, id, now),
-                Some(PeerConn::Serve(_)) => self.serve_readable(registry, id, lookup),
+                Some(PeerConn::Serve(_)) => self.serve_readable(registry, id, shares),
                 None => {}
             }
         }
@@ -956,12 +955,7 @@ impl Transfers {
     // -----------------------------------------------------------------------------------------
 
     /// Reads a downloader's handshake and requests and answers them.
-    fn serve_readable(
-        &mut self,
-        registry: &Registry,
-        id: ConnId,
-        lookup: &dyn Fn(&GroupId, &FileName, &Sha1Digest) -> Option<ServeTarget>,
-    ) {
+    fn serve_readable(&mut self, registry: &Registry, id: ConnId, shares: &ClientCore) {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
@@ -1007,21 +1001,21 @@ impl Transfers {
                             format!("this sharer speaks version {PROTOCOL_VERSION}"),
                         ))
                     } else {
-                        open_source(&self.downloads, lookup, &group, &name, &file_sha1)
+                        open_source(&self.downloads, shares, &group, &name, &file_sha1)
                     };
                     match answer {
-                        Ok((source, download, meta, bitfield)) => {
+                        Ok(offer) => {
                             debug!("serving {name} of group {group} to {}", link.addr);
-                            answers.push(Answer::Msg(SharerMsg::accept(bitfield)));
+                            answers.push(Answer::Msg(SharerMsg::accept(offer.bitfield)));
                             link.state = ServeState::Serving {
                                 group,
                                 name,
                                 file_sha1,
-                                source,
-                                download,
-                                size: meta.size,
-                                piece_len: meta.piece_len,
-                                n_pieces: u32::try_from(meta.piece_hashes.len()).unwrap_or(0),
+                                source: offer.source,
+                                download: offer.download,
+                                size: offer.size,
+                                piece_len: offer.piece_len,
+                                n_pieces: offer.n_pieces,
                             };
                         }
                         Err((code, message)) => {
@@ -1095,11 +1089,7 @@ impl Transfers {
 
     /// The logged-in user's shares changed: serve links whose file is no longer shared by
     /// the logged-in user close at once.
-    pub fn revalidate(
-        &mut self,
-        registry: &Registry,
-        lookup: &dyn Fn(&GroupId, &FileName, &Sha1Digest) -> Option<ServeTarget>,
-    ) {
+    pub fn revalidate(&mut self, registry: &Registry, shares: &ClientCore) {
         let stale: Vec<ConnId> = self
             .conns
             .iter()
@@ -1113,7 +1103,7 @@ impl Transfers {
                             ..
                         },
                     ..
-                }) => lookup(group, name, file_sha1).is_none(),
+                }) => shares.serving(group, name, file_sha1).is_none(),
                 _ => false,
             })
             .map(|c| c.id)
@@ -1125,53 +1115,61 @@ impl Transfers {
     }
 }
 
-/// The bytes to serve for a handshake, if the logged-in user shares that file: a running
+/// What to offer for a handshake, if the logged-in user shares that file: a running
 /// download's verified pieces, or the shared file's map (which must still have the size the
 /// tracker knows).
-#[allow(clippy::type_complexity)]
 fn open_source(
     downloads: &BTreeMap<u64, Active>,
-    lookup: &dyn Fn(&GroupId, &FileName, &Sha1Digest) -> Option<ServeTarget>,
+    shares: &ClientCore,
     group: &GroupId,
     name: &FileName,
     file_sha1: &Sha1Digest,
-) -> Result<(Source, Option<u64>, FileMeta, Bitfield), (u16, String)> {
+) -> Result<Offer, (u16, String)> {
     let not_shared = || {
         (
             REFUSE_NOT_SHARED,
             format!("{name} of group {group} is not shared here"),
         )
     };
-    let target = lookup(group, name, file_sha1).ok_or_else(not_shared)?;
-    if target.meta.piece_hashes.len() > MAX_ACCEPT_PIECES {
+    let share = shares
+        .serving(group, name, file_sha1)
+        .ok_or_else(not_shared)?;
+    let meta = &share.meta;
+    let n_pieces = meta.piece_hashes.len();
+    if n_pieces > MAX_ACCEPT_PIECES {
         return Err((REFUSE_BUSY, "the file has too many pieces to offer".into()));
     }
-    if let Some((&id, active)) = downloads.iter().find(|(_, a)| a.target == target.path) {
+    let offer = |source, download, bitfield| Offer {
+        source,
+        download,
+        size: meta.size,
+        piece_len: meta.piece_len,
+        n_pieces: u32::try_from(n_pieces).unwrap_or(0),
+        bitfield,
+    };
+    if let Some((&id, active)) = downloads.iter().find(|(_, a)| a.target == share.path) {
         let bitfield = bitfield_of(active.engine.picker());
-        return Ok((
+        return Ok(offer(
             Source::Part(active.reader.clone()),
             Some(id),
-            target.meta,
             bitfield,
         ));
     }
-    let map = SourceMap::open(&target.path).map_err(|e| {
-        warn!("cannot serve {}: {e}", target.path.display());
+    let map = SourceMap::open(&share.path).map_err(|e| {
+        warn!("cannot serve {}: {e}", share.path.display());
         not_shared()
     })?;
-    if map.len() != target.meta.size {
+    if map.len() != meta.size {
         warn!(
             "cannot serve {}: its size changed since it was shared",
-            target.path.display()
+            share.path.display()
         );
         return Err(not_shared());
     }
-    let n = target.meta.piece_hashes.len();
-    Ok((
+    Ok(offer(
         Source::File(Arc::new(map)),
         None,
-        target.meta,
-        Bitfield::full(n),
+        Bitfield::full(n_pieces),
     ))
 }
 

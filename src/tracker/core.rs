@@ -23,6 +23,7 @@ use log::{debug, info, warn};
 use super::password::{PasswordJob, PasswordResult};
 use super::state::{Op, Outcome, Reject, SessionId, TrackerState};
 use crate::net::ConnId;
+use crate::rng::SplitMix64;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
@@ -74,20 +75,6 @@ enum Handled {
     Reply(ReplyBody),
     /// Parked until a password job is done.
     Waiting(Waiting, PasswordJob),
-}
-
-/// Small deterministic generator for session tokens (seeded by the driver from the OS).
-#[derive(Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 pub struct TrackerCore {
@@ -301,8 +288,8 @@ impl TrackerCore {
         peer_addr: SocketAddr,
     ) -> Result<ReplyBody, Reject> {
         let mut token = [0u8; 16];
-        token[..8].copy_from_slice(&self.rng.next().to_be_bytes());
-        token[8..].copy_from_slice(&self.rng.next().to_be_bytes());
+        token[..8].copy_from_slice(&self.rng.next_u64().to_be_bytes());
+        token[8..].copy_from_slice(&self.rng.next_u64().to_be_bytes());
         let outcome = self.commit(&Op::OpenSession {
             user: user.clone(),
             peer_addr,

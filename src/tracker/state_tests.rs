@@ -1365,30 +1365,7 @@ fn stop_share_ends_all_the_users_shares_of_the_file() {
 // Determinism and invariants under random ops
 // =============================================================================================
 
-/// SplitMix64: a tiny seeded PRNG, enough to draw ops.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next_u64() % n as u64).unwrap()
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-
-    fn percent(&mut self, p: usize) -> bool {
-        self.below(100) < p
-    }
-}
+use crate::rng::SplitMix64;
 
 const R_USERS: [&str; 5] = ["u0", "u1", "u2", "u3", "u4"];
 const R_GROUPS: [&str; 3] = ["g0", "g1", "g2"];
@@ -1399,7 +1376,7 @@ const R_PORTS: [u16; 3] = [7000, 7001, 7002];
 fn random_session(rng: &mut SplitMix64, st: &TrackerState) -> SessionId {
     let open: Vec<SessionId> = st.sessions().map(|(id, _)| *id).collect();
     if !open.is_empty() && rng.percent(85) {
-        rng.pick(&open)
+        *rng.pick(&open)
     } else {
         SessionId(rng.below(usize::try_from(st.next_session).unwrap() + 2) as u64)
     }
@@ -1442,7 +1419,7 @@ fn random_stop(rng: &mut SplitMix64, st: &TrackerState, group: &str) -> Op {
         let (session, name) = &candidates[rng.below(candidates.len())];
         op::stop(*session, group, name)
     } else {
-        op::stop(random_session(rng, st), group, rng.pick(&R_FILES))
+        op::stop(random_session(rng, st), group, rng.pick::<&str>(&R_FILES))
     }
 }
 
@@ -1455,10 +1432,10 @@ fn random_meta(rng: &mut SplitMix64) -> FileMeta {
 }
 
 fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
-    let group = rng.pick(&R_GROUPS);
+    let group = *rng.pick(&R_GROUPS);
     match rng.below(100) {
-        0..=4 => op::create_user(rng.pick(&R_USERS)),
-        5..=16 => op::open(rng.pick(&R_USERS), rng.pick(&R_PORTS)),
+        0..=4 => op::create_user(rng.pick::<&str>(&R_USERS)),
+        5..=16 => op::open(rng.pick::<&str>(&R_USERS), *rng.pick(&R_PORTS)),
         17..=24 => op::close(random_session(rng, st)),
         25..=31 => op::create_group(random_session(rng, st), group),
         32..=45 => op::join(random_session(rng, st), group),

@@ -14,32 +14,16 @@ use std::time::{Duration, Instant};
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// splitmix64: small, seeded, good enough to drive fuzzing.
-struct Rng(u64);
+use crate::rng::SplitMix64 as Rng;
 
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
+/// What the fuzzers draw besides the generator's own helpers.
+trait Draw {
+    fn chance(&mut self, num: usize, den: usize) -> bool;
+    fn byte(&mut self) -> u8;
+    fn bytes(&mut self, n: usize) -> Vec<u8>;
+}
 
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform-ish in `0..n` (`n > 0`).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// Uniform-ish in `lo..=hi`.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-
+impl Draw for Rng {
     fn chance(&mut self, num: usize, den: usize) -> bool {
         self.below(den) < num
     }
@@ -48,21 +32,10 @@ impl Rng {
         self.next_u64() as u8
     }
 
-    fn fill(&mut self, out: &mut [u8]) {
-        for chunk in out.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
         self.fill(&mut v);
         v
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
     }
 }
 
@@ -470,7 +443,7 @@ fn rand_str(rng: &mut Rng, chars: &[char], max: usize) -> String {
     let target = if rng.chance(1, 8) {
         max
     } else {
-        rng.range(1, max.min(24))
+        rng.between(1, max.min(24))
     };
     let mut s = String::new();
     loop {
@@ -507,7 +480,7 @@ fn rand_password(rng: &mut Rng) -> Password {
     let n = if rng.chance(1, 8) {
         MAX_PASSWORD_LEN
     } else {
-        rng.range(1, 32)
+        rng.between(1, 32)
     };
     pw(&rng.bytes(n))
 }
@@ -1726,7 +1699,7 @@ fn random_bytes_never_panic() {
 }
 
 fn mutate(rng: &mut Rng, p: &mut Vec<u8>) {
-    for _ in 0..rng.range(1, 4) {
+    for _ in 0..rng.between(1, 4) {
         match rng.below(5) {
             0 if !p.is_empty() => {
                 // Flip one bit.
@@ -1900,7 +1873,7 @@ fn frame_buffer_random_chunks_yield_the_same_messages() {
         let mut got = Vec::new();
         let mut rest = &stream[..];
         while !rest.is_empty() {
-            let n = rng.range(1, 5000).min(rest.len()).min(fb.spare().len());
+            let n = rng.between(1, 5000).min(rest.len()).min(fb.spare().len());
             feed(&mut fb, &rest[..n]);
             rest = &rest[n..];
             drain(&mut fb, &mut got);

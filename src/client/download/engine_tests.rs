@@ -1000,33 +1000,7 @@ fn bitfield_of_lists_the_verified_pieces() {
 // Randomized simulation
 // ---------------------------------------------------------------------------------------------
 
-/// Deterministic PRNG (splitmix64).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-}
+use crate::rng::SplitMix64 as SplitMix;
 
 struct FakeSharer {
     addr: SocketAddr,
@@ -1096,7 +1070,7 @@ impl Sim {
         let mut sharers: Vec<FakeSharer> = (0..n_sharers)
             .map(|i| FakeSharer {
                 addr: addr(i as u16 + 1),
-                has: (0..n_pieces).map(|_| rng.chance(50)).collect(),
+                has: (0..n_pieces).map(|_| rng.percent(50)).collect(),
                 corrupt: false,
             })
             .collect();
@@ -1106,7 +1080,7 @@ impl Sim {
                 sharers[s].has[piece] = true;
             }
         }
-        if rng.chance(50) {
+        if rng.percent(50) {
             let s = rng.below(n_sharers);
             sharers[s].corrupt = true;
         }
@@ -1207,7 +1181,7 @@ impl Sim {
                         DownloaderMsg::Cancel(b) => {
                             assert!(link.expected.remove(&b), "cancel of {b:?}, not outstanding");
                             // Sometimes the data is already on its way.
-                            if !self.rng.chance(30) {
+                            if !self.rng.percent(30) {
                                 link.queue.retain(|x| *x != b);
                             }
                         }
@@ -1328,10 +1302,10 @@ impl Sim {
         if options.is_empty() {
             return false;
         }
-        if self.trouble_left > 0 && !self.links.is_empty() && self.rng.chance(2) {
+        if self.trouble_left > 0 && !self.links.is_empty() && self.rng.percent(2) {
             options.push(5);
         }
-        if self.rng.chance(3) {
+        if self.rng.percent(3) {
             options.push(6);
         }
         match self.pick(&options) {
@@ -1342,7 +1316,7 @@ impl Sim {
                 let has = self.sharers[s].has.clone();
                 // Sometimes some pieces are announced later with `have`.
                 let later: Vec<u32> = (0..has.len() as u32)
-                    .filter(|&p| has[p as usize] && self.rng.chance(20))
+                    .filter(|&p| has[p as usize] && self.rng.percent(20))
                     .collect();
                 let mut bits = Bitfield::new(has.len());
                 for (p, &h) in has.iter().enumerate() {
@@ -1405,11 +1379,11 @@ impl Sim {
             }
             4 => {
                 self.query_pending = false;
-                if self.rng.chance(10) {
+                if self.rng.percent(10) {
                     self.d.on_sharers_failed(now);
                 } else {
                     let mut list: Vec<SocketAddr> = self.sharers.iter().map(|s| s.addr).collect();
-                    if self.rng.chance(20) {
+                    if self.rng.percent(20) {
                         let extra = self.pick(&list);
                         list.push(extra);
                     }
@@ -1448,10 +1422,10 @@ impl Sim {
         let mut addrs: Vec<SocketAddr> = self
             .sharers
             .iter()
-            .filter(|_| self.rng.chance(70))
+            .filter(|_| self.rng.percent(70))
             .map(|s| s.addr)
             .collect();
-        if addrs.len() > 1 && self.rng.chance(20) {
+        if addrs.len() > 1 && self.rng.percent(20) {
             addrs.push(addrs[0]);
         }
         self.d.start(&addrs, self.now);
