@@ -261,7 +261,9 @@ impl SyncClient {
             next_id: 1,
         };
         let mut out = Vec::new();
-        ClientMsg::hello().emit(&mut out);
+        // Each connection is its own client process (its local port tells them apart).
+        let client_id = u64::from(client.stream.local_addr().map_or(0, |a| a.port()));
+        ClientMsg::hello(client_id).emit(&mut out);
         client
             .stream
             .write_all(&out)
@@ -592,7 +594,7 @@ impl Load {
         let stream = TcpStream::connect(addr).map_err(io_err("connect"))?;
         let _ = stream.set_nodelay(true);
         let mut wbuf = Vec::new();
-        ClientMsg::hello().emit(&mut wbuf);
+        ClientMsg::hello(0xB0B).emit(&mut wbuf);
         self.register(Conn {
             stream,
             class,

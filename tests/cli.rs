@@ -1370,16 +1370,18 @@ fn serve_keeps_the_client_running_until_sigterm() {
 // Raw protocol abuse (frames written by hand: `u32 length | u8 type | body`, big-endian)
 // ---------------------------------------------------------------------------------------
 
-/// `Hello`: magic "P2PG", version, role 1 (client).
+/// `Hello`: magic "P2PG", version, role 1 (client), client id.
 fn hello_frame(magic: u32, version: u16) -> Vec<u8> {
-    let mut f = vec![0, 0, 0, 8, 0x01];
+    let mut f = vec![0, 0, 0, 16, 0x01];
     f.extend_from_slice(&magic.to_be_bytes());
     f.extend_from_slice(&version.to_be_bytes());
     f.push(1);
+    f.extend_from_slice(&0x00c1_1e47u64.to_be_bytes());
     f
 }
 
 const MAGIC: u32 = 0x5032_5047;
+use p2pshare::wire::PROTOCOL_VERSION;
 
 /// `Ping` with a request id.
 fn ping_frame(req_id: u64) -> Vec<u8> {
@@ -1407,7 +1409,8 @@ fn bad_handshakes_and_bad_frames_after_one() {
 
     // A correct handshake and a ping are answered (this checks the hand-made frames).
     let mut good = connect();
-    good.write_all(&hello_frame(MAGIC, 1)).unwrap();
+    good.write_all(&hello_frame(MAGIC, PROTOCOL_VERSION))
+        .unwrap();
     assert_eq!(read_frame(&mut good)[0], 0x81, "expected Welcome");
     good.write_all(&ping_frame(77)).unwrap();
     let pong = read_frame(&mut good);
@@ -1415,26 +1418,38 @@ fn bad_handshakes_and_bad_frames_after_one() {
     assert_eq!(pong[1..9], 77u64.to_be_bytes());
 
     let mut bad_magic = connect();
-    bad_magic.write_all(&hello_frame(0xdead_beef, 1)).unwrap();
+    bad_magic
+        .write_all(&hello_frame(0xdead_beef, PROTOCOL_VERSION))
+        .unwrap();
     let mut bad_version = connect();
     bad_version.write_all(&hello_frame(MAGIC, 999)).unwrap();
     let mut request_first = connect();
     request_first.write_all(&ping_frame(1)).unwrap();
     let mut two_hellos = connect();
-    two_hellos.write_all(&hello_frame(MAGIC, 1)).unwrap();
-    two_hellos.write_all(&hello_frame(MAGIC, 1)).unwrap();
+    two_hellos
+        .write_all(&hello_frame(MAGIC, PROTOCOL_VERSION))
+        .unwrap();
+    two_hellos
+        .write_all(&hello_frame(MAGIC, PROTOCOL_VERSION))
+        .unwrap();
     let mut then_garbage = connect();
-    then_garbage.write_all(&hello_frame(MAGIC, 1)).unwrap();
+    then_garbage
+        .write_all(&hello_frame(MAGIC, PROTOCOL_VERSION))
+        .unwrap();
     then_garbage
         .write_all(&[0, 0, 0, 5, 0x1a, 1, 2, 3, 4])
         .unwrap(); // truncated req_id
     let mut then_huge = connect();
-    then_huge.write_all(&hello_frame(MAGIC, 1)).unwrap();
+    then_huge
+        .write_all(&hello_frame(MAGIC, PROTOCOL_VERSION))
+        .unwrap();
     then_huge
         .write_all(&[0x7f, 0xff, 0xff, 0xff, 0x10])
         .unwrap(); // 2 GiB frame
     let mut then_bad_login = connect();
-    then_bad_login.write_all(&hello_frame(MAGIC, 1)).unwrap();
+    then_bad_login
+        .write_all(&hello_frame(MAGIC, PROTOCOL_VERSION))
+        .unwrap();
     // Login with a user id of 200 bytes (ids are at most 64).
     let mut login = vec![0x12];
     login.extend_from_slice(&5u64.to_be_bytes());
@@ -1473,7 +1488,9 @@ fn bad_handshakes_and_bad_frames_after_one() {
 fn tracker_serves_others_while_a_client_never_reads() {
     let tracker = Tracker::start();
     let mut flooder = TcpStream::connect(tracker.addr).unwrap();
-    flooder.write_all(&hello_frame(MAGIC, 1)).unwrap();
+    flooder
+        .write_all(&hello_frame(MAGIC, PROTOCOL_VERSION))
+        .unwrap();
     assert_eq!(read_frame(&mut flooder)[0], 0x81);
     // Pipeline pings and never read the pongs, until the tracker stops taking them.
     flooder

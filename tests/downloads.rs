@@ -28,7 +28,7 @@ const STEP: Duration = Duration::from_secs(60);
 const G: &str = "g1";
 /// Peer-link constants (README, `wire`): magic "P2PG", protocol version 1.
 const MAGIC: u32 = 0x5032_5047;
-const VERSION: u16 = 1;
+const VERSION: u16 = p2pshare::wire::PROTOCOL_VERSION;
 /// Frame types of the peer link.
 const HANDSHAKE: u8 = 0x01;
 const REQUEST: u8 = 0x10;

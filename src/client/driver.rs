@@ -33,7 +33,12 @@ const SIGNALS: Token = Token(2);
 const TRACKER: Token = Token(3);
 
 /// How long connecting to one tracker may take before the next one is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// After losing its tracker, how long the client keeps trying the others before it gives up
+/// its session (the trackers keep a lost client's session at least this long).
+const RECONNECT_FOR: Duration = Duration::from_secs(10);
+/// Pause between rounds of reconnection attempts.
+const RECONNECT_EVERY: Duration = Duration::from_millis(200);
 
 pub struct ClientConfig {
     /// Where this client listens for peers.
@@ -56,6 +61,14 @@ struct Driver {
     core: ClientCore,
     config: ClientConfig,
     tracker: Option<TrackerLink>,
+    /// Index in the tracker file of the tracker last connected to.
+    tracker_index: usize,
+    /// Set after losing the tracker: (give up at, next attempt at).
+    reconnecting: Option<(Instant, Instant)>,
+    /// Tracker links in a row that broke before the tracker's welcome.
+    failed_links: usize,
+    /// This process's random id, sent in every tracker handshake.
+    client_id: u64,
     n_links: u64,
     hasher: HashPool,
     transfers: Transfers,
@@ -84,6 +97,10 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         core: ClientCore::new(config.listen),
         config,
         tracker: None,
+        tracker_index: 0,
+        reconnecting: None,
+        failed_links: 0,
+        client_id: getrandom::u64().map_err(|e| io::Error::other(e.to_string()))?,
         n_links: 0,
         hasher,
         transfers: Transfers::default(),
@@ -114,10 +131,14 @@ impl Driver {
                 return Ok(self.exit_status());
             }
             self.prompt();
-            let deadline = match (self.core.poll_timeout(), self.transfers.next_deadline()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let deadline = [
+                self.core.poll_timeout(),
+                self.transfers.next_deadline(),
+                self.reconnecting.map(|(_, next)| next),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timeout = if self.transfers.has_ready() {
                 Some(Duration::ZERO)
             } else {
@@ -189,6 +210,9 @@ impl Driver {
             }
             self.transfers
                 .on_tick(self.poll.registry(), &self.hasher, now);
+            if self.reconnecting.is_some_and(|(_, next)| next <= now) {
+                self.reconnect(now);
+            }
             self.core.handle_timeout(now);
             self.pump();
         }
@@ -262,12 +286,22 @@ impl Driver {
                     let _ = writeln!(io::stderr().lock(), "error: {reason}");
                 }
                 Output::Send(request) => {
-                    if let Err(reason) = self.ensure_tracker() {
-                        self.core.handle_send_failed(&reason);
+                    if self.tracker.is_none() && self.reconnecting.is_some() {
+                        // Sent with the others once a tracker answers.
                         continue;
                     }
-                    if let Some(link) = self.tracker.as_mut() {
-                        ClientMsg::Request(request).emit(link.conn.out());
+                    match self.ensure_tracker() {
+                        Err(reason) => {
+                            self.core.handle_send_failed(&reason);
+                            continue;
+                        }
+                        // A new link carries every request in flight, this one included.
+                        Ok(true) => {}
+                        Ok(false) => {
+                            if let Some(link) = self.tracker.as_mut() {
+                                ClientMsg::Request(request).emit(link.conn.out());
+                            }
+                        }
                     }
                     self.flush_tracker();
                 }
@@ -361,12 +395,23 @@ impl Driver {
         let _ = stdout.flush();
     }
 
-    /// Connects to the first tracker of the file that accepts, if not connected.
-    fn ensure_tracker(&mut self) -> Result<(), String> {
+    /// Connects to a tracker if not connected: the first of the file that accepts, starting
+    /// with the one after the tracker last used. On a new link the hello is followed by what
+    /// the core has in flight (a session resume and the unanswered requests); returns whether
+    /// the link is new.
+    fn ensure_tracker(&mut self) -> Result<bool, String> {
         if self.tracker.is_some() {
-            return Ok(());
+            return Ok(false);
         }
-        for addr in self.config.trackers.clone() {
+        let n = self.config.trackers.len();
+        let start = if self.reconnecting.is_some() {
+            self.tracker_index + 1
+        } else {
+            self.tracker_index
+        };
+        for i in 0..n {
+            let index = (start + i) % n;
+            let addr = self.config.trackers[index];
             let stream = match std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
                 Ok(s) => s,
                 Err(e) => {
@@ -393,14 +438,22 @@ impl Driver {
                 });
             match link {
                 Ok(mut conn) => {
-                    ClientMsg::hello().emit(conn.out());
-                    info!("connected to tracker {addr}");
+                    ClientMsg::hello(self.client_id).emit(conn.out());
+                    for request in self.core.requests_for_new_link() {
+                        ClientMsg::Request(request).emit(conn.out());
+                    }
+                    if self.reconnecting.take().is_some() {
+                        info!("moved to tracker {addr}");
+                    } else {
+                        info!("connected to tracker {addr}");
+                    }
+                    self.tracker_index = index;
                     self.tracker = Some(TrackerLink {
                         conn,
                         addr,
                         welcomed: false,
                     });
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(e) => warn!("tracker {addr}: {e}"),
             }
@@ -461,11 +514,49 @@ impl Driver {
         self.pump();
     }
 
+    /// The tracker link broke: move to another tracker at once, keeping the session.
     fn drop_tracker(&mut self) {
         if let Some(mut link) = self.tracker.take() {
             link.conn.deregister(self.poll.registry());
-            self.core.handle_tracker_lost();
+            if link.welcomed {
+                self.failed_links = 0;
+            } else {
+                self.failed_links += 1;
+            }
+            let now = Instant::now();
+            self.reconnecting = Some((now + RECONNECT_FOR, now));
+            self.reconnect(now);
         }
+    }
+
+    /// One round of attempts to reach a tracker after losing one; gives the session up once
+    /// none answered for [`RECONNECT_FOR`].
+    fn reconnect(&mut self, now: Instant) {
+        let Some((give_up, _)) = self.reconnecting else {
+            return;
+        };
+        if self.failed_links >= 2 * self.config.trackers.len() {
+            // Every tracker of the file was tried twice and none spoke the protocol.
+            warn!("no tracker completes the handshake: the session is lost");
+            self.failed_links = 0;
+            self.reconnecting = None;
+            self.core.handle_tracker_lost();
+            self.pump();
+            return;
+        }
+        match self.ensure_tracker() {
+            Ok(_) => self.flush_tracker(),
+            Err(reason) if now >= give_up => {
+                warn!("{reason} for {RECONNECT_FOR:?}: the session is lost");
+                self.reconnecting = None;
+                self.core.handle_tracker_lost();
+            }
+            Err(reason) => {
+                debug!("{reason}; trying again");
+                self.reconnecting = Some((give_up, now + RECONNECT_EVERY));
+            }
+        }
+        self.pump();
     }
 
     /// Takes every waiting peer connection.

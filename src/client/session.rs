@@ -7,6 +7,12 @@
 //!
 //! Every failed command produces exactly one [`Output::Fail`], which the driver prints as one
 //! `error: ` line; the core counts them for the exit status.
+//!
+//! Failover: the core keeps every request in flight and the session token from the login.
+//! When the driver connects to another tracker (its tracker died), it sends
+//! [`ClientCore::requests_for_new_link`]: a `Resume` with the token, then every request in
+//! flight again with its original id, which the trackers recognise, so nothing is applied
+//! twice. After the resume the core announces its shares again.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -80,12 +86,16 @@ pub struct DownloadEntry {
 }
 
 /// A request sent on the side, while commands go on.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Background {
     /// Registering a download as a share.
     Register { download: u64 },
     /// Asking for a download's sharers.
     Sharers { download: u64 },
+    /// Taking the session over on a new tracker link.
+    Resume,
+    /// Announcing a share again after a resume.
+    Reannounce,
 }
 
 /// A file this client shares, kept so that it can be served (and resumed at the next login).
@@ -110,9 +120,9 @@ enum Pending {
     },
     /// Waiting for the driver to start download `id`.
     Starting { id: u64 },
-    /// Waiting for the tracker's reply to `req_id`.
+    /// Waiting for the tracker's reply to `request`.
     Awaiting {
-        req_id: u64,
+        request: Request,
         cmd: Sent,
         deadline: Instant,
     },
@@ -139,9 +149,12 @@ pub struct ClientCore {
     next_id: u64,
     pending: Option<Pending>,
     user: Option<UserId>,
+    /// The session's token, to resume it through another tracker.
+    token: Option<[u8; 16]>,
     shares: Vec<LocalShare>,
     downloads: Vec<DownloadEntry>,
-    background: BTreeMap<u64, Background>,
+    /// Requests in flight on the side, by id.
+    background: BTreeMap<u64, (Background, Request)>,
     out: VecDeque<Output>,
     n_failed: u64,
 }
@@ -154,6 +167,7 @@ impl ClientCore {
             next_id: 0,
             pending: None,
             user: None,
+            token: None,
             shares: Vec::new(),
             downloads: Vec::new(),
             background: BTreeMap::new(),
@@ -337,13 +351,56 @@ impl ClientCore {
     }
 
     fn send(&mut self, body: RequestBody, cmd: Sent, now: Instant) {
-        let req_id = self.next_id();
+        let request = Request {
+            req_id: self.next_id(),
+            body,
+        };
         self.pending = Some(Pending::Awaiting {
-            req_id,
+            request: request.clone(),
             cmd,
             deadline: now + REPLY_TIMEOUT,
         });
-        self.out.push_back(Output::Send(Request { req_id, body }));
+        self.out.push_back(Output::Send(request));
+    }
+
+    /// Sends a request on the side; its reply goes to `handle_background`.
+    fn send_background(&mut self, job: Background, body: RequestBody) {
+        let request = Request {
+            req_id: self.next_id(),
+            body,
+        };
+        self.background
+            .insert(request.req_id, (job, request.clone()));
+        self.out.push_back(Output::Send(request));
+    }
+
+    /// What to send first on a new tracker link (after the hello): a resume of the session,
+    /// if there is one, then every request in flight with its original id.
+    pub fn requests_for_new_link(&mut self) -> Vec<Request> {
+        let mut first = Vec::new();
+        self.background
+            .retain(|_, (job, _)| !matches!(job, Background::Resume));
+        if let (Some(token), Some(_)) = (self.token, &self.user) {
+            let request = Request {
+                req_id: self.next_id(),
+                body: RequestBody::Resume { token },
+            };
+            self.background
+                .insert(request.req_id, (Background::Resume, request.clone()));
+            first.push(request);
+        }
+        let mut in_flight: Vec<Request> = self
+            .background
+            .values()
+            .filter(|(job, _)| !matches!(job, Background::Resume))
+            .map(|(_, r)| r.clone())
+            .collect();
+        if let Some(Pending::Awaiting { request, .. }) = &self.pending {
+            in_flight.push(request.clone());
+        }
+        in_flight.sort_by_key(|r| r.req_id);
+        first.extend(in_flight);
+        first
     }
 
     /// Where `download_file` saves `name` given `destination` (see SPEC): an existing
@@ -455,13 +512,10 @@ impl ClientCore {
             })
             .collect();
         for (download, group, meta) in due {
-            let req_id = self.next_id();
-            self.background
-                .insert(req_id, Background::Register { download });
-            self.out.push_back(Output::Send(Request {
-                req_id,
-                body: RequestBody::UploadFile { group, meta },
-            }));
+            self.send_background(
+                Background::Register { download },
+                RequestBody::UploadFile { group, meta },
+            );
         }
     }
 
@@ -480,15 +534,43 @@ impl ClientCore {
             group: d.group.clone(),
             name: d.name.clone(),
         };
-        let req_id = self.next_id();
-        self.background
-            .insert(req_id, Background::Sharers { download: id });
-        self.out.push_back(Output::Send(Request { req_id, body }));
+        self.send_background(Background::Sharers { download: id }, body);
     }
 
     /// A reply to a background request.
     fn handle_background(&mut self, job: Background, body: ReplyBody) {
         match job {
+            Background::Resume => match body {
+                ReplyBody::LoggedIn { .. } => {
+                    let Some(user) = self.user.clone() else {
+                        return;
+                    };
+                    log::info!("session of {user} resumed on the new tracker");
+                    let shares: Vec<(GroupId, FileMeta)> = self
+                        .shares
+                        .iter()
+                        .filter(|s| s.user == user)
+                        .map(|s| (s.group.clone(), s.meta.clone()))
+                        .collect();
+                    for (group, meta) in shares {
+                        self.send_background(
+                            Background::Reannounce,
+                            RequestBody::UploadFile { group, meta },
+                        );
+                    }
+                }
+                other => {
+                    log::warn!("the session could not be resumed ({other:?}): logged out");
+                    self.user = None;
+                    self.token = None;
+                    self.out.push_back(Output::SharesChanged);
+                }
+            },
+            Background::Reannounce => {
+                if !matches!(body, ReplyBody::Shared { .. }) {
+                    log::warn!("a share could not be announced again: {body:?}");
+                }
+            }
             Background::Sharers { download } => {
                 let result = match body {
                     ReplyBody::Sharers { peers, .. } => {
@@ -601,7 +683,8 @@ impl ClientCore {
     /// the client is logged out too.
     pub fn handle_tracker_lost(&mut self) {
         self.user = None;
-        for (_, job) in std::mem::take(&mut self.background) {
+        self.token = None;
+        for (_, (job, _)) in std::mem::take(&mut self.background) {
             match job {
                 Background::Sharers { download } => self.out.push_back(Output::Sharers {
                     download,
@@ -612,6 +695,7 @@ impl ClientCore {
                         d.registering = false;
                     }
                 }
+                Background::Resume | Background::Reannounce => {}
             }
         }
         self.out.push_back(Output::SharesChanged);
@@ -633,13 +717,13 @@ impl ClientCore {
 
     /// A reply from the tracker.
     pub fn handle_reply(&mut self, reply: Reply) {
-        if let Some(job) = self.background.remove(&reply.req_id) {
+        if let Some((job, _)) = self.background.remove(&reply.req_id) {
             return self.handle_background(job, reply.body);
         }
-        let Some(Pending::Awaiting { req_id, .. }) = &self.pending else {
+        let Some(Pending::Awaiting { request, .. }) = &self.pending else {
             return;
         };
-        if *req_id != reply.req_id {
+        if request.req_id != reply.req_id {
             return;
         }
         let Some(Pending::Awaiting { cmd, .. }) = self.pending.take() else {
@@ -729,9 +813,10 @@ impl ClientCore {
         };
         match (cmd, body) {
             (Command::CreateUser { user, .. }, _) => self.print(format!("user {user} created")),
-            (Command::Login { user, .. }, ReplyBody::LoggedIn { .. }) => {
+            (Command::Login { user, .. }, ReplyBody::LoggedIn { token }) => {
                 let resumed = self.shares.iter().filter(|s| s.user == user).count();
                 self.user = Some(user.clone());
+                self.token = Some(token);
                 self.out.push_back(Output::SharesChanged);
                 self.register_downloads();
                 if resumed > 0 {
@@ -743,6 +828,7 @@ impl ClientCore {
                 }
             }
             (Command::Logout, _) => {
+                self.token = None;
                 self.out.push_back(Output::SharesChanged);
                 if let Some(user) = self.user.take() {
                     self.print(format!("logged out {user}"));

@@ -1,6 +1,12 @@
 //! The tracker's sans-IO request handling: frames in, messages and closes out.
 //!
-//! [`TrackerCore`] owns the [`TrackerState`] and knows which connection holds which session.
+//! [`TrackerCore`] owns the [`Replica`] (which owns the replicated [`TrackerState`]) and knows
+//! which connection is a client or another tracker, and which client holds which session.
+//! Queries are answered from the local state at once. A change becomes an [`Entry`] (the op
+//! and the client's id and request id) that the replica orders across the trackers; the
+//! client is answered when the entry is committed (held by every live tracker), and its later
+//! requests wait until then, so answers keep their order. Clients are welcomed only once this
+//! tracker serves (holds a state caught up with the others).
 //! The driver feeds it `handle_open`, `handle_frame`, `handle_close` and `handle_timeout(now)`
 //! and drains [`Output`]s with `poll_output`. No sockets, clocks or threads live here: time is
 //! an argument, so the whole request path is tested without a network.
@@ -21,13 +27,17 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use super::password::{PasswordJob, PasswordResult};
-use super::state::{Op, Outcome, Reject, SessionId, TrackerState};
+use super::replica::{Replica, ReplicaOut, Timings};
+use super::state::{
+    Answer, Entry, Op, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
+};
 use crate::net::ConnId;
 use crate::rng::SplitMix64;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::tracker_link::{
-    ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
+    ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, Role, TrackerMsg,
 };
+use crate::wire::tracker_peer::{PeerMsg, MAX_TRACKER_PEER_FRAME};
 use crate::wire::{UserId, PROTOCOL_VERSION};
 
 /// A connection must complete its handshake within this time.
@@ -39,6 +49,11 @@ pub const MAX_QUEUED_REQUESTS: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     Send(ConnId, TrackerMsg),
+    /// A message on a tracker-to-tracker link.
+    SendPeer(ConnId, PeerMsg),
+    /// Open a link to tracker `no` of the file; report `handle_dialed` or
+    /// `handle_dial_failed`.
+    Dial(u16),
     /// The handshake is done: accept frames up to this size from now on.
     SetMaxFrame(ConnId, usize),
     Close(ConnId),
@@ -46,17 +61,70 @@ pub enum Output {
     Password(ConnId, PasswordJob),
 }
 
-#[derive(Debug, Default)]
+/// Who is at the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// No handshake yet.
+    Unknown,
+    /// A client (its id from the handshake); `welcomed` once this tracker serves.
+    Client { client: u64, welcomed: bool },
+    /// Another tracker: frames go to the replica.
+    Tracker,
+}
+
+#[derive(Debug)]
 struct Link {
-    handshaken: bool,
+    kind: Kind,
     session: Option<SessionId>,
+    /// The client asked for a change (so its answers are remembered until it leaves).
+    changed: bool,
     /// The request waiting for password work, if any.
     waiting: Option<Waiting>,
     /// Requests that arrived while `waiting` was set, oldest first.
     queued: VecDeque<Request>,
 }
 
-/// A request parked until its password job is done.
+impl Link {
+    fn new(kind: Kind) -> Self {
+        Link {
+            kind,
+            session: None,
+            changed: false,
+            waiting: None,
+            queued: VecDeque::new(),
+        }
+    }
+
+    fn handshaken(&self) -> bool {
+        !matches!(
+            self.kind,
+            Kind::Unknown
+                | Kind::Client {
+                    welcomed: false,
+                    ..
+                }
+        )
+    }
+
+    fn client(&self) -> Option<u64> {
+        match self.kind {
+            Kind::Client { client, .. } => Some(client),
+            _ => None,
+        }
+    }
+}
+
+/// What a committed answer means for the connection's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEffect {
+    None,
+    /// Login or resume: the answer opens the session.
+    Open,
+    /// Logout: the answer ends it.
+    Close,
+}
+
+/// A request parked until its password job is done or its change is committed.
 #[derive(Debug)]
 enum Waiting {
     CreateUser {
@@ -68,6 +136,12 @@ enum Waiting {
         user: UserId,
         peer_addr: SocketAddr,
     },
+    /// The change is being replicated.
+    Commit {
+        req_id: u64,
+        origin: Origin,
+        effect: SessionEffect,
+    },
 }
 
 /// What handling a request led to.
@@ -75,12 +149,17 @@ enum Handled {
     Reply(ReplyBody),
     /// Parked until a password job is done.
     Waiting(Waiting, PasswordJob),
+    /// A change to replicate, and what its answer does to the session.
+    Change(Op, SessionEffect),
 }
 
 pub struct TrackerCore {
-    tracker_no: u16,
-    state: TrackerState,
+    replica: Replica,
     links: HashMap<ConnId, Link>,
+    /// Connections waiting for the commit of a change, by the change's origin.
+    awaiting: HashMap<Origin, ConnId>,
+    /// Answers to those changes, applied and not yet committed, in order.
+    answers: VecDeque<(u64, Origin, Answer)>,
     /// Connections still owing a handshake, with their deadlines, oldest first.
     handshake_deadlines: VecDeque<(Instant, ConnId)>,
     out: VecDeque<Output>,
@@ -88,106 +167,341 @@ pub struct TrackerCore {
 }
 
 impl TrackerCore {
-    pub fn new(tracker_no: u16, seed: u64) -> Self {
-        TrackerCore {
-            tracker_no,
-            state: TrackerState::new(),
+    /// Tracker `me` of a file of `n_trackers`; `seed` draws session tokens.
+    pub fn new(me: TrackerRef, n_trackers: u16, seed: u64, timings: Timings, now: Instant) -> Self {
+        let mut core = TrackerCore {
+            replica: Replica::new(me, n_trackers, timings, now),
             links: HashMap::new(),
+            awaiting: HashMap::new(),
+            answers: VecDeque::new(),
             handshake_deadlines: VecDeque::new(),
             out: VecDeque::new(),
             rng: SplitMix64(seed),
-        }
+        };
+        core.pump_replica();
+        core
     }
 
     pub fn state(&self) -> &TrackerState {
-        &self.state
+        self.replica.state()
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
     }
 
     pub fn handle_open(&mut self, conn: ConnId, now: Instant) {
-        self.links.insert(conn, Link::default());
+        self.links.insert(conn, Link::new(Kind::Unknown));
         self.handshake_deadlines
             .push_back((now + HANDSHAKE_TIMEOUT, conn));
     }
 
+    /// A link to tracker `no` that we dialed is connected.
+    pub fn handle_dialed(&mut self, conn: ConnId, no: u16, now: Instant) {
+        self.links.insert(conn, Link::new(Kind::Tracker));
+        self.out
+            .push_back(Output::SetMaxFrame(conn, MAX_TRACKER_PEER_FRAME));
+        self.replica.handle_dialed(conn, no, now);
+        self.pump_replica();
+    }
+
+    /// Dialing tracker `no` failed.
+    pub fn handle_dial_failed(&mut self, no: u16, now: Instant) {
+        self.replica.handle_dial_failed(no, now);
+        self.pump_replica();
+    }
+
     /// The connection is gone (closed by the peer, by an error, or by us).
-    pub fn handle_close(&mut self, conn: ConnId) {
-        if let Some(link) = self.links.remove(&conn) {
-            if let Some(session) = link.session {
-                if let Err(e) = self.commit(&Op::CloseSession { session }) {
-                    warn!("conn {conn}: closing its session failed: {e}");
+    pub fn handle_close(&mut self, conn: ConnId, now: Instant) {
+        let Some(link) = self.links.remove(&conn) else {
+            return;
+        };
+        if let Some(Waiting::Commit { origin, .. }) = link.waiting {
+            self.awaiting.remove(&origin);
+        }
+        match link.kind {
+            Kind::Tracker => {
+                self.replica.handle_closed(conn, now);
+                self.pump_replica();
+            }
+            Kind::Client { client, .. } if link.session.is_some() || link.changed => {
+                let tracker = self.replica.me();
+                self.submit(Entry {
+                    origin: None,
+                    op: Op::ClientGone { client, tracker },
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// One whole frame payload from `conn`, received at `now`.
+    pub fn handle_frame(&mut self, conn: ConnId, payload: &[u8], now: Instant) {
+        if self
+            .links
+            .get(&conn)
+            .is_some_and(|l| l.kind == Kind::Tracker)
+        {
+            match PeerMsg::parse(payload) {
+                Ok(msg) => {
+                    self.replica.handle_msg(conn, msg, now);
+                    self.pump_replica();
+                }
+                Err(e) => {
+                    warn!("tracker link {conn}: malformed frame: {e}");
+                    self.close(conn, now);
                 }
             }
+            return;
         }
-    }
-
-    /// One whole frame payload from `conn`.
-    pub fn handle_frame(&mut self, conn: ConnId, payload: &[u8]) {
         match ClientMsg::parse(payload) {
-            Ok(msg) => self.handle_msg(conn, msg),
+            Ok(msg) => self.handle_msg(conn, msg, now),
             Err(e) => {
                 warn!("conn {conn}: malformed frame: {e}");
-                self.close(conn);
+                self.close(conn, now);
             }
         }
     }
 
-    /// Closes connections whose handshake is overdue.
+    /// Closes connections whose handshake is overdue; the replica's timers.
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(&(deadline, conn)) = self.handshake_deadlines.front() {
             if deadline > now {
                 break;
             }
             self.handshake_deadlines.pop_front();
-            if self.links.get(&conn).is_some_and(|l| !l.handshaken) {
+            if self
+                .links
+                .get(&conn)
+                .is_some_and(|l| l.kind == Kind::Unknown)
+            {
                 warn!("conn {conn}: no handshake within {HANDSHAKE_TIMEOUT:?}");
-                self.close(conn);
+                self.close(conn, now);
             }
         }
+        self.replica.handle_timeout(now);
+        self.pump_replica();
     }
 
     /// When `handle_timeout` next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.handshake_deadlines.front().map(|(d, _)| *d)
+        let handshake = self.handshake_deadlines.front().map(|(d, _)| *d);
+        match (handshake, self.replica.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
     }
 
-    fn close(&mut self, conn: ConnId) {
-        self.handle_close(conn);
+    fn close(&mut self, conn: ConnId, now: Instant) {
+        self.handle_close(conn, now);
         self.out.push_back(Output::Close(conn));
     }
 
-    fn handle_msg(&mut self, conn: ConnId, msg: ClientMsg) {
+    /// Carries out what the replica asked for.
+    fn pump_replica(&mut self) {
+        while let Some(o) = self.replica.poll_output() {
+            match o {
+                ReplicaOut::Dial(no) => self.out.push_back(Output::Dial(no)),
+                ReplicaOut::Send(conn, msg) => self.out.push_back(Output::SendPeer(conn, msg)),
+                ReplicaOut::Close(conn) => {
+                    self.links.remove(&conn);
+                    self.out.push_back(Output::Close(conn));
+                }
+                ReplicaOut::Applied {
+                    seq,
+                    origin: Some(origin),
+                    answer,
+                } if self.awaiting.contains_key(&origin) => {
+                    self.answers.push_back((seq, origin, answer));
+                }
+                ReplicaOut::Applied { .. } => {}
+                ReplicaOut::Committed(seq) => self.release_answers(seq),
+                ReplicaOut::StateReplaced(seq) => {
+                    // Answers to waiting changes the new state holds come from its memory.
+                    let queued: std::collections::HashSet<Origin> =
+                        self.answers.iter().map(|(_, o, _)| *o).collect();
+                    let mut found: Vec<(Origin, Answer)> = self
+                        .awaiting
+                        .keys()
+                        .filter(|o| !queued.contains(o))
+                        .filter_map(|o| self.replica.state().remembered(*o).map(|a| (*o, a)))
+                        .collect();
+                    found.sort_by_key(|(o, _)| *o);
+                    for (origin, answer) in found {
+                        self.answers.push_back((seq, origin, answer));
+                    }
+                    if self.replica.committed() >= seq {
+                        self.release_answers(seq);
+                    }
+                }
+                ReplicaOut::Serving(true) => self.welcome_waiting(),
+                ReplicaOut::Serving(false) => {}
+            }
+        }
+    }
+
+    /// Sends the answers committed up to `seq`, and lets their connections go on.
+    fn release_answers(&mut self, seq: u64) {
+        while self.answers.front().is_some_and(|(s, _, _)| *s <= seq) {
+            let Some((_, origin, answer)) = self.answers.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.awaiting.remove(&origin) else {
+                continue;
+            };
+            self.deliver(conn, origin, answer);
+        }
+    }
+
+    /// Answers the change `origin` of `conn`, then the requests queued behind it.
+    fn deliver(&mut self, conn: ConnId, origin: Origin, answer: Answer) {
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        let effect = match &link.waiting {
+            Some(Waiting::Commit {
+                origin: o, effect, ..
+            }) if *o == origin => *effect,
+            _ => return,
+        };
+        link.waiting = None;
+        let body = match (effect, answer) {
+            (SessionEffect::Open, Ok(Outcome::SessionOpened(id))) => {
+                match self.replica.state().session(id) {
+                    Some(s) => {
+                        let token = s.token;
+                        info!("user {} has a session through conn {conn}", s.user);
+                        link.session = Some(id);
+                        Ok(ReplyBody::LoggedIn { token })
+                    }
+                    None => Err(Reject::new(
+                        RejectCode::NotLoggedIn,
+                        "the session has ended",
+                    )),
+                }
+            }
+            (SessionEffect::Close, Ok(_)) => {
+                link.session = None;
+                Ok(ReplyBody::Done)
+            }
+            (_, Ok(Outcome::Shared { new_file })) => Ok(ReplyBody::Shared { new_file }),
+            (_, Ok(_)) => Ok(ReplyBody::Done),
+            (_, Err(reject)) => Err(reject),
+        };
+        self.reply(conn, origin.req_id, body);
+        self.run_queued(conn);
+    }
+
+    /// Welcomes the clients that said hello before this tracker served.
+    fn welcome_waiting(&mut self) {
+        let waiting: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                matches!(
+                    l.kind,
+                    Kind::Client {
+                        welcomed: false,
+                        ..
+                    }
+                )
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in waiting {
+            self.welcome(conn);
+        }
+    }
+
+    fn welcome(&mut self, conn: ConnId) {
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        if let Kind::Client { client, .. } = link.kind {
+            link.kind = Kind::Client {
+                client,
+                welcomed: true,
+            };
+        }
+        debug!("conn {conn}: client handshake done");
+        self.out.push_back(Output::Send(
+            conn,
+            TrackerMsg::Welcome {
+                version: PROTOCOL_VERSION,
+                tracker_no: self.replica.me().no,
+            },
+        ));
+        // Requests sent right behind the hello waited for the welcome.
+        self.run_queued(conn);
+    }
+
+    /// Hands a change to the replica.
+    fn submit(&mut self, entry: Entry) {
+        self.replica.submit(entry);
+        self.pump_replica();
+    }
+
+    fn handle_msg(&mut self, conn: ConnId, msg: ClientMsg, now: Instant) {
         let Some(link) = self.links.get_mut(&conn) else {
             return;
         };
         match msg {
-            ClientMsg::Hello { version, .. } => {
-                if link.handshaken {
+            ClientMsg::Hello { version, role } => {
+                if link.kind != Kind::Unknown {
                     warn!("conn {conn}: second handshake");
-                    self.close(conn);
+                    self.close(conn, now);
                 } else if version != PROTOCOL_VERSION {
                     warn!("conn {conn}: protocol version {version} not spoken here");
-                    self.close(conn);
+                    self.close(conn, now);
                 } else {
-                    link.handshaken = true;
-                    debug!("conn {conn}: client handshake done");
-                    self.out
-                        .push_back(Output::SetMaxFrame(conn, MAX_CLIENT_TRACKER_FRAME));
-                    self.out.push_back(Output::Send(
-                        conn,
-                        TrackerMsg::Welcome {
-                            version: PROTOCOL_VERSION,
-                            tracker_no: self.tracker_no,
-                        },
-                    ));
+                    match role {
+                        Role::Client { client } => {
+                            link.kind = Kind::Client {
+                                client,
+                                welcomed: false,
+                            };
+                            self.out
+                                .push_back(Output::SetMaxFrame(conn, MAX_CLIENT_TRACKER_FRAME));
+                            if self.replica.is_serving() {
+                                self.welcome(conn);
+                            } else {
+                                debug!("conn {conn}: client waits until this tracker serves");
+                            }
+                        }
+                        Role::Tracker { no, incarnation } => {
+                            link.kind = Kind::Tracker;
+                            self.out
+                                .push_back(Output::SetMaxFrame(conn, MAX_TRACKER_PEER_FRAME));
+                            self.replica
+                                .handle_accepted(conn, TrackerRef { no, incarnation }, now);
+                            self.pump_replica();
+                        }
+                    }
                 }
             }
-            ClientMsg::Request(_) if !link.handshaken => {
+            ClientMsg::Request(request)
+                if matches!(
+                    link.kind,
+                    Kind::Client {
+                        welcomed: false,
+                        ..
+                    }
+                ) =>
+            {
+                if link.queued.len() < MAX_QUEUED_REQUESTS {
+                    link.queued.push_back(request);
+                } else {
+                    warn!("conn {conn}: more than {MAX_QUEUED_REQUESTS} requests queued");
+                    self.close(conn, now);
+                }
+            }
+            ClientMsg::Request(_) if !link.handshaken() => {
                 warn!("conn {conn}: request before the handshake");
-                self.close(conn);
+                self.close(conn, now);
             }
             ClientMsg::Request(request) => {
                 if link.waiting.is_none() {
@@ -196,31 +510,33 @@ impl TrackerCore {
                     link.queued.push_back(request);
                 } else {
                     warn!("conn {conn}: more than {MAX_QUEUED_REQUESTS} requests queued");
-                    self.close(conn);
+                    self.close(conn, now);
                 }
             }
         }
     }
 
-    /// A password job of `conn` is done: answer its parked request, then the ones queued
-    /// behind it, until one parks again.
+    /// A password job of `conn` is done: make its change, or answer its parked request and
+    /// go on with the ones queued behind it.
     pub fn handle_password_done(&mut self, conn: ConnId, result: PasswordResult) {
-        let Some(waiting) = self.links.get_mut(&conn).and_then(|l| l.waiting.take()) else {
+        let Some(link) = self.links.get_mut(&conn) else {
             // The connection closed meanwhile.
             return;
         };
-        let (req_id, body) = match (waiting, result) {
+        if matches!(link.waiting, Some(Waiting::Commit { .. }) | None) {
+            return;
+        }
+        let Some(waiting) = link.waiting.take() else {
+            return;
+        };
+        let (req_id, reject) = match (waiting, result) {
             (Waiting::CreateUser { req_id, user }, PasswordResult::Hashed(Some(pw_hash))) => {
-                let body = self
-                    .commit(&Op::CreateUser {
-                        user: user.clone(),
-                        pw_hash,
-                    })
-                    .map(|_| {
-                        info!("user {user} created");
-                        ReplyBody::Done
-                    });
-                (req_id, body)
+                return self.propose(
+                    conn,
+                    req_id,
+                    Op::CreateUser { user, pw_hash },
+                    SessionEffect::None,
+                );
             }
             (
                 Waiting::Login {
@@ -229,17 +545,27 @@ impl TrackerCore {
                     peer_addr,
                 },
                 PasswordResult::Verified(true),
-            ) => (req_id, self.open_session(conn, user, peer_addr)),
+            ) => return self.open_session(conn, req_id, user, peer_addr),
             (Waiting::Login { req_id, .. }, PasswordResult::Verified(false)) => (
                 req_id,
-                Err(Reject::new(RejectCode::WrongPassword, "wrong password")),
+                Reject::new(RejectCode::WrongPassword, "wrong password"),
             ),
-            (Waiting::CreateUser { req_id, .. } | Waiting::Login { req_id, .. }, _) => (
+            (
+                Waiting::CreateUser { req_id, .. }
+                | Waiting::Login { req_id, .. }
+                | Waiting::Commit { req_id, .. },
+                _,
+            ) => (
                 req_id,
-                Err(Reject::new(RejectCode::Internal, "password check failed")),
+                Reject::new(RejectCode::Internal, "password check failed"),
             ),
         };
-        self.reply(conn, req_id, body);
+        self.reply(conn, req_id, Err(reject));
+        self.run_queued(conn);
+    }
+
+    /// Handles the requests queued on `conn` until one has to wait.
+    fn run_queued(&mut self, conn: ConnId) {
         while let Some(link) = self.links.get_mut(&conn) {
             if link.waiting.is_some() {
                 break;
@@ -265,7 +591,7 @@ impl TrackerCore {
         ));
     }
 
-    /// Answers a request, or parks it behind a password job.
+    /// Answers a request, or parks it behind a password job or a change being replicated.
     fn handle_request(&mut self, conn: ConnId, request: Request) {
         let Request { req_id, body } = request;
         match self.answer(conn, req_id, body) {
@@ -276,31 +602,64 @@ impl TrackerCore {
                     self.out.push_back(Output::Password(conn, job));
                 }
             }
+            Ok(Handled::Change(op, effect)) => self.propose(conn, req_id, op, effect),
             Err(reject) => self.reply(conn, req_id, Err(reject)),
         }
     }
 
     /// Opens a session for `conn` once its password has been checked.
-    fn open_session(
-        &mut self,
-        conn: ConnId,
-        user: UserId,
-        peer_addr: SocketAddr,
-    ) -> Result<ReplyBody, Reject> {
+    fn open_session(&mut self, conn: ConnId, req_id: u64, user: UserId, peer_addr: SocketAddr) {
+        let Some(client) = self.links.get(&conn).and_then(Link::client) else {
+            return;
+        };
         let mut token = [0u8; 16];
         token[..8].copy_from_slice(&self.rng.next_u64().to_be_bytes());
         token[8..].copy_from_slice(&self.rng.next_u64().to_be_bytes());
-        let outcome = self.commit(&Op::OpenSession {
-            user: user.clone(),
+        info!("user {user} logs in from {peer_addr}");
+        let op = Op::OpenSession {
+            user,
             peer_addr,
-            tracker_no: self.tracker_no,
+            tracker: self.replica.me(),
+            client,
             token,
-        })?;
-        if let (Outcome::SessionOpened(id), Some(link)) = (outcome, self.links.get_mut(&conn)) {
-            link.session = Some(id);
-        }
-        info!("user {user} logged in from {peer_addr}");
-        Ok(ReplyBody::LoggedIn { token })
+        };
+        self.propose(conn, req_id, op, SessionEffect::Open);
+    }
+
+    /// Makes `op` a change of `conn`'s request `req_id`: parks the connection until the
+    /// change is committed.
+    fn propose(&mut self, conn: ConnId, req_id: u64, op: Op, effect: SessionEffect) {
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        let Some(client) = link.client() else {
+            return;
+        };
+        let origin = Origin { client, req_id };
+        link.changed = true;
+        link.waiting = Some(Waiting::Commit {
+            req_id,
+            origin,
+            effect,
+        });
+        self.awaiting.insert(origin, conn);
+        self.submit(Entry {
+            origin: Some(origin),
+            op,
+        });
+    }
+
+    /// Whether `conn`'s request `req_id` was already applied (a retry after a failover).
+    fn is_retry(&self, conn: ConnId, req_id: u64) -> bool {
+        self.links
+            .get(&conn)
+            .and_then(Link::client)
+            .is_some_and(|client| {
+                self.replica
+                    .state()
+                    .remembered(Origin { client, req_id })
+                    .is_some()
+            })
     }
 
     /// The session of `conn`, or `NotLoggedIn`.
@@ -311,16 +670,34 @@ impl TrackerCore {
             .ok_or_else(|| Reject::new(RejectCode::NotLoggedIn, "not logged in"))
     }
 
-    /// Applies a change. This is the seam where replication orders ops across trackers.
-    fn commit(&mut self, op: &Op) -> Result<Outcome, Reject> {
-        self.state.apply(op)
-    }
-
     fn answer(&mut self, conn: ConnId, req_id: u64, body: RequestBody) -> Result<Handled, Reject> {
+        let state = self.replica.state();
         let op = match body {
             RequestBody::Ping => return Ok(Handled::Reply(ReplyBody::Pong)),
+            RequestBody::CreateUser { user, .. } if self.is_retry(conn, req_id) => {
+                // Already applied through another tracker: the remembered answer comes back.
+                Op::CreateUser {
+                    user,
+                    pw_hash: String::new(),
+                }
+            }
+            RequestBody::Login {
+                user, peer_addr, ..
+            } if self.is_retry(conn, req_id) => {
+                let client = self.links.get(&conn).and_then(Link::client).unwrap_or(0);
+                return Ok(Handled::Change(
+                    Op::OpenSession {
+                        user,
+                        peer_addr,
+                        tracker: self.replica.me(),
+                        client,
+                        token: [0; 16],
+                    },
+                    SessionEffect::Open,
+                ));
+            }
             RequestBody::CreateUser { user, password } => {
-                if self.state.password_hash(&user).is_some() {
+                if state.password_hash(&user).is_some() {
                     // Refuse before paying for a hash.
                     return Err(Reject::new(
                         RejectCode::UserExists,
@@ -343,7 +720,7 @@ impl TrackerCore {
                         "a session is already open on this connection",
                     ));
                 }
-                let phc = self.state.password_hash(&user).ok_or_else(|| {
+                let phc = state.password_hash(&user).ok_or_else(|| {
                     Reject::new(RejectCode::UnknownUser, format!("no such user '{user}'"))
                 })?;
                 return Ok(Handled::Waiting(
@@ -358,35 +735,50 @@ impl TrackerCore {
                     },
                 ));
             }
+            RequestBody::Resume { token } => {
+                if self.session_of(conn).is_ok() {
+                    return Err(Reject::new(
+                        RejectCode::SessionAlreadyOpen,
+                        "a session is already open on this connection",
+                    ));
+                }
+                let client = self.links.get(&conn).and_then(Link::client).unwrap_or(0);
+                return Ok(Handled::Change(
+                    Op::ResumeSession {
+                        token,
+                        tracker: self.replica.me(),
+                        client,
+                    },
+                    SessionEffect::Open,
+                ));
+            }
             RequestBody::Logout => {
                 let session = self.session_of(conn)?;
-                self.commit(&Op::CloseSession { session })?;
-                if let Some(link) = self.links.get_mut(&conn) {
-                    link.session = None;
-                }
-                return Ok(Handled::Reply(ReplyBody::Done));
+                return Ok(Handled::Change(
+                    Op::CloseSession {
+                        session,
+                        tracker: self.replica.me(),
+                    },
+                    SessionEffect::Close,
+                ));
             }
             RequestBody::ListGroups => {
-                return self
-                    .state
+                return state
                     .list_groups(self.session_of(conn)?)
                     .map(|g| Handled::Reply(ReplyBody::Groups(g)))
             }
             RequestBody::ListRequests { group } => {
-                return self
-                    .state
+                return state
                     .list_requests(self.session_of(conn)?, &group)
                     .map(|u| Handled::Reply(ReplyBody::Users(u)))
             }
             RequestBody::ListFiles { group } => {
-                return self
-                    .state
+                return state
                     .list_files(self.session_of(conn)?, &group)
                     .map(|f| Handled::Reply(ReplyBody::Files(f)))
             }
             RequestBody::FileSharers { group, name } => {
-                return self
-                    .state
+                return state
                     .file_sharers(self.session_of(conn)?, &group, &name)
                     .map(|(meta, peers)| Handled::Reply(ReplyBody::Sharers { meta, peers }))
             }
@@ -423,10 +815,7 @@ impl TrackerCore {
                 name,
             },
         };
-        Ok(Handled::Reply(match self.commit(&op)? {
-            Outcome::Shared { new_file } => ReplyBody::Shared { new_file },
-            Outcome::Done | Outcome::SessionOpened(_) => ReplyBody::Done,
-        }))
+        Ok(Handled::Change(op, SessionEffect::None))
     }
 }
 

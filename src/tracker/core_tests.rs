@@ -48,6 +48,11 @@ fn payload(msg: &ClientMsg) -> Vec<u8> {
     out.split_off(LEN_PREFIX)
 }
 
+/// The handshake of the client on `c` (each conn is its own client process).
+fn hello(c: ConnId) -> ClientMsg {
+    ClientMsg::hello(c.key as u64 | c.generation << 32)
+}
+
 fn request(req_id: u64, body: RequestBody) -> ClientMsg {
     ClientMsg::Request(Request { req_id, body })
 }
@@ -71,9 +76,31 @@ struct Harness {
 }
 
 impl Harness {
+    /// Tracker 3 of 3, alone: the other two are down, so it serves as primary at once.
     fn new() -> Self {
+        let mut h = Harness::with_others_down();
+        while let Some(o) = h.core.poll_output() {
+            match o {
+                Output::Dial(no) => h.core.handle_dial_failed(no, h.now),
+                other => panic!("unexpected output at start: {other:?}"),
+            }
+        }
+        assert!(h.core.replica().is_primary());
+        h
+    }
+
+    fn with_others_down() -> Self {
         Harness {
-            core: TrackerCore::new(3, 0x1234_5678),
+            core: TrackerCore::new(
+                TrackerRef {
+                    no: 3,
+                    incarnation: 0x33,
+                },
+                3,
+                0x1234_5678,
+                Timings::default(),
+                Instant::now(),
+            ),
             now: Instant::now(),
             next_req: 100,
         }
@@ -102,18 +129,19 @@ impl Harness {
 
     fn open(&mut self, c: ConnId) {
         self.core.handle_open(c, self.now);
-        assert!(self.drain().is_empty());
+        let outs = self.drain();
+        assert!(outs.is_empty(), "{outs:?}");
     }
 
     fn send(&mut self, c: ConnId, msg: &ClientMsg) -> Vec<Output> {
-        self.core.handle_frame(c, &payload(msg));
+        self.core.handle_frame(c, &payload(msg), self.now);
         self.drain()
     }
 
     /// Opens `c` and completes its handshake.
     fn connect(&mut self, c: ConnId) {
         self.open(c);
-        let outs = self.send(c, &ClientMsg::hello());
+        let outs = self.send(c, &hello(c));
         assert_eq!(outs.len(), 2, "{outs:?}");
     }
 
@@ -220,7 +248,7 @@ fn hello_gets_welcome_and_the_full_frame_limit() {
     let mut h = Harness::new();
     let c = conn(1);
     h.open(c);
-    let outs = h.send(c, &ClientMsg::hello());
+    let outs = h.send(c, &hello(c));
     assert_eq!(outs.len(), 2, "{outs:?}");
     assert!(outs.contains(&Output::SetMaxFrame(c, MAX_CLIENT_TRACKER_FRAME)));
     assert!(outs.contains(&Output::Send(
@@ -239,13 +267,13 @@ fn wrong_version_closes() {
     let mut h = Harness::new();
     let c = conn(1);
     h.open(c);
-    let hello = ClientMsg::Hello {
+    let wrong = ClientMsg::Hello {
         version: PROTOCOL_VERSION + 1,
-        role: Role::Client,
+        role: Role::Client { client: 1 },
     };
-    assert_eq!(h.send(c, &hello), [Output::Close(c)]);
+    assert_eq!(h.send(c, &wrong), [Output::Close(c)]);
     // The connection is forgotten: later frames get nothing.
-    assert!(h.send(c, &ClientMsg::hello()).is_empty());
+    assert!(h.send(c, &hello(c)).is_empty());
 }
 
 #[test]
@@ -253,7 +281,7 @@ fn second_hello_closes() {
     let mut h = Harness::new();
     let c = conn(1);
     h.connect(c);
-    assert_eq!(h.send(c, &ClientMsg::hello()), [Output::Close(c)]);
+    assert_eq!(h.send(c, &hello(c)), [Output::Close(c)]);
 }
 
 #[test]
@@ -265,7 +293,7 @@ fn request_before_hello_closes() {
         h.send(c, &request(1, RequestBody::Ping)),
         [Output::Close(c)]
     );
-    assert!(h.send(c, &ClientMsg::hello()).is_empty());
+    assert!(h.send(c, &hello(c)).is_empty());
 }
 
 #[test]
@@ -280,7 +308,7 @@ fn malformed_frames_close() {
     for (i, frame) in bad.iter().enumerate() {
         let c = conn(10 + i);
         h.open(c);
-        h.core.handle_frame(c, frame);
+        h.core.handle_frame(c, frame, h.now);
         assert_eq!(h.drain(), [Output::Close(c)], "frame {frame:?}");
     }
     // Also after the handshake: a request with trailing bytes.
@@ -288,7 +316,7 @@ fn malformed_frames_close() {
     h.connect(c);
     let mut p = payload(&request(1, RequestBody::Ping));
     p.push(0);
-    h.core.handle_frame(c, &p);
+    h.core.handle_frame(c, &p, h.now);
     assert_eq!(h.drain(), [Output::Close(c)]);
 }
 
@@ -302,11 +330,11 @@ fn malformed_frame_ends_the_session() {
     assert_logged_in(&h.login(a, "alice", "pw", 5000));
     assert!(h.has_session("alice"));
 
-    h.core.handle_frame(a, &[0xee]);
+    h.core.handle_frame(a, &[0xee], h.now);
     assert_eq!(h.drain(), [Output::Close(a)]);
     assert!(!h.has_session("alice"), "closing the conn ends its session");
     // The driver reports the close afterwards; that is harmless.
-    h.core.handle_close(a);
+    h.core.handle_close(a, h.now);
     assert!(h.drain().is_empty());
 
     assert_logged_in(&h.login(b, "alice", "pw", 5001));
@@ -323,7 +351,7 @@ fn handshake_timeout_closes_only_unhandshaken_conns() {
     h.core.handle_open(fast, t0);
     h.core.handle_open(late, t0 + Duration::from_secs(1));
     assert_eq!(h.core.poll_timeout(), Some(t0 + HANDSHAKE_TIMEOUT));
-    assert_eq!(h.send(fast, &ClientMsg::hello()).len(), 2);
+    assert_eq!(h.send(fast, &hello(fast)).len(), 2);
 
     // Not yet due.
     h.core
@@ -352,7 +380,7 @@ fn a_conn_closed_before_its_deadline_is_not_closed_again() {
     let mut h = Harness::new();
     let c = conn(1);
     h.open(c);
-    h.core.handle_close(c);
+    h.core.handle_close(c, h.now);
     h.core.handle_timeout(h.now + HANDSHAKE_TIMEOUT);
     assert!(h.drain().is_empty());
     assert_eq!(h.core.poll_timeout(), None);
@@ -362,7 +390,7 @@ fn a_conn_closed_before_its_deadline_is_not_closed_again() {
 fn frames_of_unknown_conns_are_ignored() {
     let mut h = Harness::new();
     let c = conn(9);
-    assert!(h.send(c, &ClientMsg::hello()).is_empty());
+    assert!(h.send(c, &hello(c)).is_empty());
     assert!(h.send(c, &request(1, RequestBody::Ping)).is_empty());
 }
 
@@ -378,7 +406,7 @@ fn same_key_new_generation_is_a_new_conn() {
         generation: 2,
     };
     h.connect(old);
-    h.core.handle_close(old);
+    h.core.handle_close(old, h.now);
     h.open(new);
     // The new conn must do its own handshake.
     assert_eq!(
@@ -434,7 +462,7 @@ fn replies_come_in_order_with_their_ids() {
         } else {
             RequestBody::ListGroups
         };
-        h.core.handle_frame(c, &payload(&request(id, body)));
+        h.core.handle_frame(c, &payload(&request(id, body)), h.now);
     }
     let got: Vec<(u64, bool)> = h
         .drain()
@@ -458,11 +486,11 @@ fn replies_go_to_the_asking_conn() {
     h.connect(a);
     h.connect(b);
     h.core
-        .handle_frame(a, &payload(&request(1, RequestBody::Ping)));
+        .handle_frame(a, &payload(&request(1, RequestBody::Ping)), h.now);
     h.core
-        .handle_frame(b, &payload(&request(2, RequestBody::Ping)));
+        .handle_frame(b, &payload(&request(2, RequestBody::Ping)), h.now);
     h.core
-        .handle_frame(a, &payload(&request(3, RequestBody::Ping)));
+        .handle_frame(a, &payload(&request(3, RequestBody::Ping)), h.now);
     let to: Vec<(ConnId, u64)> = h
         .drain()
         .into_iter()
@@ -505,7 +533,7 @@ fn create_user_and_login() {
     let (_, session) = h.core.state().sessions().next().unwrap();
     assert_eq!(session.user, uid("alice"));
     assert_eq!(session.peer_addr, addr(5000));
-    assert_eq!(session.tracker_no, 3);
+    assert_eq!(session.tracker.no, 3);
     assert_eq!(session.token, token);
 
     // A second login on the same conn, even as someone else.
@@ -520,7 +548,7 @@ fn create_user_and_login() {
     );
 
     // Once the first conn is gone, the user may log in elsewhere.
-    h.core.handle_close(a);
+    h.core.handle_close(a, h.now);
     assert!(h.drain().is_empty());
     assert!(!h.has_session("alice"));
     let token2 = assert_logged_in(&h.login(b, "alice", "s3cret", 5001));
@@ -561,7 +589,7 @@ fn logout_ends_the_session() {
     assert_eq!(h.ask(a, RequestBody::Ping), ReplyBody::Pong);
     assert_logged_in(&h.login(b, "alice", "pw", 5001));
     // Closing the logged-out conn does not touch the new session.
-    h.core.handle_close(a);
+    h.core.handle_close(a, h.now);
     assert!(h.has_session("alice"));
 }
 
@@ -719,7 +747,7 @@ fn group_and_file_flow() {
     );
 
     // A sharer whose conn closes is offline but still listed.
-    h.core.handle_close(a);
+    h.core.handle_close(a, h.now);
     let c = conn(3);
     h.connect(c);
     assert_logged_in(&h.login(c, "alice", "pa", 5999));
@@ -824,9 +852,10 @@ fn requests_behind_password_work_wait_their_turn() {
                 password: pw("pw"),
             },
         )),
+        h.now,
     );
     h.core
-        .handle_frame(c, &payload(&request(2, RequestBody::Ping)));
+        .handle_frame(c, &payload(&request(2, RequestBody::Ping)), h.now);
     let job = match h.core.poll_output() {
         Some(Output::Password(to, job)) => {
             assert_eq!(to, c);
@@ -841,7 +870,7 @@ fn requests_behind_password_work_wait_their_turn() {
     );
     // Another connection is served meanwhile.
     h.core
-        .handle_frame(other, &payload(&request(9, RequestBody::Ping)));
+        .handle_frame(other, &payload(&request(9, RequestBody::Ping)), h.now);
     assert!(matches!(
         h.core.poll_output(),
         Some(Output::Send(to, TrackerMsg::Reply(Reply { req_id: 9, .. }))) if to == other
@@ -873,11 +902,12 @@ fn password_result_for_a_closed_conn_is_dropped() {
                 password: pw("pw"),
             },
         )),
+        h.now,
     );
     let Some(Output::Password(_, job)) = h.core.poll_output() else {
         panic!("expected a password job");
     };
-    h.core.handle_close(c);
+    h.core.handle_close(c, h.now);
     h.core
         .handle_password_done(c, crate::tracker::password::run(&job));
     assert_eq!(h.core.poll_output(), None);

@@ -1,7 +1,9 @@
-//! The tracker's mio reactor: one thread, one `Poll`, a slab of client connections.
+//! The tracker's mio reactor: one thread, one `Poll`, a slab of connections (clients and the
+//! other trackers).
 //!
-//! It accepts connections, moves bytes between sockets and [`TrackerCore`], and turns the
-//! core's outputs into writes and closes. It holds no tracker logic. Shutdown comes from the
+//! It accepts connections, dials the other trackers when the core asks, moves bytes between
+//! sockets and [`TrackerCore`], and turns the core's outputs into writes and closes. It holds
+//! no tracker logic. Shutdown comes from the
 //! stdin line `quit` (read on a helper thread that wakes the loop) or SIGINT/SIGTERM (a mio
 //! source); end of stdin is not a shutdown, since trackers are often started with stdin closed.
 
@@ -19,6 +21,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::core::{Output, TrackerCore};
 use super::password::{self, PasswordJob, PasswordResult};
+use super::replica::Timings;
+use super::state::TrackerRef;
 use crate::net::conn::MAX_PENDING_WRITE;
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{ConnId, ConnTable, ReadEnd};
@@ -42,6 +46,8 @@ pub struct TrackerConfig {
 
 #[derive(Default)]
 struct ConnData {
+    /// A link we are dialing to this tracker number, until connected.
+    dialing: Option<u16>,
     /// Queued in `dirty` for a flush.
     dirty: bool,
     /// The peer closed its sending side; close once our answers are written.
@@ -54,6 +60,8 @@ struct Driver {
     poll: Poll,
     listener: TcpListener,
     conns: ConnTable<ConnData>,
+    /// Every tracker's address, in file order.
+    trackers: Vec<SocketAddr>,
     core: TrackerCore,
     /// Connections with output to flush after this round.
     dirty: Vec<ConnId>,
@@ -124,15 +132,27 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     let stdin = wake::spawn_stdin_reader(Arc::clone(&waker))?;
     let (password_jobs, password_done) = start_password_workers(&waker)?;
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ u64::from(std::process::id()).rotate_left(32);
+    let random = |what: &str| {
+        getrandom::u64().map_err(|e| io::Error::other(format!("no random {what}: {e}")))
+    };
+    let me = TrackerRef {
+        no: config.tracker_no,
+        incarnation: random("incarnation id")?,
+    };
+    let n_trackers = u16::try_from(config.trackers.len()).unwrap_or(u16::MAX);
+    let core = TrackerCore::new(
+        me,
+        n_trackers,
+        random("seed")?,
+        Timings::default(),
+        Instant::now(),
+    );
     let mut driver = Driver {
         poll,
         listener,
         conns: ConnTable::new(),
-        core: TrackerCore::new(config.tracker_no, seed),
+        trackers: config.trackers.clone(),
+        core,
         dirty: Vec::new(),
         ready: VecDeque::new(),
         password_jobs,
@@ -201,6 +221,12 @@ impl Driver {
                             continue;
                         };
                         let id = conn.id;
+                        if let Some(no) = conn.data.dialing {
+                            self.dial_progress(id, no);
+                            if self.conns.get(id).is_some_and(|c| c.data.dialing.is_some()) {
+                                continue;
+                            }
+                        }
                         if event.is_writable() {
                             self.flush(id);
                         }
@@ -263,8 +289,9 @@ impl Driver {
             return;
         }
         let core = &mut self.core;
+        let now = Instant::now();
         let result = conn.read_frames(FRAME_BUDGET, |payload| {
-            core.handle_frame(id, payload);
+            core.handle_frame(id, payload, now);
             true
         });
         match result {
@@ -298,6 +325,16 @@ impl Driver {
                         }
                     }
                 }
+                Output::SendPeer(id, msg) => {
+                    if let Some(conn) = self.conns.get_mut(id) {
+                        msg.emit(conn.out());
+                        if !conn.data.dirty {
+                            conn.data.dirty = true;
+                            self.dirty.push(id);
+                        }
+                    }
+                }
+                Output::Dial(no) => self.dial(no),
                 Output::SetMaxFrame(id, max) => {
                     if let Some(conn) = self.conns.get_mut(id) {
                         conn.set_max_frame(max);
@@ -320,6 +357,66 @@ impl Driver {
                 conn.data.dirty = false;
             }
             self.flush(id);
+        }
+    }
+
+    /// Starts a non-blocking connect to tracker `no`.
+    fn dial(&mut self, no: u16) {
+        let Some(addr) = usize::from(no)
+            .checked_sub(1)
+            .and_then(|i| self.trackers.get(i))
+            .copied()
+        else {
+            return self.core.handle_dial_failed(no, Instant::now());
+        };
+        let inserted = mio::net::TcpStream::connect(addr).and_then(|stream| {
+            let _ = stream.set_nodelay(true);
+            let data = ConnData {
+                dialing: Some(no),
+                ..ConnData::default()
+            };
+            let id = self
+                .conns
+                .insert(self.poll.registry(), stream, MAX_HANDSHAKE_FRAME, data)?;
+            if let Some(conn) = self.conns.get_mut(id) {
+                conn.await_connect(self.poll.registry())?;
+            }
+            Ok(id)
+        });
+        match inserted {
+            Ok(id) => debug!("conn {id}: dialing tracker {no} at {addr}"),
+            Err(e) => {
+                debug!("tracker {no} at {addr}: {e}");
+                self.core.handle_dial_failed(no, Instant::now());
+            }
+        }
+    }
+
+    /// A dialing link became ready: connected, or failed.
+    fn dial_progress(&mut self, id: ConnId, no: u16) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        let failed = match conn.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e),
+            Ok(None) => match conn.stream.peer_addr() {
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => Some(e),
+            },
+        };
+        match failed {
+            Some(e) => {
+                debug!("tracker {no}: cannot connect: {e}");
+                self.conns.remove(self.poll.registry(), id);
+                self.core.handle_dial_failed(no, Instant::now());
+            }
+            None => {
+                conn.data.dialing = None;
+                debug!("conn {id}: connected to tracker {no}");
+                self.core.handle_dialed(id, no, Instant::now());
+                self.drain_outputs();
+            }
         }
     }
 
@@ -354,7 +451,7 @@ impl Driver {
 
     fn close(&mut self, id: ConnId) {
         if self.conns.remove(self.poll.registry(), id).is_some() {
-            self.core.handle_close(id);
+            self.core.handle_close(id, Instant::now());
         }
     }
 }

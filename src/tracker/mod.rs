@@ -4,4 +4,5 @@
 pub mod core;
 pub mod driver;
 pub mod password;
+pub mod replica;
 pub mod state;

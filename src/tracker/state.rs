@@ -6,10 +6,15 @@
 //! only. Two replicas that apply the same [`Op`]s in the same order hold equal states, which is
 //! what replication builds on; a snapshot is simply the state.
 //!
+//! Replication applies [`Entry`]s (an op plus the client request it came from) through
+//! [`TrackerState::apply_entry`], which remembers the last answers of each client: a request
+//! retried after a failover, with the same client and request id, gets the remembered answer
+//! instead of being applied twice. That memory is part of the state, so every replica holds it.
+//!
 //! Architecture invariant: everything a tracker answers is derived from this state; nothing
 //! else in the tracker holds users, groups, files or sessions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -20,6 +25,14 @@ use crate::wire::{FileName, GroupId, UserId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionId(pub u64);
 
+/// One run of one tracker: its number in the tracker file and a random id drawn at start, so
+/// that sessions held by a tracker that died are told apart from those of its restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TrackerRef {
+    pub no: u16,
+    pub incarnation: u64,
+}
+
 /// A logged-in user on one client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
@@ -27,7 +40,9 @@ pub struct Session {
     /// Where the user's client listens for peers.
     pub peer_addr: SocketAddr,
     /// The tracker holding the client's connection.
-    pub tracker_no: u16,
+    pub tracker: TrackerRef,
+    /// The client process (its random id from the handshake).
+    pub client: u64,
     /// Secret the client may present to resume the session on another tracker.
     pub token: [u8; 16],
 }
@@ -75,11 +90,31 @@ pub enum Op {
     OpenSession {
         user: UserId,
         peer_addr: SocketAddr,
-        tracker_no: u16,
+        tracker: TrackerRef,
+        client: u64,
         token: [u8; 16],
     },
+    /// Moves the session holding `token` to `tracker` and `client` (a failover).
+    ResumeSession {
+        token: [u8; 16],
+        tracker: TrackerRef,
+        client: u64,
+    },
+    /// Logout: closes `session` if `tracker` still holds it.
     CloseSession {
         session: SessionId,
+        tracker: TrackerRef,
+    },
+    /// `client`'s connection to `tracker` closed: its session there ends and its remembered
+    /// answers are forgotten.
+    ClientGone {
+        client: u64,
+        tracker: TrackerRef,
+    },
+    /// `tracker` died and the grace period for its clients to move is over: the sessions it
+    /// still holds end (their shares go offline).
+    ExpireSessions {
+        tracker: TrackerRef,
     },
     CreateGroup {
         session: SessionId,
@@ -113,6 +148,36 @@ pub enum Op {
         group: GroupId,
         name: FileName,
     },
+}
+
+/// The client request an op was made for: a retry with the same pair is answered from memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    pub client: u64,
+    pub req_id: u64,
+}
+
+/// One change in the replicated order: the op and, if a client asked for it, who asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub origin: Option<Origin>,
+    pub op: Op,
+}
+
+/// What applying an op answered.
+pub type Answer = Result<Outcome, Reject>;
+
+/// Answers remembered per client, newest last.
+pub const MAX_ANSWERS_PER_CLIENT: usize = 64;
+/// Clients whose answers are remembered; the least recently active is forgotten first.
+pub const MAX_REMEMBERED_CLIENTS: usize = 65_536;
+
+/// The recent answers to one client's changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientAnswers {
+    /// Value of the state's op counter when this client last made a change.
+    pub last_used: u64,
+    pub answers: VecDeque<(u64, Answer)>,
 }
 
 /// What a successful op did, when there is more to say than "done".
@@ -181,7 +246,15 @@ pub struct TrackerState {
     sessions: BTreeMap<SessionId, Session>,
     /// Index: the open session of each logged-in user (a user has at most one).
     session_of_user: BTreeMap<UserId, SessionId>,
+    /// Index: the session each client process holds.
+    session_of_client: BTreeMap<u64, SessionId>,
     next_session: u64,
+    /// Entries applied so far; stamps the answer memory.
+    n_applied: u64,
+    /// Recent answers per client (see [`TrackerState::apply_entry`]).
+    answers: BTreeMap<u64, ClientAnswers>,
+    /// Index: clients by `last_used`, to forget the least recently active first.
+    answers_by_use: BTreeMap<u64, u64>,
 }
 
 impl TrackerState {
@@ -210,27 +283,76 @@ impl TrackerState {
             Op::OpenSession {
                 user,
                 peer_addr,
-                tracker_no,
+                tracker,
+                client,
                 token,
             } => {
                 self.check_can_log_in(user)?;
-                self.next_session += 1;
+                self.next_session = self.next_session.saturating_add(1);
                 let id = SessionId(self.next_session);
+                self.close_client_session(*client);
                 self.sessions.insert(
                     id,
                     Session {
                         user: user.clone(),
                         peer_addr: *peer_addr,
-                        tracker_no: *tracker_no,
+                        tracker: *tracker,
+                        client: *client,
                         token: *token,
                     },
                 );
                 self.session_of_user.insert(user.clone(), id);
+                self.session_of_client.insert(*client, id);
                 Ok(Outcome::SessionOpened(id))
             }
-            Op::CloseSession { session } => {
-                let closed = self.sessions.remove(session).ok_or_else(not_logged_in)?;
-                self.session_of_user.remove(&closed.user);
+            Op::ResumeSession {
+                token,
+                tracker,
+                client,
+            } => {
+                let id = self
+                    .sessions
+                    .iter()
+                    .find(|(_, s)| s.token == *token)
+                    .map(|(id, _)| *id)
+                    .ok_or_else(|| Reject::new(RejectCode::NotLoggedIn, "the session has ended"))?;
+                self.move_session(id, *tracker, *client);
+                Ok(Outcome::SessionOpened(id))
+            }
+            Op::CloseSession { session, tracker } => {
+                match self.sessions.get(session) {
+                    Some(s) if s.tracker == *tracker => {}
+                    _ => return Err(not_logged_in()),
+                }
+                self.close_session(*session);
+                Ok(Outcome::Done)
+            }
+            Op::ClientGone { client, tracker } => {
+                if let Some(id) = self.session_of_client.get(client).copied() {
+                    if self
+                        .sessions
+                        .get(&id)
+                        .is_some_and(|s| s.tracker == *tracker)
+                    {
+                        self.close_session(id);
+                    }
+                }
+                self.forget_client(*client);
+                Ok(Outcome::Done)
+            }
+            Op::ExpireSessions { tracker } => {
+                let expired: Vec<SessionId> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.tracker == *tracker)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in expired {
+                    if let Some(client) = self.sessions.get(&id).map(|s| s.client) {
+                        self.forget_client(client);
+                    }
+                    self.close_session(id);
+                }
                 Ok(Outcome::Done)
             }
             Op::CreateGroup { session, group } => {
@@ -394,6 +516,113 @@ impl TrackerState {
         }
     }
 
+    /// Applies a replicated entry. A change a client asked for is remembered with its answer;
+    /// the same client and request id again (a retry after a failover) gets that answer
+    /// without applying the op twice. A remembered login or resume also moves the session to
+    /// the tracker the retry came through.
+    pub fn apply_entry(&mut self, entry: &Entry) -> Answer {
+        self.n_applied = self.n_applied.saturating_add(1);
+        let Some(origin) = entry.origin else {
+            return self.apply(&entry.op);
+        };
+        if let Some(answer) = self.remembered(origin) {
+            if let (
+                Ok(Outcome::SessionOpened(id)),
+                Op::OpenSession {
+                    tracker, client, ..
+                }
+                | Op::ResumeSession {
+                    tracker, client, ..
+                },
+            ) = (&answer, &entry.op)
+            {
+                if self.sessions.contains_key(id) {
+                    self.move_session(*id, *tracker, *client);
+                }
+            }
+            return answer;
+        }
+        let answer = self.apply(&entry.op);
+        self.remember(origin, answer.clone());
+        answer
+    }
+
+    /// The answer remembered for `origin`, if any.
+    pub fn remembered(&self, origin: Origin) -> Option<Answer> {
+        self.answers
+            .get(&origin.client)?
+            .answers
+            .iter()
+            .find(|(id, _)| *id == origin.req_id)
+            .map(|(_, a)| a.clone())
+    }
+
+    fn remember(&mut self, origin: Origin, answer: Answer) {
+        let stamp = self.n_applied;
+        let memory = self.answers.entry(origin.client).or_default();
+        let old_stamp = std::mem::replace(&mut memory.last_used, stamp);
+        if memory.answers.len() >= MAX_ANSWERS_PER_CLIENT {
+            memory.answers.pop_front();
+        }
+        memory.answers.push_back((origin.req_id, answer));
+        if old_stamp != 0 {
+            self.answers_by_use.remove(&old_stamp);
+        }
+        self.answers_by_use.insert(stamp, origin.client);
+        while self.answers.len() > MAX_REMEMBERED_CLIENTS {
+            let Some((_, oldest)) = self.answers_by_use.pop_first() else {
+                break;
+            };
+            self.answers.remove(&oldest);
+        }
+    }
+
+    fn forget_client(&mut self, client: u64) {
+        if let Some(memory) = self.answers.remove(&client) {
+            self.answers_by_use.remove(&memory.last_used);
+        }
+    }
+
+    /// Ends a session and drops it from the indexes.
+    fn close_session(&mut self, id: SessionId) {
+        if let Some(closed) = self.sessions.remove(&id) {
+            self.session_of_user.remove(&closed.user);
+            if self.session_of_client.get(&closed.client) == Some(&id) {
+                self.session_of_client.remove(&closed.client);
+            }
+        }
+    }
+
+    /// A client process holds at most one session: a new login on it ends the old one.
+    fn close_client_session(&mut self, client: u64) {
+        if let Some(id) = self.session_of_client.get(&client).copied() {
+            self.close_session(id);
+        }
+    }
+
+    /// Hands session `id` to `client` connected through `tracker`.
+    fn move_session(&mut self, id: SessionId, tracker: TrackerRef, client: u64) {
+        let Some(old_client) = self.sessions.get(&id).map(|s| s.client) else {
+            return;
+        };
+        if old_client != client {
+            if self.session_of_client.get(&old_client) == Some(&id) {
+                self.session_of_client.remove(&old_client);
+            }
+            self.close_client_session(client);
+        }
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.tracker = tracker;
+            s.client = client;
+        }
+        self.session_of_client.insert(client, id);
+    }
+
+    /// How many entries have been applied (every replica agrees at the same point).
+    pub fn n_applied(&self) -> u64 {
+        self.n_applied
+    }
+
     /// The user of `session` and the group it acts on.
     fn acting_in(
         &mut self,
@@ -551,3 +780,6 @@ fn count_u32(n: usize) -> u32 {
 #[cfg(test)]
 #[path = "state_tests.rs"]
 mod tests;
+
+#[path = "snapshot.rs"]
+mod snapshot;

@@ -78,13 +78,25 @@ mod op {
         Op::OpenSession {
             user: uid(user),
             peer_addr: addr(port),
-            tracker_no: 1,
+            tracker: T1,
+            client: user.bytes().fold(u64::from(port), |h, b| {
+                h.wrapping_mul(131).wrapping_add(u64::from(b))
+            }),
             token: [port.to_be_bytes()[1]; 16],
         }
     }
 
+    /// The tracker every test session is held by.
+    pub const T1: TrackerRef = TrackerRef {
+        no: 1,
+        incarnation: 11,
+    };
+
     pub fn close(session: SessionId) -> Op {
-        Op::CloseSession { session }
+        Op::CloseSession {
+            session,
+            tracker: T1,
+        }
     }
 
     pub fn create_group(session: SessionId, group: &str) -> Op {
@@ -331,7 +343,11 @@ fn open_session_records_the_client() {
     let open = Op::OpenSession {
         user: uid("alice"),
         peer_addr: addr(4000),
-        tracker_no: 7,
+        tracker: TrackerRef {
+            no: 7,
+            incarnation: 70,
+        },
+        client: 99,
         token: [9; 16],
     };
     let Outcome::SessionOpened(s) = ok(&mut st, open) else {
@@ -340,7 +356,11 @@ fn open_session_records_the_client() {
     let expected = Session {
         user: uid("alice"),
         peer_addr: addr(4000),
-        tracker_no: 7,
+        tracker: TrackerRef {
+            no: 7,
+            incarnation: 70,
+        },
+        client: 99,
         token: [9; 16],
     };
     assert_eq!(st.session(s), Some(&expected));
@@ -1458,6 +1478,9 @@ fn op_kind(op: &Op) -> &'static str {
         Op::CreateUser { .. } => "CreateUser",
         Op::OpenSession { .. } => "OpenSession",
         Op::CloseSession { .. } => "CloseSession",
+        Op::ResumeSession { .. } => "ResumeSession",
+        Op::ClientGone { .. } => "ClientGone",
+        Op::ExpireSessions { .. } => "ExpireSessions",
         Op::CreateGroup { .. } => "CreateGroup",
         Op::JoinGroup { .. } => "JoinGroup",
         Op::LeaveGroup { .. } => "LeaveGroup",

@@ -398,9 +398,9 @@ fn golden_handshake() {
         },
         &want,
     );
-    // The handshake this build sends carries version 1.
+    // The handshake this build sends carries version 2.
     let mut want = want;
-    want[9..11].copy_from_slice(&[0, 1]);
+    want[9..11].copy_from_slice(&[0, 2]);
     golden_d(
         DownloaderMsg::handshake(gid("g"), fname("f.txt"), Sha1Digest([0xaa; 20])),
         &want,
@@ -452,13 +452,13 @@ fn golden_accept() {
     // No pieces: no bitfield bytes at all.
     golden_s(
         SharerMsg::accept(Bitfield::new(0)),
-        &[0, 0, 0, 11, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 1, 0, 0, 0, 0],
+        &[0, 0, 0, 11, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 2, 0, 0, 0, 0],
     );
     // A whole byte, all set.
     golden_s(
         SharerMsg::accept(Bitfield::full(8)),
         &[
-            0, 0, 0, 12, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 1, 0, 0, 0, 8, 0xff,
+            0, 0, 0, 12, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 2, 0, 0, 0, 8, 0xff,
         ],
     );
     // Nine pieces, all set: the second byte has only its top bit.
@@ -793,7 +793,14 @@ fn trailing_byte_is_an_error() {
 
 #[test]
 fn accept_with_more_bitfield_bytes_than_pieces_need_is_an_error() {
-    let accept = |n: u32, bits: &[u8]| B::ty(0x81).raw(&MAGIC).u16(1).u32(n).raw(bits).0;
+    let accept = |n: u32, bits: &[u8]| {
+        B::ty(0x81)
+            .raw(&MAGIC)
+            .u16(PROTOCOL_VERSION)
+            .u32(n)
+            .raw(bits)
+            .0
+    };
     assert!(SharerMsg::parse(&accept(10, &[0, 0])).is_ok());
     assert_eq!(
         SharerMsg::parse(&accept(10, &[0, 0, 0])),
@@ -818,7 +825,13 @@ fn accept_with_more_bitfield_bytes_than_pieces_need_is_an_error() {
 // ---------------------------------------------------------------------------------------------
 
 fn handshake(group: &[u8], name: &[u8]) -> Vec<u8> {
-    B::ty(0x01).raw(&MAGIC).u16(1).s(group).s(name).sha(0xaa).0
+    B::ty(0x01)
+        .raw(&MAGIC)
+        .u16(PROTOCOL_VERSION)
+        .s(group)
+        .s(name)
+        .sha(0xaa)
+        .0
 }
 
 #[test]
@@ -875,7 +888,14 @@ fn block_data_must_be_1_to_max() {
 
 #[test]
 fn bitfield_spare_bits_are_rejected() {
-    let accept = |n: u32, bits: &[u8]| B::ty(0x81).raw(&MAGIC).u16(1).u32(n).raw(bits).0;
+    let accept = |n: u32, bits: &[u8]| {
+        B::ty(0x81)
+            .raw(&MAGIC)
+            .u16(PROTOCOL_VERSION)
+            .u32(n)
+            .raw(bits)
+            .0
+    };
     let bad = Err(DecodeError::BadValue("bitfield spare bits"));
     assert_eq!(SharerMsg::parse(&accept(10, &[0, 0x20])), bad);
     assert_eq!(SharerMsg::parse(&accept(10, &[0xff, 0xff])), bad);
@@ -911,7 +931,7 @@ fn bad_magic_is_rejected() {
         SharerMsg::parse(&B::ty(0x81).u32(u32::MAX).u16(1).u32(0).0),
         Err(DecodeError::BadMagic(u32::MAX))
     );
-    assert!(SharerMsg::parse(&B::ty(0x81).raw(&MAGIC).u16(1).u32(0).0).is_ok());
+    assert!(SharerMsg::parse(&B::ty(0x81).raw(&MAGIC).u16(PROTOCOL_VERSION).u32(0).0).is_ok());
 }
 
 #[test]
@@ -1032,11 +1052,20 @@ fn forged_piece_counts_fail_fast() {
     let started = Instant::now();
     for n in [u32::MAX, u32::MAX - 7, 1 << 31, 1 << 24, 25] {
         // A few bitfield bytes where `n` pieces need far more.
-        let p = B::ty(0x81).raw(&MAGIC).u16(1).u32(n).raw(&[0xff; 3]).0;
+        let p = B::ty(0x81)
+            .raw(&MAGIC)
+            .u16(PROTOCOL_VERSION)
+            .u32(n)
+            .raw(&[0xff; 3])
+            .0;
         assert_eq!(SharerMsg::parse(&p), Err(DecodeError::Truncated), "{n}");
     }
     // A count far larger than any frame could carry, with no bytes after it at all.
-    let p = B::ty(0x81).raw(&MAGIC).u16(1).u32(u32::MAX).0;
+    let p = B::ty(0x81)
+        .raw(&MAGIC)
+        .u16(PROTOCOL_VERSION)
+        .u32(u32::MAX)
+        .0;
     assert_eq!(SharerMsg::parse(&p), Err(DecodeError::Truncated));
     // Allocating ceil(u32::MAX / 8) bytes per case would take visible time; the checks above
     // returned errors, and quickly.

@@ -22,16 +22,22 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 /// Largest piece length a file may be registered with.
 pub const MAX_PIECE_LEN: u32 = 16 * 1024 * 1024;
 
-/// Who is speaking on a freshly opened link.
+/// Who is speaking on a freshly opened link to a tracker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    Client,
+    /// A client process, with the random id it keeps for its whole run: a request retried
+    /// through another tracker is recognised by this id and the request id.
+    Client { client: u64 },
+    /// Another tracker (its number in the tracker file and the random id of this run of it);
+    /// the rest of the link speaks the tracker-to-tracker messages (`wire::tracker_peer`).
+    Tracker { no: u16, incarnation: u64 },
 }
 
 /// Client to tracker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMsg {
-    /// `0x01`: `u32 magic | u16 version | u8 role (1 = client)`.
+    /// `0x01`: `u32 magic | u16 version | u8 role | role body`, where role 1 (client) has
+    /// `u64 client` and role 2 (tracker) has `u16 tracker_no | u64 incarnation`.
     Hello {
         version: u16,
         role: Role,
@@ -84,6 +90,9 @@ pub enum RequestBody {
     /// `0x1e`: `str group | str name`: the file's metadata and where its online sharers
     /// listen (members only).
     FileSharers { group: GroupId, name: FileName },
+    /// `0x1f`: `[u8; 16] token`: take over the session holding `token` (after the client's
+    /// tracker died). Answered with `LoggedIn` carrying the same token.
+    Resume { token: [u8; 16] },
 }
 
 /// What a tracker records about a shared file's content.
@@ -114,7 +123,8 @@ impl FileMeta {
             && self.piece_hashes == other.piece_hashes
     }
 
-    fn parse(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+    /// Reads the layout above (also used by `tracker_peer` and the state snapshot).
+    pub(crate) fn parse(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let name = file_name(r)?;
         let size = r.u64()?;
         let piece_len = r.u32()?;
@@ -139,7 +149,8 @@ impl FileMeta {
         })
     }
 
-    fn emit(&self, out: &mut Vec<u8>) {
+    /// Writes the layout above.
+    pub(crate) fn emit(&self, out: &mut Vec<u8>) {
         put_str16(out, self.name.as_str());
         put_u64(out, self.size);
         put_u32(out, self.piece_len);
@@ -313,6 +324,7 @@ mod ty {
     pub const UPLOAD_FILE: u8 = 0x1c;
     pub const STOP_SHARE: u8 = 0x1d;
     pub const FILE_SHARERS: u8 = 0x1e;
+    pub const RESUME: u8 = 0x1f;
 
     pub const WELCOME: u8 = 0x81;
     pub const DONE: u8 = 0x90;
@@ -327,6 +339,7 @@ mod ty {
 }
 
 const ROLE_CLIENT: u8 = 1;
+const ROLE_TRACKER: u8 = 2;
 
 fn user_id(r: &mut Reader<'_>) -> Result<UserId, DecodeError> {
     Ok(UserId::new(r.str16(MAX_ID_LEN)?)?)
@@ -356,7 +369,11 @@ impl ClientMsg {
             }
             let version = r.u16()?;
             let role = match r.u8()? {
-                ROLE_CLIENT => Role::Client,
+                ROLE_CLIENT => Role::Client { client: r.u64()? },
+                ROLE_TRACKER => Role::Tracker {
+                    no: r.u16()?,
+                    incarnation: r.u64()?,
+                },
                 _ => return Err(DecodeError::BadValue("role")),
             };
             ClientMsg::Hello { version, role }
@@ -410,6 +427,7 @@ impl ClientMsg {
                     group: group_id(&mut r)?,
                     name: file_name(&mut r)?,
                 },
+                ty::RESUME => RequestBody::Resume { token: r.array()? },
                 other => return Err(DecodeError::UnknownType(other)),
             };
             ClientMsg::Request(Request { req_id, body })
@@ -425,23 +443,28 @@ impl ClientMsg {
                 let start = frame::begin(out, ty::HELLO);
                 put_u32(out, PROTOCOL_MAGIC);
                 put_u16(out, *version);
-                put_u8(
-                    out,
-                    match role {
-                        Role::Client => ROLE_CLIENT,
-                    },
-                );
+                match role {
+                    Role::Client { client } => {
+                        put_u8(out, ROLE_CLIENT);
+                        put_u64(out, *client);
+                    }
+                    Role::Tracker { no, incarnation } => {
+                        put_u8(out, ROLE_TRACKER);
+                        put_u16(out, *no);
+                        put_u64(out, *incarnation);
+                    }
+                }
                 frame::end(out, start);
             }
             ClientMsg::Request(req) => req.emit(out),
         }
     }
 
-    /// The handshake this build sends.
-    pub fn hello() -> Self {
+    /// The handshake this build sends as client `client`.
+    pub fn hello(client: u64) -> Self {
         ClientMsg::Hello {
             version: PROTOCOL_VERSION,
-            role: Role::Client,
+            role: Role::Client { client },
         }
     }
 }
@@ -464,6 +487,7 @@ impl Request {
             RequestBody::UploadFile { .. } => ty::UPLOAD_FILE,
             RequestBody::StopShare { .. } => ty::STOP_SHARE,
             RequestBody::FileSharers { .. } => ty::FILE_SHARERS,
+            RequestBody::Resume { .. } => ty::RESUME,
         };
         let start = frame::begin(out, frame_type);
         put_u64(out, self.req_id);
@@ -500,6 +524,7 @@ impl Request {
                 put_str16(out, group.as_str());
                 put_str16(out, name.as_str());
             }
+            RequestBody::Resume { token } => out.extend_from_slice(token),
         }
         frame::end(out, start);
     }

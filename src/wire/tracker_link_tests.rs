@@ -162,10 +162,11 @@ fn client_variant(m: &ClientMsg) -> usize {
             RequestBody::UploadFile { .. } => 13,
             RequestBody::StopShare { .. } => 14,
             RequestBody::FileSharers { .. } => 15,
+            RequestBody::Resume { .. } => 16,
         },
     }
 }
-const CLIENT_VARIANTS: usize = 16;
+const CLIENT_VARIANTS: usize = 17;
 
 fn tracker_variant(m: &TrackerMsg) -> usize {
     match m {
@@ -201,10 +202,25 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
     let long_id = "u".repeat(MAX_ID_LEN);
     let long_name = "n".repeat(MAX_FILE_NAME_LEN);
     vec![
-        ClientMsg::hello(),
+        ClientMsg::hello(0),
+        ClientMsg::hello(u64::MAX),
         ClientMsg::Hello {
             version: u16::MAX,
-            role: Role::Client,
+            role: Role::Client { client: 7 },
+        },
+        ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Tracker {
+                no: 3,
+                incarnation: 0x0123_4567_89ab_cdef,
+            },
+        },
+        ClientMsg::Hello {
+            version: 0,
+            role: Role::Tracker {
+                no: u16::MAX,
+                incarnation: u64::MAX,
+            },
         },
         req(0, RequestBody::Ping),
         req(u64::MAX, RequestBody::Ping),
@@ -314,6 +330,13 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
             RequestBody::FileSharers {
                 group: gid("grp"),
                 name: fname("my file.txt"),
+            },
+        ),
+        req(20, RequestBody::Resume { token: [0; 16] }),
+        req(
+            21,
+            RequestBody::Resume {
+                token: *b"0123456789abcdef",
             },
         ),
     ]
@@ -527,10 +550,18 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
     let req_id = rng.next_u64();
     let body = match rng.below(CLIENT_VARIANTS) {
         0 => {
-            return ClientMsg::Hello {
-                version: rng.next_u64() as u16,
-                role: Role::Client,
-            }
+            let version = rng.next_u64() as u16;
+            let role = if rng.chance(1, 2) {
+                Role::Client {
+                    client: rng.next_u64(),
+                }
+            } else {
+                Role::Tracker {
+                    no: rng.next_u64() as u16,
+                    incarnation: rng.next_u64(),
+                }
+            };
+            return ClientMsg::Hello { version, role };
         }
         1 => RequestBody::Ping,
         2 => RequestBody::CreateUser {
@@ -575,10 +606,15 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
             group: rand_group(rng),
             name: rand_name(rng),
         },
-        _ => RequestBody::FileSharers {
+        15 => RequestBody::FileSharers {
             group: rand_group(rng),
             name: rand_name(rng),
         },
+        _ => {
+            let mut token = [0u8; 16];
+            rng.fill(&mut token);
+            RequestBody::Resume { token }
+        }
     };
     req(req_id, body)
 }
@@ -692,14 +728,62 @@ fn golden_hello() {
     golden_c(
         ClientMsg::Hello {
             version: 0x0102,
-            role: Role::Client,
+            role: Role::Client {
+                client: 0x1112_1314_1516_1718,
+            },
         },
-        &[0, 0, 0, 8, 0x01, 0x50, 0x32, 0x50, 0x47, 0x01, 0x02, 0x01],
+        &cat(&[
+            &[0, 0, 0, 16, 0x01],
+            &[0x50, 0x32, 0x50, 0x47], // magic "P2PG"
+            &[0x01, 0x02],             // version
+            &[0x01],                   // role: client
+            &[0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18], // client id
+        ]),
     );
-    // The handshake this build sends.
+    // The handshake this build sends (protocol version 2).
     golden_c(
-        ClientMsg::hello(),
-        &[0, 0, 0, 8, 0x01, 0x50, 0x32, 0x50, 0x47, 0x00, 0x01, 0x01],
+        ClientMsg::hello(9),
+        &[
+            0, 0, 0, 16, 0x01, 0x50, 0x32, 0x50, 0x47, 0x00, 0x02, 0x01, 0, 0, 0, 0, 0, 0, 0, 9,
+        ],
+    );
+}
+
+#[test]
+fn golden_hello_tracker_role() {
+    golden_c(
+        ClientMsg::Hello {
+            version: 2,
+            role: Role::Tracker {
+                no: 0x0304,
+                incarnation: 0xa1a2_a3a4_a5a6_a7a8,
+            },
+        },
+        &cat(&[
+            &[0, 0, 0, 18, 0x01],
+            &[0x50, 0x32, 0x50, 0x47],                         // magic
+            &[0x00, 0x02],                                     // version
+            &[0x02],                                           // role: tracker
+            &[0x03, 0x04],                                     // tracker_no
+            &[0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8], // incarnation
+        ]),
+    );
+}
+
+#[test]
+fn golden_resume() {
+    golden_c(
+        req(
+            0x0102,
+            RequestBody::Resume {
+                token: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0xff],
+            },
+        ),
+        &cat(&[
+            &[0, 0, 0, 25, 0x1f],
+            &[0, 0, 0, 0, 0, 0, 0x01, 0x02], // req_id
+            &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0xff],
+        ]),
     );
 }
 
@@ -1179,7 +1263,15 @@ fn over_long_refusal_is_cut_at_a_char_boundary() {
 
 #[test]
 fn largest_handshake_fits_the_handshake_limit() {
-    let frame = emit_c(&ClientMsg::hello());
+    let frame = emit_c(&ClientMsg::hello(u64::MAX));
+    assert!(payload(&frame).len() <= MAX_HANDSHAKE_FRAME);
+    let frame = emit_c(&ClientMsg::Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Tracker {
+            no: u16::MAX,
+            incarnation: u64::MAX,
+        },
+    });
     assert!(payload(&frame).len() <= MAX_HANDSHAKE_FRAME);
 }
 
@@ -1450,8 +1542,26 @@ fn invalid_ids_are_rejected() {
 
 #[test]
 fn bad_handshakes_are_rejected() {
-    let hello = |magic: &[u8], role: u8| B::ty(0x01).raw(magic).u16(1).u8(role).0;
-    assert!(ClientMsg::parse(&hello(&MAGIC, 1)).is_ok());
+    // Role 1 is followed by `u64 client`, role 2 by `u16 tracker_no | u64 incarnation`.
+    let hello = |magic: &[u8], role: u8| B::ty(0x01).raw(magic).u16(1).u8(role).u64(5).0;
+    let tracker_hello = |magic: &[u8]| B::ty(0x01).raw(magic).u16(1).u8(2).u16(1).u64(5).0;
+    assert_eq!(
+        ClientMsg::parse(&hello(&MAGIC, 1)),
+        Ok(ClientMsg::Hello {
+            version: 1,
+            role: Role::Client { client: 5 }
+        })
+    );
+    assert_eq!(
+        ClientMsg::parse(&tracker_hello(&MAGIC)),
+        Ok(ClientMsg::Hello {
+            version: 1,
+            role: Role::Tracker {
+                no: 1,
+                incarnation: 5
+            }
+        })
+    );
     assert_eq!(
         ClientMsg::parse(&hello(b"P2PH", 1)),
         Err(DecodeError::BadMagic(0x5032_5048))
@@ -1460,13 +1570,30 @@ fn bad_handshakes_are_rejected() {
         ClientMsg::parse(&hello(&[0x47, 0x50, 0x32, 0x50], 1)),
         Err(DecodeError::BadMagic(0x4750_3250))
     );
-    for role in [0u8, 2, 3, 0x80, 0xff] {
+    assert_eq!(
+        ClientMsg::parse(&tracker_hello(b"P2PH")),
+        Err(DecodeError::BadMagic(0x5032_5048))
+    );
+    for role in [0u8, 3, 0x80, 0xff] {
         assert_eq!(
             ClientMsg::parse(&hello(&MAGIC, role)),
             Err(DecodeError::BadValue("role")),
             "role {role}"
         );
     }
+    // A role body cut short, or one of the other role's length, is an error.
+    let client_no_id = B::ty(0x01).raw(&MAGIC).u16(1).u8(1).0;
+    assert_eq!(ClientMsg::parse(&client_no_id), Err(DecodeError::Truncated));
+    let tracker_short = B::ty(0x01).raw(&MAGIC).u16(1).u8(2).u64(5).0;
+    assert_eq!(
+        ClientMsg::parse(&tracker_short),
+        Err(DecodeError::Truncated)
+    );
+    let client_long = B::ty(0x01).raw(&MAGIC).u16(1).u8(1).u16(1).u64(5).0;
+    assert_eq!(
+        ClientMsg::parse(&client_long),
+        Err(DecodeError::TrailingBytes(2))
+    );
     let welcome = |magic: &[u8]| B::ty(0x81).raw(magic).u16(1).u16(0).0;
     assert!(TrackerMsg::parse(&welcome(&MAGIC)).is_ok());
     assert_eq!(
@@ -1477,7 +1604,7 @@ fn bad_handshakes_are_rejected() {
 
 #[test]
 fn unknown_frame_types_are_rejected() {
-    let client_types: Vec<u8> = (0x10..=0x1e).chain([0x01]).collect();
+    let client_types: Vec<u8> = (0x10..=0x1f).chain([0x01]).collect();
     let tracker_types: Vec<u8> = (0x90..=0x98).chain([0x81]).collect();
     for t in 0..=255u8 {
         // A body long enough for the req_id, so the type is what fails.
@@ -1663,8 +1790,8 @@ fn count_exactly_filling_the_frame_with_minimal_elements_still_checks_them() {
 // ---------------------------------------------------------------------------------------------
 
 const KNOWN_TYPES: &[u8] = &[
-    0x01, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x1c, 0x1d, 0x81,
-    0x90, 0x91, 0x92, 0x93, 0x94, 0x95, 0x96, 0x97,
+    0x01, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x1c, 0x1d, 0x1e,
+    0x1f, 0x81, 0x90, 0x91, 0x92, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98,
 ];
 
 /// Parses with both parsers; whatever one accepts must re-emit to exactly the same bytes (the

@@ -1,0 +1,1417 @@
+//! Replication of the tracker state across the trackers of the file: a sans-IO core.
+//!
+//! [`Replica`] owns the [`TrackerState`] of one tracker and keeps it equal to the others'. It
+//! sees tracker links as ids with messages in and out ([`ReplicaOut`]), and time as an
+//! argument; the tracker core feeds it and performs what it asks.
+//!
+//! # Protocol
+//!
+//! - **Links.** Every tracker dials every other when it starts and accepts links at any time.
+//!   Each side announces its [`PeerStatus`] first and whenever it changes; quiet links carry a
+//!   heartbeat every [`HEARTBEAT_EVERY`], and a link silent for [`PEER_TIMEOUT`] (or closed:
+//!   a killed process's sockets close at once) means that tracker is dead. Two links between
+//!   the same pair (both dialed at once) are cut to the one dialed by the lower number.
+//! - **Order.** One tracker, the primary, orders every change. The others (backups) forward
+//!   their clients' changes to it. The primary applies changes in batches: it applies a batch,
+//!   sends it to every member (the backups that hold the state), and once every member has
+//!   acknowledged it the batch is committed: the primary tells the members, and each tracker
+//!   answers its clients whose changes were in it. At most one batch is in flight, so every
+//!   member is at most one batch behind the primary; changes that arrive meanwhile form the
+//!   next batch, so the batch grows with the load (group commit).
+//! - **Joining.** A starting tracker dials the others. If one of them is a serving primary, it
+//!   asks it for the state; the primary sends a snapshot between two batches (so the
+//!   snapshot holds only committed changes) and counts the joiner as a member from then on.
+//!   The joiner serves clients once it has installed the snapshot. If nobody serves, the
+//!   lowest-numbered starting tracker becomes primary with the state it has; the others join it.
+//! - **Takeover.** When the primary dies, the lowest-numbered serving tracker takes over a
+//!   new view: it asks every linked tracker where it stands, adopts the most advanced state
+//!   among them (at most one batch ahead, sent back with the answer), brings the members that
+//!   lag up to it, then serves as primary. Backups re-forward the changes they forwarded and
+//!   have not seen applied; a client retrying a change through another tracker carries the same
+//!   request id, so nothing is applied twice (see `TrackerState::apply_entry`). Claims of
+//!   primaryship are ordered by view, then by lower tracker number; a tracker follows the
+//!   highest claim it has seen and ignores messages of lower ones.
+//! - **Sessions of dead trackers.** The primary gives the sessions held by a tracker that is
+//!   not live (dead, or an earlier run of a restarted tracker) a grace period to move
+//!   elsewhere (clients resume with their token); then it ends them, and their shares go
+//!   offline.
+//!
+//! # Invariants
+//!
+//! 1. Every live tracker's state is a prefix of the primary's sequence of entries, applied in
+//!    order; members are at most one batch behind the primary.
+//! 2. A change is answered only after every live member holds it, so an acknowledged change
+//!    survives any crash that leaves one tracker up.
+//! 3. A change is applied at most once per client request id (answers are remembered in the
+//!    replicated state).
+//!
+//! # Faults covered and not
+//!
+//! Covered: process crashes (kill -9), hangs detected by heartbeat timeout, restarts, several
+//! trackers dying one after the other, as long as one tracker stays up. Not covered: network
+//! partitions (two halves would each elect a primary) and a hung tracker that resumes after
+//! being declared dead; nothing is kept on disk, so the service's state is lost if every
+//! tracker stops at once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+
+use super::state::{Answer, Entry, Op, Origin, TrackerRef, TrackerState};
+use crate::net::ConnId;
+use crate::wire::tracker_peer::{
+    Batch, Catchup, PeerMsg, PeerStatus, MAX_SNAPSHOT_LEN, SNAPSHOT_PART_LEN,
+};
+use crate::wire::PROTOCOL_VERSION;
+
+/// A quiet link gets a heartbeat this often.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
+/// A link silent this long is considered dead.
+pub const PEER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a starting tracker waits for linked trackers to tell their status.
+pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a backup waits for the expected new primary before taking over itself.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
+/// How long sessions held by a dead tracker may take to move before they end.
+pub const SESSION_GRACE: Duration = Duration::from_secs(10);
+/// Most entries in one batch.
+const MAX_BATCH_ENTRIES: usize = 4096;
+/// Roughly the most bytes of entries in one batch (at least one entry goes in any batch).
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// What the tracker must do for the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaOut {
+    /// Open a link to tracker `no`; report `handle_dialed` or `handle_dial_failed`.
+    Dial(u16),
+    Send(ConnId, PeerMsg),
+    Close(ConnId),
+    /// Entry `seq` was applied with this answer (answer the client once `seq` is committed).
+    Applied {
+        seq: u64,
+        origin: Option<Origin>,
+        answer: Answer,
+    },
+    /// Every entry up to `seq` is held by every live tracker.
+    Committed(u64),
+    /// The state was replaced by a snapshot taken after entry `seq`: answers to waiting
+    /// requests are in its memory.
+    StateReplaced(u64),
+    /// The tracker started (true) or stopped (false) holding a state it may serve from.
+    Serving(bool),
+}
+
+/// Timings, shortened by tests.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub heartbeat_every: Duration,
+    pub peer_timeout: Duration,
+    pub discovery_timeout: Duration,
+    pub takeover_wait: Duration,
+    pub session_grace: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            heartbeat_every: HEARTBEAT_EVERY,
+            peer_timeout: PEER_TIMEOUT,
+            discovery_timeout: DISCOVERY_TIMEOUT,
+            takeover_wait: TAKEOVER_WAIT,
+            session_grace: SESSION_GRACE,
+        }
+    }
+}
+
+/// One tracker link.
+#[derive(Debug)]
+struct Link {
+    /// The tracker at the other end, once its hello arrived.
+    peer: Option<TrackerRef>,
+    /// Tracker number we dialed (None: it dialed us).
+    dialed: Option<u16>,
+    status: Option<PeerStatus>,
+    last_heard: Instant,
+    last_sent: Instant,
+    /// Snapshot parts received so far.
+    snapshot: Vec<u8>,
+}
+
+/// Where this tracker stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// Finding out who else is up.
+    Starting,
+    /// Asked `primary` for the state.
+    Joining {
+        primary: u16,
+    },
+    /// Holds the state; follows the primary of the current claim.
+    Backup,
+    /// Taking over as primary: waiting for these trackers' answers.
+    Taking {
+        waiting: BTreeSet<u16>,
+    },
+    Primary,
+}
+
+/// A batch sent to the members and not yet acknowledged by all of them.
+#[derive(Debug)]
+struct InFlight {
+    last_seq: u64,
+    waiting: BTreeSet<u16>,
+}
+
+/// The best state offered during a takeover.
+#[derive(Debug)]
+struct Offer {
+    applied: u64,
+    from: u16,
+    catchup: Catchup,
+    /// The state, when the catch-up is a snapshot.
+    snapshot: Vec<u8>,
+}
+
+pub struct Replica {
+    me: TrackerRef,
+    n_trackers: u16,
+    t: Timings,
+    state: TrackerState,
+    role: Role,
+    /// Highest claim of primaryship seen: (view, primary number).
+    claim: (u64, u16),
+    /// Sequence number of the last applied entry.
+    applied: u64,
+    committed: u64,
+    /// The last batch applied (to hand a new primary, or a lagging member).
+    last_batch: Option<Batch>,
+    links: HashMap<ConnId, Link>,
+    /// The link in use to each tracker.
+    peer_link: BTreeMap<u16, ConnId>,
+    /// Trackers dialed at start whose dial has not resolved.
+    dialing: BTreeSet<u16>,
+    started: Instant,
+    /// When a backup waiting for another tracker's takeover gives up waiting.
+    takeover_deadline: Option<Instant>,
+    // Primary.
+    members: BTreeSet<u16>,
+    next: VecDeque<Entry>,
+    in_flight: Option<InFlight>,
+    joiners: BTreeSet<u16>,
+    /// Sessions of trackers that are not live end at these times.
+    grace: BTreeMap<TrackerRef, Instant>,
+    // Takeover.
+    offer: Option<Offer>,
+    // Backup.
+    /// Sent to the primary and not yet seen applied.
+    forwarded: VecDeque<Entry>,
+    /// How many entries of `forwarded` carry each origin.
+    forwarded_origins: HashMap<Origin, u32>,
+    /// Submitted while no primary is known.
+    held: VecDeque<Entry>,
+    out: VecDeque<ReplicaOut>,
+    /// The latest time a handler was given (for work started by `submit`).
+    now: Instant,
+}
+
+/// Whether claim `a` beats claim `b`: a higher view, or the same view by a lower number.
+fn beats(a: (u64, u16), b: (u64, u16)) -> bool {
+    a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
+}
+
+/// A rough size of an entry on the wire, to bound batches.
+fn entry_size(e: &Entry) -> usize {
+    match &e.op {
+        Op::ShareFile { meta, .. } => 256 + 20 * meta.piece_hashes.len(),
+        _ => 256,
+    }
+}
+
+impl Replica {
+    /// A tracker that just started, with `state` (empty unless a test gives one). It dials
+    /// every other tracker; with no others it is primary at once.
+    pub fn new(me: TrackerRef, n_trackers: u16, t: Timings, now: Instant) -> Self {
+        let mut r = Replica {
+            me,
+            n_trackers,
+            t,
+            state: TrackerState::new(),
+            role: Role::Starting,
+            claim: (0, u16::MAX),
+            applied: 0,
+            committed: 0,
+            last_batch: None,
+            links: HashMap::new(),
+            peer_link: BTreeMap::new(),
+            dialing: BTreeSet::new(),
+            started: now,
+            takeover_deadline: None,
+            members: BTreeSet::new(),
+            next: VecDeque::new(),
+            in_flight: None,
+            joiners: BTreeSet::new(),
+            grace: BTreeMap::new(),
+            offer: None,
+            forwarded: VecDeque::new(),
+            forwarded_origins: HashMap::new(),
+            held: VecDeque::new(),
+            out: VecDeque::new(),
+            now,
+        };
+        for no in 1..=n_trackers {
+            if no != me.no {
+                r.dialing.insert(no);
+                r.out.push_back(ReplicaOut::Dial(no));
+            }
+        }
+        r.decide(now);
+        r
+    }
+
+    pub fn state(&self) -> &TrackerState {
+        &self.state
+    }
+
+    pub fn me(&self) -> TrackerRef {
+        self.me
+    }
+
+    /// Whether this tracker holds a state clients may be served from.
+    pub fn is_serving(&self) -> bool {
+        matches!(
+            self.role,
+            Role::Backup | Role::Taking { .. } | Role::Primary
+        )
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.role == Role::Primary
+    }
+
+    /// The current view and its primary, if this tracker serves.
+    pub fn view(&self) -> Option<(u64, u16)> {
+        self.is_serving().then_some(self.claim)
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    pub fn poll_output(&mut self) -> Option<ReplicaOut> {
+        self.out.pop_front()
+    }
+
+    /// A change a client of this tracker asked for (or one the tracker makes itself).
+    pub fn submit(&mut self, entry: Entry) {
+        match self.role {
+            Role::Primary => {
+                self.next.push_back(entry);
+                self.send_batch();
+            }
+            Role::Backup => self.forward(entry),
+            _ => self.held.push_back(entry),
+        }
+    }
+
+    /// The driver connected a link to tracker `no` that we dialed.
+    pub fn handle_dialed(&mut self, link: ConnId, no: u16, now: Instant) {
+        self.now = self.now.max(now);
+        self.links.insert(
+            link,
+            Link {
+                peer: None,
+                dialed: Some(no),
+                status: None,
+                last_heard: now,
+                last_sent: now,
+                snapshot: Vec::new(),
+            },
+        );
+        self.send(
+            link,
+            PeerMsg::Hello {
+                version: PROTOCOL_VERSION,
+                tracker: self.me,
+            },
+        );
+        let status = self.status();
+        self.send(link, PeerMsg::Status(status));
+        self.touch(link, now);
+    }
+
+    /// Dialing tracker `no` failed (it is not up).
+    pub fn handle_dial_failed(&mut self, no: u16, now: Instant) {
+        self.now = self.now.max(now);
+        if self.dialing.remove(&no) {
+            debug!("tracker {no} is not up");
+        }
+        self.decide(now);
+    }
+
+    /// A link we accepted opened with a tracker's hello.
+    pub fn handle_accepted(&mut self, link: ConnId, peer: TrackerRef, now: Instant) {
+        self.now = self.now.max(now);
+        self.links.insert(
+            link,
+            Link {
+                peer: None,
+                dialed: None,
+                status: None,
+                last_heard: now,
+                last_sent: now,
+                snapshot: Vec::new(),
+            },
+        );
+        self.send(
+            link,
+            PeerMsg::Hello {
+                version: PROTOCOL_VERSION,
+                tracker: self.me,
+            },
+        );
+        let status = self.status();
+        self.send(link, PeerMsg::Status(status));
+        self.handle_hello(link, peer, now);
+    }
+
+    /// A tracker link is gone.
+    pub fn handle_closed(&mut self, link: ConnId, now: Instant) {
+        self.now = self.now.max(now);
+        let Some(gone) = self.links.remove(&link) else {
+            return;
+        };
+        if let Some(no) = gone.dialed {
+            self.dialing.remove(&no);
+        }
+        let Some(peer) = gone.peer else {
+            self.decide(now);
+            return;
+        };
+        if self.peer_link.get(&peer.no) != Some(&link) {
+            return;
+        }
+        self.peer_link.remove(&peer.no);
+        info!("tracker {}: link lost", peer.no);
+        self.peer_lost(peer.no, now);
+    }
+
+    pub fn handle_msg(&mut self, link: ConnId, msg: PeerMsg, now: Instant) {
+        self.now = self.now.max(now);
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        l.last_heard = now;
+        let from = l.peer;
+        let Some(from) = from else {
+            match msg {
+                PeerMsg::Hello { version, tracker } if version == PROTOCOL_VERSION => {
+                    self.handle_hello(link, tracker, now)
+                }
+                other => {
+                    warn!("tracker link {link}: {other:?} before the hello");
+                    self.close(link, now);
+                }
+            }
+            return;
+        };
+        if self.peer_link.get(&from.no) != Some(&link) {
+            // A duplicate link being closed.
+            return;
+        }
+        let from = from.no;
+        match msg {
+            PeerMsg::Hello { .. } => {
+                warn!("tracker {from}: second hello");
+                self.close(link, now);
+            }
+            PeerMsg::Heartbeat => {}
+            PeerMsg::Status(status) => self.on_status(link, from, status, now),
+            PeerMsg::Forward { entries } => self.on_forward(entries),
+            PeerMsg::Batch(batch) => self.on_batch(link, from, batch, now),
+            PeerMsg::Ack { view, seq } => self.on_ack(from, view, seq),
+            PeerMsg::Commit { view, seq } => {
+                if view == self.claim.0 && from == self.claim.1 && seq > self.committed {
+                    self.committed = seq.min(self.applied);
+                    self.out.push_back(ReplicaOut::Committed(self.committed));
+                }
+            }
+            PeerMsg::Takeover { view, applied } => self.on_takeover(link, from, view, applied, now),
+            PeerMsg::TakeoverAck {
+                view,
+                serving,
+                applied,
+                catchup,
+            } => self.on_takeover_ack(link, from, view, serving, applied, catchup, now),
+            PeerMsg::JoinRequest => self.on_join_request(from),
+            PeerMsg::SnapshotPart { data } => {
+                if let Some(l) = self.links.get_mut(&link) {
+                    if (l.snapshot.len() + data.len()) as u64 > MAX_SNAPSHOT_LEN {
+                        warn!("tracker {from}: snapshot too large");
+                        self.close(link, now);
+                    } else {
+                        l.snapshot.extend_from_slice(&data);
+                    }
+                }
+            }
+            PeerMsg::Snapshot { view, seq, len } => {
+                self.on_snapshot(link, from, view, seq, len, now)
+            }
+        }
+    }
+
+    /// Heartbeats, dead links, waits that ran out, sessions whose grace ended.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+        let mut dead = Vec::new();
+        let mut quiet = Vec::new();
+        for (id, l) in &self.links {
+            if now.saturating_duration_since(l.last_heard) >= self.t.peer_timeout {
+                dead.push(*id);
+            } else if now.saturating_duration_since(l.last_sent) >= self.t.heartbeat_every
+                && l.peer.is_some()
+            {
+                quiet.push(*id);
+            }
+        }
+        for id in dead {
+            warn!(
+                "tracker link {id}: silent for {:?}; closing",
+                self.t.peer_timeout
+            );
+            self.close(id, now);
+        }
+        for id in quiet {
+            self.send(id, PeerMsg::Heartbeat);
+            self.touch(id, now);
+        }
+        if self.role == Role::Starting
+            && now.saturating_duration_since(self.started) >= self.t.discovery_timeout
+        {
+            self.dialing.clear();
+            self.decide(now);
+        }
+        if self.takeover_deadline.is_some_and(|d| d <= now) {
+            self.takeover_deadline = None;
+            if self.role == Role::Backup && !self.peer_link.contains_key(&self.claim.1) {
+                warn!(
+                    "no takeover came from tracker {}; taking over",
+                    self.claim.1
+                );
+                self.take_over(now);
+            }
+        }
+        if self.role == Role::Primary {
+            let expired: Vec<TrackerRef> = self
+                .grace
+                .iter()
+                .filter(|(_, end)| **end <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            for tracker in expired {
+                self.grace.remove(&tracker);
+                info!(
+                    "sessions of tracker {} (run {:x}) did not move in time; ending them",
+                    tracker.no, tracker.incarnation
+                );
+                self.submit(Entry {
+                    origin: None,
+                    op: Op::ExpireSessions { tracker },
+                });
+            }
+        }
+    }
+
+    /// When `handle_timeout` next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for l in self.links.values() {
+            at(l.last_heard + self.t.peer_timeout);
+            if l.peer.is_some() {
+                at(l.last_sent + self.t.heartbeat_every);
+            }
+        }
+        if self.role == Role::Starting {
+            at(self.started + self.t.discovery_timeout);
+        }
+        if let Some(d) = self.takeover_deadline {
+            at(d);
+        }
+        if self.role == Role::Primary {
+            for end in self.grace.values() {
+                at(*end);
+            }
+        }
+        next
+    }
+
+    // ---- links ----
+
+    fn send(&mut self, link: ConnId, msg: PeerMsg) {
+        self.out.push_back(ReplicaOut::Send(link, msg));
+    }
+
+    fn touch(&mut self, link: ConnId, now: Instant) {
+        if let Some(l) = self.links.get_mut(&link) {
+            l.last_sent = now;
+        }
+    }
+
+    fn send_to(&mut self, no: u16, msg: PeerMsg) {
+        if let Some(link) = self.peer_link.get(&no).copied() {
+            self.send(link, msg);
+        }
+    }
+
+    fn broadcast_status(&mut self) {
+        let status = self.status();
+        let links: Vec<ConnId> = self.peer_link.values().copied().collect();
+        for link in links {
+            self.send(link, PeerMsg::Status(status));
+        }
+    }
+
+    fn status(&self) -> PeerStatus {
+        if self.is_serving() {
+            PeerStatus::Serving {
+                view: self.claim.0,
+                primary: self.claim.1,
+            }
+        } else {
+            PeerStatus::Starting
+        }
+    }
+
+    /// Closes a link as if it had failed.
+    fn close(&mut self, link: ConnId, now: Instant) {
+        self.out.push_back(ReplicaOut::Close(link));
+        self.handle_closed(link, now);
+    }
+
+    fn handle_hello(&mut self, link: ConnId, peer: TrackerRef, now: Instant) {
+        let dialed = self.links.get(&link).and_then(|l| l.dialed);
+        if peer.no == self.me.no || peer.no == 0 || peer.no > self.n_trackers {
+            warn!(
+                "tracker link {link}: hello from tracker {}, not a peer",
+                peer.no
+            );
+            return self.close(link, now);
+        }
+        if dialed.is_some_and(|no| no != peer.no) {
+            warn!("dialed tracker {dialed:?} but tracker {} answered", peer.no);
+            return self.close(link, now);
+        }
+        if let Some(l) = self.links.get_mut(&link) {
+            l.peer = Some(peer);
+        }
+        if let Some(no) = dialed {
+            self.dialing.remove(&no);
+        }
+        if let Some(old) = self.peer_link.get(&peer.no).copied() {
+            let old_peer = self.links.get(&old).and_then(|l| l.peer);
+            if old_peer.is_some_and(|p| p.incarnation == peer.incarnation) {
+                // Both sides dialed: keep the link dialed by the lower-numbered tracker.
+                let old_dialer = if self.links.get(&old).and_then(|l| l.dialed).is_some() {
+                    self.me.no
+                } else {
+                    peer.no
+                };
+                let new_dialer = if dialed.is_some() {
+                    self.me.no
+                } else {
+                    peer.no
+                };
+                let (keep, drop) = if new_dialer < old_dialer {
+                    (link, old)
+                } else {
+                    (old, link)
+                };
+                debug!("tracker {}: two links; keeping {keep}", peer.no);
+                self.peer_link.insert(peer.no, keep);
+                self.links.remove(&drop);
+                self.out.push_back(ReplicaOut::Close(drop));
+                return;
+            }
+            // The tracker restarted: its old link is stale.
+            info!("tracker {} restarted", peer.no);
+            self.peer_link.remove(&peer.no);
+            self.links.remove(&old);
+            self.out.push_back(ReplicaOut::Close(old));
+            self.peer_link.insert(peer.no, link);
+            self.peer_lost(peer.no, now);
+            return;
+        }
+        info!("tracker {} linked", peer.no);
+        self.peer_link.insert(peer.no, link);
+    }
+
+    /// Tracker `no` is gone (dead, or restarted and about to rejoin).
+    fn peer_lost(&mut self, no: u16, now: Instant) {
+        self.joiners.remove(&no);
+        if self.members.remove(&no) {
+            info!("tracker {no} left the members");
+        }
+        if let Some(f) = self.in_flight.as_mut() {
+            f.waiting.remove(&no);
+        }
+        match self.role.clone() {
+            Role::Primary => {
+                self.try_commit();
+                self.scan_grace(now);
+            }
+            Role::Taking { mut waiting } => {
+                // An offer from `no` stays usable: its catch-up arrived with it.
+                waiting.remove(&no);
+                self.role = Role::Taking { waiting };
+                self.finish_takeover(now);
+            }
+            Role::Backup if no == self.claim.1 => {
+                info!("primary (tracker {no}) lost");
+                self.elect(now);
+            }
+            Role::Backup => {
+                // The tracker this backup waits for as the next primary may be the one lost.
+                if !self.peer_link.contains_key(&self.claim.1) {
+                    self.elect(now);
+                }
+            }
+            Role::Joining { primary } if primary == no => {
+                self.role = Role::Starting;
+                self.decide(now);
+            }
+            Role::Joining { .. } | Role::Starting => self.decide(now),
+        }
+    }
+
+    fn on_status(&mut self, link: ConnId, from: u16, status: PeerStatus, now: Instant) {
+        if let Some(l) = self.links.get_mut(&link) {
+            l.status = Some(status);
+        }
+        if let PeerStatus::Serving { view, primary } = status {
+            if primary == from && beats((view, primary), self.claim) {
+                // A primary whose takeover did not include this tracker: its state may be
+                // ahead of ours, so take its state.
+                info!("tracker {from} is primary of view {view}; taking its state");
+                if self.is_serving() {
+                    self.stop_serving();
+                }
+                self.claim = (view, primary);
+                self.join(primary);
+                return;
+            }
+        }
+        match self.role {
+            Role::Starting => self.decide(now),
+            Role::Backup if !self.peer_link.contains_key(&self.claim.1) => self.elect(now),
+            _ => {}
+        }
+    }
+
+    // ---- starting and joining ----
+
+    /// A starting tracker decides, once it knows who is up, whether to join a primary, wait,
+    /// or become primary itself.
+    fn decide(&mut self, now: Instant) {
+        if self.role != Role::Starting {
+            return;
+        }
+        let mut unknown = false;
+        let mut primaries = Vec::new();
+        let mut serving = false;
+        let mut lower_starting = false;
+        for (no, link) in &self.peer_link {
+            match self.links.get(link).and_then(|l| l.status) {
+                None => unknown = true,
+                Some(PeerStatus::Serving { view, primary }) => {
+                    serving = true;
+                    if primary == *no {
+                        primaries.push((view, primary));
+                    }
+                }
+                Some(PeerStatus::Starting) => lower_starting |= *no < self.me.no,
+            }
+        }
+        let discovering = now.saturating_duration_since(self.started) < self.t.discovery_timeout;
+        if discovering && (unknown || !self.dialing.is_empty()) {
+            return;
+        }
+        if let Some(best) = primaries
+            .into_iter()
+            .reduce(|a, b| if beats(b, a) { b } else { a })
+        {
+            if beats(best, self.claim) {
+                self.claim = best;
+            }
+            if best == self.claim {
+                self.join(best.1);
+            }
+            return;
+        }
+        if serving || lower_starting {
+            // A takeover is under way, or a lower-numbered tracker will start the service.
+            return;
+        }
+        let view = self.claim.0 + 1;
+        info!(
+            "no other tracker serves: starting the service as primary of view {view} with the state held ({} entries)",
+            self.applied
+        );
+        self.claim = (view, self.me.no);
+        self.become_primary(now);
+    }
+
+    fn join(&mut self, primary: u16) {
+        if !self.peer_link.contains_key(&primary) {
+            self.role = Role::Starting;
+            return;
+        }
+        if self.role == (Role::Joining { primary }) {
+            return;
+        }
+        info!("asking tracker {primary} for the state");
+        self.role = Role::Joining { primary };
+        if let Some(link) = self.peer_link.get(&primary).copied() {
+            if let Some(l) = self.links.get_mut(&link) {
+                l.snapshot.clear();
+            }
+        }
+        self.send_to(primary, PeerMsg::JoinRequest);
+    }
+
+    fn stop_serving(&mut self) {
+        let was_primary = matches!(self.role, Role::Primary | Role::Taking { .. });
+        self.role = Role::Starting;
+        self.in_flight = None;
+        self.members.clear();
+        self.joiners.clear();
+        self.offer = None;
+        if was_primary {
+            // Our unordered changes go to the new primary once we follow it.
+            while let Some(e) = self.next.pop_back() {
+                self.held.push_front(e);
+            }
+        }
+        let mut forwarded = self.take_forwarded();
+        while let Some(e) = forwarded.pop_back() {
+            self.held.push_front(e);
+        }
+        self.out.push_back(ReplicaOut::Serving(false));
+    }
+
+    fn on_join_request(&mut self, from: u16) {
+        if !matches!(self.role, Role::Primary | Role::Taking { .. }) {
+            debug!("tracker {from} asked for the state, but this tracker is not primary");
+            return;
+        }
+        self.members.remove(&from);
+        if let Some(f) = self.in_flight.as_mut() {
+            f.waiting.remove(&from);
+        }
+        self.joiners.insert(from);
+        if self.role == Role::Primary {
+            self.try_commit();
+            self.send_batch();
+        }
+    }
+
+    /// Sends the state to one tracker, as snapshot parts and a closing message.
+    fn send_snapshot(&mut self, to: u16) {
+        let mut bytes = Vec::new();
+        self.state.encode_snapshot(&mut bytes);
+        let len = bytes.len() as u64;
+        for part in bytes.chunks(SNAPSHOT_PART_LEN) {
+            self.send_to(
+                to,
+                PeerMsg::SnapshotPart {
+                    data: part.to_vec(),
+                },
+            );
+        }
+        info!(
+            "sent the state after entry {} ({len} bytes) to tracker {to}",
+            self.applied
+        );
+        self.send_to(
+            to,
+            PeerMsg::Snapshot {
+                view: self.claim.0,
+                seq: self.applied,
+                len,
+            },
+        );
+    }
+
+    fn on_snapshot(
+        &mut self,
+        link: ConnId,
+        from: u16,
+        view: u64,
+        seq: u64,
+        len: u64,
+        now: Instant,
+    ) {
+        let bytes = match self.links.get_mut(&link) {
+            Some(l) => std::mem::take(&mut l.snapshot),
+            None => return,
+        };
+        if self.role != (Role::Joining { primary: from }) || view < self.claim.0 {
+            debug!("ignoring a snapshot from tracker {from}");
+            return;
+        }
+        if bytes.len() as u64 != len {
+            warn!(
+                "tracker {from}: snapshot of {} bytes, announced {len}",
+                bytes.len()
+            );
+            return self.close(link, now);
+        }
+        let state = match TrackerState::decode_snapshot(&bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                error!("tracker {from}: bad snapshot: {e}");
+                return self.close(link, now);
+            }
+        };
+        self.install(state, seq);
+        self.claim = (view, from);
+        self.role = Role::Backup;
+        info!("caught up from tracker {from} at entry {seq} ({len} bytes); serving in view {view}");
+        self.out.push_back(ReplicaOut::Serving(true));
+        self.send_to(from, PeerMsg::Ack { view, seq });
+        self.broadcast_status();
+        self.release_held();
+    }
+
+    fn install(&mut self, state: TrackerState, seq: u64) {
+        self.state = state;
+        self.applied = seq;
+        self.committed = seq;
+        self.last_batch = None;
+        self.out.push_back(ReplicaOut::StateReplaced(seq));
+        // Changes forwarded before may or may not be in the snapshot: send them again
+        // (a change with a client id is not applied twice).
+    }
+
+    /// Sends what was held while no primary was known.
+    fn release_held(&mut self) {
+        while let Some(e) = self.held.pop_front() {
+            match self.role {
+                Role::Primary => self.next.push_back(e),
+                Role::Backup => self.forward(e),
+                _ => {
+                    self.held.push_front(e);
+                    return;
+                }
+            }
+        }
+        if self.role == Role::Primary {
+            self.send_batch();
+        }
+    }
+
+    fn forward(&mut self, entry: Entry) {
+        self.send_to(
+            self.claim.1,
+            PeerMsg::Forward {
+                entries: vec![entry.clone()],
+            },
+        );
+        if let Some(o) = entry.origin {
+            *self.forwarded_origins.entry(o).or_insert(0) += 1;
+        }
+        self.forwarded.push_back(entry);
+    }
+
+    /// `entry` was applied: it is no longer waiting to be.
+    fn unforward(&mut self, entry: &Entry) {
+        let pos = if self.forwarded.front() == Some(entry) {
+            Some(0)
+        } else if entry
+            .origin
+            .is_some_and(|o| self.forwarded_origins.contains_key(&o))
+        {
+            self.forwarded.iter().position(|f| f == entry)
+        } else {
+            None
+        };
+        if let Some(e) = pos.and_then(|p| self.forwarded.remove(p)) {
+            self.forget_origin(&e);
+        }
+    }
+
+    fn forget_origin(&mut self, e: &Entry) {
+        if let Some(o) = e.origin {
+            if let Some(n) = self.forwarded_origins.get_mut(&o) {
+                *n -= 1;
+                if *n == 0 {
+                    self.forwarded_origins.remove(&o);
+                }
+            }
+        }
+    }
+
+    /// Takes every forwarded entry back (to order or hold them elsewhere).
+    fn take_forwarded(&mut self) -> VecDeque<Entry> {
+        self.forwarded_origins.clear();
+        std::mem::take(&mut self.forwarded)
+    }
+
+    /// Forwards again everything not seen applied (to a new primary).
+    fn reforward(&mut self) {
+        if self.forwarded.is_empty() {
+            return;
+        }
+        let entries: Vec<Entry> = self.forwarded.iter().cloned().collect();
+        debug!("forwarding {} changes again", entries.len());
+        self.send_to(self.claim.1, PeerMsg::Forward { entries });
+    }
+
+    // ---- ordering ----
+
+    fn on_forward(&mut self, entries: Vec<Entry>) {
+        match self.role {
+            Role::Primary | Role::Taking { .. } => {
+                self.next.extend(entries);
+                self.send_batch();
+            }
+            Role::Backup => {
+                for e in entries {
+                    self.forward(e);
+                }
+            }
+            Role::Starting | Role::Joining { .. } => self.held.extend(entries),
+        }
+    }
+
+    /// Applies one entry at the next sequence number.
+    fn apply(&mut self, entry: &Entry) {
+        let answer = self.state.apply_entry(entry);
+        self.applied += 1;
+        self.unforward(entry);
+        self.out.push_back(ReplicaOut::Applied {
+            seq: self.applied,
+            origin: entry.origin,
+            answer,
+        });
+    }
+
+    /// Primary: orders the waiting changes into a batch if none is in flight.
+    fn send_batch(&mut self) {
+        let now = self.now;
+        if self.role != Role::Primary {
+            return;
+        }
+        while self.in_flight.is_none() {
+            if !self.joiners.is_empty() {
+                let joiners = std::mem::take(&mut self.joiners);
+                for j in joiners {
+                    if self.peer_link.contains_key(&j) {
+                        self.send_snapshot(j);
+                        self.members.insert(j);
+                    }
+                }
+            }
+            if self.next.is_empty() {
+                return;
+            }
+            let mut entries = Vec::new();
+            let mut bytes = 0;
+            while let Some(e) = self.next.front() {
+                let size = entry_size(e);
+                if !entries.is_empty()
+                    && (entries.len() >= MAX_BATCH_ENTRIES || bytes + size > MAX_BATCH_BYTES)
+                {
+                    break;
+                }
+                bytes += size;
+                if let Some(e) = self.next.pop_front() {
+                    entries.push(e);
+                }
+            }
+            let first_seq = self.applied + 1;
+            let mut moved_sessions = false;
+            for e in &entries {
+                self.apply(e);
+                moved_sessions |= matches!(
+                    e.op,
+                    Op::OpenSession { tracker, .. } | Op::ResumeSession { tracker, .. }
+                        if tracker != self.me
+                );
+            }
+            if moved_sessions {
+                // A session arrived from a tracker that may have died since.
+                self.scan_grace(now);
+            }
+            let batch = Batch {
+                view: self.claim.0,
+                first_seq,
+                entries,
+            };
+            let members: Vec<u16> = self.members.iter().copied().collect();
+            for m in &members {
+                self.send_to(*m, PeerMsg::Batch(batch.clone()));
+            }
+            self.last_batch = Some(batch);
+            self.in_flight = Some(InFlight {
+                last_seq: self.applied,
+                waiting: members.into_iter().collect(),
+            });
+            self.try_commit();
+        }
+    }
+
+    /// Primary: commits the batch in flight once every member holds it.
+    fn try_commit(&mut self) {
+        let Some(f) = &self.in_flight else {
+            return;
+        };
+        if !f.waiting.is_empty() {
+            return;
+        }
+        let seq = f.last_seq;
+        self.in_flight = None;
+        if seq > self.committed {
+            self.committed = seq;
+            self.out.push_back(ReplicaOut::Committed(seq));
+            let members: Vec<u16> = self.members.iter().copied().collect();
+            for m in members {
+                self.send_to(
+                    m,
+                    PeerMsg::Commit {
+                        view: self.claim.0,
+                        seq,
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_ack(&mut self, from: u16, view: u64, seq: u64) {
+        if view != self.claim.0 || self.role != Role::Primary {
+            return;
+        }
+        if let Some(f) = self.in_flight.as_mut() {
+            if seq >= f.last_seq {
+                f.waiting.remove(&from);
+            }
+        }
+        self.try_commit();
+        self.send_batch();
+    }
+
+    fn on_batch(&mut self, link: ConnId, from: u16, batch: Batch, now: Instant) {
+        if (batch.view, from) != self.claim || self.role != Role::Backup {
+            debug!(
+                "ignoring a batch of view {} from tracker {from}",
+                batch.view
+            );
+            return;
+        }
+        if batch.first_seq > self.applied + 1 {
+            error!(
+                "tracker {from} sent entries from {} but this tracker has applied up to {}; asking for the state",
+                batch.first_seq, self.applied
+            );
+            self.stop_serving();
+            self.join(from);
+            return;
+        }
+        let skip = (self.applied + 1 - batch.first_seq) as usize;
+        for e in batch.entries.iter().skip(skip) {
+            self.apply(e);
+        }
+        let view = batch.view;
+        self.last_batch = Some(batch);
+        self.send(
+            link,
+            PeerMsg::Ack {
+                view,
+                seq: self.applied,
+            },
+        );
+        self.touch(link, now);
+    }
+
+    // ---- takeover ----
+
+    /// The primary is gone: the lowest-numbered serving tracker takes over.
+    fn elect(&mut self, now: Instant) {
+        if self.role != Role::Backup {
+            return;
+        }
+        let mut lowest = self.me.no;
+        for (no, link) in &self.peer_link {
+            let serving = matches!(
+                self.links.get(link).and_then(|l| l.status),
+                Some(PeerStatus::Serving { .. })
+            );
+            if serving && *no < lowest {
+                lowest = *no;
+            }
+        }
+        if lowest == self.me.no {
+            self.take_over(now);
+        } else {
+            info!("waiting for tracker {lowest} to take over");
+            self.takeover_deadline = Some(now + self.t.takeover_wait);
+        }
+    }
+
+    fn take_over(&mut self, now: Instant) {
+        let view = self.claim.0 + 1;
+        self.claim = (view, self.me.no);
+        self.takeover_deadline = None;
+        let waiting: BTreeSet<u16> = self.peer_link.keys().copied().collect();
+        info!(
+            "taking over as primary of view {view} at entry {}; asking {waiting:?}",
+            self.applied
+        );
+        self.members.clear();
+        self.offer = None;
+        // Changes forwarded to the old primary are ordered here now.
+        let mut forwarded = self.take_forwarded();
+        while let Some(e) = forwarded.pop_back() {
+            self.next.push_front(e);
+        }
+        for no in &waiting {
+            self.send_to(
+                *no,
+                PeerMsg::Takeover {
+                    view,
+                    applied: self.applied,
+                },
+            );
+        }
+        self.role = Role::Taking { waiting };
+        self.finish_takeover(now);
+    }
+
+    fn on_takeover(&mut self, link: ConnId, from: u16, view: u64, applied: u64, now: Instant) {
+        if !beats((view, from), self.claim) {
+            debug!("ignoring the takeover of view {view} by tracker {from}");
+            return;
+        }
+        self.claim = (view, from);
+        self.takeover_deadline = None;
+        if !self.is_serving() {
+            self.send(
+                link,
+                PeerMsg::TakeoverAck {
+                    view,
+                    serving: false,
+                    applied: 0,
+                    catchup: Catchup::None,
+                },
+            );
+            self.role = Role::Starting;
+            self.join(from);
+            return;
+        }
+        if matches!(self.role, Role::Primary | Role::Taking { .. }) {
+            info!("tracker {from} takes over view {view}; stepping down");
+            self.in_flight = None;
+            self.members.clear();
+            self.joiners.clear();
+            self.offer = None;
+            let mut mine = std::mem::take(&mut self.next);
+            while let Some(e) = mine.pop_back() {
+                if let Some(o) = e.origin {
+                    *self.forwarded_origins.entry(o).or_insert(0) += 1;
+                }
+                self.forwarded.push_front(e);
+            }
+        }
+        self.role = Role::Backup;
+        let catchup = if self.applied <= applied {
+            Catchup::None
+        } else {
+            match &self.last_batch {
+                Some(b) if b.first_seq <= applied + 1 => {
+                    let skip = (applied + 1 - b.first_seq) as usize;
+                    Catchup::Batch(Batch {
+                        view: b.view,
+                        first_seq: applied + 1,
+                        entries: b.entries.iter().skip(skip).cloned().collect(),
+                    })
+                }
+                _ => {
+                    self.send_snapshot(from);
+                    Catchup::Snapshot
+                }
+            }
+        };
+        self.send(
+            link,
+            PeerMsg::TakeoverAck {
+                view,
+                serving: true,
+                applied: self.applied,
+                catchup,
+            },
+        );
+        self.touch(link, now);
+        self.reforward();
+        self.broadcast_status();
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_takeover_ack(
+        &mut self,
+        link: ConnId,
+        from: u16,
+        view: u64,
+        serving: bool,
+        applied: u64,
+        catchup: Catchup,
+        now: Instant,
+    ) {
+        let Role::Taking { mut waiting } = self.role.clone() else {
+            return;
+        };
+        if view != self.claim.0 || !waiting.remove(&from) {
+            return;
+        }
+        if serving {
+            self.members.insert(from);
+            let best = self.offer.as_ref().map_or(self.applied, |o| o.applied);
+            let snapshot = match (&catchup, self.links.get_mut(&link)) {
+                (Catchup::Snapshot, Some(l)) => std::mem::take(&mut l.snapshot),
+                _ => Vec::new(),
+            };
+            if applied > best {
+                self.offer = Some(Offer {
+                    applied,
+                    from,
+                    catchup,
+                    snapshot,
+                });
+            }
+        }
+        self.role = Role::Taking { waiting };
+        self.finish_takeover(now);
+    }
+
+    /// Completes a takeover once every linked tracker has answered.
+    fn finish_takeover(&mut self, now: Instant) {
+        let Role::Taking { waiting } = &self.role else {
+            return;
+        };
+        if !waiting.is_empty() {
+            return;
+        }
+        if let Some(offer) = self.offer.take() {
+            match offer.catchup {
+                Catchup::Batch(b) if b.first_seq <= self.applied + 1 => {
+                    let skip = (self.applied + 1 - b.first_seq) as usize;
+                    for e in b.entries.iter().skip(skip) {
+                        self.apply(e);
+                    }
+                    self.last_batch = Some(b);
+                }
+                Catchup::Snapshot => match TrackerState::decode_snapshot(&offer.snapshot) {
+                    Ok(state) => self.install(state, offer.applied),
+                    Err(e) => error!("tracker {}: bad snapshot: {e}", offer.from),
+                },
+                _ => error!(
+                    "tracker {} is at entry {} but sent nothing to catch up from {}",
+                    offer.from, offer.applied, self.applied
+                ),
+            }
+        }
+        info!(
+            "primary of view {} at entry {}; members {:?}",
+            self.claim.0, self.applied, self.members
+        );
+        self.role = Role::Primary;
+        // Bring lagging members up: they all answered with their position, but only the
+        // latest batch (or the state) is at hand, so every member gets what it may lack.
+        let members: Vec<u16> = self.members.iter().copied().collect();
+        let mut waiting = BTreeSet::new();
+        for m in members {
+            match &self.last_batch {
+                Some(b) => {
+                    self.send_to(
+                        m,
+                        PeerMsg::Batch(Batch {
+                            view: self.claim.0,
+                            ..b.clone()
+                        }),
+                    );
+                }
+                None => self.send_empty_batch(m),
+            }
+            waiting.insert(m);
+        }
+        self.in_flight = Some(InFlight {
+            last_seq: self.applied,
+            waiting,
+        });
+        self.broadcast_status();
+        self.out.push_back(ReplicaOut::Serving(true));
+        self.try_commit();
+        self.release_held();
+        self.send_batch();
+        self.scan_grace(now);
+    }
+
+    /// With no batch at hand every member is at this tracker's point (a member further on
+    /// would have offered its batch): an empty batch makes it acknowledge the new view.
+    fn send_empty_batch(&mut self, m: u16) {
+        self.send_to(
+            m,
+            PeerMsg::Batch(Batch {
+                view: self.claim.0,
+                first_seq: self.applied + 1,
+                entries: Vec::new(),
+            }),
+        );
+    }
+
+    fn become_primary(&mut self, now: Instant) {
+        self.role = Role::Primary;
+        self.members.clear();
+        self.in_flight = None;
+        self.out.push_back(ReplicaOut::Serving(true));
+        self.broadcast_status();
+        self.release_held();
+        self.scan_grace(now);
+    }
+
+    // ---- sessions of dead trackers ----
+
+    /// Primary: starts the grace period of every tracker run holding sessions that is not live.
+    fn scan_grace(&mut self, now: Instant) {
+        let mut live: BTreeSet<TrackerRef> = BTreeSet::new();
+        live.insert(self.me);
+        for link in self.peer_link.values() {
+            if let Some(p) = self.links.get(link).and_then(|l| l.peer) {
+                live.insert(p);
+            }
+        }
+        let holders: BTreeSet<TrackerRef> = self
+            .state
+            .sessions()
+            .map(|(_, s)| s.tracker)
+            .filter(|t| !live.contains(t))
+            .collect();
+        self.grace.retain(|t, _| holders.contains(t));
+        for t in holders {
+            self.grace.entry(t).or_insert_with(|| {
+                info!(
+                    "tracker {} (run {:x}) is not live: its sessions end in {:?} unless they move",
+                    t.no, t.incarnation, self.t.session_grace
+                );
+                now + self.t.session_grace
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "replica_tests.rs"]
+mod tests;

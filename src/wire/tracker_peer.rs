@@ -1,0 +1,625 @@
+//! Messages of the tracker-to-tracker link.
+//!
+//! A tracker dials every other tracker of the file when it starts and accepts links from them
+//! at any time, on the same port clients use. The dialing side opens with the client-link
+//! handshake frame in its tracker form (`ClientMsg::Hello` with `Role::Tracker`); the accepting
+//! side answers with [`PeerMsg::Hello`], which has the same layout. After that both sides send
+//! [`PeerMsg`]s, the first of them a [`PeerMsg::Status`]. Frames are at most
+//! [`MAX_TRACKER_PEER_FRAME`] bytes; the replication protocol that uses them is described in
+//! `tracker::replica`.
+//!
+//! Same contract as the rest of `wire`: `parse` never panics and is a [`DecodeError`] on any
+//! malformed frame (including bytes left over after the last field), `emit` never panics, and
+//! every count is checked against the bytes that remain before anything is allocated. The
+//! encoding is canonical: a frame that parses emits back to exactly the same bytes.
+//!
+//! Field types, big-endian:
+//! - `str`: `u16 len | UTF-8 bytes`; user and group ids (1 to 64 bytes), file names (1 to 255)
+//!   and password hashes (at most [`MAX_PW_HASH_LEN`] bytes, may be empty)
+//! - `addr`: `u8 family (4|6) | 4 or 16 address bytes | u16 port`
+//! - `file_meta`: `str name | u64 size | u32 piece_len | sha1 file_sha1 | u32 n | sha1 * n`
+//!   (as on the client link: `piece_len` in 1..=16 MiB, `n` matches the size)
+//! - `tracker_ref`: `u16 no | u64 incarnation`
+//! - `token`: 16 bytes
+//! - `entry`: `u8 has_origin (0|1) | (u64 client | u64 req_id)? | op`
+//! - `op`: `u8 kind | fields` (the kinds and their fields are listed at [`encode_op`])
+//! - `batch`: `u64 view | u64 first_seq | u32 n | entry * n`
+//!
+//! Frames (after `u32 length | u8 type`):
+//! - `0x01` Hello: `u32 magic | u16 version | u8 role (2) | tracker_ref`
+//! - `0x40` Status: `u8 serving (0|1) | (u64 view | u16 primary)?`
+//! - `0x41` Heartbeat: no fields
+//! - `0x42` Forward: `u32 n | entry * n`
+//! - `0x43` Batch: `batch`
+//! - `0x44` Ack: `u64 view | u64 seq`
+//! - `0x45` Commit: `u64 view | u64 seq`
+//! - `0x46` Takeover: `u64 view | u64 applied`
+//! - `0x47` TakeoverAck: `u64 view | u8 serving (0|1) | u64 applied | u8 kind | batch?`, kind
+//!   0 none, 1 batch (followed by the `batch`), 2 snapshot
+//! - `0x48` JoinRequest: no fields
+//! - `0x49` SnapshotPart: `u32 len | bytes` (`len` at most [`SNAPSHOT_PART_LEN`])
+//! - `0x4a` Snapshot: `u64 view | u64 seq | u64 len` (`len` at most [`MAX_SNAPSHOT_LEN`])
+
+use super::codec::*;
+use super::frame;
+use super::ids::{FileName, GroupId, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN};
+use super::tracker_link::FileMeta;
+use super::PROTOCOL_MAGIC;
+use crate::tracker::state::{Entry, Op, Origin, SessionId, TrackerRef};
+
+/// Largest frame on a tracker-to-tracker link: one forwarded `upload_file` entry can be as large
+/// as a client frame (16 MiB), plus room for the batch around it.
+pub const MAX_TRACKER_PEER_FRAME: usize = 32 * 1024 * 1024;
+/// Bytes of snapshot carried per [`PeerMsg::SnapshotPart`].
+pub const SNAPSHOT_PART_LEN: usize = 4 * 1024 * 1024;
+/// Largest snapshot a tracker accepts (sum of its parts).
+pub const MAX_SNAPSHOT_LEN: u64 = 4 * 1024 * 1024 * 1024;
+/// Longest password hash (a PHC string) an op may carry, in bytes.
+pub const MAX_PW_HASH_LEN: usize = 512;
+
+/// What a tracker says about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerStatus {
+    /// Not serving clients: starting, or copying the state.
+    Starting,
+    /// Serving clients in `view`, whose primary is tracker `primary`.
+    Serving { view: u64, primary: u16 },
+}
+
+/// Consecutive entries in the primary's order, starting at sequence number `first_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub view: u64,
+    pub first_seq: u64,
+    pub entries: Vec<Entry>,
+}
+
+/// What a tracker hands a new primary along with its takeover acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Catchup {
+    /// Nothing: the new primary is as far as this tracker.
+    None,
+    /// The last batch this tracker applied (the new primary lacks it).
+    Batch(Batch),
+    /// The whole state, sent just before as `SnapshotPart`s.
+    Snapshot,
+}
+
+/// Tracker to tracker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMsg {
+    /// `0x01`: `u32 magic | u16 version | u8 role (2) | u16 tracker_no | u64 incarnation`: the
+    /// accepting side's answer to a tracker's handshake.
+    Hello { version: u16, tracker: TrackerRef },
+    /// `0x40`: `u8 serving | (u64 view | u16 primary)?`: the sender's status, sent first and
+    /// whenever it changes.
+    Status(PeerStatus),
+    /// `0x41`: no fields; sent when a link has been quiet for a while.
+    Heartbeat,
+    /// `0x42`: `u32 n | entry * n`: changes a backup's clients asked for, for the primary to
+    /// order.
+    Forward { entries: Vec<Entry> },
+    /// `0x43`: `batch`: primary to backup; apply and acknowledge.
+    Batch(Batch),
+    /// `0x44`: `u64 view | u64 seq`: backup to primary; everything up to `seq` is applied.
+    Ack { view: u64, seq: u64 },
+    /// `0x45`: `u64 view | u64 seq`: primary to backup; everything up to `seq` is on every
+    /// live tracker, so answers waiting for it may go out.
+    Commit { view: u64, seq: u64 },
+    /// `0x46`: `u64 view | u64 applied`: the sender takes over as primary of `view`; it has
+    /// applied up to `applied`.
+    Takeover { view: u64, applied: u64 },
+    /// `0x47`: `u64 view | u8 serving | u64 applied | u8 kind | batch?`: answer to `Takeover`
+    /// (kind 0 none, 1 batch, 2 snapshot).
+    TakeoverAck {
+        view: u64,
+        serving: bool,
+        applied: u64,
+        catchup: Catchup,
+    },
+    /// `0x48`: no fields: a starting tracker asks the primary for the state.
+    JoinRequest,
+    /// `0x49`: `u32 len | bytes`: the next piece of a snapshot (at most `SNAPSHOT_PART_LEN`).
+    SnapshotPart { data: Vec<u8> },
+    /// `0x4a`: `u64 view | u64 seq | u64 len`: the snapshot sent in parts is complete; it is
+    /// the state after entry `seq`, `len` bytes long.
+    Snapshot { view: u64, seq: u64, len: u64 },
+}
+
+mod ty {
+    pub const HELLO: u8 = 0x01;
+    pub const STATUS: u8 = 0x40;
+    pub const HEARTBEAT: u8 = 0x41;
+    pub const FORWARD: u8 = 0x42;
+    pub const BATCH: u8 = 0x43;
+    pub const ACK: u8 = 0x44;
+    pub const COMMIT: u8 = 0x45;
+    pub const TAKEOVER: u8 = 0x46;
+    pub const TAKEOVER_ACK: u8 = 0x47;
+    pub const JOIN_REQUEST: u8 = 0x48;
+    pub const SNAPSHOT_PART: u8 = 0x49;
+    pub const SNAPSHOT: u8 = 0x4a;
+}
+
+/// The `kind` byte of each [`Op`] (see [`encode_op`]).
+mod kind {
+    pub const CREATE_USER: u8 = 1;
+    pub const OPEN_SESSION: u8 = 2;
+    pub const RESUME_SESSION: u8 = 3;
+    pub const CLOSE_SESSION: u8 = 4;
+    pub const CLIENT_GONE: u8 = 5;
+    pub const EXPIRE_SESSIONS: u8 = 6;
+    pub const CREATE_GROUP: u8 = 7;
+    pub const JOIN_GROUP: u8 = 8;
+    pub const LEAVE_GROUP: u8 = 9;
+    pub const ACCEPT_REQUEST: u8 = 10;
+    pub const REJECT_REQUEST: u8 = 11;
+    pub const SHARE_FILE: u8 = 12;
+    pub const STOP_SHARE: u8 = 13;
+}
+
+/// The role byte of a tracker's handshake (as on the client link).
+const ROLE_TRACKER: u8 = 2;
+
+/// `TakeoverAck` catchup kinds.
+const CATCHUP_NONE: u8 = 0;
+const CATCHUP_BATCH: u8 = 1;
+const CATCHUP_SNAPSHOT: u8 = 2;
+
+/// Fewest bytes an encoded op takes: `CreateUser` with a one-byte user id and an empty hash
+/// (`u8 kind | u16 len | 1 byte | u16 len`).
+const MIN_OP_LEN: usize = 1 + (2 + 1) + 2;
+/// Fewest bytes an encoded entry takes: no origin and the smallest op.
+pub(crate) const MIN_ENTRY_LEN: usize = 1 + MIN_OP_LEN;
+
+pub(crate) fn user_id(r: &mut Reader<'_>) -> Result<UserId, DecodeError> {
+    Ok(UserId::new(r.str16(MAX_ID_LEN)?)?)
+}
+
+pub(crate) fn group_id(r: &mut Reader<'_>) -> Result<GroupId, DecodeError> {
+    Ok(GroupId::new(r.str16(MAX_ID_LEN)?)?)
+}
+
+pub(crate) fn file_name(r: &mut Reader<'_>) -> Result<FileName, DecodeError> {
+    Ok(FileName::new(r.str16(MAX_FILE_NAME_LEN)?)?)
+}
+
+/// A password hash: a `str` of at most [`MAX_PW_HASH_LEN`] bytes (its PHC syntax is not
+/// checked here; the tracker that verifies a password does).
+pub(crate) fn pw_hash(r: &mut Reader<'_>) -> Result<String, DecodeError> {
+    Ok(r.str16(MAX_PW_HASH_LEN)?.to_owned())
+}
+
+/// `u16 no | u64 incarnation`.
+pub(crate) fn tracker_ref(r: &mut Reader<'_>) -> Result<TrackerRef, DecodeError> {
+    Ok(TrackerRef {
+        no: r.u16()?,
+        incarnation: r.u64()?,
+    })
+}
+
+pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
+    put_u16(out, t.no);
+    put_u64(out, t.incarnation);
+}
+
+/// Appends an op: `u8 kind | fields`, where each kind has these fields (types as in the module
+/// documentation):
+///
+/// - `1` CreateUser: `str user | str pw_hash` (at most [`MAX_PW_HASH_LEN`] bytes; a longer
+///   hash would not parse)
+/// - `2` OpenSession: `str user | addr peer_addr | tracker_ref | u64 client | token`
+/// - `3` ResumeSession: `token | tracker_ref | u64 client`
+/// - `4` CloseSession: `u64 session | tracker_ref`
+/// - `5` ClientGone: `u64 client | tracker_ref`
+/// - `6` ExpireSessions: `tracker_ref`
+/// - `7` CreateGroup: `u64 session | str group`
+/// - `8` JoinGroup: `u64 session | str group`
+/// - `9` LeaveGroup: `u64 session | str group`
+/// - `10` AcceptRequest: `u64 session | str group | str user`
+/// - `11` RejectRequest: `u64 session | str group | str user`
+/// - `12` ShareFile: `u64 session | str group | file_meta`
+/// - `13` StopShare: `u64 session | str group | str name`
+///
+/// Any other kind is [`DecodeError::BadValue`].
+pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
+    match op {
+        Op::CreateUser { user, pw_hash } => {
+            put_u8(out, kind::CREATE_USER);
+            put_str16(out, user.as_str());
+            put_str16(out, pw_hash);
+        }
+        Op::OpenSession {
+            user,
+            peer_addr,
+            tracker,
+            client,
+            token,
+        } => {
+            put_u8(out, kind::OPEN_SESSION);
+            put_str16(out, user.as_str());
+            put_socket_addr(out, peer_addr);
+            put_tracker_ref(out, tracker);
+            put_u64(out, *client);
+            out.extend_from_slice(token);
+        }
+        Op::ResumeSession {
+            token,
+            tracker,
+            client,
+        } => {
+            put_u8(out, kind::RESUME_SESSION);
+            out.extend_from_slice(token);
+            put_tracker_ref(out, tracker);
+            put_u64(out, *client);
+        }
+        Op::CloseSession { session, tracker } => {
+            put_u8(out, kind::CLOSE_SESSION);
+            put_u64(out, session.0);
+            put_tracker_ref(out, tracker);
+        }
+        Op::ClientGone { client, tracker } => {
+            put_u8(out, kind::CLIENT_GONE);
+            put_u64(out, *client);
+            put_tracker_ref(out, tracker);
+        }
+        Op::ExpireSessions { tracker } => {
+            put_u8(out, kind::EXPIRE_SESSIONS);
+            put_tracker_ref(out, tracker);
+        }
+        Op::CreateGroup { session, group }
+        | Op::JoinGroup { session, group }
+        | Op::LeaveGroup { session, group } => {
+            put_u8(
+                out,
+                match op {
+                    Op::CreateGroup { .. } => kind::CREATE_GROUP,
+                    Op::JoinGroup { .. } => kind::JOIN_GROUP,
+                    _ => kind::LEAVE_GROUP,
+                },
+            );
+            put_u64(out, session.0);
+            put_str16(out, group.as_str());
+        }
+        Op::AcceptRequest {
+            session,
+            group,
+            user,
+        }
+        | Op::RejectRequest {
+            session,
+            group,
+            user,
+        } => {
+            put_u8(
+                out,
+                match op {
+                    Op::AcceptRequest { .. } => kind::ACCEPT_REQUEST,
+                    _ => kind::REJECT_REQUEST,
+                },
+            );
+            put_u64(out, session.0);
+            put_str16(out, group.as_str());
+            put_str16(out, user.as_str());
+        }
+        Op::ShareFile {
+            session,
+            group,
+            meta,
+        } => {
+            put_u8(out, kind::SHARE_FILE);
+            put_u64(out, session.0);
+            put_str16(out, group.as_str());
+            meta.emit(out);
+        }
+        Op::StopShare {
+            session,
+            group,
+            name,
+        } => {
+            put_u8(out, kind::STOP_SHARE);
+            put_u64(out, session.0);
+            put_str16(out, group.as_str());
+            put_str16(out, name.as_str());
+        }
+    }
+}
+
+/// Reads an op written by [`encode_op`].
+pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
+    let op = match r.u8()? {
+        kind::CREATE_USER => Op::CreateUser {
+            user: user_id(r)?,
+            pw_hash: pw_hash(r)?,
+        },
+        kind::OPEN_SESSION => Op::OpenSession {
+            user: user_id(r)?,
+            peer_addr: r.socket_addr()?,
+            tracker: tracker_ref(r)?,
+            client: r.u64()?,
+            token: r.array()?,
+        },
+        kind::RESUME_SESSION => Op::ResumeSession {
+            token: r.array()?,
+            tracker: tracker_ref(r)?,
+            client: r.u64()?,
+        },
+        kind::CLOSE_SESSION => Op::CloseSession {
+            session: SessionId(r.u64()?),
+            tracker: tracker_ref(r)?,
+        },
+        kind::CLIENT_GONE => Op::ClientGone {
+            client: r.u64()?,
+            tracker: tracker_ref(r)?,
+        },
+        kind::EXPIRE_SESSIONS => Op::ExpireSessions {
+            tracker: tracker_ref(r)?,
+        },
+        kind::CREATE_GROUP => Op::CreateGroup {
+            session: SessionId(r.u64()?),
+            group: group_id(r)?,
+        },
+        kind::JOIN_GROUP => Op::JoinGroup {
+            session: SessionId(r.u64()?),
+            group: group_id(r)?,
+        },
+        kind::LEAVE_GROUP => Op::LeaveGroup {
+            session: SessionId(r.u64()?),
+            group: group_id(r)?,
+        },
+        kind::ACCEPT_REQUEST => Op::AcceptRequest {
+            session: SessionId(r.u64()?),
+            group: group_id(r)?,
+            user: user_id(r)?,
+        },
+        kind::REJECT_REQUEST => Op::RejectRequest {
+            session: SessionId(r.u64()?),
+            group: group_id(r)?,
+            user: user_id(r)?,
+        },
+        kind::SHARE_FILE => Op::ShareFile {
+            session: SessionId(r.u64()?),
+            group: group_id(r)?,
+            meta: FileMeta::parse(r)?,
+        },
+        kind::STOP_SHARE => Op::StopShare {
+            session: SessionId(r.u64()?),
+            group: group_id(r)?,
+            name: file_name(r)?,
+        },
+        _ => return Err(DecodeError::BadValue("op kind")),
+    };
+    Ok(op)
+}
+
+/// Appends an entry: `u8 has_origin | (u64 client | u64 req_id)? | op`.
+pub fn encode_entry(out: &mut Vec<u8>, e: &Entry) {
+    match e.origin {
+        Some(origin) => {
+            put_bool(out, true);
+            put_u64(out, origin.client);
+            put_u64(out, origin.req_id);
+        }
+        None => put_bool(out, false),
+    }
+    encode_op(out, &e.op);
+}
+
+/// Reads an entry written by [`encode_entry`].
+pub fn decode_entry(r: &mut Reader<'_>) -> Result<Entry, DecodeError> {
+    let origin = if r.bool()? {
+        Some(Origin {
+            client: r.u64()?,
+            req_id: r.u64()?,
+        })
+    } else {
+        None
+    };
+    Ok(Entry {
+        origin,
+        op: decode_op(r)?,
+    })
+}
+
+/// `u32 n | entry * n`.
+fn entries(r: &mut Reader<'_>) -> Result<Vec<Entry>, DecodeError> {
+    let n = r.count(MIN_ENTRY_LEN)?;
+    let mut entries = Vec::with_capacity(n);
+    for _ in 0..n {
+        entries.push(decode_entry(r)?);
+    }
+    Ok(entries)
+}
+
+fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
+    put_count(out, entries.len());
+    for e in entries {
+        encode_entry(out, e);
+    }
+}
+
+impl Batch {
+    /// `u64 view | u64 first_seq | u32 n | entry * n`.
+    fn parse(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Batch {
+            view: r.u64()?,
+            first_seq: r.u64()?,
+            entries: entries(r)?,
+        })
+    }
+
+    fn emit(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.view);
+        put_u64(out, self.first_seq);
+        put_entries(out, &self.entries);
+    }
+}
+
+impl PeerMsg {
+    /// Parses a frame payload (type byte + body).
+    pub fn parse(payload: &[u8]) -> Result<Self, DecodeError> {
+        let (frame_type, body) = frame::split(payload)?;
+        let mut r = Reader::new(body);
+        let msg = match frame_type {
+            ty::HELLO => {
+                let magic = r.u32()?;
+                if magic != PROTOCOL_MAGIC {
+                    return Err(DecodeError::BadMagic(magic));
+                }
+                let version = r.u16()?;
+                if r.u8()? != ROLE_TRACKER {
+                    return Err(DecodeError::BadValue("role"));
+                }
+                PeerMsg::Hello {
+                    version,
+                    tracker: tracker_ref(&mut r)?,
+                }
+            }
+            ty::STATUS => PeerMsg::Status(if r.bool()? {
+                PeerStatus::Serving {
+                    view: r.u64()?,
+                    primary: r.u16()?,
+                }
+            } else {
+                PeerStatus::Starting
+            }),
+            ty::HEARTBEAT => PeerMsg::Heartbeat,
+            ty::FORWARD => PeerMsg::Forward {
+                entries: entries(&mut r)?,
+            },
+            ty::BATCH => PeerMsg::Batch(Batch::parse(&mut r)?),
+            ty::ACK => PeerMsg::Ack {
+                view: r.u64()?,
+                seq: r.u64()?,
+            },
+            ty::COMMIT => PeerMsg::Commit {
+                view: r.u64()?,
+                seq: r.u64()?,
+            },
+            ty::TAKEOVER => PeerMsg::Takeover {
+                view: r.u64()?,
+                applied: r.u64()?,
+            },
+            ty::TAKEOVER_ACK => {
+                let view = r.u64()?;
+                let serving = r.bool()?;
+                let applied = r.u64()?;
+                let catchup = match r.u8()? {
+                    CATCHUP_NONE => Catchup::None,
+                    CATCHUP_BATCH => Catchup::Batch(Batch::parse(&mut r)?),
+                    CATCHUP_SNAPSHOT => Catchup::Snapshot,
+                    _ => return Err(DecodeError::BadValue("catchup kind")),
+                };
+                PeerMsg::TakeoverAck {
+                    view,
+                    serving,
+                    applied,
+                    catchup,
+                }
+            }
+            ty::JOIN_REQUEST => PeerMsg::JoinRequest,
+            ty::SNAPSHOT_PART => {
+                let len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
+                if len > SNAPSHOT_PART_LEN {
+                    return Err(DecodeError::BadValue("snapshot part too long"));
+                }
+                PeerMsg::SnapshotPart {
+                    data: r.bytes(len)?.to_vec(),
+                }
+            }
+            ty::SNAPSHOT => {
+                let view = r.u64()?;
+                let seq = r.u64()?;
+                let len = r.u64()?;
+                if len > MAX_SNAPSHOT_LEN {
+                    return Err(DecodeError::BadValue("snapshot too long"));
+                }
+                PeerMsg::Snapshot { view, seq, len }
+            }
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+
+    /// Appends the whole frame (length prefix included) to `out`.
+    ///
+    /// A `SnapshotPart` longer than [`SNAPSHOT_PART_LEN`] is cut at that length (so the frame
+    /// still parses; the receiver sees the loss when the total does not match
+    /// `Snapshot::len`): senders split the snapshot into parts of at most that size.
+    pub fn emit(&self, out: &mut Vec<u8>) {
+        let frame_type = match self {
+            PeerMsg::Hello { .. } => ty::HELLO,
+            PeerMsg::Status(_) => ty::STATUS,
+            PeerMsg::Heartbeat => ty::HEARTBEAT,
+            PeerMsg::Forward { .. } => ty::FORWARD,
+            PeerMsg::Batch(_) => ty::BATCH,
+            PeerMsg::Ack { .. } => ty::ACK,
+            PeerMsg::Commit { .. } => ty::COMMIT,
+            PeerMsg::Takeover { .. } => ty::TAKEOVER,
+            PeerMsg::TakeoverAck { .. } => ty::TAKEOVER_ACK,
+            PeerMsg::JoinRequest => ty::JOIN_REQUEST,
+            PeerMsg::SnapshotPart { .. } => ty::SNAPSHOT_PART,
+            PeerMsg::Snapshot { .. } => ty::SNAPSHOT,
+        };
+        let start = frame::begin(out, frame_type);
+        match self {
+            PeerMsg::Hello { version, tracker } => {
+                put_u32(out, PROTOCOL_MAGIC);
+                put_u16(out, *version);
+                put_u8(out, ROLE_TRACKER);
+                put_tracker_ref(out, tracker);
+            }
+            PeerMsg::Status(PeerStatus::Starting) => put_bool(out, false),
+            PeerMsg::Status(PeerStatus::Serving { view, primary }) => {
+                put_bool(out, true);
+                put_u64(out, *view);
+                put_u16(out, *primary);
+            }
+            PeerMsg::Heartbeat | PeerMsg::JoinRequest => {}
+            PeerMsg::Forward { entries } => put_entries(out, entries),
+            PeerMsg::Batch(batch) => batch.emit(out),
+            PeerMsg::Ack { view, seq } | PeerMsg::Commit { view, seq } => {
+                put_u64(out, *view);
+                put_u64(out, *seq);
+            }
+            PeerMsg::Takeover { view, applied } => {
+                put_u64(out, *view);
+                put_u64(out, *applied);
+            }
+            PeerMsg::TakeoverAck {
+                view,
+                serving,
+                applied,
+                catchup,
+            } => {
+                put_u64(out, *view);
+                put_bool(out, *serving);
+                put_u64(out, *applied);
+                match catchup {
+                    Catchup::None => put_u8(out, CATCHUP_NONE),
+                    Catchup::Batch(batch) => {
+                        put_u8(out, CATCHUP_BATCH);
+                        batch.emit(out);
+                    }
+                    Catchup::Snapshot => put_u8(out, CATCHUP_SNAPSHOT),
+                }
+            }
+            PeerMsg::SnapshotPart { data } => {
+                let data = data.get(..SNAPSHOT_PART_LEN).unwrap_or(data);
+                put_count(out, data.len());
+                out.extend_from_slice(data);
+            }
+            PeerMsg::Snapshot { view, seq, len } => {
+                put_u64(out, *view);
+                put_u64(out, *seq);
+                put_u64(out, *len);
+            }
+        }
+        frame::end(out, start);
+    }
+}
+
+#[cfg(test)]
+#[path = "tracker_peer_tests.rs"]
+mod tests;
