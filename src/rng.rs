@@ -1,8 +1,8 @@
 //! SplitMix64: a tiny seeded generator, deterministic for a given seed.
 //!
-//! The tracker draws session tokens from it (seeded from the OS by its driver), and the
-//! randomized tests draw their operations and bytes from it, so that a failing seed replays
-//! exactly. It is not a cryptographic generator.
+//! The randomized tests draw their operations and bytes from it, so that a failing seed replays
+//! exactly. It is not a cryptographic generator: secrets (session tokens) come from a keyed
+//! BLAKE2b in the tracker core instead.
 
 /// The generator's state is its one `u64`; `SplitMix64(seed)` starts a sequence.
 #[derive(Debug, Clone)]

@@ -86,6 +86,15 @@ impl Harness {
         outs
     }
 
+    /// Answers `req` with `body` when the command goes on afterwards (a download starting).
+    fn reply_busy(&mut self, req: &Request, body: ReplyBody) -> Vec<Output> {
+        self.core.handle_reply(Reply {
+            req_id: req.req_id,
+            body,
+        });
+        self.drain()
+    }
+
     /// Runs one command answered by the tracker with `body`.
     #[track_caller]
     fn run(&mut self, line: &str, body: ReplyBody) -> Vec<Output> {
@@ -939,4 +948,161 @@ fn tracker_lost_while_hashing_ends_in_one_failure() {
     assert!(!h.core.is_busy());
     assert_eq!(h.core.n_failed(), 1);
     assert!(h.core.shares().is_empty());
+}
+
+// =============================================================================================
+// Failover: what a new tracker link carries
+// =============================================================================================
+
+#[test]
+fn a_new_link_without_a_session_carries_only_what_is_in_flight() {
+    let mut h = Harness::new();
+    assert!(h.core.requests_for_new_link().is_empty());
+    let req = h.line_sends("create_user alice pw");
+    assert_eq!(h.core.requests_for_new_link(), vec![req.clone()]);
+    // Asked again (the next tracker too died): the same request, same id.
+    assert_eq!(h.core.requests_for_new_link(), vec![req.clone()]);
+    h.reply(&req, ReplyBody::Done);
+    assert!(h.core.requests_for_new_link().is_empty());
+}
+
+#[test]
+fn a_new_link_resumes_the_session_then_resends_the_command_with_its_id() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let cmd = h.line_sends("create_group g1");
+    let on_new_link = h.core.requests_for_new_link();
+    let [resume, again] = on_new_link.as_slice() else {
+        panic!("expected a resume and the command: {on_new_link:?}");
+    };
+    assert_eq!(resume.body, RequestBody::Resume { token: [9; 16] });
+    assert!(resume.req_id > cmd.req_id, "the resume has a fresh id");
+    assert_eq!(again, &cmd, "the command goes again with its original id");
+    // The resume answered: nothing to print, the session is kept.
+    h.core.handle_reply(Reply {
+        req_id: resume.req_id,
+        body: ReplyBody::LoggedIn { token: [9; 16] },
+    });
+    assert!(h.drain().is_empty());
+    assert_eq!(h.core.logged_in_user(), Some(&uid("alice")));
+    // The command's answer prints as usual, once.
+    assert_eq!(h.reply(&cmd, ReplyBody::Done), [print("group g1 created")]);
+    // A second failover resumes again, with a fresh id, and nothing else is in flight.
+    let next = h.core.requests_for_new_link();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].body, RequestBody::Resume { token: [9; 16] });
+    assert!(next[0].req_id > resume.req_id);
+}
+
+#[test]
+fn a_resumed_session_announces_its_shares_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = b"shared bytes".to_vec();
+    let path = write_file(dir.path(), "s.txt", &content);
+    let mut h = Harness::new();
+    h.login("alice");
+    h.upload(&path, "g1", &content, true);
+    let resume = h.core.requests_for_new_link().remove(0);
+    h.core.handle_reply(Reply {
+        req_id: resume.req_id,
+        body: ReplyBody::LoggedIn { token: [9; 16] },
+    });
+    let outs = h.drain();
+    let [Output::Send(again)] = outs.as_slice() else {
+        panic!("expected the share announced again: {outs:?}");
+    };
+    match &again.body {
+        RequestBody::UploadFile { group, meta } => {
+            assert_eq!(group, &gid("g1"));
+            assert_eq!(meta.name, fname("s.txt"));
+            assert_eq!(meta.size, content.len() as u64);
+        }
+        other => panic!("expected an upload, got {other:?}"),
+    }
+    // Its answer prints nothing; the command loop is free throughout.
+    assert!(!h.core.is_busy());
+    h.core.handle_reply(Reply {
+        req_id: again.req_id,
+        body: ReplyBody::Shared { new_file: false },
+    });
+    assert!(h.drain().is_empty());
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+#[test]
+fn a_refused_resume_logs_out_without_an_error_line() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let resume = h.core.requests_for_new_link().remove(0);
+    h.core.handle_reply(Reply {
+        req_id: resume.req_id,
+        body: ReplyBody::Refused {
+            code: RejectCode::NotLoggedIn,
+            message: "the session has ended".into(),
+        },
+    });
+    assert!(h.drain().is_empty());
+    assert_eq!(h.core.logged_in_user(), None);
+    assert_eq!(h.core.n_failed(), 0);
+    // Session commands now fail locally, and no resume is attempted on the next link.
+    assert_eq!(h.line("list_groups"), [fail("not logged in")]);
+    assert!(h.core.requests_for_new_link().is_empty());
+}
+
+#[test]
+fn a_logout_forgets_the_token() {
+    let mut h = Harness::new();
+    h.login("alice");
+    h.run("logout", ReplyBody::Done);
+    assert!(h.core.requests_for_new_link().is_empty());
+}
+
+#[test]
+fn background_requests_in_flight_go_again_in_id_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    // Start a download: its sharer query and its registration run in the background.
+    let meta = FileMeta {
+        name: fname("f.bin"),
+        size: 3,
+        piece_len: PIECE_LEN,
+        file_sha1: Sha1Digest([1; 20]),
+        piece_hashes: vec![Sha1Digest([2; 20])],
+    };
+    let line = format!("download_file g1 f.bin {}/", dir.path().display());
+    let ask = h.line_sends(&line);
+    let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, 7000));
+    let outs = h.reply_busy(
+        &ask,
+        ReplyBody::Sharers {
+            meta,
+            peers: vec![peer],
+        },
+    );
+    let [Output::StartDownload { id, .. }] = outs.as_slice() else {
+        panic!("expected a download to start: {outs:?}");
+    };
+    let id = *id;
+    h.core.handle_download_started(id, Ok("started".into()));
+    h.drain();
+    h.core.query_sharers(id);
+    h.core.handle_first_piece(id);
+    let side = h.drain();
+    assert_eq!(side.len(), 2, "{side:?}");
+    let cmd = h.line_sends("list_groups");
+    let reqs = h.core.requests_for_new_link();
+    assert_eq!(reqs.len(), 4, "{reqs:?}");
+    assert!(matches!(reqs[0].body, RequestBody::Resume { .. }));
+    let resent: Vec<&Request> = reqs[1..].iter().collect();
+    let mut expected: Vec<&Request> = side
+        .iter()
+        .map(|o| match o {
+            Output::Send(r) => r,
+            other => panic!("expected a request: {other:?}"),
+        })
+        .chain([&cmd])
+        .collect();
+    expected.sort_by_key(|r| r.req_id);
+    assert_eq!(resent, expected);
 }

@@ -32,7 +32,6 @@ use super::state::{
     Answer, Entry, Op, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
 };
 use crate::net::ConnId;
-use crate::rng::SplitMix64;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, Role, TrackerMsg,
@@ -163,11 +162,14 @@ pub struct TrackerCore {
     /// Connections still owing a handshake, with their deadlines, oldest first.
     handshake_deadlines: VecDeque<(Instant, ConnId)>,
     out: VecDeque<Output>,
-    rng: SplitMix64,
+    /// Secret key of the session-token generator (keyed BLAKE2b over a counter).
+    token_key: [u8; 32],
+    tokens_issued: u64,
 }
 
 impl TrackerCore {
-    /// Tracker `me` of a file of `n_trackers`; `seed` draws session tokens.
+    /// Tracker `me` of a file of `n_trackers`; `seed` keys session tokens unless
+    /// [`with_token_key`](Self::with_token_key) gives a key.
     pub fn new(me: TrackerRef, n_trackers: u16, seed: u64, timings: Timings, now: Instant) -> Self {
         let mut core = TrackerCore {
             replica: Replica::new(me, n_trackers, timings, now),
@@ -176,14 +178,38 @@ impl TrackerCore {
             answers: VecDeque::new(),
             handshake_deadlines: VecDeque::new(),
             out: VecDeque::new(),
-            rng: SplitMix64(seed),
+            token_key: {
+                let mut key = [0u8; 32];
+                for (i, chunk) in key.chunks_mut(8).enumerate() {
+                    chunk.copy_from_slice(&(seed ^ (i as u64).wrapping_mul(0x9E37)).to_be_bytes());
+                }
+                key
+            },
+            tokens_issued: 0,
         };
         core.pump_replica();
         core
     }
 
+    /// Draws session tokens with this secret key (the driver passes 32 bytes from the OS;
+    /// without it the key derives from the seed, which suits tests only).
+    pub fn with_token_key(mut self, key: [u8; 32]) -> Self {
+        self.token_key = key;
+        self
+    }
+
     pub fn state(&self) -> &TrackerState {
         self.replica.state()
+    }
+
+    /// A fresh session token: unpredictable without the key, even from other tokens.
+    fn next_token(&mut self) -> [u8; 16] {
+        use blake2::Digest;
+        self.tokens_issued += 1;
+        let mut h = blake2::Blake2b128::new();
+        h.update(self.token_key);
+        h.update(self.tokens_issued.to_be_bytes());
+        h.finalize().into()
     }
 
     pub fn replica(&self) -> &Replica {
@@ -612,9 +638,7 @@ impl TrackerCore {
         let Some(client) = self.links.get(&conn).and_then(Link::client) else {
             return;
         };
-        let mut token = [0u8; 16];
-        token[..8].copy_from_slice(&self.rng.next_u64().to_be_bytes());
-        token[8..].copy_from_slice(&self.rng.next_u64().to_be_bytes());
+        let token = self.next_token();
         info!("user {user} logs in from {peer_addr}");
         let op = Op::OpenSession {
             user,

@@ -140,13 +140,17 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         incarnation: random("incarnation id")?,
     };
     let n_trackers = u16::try_from(config.trackers.len()).unwrap_or(u16::MAX);
+    let mut token_key = [0u8; 32];
+    getrandom::fill(&mut token_key)
+        .map_err(|e| io::Error::other(format!("no random token key: {e}")))?;
     let core = TrackerCore::new(
         me,
         n_trackers,
         random("seed")?,
         Timings::default(),
         Instant::now(),
-    );
+    )
+    .with_token_key(token_key);
     let mut driver = Driver {
         poll,
         listener,
