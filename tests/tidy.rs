@@ -46,7 +46,14 @@ fn is_core(rel: &str) -> bool {
     rel.starts_with("wire/")
         || matches!(
             rel,
-            "tracker/state.rs" | "tracker/core.rs" | "client/session.rs" | "client/command.rs"
+            "tracker/state.rs"
+                | "tracker/snapshot.rs"
+                | "tracker/core.rs"
+                | "tracker/replica.rs"
+                | "client/session.rs"
+                | "client/command.rs"
+                | "client/download/picker.rs"
+                | "client/download/engine.rs"
         )
 }
 

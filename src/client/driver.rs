@@ -24,7 +24,7 @@ use crate::net::conn::FIRST_CONN_TOKEN;
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{Conn, ConnId, ReadEnd};
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
-use crate::wire::tracker_link::{ClientMsg, TrackerMsg};
+use crate::wire::tracker_link::{ClientMsg, Request, RequestBody, TrackerMsg};
 use crate::wire::PROTOCOL_VERSION;
 
 const LISTENER: Token = Token(0);
@@ -39,6 +39,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const RECONNECT_FOR: Duration = Duration::from_secs(10);
 /// Pause between rounds of reconnection attempts.
 const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+/// A tracker link quiet this long gets a ping (a live tracker answers it, or a request).
+const PING_AFTER: Duration = Duration::from_millis(600);
+/// A tracker silent this long, pings included, is taken for hung: the client moves on (a
+/// request retried elsewhere is not applied twice, so a false alarm costs nothing).
+const TRACKER_SILENCE: Duration = Duration::from_millis(1800);
 
 pub struct ClientConfig {
     /// Where this client listens for peers.
@@ -53,6 +58,10 @@ struct TrackerLink {
     conn: Conn<()>,
     addr: SocketAddr,
     welcomed: bool,
+    /// When the tracker last sent a frame (or the link opened).
+    last_heard: Instant,
+    /// When the last ping went out.
+    last_ping: Instant,
 }
 
 struct Driver {
@@ -67,6 +76,8 @@ struct Driver {
     reconnecting: Option<(Instant, Instant)>,
     /// Tracker links in a row that broke before the tracker's welcome.
     failed_links: usize,
+    /// Pings sent to trackers so far.
+    n_pings: u64,
     /// This process's random id, sent in every tracker handshake.
     client_id: u64,
     n_links: u64,
@@ -100,6 +111,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         tracker_index: 0,
         reconnecting: None,
         failed_links: 0,
+        n_pings: 0,
         client_id: getrandom::u64().map_err(|e| io::Error::other(e.to_string()))?,
         n_links: 0,
         hasher,
@@ -135,6 +147,9 @@ impl Driver {
                 self.core.poll_timeout(),
                 self.transfers.next_deadline(),
                 self.reconnecting.map(|(_, next)| next),
+                self.tracker.as_ref().map(|l| {
+                    (l.last_heard.max(l.last_ping) + PING_AFTER).min(l.last_heard + TRACKER_SILENCE)
+                }),
             ]
             .into_iter()
             .flatten()
@@ -213,6 +228,7 @@ impl Driver {
             if self.reconnecting.is_some_and(|(_, next)| next <= now) {
                 self.reconnect(now);
             }
+            self.watch_tracker(now);
             self.core.handle_timeout(now);
             self.pump();
         }
@@ -448,10 +464,13 @@ impl Driver {
                         info!("connected to tracker {addr}");
                     }
                     self.tracker_index = index;
+                    let now = Instant::now();
                     self.tracker = Some(TrackerLink {
                         conn,
                         addr,
                         welcomed: false,
+                        last_heard: now,
+                        last_ping: now,
                     });
                     return Ok(true);
                 }
@@ -478,7 +497,9 @@ impl Driver {
         let core = &mut self.core;
         let mut welcomed = link.welcomed;
         let mut protocol_error = None;
+        let mut heard = false;
         let result = link.conn.read_frames(usize::MAX, |payload| {
+            heard = true;
             match TrackerMsg::parse(payload) {
                 Ok(TrackerMsg::Welcome { version, .. }) if !welcomed => {
                     if version != PROTOCOL_VERSION {
@@ -500,6 +521,9 @@ impl Driver {
             true
         });
         link.welcomed = welcomed;
+        if heard {
+            link.last_heard = Instant::now();
+        }
         let addr = link.addr;
         let lost = match (result, protocol_error) {
             (_, Some(reason)) => Some(reason),
@@ -512,6 +536,34 @@ impl Driver {
             self.drop_tracker();
         }
         self.pump();
+    }
+
+    /// Pings a quiet tracker link, and leaves a tracker that stays silent (a hung process keeps
+    /// its sockets open, so only silence tells).
+    fn watch_tracker(&mut self, now: Instant) {
+        let Some(link) = self.tracker.as_mut() else {
+            return;
+        };
+        if now.saturating_duration_since(link.last_heard) >= TRACKER_SILENCE {
+            warn!(
+                "tracker {}: silent for {TRACKER_SILENCE:?}; moving to another",
+                link.addr
+            );
+            self.drop_tracker();
+            return;
+        }
+        if now.saturating_duration_since(link.last_heard.max(link.last_ping)) >= PING_AFTER {
+            link.last_ping = now;
+            self.n_pings += 1;
+            // Ids from the top of the range never meet the core's, which count up from 1.
+            let req_id = u64::MAX - self.n_pings;
+            ClientMsg::Request(Request {
+                req_id,
+                body: RequestBody::Ping,
+            })
+            .emit(link.conn.out());
+            self.flush_tracker();
+        }
     }
 
     /// The tracker link broke: move to another tracker at once, keeping the session.

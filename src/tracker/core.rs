@@ -74,6 +74,8 @@ enum Kind {
 #[derive(Debug)]
 struct Link {
     kind: Kind,
+    /// When the connection opened, as a count of connections opened before it.
+    opened: u64,
     session: Option<SessionId>,
     /// The client asked for a change (so its answers are remembered until it leaves).
     changed: bool,
@@ -84,9 +86,10 @@ struct Link {
 }
 
 impl Link {
-    fn new(kind: Kind) -> Self {
+    fn new(kind: Kind, opened: u64) -> Self {
         Link {
             kind,
+            opened,
             session: None,
             changed: false,
             waiting: None,
@@ -162,6 +165,9 @@ pub struct TrackerCore {
     /// Connections still owing a handshake, with their deadlines, oldest first.
     handshake_deadlines: VecDeque<(Instant, ConnId)>,
     out: VecDeque<Output>,
+    /// Connections opened so far (orders them: a restarted tracker's links are newer than the
+    /// links of its previous run).
+    n_opened: u64,
     /// Secret key of the session-token generator (keyed BLAKE2b over a counter).
     token_key: [u8; 32],
     tokens_issued: u64,
@@ -178,6 +184,7 @@ impl TrackerCore {
             answers: VecDeque::new(),
             handshake_deadlines: VecDeque::new(),
             out: VecDeque::new(),
+            n_opened: 0,
             token_key: {
                 let mut key = [0u8; 32];
                 for (i, chunk) in key.chunks_mut(8).enumerate() {
@@ -217,17 +224,21 @@ impl TrackerCore {
     }
 
     pub fn handle_open(&mut self, conn: ConnId, now: Instant) {
-        self.links.insert(conn, Link::new(Kind::Unknown));
+        self.n_opened += 1;
+        self.links
+            .insert(conn, Link::new(Kind::Unknown, self.n_opened));
         self.handshake_deadlines
             .push_back((now + HANDSHAKE_TIMEOUT, conn));
     }
 
     /// A link to tracker `no` that we dialed is connected.
     pub fn handle_dialed(&mut self, conn: ConnId, no: u16, now: Instant) {
-        self.links.insert(conn, Link::new(Kind::Tracker));
+        self.n_opened += 1;
+        self.links
+            .insert(conn, Link::new(Kind::Tracker, self.n_opened));
         self.out
             .push_back(Output::SetMaxFrame(conn, MAX_TRACKER_PEER_FRAME));
-        self.replica.handle_dialed(conn, no, now);
+        self.replica.handle_dialed(conn, no, self.n_opened, now);
         self.pump_replica();
     }
 
@@ -243,7 +254,10 @@ impl TrackerCore {
             return;
         };
         if let Some(Waiting::Commit { origin, .. }) = link.waiting {
-            self.awaiting.remove(&origin);
+            // A retry of the same request on a newer link of the client may be waiting now.
+            if self.awaiting.get(&origin) == Some(&conn) {
+                self.awaiting.remove(&origin);
+            }
         }
         match link.kind {
             Kind::Tracker => {
@@ -251,6 +265,12 @@ impl TrackerCore {
                 self.pump_replica();
             }
             Kind::Client { client, .. } if link.session.is_some() || link.changed => {
+                // The client came back on another link before this one's close was seen: its
+                // session (same tracker, same client) is that link's now, and ends with it.
+                if let Some(newer) = self.links.values_mut().find(|l| l.client() == Some(client)) {
+                    newer.changed = true;
+                    return;
+                }
                 let tracker = self.replica.me();
                 self.submit(Entry {
                     origin: None,
@@ -263,6 +283,11 @@ impl TrackerCore {
 
     /// One whole frame payload from `conn`, received at `now`.
     pub fn handle_frame(&mut self, conn: ConnId, payload: &[u8], now: Instant) {
+        if !self.links.contains_key(&conn) {
+            // Closed by the core (a duplicate tracker link, say) while frames of the same
+            // read were still being handed up.
+            return;
+        }
         if self
             .links
             .get(&conn)
@@ -502,8 +527,13 @@ impl TrackerCore {
                             link.kind = Kind::Tracker;
                             self.out
                                 .push_back(Output::SetMaxFrame(conn, MAX_TRACKER_PEER_FRAME));
-                            self.replica
-                                .handle_accepted(conn, TrackerRef { no, incarnation }, now);
+                            let opened = link.opened;
+                            self.replica.handle_accepted(
+                                conn,
+                                TrackerRef { no, incarnation },
+                                opened,
+                                now,
+                            );
                             self.pump_replica();
                         }
                     }
@@ -666,7 +696,18 @@ impl TrackerCore {
             origin,
             effect,
         });
-        self.awaiting.insert(origin, conn);
+        let opened = link.opened;
+        // The same request may wait on two links of the client here (its old link broke
+        // before this tracker saw it close): the answer goes to the newer one, the one the
+        // client uses.
+        let newer_waits = self
+            .awaiting
+            .get(&origin)
+            .and_then(|c| self.links.get(c))
+            .is_some_and(|l| l.opened > opened);
+        if !newer_waits {
+            self.awaiting.insert(origin, conn);
+        }
         self.submit(Entry {
             origin: Some(origin),
             op,
@@ -686,11 +727,13 @@ impl TrackerCore {
             })
     }
 
-    /// The session of `conn`, or `NotLoggedIn`.
+    /// The session of `conn`, or `NotLoggedIn`. A session the state ended meanwhile (another
+    /// tracker's op ended it) does not count, so the client may log in again on this link.
     fn session_of(&self, conn: ConnId) -> Result<SessionId, Reject> {
         self.links
             .get(&conn)
             .and_then(|l| l.session)
+            .filter(|id| self.replica.state().session(*id).is_some())
             .ok_or_else(|| Reject::new(RejectCode::NotLoggedIn, "not logged in"))
     }
 

@@ -175,6 +175,7 @@ impl Driver {
     fn run(&mut self, stdin: &Receiver<StdinEvent>) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut stdin_open = true;
+        self.drain_outputs(); // The replica's first dials, before the first wait.
         loop {
             let timeout = if self.ready.is_empty() {
                 self.core

@@ -131,6 +131,10 @@ struct Link {
     peer: Option<TrackerRef>,
     /// Tracker number we dialed (None: it dialed us).
     dialed: Option<u16>,
+    /// When the driver opened the link, in the order of the driver's connections: the links
+    /// of a restarted tracker are newer than those of its earlier run, whatever order their
+    /// hellos arrive in.
+    opened: u64,
     status: Option<PeerStatus>,
     last_heard: Instant,
     last_sent: Instant,
@@ -318,14 +322,16 @@ impl Replica {
         }
     }
 
-    /// The driver connected a link to tracker `no` that we dialed.
-    pub fn handle_dialed(&mut self, link: ConnId, no: u16, now: Instant) {
+    /// The driver connected a link to tracker `no` that we dialed (`opened`: see
+    /// [`handle_accepted`](Self::handle_accepted)).
+    pub fn handle_dialed(&mut self, link: ConnId, no: u16, opened: u64, now: Instant) {
         self.now = self.now.max(now);
         self.links.insert(
             link,
             Link {
                 peer: None,
                 dialed: Some(no),
+                opened,
                 status: None,
                 last_heard: now,
                 last_sent: now,
@@ -353,14 +359,16 @@ impl Replica {
         self.decide(now);
     }
 
-    /// A link we accepted opened with a tracker's hello.
-    pub fn handle_accepted(&mut self, link: ConnId, peer: TrackerRef, now: Instant) {
+    /// A link we accepted opened with a tracker's hello; `opened` orders the driver's
+    /// connections by when they opened (a counter shared with `handle_dialed`).
+    pub fn handle_accepted(&mut self, link: ConnId, peer: TrackerRef, opened: u64, now: Instant) {
         self.now = self.now.max(now);
         self.links.insert(
             link,
             Link {
                 peer: None,
                 dialed: None,
+                opened,
                 status: None,
                 last_heard: now,
                 last_sent: now,
@@ -497,7 +505,7 @@ impl Replica {
         }
         if self.takeover_deadline.is_some_and(|d| d <= now) {
             self.takeover_deadline = None;
-            if self.role == Role::Backup && !self.peer_link.contains_key(&self.claim.1) {
+            if self.role == Role::Backup && !self.primary_linked() {
                 warn!(
                     "no takeover came from tracker {}; taking over",
                     self.claim.1
@@ -566,6 +574,15 @@ impl Replica {
         if let Some(link) = self.peer_link.get(&no).copied() {
             self.send(link, msg);
         }
+    }
+
+    /// Whether the tracker of the current claim is linked and has not restarted since (a
+    /// restarted primary links again at once, but as a starting tracker).
+    fn primary_linked(&self) -> bool {
+        self.peer_link
+            .get(&self.claim.1)
+            .and_then(|link| self.links.get(link))
+            .is_some_and(|l| l.status != Some(PeerStatus::Starting))
     }
 
     fn broadcast_status(&mut self) {
@@ -637,6 +654,19 @@ impl Replica {
                 self.out.push_back(ReplicaOut::Close(drop));
                 return;
             }
+            let old_opened = self.links.get(&old).map_or(0, |l| l.opened);
+            let opened = self.links.get(&link).map_or(0, |l| l.opened);
+            if opened < old_opened {
+                // A late hello of an earlier run, on a link opened before the current one:
+                // that run is gone.
+                info!(
+                    "tracker {}: hello of an earlier run; closing its link",
+                    peer.no
+                );
+                self.links.remove(&link);
+                self.out.push_back(ReplicaOut::Close(link));
+                return;
+            }
             // The tracker restarted: its old link is stale.
             info!("tracker {} restarted", peer.no);
             self.peer_link.remove(&peer.no);
@@ -662,6 +692,8 @@ impl Replica {
         match self.role.clone() {
             Role::Primary => {
                 self.try_commit();
+                // The batch in flight may have waited only for `no`: the next one goes now.
+                self.send_batch();
                 self.scan_grace(now);
             }
             Role::Taking { mut waiting } => {
@@ -676,12 +708,15 @@ impl Replica {
             }
             Role::Backup => {
                 // The tracker this backup waits for as the next primary may be the one lost.
-                if !self.peer_link.contains_key(&self.claim.1) {
+                if !self.primary_linked() {
                     self.elect(now);
                 }
             }
             Role::Joining { primary } if primary == no => {
                 self.role = Role::Starting;
+                // Find out again who is up: the trackers that held the service's state may
+                // not have said so yet (see `decide`).
+                self.started = now;
                 self.decide(now);
             }
             Role::Joining { .. } | Role::Starting => self.decide(now),
@@ -707,7 +742,7 @@ impl Replica {
         }
         match self.role {
             Role::Starting => self.decide(now),
-            Role::Backup if !self.peer_link.contains_key(&self.claim.1) => self.elect(now),
+            Role::Backup if !self.primary_linked() => self.elect(now),
             _ => {}
         }
     }
@@ -724,6 +759,7 @@ impl Replica {
         let mut primaries = Vec::new();
         let mut serving = false;
         let mut lower_starting = false;
+        let mut any_starting = false;
         for (no, link) in &self.peer_link {
             match self.links.get(link).and_then(|l| l.status) {
                 None => unknown = true,
@@ -733,7 +769,10 @@ impl Replica {
                         primaries.push((view, primary));
                     }
                 }
-                Some(PeerStatus::Starting) => lower_starting |= *no < self.me.no,
+                Some(PeerStatus::Starting) => {
+                    any_starting = true;
+                    lower_starting |= *no < self.me.no;
+                }
             }
         }
         let discovering = now.saturating_duration_since(self.started) < self.t.discovery_timeout;
@@ -754,6 +793,13 @@ impl Replica {
         }
         if serving || lower_starting {
             // A takeover is under way, or a lower-numbered tracker will start the service.
+            return;
+        }
+        if discovering && any_starting && self.claim.0 > 0 {
+            // A service ran (this tracker was joining it) and its primary is gone: a tracker
+            // said to be starting may in fact hold the state by now (its status is on the
+            // way), so starting a service with ours could lose the service's changes. Wait
+            // for the others until the discovery time is over.
             return;
         }
         let view = self.claim.0 + 1;
@@ -979,12 +1025,16 @@ impl Replica {
                 self.next.extend(entries);
                 self.send_batch();
             }
-            Role::Backup => {
-                for e in entries {
-                    self.forward(e);
-                }
+            Role::Backup | Role::Starting | Role::Joining { .. } => {
+                // Not (or no longer) the primary. The sender keeps what it forwarded until it
+                // sees it applied and sends it again to the primary it finds next: keeping a
+                // copy here too would have it ordered twice (changes without a client id,
+                // such as `ClientGone`, are not recognised as repeats).
+                debug!(
+                    "dropping {} changes forwarded to a tracker that is not primary",
+                    entries.len()
+                );
             }
-            Role::Starting | Role::Joining { .. } => self.held.extend(entries),
         }
     }
 
@@ -1173,11 +1223,6 @@ impl Replica {
         );
         self.members.clear();
         self.offer = None;
-        // Changes forwarded to the old primary are ordered here now.
-        let mut forwarded = self.take_forwarded();
-        while let Some(e) = forwarded.pop_back() {
-            self.next.push_front(e);
-        }
         for no in &waiting {
             self.send_to(
                 *no,
@@ -1256,6 +1301,8 @@ impl Replica {
         );
         self.touch(link, now);
         self.reforward();
+        // Changes submitted while this tracker was taking over go to the new primary.
+        self.release_held();
         self.broadcast_status();
     }
 
@@ -1322,6 +1369,12 @@ impl Replica {
                     offer.from, offer.applied, self.applied
                 ),
             }
+        }
+        // Changes forwarded to the old primary are ordered here now, but for those the
+        // catch-up just applied.
+        let mut forwarded = self.take_forwarded();
+        while let Some(e) = forwarded.pop_back() {
+            self.next.push_front(e);
         }
         info!(
             "primary of view {} at entry {}; members {:?}",

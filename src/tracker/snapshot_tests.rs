@@ -461,7 +461,10 @@ fn rich_state_round_trips() {
         .filter_map(|a| a.as_ref().err().map(|r| r.code.to_u16()))
         .collect();
     assert!(codes.len() >= 3, "refusals remembered: {codes:?}");
-    assert!(!st.answers.contains_key(&104), "a gone client is forgotten");
+    assert!(
+        st.answers.contains_key(&104),
+        "a gone client's answers stay (it may be retrying through another tracker)"
+    );
 
     round_trip(&st);
 

@@ -105,8 +105,10 @@ pub enum Op {
         session: SessionId,
         tracker: TrackerRef,
     },
-    /// `client`'s connection to `tracker` closed: its session there ends and its remembered
-    /// answers are forgotten.
+    /// `client`'s connection to `tracker` closed: its session there ends. Its remembered
+    /// answers stay (bounded by [`MAX_REMEMBERED_CLIENTS`]): a link that broke while the
+    /// tracker lives looks the same as a client that left, and the client may be retrying its
+    /// last change through another tracker.
     ClientGone {
         client: u64,
         tracker: TrackerRef,
@@ -168,9 +170,9 @@ pub struct Entry {
 pub type Answer = Result<Outcome, Reject>;
 
 /// Answers remembered per client, newest last.
-pub const MAX_ANSWERS_PER_CLIENT: usize = 64;
+pub const MAX_ANSWERS_PER_CLIENT: usize = 16;
 /// Clients whose answers are remembered; the least recently active is forgotten first.
-pub const MAX_REMEMBERED_CLIENTS: usize = 65_536;
+pub const MAX_REMEMBERED_CLIENTS: usize = 16_384;
 
 /// The recent answers to one client's changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -337,7 +339,6 @@ impl TrackerState {
                         self.close_session(id);
                     }
                 }
-                self.forget_client(*client);
                 Ok(Outcome::Done)
             }
             Op::ExpireSessions { tracker } => {
@@ -519,7 +520,9 @@ impl TrackerState {
     /// Applies a replicated entry. A change a client asked for is remembered with its answer;
     /// the same client and request id again (a retry after a failover) gets that answer
     /// without applying the op twice. A remembered login or resume also moves the session to
-    /// the tracker the retry came through.
+    /// the tracker the retry came through, unless the client already took the session with a
+    /// later request: a login or resume the client sent on a link it then lost (the tracker
+    /// there handles it late) must not take the session back from the link it uses now.
     pub fn apply_entry(&mut self, entry: &Entry) -> Answer {
         self.n_applied = self.n_applied.saturating_add(1);
         let Some(origin) = entry.origin else {
@@ -536,15 +539,37 @@ impl TrackerState {
                 },
             ) = (&answer, &entry.op)
             {
-                if self.sessions.contains_key(id) {
+                if self.sessions.contains_key(id) && !self.taken_since(origin, *id) {
                     self.move_session(*id, *tracker, *client);
                 }
             }
             return answer;
         }
+        if let Op::ResumeSession { token, .. } = &entry.op {
+            let id = self
+                .sessions
+                .iter()
+                .find(|(_, s)| s.token == *token)
+                .map(|(id, _)| *id);
+            if let Some(id) = id.filter(|id| self.taken_since(origin, *id)) {
+                let answer = Ok(Outcome::SessionOpened(id));
+                self.remember(origin, answer.clone());
+                return answer;
+            }
+        }
         let answer = self.apply(&entry.op);
         self.remember(origin, answer.clone());
         answer
+    }
+
+    /// Whether `origin`'s client opened or resumed session `id` with a later request.
+    fn taken_since(&self, origin: Origin, id: SessionId) -> bool {
+        self.answers.get(&origin.client).is_some_and(|memory| {
+            memory
+                .answers
+                .iter()
+                .any(|(req_id, a)| *req_id > origin.req_id && *a == Ok(Outcome::SessionOpened(id)))
+        })
     }
 
     /// The answer remembered for `origin`, if any.

@@ -761,3 +761,297 @@ pub fn sha1sum(path: &Path) -> Option<String> {
     let text = String::from_utf8(out.stdout).ok()?;
     text.split_whitespace().next().map(str::to_owned)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Several trackers of one tracker file, run as one service.
+
+/// How long a tracker may take to serve (to hold a state caught up with the others) once it
+/// listens.
+pub const SERVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One running tracker of a [`Cluster`].
+struct ClusterTracker {
+    proc: ProcGuard,
+    /// Kept open: a tracker runs on after end of input anyway, and an open pipe is how a
+    /// tracker started from a terminal sees its input.
+    _stdin: Option<ChildStdin>,
+}
+
+/// The trackers of one tracker file (all on loopback). Tracker N is started with
+/// [`start`](Self::start) or [`restart`](Self::restart), each start waiting until the tracker
+/// serves (a client's hello is answered with a welcome, which a tracker sends only once it
+/// holds the service's state); [`kill9`](Self::kill9) kills one with SIGKILL. Every tracker
+/// still running is killed when the cluster is dropped; if that happens during a panic, the
+/// trackers' logs are printed first.
+pub struct Cluster {
+    /// The address of tracker N is `addrs[N - 1]`.
+    pub addrs: Vec<SocketAddr>,
+    /// The tracker file listing every tracker (the trackers' own file).
+    pub info: PathBuf,
+    trackers: Vec<Option<ClusterTracker>>,
+    /// Runs of each tracker so far (to name their log files).
+    runs: Vec<usize>,
+    pub dir: TempDir,
+}
+
+impl Cluster {
+    /// `n` trackers, started in order (tracker 1 is the primary).
+    pub fn start(n: usize) -> Cluster {
+        let all: Vec<usize> = (1..=n).collect();
+        Self::start_some(n, &all)
+    }
+
+    /// A tracker file of `n` trackers of which only `which` are started, in that order, each
+    /// once the one before serves. If a tracker cannot listen (its port was taken meanwhile),
+    /// the whole cluster is tried again on other ports.
+    pub fn start_some(n: usize, which: &[usize]) -> Cluster {
+        let mut failures = Vec::new();
+        for _ in 0..ATTEMPTS {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let addrs: Vec<SocketAddr> = free_ports(n)
+                .into_iter()
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+                .collect();
+            let info = dir.path().join("tracker_info.txt");
+            let mut text = String::from("# test cluster\n");
+            for a in &addrs {
+                text.push_str(&format!("{a}\n"));
+            }
+            std::fs::write(&info, text).expect("write tracker file");
+            let mut cluster = Cluster {
+                addrs,
+                info,
+                trackers: (0..n).map(|_| None).collect(),
+                runs: vec![0; n],
+                dir,
+            };
+            match which.iter().try_for_each(|&no| cluster.try_start(no)) {
+                Ok(()) => return cluster,
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("cluster did not start: {failures:#?}");
+    }
+
+    /// Starts tracker `no` (not running) and waits until it serves. `Err` if it exited before
+    /// it listened (typically: its port is taken); panics if it listens but does not serve
+    /// within [`SERVE_TIMEOUT`].
+    fn try_start(&mut self, no: usize) -> Result<(), String> {
+        self.try_start_with(no, true)
+    }
+
+    /// [`try_start`](Self::try_start), waiting until the tracker serves only if `serving`
+    /// (else until it listens).
+    fn try_start_with(&mut self, no: usize, serving: bool) -> Result<(), String> {
+        assert!(self.trackers[no - 1].is_none(), "tracker {no} is running");
+        self.runs[no - 1] += 1;
+        let stderr_path = self.log_path(no, self.runs[no - 1]);
+        let stderr = File::create(&stderr_path).expect("create stderr file");
+        let mut child = Command::new(TRACKER_BIN)
+            .arg(&self.info)
+            .arg(no.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn tracker_program");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("tracker stdout");
+        let mut proc = ProcGuard::new(child);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                // The receiver goes away after the ready line; keep draining.
+                let _ = tx.send(line);
+            }
+        });
+        let addr = self.addrs[no - 1];
+        let want = format!("tracker {no} listening on {addr}");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == want => break,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = proc.wait_timeout(EXIT_TIMEOUT);
+                    let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    return Err(format!("tracker {no} on {addr}: {status:?}: {err}"));
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    panic!("tracker {no} on {addr} not listening within {READY_TIMEOUT:?}:\n{err}");
+                }
+            }
+        }
+        if serving {
+            let deadline = Instant::now() + SERVE_TIMEOUT;
+            loop {
+                if let Some(status) = proc.try_status() {
+                    let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                    panic!("tracker {no} exited ({status}) before it served:\n{err}");
+                }
+                match probe_welcome(addr, deadline) {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() >= deadline => {
+                        let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                        panic!("tracker {no} did not serve within {SERVE_TIMEOUT:?} ({e}):\n{err}");
+                    }
+                    // Refused or closed: try again (a short pause, not a synchronisation).
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        self.trackers[no - 1] = Some(ClusterTracker {
+            proc,
+            _stdin: stdin,
+        });
+        Ok(())
+    }
+
+    fn log_path(&self, no: usize, run: usize) -> PathBuf {
+        self.dir.path().join(format!("tracker-{no}-run-{run}.log"))
+    }
+
+    /// Starts tracker `no` again on its address (after [`kill9`](Self::kill9)) and waits until
+    /// it serves, retrying while its port is still taken.
+    pub fn restart(&mut self, no: usize) {
+        self.restart_with(no, true);
+    }
+
+    /// Like [`restart`](Self::restart), but returns as soon as the tracker listens: clients
+    /// may connect while it is still copying the state (they must not be answered before).
+    pub fn restart_listening(&mut self, no: usize) {
+        self.restart_with(no, false);
+    }
+
+    fn restart_with(&mut self, no: usize, serving: bool) {
+        let mut failures = Vec::new();
+        for attempt in 1..=ATTEMPTS {
+            match self.try_start_with(no, serving) {
+                Ok(()) => return,
+                Err(e) => failures.push(e),
+            }
+            thread::sleep(Duration::from_millis(200 * attempt as u64));
+        }
+        panic!("tracker {no} did not restart: {failures:#?}");
+    }
+
+    pub fn is_running(&mut self, no: usize) -> bool {
+        match self.trackers[no - 1].as_mut() {
+            Some(t) => t.proc.try_status().is_none(),
+            None => false,
+        }
+    }
+
+    pub fn pid(&self, no: usize) -> u32 {
+        self.trackers[no - 1]
+            .as_ref()
+            .unwrap_or_else(|| panic!("tracker {no} is not running"))
+            .proc
+            .id()
+    }
+
+    /// Kills tracker `no` with SIGKILL and reaps it.
+    pub fn kill9(&mut self, no: usize) {
+        let mut t = self.trackers[no - 1]
+            .take()
+            .unwrap_or_else(|| panic!("tracker {no} is not running"));
+        t.proc.kill();
+    }
+
+    /// Kills tracker `no` and the processes `others` with one SIGKILL command (so that none of
+    /// them outlives the others by more than a few microseconds), then reaps the tracker.
+    pub fn kill9_with(&mut self, no: usize, others: &[u32]) {
+        let mut cmd = Command::new("kill");
+        cmd.arg("-KILL").arg(self.pid(no).to_string());
+        for pid in others {
+            cmd.arg(pid.to_string());
+        }
+        let status = cmd.status().expect("run kill");
+        assert!(status.success(), "kill -KILL failed: {status}");
+        self.kill9(no);
+    }
+
+    /// A tracker file listing these trackers, in this order (for clients).
+    pub fn info_for(&self, nos: &[usize]) -> PathBuf {
+        let name = nos
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join("-");
+        let path = self.dir.path().join(format!("clients-{name}.txt"));
+        let mut text = String::new();
+        for no in nos {
+            text.push_str(&format!("{}\n", self.addrs[no - 1]));
+        }
+        std::fs::write(&path, text).expect("write tracker file");
+        path
+    }
+
+    /// Every run's log of every tracker, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        for (i, runs) in self.runs.iter().enumerate() {
+            for run in 1..=*runs {
+                let log = std::fs::read_to_string(self.log_path(i + 1, run)).unwrap_or_default();
+                text.push_str(&format!("--- tracker {} run {run}:\n{log}", i + 1));
+            }
+        }
+        text
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in self.trackers.iter_mut().flatten() {
+            t.proc.kill();
+        }
+        if thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// Connects to a tracker as a client and waits (until `deadline`) for its welcome, which a
+/// tracker sends only once it serves. The connection is closed again.
+pub fn probe_welcome(addr: SocketAddr, deadline: Instant) -> Result<(), String> {
+    use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
+    use p2pshare::wire::tracker_link::{ClientMsg, TrackerMsg};
+
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut stream = TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1)))
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut hello = Vec::new();
+    ClientMsg::hello(u64::from(std::process::id())).emit(&mut hello);
+    stream
+        .write_all(&hello)
+        .map_err(|e| format!("send hello: {e}"))?;
+    let mut buf = FrameBuffer::new(MAX_CLIENT_TRACKER_FRAME);
+    loop {
+        if let Some(payload) = buf.next_frame().map_err(|e| format!("bad frame: {e}"))? {
+            return match TrackerMsg::parse(payload) {
+                Ok(TrackerMsg::Welcome { .. }) => Ok(()),
+                other => Err(format!("expected a welcome, got {other:?}")),
+            };
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no welcome".into());
+        }
+        stream
+            .set_read_timeout(Some(left.min(Duration::from_millis(200))))
+            .map_err(|e| format!("set_read_timeout: {e}"))?;
+        match stream.read(buf.spare()) {
+            Ok(0) => return Err("closed".into()),
+            Ok(n) => buf.commit(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}

@@ -1,0 +1,1031 @@
+//! Tracker replication benchmark (`cargo bench --bench replication`).
+//!
+//! Starts real `tracker_program`s (release builds under `cargo bench`) on free loopback ports,
+//! as one service of 1, 2 or 3 trackers (started in order, each once the one before serves, so
+//! tracker 1 is the primary), and measures:
+//!
+//! - **writes**: replicated changes per second. N connections (default 128), each logged in as
+//!   its own user and speaking the client wire protocol from this process's mio reactor,
+//!   spread evenly over the trackers (a backup forwards its clients' changes to the primary),
+//!   each keeping W changes in flight (default 1, like `client_program`, which runs one command
+//!   at a time). The changes alternate `CreateGroup g<i>` and `LeaveGroup g<i>` (the owner
+//!   leaving deletes the group), so the state stays small however long it runs. Each change is
+//!   answered only once every live tracker holds it. Users are created and logged in before
+//!   the clock starts (each Argon2 hash costs the tracker ~10 ms). Prints changes/s, p50 / p99
+//!   / max latency and each tracker's CPU use during the measured seconds.
+//! - **failover**: three trackers; a client connected to the primary; the primary is killed
+//!   with SIGKILL; the time from the kill until the client's next change is answered through
+//!   another tracker. Two clients, one round each per repetition: a raw connection that has a
+//!   change in flight at the kill and does what `client_program` does (connect to the next
+//!   tracker of its list, hello with the same client id, `Resume` with the session token, the
+//!   unanswered request again with its id; the answer must be `Done`, not a refusal, so the
+//!   change was applied once), and the real `client_program`, idle at the kill, whose next
+//!   command is written to its stdin right after the kill. The killed tracker is started again
+//!   (and has caught up) before the next round, which kills the new primary.
+//!
+//! Run it with:
+//!
+//!     cargo bench --bench replication                    # both parts
+//!     cargo bench --bench replication -- writes          # one of them
+//!     REPL_BENCH_CONNS=256 REPL_BENCH_SECS=10 cargo bench --bench replication -- writes
+//!
+//! Knobs (environment): `REPL_BENCH_CONNS` (128), `REPL_BENCH_WINDOW` (changes in flight per
+//! connection, 1), `REPL_BENCH_SECS` (measured seconds per cluster size, 5),
+//! `REPL_BENCH_WARMUP` (seconds excluded, 1), `REPL_BENCH_TRACKERS` (cluster sizes, `1,2,3`),
+//! `REPL_BENCH_SPREAD` (1: connections spread over the trackers; 0: all on the primary),
+//! `REPL_BENCH_FAILOVERS` (repetitions of the failover rounds, 5).
+//!
+//! Every process is stopped when the benchmark ends (trackers get `quit`, then SIGKILL after
+//! 2 s; clients end with their input), also on an error.
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
+use p2pshare::wire::tracker_link::{ClientMsg, Reply, ReplyBody, Request, RequestBody, TrackerMsg};
+use p2pshare::wire::{GroupId, Password, UserId};
+
+const TRACKER_BIN: &str = env!("CARGO_BIN_EXE_tracker_program");
+const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_client_program");
+const PASSWORD: &[u8] = b"bench-password";
+/// Longest wait of one setup step (a start, a login, a reply).
+const STEP: Duration = Duration::from_secs(30);
+/// Clock ticks per second of `/proc/<pid>/stat`.
+const CLOCK_TICKS: f64 = 100.0;
+/// Connections opened at once during set-up (the listen backlog is 128).
+const SETUP_BATCH: usize = 64;
+
+type Res<T> = Result<T, String>;
+
+struct Config {
+    conns: usize,
+    window: usize,
+    secs: Duration,
+    warmup: Duration,
+    sizes: Vec<usize>,
+    spread: bool,
+    failovers: usize,
+    parts: Vec<String>,
+}
+
+fn env_num(name: &str, default: f64) -> f64 {
+    match std::env::var(name) {
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(n) if n >= 0.0 && n.is_finite() => n,
+            _ => {
+                eprintln!("replication: ignoring {name}={v:?} (not a number)");
+                default
+            }
+        },
+        Err(_) => default,
+    }
+}
+
+impl Config {
+    fn from_env() -> Config {
+        let sizes = std::env::var("REPL_BENCH_TRACKERS")
+            .unwrap_or_else(|_| "1,2,3".into())
+            .split(',')
+            .filter_map(|s| s.trim().parse::<usize>().ok())
+            .filter(|n| (1..=9).contains(n))
+            .collect();
+        Config {
+            conns: env_num("REPL_BENCH_CONNS", 128.0).max(1.0) as usize,
+            window: env_num("REPL_BENCH_WINDOW", 1.0).max(1.0) as usize,
+            secs: Duration::from_secs_f64(env_num("REPL_BENCH_SECS", 5.0).max(0.1)),
+            warmup: Duration::from_secs_f64(env_num("REPL_BENCH_WARMUP", 1.0)),
+            sizes,
+            spread: env_num("REPL_BENCH_SPREAD", 1.0) != 0.0,
+            failovers: env_num("REPL_BENCH_FAILOVERS", 5.0) as usize,
+            parts: std::env::args()
+                .skip(1)
+                .filter(|a| !a.starts_with('-'))
+                .collect(),
+        }
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.parts.is_empty() || self.parts.iter().any(|p| p == part)
+    }
+}
+
+fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+fn user(name: &str) -> UserId {
+    UserId::new(name).expect("valid user id")
+}
+
+fn group(name: &str) -> GroupId {
+    GroupId::new(name).expect("valid group id")
+}
+
+fn password() -> Password {
+    Password::new(PASSWORD).expect("valid password")
+}
+
+/// A unique-enough client id (the trackers tell clients apart by it).
+fn client_id(salt: u64) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (t ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in seconds.
+fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / CLOCK_TICKS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trackers.
+
+struct TrackerProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl TrackerProc {
+    /// Asks the tracker to quit, and kills it if it has not within 2 s.
+    fn stop(mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"quit\n");
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The trackers of one tracker file; stopped when dropped.
+struct Cluster {
+    addrs: Vec<SocketAddr>,
+    info: PathBuf,
+    procs: Vec<Option<TrackerProc>>,
+    runs: Vec<usize>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `n` trackers started in order, each once the one before serves; tried again on other
+    /// ports if a port was taken meanwhile.
+    fn start(n: usize) -> Res<Cluster> {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let listeners: Vec<StdListener> = (0..n)
+                .map(|_| StdListener::bind("127.0.0.1:0"))
+                .collect::<io::Result<_>>()
+                .map_err(io_err("bind 127.0.0.1:0"))?;
+            let addrs: Vec<SocketAddr> = listeners
+                .iter()
+                .map(|l| l.local_addr())
+                .collect::<io::Result<_>>()
+                .map_err(io_err("local_addr"))?;
+            drop(listeners);
+            let dir = tempfile::tempdir().map_err(io_err("tempdir"))?;
+            let info = dir.path().join("tracker_info.txt");
+            let text: String = addrs.iter().map(|a| format!("{a}\n")).collect();
+            fs::write(&info, text).map_err(io_err("write the tracker file"))?;
+            let mut cluster = Cluster {
+                addrs,
+                info,
+                procs: (0..n).map(|_| None).collect(),
+                runs: vec![0; n],
+                dir,
+            };
+            match (1..=n).try_for_each(|no| cluster.start_one(no)) {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn log_path(&self, no: usize, run: usize) -> PathBuf {
+        self.dir.path().join(format!("tracker-{no}-{run}.log"))
+    }
+
+    /// Starts tracker `no` and waits until it serves (a client's hello is welcomed).
+    fn start_one(&mut self, no: usize) -> Res<()> {
+        self.runs[no - 1] += 1;
+        let log = self.log_path(no, self.runs[no - 1]);
+        let stderr = File::create(&log).map_err(io_err("create a log file"))?;
+        let mut child = Command::new(TRACKER_BIN)
+            .args(["--log-level", "warn"])
+            .arg(&self.info)
+            .arg(no.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .map_err(io_err("start tracker_program"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let proc = TrackerProc { child, stdin };
+        let (tx, rx) = mpsc::channel();
+        if let Some(stdout) = stdout {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let addr = self.addrs[no - 1];
+        let want = format!("tracker {no} listening on {addr}");
+        let deadline = Instant::now() + STEP;
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line == want => break,
+                Ok(_) => {}
+                Err(_) => {
+                    proc.stop();
+                    let text = fs::read_to_string(&log).unwrap_or_default();
+                    return Err(format!("tracker {no} did not listen on {addr}: {text}"));
+                }
+            }
+        }
+        self.procs[no - 1] = Some(proc);
+        while Instant::now() < deadline {
+            if SyncClient::connect(addr, client_id(no as u64), Duration::from_secs(5)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("tracker {no} did not serve within {STEP:?}"))
+    }
+
+    /// Starts a killed tracker again on its address.
+    fn restart(&mut self, no: usize) -> Res<()> {
+        let mut last = String::new();
+        for attempt in 1..=5 {
+            match self.start_one(no) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(200 * attempt));
+        }
+        Err(last)
+    }
+
+    fn pid(&self, no: usize) -> Option<u32> {
+        self.procs[no - 1].as_ref().map(|p| p.child.id())
+    }
+
+    /// SIGKILL, then reap.
+    fn kill9(&mut self, no: usize) {
+        if let Some(mut p) = self.procs[no - 1].take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// A tracker file listing these trackers in this order.
+    fn info_for(&self, nos: &[usize]) -> Res<PathBuf> {
+        let name: Vec<String> = nos.iter().map(|n| n.to_string()).collect();
+        let path = self
+            .dir
+            .path()
+            .join(format!("client-{}.txt", name.join("-")));
+        let text: String = nos
+            .iter()
+            .map(|n| format!("{}\n", self.addrs[n - 1]))
+            .collect();
+        fs::write(&path, text).map_err(io_err("write a tracker file"))?;
+        Ok(path)
+    }
+
+    /// What the trackers logged (warnings and errors), for error messages.
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for (i, runs) in self.runs.iter().enumerate() {
+            for run in 1..=*runs {
+                let log = fs::read_to_string(self.log_path(i + 1, run)).unwrap_or_default();
+                if !log.is_empty() {
+                    text.push_str(&format!("tracker {} (run {run}):\n{log}", i + 1));
+                }
+            }
+        }
+        text
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in self.procs.iter_mut().filter_map(Option::take) {
+            p.stop();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A blocking client link, for set-up and the failover rounds.
+
+struct SyncClient {
+    stream: StdStream,
+    rbuf: FrameBuffer,
+    next_id: u64,
+}
+
+impl SyncClient {
+    /// Connects, says hello as client `id` and waits for the welcome.
+    fn connect(addr: SocketAddr, id: u64, timeout: Duration) -> Res<SyncClient> {
+        let mut c = SyncClient::open(addr, id, timeout)?;
+        match c.recv(Instant::now() + timeout)? {
+            TrackerMsg::Welcome { .. } => Ok(c),
+            other => Err(format!("expected a welcome, got {other:?}")),
+        }
+    }
+
+    /// Connects and sends the hello, without waiting for the welcome.
+    fn open(addr: SocketAddr, id: u64, timeout: Duration) -> Res<SyncClient> {
+        let stream = StdStream::connect_timeout(&addr, timeout).map_err(io_err("connect"))?;
+        stream.set_nodelay(true).map_err(io_err("set_nodelay"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(io_err("set_read_timeout"))?;
+        let mut c = SyncClient {
+            stream,
+            rbuf: FrameBuffer::new(MAX_CLIENT_TRACKER_FRAME),
+            next_id: 1,
+        };
+        let mut out = Vec::new();
+        ClientMsg::hello(id).emit(&mut out);
+        c.stream.write_all(&out).map_err(io_err("send hello"))?;
+        Ok(c)
+    }
+
+    fn recv(&mut self, deadline: Instant) -> Res<TrackerMsg> {
+        loop {
+            if let Some(payload) = self.rbuf.next_frame().map_err(|e| format!("frame: {e}"))? {
+                return TrackerMsg::parse(payload).map_err(|e| format!("message: {e}"));
+            }
+            if Instant::now() >= deadline {
+                return Err("timed out waiting for the tracker".into());
+            }
+            match self.stream.read(self.rbuf.spare()) {
+                Ok(0) => return Err("closed by the tracker".into()),
+                Ok(n) => self.rbuf.commit(n),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+
+    fn send_with_id(&mut self, req_id: u64, body: RequestBody) -> Res<()> {
+        let mut out = Vec::new();
+        Request { req_id, body }.emit(&mut out);
+        self.stream.write_all(&out).map_err(io_err("send"))
+    }
+
+    /// Sends a request with the next id; returns the id.
+    fn send(&mut self, body: RequestBody) -> Res<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_with_id(id, body)?;
+        Ok(id)
+    }
+
+    fn reply(&mut self, want: u64, deadline: Instant) -> Res<ReplyBody> {
+        match self.recv(deadline)? {
+            TrackerMsg::Reply(Reply { req_id, body }) if req_id == want => Ok(body),
+            other => Err(format!("expected the reply to {want}, got {other:?}")),
+        }
+    }
+
+    fn call(&mut self, body: RequestBody) -> Res<ReplyBody> {
+        let id = self.send(body)?;
+        self.reply(id, Instant::now() + STEP)
+    }
+}
+
+/// Creates users `<prefix>0..n` through `links` connections spread over `addrs` (each
+/// connection's requests wait for one another's Argon2 hashes; several connections use the
+/// trackers' password threads in parallel).
+fn create_users(addrs: &[SocketAddr], prefix: &str, n: usize) -> Res<()> {
+    let links = (2 * addrs.len()).min(n.max(1));
+    let mut clients = Vec::new();
+    for i in 0..links {
+        clients.push(SyncClient::connect(
+            addrs[i % addrs.len()],
+            client_id(1000 + i as u64),
+            STEP,
+        )?);
+    }
+    let mut sent: Vec<Vec<u64>> = vec![Vec::new(); links];
+    for i in 0..n {
+        let id = clients[i % links].send(RequestBody::CreateUser {
+            user: user(&format!("{prefix}{i}")),
+            password: password(),
+        })?;
+        sent[i % links].push(id);
+    }
+    let deadline = Instant::now() + STEP + Duration::from_millis(50 * n as u64);
+    for (c, ids) in clients.iter_mut().zip(&sent) {
+        for id in ids {
+            match c.reply(*id, deadline)? {
+                ReplyBody::Done => {}
+                other => return Err(format!("create_user: {other:?}")),
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latencies.
+
+/// Sorted latencies, in seconds.
+struct Latencies(Vec<f64>);
+
+impl Latencies {
+    fn quantile_ms(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.0.len() as f64 * q).ceil() as usize).clamp(1, self.0.len()) - 1;
+        self.0[i] * 1e3
+    }
+}
+
+fn summary(times: &[Duration]) -> String {
+    if times.is_empty() {
+        return "no rounds".into();
+    }
+    let mut t: Vec<Duration> = times.to_vec();
+    t.sort();
+    format!(
+        "min {:.1} ms, median {:.1} ms, max {:.1} ms ({} rounds)",
+        t[0].as_secs_f64() * 1e3,
+        t[t.len() / 2].as_secs_f64() * 1e3,
+        t[t.len() - 1].as_secs_f64() * 1e3,
+        t.len()
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part (a): replicated writes per second.
+
+/// A logged-in connection of the load.
+struct LoadConn {
+    stream: TcpStream,
+    rbuf: FrameBuffer,
+    wbuf: Vec<u8>,
+    next_id: u64,
+    /// Requests in flight: (id, sent at).
+    in_flight: VecDeque<(u64, Instant)>,
+    group: GroupId,
+    /// The next change creates the group (else: leaves it).
+    create_next: bool,
+}
+
+impl LoadConn {
+    fn queue_change(&mut self, now: Instant) {
+        let body = if self.create_next {
+            RequestBody::CreateGroup {
+                group: self.group.clone(),
+            }
+        } else {
+            RequestBody::LeaveGroup {
+                group: self.group.clone(),
+            }
+        };
+        self.create_next = !self.create_next;
+        Request {
+            req_id: self.next_id,
+            body,
+        }
+        .emit(&mut self.wbuf);
+        self.in_flight.push_back((self.next_id, now));
+        self.next_id += 1;
+    }
+
+    fn flush(&mut self) -> Res<()> {
+        while !self.wbuf.is_empty() {
+            match self.stream.write(&self.wbuf) {
+                Ok(0) => return Err("write returned 0".into()),
+                Ok(n) => {
+                    self.wbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("write: {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct WriteResult {
+    changes: u64,
+    elapsed: Duration,
+    lat: Latencies,
+    max_ms: f64,
+    cpu: Vec<Option<f64>>,
+}
+
+fn bench_writes(cfg: &Config, n_trackers: usize) -> Res<WriteResult> {
+    let cluster = Cluster::start(n_trackers)?;
+    let result = run_writes(cfg, &cluster);
+    if result.is_err() {
+        eprintln!("{}", cluster.logs());
+    }
+    result
+}
+
+fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
+    let n = cfg.conns;
+    let targets: Vec<SocketAddr> = if cfg.spread {
+        cluster.addrs.clone()
+    } else {
+        vec![cluster.addrs[0]]
+    };
+    create_users(&cluster.addrs, "u", n)?;
+    // Log every connection in, SETUP_BATCH at a time.
+    let mut links = Vec::with_capacity(n);
+    let mut start = 0;
+    while start < n {
+        let end = (start + SETUP_BATCH).min(n);
+        let mut batch = Vec::new();
+        for i in start..end {
+            let mut c = SyncClient::connect(targets[i % targets.len()], client_id(i as u64), STEP)?;
+            let id = c.send(RequestBody::Login {
+                user: user(&format!("u{i}")),
+                password: password(),
+                peer_addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
+            })?;
+            batch.push((c, id));
+        }
+        let deadline = Instant::now() + STEP + Duration::from_millis(50 * (end - start) as u64);
+        for (mut c, id) in batch {
+            match c.reply(id, deadline)? {
+                ReplyBody::LoggedIn { .. } => links.push(c),
+                other => return Err(format!("login: {other:?}")),
+            }
+        }
+        start = end;
+    }
+
+    let mut poll = Poll::new().map_err(io_err("Poll::new"))?;
+    let mut conns = Vec::with_capacity(n);
+    for (i, c) in links.into_iter().enumerate() {
+        c.stream
+            .set_nonblocking(true)
+            .map_err(io_err("set_nonblocking"))?;
+        let mut stream = TcpStream::from_std(c.stream);
+        poll.registry()
+            .register(
+                &mut stream,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(io_err("register"))?;
+        conns.push(LoadConn {
+            stream,
+            rbuf: c.rbuf,
+            wbuf: Vec::new(),
+            next_id: c.next_id,
+            in_flight: VecDeque::new(),
+            group: group(&format!("g{i}")),
+            create_next: true,
+        });
+    }
+
+    let begin = Instant::now();
+    let from = begin + cfg.warmup;
+    let to = from + cfg.secs;
+    for c in &mut conns {
+        for _ in 0..cfg.window {
+            c.queue_change(begin);
+        }
+        c.flush()?;
+    }
+    let pids: Vec<Option<u32>> = (1..=cluster.addrs.len())
+        .map(|no| cluster.pid(no))
+        .collect();
+    let mut cpu_from: Option<Vec<Option<f64>>> = None;
+    let mut lat = Vec::new();
+    let mut changes = 0u64;
+    let mut max_s = 0f64;
+    let mut events = Events::with_capacity(1024);
+    loop {
+        let now = Instant::now();
+        if now >= to {
+            break;
+        }
+        if cpu_from.is_none() && now >= from {
+            cpu_from = Some(pids.iter().map(|p| p.and_then(proc_cpu_secs)).collect());
+        }
+        let wait = to
+            .saturating_duration_since(now)
+            .min(Duration::from_millis(50));
+        match poll.poll(&mut events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        for ev in events.iter() {
+            let c = &mut conns[ev.token().0];
+            if ev.is_writable() {
+                c.flush()?;
+            }
+            if !(ev.is_readable() || ev.is_read_closed() || ev.is_error()) {
+                continue;
+            }
+            loop {
+                match c.stream.read(c.rbuf.spare()) {
+                    Ok(0) => return Err(format!("connection {} closed", ev.token().0)),
+                    Ok(k) => c.rbuf.commit(k),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+                let now = Instant::now();
+                let mut answered = 0;
+                while let Some(payload) = c.rbuf.next_frame().map_err(|e| format!("{e}"))? {
+                    let msg = TrackerMsg::parse(payload).map_err(|e| format!("{e}"))?;
+                    let Some((want, sent)) = c.in_flight.pop_front() else {
+                        return Err(format!("unexpected {msg:?}"));
+                    };
+                    match msg {
+                        TrackerMsg::Reply(Reply {
+                            req_id,
+                            body: ReplyBody::Done,
+                        }) if req_id == want => {}
+                        other => return Err(format!("reply to {want}: {other:?}")),
+                    }
+                    if now >= from && now < to {
+                        let s = now.duration_since(sent).as_secs_f64();
+                        lat.push(s);
+                        max_s = max_s.max(s);
+                        changes += 1;
+                    }
+                    answered += 1;
+                }
+                for _ in 0..answered {
+                    c.queue_change(now);
+                }
+            }
+            c.flush()?;
+        }
+    }
+    let cpu_to: Vec<Option<f64>> = pids.iter().map(|p| p.and_then(proc_cpu_secs)).collect();
+    let cpu = match cpu_from {
+        Some(f) => f
+            .iter()
+            .zip(&cpu_to)
+            .map(|(a, b)| Some((b.as_ref()? - a.as_ref()?) / cfg.secs.as_secs_f64()))
+            .collect(),
+        None => vec![None; pids.len()],
+    };
+    lat.sort_by(f64::total_cmp);
+    Ok(WriteResult {
+        changes,
+        elapsed: cfg.secs,
+        lat: Latencies(lat),
+        max_ms: max_s * 1e3,
+        cpu,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Part (b): failover time.
+
+/// The next tracker a client would try after `from` died: the following ones in its list
+/// (wrapping), skipping those that refuse.
+fn reconnect(
+    cluster: &Cluster,
+    order: &[usize],
+    from_index: usize,
+    id: u64,
+) -> Res<(SyncClient, usize)> {
+    let deadline = Instant::now() + STEP;
+    while Instant::now() < deadline {
+        for k in 1..=order.len() {
+            let no = order[(from_index + k) % order.len()];
+            if let Ok(c) = SyncClient::open(cluster.addrs[no - 1], id, Duration::from_millis(500)) {
+                return Ok((c, no));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err("no tracker accepts a connection".into())
+}
+
+/// One round with a raw connection: logged in on the primary, a change in flight at the kill.
+/// Returns the time from the kill to the answer of that change (or the next) through the new
+/// tracker, and whether it was the change sent before the kill (the dead tracker had not
+/// answered it).
+fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Duration, bool)> {
+    let order: Vec<usize> = (1..=cluster.addrs.len()).collect();
+    let id = client_id(primary as u64 * 7919);
+    let mut c = SyncClient::connect(cluster.addrs[primary - 1], id, STEP)?;
+    let token = match c.call(RequestBody::Login {
+        user: user(user_name),
+        password: password(),
+        peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000)),
+    })? {
+        ReplyBody::LoggedIn { token } => token,
+        other => return Err(format!("login: {other:?}")),
+    };
+    let g = group(&format!("fo-{user_name}"));
+    let change = |create: bool| {
+        if create {
+            RequestBody::CreateGroup { group: g.clone() }
+        } else {
+            RequestBody::LeaveGroup { group: g.clone() }
+        }
+    };
+    let mut create = true;
+    for _ in 0..10 {
+        match c.call(change(create))? {
+            ReplyBody::Done => create = !create,
+            other => return Err(format!("change: {other:?}")),
+        }
+    }
+    // A change in flight, then the kill.
+    let mut pending = (c.send(change(create))?, change(create));
+    let first = pending.0;
+    let killed = Instant::now();
+    cluster.kill9(primary);
+    // Answers that left the old tracker before it died are taken; the first failure to read
+    // or write means the link is gone.
+    loop {
+        match c.reply(pending.0, Instant::now() + STEP) {
+            Ok(ReplyBody::Done) => {
+                create = !create;
+                let body = change(create);
+                match c.send(body.clone()) {
+                    Ok(req) => pending = (req, body),
+                    Err(_) => {
+                        pending = (c.next_id - 1, body);
+                        break;
+                    }
+                }
+            }
+            Ok(other) => return Err(format!("change: {other:?}")),
+            Err(_) => break,
+        }
+    }
+    let index = order.iter().position(|n| *n == primary).unwrap_or(0);
+    let (mut n, _) = reconnect(cluster, &order, index, id)?;
+    n.next_id = pending.0 + 1;
+    let resume = n.next_id;
+    n.next_id += 1;
+    n.send_with_id(resume, RequestBody::Resume { token })?;
+    n.send_with_id(pending.0, pending.1)?;
+    let deadline = Instant::now() + STEP;
+    match n.recv(deadline)? {
+        TrackerMsg::Welcome { .. } => {}
+        other => return Err(format!("expected a welcome, got {other:?}")),
+    }
+    match n.reply(resume, deadline)? {
+        ReplyBody::LoggedIn { token: t } if t == token => {}
+        other => return Err(format!("resume: {other:?}")),
+    }
+    match n.reply(pending.0, deadline)? {
+        ReplyBody::Done => {}
+        other => return Err(format!("the retried change was answered {other:?}")),
+    }
+    let took = killed.elapsed();
+    // The session goes on.
+    match n.call(change(!create))? {
+        ReplyBody::Done => {}
+        other => return Err(format!("change after the failover: {other:?}")),
+    }
+    Ok((took, pending.0 == first))
+}
+
+/// A `client_program` with piped stdin and stdout; killed when dropped.
+struct ClientProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl ClientProc {
+    fn start(info: &Path) -> Res<ClientProc> {
+        let listen = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(io_err("find a free port"))?;
+        let mut child = Command::new(CLIENT_BIN)
+            .args(["--log-level", "error"])
+            .arg(listen.to_string())
+            .arg(info)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(io_err("start client_program"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let (tx, rx) = mpsc::channel();
+        if let Some(stdout) = stdout {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(ClientProc {
+            child,
+            stdin,
+            lines: rx,
+        })
+    }
+
+    fn cmd(&mut self, command: &str, want: &str) -> Res<()> {
+        let stdin = self.stdin.as_mut().ok_or("stdin closed")?;
+        writeln!(stdin, "{command}")
+            .and_then(|()| stdin.flush())
+            .map_err(io_err("write the client's stdin"))?;
+        match self.lines.recv_timeout(STEP) {
+            Ok(line) if line == want => Ok(()),
+            Ok(line) => Err(format!("{command}: expected {want:?}, got {line:?}")),
+            Err(e) => Err(format!("{command}: no answer ({e})")),
+        }
+    }
+}
+
+impl Drop for ClientProc {
+    fn drop(&mut self) {
+        // End of input ends it; kill it if it lingers.
+        self.stdin = None;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One round with the real client: logged in through the primary (first in its file), idle
+/// at the kill; its next command is sent right after. Returns the kill-to-answer time.
+fn client_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<Duration> {
+    let mut order = vec![primary];
+    order.extend((1..=cluster.addrs.len()).filter(|n| *n != primary));
+    let info = cluster.info_for(&order)?;
+    let mut c = ClientProc::start(&info)?;
+    c.cmd(
+        &format!("login {user_name} {}", String::from_utf8_lossy(PASSWORD)),
+        &format!("logged in as {user_name}"),
+    )?;
+    let g = format!("fc-{user_name}");
+    c.cmd(&format!("create_group {g}"), &format!("group {g} created"))?;
+    let killed = Instant::now();
+    cluster.kill9(primary);
+    c.cmd(&format!("leave_group {g}"), &format!("left group {g}"))?;
+    Ok(killed.elapsed())
+}
+
+fn bench_failover(cfg: &Config) -> Res<()> {
+    let mut cluster = Cluster::start(3)?;
+    let result = run_failover(cfg, &mut cluster);
+    if result.is_err() {
+        eprintln!("{}", cluster.logs());
+    }
+    result
+}
+
+fn run_failover(cfg: &Config, cluster: &mut Cluster) -> Res<()> {
+    let rounds = cfg.failovers;
+    create_users(&cluster.addrs, "raw", rounds)?;
+    create_users(&cluster.addrs, "cli", rounds)?;
+    let mut primary = 1;
+    let (mut raw, mut cli) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        for kind in ["raw", "cli"] {
+            let (took, note) = match kind {
+                "raw" => {
+                    let (took, retried) = raw_round(cluster, primary, &format!("raw{r}"))?;
+                    let note = if retried {
+                        " (the change in flight at the kill, retried)"
+                    } else {
+                        " (the dead tracker had answered the change in flight)"
+                    };
+                    (took, note)
+                }
+                _ => (client_round(cluster, primary, &format!("cli{r}"))?, ""),
+            };
+            println!(
+                "  round {} ({kind}): tracker {primary} killed; next change answered after {:.1} ms{note}",
+                r + 1,
+                took.as_secs_f64() * 1e3
+            );
+            if kind == "raw" {
+                raw.push(took);
+            } else {
+                cli.push(took);
+            }
+            // The lowest-numbered live tracker took over; the killed one rejoins as a backup.
+            let killed = primary;
+            primary = (1..=cluster.addrs.len())
+                .find(|n| *n != killed)
+                .unwrap_or(1);
+            cluster.restart(killed)?;
+        }
+    }
+    println!(
+        "failover, raw connection (change in flight at the kill): {}",
+        summary(&raw)
+    );
+    println!(
+        "failover, client_program (idle at the kill, command sent right after): {}",
+        summary(&cli)
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let cfg = Config::from_env();
+    let mut failed = false;
+    if cfg.wants("writes") {
+        println!(
+            "replicated writes: {} connections ({}), {} change(s) in flight each, {:?} measured after {:?}",
+            cfg.conns,
+            if cfg.spread {
+                "spread over the trackers"
+            } else {
+                "all on the primary"
+            },
+            cfg.window,
+            cfg.secs,
+            cfg.warmup
+        );
+        for &k in &cfg.sizes {
+            match bench_writes(&cfg, k) {
+                Ok(r) => {
+                    let cpu: Vec<String> = r
+                        .cpu
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| match c {
+                            Some(c) => format!("t{} {:.0}%", i + 1, c * 100.0),
+                            None => format!("t{} ?", i + 1),
+                        })
+                        .collect();
+                    println!(
+                        "  {k} tracker(s): {:.0} changes/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; CPU {}",
+                        r.changes as f64 / r.elapsed.as_secs_f64(),
+                        r.lat.quantile_ms(0.50),
+                        r.lat.quantile_ms(0.99),
+                        r.max_ms,
+                        cpu.join(", ")
+                    );
+                }
+                Err(e) => {
+                    eprintln!("  {k} tracker(s): failed: {e}");
+                    failed = true;
+                }
+            }
+        }
+    }
+    if cfg.wants("failover") {
+        println!(
+            "failover: 3 trackers, primary killed with SIGKILL, {} round(s) per client kind",
+            cfg.failovers
+        );
+        if let Err(e) = bench_failover(&cfg) {
+            eprintln!("failover: failed: {e}");
+            failed = true;
+        }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
