@@ -714,19 +714,6 @@ impl TrackerCore {
         });
     }
 
-    /// Whether `conn`'s request `req_id` was already applied (a retry after a failover).
-    fn is_retry(&self, conn: ConnId, req_id: u64) -> bool {
-        self.links
-            .get(&conn)
-            .and_then(Link::client)
-            .is_some_and(|client| {
-                self.replica
-                    .state()
-                    .remembered(Origin { client, req_id })
-                    .is_some()
-            })
-    }
-
     /// The session of `conn`, or `NotLoggedIn`. A session the state ended meanwhile (another
     /// tracker's op ended it) does not count, so the client may log in again on this link.
     fn session_of(&self, conn: ConnId) -> Result<SessionId, Reject> {
@@ -739,9 +726,12 @@ impl TrackerCore {
 
     fn answer(&mut self, conn: ConnId, req_id: u64, body: RequestBody) -> Result<Handled, Reject> {
         let state = self.replica.state();
+        let client = self.links.get(&conn).and_then(Link::client).unwrap_or(0);
+        // Already applied through another tracker (a retry after a failover).
+        let is_retry = state.remembered(Origin { client, req_id }).is_some();
         let op = match body {
             RequestBody::Ping => return Ok(Handled::Reply(ReplyBody::Pong)),
-            RequestBody::CreateUser { user, .. } if self.is_retry(conn, req_id) => {
+            RequestBody::CreateUser { user, .. } if is_retry => {
                 // Already applied through another tracker: the remembered answer comes back.
                 Op::CreateUser {
                     user,
@@ -750,8 +740,7 @@ impl TrackerCore {
             }
             RequestBody::Login {
                 user, peer_addr, ..
-            } if self.is_retry(conn, req_id) => {
-                let client = self.links.get(&conn).and_then(Link::client).unwrap_or(0);
+            } if is_retry => {
                 return Ok(Handled::Change(
                     Op::OpenSession {
                         user,
@@ -809,7 +798,6 @@ impl TrackerCore {
                         "a session is already open on this connection",
                     ));
                 }
-                let client = self.links.get(&conn).and_then(Link::client).unwrap_or(0);
                 return Ok(Handled::Change(
                     Op::ResumeSession {
                         token,

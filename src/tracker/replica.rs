@@ -326,27 +326,7 @@ impl Replica {
     /// [`handle_accepted`](Self::handle_accepted)).
     pub fn handle_dialed(&mut self, link: ConnId, no: u16, opened: u64, now: Instant) {
         self.now = self.now.max(now);
-        self.links.insert(
-            link,
-            Link {
-                peer: None,
-                dialed: Some(no),
-                opened,
-                status: None,
-                last_heard: now,
-                last_sent: now,
-                snapshot: Vec::new(),
-            },
-        );
-        self.send(
-            link,
-            PeerMsg::Hello {
-                version: PROTOCOL_VERSION,
-                tracker: self.me,
-            },
-        );
-        let status = self.status();
-        self.send(link, PeerMsg::Status(status));
+        self.open_link(link, Some(no), opened, now);
         self.touch(link, now);
     }
 
@@ -363,11 +343,17 @@ impl Replica {
     /// connections by when they opened (a counter shared with `handle_dialed`).
     pub fn handle_accepted(&mut self, link: ConnId, peer: TrackerRef, opened: u64, now: Instant) {
         self.now = self.now.max(now);
+        self.open_link(link, None, opened, now);
+        self.handle_hello(link, peer, now);
+    }
+
+    /// Records a new link (dialed to `dialed`, or accepted) and sends our hello and status.
+    fn open_link(&mut self, link: ConnId, dialed: Option<u16>, opened: u64, now: Instant) {
         self.links.insert(
             link,
             Link {
                 peer: None,
-                dialed: None,
+                dialed,
                 opened,
                 status: None,
                 last_heard: now,
@@ -384,7 +370,6 @@ impl Replica {
         );
         let status = self.status();
         self.send(link, PeerMsg::Status(status));
-        self.handle_hello(link, peer, now);
     }
 
     /// A tracker link is gone.
@@ -967,9 +952,7 @@ impl Replica {
                 entries: vec![entry.clone()],
             },
         );
-        if let Some(o) = entry.origin {
-            *self.forwarded_origins.entry(o).or_insert(0) += 1;
-        }
+        self.count_origin(&entry);
         self.forwarded.push_back(entry);
     }
 
@@ -987,6 +970,13 @@ impl Replica {
         };
         if let Some(e) = pos.and_then(|p| self.forwarded.remove(p)) {
             self.forget_origin(&e);
+        }
+    }
+
+    /// `e` joins `forwarded`: count its origin.
+    fn count_origin(&mut self, e: &Entry) {
+        if let Some(o) = e.origin {
+            *self.forwarded_origins.entry(o).or_insert(0) += 1;
         }
     }
 
@@ -1265,9 +1255,7 @@ impl Replica {
             self.offer = None;
             let mut mine = std::mem::take(&mut self.next);
             while let Some(e) = mine.pop_back() {
-                if let Some(o) = e.origin {
-                    *self.forwarded_origins.entry(o).or_insert(0) += 1;
-                }
+                self.count_origin(&e);
                 self.forwarded.push_front(e);
             }
         }

@@ -313,10 +313,7 @@ impl TrackerState {
                 client,
             } => {
                 let id = self
-                    .sessions
-                    .iter()
-                    .find(|(_, s)| s.token == *token)
-                    .map(|(id, _)| *id)
+                    .session_with_token(token)
                     .ok_or_else(|| Reject::new(RejectCode::NotLoggedIn, "the session has ended"))?;
                 self.move_session(id, *tracker, *client);
                 Ok(Outcome::SessionOpened(id))
@@ -546,11 +543,7 @@ impl TrackerState {
             return answer;
         }
         if let Op::ResumeSession { token, .. } = &entry.op {
-            let id = self
-                .sessions
-                .iter()
-                .find(|(_, s)| s.token == *token)
-                .map(|(id, _)| *id);
+            let id = self.session_with_token(token);
             if let Some(id) = id.filter(|id| self.taken_since(origin, *id)) {
                 let answer = Ok(Outcome::SessionOpened(id));
                 self.remember(origin, answer.clone());
@@ -560,6 +553,14 @@ impl TrackerState {
         let answer = self.apply(&entry.op);
         self.remember(origin, answer.clone());
         answer
+    }
+
+    /// The open session holding `token`.
+    fn session_with_token(&self, token: &[u8; 16]) -> Option<SessionId> {
+        self.sessions
+            .iter()
+            .find(|(_, s)| s.token == *token)
+            .map(|(id, _)| *id)
     }
 
     /// Whether `origin`'s client opened or resumed session `id` with a later request.

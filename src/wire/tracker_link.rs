@@ -339,17 +339,18 @@ mod ty {
 }
 
 const ROLE_CLIENT: u8 = 1;
-const ROLE_TRACKER: u8 = 2;
+/// The role byte of a tracker's handshake (the tracker-to-tracker link's hello uses it too).
+pub(crate) const ROLE_TRACKER: u8 = 2;
 
-fn user_id(r: &mut Reader<'_>) -> Result<UserId, DecodeError> {
+pub(crate) fn user_id(r: &mut Reader<'_>) -> Result<UserId, DecodeError> {
     Ok(UserId::new(r.str16(MAX_ID_LEN)?)?)
 }
 
-fn group_id(r: &mut Reader<'_>) -> Result<GroupId, DecodeError> {
+pub(crate) fn group_id(r: &mut Reader<'_>) -> Result<GroupId, DecodeError> {
     Ok(GroupId::new(r.str16(MAX_ID_LEN)?)?)
 }
 
-fn file_name(r: &mut Reader<'_>) -> Result<FileName, DecodeError> {
+pub(crate) fn file_name(r: &mut Reader<'_>) -> Result<FileName, DecodeError> {
     Ok(FileName::new(r.str16(MAX_FILE_NAME_LEN)?)?)
 }
 

@@ -42,7 +42,6 @@
 
 use super::codec::*;
 use super::frame;
-use super::ids::{FileName, GroupId, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN};
 use super::tracker_link::FileMeta;
 use super::PROTOCOL_MAGIC;
 use crate::tracker::state::{Entry, Op, Origin, SessionId, TrackerRef};
@@ -158,9 +157,6 @@ mod kind {
     pub const STOP_SHARE: u8 = 13;
 }
 
-/// The role byte of a tracker's handshake (as on the client link).
-const ROLE_TRACKER: u8 = 2;
-
 /// `TakeoverAck` catchup kinds.
 const CATCHUP_NONE: u8 = 0;
 const CATCHUP_BATCH: u8 = 1;
@@ -172,17 +168,7 @@ const MIN_OP_LEN: usize = 1 + (2 + 1) + 2;
 /// Fewest bytes an encoded entry takes: no origin and the smallest op.
 pub(crate) const MIN_ENTRY_LEN: usize = 1 + MIN_OP_LEN;
 
-pub(crate) fn user_id(r: &mut Reader<'_>) -> Result<UserId, DecodeError> {
-    Ok(UserId::new(r.str16(MAX_ID_LEN)?)?)
-}
-
-pub(crate) fn group_id(r: &mut Reader<'_>) -> Result<GroupId, DecodeError> {
-    Ok(GroupId::new(r.str16(MAX_ID_LEN)?)?)
-}
-
-pub(crate) fn file_name(r: &mut Reader<'_>) -> Result<FileName, DecodeError> {
-    Ok(FileName::new(r.str16(MAX_FILE_NAME_LEN)?)?)
-}
+pub(crate) use super::tracker_link::{file_name, group_id, user_id, ROLE_TRACKER};
 
 /// A password hash: a `str` of at most [`MAX_PW_HASH_LEN`] bytes (its PHC syntax is not
 /// checked here; the tracker that verifies a password does).

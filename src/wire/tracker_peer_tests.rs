@@ -6,7 +6,9 @@
 use super::*;
 use crate::rng::SplitMix64 as Rng;
 use crate::wire::frame::LEN_PREFIX;
-use crate::wire::ids::{IdError, Sha1Digest};
+use crate::wire::ids::{
+    FileName, GroupId, IdError, Sha1Digest, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN,
+};
 use crate::wire::tracker_link::{ClientMsg, RequestBody, Role, MAX_PIECE_LEN};
 use crate::wire::{PIECE_LEN, PROTOCOL_VERSION};
 
