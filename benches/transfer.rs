@@ -16,7 +16,8 @@
 //! Knobs: `TRANSFER_BENCH_MIB` (file size, default 1024), `TRANSFER_BENCH_SHARERS` (comma
 //! list, default `1,4`), `TRANSFER_BENCH_RUNS` (runs per sharer count, default 1),
 //! `TRANSFER_BENCH_DIR` (where the files go, default the system temp dir),
-//! `TRANSFER_BENCH_WRAP` (a command to run the downloader under, e.g. a profiler).
+//! `TRANSFER_BENCH_WRAP` (a command to run the downloader under, e.g. a profiler),
+//! `TRANSFER_BENCH_LOG` (the downloader's log level, default `warn`).
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -231,14 +232,20 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
     let addr = format!("127.0.0.1:{}", free_port());
     // TRANSFER_BENCH_WRAP runs the downloader under another program (a profiler, say:
     // `perf record -g -o /tmp/d.data --`); its CPU and memory figures are then the wrapper's.
+    // TRANSFER_BENCH_LOG sets the downloader's log level (`info` shows how many pieces were fed
+    // to the whole-file digest as they were verified).
+    let log_level = std::env::var("TRANSFER_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    let client_args = ["--log-level", &log_level, &addr, info];
     let mut d = match std::env::var("TRANSFER_BENCH_WRAP") {
         Ok(wrap) if !wrap.trim().is_empty() => {
             let mut words: Vec<&str> = wrap.split_whitespace().collect();
             let program = words.remove(0);
-            words.extend([client, "--", &addr, info]);
+            words.push(client);
+            words.push("--");
+            words.extend(client_args);
             Proc::start(program, &words, &setup.dir)
         }
-        _ => Proc::start(client, &[&addr, info], &setup.dir),
+        _ => Proc::start(client, &client_args, &setup.dir),
     };
     let user = format!("d{tag}");
     d.send(&format!("create_user {user} pw"));

@@ -6,8 +6,26 @@
 //! through its [`HashTicket`], against its expected digest and hands the ticket back. Every
 //! result goes to the results channel and the owner's `mio::Waker` is woken; the reactor never
 //! blocks on hashing.
+//!
+//! # A download's whole-file digest
+//!
+//! A download's whole-file SHA1 is a [`FileStream`], owned by the pool's workers: the worker
+//! that verifies the piece the digest needs next feeds it that piece at once, while the piece
+//! is still in its cache, and then every following piece already verified (by the other
+//! workers, which meanwhile go on verifying). Nothing waits for the digest, and each piece is
+//! read from memory about once although it is hashed twice. The worker that feeds the last
+//! piece sends the digest.
+//!
+//! # Feeding a digest
+//!
+//! [`update_all`] feeds bytes to a digest in steps of 4 KiB and, before hashing a step, reads
+//! one byte of every cache line of the next step. The SHA-NI compression is latency-bound and
+//! does not keep enough loads in flight to hide the memory latency by itself: on the
+//! development VM, hashing a 1 GiB buffer ran at 1.20 GB/s plain and 1.67 GB/s with the
+//! look-ahead reads, against 1.90 GB/s for data already in the cache.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -20,6 +38,10 @@ use crate::wire::Sha1Digest;
 
 /// Pieces per task: big enough to amortise the queue, small enough to balance the workers.
 const PIECES_PER_TASK: usize = 16;
+/// Bytes fed to a digest at a time by [`update_all`].
+const STEP: usize = 4096;
+/// Distance between the look-ahead reads: a cache line.
+const CACHE_LINE: usize = 64;
 
 /// The digests of a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,22 +77,90 @@ impl std::fmt::Debug for PieceChecked {
     }
 }
 
-/// A stretch of a downloaded file's whole-file digest: pieces `[.., next)` are in `state`,
-/// or `ok` is false because a piece of the stretch was not verified.
+/// A downloaded file's whole-file digest, complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamDone {
     pub job: u64,
-    pub state: Box<Sha1>,
-    pub next: u32,
-    pub ok: bool,
+    pub digest: Sha1Digest,
+    /// Pieces fed to the digest by the worker that had just verified them.
+    pub fed_hot: u32,
 }
 
-impl std::fmt::Debug for StreamDone {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "StreamDone(job {}, next {}, ok {})",
-            self.job, self.next, self.ok
-        )
+/// A download's whole-file digest, fed in order by the workers as they verify pieces (see the
+/// module doc). The download's owner keeps an `Arc` to hand to [`HashPool::verify_piece`] and
+/// calls [`FileStream::cancel`] when the download ends early.
+pub struct FileStream {
+    job: u64,
+    reader: PartReader,
+    n_pieces: u32,
+    cancelled: AtomicBool,
+    inner: Mutex<StreamInner>,
+}
+
+struct StreamInner {
+    /// Pieces `[0, next)` are in the digest.
+    next: u32,
+    /// `None` while a worker feeds the digest, and after it is finished.
+    digest: Option<Box<Sha1>>,
+    fed_hot: u32,
+}
+
+impl FileStream {
+    /// The digest of download `job`, whose `n_pieces` pieces are read through `reader`.
+    pub fn new(job: u64, reader: PartReader, n_pieces: u32) -> Arc<Self> {
+        Arc::new(FileStream {
+            job,
+            reader,
+            n_pieces,
+            cancelled: AtomicBool::new(false),
+            inner: Mutex::new(StreamInner {
+                next: 0,
+                digest: Some(Box::new(Sha1::new())),
+                fed_hot: 0,
+            }),
+        })
+    }
+
+    /// Stops feeding the digest; a worker feeding it stops after the piece at hand.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Feeds the digest every verified piece from where it stands, unless another worker is
+    /// feeding it (that worker looks again before it stops, so no verified piece is left
+    /// behind). `hot` is the piece the caller just verified. Returns the digest when the last
+    /// piece is in.
+    fn advance(&self, hot: u32) -> Option<StreamDone> {
+        let mut inner = self.inner.lock().ok()?;
+        loop {
+            if inner.next >= self.n_pieces {
+                let digest = inner.digest.take()?;
+                return Some(StreamDone {
+                    job: self.job,
+                    digest: Sha1Digest(digest.finalize().into()),
+                    fed_hot: inner.fed_hot,
+                });
+            }
+            if !self.reader.is_verified(inner.next) || self.cancelled.load(Ordering::Relaxed) {
+                return None;
+            }
+            let mut digest = inner.digest.take()?;
+            let mut next = inner.next;
+            drop(inner);
+            let mut fed_hot = 0;
+            while next < self.n_pieces && !self.cancelled.load(Ordering::Relaxed) {
+                let Some(bytes) = self.reader.piece_bytes(next) else {
+                    break;
+                };
+                update_all(&mut digest, bytes);
+                fed_hot += u32::from(next == hot);
+                next += 1;
+            }
+            inner = self.inner.lock().ok()?;
+            inner.next = next;
+            inner.digest = Some(digest);
+            inner.fed_hot += fed_hot;
+        }
     }
 }
 
@@ -87,18 +177,12 @@ enum Task {
         job: u64,
         ticket: HashTicket,
         expected: Sha1Digest,
+        stream: Option<Arc<FileStream>>,
     },
     Open {
         job: u64,
         path: PathBuf,
         piece_len: u32,
-    },
-    Stream {
-        job: u64,
-        reader: PartReader,
-        state: Box<Sha1>,
-        from: u32,
-        to: u32,
     },
     Whole(Arc<JobState>),
     Pieces(Arc<JobState>, usize, usize),
@@ -118,7 +202,26 @@ struct Assembly {
 }
 
 pub fn sha1_of(bytes: &[u8]) -> Sha1Digest {
-    Sha1Digest(Sha1::digest(bytes).into())
+    let mut digest = Sha1::new();
+    update_all(&mut digest, bytes);
+    Sha1Digest(digest.finalize().into())
+}
+
+/// Feeds `bytes` to `digest` a [`STEP`] at a time, reading ahead into the next step so that its
+/// loads overlap the hashing of this one (see the module doc).
+pub fn update_all(digest: &mut Sha1, bytes: &[u8]) {
+    let mut steps = bytes.chunks(STEP).peekable();
+    while let Some(step) = steps.next() {
+        if let Some(next) = steps.peek() {
+            std::hint::black_box(touch_lines(next));
+        }
+        digest.update(step);
+    }
+}
+
+/// Reads one byte of every cache line of `bytes`.
+fn touch_lines(bytes: &[u8]) -> u8 {
+    bytes.iter().step_by(CACHE_LINE).fold(0, |acc, b| acc ^ b)
 }
 
 /// A fixed set of hashing threads.
@@ -148,31 +251,21 @@ impl HashPool {
         Ok((HashPool { tasks: task_tx }, done_rx))
     }
 
-    /// Queues the check of a complete downloaded piece against `expected`.
-    pub fn verify_piece(&self, job: u64, ticket: HashTicket, expected: Sha1Digest) {
+    /// Queues the check of a complete downloaded piece against `expected`. A piece that
+    /// matches is marked verified at once and, if `stream` is given, fed to that whole-file
+    /// digest when it is the piece the digest needs next.
+    pub fn verify_piece(
+        &self,
+        job: u64,
+        ticket: HashTicket,
+        expected: Sha1Digest,
+        stream: Option<Arc<FileStream>>,
+    ) {
         let _ = self.tasks.send(Task::Verify {
             job,
             ticket,
             expected,
-        });
-    }
-
-    /// Queues the next stretch of a downloaded file's whole-file digest: feeds the verified
-    /// pieces `[from, to)` to `state`, in order.
-    pub fn stream_pieces(
-        &self,
-        job: u64,
-        reader: PartReader,
-        state: Box<Sha1>,
-        from: u32,
-        to: u32,
-    ) {
-        let _ = self.tasks.send(Task::Stream {
-            job,
-            reader,
-            state,
-            from,
-            to,
+            stream,
         });
     }
 
@@ -200,38 +293,31 @@ fn worker(
             },
             Err(_) => return,
         };
+        let send = |result: HashResult| {
+            let sent = done.send(result).is_ok();
+            let _ = waker.wake();
+            sent
+        };
         let finished = match task {
             Task::Verify {
                 job,
                 ticket,
                 expected,
+                stream,
             } => {
                 let ok = sha1_of(ticket.bytes()) == expected;
-                Some(HashResult::Piece(PieceChecked { job, ticket, ok }))
-            }
-            Task::Stream {
-                job,
-                reader,
-                mut state,
-                from,
-                to,
-            } => {
-                let mut ok = true;
-                for piece in from..to {
-                    match reader.piece_bytes(piece) {
-                        Some(bytes) => state.update(bytes),
-                        None => {
-                            ok = false;
-                            break;
-                        }
-                    }
+                let piece = ticket.piece();
+                if ok {
+                    ticket.verified();
                 }
-                Some(HashResult::Stream(StreamDone {
-                    job,
-                    state,
-                    next: to,
-                    ok,
-                }))
+                // The verdict goes out first: the digest can wait, the download cannot.
+                if !send(HashResult::Piece(PieceChecked { job, ticket, ok })) {
+                    return;
+                }
+                match stream {
+                    Some(stream) if ok => stream.advance(piece).map(HashResult::Stream),
+                    _ => None,
+                }
             }
             Task::Open {
                 job,
@@ -263,10 +349,9 @@ fn worker(
             }
         };
         if let Some(result) = finished {
-            if done.send(result).is_err() {
+            if !send(result) {
                 return;
             }
-            let _ = waker.wake();
         }
     }
 }
@@ -414,8 +499,8 @@ mod tests {
         let poll = Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
         let (pool, done) = HashPool::start(2, waker).unwrap();
-        pool.verify_piece(1, part.seal(0).unwrap(), sha1_of(b"good"));
-        pool.verify_piece(2, part.seal(1).unwrap(), sha1_of(b"nice"));
+        pool.verify_piece(1, part.seal(0).unwrap(), sha1_of(b"good"), None);
+        pool.verify_piece(2, part.seal(1).unwrap(), sha1_of(b"nice"), None);
         let mut verdicts = Vec::new();
         for _ in 0..2 {
             let Ok(HashResult::Piece(p)) = done.recv_timeout(Duration::from_secs(10)) else {
@@ -428,5 +513,150 @@ mod tests {
         assert_eq!(verdicts, [(1, true), (2, false)]);
         assert!(part.reader().is_verified(0));
         assert!(!part.reader().is_verified(1));
+    }
+
+    #[test]
+    fn update_all_matches_a_plain_digest_at_every_length() {
+        let data: Vec<u8> = (0..3 * STEP + 100).map(|i| (i * 13 % 251) as u8).collect();
+        for len in [
+            0,
+            1,
+            63,
+            64,
+            STEP - 1,
+            STEP,
+            STEP + 1,
+            2 * STEP + 7,
+            data.len(),
+        ] {
+            let mut digest = Sha1::new();
+            update_all(&mut digest, &data[..len]);
+            assert_eq!(digest.finalize(), Sha1::digest(&data[..len]), "len {len}");
+        }
+    }
+
+    /// Verifies the pieces of `data` in the order `order` on a pool of `workers`, with the
+    /// whole-file digest; returns the verdicts, the digest result and the part file.
+    fn verify_with_stream(
+        data: &[u8],
+        piece_len: u32,
+        order: &[u32],
+        corrupt: Option<u32>,
+        workers: usize,
+    ) -> (
+        Vec<(u32, bool)>,
+        Option<StreamDone>,
+        crate::storage::PartFile,
+    ) {
+        use crate::storage::PartFile;
+        let dir = tempfile::tempdir().unwrap();
+        let mut part =
+            PartFile::create(&dir.path().join("f.part"), data.len() as u64, piece_len).unwrap();
+        let n = part.n_pieces() as u32;
+        let pieces: Vec<&[u8]> = data.chunks(piece_len as usize).collect();
+        for (i, chunk) in pieces.iter().enumerate() {
+            let mut chunk = chunk.to_vec();
+            if corrupt == Some(i as u32) {
+                chunk[0] ^= 1;
+            }
+            part.write_with(i as u32, 0, chunk.len() as u32, |b| {
+                b.copy_from_slice(&chunk)
+            })
+            .unwrap();
+        }
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
+        let (pool, done) = HashPool::start(workers, waker).unwrap();
+        let stream = FileStream::new(9, part.reader(), n);
+        for &p in order {
+            let ticket = part.seal(p).unwrap();
+            pool.verify_piece(9, ticket, sha1_of(pieces[p as usize]), Some(stream.clone()));
+        }
+        let mut verdicts = Vec::new();
+        let mut digest = None;
+        while verdicts.len() < order.len() || (digest.is_none() && corrupt.is_none()) {
+            match done
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a result")
+            {
+                HashResult::Piece(p) => {
+                    verdicts.push((p.ticket.piece(), p.ok));
+                    part.finish(p.ticket, p.ok);
+                }
+                HashResult::Stream(d) => {
+                    assert!(digest.is_none(), "one digest per download");
+                    digest = Some(d);
+                }
+                HashResult::File(_) => panic!("no file job"),
+            }
+        }
+        // Nothing more arrives.
+        if let Ok(HashResult::Stream(d)) = done.recv_timeout(Duration::from_millis(200)) {
+            assert!(digest.is_none(), "a second digest");
+            digest = Some(d);
+        }
+        verdicts.sort();
+        (verdicts, digest, part)
+    }
+
+    #[test]
+    fn the_whole_file_digest_follows_pieces_verified_in_any_order() {
+        let data: Vec<u8> = (0..(40 * 1000 + 123))
+            .map(|i| (i * 7 % 253) as u8)
+            .collect();
+        let in_order: Vec<u32> = (0..41).collect();
+        let mut shuffled = in_order.clone();
+        crate::rng::SplitMix64::new(5).shuffle(&mut shuffled);
+        let reversed: Vec<u32> = in_order.iter().rev().copied().collect();
+        for order in [&in_order, &shuffled, &reversed] {
+            for workers in [1, 2, 4] {
+                let (verdicts, digest, part) =
+                    verify_with_stream(&data, 1000, order, None, workers);
+                assert!(verdicts.iter().all(|&(_, ok)| ok));
+                assert!(part.is_complete());
+                let digest = digest.expect("the digest");
+                assert_eq!(digest.job, 9);
+                assert_eq!(
+                    digest.digest,
+                    sha1_of(&data),
+                    "order {order:?}, {workers} workers"
+                );
+                assert!(digest.fed_hot <= 41);
+            }
+        }
+        // In order on one worker, every piece is fed right after its check.
+        let (_, digest, _) = verify_with_stream(&data, 1000, &in_order, None, 1);
+        assert_eq!(digest.unwrap().fed_hot, 41);
+    }
+
+    #[test]
+    fn a_bad_piece_holds_the_whole_file_digest_back() {
+        let data: Vec<u8> = (0..10_000).map(|i| (i % 249) as u8).collect();
+        let order: Vec<u32> = (0..10).collect();
+        let (verdicts, digest, part) = verify_with_stream(&data, 1000, &order, Some(4), 2);
+        assert_eq!(verdicts.iter().filter(|&&(_, ok)| !ok).count(), 1);
+        assert_eq!(verdicts[4], (4, false));
+        assert!(digest.is_none(), "piece 4 is missing from the digest");
+        assert!(!part.is_complete());
+    }
+
+    #[test]
+    fn a_cancelled_digest_is_never_finished() {
+        use crate::storage::PartFile;
+        let dir = tempfile::tempdir().unwrap();
+        let mut part = PartFile::create(&dir.path().join("f.part"), 8, 4).unwrap();
+        part.write_with(0, 0, 4, |b| b.copy_from_slice(b"abcd"))
+            .unwrap();
+        part.write_with(1, 0, 4, |b| b.copy_from_slice(b"efgh"))
+            .unwrap();
+        let stream = FileStream::new(3, part.reader(), 2);
+        stream.cancel();
+        for (p, bytes) in [(0u32, b"abcd"), (1, b"efgh")] {
+            let ticket = part.seal(p).unwrap();
+            assert_eq!(sha1_of(ticket.bytes()), sha1_of(bytes));
+            ticket.verified();
+            assert!(stream.advance(p).is_none());
+            part.finish(ticket, true);
+        }
     }
 }

@@ -9,7 +9,8 @@
 //! a piece's bytes belong to the writer until the piece is complete (`Writable`: only
 //! [`PartFile::write_with`] touches them, through `&mut PartFile`), to the hasher while it
 //! verifies (`Hashing`: only the one [`HashTicket`] reads them), and are read-only afterwards
-//! (`ReadOnly`: any [`PartReader`]). A failed piece goes back to `Writable` only when its ticket
+//! (`ReadOnly`: any [`PartReader`]; the ticket's holder marks a piece so the moment it
+//! matches its digest). A failed piece goes back to `Writable` only when its ticket
 //! is handed back, so no hasher can still be reading it.
 
 use std::fs::File;
@@ -284,6 +285,14 @@ impl HashTicket {
         match self.shared.piece_range(self.piece) {
             Some((start, end)) => self.shared.bytes(start, end),
             None => &[],
+        }
+    }
+
+    /// Records that the piece matched its digest: it is `ReadOnly` for good from now on, so
+    /// every [`PartReader`] may read it before the ticket is handed back.
+    pub fn verified(&self) {
+        if let Some(state) = self.shared.states.get(self.piece as usize) {
+            state.store(READ_ONLY, Ordering::Release);
         }
     }
 }

@@ -181,7 +181,7 @@ impl Driver {
                                     now,
                                 ),
                                 HashResult::Stream(done) => {
-                                    self.transfers.on_stream(registry, &self.hasher, done)
+                                    self.transfers.on_stream(registry, done)
                                 }
                             }
                             self.pump();

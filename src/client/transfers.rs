@@ -16,8 +16,8 @@
 //!   ([`Conn::queue_mapped`]).
 //!
 //! Completed pieces go to the hasher pool through their [`HashTicket`](crate::storage); the
-//! pool also computes each download's whole-file SHA1 in order, a stretch of verified pieces
-//! at a time, so that the check at the end costs no extra wait. A download whose pieces are
+//! pool's workers also compute each download's whole-file SHA1 ([`FileStream`]) in order as
+//! pieces verify, so that the check at the end costs no extra wait. A download whose pieces are
 //! all verified and whose whole-file digest matches is hard-linked to its target (which never
 //! overwrites) and its `.part` removed.
 //!
@@ -34,13 +34,12 @@ use byteorder::{BigEndian, ByteOrder};
 use log::{debug, info, warn};
 use mio::net::TcpStream;
 use mio::{Registry, Token};
-use sha1::{Digest, Sha1};
 
 use super::download::engine::{bitfield_of, Action, Download, Limits, Progress};
 use super::download::picker::{PeerId, Verdict};
 use super::session::ClientCore;
 use crate::bitfield::Bitfield;
-use crate::hasher::{HashPool, PieceChecked, StreamDone};
+use crate::hasher::{sha1_of, FileStream, HashPool, PieceChecked, StreamDone};
 use crate::net::conn::MappedSlice;
 use crate::net::{ConnId, ConnTable, ReadEnd};
 use crate::storage::{PartFile, PartReader, SourceMap};
@@ -63,8 +62,6 @@ const SERVE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_PEER_LINKS: usize = 4096;
 /// Largest frame other than a `Block` or the first `Accept` a fetch link takes.
 const MAX_SMALL_FRAME: usize = 2048;
-/// Pieces per whole-file hashing task.
-const STREAM_PIECES: u32 = 64;
 /// Scratch space for data that is read and dropped.
 const SCRATCH_LEN: usize = 64 * 1024;
 
@@ -219,12 +216,6 @@ enum PeerConn {
     Serve(ServeLink),
 }
 
-/// The whole-file digest, computed in order as pieces verify.
-struct StreamHash {
-    next: u32,
-    state: Option<Box<Sha1>>,
-}
-
 /// A running download.
 struct Active {
     engine: Download,
@@ -235,8 +226,18 @@ struct Active {
     links: BTreeMap<PeerId, ConnId>,
     started: Instant,
     first_piece: bool,
-    stream: StreamHash,
+    /// The whole-file digest, fed by the hasher pool.
+    stream: Arc<FileStream>,
+    /// The whole-file digest once every piece is in it.
+    file_digest: Option<Sha1Digest>,
     all_verified: bool,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        // A download that ends early needs no more of its digest.
+        self.stream.cancel();
+    }
 }
 
 pub struct Transfers {
@@ -328,6 +329,9 @@ impl Transfers {
         let mut engine = Download::new(group, meta, self.limits.clone());
         engine.start(peers, now);
         let reader = part.reader();
+        let n_pieces = engine.picker().n_pieces();
+        let stream = FileStream::new(id, reader.clone(), n_pieces);
+        let file_digest = (n_pieces == 0).then(|| sha1_of(&[]));
         self.downloads.insert(
             id,
             Active {
@@ -339,10 +343,8 @@ impl Transfers {
                 links: BTreeMap::new(),
                 started: now,
                 first_piece: false,
-                stream: StreamHash {
-                    next: 0,
-                    state: Some(Box::new(Sha1::new())),
-                },
+                stream,
+                file_digest,
                 all_verified: false,
             },
         );
@@ -390,25 +392,22 @@ impl Transfers {
         self.run_actions(registry, hasher, job, now);
     }
 
-    /// The hasher took the whole-file digest a stretch further.
-    pub fn on_stream(&mut self, registry: &Registry, hasher: &HashPool, done: StreamDone) {
+    /// The hasher pool finished a download's whole-file digest.
+    pub fn on_stream(&mut self, registry: &Registry, done: StreamDone) {
         let StreamDone {
             job,
-            state,
-            next,
-            ok,
+            digest,
+            fed_hot,
         } = done;
         let Some(active) = self.downloads.get_mut(&job) else {
             return;
         };
-        if !ok {
-            // Cannot happen: only verified pieces are streamed and they stay verified.
-            self.fail_download(registry, job, "a verified piece became unreadable".into());
-            return;
-        }
-        active.stream.state = Some(state);
-        active.stream.next = next;
-        self.advance_stream(hasher, job);
+        info!(
+            "whole-file digest of {}: {fed_hot} of {} pieces fed by the worker that verified them",
+            active.engine.meta.name,
+            active.engine.picker().n_pieces()
+        );
+        active.file_digest = Some(digest);
         self.maybe_complete(registry, job);
     }
 
@@ -448,7 +447,12 @@ impl Transfers {
                 Action::Verify { piece } => {
                     let expected = active.engine.meta.piece_hashes.get(piece as usize).copied();
                     match (active.part.seal(piece), expected) {
-                        (Some(ticket), Some(expected)) => hasher.verify_piece(id, ticket, expected),
+                        (Some(ticket), Some(expected)) => hasher.verify_piece(
+                            id,
+                            ticket,
+                            expected,
+                            Some(Arc::clone(&active.stream)),
+                        ),
                         _ => {
                             warn!("piece {piece} could not be sealed for verification");
                             active.engine.on_piece_checked(piece, false, now);
@@ -462,14 +466,12 @@ impl Transfers {
                             .push_back(TransferEvent::FirstPiece { download: id });
                     }
                     self.announce(registry, id, piece);
-                    self.advance_stream(hasher, id);
                 }
                 Action::QuerySharers => self
                     .events
                     .push_back(TransferEvent::QuerySharers { download: id }),
                 Action::Finished(Ok(())) => {
                     active.all_verified = true;
-                    self.advance_stream(hasher, id);
                     self.maybe_complete(registry, id);
                 }
                 Action::Finished(Err(reason)) => {
@@ -543,39 +545,14 @@ impl Transfers {
         }
     }
 
-    /// Hands the next stretch of verified pieces to the whole-file digest.
-    fn advance_stream(&mut self, hasher: &HashPool, id: u64) {
-        let Some(active) = self.downloads.get_mut(&id) else {
-            return;
-        };
-        let n_pieces = active.engine.picker().n_pieces();
-        let from = active.stream.next;
-        let mut to = from;
-        while to < n_pieces && to - from < STREAM_PIECES && active.reader.is_verified(to) {
-            to += 1;
-        }
-        if to == from {
-            return;
-        }
-        let Some(state) = active.stream.state.take() else {
-            return; // a stretch is being hashed
-        };
-        hasher.stream_pieces(id, active.reader.clone(), state, from, to);
-    }
-
     /// Finishes a download whose pieces are all verified once its whole-file digest is done.
     fn maybe_complete(&mut self, registry: &Registry, id: u64) {
         let Some(active) = self.downloads.get_mut(&id) else {
             return;
         };
-        let n_pieces = active.engine.picker().n_pieces();
-        if !active.all_verified || active.stream.next < n_pieces {
-            return;
-        }
-        let Some(state) = active.stream.state.take() else {
+        let Some(digest) = active.file_digest.filter(|_| active.all_verified) else {
             return;
         };
-        let digest = Sha1Digest(state.finalize().into());
         if digest != active.engine.meta.file_sha1 {
             let reason = format!(
                 "the whole file's SHA1 is {digest}, the tracker says {}",
