@@ -241,7 +241,6 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
             let mut words: Vec<&str> = wrap.split_whitespace().collect();
             let program = words.remove(0);
             words.push(client);
-            words.push("--");
             words.extend(client_args);
             Proc::start(program, &words, &setup.dir)
         }
