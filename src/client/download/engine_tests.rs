@@ -25,6 +25,9 @@ fn limits() -> Limits {
     Limits {
         block_len: BLOCK,
         depth: 3,
+        min_depth: 3,
+        max_depth: 3,
+        queue_time: secs(1),
         connect_timeout: secs(10),
         stall_timeout: secs(15),
         requery_interval: secs(1),
@@ -269,6 +272,140 @@ fn accept_with_a_wrong_bitfield_length_drops_the_link() {
 // ---------------------------------------------------------------------------------------------
 // Requests, blocks, verification
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// Request depth
+// ---------------------------------------------------------------------------------------------
+
+fn adaptive_limits(queue_time: Duration) -> Limits {
+    Limits {
+        depth: 4,
+        min_depth: 2,
+        max_depth: 64,
+        queue_time,
+        ..limits()
+    }
+}
+
+#[test]
+fn depth_follows_the_rate_within_bounds() {
+    let l = Limits {
+        block_len: 128 * 1024,
+        ..adaptive_limits(secs(1))
+    };
+    // 1 MiB/s for a second is 8 blocks of 128 KiB.
+    assert_eq!(depth_for(1024.0 * 1024.0, &l), 8);
+    assert_eq!(depth_for(1024.0 * 1024.0 + 1.0, &l), 9);
+    assert_eq!(depth_for(0.0, &l), 2);
+    assert_eq!(depth_for(f64::NAN, &l), 2);
+    assert_eq!(depth_for(-5.0, &l), 2);
+    assert_eq!(depth_for(1e15, &l), 64);
+    assert_eq!(depth_for(f64::INFINITY, &l), 64);
+}
+
+/// Serves every outstanding request of `peer` every `rtt` (a link held back only by its round
+/// trip), for `rounds` round trips; returns the most requests outstanding seen.
+fn serve_rounds(
+    d: &mut Download,
+    peer: PeerId,
+    mut outstanding: Vec<BlockRef>,
+    t: &mut Instant,
+    rtt: Duration,
+    rounds: usize,
+) -> usize {
+    let mut most = outstanding.len();
+    for _ in 0..rounds {
+        *t += rtt;
+        for b in std::mem::take(&mut outstanding) {
+            deliver(d, peer, b, *t);
+        }
+        outstanding = requests(&drain(d), peer);
+        if outstanding.is_empty() {
+            break;
+        }
+        most = most.max(d.picker().outstanding(peer));
+    }
+    most
+}
+
+#[test]
+fn a_fast_link_gets_a_deep_pipeline() {
+    let t0 = Instant::now();
+    let n_pieces = 400;
+    let size = u64::from(PIECE) * n_pieces;
+    let mut d = Download::new(group(), meta(size), adaptive_limits(secs(1)));
+    d.start(&[addr(1)], t0);
+    let a = connects(&drain(&mut d))[0].0;
+    d.on_accept(a, &full(n_pieces as u32), t0);
+    let first = requests(&drain(&mut d), a);
+    assert_eq!(first.len(), 4, "the initial depth until a window closes");
+    // Round trips of 10 ms: 4 blocks per 10 ms is far more than a second of queue would need
+    // at that rate, so the depth grows to the maximum.
+    let mut t = t0;
+    let most = serve_rounds(&mut d, a, first, &mut t, ms(10), 60);
+    assert_eq!(most, 64);
+    assert_eq!(d.link_depth(a), Some(64));
+}
+
+#[test]
+fn a_slow_link_keeps_only_a_queue_time_of_work() {
+    let t0 = Instant::now();
+    let n_pieces = 400;
+    let size = u64::from(PIECE) * n_pieces;
+    let mut d = Download::new(group(), meta(size), adaptive_limits(ms(300)));
+    d.start(&[addr(1)], t0);
+    let a = connects(&drain(&mut d))[0].0;
+    d.on_accept(a, &full(n_pieces as u32), t0);
+    let mut outstanding: std::collections::VecDeque<BlockRef> = requests(&drain(&mut d), a).into();
+    assert_eq!(outstanding.len(), 4);
+    // One 4-byte block every 100 ms: 40 bytes/s, so 300 ms of queue is 12 bytes, 3 blocks.
+    let mut t = t0;
+    for _ in 0..40 {
+        t += ms(100);
+        let b = outstanding.pop_front().expect("a request outstanding");
+        deliver(&mut d, a, b, t);
+        outstanding.extend(requests(&drain(&mut d), a));
+    }
+    assert_eq!(d.link_depth(a), Some(3));
+    assert_eq!(d.picker().outstanding(a), 3);
+    assert_eq!(outstanding.len(), 3);
+}
+
+#[test]
+fn idle_time_does_not_lower_the_rate() {
+    let t0 = Instant::now();
+    // Two pieces only: after they are requested the link is idle until a `have`.
+    let mut d = Download::new(
+        group(),
+        meta(u64::from(PIECE) * 4),
+        adaptive_limits(secs(1)),
+    );
+    d.start(&[addr(1)], t0);
+    let a = connects(&drain(&mut d))[0].0;
+    d.on_accept(a, &only(4, &[0, 1]), t0);
+    let first = requests(&drain(&mut d), a);
+    assert_eq!(first.len(), 4);
+    let mut t = t0 + ms(1);
+    for b in first {
+        deliver(&mut d, a, b, t);
+    }
+    assert_eq!(d.picker().outstanding(a), 0);
+    // A long idle spell, then more work: the first window after it counts from the new
+    // requests, so the fast link is not taken for a slow one.
+    t += secs(30);
+    d.on_have(a, 2, t);
+    d.on_have(a, 3, t);
+    let more = requests(&drain(&mut d), a);
+    assert_eq!(more.len(), 4);
+    t += ms(300);
+    for b in more {
+        deliver(&mut d, a, b, t);
+    }
+    // The window closes at the first block: 4 bytes in 300 ms, about 13 bytes/s, is 4 blocks
+    // of a second's queue. Counting the idle 30 s (20 bytes in 30.3 s) would have brought the
+    // depth down to the minimum, 2.
+    assert_eq!(d.link_depth(a), Some(4));
+}
 
 #[test]
 fn requests_are_pipelined_up_to_depth() {
@@ -1060,6 +1197,9 @@ impl Sim {
         let limits = Limits {
             block_len,
             depth,
+            min_depth: 1,
+            max_depth: depth,
+            queue_time: ms(1 + rng.below(2000) as u64),
             connect_timeout: secs(10),
             stall_timeout: secs(15),
             requery_interval: secs(1),
