@@ -17,6 +17,7 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::progress::{self, Item, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::transfers::{TransferEvent, Transfers};
 use crate::hasher::{HashPool, HashResult};
@@ -88,6 +89,8 @@ struct Driver {
     input_done: bool,
     interactive: bool,
     prompted: bool,
+    /// The progress line on a terminal.
+    status: StatusLine,
 }
 
 /// Runs the client; returns the exit status (0 if every command succeeded, else 1).
@@ -120,8 +123,12 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         input_done: false,
         interactive: io::stdin().is_terminal(),
         prompted: false,
+        status: StatusLine::for_stderr(),
     };
     let result = driver.run(&stdin, &hashed);
+    driver
+        .status
+        .paint(None, false, Instant::now(), &mut io::stderr());
     drop(waker);
     result
 }
@@ -145,6 +152,8 @@ impl Driver {
             self.prompt();
             let deadline = [
                 self.core.poll_timeout(),
+                self.status
+                    .next_paint(self.core.has_running_downloads(), Instant::now()),
                 self.transfers.next_deadline(),
                 self.reconnecting.map(|(_, next)| next),
                 self.tracker.as_ref().map(|l| {
@@ -231,6 +240,41 @@ impl Driver {
             self.watch_tracker(now);
             self.core.handle_timeout(now);
             self.pump();
+            self.paint_status(now);
+        }
+    }
+
+    /// The running downloads' progress, for the progress line.
+    fn progress_text(&self) -> Option<String> {
+        let items: Vec<Item<'_>> = self
+            .core
+            .downloads()
+            .iter()
+            .filter(|d| d.status == DownloadStatus::Running)
+            .filter_map(|d| {
+                let (progress, elapsed) = self.transfers.progress(d.id)?;
+                Some(Item {
+                    name: d.name.as_str(),
+                    progress,
+                    elapsed,
+                })
+            })
+            .collect();
+        progress::summary(&items, progress::WIDTH)
+    }
+
+    /// Redraws the progress line when it is due.
+    fn paint_status(&mut self, now: Instant) {
+        let running = self.core.has_running_downloads();
+        if self
+            .status
+            .next_paint(running, now)
+            .is_some_and(|t| t <= now)
+        {
+            let text = self.progress_text();
+            let at_prompt = self.interactive && !self.input_done;
+            self.status
+                .paint(text.as_deref(), at_prompt, now, &mut io::stderr());
         }
     }
 
@@ -245,16 +289,34 @@ impl Driver {
             && !self.core.is_busy()
             && self.lines.is_empty()
         {
+            let text = self.progress_text();
+            self.status
+                .at_prompt(text.as_deref(), Instant::now(), &mut io::stderr());
             print!("> ");
             let _ = io::stdout().flush();
             self.prompted = true;
         }
     }
 
+    /// Output is about to be printed: a line that arrives while the prompt waits (a download
+    /// that ended) goes below it, and the prompt is printed again after it.
+    fn leave_prompt(&mut self) {
+        self.status.before_output(&mut io::stderr());
+        if self.prompted {
+            println!();
+            self.prompted = false;
+        }
+    }
+
     fn drain_stdin(&mut self, stdin: &Receiver<StdinEvent>) {
         loop {
             match stdin.try_recv() {
-                Ok(event) => self.lines.push_back(event),
+                Ok(event) => {
+                    // A typed line moved the cursor below the prompt: the progress line is
+                    // no longer just above it.
+                    self.status.before_output(&mut io::stderr());
+                    self.lines.push_back(event)
+                }
                 Err(TryRecvError::Disconnected) => {
                     self.lines.push_back(StdinEvent::Eof);
                     return;
@@ -271,6 +333,8 @@ impl Driver {
                 return;
             };
             self.prompted = false;
+            // A line was entered: the prompt (and the progress line above it) moved up.
+            self.status.before_output(&mut io::stderr());
             match event {
                 StdinEvent::Eof => {
                     self.input_done = true;
@@ -294,11 +358,13 @@ impl Driver {
         while let Some(output) = self.core.poll_output() {
             match output {
                 Output::Print(line) => {
+                    self.leave_prompt();
                     let mut stdout = io::stdout().lock();
                     let _ = writeln!(stdout, "{line}");
                     let _ = stdout.flush();
                 }
                 Output::Fail(reason) => {
+                    self.leave_prompt();
                     let _ = writeln!(io::stderr().lock(), "error: {reason}");
                 }
                 Output::Send(request) => {
@@ -382,6 +448,7 @@ impl Driver {
     /// `show_downloads`: one line per download, in the order started; on a terminal the
     /// running ones also show their progress.
     fn show_downloads(&mut self) {
+        self.status.before_output(&mut io::stderr());
         let mut stdout = io::stdout().lock();
         for d in self.core.downloads() {
             let tag = match d.status {
