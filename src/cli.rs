@@ -96,7 +96,11 @@ pub fn parse_level(s: &str) -> Result<LevelFilter, CliError> {
 
 /// Sends the log to `file`, or to stderr. Log lines start with a time stamp, so they never
 /// start with `error: ` and cannot be mistaken for a command's failure line.
-pub fn init_logging(level: LevelFilter, file: Option<&Path>) -> Result<(), CliError> {
+pub fn init_logging<W: std::io::Write + Send + 'static>(
+    level: LevelFilter,
+    file: Option<&Path>,
+    stderr: W,
+) -> Result<(), CliError> {
     let config = ConfigBuilder::new()
         .set_time_format_rfc3339()
         .set_thread_level(LevelFilter::Off)
@@ -111,7 +115,7 @@ pub fn init_logging(level: LevelFilter, file: Option<&Path>) -> Result<(), CliEr
                 .map_err(|e| CliError(format!("cannot open log file {}: {e}", path.display())))?;
             WriteLogger::init(level, config, f)
         }
-        None => WriteLogger::init(level, config, std::io::stderr()),
+        None => WriteLogger::init(level, config, stderr),
     };
     result.map_err(|e| CliError(format!("cannot start logging: {e}")))
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use log::{error, LevelFilter};
 use p2pshare::cli::{self, CliError, EXIT_USAGE};
 use p2pshare::client::driver::{self, ClientConfig};
+use p2pshare::client::progress::{Drawn, LogSink};
 
 fn usage(opts: &getopts::Options) -> String {
     opts.usage("Usage: client_program [OPTIONS] <IP>:<PORT> <tracker_info_file>")
@@ -60,7 +61,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    if let Err(e) = cli::init_logging(common.log_level, common.log_file.as_deref().map(Path::new)) {
+    // Log lines to stderr erase the progress line first (see `client::progress`).
+    let drawn = Drawn::default();
+    if let Err(e) = cli::init_logging(
+        common.log_level,
+        common.log_file.as_deref().map(Path::new),
+        LogSink::new(drawn.clone()),
+    ) {
         eprintln!("client_program: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
@@ -68,6 +75,7 @@ fn main() -> ExitCode {
         listen,
         trackers,
         serve: matches.opt_present("serve"),
+        drawn,
     }) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {

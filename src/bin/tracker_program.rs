@@ -64,7 +64,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(EXIT_USAGE);
     }
-    if let Err(e) = cli::init_logging(common.log_level, common.log_file.as_deref().map(Path::new)) {
+    if let Err(e) = cli::init_logging(
+        common.log_level,
+        common.log_file.as_deref().map(Path::new),
+        std::io::stderr(),
+    ) {
         eprintln!("tracker_program: {e}");
         return ExitCode::from(EXIT_USAGE);
     }

@@ -17,7 +17,7 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::progress::{self, Item, StatusLine};
+use super::progress::{self, Drawn, Item, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::transfers::{TransferEvent, Transfers};
 use crate::hasher::{HashPool, HashResult};
@@ -52,6 +52,8 @@ pub struct ClientConfig {
     pub trackers: Vec<SocketAddr>,
     /// Keep running after standard input ends.
     pub serve: bool,
+    /// Where the progress line is, shared with the logger's stderr sink.
+    pub drawn: Drawn,
 }
 
 /// The client's link to its tracker.
@@ -105,6 +107,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
     let (hasher, hashed) = HashPool::start(n_workers, Arc::clone(&waker))?;
     let stdin = wake::spawn_stdin_reader(Arc::clone(&waker))?;
     info!("client listening for peers on {}", config.listen);
+    let status = StatusLine::for_stderr(config.drawn.clone());
     let mut driver = Driver {
         poll,
         listener,
@@ -123,7 +126,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         input_done: false,
         interactive: io::stdin().is_terminal(),
         prompted: false,
-        status: StatusLine::for_stderr(),
+        status,
     };
     let result = driver.run(&stdin, &hashed);
     driver
@@ -260,7 +263,7 @@ impl Driver {
                 })
             })
             .collect();
-        progress::summary(&items, progress::WIDTH)
+        progress::summary(&items, progress::line_width())
     }
 
     /// Redraws the progress line when it is due.

@@ -12,19 +12,86 @@
 //!   user is typing is left alone. Once other output has moved the prompt, the line waits for
 //!   the next prompt.
 //!
+//! The line is cut to the terminal's width, measured in display columns (a wrapped line would
+//! not be erased by a carriage return and erase-line, nor found one line up). Log output to
+//! stderr goes through a [`LogSink`], which erases the line first; both share a [`Drawn`].
+//!
 //! Nothing is drawn when stderr is not a terminal (the tests, a log file) or `TERM` is `dumb`,
 //! so stdout and stderr keep exactly the lines the SPEC defines.
 
 use std::io::{self, IsTerminal, Write};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use unicode_width::UnicodeWidthChar;
 
 use super::download::engine::Progress;
 
 /// How often the line is redrawn.
 pub const PAINT_EVERY: Duration = Duration::from_millis(250);
-/// Longest line drawn: longer lines would wrap, and a wrapped line is not erased by the
-/// carriage return and erase-line sequence.
-pub const WIDTH: usize = 79;
+/// Width assumed when the terminal does not tell.
+pub const DEFAULT_WIDTH: usize = 80;
+
+/// Where the progress line is on screen, shared by the [`StatusLine`] and the [`LogSink`].
+#[derive(Debug, Clone, Default)]
+pub struct Drawn(Arc<AtomicU8>);
+
+/// Not on screen (or no longer where it was drawn).
+const NOWHERE: u8 = 0;
+/// On the current line, the cursor at its end.
+const IN_PLACE: u8 = 1;
+/// On the line just above the prompt.
+const ABOVE_PROMPT: u8 = 2;
+
+impl Drawn {
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, state: u8) {
+        self.0.store(state, Ordering::Release);
+    }
+
+    fn take(&self) -> u8 {
+        self.0.swap(NOWHERE, Ordering::AcqRel)
+    }
+}
+
+/// Stderr for the logger: erases the progress line before a log line is written, and marks it
+/// gone from above the prompt (the log line moved the prompt).
+#[derive(Debug)]
+pub struct LogSink {
+    drawn: Drawn,
+}
+
+impl LogSink {
+    pub fn new(drawn: Drawn) -> Self {
+        LogSink { drawn }
+    }
+}
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut err = io::stderr().lock();
+        if self.drawn.take() == IN_PLACE {
+            err.write_all(ERASE_LINE.as_bytes())?;
+        }
+        err.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stderr().flush()
+    }
+}
+
+/// The terminal's width in columns, for the line: one less, as writing the last column makes
+/// some terminals wrap.
+pub fn line_width() -> usize {
+    let columns = terminal_size::terminal_size_of(io::stderr())
+        .map_or(DEFAULT_WIDTH, |(terminal_size::Width(w), _)| usize::from(w));
+    columns.saturating_sub(1).max(1)
+}
 
 /// Erase the current line, cursor to its start.
 const ERASE_LINE: &str = "\r\x1b[2K";
@@ -85,45 +152,59 @@ fn size_text(size: u64) -> String {
     }
 }
 
-/// `line` cut to `width` characters, ending in `...` when cut. Control characters (a file name
-/// may hold any) are shown as `?` so that they cannot move the cursor.
+/// `line` cut to `width` display columns, ending in `...` when cut. Control characters (a file
+/// name may hold any) are shown as `?` so that they cannot move the cursor; other characters
+/// without a width (combining marks) as well, so that every character takes its own columns.
 fn cut(line: &str, width: usize) -> String {
-    let clean: Vec<char> = line
+    let clean: Vec<(char, usize)> = line
         .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| match c.width() {
+            Some(w) if w > 0 && !c.is_control() => (c, w),
+            _ => ('?', 1),
+        })
         .collect();
-    if clean.len() <= width {
-        return clean.into_iter().collect();
+    if clean.iter().map(|&(_, w)| w).sum::<usize>() <= width {
+        return clean.into_iter().map(|(c, _)| c).collect();
     }
-    let keep = width.saturating_sub(3);
-    let mut out: String = clean.into_iter().take(keep).collect();
-    out.push_str("...");
+    let room = width.saturating_sub(3);
+    let mut used = 0;
+    let mut out = String::new();
+    for (c, w) in clean {
+        if used + w > room {
+            break;
+        }
+        used += w;
+        out.push(c);
+    }
+    out.push_str(&".".repeat(width.min(3)));
     out
+}
+
+/// Display columns of `text`, as [`cut`] counts them.
+#[cfg(test)]
+fn columns(text: &str) -> usize {
+    text.chars().map(|c| c.width().unwrap_or(1).max(1)).sum()
 }
 
 /// The progress line on the terminal (see the module doc).
 #[derive(Debug)]
 pub struct StatusLine {
     enabled: bool,
-    /// Batch style: the line is on screen and the cursor at its end.
-    shown: bool,
-    /// Prompt style: the line above the prompt is ours.
-    above: bool,
+    drawn: Drawn,
     last_paint: Option<Instant>,
 }
 
 impl StatusLine {
     /// A line drawn only if stderr is a terminal that understands the escape sequences.
-    pub fn for_stderr() -> Self {
+    pub fn for_stderr(drawn: Drawn) -> Self {
         let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
-        Self::new(io::stderr().is_terminal() && !dumb)
+        Self::new(io::stderr().is_terminal() && !dumb, drawn)
     }
 
-    pub fn new(enabled: bool) -> Self {
+    pub fn new(enabled: bool, drawn: Drawn) -> Self {
         StatusLine {
             enabled,
-            shown: false,
-            above: false,
+            drawn,
             last_paint: None,
         }
     }
@@ -139,12 +220,10 @@ impl StatusLine {
     /// Other output is about to be written: the line is erased (batch style) or given up
     /// (prompt style: the output moves the prompt away from it).
     pub fn before_output(&mut self, out: &mut impl Write) {
-        if self.shown {
+        if self.drawn.take() == IN_PLACE {
             let _ = out.write_all(ERASE_LINE.as_bytes());
             let _ = out.flush();
-            self.shown = false;
         }
-        self.above = false;
     }
 
     /// The prompt is about to be printed: with downloads running, the line goes just above it.
@@ -155,7 +234,7 @@ impl StatusLine {
         };
         let _ = writeln!(out, "{text}");
         let _ = out.flush();
-        self.above = true;
+        self.drawn.set(ABOVE_PROMPT);
         self.last_paint = Some(now);
     }
 
@@ -172,25 +251,25 @@ impl StatusLine {
             return;
         }
         self.last_paint = Some(now);
+        let state = self.drawn.get();
         if at_prompt {
-            if self.above {
+            if state == ABOVE_PROMPT {
                 let text = text.unwrap_or("");
                 let _ = write!(out, "{TO_LINE_ABOVE}{text}{BACK_TO_PROMPT}");
                 let _ = out.flush();
             }
             return;
         }
-        self.above = false;
         match text {
             Some(text) => {
                 let _ = write!(out, "{ERASE_LINE}{text}");
-                self.shown = true;
+                self.drawn.set(IN_PLACE);
             }
-            None if self.shown => {
+            None if state == IN_PLACE => {
                 let _ = out.write_all(ERASE_LINE.as_bytes());
-                self.shown = false;
+                self.drawn.set(NOWHERE);
             }
-            None => {}
+            None => self.drawn.set(NOWHERE),
         }
         let _ = out.flush();
     }
@@ -218,14 +297,14 @@ mod tests {
 
     #[test]
     fn one_download_shows_percent_size_rate_and_peers() {
-        let line = summary(&[item("movie.bin", 512 * MIB, 1024 * MIB, 2.0, 4)], WIDTH);
+        let line = summary(&[item("movie.bin", 512 * MIB, 1024 * MIB, 2.0, 4)], 79);
         assert_eq!(
             line.as_deref(),
             Some("movie.bin 50.0% of 1.0 GiB 256.0 MiB/s 4 peers")
         );
-        let line = summary(&[item("a", 0, 1000, 0.0, 1)], WIDTH);
+        let line = summary(&[item("a", 0, 1000, 0.0, 1)], 79);
         assert_eq!(line.as_deref(), Some("a 0.0% of 1000 B 0.0 MiB/s 1 peer"));
-        let line = summary(&[item("empty", 0, 0, 1.0, 0)], WIDTH);
+        let line = summary(&[item("empty", 0, 0, 1.0, 0)], 79);
         assert_eq!(
             line.as_deref(),
             Some("empty 100.0% of 0 B 0.0 MiB/s 0 peers")
@@ -234,7 +313,7 @@ mod tests {
 
     #[test]
     fn nothing_running_shows_nothing() {
-        assert_eq!(summary(&[], WIDTH), None);
+        assert_eq!(summary(&[], 79), None);
     }
 
     #[test]
@@ -248,21 +327,35 @@ mod tests {
             line,
             "first.iso 10.0% of 50.0 MiB 5.0 MiB/s 2 peers | second.iso 10.0% of 10.0 MiB 1.0 MiB/s 1 peer"
         );
-        let cut_line = summary(&items, WIDTH).unwrap();
-        assert_eq!(cut_line.chars().count(), WIDTH);
+        let cut_line = summary(&items, 79).unwrap();
+        assert_eq!(cut_line.chars().count(), 79);
         assert!(cut_line.ends_with("..."));
-        assert!(line.starts_with(&cut_line[..WIDTH - 3]));
+        assert!(line.starts_with(&cut_line[..79 - 3]));
     }
 
     #[test]
     fn control_characters_in_names_cannot_move_the_cursor() {
-        let line = summary(&[item("evil\x1b[2Jname\r", 0, 10, 1.0, 1)], WIDTH).unwrap();
+        let line = summary(&[item("evil\x1b[2Jname\r", 0, 10, 1.0, 1)], 79).unwrap();
         assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
         assert!(line.starts_with("evil?[2Jname?"));
-        // Long names are cut by characters, not bytes.
+        // Long names are cut by display columns, not bytes or characters.
         let name = "é".repeat(100);
         let line = summary(&[item(&name, 0, 10, 1.0, 1)], 20).unwrap();
         assert_eq!(line.chars().count(), 20);
+        assert_eq!(columns(&line), 20);
+        // Wide characters take two columns each: 8 of them and "..." in 19 columns.
+        let name = "映".repeat(50);
+        let line = summary(&[item(&name, 0, 10, 1.0, 1)], 19).unwrap();
+        assert_eq!(line, format!("{}...", "映".repeat(8)));
+        assert_eq!(columns(&line), 19);
+        // A combining mark (no width of its own) is shown as `?`.
+        let line = summary(&[item("e\u{301}", 0, 10, 1.0, 1)], 79).unwrap();
+        assert!(line.starts_with("e? "), "{line:?}");
+        // Tiny widths still give a line that fits.
+        for width in 0..6 {
+            let line = summary(&[item("name", 0, 10, 1.0, 1)], width).unwrap();
+            assert!(columns(&line) <= width, "{width}: {line:?}");
+        }
     }
 
     #[test]
@@ -275,7 +368,7 @@ mod tests {
     }
 
     fn painted(f: impl FnOnce(&mut StatusLine, &mut Vec<u8>)) -> String {
-        let mut line = StatusLine::new(true);
+        let mut line = StatusLine::new(true, Drawn::default());
         let mut out = Vec::new();
         f(&mut line, &mut out);
         String::from_utf8(out).unwrap()
@@ -317,7 +410,7 @@ mod tests {
     #[test]
     fn a_disabled_line_draws_nothing_and_asks_for_no_wake_ups() {
         let now = Instant::now();
-        let mut line = StatusLine::new(false);
+        let mut line = StatusLine::new(false, Drawn::default());
         let mut out = Vec::new();
         line.at_prompt(Some("a"), now, &mut out);
         line.paint(Some("a"), false, now, &mut out);
@@ -325,10 +418,33 @@ mod tests {
         line.before_output(&mut out);
         assert!(out.is_empty());
         assert_eq!(line.next_paint(true, now), None);
-        let mut on = StatusLine::new(true);
+        let mut on = StatusLine::new(true, Drawn::default());
         assert_eq!(on.next_paint(false, now), None);
         assert_eq!(on.next_paint(true, now), Some(now), "due at once at first");
         on.paint(Some("a"), false, now, &mut out);
         assert_eq!(on.next_paint(true, now), Some(now + PAINT_EVERY));
+    }
+
+    #[test]
+    fn a_log_line_erases_the_line_first_and_ends_its_place_above_the_prompt() {
+        let now = Instant::now();
+        let drawn = Drawn::default();
+        let mut line = StatusLine::new(true, drawn.clone());
+        let mut out = Vec::new();
+        line.paint(Some("a 1%"), false, now, &mut out);
+        assert_eq!(drawn.get(), IN_PLACE);
+        // What the log sink does before writing: it finds the line drawn in place, so it
+        // erases it; then nothing is left to erase.
+        assert_eq!(drawn.take(), IN_PLACE);
+        line.before_output(&mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), "\r\x1b[2Ka 1%");
+        // Above the prompt: after a log line, the next paint does not move up a line (the log
+        // line moved the prompt).
+        let mut out = Vec::new();
+        line.at_prompt(Some("a 2%"), now, &mut out);
+        assert_eq!(drawn.get(), ABOVE_PROMPT);
+        drawn.take();
+        line.paint(Some("a 3%"), true, now, &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), "a 2%\n");
     }
 }
