@@ -11,10 +11,11 @@
 //!
 //! A download's whole-file SHA1 is a [`FileStream`], owned by the pool's workers: the worker
 //! that verifies the piece the digest needs next feeds it that piece at once, while the piece
-//! is still in its cache, and then every following piece already verified (by the other
-//! workers, which meanwhile go on verifying). Nothing waits for the digest, and each piece is
-//! read from memory about once although it is hashed twice. The worker that feeds the last
-//! piece sends the digest.
+//! is still in its cache, and then the following pieces already verified (by the other
+//! workers, which meanwhile go on verifying), [`FEED_PIECES`] at a time with the rest queued
+//! behind the other tasks. Nothing waits for the digest, and each piece is read from memory
+//! about once although it is hashed twice. The worker that feeds the last piece sends the
+//! digest.
 //!
 //! # Feeding a digest
 //!
@@ -38,6 +39,10 @@ use crate::wire::Sha1Digest;
 
 /// Pieces per task: big enough to amortise the queue, small enough to balance the workers.
 const PIECES_PER_TASK: usize = 16;
+/// Most pieces one task feeds a whole-file digest (16 MiB, about 10 ms) before the rest is
+/// queued behind the other tasks, so that a digest catching up on a long stretch (the first
+/// piece verified last, say) does not hold a worker while pieces of other downloads wait.
+const FEED_PIECES: u32 = 32;
 /// Bytes fed to a digest at a time by [`update_all`].
 const STEP: usize = 4096;
 /// Distance between the look-ahead reads: a cache line.
@@ -126,42 +131,66 @@ impl FileStream {
         self.cancelled.store(true, Ordering::Relaxed);
     }
 
-    /// Feeds the digest every verified piece from where it stands, unless another worker is
-    /// feeding it (that worker looks again before it stops, so no verified piece is left
-    /// behind). `hot` is the piece the caller just verified. Returns the digest when the last
-    /// piece is in.
-    fn advance(&self, hot: u32) -> Option<StreamDone> {
-        let mut inner = self.inner.lock().ok()?;
+    /// Feeds the digest the verified pieces from where it stands, at most [`FEED_PIECES`] of
+    /// them, unless another worker is feeding it (that worker looks again before it stops, so
+    /// no verified piece is left behind). `hot` is the piece the caller just verified.
+    fn advance(&self, hot: u32) -> Fed {
+        let Ok(mut inner) = self.inner.lock() else {
+            return Fed::Nothing;
+        };
+        let mut budget = FEED_PIECES;
         loop {
             if inner.next >= self.n_pieces {
-                let digest = inner.digest.take()?;
-                return Some(StreamDone {
+                let Some(digest) = inner.digest.take() else {
+                    return Fed::Nothing;
+                };
+                return Fed::Done(StreamDone {
                     job: self.job,
                     digest: Sha1Digest(digest.finalize().into()),
                     fed_hot: inner.fed_hot,
                 });
             }
             if !self.reader.is_verified(inner.next) || self.cancelled.load(Ordering::Relaxed) {
-                return None;
+                return Fed::Nothing;
             }
-            let mut digest = inner.digest.take()?;
+            if budget == 0 {
+                return Fed::More;
+            }
+            let Some(mut digest) = inner.digest.take() else {
+                return Fed::Nothing;
+            };
             let mut next = inner.next;
             drop(inner);
             let mut fed_hot = 0;
-            while next < self.n_pieces && !self.cancelled.load(Ordering::Relaxed) {
+            while next < self.n_pieces && budget > 0 && !self.cancelled.load(Ordering::Relaxed) {
                 let Some(bytes) = self.reader.piece_bytes(next) else {
                     break;
                 };
                 update_all(&mut digest, bytes);
                 fed_hot += u32::from(next == hot);
                 next += 1;
+                budget -= 1;
             }
-            inner = self.inner.lock().ok()?;
+            inner = match self.inner.lock() {
+                Ok(inner) => inner,
+                Err(_) => return Fed::Nothing,
+            };
             inner.next = next;
             inner.digest = Some(digest);
             inner.fed_hot += fed_hot;
         }
     }
+}
+
+/// What one [`FileStream::advance`] did.
+#[derive(Debug)]
+enum Fed {
+    /// Nothing more to feed now (or another worker feeds).
+    Nothing,
+    /// Its share fed, verified pieces wait: the rest is queued behind the other tasks.
+    More,
+    /// The last piece is in.
+    Done(StreamDone),
 }
 
 /// What the pool sends back.
@@ -184,6 +213,8 @@ enum Task {
         path: PathBuf,
         piece_len: u32,
     },
+    /// Go on feeding a whole-file digest.
+    Feed(Arc<FileStream>),
     Whole(Arc<JobState>),
     Pieces(Arc<JobState>, usize, usize),
 }
@@ -315,10 +346,11 @@ fn worker(
                     return;
                 }
                 match stream {
-                    Some(stream) if ok => stream.advance(piece).map(HashResult::Stream),
+                    Some(stream) if ok => fed(stream.advance(piece), stream, requeue),
                     _ => None,
                 }
             }
+            Task::Feed(stream) => fed(stream.advance(u32::MAX), stream, requeue),
             Task::Open {
                 job,
                 path,
@@ -353,6 +385,18 @@ fn worker(
                 return;
             }
         }
+    }
+}
+
+/// What to send after feeding a digest: the digest when done; the rest queued when more waits.
+fn fed(fed: Fed, stream: Arc<FileStream>, requeue: &Sender<Task>) -> Option<HashResult> {
+    match fed {
+        Fed::Nothing => None,
+        Fed::More => {
+            let _ = requeue.send(Task::Feed(stream));
+            None
+        }
+        Fed::Done(done) => Some(HashResult::Stream(done)),
     }
 }
 
@@ -655,8 +699,53 @@ mod tests {
             let ticket = part.seal(p).unwrap();
             assert_eq!(sha1_of(ticket.bytes()), sha1_of(bytes));
             ticket.verified();
-            assert!(stream.advance(p).is_none());
+            assert!(matches!(stream.advance(p), Fed::Nothing));
             part.finish(ticket, true);
         }
+    }
+
+    #[test]
+    fn a_long_stretch_is_fed_a_share_at_a_time() {
+        use crate::storage::PartFile;
+        let n = 2 * FEED_PIECES + 5;
+        let data: Vec<u8> = (0..n * 10).map(|i| (i % 241) as u8).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut part = PartFile::create(&dir.path().join("f.part"), data.len() as u64, 10).unwrap();
+        for (i, chunk) in data.chunks(10).enumerate() {
+            part.write_with(i as u32, 0, 10, |b| b.copy_from_slice(chunk))
+                .unwrap();
+        }
+        let stream = FileStream::new(4, part.reader(), n);
+        // Every piece but the first verified: nothing to feed yet.
+        for p in (1..n).rev() {
+            let ticket = part.seal(p).unwrap();
+            ticket.verified();
+            assert!(matches!(stream.advance(p), Fed::Nothing));
+            part.finish(ticket, true);
+        }
+        // The first one verifies: the digest takes its share, then says more waits.
+        let ticket = part.seal(0).unwrap();
+        ticket.verified();
+        assert!(matches!(stream.advance(0), Fed::More));
+        assert_eq!(stream.inner.lock().unwrap().next, FEED_PIECES);
+        assert!(matches!(stream.advance(u32::MAX), Fed::More));
+        assert_eq!(stream.inner.lock().unwrap().next, 2 * FEED_PIECES);
+        let Fed::Done(done) = stream.advance(u32::MAX) else {
+            panic!("the digest is complete");
+        };
+        assert_eq!(done.digest, sha1_of(&data));
+        assert_eq!(
+            done.fed_hot, 1,
+            "only piece 0 was fed by the worker that verified it"
+        );
+        assert!(
+            matches!(stream.advance(u32::MAX), Fed::Nothing),
+            "finished once"
+        );
+        part.finish(ticket, true);
+        // Through the pool, in reverse order: the queued rest finishes the digest.
+        let (_, digest, _) =
+            verify_with_stream(&data, 10, &(0..n).rev().collect::<Vec<_>>(), None, 1);
+        assert_eq!(digest.unwrap().digest, sha1_of(&data));
     }
 }

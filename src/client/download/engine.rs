@@ -698,8 +698,10 @@ impl Download {
 /// Blocks to keep in flight on a link delivering `rate` bytes per second.
 fn depth_for(rate: f64, limits: &Limits) -> usize {
     let blocks = rate * limits.queue_time.as_secs_f64() / f64::from(limits.block_len.max(1));
-    // `as` saturates (and maps NaN to 0); the clamp keeps the bounds.
-    (blocks.ceil() as usize).clamp(limits.min_depth.max(1), limits.max_depth.max(1))
+    // `as` saturates (and maps NaN to 0); the clamp keeps the bounds (put in order first, as
+    // `clamp` panics on a minimum above the maximum).
+    let least = limits.min_depth.max(1);
+    (blocks.ceil() as usize).clamp(least, limits.max_depth.max(least))
 }
 
 fn block_ref(b: Block) -> BlockRef {

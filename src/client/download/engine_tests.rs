@@ -301,6 +301,14 @@ fn depth_follows_the_rate_within_bounds() {
     assert_eq!(depth_for(-5.0, &l), 2);
     assert_eq!(depth_for(1e15, &l), 64);
     assert_eq!(depth_for(f64::INFINITY, &l), 64);
+    // Bounds out of order do not panic: the minimum wins.
+    let odd = Limits {
+        min_depth: 10,
+        max_depth: 3,
+        ..l.clone()
+    };
+    assert_eq!(depth_for(0.0, &odd), 10);
+    assert_eq!(depth_for(1e15, &odd), 10);
 }
 
 /// Serves every outstanding request of `peer` every `rtt` (a link held back only by its round
