@@ -1024,6 +1024,41 @@ fn altered_files_are_not_trusted() {
     finish(alice, 0);
 }
 
+/// A download that verifies its first pieces registers as a sharer; when it then fails (the
+/// only sharer's last piece is corrupt), that registration is withdrawn, so `list_files` does
+/// not send others to a file that is not there.
+#[test]
+fn a_failed_download_is_no_longer_a_sharer() {
+    let net = Net::new(&["alice", "bob"]);
+    let src = net.dir("alice").join("z.bin");
+    let size = 3 * PIECE + 5;
+    random_file(&src, size);
+    let mut alice = net.login("alice");
+    upload(&mut alice, &src);
+    // The last byte changes in place: every piece but the last still verifies.
+    let mut bytes = fs::read(&src).unwrap();
+    *bytes.last_mut().unwrap() ^= 0xff;
+    OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+
+    let mut bob = net.login("bob");
+    let bdir = net.dir("bob");
+    let target = bdir.join("z.bin");
+    start(&mut bob, "z.bin", "./", &target, size, 1);
+    wait_failed(&mut bob, "z.bin");
+    let files = list_files(&mut bob, 1);
+    assert_eq!(files[0][0], "z.bin");
+    assert_eq!(files[0][3], "1", "alice is the only sharer: {files:?}");
+    assert!(!target.exists());
+    finish(bob, 1);
+    assert_no_part(&bdir);
+    finish(alice, 0);
+}
+
 /// Two sharers of a large file; one is killed while the download runs (the downloader is
 /// frozen with SIGSTOP meanwhile, so the kill lands mid-transfer): it completes from the
 /// other, byte-identical.

@@ -83,6 +83,8 @@ pub struct DownloadEntry {
     pub wants_share: bool,
     /// Registered with the tracker (or being registered).
     pub registering: bool,
+    /// The tracker confirmed the registration.
+    pub registered: bool,
 }
 
 /// A request sent on the side, while commands go on.
@@ -96,6 +98,8 @@ enum Background {
     Resume,
     /// Announcing a share again after a resume.
     Reannounce,
+    /// Withdrawing the share of a download that failed after it was registered.
+    Withdraw,
 }
 
 /// A file this client shares, kept so that it can be served (and resumed at the next login).
@@ -483,9 +487,51 @@ impl ClientCore {
                     "download of {} from group {} failed: {reason}",
                     d.name, d.group
                 );
+                // A registration still on its way is withdrawn when its answer comes.
+                let registered = d.registered;
                 self.fail(reason);
+                if registered {
+                    self.withdraw_share(id);
+                }
             }
         }
+    }
+
+    /// Download `id` failed after it was registered as a share (or while its registration was
+    /// on its way): its share is dropped here and, unless this user still shares the file
+    /// another way, at the tracker, so that nobody is sent to a file that is not there.
+    fn withdraw_share(&mut self, id: u64) {
+        let Some(d) = self.downloads.iter().find(|d| d.id == id) else {
+            return;
+        };
+        let (user, group, name, target) = (
+            d.user.clone(),
+            d.group.clone(),
+            d.name.clone(),
+            d.target.clone(),
+        );
+        let before = self.shares.len();
+        self.shares.retain(|s| {
+            !(s.user == user && s.group == group && s.name == name && s.path == target)
+        });
+        if self.shares.len() != before {
+            self.out.push_back(Output::SharesChanged);
+        }
+        let still_shared = self
+            .shares
+            .iter()
+            .any(|s| s.user == user && s.group == group && s.name == name);
+        if still_shared {
+            return;
+        }
+        if self.user.as_ref() != Some(&user) {
+            // Not this user's session now: the tracker keeps the share until the user stops
+            // it (it is offline meanwhile, as the user is not logged in here).
+            log::warn!("{name} in group {group} stays registered for {user}: not logged in");
+            return;
+        }
+        log::info!("withdrawing the share of the failed download of {name} in group {group}");
+        self.send_background(Background::Withdraw, RequestBody::StopShare { group, name });
     }
 
     /// Download `id` verified its first piece: register it as a share of its user (now, or
@@ -571,6 +617,11 @@ impl ClientCore {
                     log::warn!("a share could not be announced again: {body:?}");
                 }
             }
+            Background::Withdraw => {
+                if !matches!(body, ReplyBody::Done) {
+                    log::warn!("the share of a failed download could not be withdrawn: {body:?}");
+                }
+            }
             Background::Sharers { download } => {
                 let result = match body {
                     ReplyBody::Sharers { peers, .. } => {
@@ -586,7 +637,12 @@ impl ClientCore {
                     return;
                 };
                 match body {
+                    ReplyBody::Shared { .. } if d.status == DownloadStatus::Failed => {
+                        // The download failed while the registration was on its way.
+                        self.withdraw_share(download);
+                    }
                     ReplyBody::Shared { .. } => {
+                        d.registered = true;
                         let share = LocalShare {
                             user: d.user.clone(),
                             group: d.group.clone(),
@@ -695,7 +751,7 @@ impl ClientCore {
                         d.registering = false;
                     }
                 }
-                Background::Resume | Background::Reannounce => {}
+                Background::Resume | Background::Reannounce | Background::Withdraw => {}
             }
         }
         self.out.push_back(Output::SharesChanged);
@@ -764,6 +820,7 @@ impl ClientCore {
             status: DownloadStatus::Running,
             wants_share: false,
             registering: false,
+            registered: false,
         });
         self.pending = Some(Pending::Starting { id });
         self.out.push_back(Output::StartDownload {

@@ -1106,3 +1106,141 @@ fn background_requests_in_flight_go_again_in_id_order() {
     expected.sort_by_key(|r| r.req_id);
     assert_eq!(resent, expected);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A failed download's share
+// ---------------------------------------------------------------------------------------------
+
+/// Starts a download of `f.bin` into `dir` for the logged-in user; returns its id.
+fn started_download(h: &mut Harness, dir: &std::path::Path) -> u64 {
+    let meta = FileMeta {
+        name: fname("f.bin"),
+        size: 3,
+        piece_len: PIECE_LEN,
+        file_sha1: Sha1Digest([1; 20]),
+        piece_hashes: vec![Sha1Digest([2; 20])],
+    };
+    let ask = h.line_sends(&format!("download_file g1 f.bin {}/", dir.display()));
+    let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, 7000));
+    let outs = h.reply_busy(
+        &ask,
+        ReplyBody::Sharers {
+            meta,
+            peers: vec![peer],
+        },
+    );
+    let [Output::StartDownload { id, .. }] = outs.as_slice() else {
+        panic!("expected a download to start: {outs:?}");
+    };
+    let id = *id;
+    h.core.handle_download_started(id, Ok("started".into()));
+    h.drain();
+    id
+}
+
+/// The registration request a first verified piece sends.
+fn registration(h: &mut Harness, id: u64) -> Request {
+    h.core.handle_first_piece(id);
+    match h.drain().as_slice() {
+        [Output::Send(r)] if matches!(r.body, RequestBody::UploadFile { .. }) => r.clone(),
+        other => panic!("expected the registration: {other:?}"),
+    }
+}
+
+fn reply_to(h: &mut Harness, req: &Request, body: ReplyBody) -> Vec<Output> {
+    h.core.handle_reply(Reply {
+        req_id: req.req_id,
+        body,
+    });
+    h.drain()
+}
+
+fn stop_share_of(outs: &[Output]) -> Vec<(String, String)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Send(Request {
+                body: RequestBody::StopShare { group, name },
+                ..
+            }) => Some((group.to_string(), name.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_download_failing_after_its_registration_withdraws_the_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    let reg = registration(&mut h, id);
+    reply_to(&mut h, &reg, ReplyBody::Shared { new_file: false });
+    assert_eq!(h.core.shares().len(), 1, "the download is shared");
+    h.core
+        .handle_download_finished(id, Err("no trusted peer".into()));
+    let outs = h.drain();
+    assert!(
+        outs.iter()
+            .any(|o| matches!(o, Output::Fail(r) if r.contains("failed: no trusted peer"))),
+        "{outs:?}"
+    );
+    assert_eq!(
+        stop_share_of(&outs),
+        [("g1".to_string(), "f.bin".to_string())]
+    );
+    assert!(
+        h.core.shares().is_empty(),
+        "no local share of a missing file"
+    );
+}
+
+#[test]
+fn a_registration_answered_after_the_failure_is_withdrawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    let reg = registration(&mut h, id);
+    h.core
+        .handle_download_finished(id, Err("no trusted peer".into()));
+    let outs = h.drain();
+    assert_eq!(stop_share_of(&outs), [], "nothing registered yet: {outs:?}");
+    // The registration lands after the failure: it is withdrawn at once, never served.
+    let outs = reply_to(&mut h, &reg, ReplyBody::Shared { new_file: false });
+    assert_eq!(
+        stop_share_of(&outs),
+        [("g1".to_string(), "f.bin".to_string())]
+    );
+    assert!(h.core.shares().is_empty());
+}
+
+#[test]
+fn a_download_failing_before_its_first_piece_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    h.core
+        .handle_download_finished(id, Err("no trusted peer".into()));
+    let outs = h.drain();
+    assert_eq!(stop_share_of(&outs), []);
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::Send(_))),
+        "{outs:?}"
+    );
+}
+
+#[test]
+fn a_completed_download_keeps_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    let reg = registration(&mut h, id);
+    reply_to(&mut h, &reg, ReplyBody::Shared { new_file: false });
+    h.core
+        .handle_download_finished(id, Ok("downloaded f.bin".into()));
+    let outs = h.drain();
+    assert_eq!(stop_share_of(&outs), []);
+    assert_eq!(h.core.shares().len(), 1);
+}
