@@ -17,7 +17,7 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::progress::{self, Drawn, Item, StatusLine};
+use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::transfers::{TransferEvent, Transfers};
 use crate::hasher::{HashPool, HashResult};
@@ -93,6 +93,7 @@ struct Driver {
     prompted: bool,
     /// The progress line on a terminal.
     status: StatusLine,
+    rates: RecentRates,
 }
 
 /// Runs the client; returns the exit status (0 if every command succeeded, else 1).
@@ -127,6 +128,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         interactive: io::stdin().is_terminal(),
         prompted: false,
         status,
+        rates: RecentRates::default(),
     };
     let result = driver.run(&stdin, &hashed);
     driver
@@ -248,18 +250,23 @@ impl Driver {
     }
 
     /// The running downloads' progress, for the progress line.
-    fn progress_text(&self) -> Option<String> {
-        let items: Vec<Item<'_>> = self
+    fn progress_text(&mut self, now: Instant) -> Option<String> {
+        let running: Vec<_> = self
             .core
             .downloads()
             .iter()
             .filter(|d| d.status == DownloadStatus::Running)
+            .collect();
+        self.rates.retain(|id| running.iter().any(|d| d.id == id));
+        let items: Vec<Item<'_>> = running
+            .into_iter()
             .filter_map(|d| {
                 let (progress, elapsed) = self.transfers.progress(d.id)?;
                 Some(Item {
                     name: d.name.as_str(),
                     progress,
                     elapsed,
+                    recent_rate: self.rates.sample(d.id, progress.bytes_verified, now),
                 })
             })
             .collect();
@@ -274,7 +281,7 @@ impl Driver {
             .next_paint(running, now)
             .is_some_and(|t| t <= now)
         {
-            let text = self.progress_text();
+            let text = self.progress_text(now);
             let at_prompt = self.interactive && !self.input_done;
             self.status
                 .paint(text.as_deref(), at_prompt, now, &mut io::stderr());
@@ -292,9 +299,10 @@ impl Driver {
             && !self.core.is_busy()
             && self.lines.is_empty()
         {
-            let text = self.progress_text();
+            let now = Instant::now();
+            let text = self.progress_text(now);
             self.status
-                .at_prompt(text.as_deref(), Instant::now(), &mut io::stderr());
+                .at_prompt(text.as_deref(), now, &mut io::stderr());
             print!("> ");
             let _ = io::stdout().flush();
             self.prompted = true;

@@ -1,7 +1,8 @@
 //! The live progress line shown on a terminal while downloads run.
 //!
 //! When stderr is a terminal, the client keeps one line there up to date, four times a second,
-//! with each running download's percent, average rate and peers. [`summary`] builds the text
+//! with each running download's percent, size, rate (over the last two seconds, from
+//! [`RecentRates`]; the average since the start until then) and peers. [`summary`] builds the text
 //! (pure); [`StatusLine`] paints it:
 //!
 //! - With commands from a file or a pipe (or after the end of typed input), the line is redrawn
@@ -19,6 +20,7 @@
 //! Nothing is drawn when stderr is not a terminal (the tests, a log file) or `TERM` is `dumb`,
 //! so stdout and stderr keep exactly the lines the SPEC defines.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, IsTerminal, Write};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -30,6 +32,8 @@ use super::download::engine::Progress;
 
 /// How often the line is redrawn.
 pub const PAINT_EVERY: Duration = Duration::from_millis(250);
+/// How far back the rate shown looks.
+pub const RATE_SPAN: Duration = Duration::from_secs(2);
 /// Width assumed when the terminal does not tell.
 pub const DEFAULT_WIDTH: usize = 80;
 
@@ -106,6 +110,42 @@ pub struct Item<'a> {
     pub name: &'a str,
     pub progress: Progress,
     pub elapsed: Duration,
+    /// Bytes per second lately, if known; else the average since the start is shown.
+    pub recent_rate: Option<f64>,
+}
+
+/// Each download's rate over the last [`RATE_SPAN`], from the byte counts seen at each paint.
+#[derive(Debug, Default)]
+pub struct RecentRates {
+    samples: BTreeMap<u64, VecDeque<(Instant, u64)>>,
+}
+
+impl RecentRates {
+    /// Records that download `id` has `bytes` at `now`; returns its rate in bytes per second
+    /// since the oldest sample of the last [`RATE_SPAN`], once the samples span at least a
+    /// quarter of it.
+    pub fn sample(&mut self, id: u64, bytes: u64, now: Instant) -> Option<f64> {
+        let samples = self.samples.entry(id).or_default();
+        samples.push_back((now, bytes));
+        while samples.len() > 2
+            && samples
+                .get(1)
+                .is_some_and(|&(t, _)| now.saturating_duration_since(t) >= RATE_SPAN)
+        {
+            samples.pop_front();
+        }
+        let &(since, from) = samples.front()?;
+        let span = now.saturating_duration_since(since);
+        if span < RATE_SPAN / 4 {
+            return None;
+        }
+        Some(bytes.saturating_sub(from) as f64 / span.as_secs_f64())
+    }
+
+    /// Forgets the downloads for which `running` is false.
+    pub fn retain(&mut self, running: impl Fn(u64) -> bool) {
+        self.samples.retain(|&id, _| running(id));
+    }
 }
 
 /// The progress line for `items`, at most `width` characters; `None` when nothing runs.
@@ -126,7 +166,10 @@ fn describe(item: &Item<'_>) -> String {
         p.bytes_verified as f64 * 100.0 / p.size as f64
     };
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
-    let rate = mib(p.bytes_verified) / item.elapsed.as_secs_f64().max(1e-3);
+    let rate = match item.recent_rate {
+        Some(bytes_per_s) => bytes_per_s / (1024.0 * 1024.0),
+        None => mib(p.bytes_verified) / item.elapsed.as_secs_f64().max(1e-3),
+    };
     let peers = if p.active_peers == 1 { "peer" } else { "peers" };
     format!(
         "{} {pct:.1}% of {} {rate:.1} MiB/s {} {peers}",
@@ -290,6 +333,7 @@ mod tests {
                 active_peers: peers,
             },
             elapsed: Duration::from_secs_f64(secs),
+            recent_rate: None,
         }
     }
 
@@ -446,5 +490,49 @@ mod tests {
         drawn.take();
         line.paint(Some("a 3%"), true, now, &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), "a 2%\n");
+    }
+
+    #[test]
+    fn the_recent_rate_wins_over_the_average() {
+        let mut it = item("movie.bin", 512 * MIB, 1024 * MIB, 2.0, 4);
+        it.recent_rate = Some(10.0 * MIB as f64);
+        assert_eq!(
+            summary(&[it], 79).as_deref(),
+            Some("movie.bin 50.0% of 1.0 GiB 10.0 MiB/s 4 peers")
+        );
+    }
+
+    #[test]
+    fn recent_rates_look_back_two_seconds() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut rates = RecentRates::default();
+        // Too short a span at first: no rate yet.
+        assert_eq!(rates.sample(1, 0, at(0)), None);
+        assert_eq!(rates.sample(1, 100, at(250)), None);
+        // 1,000 bytes in 500 ms.
+        assert_eq!(rates.sample(1, 1000, at(500)), Some(2000.0));
+        // Fast for 4 s, then a stall of 2 s: the rate falls to 0 instead of the average.
+        let mut bytes = 1000;
+        for ms in (750..=4000).step_by(250) {
+            bytes += 1000;
+            rates.sample(1, bytes, at(ms));
+        }
+        let mut last = None;
+        for ms in (4250..=6250).step_by(250) {
+            last = rates.sample(1, bytes, at(ms));
+        }
+        assert_eq!(last, Some(0.0));
+        // Another download has its own samples; forgetting one keeps the other.
+        assert_eq!(rates.sample(2, 0, at(6250)), None);
+        rates.retain(|id| id == 2);
+        assert_eq!(
+            rates.sample(1, bytes, at(6500)),
+            None,
+            "download 1 starts over"
+        );
+        // A clock that goes backwards (it cannot, but) gives no rate rather than a panic.
+        assert_eq!(rates.sample(3, 10, at(1000)), None);
+        assert_eq!(rates.sample(3, 20, at(0)), None);
     }
 }
