@@ -85,6 +85,9 @@ pub struct DownloadEntry {
     pub registering: bool,
     /// The tracker confirmed the registration.
     pub registered: bool,
+    /// The download failed after its registration while its user was not logged in here: the
+    /// registration is withdrawn at the user's next login.
+    pub withdraw_due: bool,
 }
 
 /// A request sent on the side, while commands go on.
@@ -487,7 +490,9 @@ impl ClientCore {
                     "download of {} from group {} failed: {reason}",
                     d.name, d.group
                 );
-                // A registration still on its way is withdrawn when its answer comes.
+                // Never registered from now on; a registration still on its way is withdrawn
+                // when its answer comes.
+                d.wants_share = false;
                 let registered = d.registered;
                 self.fail(reason);
                 if registered {
@@ -525,9 +530,11 @@ impl ClientCore {
             return;
         }
         if self.user.as_ref() != Some(&user) {
-            // Not this user's session now: the tracker keeps the share until the user stops
-            // it (it is offline meanwhile, as the user is not logged in here).
-            log::warn!("{name} in group {group} stays registered for {user}: not logged in");
+            // Not this user's session now (the share is offline meanwhile): withdrawn at the
+            // user's next login here.
+            if let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) {
+                d.withdraw_due = true;
+            }
             return;
         }
         log::info!("withdrawing the share of the failed download of {name} in group {group}");
@@ -543,11 +550,24 @@ impl ClientCore {
         self.register_downloads();
     }
 
-    /// Sends the registrations due: downloads whose first piece verified, of the logged-in user.
+    /// Sends the registrations due: downloads whose first piece verified, of the logged-in user;
+    /// and the withdrawals due, of the user's downloads that failed while logged out.
     fn register_downloads(&mut self) {
         let Some(user) = self.user.clone() else {
             return;
         };
+        let withdrawals: Vec<u64> = self
+            .downloads
+            .iter_mut()
+            .filter(|d| d.withdraw_due && d.user == user)
+            .map(|d| {
+                d.withdraw_due = false;
+                d.id
+            })
+            .collect();
+        for id in withdrawals {
+            self.withdraw_share(id);
+        }
         let due: Vec<(u64, GroupId, FileMeta)> = self
             .downloads
             .iter_mut()
@@ -821,6 +841,7 @@ impl ClientCore {
             wants_share: false,
             registering: false,
             registered: false,
+            withdraw_due: false,
         });
         self.pending = Some(Pending::Starting { id });
         self.out.push_back(Output::StartDownload {

@@ -1244,3 +1244,60 @@ fn a_completed_download_keeps_its_share() {
     assert_eq!(stop_share_of(&outs), []);
     assert_eq!(h.core.shares().len(), 1);
 }
+
+/// Logs `user` in and returns what the login produced (the requests due included).
+fn login_outputs(h: &mut Harness, user: &str) -> Vec<Output> {
+    h.run(
+        &format!("login {user} pw"),
+        ReplyBody::LoggedIn { token: [9; 16] },
+    )
+}
+
+#[test]
+fn a_download_failing_while_logged_out_is_withdrawn_at_the_next_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    let reg = registration(&mut h, id);
+    reply_to(&mut h, &reg, ReplyBody::Shared { new_file: false });
+    h.run("logout", ReplyBody::Done);
+    h.core
+        .handle_download_finished(id, Err("no trusted peer".into()));
+    let outs = h.drain();
+    assert_eq!(stop_share_of(&outs), [], "not logged in: {outs:?}");
+    assert!(h.core.shares().is_empty());
+    // Another user's login does not withdraw alice's share.
+    let outs = login_outputs(&mut h, "bob");
+    assert_eq!(stop_share_of(&outs), []);
+    h.run("logout", ReplyBody::Done);
+    let outs = login_outputs(&mut h, "alice");
+    assert_eq!(
+        stop_share_of(&outs),
+        [("g1".to_string(), "f.bin".to_string())]
+    );
+    // Once.
+    h.run("logout", ReplyBody::Done);
+    let outs = login_outputs(&mut h, "alice");
+    assert_eq!(stop_share_of(&outs), []);
+}
+
+#[test]
+fn a_download_failing_before_its_registration_is_sent_is_never_registered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    h.run("logout", ReplyBody::Done);
+    // The first piece verifies while alice is logged out: the registration waits for her.
+    h.core.handle_first_piece(id);
+    assert_eq!(h.drain(), []);
+    h.core
+        .handle_download_finished(id, Err("no trusted peer".into()));
+    h.drain();
+    let outs = login_outputs(&mut h, "alice");
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::Send(_))),
+        "nothing to register or withdraw: {outs:?}"
+    );
+}
