@@ -299,10 +299,12 @@ impl Driver {
             && !self.core.is_busy()
             && self.lines.is_empty()
         {
-            let now = Instant::now();
-            let text = self.progress_text(now);
-            self.status
-                .at_prompt(text.as_deref(), now, &mut io::stderr());
+            if self.status.is_enabled() {
+                let now = Instant::now();
+                let text = self.progress_text(now);
+                self.status
+                    .at_prompt(text.as_deref(), now, &mut io::stderr());
+            }
             print!("> ");
             let _ = io::stdout().flush();
             self.prompted = true;
@@ -321,18 +323,17 @@ impl Driver {
 
     fn drain_stdin(&mut self, stdin: &Receiver<StdinEvent>) {
         loop {
-            match stdin.try_recv() {
-                Ok(event) => {
-                    // A typed line moved the cursor below the prompt: the progress line is
-                    // no longer just above it.
-                    self.status.before_output(&mut io::stderr());
-                    self.lines.push_back(event)
-                }
-                Err(TryRecvError::Disconnected) => {
-                    self.lines.push_back(StdinEvent::Eof);
-                    return;
-                }
+            let (event, more) = match stdin.try_recv() {
+                Ok(event) => (event, true),
+                Err(TryRecvError::Disconnected) => (StdinEvent::Eof, false),
                 Err(TryRecvError::Empty) => return,
+            };
+            // A typed line (or the end of input) moved the cursor below the prompt: the
+            // progress line is no longer just above it.
+            self.status.before_output(&mut io::stderr());
+            self.lines.push_back(event);
+            if !more {
+                return;
             }
         }
     }
@@ -344,8 +345,6 @@ impl Driver {
                 return;
             };
             self.prompted = false;
-            // A line was entered: the prompt (and the progress line above it) moved up.
-            self.status.before_output(&mut io::stderr());
             match event {
                 StdinEvent::Eof => {
                     self.input_done = true;
@@ -470,16 +469,10 @@ impl Driver {
             let mut line = format!("[{tag}] [{}] {}", d.group, d.name);
             if self.interactive && d.status == DownloadStatus::Running {
                 if let Some((p, elapsed)) = self.transfers.progress(d.id) {
-                    let pct = if p.size == 0 {
-                        100.0
-                    } else {
-                        p.bytes_verified as f64 * 100.0 / p.size as f64
-                    };
-                    let rate = p.bytes_verified as f64
-                        / (1024.0 * 1024.0)
-                        / elapsed.as_secs_f64().max(1e-3);
                     line.push_str(&format!(
-                        "  {pct:.1}%  {rate:.1} MiB/s  {} peers",
+                        "  {:.1}%  {:.1} MiB/s  {} peers",
+                        p.percent(),
+                        p.average_mib_s(elapsed),
                         p.active_peers
                     ));
                 }

@@ -160,15 +160,10 @@ pub fn summary(items: &[Item<'_>], width: usize) -> Option<String> {
 
 fn describe(item: &Item<'_>) -> String {
     let p = &item.progress;
-    let pct = if p.size == 0 {
-        100.0
-    } else {
-        p.bytes_verified as f64 * 100.0 / p.size as f64
-    };
-    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    let pct = p.percent();
     let rate = match item.recent_rate {
         Some(bytes_per_s) => bytes_per_s / (1024.0 * 1024.0),
-        None => mib(p.bytes_verified) / item.elapsed.as_secs_f64().max(1e-3),
+        None => p.average_mib_s(item.elapsed),
     };
     let peers = if p.active_peers == 1 { "peer" } else { "peers" };
     format!(
@@ -242,6 +237,11 @@ impl StatusLine {
     pub fn for_stderr(drawn: Drawn) -> Self {
         let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
         Self::new(io::stderr().is_terminal() && !dumb, drawn)
+    }
+
+    /// Whether anything is drawn at all.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
     }
 
     pub fn new(enabled: bool, drawn: Drawn) -> Self {

@@ -1063,29 +1063,7 @@ fn background_requests_in_flight_go_again_in_id_order() {
     let mut h = Harness::new();
     h.login("alice");
     // Start a download: its sharer query and its registration run in the background.
-    let meta = FileMeta {
-        name: fname("f.bin"),
-        size: 3,
-        piece_len: PIECE_LEN,
-        file_sha1: Sha1Digest([1; 20]),
-        piece_hashes: vec![Sha1Digest([2; 20])],
-    };
-    let line = format!("download_file g1 f.bin {}/", dir.path().display());
-    let ask = h.line_sends(&line);
-    let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, 7000));
-    let outs = h.reply_busy(
-        &ask,
-        ReplyBody::Sharers {
-            meta,
-            peers: vec![peer],
-        },
-    );
-    let [Output::StartDownload { id, .. }] = outs.as_slice() else {
-        panic!("expected a download to start: {outs:?}");
-    };
-    let id = *id;
-    h.core.handle_download_started(id, Ok("started".into()));
-    h.drain();
+    let id = started_download(&mut h, dir.path());
     h.core.query_sharers(id);
     h.core.handle_first_piece(id);
     let side = h.drain();
@@ -1147,14 +1125,6 @@ fn registration(h: &mut Harness, id: u64) -> Request {
     }
 }
 
-fn reply_to(h: &mut Harness, req: &Request, body: ReplyBody) -> Vec<Output> {
-    h.core.handle_reply(Reply {
-        req_id: req.req_id,
-        body,
-    });
-    h.drain()
-}
-
 fn stop_share_of(outs: &[Output]) -> Vec<(String, String)> {
     outs.iter()
         .filter_map(|o| match o {
@@ -1174,7 +1144,7 @@ fn a_download_failing_after_its_registration_withdraws_the_share() {
     h.login("alice");
     let id = started_download(&mut h, dir.path());
     let reg = registration(&mut h, id);
-    reply_to(&mut h, &reg, ReplyBody::Shared { new_file: false });
+    h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     assert_eq!(h.core.shares().len(), 1, "the download is shared");
     h.core
         .handle_download_finished(id, Err("no trusted peer".into()));
@@ -1206,7 +1176,7 @@ fn a_registration_answered_after_the_failure_is_withdrawn() {
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), [], "nothing registered yet: {outs:?}");
     // The registration lands after the failure: it is withdrawn at once, never served.
-    let outs = reply_to(&mut h, &reg, ReplyBody::Shared { new_file: false });
+    let outs = h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     assert_eq!(
         stop_share_of(&outs),
         [("g1".to_string(), "f.bin".to_string())]
@@ -1237,7 +1207,7 @@ fn a_completed_download_keeps_its_share() {
     h.login("alice");
     let id = started_download(&mut h, dir.path());
     let reg = registration(&mut h, id);
-    reply_to(&mut h, &reg, ReplyBody::Shared { new_file: false });
+    h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     h.core
         .handle_download_finished(id, Ok("downloaded f.bin".into()));
     let outs = h.drain();
@@ -1260,7 +1230,7 @@ fn a_download_failing_while_logged_out_is_withdrawn_at_the_next_login() {
     h.login("alice");
     let id = started_download(&mut h, dir.path());
     let reg = registration(&mut h, id);
-    reply_to(&mut h, &reg, ReplyBody::Shared { new_file: false });
+    h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     h.run("logout", ReplyBody::Done);
     h.core
         .handle_download_finished(id, Err("no trusted peer".into()));

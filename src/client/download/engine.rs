@@ -190,6 +190,25 @@ pub struct Progress {
     pub active_peers: usize,
 }
 
+/// Bytes in a MiB, for rates shown to the user.
+const MIB: f64 = 1024.0 * 1024.0;
+
+impl Progress {
+    /// How much is verified, in percent (an empty file is complete).
+    pub fn percent(&self) -> f64 {
+        if self.size == 0 {
+            100.0
+        } else {
+            self.bytes_verified as f64 * 100.0 / self.size as f64
+        }
+    }
+
+    /// MiB verified per second over `elapsed`, the time since the download started.
+    pub fn average_mib_s(&self, elapsed: Duration) -> f64 {
+        self.bytes_verified as f64 / MIB / elapsed.as_secs_f64().max(1e-3)
+    }
+}
+
 pub struct Download {
     pub group: GroupId,
     pub meta: FileMeta,

@@ -311,6 +311,26 @@ fn depth_follows_the_rate_within_bounds() {
     assert_eq!(depth_for(1e15, &odd), 10);
 }
 
+/// A download of `n_pieces` pieces with `limits`, its one link accepted with `bitfield` at
+/// `t0`; returns it, the link and its first requests.
+fn accepted(
+    limits: Limits,
+    n_pieces: u32,
+    bitfield: &Bitfield,
+    t0: Instant,
+) -> (Download, PeerId, Vec<BlockRef>) {
+    let mut d = Download::new(
+        group(),
+        meta(u64::from(PIECE) * u64::from(n_pieces)),
+        limits,
+    );
+    d.start(&[addr(1)], t0);
+    let a = connects(&drain(&mut d))[0].0;
+    d.on_accept(a, bitfield, t0);
+    let first = requests(&drain(&mut d), a);
+    (d, a, first)
+}
+
 /// Serves every outstanding request of `peer` every `rtt` (a link held back only by its round
 /// trip), for `rounds` round trips; returns the most requests outstanding seen.
 fn serve_rounds(
@@ -339,13 +359,7 @@ fn serve_rounds(
 #[test]
 fn a_fast_link_gets_a_deep_pipeline() {
     let t0 = Instant::now();
-    let n_pieces = 400;
-    let size = u64::from(PIECE) * n_pieces;
-    let mut d = Download::new(group(), meta(size), adaptive_limits(secs(1)));
-    d.start(&[addr(1)], t0);
-    let a = connects(&drain(&mut d))[0].0;
-    d.on_accept(a, &full(n_pieces as u32), t0);
-    let first = requests(&drain(&mut d), a);
+    let (mut d, a, first) = accepted(adaptive_limits(secs(1)), 400, &full(400), t0);
     assert_eq!(first.len(), 4, "the initial depth until a window closes");
     // Round trips of 10 ms: 4 blocks per 10 ms is far more than a second of queue would need
     // at that rate, so the depth grows to the maximum.
@@ -358,13 +372,8 @@ fn a_fast_link_gets_a_deep_pipeline() {
 #[test]
 fn a_slow_link_keeps_only_a_queue_time_of_work() {
     let t0 = Instant::now();
-    let n_pieces = 400;
-    let size = u64::from(PIECE) * n_pieces;
-    let mut d = Download::new(group(), meta(size), adaptive_limits(ms(300)));
-    d.start(&[addr(1)], t0);
-    let a = connects(&drain(&mut d))[0].0;
-    d.on_accept(a, &full(n_pieces as u32), t0);
-    let mut outstanding: std::collections::VecDeque<BlockRef> = requests(&drain(&mut d), a).into();
+    let (mut d, a, first) = accepted(adaptive_limits(ms(300)), 400, &full(400), t0);
+    let mut outstanding: std::collections::VecDeque<BlockRef> = first.into();
     assert_eq!(outstanding.len(), 4);
     // One 4-byte block every 100 ms: 40 bytes/s, so 300 ms of queue is 12 bytes, 3 blocks.
     let mut t = t0;
@@ -383,15 +392,7 @@ fn a_slow_link_keeps_only_a_queue_time_of_work() {
 fn idle_time_does_not_lower_the_rate() {
     let t0 = Instant::now();
     // Two pieces only: after they are requested the link is idle until a `have`.
-    let mut d = Download::new(
-        group(),
-        meta(u64::from(PIECE) * 4),
-        adaptive_limits(secs(1)),
-    );
-    d.start(&[addr(1)], t0);
-    let a = connects(&drain(&mut d))[0].0;
-    d.on_accept(a, &only(4, &[0, 1]), t0);
-    let first = requests(&drain(&mut d), a);
+    let (mut d, a, first) = accepted(adaptive_limits(secs(1)), 4, &only(4, &[0, 1]), t0);
     assert_eq!(first.len(), 4);
     let mut t = t0 + ms(1);
     for b in first {
