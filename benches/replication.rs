@@ -230,7 +230,9 @@ impl Cluster {
         self.runs[no - 1] += 1;
         let log = self.log_path(no, self.runs[no - 1]);
         let stderr = File::create(&log).map_err(io_err("create a log file"))?;
+        // Trackers' keys and data go in the bench's temporary directory, never the real home.
         let mut child = Command::new(TRACKER_BIN)
+            .env("XDG_STATE_HOME", self.dir.path())
             .args(["--log-level", "warn"])
             .arg(&self.info)
             .arg(no.to_string())
@@ -834,7 +836,9 @@ impl ClientProc {
         let listen = StdListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(io_err("find a free port"))?;
+        let state_home = info.parent().unwrap_or(Path::new("."));
         let mut child = Command::new(CLIENT_BIN)
+            .env("XDG_STATE_HOME", state_home)
             .args(["--log-level", "error"])
             .arg(listen.to_string())
             .arg(info)

@@ -135,6 +135,7 @@ impl Tracker {
         let info = dir.path().join("tracker_info.txt");
         fs::write(&info, format!("{addr}\n")).map_err(|e| format!("cannot write {info:?}: {e}"))?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_tracker_program"))
+            .env("XDG_STATE_HOME", dir.path())
             .arg("--log-level")
             .arg("warn")
             .arg(&info)

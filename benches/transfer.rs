@@ -53,7 +53,9 @@ struct Proc {
 
 impl Proc {
     fn start(bin: &str, args: &[&str], dir: &Path) -> Proc {
+        // State (keys, data, client state) goes in the bench's directory, never the real home.
         let mut child = Command::new(bin)
+            .env("XDG_STATE_HOME", dir)
             .args(args)
             .current_dir(dir)
             .stdin(Stdio::piped())

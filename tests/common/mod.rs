@@ -145,6 +145,14 @@ pub struct Tracker {
     pub dir: TempDir,
 }
 
+/// The `XDG_STATE_HOME` a test's processes get: the temporary directory holding their tracker
+/// file, so trackers' data and keys and clients' state never touch the real home directory, and
+/// every process of one test (one tracker file) shares it.
+pub fn state_home(info: &Path) -> &Path {
+    info.parent()
+        .expect("tracker file in a temporary directory")
+}
+
 impl Tracker {
     pub fn start() -> Tracker {
         Self::start_with(&[])
@@ -162,6 +170,7 @@ impl Tracker {
             let stderr_path = dir.path().join(format!("tracker-stderr-{attempt}.log"));
             let stderr = File::create(&stderr_path).expect("create stderr file");
             let mut child = Command::new(TRACKER_BIN)
+                .env("XDG_STATE_HOME", state_home(&info))
                 .args(options)
                 .arg(&info)
                 .arg("1")
@@ -422,7 +431,8 @@ impl Client {
         let stdout = tempfile::tempfile().expect("tempfile");
         let stderr = tempfile::tempfile().expect("tempfile");
         let mut cmd = Command::new(CLIENT_BIN);
-        cmd.args(&self.options)
+        cmd.env("XDG_STATE_HOME", state_home(&self.info))
+            .args(&self.options)
             .arg(self.addr.to_string())
             .arg(&self.info)
             .stdin(Stdio::from(input))
@@ -511,7 +521,8 @@ impl LiveClient {
     /// succeeds while the process is alive). `Err` if it exited because the address was taken.
     fn start(client: &Client) -> Result<LiveClient, String> {
         let mut cmd = Command::new(CLIENT_BIN);
-        cmd.args(&client.options)
+        cmd.env("XDG_STATE_HOME", state_home(&client.info))
+            .args(&client.options)
             .arg(client.addr.to_string())
             .arg(&client.info)
             .stdin(Stdio::piped())
@@ -736,7 +747,10 @@ impl LiveClient {
 pub fn run_program(bin: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let mut stdout = tempfile::tempfile().expect("tempfile");
     let mut stderr = tempfile::tempfile().expect("tempfile");
+    // A private state home, so a run that gets far enough to create state leaves none behind.
+    let home = tempfile::tempdir().expect("tempdir");
     let child = Command::new(bin)
+        .env("XDG_STATE_HOME", home.path())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(stdout.try_clone().expect("clone")))
@@ -848,6 +862,7 @@ impl Cluster {
         let stderr_path = self.log_path(no, self.runs[no - 1]);
         let stderr = File::create(&stderr_path).expect("create stderr file");
         let mut child = Command::new(TRACKER_BIN)
+            .env("XDG_STATE_HOME", state_home(&self.info))
             .arg(&self.info)
             .arg(no.to_string())
             .stdin(Stdio::piped())
