@@ -250,6 +250,9 @@ impl TrackerCore {
 
     /// The connection is gone (closed by the peer, by an error, or by us).
     pub fn handle_close(&mut self, conn: ConnId, now: Instant) {
+        if self.replica.observe(now) {
+            self.pump_replica();
+        }
         let Some(link) = self.links.remove(&conn) else {
             return;
         };
@@ -304,6 +307,14 @@ impl TrackerCore {
                 }
             }
             return;
+        }
+        // A client's frame may be the first thing handled after a stall: the replica must
+        // see the time first, so that a stale state answers nothing.
+        if self.replica.observe(now) {
+            self.pump_replica();
+            if !self.links.contains_key(&conn) {
+                return;
+            }
         }
         match ClientMsg::parse(payload) {
             Ok(msg) => self.handle_msg(conn, msg, now),
@@ -372,13 +383,14 @@ impl TrackerCore {
                 ReplicaOut::Applied { .. } => {}
                 ReplicaOut::Committed(seq) => self.release_answers(seq),
                 ReplicaOut::StateReplaced(seq) => {
-                    // Answers to waiting changes the new state holds come from its memory.
-                    let queued: std::collections::HashSet<Origin> =
-                        self.answers.iter().map(|(_, o, _)| *o).collect();
+                    // Answers queued so far came from the replaced state, which may hold
+                    // changes the new one lacks (a primary that stalled and was replaced):
+                    // none of them may be sent. Answers to waiting changes the new state holds
+                    // come from its memory; the others are ordered again by the replica.
+                    self.answers.clear();
                     let mut found: Vec<(Origin, Answer)> = self
                         .awaiting
                         .keys()
-                        .filter(|o| !queued.contains(o))
                         .filter_map(|o| self.replica.state().remembered(*o).map(|a| (*o, a)))
                         .collect();
                     found.sort_by_key(|(o, _)| *o);
@@ -390,7 +402,7 @@ impl TrackerCore {
                     }
                 }
                 ReplicaOut::Serving(true) => self.welcome_waiting(),
-                ReplicaOut::Serving(false) => {}
+                ReplicaOut::Serving(false) => self.drop_clients(),
             }
         }
     }
@@ -445,6 +457,29 @@ impl TrackerCore {
         };
         self.reply(conn, origin.req_id, body);
         self.run_queued(conn);
+    }
+
+    /// This tracker stopped serving (it stalled, or found a primary ahead of it): what it
+    /// holds may be stale, so its clients go elsewhere. Each reconnects at once, resumes its
+    /// session and re-sends what it had in flight with the same ids, so nothing is lost or
+    /// applied twice; connections still waiting for a welcome keep waiting.
+    fn drop_clients(&mut self) {
+        let welcomed: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| matches!(l.kind, Kind::Client { welcomed: true, .. }))
+            .map(|(c, _)| *c)
+            .collect();
+        if !welcomed.is_empty() {
+            info!(
+                "closing {} client connections: this tracker no longer serves",
+                welcomed.len()
+            );
+        }
+        let now = self.replica.now();
+        for conn in welcomed {
+            self.close(conn, now);
+        }
     }
 
     /// Welcomes the clients that said hello before this tracker served.

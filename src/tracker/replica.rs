@@ -53,7 +53,7 @@
 //! being declared dead; nothing is kept on disk, so the service's state is lost if every
 //! tracker stops at once.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -75,6 +75,14 @@ pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(3);
 /// How long sessions held by a dead tracker may take to move before they end.
 pub const SESSION_GRACE: Duration = Duration::from_secs(10);
+/// A gap this long between two turns of this tracker's loop means it was stalled (frozen,
+/// starved of CPU): the others hear from it at least every [`HEARTBEAT_EVERY`], so they may
+/// have declared it dead once a gap nears [`PEER_TIMEOUT`] less one heartbeat.
+pub const STALL_LIMIT: Duration = Duration::from_millis(1200);
+/// The first retry of a failed or lost tracker link; later retries double it up to
+/// [`REDIAL_MAX`]. Trackers keep dialing each other for their whole life.
+pub const REDIAL_FIRST: Duration = Duration::from_millis(50);
+pub const REDIAL_MAX: Duration = Duration::from_secs(1);
 /// Most entries in one batch.
 const MAX_BATCH_ENTRIES: usize = 4096;
 /// Roughly the most bytes of entries in one batch (at least one entry goes in any batch).
@@ -110,6 +118,7 @@ pub struct Timings {
     pub discovery_timeout: Duration,
     pub takeover_wait: Duration,
     pub session_grace: Duration,
+    pub stall_limit: Duration,
 }
 
 impl Default for Timings {
@@ -120,6 +129,7 @@ impl Default for Timings {
             discovery_timeout: DISCOVERY_TIMEOUT,
             takeover_wait: TAKEOVER_WAIT,
             session_grace: SESSION_GRACE,
+            stall_limit: STALL_LIMIT,
         }
     }
 }
@@ -190,11 +200,15 @@ pub struct Replica {
     committed: u64,
     /// The last batch applied (to hand a new primary, or a lagging member).
     last_batch: Option<Batch>,
-    links: HashMap<ConnId, Link>,
+    links: BTreeMap<ConnId, Link>,
     /// The link in use to each tracker.
     peer_link: BTreeMap<u16, ConnId>,
-    /// Trackers dialed at start whose dial has not resolved.
+    /// Trackers dialed whose dial has not resolved.
     dialing: BTreeSet<u16>,
+    /// Trackers with no link: when to dial them next.
+    redial_at: BTreeMap<u16, Instant>,
+    /// The last wait before dialing each tracker again (reset once it links).
+    backoff: BTreeMap<u16, Duration>,
     started: Instant,
     /// When a backup waiting for another tracker's takeover gives up waiting.
     takeover_deadline: Option<Instant>,
@@ -211,7 +225,11 @@ pub struct Replica {
     /// Sent to the primary and not yet seen applied.
     forwarded: VecDeque<Entry>,
     /// How many entries of `forwarded` carry each origin.
-    forwarded_origins: HashMap<Origin, u32>,
+    forwarded_origins: BTreeMap<Origin, u32>,
+    /// Forwarded entries seen applied and not yet known committed, with their sequence
+    /// numbers (and, on a primary that stopped serving, its batch in flight): if the state is
+    /// then replaced by one that lacks them, they are ordered again.
+    uncommitted: VecDeque<(u64, Entry)>,
     /// Submitted while no primary is known.
     held: VecDeque<Entry>,
     out: VecDeque<ReplicaOut>,
@@ -222,6 +240,35 @@ pub struct Replica {
 /// Whether claim `a` beats claim `b`: a higher view, or the same view by a lower number.
 fn beats(a: (u64, u16), b: (u64, u16)) -> bool {
     a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
+}
+
+/// The view after `view`. Views only grow and never wrap: [`MAX_VIEW`] is never reached by
+/// counting (2^63 takeovers), so a message naming a view above it did not come from a
+/// tracker of this service and is ignored ([`impossible_view`]).
+fn next_view(view: u64) -> Option<u64> {
+    view.checked_add(1).filter(|v| *v <= MAX_VIEW)
+}
+
+/// The highest view a tracker ever claims.
+pub const MAX_VIEW: u64 = 1 << 63;
+
+/// Whether a peer's message names a view no tracker of this service can have reached.
+fn impossible_view(view: u64) -> bool {
+    view > MAX_VIEW
+}
+
+/// The view a tracker message names, if any.
+fn msg_view(msg: &PeerMsg) -> Option<u64> {
+    match msg {
+        PeerMsg::Status(PeerStatus::Serving { view, .. })
+        | PeerMsg::Batch(Batch { view, .. })
+        | PeerMsg::Ack { view, .. }
+        | PeerMsg::Commit { view, .. }
+        | PeerMsg::Takeover { view, .. }
+        | PeerMsg::TakeoverAck { view, .. }
+        | PeerMsg::Snapshot { view, .. } => Some(*view),
+        _ => None,
+    }
 }
 
 /// A rough size of an entry on the wire, to bound batches.
@@ -246,9 +293,11 @@ impl Replica {
             applied: 0,
             committed: 0,
             last_batch: None,
-            links: HashMap::new(),
+            links: BTreeMap::new(),
             peer_link: BTreeMap::new(),
             dialing: BTreeSet::new(),
+            redial_at: BTreeMap::new(),
+            backoff: BTreeMap::new(),
             started: now,
             takeover_deadline: None,
             members: BTreeSet::new(),
@@ -258,15 +307,15 @@ impl Replica {
             grace: BTreeMap::new(),
             offer: None,
             forwarded: VecDeque::new(),
-            forwarded_origins: HashMap::new(),
+            forwarded_origins: BTreeMap::new(),
+            uncommitted: VecDeque::new(),
             held: VecDeque::new(),
             out: VecDeque::new(),
             now,
         };
         for no in 1..=n_trackers {
             if no != me.no {
-                r.dialing.insert(no);
-                r.out.push_back(ReplicaOut::Dial(no));
+                r.dial(no);
             }
         }
         r.decide(now);
@@ -302,12 +351,95 @@ impl Replica {
         self.applied
     }
 
+    /// The latest time a handler was given.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
     pub fn committed(&self) -> u64 {
         self.committed
     }
 
     pub fn poll_output(&mut self) -> Option<ReplicaOut> {
         self.out.pop_front()
+    }
+
+    /// Time has come to `now`. Every handler calls this first (the tracker core too, before
+    /// it handles a client's frame). A gap of [`Timings::stall_limit`] since the last call
+    /// means this tracker was stalled: the others may have declared it dead and moved on, so
+    /// before it handles anything that arrived meanwhile it stops serving, drops its tracker
+    /// links and finds out again who serves (see [`on_stall`](Self::on_stall)). Returns
+    /// whether it was stalled.
+    pub fn observe(&mut self, now: Instant) -> bool {
+        let gap = now.saturating_duration_since(self.now);
+        self.now = self.now.max(now);
+        if self.n_trackers > 1 && gap >= self.t.stall_limit {
+            self.on_stall(gap, now);
+            return true;
+        }
+        false
+    }
+
+    /// This tracker's loop was away for `gap`. Whatever it was (primary, backup, joining), the
+    /// others may have taken over without it, and what it holds may be behind the service or
+    /// ahead of it with changes nobody acknowledged. So it serves nothing until it has linked
+    /// again and learned the current view: it closes every tracker link (the far ends have
+    /// closed theirs, or will see it gone and stop counting on it), forgets its members, and
+    /// starts over as a starting tracker that keeps its state and its claim. Changes it had
+    /// applied without a commit are ordered again through whichever primary it then follows.
+    fn on_stall(&mut self, gap: Duration, now: Instant) {
+        warn!(
+            "this tracker's loop was away for {gap:?} (stalled): re-linking and learning the current view before serving again"
+        );
+        if self.is_serving() || matches!(self.role, Role::Joining { .. }) {
+            self.stop_serving();
+        }
+        self.role = Role::Starting;
+        self.takeover_deadline = None;
+        self.grace.clear();
+        let links: Vec<ConnId> = self.links.keys().copied().collect();
+        for link in links {
+            self.out.push_back(ReplicaOut::Close(link));
+        }
+        self.links.clear();
+        self.peer_link.clear();
+        self.dialing.clear();
+        self.redial_at.clear();
+        self.backoff.clear();
+        self.started = now;
+        for no in 1..=self.n_trackers {
+            if no != self.me.no {
+                self.dial(no);
+            }
+        }
+    }
+
+    /// Dials tracker `no` now.
+    fn dial(&mut self, no: u16) {
+        if self.dialing.insert(no) {
+            self.out.push_back(ReplicaOut::Dial(no));
+        }
+    }
+
+    /// Tracker `no` has no link: dial it again after a backoff (doubling from
+    /// [`REDIAL_FIRST`] to [`REDIAL_MAX`] while attempts fail). Only the lower-numbered
+    /// tracker of a pair redials: the higher one is dialed (by a live lower one, or by a
+    /// lower one when it starts), so the two never race to open two links, and messages sent
+    /// on a duplicate link that is then dropped cannot be lost.
+    fn schedule_redial(&mut self, no: u16, now: Instant) {
+        if no < self.me.no
+            || self.peer_link.contains_key(&no)
+            || self.dialing.contains(&no)
+            || self.redial_at.contains_key(&no)
+        {
+            return;
+        }
+        let wait = match self.backoff.get(&no) {
+            Some(last) => (*last * 2).min(REDIAL_MAX),
+            None => REDIAL_FIRST,
+        };
+        self.backoff.insert(no, wait);
+        self.redial_at.insert(no, now + wait);
     }
 
     /// A change a client of this tracker asked for (or one the tracker makes itself).
@@ -325,24 +457,31 @@ impl Replica {
     /// The driver connected a link to tracker `no` that we dialed (`opened`: see
     /// [`handle_accepted`](Self::handle_accepted)).
     pub fn handle_dialed(&mut self, link: ConnId, no: u16, opened: u64, now: Instant) {
-        self.now = self.now.max(now);
+        if self.observe(now) {
+            // The dial was made before the stall: drop it and dial again.
+            self.out.push_back(ReplicaOut::Close(link));
+            return;
+        }
         self.open_link(link, Some(no), opened, now);
         self.touch(link, now);
     }
 
     /// Dialing tracker `no` failed (it is not up).
     pub fn handle_dial_failed(&mut self, no: u16, now: Instant) {
-        self.now = self.now.max(now);
+        if self.observe(now) {
+            return;
+        }
         if self.dialing.remove(&no) {
             debug!("tracker {no} is not up");
         }
+        self.schedule_redial(no, now);
         self.decide(now);
     }
 
     /// A link we accepted opened with a tracker's hello; `opened` orders the driver's
     /// connections by when they opened (a counter shared with `handle_dialed`).
     pub fn handle_accepted(&mut self, link: ConnId, peer: TrackerRef, opened: u64, now: Instant) {
-        self.now = self.now.max(now);
+        self.observe(now);
         self.open_link(link, None, opened, now);
         self.handle_hello(link, peer, now);
     }
@@ -374,12 +513,15 @@ impl Replica {
 
     /// A tracker link is gone.
     pub fn handle_closed(&mut self, link: ConnId, now: Instant) {
-        self.now = self.now.max(now);
+        if self.observe(now) {
+            return;
+        }
         let Some(gone) = self.links.remove(&link) else {
             return;
         };
         if let Some(no) = gone.dialed {
             self.dialing.remove(&no);
+            self.schedule_redial(no, now);
         }
         let Some(peer) = gone.peer else {
             self.decide(now);
@@ -390,11 +532,14 @@ impl Replica {
         }
         self.peer_link.remove(&peer.no);
         info!("tracker {}: link lost", peer.no);
+        self.schedule_redial(peer.no, now);
         self.peer_lost(peer.no, now);
     }
 
     pub fn handle_msg(&mut self, link: ConnId, msg: PeerMsg, now: Instant) {
-        self.now = self.now.max(now);
+        if self.observe(now) {
+            return;
+        }
         let Some(l) = self.links.get_mut(&link) else {
             return;
         };
@@ -417,6 +562,12 @@ impl Replica {
             return;
         }
         let from = from.no;
+        if let Some(view) = msg_view(&msg) {
+            if impossible_view(view) {
+                warn!("tracker {from}: a message naming view {view}, which no tracker reaches; closing the link");
+                return self.close(link, now);
+            }
+        }
         match msg {
             PeerMsg::Hello { .. } => {
                 warn!("tracker {from}: second hello");
@@ -429,8 +580,7 @@ impl Replica {
             PeerMsg::Ack { view, seq } => self.on_ack(from, view, seq),
             PeerMsg::Commit { view, seq } => {
                 if view == self.claim.0 && from == self.claim.1 && seq > self.committed {
-                    self.committed = seq.min(self.applied);
-                    self.out.push_back(ReplicaOut::Committed(self.committed));
+                    self.set_committed(seq.min(self.applied));
                 }
             }
             PeerMsg::Takeover { view, applied } => self.on_takeover(link, from, view, applied, now),
@@ -459,7 +609,21 @@ impl Replica {
 
     /// Heartbeats, dead links, waits that ran out, sessions whose grace ended.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.now = self.now.max(now);
+        if self.observe(now) {
+            return;
+        }
+        let due: Vec<u16> = self
+            .redial_at
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(no, _)| *no)
+            .collect();
+        for no in due {
+            self.redial_at.remove(&no);
+            if !self.peer_link.contains_key(&no) {
+                self.dial(no);
+            }
+        }
         let mut dead = Vec::new();
         let mut quiet = Vec::new();
         for (id, l) in &self.links {
@@ -523,6 +687,14 @@ impl Replica {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if self.n_trackers > 1 {
+            // A steady tick, so that a long gap between two turns means a stall, never an
+            // idle loop (see `observe`).
+            at(self.now + self.t.heartbeat_every);
+        }
+        for at_time in self.redial_at.values() {
+            at(*at_time);
+        }
         for l in self.links.values() {
             at(l.last_heard + self.t.peer_timeout);
             if l.peer.is_some() {
@@ -637,6 +809,13 @@ impl Replica {
                 self.peer_link.insert(peer.no, keep);
                 self.links.remove(&drop);
                 self.out.push_back(ReplicaOut::Close(drop));
+                // Status changes, and a request for the state, may have gone out on the
+                // dropped link only.
+                let status = self.status();
+                self.send(keep, PeerMsg::Status(status));
+                if self.role == (Role::Joining { primary: peer.no }) {
+                    self.send(keep, PeerMsg::JoinRequest);
+                }
                 return;
             }
             let old_opened = self.links.get(&old).map_or(0, |l| l.opened);
@@ -663,6 +842,8 @@ impl Replica {
         }
         info!("tracker {} linked", peer.no);
         self.peer_link.insert(peer.no, link);
+        self.backoff.remove(&peer.no);
+        self.redial_at.remove(&peer.no);
     }
 
     /// Tracker `no` is gone (dead, or restarted and about to rejoin).
@@ -787,7 +968,10 @@ impl Replica {
             // for the others until the discovery time is over.
             return;
         }
-        let view = self.claim.0 + 1;
+        let Some(view) = next_view(self.claim.0) else {
+            error!("view numbers are exhausted; this tracker cannot start the service");
+            return;
+        };
         info!(
             "no other tracker serves: starting the service as primary of view {view} with the state held ({} entries)",
             self.applied
@@ -816,6 +1000,18 @@ impl Replica {
 
     fn stop_serving(&mut self) {
         let was_primary = matches!(self.role, Role::Primary | Role::Taking { .. });
+        if was_primary {
+            // The batch in flight was never committed: a state this tracker takes from the
+            // next primary may lack it, and then its changes must be ordered again.
+            if let Some(b) = &self.last_batch {
+                let committed = self.committed;
+                let lost = (b.first_seq..)
+                    .zip(&b.entries)
+                    .filter(|(seq, _)| *seq > committed)
+                    .map(|(seq, e)| (seq, e.clone()));
+                self.uncommitted.extend(lost);
+            }
+        }
         self.role = Role::Starting;
         self.in_flight = None;
         self.members.clear();
@@ -923,9 +1119,28 @@ impl Replica {
         self.applied = seq;
         self.committed = seq;
         self.last_batch = None;
+        // Changes applied here without a commit may be missing from the new state: those it
+        // does not remember are held to be ordered again (a change with a client id is never
+        // applied twice; one without is taken as included when the state reaches past it).
+        let uncommitted = std::mem::take(&mut self.uncommitted);
+        let mut again: Vec<Entry> = uncommitted
+            .into_iter()
+            .filter(|(s, e)| match e.origin {
+                Some(origin) => self.state.remembered(origin).is_none(),
+                None => *s > seq,
+            })
+            .map(|(_, e)| e)
+            .collect();
+        if !again.is_empty() {
+            info!(
+                "{} changes applied before are not in the state taken; ordering them again",
+                again.len()
+            );
+        }
+        while let Some(e) = again.pop() {
+            self.held.push_front(e);
+        }
         self.out.push_back(ReplicaOut::StateReplaced(seq));
-        // Changes forwarded before may or may not be in the snapshot: send them again
-        // (a change with a client id is not applied twice).
     }
 
     /// Sends what was held while no primary was known.
@@ -956,8 +1171,8 @@ impl Replica {
         self.forwarded.push_back(entry);
     }
 
-    /// `entry` was applied: it is no longer waiting to be.
-    fn unforward(&mut self, entry: &Entry) {
+    /// `entry` was applied: it is no longer waiting to be. Returns whether it was forwarded.
+    fn unforward(&mut self, entry: &Entry) -> bool {
         let pos = if self.forwarded.front() == Some(entry) {
             Some(0)
         } else if entry
@@ -968,8 +1183,12 @@ impl Replica {
         } else {
             None
         };
-        if let Some(e) = pos.and_then(|p| self.forwarded.remove(p)) {
-            self.forget_origin(&e);
+        match pos.and_then(|p| self.forwarded.remove(p)) {
+            Some(e) => {
+                self.forget_origin(&e);
+                true
+            }
+            None => false,
         }
     }
 
@@ -1028,11 +1247,22 @@ impl Replica {
         }
     }
 
+    /// Every entry up to `seq` is held by every live member.
+    fn set_committed(&mut self, seq: u64) {
+        self.committed = seq;
+        while self.uncommitted.front().is_some_and(|(s, _)| *s <= seq) {
+            self.uncommitted.pop_front();
+        }
+        self.out.push_back(ReplicaOut::Committed(seq));
+    }
+
     /// Applies one entry at the next sequence number.
     fn apply(&mut self, entry: &Entry) {
         let answer = self.state.apply_entry(entry);
         self.applied += 1;
-        self.unforward(entry);
+        if self.unforward(entry) {
+            self.uncommitted.push_back((self.applied, entry.clone()));
+        }
         self.out.push_back(ReplicaOut::Applied {
             seq: self.applied,
             origin: entry.origin,
@@ -1116,8 +1346,7 @@ impl Replica {
         let seq = f.last_seq;
         self.in_flight = None;
         if seq > self.committed {
-            self.committed = seq;
-            self.out.push_back(ReplicaOut::Committed(seq));
+            self.set_committed(seq);
             let members: Vec<u16> = self.members.iter().copied().collect();
             for m in members {
                 self.send_to(
@@ -1203,7 +1432,10 @@ impl Replica {
     }
 
     fn take_over(&mut self, now: Instant) {
-        let view = self.claim.0 + 1;
+        let Some(view) = next_view(self.claim.0) else {
+            error!("view numbers are exhausted; this tracker cannot take over");
+            return;
+        };
         self.claim = (view, self.me.no);
         self.takeover_deadline = None;
         let waiting: BTreeSet<u16> = self.peer_link.keys().copied().collect();
