@@ -197,6 +197,15 @@ pub struct Replica {
     claim: (u64, u16),
     /// Sequence number of the last applied entry.
     applied: u64,
+    /// The view in which this tracker last accepted entries or a state: with `applied`, the
+    /// position of its state. A later view's state holds every change committed before it.
+    accepted_view: u64,
+    /// Trackers that may be up but have not said where they stand: their link was lost (it
+    /// went silent, or was closed: a closed link proves nothing, a stalled tracker closes
+    /// its links too), or our dial was accepted and never answered. They may hold the newest
+    /// state, so a starting tracker does not start the service without them. Cleared by
+    /// their hello, or by a refused dial (they are down).
+    unsure: BTreeSet<u16>,
     committed: u64,
     /// The last batch applied (to hand a new primary, or a lagging member).
     last_batch: Option<Batch>,
@@ -205,6 +214,10 @@ pub struct Replica {
     peer_link: BTreeMap<u16, ConnId>,
     /// Trackers dialed whose dial has not resolved.
     dialing: BTreeSet<u16>,
+    /// Trackers whose link in use was dropped for a duplicate one: what went out on it may be
+    /// lost, so once the other link says hello the exchange with them is resumed
+    /// ([`resync`](Self::resync)).
+    resync_pending: BTreeSet<u16>,
     /// Trackers with no link: when to dial them next.
     redial_at: BTreeMap<u16, Instant>,
     /// The last wait before dialing each tracker again (reset once it links).
@@ -291,6 +304,8 @@ impl Replica {
             role: Role::Starting,
             claim: (0, u16::MAX),
             applied: 0,
+            accepted_view: 0,
+            unsure: BTreeSet::new(),
             committed: 0,
             last_batch: None,
             links: BTreeMap::new(),
@@ -298,6 +313,7 @@ impl Replica {
             dialing: BTreeSet::new(),
             redial_at: BTreeMap::new(),
             backoff: BTreeMap::new(),
+            resync_pending: BTreeSet::new(),
             started: now,
             takeover_deadline: None,
             members: BTreeSet::new(),
@@ -391,6 +407,12 @@ impl Replica {
         warn!(
             "this tracker's loop was away for {gap:?} (stalled): re-linking and learning the current view before serving again"
         );
+        // From here on this is a new run of the tracker, as if it had restarted with its
+        // state: its links say so in their hello, and the sessions of its clients (which it
+        // now drops) belong to the earlier run, so the primary gives them the grace period
+        // to move (a client that comes back here resumes with its token) instead of ending
+        // them at once.
+        self.me.incarnation = self.me.incarnation.wrapping_add(1);
         if self.is_serving() || matches!(self.role, Role::Joining { .. }) {
             self.stop_serving();
         }
@@ -409,6 +431,7 @@ impl Replica {
         self.started = now;
         for no in 1..=self.n_trackers {
             if no != self.me.no {
+                self.unsure.insert(no);
                 self.dial(no);
             }
         }
@@ -422,12 +445,14 @@ impl Replica {
     }
 
     /// Tracker `no` has no link: dial it again after a backoff (doubling from
-    /// [`REDIAL_FIRST`] to [`REDIAL_MAX`] while attempts fail). Only the lower-numbered
-    /// tracker of a pair redials: the higher one is dialed (by a live lower one, or by a
-    /// lower one when it starts), so the two never race to open two links, and messages sent
-    /// on a duplicate link that is then dropped cannot be lost.
+    /// [`REDIAL_FIRST`] to [`REDIAL_MAX`] while attempts fail). Of a pair, the lower-numbered
+    /// tracker redials the higher one (which is dialed by every lower one when that starts,
+    /// and redialed by it for life), so the two rarely open two links at once; the higher one
+    /// redials a lower one only while that one accepts links without answering (a hung
+    /// process, to learn when it answers or dies). Two links at once still happen (both
+    /// dial when starting); one is then dropped, see `handle_hello` and `resync`.
     fn schedule_redial(&mut self, no: u16, now: Instant) {
-        if no < self.me.no
+        if (no < self.me.no && !self.unsure.contains(&no))
             || self.peer_link.contains_key(&no)
             || self.dialing.contains(&no)
             || self.redial_at.contains_key(&no)
@@ -435,6 +460,7 @@ impl Replica {
             return;
         }
         let wait = match self.backoff.get(&no) {
+            _ if no < self.me.no => REDIAL_MAX,
             Some(last) => (*last * 2).min(REDIAL_MAX),
             None => REDIAL_FIRST,
         };
@@ -474,6 +500,7 @@ impl Replica {
         if self.dialing.remove(&no) {
             debug!("tracker {no} is not up");
         }
+        self.unsure.remove(&no);
         self.schedule_redial(no, now);
         self.decide(now);
     }
@@ -519,6 +546,11 @@ impl Replica {
         let Some(gone) = self.links.remove(&link) else {
             return;
         };
+        // Whoever was at the other end may still be up, holding a state: find out (see
+        // `unsure`).
+        if let Some(no) = gone.peer.map(|p| p.no).or(gone.dialed) {
+            self.unsure.insert(no);
+        }
         if let Some(no) = gone.dialed {
             self.dialing.remove(&no);
             self.schedule_redial(no, now);
@@ -531,6 +563,23 @@ impl Replica {
             return;
         }
         self.peer_link.remove(&peer.no);
+        let other = self
+            .links
+            .iter()
+            .find(|(_, l)| l.peer == Some(peer) || (l.peer.is_none() && l.dialed == Some(peer.no)));
+        if let Some((&other, l)) = other {
+            // The far end dropped this link for another one between us (both dialed at
+            // once): the tracker lives. Carry on over the other link once it said hello.
+            debug!("tracker {}: link {link} dropped for {other}", peer.no);
+            if l.peer == Some(peer) {
+                self.unsure.remove(&peer.no);
+                self.peer_link.insert(peer.no, other);
+                self.resync(peer.no, now);
+            } else {
+                self.resync_pending.insert(peer.no);
+            }
+            return;
+        }
         info!("tracker {}: link lost", peer.no);
         self.schedule_redial(peer.no, now);
         self.peer_lost(peer.no, now);
@@ -649,7 +698,8 @@ impl Replica {
         if self.role == Role::Starting
             && now.saturating_duration_since(self.started) >= self.t.discovery_timeout
         {
-            self.dialing.clear();
+            // Dials still unresolved no longer hold a tracker that never held a state; one
+            // that did waits for them (see `decide`).
             self.decide(now);
         }
         if self.takeover_deadline.is_some_and(|d| d <= now) {
@@ -739,7 +789,7 @@ impl Replica {
         self.peer_link
             .get(&self.claim.1)
             .and_then(|link| self.links.get(link))
-            .is_some_and(|l| l.status != Some(PeerStatus::Starting))
+            .is_some_and(|l| matches!(l.status, Some(PeerStatus::Serving { .. })))
     }
 
     fn broadcast_status(&mut self) {
@@ -757,7 +807,10 @@ impl Replica {
                 primary: self.claim.1,
             }
         } else {
-            PeerStatus::Starting
+            PeerStatus::Starting {
+                view: self.accepted_view,
+                applied: self.applied,
+            }
         }
     }
 
@@ -768,6 +821,12 @@ impl Replica {
     }
 
     fn handle_hello(&mut self, link: ConnId, peer: TrackerRef, now: Instant) {
+        self.link_hello(link, peer, now);
+        // A dial this tracker waited for may have resolved.
+        self.decide(now);
+    }
+
+    fn link_hello(&mut self, link: ConnId, peer: TrackerRef, now: Instant) {
         let dialed = self.links.get(&link).and_then(|l| l.dialed);
         if peer.no == self.me.no || peer.no == 0 || peer.no > self.n_trackers {
             warn!(
@@ -783,6 +842,7 @@ impl Replica {
         if let Some(l) = self.links.get_mut(&link) {
             l.peer = Some(peer);
         }
+        self.unsure.remove(&peer.no);
         if let Some(no) = dialed {
             self.dialing.remove(&no);
         }
@@ -809,13 +869,8 @@ impl Replica {
                 self.peer_link.insert(peer.no, keep);
                 self.links.remove(&drop);
                 self.out.push_back(ReplicaOut::Close(drop));
-                // Status changes, and a request for the state, may have gone out on the
-                // dropped link only.
-                let status = self.status();
-                self.send(keep, PeerMsg::Status(status));
-                if self.role == (Role::Joining { primary: peer.no }) {
-                    self.send(keep, PeerMsg::JoinRequest);
-                }
+                // What went out on the dropped link may be lost.
+                self.resync(peer.no, now);
                 return;
             }
             let old_opened = self.links.get(&old).map_or(0, |l| l.opened);
@@ -842,8 +897,55 @@ impl Replica {
         }
         info!("tracker {} linked", peer.no);
         self.peer_link.insert(peer.no, link);
+        if self.resync_pending.remove(&peer.no) {
+            self.resync(peer.no, now);
+        }
         self.backoff.remove(&peer.no);
         self.redial_at.remove(&peer.no);
+    }
+
+    /// The exchange with tracker `no` moved to another link (two were open; one was dropped)
+    /// and what went out on the dropped one may be lost. Every message of the protocol is
+    /// safe to repeat, so each side repeats what the other may still be waiting for: its
+    /// status, a request for the state, the batch in flight, the takeover in progress, the
+    /// changes forwarded and the acknowledgement of what it applied.
+    fn resync(&mut self, no: u16, now: Instant) {
+        self.resync_pending.remove(&no);
+        let Some(link) = self.peer_link.get(&no).copied() else {
+            return;
+        };
+        let status = self.status();
+        self.send(link, PeerMsg::Status(status));
+        match self.role.clone() {
+            Role::Joining { primary } if primary == no => self.send(link, PeerMsg::JoinRequest),
+            Role::Primary if self.members.contains(&no) => {
+                if let Some(b) = self.last_batch.clone() {
+                    let view = self.claim.0;
+                    self.send(link, PeerMsg::Batch(Batch { view, ..b }));
+                } else if self.in_flight.is_some() {
+                    self.send_empty_batch(no);
+                }
+            }
+            Role::Taking { waiting } if waiting.contains(&no) => self.send(
+                link,
+                PeerMsg::Takeover {
+                    view: self.claim.0,
+                    applied: self.applied,
+                },
+            ),
+            Role::Backup if self.claim.1 == no => {
+                self.send(
+                    link,
+                    PeerMsg::Ack {
+                        view: self.claim.0,
+                        seq: self.applied,
+                    },
+                );
+                self.reforward();
+            }
+            _ => {}
+        }
+        self.touch(link, now);
     }
 
     /// Tracker `no` is gone (dead, or restarted and about to rejoin).
@@ -924,8 +1026,9 @@ impl Replica {
         let mut unknown = false;
         let mut primaries = Vec::new();
         let mut serving = false;
-        let mut lower_starting = false;
+        let mut ahead_starting = false;
         let mut any_starting = false;
+        let mine = (self.accepted_view, self.applied);
         for (no, link) in &self.peer_link {
             match self.links.get(link).and_then(|l| l.status) {
                 None => unknown = true,
@@ -935,9 +1038,10 @@ impl Replica {
                         primaries.push((view, primary));
                     }
                 }
-                Some(PeerStatus::Starting) => {
+                Some(PeerStatus::Starting { view, applied }) => {
                     any_starting = true;
-                    lower_starting |= *no < self.me.no;
+                    let theirs = (view, applied);
+                    ahead_starting |= theirs > mine || (theirs == mine && *no < self.me.no);
                 }
             }
         }
@@ -957,8 +1061,22 @@ impl Replica {
             }
             return;
         }
-        if serving || lower_starting {
-            // A takeover is under way, or a lower-numbered tracker will start the service.
+        if serving || ahead_starting {
+            // A takeover is under way, or a starting tracker whose state is further on (or as
+            // far, with a lower number) will start the service.
+            return;
+        }
+        let holds_history = self.claim.0 > 0 || self.applied > 0;
+        if unknown || !self.unsure.is_empty() || (holds_history && !self.dialing.is_empty()) {
+            // A tracker that accepts links but has not said where it stands (a hung or frozen
+            // process) may hold changes the service acknowledged after this tracker last saw
+            // it: starting the service without it could make an older state current (an
+            // empty one, for a tracker that never held one). Wait for it to answer, or to be
+            // gone (a refused dial), however long that takes.
+            debug!(
+                "not starting the service: waiting for trackers {:?} to answer",
+                self.unsure.iter().chain(&self.dialing).collect::<Vec<_>>()
+            );
             return;
         }
         if discovering && any_starting && self.claim.0 > 0 {
@@ -985,9 +1103,9 @@ impl Replica {
             self.role = Role::Starting;
             return;
         }
-        if self.role == (Role::Joining { primary }) {
-            return;
-        }
+        // Asked again even when already joining it: the first request may have reached it
+        // before it served (it ignores requests then), and asking twice is harmless (a
+        // second state is ignored).
         info!("asking tracker {primary} for the state");
         self.role = Role::Joining { primary };
         if let Some(link) = self.peer_link.get(&primary).copied() {
@@ -1106,6 +1224,7 @@ impl Replica {
         };
         self.install(state, seq);
         self.claim = (view, from);
+        self.accepted_view = view;
         self.role = Role::Backup;
         info!("caught up from tracker {from} at entry {seq} ({len} bytes); serving in view {view}");
         self.out.push_back(ReplicaOut::Serving(true));
@@ -1395,6 +1514,7 @@ impl Replica {
             self.apply(e);
         }
         let view = batch.view;
+        self.accepted_view = view;
         self.last_batch = Some(batch);
         self.send(
             link,
@@ -1459,7 +1579,10 @@ impl Replica {
     }
 
     fn on_takeover(&mut self, link: ConnId, from: u16, view: u64, applied: u64, now: Instant) {
-        if !beats((view, from), self.claim) {
+        // The same takeover again (its first answer may have been lost with a dropped
+        // duplicate link): answer it again.
+        let repeated = (view, from) == self.claim && self.role == Role::Backup;
+        if !beats((view, from), self.claim) && !repeated {
             debug!("ignoring the takeover of view {view} by tracker {from}");
             return;
         }
@@ -1601,6 +1724,7 @@ impl Replica {
             self.claim.0, self.applied, self.members
         );
         self.role = Role::Primary;
+        self.accepted_view = self.claim.0;
         // Bring lagging members up: they all answered with their position, but only the
         // latest batch (or the state) is at hand, so every member gets what it may lack.
         let members: Vec<u16> = self.members.iter().copied().collect();
@@ -1647,6 +1771,7 @@ impl Replica {
 
     fn become_primary(&mut self, now: Instant) {
         self.role = Role::Primary;
+        self.accepted_view = self.claim.0;
         self.members.clear();
         self.in_flight = None;
         self.out.push_back(ReplicaOut::Serving(true));

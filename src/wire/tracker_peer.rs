@@ -59,8 +59,11 @@ pub const MAX_PW_HASH_LEN: usize = 512;
 /// What a tracker says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerStatus {
-    /// Not serving clients: starting, or copying the state.
-    Starting,
+    /// Not serving clients: starting, or copying the state. `view` and `applied` place the
+    /// state it holds: the view in which it last accepted entries (or a state), and how many
+    /// entries it has applied. Among trackers that find nobody serving, the one whose state is
+    /// furthest on starts the service.
+    Starting { view: u64, applied: u64 },
     /// Serving clients in `view`, whose primary is tracker `primary`.
     Serving { view: u64, primary: u16 },
 }
@@ -467,7 +470,10 @@ impl PeerMsg {
                     primary: r.u16()?,
                 }
             } else {
-                PeerStatus::Starting
+                PeerStatus::Starting {
+                    view: r.u64()?,
+                    applied: r.u64()?,
+                }
             }),
             ty::HEARTBEAT => PeerMsg::Heartbeat,
             ty::FORWARD => PeerMsg::Forward {
@@ -556,7 +562,11 @@ impl PeerMsg {
                 put_u8(out, ROLE_TRACKER);
                 put_tracker_ref(out, tracker);
             }
-            PeerMsg::Status(PeerStatus::Starting) => put_bool(out, false),
+            PeerMsg::Status(PeerStatus::Starting { view, applied }) => {
+                put_bool(out, false);
+                put_u64(out, *view);
+                put_u64(out, *applied);
+            }
             PeerMsg::Status(PeerStatus::Serving { view, primary }) => {
                 put_bool(out, true);
                 put_u64(out, *view);

@@ -152,7 +152,7 @@ const OP_VARIANTS: usize = 13;
 fn msg_variant(m: &PeerMsg) -> usize {
     match m {
         PeerMsg::Hello { .. } => 0,
-        PeerMsg::Status(PeerStatus::Starting) => 1,
+        PeerMsg::Status(PeerStatus::Starting { .. }) => 1,
         PeerMsg::Status(PeerStatus::Serving { .. }) => 2,
         PeerMsg::Heartbeat => 3,
         PeerMsg::Forward { .. } => 4,
@@ -306,7 +306,14 @@ fn sample_msgs() -> Vec<PeerMsg> {
             version: u16::MAX,
             tracker: tref(u16::MAX, u64::MAX),
         },
-        PeerMsg::Status(PeerStatus::Starting),
+        PeerMsg::Status(PeerStatus::Starting {
+            view: 0,
+            applied: 0,
+        }),
+        PeerMsg::Status(PeerStatus::Starting {
+            view: u64::MAX,
+            applied: u64::MAX,
+        }),
         PeerMsg::Status(PeerStatus::Serving {
             view: 0,
             primary: 1,
@@ -568,7 +575,10 @@ fn rand_msg(rng: &mut Rng) -> PeerMsg {
             version: rng.next_u64() as u16,
             tracker: rand_tref(rng),
         },
-        1 => PeerMsg::Status(PeerStatus::Starting),
+        1 => PeerMsg::Status(PeerStatus::Starting {
+            view: rng.next_u64(),
+            applied: rng.next_u64(),
+        }),
         2 => PeerMsg::Status(PeerStatus::Serving {
             view: rng.next_u64(),
             primary: rng.next_u64() as u16,
@@ -656,8 +666,15 @@ fn golden_hello() {
 #[test]
 fn golden_status_heartbeat_join_request() {
     golden(
-        PeerMsg::Status(PeerStatus::Starting),
-        &[0, 0, 0, 2, 0x40, 0],
+        PeerMsg::Status(PeerStatus::Starting {
+            view: 3,
+            applied: 0x0102,
+        }),
+        &[
+            0, 0, 0, 18, 0x40, 0, //
+            0, 0, 0, 0, 0, 0, 0, 3, // view
+            0, 0, 0, 0, 0, 0, 1, 2, // applied
+        ],
     );
     golden(
         PeerMsg::Status(PeerStatus::Serving {
@@ -1246,8 +1263,11 @@ fn bad_flags_and_kinds_are_rejected() {
     let status = |b: u8| B::ty(0x40).u8(b).u64(1).u16(1).0;
     assert!(PeerMsg::parse(&status(1)).is_ok());
     assert_eq!(
-        PeerMsg::parse(&B::ty(0x40).u8(0).0),
-        Ok(PeerMsg::Status(PeerStatus::Starting))
+        PeerMsg::parse(&B::ty(0x40).u8(0).u64(4).u64(9).0),
+        Ok(PeerMsg::Status(PeerStatus::Starting {
+            view: 4,
+            applied: 9
+        }))
     );
     for b in [2u8, 0x80, 0xff] {
         assert_eq!(
