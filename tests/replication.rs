@@ -578,3 +578,83 @@ fn client_leaves_a_hung_tracker_within_two_seconds() {
     );
     // (The stopped tracker is killed with SIGKILL when the cluster is dropped.)
 }
+
+/// Issue 9's schedule with real processes: clients keep writing while the primary is frozen
+/// (SIGSTOP) for 4 s, long enough for the others to take over, and then runs again (SIGCONT).
+/// The thawed tracker must notice its stall, serve nothing stale, and rejoin: afterwards every
+/// tracker, asked on its own, lists every change whose success a client printed.
+#[test]
+fn a_frozen_primary_rejoins_and_every_tracker_lists_every_acknowledged_change() {
+    let cluster = Cluster::start(3);
+    let mut writers = [
+        new_user(&cluster.info_for(&[1, 2, 3]), None, false, "fay"),
+        new_user(&cluster.info_for(&[2, 3, 1]), None, false, "gus"),
+    ];
+    let mut acked = Vec::new();
+    let mut n = 0;
+    let mut write_for = |writers: &mut [LiveClient; 2], acked: &mut Vec<String>, span: Duration| {
+        let end = Instant::now() + span;
+        while Instant::now() < end {
+            for w in writers.iter_mut() {
+                n += 1;
+                let group = format!("f{n}");
+                w.send(&format!("create_group {group}"));
+                if let Ok(line) = w.next_any_within(STEP) {
+                    assert_eq!(line, format!("group {group} created"));
+                    acked.push(group);
+                }
+            }
+        }
+    };
+    // A reader that only knows tracker 1: right after the thaw it asks tracker 1, which must
+    // not answer from the state it held when it froze.
+    let mut reader = new_user(&cluster.info_for(&[1]), None, false, "ray");
+    write_for(&mut writers, &mut acked, Duration::from_millis(500));
+    common::send_signal(cluster.pid(1), "STOP");
+    write_for(&mut writers, &mut acked, Duration::from_secs(4));
+    common::send_signal(cluster.pid(1), "CONT");
+    reader.send("list_groups");
+    // The answer to a later command marks the end of the listing.
+    reader.send("create_group zz-end");
+    let mut listed = std::collections::HashSet::new();
+    loop {
+        match reader.next_any_within(STEP) {
+            Ok(line) if line == "group zz-end created" => break,
+            Ok(line) => {
+                listed.insert(line.split('\t').next().unwrap_or("").to_owned());
+            }
+            Err(e) => panic!("the reader's list_groups failed: {e}"),
+        }
+    }
+    for g in &acked {
+        assert!(
+            listed.contains(g),
+            "tracker 1, just thawed, does not list acknowledged group {g}\n{}",
+            cluster.logs()
+        );
+    }
+    write_for(&mut writers, &mut acked, Duration::from_secs(2));
+    println!("{} changes acknowledged around the freeze", acked.len());
+    assert!(acked.len() > 10, "clients kept writing: {acked:?}");
+    for no in 1..=3 {
+        // Asked alone, each tracker answers once it serves again (a thawed tracker holds new
+        // clients until it has rejoined).
+        let out = Client::new(&cluster.info_for(&[no])).run(&[
+            &format!("create_user check{no} pw"),
+            &format!("login check{no} pw"),
+            "list_groups",
+        ]);
+        let listed: std::collections::HashSet<&str> = out
+            .stdout
+            .iter()
+            .filter_map(|l| l.split('\t').next())
+            .collect();
+        for g in &acked {
+            assert!(
+                listed.contains(g.as_str()),
+                "tracker {no} does not list acknowledged group {g}: {out:#?}\n{}",
+                cluster.logs()
+            );
+        }
+    }
+}

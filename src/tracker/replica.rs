@@ -170,6 +170,17 @@ enum Role {
     Primary,
 }
 
+/// A change waiting to be ordered by the primary, and whether it came from this tracker's own
+/// clients. A backup keeps what it forwarded until it sees it applied (and orders it again
+/// through the next primary otherwise), so a primary that steps down hands on only its own
+/// changes: handing on a backup's too could order one twice, after its answer has left the
+/// state's memory.
+#[derive(Debug)]
+struct Queued {
+    own: bool,
+    entry: Entry,
+}
+
 /// A batch sent to the members and not yet acknowledged by all of them.
 #[derive(Debug)]
 struct InFlight {
@@ -227,7 +238,9 @@ pub struct Replica {
     takeover_deadline: Option<Instant>,
     // Primary.
     members: BTreeSet<u16>,
-    next: VecDeque<Entry>,
+    next: VecDeque<Queued>,
+    /// This tracker's own changes in the batch in flight, with their sequence numbers.
+    own_in_flight: Vec<(u64, Entry)>,
     in_flight: Option<InFlight>,
     joiners: BTreeSet<u16>,
     /// Sessions of trackers that are not live end at these times.
@@ -318,6 +331,7 @@ impl Replica {
             takeover_deadline: None,
             members: BTreeSet::new(),
             next: VecDeque::new(),
+            own_in_flight: Vec::new(),
             in_flight: None,
             joiners: BTreeSet::new(),
             grace: BTreeMap::new(),
@@ -472,7 +486,7 @@ impl Replica {
     pub fn submit(&mut self, entry: Entry) {
         match self.role {
             Role::Primary => {
-                self.next.push_back(entry);
+                self.next.push_back(Queued { own: true, entry });
                 self.send_batch();
             }
             Role::Backup => self.forward(entry),
@@ -549,7 +563,10 @@ impl Replica {
         // Whoever was at the other end may still be up, holding a state: find out (see
         // `unsure`).
         if let Some(no) = gone.peer.map(|p| p.no).or(gone.dialed) {
-            self.unsure.insert(no);
+            // (A link of an earlier run, or a duplicate, says nothing of the one in use.)
+            if self.peer_link.get(&no).is_none_or(|l| *l == link) {
+                self.unsure.insert(no);
+            }
         }
         if let Some(no) = gone.dialed {
             self.dialing.remove(&no);
@@ -1046,6 +1063,7 @@ impl Replica {
             }
         }
         let discovering = now.saturating_duration_since(self.started) < self.t.discovery_timeout;
+        if std::env::var_os("DBG_DECIDE").is_some() { eprintln!("DECIDE me={} unknown={unknown} serving={serving} ahead={ahead_starting} unsure={:?} dialing={:?} disc={discovering} claim={:?} links={:?}", self.me.no, self.unsure, self.dialing, self.claim, self.peer_link); }
         if discovering && (unknown || !self.dialing.is_empty()) {
             return;
         }
@@ -1120,15 +1138,12 @@ impl Replica {
         let was_primary = matches!(self.role, Role::Primary | Role::Taking { .. });
         if was_primary {
             // The batch in flight was never committed: a state this tracker takes from the
-            // next primary may lack it, and then its changes must be ordered again.
-            if let Some(b) = &self.last_batch {
-                let committed = self.committed;
-                let lost = (b.first_seq..)
-                    .zip(&b.entries)
-                    .filter(|(seq, _)| *seq > committed)
-                    .map(|(seq, e)| (seq, e.clone()));
-                self.uncommitted.extend(lost);
-            }
+            // next primary may lack it, and then its own changes must be ordered again.
+            let committed = self.committed;
+            let lost = std::mem::take(&mut self.own_in_flight)
+                .into_iter()
+                .filter(|(seq, _)| *seq > committed);
+            self.uncommitted.extend(lost);
         }
         self.role = Role::Starting;
         self.in_flight = None;
@@ -1137,8 +1152,10 @@ impl Replica {
         self.offer = None;
         if was_primary {
             // Our unordered changes go to the new primary once we follow it.
-            while let Some(e) = self.next.pop_back() {
-                self.held.push_front(e);
+            while let Some(q) = self.next.pop_back() {
+                if q.own {
+                    self.held.push_front(q.entry);
+                }
             }
         }
         let mut forwarded = self.take_forwarded();
@@ -1266,7 +1283,10 @@ impl Replica {
     fn release_held(&mut self) {
         while let Some(e) = self.held.pop_front() {
             match self.role {
-                Role::Primary => self.next.push_back(e),
+                Role::Primary => self.next.push_back(Queued {
+                    own: true,
+                    entry: e,
+                }),
                 Role::Backup => self.forward(e),
                 _ => {
                     self.held.push_front(e);
@@ -1350,7 +1370,8 @@ impl Replica {
     fn on_forward(&mut self, entries: Vec<Entry>) {
         match self.role {
             Role::Primary | Role::Taking { .. } => {
-                self.next.extend(entries);
+                self.next
+                    .extend(entries.into_iter().map(|entry| Queued { own: false, entry }));
                 self.send_batch();
             }
             Role::Backup | Role::Starting | Role::Joining { .. } => {
@@ -1409,20 +1430,25 @@ impl Replica {
                 return;
             }
             let mut entries = Vec::new();
+            let mut own = Vec::new();
             let mut bytes = 0;
-            while let Some(e) = self.next.front() {
-                let size = entry_size(e);
+            let first_seq = self.applied + 1;
+            while let Some(q) = self.next.front() {
+                let size = entry_size(&q.entry);
                 if !entries.is_empty()
                     && (entries.len() >= MAX_BATCH_ENTRIES || bytes + size > MAX_BATCH_BYTES)
                 {
                     break;
                 }
                 bytes += size;
-                if let Some(e) = self.next.pop_front() {
-                    entries.push(e);
+                if let Some(q) = self.next.pop_front() {
+                    if q.own {
+                        own.push((first_seq + entries.len() as u64, q.entry.clone()));
+                    }
+                    entries.push(q.entry);
                 }
             }
-            let first_seq = self.applied + 1;
+            self.own_in_flight = own;
             let mut moved_sessions = false;
             for e in &entries {
                 self.apply(e);
@@ -1608,10 +1634,14 @@ impl Replica {
             self.members.clear();
             self.joiners.clear();
             self.offer = None;
+            // Our own changes not yet ordered go to the new primary (the backups that
+            // forwarded the others send them again themselves).
             let mut mine = std::mem::take(&mut self.next);
-            while let Some(e) = mine.pop_back() {
-                self.count_origin(&e);
-                self.forwarded.push_front(e);
+            while let Some(q) = mine.pop_back() {
+                if q.own {
+                    self.count_origin(&q.entry);
+                    self.forwarded.push_front(q.entry);
+                }
             }
         }
         self.role = Role::Backup;
@@ -1716,8 +1746,8 @@ impl Replica {
         // Changes forwarded to the old primary are ordered here now, but for those the
         // catch-up just applied.
         let mut forwarded = self.take_forwarded();
-        while let Some(e) = forwarded.pop_back() {
-            self.next.push_front(e);
+        while let Some(entry) = forwarded.pop_back() {
+            self.next.push_front(Queued { own: true, entry });
         }
         info!(
             "primary of view {} at entry {}; members {:?}",
