@@ -433,6 +433,15 @@ impl Replica {
         self.role = Role::Starting;
         self.takeover_deadline = None;
         self.grace.clear();
+        // The clients' requests it holds go: it drops their links, and each client sends its
+        // requests in flight again wherever it reconnects. Handing them on late as well
+        // could replay a login after the client logged in through another tracker (taking
+        // its session back to this tracker's earlier run, where it then ends). Changes of
+        // its own (a client gone) stay.
+        self.held.retain(|e| e.origin.is_none());
+        self.uncommitted.retain(|(_, e)| e.origin.is_none());
+        self.forwarded.retain(|e| e.origin.is_none());
+        self.forwarded_origins.clear();
         let links: Vec<ConnId> = self.links.keys().copied().collect();
         for link in links {
             self.out.push_back(ReplicaOut::Close(link));
@@ -573,6 +582,11 @@ impl Replica {
             self.schedule_redial(no, now);
         }
         let Some(peer) = gone.peer else {
+            if let Some(no) = gone.dialed.filter(|no| self.resync_pending.remove(no)) {
+                // The link that was to replace a dropped duplicate closed too.
+                info!("tracker {no}: link lost");
+                self.peer_lost(no, now);
+            }
             self.decide(now);
             return;
         };
@@ -803,10 +817,13 @@ impl Replica {
     /// Whether the tracker of the current claim is linked and has not restarted since (a
     /// restarted primary links again at once, but as a starting tracker).
     fn primary_linked(&self) -> bool {
-        self.peer_link
-            .get(&self.claim.1)
-            .and_then(|link| self.links.get(link))
-            .is_some_and(|l| matches!(l.status, Some(PeerStatus::Serving { .. })))
+        // (A primary whose link is being replaced by a duplicate one is still there.)
+        self.resync_pending.contains(&self.claim.1)
+            || self
+                .peer_link
+                .get(&self.claim.1)
+                .and_then(|link| self.links.get(link))
+                .is_some_and(|l| matches!(l.status, Some(PeerStatus::Serving { .. })))
     }
 
     fn broadcast_status(&mut self) {
@@ -1063,7 +1080,6 @@ impl Replica {
             }
         }
         let discovering = now.saturating_duration_since(self.started) < self.t.discovery_timeout;
-        if std::env::var_os("DBG_DECIDE").is_some() { eprintln!("DECIDE me={} unknown={unknown} serving={serving} ahead={ahead_starting} unsure={:?} dialing={:?} disc={discovering} claim={:?} links={:?}", self.me.no, self.unsure, self.dialing, self.claim, self.peer_link); }
         if discovering && (unknown || !self.dialing.is_empty()) {
             return;
         }
@@ -1370,8 +1386,11 @@ impl Replica {
     fn on_forward(&mut self, entries: Vec<Entry>) {
         match self.role {
             Role::Primary | Role::Taking { .. } => {
-                self.next
-                    .extend(entries.into_iter().map(|entry| Queued { own: false, entry }));
+                self.next.extend(
+                    entries
+                        .into_iter()
+                        .map(|entry| Queued { own: false, entry }),
+                );
                 self.send_batch();
             }
             Role::Backup | Role::Starting | Role::Joining { .. } => {

@@ -542,6 +542,16 @@ impl TrackerState {
             }
             return answer;
         }
+        if self.superseded(origin) {
+            // Older than every answer kept for this client, which has sent
+            // `MAX_ANSWERS_PER_CLIENT` requests since: a copy of a request that was applied
+            // (or given up) long ago, handed on late by a tracker that stalled. Applying it
+            // now could undo the client's later changes; nobody waits for this answer.
+            return Err(Reject::new(
+                RejectCode::Unavailable,
+                "a request older than the client's recent ones; not applied",
+            ));
+        }
         if let Op::ResumeSession { token, .. } = &entry.op {
             let id = self.session_with_token(token);
             if let Some(id) = id.filter(|id| self.taken_since(origin, *id)) {
@@ -570,6 +580,15 @@ impl TrackerState {
                 .answers
                 .iter()
                 .any(|(req_id, a)| *req_id > origin.req_id && *a == Ok(Outcome::SessionOpened(id)))
+        })
+    }
+
+    /// Whether `origin` is older than every answer remembered for its client, whose memory
+    /// is full (request ids of one client only grow).
+    fn superseded(&self, origin: Origin) -> bool {
+        self.answers.get(&origin.client).is_some_and(|memory| {
+            memory.answers.len() >= MAX_ANSWERS_PER_CLIENT
+                && memory.answers.iter().all(|(id, _)| *id > origin.req_id)
         })
     }
 
