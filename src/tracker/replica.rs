@@ -1626,7 +1626,8 @@ impl Replica {
     fn on_takeover(&mut self, link: ConnId, from: u16, view: u64, applied: u64, now: Instant) {
         // The same takeover again (its first answer may have been lost with a dropped
         // duplicate link): answer it again.
-        let repeated = (view, from) == self.claim && self.role == Role::Backup;
+        // A tracker that learned the claim from a status first answers it too.
+        let repeated = (view, from) == self.claim;
         if !beats((view, from), self.claim) && !repeated {
             debug!("ignoring the takeover of view {view} by tracker {from}");
             return;
