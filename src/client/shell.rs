@@ -1,0 +1,497 @@
+//! The interactive shell: what `client_program` reads commands with when standard input and
+//! standard output are both a terminal (and `TERM` is not `dumb`). Commands from a file or a
+//! pipe never come here: the driver then uses the plain stdin reader of [`crate::net::wake`],
+//! byte for byte as before.
+//!
+//! Line editing, history search and completion come from `rustyline`, which blocks while it
+//! reads, so the shell lives on two threads of its own and talks to the reactor only by
+//! message, like the stdin reader:
+//!
+//! - The **reader** owns the editor. The driver asks for a line when it wants the next command
+//!   (the prompt appears only once the previous command has its answer, as before); the reader
+//!   reads it (Ctrl-C clears the line, Ctrl-D on an empty line is the end of input), records
+//!   it in the history (never `create_user` or `login` lines; see [`super::history`]), sends
+//!   it as a [`StdinEvent`] and wakes the reactor.
+//! - The **screen** thread writes everything the user sees on the terminal, in order: result
+//!   lines, `error: ` lines, log lines and the progress line. While a line is being typed it
+//!   writes through rustyline's external printer, which clears the prompt and what was typed
+//!   (however many rows it takes), writes the text above it and draws them again; otherwise
+//!   it writes directly. The progress line is kept on the row just above the prompt and
+//!   rewritten there (cursor up, erase) as long as nothing else was printed after it. The
+//!   external printer may block for a moment, which is why the reactor never calls it itself.
+//!
+//! The screen thread also forwards the driver's request for a line to the reader, after
+//! writing everything queued before it, so the prompt never appears in the middle of output.
+//! When the client stops while a line is being read (SIGINT, SIGTERM), [`Shell::finish`] puts
+//! the terminal back in the mode it had.
+
+use std::borrow::Cow;
+use std::io::{self, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use log::warn;
+use mio::Waker;
+use rustyline::completion::{Completer, Pair};
+use rustyline::error::ReadlineError;
+use rustyline::highlight::Highlighter;
+use rustyline::hint::Hinter;
+use rustyline::history::{History, MemHistory};
+use rustyline::validate::Validator;
+use rustyline::{CompletionType, Config, Context, Editor, ExternalPrinter, Helper};
+
+use super::complete::{self, CompletionData, RealDirs};
+use super::history;
+use super::progress::Drawn;
+use super::state_dir;
+use crate::net::wake::{self, StdinEvent, MAX_LINE};
+
+/// The prompt.
+pub const PROMPT: &str = "> ";
+/// How long [`Shell::finish`] waits for the screen thread to write what is queued.
+const FINISH_WAIT: Duration = Duration::from_secs(2);
+/// Erase the current row, cursor to its start.
+const ERASE_LINE: &str = "\r\x1b[2K";
+/// Up one row (from the prompt's first row to the progress line) and erase it.
+const UP_AND_ERASE: &str = "\x1b[1A\r\x1b[2K";
+/// Rustyline's bracketed-paste mode off, for a terminal left while a line was being read.
+const BRACKETED_PASTE_OFF: &str = "\x1b[?2004l";
+
+/// Which stream a line belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What the screen thread is asked to do, in order.
+#[derive(Debug)]
+enum ScreenMsg {
+    /// One line (without its newline).
+    Line(Stream, String),
+    /// The progress line's new text, or `None` when no download runs.
+    Progress(Option<String>),
+    /// Read the next command line, completing from `CompletionData`.
+    Prompt(CompletionData),
+    /// Everything before this is written: say so.
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// The way from the logger to the screen thread while the shell runs (log lines to a
+/// terminal would otherwise break the line being typed). Shared by the driver's [`Shell`] and
+/// the logger's sink.
+#[derive(Debug, Clone, Default)]
+pub struct ScreenLink(Arc<Mutex<Option<Sender<ScreenMsg>>>>);
+
+impl ScreenLink {
+    /// Sends one log line to the screen; false when no shell runs (write it yourself).
+    pub fn log_line(&self, line: &str) -> bool {
+        let Ok(guard) = self.0.lock() else {
+            return false;
+        };
+        match guard.as_ref() {
+            Some(tx) => tx
+                .send(ScreenMsg::Line(Stream::Stderr, line.to_owned()))
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Whether log lines go to the screen thread.
+    pub fn is_active(&self) -> bool {
+        self.0.lock().is_ok_and(|g| g.is_some())
+    }
+
+    fn set(&self, tx: Option<Sender<ScreenMsg>>) {
+        if let Ok(mut guard) = self.0.lock() {
+            *guard = tx;
+        }
+    }
+}
+
+/// The rustyline helper: completion only (no hints, colours or multi-line input).
+struct ShellHelper {
+    data: CompletionData,
+}
+
+impl Completer for ShellHelper {
+    type Candidate = Pair;
+
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _ctx: &Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<Pair>)> {
+        let (start, candidates) = complete::complete(line, pos, &self.data, &RealDirs);
+        Ok((
+            start,
+            candidates
+                .into_iter()
+                .map(|c| Pair {
+                    display: c.display,
+                    replacement: c.replacement,
+                })
+                .collect(),
+        ))
+    }
+}
+
+impl Hinter for ShellHelper {
+    type Hint = String;
+}
+
+impl Highlighter for ShellHelper {
+    fn highlight_prompt<'b, 's: 'b, 'p: 'b>(
+        &'s self,
+        prompt: &'p str,
+        _default: bool,
+    ) -> Cow<'b, str> {
+        Cow::Borrowed(prompt)
+    }
+}
+
+impl Validator for ShellHelper {}
+
+impl Helper for ShellHelper {}
+
+/// The running shell, as the driver sees it.
+pub struct Shell {
+    screen: Sender<ScreenMsg>,
+    link: ScreenLink,
+    /// True while the reader is inside `readline` (the terminal in raw mode).
+    reading: Arc<AtomicBool>,
+    /// The terminal's mode before the shell started, to restore if the client stops while a
+    /// line is being read.
+    saved_mode: Option<nix::sys::termios::Termios>,
+}
+
+/// Whether this process should read its commands through the shell: standard input and output
+/// are terminals that understand escape sequences.
+pub fn wanted() -> bool {
+    let unsupported =
+        std::env::var("TERM").is_ok_and(|t| ["dumb", "cons25", "emacs"].contains(&t.as_str()));
+    io::stdin().is_terminal() && io::stdout().is_terminal() && !unsupported
+}
+
+impl Shell {
+    /// Starts the shell (see [`wanted`]), with its history in `state_dir` (none if `None` or
+    /// if the directory cannot be created). Returns the shell and the channel its lines come
+    /// on; each line wakes `waker`. `link` is the logger's way to the screen: it is used only
+    /// when stderr is a terminal too (else log lines cannot disturb the screen).
+    pub fn start(
+        waker: Arc<Waker>,
+        state_dir: Option<&Path>,
+        link: &ScreenLink,
+    ) -> io::Result<(Shell, Receiver<StdinEvent>)> {
+        let config = Config::builder()
+            .max_history_size(history::MAX_ENTRIES)
+            .map_err(io::Error::other)?
+            .history_ignore_space(true)
+            .completion_type(CompletionType::List)
+            .auto_add_history(false)
+            .build();
+        let history = MemHistory::with_config(&config);
+        let mut editor: Editor<ShellHelper, MemHistory> =
+            Editor::with_history(config, history).map_err(io::Error::other)?;
+        editor.set_helper(Some(ShellHelper {
+            data: CompletionData::default(),
+        }));
+        let printer = editor.create_external_printer().map_err(io::Error::other)?;
+        let history_path = state_dir.and_then(|dir| match state_dir::ensure(dir) {
+            Ok(()) => Some(history::path_in(dir)),
+            Err(e) => {
+                warn!(
+                    "state directory {}: {e}; the history is not kept",
+                    dir.display()
+                );
+                None
+            }
+        });
+        let mut entries = Vec::new();
+        if let Some(path) = &history_path {
+            match history::load(path) {
+                Ok(loaded) => entries = loaded,
+                Err(e) => warn!("history {}: {e}", path.display()),
+            }
+        }
+        for entry in &entries {
+            let _ = editor.add_history_entry(entry.as_str());
+        }
+        let saved_mode = nix::sys::termios::tcgetattr(io::stdin()).ok();
+        let reading = Arc::new(AtomicBool::new(false));
+        let (lines_tx, lines_rx) = mpsc::channel();
+        let (prompt_tx, prompt_rx) = mpsc::channel();
+        let (screen_tx, screen_rx) = mpsc::channel();
+        let reader = Reader {
+            editor,
+            history_path,
+            entries,
+            reading: Arc::clone(&reading),
+        };
+        thread::Builder::new()
+            .name("shell".into())
+            .spawn(move || reader.run(&prompt_rx, &lines_tx, &waker))?;
+        let screen = Screen {
+            printer,
+            reader: prompt_tx,
+            reading: Arc::clone(&reading),
+            stderr_tty: io::stderr().is_terminal(),
+            above_prompt: false,
+            in_place: false,
+        };
+        thread::Builder::new()
+            .name("screen".into())
+            .spawn(move || screen.run(&screen_rx))?;
+        if io::stderr().is_terminal() {
+            link.set(Some(screen_tx.clone()));
+        }
+        Ok((
+            Shell {
+                screen: screen_tx,
+                link: link.clone(),
+                reading,
+                saved_mode,
+            },
+            lines_rx,
+        ))
+    }
+
+    /// Asks for the next command line. `progress` is the progress line to show above the
+    /// prompt (if downloads run); `data` is what Tab completes from.
+    pub fn prompt(&self, progress: Option<String>, data: CompletionData) {
+        if progress.is_some() {
+            let _ = self.screen.send(ScreenMsg::Progress(progress));
+        }
+        let _ = self.screen.send(ScreenMsg::Prompt(data));
+    }
+
+    /// A result line for stdout.
+    pub fn print(&self, line: String) {
+        let _ = self.screen.send(ScreenMsg::Line(Stream::Stdout, line));
+    }
+
+    /// A line for stderr (an `error: ` line).
+    pub fn print_err(&self, line: String) {
+        let _ = self.screen.send(ScreenMsg::Line(Stream::Stderr, line));
+    }
+
+    /// The progress line's new text (`None`: no download runs).
+    pub fn progress(&self, text: Option<String>) {
+        let _ = self.screen.send(ScreenMsg::Progress(text));
+    }
+
+    /// The client is stopping: waits (a little) until everything queued is written, sends
+    /// log lines straight to stderr again and, if a line was being read, puts the terminal
+    /// back in its mode.
+    pub fn finish(&self) {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        let _ = self.screen.send(ScreenMsg::Progress(None));
+        if self.screen.send(ScreenMsg::Flush(ack_tx)).is_ok() {
+            let _ = ack_rx.recv_timeout(FINISH_WAIT);
+        }
+        self.link.set(None);
+        if self.reading.load(Ordering::SeqCst) {
+            if let Some(mode) = &self.saved_mode {
+                let _ = nix::sys::termios::tcsetattr(
+                    io::stdin(),
+                    nix::sys::termios::SetArg::TCSANOW,
+                    mode,
+                );
+            }
+            let mut out = io::stdout().lock();
+            let _ = write!(out, "{BRACKETED_PASTE_OFF}\n");
+            let _ = out.flush();
+        }
+    }
+}
+
+/// Starts reading commands: through the shell when [`wanted`] (falling back to plain reading,
+/// with a log line, if the terminal cannot be set up), else with the plain stdin reader.
+pub fn start_input(
+    waker: &Arc<Waker>,
+    state_dir: Option<&Path>,
+    drawn: &Drawn,
+) -> io::Result<(Option<Shell>, Receiver<StdinEvent>)> {
+    if wanted() {
+        match Shell::start(Arc::clone(waker), state_dir, drawn.screen()) {
+            Ok((shell, lines)) => return Ok((Some(shell), lines)),
+            Err(e) => warn!("terminal: {e}; reading commands without line editing"),
+        }
+    }
+    Ok((None, wake::spawn_stdin_reader(Arc::clone(waker))?))
+}
+
+/// The reader thread's state.
+struct Reader {
+    editor: Editor<ShellHelper, MemHistory>,
+    history_path: Option<PathBuf>,
+    /// The history as saved (the editor's copy is for browsing).
+    entries: Vec<String>,
+    reading: Arc<AtomicBool>,
+}
+
+impl Reader {
+    fn run(
+        mut self,
+        prompts: &Receiver<CompletionData>,
+        lines: &Sender<StdinEvent>,
+        waker: &Waker,
+    ) {
+        while let Ok(data) = prompts.recv() {
+            if let Some(helper) = self.editor.helper_mut() {
+                helper.data = data;
+            }
+            let event = loop {
+                match self.editor.readline(PROMPT) {
+                    Ok(line) if line.len() > MAX_LINE => break StdinEvent::TooLong,
+                    Ok(line) => break StdinEvent::Line(line),
+                    // Ctrl-C: the line is dropped and a fresh prompt shown.
+                    Err(ReadlineError::Interrupted) => continue,
+                    Err(ReadlineError::Eof) => break StdinEvent::Eof,
+                    Err(e) => {
+                        warn!("terminal: {e}; input ends");
+                        break StdinEvent::Eof;
+                    }
+                }
+            };
+            self.reading.store(false, Ordering::SeqCst);
+            if let StdinEvent::Line(line) = &event {
+                self.remember(line);
+            }
+            let eof = event == StdinEvent::Eof;
+            if lines.send(event).is_err() {
+                return;
+            }
+            let _ = waker.wake();
+            if eof {
+                return;
+            }
+        }
+    }
+
+    /// Adds `line` to the history (unless it must not be kept) and saves the file.
+    fn remember(&mut self, line: &str) {
+        if !history::remember(line) {
+            return;
+        }
+        let _ = self.editor.add_history_entry(line);
+        if self.entries.last().is_some_and(|last| last == line) {
+            return;
+        }
+        self.entries.push(line.to_owned());
+        let excess = self.entries.len().saturating_sub(history::MAX_ENTRIES);
+        self.entries.drain(..excess);
+        if let Some(path) = &self.history_path {
+            if let Err(e) = history::save(path, self.entries.iter().map(String::as_str)) {
+                warn!("history {}: {e}", path.display());
+            }
+        }
+        debug_assert!(self.editor.history().len() <= history::MAX_ENTRIES);
+    }
+}
+
+/// The screen thread's state.
+struct Screen<P> {
+    printer: P,
+    reader: Sender<CompletionData>,
+    reading: Arc<AtomicBool>,
+    stderr_tty: bool,
+    /// The progress line is on the row just above the prompt.
+    above_prompt: bool,
+    /// The progress line is on the current row, the cursor at its end (no prompt shown).
+    in_place: bool,
+}
+
+impl<P: ExternalPrinter> Screen<P> {
+    fn run(mut self, messages: &Receiver<ScreenMsg>) {
+        while let Ok(msg) = messages.recv() {
+            let reading = self.reading.load(Ordering::SeqCst);
+            if !reading {
+                // A line was entered: the cursor moved below the prompt and what was above it.
+                self.above_prompt = false;
+            }
+            match msg {
+                ScreenMsg::Line(Stream::Stderr, line) if !self.stderr_tty => {
+                    let _ = writeln!(io::stderr().lock(), "{line}");
+                }
+                ScreenMsg::Line(stream, line) if reading => {
+                    // Over the progress line, if it is just above the prompt (the next paint
+                    // puts it back below this line).
+                    self.print_above(line);
+                    self.above_prompt = false;
+                    let _ = stream;
+                }
+                ScreenMsg::Line(stream, line) => {
+                    self.erase_in_place();
+                    let _ = match stream {
+                        Stream::Stdout => writeln!(io::stdout().lock(), "{line}"),
+                        Stream::Stderr => writeln!(io::stderr().lock(), "{line}"),
+                    };
+                    let _ = io::stdout().flush();
+                }
+                ScreenMsg::Progress(Some(text)) if reading => {
+                    self.print_above(text);
+                    self.above_prompt = true;
+                }
+                ScreenMsg::Progress(Some(text)) => {
+                    let mut out = io::stdout().lock();
+                    let _ = write!(out, "{ERASE_LINE}{text}");
+                    let _ = out.flush();
+                    self.in_place = true;
+                }
+                ScreenMsg::Progress(None) if reading => {
+                    if self.above_prompt {
+                        // Erase the row, then go up one more and down again with a newline,
+                        // so that the prompt is drawn on the erased row and no blank row
+                        // is left above it.
+                        let _ = self.printer.print(format!("{UP_AND_ERASE}\x1b[1A\n"));
+                        self.above_prompt = false;
+                    }
+                }
+                ScreenMsg::Progress(None) => self.erase_in_place(),
+                ScreenMsg::Prompt(data) => {
+                    if self.in_place {
+                        // The progress line stays, and the prompt goes below it.
+                        let mut out = io::stdout().lock();
+                        let _ = writeln!(out);
+                        let _ = out.flush();
+                        self.in_place = false;
+                        self.above_prompt = true;
+                    }
+                    self.reading.store(true, Ordering::SeqCst);
+                    if self.reader.send(data).is_err() {
+                        self.reading.store(false, Ordering::SeqCst);
+                    }
+                }
+                ScreenMsg::Flush(ack) => {
+                    let _ = ack.send(());
+                }
+            }
+        }
+    }
+
+    /// Writes `text` above the prompt and what is being typed, replacing the progress line if
+    /// it is there.
+    fn print_above(&mut self, text: String) {
+        let msg = if self.above_prompt {
+            format!("{UP_AND_ERASE}{text}")
+        } else {
+            text
+        };
+        let _ = self.printer.print(msg);
+    }
+
+    fn erase_in_place(&mut self) {
+        if self.in_place {
+            let mut out = io::stdout().lock();
+            let _ = write!(out, "{ERASE_LINE}");
+            let _ = out.flush();
+            self.in_place = false;
+        }
+    }
+}
