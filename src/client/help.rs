@@ -74,21 +74,21 @@ pub const COMMANDS: &[CommandHelp] = &[
         name: "logout",
         args: "",
         arg_kinds: &[],
-        summary: "end the session (this client's shares are suspended)",
+        summary: "end the session; your shares pause",
         details: "The shares come back when the same user logs in on this client again.",
     },
     CommandHelp {
         name: "create_group",
         args: "<group_id>",
         arg_kinds: &[NewId],
-        summary: "create a group; you are its owner and first member",
+        summary: "create a group that you own",
         details: "Fails if the group id is taken.",
     },
     CommandHelp {
         name: "join_group",
         args: "<group_id>",
         arg_kinds: &[Group],
-        summary: "ask the group's owner to let you in",
+        summary: "ask to join a group",
         details: "The owner sees the request with list_requests and answers with\n\
                   accept_request or reject_request.",
     },
@@ -96,7 +96,7 @@ pub const COMMANDS: &[CommandHelp] = &[
         name: "leave_group",
         args: "<group_id>",
         arg_kinds: &[Group],
-        summary: "leave a group (your shares in it end)",
+        summary: "leave a group; your shares in it end",
         details: "An owner who leaves hands the group to the longest-standing member; a group\n\
                   left with no members is deleted.",
     },
@@ -104,28 +104,28 @@ pub const COMMANDS: &[CommandHelp] = &[
         name: "list_requests",
         args: "<group_id>",
         arg_kinds: &[Group],
-        summary: "pending join requests of a group you own, oldest first",
+        summary: "requests to join a group you own",
         details: "One user id per line; nothing when there is none.",
     },
     CommandHelp {
         name: "accept_request",
         args: "<group_id> <user_id>",
         arg_kinds: &[Group, User],
-        summary: "let a user who asked into a group you own",
+        summary: "let a user into a group you own",
         details: "Fails if that user has no pending request.",
     },
     CommandHelp {
         name: "reject_request",
         args: "<group_id> <user_id>",
         arg_kinds: &[Group, User],
-        summary: "drop a user's request to join a group you own",
+        summary: "turn a request down",
         details: "",
     },
     CommandHelp {
         name: "list_groups",
         args: "",
         arg_kinds: &[],
-        summary: "every group: owner, number of members, how you stand",
+        summary: "every group, its owner and members",
         details: "Piped or redirected, one line per group, sorted:\n\
                   group_id<TAB>owner=<user><TAB>members=<n><TAB>you=owner|member|requested|-\n\
                   At a terminal, aligned columns with a header.",
@@ -134,7 +134,7 @@ pub const COMMANDS: &[CommandHelp] = &[
         name: "list_files",
         args: "<group_id>",
         arg_kinds: &[Group],
-        summary: "files shared in a group you belong to",
+        summary: "the files shared in a group",
         details: "Piped or redirected, one line per file, sorted by name:\n\
                   name<TAB>size<TAB>online<TAB>sharers<TAB>sha1\n\
                   (online = sharers logged in now). At a terminal, aligned columns with a\n\
@@ -144,7 +144,7 @@ pub const COMMANDS: &[CommandHelp] = &[
         name: "upload_file",
         args: "<file_path> <group_id>",
         arg_kinds: &[LocalFile, Group],
-        summary: "share a file of this machine in a group",
+        summary: "share a file of this machine",
         details: "The file is shared under its base name and served from where it is; it is\n\
                   split into 512 KiB pieces whose SHA1 digests go to the tracker. Quote a\n\
                   path with spaces: upload_file \"my file.txt\" team",
@@ -153,7 +153,7 @@ pub const COMMANDS: &[CommandHelp] = &[
         name: "download_file",
         args: "<group_id> <file_name> <destination_path>",
         arg_kinds: &[Group, GroupFile, Destination],
-        summary: "fetch a file of a group from its sharers, in the background",
+        summary: "fetch a file, in the background",
         details: "A destination that is a directory or ends with / gets the file under its\n\
                   own name. Nothing is overwritten. The download runs while you type other\n\
                   commands; a line tells when it ends, and show_downloads lists them all.",
@@ -162,7 +162,7 @@ pub const COMMANDS: &[CommandHelp] = &[
         name: "show_downloads",
         args: "",
         arg_kinds: &[],
-        summary: "this client's downloads: [D] running, [C] complete, [F] failed",
+        summary: "[D] running, [C] complete, [F] failed",
         details: "At a terminal, running downloads also show percent, rate and peers.",
     },
     CommandHelp {
@@ -183,7 +183,7 @@ pub const COMMANDS: &[CommandHelp] = &[
         name: "quit",
         args: "",
         arg_kinds: &[],
-        summary: "leave (like end of input: running downloads are waited for)",
+        summary: "leave once running downloads end",
         details: "At a terminal Ctrl-D on an empty line does the same.",
     },
 ];
@@ -193,28 +193,32 @@ pub fn find(name: &str) -> Option<&'static CommandHelp> {
     COMMANDS.iter().find(|c| c.name == name)
 }
 
-/// Every command, one per line: `  synopsis  summary`, aligned.
+/// Where the summaries start in [`command_list`] (a longer synopsis has its summary on the
+/// next line), so that the list fits 80 columns.
+const SUMMARY_COLUMN: usize = 40;
+
+/// Every command with its summary, aligned: `  synopsis  summary`.
 pub fn command_list() -> Vec<String> {
-    let width = COMMANDS
-        .iter()
-        .map(|c| c.synopsis().len())
-        .max()
-        .unwrap_or(0);
-    COMMANDS
-        .iter()
-        .map(|c| format!("  {:<width$}  {}", c.synopsis(), c.summary))
-        .collect()
+    let width = SUMMARY_COLUMN - 4;
+    let mut lines = Vec::new();
+    for c in COMMANDS {
+        let synopsis = c.synopsis();
+        if synopsis.len() > width {
+            lines.push(format!("  {synopsis}"));
+            lines.push(format!("  {:width$}  {}", "", c.summary));
+        } else {
+            lines.push(format!("  {synopsis:<width$}  {}", c.summary));
+        }
+    }
+    lines
 }
 
 /// The lines `help` prints.
 pub fn overview() -> Vec<String> {
     let mut lines = vec!["Commands (an argument in double quotes may hold spaces):".to_owned()];
     lines.extend(command_list());
-    lines.push(
-        "Type help <command> for details. At a terminal: Tab completes, Up/Down and Ctrl-R \
-         search the history, Ctrl-D ends."
-            .to_owned(),
-    );
+    lines.push("help <command> tells more. At a terminal: Tab completes, Up/Down and".to_owned());
+    lines.push("Ctrl-R search the history, Ctrl-C clears the line, Ctrl-D ends.".to_owned());
     lines
 }
 
@@ -254,9 +258,15 @@ mod tests {
     #[test]
     fn overview_lists_every_command_and_details_know_them() {
         let text = overview().join("\n");
+        for line in command_list() {
+            assert!(line.len() <= 79, "{line}");
+        }
         for c in COMMANDS {
             assert!(text.contains(&c.synopsis()), "{}", c.name);
             let d = details(c.name).unwrap();
+            for line in &d {
+                assert!(line.len() <= 79, "{line}");
+            }
             assert_eq!(d[0], format!("usage: {}", c.synopsis()));
         }
         assert_eq!(details("frobnicate"), None);

@@ -1,7 +1,9 @@
 //! The shell's history file: which lines may be remembered, and how they are kept on disk.
 //!
 //! Lines of `create_user` and `login` carry a password and are never remembered (nor are lines
-//! typed with a leading space, as in bash). The file holds at most [`MAX_ENTRIES`] lines, one
+//! typed with a leading space, as in bash). A line that does not start with a command name is
+//! remembered for this run only (Up brings it back to fix a typo) but never written to the
+//! file: `crate_user alice secret` holds a password too. The file holds at most [`MAX_ENTRIES`] lines, one
 //! entry per line with `\` and newlines escaped, and is replaced atomically (temporary file,
 //! fsync, rename) so that a crash leaves the old or the new history, never half of one.
 //! [`remember`], [`encode`] and [`decode`] are pure; [`load`] and [`save`] do the file IO
@@ -23,31 +25,40 @@ pub const FILE_NAME: &str = "history";
 /// Commands whose lines hold a password.
 const SECRET_COMMANDS: [&str; 2] = ["create_user", "login"];
 
-/// Whether `line` may be written to the history: not blank, not a secret, not
-/// typed with a leading space, not over-long. The command is recognised however it is
-/// written (`login`, `"login"`, `LOGIN`), and even on a line that does not parse, since a
-/// mistyped line may still hold a password.
+/// Whether `line` may go to the history of this run: not blank, not a secret, not typed with a
+/// leading space, not over-long. The command is recognised however it is written (`login`,
+/// `"login"`, `LOGIN`), and even on a line that does not parse.
 pub fn remember(line: &str) -> bool {
+    first_word(line).is_some_and(|first| {
+        !SECRET_COMMANDS
+            .iter()
+            .any(|secret| first.eq_ignore_ascii_case(secret))
+    })
+}
+
+/// Whether `line` may be written to the history file: it is remembered and starts with the
+/// name of a command (so a mistyped command, which may hold a password, stays off the disk).
+pub fn persist(line: &str) -> bool {
+    remember(line) && first_word(line).is_some_and(|first| super::help::find(&first).is_some())
+}
+
+/// The first word of a line that may be remembered at all.
+fn first_word(line: &str) -> Option<String> {
     if line.trim().is_empty() || line.starts_with(char::is_whitespace) || line.len() > MAX_ENTRY_LEN
     {
-        return false;
+        return None;
     }
     let first = match split_words(line) {
         Ok(words) => words.into_iter().next(),
         // An unterminated quote: the first white-space separated word, quotes dropped.
         Err(_) => line.split_whitespace().next().map(|w| w.replace('"', "")),
     };
-    let Some(first) = first else {
-        return false;
-    };
-    !SECRET_COMMANDS
-        .iter()
-        .any(|secret| first.eq_ignore_ascii_case(secret))
+    first
 }
 
 /// The file's text for `entries` (oldest first), keeping the newest [`MAX_ENTRIES`].
 pub fn encode<'a>(entries: impl IntoIterator<Item = &'a str>) -> String {
-    let kept: Vec<&str> = entries.into_iter().filter(|e| remember(e)).collect();
+    let kept: Vec<&str> = entries.into_iter().filter(|e| persist(e)).collect();
     let skip = kept.len().saturating_sub(MAX_ENTRIES);
     let mut text = String::new();
     for entry in &kept[skip..] {
@@ -64,7 +75,7 @@ pub fn encode<'a>(entries: impl IntoIterator<Item = &'a str>) -> String {
 }
 
 /// The entries in a history file's text, oldest first: the newest [`MAX_ENTRIES`] of those
-/// [`remember`] accepts (a file edited by hand cannot bring a password back into the list).
+/// [`persist`] accepts (a file edited by hand cannot bring a password back into the list).
 pub fn decode(text: &str) -> Vec<String> {
     let mut entries: Vec<String> = text
         .lines()
@@ -83,7 +94,7 @@ pub fn decode(text: &str) -> Vec<String> {
             }
             entry
         })
-        .filter(|e| remember(e))
+        .filter(|e| persist(e))
         .collect();
     let skip = entries.len().saturating_sub(MAX_ENTRIES);
     entries.drain(..skip);
@@ -150,33 +161,56 @@ mod tests {
             "list_groups",
             "logout",
             "download_file g \"a b\" /tmp/",
-            "loginx a b",
-            "# a comment",
             "list_files \"unterminated",
+            "help",
         ] {
-            assert!(remember(line), "{line:?}");
+            assert!(remember(line) && persist(line), "{line:?}");
+        }
+        // Typos are kept for this run only: they may hold a password.
+        for line in ["loginx a b", "crate_user alice secret", "# a comment"] {
+            assert!(remember(line) && !persist(line), "{line:?}");
         }
         assert!(!remember(&"x".repeat(MAX_ENTRY_LEN + 1)));
     }
 
     #[test]
     fn encode_decode_round_trip_and_bound() {
-        let entries = ["a", "back\\slash", "two\nlines", "login x y", "list_groups"];
+        let entries = [
+            "help a",
+            "help back\\slash",
+            "help two\nlines",
+            "login x y",
+            "typo x y",
+            "list_groups",
+        ];
         let text = encode(entries);
-        assert_eq!(text, "a\nback\\\\slash\ntwo\\nlines\nlist_groups\n");
+        assert_eq!(
+            text,
+            "help a\nhelp back\\\\slash\nhelp two\\nlines\nlist_groups\n"
+        );
         assert_eq!(
             decode(&text),
-            ["a", "back\\slash", "two\nlines", "list_groups"]
+            [
+                "help a",
+                "help back\\slash",
+                "help two\nlines",
+                "list_groups"
+            ]
         );
         // A hand-edited file loses its secrets on load.
         assert_eq!(decode("login a b\nlogout\n"), ["logout"]);
-        let many: Vec<String> = (0..MAX_ENTRIES + 10).map(|i| format!("c{i}")).collect();
+        let many: Vec<String> = (0..MAX_ENTRIES + 10)
+            .map(|i| format!("help c{i}"))
+            .collect();
         let decoded = decode(&encode(many.iter().map(String::as_str)));
         assert_eq!(decoded.len(), MAX_ENTRIES);
-        assert_eq!(decoded[0], "c10");
+        assert_eq!(decoded[0], "help c10");
         let decoded = decode(&many.join("\n"));
         assert_eq!(decoded.len(), MAX_ENTRIES);
-        assert_eq!(decoded.last().unwrap(), &format!("c{}", MAX_ENTRIES + 9));
+        assert_eq!(
+            decoded.last().unwrap(),
+            &format!("help c{}", MAX_ENTRIES + 9)
+        );
     }
 
     #[test]

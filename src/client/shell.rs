@@ -374,13 +374,14 @@ impl Reader {
         }
     }
 
-    /// Adds `line` to the history (unless it must not be kept) and saves the file.
+    /// Adds `line` to the history (unless it must not be kept) and saves the file (unless it
+    /// must stay off the disk).
     fn remember(&mut self, line: &str) {
         if !history::remember(line) {
             return;
         }
         let _ = self.editor.add_history_entry(line);
-        if self.entries.last().is_some_and(|last| last == line) {
+        if !history::persist(line) || self.entries.last().is_some_and(|last| last == line) {
             return;
         }
         self.entries.push(line.to_owned());
