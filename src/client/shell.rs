@@ -28,7 +28,7 @@
 use std::borrow::Cow;
 use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -54,6 +54,11 @@ use crate::net::wake::{self, StdinEvent, MAX_LINE};
 pub const PROMPT: &str = "> ";
 /// How long [`Shell::finish`] waits for the screen thread to write what is queued.
 const FINISH_WAIT: Duration = Duration::from_secs(2);
+/// How long the prompt waits for what was printed before it.
+const PROMPT_WAIT: Duration = Duration::from_millis(300);
+/// How long after a line is entered the printer may still be busy before it counts as held
+/// up by rustyline.
+const STUCK_AFTER: Duration = Duration::from_millis(50);
 /// Erase the current row, cursor to its start.
 const ERASE_LINE: &str = "\r\x1b[2K";
 /// Up one row (from the prompt's first row to the progress line) and erase it.
@@ -224,6 +229,7 @@ impl Shell {
         }
         let saved_mode = nix::sys::termios::tcgetattr(io::stdin()).ok();
         let reading = Arc::new(AtomicBool::new(false));
+        let pending = Arc::new(AtomicUsize::new(0));
         let (lines_tx, lines_rx) = mpsc::channel();
         let (prompt_tx, prompt_rx) = mpsc::channel();
         let (screen_tx, screen_rx) = mpsc::channel();
@@ -232,12 +238,22 @@ impl Shell {
             history_path,
             entries,
             reading: Arc::clone(&reading),
+            pending: Arc::clone(&pending),
         };
         thread::Builder::new()
             .name("shell".into())
             .spawn(move || reader.run(&prompt_rx, &lines_tx, &waker))?;
-        let screen = Screen {
+        let (jobs_tx, jobs_rx) = mpsc::channel();
+        let printer = Printer {
             printer,
+            pending: Arc::clone(&pending),
+        };
+        thread::Builder::new()
+            .name("printer".into())
+            .spawn(move || printer.run(&jobs_rx))?;
+        let screen = Screen {
+            printer: jobs_tx,
+            pending,
             reader: prompt_tx,
             reading: Arc::clone(&reading),
             stderr_tty: io::stderr().is_terminal(),
@@ -333,6 +349,8 @@ struct Reader {
     /// The history as saved (the editor's copy is for browsing).
     entries: Vec<String>,
     reading: Arc<AtomicBool>,
+    /// The printer's jobs not yet done.
+    pending: Arc<AtomicUsize>,
 }
 
 impl Reader {
@@ -360,6 +378,7 @@ impl Reader {
                 }
             };
             self.reading.store(false, Ordering::SeqCst);
+            self.after_reading();
             if let StdinEvent::Line(line) = &event {
                 self.remember(line);
             }
@@ -371,6 +390,24 @@ impl Reader {
             if eof {
                 return;
             }
+        }
+    }
+
+    /// A line was entered. If the printer is still held up, a message is waiting in
+    /// rustyline's slot (sent during a Ctrl-R search or a completion list, when rustyline does
+    /// not print): it will be written at the next prompt, and may start by moving up a row to
+    /// replace the progress line. A blank row is left for it, so that it cannot replace the
+    /// line just entered.
+    fn after_reading(&self) {
+        let deadline = std::time::Instant::now() + STUCK_AFTER;
+        while self.pending.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                let mut out = io::stdout().lock();
+                let _ = writeln!(out);
+                let _ = out.flush();
+                return;
+            }
+            thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -396,9 +433,55 @@ impl Reader {
     }
 }
 
-/// The screen thread's state.
-struct Screen<P> {
+/// What the printer thread is given: text for rustyline's external printer (which writes it
+/// above the line being typed, or straight to the terminal when no line is being read).
+enum PrintJob {
+    /// The text, and whether to follow it with [`PROBE`] (see [`Printer`]).
+    Text(String, bool),
+    /// Everything before this is written: say so.
+    Barrier(mpsc::SyncSender<()>),
+}
+
+/// Printed after each message while a line is being read: it moves the cursor up a row and
+/// back down, so it shows nothing, but rustyline's printer takes one message at a time, so
+/// sending it returns only once the message before it was written.
+const PROBE: &str = "\x1b[1A\n";
+
+/// The printer thread: the only one that calls rustyline's external printer, which blocks
+/// while its one-message slot is full. Rustyline empties the slot only while it edits a line
+/// (not during a Ctrl-R search or a completion list), so a message may wait there until the
+/// next prompt; this thread then waits with it, and nothing else does.
+struct Printer<P> {
     printer: P,
+    /// Jobs given and not yet done (the screen thread adds, this thread subtracts).
+    pending: Arc<AtomicUsize>,
+}
+
+impl<P: ExternalPrinter> Printer<P> {
+    fn run(mut self, jobs: &Receiver<PrintJob>) {
+        while let Ok(job) = jobs.recv() {
+            match job {
+                PrintJob::Text(text, probe) => {
+                    let _ = self.printer.print(text);
+                    if probe {
+                        let _ = self.printer.print(PROBE.to_owned());
+                    }
+                    self.pending.fetch_sub(1, Ordering::SeqCst);
+                }
+                PrintJob::Barrier(ack) => {
+                    let _ = ack.send(());
+                }
+            }
+        }
+    }
+}
+
+/// The screen thread's state: it decides what each message looks like on the terminal and
+/// never blocks (the printer thread does the writing).
+struct Screen {
+    printer: Sender<PrintJob>,
+    /// Jobs the printer has not done yet.
+    pending: Arc<AtomicUsize>,
     reader: Sender<CompletionData>,
     reading: Arc<AtomicBool>,
     stderr_tty: bool,
@@ -408,7 +491,7 @@ struct Screen<P> {
     in_place: bool,
 }
 
-impl<P: ExternalPrinter> Screen<P> {
+impl Screen {
     fn run(mut self, messages: &Receiver<ScreenMsg>) {
         while let Ok(msg) = messages.recv() {
             let reading = self.reading.load(Ordering::SeqCst);
@@ -416,83 +499,85 @@ impl<P: ExternalPrinter> Screen<P> {
                 // A line was entered: the cursor moved below the prompt and what was above it.
                 self.above_prompt = false;
             }
+            // While the printer waits for rustyline, a newer progress line replaces the one
+            // that would have been queued (the next paint brings it).
+            let printer_busy = self.pending.load(Ordering::SeqCst) > 0;
             match msg {
                 ScreenMsg::Line(Stream::Stderr, line) if !self.stderr_tty => {
                     let _ = writeln!(io::stderr().lock(), "{line}");
                 }
-                ScreenMsg::Line(stream, line) if reading => {
-                    // Over the progress line, if it is just above the prompt (the next paint
+                ScreenMsg::Line(_, line) if reading => {
+                    // Over the progress line if it is just above the prompt (the next paint
                     // puts it back below this line).
-                    self.print_above(line);
+                    let prefix = if self.above_prompt { UP_AND_ERASE } else { "" };
+                    self.print(format!("{prefix}{line}\n"), true);
                     self.above_prompt = false;
-                    let _ = stream;
                 }
-                ScreenMsg::Line(stream, line) => {
-                    self.erase_in_place();
-                    let _ = match stream {
-                        Stream::Stdout => writeln!(io::stdout().lock(), "{line}"),
-                        Stream::Stderr => writeln!(io::stderr().lock(), "{line}"),
-                    };
-                    let _ = io::stdout().flush();
+                ScreenMsg::Line(_, line) => {
+                    let prefix = if self.in_place { ERASE_LINE } else { "" };
+                    self.print(format!("{prefix}{line}\n"), false);
+                    self.in_place = false;
                 }
+                ScreenMsg::Progress(Some(_)) if printer_busy => {}
                 ScreenMsg::Progress(Some(text)) if reading => {
-                    self.print_above(text);
+                    let prefix = if self.above_prompt { UP_AND_ERASE } else { "" };
+                    self.print(format!("{prefix}{text}\n"), true);
                     self.above_prompt = true;
                 }
                 ScreenMsg::Progress(Some(text)) => {
-                    let mut out = io::stdout().lock();
-                    let _ = write!(out, "{ERASE_LINE}{text}");
-                    let _ = out.flush();
+                    self.print(format!("{ERASE_LINE}{text}"), false);
                     self.in_place = true;
                 }
                 ScreenMsg::Progress(None) if reading => {
                     if self.above_prompt {
                         // Erase the row, then go up one more and down again with a newline,
-                        // so that the prompt is drawn on the erased row and no blank row
-                        // is left above it.
-                        let _ = self.printer.print(format!("{UP_AND_ERASE}\x1b[1A\n"));
+                        // so that the prompt is drawn on the erased row and no blank row is
+                        // left above it.
+                        self.print(format!("{UP_AND_ERASE}\x1b[1A\n"), true);
                         self.above_prompt = false;
                     }
                 }
-                ScreenMsg::Progress(None) => self.erase_in_place(),
+                ScreenMsg::Progress(None) => {
+                    if self.in_place {
+                        self.print(ERASE_LINE.to_owned(), false);
+                        self.in_place = false;
+                    }
+                }
                 ScreenMsg::Prompt(data) => {
                     if self.in_place {
                         // The progress line stays, and the prompt goes below it.
-                        let mut out = io::stdout().lock();
-                        let _ = writeln!(out);
-                        let _ = out.flush();
+                        self.print("\n".to_owned(), false);
                         self.in_place = false;
                         self.above_prompt = true;
                     }
+                    // What was printed before the prompt is written before it appears; if
+                    // the printer is held up, rustyline writes it above the prompt instead.
+                    self.barrier(PROMPT_WAIT);
                     self.reading.store(true, Ordering::SeqCst);
                     if self.reader.send(data).is_err() {
                         self.reading.store(false, Ordering::SeqCst);
                     }
                 }
                 ScreenMsg::Flush(ack) => {
+                    self.barrier(FINISH_WAIT);
                     let _ = ack.send(());
                 }
             }
         }
     }
 
-    /// Writes `text` above the prompt and what is being typed, replacing the progress line if
-    /// it is there.
-    fn print_above(&mut self, text: String) {
-        let msg = if self.above_prompt {
-            format!("{UP_AND_ERASE}{text}")
-        } else {
-            text
-        };
-        let _ = self.printer.print(msg);
+    fn print(&mut self, text: String, probe: bool) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.printer.send(PrintJob::Text(text, probe)).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
-    fn erase_in_place(&mut self) {
-        if self.in_place {
-            let mut out = io::stdout().lock();
-            let _ = write!(out, "{ERASE_LINE}");
-            let _ = out.flush();
-            self.in_place = false;
+    /// Waits until the printer has written everything given so far, or `timeout`.
+    fn barrier(&self, timeout: Duration) {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        if self.printer.send(PrintJob::Barrier(ack_tx)).is_ok() {
+            let _ = ack_rx.recv_timeout(timeout);
         }
     }
 }
