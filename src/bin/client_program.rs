@@ -93,6 +93,16 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
     let explicit_state_dir = matches.opt_str("state-dir").map(PathBuf::from);
+    if explicit_state_dir
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        eprintln!(
+            "client_program: --state-dir needs a directory\n{}",
+            usage(&opts)
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     let state_dir = match state_dir::resolve(
         explicit_state_dir.as_deref(),
         listen,

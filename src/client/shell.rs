@@ -12,16 +12,21 @@
 //!   reads it (Ctrl-C clears the line, Ctrl-D on an empty line is the end of input), records
 //!   it in the history (never `create_user` or `login` lines; see [`super::history`]), sends
 //!   it as a [`StdinEvent`] and wakes the reactor.
-//! - The **screen** thread writes everything the user sees on the terminal, in order: result
-//!   lines, `error: ` lines, log lines and the progress line. While a line is being typed it
-//!   writes through rustyline's external printer, which clears the prompt and what was typed
-//!   (however many rows it takes), writes the text above it and draws them again; otherwise
-//!   it writes directly. The progress line is kept on the row just above the prompt and
-//!   rewritten there (cursor up, erase) as long as nothing else was printed after it. The
-//!   external printer may block for a moment, which is why the reactor never calls it itself.
+//! - The **screen** thread decides how everything the user sees on the terminal is written,
+//!   in order: result lines, `error: ` lines, log lines and the progress line. While a line is
+//!   being typed, text goes through rustyline's external printer, which clears the prompt and
+//!   what was typed (however many rows it takes), writes the text above it and draws them
+//!   again; otherwise it is written straight away. The progress line is kept on the row just
+//!   above the prompt and rewritten there (cursor up, erase) as long as nothing else was
+//!   printed after it. The screen thread also forwards the driver's request for a line to the
+//!   reader once what was queued before it is written, so the prompt never appears in the
+//!   middle of output.
+//! - The **printer** thread is the only caller of the external printer, which blocks while
+//!   its one-message slot is full. Rustyline empties the slot only while it edits (not during
+//!   a Ctrl-R search or a completion list), so a message may wait there until the next prompt:
+//!   then only this thread waits, never the reactor, the screen thread or the next prompt
+//!   (which is what lets the message through).
 //!
-//! The screen thread also forwards the driver's request for a line to the reader, after
-//! writing everything queued before it, so the prompt never appears in the middle of output.
 //! When the client stops while a line is being read (SIGINT, SIGTERM), [`Shell::finish`] puts
 //! the terminal back in the mode it had.
 
@@ -320,7 +325,7 @@ impl Shell {
                 );
             }
             let mut out = io::stdout().lock();
-            let _ = write!(out, "{BRACKETED_PASTE_OFF}\n");
+            let _ = writeln!(out, "{BRACKETED_PASTE_OFF}");
             let _ = out.flush();
         }
     }
