@@ -586,3 +586,145 @@ impl Screen {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An external printer that records what it is given.
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl ExternalPrinter for Recorder {
+        fn print(&mut self, msg: String) -> rustyline::Result<()> {
+            self.0.lock().unwrap().push(msg);
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        screen: Sender<ScreenMsg>,
+        prompts: Receiver<CompletionData>,
+        reading: Arc<AtomicBool>,
+        printed: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Harness {
+        fn start() -> Harness {
+            let printed = Arc::new(Mutex::new(Vec::new()));
+            let pending = Arc::new(AtomicUsize::new(0));
+            let reading = Arc::new(AtomicBool::new(false));
+            let (jobs_tx, jobs_rx) = mpsc::channel();
+            let printer = Printer {
+                printer: Recorder(Arc::clone(&printed)),
+                pending: Arc::clone(&pending),
+            };
+            thread::spawn(move || printer.run(&jobs_rx));
+            let (prompt_tx, prompts) = mpsc::channel();
+            let (screen, screen_rx) = mpsc::channel();
+            let state = Screen {
+                printer: jobs_tx,
+                pending,
+                reader: prompt_tx,
+                reading: Arc::clone(&reading),
+                stderr_tty: true,
+                above_prompt: false,
+                in_place: false,
+            };
+            thread::spawn(move || state.run(&screen_rx));
+            Harness {
+                screen,
+                prompts,
+                reading,
+                printed,
+            }
+        }
+
+        fn send(&self, msg: ScreenMsg) {
+            self.screen.send(msg).unwrap();
+        }
+
+        /// What the printer was given since the last call, once everything sent is done.
+        fn printed(&self) -> Vec<String> {
+            let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+            self.send(ScreenMsg::Flush(ack_tx));
+            ack_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            std::mem::take(&mut *self.printed.lock().unwrap())
+        }
+    }
+
+    fn line(text: &str) -> ScreenMsg {
+        ScreenMsg::Line(Stream::Stdout, text.to_owned())
+    }
+
+    fn progress(text: &str) -> ScreenMsg {
+        ScreenMsg::Progress(Some(text.to_owned()))
+    }
+
+    #[test]
+    fn the_progress_line_stays_just_above_the_prompt() {
+        let h = Harness::start();
+        // Each step waits for the printer, as paints are a quarter second apart (a progress
+        // line that comes while the printer is busy is dropped; see the next test).
+        let step = |msg: ScreenMsg| {
+            h.send(msg);
+            h.printed()
+        };
+        // A command runs: the line is drawn in place and erased before output.
+        assert_eq!(step(progress("a 1%")), ["\r\x1b[2Ka 1%"]);
+        assert_eq!(step(line("result")), ["\r\x1b[2Kresult\n"]);
+        assert_eq!(step(progress("a 2%")), ["\r\x1b[2Ka 2%"]);
+        // The prompt: the line stays and the prompt goes below it; the reader is asked.
+        assert_eq!(step(ScreenMsg::Prompt(CompletionData::default())), ["\n"]);
+        h.prompts.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(h.reading.load(Ordering::SeqCst));
+        // While a line is typed: the progress line is rewritten in place above the prompt,
+        // and a completion line takes its place; each message is followed by the probe.
+        let up = |text: &str| [format!("{UP_AND_ERASE}{text}\n"), PROBE.to_owned()];
+        assert_eq!(step(progress("a 3%")), up("a 3%"));
+        assert_eq!(step(line("downloaded a")), up("downloaded a"));
+        assert_eq!(step(progress("b 1%")), ["b 1%\n", PROBE]);
+        assert_eq!(step(progress("b 2%")), up("b 2%"));
+        assert_eq!(step(ScreenMsg::Progress(None)), up("\x1b[1A"));
+        assert_eq!(step(ScreenMsg::Progress(None)), Vec::<String>::new());
+        // A line was entered: output goes below it, nothing moves up.
+        assert_eq!(step(progress("c 1%")), ["c 1%\n", PROBE]);
+        h.reading.store(false, Ordering::SeqCst);
+        assert_eq!(step(line("next")), ["next\n"]);
+    }
+
+    #[test]
+    fn lines_are_never_dropped_but_progress_waits_for_a_busy_printer() {
+        let h = Harness::start();
+        h.reading.store(true, Ordering::SeqCst);
+        // Back to back: the lines all come, in order; progress lines that found the printer
+        // busy were dropped (the next paint brings a newer one).
+        for i in 0..50 {
+            h.send(line(&format!("line {i}")));
+            h.send(progress(&format!("p {i}")));
+        }
+        let printed = h.printed();
+        let lines: Vec<&String> = printed.iter().filter(|p| p.contains("line ")).collect();
+        assert_eq!(lines.len(), 50);
+        for (i, l) in lines.iter().enumerate() {
+            assert!(l.ends_with(&format!("line {i}\n")), "{l:?}");
+        }
+        assert!(printed.iter().filter(|p| p.contains("p ")).count() <= 50);
+    }
+
+    #[test]
+    fn the_screen_link_carries_log_lines_only_while_the_shell_runs() {
+        let link = ScreenLink::default();
+        assert!(!link.is_active());
+        assert!(!link.log_line("x"));
+        let (tx, rx) = mpsc::channel();
+        link.set(Some(tx));
+        assert!(link.is_active());
+        assert!(link.log_line("warn: x"));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(ScreenMsg::Line(Stream::Stderr, l)) if l == "warn: x"
+        ));
+        link.set(None);
+        assert!(!link.log_line("y"));
+    }
+}
