@@ -126,6 +126,9 @@ impl ScreenLink {
 /// The rustyline helper: completion only (no hints, colours or multi-line input).
 struct ShellHelper {
     data: CompletionData,
+    /// Set when rustyline may list candidates above the prompt, so that the screen no longer
+    /// takes the row above the prompt for the progress line.
+    listed: Arc<AtomicBool>,
 }
 
 impl Completer for ShellHelper {
@@ -138,6 +141,10 @@ impl Completer for ShellHelper {
         _ctx: &Context<'_>,
     ) -> rustyline::Result<(usize, Vec<Pair>)> {
         let (start, candidates) = complete::complete(line, pos, &self.data, &RealDirs);
+        if candidates.len() > 1 {
+            // A second Tab lists them below the line, and the prompt moves down.
+            self.listed.store(true, Ordering::SeqCst);
+        }
         Ok((
             start,
             candidates
@@ -208,8 +215,10 @@ impl Shell {
         let history = MemHistory::with_config(&config);
         let mut editor: Editor<ShellHelper, MemHistory> =
             Editor::with_history(config, history).map_err(io::Error::other)?;
+        let listed = Arc::new(AtomicBool::new(false));
         editor.set_helper(Some(ShellHelper {
             data: CompletionData::default(),
+            listed: Arc::clone(&listed),
         }));
         let printer = editor.create_external_printer().map_err(io::Error::other)?;
         let history_path = state_dir.and_then(|dir| match state_dir::ensure(dir) {
@@ -261,6 +270,7 @@ impl Shell {
             pending,
             reader: prompt_tx,
             reading: Arc::clone(&reading),
+            listed,
             stderr_tty: io::stderr().is_terminal(),
             above_prompt: false,
             in_place: false,
@@ -489,6 +499,8 @@ struct Screen {
     pending: Arc<AtomicUsize>,
     reader: Sender<CompletionData>,
     reading: Arc<AtomicBool>,
+    /// Rustyline may have listed completions above the prompt (see [`ShellHelper`]).
+    listed: Arc<AtomicBool>,
     stderr_tty: bool,
     /// The progress line is on the row just above the prompt.
     above_prompt: bool,
@@ -500,8 +512,9 @@ impl Screen {
     fn run(mut self, messages: &Receiver<ScreenMsg>) {
         while let Ok(msg) = messages.recv() {
             let reading = self.reading.load(Ordering::SeqCst);
-            if !reading {
-                // A line was entered: the cursor moved below the prompt and what was above it.
+            // A line was entered (the cursor moved below the prompt and what was above it), or
+            // completions were listed: the row above the prompt is not the progress line.
+            if !reading || self.listed.swap(false, Ordering::SeqCst) {
                 self.above_prompt = false;
             }
             // While the printer waits for rustyline, a newer progress line replaces the one
@@ -605,6 +618,7 @@ mod tests {
         screen: Sender<ScreenMsg>,
         prompts: Receiver<CompletionData>,
         reading: Arc<AtomicBool>,
+        listed: Arc<AtomicBool>,
         printed: Arc<Mutex<Vec<String>>>,
     }
 
@@ -613,6 +627,7 @@ mod tests {
             let printed = Arc::new(Mutex::new(Vec::new()));
             let pending = Arc::new(AtomicUsize::new(0));
             let reading = Arc::new(AtomicBool::new(false));
+            let listed = Arc::new(AtomicBool::new(false));
             let (jobs_tx, jobs_rx) = mpsc::channel();
             let printer = Printer {
                 printer: Recorder(Arc::clone(&printed)),
@@ -626,6 +641,7 @@ mod tests {
                 pending,
                 reader: prompt_tx,
                 reading: Arc::clone(&reading),
+                listed: Arc::clone(&listed),
                 stderr_tty: true,
                 above_prompt: false,
                 in_place: false,
@@ -635,6 +651,7 @@ mod tests {
                 screen,
                 prompts,
                 reading,
+                listed,
                 printed,
             }
         }
@@ -690,6 +707,24 @@ mod tests {
         assert_eq!(step(progress("c 1%")), ["c 1%\n", PROBE]);
         h.reading.store(false, Ordering::SeqCst);
         assert_eq!(step(line("next")), ["next\n"]);
+    }
+
+    #[test]
+    fn a_completion_list_ends_the_progress_lines_place() {
+        let h = Harness::start();
+        h.reading.store(true, Ordering::SeqCst);
+        h.send(progress("a 1%"));
+        assert_eq!(h.printed(), ["a 1%\n", PROBE]);
+        // Rustyline listed completions below the line: the progress line is no longer just
+        // above the prompt, so the next one is a new row and the list stays.
+        h.listed.store(true, Ordering::SeqCst);
+        h.send(progress("a 2%"));
+        assert_eq!(h.printed(), ["a 2%\n", PROBE]);
+        h.send(progress("a 3%"));
+        assert_eq!(
+            h.printed(),
+            [format!("{UP_AND_ERASE}a 3%\n"), PROBE.to_owned()]
+        );
     }
 
     #[test]
