@@ -13,7 +13,8 @@
 //! - [`tracker`]: `state` (the deterministic [`tracker::state::TrackerState::apply`]), `core`
 //!   (sans-IO request handling), `driver` (the mio reactor), `password` (Argon2id).
 //! - [`client`]: `command` (line parsing), `session` (sans-IO command-loop core), `driver`
-//!   (the mio reactor).
+//!   (the mio reactor), `shell` (line editing, history and completion at a terminal; batch
+//!   input never goes through it), `state_dir` (where a client keeps what it remembers).
 //! - [`hasher`]: the SHA1 worker pool. [`storage`]: memory-mapped files.
 //! - [`cli`]: `tracker_info.txt`, common options, logging.
 //!

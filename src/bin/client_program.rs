@@ -1,16 +1,30 @@
 //! `client_program [OPTIONS] <IP>:<PORT> <tracker_info_file>`: the command-line client.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use log::{error, LevelFilter};
+use log::{error, warn, LevelFilter};
 use p2pshare::cli::{self, CliError, EXIT_USAGE};
 use p2pshare::client::driver::{self, ClientConfig};
+use p2pshare::client::help;
 use p2pshare::client::progress::{Drawn, LogSink};
+use p2pshare::client::state_dir::{self, StateEnv};
 
 fn usage(opts: &getopts::Options) -> String {
     opts.usage("Usage: client_program [OPTIONS] <IP>:<PORT> <tracker_info_file>")
+}
+
+/// `--help`: the options, then the commands of the command loop.
+fn full_help(opts: &getopts::Options) -> String {
+    let mut text = usage(opts);
+    text.push_str("\nCommands (typed at the prompt, or read from standard input one per line):\n");
+    for line in help::command_list() {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text.push_str("\nAt the prompt, `help <command>` explains one.\n");
+    text
 }
 
 fn main() -> ExitCode {
@@ -20,6 +34,13 @@ fn main() -> ExitCode {
         "",
         "serve",
         "keep sharing files after standard input ends, until SIGINT or SIGTERM",
+    );
+    opts.optopt(
+        "",
+        "state-dir",
+        "keep this client's state (shell history) in DIR (default: \
+         $XDG_STATE_HOME/p2pshare/client-<IP>-<PORT>)",
+        "DIR",
     );
     let args: Vec<String> = std::env::args().skip(1).collect();
     let parsed = opts
@@ -34,7 +55,7 @@ fn main() -> ExitCode {
         }
     };
     if common.help {
-        print!("{}", usage(&opts));
+        print!("{}", full_help(&opts));
         return ExitCode::SUCCESS;
     }
     if common.version {
@@ -71,11 +92,34 @@ fn main() -> ExitCode {
         eprintln!("client_program: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
+    let explicit_state_dir = matches.opt_str("state-dir").map(PathBuf::from);
+    if explicit_state_dir
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        eprintln!(
+            "client_program: --state-dir needs a directory\n{}",
+            usage(&opts)
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let state_dir = match state_dir::resolve(
+        explicit_state_dir.as_deref(),
+        listen,
+        &StateEnv::from_process(),
+    ) {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            warn!("{e}");
+            None
+        }
+    };
     match driver::run(ClientConfig {
         listen,
         trackers,
         serve: matches.opt_present("serve"),
         drawn,
+        state_dir,
     }) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {

@@ -57,6 +57,10 @@ pub enum Command {
         name: FileName,
     },
     Logout,
+    /// `help` (no topic) or `help <command>`.
+    Help {
+        topic: Option<String>,
+    },
     Quit,
 }
 
@@ -229,6 +233,11 @@ pub fn parse_line(line: &str) -> Result<Option<Command>, CommandError> {
         ("stop_share", _) => return Err(CommandError::Usage("stop_share <group_id> <file_name>")),
         ("logout", []) => Command::Logout,
         ("logout", _) => return Err(CommandError::Usage("logout")),
+        ("help", []) => Command::Help { topic: None },
+        ("help", [topic]) => Command::Help {
+            topic: Some((*topic).to_owned()),
+        },
+        ("help", _) => return Err(CommandError::Usage("help [command]")),
         ("quit", []) => Command::Quit,
         ("quit", _) => return Err(CommandError::Usage("quit")),
         (other, _) => return Err(CommandError::Unknown(other.to_owned())),
@@ -283,6 +292,8 @@ mod tests {
             "show_downloads",
             "stop_share g x",
             "logout",
+            "help",
+            "help list_files",
             "quit",
         ];
         for line in ok {
@@ -302,6 +313,7 @@ mod tests {
             "download_file g x",
             "logout now",
             "quit now",
+            "help a b",
         ] {
             assert!(
                 matches!(parse_line(line), Err(CommandError::Usage(_))),

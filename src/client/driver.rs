@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +18,10 @@ use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::complete::CompletionData;
 use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
+use super::shell::{self, Shell};
 use super::transfers::{TransferEvent, Transfers};
 use crate::hasher::{HashPool, HashResult};
 use crate::net::conn::FIRST_CONN_TOKEN;
@@ -54,6 +57,8 @@ pub struct ClientConfig {
     pub serve: bool,
     /// Where the progress line is, shared with the logger's stderr sink.
     pub drawn: Drawn,
+    /// The client's state directory (`None` when it has none: no home directory).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The client's link to its tracker.
@@ -94,6 +99,9 @@ struct Driver {
     /// The progress line on a terminal.
     status: StatusLine,
     rates: RecentRates,
+    /// The interactive shell, when stdin and stdout are a terminal; all output to the
+    /// terminal then goes through it.
+    shell: Option<Shell>,
 }
 
 /// Runs the client; returns the exit status (0 if every command succeeded, else 1).
@@ -106,13 +114,15 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
     let _signals = wake::register_signals(poll.registry(), SIGNALS)?;
     let n_workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
     let (hasher, hashed) = HashPool::start(n_workers, Arc::clone(&waker))?;
-    let stdin = wake::spawn_stdin_reader(Arc::clone(&waker))?;
+    let (shell, stdin) = shell::start_input(&waker, config.state_dir.as_deref(), &config.drawn)?;
     info!("client listening for peers on {}", config.listen);
     let status = StatusLine::for_stderr(config.drawn.clone());
+    let mut core = ClientCore::new(config.listen);
+    core.listings_mut().set_tables(shell.is_some());
     let mut driver = Driver {
         poll,
         listener,
-        core: ClientCore::new(config.listen),
+        core,
         config,
         tracker: None,
         tracker_index: 0,
@@ -129,11 +139,15 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         prompted: false,
         status,
         rates: RecentRates::default(),
+        shell,
     };
     let result = driver.run(&stdin, &hashed);
-    driver
-        .status
-        .paint(None, false, Instant::now(), &mut io::stderr());
+    match &driver.shell {
+        Some(shell) => shell.finish(),
+        None => driver
+            .status
+            .paint(None, false, Instant::now(), &mut io::stderr()),
+    }
     drop(waker);
     result
 }
@@ -282,6 +296,10 @@ impl Driver {
             .is_some_and(|t| t <= now)
         {
             let text = self.progress_text(now);
+            if let Some(shell) = &self.shell {
+                self.status.painted_elsewhere(now);
+                return shell.progress(text);
+            }
             let at_prompt = self.interactive && !self.input_done;
             self.status
                 .paint(text.as_deref(), at_prompt, now, &mut io::stderr());
@@ -299,6 +317,17 @@ impl Driver {
             && !self.core.is_busy()
             && self.lines.is_empty()
         {
+            if self.shell.is_some() {
+                let now = Instant::now();
+                let text = self.progress_text(now).filter(|_| self.status.is_enabled());
+                self.status.painted_elsewhere(now);
+                let data = CompletionData::from_core(&self.core);
+                if let Some(shell) = &self.shell {
+                    shell.prompt(text, data);
+                }
+                self.prompted = true;
+                return;
+            }
             if self.status.is_enabled() {
                 let now = Instant::now();
                 let text = self.progress_text(now);
@@ -314,6 +343,10 @@ impl Driver {
     /// Output is about to be printed: a line that arrives while the prompt waits (a download
     /// that ended) goes below it, and the prompt is printed again after it.
     fn leave_prompt(&mut self) {
+        if self.shell.is_some() {
+            // The shell's screen writes above the prompt; the prompt stays.
+            return;
+        }
         self.status.before_output(&mut io::stderr());
         if self.prompted {
             println!();
@@ -348,13 +381,17 @@ impl Driver {
             match event {
                 StdinEvent::Eof => {
                     self.input_done = true;
-                    if self.interactive {
+                    // The shell's editor ends the line itself.
+                    if self.interactive && self.shell.is_none() {
                         println!();
                     }
                 }
                 StdinEvent::TooLong => {
                     self.core.record_failure();
-                    eprintln!("error: command line too long");
+                    match &self.shell {
+                        Some(shell) => shell.print_err("error: command line too long".into()),
+                        None => eprintln!("error: command line too long"),
+                    }
                 }
                 StdinEvent::Line(line) => {
                     self.core.handle_line(&line, Instant::now());
@@ -367,6 +404,16 @@ impl Driver {
     fn perform_outputs(&mut self) {
         while let Some(output) = self.core.poll_output() {
             match output {
+                Output::Print(line) if self.shell.is_some() => {
+                    if let Some(shell) = &self.shell {
+                        shell.print(line);
+                    }
+                }
+                Output::Fail(reason) if self.shell.is_some() => {
+                    if let Some(shell) = &self.shell {
+                        shell.print_err(format!("error: {reason}"));
+                    }
+                }
                 Output::Print(line) => {
                     self.leave_prompt();
                     let mut stdout = io::stdout().lock();
@@ -459,7 +506,7 @@ impl Driver {
     /// running ones also show their progress.
     fn show_downloads(&mut self) {
         self.status.before_output(&mut io::stderr());
-        let mut stdout = io::stdout().lock();
+        let mut lines = Vec::new();
         for d in self.core.downloads() {
             let tag = match d.status {
                 DownloadStatus::Running => "D",
@@ -477,6 +524,13 @@ impl Driver {
                     ));
                 }
             }
+            lines.push(line);
+        }
+        if let Some(shell) = &self.shell {
+            return lines.into_iter().for_each(|line| shell.print(line));
+        }
+        let mut stdout = io::stdout().lock();
+        for line in lines {
             let _ = writeln!(stdout, "{line}");
         }
         let _ = stdout.flush();

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use unicode_width::UnicodeWidthChar;
 
 use super::download::engine::Progress;
+use super::shell::ScreenLink;
 
 /// How often the line is redrawn.
 pub const PAINT_EVERY: Duration = Duration::from_millis(250);
@@ -37,9 +38,10 @@ pub const RATE_SPAN: Duration = Duration::from_secs(2);
 /// Width assumed when the terminal does not tell.
 pub const DEFAULT_WIDTH: usize = 80;
 
-/// Where the progress line is on screen, shared by the [`StatusLine`] and the [`LogSink`].
+/// Where the progress line is on screen, shared by the [`StatusLine`] and the [`LogSink`]; and,
+/// while the interactive shell runs, the way to its screen thread.
 #[derive(Debug, Clone, Default)]
-pub struct Drawn(Arc<AtomicU8>);
+pub struct Drawn(Arc<AtomicU8>, ScreenLink);
 
 /// Not on screen (or no longer where it was drawn).
 const NOWHERE: u8 = 0;
@@ -60,23 +62,55 @@ impl Drawn {
     fn take(&self) -> u8 {
         self.0.swap(NOWHERE, Ordering::AcqRel)
     }
+
+    /// The way to the shell's screen thread (unused when no shell runs).
+    pub fn screen(&self) -> &ScreenLink {
+        &self.1
+    }
 }
 
 /// Stderr for the logger: erases the progress line before a log line is written, and marks it
-/// gone from above the prompt (the log line moved the prompt).
+/// gone from above the prompt (the log line moved the prompt). While the interactive shell
+/// runs, whole log lines go to its screen thread instead, which writes them above the line
+/// being typed.
 #[derive(Debug)]
 pub struct LogSink {
     drawn: Drawn,
+    /// The start of a log line for the shell, until its newline comes.
+    partial: Vec<u8>,
 }
+
+/// Longest log line held back for the shell before it is sent anyway.
+const MAX_PARTIAL: usize = 64 * 1024;
 
 impl LogSink {
     pub fn new(drawn: Drawn) -> Self {
-        LogSink { drawn }
+        LogSink {
+            drawn,
+            partial: Vec::new(),
+        }
     }
 }
 
 impl Write for LogSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.drawn.screen().is_active() {
+            // The logger writes a line in several pieces; the screen takes whole lines.
+            self.partial.extend_from_slice(buf);
+            while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.partial.drain(..=end).collect();
+                let text = String::from_utf8_lossy(&line[..end]);
+                if !self.drawn.screen().log_line(&text) {
+                    io::stderr().lock().write_all(&line)?;
+                }
+            }
+            if self.partial.len() > MAX_PARTIAL {
+                let text = String::from_utf8_lossy(&self.partial).into_owned();
+                self.partial.clear();
+                self.drawn.screen().log_line(&text);
+            }
+            return Ok(buf.len());
+        }
         let mut err = io::stderr().lock();
         if self.drawn.take() == IN_PLACE {
             err.write_all(ERASE_LINE.as_bytes())?;
@@ -174,8 +208,8 @@ fn describe(item: &Item<'_>) -> String {
     )
 }
 
-/// `size` bytes in the largest unit that keeps a number of at least 1.
-fn size_text(size: u64) -> String {
+/// `size` bytes in the largest unit that keeps a number of at least 1 (`1.4 MiB`).
+pub fn size_text(size: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = size as f64;
     let mut unit = 0;
@@ -242,6 +276,11 @@ impl StatusLine {
     /// Whether anything is drawn at all.
     pub fn is_enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// The line was drawn by someone else (the interactive shell's screen) at `now`.
+    pub fn painted_elsewhere(&mut self, now: Instant) {
+        self.last_paint = Some(now);
     }
 
     pub fn new(enabled: bool, drawn: Drawn) -> Self {

@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::command::{parse_line, Command};
+use super::listing::Listings;
 use crate::hasher::{FileHashes, HashDone};
-use crate::wire::tracker_link::{FileMeta, Relation, Reply, ReplyBody, Request, RequestBody};
+use crate::wire::tracker_link::{FileMeta, Reply, ReplyBody, Request, RequestBody};
 use crate::wire::{FileName, GroupId, UserId, PIECE_LEN};
 
 /// How long a command waits for the tracker's answer.
@@ -164,6 +165,8 @@ pub struct ClientCore {
     background: BTreeMap<u64, (Background, Request)>,
     out: VecDeque<Output>,
     n_failed: u64,
+    /// What the last listings said (for completion), and how listings are printed.
+    listings: Listings,
 }
 
 impl ClientCore {
@@ -180,6 +183,7 @@ impl ClientCore {
             background: BTreeMap::new(),
             out: VecDeque::new(),
             n_failed: 0,
+            listings: Listings::default(),
         }
     }
 
@@ -195,6 +199,15 @@ impl ClientCore {
 
     pub fn logged_in_user(&self) -> Option<&UserId> {
         self.user.as_ref()
+    }
+
+    /// What the last listings said; printing them as tables is switched on here.
+    pub fn listings(&self) -> &Listings {
+        &self.listings
+    }
+
+    pub fn listings_mut(&mut self) -> &mut Listings {
+        &mut self.listings
     }
 
     /// Files this client shares (for every user who shared from it).
@@ -279,6 +292,7 @@ impl ClientCore {
             Command::CreateUser { .. }
                 | Command::Login { .. }
                 | Command::ShowDownloads
+                | Command::Help { .. }
                 | Command::Quit
         );
         if needs_session && self.user.is_none() {
@@ -287,6 +301,7 @@ impl ClientCore {
         let body = match &cmd {
             Command::Quit => return self.out.push_back(Output::Quit),
             Command::ShowDownloads => return self.out.push_back(Output::ShowDownloads),
+            Command::Help { topic } => return self.help(topic.as_deref()),
             Command::DownloadFile {
                 group,
                 name,
@@ -791,6 +806,20 @@ impl ClientCore {
         }
     }
 
+    /// `help`: the command list, or one command's details.
+    fn help(&mut self, topic: Option<&str>) {
+        let lines = match topic {
+            None => super::help::overview(),
+            Some(name) => match super::help::details(name) {
+                Some(lines) => lines,
+                None => return self.fail(format!("no command '{name}' (help lists them)")),
+            },
+        };
+        for line in lines {
+            self.print(line);
+        }
+    }
+
     /// A reply from the tracker.
     pub fn handle_reply(&mut self, reply: Reply) {
         if let Some((job, _)) = self.background.remove(&reply.req_id) {
@@ -937,25 +966,13 @@ impl ClientCore {
                 }
             }
             (Command::ListGroups, ReplyBody::Groups(groups)) => {
-                for g in groups {
-                    let relation = match g.relation {
-                        Relation::Owner => "owner",
-                        Relation::Member => "member",
-                        Relation::Requested => "requested",
-                        Relation::None => "-",
-                    };
-                    self.print(format!(
-                        "{}\towner={}\tmembers={}\tyou={relation}",
-                        g.group, g.owner, g.n_members
-                    ));
+                for line in self.listings.on_groups(&groups) {
+                    self.print(line);
                 }
             }
-            (Command::ListFiles { .. }, ReplyBody::Files(files)) => {
-                for f in files {
-                    self.print(format!(
-                        "{}\t{}\t{}\t{}\t{}",
-                        f.name, f.size, f.n_online, f.n_sharers, f.file_sha1
-                    ));
+            (Command::ListFiles { group }, ReplyBody::Files(files)) => {
+                for line in self.listings.on_files(&group, &files) {
+                    self.print(line);
                 }
             }
             (Command::StopShare { group, name }, _) => {

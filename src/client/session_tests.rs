@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::hasher::sha1_of;
-use crate::wire::tracker_link::{FileInfo, GroupInfo, RejectCode};
+use crate::wire::tracker_link::{FileInfo, GroupInfo, RejectCode, Relation};
 use crate::wire::{Password, Sha1Digest};
 
 // =============================================================================================
