@@ -6,11 +6,15 @@
 //!
 //! # Protocol
 //!
-//! - **Links.** Every tracker dials every other when it starts and accepts links at any time.
-//!   Each side announces its [`PeerStatus`] first and whenever it changes; quiet links carry a
-//!   heartbeat every [`HEARTBEAT_EVERY`], and a link silent for [`PEER_TIMEOUT`] (or closed:
-//!   a killed process's sockets close at once) means that tracker is dead. Two links between
-//!   the same pair (both dialed at once) are cut to the one dialed by the lower number.
+//! - **Links.** Every tracker dials every other when it starts (and after a stall), and
+//!   accepts links at any time. Links are kept for life: of each pair the lower-numbered
+//!   tracker redials a lost link (50 ms, doubling to 1 s), and the higher one redials only a
+//!   tracker that may be up but does not answer (`unsure`, every second). Each side announces
+//!   its [`PeerStatus`] first and whenever it changes; quiet links carry a heartbeat every
+//!   [`HEARTBEAT_EVERY`], and a link silent for [`PEER_TIMEOUT`] (or closed: a killed
+//!   process's sockets close at once) is lost. Two links between the same pair (both dialed
+//!   at once) are cut to the one dialed by the lower number, and each side then repeats what
+//!   the dropped link may have lost (`resync`: every message is safe to repeat).
 //! - **Order.** One tracker, the primary, orders every change. The others (backups) forward
 //!   their clients' changes to it. The primary applies changes in batches: it applies a batch,
 //!   sends it to every member (the backups that hold the state), and once every member has
@@ -21,20 +25,37 @@
 //! - **Joining.** A starting tracker dials the others. If one of them is a serving primary, it
 //!   asks it for the state; the primary sends a snapshot between two batches (so the
 //!   snapshot holds only committed changes) and counts the joiner as a member from then on.
-//!   The joiner serves clients once it has installed the snapshot. If nobody serves, the
-//!   lowest-numbered starting tracker becomes primary with the state it has; the others join it.
+//!   The joiner serves clients once it has installed the snapshot.
+//! - **Starting the service.** When no tracker serves, the starting tracker whose state is
+//!   furthest on starts it: states are ordered by the view in which they last accepted entries
+//!   (a later view's state holds every change committed before it), then by entries applied,
+//!   then by the lower number; a starting tracker's status carries that position. It waits
+//!   for every tracker that may be up and has not said where it stands (a lost link, an
+//!   accepted but unanswered dial: a frozen process may hold the newest state); only a
+//!   refused dial shows a tracker down.
 //! - **Takeover.** When the primary dies, the lowest-numbered serving tracker takes over a
 //!   new view: it asks every linked tracker where it stands, adopts the most advanced state
 //!   among them (at most one batch ahead, sent back with the answer), brings the members that
 //!   lag up to it, then serves as primary. Backups re-forward the changes they forwarded and
-//!   have not seen applied; a client retrying a change through another tracker carries the same
-//!   request id, so nothing is applied twice (see `TrackerState::apply_entry`). Claims of
+//!   have not seen committed; a client retrying a change through another tracker carries the
+//!   same request id, so nothing is applied twice (see `TrackerState::apply_entry`). Claims of
 //!   primaryship are ordered by view, then by lower tracker number; a tracker follows the
-//!   highest claim it has seen and ignores messages of lower ones.
-//! - **Sessions of dead trackers.** The primary gives the sessions held by a tracker that is
-//!   not live (dead, or an earlier run of a restarted tracker) a grace period to move
-//!   elsewhere (clients resume with their token); then it ends them, and their shares go
-//!   offline.
+//!   highest claim it has seen and ignores messages of lower ones. Views only grow, by one,
+//!   with checked arithmetic; a message naming a view above [`MAX_VIEW`] closes its link.
+//! - **Stalls (fencing).** Every handler first passes the time to [`Replica::observe`]. A
+//!   gap of [`STALL_LIMIT`] between two turns of the loop (which wakes at least every
+//!   [`HEARTBEAT_EVERY`]) means this tracker was frozen or starved: the others may have
+//!   declared it dead and moved on. Before it handles anything that arrived meanwhile it stops
+//!   serving, closes its tracker links and its clients' connections (they reconnect and
+//!   re-send what they had in flight), drops the client requests it held, becomes a new run
+//!   of itself (so its clients' sessions get the grace period to move) and starts over as a
+//!   starting tracker that keeps its state. It serves again only after it has linked again and
+//!   learned the current view (joining the primary), or, if nobody serves, after the rule
+//!   above makes it the one to start.
+//! - **Sessions of dead trackers.** The primary gives the sessions held by a tracker run that
+//!   is not live (dead, an earlier run of a restarted tracker, or a tracker's run before its
+//!   stall) a grace period to move elsewhere (clients resume with their token); then it ends
+//!   them, and their shares go offline.
 //!
 //! # Invariants
 //!
@@ -42,16 +63,26 @@
 //!    order; members are at most one batch behind the primary.
 //! 2. A change is answered only after every live member holds it, so an acknowledged change
 //!    survives any crash that leaves one tracker up.
-//! 3. A change is applied at most once per client request id (answers are remembered in the
-//!    replicated state).
+//! 3. A change is applied at most once per client request id: answers are remembered in the
+//!    replicated state (the last [`super::state::MAX_ANSWERS_PER_CLIENT`] per client), and a
+//!    request older than all of them is not applied.
+//! 4. At most one running tracker acts as primary: a tracker that was frozen finds out before
+//!    it handles anything, and answers from a replaced state are never sent (the tracker core
+//!    drops them when the state is replaced).
+//! 5. No older state is made current: the service is started only by the starting tracker
+//!    furthest on, and only once every tracker that may be up has told its position.
 //!
 //! # Faults covered and not
 //!
-//! Covered: process crashes (kill -9), hangs detected by heartbeat timeout, restarts, several
-//! trackers dying one after the other, as long as one tracker stays up. Not covered: network
-//! partitions (two halves would each elect a primary) and a hung tracker that resumes after
-//! being declared dead; nothing is kept on disk, so the service's state is lost if every
-//! tracker stops at once.
+//! Covered (pinned by the simulated cluster in `replica_tests.rs`, randomized with all of
+//! these at once): process crashes (kill -9), hangs (heartbeat timeout), freezes of 0.5-3 s
+//! and their thaw (SIGSTOP/SIGCONT: frames wait, timers fire late, the others have moved on),
+//! restarts, several trackers dying one after the other, as long as one tracker stays up.
+//! Not covered: network partitions that last (two halves would each keep a primary: the
+//! side that did not stall has no way to tell a dead peer from a cut one), and a stall
+//! shorter than [`STALL_LIMIT`] that the others nevertheless took for a death (a message
+//! delay of more than ~100 ms on top of it). Nothing is kept on disk yet, so the service's
+//! state is lost if every tracker stops at once.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -398,7 +429,7 @@ impl Replica {
     /// it handles a client's frame). A gap of [`Timings::stall_limit`] since the last call
     /// means this tracker was stalled: the others may have declared it dead and moved on, so
     /// before it handles anything that arrived meanwhile it stops serving, drops its tracker
-    /// links and finds out again who serves (see [`on_stall`](Self::on_stall)). Returns
+    /// links and finds out again who serves (see `on_stall`). Returns
     /// whether it was stalled.
     pub fn observe(&mut self, now: Instant) -> bool {
         let gap = now.saturating_duration_since(self.now);

@@ -1730,3 +1730,49 @@ fn file_sharers_lists_online_sharers_for_members_only() {
         RejectCode::NotMember
     );
 }
+
+#[test]
+fn a_request_older_than_every_remembered_answer_is_not_applied() {
+    let mut st = TrackerState::new();
+    let owner = new_user(&mut st, "ann", 7000);
+    let entry = |req_id: u64, group: &str| Entry {
+        origin: Some(Origin { client: 9, req_id }),
+        op: Op::CreateGroup {
+            session: owner,
+            group: gid(group),
+        },
+    };
+    // Request 1 is applied, then the client sends as many later requests as are remembered.
+    assert!(st.apply_entry(&entry(1, "g1")).is_ok());
+    st.apply_entry(&Entry {
+        origin: None,
+        op: Op::LeaveGroup {
+            session: owner,
+            group: gid("g1"),
+        },
+    });
+    for req_id in 2..2 + MAX_ANSWERS_PER_CLIENT as u64 {
+        assert!(st
+            .apply_entry(&entry(req_id, &format!("x{req_id}")))
+            .is_ok());
+    }
+    // A late copy of request 1 (its answer is forgotten) must not create the group again.
+    let late = st.apply_entry(&entry(1, "g1"));
+    assert_eq!(late.unwrap_err().code, RejectCode::Unavailable);
+    assert!(st.group(&gid("g1")).is_none(), "the late copy was applied");
+    // A new request of the same client still is.
+    assert!(st.apply_entry(&entry(100, "g100")).is_ok());
+    assert!(st.group(&gid("g100")).is_some());
+    // While its memory is not full, a client's requests are all new.
+    let fresh = Entry {
+        origin: Some(Origin {
+            client: 10,
+            req_id: 5,
+        }),
+        op: Op::CreateGroup {
+            session: owner,
+            group: gid("h"),
+        },
+    };
+    assert!(st.apply_entry(&fresh).is_ok());
+}
