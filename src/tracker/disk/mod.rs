@@ -139,7 +139,11 @@ impl fmt::Display for DiskError {
                 path,
                 offset,
                 reason,
-            } => write!(f, "{} is damaged at offset {offset}: {reason}", path.display()),
+            } => write!(
+                f,
+                "{} is damaged at offset {offset}: {reason}",
+                path.display()
+            ),
             DiskError::MissingSegment { path, missing } => write!(
                 f,
                 "log segment {missing:016x} is missing before {}",
@@ -206,18 +210,17 @@ pub fn default_data_dir(
     home: Option<OsString>,
     addr: SocketAddr,
 ) -> Result<PathBuf, String> {
-    let base = match xdg_state_home.map(PathBuf::from) {
-        Some(p) if p.is_absolute() => p,
-        _ => match home.map(PathBuf::from) {
-            Some(h) if h.is_absolute() => h.join(".local").join("state"),
-            _ => {
-                return Err(
+    let base =
+        match xdg_state_home.map(PathBuf::from) {
+            Some(p) if p.is_absolute() => p,
+            _ => match home.map(PathBuf::from) {
+                Some(h) if h.is_absolute() => h.join(".local").join("state"),
+                _ => return Err(
                     "neither XDG_STATE_HOME nor HOME is set to an absolute path; use --data-dir"
                         .into(),
-                )
-            }
-        },
-    };
+                ),
+            },
+        };
     // IPv6 addresses hold colons: spell them with dashes too, so the name is portable.
     let ip = addr.ip().to_string().replace(':', "-");
     Ok(base

@@ -30,7 +30,10 @@ fn parse_hex_name(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-pub(super) fn recover(dir: &Path, options: DiskOptions) -> Result<(Recovered, LogState), DiskError> {
+pub(super) fn recover(
+    dir: &Path,
+    options: DiskOptions,
+) -> Result<(Recovered, LogState), DiskError> {
     let mut segment_nos = Vec::new();
     let mut snapshot_seqs = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir, "list the data directory"))? {
@@ -195,7 +198,10 @@ pub(super) fn recover(dir: &Path, options: DiskOptions) -> Result<(Recovered, Lo
     // The records after the snapshot must continue it without a hole.
     let mut records = Vec::new();
     let mut expected = snap_seq + 1;
-    for l in log.into_iter().filter(|l| l.record.last_seq >= snap_seq + 1) {
+    for l in log
+        .into_iter()
+        .filter(|l| l.record.last_seq >= snap_seq + 1)
+    {
         let ok = if records.is_empty() {
             l.record.first_seq <= expected
         } else {
@@ -302,4 +308,3 @@ fn cut_tail(path: &Path, len: u64) -> Result<(), DiskError> {
         .and_then(|()| file.sync_all())
         .map_err(io_err(path, "cut a torn tail"))
 }
-

@@ -289,7 +289,10 @@ fn disk_thread(
     let worker = match worker {
         Ok(w) => w,
         Err(e) => {
-            let _ = events.send(DiskEvent::Failed(io_err(&log.dir, "start the snapshot thread")(e)));
+            let _ = events.send(DiskEvent::Failed(io_err(
+                &log.dir,
+                "start the snapshot thread",
+            )(e)));
             wake();
             return;
         }
@@ -476,10 +479,7 @@ impl Writer {
             DiskMsg::SetMeta(blob) => {
                 self.queued.fetch_sub(blob.len() as u64, Ordering::Relaxed);
                 if blob.len() >= MAX_RECORD_LEN {
-                    return Err(DiskError::Misuse(format!(
-                        "meta of {} bytes",
-                        blob.len()
-                    )));
+                    return Err(DiskError::Misuse(format!("meta of {} bytes", blob.len())));
                 }
                 let before = self.buf.len();
                 format::emit_meta(&blob, &mut self.buf);
