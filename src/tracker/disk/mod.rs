@@ -26,7 +26,7 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 pub use writer::{DiskEvent, DiskHandle, DiskMsg, Ticket};
@@ -256,6 +256,7 @@ impl DataDir {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(io_err(&lock_path, "open the lock file"))?;
         match lock.try_lock() {
