@@ -198,10 +198,7 @@ pub(super) fn recover(
     // The records after the snapshot must continue it without a hole.
     let mut records = Vec::new();
     let mut expected = snap_seq + 1;
-    for l in log
-        .into_iter()
-        .filter(|l| l.record.last_seq >= snap_seq + 1)
-    {
+    for l in log.into_iter().filter(|l| l.record.last_seq > snap_seq) {
         let ok = if records.is_empty() {
             l.record.first_seq <= expected
         } else {
@@ -284,6 +281,7 @@ pub(super) fn recover(
         meta: meta.clone(),
         snapshots: valid_snapshots,
         bad_snapshots: bad_snapshots.into_iter().map(|(s, p, _)| (s, p)).collect(),
+        bounds_dropped: records.len() > super::writer::TAIL_BOUNDS,
         tail_bounds,
     };
     Ok((

@@ -18,7 +18,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -110,6 +110,8 @@ pub(crate) struct LogState {
     pub bad_snapshots: Vec<(u64, PathBuf)>,
     /// (first_seq, last_seq) of the most recent records, oldest first.
     pub tail_bounds: VecDeque<(u64, u64)>,
+    /// Whether records older than those in `tail_bounds` exist after the newest snapshot.
+    pub bounds_dropped: bool,
 }
 
 /// Creates segment `no` atomically (written as a `.tmp`, fsync'd, renamed, directory
@@ -214,10 +216,7 @@ impl DiskHandle {
 
     /// Waits up to `timeout` for the next event (for tests and benchmarks, not the reactor).
     pub fn wait_event(&self, timeout: Duration) -> Option<DiskEvent> {
-        match self.events.recv_timeout(timeout) {
-            Ok(e) => Some(e),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.events.recv_timeout(timeout).ok()
     }
 
     /// Payload bytes sent and not yet written: the caller's measure for back-pressure (the
@@ -297,6 +296,7 @@ fn disk_thread(
             return;
         }
     };
+    let bounds_dropped = log.bounds_dropped;
     let mut writer = Writer {
         log,
         buf: Vec::new(),
@@ -307,7 +307,7 @@ fn disk_thread(
         queued_snapshot: None,
         snapshots_done: Vec::new(),
         queued,
-        bounds_dropped: false,
+        bounds_dropped,
     };
     if let Err(e) = writer.serve(&rx, &events, &*wake) {
         warn!("data dir: disk thread stopped: {e}");
