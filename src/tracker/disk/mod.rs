@@ -16,6 +16,25 @@
 //!   [`DiskOptions::segment_size`].
 //! - `snap-<seq, 16 hex digits>.snap`: the state after entry `seq`, written to a `.tmp` file,
 //!   fsync'd, renamed and the directory fsync'd.
+//!
+//! How the replication core is meant to use it (the wiring is not done yet; see `HAND-OFF`
+//! in `src/bin/tracker_program.rs`):
+//!
+//! 1. At start-up, [`DataDir::open`]; rebuild the state from [`Recovered::snapshot`], then
+//!    apply the entries of [`Recovered::records`] whose seq is above the snapshot's (the first
+//!    record may straddle it), and read the view, members and commit point back from
+//!    [`Recovered::meta`]. Then [`DataDir::start`] with a wake that calls `mio::Waker::wake`.
+//! 2. For every batch a member applies: [`DiskMsg::Append`] with the batch's seqs and its
+//!    encoded entries; acknowledge the batch (to the primary, or to the clients on the
+//!    primary) only once a [`DiskEvent::Durable`] arrives whose ticket covers the append.
+//! 3. [`DiskMsg::SetMeta`] whenever the view, the members or the commit point change; it is
+//!    durable with the same fsync as the appends around it.
+//! 4. [`DiskMsg::TruncateFrom`] when a new primary replaces an uncommitted suffix (always on a
+//!    batch boundary, above the newest snapshot).
+//! 5. [`DiskMsg::Snapshot`] of the committed state every so often (e.g. every 100,000
+//!    entries or 64 MiB of log) so the log is compacted, and at once when a snapshot is
+//!    installed from the primary (the disk thread writes that one before later appends).
+//! 6. On [`DiskEvent::Failed`], stop the tracker: nothing after it is durable.
 
 pub mod format;
 mod recover;
