@@ -412,6 +412,10 @@ impl Writer {
                 wake();
             }
             if closing {
+                // A snapshot still waiting for its turn is written now rather than lost.
+                if let Some((seq, state)) = self.queued_snapshot.take() {
+                    write_snapshot(&self.log.dir, seq, &state)?;
+                }
                 return Ok(());
             }
         }
