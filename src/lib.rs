@@ -12,6 +12,8 @@
 //!   connections, stdin and signal wake-ups.
 //! - [`tracker`]: `state` (the deterministic [`tracker::state::TrackerState::apply`]), `core`
 //!   (sans-IO request handling), `driver` (the mio reactor), `password` (Argon2id).
+//! - [`tracker::disk`]: the tracker's data directory: CRC-checked log segments, snapshots,
+//!   recovery, and the disk thread that fsyncs off the reactor (group commit).
 //! - [`client`]: `command` (line parsing), `session` (sans-IO command-loop core), `driver`
 //!   (the mio reactor), `shell` (line editing, history and completion at a terminal; batch
 //!   input never goes through it), `state_dir` (where a client keeps what it remembers).

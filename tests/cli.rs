@@ -132,6 +132,40 @@ fn tracker_usage_errors_exit_2() {
     }
 }
 
+/// The data directory: by default per address under `XDG_STATE_HOME`, created 0700 and
+/// locked; a second tracker on it (`--data-dir`) is refused with exit status 2, and so is one
+/// whose data directory cannot be created.
+#[test]
+fn tracker_data_dir_is_locked_and_defaults_under_xdg_state_home() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let tracker = Tracker::start();
+    let data = common::state_home(&tracker.info)
+        .join("p2pshare")
+        .join(format!(
+            "tracker-{}-{}",
+            tracker.addr.ip(),
+            tracker.addr.port()
+        ));
+    assert!(data.join("LOCK").is_file(), "no lock in {}", data.display());
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let info = tracker.info.to_str().unwrap();
+    let (code, out, err) = run_program(
+        TRACKER_BIN,
+        &["--data-dir", data.to_str().unwrap(), info, "1"],
+    );
+    assert_eq!(code, Some(2), "{out} {err}");
+    assert!(err.contains("in use by another process"), "{err}");
+
+    let (code, _, err) = run_program(
+        TRACKER_BIN,
+        &["--data-dir", "/proc/no-such-place/data", info, "1"],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("/proc/no-such-place/data"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Tracker lifecycle
 // ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 //! ([`core`]) and the mio reactor that feeds it ([`driver`]).
 
 pub mod core;
+pub mod disk;
 pub mod driver;
 pub mod password;
 pub mod replica;
