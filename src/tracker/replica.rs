@@ -446,8 +446,9 @@ impl Replica {
     /// ahead of it with changes nobody acknowledged. So it serves nothing until it has linked
     /// again and learned the current view: it closes every tracker link (the far ends have
     /// closed theirs, or will see it gone and stop counting on it), forgets its members, and
-    /// starts over as a starting tracker that keeps its state and its claim. Changes it had
-    /// applied without a commit are ordered again through whichever primary it then follows.
+    /// starts over as a starting tracker that keeps its state and its claim. Its clients'
+    /// requests go with their links (the clients send them again); its own changes (a client
+    /// gone) are ordered through whichever primary it then follows.
     fn on_stall(&mut self, gap: Duration, now: Instant) {
         warn!(
             "this tracker's loop was away for {gap:?} (stalled): re-linking and learning the current view before serving again"
