@@ -35,6 +35,7 @@ pub mod bitfield;
 pub mod cli;
 pub mod client;
 pub mod hasher;
+pub mod keys;
 pub mod net;
 pub mod rng;
 pub mod storage;
