@@ -38,12 +38,22 @@ const LABEL_SIGNING: &[u8] = b"p2pshare v1 service ed25519 signing key";
 /// Why a key file cannot be used. Each names the file.
 #[derive(Debug)]
 pub enum KeyError {
-    Io { path: PathBuf, what: &'static str, err: io::Error },
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        err: io::Error,
+    },
     /// Group or others may read (or write) the file.
-    Permissions { path: PathBuf, mode: u32 },
+    Permissions {
+        path: PathBuf,
+        mode: u32,
+    },
     NotAFile(PathBuf),
     /// Not the key file format, or a key of the wrong length.
-    Corrupt { path: PathBuf, why: String },
+    Corrupt {
+        path: PathBuf,
+        why: String,
+    },
     /// Neither `$XDG_STATE_HOME` nor `$HOME` says where keys live.
     NoStateDir,
 }
@@ -52,7 +62,11 @@ impl fmt::Display for KeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeyError::Io { path, what, err } => {
-                write!(f, "service key file {}: cannot {what}: {err}", path.display())
+                write!(
+                    f,
+                    "service key file {}: cannot {what}: {err}",
+                    path.display()
+                )
             }
             KeyError::Permissions { path, mode } => write!(
                 f,
@@ -63,7 +77,11 @@ impl fmt::Display for KeyError {
                 path.display()
             ),
             KeyError::NotAFile(path) => {
-                write!(f, "service key file {} is not a regular file", path.display())
+                write!(
+                    f,
+                    "service key file {} is not a regular file",
+                    path.display()
+                )
             }
             KeyError::Corrupt { path, why } => write!(
                 f,
@@ -370,11 +388,8 @@ pub fn key_file_name(trackers: &[SocketAddr]) -> String {
 
 /// The default key file of the trackers of a tracker file, from the environment.
 pub fn default_key_path(trackers: &[SocketAddr]) -> Result<PathBuf, KeyError> {
-    let root = state_root(
-        std::env::var_os("XDG_STATE_HOME"),
-        std::env::var_os("HOME"),
-    )
-    .ok_or(KeyError::NoStateDir)?;
+    let root = state_root(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"))
+        .ok_or(KeyError::NoStateDir)?;
     Ok(root.join(key_file_name(trackers)))
 }
 

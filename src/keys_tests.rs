@@ -44,7 +44,10 @@ fn derived_keys_are_separate_and_stable() {
     // Pinned: a change of labels or KDF would silently split every existing service.
     let again = ServiceKey::from_seed([3u8; 32]);
     assert_eq!(k.public_key(), again.public_key());
-    assert_eq!(k.public_key().to_string(), "ed25519:caYw7Udx7aESyOZBtTKdZVhBsOweLb7CsjO5aPleIkQ");
+    assert_eq!(
+        k.public_key().to_string(),
+        "ed25519:caYw7Udx7aESyOZBtTKdZVhBsOweLb7CsjO5aPleIkQ"
+    );
     assert_eq!(k.tracker_psk()[..4], [132, 71, 227, 32]);
     // A signature made with the signing key verifies with the public key.
     use ed25519_dalek::{Signer, Verifier};
@@ -105,10 +108,19 @@ fn corrupt_files_are_refused_naming_the_file() {
         ("comments only", b"# nothing\n".to_vec()),
         ("short", format!("{KEY_FILE_TAG} {short}\n").into_bytes()),
         ("long", format!("{KEY_FILE_TAG} {long}\n").into_bytes()),
-        ("not base64", format!("{KEY_FILE_TAG} {}!\n", &body[1..]).into_bytes()),
+        (
+            "not base64",
+            format!("{KEY_FILE_TAG} {}!\n", &body[1..]).into_bytes(),
+        ),
         ("wrong tag", format!("other-key {body}\n").into_bytes()),
-        ("extra word", format!("{KEY_FILE_TAG} {body} x\n").into_bytes()),
-        ("two keys", format!("{KEY_FILE_TAG} {body}\n{KEY_FILE_TAG} {body}\n").into_bytes()),
+        (
+            "extra word",
+            format!("{KEY_FILE_TAG} {body} x\n").into_bytes(),
+        ),
+        (
+            "two keys",
+            format!("{KEY_FILE_TAG} {body}\n{KEY_FILE_TAG} {body}\n").into_bytes(),
+        ),
         ("binary", vec![0xff, 0xfe, 0, 1]),
         ("huge", vec![b'#'; 10_000]),
     ];
@@ -154,8 +166,13 @@ fn public_key_text_round_trips() {
     assert!("ed25519:".parse::<PublicKey>().is_err());
     assert!(text[1..].parse::<PublicKey>().is_err());
     assert!(format!("{text}A").parse::<PublicKey>().is_err());
-    assert!(text.replace("ed25519:", "ed448:").parse::<PublicKey>().is_err());
-    assert!(format!("ed25519:{}", &text[9..]).parse::<PublicKey>().is_err());
+    assert!(text
+        .replace("ed25519:", "ed448:")
+        .parse::<PublicKey>()
+        .is_err());
+    assert!(format!("ed25519:{}", &text[9..])
+        .parse::<PublicKey>()
+        .is_err());
 }
 
 #[test]
@@ -164,7 +181,10 @@ fn key_file_name_depends_on_the_address_set_only() {
     let b: SocketAddr = "127.0.0.1:6001".parse().unwrap();
     let c: SocketAddr = "127.0.0.1:6002".parse().unwrap();
     let name = key_file_name(&[a, b]);
-    assert!(name.starts_with("service-") && name.ends_with(".key"), "{name}");
+    assert!(
+        name.starts_with("service-") && name.ends_with(".key"),
+        "{name}"
+    );
     assert_eq!(name.len(), "service-".len() + 16 + ".key".len());
     assert_eq!(name, key_file_name(&[b, a]));
     assert_ne!(name, key_file_name(&[a, c]));

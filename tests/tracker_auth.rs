@@ -335,7 +335,10 @@ fn bad_key_files_exit_2_naming_the_file() {
     let key = dir.path().join("service.key");
     let key_s = key.to_str().unwrap();
     // Created on first use, with mode 0600.
-    let (code, out, err) = run_program(TRACKER_BIN, &["--service-key", key_s, "--print-key", info_s]);
+    let (code, out, err) = run_program(
+        TRACKER_BIN,
+        &["--service-key", key_s, "--print-key", info_s],
+    );
     assert_eq!(code, Some(0), "{out}{err}");
     assert_eq!(
         std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,

@@ -133,7 +133,10 @@ impl fmt::Display for SecureError {
                 "secure link: handshake message too long ({n} > {MAX_HANDSHAKE_MSG})"
             ),
             SecureError::RecordTooShort(n) => {
-                write!(f, "secure link: record of {n} bytes is shorter than its tag")
+                write!(
+                    f,
+                    "secure link: record of {n} bytes is shorter than its tag"
+                )
             }
             SecureError::Handshake(e) => write!(
                 f,
@@ -200,7 +203,9 @@ impl SecureLink {
     ) -> Result<snow::HandshakeState, SecureError> {
         let config = |e: snow::Error| SecureError::Config(snow_err(e));
         let noise: snow::params::NoiseParams = params.pattern.parse().map_err(config)?;
-        let mut b = snow::Builder::new(noise).prologue(preamble).map_err(config)?;
+        let mut b = snow::Builder::new(noise)
+            .prologue(preamble)
+            .map_err(config)?;
         if let Some((location, psk)) = &params.psk {
             b = b.psk(*location, psk).map_err(config)?;
         }
@@ -441,8 +446,7 @@ impl SecureLink {
     fn maybe_established(&mut self) -> Result<(), SecureError> {
         if let Phase::Handshake(hs) = &self.phase {
             if hs.is_handshake_finished() {
-                let Phase::Handshake(hs) = std::mem::replace(&mut self.phase, Phase::Failed)
-                else {
+                let Phase::Handshake(hs) = std::mem::replace(&mut self.phase, Phase::Failed) else {
                     return Err(SecureError::Failed);
                 };
                 let t = hs
