@@ -66,6 +66,8 @@ struct ConnData {
     in_ready: bool,
     /// Accepted, and its first bytes not seen yet: a tracker link (secure) or a client's?
     sniffing: bool,
+    /// A tracker link queued in `dirty_links`.
+    link_dirty: bool,
 }
 
 struct Driver {
@@ -77,6 +79,8 @@ struct Driver {
     core: TrackerCore,
     /// Connections with output to flush after this round.
     dirty: Vec<ConnId>,
+    /// Tracker links with output to flush at the end of this turn of the loop.
+    dirty_links: Vec<ConnId>,
     /// Connections that used their frame budget and may hold more input.
     ready: VecDeque<ConnId>,
     password_jobs: PasswordJobs,
@@ -174,6 +178,7 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         trackers: config.trackers.clone(),
         core,
         dirty: Vec::new(),
+        dirty_links: Vec::new(),
         ready: VecDeque::new(),
         password_jobs,
         password_done,
@@ -200,7 +205,7 @@ impl Driver {
         let mut stdin_open = true;
         self.drain_outputs(); // The replica's first dials, before the first wait.
         loop {
-            let timeout = if self.ready.is_empty() {
+            let timeout = if self.ready.is_empty() && self.dirty_links.is_empty() {
                 self.core
                     .poll_timeout()
                     .map(|t| t.saturating_duration_since(Instant::now()))
@@ -280,6 +285,27 @@ impl Driver {
                 }
             }
             self.core.handle_timeout(Instant::now());
+            self.drain_outputs();
+            self.flush_links();
+        }
+    }
+
+    /// Writes what the turn queued on tracker links. Deferred to the end of the turn so that
+    /// the messages of one turn (say, the changes of many clients a backup forwards) travel in
+    /// one record and one write, not one each.
+    fn flush_links(&mut self) {
+        // A flush may close a link, whose close may queue more output: a few rounds, and what
+        // is left goes at the next turn (which then does not wait).
+        for _ in 0..4 {
+            if self.dirty_links.is_empty() {
+                return;
+            }
+            for id in std::mem::take(&mut self.dirty_links) {
+                if let Some(conn) = self.conns.get_mut(id) {
+                    conn.data.link_dirty = false;
+                }
+                self.flush(id);
+            }
             self.drain_outputs();
         }
     }
@@ -453,6 +479,14 @@ impl Driver {
         for id in std::mem::take(&mut self.dirty) {
             if let Some(conn) = self.conns.get_mut(id) {
                 conn.data.dirty = false;
+                if conn.is_secure() {
+                    // Tracker links are written once at the end of the turn (`flush_links`).
+                    if !conn.data.link_dirty {
+                        conn.data.link_dirty = true;
+                        self.dirty_links.push(id);
+                    }
+                    continue;
+                }
             }
             self.flush(id);
         }
