@@ -21,7 +21,7 @@
 //! while less than [`MAX_SEALED_PENDING`] ciphertext waits to be sent. A handshake message
 //! longer than [`MAX_HANDSHAKE_MSG`], a record too short to hold a tag, a record that fails
 //! authentication, a wrong preamble or a failed handshake is an error: the link must close.
-//! Any error is final (the link is [`Phase::Failed`] afterwards).
+//! Any error is final: the link refuses everything afterwards.
 
 use std::fmt;
 

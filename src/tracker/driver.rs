@@ -185,7 +185,7 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         link_params,
     };
     info!("tracker {} listening on {addr}", config.tracker_no);
-    // The one line on stdout: tests and scripts wait for it to know the tracker is up.
+    // The first line on stdout: tests and scripts wait for it to know the tracker is up.
     println!("tracker {} listening on {addr}", config.tracker_no);
     // The second line: the key to write on tracker lines and to give clients.
     println!(
