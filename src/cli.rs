@@ -10,6 +10,8 @@ use std::path::Path;
 use log::LevelFilter;
 use simplelog::{ConfigBuilder, WriteLogger};
 
+use crate::keys::PublicKey;
+
 /// Exit status for bad arguments.
 pub const EXIT_USAGE: u8 = 2;
 
@@ -22,38 +24,79 @@ impl fmt::Display for CliError {
     }
 }
 
-/// Parses `tracker_info.txt`: one tracker per line, `IP:PORT` or `IP PORT`; blank lines and
-/// lines starting with `#` are ignored.
-pub fn parse_tracker_info(text: &str) -> Result<Vec<SocketAddr>, CliError> {
+/// One tracker line of `tracker_info.txt`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackerLine {
+    pub addr: SocketAddr,
+    /// The service's public key, when the line carries one after the address.
+    pub key: Option<PublicKey>,
+}
+
+/// Parses `tracker_info.txt`: one tracker per line, `IP:PORT` or `IP PORT`, optionally
+/// followed by the service's public key (`ed25519:...`, as the tracker prints it); blank lines
+/// and lines starting with `#` are ignored.
+pub fn parse_tracker_lines(text: &str) -> Result<Vec<TrackerLine>, CliError> {
     let mut trackers = Vec::new();
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let addr = match words.as_slice() {
-            [one] => one.parse::<SocketAddr>().ok(),
-            [ip, port] => match (ip.parse::<IpAddr>(), port.parse::<u16>()) {
-                (Ok(ip), Ok(port)) => Some(SocketAddr::new(ip, port)),
-                _ => None,
-            },
-            _ => None,
+        let bad = |why: &str| {
+            CliError(format!(
+                "tracker info line {}: expected IP:PORT or IP PORT, then optionally the \
+                 service key{why}, got '{line}'",
+                n + 1
+            ))
         };
-        match addr {
-            Some(a) => trackers.push(a),
-            None => {
-                return Err(CliError(format!(
-                    "tracker info line {}: expected IP:PORT or IP PORT, got '{line}'",
-                    n + 1
-                )))
+        let words: Vec<&str> = line.split_whitespace().collect();
+        // `IP:PORT KEY` and `IP PORT` both have two words: the first word decides.
+        let (addr, key) = match words.as_slice() {
+            [one] => (one.parse::<SocketAddr>().ok(), None),
+            [addr, key] if addr.parse::<SocketAddr>().is_ok() => {
+                (addr.parse::<SocketAddr>().ok(), Some(*key))
             }
-        }
+            [ip, port] => (ip_port(ip, port), None),
+            [ip, port, key] => (ip_port(ip, port), Some(*key)),
+            _ => (None, None),
+        };
+        let Some(addr) = addr else {
+            return Err(bad(""));
+        };
+        let key = match key {
+            None => None,
+            Some(k) => Some(
+                k.parse::<PublicKey>()
+                    .map_err(|e| bad(&format!(" ({e})")))?,
+            ),
+        };
+        trackers.push(TrackerLine { addr, key });
     }
     if trackers.is_empty() {
         return Err(CliError("tracker info file lists no tracker".into()));
     }
     Ok(trackers)
+}
+
+fn ip_port(ip: &str, port: &str) -> Option<SocketAddr> {
+    match (ip.parse::<IpAddr>(), port.parse::<u16>()) {
+        (Ok(ip), Ok(port)) => Some(SocketAddr::new(ip, port)),
+        _ => None,
+    }
+}
+
+/// The trackers' addresses of `tracker_info.txt` (see [`parse_tracker_lines`]).
+pub fn parse_tracker_info(text: &str) -> Result<Vec<SocketAddr>, CliError> {
+    Ok(parse_tracker_lines(text)?
+        .into_iter()
+        .map(|t| t.addr)
+        .collect())
+}
+
+pub fn read_tracker_lines(path: &Path) -> Result<Vec<TrackerLine>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError(format!("cannot read {}: {e}", path.display())))?;
+    parse_tracker_lines(&text)
 }
 
 pub fn read_tracker_info(path: &Path) -> Result<Vec<SocketAddr>, CliError> {
@@ -164,6 +207,26 @@ mod tests {
         assert!(parse_tracker_info("localhost:80").is_err());
         assert!(parse_tracker_info("1.2.3.4 99999").is_err());
         assert!(parse_tracker_info("1.2.3.4 80 extra").is_err());
+        assert!(parse_tracker_info("1.2.3.4:80 extra").is_err());
+        assert!(parse_tracker_info("1.2.3.4 80 ed25519:short").is_err());
+        assert!(parse_tracker_info("1.2.3.4 80 ed25519:AAAA extra").is_err());
+    }
+
+    #[test]
+    fn tracker_lines_may_carry_the_service_key() {
+        let key = crate::keys::ServiceKey::from_seed([1u8; 32]).public_key();
+        let text = format!("127.0.0.1:6000 {key}\n127.0.0.1 6001 {key}\n127.0.0.1:6002\n");
+        let t = parse_tracker_lines(&text).unwrap();
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[0].addr, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(t[0].key, Some(key));
+        assert_eq!(t[1].addr, "127.0.0.1:6001".parse().unwrap());
+        assert_eq!(t[1].key, Some(key));
+        assert_eq!(t[2].key, None);
+        // Clients read the same file through the address-only parser.
+        assert_eq!(parse_tracker_info(&text).unwrap().len(), 3);
+        let err = parse_tracker_lines("127.0.0.1:6000 ed25519:nope").unwrap_err();
+        assert!(err.0.contains("line 1"), "{err}");
     }
 
     #[test]

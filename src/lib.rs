@@ -9,7 +9,10 @@
 //! - [`wire`]: the binary wire format of every link: framing, validated ids, messages with
 //!   `parse`/`emit`. No IO.
 //! - [`net`]: mio plumbing shared by both programs: the slab connection table, buffered framed
-//!   connections, stdin and signal wake-ups.
+//!   connections, stdin and signal wake-ups; `net::secure`, the sans-IO Noise handshake and
+//!   record layer that tracker links run under.
+//! - [`keys`]: the service key file and the keys derived from it (tracker-link PSK, Ed25519
+//!   signing key).
 //! - [`tracker`]: `state` (the deterministic [`tracker::state::TrackerState::apply`]), `core`
 //!   (sans-IO request handling), `driver` (the mio reactor), `password` (Argon2id).
 //! - [`tracker::disk`]: the tracker's data directory: CRC-checked log segments, snapshots,
@@ -23,7 +26,7 @@
 //! # Architecture invariants
 //!
 //! - Architecture Invariant: the cores (`tracker::state`, `tracker::core`, `client::session`,
-//!   `client::command`, `wire`) do no IO: no `mio`, no sockets, no `Instant::now()`. Time is
+//!   `client::command`, `wire`, `net::secure`) do no IO: no `mio`, no sockets, no `Instant::now()`. Time is
 //!   an argument. `tests/tidy.rs` checks this.
 //! - Architecture Invariant: tracker state changes only through `TrackerState::apply(&Op)`,
 //!   which is deterministic, so replicas applying the same ops in order hold equal states.
@@ -31,6 +34,9 @@
 //!   unchecked count; a frame's length is checked against the link's maximum as soon as its
 //!   four length bytes arrive.
 //! - Architecture Invariant: `unsafe` appears only in `storage.rs`.
+//! - Architecture Invariant: a tracker accepts the tracker hello only on a connection whose
+//!   Noise handshake proved the peer holds the service's secret; no frame of a tracker link
+//!   crosses the network in clear.
 //! - Architecture Invariant: passwords exist in clear only in the request that carries them;
 //!   the tracker stores and logs nothing but an Argon2id PHC string.
 
@@ -38,6 +44,7 @@ pub mod bitfield;
 pub mod cli;
 pub mod client;
 pub mod hasher;
+pub mod keys;
 pub mod net;
 pub mod rng;
 pub mod storage;

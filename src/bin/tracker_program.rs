@@ -3,13 +3,17 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use log::{error, info, LevelFilter};
+use log::{error, info, warn, LevelFilter};
 use p2pshare::cli::{self, CliError, EXIT_USAGE};
+use p2pshare::keys::{self, ServiceKey};
 use p2pshare::tracker::disk::{self, DataDir};
 use p2pshare::tracker::driver::{self, TrackerConfig};
 
 fn usage(opts: &getopts::Options) -> String {
-    opts.usage("Usage: tracker_program [OPTIONS] <tracker_info_file> <tracker_no>")
+    opts.usage(
+        "Usage: tracker_program [OPTIONS] <tracker_info_file> <tracker_no>\n       \
+         tracker_program [--service-key FILE] --print-key <tracker_info_file> [<tracker_no>]",
+    )
 }
 
 fn main() -> ExitCode {
@@ -21,6 +25,18 @@ fn main() -> ExitCode {
         "keep the tracker's state in DIR (default: $XDG_STATE_HOME/p2pshare/tracker-IP-PORT, \
          or ~/.local/state/p2pshare/... when XDG_STATE_HOME is unset)",
         "DIR",
+    );
+    opts.optopt(
+        "",
+        "service-key",
+        "the service's key file (default: one per tracker file under \
+         $XDG_STATE_HOME/p2pshare/, created on first start)",
+        "FILE",
+    );
+    opts.optflag(
+        "",
+        "print-key",
+        "print the service's public key (creating the key if there is none) and exit",
     );
     let args: Vec<String> = std::env::args().skip(1).collect();
     let parsed = opts
@@ -42,7 +58,9 @@ fn main() -> ExitCode {
         println!("tracker_program {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
+    let print_key = matches.opt_present("print-key");
     let (info_path, tracker_no) = match matches.free.as_slice() {
+        [path] if print_key => (path.clone(), 1),
         [path, no] => match no.parse::<u16>() {
             Ok(n) if n >= 1 => (path.clone(), n),
             _ => {
@@ -58,13 +76,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let trackers = match cli::read_tracker_info(Path::new(&info_path)) {
+    let lines = match cli::read_tracker_lines(Path::new(&info_path)) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("tracker_program: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let trackers: Vec<_> = lines.iter().map(|t| t.addr).collect();
     if usize::from(tracker_no) > trackers.len() {
         eprintln!(
             "tracker_program: tracker number {tracker_no} is not in {info_path} ({} trackers)",
@@ -79,6 +98,56 @@ fn main() -> ExitCode {
     ) {
         eprintln!("tracker_program: {e}");
         return ExitCode::from(EXIT_USAGE);
+    }
+    let key_path = match matches.opt_str("service-key") {
+        Some(path) => PathBuf::from(path),
+        None => match keys::default_key_path(&trackers) {
+            Ok(path) => path,
+            Err(e) => {
+                eprintln!("tracker_program: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    let service_key = match ServiceKey::load_or_create(&key_path) {
+        Ok(key) => key,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("tracker_program: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let public_key = service_key.public_key();
+    if print_key {
+        println!("{public_key}");
+        return ExitCode::SUCCESS;
+    }
+    // A key on a tracker line says which service that tracker belongs to: ours must match
+    // our own line; another line's mismatch means that tracker can never link with us.
+    for (i, line) in lines.iter().enumerate() {
+        match line.key {
+            Some(k) if k != public_key && i + 1 == usize::from(tracker_no) => {
+                let msg = format!(
+                    "the service key in {} ({}) is {public_key}, but line {tracker_no} of \
+                     {info_path} says {k}: use that service's key file (--service-key FILE)",
+                    key_path.display(),
+                    if matches.opt_present("service-key") {
+                        "--service-key"
+                    } else {
+                        "the default for this tracker file"
+                    },
+                );
+                error!("{msg}");
+                eprintln!("tracker_program: {msg}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+            Some(k) if k != public_key => warn!(
+                "tracker {} of {info_path} has service key {k}, not ours ({public_key}): \
+                 it will not link with this tracker",
+                i + 1
+            ),
+            _ => {}
+        }
     }
     let addr = trackers[usize::from(tracker_no) - 1];
     let data_path = match matches.opt_str("data-dir") {
@@ -119,6 +188,8 @@ fn main() -> ExitCode {
     match driver::run(TrackerConfig {
         trackers,
         tracker_no,
+        service_key,
+        key_path,
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,6 +7,7 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
+use super::secure::{SecureError, SecureLink};
 use super::ConnId;
 use crate::wire::frame::FrameBuffer;
 use crate::wire::DecodeError;
@@ -20,6 +21,8 @@ pub const MAX_PENDING_WRITE: usize = 4 * 1024 * 1024;
 pub enum ConnError {
     Io(io::Error),
     Decode(DecodeError),
+    /// The secure layer failed (handshake, preamble, or a record that did not authenticate).
+    Secure(SecureError),
 }
 
 impl std::fmt::Display for ConnError {
@@ -27,6 +30,7 @@ impl std::fmt::Display for ConnError {
         match self {
             ConnError::Io(e) => write!(f, "io error: {e}"),
             ConnError::Decode(e) => write!(f, "{e}"),
+            ConnError::Secure(e) => write!(f, "{e}"),
         }
     }
 }
@@ -34,6 +38,12 @@ impl std::fmt::Display for ConnError {
 impl From<io::Error> for ConnError {
     fn from(e: io::Error) -> Self {
         ConnError::Io(e)
+    }
+}
+
+impl From<SecureError> for ConnError {
+    fn from(e: SecureError) -> Self {
+        ConnError::Secure(e)
     }
 }
 
@@ -87,6 +97,9 @@ pub struct Conn<T> {
     writable_registered: bool,
     /// Set while reading is suspended because too much output is pending.
     pub read_paused: bool,
+    /// When set, every byte read is decrypted by it and every byte written encrypted: the
+    /// frame buffer and the send buffer hold plaintext, so the code above sees frames only.
+    secure: Option<Box<SecureLink>>,
     pub data: T,
 }
 
@@ -113,8 +126,26 @@ impl<T> Conn<T> {
             mapped_pending: 0,
             writable_registered: false,
             read_paused: false,
+            secure: None,
             data,
         })
+    }
+
+    /// Puts a secure layer between the socket and the buffers. Call it before anything is
+    /// read or written; its handshake bytes go out with the next [`flush`](Self::flush), and
+    /// plaintext queued meanwhile waits until the handshake is done.
+    pub fn set_secure(&mut self, link: SecureLink) {
+        self.secure = Some(Box::new(link));
+    }
+
+    /// The connection runs over a secure layer.
+    pub fn is_secure(&self) -> bool {
+        self.secure.is_some()
+    }
+
+    /// The secure layer, if any (to ask whether its handshake is done).
+    pub fn secure(&self) -> Option<&SecureLink> {
+        self.secure.as_deref()
     }
 
     /// Asks for `WRITABLE` readiness, which tells when a non-blocking connect has finished
@@ -158,9 +189,11 @@ impl<T> Conn<T> {
         }
     }
 
-    /// Bytes queued but not yet written to the socket.
+    /// Bytes queued but not yet written to the socket (with a secure layer: plaintext not yet
+    /// sealed plus records and handshake bytes not yet sent).
     pub fn pending_write(&self) -> usize {
-        self.wbuf.len() - self.wpos + self.mapped_pending
+        let sealed = self.secure.as_ref().map_or(0, |s| s.pending_out());
+        self.wbuf.len() - self.wpos + self.mapped_pending + sealed
     }
 
     /// One `write` (or `writev` when mapped data is queued); the number of bytes taken.
@@ -233,6 +266,25 @@ impl<T> Conn<T> {
                     return Ok(ReadEnd::Budget);
                 }
             }
+            if let Some(secure) = self.secure.as_deref_mut() {
+                // Plaintext already decrypted goes to the frame buffer first; only then is
+                // the socket read again (into the secure layer's bounded input buffer).
+                let n = secure.read_plain(self.rbuf.spare())?;
+                if n > 0 {
+                    self.rbuf.commit(n);
+                    continue;
+                }
+                match self.stream.read(secure.spare()) {
+                    Ok(0) => return Ok(ReadEnd::Eof),
+                    Ok(n) => secure.commit(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(ReadEnd::WouldBlock)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(ConnError::Io(e)),
+                }
+                continue;
+            }
             match self.stream.read(self.rbuf.spare()) {
                 Ok(0) => return Ok(ReadEnd::Eof),
                 Ok(n) => self.rbuf.commit(n),
@@ -246,7 +298,10 @@ impl<T> Conn<T> {
     /// Writes pending bytes until done or `WouldBlock`, and keeps `WRITABLE` interest exactly
     /// while bytes remain.
     pub fn flush(&mut self, registry: &Registry) -> io::Result<()> {
-        while self.wpos < self.wbuf.len() || !self.mapped.is_empty() {
+        if self.secure.is_some() {
+            self.flush_secure()?;
+        }
+        while self.secure.is_none() && (self.wpos < self.wbuf.len() || !self.mapped.is_empty()) {
             match self.write_some() {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
@@ -268,7 +323,12 @@ impl<T> Conn<T> {
             }
             self.wpos = 0;
         }
-        let want_writable = self.wpos < self.wbuf.len() || !self.mapped.is_empty();
+        let want_writable = match &self.secure {
+            // Plaintext that cannot be sealed before the handshake is done is not a reason
+            // to wait for the socket.
+            Some(secure) => secure.pending_out() > 0,
+            None => self.wpos < self.wbuf.len() || !self.mapped.is_empty(),
+        };
         if want_writable != self.writable_registered {
             let interest = if want_writable {
                 Interest::READABLE | Interest::WRITABLE
@@ -279,6 +339,62 @@ impl<T> Conn<T> {
             self.writable_registered = want_writable;
         }
         Ok(())
+    }
+}
+
+impl<T> Conn<T> {
+    /// With a secure layer: seals queued plaintext (the send buffer and mapped segments, in
+    /// order) into records and writes them, until everything is sent or the socket is full.
+    fn flush_secure(&mut self) -> io::Result<()> {
+        loop {
+            self.seal_pending()?;
+            let Some(secure) = self.secure.as_deref_mut() else {
+                return Ok(());
+            };
+            if secure.pending_out() == 0 {
+                return Ok(());
+            }
+            match self.stream.write(secure.outgoing()) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => secure.advance_outgoing(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Hands queued plaintext to the secure layer while it takes it.
+    fn seal_pending(&mut self) -> io::Result<()> {
+        // Taken out for the loop (`advance` needs all of `self`), always put back.
+        let Some(mut secure) = self.secure.take() else {
+            return Ok(());
+        };
+        let result = self.seal_into(&mut secure);
+        self.secure = Some(secure);
+        result
+    }
+
+    fn seal_into(&mut self, secure: &mut SecureLink) -> io::Result<()> {
+        loop {
+            // The next contiguous plaintext: a mapped segment due now, or send-buffer bytes up
+            // to the next segment.
+            let chunk = match self.mapped.front() {
+                Some(seg) if seg.at == self.wpos => &seg.data.bytes()[seg.sent..],
+                front => {
+                    let limit = front.map_or(self.wbuf.len(), |seg| seg.at);
+                    &self.wbuf[self.wpos..limit]
+                }
+            };
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let n = secure.seal(chunk).map_err(io::Error::other)?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.advance(n);
+        }
     }
 }
 

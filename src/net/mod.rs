@@ -8,6 +8,7 @@
 //! and ask for `WRITABLE` only while bytes are pending.
 
 pub mod conn;
+pub mod secure;
 pub mod wake;
 
 pub use conn::{Conn, ConnError, ConnTable, ReadEnd};

@@ -83,6 +83,9 @@ struct Link {
     waiting: Option<Waiting>,
     /// Requests that arrived while `waiting` was set, oldest first.
     queued: VecDeque<Request>,
+    /// The connection ran the service's handshake (`handle_secure`): its frames come
+    /// from a holder of the service's secret.
+    secure: bool,
 }
 
 impl Link {
@@ -90,6 +93,7 @@ impl Link {
         Link {
             kind,
             opened,
+            secure: false,
             session: None,
             changed: false,
             waiting: None,
@@ -171,6 +175,8 @@ pub struct TrackerCore {
     /// Secret key of the session-token generator (keyed BLAKE2b over a counter).
     token_key: [u8; 32],
     tokens_issued: u64,
+    /// Tracker hellos are accepted only on links marked by `handle_secure`.
+    require_secure_tracker_links: bool,
 }
 
 impl TrackerCore {
@@ -193,6 +199,7 @@ impl TrackerCore {
                 key
             },
             tokens_issued: 0,
+            require_secure_tracker_links: false,
         };
         core.pump_replica();
         core
@@ -202,6 +209,16 @@ impl TrackerCore {
     /// without it the key derives from the seed, which suits tests only).
     pub fn with_token_key(mut self, key: [u8; 32]) -> Self {
         self.token_key = key;
+        self
+    }
+
+    /// Accepts the tracker hello only on connections opened with
+    /// [`handle_secure`](Self::handle_secure); on any other it is refused (the
+    /// connection closed, nothing sent). The driver always sets it. Without it (the default,
+    /// for the simulated clusters of the replica's tests, whose links are all the service's
+    /// own) every connection may say it is a tracker.
+    pub fn with_secure_tracker_links(mut self) -> Self {
+        self.require_secure_tracker_links = true;
         self
     }
 
@@ -229,6 +246,17 @@ impl TrackerCore {
             .insert(conn, Link::new(Kind::Unknown, self.n_opened));
         self.handshake_deadlines
             .push_back((now + HANDSHAKE_TIMEOUT, conn));
+    }
+
+    /// The accepted connection `conn` turned out to run the service's handshake (its bytes
+    /// reach the core only once that handshake succeeded, so only a holder of the service's
+    /// secret can send frames on it): the one kind of connection on which a tracker hello is
+    /// accepted when [`with_secure_tracker_links`](Self::with_secure_tracker_links) is set,
+    /// and on which a client hello is refused.
+    pub fn handle_secure(&mut self, conn: ConnId) {
+        if let Some(link) = self.links.get_mut(&conn) {
+            link.secure = true;
+        }
     }
 
     /// A link to tracker `no` that we dialed is connected.
@@ -545,6 +573,21 @@ impl TrackerCore {
                     self.close(conn, now);
                 } else {
                     match role {
+                        Role::Client { .. } if link.secure => {
+                            warn!("conn {conn}: client hello on a tracker link; closing");
+                            self.close(conn, now);
+                        }
+                        Role::Tracker { no, .. }
+                            if self.require_secure_tracker_links && !link.secure =>
+                        {
+                            // Anyone can reach the port; only a holder of the service's
+                            // secret, through the secure handshake, may join as a tracker.
+                            warn!(
+                                "conn {conn}: tracker hello (as tracker {no}) without the \
+                                 service's handshake: not a tracker of this service; closing"
+                            );
+                            self.close(conn, now);
+                        }
                         Role::Client { client } => {
                             link.kind = Kind::Client {
                                 client,

@@ -915,3 +915,83 @@ fn password_result_for_a_closed_conn_is_dropped() {
     assert_eq!(h.core.poll_output(), None);
     assert!(h.core.state().password_hash(&uid("alice")).is_none());
 }
+
+// =============================================================================================
+// Tracker links only through the service's handshake
+// =============================================================================================
+
+fn tracker_hello(no: u16) -> ClientMsg {
+    ClientMsg::Hello {
+        version: crate::wire::PROTOCOL_VERSION,
+        role: Role::Tracker {
+            no,
+            incarnation: 0x77,
+        },
+    }
+}
+
+/// Harness whose core refuses tracker hellos outside the secure handshake, as the driver's.
+fn secure_harness() -> Harness {
+    let mut h = Harness::new();
+    let core = std::mem::replace(&mut h.core, Harness::with_others_down().core);
+    h.core = core.with_secure_tracker_links();
+    h
+}
+
+#[test]
+fn plaintext_tracker_hello_is_refused_and_changes_nothing() {
+    let mut h = secure_harness();
+    let c = conn(40);
+    h.open(c);
+    let replica = |h: &Harness| {
+        let r = h.core.replica();
+        (r.view(), r.applied(), r.committed(), r.is_primary())
+    };
+    let before = replica(&h);
+    let outs = h.send(c, &tracker_hello(1));
+    // Closed, and nothing at all was sent to it.
+    assert_eq!(outs, vec![Output::Close(c)]);
+    assert_eq!(replica(&h), before);
+    // The service is still serving clients.
+    let c2 = conn(41);
+    h.connect(c2);
+    assert_eq!(
+        h.create_user(c2, "alice", "pw"),
+        ReplyBody::Done,
+        "the service is unchanged and serving"
+    );
+}
+
+#[test]
+fn tracker_hello_on_a_secure_link_is_accepted() {
+    let mut h = secure_harness();
+    let c = conn(42);
+    h.open(c);
+    h.core.handle_secure(c);
+    let outs = h.send(c, &tracker_hello(1));
+    assert!(
+        outs.contains(&Output::SetMaxFrame(c, MAX_TRACKER_PEER_FRAME)),
+        "{outs:?}"
+    );
+    assert!(!outs.contains(&Output::Close(c)), "{outs:?}");
+}
+
+#[test]
+fn client_hello_on_a_secure_link_is_refused() {
+    let mut h = secure_harness();
+    let c = conn(43);
+    h.open(c);
+    h.core.handle_secure(c);
+    let outs = h.send(c, &hello(c));
+    assert_eq!(outs, vec![Output::Close(c)]);
+}
+
+#[test]
+fn without_the_requirement_any_link_may_be_a_tracker() {
+    // The simulated clusters rely on this default.
+    let mut h = Harness::new();
+    let c = conn(44);
+    h.open(c);
+    let outs = h.send(c, &tracker_hello(1));
+    assert!(!outs.contains(&Output::Close(c)), "{outs:?}");
+}

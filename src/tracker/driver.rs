@@ -3,7 +3,11 @@
 //!
 //! It accepts connections, dials the other trackers when the core asks, moves bytes between
 //! sockets and [`TrackerCore`], and turns the core's outputs into writes and closes. It holds
-//! no tracker logic. Shutdown comes from the
+//! no tracker logic. Links to and from other trackers run over the secure layer
+//! ([`crate::net::secure`], keyed by the service key): dialed links always, accepted ones when
+//! their first bytes are the tracker-link magic (a peek decides, before anything is read);
+//! every other accepted connection is a plain client link, on which the core refuses the
+//! tracker hello. Shutdown comes from the
 //! stdin line `quit` (read on a helper thread that wakes the loop) or SIGINT/SIGTERM (a mio
 //! source); end of stdin is not a shutdown, since trackers are often started with stdin closed.
 
@@ -23,7 +27,9 @@ use super::core::{Output, TrackerCore};
 use super::password::{self, PasswordJob, PasswordResult};
 use super::replica::Timings;
 use super::state::TrackerRef;
+use crate::keys::ServiceKey;
 use crate::net::conn::MAX_PENDING_WRITE;
+use crate::net::secure::{self, SecureLink};
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{ConnId, ConnTable, ReadEnd};
 use crate::wire::frame::MAX_HANDSHAKE_FRAME;
@@ -42,6 +48,10 @@ pub struct TrackerConfig {
     pub trackers: Vec<SocketAddr>,
     /// 1-based index into `trackers`.
     pub tracker_no: u16,
+    /// The service's key: tracker links are authenticated with the PSK derived from it.
+    pub service_key: ServiceKey,
+    /// Where the key was read from (printed at start).
+    pub key_path: std::path::PathBuf,
 }
 
 #[derive(Default)]
@@ -54,6 +64,10 @@ struct ConnData {
     read_closed: bool,
     /// Queued in `ready` for another turn (at most once).
     in_ready: bool,
+    /// Accepted, and its first bytes not seen yet: a tracker link (secure) or a client's?
+    sniffing: bool,
+    /// A tracker link queued in `dirty_links`.
+    link_dirty: bool,
 }
 
 struct Driver {
@@ -65,10 +79,14 @@ struct Driver {
     core: TrackerCore,
     /// Connections with output to flush after this round.
     dirty: Vec<ConnId>,
+    /// Tracker links with output to flush at the end of this turn of the loop.
+    dirty_links: Vec<ConnId>,
     /// Connections that used their frame budget and may hold more input.
     ready: VecDeque<ConnId>,
     password_jobs: PasswordJobs,
     password_done: PasswordResults,
+    /// Handshake parameters of tracker links (the service's PSK).
+    link_params: secure::Params,
 }
 
 type PasswordJobs = Sender<(ConnId, PasswordJob)>;
@@ -150,7 +168,9 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         Timings::default(),
         Instant::now(),
     )
-    .with_token_key(token_key);
+    .with_token_key(token_key)
+    .with_secure_tracker_links();
+    let link_params = secure::Params::tracker_link(config.service_key.tracker_psk());
     let mut driver = Driver {
         poll,
         listener,
@@ -158,13 +178,21 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         trackers: config.trackers.clone(),
         core,
         dirty: Vec::new(),
+        dirty_links: Vec::new(),
         ready: VecDeque::new(),
         password_jobs,
         password_done,
+        link_params,
     };
     info!("tracker {} listening on {addr}", config.tracker_no);
-    // The one line on stdout: tests and scripts wait for it to know the tracker is up.
+    // The first line on stdout: tests and scripts wait for it to know the tracker is up.
     println!("tracker {} listening on {addr}", config.tracker_no);
+    // The second line: the key to write on tracker lines and to give clients.
+    println!(
+        "service key {} in {}",
+        config.service_key.public_key(),
+        config.key_path.display()
+    );
     let _ = io::stdout().flush();
     let result = driver.run(&stdin);
     drop(waker);
@@ -177,7 +205,7 @@ impl Driver {
         let mut stdin_open = true;
         self.drain_outputs(); // The replica's first dials, before the first wait.
         loop {
-            let timeout = if self.ready.is_empty() {
+            let timeout = if self.ready.is_empty() && self.dirty_links.is_empty() {
                 self.core
                     .poll_timeout()
                     .map(|t| t.saturating_duration_since(Instant::now()))
@@ -226,6 +254,12 @@ impl Driver {
                             continue;
                         };
                         let id = conn.id;
+                        if conn.data.sniffing && !self.sniff(id) {
+                            continue;
+                        }
+                        let Some(conn) = self.conns.get_mut(id) else {
+                            continue;
+                        };
                         if let Some(no) = conn.data.dialing {
                             self.dial_progress(id, no);
                             if self.conns.get(id).is_some_and(|c| c.data.dialing.is_some()) {
@@ -252,6 +286,27 @@ impl Driver {
             }
             self.core.handle_timeout(Instant::now());
             self.drain_outputs();
+            self.flush_links();
+        }
+    }
+
+    /// Writes what the turn queued on tracker links. Deferred to the end of the turn so that
+    /// the messages of one turn (say, the changes of many clients a backup forwards) travel in
+    /// one record and one write, not one each.
+    fn flush_links(&mut self) {
+        // A flush may close a link, whose close may queue more output: a few rounds, and what
+        // is left goes at the next turn (which then does not wait).
+        for _ in 0..4 {
+            if self.dirty_links.is_empty() {
+                return;
+            }
+            for id in std::mem::take(&mut self.dirty_links) {
+                if let Some(conn) = self.conns.get_mut(id) {
+                    conn.data.link_dirty = false;
+                }
+                self.flush(id);
+            }
+            self.drain_outputs();
         }
     }
 
@@ -264,7 +319,10 @@ impl Driver {
                         self.poll.registry(),
                         stream,
                         MAX_HANDSHAKE_FRAME,
-                        ConnData::default(),
+                        ConnData {
+                            sniffing: true,
+                            ..ConnData::default()
+                        },
                     ) {
                         Ok(id) => {
                             debug!("conn {id}: accepted from {peer}");
@@ -303,6 +361,12 @@ impl Driver {
             Ok(ReadEnd::WouldBlock) | Ok(ReadEnd::Stopped) => {}
             Ok(ReadEnd::Budget) => self.make_ready(id),
             Ok(ReadEnd::Eof) => {
+                if conn.secure().is_some_and(|s| !s.is_established()) {
+                    warn!(
+                        "conn {id}: tracker link closed by the peer during the handshake \
+                         (does it hold this service's key?)"
+                    );
+                }
                 debug!("conn {id}: closed by peer");
                 conn.data.read_closed = true;
                 // Answers to the frames before the close are still delivered (`flush` closes
@@ -315,7 +379,62 @@ impl Driver {
                 self.close(id);
             }
         }
+        // The secure layer may have handshake bytes to send, or plaintext it could not seal
+        // until the handshake finished.
+        if let Some(conn) = self.conns.get_mut(id) {
+            if conn.is_secure() && conn.pending_write() > 0 && !conn.data.dirty {
+                conn.data.dirty = true;
+                self.dirty.push(id);
+            }
+        }
         self.drain_outputs();
+    }
+
+    /// Looks at an accepted connection's first bytes without reading them: the tracker-link
+    /// magic starts the secure handshake (a tracker of this service, or someone who must
+    /// prove it), anything else is a plain client link. Returns `false` while undecided (or
+    /// closed).
+    fn sniff(&mut self, id: ConnId) -> bool {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return false;
+        };
+        let magic = secure::TRACKER_LINK_MAGIC;
+        let mut head = [0u8; 4];
+        let n = match conn.stream.peek(&mut head) {
+            Ok(n) => n,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                return false
+            }
+            Err(e) => {
+                debug!("conn {id}: {e}; closing");
+                self.close(id);
+                return false;
+            }
+        };
+        if n > 0 && n < magic.len() && head[..n] == magic[..n] {
+            // A prefix of the magic: wait for the rest (the handshake deadline still runs).
+            return false;
+        }
+        conn.data.sniffing = false;
+        if n == magic.len() && head == magic {
+            match SecureLink::responder(&self.link_params) {
+                Ok(link) => {
+                    conn.set_secure(link);
+                    debug!("conn {id}: tracker link handshake");
+                    self.core.handle_secure(id);
+                }
+                Err(e) => {
+                    error!("conn {id}: {e}; closing");
+                    self.close(id);
+                    return false;
+                }
+            }
+        }
+        // A plain link, or an end of input: the usual reading handles both.
+        true
     }
 
     fn drain_outputs(&mut self) {
@@ -360,6 +479,14 @@ impl Driver {
         for id in std::mem::take(&mut self.dirty) {
             if let Some(conn) = self.conns.get_mut(id) {
                 conn.data.dirty = false;
+                if conn.is_secure() {
+                    // Tracker links are written once at the end of the turn (`flush_links`).
+                    if !conn.data.link_dirty {
+                        conn.data.link_dirty = true;
+                        self.dirty_links.push(id);
+                    }
+                    continue;
+                }
             }
             self.flush(id);
         }
@@ -374,6 +501,13 @@ impl Driver {
         else {
             return self.core.handle_dial_failed(no, Instant::now());
         };
+        let link = match SecureLink::initiator(&self.link_params) {
+            Ok(link) => link,
+            Err(e) => {
+                error!("tracker {no}: {e}");
+                return self.core.handle_dial_failed(no, Instant::now());
+            }
+        };
         let inserted = mio::net::TcpStream::connect(addr).and_then(|stream| {
             let _ = stream.set_nodelay(true);
             let data = ConnData {
@@ -384,6 +518,8 @@ impl Driver {
                 .conns
                 .insert(self.poll.registry(), stream, MAX_HANDSHAKE_FRAME, data)?;
             if let Some(conn) = self.conns.get_mut(id) {
+                // Every tracker link runs the service's handshake before any frame.
+                conn.set_secure(link);
                 conn.await_connect(self.poll.registry())?;
             }
             Ok(id)
@@ -418,6 +554,11 @@ impl Driver {
             }
             None => {
                 conn.data.dialing = None;
+                // The handshake's first message goes out now, whatever the core sends.
+                if !conn.data.dirty {
+                    conn.data.dirty = true;
+                    self.dirty.push(id);
+                }
                 debug!("conn {id}: connected to tracker {no}");
                 self.core.handle_dialed(id, no, Instant::now());
                 self.drain_outputs();

@@ -1,0 +1,398 @@
+//! The service key: one secret per service, shared by its trackers, and the keys derived
+//! from it.
+//!
+//! The secret is a 32-byte seed from the OS random source, kept in a key file readable by its
+//! owner only (mode 0600). From it, keyed BLAKE2b with a distinct label per use derives
+//! (a) the pre-shared key that authenticates tracker-to-tracker links ([`ServiceKey::tracker_psk`])
+//! and (b) the seed of an Ed25519 signing key whose public half is the service's public key
+//! ([`ServiceKey::public_key`], printed as `ed25519:<base64url>`), which clients pin and
+//! sharers will check tickets with. Deriving both from one seed keeps one file to copy.
+//!
+//! This module reads and writes the key file and nothing else: it opens no sockets and keeps
+//! no state beyond the key. No cryptography is written here: randomness is `getrandom`'s, the
+//! KDF is `blake2`'s keyed mode, signatures are `ed25519-dalek`'s.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use base64ct::{Base64UrlUnpadded, Encoding};
+use blake2::digest::consts::U32;
+use blake2::digest::{KeyInit, Mac};
+use blake2::{Blake2b256, Blake2bMac, Digest};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+
+/// The first word of a key file's key line; a later format would change it.
+const KEY_FILE_TAG: &str = "p2pshare-service-key-v1";
+/// What a printed public key starts with.
+pub const PUBLIC_KEY_PREFIX: &str = "ed25519:";
+/// Labels of the derived keys: each use gets its own, so no key serves two purposes.
+const LABEL_TRACKER_PSK: &[u8] = b"p2pshare v1 tracker-link psk";
+const LABEL_SIGNING: &[u8] = b"p2pshare v1 service ed25519 signing key";
+
+/// Why a key file cannot be used. Each names the file.
+#[derive(Debug)]
+pub enum KeyError {
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        err: io::Error,
+    },
+    /// Group or others may read (or write) the file.
+    Permissions {
+        path: PathBuf,
+        mode: u32,
+    },
+    NotAFile(PathBuf),
+    /// Not the key file format, or a key of the wrong length.
+    Corrupt {
+        path: PathBuf,
+        why: String,
+    },
+    /// Neither `$XDG_STATE_HOME` nor `$HOME` says where keys live.
+    NoStateDir,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyError::Io { path, what, err } => {
+                write!(
+                    f,
+                    "service key file {}: cannot {what}: {err}",
+                    path.display()
+                )
+            }
+            KeyError::Permissions { path, mode } => write!(
+                f,
+                "service key file {} is accessible to group or others (mode {:04o}); \
+                 it must be private to its owner: chmod 600 {}",
+                path.display(),
+                mode & 0o7777,
+                path.display()
+            ),
+            KeyError::NotAFile(path) => {
+                write!(
+                    f,
+                    "service key file {} is not a regular file",
+                    path.display()
+                )
+            }
+            KeyError::Corrupt { path, why } => write!(
+                f,
+                "service key file {} is corrupt ({why}); restore it from another tracker of \
+                 the service, or remove it to create a new service key",
+                path.display()
+            ),
+            KeyError::NoStateDir => write!(
+                f,
+                "neither XDG_STATE_HOME nor HOME is set: say where the service key lives \
+                 with --service-key FILE"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+/// The service's public key (Ed25519), as printed by the tracker and written on tracker lines.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{PUBLIC_KEY_PREFIX}{}",
+            Base64UrlUnpadded::encode_string(&self.0)
+        )
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = String;
+
+    /// `ed25519:` followed by the key's 32 bytes in unpadded URL-safe base64 (43 characters),
+    /// which must be a valid Ed25519 point.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let body = s
+            .strip_prefix(PUBLIC_KEY_PREFIX)
+            .ok_or_else(|| format!("a service key starts with '{PUBLIC_KEY_PREFIX}'"))?;
+        let mut key = [0u8; 32];
+        let decoded = Base64UrlUnpadded::decode(body, &mut key)
+            .map_err(|_| "a service key is 32 bytes in unpadded base64url".to_string())?;
+        if decoded.len() != 32 {
+            return Err("a service key is 32 bytes in unpadded base64url".into());
+        }
+        VerifyingKey::from_bytes(&key).map_err(|_| "not a valid Ed25519 public key")?;
+        Ok(PublicKey(key))
+    }
+}
+
+/// The service's secret seed and what derives from it.
+pub struct ServiceKey {
+    seed: [u8; 32],
+}
+
+impl fmt::Debug for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The seed is never printed.
+        write!(f, "ServiceKey({})", self.public_key())
+    }
+}
+
+impl Drop for ServiceKey {
+    fn drop(&mut self) {
+        // Best effort: do not leave the secret in freed memory.
+        self.seed = [0u8; 32];
+        std::hint::black_box(&self.seed);
+    }
+}
+
+impl ServiceKey {
+    /// A key from a known seed (tests; a loaded file).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        ServiceKey { seed }
+    }
+
+    /// A new random key from the OS random source.
+    pub fn generate() -> io::Result<Self> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed)
+            .map_err(|e| io::Error::other(format!("no random service key: {e}")))?;
+        Ok(ServiceKey { seed })
+    }
+
+    /// Keyed BLAKE2b-256 of `label` under the seed.
+    fn derive(&self, label: &[u8]) -> [u8; 32] {
+        let mut mac = <Blake2bMac<U32> as KeyInit>::new_from_slice(&self.seed)
+            .unwrap_or_else(|_| unreachable!("a 32-byte key is within BLAKE2b's 64"));
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The pre-shared key of the tracker links' Noise handshake.
+    pub fn tracker_psk(&self) -> [u8; 32] {
+        self.derive(LABEL_TRACKER_PSK)
+    }
+
+    /// The service's signing key.
+    pub fn signing_key(&self) -> SigningKey {
+        SigningKey::from_bytes(&self.derive(LABEL_SIGNING))
+    }
+
+    /// The service's public key (the signing key's public half).
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.signing_key().verifying_key().to_bytes())
+    }
+
+    /// Reads the key at `path`, refusing a file that group or others can access.
+    pub fn load(path: &Path) -> Result<Self, KeyError> {
+        let io = |what, err| KeyError::Io {
+            path: path.to_path_buf(),
+            what,
+            err,
+        };
+        let meta = fs::metadata(path).map_err(|e| io("read", e))?;
+        if !meta.is_file() {
+            return Err(KeyError::NotAFile(path.to_path_buf()));
+        }
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        // A key file is one short line; refuse to read a huge file into memory.
+        if meta.len() > 4096 {
+            return Err(KeyError::Corrupt {
+                path: path.to_path_buf(),
+                why: format!("{} bytes, far more than a key file holds", meta.len()),
+            });
+        }
+        let text = fs::read(path).map_err(|e| io("read", e))?;
+        let seed = parse_key_file(&text).map_err(|why| KeyError::Corrupt {
+            path: path.to_path_buf(),
+            why,
+        })?;
+        Ok(ServiceKey { seed })
+    }
+
+    /// Reads the key at `path`, or creates it there (and its directory, mode 0700) if there is
+    /// no file. Two processes creating it at the same instant end with the same key: each
+    /// writes a complete temporary file, then hard-links it to `path`, which only one can do;
+    /// the other reads the winner's file.
+    pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
+        match fs::symlink_metadata(path) {
+            Ok(_) => return Self::load(path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(KeyError::Io {
+                    path: path.to_path_buf(),
+                    what: "read",
+                    err: e,
+                })
+            }
+        }
+        let key = Self::generate().map_err(|e| KeyError::Io {
+            path: path.to_path_buf(),
+            what: "create",
+            err: e,
+        })?;
+        match key.write_new(path) {
+            Ok(()) => {
+                log::info!("created a new service key in {}", path.display());
+                Ok(key)
+            }
+            // Another process won the race: its key is the service's.
+            Err(KeyError::Io { err, .. }) if err.kind() == io::ErrorKind::AlreadyExists => {
+                Self::load(path)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the key to `path`, which must not exist: a private temporary file beside it,
+    /// synced, then hard-linked into place (atomic, never overwrites), then the directory
+    /// synced.
+    fn write_new(&self, path: &Path) -> Result<(), KeyError> {
+        let io = |what, err| KeyError::Io {
+            path: path.to_path_buf(),
+            what,
+            err,
+        };
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| io("create its directory", e))?;
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| io("create", io::Error::other(e.to_string())))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "service.key".into());
+        let tmp = dir.join(format!(
+            ".{name}.tmp-{}-{}",
+            std::process::id(),
+            u64::from_be_bytes(nonce)
+        ));
+        let written = (|| -> io::Result<()> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(self.file_text().as_bytes())?;
+            f.sync_all()?;
+            fs::hard_link(&tmp, path)
+        })();
+        let _ = fs::remove_file(&tmp);
+        written.map_err(|e| io("create", e))?;
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// The key file's contents.
+    fn file_text(&self) -> String {
+        format!(
+            "# p2pshare service key: the secret shared by the trackers of one service.\n\
+             # Keep it private (mode 0600). Copy this file to run trackers of the service on\n\
+             # other machines. Public key: {}\n\
+             {KEY_FILE_TAG} {}\n",
+            self.public_key(),
+            Base64UrlUnpadded::encode_string(&self.seed)
+        )
+    }
+}
+
+/// The seed in a key file: `#` lines and blank lines are ignored; one line
+/// `p2pshare-service-key-v1 <32 bytes in unpadded base64url>`.
+fn parse_key_file(text: &[u8]) -> Result<[u8; 32], String> {
+    let text = std::str::from_utf8(text).map_err(|_| "not text".to_string())?;
+    let mut seed = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if seed.is_some() {
+            return Err("more than one key line".into());
+        }
+        let mut words = line.split_whitespace();
+        let (Some(tag), Some(body), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!("expected '{KEY_FILE_TAG} <key>'"));
+        };
+        if tag != KEY_FILE_TAG {
+            return Err(format!("expected '{KEY_FILE_TAG} <key>'"));
+        }
+        let mut buf = [0u8; 33];
+        let decoded = Base64UrlUnpadded::decode(body, &mut buf)
+            .map_err(|_| "the key is not unpadded base64url".to_string())?;
+        if decoded.len() != 32 {
+            return Err(format!("the key is {} bytes, not 32", decoded.len()));
+        }
+        let mut s = [0u8; 32];
+        s.copy_from_slice(decoded);
+        seed = Some(s);
+    }
+    seed.ok_or_else(|| "no key line".into())
+}
+
+/// Where per-user state lives: `$XDG_STATE_HOME/p2pshare` (an absolute path; a relative or
+/// empty one is ignored, as the XDG spec says), else `$HOME/.local/state/p2pshare`.
+pub fn state_root(xdg_state_home: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
+    let xdg = xdg_state_home
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute());
+    let base = match xdg {
+        Some(p) => p,
+        None => PathBuf::from(home.filter(|h| !h.is_empty())?).join(".local/state"),
+    };
+    Some(base.join("p2pshare"))
+}
+
+/// The key file's name for the trackers listed in a tracker file: the same for every tracker
+/// of that file (whatever their order or form in the file), different for another list.
+pub fn key_file_name(trackers: &[SocketAddr]) -> String {
+    let mut sorted: Vec<SocketAddr> = trackers.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    let mut h = Blake2b256::new();
+    for a in &sorted {
+        h.update(a.to_string().as_bytes());
+        h.update(b"\n");
+    }
+    let digest = h.finalize();
+    let short: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("service-{short}.key")
+}
+
+/// The default key file of the trackers of a tracker file, from the environment.
+pub fn default_key_path(trackers: &[SocketAddr]) -> Result<PathBuf, KeyError> {
+    let root = state_root(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"))
+        .ok_or(KeyError::NoStateDir)?;
+    Ok(root.join(key_file_name(trackers)))
+}
+
+#[cfg(test)]
+#[path = "keys_tests.rs"]
+mod tests;

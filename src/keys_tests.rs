@@ -1,0 +1,215 @@
+use super::*;
+
+use std::sync::{Arc, Barrier};
+
+fn mode_of(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn create_then_reload_gives_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/dir/service.key");
+    let a = ServiceKey::load_or_create(&path).unwrap();
+    assert_eq!(mode_of(&path), 0o600);
+    assert_eq!(mode_of(path.parent().unwrap()), 0o700);
+    let b = ServiceKey::load_or_create(&path).unwrap();
+    let c = ServiceKey::load(&path).unwrap();
+    assert_eq!(a.public_key(), b.public_key());
+    assert_eq!(a.tracker_psk(), c.tracker_psk());
+    // No temporary file is left behind.
+    let names: Vec<_> = fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![OsString::from("service.key")]);
+}
+
+#[test]
+fn new_keys_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = ServiceKey::load_or_create(&dir.path().join("a.key")).unwrap();
+    let b = ServiceKey::load_or_create(&dir.path().join("b.key")).unwrap();
+    assert_ne!(a.public_key(), b.public_key());
+    assert_ne!(a.tracker_psk(), b.tracker_psk());
+}
+
+#[test]
+fn derived_keys_are_separate_and_stable() {
+    let k = ServiceKey::from_seed([3u8; 32]);
+    // The PSK is not the signing key's seed, nor the seed itself.
+    assert_ne!(k.tracker_psk(), k.signing_key().to_bytes());
+    assert_ne!(k.tracker_psk(), [3u8; 32]);
+    assert_ne!(k.signing_key().to_bytes(), [3u8; 32]);
+    // Pinned: a change of labels or KDF would silently split every existing service.
+    let again = ServiceKey::from_seed([3u8; 32]);
+    assert_eq!(k.public_key(), again.public_key());
+    assert_eq!(
+        k.public_key().to_string(),
+        "ed25519:caYw7Udx7aESyOZBtTKdZVhBsOweLb7CsjO5aPleIkQ"
+    );
+    assert_eq!(k.tracker_psk()[..4], [132, 71, 227, 32]);
+    // A signature made with the signing key verifies with the public key.
+    use ed25519_dalek::{Signer, Verifier};
+    let sig = k.signing_key().sign(b"ticket");
+    let vk = VerifyingKey::from_bytes(&k.public_key().0).unwrap();
+    assert!(vk.verify(b"ticket", &sig).is_ok());
+}
+
+#[test]
+fn concurrent_creation_yields_one_key() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Arc::new(dir.path().join(format!("p2pshare/race-{round}.key")));
+        let n = 8;
+        let barrier = Arc::new(Barrier::new(n));
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                let path = Arc::clone(&path);
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    ServiceKey::load_or_create(&path).unwrap().public_key()
+                })
+            })
+            .collect();
+        let keys: Vec<PublicKey> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+        assert_eq!(ServiceKey::load(&path).unwrap().public_key(), keys[0]);
+    }
+}
+
+#[test]
+fn a_file_others_can_read_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("service.key");
+    ServiceKey::load_or_create(&path).unwrap();
+    for mode in [0o640, 0o604, 0o660, 0o602] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        let err = ServiceKey::load_or_create(&path).unwrap_err();
+        assert!(matches!(err, KeyError::Permissions { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(text.contains("chmod 600"), "{text}");
+    }
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+    ServiceKey::load(&path).unwrap();
+}
+
+#[test]
+fn corrupt_files_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = ServiceKey::from_seed([5u8; 32]);
+    let body = Base64UrlUnpadded::encode_string(&[5u8; 32]);
+    let short = Base64UrlUnpadded::encode_string(&[5u8; 31]);
+    let long = Base64UrlUnpadded::encode_string(&[5u8; 33]);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", b"".to_vec()),
+        ("comments only", b"# nothing\n".to_vec()),
+        ("short", format!("{KEY_FILE_TAG} {short}\n").into_bytes()),
+        ("long", format!("{KEY_FILE_TAG} {long}\n").into_bytes()),
+        (
+            "not base64",
+            format!("{KEY_FILE_TAG} {}!\n", &body[1..]).into_bytes(),
+        ),
+        ("wrong tag", format!("other-key {body}\n").into_bytes()),
+        (
+            "extra word",
+            format!("{KEY_FILE_TAG} {body} x\n").into_bytes(),
+        ),
+        (
+            "two keys",
+            format!("{KEY_FILE_TAG} {body}\n{KEY_FILE_TAG} {body}\n").into_bytes(),
+        ),
+        ("binary", vec![0xff, 0xfe, 0, 1]),
+        ("huge", vec![b'#'; 10_000]),
+    ];
+    for (what, bytes) in cases {
+        let path = dir.path().join(format!("{}.key", what.replace(' ', "-")));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
+        f.write_all(&bytes).unwrap();
+        drop(f);
+        let err = ServiceKey::load_or_create(&path).unwrap_err();
+        assert!(matches!(err, KeyError::Corrupt { .. }), "{what}: {err}");
+        assert!(err.to_string().contains(&path.display().to_string()));
+        // The corrupt file is left as it was: nothing overwrites a key.
+        assert_eq!(fs::read(&path).unwrap(), bytes, "{what}");
+    }
+    // The file as written loads.
+    let path = dir.path().join("good.key");
+    good.write_new(&path).unwrap();
+    assert_eq!(
+        ServiceKey::load(&path).unwrap().public_key(),
+        good.public_key()
+    );
+}
+
+#[test]
+fn a_directory_is_not_a_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = ServiceKey::load_or_create(dir.path()).unwrap_err();
+    assert!(matches!(err, KeyError::NotAFile(_)), "{err}");
+}
+
+#[test]
+fn public_key_text_round_trips() {
+    let k = ServiceKey::from_seed([9u8; 32]).public_key();
+    let text = k.to_string();
+    assert!(text.starts_with("ed25519:"));
+    assert_eq!(text.len(), "ed25519:".len() + 43);
+    assert_eq!(text.parse::<PublicKey>().unwrap(), k);
+    assert!("ed25519:".parse::<PublicKey>().is_err());
+    assert!(text[1..].parse::<PublicKey>().is_err());
+    assert!(format!("{text}A").parse::<PublicKey>().is_err());
+    assert!(text
+        .replace("ed25519:", "ed448:")
+        .parse::<PublicKey>()
+        .is_err());
+    assert!(format!("ed25519:{}", &text[9..])
+        .parse::<PublicKey>()
+        .is_err());
+}
+
+#[test]
+fn key_file_name_depends_on_the_address_set_only() {
+    let a: SocketAddr = "127.0.0.1:6000".parse().unwrap();
+    let b: SocketAddr = "127.0.0.1:6001".parse().unwrap();
+    let c: SocketAddr = "127.0.0.1:6002".parse().unwrap();
+    let name = key_file_name(&[a, b]);
+    assert!(
+        name.starts_with("service-") && name.ends_with(".key"),
+        "{name}"
+    );
+    assert_eq!(name.len(), "service-".len() + 16 + ".key".len());
+    assert_eq!(name, key_file_name(&[b, a]));
+    assert_ne!(name, key_file_name(&[a, c]));
+    assert_ne!(name, key_file_name(&[a]));
+}
+
+#[test]
+fn state_root_follows_xdg_then_home() {
+    let some = |s: &str| Some(OsString::from(s));
+    assert_eq!(
+        state_root(some("/x/state"), some("/home/u")),
+        Some(PathBuf::from("/x/state/p2pshare"))
+    );
+    assert_eq!(
+        state_root(None, some("/home/u")),
+        Some(PathBuf::from("/home/u/.local/state/p2pshare"))
+    );
+    // A relative or empty XDG_STATE_HOME is ignored, as the XDG spec says.
+    assert_eq!(
+        state_root(some("rel"), some("/home/u")),
+        Some(PathBuf::from("/home/u/.local/state/p2pshare"))
+    );
+    assert_eq!(
+        state_root(some(""), some("/home/u")),
+        Some(PathBuf::from("/home/u/.local/state/p2pshare"))
+    );
+    assert_eq!(state_root(None, None), None);
+}
