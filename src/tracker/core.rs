@@ -276,6 +276,21 @@ impl TrackerCore {
         self.pump_replica();
     }
 
+    /// A tracker link failed the service's handshake: whoever is at the other end does not
+    /// hold this service's key. If we dialed it, that tracker number is not (yet) one of
+    /// ours: the replica treats it as down rather than as a tracker that may hold the state.
+    pub fn handle_handshake_failed(&mut self, conn: ConnId, now: Instant) {
+        if self
+            .links
+            .get(&conn)
+            .is_some_and(|l| l.kind == Kind::Tracker)
+        {
+            self.links.remove(&conn);
+            self.replica.handle_foreign(conn, now);
+            self.pump_replica();
+        }
+    }
+
     /// The connection is gone (closed by the peer, by an error, or by us).
     pub fn handle_close(&mut self, conn: ConnId, now: Instant) {
         if self.replica.observe(now) {

@@ -366,6 +366,9 @@ impl Driver {
                         "conn {id}: tracker link closed by the peer during the handshake \
                          (does it hold this service's key?)"
                     );
+                    // Not a tracker of this service (or not yet one): it holds no state the
+                    // service needs, so the replica must not wait for it.
+                    core.handle_handshake_failed(id, now);
                 }
                 debug!("conn {id}: closed by peer");
                 conn.data.read_closed = true;
@@ -375,6 +378,9 @@ impl Driver {
             }
             Err(e) => {
                 warn!("conn {id}: {e}; closing");
+                if conn.secure().is_some_and(|s| !s.is_established()) {
+                    core.handle_handshake_failed(id, now);
+                }
                 self.drain_outputs();
                 self.close(id);
             }

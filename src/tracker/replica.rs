@@ -560,6 +560,25 @@ impl Replica {
         self.decide(now);
     }
 
+    /// A link we dialed failed the service's handshake: the process there is not a tracker
+    /// of this service. Like a refused dial, it holds nothing the service waits for; it is
+    /// dialed again later (its key may be fixed).
+    pub fn handle_foreign(&mut self, link: ConnId, now: Instant) {
+        if self.observe(now) {
+            return;
+        }
+        let Some(gone) = self.links.remove(&link) else {
+            return;
+        };
+        if let Some(no) = gone.dialed {
+            warn!("tracker {no}: does not hold this service's key; not linking");
+            self.dialing.remove(&no);
+            self.unsure.remove(&no);
+            self.schedule_redial(no, now);
+        }
+        self.decide(now);
+    }
+
     /// A link we accepted opened with a tracker's hello; `opened` orders the driver's
     /// connections by when they opened (a counter shared with `handle_dialed`).
     pub fn handle_accepted(&mut self, link: ConnId, peer: TrackerRef, opened: u64, now: Instant) {
