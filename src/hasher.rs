@@ -3,7 +3,8 @@
 //! A file job maps the file, then splits into one task for the whole-file digest (inherently
 //! sequential) and tasks of a few pieces each, which the workers take from one queue, so a
 //! large file is hashed on every core at once. A piece job checks one downloaded piece, read
-//! through its [`HashTicket`], against its expected digest and hands the ticket back. Every
+//! through its [`HashTicket`], against its expected digest; the verdict consumes the ticket
+//! and goes back to the download. Every
 //! result goes to the results channel and the owner's `mio::Waker` is woken; the reactor never
 //! blocks on hashing.
 //!
@@ -34,7 +35,7 @@ use std::thread;
 use mio::Waker;
 use sha1::{Digest, Sha1};
 
-use crate::storage::{HashTicket, PartReader, SourceMap};
+use crate::storage::{HashTicket, PartReader, SourceMap, Verdict};
 use crate::wire::Sha1Digest;
 
 /// Pieces per task: big enough to amortise the queue, small enough to balance the workers.
@@ -63,11 +64,10 @@ pub struct HashDone {
     pub result: Result<FileHashes, String>,
 }
 
-/// A checked piece: the ticket comes back with the verdict.
+/// A checked piece: its ticket was consumed by the verdict, which goes back to the writer.
 pub struct PieceChecked {
     pub job: u64,
-    pub ticket: HashTicket,
-    pub ok: bool,
+    pub verdict: Verdict,
 }
 
 impl std::fmt::Debug for PieceChecked {
@@ -76,8 +76,8 @@ impl std::fmt::Debug for PieceChecked {
             f,
             "PieceChecked(job {}, piece {}, ok {})",
             self.job,
-            self.ticket.piece(),
-            self.ok
+            self.verdict.piece(),
+            self.verdict.ok()
         )
     }
 }
@@ -338,11 +338,10 @@ fn worker(
             } => {
                 let ok = sha1_of(ticket.bytes()) == expected;
                 let piece = ticket.piece();
-                if ok {
-                    ticket.verified();
-                }
+                let verdict = ticket.verdict(ok);
+                let ok = verdict.ok();
                 // The verdict goes out first: the digest can wait, the download cannot.
-                if !send(HashResult::Piece(PieceChecked { job, ticket, ok })) {
+                if !send(HashResult::Piece(PieceChecked { job, verdict })) {
                     return;
                 }
                 match stream {
@@ -550,8 +549,8 @@ mod tests {
             let Ok(HashResult::Piece(p)) = done.recv_timeout(Duration::from_secs(10)) else {
                 panic!("expected a piece result");
             };
-            verdicts.push((p.job, p.ok));
-            part.finish(p.ticket, p.ok);
+            verdicts.push((p.job, p.verdict.ok()));
+            part.finish(p.verdict);
         }
         verdicts.sort();
         assert_eq!(verdicts, [(1, true), (2, false)]);
@@ -624,8 +623,8 @@ mod tests {
                 .expect("a result")
             {
                 HashResult::Piece(p) => {
-                    verdicts.push((p.ticket.piece(), p.ok));
-                    part.finish(p.ticket, p.ok);
+                    verdicts.push((p.verdict.piece(), p.verdict.ok()));
+                    part.finish(p.verdict);
                 }
                 HashResult::Stream(d) => {
                     assert!(digest.is_none(), "one digest per download");
@@ -698,9 +697,9 @@ mod tests {
         for (p, bytes) in [(0u32, b"abcd"), (1, b"efgh")] {
             let ticket = part.seal(p).unwrap();
             assert_eq!(sha1_of(ticket.bytes()), sha1_of(bytes));
-            ticket.verified();
+            let verdict = ticket.verified();
             assert!(matches!(stream.advance(p), Fed::Nothing));
-            part.finish(ticket, true);
+            part.finish(verdict);
         }
     }
 
@@ -719,13 +718,12 @@ mod tests {
         // Every piece but the first verified: nothing to feed yet.
         for p in (1..n).rev() {
             let ticket = part.seal(p).unwrap();
-            ticket.verified();
+            let verdict = ticket.verified();
             assert!(matches!(stream.advance(p), Fed::Nothing));
-            part.finish(ticket, true);
+            part.finish(verdict);
         }
         // The first one verifies: the digest takes its share, then says more waits.
-        let ticket = part.seal(0).unwrap();
-        ticket.verified();
+        let verdict = part.seal(0).unwrap().verified();
         assert!(matches!(stream.advance(0), Fed::More));
         assert_eq!(stream.inner.lock().unwrap().next, FEED_PIECES);
         assert!(matches!(stream.advance(u32::MAX), Fed::More));
@@ -742,7 +740,7 @@ mod tests {
             matches!(stream.advance(u32::MAX), Fed::Nothing),
             "finished once"
         );
-        part.finish(ticket, true);
+        part.finish(verdict);
         // Through the pool, in reverse order: the queued rest finishes the digest.
         let (_, digest, _) =
             verify_with_stream(&data, 10, &(0..n).rev().collect::<Vec<_>>(), None, 1);

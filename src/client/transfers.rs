@@ -382,12 +382,12 @@ impl Transfers {
         checked: PieceChecked,
         now: Instant,
     ) {
-        let PieceChecked { job, ticket, ok } = checked;
+        let PieceChecked { job, verdict } = checked;
         let Some(active) = self.downloads.get_mut(&job) else {
             return;
         };
-        let piece = ticket.piece();
-        active.part.finish(ticket, ok);
+        let (piece, ok) = (verdict.piece(), verdict.ok());
+        active.part.finish(verdict);
         active.engine.on_piece_checked(piece, ok, now);
         self.run_actions(registry, hasher, job, now);
     }
