@@ -8,3 +8,4 @@ pub mod driver;
 pub mod progress;
 pub mod session;
 pub mod transfers;
+pub mod uplink;
