@@ -4,11 +4,11 @@
 //! one mio reactor) and every running download. Two kinds of link share the table:
 //!
 //! - **Fetch links**, which this client opened to a sharer for one of its downloads. What the
-//!   sharer sends is read by [`SharerReader`]: the length prefix, type byte and block header
-//!   of a `Block` frame are read on their own, the [`Download`] engine decides whether the
-//!   block is wanted, and its data is then read from the socket straight into the piece's bytes
-//!   in the memory-mapped `<target>.part` ([`PartFile::write_with`]); unwanted data goes to a
-//!   small scratch buffer. No block is ever copied through an intermediate buffer.
+//!   sharer sends is followed by a [`SharerStream`] decoder: the length prefix, type byte and
+//!   block header of a `Block` frame are read on their own, the [`Download`] engine decides
+//!   whether the block is wanted, and its data is then read from the socket straight into the
+//!   piece's bytes in the memory-mapped `<target>.part` ([`PartFile::write_with`]); unwanted
+//!   data goes to a small scratch buffer. No block is ever copied through an intermediate buffer.
 //! - **Serve links**, which another client opened to fetch a file this client shares. After a
 //!   handshake naming a file the logged-in user shares, each request is answered with a block
 //!   header in the send buffer followed by the data sent straight from the file's read-only map
@@ -30,7 +30,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use byteorder::{BigEndian, ByteOrder};
 use log::{debug, info, warn};
 use mio::net::TcpStream;
 use mio::{Registry, Token};
@@ -44,8 +43,8 @@ use crate::net::conn::MappedSlice;
 use crate::net::{ConnId, ConnTable, ReadEnd};
 use crate::storage::{PartFile, PartReader, SourceMap};
 use crate::wire::peer_link::{
-    block_data_len, emit_block_header, parse_block_header, BlockRef, DownloaderMsg, SharerMsg,
-    BLOCK_HEADER_LEN, BLOCK_TYPE, MAX_ACCEPT_PIECES, MAX_DOWNLOADER_FRAME, MAX_PEER_FRAME,
+    emit_block_header, BlockRef, Decoded, DownloaderMsg, Next, SharerMsg, SharerStream,
+    MAX_ACCEPT_PIECES, MAX_DOWNLOADER_FRAME, MAX_PEER_FRAME,
 };
 use crate::wire::tracker_link::FileMeta;
 use crate::wire::{FileName, GroupId, Sha1Digest, PROTOCOL_VERSION};
@@ -60,8 +59,6 @@ const SERVE_MAX_PENDING: usize = 32 * 1024 * 1024;
 const SERVE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most peer links at once; connections past it are closed at once.
 const MAX_PEER_LINKS: usize = 4096;
-/// Largest frame other than a `Block` or the first `Accept` a fetch link takes.
-const MAX_SMALL_FRAME: usize = 2048;
 /// Scratch space for data that is read and dropped.
 const SCRATCH_LEN: usize = 64 * 1024;
 
@@ -141,52 +138,15 @@ enum Answer {
     Block(MappedBlock),
 }
 
-/// Where a fetch link's reader stands in the sharer's byte stream.
-#[derive(Debug, Clone, Copy)]
-enum ReadState {
-    /// Reading a frame's length prefix and type byte.
-    Prefix,
-    /// Reading a `Block` frame's header.
-    BlockHead { frame_len: usize },
-    /// Reading a block's data, into the file (`write`) or the scratch buffer.
-    Data {
-        piece: u32,
-        offset: u32,
-        len: u32,
-        done: u32,
-        write: bool,
-    },
-    /// Reading the rest of another frame into `body`.
-    Body { frame_len: usize },
-}
-
-/// The reading side of a fetch link.
-pub struct SharerReader {
-    head: [u8; 4 + 1 + BLOCK_HEADER_LEN],
-    have: usize,
-    body: Vec<u8>,
-    state: ReadState,
-    accepted: bool,
-}
-
-impl SharerReader {
-    fn new() -> Self {
-        SharerReader {
-            head: [0; 4 + 1 + BLOCK_HEADER_LEN],
-            have: 0,
-            body: Vec::new(),
-            state: ReadState::Prefix,
-            accepted: false,
-        }
-    }
-}
-
 struct FetchLink {
     download: u64,
     peer: PeerId,
     addr: SocketAddr,
     connected: bool,
-    reader: SharerReader,
+    /// Where the sharer's next bytes go.
+    decoder: SharerStream,
+    /// Whether the block being read goes into the file (the engine wanted it).
+    writing: bool,
 }
 
 enum ServeState {
@@ -510,7 +470,8 @@ impl Transfers {
                 peer,
                 addr,
                 connected: false,
-                reader: SharerReader::new(),
+                decoder: SharerStream::new(),
+                writing: false,
             }),
         )?;
         if let Some(conn) = self.conns.get_mut(conn_id) {
@@ -887,9 +848,8 @@ impl Transfers {
         let mut messages = Vec::new();
         let outcome = read_sharer(
             &mut conn.stream,
-            &mut link.reader,
+            link,
             active,
-            peer,
             &mut self.scratch,
             &mut messages,
             now,
@@ -1165,190 +1125,71 @@ fn block_range(block: BlockRef, size: u64, piece_len: u32, n_pieces: u32) -> Opt
     usize::try_from(start).ok()
 }
 
-/// Reads from a fetch link until the socket is drained or the budget is spent. Small frames
-/// are parsed into `messages`; block data goes straight into the download's `.part` map (or
-/// the scratch buffer, when the engine does not want it). `Err` carries a protocol error.
+/// Reads from a fetch link until the socket is drained or the budget is spent, putting the
+/// bytes where the link's [`SharerStream`] says: small frames are parsed into `messages`;
+/// block data goes straight into the download's `.part` map (or the scratch buffer, when the
+/// engine does not want it). `Err` carries a protocol error.
 fn read_sharer(
     stream: &mut TcpStream,
-    reader: &mut SharerReader,
+    link: &mut FetchLink,
     active: &mut Active,
-    peer: PeerId,
     scratch: &mut [u8],
     messages: &mut Vec<SharerMsg>,
     now: Instant,
 ) -> Result<ReadEnd, String> {
+    let peer = link.peer;
     let mut budget = READ_BUDGET;
-    loop {
-        if budget == 0 {
-            return Ok(ReadEnd::Budget);
-        }
-        let n = match reader.state {
-            ReadState::Prefix => {
-                let r = stream.read(&mut reader.head[reader.have..5]);
-                let n = match io_step(r)? {
-                    Step::Read(n) => n,
-                    Step::End(end) => return Ok(end),
-                };
-                reader.have += n;
-                if reader.have == 5 {
-                    let frame_len = BigEndian::read_u32(&reader.head[..4]) as usize;
-                    let ty = reader.head[4];
-                    if frame_len == 0 {
-                        return Err("an empty frame".into());
-                    }
-                    if ty == BLOCK_TYPE {
-                        if !reader.accepted {
-                            return Err("a block before the handshake's answer".into());
-                        }
-                        if frame_len > MAX_PEER_FRAME {
-                            return Err(format!("a frame of {frame_len} bytes"));
-                        }
-                        reader.state = ReadState::BlockHead { frame_len };
-                    } else {
-                        let max = if reader.accepted {
-                            MAX_SMALL_FRAME
-                        } else {
-                            MAX_PEER_FRAME
-                        };
-                        if frame_len > max {
-                            return Err(format!("a frame of {frame_len} bytes"));
-                        }
-                        reader.body.clear();
-                        reader.body.push(ty);
-                        reader.state = ReadState::Body { frame_len };
-                        if frame_len == 1 {
-                            finish_body(reader, messages)?;
-                        }
-                    }
-                }
-                n
-            }
-            ReadState::BlockHead { frame_len } => {
-                let r = stream.read(&mut reader.head[reader.have..5 + BLOCK_HEADER_LEN]);
-                let n = match io_step(r)? {
-                    Step::Read(n) => n,
-                    Step::End(end) => return Ok(end),
-                };
-                reader.have += n;
-                if reader.have == 5 + BLOCK_HEADER_LEN {
-                    let data_len = block_data_len(frame_len).map_err(|e| e.to_string())?;
-                    let (piece, offset) =
-                        parse_block_header(&reader.head[5..]).map_err(|e| e.to_string())?;
-                    let len = u32::try_from(data_len).map_err(|_| "block too long".to_owned())?;
-                    let verdict = active.engine.on_block_header(peer, piece, offset, len, now);
-                    reader.state = ReadState::Data {
-                        piece,
-                        offset,
-                        len,
-                        done: 0,
-                        write: verdict == Verdict::Write,
-                    };
-                }
-                n
-            }
-            ReadState::Data {
-                piece,
-                offset,
-                len,
-                done,
-                write,
-            } => {
-                let left = len - done;
-                let r = if write {
-                    match active
+    while budget > 0 {
+        let (r, is_data) = match link.decoder.next_read() {
+            Next::Buffer(buf) => (stream.read(buf), false),
+            Next::BlockData { piece, offset, len } => {
+                let written = if link.writing {
+                    active
                         .part
-                        .write_with(piece, offset + done, left, |buf| stream.read(buf))
-                    {
-                        Some(r) => r,
-                        // The engine accepted a block the file will not take: a bug, but
-                        // the stream stays in step if the data is dropped.
-                        None => {
+                        .write_with(piece, offset, len, |buf| stream.read(buf))
+                } else {
+                    None
+                };
+                match written {
+                    Some(r) => (r, true),
+                    None => {
+                        if link.writing {
+                            // The engine accepted a block the file will not take: a bug, but
+                            // the stream stays in step if the data is dropped.
                             warn!("piece {piece} refused a block the engine accepted");
-                            reader.state = ReadState::Data {
-                                piece,
-                                offset,
-                                len,
-                                done,
-                                write: false,
-                            };
-                            continue;
+                            link.writing = false;
                         }
+                        let cap = scratch.len().min(len as usize);
+                        (stream.read(&mut scratch[..cap]), true)
                     }
-                } else {
-                    let cap = scratch.len().min(left as usize);
-                    stream.read(&mut scratch[..cap])
-                };
-                let n = match io_step(r)? {
-                    Step::Read(n) => n,
-                    Step::End(end) => return Ok(end),
-                };
-                let done = done + n as u32;
-                // Bytes are flowing: a slow link in the middle of a long block is not stalled.
-                active.engine.on_data(peer, now);
-                if done == len {
-                    if write {
-                        active.engine.on_block_written(peer, piece, offset, len);
-                    }
-                    reader.state = ReadState::Prefix;
-                    reader.have = 0;
-                } else {
-                    reader.state = ReadState::Data {
-                        piece,
-                        offset,
-                        len,
-                        done,
-                        write,
-                    };
                 }
-                n
-            }
-            ReadState::Body { frame_len } => {
-                let want = frame_len - reader.body.len();
-                let start = reader.body.len();
-                reader.body.resize(frame_len, 0);
-                let r = stream.read(&mut reader.body[start..start + want]);
-                let got = match &r {
-                    Ok(n) => *n,
-                    Err(_) => 0,
-                };
-                reader.body.truncate(start + got);
-                let n = match io_step(r)? {
-                    Step::Read(n) => n,
-                    Step::End(end) => return Ok(end),
-                };
-                if reader.body.len() == frame_len {
-                    finish_body(reader, messages)?;
-                }
-                n
             }
         };
+        let n = match io_step(r)? {
+            Step::Read(n) => n,
+            Step::End(end) => return Ok(end),
+        };
+        if is_data {
+            // Bytes are flowing: a slow link in the middle of a long block is not stalled.
+            active.engine.on_data(peer, now);
+        }
+        match link.decoder.filled(n).map_err(|e| e.to_string())? {
+            None => {}
+            Some(Decoded::Msg(msg)) => messages.push(msg),
+            Some(Decoded::BlockStart { piece, offset, len }) => {
+                link.writing =
+                    active.engine.on_block_header(peer, piece, offset, len, now) == Verdict::Write;
+            }
+            Some(Decoded::BlockEnd { piece, offset, len }) => {
+                if link.writing {
+                    active.engine.on_block_written(peer, piece, offset, len);
+                }
+                link.writing = false;
+            }
+        }
         budget = budget.saturating_sub(n);
     }
-}
-
-/// A whole small frame is in `reader.body`: parse it.
-fn finish_body(reader: &mut SharerReader, messages: &mut Vec<SharerMsg>) -> Result<(), String> {
-    let msg = SharerMsg::parse(&reader.body).map_err(|e| e.to_string())?;
-    match &msg {
-        SharerMsg::Accept { .. } | SharerMsg::Refuse { .. } if reader.accepted => {
-            return Err("a second answer to the handshake".into())
-        }
-        SharerMsg::Accept { .. } => reader.accepted = true,
-        SharerMsg::Have { .. } | SharerMsg::Rejected(_) if !reader.accepted => {
-            return Err("a message before the handshake's answer".into())
-        }
-        _ => {}
-    }
-    messages.push(msg);
-    reader.body = if reader.body.capacity() > MAX_SMALL_FRAME {
-        Vec::new()
-    } else {
-        std::mem::take(&mut reader.body)
-    };
-    reader.body.clear();
-    reader.state = ReadState::Prefix;
-    reader.have = 0;
-    Ok(())
+    Ok(ReadEnd::Budget)
 }
 
 enum Step {
