@@ -9,3 +9,4 @@ pub mod progress;
 pub mod session;
 pub mod transfers;
 pub mod uplink;
+pub mod uploader;

@@ -37,35 +37,29 @@ use mio::{Registry, Token};
 use super::download::engine::{bitfield_of, Action, Download, Limits, Progress};
 use super::download::picker::{PeerId, Verdict};
 use super::session::ClientCore;
+use super::uploader::{self, Offer, Refusal, RefuseCode, ServeError, Uploader};
 use crate::bitfield::Bitfield;
 use crate::hasher::{sha1_of, FileStream, HashPool, PieceChecked, StreamDone};
 use crate::net::conn::MappedSlice;
 use crate::net::{ConnId, ConnTable, ReadEnd};
 use crate::storage::{PartFile, PartReader, SourceMap};
 use crate::wire::peer_link::{
-    emit_block_header, BlockRef, Decoded, DownloaderMsg, Next, SharerMsg, SharerStream,
-    MAX_ACCEPT_PIECES, MAX_DOWNLOADER_FRAME, MAX_PEER_FRAME,
+    emit_block_header, Decoded, DownloaderMsg, Next, SharerMsg, SharerStream, MAX_DOWNLOADER_FRAME,
+    MAX_PEER_FRAME,
 };
 use crate::wire::tracker_link::FileMeta;
-use crate::wire::{FileName, GroupId, Sha1Digest, PROTOCOL_VERSION};
+use crate::wire::{DecodeError, FileName, GroupId, Sha1Digest, PROTOCOL_VERSION};
 
 /// Bytes read from one fetch link before the others get a turn.
 const READ_BUDGET: usize = 8 * 1024 * 1024;
 /// Frames read from one serve link before the others get a turn.
 const FRAME_BUDGET: usize = 256;
-/// A serve link stops reading requests while this much is queued for it.
-const SERVE_MAX_PENDING: usize = 32 * 1024 * 1024;
 /// How long a serve link may take to send its handshake.
 const SERVE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most peer links at once; connections past it are closed at once.
 const MAX_PEER_LINKS: usize = 4096;
 /// Scratch space for data that is read and dropped.
 const SCRATCH_LEN: usize = 64 * 1024;
-
-/// Refusal codes in a `Refuse`.
-pub const REFUSE_NOT_SHARED: u16 = 1;
-pub const REFUSE_VERSION: u16 = 2;
-pub const REFUSE_BUSY: u16 = 3;
 
 /// Something the command loop or the tracker must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,17 +73,6 @@ pub enum TransferEvent {
         download: u64,
         result: Result<String, String>,
     },
-}
-
-/// What a serve link offers after its handshake.
-struct Offer {
-    source: Source,
-    /// The download whose `.part` is served, while it runs.
-    download: Option<u64>,
-    size: u64,
-    piece_len: u32,
-    n_pieces: u32,
-    bitfield: Bitfield,
 }
 
 /// Bytes to serve: a shared file's map, or the verified pieces of a download in progress.
@@ -149,26 +132,22 @@ struct FetchLink {
     writing: bool,
 }
 
-enum ServeState {
-    Handshake,
-    Serving {
-        group: GroupId,
-        name: FileName,
-        file_sha1: Sha1Digest,
-        source: Source,
-        /// The download whose `.part` is served, while it runs.
-        download: Option<u64>,
-        size: u64,
-        piece_len: u32,
-        n_pieces: u32,
-    },
+/// What an accepted serve link serves.
+struct Serving {
+    group: GroupId,
+    name: FileName,
+    file_sha1: Sha1Digest,
+    source: Source,
+    /// The download whose `.part` is served, while it runs.
+    download: Option<u64>,
 }
 
 struct ServeLink {
     addr: SocketAddr,
-    state: ServeState,
-    /// Close once the queued bytes are out.
-    closing: bool,
+    /// What to answer (the serving core).
+    core: Uploader,
+    /// Set once the handshake is accepted.
+    serving: Option<Serving>,
 }
 
 enum PeerConn {
@@ -488,10 +467,9 @@ impl Transfers {
         let mut dirty = Vec::new();
         for conn in self.conns.iter_mut() {
             if let PeerConn::Serve(ServeLink {
-                state:
-                    ServeState::Serving {
-                        download: Some(d), ..
-                    },
+                serving: Some(Serving {
+                    download: Some(d), ..
+                }),
                 ..
             }) = &conn.data
             {
@@ -585,7 +563,7 @@ impl Transfers {
     fn detach_serving(&mut self, download: u64) {
         for conn in self.conns.iter_mut() {
             if let PeerConn::Serve(ServeLink {
-                state: ServeState::Serving { download: d, .. },
+                serving: Some(Serving { download: d, .. }),
                 ..
             }) = &mut conn.data
             {
@@ -601,7 +579,7 @@ impl Transfers {
             .conns
             .iter()
             .filter(|c| {
-                matches!(&c.data, PeerConn::Serve(ServeLink { state: ServeState::Serving { download: Some(d), .. }, .. }) if *d == download)
+                matches!(&c.data, PeerConn::Serve(ServeLink { serving: Some(Serving { download: Some(d), .. }), .. }) if *d == download)
             })
             .map(|c| c.id)
             .collect();
@@ -651,10 +629,7 @@ impl Transfers {
             self.handshake_deadlines.pop_front();
             let silent = matches!(
                 self.conns.get(id).map(|c| &c.data),
-                Some(PeerConn::Serve(ServeLink {
-                    state: ServeState::Handshake,
-                    ..
-                }))
+                Some(PeerConn::Serve(link)) if link.core.awaits_handshake()
             );
             if silent {
                 debug!("peer link {id}: no handshake in time; closed");
@@ -681,8 +656,8 @@ impl Transfers {
             MAX_DOWNLOADER_FRAME,
             PeerConn::Serve(ServeLink {
                 addr,
-                state: ServeState::Handshake,
-                closing: false,
+                core: Uploader::new(),
+                serving: None,
             }),
         ) {
             Ok(id) => self
@@ -759,8 +734,8 @@ impl Transfers {
             }
         }
         let result = conn.flush(registry);
-        let done_closing =
-            matches!(&conn.data, PeerConn::Serve(s) if s.closing) && conn.pending_write() == 0;
+        let done_closing = matches!(&conn.data, PeerConn::Serve(s) if s.core.is_refused())
+            && conn.pending_write() == 0;
         if let Err(e) = result {
             self.lose(registry, id, &format!("write failed: {e}"));
         } else if done_closing {
@@ -896,14 +871,17 @@ impl Transfers {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
-        if conn.pending_write() >= SERVE_MAX_PENDING {
-            conn.read_paused = true;
+        let PeerConn::Serve(link) = &conn.data else {
+            return;
+        };
+        if !link.core.may_read(conn.pending_write()) {
+            conn.read_paused = !link.core.is_refused();
             return;
         }
         conn.read_paused = false;
-        let mut msgs: Vec<Result<DownloaderMsg, String>> = Vec::new();
+        let mut msgs: Vec<Result<DownloaderMsg, DecodeError>> = Vec::new();
         let result = conn.read_frames(FRAME_BUDGET, |payload| {
-            let msg = DownloaderMsg::parse(payload).map_err(|e| e.to_string());
+            let msg = DownloaderMsg::parse(payload);
             let stop = msg.is_err();
             msgs.push(msg);
             !stop
@@ -914,84 +892,73 @@ impl Transfers {
         let mut close = None;
         let mut answers: Vec<Answer> = Vec::new();
         for msg in msgs {
-            if link.closing {
+            if link.core.is_refused() {
                 break;
             }
-            match msg {
+            let serving = &link.serving;
+            let step = msg.map_err(ServeError::from).and_then(|msg| {
+                link.core.handle_msg(msg, |piece| {
+                    serving
+                        .as_ref()
+                        .is_some_and(|s| s.source.is_verified(piece))
+                })
+            });
+            match step {
                 Err(e) => {
-                    close = Some(format!("bad frame: {e}"));
+                    close = Some(e);
                     break;
                 }
-                Ok(DownloaderMsg::Handshake {
-                    version,
+                Ok(uploader::Step::Nothing) => {}
+                Ok(uploader::Step::Send(msg)) => {
+                    if let SharerMsg::Refuse { message, .. } = &msg {
+                        debug!("refusing {}: {message}", link.addr);
+                    }
+                    answers.push(Answer::Msg(msg));
+                }
+                Ok(uploader::Step::Block { block, start }) => {
+                    match (&link.serving, usize::try_from(start)) {
+                        (Some(s), Ok(start)) => answers.push(Answer::Block(MappedBlock {
+                            source: s.source.clone(),
+                            piece: block.piece,
+                            offset: block.offset,
+                            start,
+                            len: block.len,
+                        })),
+                        _ => answers.push(Answer::Msg(SharerMsg::Rejected(block))),
+                    }
+                }
+                Ok(uploader::Step::LookUp {
                     group,
                     name,
                     file_sha1,
                 }) => {
-                    if !matches!(link.state, ServeState::Handshake) {
-                        close = Some("a second handshake".into());
-                        break;
-                    }
-                    let answer = if version != PROTOCOL_VERSION {
-                        Err((
-                            REFUSE_VERSION,
-                            format!("this sharer speaks version {PROTOCOL_VERSION}"),
-                        ))
-                    } else {
-                        open_source(&self.downloads, shares, &group, &name, &file_sha1)
-                    };
-                    match answer {
-                        Ok(offer) => {
+                    let (offer, serving) =
+                        match open_source(&self.downloads, shares, &group, &name, &file_sha1) {
+                            Ok((source, download, offer)) => (Ok(offer), Some((source, download))),
+                            Err(refusal) => (Err(refusal), None),
+                        };
+                    let answer = link.core.handle_offer(offer);
+                    match (&answer, serving) {
+                        (SharerMsg::Accept { .. }, Some((source, download))) => {
                             debug!("serving {name} of group {group} to {}", link.addr);
-                            answers.push(Answer::Msg(SharerMsg::accept(offer.bitfield)));
-                            link.state = ServeState::Serving {
+                            link.serving = Some(Serving {
                                 group,
                                 name,
                                 file_sha1,
-                                source: offer.source,
-                                download: offer.download,
-                                size: offer.size,
-                                piece_len: offer.piece_len,
-                                n_pieces: offer.n_pieces,
-                            };
+                                source,
+                                download,
+                            });
                         }
-                        Err((code, message)) => {
+                        (SharerMsg::Refuse { message, .. }, _) => {
                             debug!(
                                 "refusing {name} of group {group} to {}: {message}",
                                 link.addr
                             );
-                            answers.push(Answer::Msg(SharerMsg::Refuse { code, message }));
-                            link.closing = true;
                         }
+                        _ => {}
                     }
+                    answers.push(Answer::Msg(answer));
                 }
-                Ok(DownloaderMsg::Request(block)) => {
-                    let ServeState::Serving {
-                        source,
-                        size,
-                        piece_len,
-                        n_pieces,
-                        ..
-                    } = &link.state
-                    else {
-                        close = Some("a request before the handshake".into());
-                        break;
-                    };
-                    match block_range(block, *size, *piece_len, *n_pieces) {
-                        Some(start) if source.is_verified(block.piece) => {
-                            answers.push(Answer::Block(MappedBlock {
-                                source: source.clone(),
-                                piece: block.piece,
-                                offset: block.offset,
-                                start,
-                                len: block.len,
-                            }))
-                        }
-                        _ => answers.push(Answer::Msg(SharerMsg::Rejected(block))),
-                    }
-                }
-                // The block is queued already (the downloader drops a late copy).
-                Ok(DownloaderMsg::Cancel(_)) => {}
             }
         }
         for answer in answers {
@@ -1032,13 +999,13 @@ impl Transfers {
             .iter()
             .filter(|c| match &c.data {
                 PeerConn::Serve(ServeLink {
-                    state:
-                        ServeState::Serving {
+                    serving:
+                        Some(Serving {
                             group,
                             name,
                             file_sha1,
                             ..
-                        },
+                        }),
                     ..
                 }) => shares.serving(group, name, file_sha1).is_none(),
                 _ => false,
@@ -1054,42 +1021,33 @@ impl Transfers {
 
 /// What to offer for a handshake, if the logged-in user shares that file: a running
 /// download's verified pieces, or the shared file's map (which must still have the size the
-/// tracker knows).
+/// tracker knows). Comes with the download whose `.part` is served, if so.
 fn open_source(
     downloads: &BTreeMap<u64, Active>,
     shares: &ClientCore,
     group: &GroupId,
     name: &FileName,
     file_sha1: &Sha1Digest,
-) -> Result<Offer, (u16, String)> {
-    let not_shared = || {
-        (
-            REFUSE_NOT_SHARED,
-            format!("{name} of group {group} is not shared here"),
-        )
+) -> Result<(Source, Option<u64>, Offer), Refusal> {
+    let not_shared = || Refusal {
+        code: RefuseCode::NotShared,
+        message: format!("{name} of group {group} is not shared here"),
     };
     let share = shares
         .serving(group, name, file_sha1)
         .ok_or_else(not_shared)?;
     let meta = &share.meta;
-    let n_pieces = meta.piece_hashes.len();
-    if n_pieces > MAX_ACCEPT_PIECES {
-        return Err((REFUSE_BUSY, "the file has too many pieces to offer".into()));
-    }
-    let offer = |source, download, bitfield| Offer {
-        source,
-        download,
+    let offer = |bitfield| Offer {
         size: meta.size,
         piece_len: meta.piece_len,
-        n_pieces: u32::try_from(n_pieces).unwrap_or(0),
         bitfield,
     };
     if let Some((&id, active)) = downloads.iter().find(|(_, a)| a.target == share.path) {
         let bitfield = bitfield_of(active.engine.picker());
-        return Ok(offer(
+        return Ok((
             Source::Part(active.reader.clone()),
             Some(id),
-            bitfield,
+            offer(bitfield),
         ));
     }
     let map = SourceMap::open(&share.path).map_err(|e| {
@@ -1103,26 +1061,11 @@ fn open_source(
         );
         return Err(not_shared());
     }
-    Ok(offer(
+    Ok((
         Source::File(Arc::new(map)),
         None,
-        Bitfield::full(n_pieces),
+        offer(Bitfield::full(meta.piece_hashes.len())),
     ))
-}
-
-/// Where a requested block starts in the file, if it lies inside one piece of it.
-fn block_range(block: BlockRef, size: u64, piece_len: u32, n_pieces: u32) -> Option<usize> {
-    if block.piece >= n_pieces {
-        return None;
-    }
-    let piece_start = u64::from(block.piece) * u64::from(piece_len);
-    let piece_end = (piece_start + u64::from(piece_len)).min(size);
-    let start = piece_start.checked_add(u64::from(block.offset))?;
-    let end = start.checked_add(u64::from(block.len))?;
-    if end > piece_end || block.len == 0 {
-        return None;
-    }
-    usize::try_from(start).ok()
 }
 
 /// Reads from a fetch link until the socket is drained or the budget is spent, putting the
