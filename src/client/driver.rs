@@ -19,6 +19,7 @@ use log::{info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::disk;
 use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::transfers::{TransferEvent, Transfers};
@@ -347,6 +348,10 @@ impl Driver {
                 }
                 // Written by `drive_uplink`, or carried by the next link with the others.
                 Output::Send(request) => self.uplink.send(request, Instant::now()),
+                Output::Inspect(query) => {
+                    let answer = disk::inspect(&query);
+                    self.core.handle_inspected(answer, Instant::now());
+                }
                 Output::HashFile { job, path } => {
                     self.hasher.hash_file(job, path, crate::wire::PIECE_LEN)
                 }

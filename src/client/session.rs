@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::command::{parse_line, Command};
+use super::disk::{Inspect, Inspected};
 use crate::hasher::{FileHashes, HashDone};
 use crate::wire::tracker_link::{FileMeta, Relation, Reply, ReplyBody, Request, RequestBody};
 use crate::wire::{FileName, GroupId, UserId, PIECE_LEN};
@@ -36,6 +37,9 @@ pub enum Output {
     Fail(String),
     /// A request for the tracker.
     Send(Request),
+    /// Look at the file system and call `handle_inspected` with [`inspect`](super::disk::inspect)'s answer
+    /// (the command waits for it).
+    Inspect(Inspect),
     /// Hash this file on the worker pool and call `handle_hashed` with the job id.
     HashFile { job: u64, path: PathBuf },
     /// The user asked to quit.
@@ -59,6 +63,26 @@ pub enum Output {
     /// The set of files this client may serve changed (login, logout, stop_share,
     /// leave_group): links serving what is no longer shared must close.
     SharesChanged,
+}
+
+/// Why the driver could not start a download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// The target exists (it appeared after the command checked it): nothing is overwritten.
+    TargetExists(PathBuf),
+    /// `<target>.part` could not be created and mapped.
+    CreatePart { path: PathBuf, reason: String },
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::TargetExists(path) => write!(f, "{} already exists", path.display()),
+            StartError::CreatePart { path, reason } => {
+                write!(f, "cannot create {}: {reason}", path.display())
+            }
+        }
+    }
 }
 
 /// Where a download of this client stands, for `show_downloads`.
@@ -125,6 +149,8 @@ enum Pending {
         name: FileName,
         path: PathBuf,
     },
+    /// Waiting for the driver's answer to an [`Output::Inspect`] for `cmd`.
+    Inspecting { cmd: Command },
     /// Waiting for the driver to start download `id`.
     Starting { id: u64 },
     /// Waiting for the tracker's reply to `request`.
@@ -287,27 +313,23 @@ impl ClientCore {
         let body = match &cmd {
             Command::Quit => return self.out.push_back(Output::Quit),
             Command::ShowDownloads => return self.out.push_back(Output::ShowDownloads),
+            // Both need facts from the file system first: the driver answers with
+            // `handle_inspected`.
             Command::DownloadFile {
-                group,
-                name,
-                destination,
+                name, destination, ..
             } => {
-                let target = match self.resolve_target(destination, name) {
-                    Ok(t) => t,
-                    Err(reason) => return self.fail(reason),
-                };
-                let body = RequestBody::FileSharers {
-                    group: group.clone(),
+                let query = Inspect::DownloadTarget {
+                    destination: destination.clone(),
                     name: name.clone(),
                 };
-                let sent = Sent::Download {
-                    group: group.clone(),
-                    name: name.clone(),
-                    target,
-                };
-                return self.send(body, sent, now);
+                self.pending = Some(Pending::Inspecting { cmd });
+                return self.out.push_back(Output::Inspect(query));
             }
-            Command::UploadFile { path, group } => return self.start_upload(path, group),
+            Command::UploadFile { path, .. } => {
+                let query = Inspect::Upload { path: path.clone() };
+                self.pending = Some(Pending::Inspecting { cmd });
+                return self.out.push_back(Output::Inspect(query));
+            }
             Command::CreateUser { user, password } => RequestBody::CreateUser {
                 user: user.clone(),
                 password: password.clone(),
@@ -410,30 +432,46 @@ impl ClientCore {
         first
     }
 
-    /// Where `download_file` saves `name` given `destination` (see SPEC): an existing
-    /// directory or a path ending in `/` means `destination/name`. The target must not exist,
-    /// its directory must, and no running download of this client may be writing it.
-    fn resolve_target(&self, destination: &Path, name: &FileName) -> Result<PathBuf, String> {
-        let text = destination.as_os_str().as_encoded_bytes();
-        let target = if text.ends_with(b"/") || destination.is_dir() {
-            destination.join(name.as_str())
-        } else {
-            destination.to_path_buf()
-        };
-        if target.symlink_metadata().is_ok() {
-            return Err(format!("{} already exists", target.display()));
+    /// The driver's answer to an [`Output::Inspect`]: the command waiting for it goes on.
+    pub fn handle_inspected(&mut self, answer: Inspected, now: Instant) {
+        if !matches!(self.pending, Some(Pending::Inspecting { .. })) {
+            return;
         }
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
+        let Some(Pending::Inspecting { cmd }) = self.pending.take() else {
+            return;
         };
-        if !dir.is_dir() {
-            return Err(format!("directory {} does not exist", dir.display()));
+        match (cmd, answer) {
+            (Command::DownloadFile { group, name, .. }, Inspected::DownloadTarget(target)) => {
+                let target = match target.and_then(|t| self.not_downloading(t)) {
+                    Ok(t) => t,
+                    Err(reason) => return self.fail(reason),
+                };
+                let body = RequestBody::FileSharers {
+                    group: group.clone(),
+                    name: name.clone(),
+                };
+                self.send(
+                    body,
+                    Sent::Download {
+                        group,
+                        name,
+                        target,
+                    },
+                    now,
+                );
+            }
+            (Command::UploadFile { path, group }, Inspected::Upload(absolute)) => match absolute {
+                Ok(absolute) => self.start_upload(&path, absolute, &group),
+                Err(reason) => self.fail(reason),
+            },
+            (cmd, answer) => {
+                self.fail(format!("internal error: {answer:?} for {cmd:?}"));
+            }
         }
-        let target = match (std::fs::canonicalize(&dir), target.file_name()) {
-            (Ok(dir), Some(file)) => dir.join(file),
-            _ => target,
-        };
+    }
+
+    /// A download's target, unless a running download of this client is writing it already.
+    fn not_downloading(&self, target: PathBuf) -> Result<PathBuf, String> {
         if self
             .downloads
             .iter()
@@ -455,18 +493,23 @@ impl ClientCore {
     }
 
     /// The driver started (or could not start) download `id`; `Ok` carries the line to print.
-    pub fn handle_download_started(&mut self, id: u64, result: Result<String, String>) {
+    pub fn handle_download_started(&mut self, id: u64, result: Result<String, StartError>) {
         if !matches!(self.pending, Some(Pending::Starting { id: pending }) if pending == id) {
             return;
         }
         self.pending = None;
         match result {
             Ok(line) => self.print(line),
-            Err(reason) => {
+            Err(error @ StartError::TargetExists(_)) => {
+                // Nothing was started: the command failed before any download existed.
+                self.downloads.retain(|d| d.id != id);
+                self.fail(error.to_string())
+            }
+            Err(error) => {
                 if let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) {
                     d.status = DownloadStatus::Failed;
                 }
-                self.fail(reason)
+                self.fail(error.to_string())
             }
         }
     }
@@ -683,21 +726,15 @@ impl ClientCore {
         }
     }
 
-    fn start_upload(&mut self, path: &std::path::Path, group: &GroupId) {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) => return self.fail(format!("cannot read {}: {e}", path.display())),
-        };
-        if !meta.is_file() {
-            return self.fail(format!("{} is not a regular file", path.display()));
-        }
+    /// Hashes the regular file `path` (absolute: `absolute`) to share it in `group`.
+    fn start_upload(&mut self, path: &Path, absolute: PathBuf, group: &GroupId) {
         let name = match path.file_name().and_then(|n| n.to_str()).map(FileName::new) {
             Some(Ok(name)) => name,
             Some(Err(e)) => return self.fail(format!("invalid file name: {e}")),
             None => return self.fail(format!("{} has no usable file name", path.display())),
         };
-        // Serve from an absolute path, whatever the working directory becomes.
-        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        // Served from the absolute path, whatever the working directory becomes.
+        let path = absolute;
         let job = self.next_id();
         self.pending = Some(Pending::Hashing {
             job,
@@ -826,9 +863,8 @@ impl ClientCore {
         if peers.is_empty() {
             return self.fail(format!("no sharer of {name} is online in group {group}"));
         }
-        if target.symlink_metadata().is_ok() {
-            return self.fail(format!("{} already exists", target.display()));
-        }
+        // The target is checked again by the driver as the download starts (it may have
+        // appeared since `handle_inspected`): `StartError::TargetExists`.
         let id = self.next_id();
         self.downloads.push(DownloadEntry {
             id,

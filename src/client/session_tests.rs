@@ -1,7 +1,8 @@
 //! Unit tests of [`ClientCore`] without IO: lines go in with `handle_line`, every
 //! `Output::Send` is answered by hand with `handle_reply`, hashing is answered with
 //! `handle_hashed`, and the `Print`/`Fail` sequences and the failure count are checked.
-//! Only `upload_file` touches the disk (a temp file), because the core checks the file itself.
+//! Only `upload_file` touches the disk (a temp file): the harness answers the core's questions
+//! about files from the real file system, as the driver does.
 
 use super::*;
 
@@ -50,10 +51,19 @@ impl Harness {
     }
 
     /// The outputs so far, without `SharesChanged` (a hint to the driver, checked on its own).
+    /// Questions about the file system are answered from the real one, as the driver does.
     fn drain(&mut self) -> Vec<Output> {
-        std::iter::from_fn(|| self.core.poll_output())
-            .filter(|o| *o != Output::SharesChanged)
-            .collect()
+        let mut outs = Vec::new();
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::SharesChanged => {}
+                Output::Inspect(query) => self
+                    .core
+                    .handle_inspected(crate::client::disk::inspect(&query), self.now),
+                out => outs.push(out),
+            }
+        }
+        outs
     }
 
     /// Feeds one line and returns what it produced at once.

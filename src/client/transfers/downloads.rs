@@ -15,6 +15,7 @@ use mio::Registry;
 
 use super::super::download::engine::{Action, Download};
 use super::super::download::picker::PeerId;
+use super::super::session::StartError;
 use super::{TransferEvent, Transfers};
 use crate::hasher::{sha1_of, FileStream, HashPool, PieceChecked, StreamDone};
 use crate::net::ConnId;
@@ -60,9 +61,9 @@ impl Transfers {
         peers: &[SocketAddr],
         target: PathBuf,
         now: Instant,
-    ) -> Result<String, String> {
+    ) -> Result<String, StartError> {
         if target.symlink_metadata().is_ok() {
-            return Err(format!("{} already exists", target.display()));
+            return Err(StartError::TargetExists(target));
         }
         let mut part_name = target.as_os_str().to_owned();
         part_name.push(".part");
@@ -72,8 +73,12 @@ impl Transfers {
             warn!("removing the stale {}", part_path.display());
             let _ = std::fs::remove_file(&part_path);
         }
-        let part = PartFile::create(&part_path, meta.size, meta.piece_len)
-            .map_err(|e| format!("cannot create {}: {e}", part_path.display()))?;
+        let part = PartFile::create(&part_path, meta.size, meta.piece_len).map_err(|e| {
+            StartError::CreatePart {
+                path: part_path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
         let line = format!(
             "download of {} from group {group} started: {} ({} bytes, {} sharers online)",
             meta.name,
