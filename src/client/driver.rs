@@ -226,7 +226,7 @@ impl Driver {
             .iter()
             .filter(|d| d.status == DownloadStatus::Running)
             .collect();
-        self.rates.retain(|id| running.iter().any(|d| d.id == id));
+        self.rates.retain(|id| running.iter().any(|d| d.id.0 == id));
         let items: Vec<Item<'_>> = running
             .into_iter()
             .filter_map(|d| {
@@ -235,7 +235,7 @@ impl Driver {
                     name: d.name.as_str(),
                     progress,
                     elapsed,
-                    recent_rate: self.rates.sample(d.id, progress.bytes_verified, now),
+                    recent_rate: self.rates.sample(d.id.0, progress.bytes_verified, now),
                 })
             })
             .collect();

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::command::{parse_line, Command};
 use super::disk::{Inspect, Inspected};
-use crate::hasher::{FileHashes, HashDone};
+use crate::hasher::{FileHashes, HashDone, JobId};
 use crate::wire::tracker_link::{FileMeta, Relation, Reply, ReplyBody, Request, RequestBody};
 use crate::wire::{FileName, GroupId, UserId, PIECE_LEN};
 
@@ -41,13 +41,13 @@ pub enum Output {
     /// (the command waits for it).
     Inspect(Inspect),
     /// Hash this file on the worker pool and call `handle_hashed` with the job id.
-    HashFile { job: u64, path: PathBuf },
+    HashFile { job: JobId, path: PathBuf },
     /// The user asked to quit.
     Quit,
     /// Start download `id` of `meta` from the sharers at `peers` into `target` (through
     /// `<target>.part`), then call `handle_download_started`.
     StartDownload {
-        id: u64,
+        id: DownloadId,
         group: GroupId,
         meta: FileMeta,
         peers: Vec<SocketAddr>,
@@ -55,7 +55,7 @@ pub enum Output {
     },
     /// The tracker's answer to `query_sharers` for download `download`.
     Sharers {
-        download: u64,
+        download: DownloadId,
         result: Result<Vec<SocketAddr>, String>,
     },
     /// Print `show_downloads` (the driver adds live progress on a terminal).
@@ -63,6 +63,29 @@ pub enum Output {
     /// The set of files this client may serve changed (login, logout, stop_share,
     /// leave_group): links serving what is no longer shared must close.
     SharesChanged,
+}
+
+/// Names a download of this client (in `show_downloads` order: ids grow). Its hash jobs (piece
+/// checks, whole-file digest) carry [`DownloadId::job`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DownloadId(pub u64);
+
+impl DownloadId {
+    /// The hasher job id of this download's piece checks and whole-file digest.
+    pub fn job(self) -> JobId {
+        JobId(self.0)
+    }
+
+    /// The download a hash job of [`job`](Self::job) belongs to.
+    pub fn of_job(job: JobId) -> Self {
+        DownloadId(job.0)
+    }
+}
+
+impl std::fmt::Display for DownloadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "download {}", self.0)
+    }
 }
 
 /// Why the driver could not start a download.
@@ -96,7 +119,7 @@ pub enum DownloadStatus {
 /// A download this client started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadEntry {
-    pub id: u64,
+    pub id: DownloadId,
     pub user: UserId,
     pub group: GroupId,
     pub name: FileName,
@@ -118,9 +141,9 @@ pub struct DownloadEntry {
 #[derive(Debug, Clone, Copy)]
 enum Background {
     /// Registering a download as a share.
-    Register { download: u64 },
+    Register { download: DownloadId },
     /// Asking for a download's sharers.
-    Sharers { download: u64 },
+    Sharers { download: DownloadId },
     /// Taking the session over on a new tracker link.
     Resume,
     /// Announcing a share again after a resume.
@@ -144,7 +167,7 @@ pub struct LocalShare {
 enum Pending {
     /// Hashing a file before registering it.
     Hashing {
-        job: u64,
+        job: JobId,
         group: GroupId,
         name: FileName,
         path: PathBuf,
@@ -152,7 +175,7 @@ enum Pending {
     /// Waiting for the driver's answer to an [`Output::Inspect`] for `cmd`.
     Inspecting { cmd: Command },
     /// Waiting for the driver to start download `id`.
-    Starting { id: u64 },
+    Starting { id: DownloadId },
     /// Waiting for the tracker's reply to `request`.
     Awaiting {
         request: Request,
@@ -493,7 +516,7 @@ impl ClientCore {
     }
 
     /// The driver started (or could not start) download `id`; `Ok` carries the line to print.
-    pub fn handle_download_started(&mut self, id: u64, result: Result<String, StartError>) {
+    pub fn handle_download_started(&mut self, id: DownloadId, result: Result<String, StartError>) {
         if !matches!(self.pending, Some(Pending::Starting { id: pending }) if pending == id) {
             return;
         }
@@ -515,7 +538,7 @@ impl ClientCore {
     }
 
     /// Download `id` ended: `Ok` with the line to print, or `Err` with the reason.
-    pub fn handle_download_finished(&mut self, id: u64, result: Result<String, String>) {
+    pub fn handle_download_finished(&mut self, id: DownloadId, result: Result<String, String>) {
         let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) else {
             return;
         };
@@ -548,7 +571,7 @@ impl ClientCore {
     /// Download `id` failed after it was registered as a share (or while its registration was
     /// on its way): its share is dropped here and, unless this user still shares the file
     /// another way, at the tracker, so that nobody is sent to a file that is not there.
-    fn withdraw_share(&mut self, id: u64) {
+    fn withdraw_share(&mut self, id: DownloadId) {
         let Some(d) = self.downloads.iter().find(|d| d.id == id) else {
             return;
         };
@@ -586,7 +609,7 @@ impl ClientCore {
 
     /// Download `id` verified its first piece: register it as a share of its user (now, or
     /// at that user's next login).
-    pub fn handle_first_piece(&mut self, id: u64) {
+    pub fn handle_first_piece(&mut self, id: DownloadId) {
         if let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) {
             d.wants_share = true;
         }
@@ -599,7 +622,7 @@ impl ClientCore {
         let Some(user) = self.user.clone() else {
             return;
         };
-        let withdrawals: Vec<u64> = self
+        let withdrawals: Vec<DownloadId> = self
             .downloads
             .iter_mut()
             .filter(|d| d.withdraw_due && d.user == user)
@@ -611,7 +634,7 @@ impl ClientCore {
         for id in withdrawals {
             self.withdraw_share(id);
         }
-        let due: Vec<(u64, GroupId, FileMeta)> = self
+        let due: Vec<(DownloadId, GroupId, FileMeta)> = self
             .downloads
             .iter_mut()
             .filter(|d| d.wants_share && !d.registering && d.user == user)
@@ -629,7 +652,7 @@ impl ClientCore {
     }
 
     /// Download `id` needs the sharers online again; the answer comes as [`Output::Sharers`].
-    pub fn query_sharers(&mut self, id: u64) {
+    pub fn query_sharers(&mut self, id: DownloadId) {
         let Some(d) = self.downloads.iter().find(|d| d.id == id) else {
             return;
         };
@@ -735,7 +758,7 @@ impl ClientCore {
         };
         // Served from the absolute path, whatever the working directory becomes.
         let path = absolute;
-        let job = self.next_id();
+        let job = JobId(self.next_id());
         self.pending = Some(Pending::Hashing {
             job,
             group: group.clone(),
@@ -865,7 +888,7 @@ impl ClientCore {
         }
         // The target is checked again by the driver as the download starts (it may have
         // appeared since `handle_inspected`): `StartError::TargetExists`.
-        let id = self.next_id();
+        let id = DownloadId(self.next_id());
         self.downloads.push(DownloadEntry {
             id,
             user,

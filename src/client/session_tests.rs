@@ -785,7 +785,7 @@ fn hash_errors_fail_the_upload() {
     // A result for another job is ignored.
     h.core.handle_hashed(
         HashDone {
-            job: job + 1,
+            job: JobId(job.0 + 1),
             result: Ok(hashes_of(b"x")),
         },
         h.now,
@@ -794,7 +794,7 @@ fn hash_errors_fail_the_upload() {
     assert!(h.core.is_busy());
     // A reply while hashing is ignored too.
     h.core.handle_reply(Reply {
-        req_id: job,
+        req_id: job.0,
         body: ReplyBody::Shared { new_file: true },
     });
     assert!(h.drain().is_empty());
@@ -1100,7 +1100,7 @@ fn background_requests_in_flight_go_again_in_id_order() {
 // ---------------------------------------------------------------------------------------------
 
 /// Starts a download of `f.bin` into `dir` for the logged-in user; returns its id.
-fn started_download(h: &mut Harness, dir: &std::path::Path) -> u64 {
+fn started_download(h: &mut Harness, dir: &std::path::Path) -> DownloadId {
     let meta = FileMeta {
         name: fname("f.bin"),
         size: 3,
@@ -1127,7 +1127,7 @@ fn started_download(h: &mut Harness, dir: &std::path::Path) -> u64 {
 }
 
 /// The registration request a first verified piece sends.
-fn registration(h: &mut Harness, id: u64) -> Request {
+fn registration(h: &mut Harness, id: DownloadId) -> Request {
     h.core.handle_first_piece(id);
     match h.drain().as_slice() {
         [Output::Send(r)] if matches!(r.body, RequestBody::UploadFile { .. }) => r.clone(),

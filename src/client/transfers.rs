@@ -28,7 +28,7 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use super::download::engine::{Limits, Progress};
-use super::session::ClientCore;
+use super::session::{ClientCore, DownloadId};
 use super::uploader::Uploader;
 use crate::hasher::HashPool;
 use crate::net::{ConnId, ConnTable};
@@ -52,12 +52,12 @@ const SCRATCH_LEN: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransferEvent {
     /// The download's first piece verified: register it as a share.
-    FirstPiece { download: u64 },
+    FirstPiece { download: DownloadId },
     /// The download needs the sharers online again.
-    QuerySharers { download: u64 },
+    QuerySharers { download: DownloadId },
     /// The download ended: `Ok` with the line to print, or `Err` with the reason.
     Finished {
-        download: u64,
+        download: DownloadId,
         result: Result<String, String>,
     },
 }
@@ -69,14 +69,14 @@ enum PeerConn {
 
 pub struct Transfers {
     conns: ConnTable<PeerConn>,
-    downloads: BTreeMap<u64, Active>,
+    downloads: BTreeMap<DownloadId, Active>,
     events: VecDeque<TransferEvent>,
     ready: VecDeque<ConnId>,
     handshake_deadlines: VecDeque<(Instant, ConnId)>,
     scratch: Vec<u8>,
     limits: Limits,
     /// Downloads whose engines have actions waiting (queued where no hasher was at hand).
-    pending_actions: Vec<u64>,
+    pending_actions: Vec<DownloadId>,
 }
 
 impl Default for Transfers {
@@ -109,7 +109,7 @@ impl Transfers {
     }
 
     /// Progress of a running download.
-    pub fn progress(&self, download: u64) -> Option<(Progress, Duration)> {
+    pub fn progress(&self, download: DownloadId) -> Option<(Progress, Duration)> {
         self.downloads
             .get(&download)
             .map(|a| (a.engine.progress(), a.started.elapsed()))
@@ -129,7 +129,7 @@ impl Transfers {
     }
 
     pub fn on_tick(&mut self, registry: &Registry, hasher: &HashPool, now: Instant) {
-        let ids: Vec<u64> = self
+        let ids: Vec<DownloadId> = self
             .downloads
             .iter()
             .filter(|(_, a)| a.engine.next_deadline().is_some_and(|t| t <= now))

@@ -15,7 +15,7 @@ use mio::Registry;
 
 use super::super::download::engine::{Action, Download};
 use super::super::download::picker::PeerId;
-use super::super::session::StartError;
+use super::super::session::{DownloadId, StartError};
 use super::{TransferEvent, Transfers};
 use crate::hasher::{sha1_of, FileStream, HashPool, PieceChecked, StreamDone};
 use crate::net::ConnId;
@@ -55,7 +55,7 @@ impl Transfers {
         &mut self,
         registry: &Registry,
         hasher: &HashPool,
-        id: u64,
+        id: DownloadId,
         group: GroupId,
         meta: FileMeta,
         peers: &[SocketAddr],
@@ -90,7 +90,7 @@ impl Transfers {
         engine.start(peers, now);
         let reader = part.reader();
         let n_pieces = engine.picker().n_pieces();
-        let stream = FileStream::new(id, reader.clone(), n_pieces);
+        let stream = FileStream::new(id.job(), reader.clone(), n_pieces);
         let file_digest = (n_pieces == 0).then(|| sha1_of(&[]));
         self.downloads.insert(
             id,
@@ -117,7 +117,7 @@ impl Transfers {
         &mut self,
         registry: &Registry,
         hasher: &HashPool,
-        download: u64,
+        download: DownloadId,
         result: Result<Vec<SocketAddr>, String>,
         now: Instant,
     ) {
@@ -143,13 +143,14 @@ impl Transfers {
         now: Instant,
     ) {
         let PieceChecked { job, verdict } = checked;
-        let Some(active) = self.downloads.get_mut(&job) else {
+        let id = DownloadId::of_job(job);
+        let Some(active) = self.downloads.get_mut(&id) else {
             return;
         };
         let (piece, ok) = (verdict.piece(), verdict.ok());
         active.part.finish(verdict);
         active.engine.on_piece_checked(piece, ok, now);
-        self.run_actions(registry, hasher, job, now);
+        self.run_actions(registry, hasher, id, now);
     }
 
     /// The hasher pool finished a download's whole-file digest.
@@ -159,7 +160,8 @@ impl Transfers {
             digest,
             fed_hot,
         } = done;
-        let Some(active) = self.downloads.get_mut(&job) else {
+        let id = DownloadId::of_job(job);
+        let Some(active) = self.downloads.get_mut(&id) else {
             return;
         };
         info!(
@@ -168,7 +170,7 @@ impl Transfers {
             active.engine.picker().n_pieces()
         );
         active.file_digest = Some(digest);
-        self.maybe_complete(registry, job);
+        self.maybe_complete(registry, id);
     }
 
     /// Performs what download `id`'s engine asks for.
@@ -176,7 +178,7 @@ impl Transfers {
         &mut self,
         registry: &Registry,
         hasher: &HashPool,
-        id: u64,
+        id: DownloadId,
         now: Instant,
     ) {
         let mut dirty: Vec<ConnId> = Vec::new();
@@ -214,7 +216,7 @@ impl Transfers {
                     let expected = active.engine.meta.piece_hashes.get(piece as usize).copied();
                     match (active.part.seal(piece), expected) {
                         (Some(ticket), Some(expected)) => hasher.verify_piece(
-                            id,
+                            id.job(),
                             ticket,
                             expected,
                             Some(Arc::clone(&active.stream)),
@@ -254,7 +256,7 @@ impl Transfers {
     }
 
     /// Finishes a download whose pieces are all verified once its whole-file digest is done.
-    pub(super) fn maybe_complete(&mut self, registry: &Registry, id: u64) {
+    pub(super) fn maybe_complete(&mut self, registry: &Registry, id: DownloadId) {
         let Some(active) = self.downloads.get_mut(&id) else {
             return;
         };
@@ -307,7 +309,7 @@ impl Transfers {
         });
     }
 
-    pub(super) fn fail_download(&mut self, registry: &Registry, id: u64, reason: String) {
+    pub(super) fn fail_download(&mut self, registry: &Registry, id: DownloadId, reason: String) {
         let Some(active) = self.downloads.remove(&id) else {
             return;
         };
@@ -329,7 +331,7 @@ impl Transfers {
 
     /// Ends every running download (the client is exiting); their `.part` files are removed.
     pub fn abort_all(&mut self, registry: &Registry) {
-        let ids: Vec<u64> = self.downloads.keys().copied().collect();
+        let ids: Vec<DownloadId> = self.downloads.keys().copied().collect();
         for id in ids {
             self.fail_download(registry, id, "the client is exiting".into());
         }

@@ -13,6 +13,7 @@ use mio::net::TcpStream;
 use mio::Registry;
 
 use super::super::download::picker::{PeerId, Verdict};
+use super::super::session::DownloadId;
 use super::downloads::Active;
 use super::{PeerConn, Transfers, MAX_PEER_LINKS, READ_BUDGET};
 use crate::hasher::HashPool;
@@ -21,7 +22,7 @@ use crate::wire::peer_link::{Decoded, Next, SharerMsg, SharerStream, MAX_PEER_FR
 use crate::wire::PROTOCOL_VERSION;
 
 pub(super) struct FetchLink {
-    pub(super) download: u64,
+    pub(super) download: DownloadId,
     pub(super) peer: PeerId,
     pub(super) addr: SocketAddr,
     pub(super) connected: bool,
@@ -37,7 +38,7 @@ impl Transfers {
     pub(super) fn connect(
         &mut self,
         registry: &Registry,
-        download: u64,
+        download: DownloadId,
         peer: PeerId,
         addr: SocketAddr,
     ) -> io::Result<()> {

@@ -12,7 +12,7 @@ use log::{debug, warn};
 use mio::Registry;
 
 use super::super::download::engine::bitfield_of;
-use super::super::session::ClientCore;
+use super::super::session::{ClientCore, DownloadId};
 use super::super::uploader::{self, Offer, Refusal, RefuseCode, ServeError, Uploader};
 use super::downloads::Active;
 use super::{PeerConn, Transfers, FRAME_BUDGET};
@@ -76,7 +76,7 @@ pub(super) struct Serving {
     pub(super) file_sha1: Sha1Digest,
     pub(super) source: Source,
     /// The download whose `.part` is served, while it runs.
-    pub(super) download: Option<u64>,
+    pub(super) download: Option<DownloadId>,
 }
 
 pub(super) struct ServeLink {
@@ -89,7 +89,7 @@ pub(super) struct ServeLink {
 
 impl Transfers {
     /// Sends `have` for a newly verified piece to every link serving this download's `.part`.
-    pub(super) fn announce(&mut self, registry: &Registry, download: u64, piece: u32) {
+    pub(super) fn announce(&mut self, registry: &Registry, download: DownloadId, piece: u32) {
         let mut dirty = Vec::new();
         for conn in self.conns.iter_mut() {
             if let PeerConn::Serve(ServeLink {
@@ -112,7 +112,7 @@ impl Transfers {
 
     /// Links serving a finished download's `.part` go on serving it (every piece is
     /// verified and the map stays valid), as an ordinary file.
-    pub(super) fn detach_serving(&mut self, download: u64) {
+    pub(super) fn detach_serving(&mut self, download: DownloadId) {
         for conn in self.conns.iter_mut() {
             if let PeerConn::Serve(ServeLink {
                 serving: Some(Serving { download: d, .. }),
@@ -126,7 +126,7 @@ impl Transfers {
         }
     }
 
-    pub(super) fn close_serving(&mut self, registry: &Registry, download: u64) {
+    pub(super) fn close_serving(&mut self, registry: &Registry, download: DownloadId) {
         let ids: Vec<ConnId> = self
             .conns
             .iter()
@@ -297,12 +297,12 @@ impl Transfers {
 /// download's verified pieces, or the shared file's map (which must still have the size the
 /// tracker knows). Comes with the download whose `.part` is served, if so.
 fn open_source(
-    downloads: &BTreeMap<u64, Active>,
+    downloads: &BTreeMap<DownloadId, Active>,
     shares: &ClientCore,
     group: &GroupId,
     name: &FileName,
     file_sha1: &Sha1Digest,
-) -> Result<(Source, Option<u64>, Offer), Refusal> {
+) -> Result<(Source, Option<DownloadId>, Offer), Refusal> {
     let not_shared = || Refusal {
         code: RefuseCode::NotShared,
         message: format!("{name} of group {group} is not shared here"),
