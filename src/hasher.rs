@@ -68,11 +68,28 @@ pub struct FileHashes {
     pub piece_hashes: Vec<Sha1Digest>,
 }
 
+/// Why a file could not be hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashError {
+    /// The file could not be opened or mapped.
+    Read { path: PathBuf, reason: String },
+}
+
+impl std::fmt::Display for HashError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashError::Read { path, reason } => {
+                write!(f, "cannot read {}: {reason}", path.display())
+            }
+        }
+    }
+}
+
 /// A finished job.
 #[derive(Debug)]
 pub struct HashDone {
     pub job: JobId,
-    pub result: Result<FileHashes, String>,
+    pub result: Result<FileHashes, HashError>,
 }
 
 /// A checked piece: its ticket was consumed by the verdict, which goes back to the writer.
@@ -422,7 +439,10 @@ fn open(
         Err(e) => {
             return Some(HashDone {
                 job,
-                result: Err(format!("cannot read {}: {e}", path.display())),
+                result: Err(HashError::Read {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                }),
             })
         }
     };

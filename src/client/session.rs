@@ -23,7 +23,7 @@ use super::command::{parse_line, Command};
 use super::disk::{Inspect, Inspected};
 use crate::hasher::{FileHashes, HashDone, JobId};
 use crate::wire::tracker_link::{FileMeta, Relation, Reply, ReplyBody, Request, RequestBody};
-use crate::wire::{FileName, GroupId, UserId, PIECE_LEN};
+use crate::wire::{FileName, GroupId, Sha1Digest, UserId, PIECE_LEN};
 
 /// How long a command waits for the tracker's answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -85,6 +85,45 @@ impl DownloadId {
 impl std::fmt::Display for DownloadId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "download {}", self.0)
+    }
+}
+
+/// Why a running download failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DownloadError {
+    /// The download engine gave up (no trusted peer holds a missing piece), with its reason.
+    Engine(String),
+    /// Every piece verified, but the whole file's SHA1 is not the tracker's.
+    FileDigest { got: Sha1Digest, want: Sha1Digest },
+    /// The verified file could not be linked to its target; the data stays in `part`.
+    Link {
+        target: PathBuf,
+        part: PathBuf,
+        reason: String,
+    },
+    /// The client is exiting (SIGINT or SIGTERM).
+    Exiting,
+}
+
+impl std::fmt::Display for DownloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DownloadError::Engine(reason) => f.write_str(reason),
+            DownloadError::FileDigest { got, want } => {
+                write!(f, "the whole file's SHA1 is {got}, the tracker says {want}")
+            }
+            DownloadError::Link {
+                target,
+                part,
+                reason,
+            } => write!(
+                f,
+                "cannot create {}: {reason} (the data is in {})",
+                target.display(),
+                part.display()
+            ),
+            DownloadError::Exiting => f.write_str("the client is exiting"),
+        }
     }
 }
 
@@ -538,7 +577,11 @@ impl ClientCore {
     }
 
     /// Download `id` ended: `Ok` with the line to print, or `Err` with the reason.
-    pub fn handle_download_finished(&mut self, id: DownloadId, result: Result<String, String>) {
+    pub fn handle_download_finished(
+        &mut self,
+        id: DownloadId,
+        result: Result<String, DownloadError>,
+    ) {
         let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) else {
             return;
         };
@@ -784,7 +827,7 @@ impl ClientCore {
         };
         let hashes: FileHashes = match done.result {
             Ok(h) => h,
-            Err(e) => return self.fail(e),
+            Err(e) => return self.fail(e.to_string()),
         };
         if self.user.is_none() {
             // The session ended (the tracker link broke) while the file was being hashed.

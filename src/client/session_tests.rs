@@ -803,11 +803,14 @@ fn hash_errors_fail_the_upload() {
     h.core.handle_hashed(
         HashDone {
             job,
-            result: Err("cannot map f: permission denied".into()),
+            result: Err(crate::hasher::HashError::Read {
+                path: "f".into(),
+                reason: "permission denied".into(),
+            }),
         },
         h.now,
     );
-    assert_eq!(h.drain(), [fail("cannot map f: permission denied")]);
+    assert_eq!(h.drain(), [fail("cannot read f: permission denied")]);
     assert!(!h.core.is_busy());
     assert_eq!(h.core.n_failed(), 1);
     assert!(h.core.shares().is_empty());
@@ -1157,7 +1160,7 @@ fn a_download_failing_after_its_registration_withdraws_the_share() {
     h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     assert_eq!(h.core.shares().len(), 1, "the download is shared");
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     let outs = h.drain();
     assert!(
         outs.iter()
@@ -1182,7 +1185,7 @@ fn a_registration_answered_after_the_failure_is_withdrawn() {
     let id = started_download(&mut h, dir.path());
     let reg = registration(&mut h, id);
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), [], "nothing registered yet: {outs:?}");
     // The registration lands after the failure: it is withdrawn at once, never served.
@@ -1201,7 +1204,7 @@ fn a_download_failing_before_its_first_piece_sends_nothing() {
     h.login("alice");
     let id = started_download(&mut h, dir.path());
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), []);
     assert!(
@@ -1243,7 +1246,7 @@ fn a_download_failing_while_logged_out_is_withdrawn_at_the_next_login() {
     h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     h.run("logout", ReplyBody::Done);
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), [], "not logged in: {outs:?}");
     assert!(h.core.shares().is_empty());
@@ -1273,7 +1276,7 @@ fn a_download_failing_before_its_registration_is_sent_is_never_registered() {
     h.core.handle_first_piece(id);
     assert_eq!(h.drain(), []);
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     h.drain();
     let outs = login_outputs(&mut h, "alice");
     assert!(

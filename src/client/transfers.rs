@@ -28,7 +28,7 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use super::download::engine::{Limits, Progress};
-use super::session::{ClientCore, DownloadId};
+use super::session::{ClientCore, DownloadError, DownloadId};
 use super::uploader::Uploader;
 use crate::hasher::HashPool;
 use crate::net::{ConnId, ConnTable};
@@ -58,7 +58,7 @@ pub enum TransferEvent {
     /// The download ended: `Ok` with the line to print, or `Err` with the reason.
     Finished {
         download: DownloadId,
-        result: Result<String, String>,
+        result: Result<String, DownloadError>,
     },
 }
 

@@ -15,7 +15,7 @@ use mio::Registry;
 
 use super::super::download::engine::{Action, Download};
 use super::super::download::picker::PeerId;
-use super::super::session::{DownloadId, StartError};
+use super::super::session::{DownloadError, DownloadId, StartError};
 use super::{TransferEvent, Transfers};
 use crate::hasher::{sha1_of, FileStream, HashPool, PieceChecked, StreamDone};
 use crate::net::ConnId;
@@ -243,7 +243,7 @@ impl Transfers {
                     self.maybe_complete(registry, id);
                 }
                 Action::Finished(Err(reason)) => {
-                    self.fail_download(registry, id, reason);
+                    self.fail_download(registry, id, DownloadError::Engine(reason));
                     return;
                 }
             }
@@ -264,26 +264,26 @@ impl Transfers {
             return;
         };
         if digest != active.engine.meta.file_sha1 {
-            let reason = format!(
-                "the whole file's SHA1 is {digest}, the tracker says {}",
-                active.engine.meta.file_sha1
-            );
-            return self.fail_download(registry, id, reason);
+            let error = DownloadError::FileDigest {
+                got: digest,
+                want: active.engine.meta.file_sha1,
+            };
+            return self.fail_download(registry, id, error);
         }
         // A hard link never replaces an existing file, unlike a rename.
         if let Err(e) = std::fs::hard_link(&active.part_path, &active.target) {
-            let reason = format!(
-                "cannot create {}: {e} (the data is in {})",
-                active.target.display(),
-                active.part_path.display()
-            );
+            let error = DownloadError::Link {
+                target: active.target.clone(),
+                part: active.part_path.clone(),
+                reason: e.to_string(),
+            };
             let Some(active) = self.downloads.remove(&id) else {
                 return;
             };
             self.close_links(registry, &active);
             self.events.push_back(TransferEvent::Finished {
                 download: id,
-                result: Err(reason),
+                result: Err(error),
             });
             return;
         }
@@ -309,17 +309,22 @@ impl Transfers {
         });
     }
 
-    pub(super) fn fail_download(&mut self, registry: &Registry, id: DownloadId, reason: String) {
+    pub(super) fn fail_download(
+        &mut self,
+        registry: &Registry,
+        id: DownloadId,
+        error: DownloadError,
+    ) {
         let Some(active) = self.downloads.remove(&id) else {
             return;
         };
-        warn!("download of {} failed: {reason}", active.engine.meta.name);
+        warn!("download of {} failed: {error}", active.engine.meta.name);
         self.close_links(registry, &active);
         self.close_serving(registry, id);
         let _ = std::fs::remove_file(&active.part_path);
         self.events.push_back(TransferEvent::Finished {
             download: id,
-            result: Err(reason),
+            result: Err(error),
         });
     }
 
@@ -333,7 +338,7 @@ impl Transfers {
     pub fn abort_all(&mut self, registry: &Registry) {
         let ids: Vec<DownloadId> = self.downloads.keys().copied().collect();
         for id in ids {
-            self.fail_download(registry, id, "the client is exiting".into());
+            self.fail_download(registry, id, DownloadError::Exiting);
         }
     }
 }
