@@ -40,7 +40,8 @@
 //!   Architecture Invariant: a piece leaves `Hashing` only through its ticket's verdict, and
 //!   `ReadOnly` is final.
 //! - [`cli`]: `tracker_info.txt`, common options, logging. [`rng`]: a seeded generator for
-//!   tests and tie-breaking, never for secrets.
+//!   tests and tie-breaking, never for secrets. `testing` (tests only): the helpers the unit
+//!   tests share.
 //!
 //! # Architecture invariants
 //!
@@ -67,5 +68,7 @@ pub mod hasher;
 pub mod net;
 pub mod rng;
 pub mod storage;
+#[cfg(test)]
+mod testing;
 pub mod tracker;
 pub mod wire;

@@ -5,33 +5,18 @@
 //! about files from the real file system, as the driver does.
 
 use super::*;
+use crate::testing::{fname, gid, pw, uid};
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::hasher::sha1_of;
 use crate::wire::tracker_link::{FileInfo, GroupInfo, RejectCode};
-use crate::wire::{Password, Sha1Digest};
+use crate::wire::Sha1Digest;
 
 // =============================================================================================
 // Harness
 // =============================================================================================
-
-fn uid(s: &str) -> UserId {
-    UserId::new(s).unwrap()
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
-
-fn pw(s: &str) -> Password {
-    Password::new(s.as_bytes()).unwrap()
-}
 
 fn peer_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(10, 0, 0, 7), 4567))

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::rng::SplitMix64 as Rng;
+use crate::testing::{fname, gid, rand_str, uid};
 use crate::wire::frame::LEN_PREFIX;
 use crate::wire::ids::{
     FileName, GroupId, IdError, Sha1Digest, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN,
@@ -18,18 +19,6 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-fn uid(s: &str) -> UserId {
-    UserId::new(s).unwrap()
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
 
 fn tref(no: u16, incarnation: u64) -> TrackerRef {
     TrackerRef { no, incarnation }
@@ -378,27 +367,6 @@ fn sample_msgs() -> Vec<PeerMsg> {
 
 const ID_CHARS: &[char] = &['a', 'z', 'A', '0', '_', '-', '.', '/', 'é', 'ß', '中', '😀'];
 const NAME_CHARS: &[char] = &['a', 'z', 'A', '0', '_', '.', ' ', 'é', '中', '😀', '#'];
-
-/// A string of 1..=max bytes from `chars`.
-fn rand_str(rng: &mut Rng, chars: &[char], max: usize) -> String {
-    let target = if rng.percent(12) {
-        max
-    } else {
-        rng.between(1, max.min(24))
-    };
-    let mut s = String::new();
-    loop {
-        let c = *rng.pick(chars);
-        if s.len() + c.len_utf8() > target {
-            break;
-        }
-        s.push(c);
-    }
-    if s.is_empty() {
-        s.push('x');
-    }
-    s
-}
 
 fn rand_user(rng: &mut Rng) -> UserId {
     uid(&rand_str(rng, ID_CHARS, MAX_ID_LEN))
