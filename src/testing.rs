@@ -68,3 +68,53 @@ pub fn rand_str(rng: &mut SplitMix64, chars: &[char], max: usize) -> String {
     }
     s
 }
+
+/// Concatenates hand-written pieces of a golden frame.
+pub fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// Builds frame payloads by hand (independently of `codec`'s writers) for malformed input.
+/// Test files add what their link needs in an `impl B` of their own.
+pub struct B(pub Vec<u8>);
+
+impl B {
+    pub fn ty(t: u8) -> Self {
+        B(vec![t])
+    }
+
+    pub fn u8(mut self, v: u8) -> Self {
+        self.0.push(v);
+        self
+    }
+
+    pub fn u16(mut self, v: u16) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    pub fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    pub fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    pub fn raw(mut self, b: &[u8]) -> Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+
+    /// A `u16`-length-prefixed string.
+    pub fn s(self, b: &[u8]) -> Self {
+        self.u16(b.len() as u16).raw(b)
+    }
+
+    /// A SHA1 of twenty `fill` bytes.
+    pub fn sha(self, fill: u8) -> Self {
+        self.raw(&[fill; 20])
+    }
+}

@@ -4,7 +4,7 @@
 //! helpers, and reassembly through `FrameBuffer`.
 
 use super::*;
-use crate::testing::{fname, gid, rand_str, Draw};
+use crate::testing::{cat, fname, gid, rand_str, Draw, B};
 use crate::wire::frame::{FrameBuffer, LEN_PREFIX, MAX_HANDSHAKE_FRAME};
 use crate::wire::ids::IdError;
 use crate::wire::PIECE_LEN;
@@ -50,47 +50,7 @@ fn payload(frame: &[u8]) -> &[u8] {
     &frame[LEN_PREFIX..]
 }
 
-/// Concatenates hand-written pieces of a golden frame.
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
-}
-
-/// Builds frame payloads by hand (independently of `codec`'s writers) for malformed input.
-struct B(Vec<u8>);
-
 impl B {
-    fn ty(t: u8) -> Self {
-        B(vec![t])
-    }
-
-    fn u8(mut self, v: u8) -> Self {
-        self.0.push(v);
-        self
-    }
-
-    fn u16(mut self, v: u16) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn raw(mut self, b: &[u8]) -> Self {
-        self.0.extend_from_slice(b);
-        self
-    }
-
-    fn s(self, b: &[u8]) -> Self {
-        self.u16(b.len() as u16).raw(b)
-    }
-
-    fn sha(self, fill: u8) -> Self {
-        self.raw(&[fill; 20])
-    }
-
     /// A block reference `piece | offset | len`.
     fn block(self, piece: u32, offset: u32, len: u32) -> Self {
         self.u32(piece).u32(offset).u32(len)

@@ -3,7 +3,7 @@
 //! forged counts, seeded random and mutation fuzzing, and reassembly through `FrameBuffer`.
 
 use super::*;
-use crate::testing::{fname, gid, rand_str, uid, Draw};
+use crate::testing::{cat, fname, gid, rand_str, uid, Draw, B};
 use crate::wire::frame::{FrameBuffer, LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::wire::ids::{IdError, MAX_PASSWORD_LEN};
 use crate::wire::PIECE_LEN;
@@ -49,55 +49,10 @@ fn payload(frame: &[u8]) -> &[u8] {
     &frame[LEN_PREFIX..]
 }
 
-/// Concatenates hand-written pieces of a golden frame.
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
-}
-
-/// Builds frame payloads by hand (independently of `codec`'s writers) for malformed input.
-struct B(Vec<u8>);
-
 impl B {
-    fn ty(t: u8) -> Self {
-        B(vec![t])
-    }
-
     /// A request or reply of type `t` with `req_id` 1.
     fn with_id(t: u8) -> Self {
         B::ty(t).u64(1)
-    }
-
-    fn u8(mut self, v: u8) -> Self {
-        self.0.push(v);
-        self
-    }
-
-    fn u16(mut self, v: u16) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn raw(mut self, b: &[u8]) -> Self {
-        self.0.extend_from_slice(b);
-        self
-    }
-
-    fn s(self, b: &[u8]) -> Self {
-        self.u16(b.len() as u16).raw(b)
-    }
-
-    fn sha(self, fill: u8) -> Self {
-        self.raw(&[fill; 20])
     }
 }
 

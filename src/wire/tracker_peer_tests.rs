@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::rng::SplitMix64 as Rng;
-use crate::testing::{fname, gid, rand_str, uid};
+use crate::testing::{fname, gid, rand_str, uid, B};
 use crate::wire::frame::LEN_PREFIX;
 use crate::wire::ids::{
     FileName, GroupId, IdError, Sha1Digest, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN,
@@ -71,44 +71,6 @@ fn decode_entry_all(bytes: &[u8]) -> Result<Entry, DecodeError> {
     let e = decode_entry(&mut r)?;
     r.finish()?;
     Ok(e)
-}
-
-/// Builds payloads by hand (independently of `codec`'s writers) for malformed input.
-struct B(Vec<u8>);
-
-impl B {
-    fn ty(t: u8) -> Self {
-        B(vec![t])
-    }
-
-    fn u8(mut self, v: u8) -> Self {
-        self.0.push(v);
-        self
-    }
-
-    fn u16(mut self, v: u16) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn raw(mut self, b: &[u8]) -> Self {
-        self.0.extend_from_slice(b);
-        self
-    }
-
-    fn s(self, b: &[u8]) -> Self {
-        self.u16(b.len() as u16).raw(b)
-    }
 }
 
 const MAGIC: [u8; 4] = [0x50, 0x32, 0x50, 0x47];
