@@ -11,68 +11,23 @@
 mod common;
 
 use std::collections::{BTreeSet, VecDeque};
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{self, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Client, Tracker};
+use common::{read_frame, Client, RawTracker, Tracker};
 use p2pshare::bitfield::Bitfield;
 use p2pshare::hasher::sha1_of;
 use p2pshare::wire::peer_link::{emit_block_header, BlockRef, DownloaderMsg, SharerMsg};
-use p2pshare::wire::tracker_link::{
-    ClientMsg, FileMeta, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
-};
+use p2pshare::wire::tracker_link::{FileMeta, ReplyBody, RequestBody};
 use p2pshare::wire::{FileName, GroupId, Password, UserId, PIECE_LEN};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// The sharer's pause between a new request and the next block: the download takes a few
 /// seconds, well inside the client's 10 s of failover.
 const PACE: Duration = Duration::from_millis(15);
-
-/// Reads one frame's payload (type byte and body).
-fn read_frame(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len)?;
-    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut payload)?;
-    Ok(payload)
-}
-
-/// A raw client-tracker connection, to register the test's sharer.
-struct RawTracker {
-    stream: TcpStream,
-    next_id: u64,
-}
-
-impl RawTracker {
-    fn connect(addr: SocketAddr) -> RawTracker {
-        let mut stream = TcpStream::connect(addr).expect("connect to the tracker");
-        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let mut out = Vec::new();
-        ClientMsg::hello(0x5ea1).emit(&mut out);
-        stream.write_all(&out).unwrap();
-        let welcome = TrackerMsg::parse(&read_frame(&mut stream).unwrap()).unwrap();
-        assert!(matches!(welcome, TrackerMsg::Welcome { .. }), "{welcome:?}");
-        RawTracker { stream, next_id: 0 }
-    }
-
-    fn call(&mut self, body: RequestBody) -> ReplyBody {
-        self.next_id += 1;
-        let mut out = Vec::new();
-        ClientMsg::Request(Request {
-            req_id: self.next_id,
-            body,
-        })
-        .emit(&mut out);
-        self.stream.write_all(&out).unwrap();
-        match TrackerMsg::parse(&read_frame(&mut self.stream).unwrap()).unwrap() {
-            TrackerMsg::Reply(Reply { req_id, body }) if req_id == self.next_id => body,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
 
 /// Fills `listener`'s accept queue (never accepting) until a connection no longer completes:
 /// from then on the kernel drops SYNs to it, and a connect there hangs until its timeout.
