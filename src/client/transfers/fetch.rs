@@ -18,7 +18,7 @@ use super::downloads::Active;
 use super::{PeerConn, Transfers, MAX_PEER_LINKS, READ_BUDGET};
 use crate::hasher::HashPool;
 use crate::net::{ConnId, ReadEnd};
-use crate::wire::peer_link::{Decoded, Next, SharerMsg, SharerStream, MAX_PEER_FRAME};
+use crate::wire::peer_link::{Decoded, Next, SharerMsg, SharerStream, StreamError, MAX_PEER_FRAME};
 use crate::wire::PROTOCOL_VERSION;
 
 pub(super) struct FetchLink {
@@ -164,7 +164,7 @@ impl Transfers {
             Ok(ReadEnd::WouldBlock) | Ok(ReadEnd::Stopped) => {}
             Ok(ReadEnd::Budget) => self.ready.push_back(id),
             Ok(ReadEnd::Eof) => self.lose(registry, id, "closed by the sharer"),
-            Err(reason) => self.lose(registry, id, &reason),
+            Err(error) => self.lose(registry, id, &error.to_string()),
         }
         self.run_actions(registry, hasher, download, now);
         self.settle(registry, hasher, now);
@@ -182,7 +182,7 @@ fn read_sharer(
     scratch: &mut [u8],
     messages: &mut Vec<SharerMsg>,
     now: Instant,
-) -> Result<ReadEnd, String> {
+) -> Result<ReadEnd, FetchError> {
     let peer = link.peer;
     let mut budget = READ_BUDGET;
     while budget > 0 {
@@ -219,7 +219,7 @@ fn read_sharer(
             // Bytes are flowing: a slow link in the middle of a long block is not stalled.
             active.engine.on_data(peer, now);
         }
-        match link.decoder.filled(n).map_err(|e| e.to_string())? {
+        match link.decoder.filled(n)? {
             None => {}
             Some(Decoded::Msg(msg)) => messages.push(msg),
             Some(Decoded::BlockStart { piece, offset, len }) => {
@@ -245,12 +245,36 @@ enum Step {
 
 /// Sorts a read's outcome: bytes, the end of what is there (`WouldBlock`), the peer closing,
 /// or an error.
-fn io_step(r: io::Result<usize>) -> Result<Step, String> {
+fn io_step(r: io::Result<usize>) -> Result<Step, FetchError> {
     match r {
         Ok(0) => Ok(Step::End(ReadEnd::Eof)),
         Ok(n) => Ok(Step::Read(n)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::End(ReadEnd::WouldBlock)),
         Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Step::Read(0)),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(FetchError::Io(e)),
+    }
+}
+
+/// Why a fetch link must close while reading.
+#[derive(Debug)]
+pub(super) enum FetchError {
+    /// The socket failed.
+    Io(io::Error),
+    /// The sharer's bytes broke the peer-link format.
+    Stream(StreamError),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::Io(e) => e.fmt(f),
+            FetchError::Stream(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<StreamError> for FetchError {
+    fn from(e: StreamError) -> Self {
+        FetchError::Stream(e)
     }
 }
