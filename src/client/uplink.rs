@@ -13,7 +13,9 @@
 //! handed over by the driver on [`UplinkEvent::Connected`].
 //!
 //! Failover: when a link breaks (closed, a protocol error, or 1.8 s of silence although pings
-//! go out every 600 ms), the next tracker of the file is tried at once, then the others in
+//! go out every 600 ms; twice that on the next link after each link left for silence without
+//! a reply in between, up to 14.4 s, since a tracker slow with password hashing is silent
+//! too), the next tracker of the file is tried at once, then the others in
 //! turn, each attempt given [`CONNECT_TIMEOUT`]. A round in which none connected is followed by
 //! the next after a backoff that doubles from nothing (the first retry goes at once) to
 //! [`BACKOFF_MAX`], so a client never spins on trackers that refuse at once, and never waits
@@ -43,6 +45,8 @@ pub const PING_AFTER: Duration = Duration::from_millis(600);
 /// A tracker silent this long, pings included, is taken for hung: the client moves on (a
 /// request retried elsewhere is not applied twice, so a false alarm costs nothing).
 pub const TRACKER_SILENCE: Duration = Duration::from_millis(1800);
+/// Most doublings of the silence allowed after links left for silence in a row (to 14.4 s).
+const MAX_SILENCE_DOUBLINGS: u32 = 3;
 /// Ping ids count down from the top of the id space, far from the session's, which count up
 /// from 1; replies in this range are the link's own.
 const PING_IDS: u64 = 1 << 32;
@@ -129,6 +133,11 @@ pub struct Uplink {
     failing_over: bool,
     /// Links in a row that broke before the tracker's welcome.
     failed_links: usize,
+    /// Links in a row left for their silence without a reply in between. A tracker that is
+    /// slow rather than hung (its answers queued behind a burst of password hashing, which
+    /// also holds the pongs) gets twice the time on the next link, so that the client's retry
+    /// does not add to the work that made it slow.
+    silent_links: u32,
     n_pings: u64,
     events: VecDeque<UplinkEvent>,
     transmit: VecDeque<ClientMsg>,
@@ -144,6 +153,7 @@ impl Uplink {
             index: 0,
             failing_over: false,
             failed_links: 0,
+            silent_links: 0,
             n_pings: 0,
             events: VecDeque::new(),
             transmit: VecDeque::new(),
@@ -189,7 +199,7 @@ impl Uplink {
                 last_heard,
                 last_ping,
                 ..
-            } => Some((last_heard.max(last_ping) + PING_AFTER).min(last_heard + TRACKER_SILENCE)),
+            } => Some((last_heard.max(last_ping) + PING_AFTER).min(last_heard + self.silence())),
         }
     }
 
@@ -271,6 +281,8 @@ impl Uplink {
                 LinkError::Version(version)
             }
             Ok(TrackerMsg::Reply(reply)) if *welcomed => {
+                // The tracker answers: it was slow at worst, not hung.
+                self.silent_links = 0;
                 let own_ping =
                     reply.req_id > u64::MAX - PING_IDS && matches!(reply.body, ReplyBody::Pong);
                 return (!own_ping).then_some(reply);
@@ -330,10 +342,12 @@ impl Uplink {
                 last_heard,
                 last_ping,
             } => {
-                if now.saturating_duration_since(last_heard) >= TRACKER_SILENCE {
+                let silence = self.silence();
+                if now.saturating_duration_since(last_heard) >= silence {
                     if let Some(addr) = self.trackers.get(index) {
-                        warn!("tracker {addr}: silent for {TRACKER_SILENCE:?}; moving to another");
+                        warn!("tracker {addr}: silent for {silence:?}; moving to another");
                     }
+                    self.silent_links = self.silent_links.saturating_add(1);
                     self.events.push_back(UplinkEvent::Close);
                     self.lose(index, welcomed, now);
                 } else if now.saturating_duration_since(last_heard.max(last_ping)) >= PING_AFTER {
@@ -434,6 +448,12 @@ impl Uplink {
             round,
         };
         self.events.push_back(UplinkEvent::Connect(addr));
+    }
+
+    /// How long the current link may stay silent: [`TRACKER_SILENCE`], doubled for each link
+    /// left for silence in a row (see `silent_links`).
+    fn silence(&self) -> Duration {
+        TRACKER_SILENCE * (1u32 << self.silent_links.min(MAX_SILENCE_DOUBLINGS))
     }
 
     fn give_up(&mut self) {

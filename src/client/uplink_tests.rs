@@ -435,3 +435,40 @@ fn random_event_sequences_never_spin_or_panic() {
         }
     }
 }
+
+#[test]
+fn links_left_for_silence_in_a_row_get_more_time_until_a_reply() {
+    // One tracker, slow rather than hung: it welcomes at once but answers after 5 s.
+    let t0 = Instant::now();
+    let mut u = open_on(1, 0, t0);
+    let mut now = t0;
+    let mut silences = Vec::new();
+    for _ in 0..5 {
+        let opened = now;
+        loop {
+            now = u.poll_timeout().unwrap();
+            u.handle_timeout(now);
+            transmits(&mut u);
+            if !events(&mut u).is_empty() {
+                break;
+            }
+        }
+        silences.push(now - opened);
+        u.handle_connected(now);
+        events(&mut u);
+        u.handle_frame(&welcome(), now);
+    }
+    let s = TRACKER_SILENCE;
+    assert_eq!(silences, [s, 2 * s, 4 * s, 8 * s, 8 * s]);
+    // A reply: the next silence is the short one again.
+    u.handle_frame(&reply(1, ReplyBody::Done), now);
+    let opened = now;
+    loop {
+        now = u.poll_timeout().unwrap();
+        u.handle_timeout(now);
+        if !events(&mut u).is_empty() {
+            break;
+        }
+    }
+    assert_eq!(now - opened, s);
+}
