@@ -3,7 +3,8 @@
 //! A file job maps the file, then splits into one task for the whole-file digest (inherently
 //! sequential) and tasks of a few pieces each, which the workers take from one queue, so a
 //! large file is hashed on every core at once. A piece job checks one downloaded piece, read
-//! through its [`HashTicket`], against its expected digest and hands the ticket back. Every
+//! through its [`HashTicket`], against its expected digest; the verdict consumes the ticket
+//! and goes back to the download. Every
 //! result goes to the results channel and the owner's `mio::Waker` is woken; the reactor never
 //! blocks on hashing.
 //!
@@ -34,7 +35,7 @@ use std::thread;
 use mio::Waker;
 use sha1::{Digest, Sha1};
 
-use crate::storage::{HashTicket, PartReader, SourceMap};
+use crate::storage::{HashTicket, PartReader, SourceMap, Verdict};
 use crate::wire::Sha1Digest;
 
 /// Pieces per task: big enough to amortise the queue, small enough to balance the workers.
@@ -48,6 +49,17 @@ const STEP: usize = 4096;
 /// Distance between the look-ahead reads: a cache line.
 const CACHE_LINE: usize = 64;
 
+/// Names a hashing job, so that its results find their way back: an upload's hashing, or the
+/// piece checks and whole-file digest of a download (see `DownloadId::job`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JobId(pub u64);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "job {}", self.0)
+    }
+}
+
 /// The digests of a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileHashes {
@@ -56,18 +68,34 @@ pub struct FileHashes {
     pub piece_hashes: Vec<Sha1Digest>,
 }
 
+/// Why a file could not be hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashError {
+    /// The file could not be opened or mapped.
+    Read { path: PathBuf, reason: String },
+}
+
+impl std::fmt::Display for HashError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HashError::Read { path, reason } => {
+                write!(f, "cannot read {}: {reason}", path.display())
+            }
+        }
+    }
+}
+
 /// A finished job.
 #[derive(Debug)]
 pub struct HashDone {
-    pub job: u64,
-    pub result: Result<FileHashes, String>,
+    pub job: JobId,
+    pub result: Result<FileHashes, HashError>,
 }
 
-/// A checked piece: the ticket comes back with the verdict.
+/// A checked piece: its ticket was consumed by the verdict, which goes back to the writer.
 pub struct PieceChecked {
-    pub job: u64,
-    pub ticket: HashTicket,
-    pub ok: bool,
+    pub job: JobId,
+    pub verdict: Verdict,
 }
 
 impl std::fmt::Debug for PieceChecked {
@@ -76,8 +104,8 @@ impl std::fmt::Debug for PieceChecked {
             f,
             "PieceChecked(job {}, piece {}, ok {})",
             self.job,
-            self.ticket.piece(),
-            self.ok
+            self.verdict.piece(),
+            self.verdict.ok()
         )
     }
 }
@@ -85,7 +113,7 @@ impl std::fmt::Debug for PieceChecked {
 /// A downloaded file's whole-file digest, complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamDone {
-    pub job: u64,
+    pub job: JobId,
     pub digest: Sha1Digest,
     /// Pieces fed to the digest by the worker that had just verified them.
     pub fed_hot: u32,
@@ -95,7 +123,7 @@ pub struct StreamDone {
 /// module doc). The download's owner keeps an `Arc` to hand to [`HashPool::verify_piece`] and
 /// calls [`FileStream::cancel`] when the download ends early.
 pub struct FileStream {
-    job: u64,
+    job: JobId,
     reader: PartReader,
     n_pieces: u32,
     cancelled: AtomicBool,
@@ -112,7 +140,7 @@ struct StreamInner {
 
 impl FileStream {
     /// The digest of download `job`, whose `n_pieces` pieces are read through `reader`.
-    pub fn new(job: u64, reader: PartReader, n_pieces: u32) -> Arc<Self> {
+    pub fn new(job: JobId, reader: PartReader, n_pieces: u32) -> Arc<Self> {
         Arc::new(FileStream {
             job,
             reader,
@@ -203,13 +231,13 @@ pub enum HashResult {
 
 enum Task {
     Verify {
-        job: u64,
+        job: JobId,
         ticket: HashTicket,
         expected: Sha1Digest,
         stream: Option<Arc<FileStream>>,
     },
     Open {
-        job: u64,
+        job: JobId,
         path: PathBuf,
         piece_len: u32,
     },
@@ -220,7 +248,7 @@ enum Task {
 }
 
 struct JobState {
-    job: u64,
+    job: JobId,
     map: SourceMap,
     piece_len: usize,
     parts: Mutex<Assembly>,
@@ -287,7 +315,7 @@ impl HashPool {
     /// digest when it is the piece the digest needs next.
     pub fn verify_piece(
         &self,
-        job: u64,
+        job: JobId,
         ticket: HashTicket,
         expected: Sha1Digest,
         stream: Option<Arc<FileStream>>,
@@ -301,7 +329,7 @@ impl HashPool {
     }
 
     /// Queues the hashing of the file at `path` in pieces of `piece_len` bytes.
-    pub fn hash_file(&self, job: u64, path: PathBuf, piece_len: u32) {
+    pub fn hash_file(&self, job: JobId, path: PathBuf, piece_len: u32) {
         let _ = self.tasks.send(Task::Open {
             job,
             path,
@@ -338,11 +366,10 @@ fn worker(
             } => {
                 let ok = sha1_of(ticket.bytes()) == expected;
                 let piece = ticket.piece();
-                if ok {
-                    ticket.verified();
-                }
+                let verdict = ticket.verdict(ok);
+                let ok = verdict.ok();
                 // The verdict goes out first: the digest can wait, the download cannot.
-                if !send(HashResult::Piece(PieceChecked { job, ticket, ok })) {
+                if !send(HashResult::Piece(PieceChecked { job, verdict })) {
                     return;
                 }
                 match stream {
@@ -402,7 +429,7 @@ fn fed(fed: Fed, stream: Arc<FileStream>, requeue: &Sender<Task>) -> Option<Hash
 
 /// Maps the file and queues its tasks; returns a result at once for errors and empty files.
 fn open(
-    job: u64,
+    job: JobId,
     path: &std::path::Path,
     piece_len: u32,
     requeue: &Sender<Task>,
@@ -412,7 +439,10 @@ fn open(
         Err(e) => {
             return Some(HashDone {
                 job,
-                result: Err(format!("cannot read {}: {e}", path.display())),
+                result: Err(HashError::Read {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                }),
             })
         }
     };
@@ -486,11 +516,11 @@ mod tests {
         let poll = Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
         let (pool, done) = HashPool::start(3, waker).unwrap();
-        pool.hash_file(7, path, piece_len);
+        pool.hash_file(JobId(7), path, piece_len);
         let Ok(HashResult::File(result)) = done.recv_timeout(Duration::from_secs(60)) else {
             panic!("expected a file result");
         };
-        assert_eq!(result.job, 7);
+        assert_eq!(result.job, JobId(7));
         result.result.unwrap()
     }
 
@@ -524,7 +554,7 @@ mod tests {
         let poll = Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
         let (pool, done) = HashPool::start(1, waker).unwrap();
-        pool.hash_file(1, PathBuf::from("/nonexistent/file"), 1024);
+        pool.hash_file(JobId(1), PathBuf::from("/nonexistent/file"), 1024);
         let Ok(HashResult::File(r)) = done.recv_timeout(Duration::from_secs(10)) else {
             panic!("expected a file result");
         };
@@ -543,15 +573,15 @@ mod tests {
         let poll = Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
         let (pool, done) = HashPool::start(2, waker).unwrap();
-        pool.verify_piece(1, part.seal(0).unwrap(), sha1_of(b"good"), None);
-        pool.verify_piece(2, part.seal(1).unwrap(), sha1_of(b"nice"), None);
+        pool.verify_piece(JobId(1), part.seal(0).unwrap(), sha1_of(b"good"), None);
+        pool.verify_piece(JobId(2), part.seal(1).unwrap(), sha1_of(b"nice"), None);
         let mut verdicts = Vec::new();
         for _ in 0..2 {
             let Ok(HashResult::Piece(p)) = done.recv_timeout(Duration::from_secs(10)) else {
                 panic!("expected a piece result");
             };
-            verdicts.push((p.job, p.ok));
-            part.finish(p.ticket, p.ok);
+            verdicts.push((p.job.0, p.verdict.ok()));
+            part.finish(p.verdict);
         }
         verdicts.sort();
         assert_eq!(verdicts, [(1, true), (2, false)]);
@@ -611,10 +641,15 @@ mod tests {
         let poll = Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), Token(0)).unwrap());
         let (pool, done) = HashPool::start(workers, waker).unwrap();
-        let stream = FileStream::new(9, part.reader(), n);
+        let stream = FileStream::new(JobId(9), part.reader(), n);
         for &p in order {
             let ticket = part.seal(p).unwrap();
-            pool.verify_piece(9, ticket, sha1_of(pieces[p as usize]), Some(stream.clone()));
+            pool.verify_piece(
+                JobId(9),
+                ticket,
+                sha1_of(pieces[p as usize]),
+                Some(stream.clone()),
+            );
         }
         let mut verdicts = Vec::new();
         let mut digest = None;
@@ -624,8 +659,8 @@ mod tests {
                 .expect("a result")
             {
                 HashResult::Piece(p) => {
-                    verdicts.push((p.ticket.piece(), p.ok));
-                    part.finish(p.ticket, p.ok);
+                    verdicts.push((p.verdict.piece(), p.verdict.ok()));
+                    part.finish(p.verdict);
                 }
                 HashResult::Stream(d) => {
                     assert!(digest.is_none(), "one digest per download");
@@ -659,7 +694,7 @@ mod tests {
                 assert!(verdicts.iter().all(|&(_, ok)| ok));
                 assert!(part.is_complete());
                 let digest = digest.expect("the digest");
-                assert_eq!(digest.job, 9);
+                assert_eq!(digest.job, JobId(9));
                 assert_eq!(
                     digest.digest,
                     sha1_of(&data),
@@ -693,14 +728,14 @@ mod tests {
             .unwrap();
         part.write_with(1, 0, 4, |b| b.copy_from_slice(b"efgh"))
             .unwrap();
-        let stream = FileStream::new(3, part.reader(), 2);
+        let stream = FileStream::new(JobId(3), part.reader(), 2);
         stream.cancel();
         for (p, bytes) in [(0u32, b"abcd"), (1, b"efgh")] {
             let ticket = part.seal(p).unwrap();
             assert_eq!(sha1_of(ticket.bytes()), sha1_of(bytes));
-            ticket.verified();
+            let verdict = ticket.verified();
             assert!(matches!(stream.advance(p), Fed::Nothing));
-            part.finish(ticket, true);
+            part.finish(verdict);
         }
     }
 
@@ -715,17 +750,16 @@ mod tests {
             part.write_with(i as u32, 0, 10, |b| b.copy_from_slice(chunk))
                 .unwrap();
         }
-        let stream = FileStream::new(4, part.reader(), n);
+        let stream = FileStream::new(JobId(4), part.reader(), n);
         // Every piece but the first verified: nothing to feed yet.
         for p in (1..n).rev() {
             let ticket = part.seal(p).unwrap();
-            ticket.verified();
+            let verdict = ticket.verified();
             assert!(matches!(stream.advance(p), Fed::Nothing));
-            part.finish(ticket, true);
+            part.finish(verdict);
         }
         // The first one verifies: the digest takes its share, then says more waits.
-        let ticket = part.seal(0).unwrap();
-        ticket.verified();
+        let verdict = part.seal(0).unwrap().verified();
         assert!(matches!(stream.advance(0), Fed::More));
         assert_eq!(stream.inner.lock().unwrap().next, FEED_PIECES);
         assert!(matches!(stream.advance(u32::MAX), Fed::More));
@@ -742,7 +776,7 @@ mod tests {
             matches!(stream.advance(u32::MAX), Fed::Nothing),
             "finished once"
         );
-        part.finish(ticket, true);
+        part.finish(verdict);
         // Through the pool, in reverse order: the queued rest finishes the digest.
         let (_, digest, _) =
             verify_with_stream(&data, 10, &(0..n).rev().collect::<Vec<_>>(), None, 1);

@@ -6,33 +6,65 @@
 //!
 //! # Codemap
 //!
-//! - [`wire`]: the binary wire format of every link: framing, validated ids, messages with
-//!   `parse`/`emit`. No IO.
-//! - [`net`]: mio plumbing shared by both programs: the slab connection table, buffered framed
-//!   connections, stdin and signal wake-ups; `net::secure`, the sans-IO Noise handshake and
-//!   record layer that tracker links run under.
-//! - [`keys`]: the service key file and the keys derived from it (tracker-link PSK, Ed25519
-//!   signing key).
-//! - [`tracker`]: `state` (the deterministic [`tracker::state::TrackerState::apply`]), `core`
-//!   (sans-IO request handling), `driver` (the mio reactor), `password` (Argon2id).
-//! - [`tracker::disk`]: the tracker's data directory: CRC-checked log segments, snapshots,
-//!   recovery, and the disk thread that fsyncs off the reactor (group commit).
-//! - [`client`]: `command` (line parsing), `session` (sans-IO command-loop core), `driver`
-//!   (the mio reactor), `shell` (line editing, history and completion at a terminal; batch
-//!   input never goes through it), `state_dir` (where a client keeps what it remembers).
-//! - [`hasher`]: the SHA1 worker pool. [`storage`]: memory-mapped files.
-//! - [`cli`]: `tracker_info.txt`, common options, logging.
+//! Words: a *tracker link* joins a client to a tracker (`wire::tracker_link`); trackers talk
+//! to each other over *replication links* (`wire::tracker_peer`, `tracker::replica`); a
+//! *peer* is always a client, and clients talk to each other over *peer links*
+//! (`wire::peer_link`, `client::transfers`): a downloader's *fetch link* is a sharer's *serve
+//! link*.
+//!
+//! - [`wire`]: the binary wire format of every link. `codec` (field readers and writers,
+//!   `DecodeError`), `frame` (length prefixes, `FrameBuffer`), `ids` (validated ids),
+//!   `tracker_link` (client to tracker), `tracker_peer` (tracker to tracker), `ops` (the
+//!   replicated changes `Op`/`Entry` and their ids), `peer_link` (client to client, with the
+//!   streaming `SharerStream` decoder). Architecture Invariant: no IO, `parse` never panics,
+//!   and `wire` depends on nothing but itself and [`bitfield`].
+//! - [`bitfield`]: which pieces a peer holds. Plain data.
+//! - [`net`]: mio plumbing shared by both programs: the slab `ConnTable`, buffered framed
+//!   connections (`conn`), stdin and signal wake-ups (`wake`), and `secure`, the sans-IO
+//!   Noise handshake and record layer that replication links run under. Architecture
+//!   Invariant: knows frames, not messages; no policy.
+//! - [`keys`]: the service key file and the keys derived from it (the replication-link PSK,
+//!   the Ed25519 signing key whose public half is the service's public key).
+//! - [`tracker`]: `state` (the deterministic [`tracker::state::TrackerState::apply`]; its
+//!   child `snapshot` encodes the whole state), `core` (sans-IO request handling per
+//!   connection), `replica` (sans-IO replication: primary, backups, takeover), `password`
+//!   (Argon2id on helper threads), `disk` (the data directory: CRC-checked log segments,
+//!   snapshots, recovery, and the disk thread that fsyncs off the reactor), `driver` (the
+//!   mio reactor). Architecture Invariant: state changes only through `apply`; everything a
+//!   tracker answers derives from the state; a tracker that was stalled serves nothing until
+//!   it has learned the current view.
+//! - [`client`]: `command` (line parsing), `session` (sans-IO command-loop core), `uplink`
+//!   (sans-IO tracker link: which tracker, timeouts, pings, backoff), `download` (`picker`
+//!   and the sans-IO `engine` of one download), `uploader` (sans-IO serving core: accept or
+//!   refuse, block or reject), `transfers` (the peer links' IO: `downloads`, `fetch`, `serve`),
+//!   `disk` (the file-system facts the session core asks for), `progress` (the progress line),
+//!   `shell` (line editing, `history`, `complete`, `help` and `listing` at a terminal; batch
+//!   input never goes through it), `state_dir` (where a client keeps what it remembers),
+//!   `driver` (the mio reactor). Architecture Invariant: the reactor never blocks: sockets
+//!   are non-blocking (tracker connects included), hashing runs on the pool, stdin on its
+//!   thread.
+//! - [`hasher`]: the SHA1 worker pool (files to share, downloaded pieces, a download's
+//!   whole-file digest). [`storage`]: memory-mapped files and the piece-ownership rule.
+//!   Architecture Invariant: a piece leaves `Hashing` only through its ticket's verdict, and
+//!   `ReadOnly` is final.
+//! - [`cli`]: `tracker_info.txt`, common options, logging. [`rng`]: a seeded generator for
+//!   tests and tie-breaking, never for secrets. `testing` (tests only): the helpers the unit
+//!   tests share.
 //!
 //! # Architecture invariants
 //!
-//! - Architecture Invariant: the cores (`tracker::state`, `tracker::core`, `client::session`,
-//!   `client::command`, `wire`, `net::secure`) do no IO: no `mio`, no sockets, no `Instant::now()`. Time is
-//!   an argument. `tests/tidy.rs` checks this.
+//! - Architecture Invariant: the cores (`tracker::state` with `snapshot`, `tracker::core`,
+//!   `tracker::replica`, `client::session`, `client::command`, `client::uplink`,
+//!   `client::uploader`, `client::download::{picker, engine}`, `wire`, `net::secure`) do no
+//!   IO: no `mio`, no sockets, no files, no `Instant::now()`. Time is an argument. They use
+//!   ordered maps. `tests/tidy.rs` checks this.
 //! - Architecture Invariant: tracker state changes only through `TrackerState::apply(&Op)`,
 //!   which is deterministic, so replicas applying the same ops in order hold equal states.
 //! - Architecture Invariant: `parse` never panics on any input and never allocates from an
 //!   unchecked count; a frame's length is checked against the link's maximum as soon as its
 //!   four length bytes arrive.
+//! - Architecture Invariant: `wire` depends on nothing but itself and `bitfield`; the tracker
+//!   and the client depend on `wire`, never the other way round. `tests/tidy.rs` checks it.
 //! - Architecture Invariant: `unsafe` appears only in `storage.rs`.
 //! - Architecture Invariant: a tracker accepts the tracker hello only on a connection whose
 //!   Noise handshake proved the peer holds the service's secret; no frame of a tracker link
@@ -48,5 +80,7 @@ pub mod keys;
 pub mod net;
 pub mod rng;
 pub mod storage;
+#[cfg(test)]
+mod testing;
 pub mod tracker;
 pub mod wire;

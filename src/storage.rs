@@ -9,9 +9,21 @@
 //! a piece's bytes belong to the writer until the piece is complete (`Writable`: only
 //! [`PartFile::write_with`] touches them, through `&mut PartFile`), to the hasher while it
 //! verifies (`Hashing`: only the one [`HashTicket`] reads them), and are read-only afterwards
-//! (`ReadOnly`: any [`PartReader`]; the ticket's holder marks a piece so the moment it
-//! matches its digest). A failed piece goes back to `Writable` only when its ticket
-//! is handed back, so no hasher can still be reading it.
+//! (`ReadOnly`: any [`PartReader`]). Every change of state is a compare-and-swap from the one
+//! state it may leave: `seal` takes a piece from `Writable` to `Hashing` and hands out its one
+//! [`HashTicket`]; the ticket is *consumed* by its verdict ([`HashTicket::verified`] swaps
+//! `Hashing` for `ReadOnly` at once, [`HashTicket::failed`] leaves the piece `Hashing`), and
+//! [`PartFile::finish`] takes the resulting [`Verdict`] back: a failed piece goes back to
+//! `Writable` only then, when no hasher can still be reading it. `ReadOnly` is final: nothing
+//! swaps out of it, so a slice a [`PartReader`] lent can never be written under its owner, and
+//! "verified, then failed" cannot be expressed, as this does not compile:
+//!
+//! ```compile_fail
+//! # fn demo(part: &mut p2pshare::storage::PartFile, ticket: p2pshare::storage::HashTicket) {
+//! let verdict = ticket.verified();
+//! part.finish(ticket.failed()); // error: use of moved value `ticket`
+//! # }
+//! ```
 
 use std::fs::File;
 use std::io;
@@ -129,10 +141,30 @@ pub struct PartReader {
 }
 
 /// The right to read one complete piece while it is verified. There is exactly one per piece
-/// in the `Hashing` state; it goes back to [`PartFile::finish`] with the verdict.
+/// in the `Hashing` state; its verdict ([`HashTicket::verified`] or [`HashTicket::failed`])
+/// consumes it, and the [`Verdict`] goes back to [`PartFile::finish`].
 pub struct HashTicket {
     shared: Arc<PartShared>,
     piece: u32,
+}
+
+/// What became of a piece's check. It can no longer read the piece; a failed verdict is the
+/// only way to make the piece `Writable` again (through [`PartFile::finish`]).
+pub struct Verdict {
+    shared: Arc<PartShared>,
+    piece: u32,
+    ok: bool,
+}
+
+impl Verdict {
+    pub fn piece(&self) -> u32 {
+        self.piece
+    }
+
+    /// Whether the piece matched its digest (it is then `ReadOnly` for good).
+    pub fn ok(&self) -> bool {
+        self.ok
+    }
 }
 
 impl PartFile {
@@ -247,17 +279,16 @@ impl PartFile {
         })
     }
 
-    /// Takes a ticket back with the verdict: a good piece becomes `ReadOnly` for good, a bad
-    /// one `Writable` again so it can be fetched anew.
-    pub fn finish(&mut self, ticket: HashTicket, verified: bool) {
-        if !Arc::ptr_eq(&ticket.shared, &self.shared) {
+    /// Takes a piece's verdict back: a good piece is `ReadOnly` already (and stays so), a bad
+    /// one goes from `Hashing` back to `Writable` so it can be fetched anew. A verdict on
+    /// another file's piece changes nothing.
+    pub fn finish(&mut self, verdict: Verdict) {
+        if verdict.ok || !Arc::ptr_eq(&verdict.shared, &self.shared) {
             return;
         }
-        if let Some(state) = self.shared.states.get(ticket.piece as usize) {
-            state.store(
-                if verified { READ_ONLY } else { WRITABLE },
-                Ordering::Release,
-            );
+        if let Some(state) = self.shared.states.get(verdict.piece as usize) {
+            // Only a piece still `Hashing` may become `Writable`; `ReadOnly` is final.
+            let _ = state.compare_exchange(HASHING, WRITABLE, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
@@ -291,11 +322,41 @@ impl HashTicket {
         }
     }
 
-    /// Records that the piece matched its digest: it is `ReadOnly` for good from now on, so
-    /// every [`PartReader`] may read it before the ticket is handed back.
-    pub fn verified(&self) {
-        if let Some(state) = self.shared.states.get(self.piece as usize) {
-            state.store(READ_ONLY, Ordering::Release);
+    /// The piece matched its digest: it is `ReadOnly` for good from now on, so every
+    /// [`PartReader`] may read it before the verdict reaches the writer.
+    pub fn verified(self) -> Verdict {
+        let ok = self
+            .shared
+            .states
+            .get(self.piece as usize)
+            .is_some_and(|state| {
+                state
+                    .compare_exchange(HASHING, READ_ONLY, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            });
+        Verdict {
+            shared: self.shared,
+            piece: self.piece,
+            ok,
+        }
+    }
+
+    /// The piece did not match its digest. It stays `Hashing` (unreadable, unwritable) until
+    /// the verdict is handed to [`PartFile::finish`].
+    pub fn failed(self) -> Verdict {
+        Verdict {
+            shared: self.shared,
+            piece: self.piece,
+            ok: false,
+        }
+    }
+
+    /// [`verified`](Self::verified) or [`failed`](Self::failed), by `ok`.
+    pub fn verdict(self, ok: bool) -> Verdict {
+        if ok {
+            self.verified()
+        } else {
+            self.failed()
         }
     }
 }
@@ -361,7 +422,7 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(digest.1, crate::hasher::sha1_of(b"0123456789"));
-        part.finish(digest.0, true);
+        part.finish(digest.0.verified());
         assert_eq!(reader.read(0, 2, 3).unwrap(), b"234");
         assert!(
             !fill(&mut part, 0, 0, b"x"),
@@ -373,11 +434,11 @@ mod tests {
         assert!(!fill(&mut part, 2, 3, b"xyz"), "past the end of the file");
         let t = part.seal(2).unwrap();
         assert_eq!(t.bytes(), b"abcde");
-        part.finish(t, true);
+        part.finish(t.verified());
         assert!(!part.is_complete());
         assert!(fill(&mut part, 1, 0, b"ABCDEFGHIJ"));
         let t = part.seal(1).unwrap();
-        part.finish(t, true);
+        part.finish(t.verified());
         assert!(part.is_complete());
         part.sync().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"0123456789ABCDEFGHIJabcde");
@@ -389,7 +450,12 @@ mod tests {
         let mut part = PartFile::create(&dir.path().join("f.part"), 4, 4).unwrap();
         assert!(fill(&mut part, 0, 0, b"bad!"));
         let t = part.seal(0).unwrap();
-        part.finish(t, false);
+        let verdict = t.failed();
+        assert!(
+            !fill(&mut part, 0, 0, b"x"),
+            "not writable before the verdict is back"
+        );
+        part.finish(verdict);
         assert!(!part.reader().is_verified(0));
         assert!(fill(&mut part, 0, 0, b"good"));
     }
@@ -435,7 +501,41 @@ mod tests {
         assert!(fill(&mut part, last, 0, b"xyz"));
         let t = part.seal(last).unwrap();
         assert_eq!(t.bytes(), b"xyz");
-        part.finish(t, true);
+        part.finish(t.verified());
         assert_eq!(part.reader().read(last, 1, 2).unwrap(), b"yz");
+    }
+
+    /// The sequence issue 10 found aliasing a reader's slice: verify, read, then hand the
+    /// ticket back as failed and write. A verdict can no longer be changed after the ticket
+    /// gave it (the `compile_fail` example in the module doc), and a failed verdict from
+    /// another piece or file cannot reopen a verified piece: the slice stays as it was.
+    #[test]
+    fn verified_piece_can_never_be_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut part = PartFile::create(&dir.path().join("f.part"), 8, 4).unwrap();
+        let reader = part.reader();
+        assert!(fill(&mut part, 0, 0, b"good"));
+        assert!(fill(&mut part, 1, 0, b"bad!"));
+        let ticket = part.seal(0).unwrap();
+        let other = part.seal(1).unwrap();
+        let verdict = ticket.verified();
+        let s = reader.read(0, 0, 4).unwrap();
+        part.finish(verdict);
+        // The closest expressible attempt: a failed verdict, for another piece.
+        part.finish(other.failed());
+        assert!(part.write_with(0, 0, 4, |b| b.fill(b'X')).is_none());
+        assert!(
+            part.seal(0).is_none(),
+            "a verified piece cannot be sealed again"
+        );
+        assert_eq!(s, b"good");
+        // A failed verdict from another file does not reopen anything.
+        let mut other_part = PartFile::create(&dir.path().join("g.part"), 8, 4).unwrap();
+        assert!(fill(&mut other_part, 0, 0, b"zzzz"));
+        part.finish(other_part.seal(0).unwrap().failed());
+        assert!(reader.is_verified(0));
+        assert_eq!(reader.read(0, 0, 4).unwrap(), b"good");
+        // A failed piece is writable again once its verdict is back, not before.
+        assert!(fill(&mut part, 1, 0, b"new!"));
     }
 }

@@ -47,11 +47,13 @@ fn is_core(rel: &str) -> bool {
         || matches!(
             rel,
             "tracker/state.rs"
-                | "tracker/snapshot.rs"
+                | "tracker/state/snapshot.rs"
                 | "tracker/core.rs"
                 | "tracker/replica.rs"
                 | "client/session.rs"
                 | "client/command.rs"
+                | "client/uplink.rs"
+                | "client/uploader.rs"
                 | "client/download/picker.rs"
                 | "client/download/engine.rs"
                 | "net/secure.rs"
@@ -136,6 +138,73 @@ fn no_unwrap_or_expect_in_cores() {
             assert!(
                 !code.contains(banned),
                 "{rel}: `{banned}` outside tests; return an error instead"
+            );
+        }
+    }
+}
+
+#[test]
+fn cores_touch_no_files() {
+    // The driver looks at the file system for them (`client::disk`) and hands the answers in.
+    for (rel, text) in src_files() {
+        if !is_core(&rel) || is_test_file(&rel) {
+            continue;
+        }
+        let code = non_test_part(&text);
+        for banned in [
+            "std::fs",
+            "fs::",
+            "File::",
+            ".is_dir()",
+            ".is_file()",
+            ".exists()",
+            "symlink_metadata",
+            "canonicalize",
+        ] {
+            assert!(
+                !code.contains(banned),
+                "{rel}: a sans-IO core must not touch files (`{banned}`)"
+            );
+        }
+    }
+}
+
+#[test]
+fn wire_depends_on_nothing_but_itself_and_bitfield() {
+    for (rel, text) in src_files() {
+        if !rel.starts_with("wire/") || is_test_file(&rel) {
+            continue;
+        }
+        let code = non_test_part(&text);
+        for (i, _) in code.match_indices("crate::") {
+            let rest = &code[i + "crate::".len()..];
+            assert!(
+                rest.starts_with("wire") || rest.starts_with("bitfield"),
+                "{rel}: `wire` may use only itself and `bitfield`, not `crate::{}`",
+                rest.split(|c: char| !c.is_alphanumeric() && c != '_')
+                    .next()
+                    .unwrap_or("")
+            );
+        }
+        assert!(
+            !code.contains("super::super"),
+            "{rel}: `wire` may use only itself and `bitfield`"
+        );
+    }
+}
+
+#[test]
+fn cores_use_ordered_maps() {
+    // Equal inputs must give equal outputs, in the same order, on every run and every replica.
+    for (rel, text) in src_files() {
+        if !is_core(&rel) || is_test_file(&rel) {
+            continue;
+        }
+        let code = non_test_part(&text);
+        for banned in ["HashMap", "HashSet"] {
+            assert!(
+                !code.contains(banned),
+                "{rel}: cores use ordered maps (BTreeMap, BTreeSet), not `{banned}`"
             );
         }
     }

@@ -1,5 +1,7 @@
 //! The client's mio reactor: stdin lines and hash results arrive through one `Waker`, the
-//! tracker link and the peer listener are mio sources, and [`ClientCore`] decides everything.
+//! tracker link and the peer listener are mio sources, [`ClientCore`] decides what commands
+//! do and [`Uplink`] which tracker to talk to. Nothing here blocks: the tracker link connects
+//! with a non-blocking socket, and its timers are the core's.
 //!
 //! The loop feeds the core one command at a time (the next line waits until the current
 //! command has its answer), performs the core's outputs (print, send, hash) and exits once
@@ -14,40 +16,27 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::complete::CompletionData;
+use super::disk;
 use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::shell::{self, Shell};
 use super::transfers::{TransferEvent, Transfers};
+use super::uplink::{Uplink, UplinkEvent};
 use crate::hasher::{HashPool, HashResult};
 use crate::net::conn::FIRST_CONN_TOKEN;
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{Conn, ConnId, ReadEnd};
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
-use crate::wire::tracker_link::{ClientMsg, Request, RequestBody, TrackerMsg};
-use crate::wire::PROTOCOL_VERSION;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
 const TRACKER: Token = Token(3);
-
-/// How long connecting to one tracker may take before the next one is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// After losing its tracker, how long the client keeps trying the others before it gives up
-/// its session (the trackers keep a lost client's session at least this long).
-const RECONNECT_FOR: Duration = Duration::from_secs(10);
-/// Pause between rounds of reconnection attempts.
-const RECONNECT_EVERY: Duration = Duration::from_millis(200);
-/// A tracker link quiet this long gets a ping (a live tracker answers it, or a request).
-const PING_AFTER: Duration = Duration::from_millis(600);
-/// A tracker silent this long, pings included, is taken for hung: the client moves on (a
-/// request retried elsewhere is not applied twice, so a false alarm costs nothing).
-const TRACKER_SILENCE: Duration = Duration::from_millis(1800);
 
 pub struct ClientConfig {
     /// Where this client listens for peers.
@@ -61,33 +50,16 @@ pub struct ClientConfig {
     pub state_dir: Option<PathBuf>,
 }
 
-/// The client's link to its tracker.
-struct TrackerLink {
-    conn: Conn<()>,
-    addr: SocketAddr,
-    welcomed: bool,
-    /// When the tracker last sent a frame (or the link opened).
-    last_heard: Instant,
-    /// When the last ping went out.
-    last_ping: Instant,
-}
-
 struct Driver {
     poll: Poll,
     listener: TcpListener,
     core: ClientCore,
     config: ClientConfig,
-    tracker: Option<TrackerLink>,
-    /// Index in the tracker file of the tracker last connected to.
-    tracker_index: usize,
-    /// Set after losing the tracker: (give up at, next attempt at).
-    reconnecting: Option<(Instant, Instant)>,
-    /// Tracker links in a row that broke before the tracker's welcome.
-    failed_links: usize,
-    /// Pings sent to trackers so far.
-    n_pings: u64,
-    /// This process's random id, sent in every tracker handshake.
-    client_id: u64,
+    /// The socket to the tracker, connecting or connected, as `uplink` asked.
+    tracker: Option<Conn<()>>,
+    /// Which tracker, when to ping, when to move on.
+    uplink: Uplink,
+    /// Tracker sockets opened so far (their `ConnId` generations).
     n_links: u64,
     hasher: HashPool,
     transfers: Transfers,
@@ -119,17 +91,16 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
     let status = StatusLine::for_stderr(config.drawn.clone());
     let mut core = ClientCore::new(config.listen);
     core.listings_mut().set_tables(shell.is_some());
+    // This process's random id, sent in every tracker handshake.
+    let client_id = getrandom::u64().map_err(|e| io::Error::other(e.to_string()))?;
+    let uplink = Uplink::new(config.trackers.clone(), client_id);
     let mut driver = Driver {
         poll,
         listener,
         core,
         config,
         tracker: None,
-        tracker_index: 0,
-        reconnecting: None,
-        failed_links: 0,
-        n_pings: 0,
-        client_id: getrandom::u64().map_err(|e| io::Error::other(e.to_string()))?,
+        uplink,
         n_links: 0,
         hasher,
         transfers: Transfers::default(),
@@ -174,10 +145,7 @@ impl Driver {
                 self.status
                     .next_paint(self.core.has_running_downloads(), Instant::now()),
                 self.transfers.next_deadline(),
-                self.reconnecting.map(|(_, next)| next),
-                self.tracker.as_ref().map(|l| {
-                    (l.last_heard.max(l.last_ping) + PING_AFTER).min(l.last_heard + TRACKER_SILENCE)
-                }),
+                self.uplink.poll_timeout(),
             ]
             .into_iter()
             .flatten()
@@ -225,11 +193,15 @@ impl Driver {
                     }
                     LISTENER => self.accept_peers(),
                     TRACKER => {
-                        if event.is_writable() {
-                            self.flush_tracker();
-                        }
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read_tracker();
+                        if self.uplink.is_reconnecting() {
+                            self.tracker_connecting();
+                        } else {
+                            if event.is_writable() {
+                                self.flush_tracker();
+                            }
+                            if event.is_readable() || event.is_read_closed() || event.is_error() {
+                                self.read_tracker();
+                            }
                         }
                     }
                     token if token.0 >= FIRST_CONN_TOKEN => {
@@ -253,10 +225,7 @@ impl Driver {
             }
             self.transfers
                 .on_tick(self.poll.registry(), &self.hasher, now);
-            if self.reconnecting.is_some_and(|(_, next)| next <= now) {
-                self.reconnect(now);
-            }
-            self.watch_tracker(now);
+            self.uplink.handle_timeout(now);
             self.core.handle_timeout(now);
             self.pump();
             self.paint_status(now);
@@ -271,7 +240,7 @@ impl Driver {
             .iter()
             .filter(|d| d.status == DownloadStatus::Running)
             .collect();
-        self.rates.retain(|id| running.iter().any(|d| d.id == id));
+        self.rates.retain(|id| running.iter().any(|d| d.id.0 == id));
         let items: Vec<Item<'_>> = running
             .into_iter()
             .filter_map(|d| {
@@ -280,7 +249,7 @@ impl Driver {
                     name: d.name.as_str(),
                     progress,
                     elapsed,
-                    recent_rate: self.rates.sample(d.id, progress.bytes_verified, now),
+                    recent_rate: self.rates.sample(d.id.0, progress.bytes_verified, now),
                 })
             })
             .collect();
@@ -424,25 +393,11 @@ impl Driver {
                     self.leave_prompt();
                     let _ = writeln!(io::stderr().lock(), "error: {reason}");
                 }
-                Output::Send(request) => {
-                    if self.tracker.is_none() && self.reconnecting.is_some() {
-                        // Sent with the others once a tracker answers.
-                        continue;
-                    }
-                    match self.ensure_tracker() {
-                        Err(reason) => {
-                            self.core.handle_send_failed(&reason);
-                            continue;
-                        }
-                        // A new link carries every request in flight, this one included.
-                        Ok(true) => {}
-                        Ok(false) => {
-                            if let Some(link) = self.tracker.as_mut() {
-                                ClientMsg::Request(request).emit(link.conn.out());
-                            }
-                        }
-                    }
-                    self.flush_tracker();
+                // Written by `drive_uplink`, or carried by the next link with the others.
+                Output::Send(request) => self.uplink.send(request, Instant::now()),
+                Output::Inspect(query) => {
+                    let answer = disk::inspect(&query);
+                    self.core.handle_inspected(answer, Instant::now());
                 }
                 Output::HashFile { job, path } => {
                     self.hasher.hash_file(job, path, crate::wire::PIECE_LEN)
@@ -485,10 +440,14 @@ impl Driver {
         }
     }
 
-    /// Performs the core's outputs and the transfers' events until both are quiet.
+    /// Performs the core's outputs, the tracker link's and the transfers' events until all are
+    /// quiet.
     fn pump(&mut self) {
         loop {
             self.perform_outputs();
+            if self.drive_uplink() {
+                continue;
+            }
             let Some(event) = self.transfers.poll_event() else {
                 return;
             };
@@ -536,201 +495,128 @@ impl Driver {
         let _ = stdout.flush();
     }
 
-    /// Connects to a tracker if not connected: the first of the file that accepts, starting
-    /// with the one after the tracker last used. On a new link the hello is followed by what
-    /// the core has in flight (a session resume and the unanswered requests); returns whether
-    /// the link is new.
-    fn ensure_tracker(&mut self) -> Result<bool, String> {
-        if self.tracker.is_some() {
-            return Ok(false);
-        }
-        let n = self.config.trackers.len();
-        let start = if self.reconnecting.is_some() {
-            self.tracker_index + 1
-        } else {
-            self.tracker_index
-        };
-        for i in 0..n {
-            let index = (start + i) % n;
-            let addr = self.config.trackers[index];
-            let stream = match std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!("tracker {addr}: {e}");
-                    continue;
-                }
-            };
-            let link = stream
-                .set_nonblocking(true)
-                .and_then(|()| stream.set_nodelay(true))
-                .and_then(|()| {
-                    self.n_links += 1;
-                    Conn::new(
-                        self.poll.registry(),
-                        TcpStream::from_std(stream),
-                        TRACKER,
-                        ConnId {
-                            key: 0,
-                            generation: self.n_links,
-                        },
-                        MAX_CLIENT_TRACKER_FRAME,
-                        (),
-                    )
-                });
-            match link {
-                Ok(mut conn) => {
-                    ClientMsg::hello(self.client_id).emit(conn.out());
-                    for request in self.core.requests_for_new_link() {
-                        ClientMsg::Request(request).emit(conn.out());
-                    }
-                    if self.reconnecting.take().is_some() {
-                        info!("moved to tracker {addr}");
-                    } else {
-                        info!("connected to tracker {addr}");
-                    }
-                    self.tracker_index = index;
+    /// Does what the tracker link core asks for and writes what it has to send; returns
+    /// whether it asked for anything (the session may then have outputs).
+    fn drive_uplink(&mut self) -> bool {
+        let mut acted = false;
+        while let Some(event) = self.uplink.poll_event() {
+            acted = true;
+            match event {
+                UplinkEvent::Connect(addr) => self.open_tracker(addr),
+                UplinkEvent::Close => self.close_tracker(),
+                UplinkEvent::Connected => {
+                    // A new link carries a resume of the session and every request in flight.
                     let now = Instant::now();
-                    self.tracker = Some(TrackerLink {
-                        conn,
-                        addr,
-                        welcomed: false,
-                        last_heard: now,
-                        last_ping: now,
-                    });
-                    return Ok(true);
-                }
-                Err(e) => warn!("tracker {addr}: {e}"),
-            }
-        }
-        Err("no tracker is reachable".into())
-    }
-
-    fn flush_tracker(&mut self) {
-        let Some(link) = self.tracker.as_mut() else {
-            return;
-        };
-        if let Err(e) = link.conn.flush(self.poll.registry()) {
-            warn!("tracker {}: write failed: {e}", link.addr);
-            self.drop_tracker();
-        }
-    }
-
-    fn read_tracker(&mut self) {
-        let Some(link) = self.tracker.as_mut() else {
-            return;
-        };
-        let core = &mut self.core;
-        let mut welcomed = link.welcomed;
-        let mut protocol_error = None;
-        let mut heard = false;
-        let result = link.conn.read_frames(usize::MAX, |payload| {
-            heard = true;
-            match TrackerMsg::parse(payload) {
-                Ok(TrackerMsg::Welcome { version, .. }) if !welcomed => {
-                    if version != PROTOCOL_VERSION {
-                        protocol_error = Some(format!("tracker speaks version {version}"));
-                        return false;
+                    for request in self.core.requests_for_new_link() {
+                        self.uplink.send(request, now);
                     }
-                    welcomed = true;
                 }
-                Ok(TrackerMsg::Reply(reply)) if welcomed => core.handle_reply(reply),
-                Ok(other) => {
-                    protocol_error = Some(format!("unexpected message {other:?}"));
-                    return false;
-                }
-                Err(e) => {
-                    protocol_error = Some(e.to_string());
-                    return false;
-                }
+                UplinkEvent::Unreachable => self.core.handle_send_failed("no tracker is reachable"),
+                UplinkEvent::SessionLost => self.core.handle_tracker_lost(),
             }
-            true
-        });
-        link.welcomed = welcomed;
-        if heard {
-            link.last_heard = Instant::now();
         }
-        let addr = link.addr;
-        let lost = match (result, protocol_error) {
-            (_, Some(reason)) => Some(reason),
-            (Ok(ReadEnd::Eof), None) => Some("closed the connection".to_owned()),
-            (Err(e), None) => Some(e.to_string()),
-            (Ok(_), None) => None,
+        let mut queued = false;
+        while let Some(msg) = self.uplink.poll_transmit() {
+            if let Some(conn) = self.tracker.as_mut() {
+                msg.emit(conn.out());
+                queued = true;
+            }
+        }
+        if queued {
+            self.flush_tracker();
+        }
+        acted
+    }
+
+    /// Starts a non-blocking connection to a tracker, in place of the current one.
+    fn open_tracker(&mut self, addr: SocketAddr) {
+        self.close_tracker();
+        let registry = self.poll.registry();
+        self.n_links += 1;
+        let id = ConnId {
+            key: 0,
+            generation: self.n_links,
         };
-        if let Some(reason) = lost {
-            warn!("tracker {addr}: {reason}");
-            self.drop_tracker();
+        let opened = TcpStream::connect(addr).and_then(|stream| {
+            let _ = stream.set_nodelay(true);
+            let mut conn = Conn::new(registry, stream, TRACKER, id, MAX_CLIENT_TRACKER_FRAME, ())?;
+            conn.await_connect(registry)?;
+            Ok(conn)
+        });
+        match opened {
+            Ok(conn) => self.tracker = Some(conn),
+            Err(e) => self
+                .uplink
+                .handle_connect_failed(&e.to_string(), Instant::now()),
+        }
+    }
+
+    fn close_tracker(&mut self) {
+        if let Some(mut conn) = self.tracker.take() {
+            conn.deregister(self.poll.registry());
+        }
+    }
+
+    /// The connecting tracker socket became ready: connected, or failed.
+    fn tracker_connecting(&mut self) {
+        let Some(conn) = self.tracker.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let failed = match conn.stream.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e),
+            Ok(None) => match conn.stream.peer_addr() {
+                Ok(_) => None,
+                // Not yet (a stale readiness event).
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => Some(e),
+            },
+        };
+        match failed {
+            Some(e) => {
+                self.close_tracker();
+                self.uplink.handle_connect_failed(&e.to_string(), now);
+            }
+            None => self.uplink.handle_connected(now),
         }
         self.pump();
     }
 
-    /// Pings a quiet tracker link, and leaves a tracker that stays silent (a hung process keeps
-    /// its sockets open, so only silence tells).
-    fn watch_tracker(&mut self, now: Instant) {
-        let Some(link) = self.tracker.as_mut() else {
-            return;
-        };
-        if now.saturating_duration_since(link.last_heard) >= TRACKER_SILENCE {
-            warn!(
-                "tracker {}: silent for {TRACKER_SILENCE:?}; moving to another",
-                link.addr
-            );
-            self.drop_tracker();
+    /// Writes what is queued for the tracker; a failed write breaks the link.
+    fn flush_tracker(&mut self) {
+        // A connecting socket has nothing to write yet, and must keep its `WRITABLE` interest
+        // to tell when it is up.
+        if !self.uplink.is_open() {
             return;
         }
-        if now.saturating_duration_since(link.last_heard.max(link.last_ping)) >= PING_AFTER {
-            link.last_ping = now;
-            self.n_pings += 1;
-            // Ids from the top of the range never meet the core's, which count up from 1.
-            let req_id = u64::MAX - self.n_pings;
-            ClientMsg::Request(Request {
-                req_id,
-                body: RequestBody::Ping,
-            })
-            .emit(link.conn.out());
-            self.flush_tracker();
+        let Some(conn) = self.tracker.as_mut() else {
+            return;
+        };
+        if let Err(e) = conn.flush(self.poll.registry()) {
+            self.uplink
+                .handle_closed(&format!("write failed: {e}"), Instant::now());
         }
     }
 
-    /// The tracker link broke: move to another tracker at once, keeping the session.
-    fn drop_tracker(&mut self) {
-        if let Some(mut link) = self.tracker.take() {
-            link.conn.deregister(self.poll.registry());
-            if link.welcomed {
-                self.failed_links = 0;
-            } else {
-                self.failed_links += 1;
-            }
-            let now = Instant::now();
-            self.reconnecting = Some((now + RECONNECT_FOR, now));
-            self.reconnect(now);
-        }
-    }
-
-    /// One round of attempts to reach a tracker after losing one; gives the session up once
-    /// none answered for [`RECONNECT_FOR`].
-    fn reconnect(&mut self, now: Instant) {
-        let Some((give_up, _)) = self.reconnecting else {
+    fn read_tracker(&mut self) {
+        let Some(conn) = self.tracker.as_mut() else {
             return;
         };
-        if self.failed_links >= 2 * self.config.trackers.len() {
-            // Every tracker of the file was tried twice and none spoke the protocol.
-            warn!("no tracker completes the handshake: the session is lost");
-            self.failed_links = 0;
-            self.reconnecting = None;
-            self.core.handle_tracker_lost();
-            self.pump();
-            return;
-        }
-        match self.ensure_tracker() {
-            Ok(_) => self.flush_tracker(),
-            Err(reason) if now >= give_up => {
-                warn!("{reason} for {RECONNECT_FOR:?}: the session is lost");
-                self.reconnecting = None;
-                self.core.handle_tracker_lost();
+        let core = &mut self.core;
+        let uplink = &mut self.uplink;
+        let now = Instant::now();
+        let result = conn.read_frames(usize::MAX, |payload| {
+            if let Some(reply) = uplink.handle_frame(payload, now) {
+                core.handle_reply(reply);
             }
-            Err(reason) => {
-                debug!("{reason}; trying again");
-                self.reconnecting = Some((give_up, now + RECONNECT_EVERY));
+            // A frame that broke the link ends the reading.
+            uplink.is_open()
+        });
+        if uplink.is_open() {
+            match result {
+                Ok(ReadEnd::Eof) => uplink.handle_closed("closed the connection", now),
+                Err(e) => uplink.handle_closed(&e.to_string(), now),
+                Ok(_) => {}
             }
         }
         self.pump();

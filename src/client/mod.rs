@@ -1,11 +1,13 @@
-//! The client: the command loop ([`command`] parsing, [`session`] core) and the mio reactor
-//! that runs it ([`driver`]), with the peer links ([`transfers`]), the download engine
-//! ([`download`]) and the progress line on a terminal ([`progress`]). At a terminal the
-//! [`shell`] reads the commands (line editing, [`history`], [`complete`], [`help`]); the
-//! [`state_dir`] holds what a client remembers between runs.
+//! The client: the command loop ([`command`] parsing, [`session`] core, [`disk`] facts it
+//! asks for), the link to the trackers ([`uplink`] core), the peer links ([`transfers`]) with
+//! the download engine ([`download`]) and the serving core ([`uploader`]), the mio reactor
+//! that runs them all ([`driver`]), and the progress line on a terminal ([`progress`]). At a
+//! terminal the [`shell`] reads the commands (line editing, [`history`], [`complete`],
+//! [`help`], [`listing`]); the [`state_dir`] holds what a client remembers between runs.
 
 pub mod command;
 pub mod complete;
+pub mod disk;
 pub mod download;
 pub mod driver;
 pub mod help;
@@ -16,3 +18,5 @@ pub mod session;
 pub mod shell;
 pub mod state_dir;
 pub mod transfers;
+pub mod uplink;
+pub mod uploader;

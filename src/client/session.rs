@@ -20,10 +20,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::command::{parse_line, Command};
+use super::disk::{Inspect, Inspected};
 use super::listing::Listings;
-use crate::hasher::{FileHashes, HashDone};
+use crate::hasher::{FileHashes, HashDone, JobId};
 use crate::wire::tracker_link::{FileMeta, Reply, ReplyBody, Request, RequestBody};
-use crate::wire::{FileName, GroupId, UserId, PIECE_LEN};
+use crate::wire::{FileName, GroupId, Sha1Digest, UserId, PIECE_LEN};
 
 /// How long a command waits for the tracker's answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,14 +38,17 @@ pub enum Output {
     Fail(String),
     /// A request for the tracker.
     Send(Request),
+    /// Look at the file system and call `handle_inspected` with [`inspect`](super::disk::inspect)'s answer
+    /// (the command waits for it).
+    Inspect(Inspect),
     /// Hash this file on the worker pool and call `handle_hashed` with the job id.
-    HashFile { job: u64, path: PathBuf },
+    HashFile { job: JobId, path: PathBuf },
     /// The user asked to quit.
     Quit,
     /// Start download `id` of `meta` from the sharers at `peers` into `target` (through
     /// `<target>.part`), then call `handle_download_started`.
     StartDownload {
-        id: u64,
+        id: DownloadId,
         group: GroupId,
         meta: FileMeta,
         peers: Vec<SocketAddr>,
@@ -52,7 +56,7 @@ pub enum Output {
     },
     /// The tracker's answer to `query_sharers` for download `download`.
     Sharers {
-        download: u64,
+        download: DownloadId,
         result: Result<Vec<SocketAddr>, String>,
     },
     /// Print `show_downloads` (the driver adds live progress on a terminal).
@@ -60,6 +64,88 @@ pub enum Output {
     /// The set of files this client may serve changed (login, logout, stop_share,
     /// leave_group): links serving what is no longer shared must close.
     SharesChanged,
+}
+
+/// Names a download of this client (in `show_downloads` order: ids grow). Its hash jobs (piece
+/// checks, whole-file digest) carry [`DownloadId::job`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DownloadId(pub u64);
+
+impl DownloadId {
+    /// The hasher job id of this download's piece checks and whole-file digest.
+    pub fn job(self) -> JobId {
+        JobId(self.0)
+    }
+
+    /// The download a hash job of [`job`](Self::job) belongs to.
+    pub fn of_job(job: JobId) -> Self {
+        DownloadId(job.0)
+    }
+}
+
+impl std::fmt::Display for DownloadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "download {}", self.0)
+    }
+}
+
+/// Why a running download failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DownloadError {
+    /// The download engine gave up (no trusted peer holds a missing piece), with its reason.
+    Engine(String),
+    /// Every piece verified, but the whole file's SHA1 is not the tracker's.
+    FileDigest { got: Sha1Digest, want: Sha1Digest },
+    /// The verified file could not be linked to its target; the data stays in `part`.
+    Link {
+        target: PathBuf,
+        part: PathBuf,
+        reason: String,
+    },
+    /// The client is exiting (SIGINT or SIGTERM).
+    Exiting,
+}
+
+impl std::fmt::Display for DownloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DownloadError::Engine(reason) => f.write_str(reason),
+            DownloadError::FileDigest { got, want } => {
+                write!(f, "the whole file's SHA1 is {got}, the tracker says {want}")
+            }
+            DownloadError::Link {
+                target,
+                part,
+                reason,
+            } => write!(
+                f,
+                "cannot create {}: {reason} (the data is in {})",
+                target.display(),
+                part.display()
+            ),
+            DownloadError::Exiting => f.write_str("the client is exiting"),
+        }
+    }
+}
+
+/// Why the driver could not start a download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// The target exists (it appeared after the command checked it): nothing is overwritten.
+    TargetExists(PathBuf),
+    /// `<target>.part` could not be created and mapped.
+    CreatePart { path: PathBuf, reason: String },
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::TargetExists(path) => write!(f, "{} already exists", path.display()),
+            StartError::CreatePart { path, reason } => {
+                write!(f, "cannot create {}: {reason}", path.display())
+            }
+        }
+    }
 }
 
 /// Where a download of this client stands, for `show_downloads`.
@@ -73,7 +159,7 @@ pub enum DownloadStatus {
 /// A download this client started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadEntry {
-    pub id: u64,
+    pub id: DownloadId,
     pub user: UserId,
     pub group: GroupId,
     pub name: FileName,
@@ -95,9 +181,9 @@ pub struct DownloadEntry {
 #[derive(Debug, Clone, Copy)]
 enum Background {
     /// Registering a download as a share.
-    Register { download: u64 },
+    Register { download: DownloadId },
     /// Asking for a download's sharers.
-    Sharers { download: u64 },
+    Sharers { download: DownloadId },
     /// Taking the session over on a new tracker link.
     Resume,
     /// Announcing a share again after a resume.
@@ -121,13 +207,15 @@ pub struct LocalShare {
 enum Pending {
     /// Hashing a file before registering it.
     Hashing {
-        job: u64,
+        job: JobId,
         group: GroupId,
         name: FileName,
         path: PathBuf,
     },
+    /// Waiting for the driver's answer to an [`Output::Inspect`] for `cmd`.
+    Inspecting { cmd: Command },
     /// Waiting for the driver to start download `id`.
-    Starting { id: u64 },
+    Starting { id: DownloadId },
     /// Waiting for the tracker's reply to `request`.
     Awaiting {
         request: Request,
@@ -302,27 +390,23 @@ impl ClientCore {
             Command::Quit => return self.out.push_back(Output::Quit),
             Command::ShowDownloads => return self.out.push_back(Output::ShowDownloads),
             Command::Help { topic } => return self.help(topic.as_deref()),
+            // Both need facts from the file system first: the driver answers with
+            // `handle_inspected`.
             Command::DownloadFile {
-                group,
-                name,
-                destination,
+                name, destination, ..
             } => {
-                let target = match self.resolve_target(destination, name) {
-                    Ok(t) => t,
-                    Err(reason) => return self.fail(reason),
-                };
-                let body = RequestBody::FileSharers {
-                    group: group.clone(),
+                let query = Inspect::DownloadTarget {
+                    destination: destination.clone(),
                     name: name.clone(),
                 };
-                let sent = Sent::Download {
-                    group: group.clone(),
-                    name: name.clone(),
-                    target,
-                };
-                return self.send(body, sent, now);
+                self.pending = Some(Pending::Inspecting { cmd });
+                return self.out.push_back(Output::Inspect(query));
             }
-            Command::UploadFile { path, group } => return self.start_upload(path, group),
+            Command::UploadFile { path, .. } => {
+                let query = Inspect::Upload { path: path.clone() };
+                self.pending = Some(Pending::Inspecting { cmd });
+                return self.out.push_back(Output::Inspect(query));
+            }
             Command::CreateUser { user, password } => RequestBody::CreateUser {
                 user: user.clone(),
                 password: password.clone(),
@@ -425,30 +509,46 @@ impl ClientCore {
         first
     }
 
-    /// Where `download_file` saves `name` given `destination` (see SPEC): an existing
-    /// directory or a path ending in `/` means `destination/name`. The target must not exist,
-    /// its directory must, and no running download of this client may be writing it.
-    fn resolve_target(&self, destination: &Path, name: &FileName) -> Result<PathBuf, String> {
-        let text = destination.as_os_str().as_encoded_bytes();
-        let target = if text.ends_with(b"/") || destination.is_dir() {
-            destination.join(name.as_str())
-        } else {
-            destination.to_path_buf()
-        };
-        if target.symlink_metadata().is_ok() {
-            return Err(format!("{} already exists", target.display()));
+    /// The driver's answer to an [`Output::Inspect`]: the command waiting for it goes on.
+    pub fn handle_inspected(&mut self, answer: Inspected, now: Instant) {
+        if !matches!(self.pending, Some(Pending::Inspecting { .. })) {
+            return;
         }
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
+        let Some(Pending::Inspecting { cmd }) = self.pending.take() else {
+            return;
         };
-        if !dir.is_dir() {
-            return Err(format!("directory {} does not exist", dir.display()));
+        match (cmd, answer) {
+            (Command::DownloadFile { group, name, .. }, Inspected::DownloadTarget(target)) => {
+                let target = match target.and_then(|t| self.not_downloading(t)) {
+                    Ok(t) => t,
+                    Err(reason) => return self.fail(reason),
+                };
+                let body = RequestBody::FileSharers {
+                    group: group.clone(),
+                    name: name.clone(),
+                };
+                self.send(
+                    body,
+                    Sent::Download {
+                        group,
+                        name,
+                        target,
+                    },
+                    now,
+                );
+            }
+            (Command::UploadFile { path, group }, Inspected::Upload(absolute)) => match absolute {
+                Ok(absolute) => self.start_upload(&path, absolute, &group),
+                Err(reason) => self.fail(reason),
+            },
+            (cmd, answer) => {
+                self.fail(format!("internal error: {answer:?} for {cmd:?}"));
+            }
         }
-        let target = match (std::fs::canonicalize(&dir), target.file_name()) {
-            (Ok(dir), Some(file)) => dir.join(file),
-            _ => target,
-        };
+    }
+
+    /// A download's target, unless a running download of this client is writing it already.
+    fn not_downloading(&self, target: PathBuf) -> Result<PathBuf, String> {
         if self
             .downloads
             .iter()
@@ -470,24 +570,33 @@ impl ClientCore {
     }
 
     /// The driver started (or could not start) download `id`; `Ok` carries the line to print.
-    pub fn handle_download_started(&mut self, id: u64, result: Result<String, String>) {
+    pub fn handle_download_started(&mut self, id: DownloadId, result: Result<String, StartError>) {
         if !matches!(self.pending, Some(Pending::Starting { id: pending }) if pending == id) {
             return;
         }
         self.pending = None;
         match result {
             Ok(line) => self.print(line),
-            Err(reason) => {
+            Err(error @ StartError::TargetExists(_)) => {
+                // Nothing was started: the command failed before any download existed.
+                self.downloads.retain(|d| d.id != id);
+                self.fail(error.to_string())
+            }
+            Err(error) => {
                 if let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) {
                     d.status = DownloadStatus::Failed;
                 }
-                self.fail(reason)
+                self.fail(error.to_string())
             }
         }
     }
 
     /// Download `id` ended: `Ok` with the line to print, or `Err` with the reason.
-    pub fn handle_download_finished(&mut self, id: u64, result: Result<String, String>) {
+    pub fn handle_download_finished(
+        &mut self,
+        id: DownloadId,
+        result: Result<String, DownloadError>,
+    ) {
         let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) else {
             return;
         };
@@ -520,7 +629,7 @@ impl ClientCore {
     /// Download `id` failed after it was registered as a share (or while its registration was
     /// on its way): its share is dropped here and, unless this user still shares the file
     /// another way, at the tracker, so that nobody is sent to a file that is not there.
-    fn withdraw_share(&mut self, id: u64) {
+    fn withdraw_share(&mut self, id: DownloadId) {
         let Some(d) = self.downloads.iter().find(|d| d.id == id) else {
             return;
         };
@@ -558,7 +667,7 @@ impl ClientCore {
 
     /// Download `id` verified its first piece: register it as a share of its user (now, or
     /// at that user's next login).
-    pub fn handle_first_piece(&mut self, id: u64) {
+    pub fn handle_first_piece(&mut self, id: DownloadId) {
         if let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) {
             d.wants_share = true;
         }
@@ -571,7 +680,7 @@ impl ClientCore {
         let Some(user) = self.user.clone() else {
             return;
         };
-        let withdrawals: Vec<u64> = self
+        let withdrawals: Vec<DownloadId> = self
             .downloads
             .iter_mut()
             .filter(|d| d.withdraw_due && d.user == user)
@@ -583,7 +692,7 @@ impl ClientCore {
         for id in withdrawals {
             self.withdraw_share(id);
         }
-        let due: Vec<(u64, GroupId, FileMeta)> = self
+        let due: Vec<(DownloadId, GroupId, FileMeta)> = self
             .downloads
             .iter_mut()
             .filter(|d| d.wants_share && !d.registering && d.user == user)
@@ -601,7 +710,7 @@ impl ClientCore {
     }
 
     /// Download `id` needs the sharers online again; the answer comes as [`Output::Sharers`].
-    pub fn query_sharers(&mut self, id: u64) {
+    pub fn query_sharers(&mut self, id: DownloadId) {
         let Some(d) = self.downloads.iter().find(|d| d.id == id) else {
             return;
         };
@@ -698,22 +807,16 @@ impl ClientCore {
         }
     }
 
-    fn start_upload(&mut self, path: &std::path::Path, group: &GroupId) {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(e) => return self.fail(format!("cannot read {}: {e}", path.display())),
-        };
-        if !meta.is_file() {
-            return self.fail(format!("{} is not a regular file", path.display()));
-        }
+    /// Hashes the regular file `path` (absolute: `absolute`) to share it in `group`.
+    fn start_upload(&mut self, path: &Path, absolute: PathBuf, group: &GroupId) {
         let name = match path.file_name().and_then(|n| n.to_str()).map(FileName::new) {
             Some(Ok(name)) => name,
             Some(Err(e)) => return self.fail(format!("invalid file name: {e}")),
             None => return self.fail(format!("{} has no usable file name", path.display())),
         };
-        // Serve from an absolute path, whatever the working directory becomes.
-        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let job = self.next_id();
+        // Served from the absolute path, whatever the working directory becomes.
+        let path = absolute;
+        let job = JobId(self.next_id());
         self.pending = Some(Pending::Hashing {
             job,
             group: group.clone(),
@@ -739,7 +842,7 @@ impl ClientCore {
         };
         let hashes: FileHashes = match done.result {
             Ok(h) => h,
-            Err(e) => return self.fail(e),
+            Err(e) => return self.fail(e.to_string()),
         };
         if self.user.is_none() {
             // The session ended (the tracker link broke) while the file was being hashed.
@@ -855,10 +958,9 @@ impl ClientCore {
         if peers.is_empty() {
             return self.fail(format!("no sharer of {name} is online in group {group}"));
         }
-        if target.symlink_metadata().is_ok() {
-            return self.fail(format!("{} already exists", target.display()));
-        }
-        let id = self.next_id();
+        // The target is checked again by the driver as the download starts (it may have
+        // appeared since `handle_inspected`): `StartError::TargetExists`.
+        let id = DownloadId(self.next_id());
         self.downloads.push(DownloadEntry {
             id,
             user,

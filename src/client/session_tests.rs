@@ -1,36 +1,22 @@
 //! Unit tests of [`ClientCore`] without IO: lines go in with `handle_line`, every
 //! `Output::Send` is answered by hand with `handle_reply`, hashing is answered with
 //! `handle_hashed`, and the `Print`/`Fail` sequences and the failure count are checked.
-//! Only `upload_file` touches the disk (a temp file), because the core checks the file itself.
+//! Only `upload_file` touches the disk (a temp file): the harness answers the core's questions
+//! about files from the real file system, as the driver does.
 
 use super::*;
+use crate::testing::{fname, gid, pw, uid};
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::hasher::sha1_of;
 use crate::wire::tracker_link::{FileInfo, GroupInfo, RejectCode, Relation};
-use crate::wire::{Password, Sha1Digest};
+use crate::wire::Sha1Digest;
 
 // =============================================================================================
 // Harness
 // =============================================================================================
-
-fn uid(s: &str) -> UserId {
-    UserId::new(s).unwrap()
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
-
-fn pw(s: &str) -> Password {
-    Password::new(s.as_bytes()).unwrap()
-}
 
 fn peer_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::new(10, 0, 0, 7), 4567))
@@ -50,10 +36,19 @@ impl Harness {
     }
 
     /// The outputs so far, without `SharesChanged` (a hint to the driver, checked on its own).
+    /// Questions about the file system are answered from the real one, as the driver does.
     fn drain(&mut self) -> Vec<Output> {
-        std::iter::from_fn(|| self.core.poll_output())
-            .filter(|o| *o != Output::SharesChanged)
-            .collect()
+        let mut outs = Vec::new();
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::SharesChanged => {}
+                Output::Inspect(query) => self
+                    .core
+                    .handle_inspected(crate::client::disk::inspect(&query), self.now),
+                out => outs.push(out),
+            }
+        }
+        outs
     }
 
     /// Feeds one line and returns what it produced at once.
@@ -775,7 +770,7 @@ fn hash_errors_fail_the_upload() {
     // A result for another job is ignored.
     h.core.handle_hashed(
         HashDone {
-            job: job + 1,
+            job: JobId(job.0 + 1),
             result: Ok(hashes_of(b"x")),
         },
         h.now,
@@ -784,7 +779,7 @@ fn hash_errors_fail_the_upload() {
     assert!(h.core.is_busy());
     // A reply while hashing is ignored too.
     h.core.handle_reply(Reply {
-        req_id: job,
+        req_id: job.0,
         body: ReplyBody::Shared { new_file: true },
     });
     assert!(h.drain().is_empty());
@@ -793,11 +788,14 @@ fn hash_errors_fail_the_upload() {
     h.core.handle_hashed(
         HashDone {
             job,
-            result: Err("cannot map f: permission denied".into()),
+            result: Err(crate::hasher::HashError::Read {
+                path: "f".into(),
+                reason: "permission denied".into(),
+            }),
         },
         h.now,
     );
-    assert_eq!(h.drain(), [fail("cannot map f: permission denied")]);
+    assert_eq!(h.drain(), [fail("cannot read f: permission denied")]);
     assert!(!h.core.is_busy());
     assert_eq!(h.core.n_failed(), 1);
     assert!(h.core.shares().is_empty());
@@ -1090,7 +1088,7 @@ fn background_requests_in_flight_go_again_in_id_order() {
 // ---------------------------------------------------------------------------------------------
 
 /// Starts a download of `f.bin` into `dir` for the logged-in user; returns its id.
-fn started_download(h: &mut Harness, dir: &std::path::Path) -> u64 {
+fn started_download(h: &mut Harness, dir: &std::path::Path) -> DownloadId {
     let meta = FileMeta {
         name: fname("f.bin"),
         size: 3,
@@ -1117,7 +1115,7 @@ fn started_download(h: &mut Harness, dir: &std::path::Path) -> u64 {
 }
 
 /// The registration request a first verified piece sends.
-fn registration(h: &mut Harness, id: u64) -> Request {
+fn registration(h: &mut Harness, id: DownloadId) -> Request {
     h.core.handle_first_piece(id);
     match h.drain().as_slice() {
         [Output::Send(r)] if matches!(r.body, RequestBody::UploadFile { .. }) => r.clone(),
@@ -1147,7 +1145,7 @@ fn a_download_failing_after_its_registration_withdraws_the_share() {
     h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     assert_eq!(h.core.shares().len(), 1, "the download is shared");
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     let outs = h.drain();
     assert!(
         outs.iter()
@@ -1172,7 +1170,7 @@ fn a_registration_answered_after_the_failure_is_withdrawn() {
     let id = started_download(&mut h, dir.path());
     let reg = registration(&mut h, id);
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), [], "nothing registered yet: {outs:?}");
     // The registration lands after the failure: it is withdrawn at once, never served.
@@ -1191,7 +1189,7 @@ fn a_download_failing_before_its_first_piece_sends_nothing() {
     h.login("alice");
     let id = started_download(&mut h, dir.path());
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), []);
     assert!(
@@ -1233,7 +1231,7 @@ fn a_download_failing_while_logged_out_is_withdrawn_at_the_next_login() {
     h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     h.run("logout", ReplyBody::Done);
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), [], "not logged in: {outs:?}");
     assert!(h.core.shares().is_empty());
@@ -1263,7 +1261,7 @@ fn a_download_failing_before_its_registration_is_sent_is_never_registered() {
     h.core.handle_first_piece(id);
     assert_eq!(h.drain(), []);
     h.core
-        .handle_download_finished(id, Err("no trusted peer".into()));
+        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
     h.drain();
     let outs = login_outputs(&mut h, "alice");
     assert!(

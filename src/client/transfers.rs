@@ -1,214 +1,65 @@
-//! The client's peer links: the IO shell around the download engines and the serving of files.
+//! The client's peer links: the IO shell around the download engines and the serving core.
 //!
 //! [`Transfers`] owns every peer connection of the client (one [`ConnTable`] on the client's
-//! one mio reactor) and every running download. Two kinds of link share the table:
+//! one mio reactor) and every running download; this module holds the table, dispatches mio
+//! events, keeps the links' timers and moves bytes, and its children hold the rest:
 //!
-//! - **Fetch links**, which this client opened to a sharer for one of its downloads. What the
-//!   sharer sends is read by [`SharerReader`]: the length prefix, type byte and block header
-//!   of a `Block` frame are read on their own, the [`Download`] engine decides whether the
-//!   block is wanted, and its data is then read from the socket straight into the piece's bytes
-//!   in the memory-mapped `<target>.part` ([`PartFile::write_with`]); unwanted data goes to a
-//!   small scratch buffer. No block is ever copied through an intermediate buffer.
-//! - **Serve links**, which another client opened to fetch a file this client shares. After a
-//!   handshake naming a file the logged-in user shares, each request is answered with a block
-//!   header in the send buffer followed by the data sent straight from the file's read-only map
-//!   (or from the verified pieces of a `.part` still downloading), without a copy
-//!   ([`Conn::queue_mapped`]).
+//! - `downloads`: each running download's engine, `.part` map and whole-file digest, and
+//!   what the engine asks for (links, messages, pieces to verify, the end).
+//! - `fetch`: the links this client opened to sharers; the sharer's bytes go where the
+//!   link's `SharerStream` decoder says, block data straight into the `.part` map.
+//! - `serve`: the links other clients opened to fetch what this client shares; the
+//!   [`Uploader`] core decides, blocks go out straight from the source's map.
 //!
-//! Completed pieces go to the hasher pool through their [`HashTicket`](crate::storage); the
-//! pool's workers also compute each download's whole-file SHA1 ([`FileStream`]) in order as
-//! pieces verify, so that the check at the end costs no extra wait. A download whose pieces are
-//! all verified and whose whole-file digest matches is hard-linked to its target (which never
-//! overwrites) and its `.part` removed.
-//!
-//! What needs the tracker or the command loop comes out as [`TransferEvent`]s.
+//! Nothing here decides what a download or a serve link does next: the `Download` engine and
+//! the `Uploader` core do. What needs the tracker or the command loop comes out as
+//! [`TransferEvent`]s.
+
+mod downloads;
+mod fetch;
+mod serve;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use byteorder::{BigEndian, ByteOrder};
-use log::{debug, info, warn};
+use log::{debug, warn};
 use mio::net::TcpStream;
 use mio::{Registry, Token};
 
-use super::download::engine::{bitfield_of, Action, Download, Limits, Progress};
-use super::download::picker::{PeerId, Verdict};
-use super::session::ClientCore;
-use crate::bitfield::Bitfield;
-use crate::hasher::{sha1_of, FileStream, HashPool, PieceChecked, StreamDone};
-use crate::net::conn::MappedSlice;
-use crate::net::{ConnId, ConnTable, ReadEnd};
-use crate::storage::{PartFile, PartReader, SourceMap};
-use crate::wire::peer_link::{
-    block_data_len, emit_block_header, parse_block_header, BlockRef, DownloaderMsg, SharerMsg,
-    BLOCK_HEADER_LEN, BLOCK_TYPE, MAX_ACCEPT_PIECES, MAX_DOWNLOADER_FRAME, MAX_PEER_FRAME,
-};
-use crate::wire::tracker_link::FileMeta;
-use crate::wire::{FileName, GroupId, Sha1Digest, PROTOCOL_VERSION};
+use super::download::engine::{Limits, Progress};
+use super::session::{ClientCore, DownloadError, DownloadId};
+use super::uploader::Uploader;
+use crate::hasher::HashPool;
+use crate::net::{ConnId, ConnTable};
+use crate::wire::peer_link::MAX_DOWNLOADER_FRAME;
+use downloads::Active;
+use fetch::FetchLink;
+use serve::ServeLink;
 
 /// Bytes read from one fetch link before the others get a turn.
 const READ_BUDGET: usize = 8 * 1024 * 1024;
 /// Frames read from one serve link before the others get a turn.
 const FRAME_BUDGET: usize = 256;
-/// A serve link stops reading requests while this much is queued for it.
-const SERVE_MAX_PENDING: usize = 32 * 1024 * 1024;
 /// How long a serve link may take to send its handshake.
 const SERVE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most peer links at once; connections past it are closed at once.
 const MAX_PEER_LINKS: usize = 4096;
-/// Largest frame other than a `Block` or the first `Accept` a fetch link takes.
-const MAX_SMALL_FRAME: usize = 2048;
 /// Scratch space for data that is read and dropped.
 const SCRATCH_LEN: usize = 64 * 1024;
-
-/// Refusal codes in a `Refuse`.
-pub const REFUSE_NOT_SHARED: u16 = 1;
-pub const REFUSE_VERSION: u16 = 2;
-pub const REFUSE_BUSY: u16 = 3;
 
 /// Something the command loop or the tracker must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransferEvent {
     /// The download's first piece verified: register it as a share.
-    FirstPiece { download: u64 },
+    FirstPiece { download: DownloadId },
     /// The download needs the sharers online again.
-    QuerySharers { download: u64 },
+    QuerySharers { download: DownloadId },
     /// The download ended: `Ok` with the line to print, or `Err` with the reason.
     Finished {
-        download: u64,
-        result: Result<String, String>,
+        download: DownloadId,
+        result: Result<String, DownloadError>,
     },
-}
-
-/// What a serve link offers after its handshake.
-struct Offer {
-    source: Source,
-    /// The download whose `.part` is served, while it runs.
-    download: Option<u64>,
-    size: u64,
-    piece_len: u32,
-    n_pieces: u32,
-    bitfield: Bitfield,
-}
-
-/// Bytes to serve: a shared file's map, or the verified pieces of a download in progress.
-#[derive(Clone)]
-enum Source {
-    File(Arc<SourceMap>),
-    Part(PartReader),
-}
-
-impl Source {
-    fn is_verified(&self, piece: u32) -> bool {
-        match self {
-            Source::File(_) => true,
-            Source::Part(r) => r.is_verified(piece),
-        }
-    }
-}
-
-/// One block queued for sending straight from its map.
-struct MappedBlock {
-    source: Source,
-    piece: u32,
-    offset: u32,
-    /// Where the block starts in the file (for `Source::File`).
-    start: usize,
-    len: u32,
-}
-
-impl MappedSlice for MappedBlock {
-    fn bytes(&self) -> &[u8] {
-        match &self.source {
-            Source::File(map) => map
-                .bytes()
-                .get(self.start..self.start + self.len as usize)
-                .unwrap_or(&[]),
-            Source::Part(reader) => reader
-                .read(self.piece, self.offset, self.len)
-                .unwrap_or(&[]),
-        }
-    }
-}
-
-/// What a serve link sends back.
-enum Answer {
-    Msg(SharerMsg),
-    Block(MappedBlock),
-}
-
-/// Where a fetch link's reader stands in the sharer's byte stream.
-#[derive(Debug, Clone, Copy)]
-enum ReadState {
-    /// Reading a frame's length prefix and type byte.
-    Prefix,
-    /// Reading a `Block` frame's header.
-    BlockHead { frame_len: usize },
-    /// Reading a block's data, into the file (`write`) or the scratch buffer.
-    Data {
-        piece: u32,
-        offset: u32,
-        len: u32,
-        done: u32,
-        write: bool,
-    },
-    /// Reading the rest of another frame into `body`.
-    Body { frame_len: usize },
-}
-
-/// The reading side of a fetch link.
-pub struct SharerReader {
-    head: [u8; 4 + 1 + BLOCK_HEADER_LEN],
-    have: usize,
-    body: Vec<u8>,
-    state: ReadState,
-    accepted: bool,
-}
-
-impl SharerReader {
-    fn new() -> Self {
-        SharerReader {
-            head: [0; 4 + 1 + BLOCK_HEADER_LEN],
-            have: 0,
-            body: Vec::new(),
-            state: ReadState::Prefix,
-            accepted: false,
-        }
-    }
-}
-
-struct FetchLink {
-    download: u64,
-    peer: PeerId,
-    addr: SocketAddr,
-    connected: bool,
-    reader: SharerReader,
-}
-
-enum ServeState {
-    Handshake,
-    Serving {
-        group: GroupId,
-        name: FileName,
-        file_sha1: Sha1Digest,
-        source: Source,
-        /// The download whose `.part` is served, while it runs.
-        download: Option<u64>,
-        size: u64,
-        piece_len: u32,
-        n_pieces: u32,
-    },
-}
-
-struct ServeLink {
-    addr: SocketAddr,
-    state: ServeState,
-    /// Close once the queued bytes are out.
-    closing: bool,
 }
 
 enum PeerConn {
@@ -216,40 +67,16 @@ enum PeerConn {
     Serve(ServeLink),
 }
 
-/// A running download.
-struct Active {
-    engine: Download,
-    part: PartFile,
-    reader: PartReader,
-    target: PathBuf,
-    part_path: PathBuf,
-    links: BTreeMap<PeerId, ConnId>,
-    started: Instant,
-    first_piece: bool,
-    /// The whole-file digest, fed by the hasher pool.
-    stream: Arc<FileStream>,
-    /// The whole-file digest once every piece is in it.
-    file_digest: Option<Sha1Digest>,
-    all_verified: bool,
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        // A download that ends early needs no more of its digest.
-        self.stream.cancel();
-    }
-}
-
 pub struct Transfers {
     conns: ConnTable<PeerConn>,
-    downloads: BTreeMap<u64, Active>,
+    downloads: BTreeMap<DownloadId, Active>,
     events: VecDeque<TransferEvent>,
     ready: VecDeque<ConnId>,
     handshake_deadlines: VecDeque<(Instant, ConnId)>,
     scratch: Vec<u8>,
     limits: Limits,
     /// Downloads whose engines have actions waiting (queued where no hasher was at hand).
-    pending_actions: Vec<u64>,
+    pending_actions: Vec<DownloadId>,
 }
 
 impl Default for Transfers {
@@ -282,379 +109,10 @@ impl Transfers {
     }
 
     /// Progress of a running download.
-    pub fn progress(&self, download: u64) -> Option<(Progress, Duration)> {
+    pub fn progress(&self, download: DownloadId) -> Option<(Progress, Duration)> {
         self.downloads
             .get(&download)
             .map(|a| (a.engine.progress(), a.started.elapsed()))
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // Downloads
-    // -----------------------------------------------------------------------------------------
-
-    /// Starts download `id`: creates `<target>.part` at full size, maps it and opens links to
-    /// `peers`. `Ok` carries the line to print.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start_download(
-        &mut self,
-        registry: &Registry,
-        hasher: &HashPool,
-        id: u64,
-        group: GroupId,
-        meta: FileMeta,
-        peers: &[SocketAddr],
-        target: PathBuf,
-        now: Instant,
-    ) -> Result<String, String> {
-        if target.symlink_metadata().is_ok() {
-            return Err(format!("{} already exists", target.display()));
-        }
-        let mut part_name = target.as_os_str().to_owned();
-        part_name.push(".part");
-        let part_path = PathBuf::from(part_name);
-        if part_path.symlink_metadata().is_ok() {
-            // A `.part` no running download uses is left over from an interrupted one.
-            warn!("removing the stale {}", part_path.display());
-            let _ = std::fs::remove_file(&part_path);
-        }
-        let part = PartFile::create(&part_path, meta.size, meta.piece_len)
-            .map_err(|e| format!("cannot create {}: {e}", part_path.display()))?;
-        let line = format!(
-            "download of {} from group {group} started: {} ({} bytes, {} sharers online)",
-            meta.name,
-            target.display(),
-            meta.size,
-            peers.len()
-        );
-        let mut engine = Download::new(group, meta, self.limits.clone());
-        engine.start(peers, now);
-        let reader = part.reader();
-        let n_pieces = engine.picker().n_pieces();
-        let stream = FileStream::new(id, reader.clone(), n_pieces);
-        let file_digest = (n_pieces == 0).then(|| sha1_of(&[]));
-        self.downloads.insert(
-            id,
-            Active {
-                engine,
-                part,
-                reader,
-                target,
-                part_path,
-                links: BTreeMap::new(),
-                started: now,
-                first_piece: false,
-                stream,
-                file_digest,
-                all_verified: false,
-            },
-        );
-        self.run_actions(registry, hasher, id, now);
-        Ok(line)
-    }
-
-    /// The tracker's answer to a `QuerySharers` event.
-    pub fn on_sharers(
-        &mut self,
-        registry: &Registry,
-        hasher: &HashPool,
-        download: u64,
-        result: Result<Vec<SocketAddr>, String>,
-        now: Instant,
-    ) {
-        let Some(active) = self.downloads.get_mut(&download) else {
-            return;
-        };
-        match result {
-            Ok(addrs) => active.engine.on_sharers(&addrs, now),
-            Err(reason) => {
-                debug!("sharers of download {download}: {reason}");
-                active.engine.on_sharers_failed(now);
-            }
-        }
-        self.run_actions(registry, hasher, download, now);
-    }
-
-    /// The hasher checked a piece.
-    pub fn on_piece_checked(
-        &mut self,
-        registry: &Registry,
-        hasher: &HashPool,
-        checked: PieceChecked,
-        now: Instant,
-    ) {
-        let PieceChecked { job, ticket, ok } = checked;
-        let Some(active) = self.downloads.get_mut(&job) else {
-            return;
-        };
-        let piece = ticket.piece();
-        active.part.finish(ticket, ok);
-        active.engine.on_piece_checked(piece, ok, now);
-        self.run_actions(registry, hasher, job, now);
-    }
-
-    /// The hasher pool finished a download's whole-file digest.
-    pub fn on_stream(&mut self, registry: &Registry, done: StreamDone) {
-        let StreamDone {
-            job,
-            digest,
-            fed_hot,
-        } = done;
-        let Some(active) = self.downloads.get_mut(&job) else {
-            return;
-        };
-        info!(
-            "whole-file digest of {}: {fed_hot} of {} pieces fed by the worker that verified them",
-            active.engine.meta.name,
-            active.engine.picker().n_pieces()
-        );
-        active.file_digest = Some(digest);
-        self.maybe_complete(registry, job);
-    }
-
-    /// Performs what download `id`'s engine asks for.
-    fn run_actions(&mut self, registry: &Registry, hasher: &HashPool, id: u64, now: Instant) {
-        let mut dirty: Vec<ConnId> = Vec::new();
-        loop {
-            let Some(active) = self.downloads.get_mut(&id) else {
-                return;
-            };
-            let Some(action) = active.engine.poll_action() else {
-                break;
-            };
-            match action {
-                Action::Connect { peer, addr } => {
-                    if let Err(e) = self.connect(registry, id, peer, addr) {
-                        if let Some(active) = self.downloads.get_mut(&id) {
-                            active
-                                .engine
-                                .on_link_lost(peer, &format!("cannot connect: {e}"), now);
-                        }
-                    }
-                }
-                Action::Send { peer, msg } => {
-                    if let Some(&conn_id) = active.links.get(&peer) {
-                        if let Some(conn) = self.conns.get_mut(conn_id) {
-                            msg.emit(conn.out());
-                            dirty.push(conn_id);
-                        }
-                    }
-                }
-                Action::Close { peer } => {
-                    if let Some(conn_id) = active.links.remove(&peer) {
-                        self.conns.remove(registry, conn_id);
-                    }
-                }
-                Action::Verify { piece } => {
-                    let expected = active.engine.meta.piece_hashes.get(piece as usize).copied();
-                    match (active.part.seal(piece), expected) {
-                        (Some(ticket), Some(expected)) => hasher.verify_piece(
-                            id,
-                            ticket,
-                            expected,
-                            Some(Arc::clone(&active.stream)),
-                        ),
-                        _ => {
-                            warn!("piece {piece} could not be sealed for verification");
-                            active.engine.on_piece_checked(piece, false, now);
-                        }
-                    }
-                }
-                Action::Verified { piece } => {
-                    if !active.first_piece {
-                        active.first_piece = true;
-                        self.events
-                            .push_back(TransferEvent::FirstPiece { download: id });
-                    }
-                    self.announce(registry, id, piece);
-                }
-                Action::QuerySharers => self
-                    .events
-                    .push_back(TransferEvent::QuerySharers { download: id }),
-                Action::Finished(Ok(())) => {
-                    active.all_verified = true;
-                    self.maybe_complete(registry, id);
-                }
-                Action::Finished(Err(reason)) => {
-                    self.fail_download(registry, id, reason);
-                    return;
-                }
-            }
-        }
-        dirty.sort_unstable();
-        dirty.dedup();
-        for conn_id in dirty {
-            self.flush_conn(registry, conn_id);
-        }
-    }
-
-    /// Opens a fetch link; the handshake is queued by the engine's next action and sent once
-    /// the connection is up.
-    fn connect(
-        &mut self,
-        registry: &Registry,
-        download: u64,
-        peer: PeerId,
-        addr: SocketAddr,
-    ) -> io::Result<()> {
-        if self.conns.len() >= MAX_PEER_LINKS {
-            return Err(io::Error::other("too many peer links"));
-        }
-        let stream = TcpStream::connect(addr)?;
-        let _ = stream.set_nodelay(true);
-        let conn_id = self.conns.insert(
-            registry,
-            stream,
-            MAX_PEER_FRAME,
-            PeerConn::Fetch(FetchLink {
-                download,
-                peer,
-                addr,
-                connected: false,
-                reader: SharerReader::new(),
-            }),
-        )?;
-        if let Some(conn) = self.conns.get_mut(conn_id) {
-            conn.await_connect(registry)?;
-        }
-        if let Some(active) = self.downloads.get_mut(&download) {
-            active.links.insert(peer, conn_id);
-        }
-        Ok(())
-    }
-
-    /// Sends `have` for a newly verified piece to every link serving this download's `.part`.
-    fn announce(&mut self, registry: &Registry, download: u64, piece: u32) {
-        let mut dirty = Vec::new();
-        for conn in self.conns.iter_mut() {
-            if let PeerConn::Serve(ServeLink {
-                state:
-                    ServeState::Serving {
-                        download: Some(d), ..
-                    },
-                ..
-            }) = &conn.data
-            {
-                if *d == download {
-                    SharerMsg::Have { piece }.emit(conn.out());
-                    dirty.push(conn.id);
-                }
-            }
-        }
-        for id in dirty {
-            self.flush_conn(registry, id);
-        }
-    }
-
-    /// Finishes a download whose pieces are all verified once its whole-file digest is done.
-    fn maybe_complete(&mut self, registry: &Registry, id: u64) {
-        let Some(active) = self.downloads.get_mut(&id) else {
-            return;
-        };
-        let Some(digest) = active.file_digest.filter(|_| active.all_verified) else {
-            return;
-        };
-        if digest != active.engine.meta.file_sha1 {
-            let reason = format!(
-                "the whole file's SHA1 is {digest}, the tracker says {}",
-                active.engine.meta.file_sha1
-            );
-            return self.fail_download(registry, id, reason);
-        }
-        // A hard link never replaces an existing file, unlike a rename.
-        if let Err(e) = std::fs::hard_link(&active.part_path, &active.target) {
-            let reason = format!(
-                "cannot create {}: {e} (the data is in {})",
-                active.target.display(),
-                active.part_path.display()
-            );
-            let Some(active) = self.downloads.remove(&id) else {
-                return;
-            };
-            self.close_links(registry, &active);
-            self.events.push_back(TransferEvent::Finished {
-                download: id,
-                result: Err(reason),
-            });
-            return;
-        }
-        let _ = std::fs::remove_file(&active.part_path);
-        let Some(active) = self.downloads.remove(&id) else {
-            return;
-        };
-        self.close_links(registry, &active);
-        self.detach_serving(id);
-        let secs = active.started.elapsed().as_secs_f64().max(1e-6);
-        let size = active.engine.meta.size;
-        let line = format!(
-            "downloaded {} from group {} to {} ({size} bytes in {secs:.3} s, {:.1} MiB/s)",
-            active.engine.meta.name,
-            active.engine.group,
-            active.target.display(),
-            size as f64 / (1024.0 * 1024.0) / secs
-        );
-        info!("{line}");
-        self.events.push_back(TransferEvent::Finished {
-            download: id,
-            result: Ok(line),
-        });
-    }
-
-    fn fail_download(&mut self, registry: &Registry, id: u64, reason: String) {
-        let Some(active) = self.downloads.remove(&id) else {
-            return;
-        };
-        warn!("download of {} failed: {reason}", active.engine.meta.name);
-        self.close_links(registry, &active);
-        self.close_serving(registry, id);
-        let _ = std::fs::remove_file(&active.part_path);
-        self.events.push_back(TransferEvent::Finished {
-            download: id,
-            result: Err(reason),
-        });
-    }
-
-    fn close_links(&mut self, registry: &Registry, active: &Active) {
-        for &conn_id in active.links.values() {
-            self.conns.remove(registry, conn_id);
-        }
-    }
-
-    /// Links serving a finished download's `.part` go on serving it (every piece is
-    /// verified and the map stays valid), as an ordinary file.
-    fn detach_serving(&mut self, download: u64) {
-        for conn in self.conns.iter_mut() {
-            if let PeerConn::Serve(ServeLink {
-                state: ServeState::Serving { download: d, .. },
-                ..
-            }) = &mut conn.data
-            {
-                if *d == Some(download) {
-                    *d = None;
-                }
-            }
-        }
-    }
-
-    fn close_serving(&mut self, registry: &Registry, download: u64) {
-        let ids: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|c| {
-                matches!(&c.data, PeerConn::Serve(ServeLink { state: ServeState::Serving { download: Some(d), .. }, .. }) if *d == download)
-            })
-            .map(|c| c.id)
-            .collect();
-        for id in ids {
-            self.conns.remove(registry, id);
-        }
-    }
-
-    /// Ends every running download (the client is exiting); their `.part` files are removed.
-    pub fn abort_all(&mut self, registry: &Registry) {
-        let ids: Vec<u64> = self.downloads.keys().copied().collect();
-        for id in ids {
-            self.fail_download(registry, id, "the client is exiting".into());
-        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -671,7 +129,7 @@ impl Transfers {
     }
 
     pub fn on_tick(&mut self, registry: &Registry, hasher: &HashPool, now: Instant) {
-        let ids: Vec<u64> = self
+        let ids: Vec<DownloadId> = self
             .downloads
             .iter()
             .filter(|(_, a)| a.engine.next_deadline().is_some_and(|t| t <= now))
@@ -690,10 +148,7 @@ impl Transfers {
             self.handshake_deadlines.pop_front();
             let silent = matches!(
                 self.conns.get(id).map(|c| &c.data),
-                Some(PeerConn::Serve(ServeLink {
-                    state: ServeState::Handshake,
-                    ..
-                }))
+                Some(PeerConn::Serve(link)) if link.core.awaits_handshake()
             );
             if silent {
                 debug!("peer link {id}: no handshake in time; closed");
@@ -720,8 +175,8 @@ impl Transfers {
             MAX_DOWNLOADER_FRAME,
             PeerConn::Serve(ServeLink {
                 addr,
-                state: ServeState::Handshake,
-                closing: false,
+                core: Uploader::new(),
+                serving: None,
             }),
         ) {
             Ok(id) => self
@@ -798,8 +253,8 @@ impl Transfers {
             }
         }
         let result = conn.flush(registry);
-        let done_closing =
-            matches!(&conn.data, PeerConn::Serve(s) if s.closing) && conn.pending_write() == 0;
+        let done_closing = matches!(&conn.data, PeerConn::Serve(s) if s.core.is_refused())
+            && conn.pending_write() == 0;
         if let Err(e) = result {
             self.lose(registry, id, &format!("write failed: {e}"));
         } else if done_closing {
@@ -831,539 +286,5 @@ impl Transfers {
         while let Some(id) = self.pending_actions.pop() {
             self.run_actions(registry, hasher, id, now);
         }
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // Fetch links
-    // -----------------------------------------------------------------------------------------
-
-    fn fetch_writable(&mut self, registry: &Registry, hasher: &HashPool, id: ConnId, now: Instant) {
-        let Some(conn) = self.conns.get_mut(id) else {
-            return;
-        };
-        let PeerConn::Fetch(link) = &mut conn.data else {
-            return;
-        };
-        if !link.connected {
-            match conn.stream.take_error() {
-                Ok(Some(e)) | Err(e) => {
-                    self.lose(registry, id, &format!("cannot connect: {e}"));
-                    return self.settle(registry, hasher, now);
-                }
-                Ok(None) => {}
-            }
-            match conn.stream.peer_addr() {
-                Ok(_) => link.connected = true,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                Err(e) => {
-                    self.lose(registry, id, &format!("cannot connect: {e}"));
-                    return self.settle(registry, hasher, now);
-                }
-            }
-            debug!("connected to sharer {}", link.addr);
-        }
-        self.flush_conn(registry, id);
-        self.settle(registry, hasher, now);
-    }
-
-    /// Reads what a sharer sent: small frames are parsed, block data goes into the file.
-    fn fetch_readable(&mut self, registry: &Registry, hasher: &HashPool, id: ConnId, now: Instant) {
-        let Some(conn) = self.conns.get_mut(id) else {
-            return;
-        };
-        let PeerConn::Fetch(link) = &mut conn.data else {
-            return;
-        };
-        if !link.connected {
-            // Readiness before the connect completed: the writable path decides.
-            return;
-        }
-        let download = link.download;
-        let peer = link.peer;
-        let Some(active) = self.downloads.get_mut(&download) else {
-            self.conns.remove(registry, id);
-            return;
-        };
-        let mut messages = Vec::new();
-        let outcome = read_sharer(
-            &mut conn.stream,
-            &mut link.reader,
-            active,
-            peer,
-            &mut self.scratch,
-            &mut messages,
-            now,
-        );
-        for msg in messages {
-            match msg {
-                SharerMsg::Accept { version, bitfield } => {
-                    if version != PROTOCOL_VERSION {
-                        active.engine.on_refused(
-                            peer,
-                            &format!("it speaks version {version}"),
-                            now,
-                        );
-                    } else {
-                        active.engine.on_accept(peer, &bitfield, now);
-                    }
-                }
-                SharerMsg::Refuse { message, .. } => {
-                    active
-                        .engine
-                        .on_refused(peer, &format!("refused: {message}"), now)
-                }
-                SharerMsg::Have { piece } => active.engine.on_have(peer, piece, now),
-                SharerMsg::Rejected(block) => active.engine.on_rejected(peer, block, now),
-                SharerMsg::Block { .. } => {}
-            }
-        }
-        match outcome {
-            Ok(ReadEnd::WouldBlock) | Ok(ReadEnd::Stopped) => {}
-            Ok(ReadEnd::Budget) => self.ready.push_back(id),
-            Ok(ReadEnd::Eof) => self.lose(registry, id, "closed by the sharer"),
-            Err(reason) => self.lose(registry, id, &reason),
-        }
-        self.run_actions(registry, hasher, download, now);
-        self.settle(registry, hasher, now);
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // Serve links
-    // -----------------------------------------------------------------------------------------
-
-    /// Reads a downloader's handshake and requests and answers them.
-    fn serve_readable(&mut self, registry: &Registry, id: ConnId, shares: &ClientCore) {
-        let Some(conn) = self.conns.get_mut(id) else {
-            return;
-        };
-        if conn.pending_write() >= SERVE_MAX_PENDING {
-            conn.read_paused = true;
-            return;
-        }
-        conn.read_paused = false;
-        let mut msgs: Vec<Result<DownloaderMsg, String>> = Vec::new();
-        let result = conn.read_frames(FRAME_BUDGET, |payload| {
-            let msg = DownloaderMsg::parse(payload).map_err(|e| e.to_string());
-            let stop = msg.is_err();
-            msgs.push(msg);
-            !stop
-        });
-        let PeerConn::Serve(link) = &mut conn.data else {
-            return;
-        };
-        let mut close = None;
-        let mut answers: Vec<Answer> = Vec::new();
-        for msg in msgs {
-            if link.closing {
-                break;
-            }
-            match msg {
-                Err(e) => {
-                    close = Some(format!("bad frame: {e}"));
-                    break;
-                }
-                Ok(DownloaderMsg::Handshake {
-                    version,
-                    group,
-                    name,
-                    file_sha1,
-                }) => {
-                    if !matches!(link.state, ServeState::Handshake) {
-                        close = Some("a second handshake".into());
-                        break;
-                    }
-                    let answer = if version != PROTOCOL_VERSION {
-                        Err((
-                            REFUSE_VERSION,
-                            format!("this sharer speaks version {PROTOCOL_VERSION}"),
-                        ))
-                    } else {
-                        open_source(&self.downloads, shares, &group, &name, &file_sha1)
-                    };
-                    match answer {
-                        Ok(offer) => {
-                            debug!("serving {name} of group {group} to {}", link.addr);
-                            answers.push(Answer::Msg(SharerMsg::accept(offer.bitfield)));
-                            link.state = ServeState::Serving {
-                                group,
-                                name,
-                                file_sha1,
-                                source: offer.source,
-                                download: offer.download,
-                                size: offer.size,
-                                piece_len: offer.piece_len,
-                                n_pieces: offer.n_pieces,
-                            };
-                        }
-                        Err((code, message)) => {
-                            debug!(
-                                "refusing {name} of group {group} to {}: {message}",
-                                link.addr
-                            );
-                            answers.push(Answer::Msg(SharerMsg::Refuse { code, message }));
-                            link.closing = true;
-                        }
-                    }
-                }
-                Ok(DownloaderMsg::Request(block)) => {
-                    let ServeState::Serving {
-                        source,
-                        size,
-                        piece_len,
-                        n_pieces,
-                        ..
-                    } = &link.state
-                    else {
-                        close = Some("a request before the handshake".into());
-                        break;
-                    };
-                    match block_range(block, *size, *piece_len, *n_pieces) {
-                        Some(start) if source.is_verified(block.piece) => {
-                            answers.push(Answer::Block(MappedBlock {
-                                source: source.clone(),
-                                piece: block.piece,
-                                offset: block.offset,
-                                start,
-                                len: block.len,
-                            }))
-                        }
-                        _ => answers.push(Answer::Msg(SharerMsg::Rejected(block))),
-                    }
-                }
-                // The block is queued already (the downloader drops a late copy).
-                Ok(DownloaderMsg::Cancel(_)) => {}
-            }
-        }
-        for answer in answers {
-            match answer {
-                Answer::Msg(msg) => msg.emit(conn.out()),
-                Answer::Block(block) => {
-                    emit_block_header(conn.out(), block.piece, block.offset, block.len as usize);
-                    conn.queue_mapped(Box::new(block));
-                }
-            }
-        }
-        if let Some(reason) = close {
-            debug!("peer link {id}: {reason}");
-            self.conns.remove(registry, id);
-            return;
-        }
-        match result {
-            Ok(ReadEnd::Budget) => self.ready.push_back(id),
-            Ok(ReadEnd::Eof) => {
-                self.conns.remove(registry, id);
-                return;
-            }
-            Err(e) => {
-                debug!("peer link {id}: {e}");
-                self.conns.remove(registry, id);
-                return;
-            }
-            Ok(_) => {}
-        }
-        self.flush_conn(registry, id);
-    }
-
-    /// The logged-in user's shares changed: serve links whose file is no longer shared by
-    /// the logged-in user close at once.
-    pub fn revalidate(&mut self, registry: &Registry, shares: &ClientCore) {
-        let stale: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|c| match &c.data {
-                PeerConn::Serve(ServeLink {
-                    state:
-                        ServeState::Serving {
-                            group,
-                            name,
-                            file_sha1,
-                            ..
-                        },
-                    ..
-                }) => shares.serving(group, name, file_sha1).is_none(),
-                _ => false,
-            })
-            .map(|c| c.id)
-            .collect();
-        for id in stale {
-            debug!("peer link {id}: the file is no longer shared; closed");
-            self.conns.remove(registry, id);
-        }
-    }
-}
-
-/// What to offer for a handshake, if the logged-in user shares that file: a running
-/// download's verified pieces, or the shared file's map (which must still have the size the
-/// tracker knows).
-fn open_source(
-    downloads: &BTreeMap<u64, Active>,
-    shares: &ClientCore,
-    group: &GroupId,
-    name: &FileName,
-    file_sha1: &Sha1Digest,
-) -> Result<Offer, (u16, String)> {
-    let not_shared = || {
-        (
-            REFUSE_NOT_SHARED,
-            format!("{name} of group {group} is not shared here"),
-        )
-    };
-    let share = shares
-        .serving(group, name, file_sha1)
-        .ok_or_else(not_shared)?;
-    let meta = &share.meta;
-    let n_pieces = meta.piece_hashes.len();
-    if n_pieces > MAX_ACCEPT_PIECES {
-        return Err((REFUSE_BUSY, "the file has too many pieces to offer".into()));
-    }
-    let offer = |source, download, bitfield| Offer {
-        source,
-        download,
-        size: meta.size,
-        piece_len: meta.piece_len,
-        n_pieces: u32::try_from(n_pieces).unwrap_or(0),
-        bitfield,
-    };
-    if let Some((&id, active)) = downloads.iter().find(|(_, a)| a.target == share.path) {
-        let bitfield = bitfield_of(active.engine.picker());
-        return Ok(offer(
-            Source::Part(active.reader.clone()),
-            Some(id),
-            bitfield,
-        ));
-    }
-    let map = SourceMap::open(&share.path).map_err(|e| {
-        warn!("cannot serve {}: {e}", share.path.display());
-        not_shared()
-    })?;
-    if map.len() != meta.size {
-        warn!(
-            "cannot serve {}: its size changed since it was shared",
-            share.path.display()
-        );
-        return Err(not_shared());
-    }
-    Ok(offer(
-        Source::File(Arc::new(map)),
-        None,
-        Bitfield::full(n_pieces),
-    ))
-}
-
-/// Where a requested block starts in the file, if it lies inside one piece of it.
-fn block_range(block: BlockRef, size: u64, piece_len: u32, n_pieces: u32) -> Option<usize> {
-    if block.piece >= n_pieces {
-        return None;
-    }
-    let piece_start = u64::from(block.piece) * u64::from(piece_len);
-    let piece_end = (piece_start + u64::from(piece_len)).min(size);
-    let start = piece_start.checked_add(u64::from(block.offset))?;
-    let end = start.checked_add(u64::from(block.len))?;
-    if end > piece_end || block.len == 0 {
-        return None;
-    }
-    usize::try_from(start).ok()
-}
-
-/// Reads from a fetch link until the socket is drained or the budget is spent. Small frames
-/// are parsed into `messages`; block data goes straight into the download's `.part` map (or
-/// the scratch buffer, when the engine does not want it). `Err` carries a protocol error.
-fn read_sharer(
-    stream: &mut TcpStream,
-    reader: &mut SharerReader,
-    active: &mut Active,
-    peer: PeerId,
-    scratch: &mut [u8],
-    messages: &mut Vec<SharerMsg>,
-    now: Instant,
-) -> Result<ReadEnd, String> {
-    let mut budget = READ_BUDGET;
-    loop {
-        if budget == 0 {
-            return Ok(ReadEnd::Budget);
-        }
-        let n = match reader.state {
-            ReadState::Prefix => {
-                let r = stream.read(&mut reader.head[reader.have..5]);
-                let n = match io_step(r)? {
-                    Step::Read(n) => n,
-                    Step::End(end) => return Ok(end),
-                };
-                reader.have += n;
-                if reader.have == 5 {
-                    let frame_len = BigEndian::read_u32(&reader.head[..4]) as usize;
-                    let ty = reader.head[4];
-                    if frame_len == 0 {
-                        return Err("an empty frame".into());
-                    }
-                    if ty == BLOCK_TYPE {
-                        if !reader.accepted {
-                            return Err("a block before the handshake's answer".into());
-                        }
-                        if frame_len > MAX_PEER_FRAME {
-                            return Err(format!("a frame of {frame_len} bytes"));
-                        }
-                        reader.state = ReadState::BlockHead { frame_len };
-                    } else {
-                        let max = if reader.accepted {
-                            MAX_SMALL_FRAME
-                        } else {
-                            MAX_PEER_FRAME
-                        };
-                        if frame_len > max {
-                            return Err(format!("a frame of {frame_len} bytes"));
-                        }
-                        reader.body.clear();
-                        reader.body.push(ty);
-                        reader.state = ReadState::Body { frame_len };
-                        if frame_len == 1 {
-                            finish_body(reader, messages)?;
-                        }
-                    }
-                }
-                n
-            }
-            ReadState::BlockHead { frame_len } => {
-                let r = stream.read(&mut reader.head[reader.have..5 + BLOCK_HEADER_LEN]);
-                let n = match io_step(r)? {
-                    Step::Read(n) => n,
-                    Step::End(end) => return Ok(end),
-                };
-                reader.have += n;
-                if reader.have == 5 + BLOCK_HEADER_LEN {
-                    let data_len = block_data_len(frame_len).map_err(|e| e.to_string())?;
-                    let (piece, offset) =
-                        parse_block_header(&reader.head[5..]).map_err(|e| e.to_string())?;
-                    let len = u32::try_from(data_len).map_err(|_| "block too long".to_owned())?;
-                    let verdict = active.engine.on_block_header(peer, piece, offset, len, now);
-                    reader.state = ReadState::Data {
-                        piece,
-                        offset,
-                        len,
-                        done: 0,
-                        write: verdict == Verdict::Write,
-                    };
-                }
-                n
-            }
-            ReadState::Data {
-                piece,
-                offset,
-                len,
-                done,
-                write,
-            } => {
-                let left = len - done;
-                let r = if write {
-                    match active
-                        .part
-                        .write_with(piece, offset + done, left, |buf| stream.read(buf))
-                    {
-                        Some(r) => r,
-                        // The engine accepted a block the file will not take: a bug, but
-                        // the stream stays in step if the data is dropped.
-                        None => {
-                            warn!("piece {piece} refused a block the engine accepted");
-                            reader.state = ReadState::Data {
-                                piece,
-                                offset,
-                                len,
-                                done,
-                                write: false,
-                            };
-                            continue;
-                        }
-                    }
-                } else {
-                    let cap = scratch.len().min(left as usize);
-                    stream.read(&mut scratch[..cap])
-                };
-                let n = match io_step(r)? {
-                    Step::Read(n) => n,
-                    Step::End(end) => return Ok(end),
-                };
-                let done = done + n as u32;
-                // Bytes are flowing: a slow link in the middle of a long block is not stalled.
-                active.engine.on_data(peer, now);
-                if done == len {
-                    if write {
-                        active.engine.on_block_written(peer, piece, offset, len);
-                    }
-                    reader.state = ReadState::Prefix;
-                    reader.have = 0;
-                } else {
-                    reader.state = ReadState::Data {
-                        piece,
-                        offset,
-                        len,
-                        done,
-                        write,
-                    };
-                }
-                n
-            }
-            ReadState::Body { frame_len } => {
-                let want = frame_len - reader.body.len();
-                let start = reader.body.len();
-                reader.body.resize(frame_len, 0);
-                let r = stream.read(&mut reader.body[start..start + want]);
-                let got = match &r {
-                    Ok(n) => *n,
-                    Err(_) => 0,
-                };
-                reader.body.truncate(start + got);
-                let n = match io_step(r)? {
-                    Step::Read(n) => n,
-                    Step::End(end) => return Ok(end),
-                };
-                if reader.body.len() == frame_len {
-                    finish_body(reader, messages)?;
-                }
-                n
-            }
-        };
-        budget = budget.saturating_sub(n);
-    }
-}
-
-/// A whole small frame is in `reader.body`: parse it.
-fn finish_body(reader: &mut SharerReader, messages: &mut Vec<SharerMsg>) -> Result<(), String> {
-    let msg = SharerMsg::parse(&reader.body).map_err(|e| e.to_string())?;
-    match &msg {
-        SharerMsg::Accept { .. } | SharerMsg::Refuse { .. } if reader.accepted => {
-            return Err("a second answer to the handshake".into())
-        }
-        SharerMsg::Accept { .. } => reader.accepted = true,
-        SharerMsg::Have { .. } | SharerMsg::Rejected(_) if !reader.accepted => {
-            return Err("a message before the handshake's answer".into())
-        }
-        _ => {}
-    }
-    messages.push(msg);
-    reader.body = if reader.body.capacity() > MAX_SMALL_FRAME {
-        Vec::new()
-    } else {
-        std::mem::take(&mut reader.body)
-    };
-    reader.body.clear();
-    reader.state = ReadState::Prefix;
-    reader.have = 0;
-    Ok(())
-}
-
-enum Step {
-    Read(usize),
-    End(ReadEnd),
-}
-
-/// Sorts a read's outcome: bytes, the end of what is there (`WouldBlock`), the peer closing,
-/// or an error.
-fn io_step(r: io::Result<usize>) -> Result<Step, String> {
-    match r {
-        Ok(0) => Ok(Step::End(ReadEnd::Eof)),
-        Ok(n) => Ok(Step::Read(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::End(ReadEnd::WouldBlock)),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Step::Read(0)),
-        Err(e) => Err(e.to_string()),
     }
 }

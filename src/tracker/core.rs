@@ -20,7 +20,7 @@
 //! handshake or a wrong protocol version closes that connection; a well-formed request that is
 //! refused is answered with `Refused` and the connection lives on.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -161,9 +161,9 @@ enum Handled {
 
 pub struct TrackerCore {
     replica: Replica,
-    links: HashMap<ConnId, Link>,
+    links: BTreeMap<ConnId, Link>,
     /// Connections waiting for the commit of a change, by the change's origin.
-    awaiting: HashMap<Origin, ConnId>,
+    awaiting: BTreeMap<Origin, ConnId>,
     /// Answers to those changes, applied and not yet committed, in order.
     answers: VecDeque<(u64, Origin, Answer)>,
     /// Connections still owing a handshake, with their deadlines, oldest first.
@@ -185,8 +185,8 @@ impl TrackerCore {
     pub fn new(me: TrackerRef, n_trackers: u16, seed: u64, timings: Timings, now: Instant) -> Self {
         let mut core = TrackerCore {
             replica: Replica::new(me, n_trackers, timings, now),
-            links: HashMap::new(),
-            awaiting: HashMap::new(),
+            links: BTreeMap::new(),
+            awaiting: BTreeMap::new(),
             answers: VecDeque::new(),
             handshake_deadlines: VecDeque::new(),
             out: VecDeque::new(),

@@ -6,12 +6,13 @@
 //! number of those calls small.
 
 use super::*;
+use crate::testing::{fname, gid, pw, uid};
 
 use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::wire::frame::LEN_PREFIX;
 use crate::wire::tracker_link::{FileInfo, FileMeta, GroupInfo, Relation, Role};
-use crate::wire::{FileName, GroupId, Password, Sha1Digest, UserId, PIECE_LEN};
+use crate::wire::{Sha1Digest, PIECE_LEN};
 
 // =============================================================================================
 // Harness
@@ -19,22 +20,6 @@ use crate::wire::{FileName, GroupId, Password, Sha1Digest, UserId, PIECE_LEN};
 
 fn conn(key: usize) -> ConnId {
     ConnId { key, generation: 1 }
-}
-
-fn uid(s: &str) -> UserId {
-    UserId::new(s).unwrap()
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
-
-fn pw(s: &str) -> Password {
-    Password::new(s.as_bytes()).unwrap()
 }
 
 fn addr(port: u16) -> SocketAddr {

@@ -21,17 +21,9 @@ use std::net::SocketAddr;
 use crate::wire::tracker_link::{FileInfo, FileMeta, GroupInfo, RejectCode, Relation};
 use crate::wire::{FileName, GroupId, UserId};
 
-/// Names an open session. Allocated by `apply` in order, so every replica agrees on it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SessionId(pub u64);
-
-/// One run of one tracker: its number in the tracker file and a random id drawn at start, so
-/// that sessions held by a tracker that died are told apart from those of its restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TrackerRef {
-    pub no: u16,
-    pub incarnation: u64,
-}
+// The replicated changes are defined next to their encoding in `wire`, which must not depend
+// on the tracker; they are the tracker state's vocabulary, so they are named from here too.
+pub use crate::wire::ops::{Entry, Op, Origin, SessionId, TrackerRef};
 
 /// A logged-in user on one client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,94 +68,6 @@ pub struct SharedFile {
 pub struct Sharer {
     pub user: UserId,
     pub peer_addr: SocketAddr,
-}
-
-/// A change to the state. Ops name the acting session; `apply` resolves it to a user and checks
-/// every permission itself, so an op can be replayed on any replica.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    CreateUser {
-        user: UserId,
-        pw_hash: String,
-    },
-    /// Opens a session; the password was checked before the op was made.
-    OpenSession {
-        user: UserId,
-        peer_addr: SocketAddr,
-        tracker: TrackerRef,
-        client: u64,
-        token: [u8; 16],
-    },
-    /// Moves the session holding `token` to `tracker` and `client` (a failover).
-    ResumeSession {
-        token: [u8; 16],
-        tracker: TrackerRef,
-        client: u64,
-    },
-    /// Logout: closes `session` if `tracker` still holds it.
-    CloseSession {
-        session: SessionId,
-        tracker: TrackerRef,
-    },
-    /// `client`'s connection to `tracker` closed: its session there ends. Its remembered
-    /// answers stay (bounded by [`MAX_REMEMBERED_CLIENTS`]): a link that broke while the
-    /// tracker lives looks the same as a client that left, and the client may be retrying its
-    /// last change through another tracker.
-    ClientGone {
-        client: u64,
-        tracker: TrackerRef,
-    },
-    /// `tracker` died and the grace period for its clients to move is over: the sessions it
-    /// still holds end (their shares go offline).
-    ExpireSessions {
-        tracker: TrackerRef,
-    },
-    CreateGroup {
-        session: SessionId,
-        group: GroupId,
-    },
-    JoinGroup {
-        session: SessionId,
-        group: GroupId,
-    },
-    LeaveGroup {
-        session: SessionId,
-        group: GroupId,
-    },
-    AcceptRequest {
-        session: SessionId,
-        group: GroupId,
-        user: UserId,
-    },
-    RejectRequest {
-        session: SessionId,
-        group: GroupId,
-        user: UserId,
-    },
-    ShareFile {
-        session: SessionId,
-        group: GroupId,
-        meta: FileMeta,
-    },
-    StopShare {
-        session: SessionId,
-        group: GroupId,
-        name: FileName,
-    },
-}
-
-/// The client request an op was made for: a retry with the same pair is answered from memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Origin {
-    pub client: u64,
-    pub req_id: u64,
-}
-
-/// One change in the replicated order: the op and, if a client asked for it, who asked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub origin: Option<Origin>,
-    pub op: Op,
 }
 
 /// What applying an op answered.
@@ -826,5 +730,4 @@ fn count_u32(n: usize) -> u32 {
 #[path = "state_tests.rs"]
 mod tests;
 
-#[path = "snapshot.rs"]
 mod snapshot;

@@ -3,6 +3,7 @@
 //! then a seeded random run that checks determinism and the state's invariants after every op.
 
 use super::*;
+use crate::testing::{fname, gid, uid};
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
@@ -15,18 +16,6 @@ use crate::wire::{Sha1Digest, PIECE_LEN};
 
 /// A file size of four pieces, the last one short.
 const SIZE: u64 = 3 * PIECE_LEN as u64 + 17;
-
-fn uid(s: &str) -> UserId {
-    UserId::new(s).unwrap()
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
 
 /// Where a client listens: 127.0.0.1:`port`.
 fn addr(port: u16) -> SocketAddr {

@@ -12,6 +12,7 @@
 pub mod codec;
 pub mod frame;
 pub mod ids;
+pub mod ops;
 pub mod peer_link;
 pub mod tracker_link;
 pub mod tracker_peer;

@@ -21,10 +21,11 @@
 //! files of up to [`MAX_ACCEPT_PIECES`] pieces (about 4 TiB of 512 KiB pieces); a sharer must
 //! not offer a larger file.
 //!
-//! Block data is meant to move without a copy: a downloader may read a `Block`'s length prefix,
-//! type byte and [`BLOCK_HEADER_LEN`]-byte header on their own, check them with
-//! [`parse_block_header`] and [`block_data_len`], then read the data straight into the file's
-//! memory map; a sharer may write [`emit_block_header`] and then send the data straight from
+//! Block data is meant to move without a copy: a downloader follows the sharer's bytes with a
+//! [`SharerStream`], which reads a `Block`'s length prefix, type byte and
+//! [`BLOCK_HEADER_LEN`]-byte header on their own, checks them, and then names the piece and
+//! offset the data belongs to, so that the caller reads it straight into the file's memory
+//! map; a sharer may write [`emit_block_header`] and then send the data straight from
 //! its map. The bytes are the same as those of [`SharerMsg::emit`].
 //!
 //! As everywhere in `wire`: `parse` never panics on any input, `emit` never panics, and no
@@ -383,6 +384,284 @@ pub fn block_data_len(frame_len: usize) -> Result<usize, DecodeError> {
     check_block_data_len(data_len)
 }
 
+/// Largest frame other than a `Block` that a downloader takes once the sharer's `Accept` is in
+/// (a `Have`, a `Rejected` or a `Refuse` with its longest message fit with room to spare).
+pub const MAX_SMALL_FRAME: usize = 2048;
+
+/// Why a sharer's byte stream cannot be followed: the link must close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// A frame that does not parse, or whose length is not allowed.
+    Decode(DecodeError),
+    /// A `Block`, `Have` or `Rejected` before the handshake's answer.
+    BeforeAnswer,
+    /// A second `Accept` or `Refuse`.
+    SecondAnswer,
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamError::Decode(e) => e.fmt(f),
+            StreamError::BeforeAnswer => f.write_str("a message before the handshake's answer"),
+            StreamError::SecondAnswer => f.write_str("a second answer to the handshake"),
+        }
+    }
+}
+
+impl From<DecodeError> for StreamError {
+    fn from(e: DecodeError) -> Self {
+        StreamError::Decode(e)
+    }
+}
+
+/// Where the bytes a [`SharerStream`] wants next go.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Next<'a> {
+    /// Into this buffer (a length prefix, a block header, a small frame's body): read what
+    /// fits, then report the count with [`SharerStream::filled`].
+    Buffer(&'a mut [u8]),
+    /// The next `len` bytes on the link are the data of piece `piece` from `offset` on: read
+    /// them wherever the caller keeps that piece (or drop them), as many as come, then report
+    /// the count with [`SharerStream::filled`].
+    BlockData { piece: u32, offset: u32, len: u32 },
+}
+
+/// What a [`SharerStream`] found in the bytes it was given.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// A whole frame other than a `Block`.
+    Msg(SharerMsg),
+    /// A `Block` frame's header: its `len` bytes of data come next ([`Next::BlockData`]).
+    BlockStart { piece: u32, offset: u32, len: u32 },
+    /// The last data byte of that block was read.
+    BlockEnd { piece: u32, offset: u32, len: u32 },
+}
+
+/// Where a [`SharerStream`] stands in the byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamState {
+    /// Reading a frame's length prefix and type byte into `head`.
+    Prefix,
+    /// Reading a `Block` frame's header into `head`.
+    BlockHead { frame_len: usize },
+    /// Reading a block's data; `done` bytes of it are in.
+    Data {
+        piece: u32,
+        offset: u32,
+        len: u32,
+        done: u32,
+    },
+    /// Reading the rest of another frame into `body`.
+    Body { frame_len: usize },
+}
+
+/// A streaming decoder of what a sharer sends to a downloader, for readers that move block
+/// data without a copy. It says where the next bytes go ([`next_read`](Self::next_read)): into
+/// its own small buffers for prefixes, headers and small frames, or, for a `Block`'s data,
+/// "the next N bytes are data for piece p at offset o", which the caller reads straight into
+/// the place it keeps that piece. The frame limits are checked the moment a length prefix is in: a `Block`
+/// at most [`MAX_PEER_FRAME`], an `Accept` too (it may carry a large bitfield), any other frame
+/// at most [`MAX_SMALL_FRAME`] once the answer is in; and the order: one `Accept` or `Refuse`
+/// first, nothing else before it. Like every parser here it never panics on any input, and
+/// it does no IO.
+#[derive(Debug)]
+pub struct SharerStream {
+    head: [u8; 4 + 1 + BLOCK_HEADER_LEN],
+    have: usize,
+    body: Vec<u8>,
+    state: StreamState,
+    answered: bool,
+}
+
+impl Default for SharerStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SharerStream {
+    pub fn new() -> Self {
+        SharerStream {
+            head: [0; 4 + 1 + BLOCK_HEADER_LEN],
+            have: 0,
+            body: Vec::new(),
+            state: StreamState::Prefix,
+            answered: false,
+        }
+    }
+
+    /// Where the next bytes of the link go.
+    pub fn next_read(&mut self) -> Next<'_> {
+        match self.state {
+            StreamState::Prefix => Next::Buffer(&mut self.head[self.have..5]),
+            StreamState::BlockHead { .. } => {
+                Next::Buffer(&mut self.head[self.have..5 + BLOCK_HEADER_LEN])
+            }
+            StreamState::Data {
+                piece,
+                offset,
+                len,
+                done,
+            } => Next::BlockData {
+                piece,
+                offset: offset.saturating_add(done),
+                len: len.saturating_sub(done),
+            },
+            StreamState::Body { frame_len } => {
+                // Grown to the frame's length, which was checked against the limit; `have`
+                // bytes of it are in.
+                self.body.resize(frame_len, 0);
+                Next::Buffer(&mut self.body[self.have.min(frame_len)..])
+            }
+        }
+    }
+
+    /// `n` bytes went where [`next_read`](Self::next_read) said (at most as many as it
+    /// offered). Returns what they completed, if anything.
+    pub fn filled(&mut self, n: usize) -> Result<Option<Decoded>, StreamError> {
+        if n == 0 {
+            return Ok(None);
+        }
+        match self.state {
+            StreamState::Prefix => {
+                self.have = (self.have + n).min(5);
+                if self.have < 5 {
+                    return Ok(None);
+                }
+                self.prefix_done()
+            }
+            StreamState::BlockHead { frame_len } => {
+                self.have = (self.have + n).min(5 + BLOCK_HEADER_LEN);
+                if self.have < 5 + BLOCK_HEADER_LEN {
+                    return Ok(None);
+                }
+                let data_len = block_data_len(frame_len)?;
+                let (piece, offset) = parse_block_header(&self.head[5..])?;
+                // `block_data_len` allows at most MAX_BLOCK_LEN, which fits a u32.
+                let len = u32::try_from(data_len).map_err(|_| DecodeError::BadValue("block"))?;
+                self.state = StreamState::Data {
+                    piece,
+                    offset,
+                    len,
+                    done: 0,
+                };
+                Ok(Some(Decoded::BlockStart { piece, offset, len }))
+            }
+            StreamState::Data {
+                piece,
+                offset,
+                len,
+                done,
+            } => {
+                let done = done
+                    .saturating_add(u32::try_from(n).unwrap_or(u32::MAX))
+                    .min(len);
+                if done < len {
+                    self.state = StreamState::Data {
+                        piece,
+                        offset,
+                        len,
+                        done,
+                    };
+                    return Ok(None);
+                }
+                self.restart();
+                Ok(Some(Decoded::BlockEnd { piece, offset, len }))
+            }
+            StreamState::Body { frame_len } => {
+                self.have = (self.have + n).min(frame_len);
+                if self.have < frame_len {
+                    return Ok(None);
+                }
+                self.body_done().map(Some)
+            }
+        }
+    }
+
+    /// Whether the sharer's `Accept` or `Refuse` is in.
+    pub fn answered(&self) -> bool {
+        self.answered
+    }
+
+    /// The length prefix and type byte are in: check the length, choose how to read the rest.
+    fn prefix_done(&mut self) -> Result<Option<Decoded>, StreamError> {
+        let frame_len =
+            u32::from_be_bytes([self.head[0], self.head[1], self.head[2], self.head[3]]) as usize;
+        let frame_type = self.head[4];
+        if frame_len == 0 {
+            return Err(DecodeError::EmptyFrame.into());
+        }
+        if frame_type == ty::BLOCK {
+            if !self.answered {
+                return Err(StreamError::BeforeAnswer);
+            }
+            if frame_len > MAX_PEER_FRAME {
+                return Err(DecodeError::FrameTooLarge {
+                    len: frame_len,
+                    max: MAX_PEER_FRAME,
+                }
+                .into());
+            }
+            self.state = StreamState::BlockHead { frame_len };
+            return Ok(None);
+        }
+        let max = if self.answered {
+            MAX_SMALL_FRAME
+        } else {
+            MAX_PEER_FRAME
+        };
+        if frame_len > max {
+            return Err(DecodeError::FrameTooLarge {
+                len: frame_len,
+                max,
+            }
+            .into());
+        }
+        self.body.clear();
+        self.body.push(frame_type);
+        self.have = 1;
+        self.state = StreamState::Body { frame_len };
+        if frame_len == 1 {
+            return self.body_done().map(Some);
+        }
+        Ok(None)
+    }
+
+    /// A whole small frame is in `body`.
+    fn body_done(&mut self) -> Result<Decoded, StreamError> {
+        let msg = SharerMsg::parse(&self.body)?;
+        match &msg {
+            SharerMsg::Accept { .. } | SharerMsg::Refuse { .. } if self.answered => {
+                return Err(StreamError::SecondAnswer)
+            }
+            SharerMsg::Accept { .. } | SharerMsg::Refuse { .. } => self.answered = true,
+            SharerMsg::Have { .. } | SharerMsg::Rejected(_) | SharerMsg::Block { .. }
+                if !self.answered =>
+            {
+                return Err(StreamError::BeforeAnswer)
+            }
+            _ => {}
+        }
+        // A large `Accept` does not keep its buffer for the small frames after it.
+        if self.body.capacity() > MAX_SMALL_FRAME {
+            self.body = Vec::new();
+        }
+        self.restart();
+        Ok(Decoded::Msg(msg))
+    }
+
+    fn restart(&mut self) {
+        self.body.clear();
+        self.state = StreamState::Prefix;
+        self.have = 0;
+    }
+}
+
 #[cfg(test)]
 #[path = "peer_link_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "peer_stream_tests.rs"]
+mod stream_tests;

@@ -4,6 +4,7 @@
 //! helpers, and reassembly through `FrameBuffer`.
 
 use super::*;
+use crate::testing::{cat, fname, gid, rand_str, Draw, B};
 use crate::wire::frame::{FrameBuffer, LEN_PREFIX, MAX_HANDSHAKE_FRAME};
 use crate::wire::ids::IdError;
 use crate::wire::PIECE_LEN;
@@ -15,42 +16,6 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------------------------
 
 use crate::rng::SplitMix64 as Rng;
-
-/// What the fuzzers draw besides the generator's own helpers.
-trait Draw {
-    fn chance(&mut self, num: usize, den: usize) -> bool;
-    fn byte(&mut self) -> u8;
-    fn u32(&mut self) -> u32;
-    fn bytes(&mut self, n: usize) -> Vec<u8>;
-}
-
-impl Draw for Rng {
-    fn chance(&mut self, num: usize, den: usize) -> bool {
-        self.below(den) < num
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next_u64() as u8
-    }
-
-    fn u32(&mut self) -> u32 {
-        self.next_u64() as u32
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        self.fill(&mut v);
-        v
-    }
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
 
 fn blk(piece: u32, offset: u32, len: u32) -> BlockRef {
     BlockRef { piece, offset, len }
@@ -85,47 +50,7 @@ fn payload(frame: &[u8]) -> &[u8] {
     &frame[LEN_PREFIX..]
 }
 
-/// Concatenates hand-written pieces of a golden frame.
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
-}
-
-/// Builds frame payloads by hand (independently of `codec`'s writers) for malformed input.
-struct B(Vec<u8>);
-
 impl B {
-    fn ty(t: u8) -> Self {
-        B(vec![t])
-    }
-
-    fn u8(mut self, v: u8) -> Self {
-        self.0.push(v);
-        self
-    }
-
-    fn u16(mut self, v: u16) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn raw(mut self, b: &[u8]) -> Self {
-        self.0.extend_from_slice(b);
-        self
-    }
-
-    fn s(self, b: &[u8]) -> Self {
-        self.u16(b.len() as u16).raw(b)
-    }
-
-    fn sha(self, fill: u8) -> Self {
-        self.raw(&[fill; 20])
-    }
-
     /// A block reference `piece | offset | len`.
     fn block(self, piece: u32, offset: u32, len: u32) -> Self {
         self.u32(piece).u32(offset).u32(len)
@@ -237,27 +162,6 @@ const ID_CHARS: &[char] = &[
 const NAME_CHARS: &[char] = &[
     'a', 'b', 'z', 'A', '0', '9', '_', '-', '.', ' ', 'é', '中', '😀', '#',
 ];
-
-/// A string of 1..=max bytes from `chars` (non-empty).
-fn rand_str(rng: &mut Rng, chars: &[char], max: usize) -> String {
-    let target = if rng.chance(1, 8) {
-        max
-    } else {
-        rng.between(1, max.min(24))
-    };
-    let mut s = String::new();
-    loop {
-        let c = *rng.pick(chars);
-        if s.len() + c.len_utf8() > target {
-            break;
-        }
-        s.push(c);
-    }
-    if s.is_empty() {
-        s.push('x');
-    }
-    s
-}
 
 fn rand_group(rng: &mut Rng) -> GroupId {
     gid(&rand_str(rng, ID_CHARS, MAX_ID_LEN))

@@ -3,6 +3,7 @@
 //! forged counts, seeded random and mutation fuzzing, and reassembly through `FrameBuffer`.
 
 use super::*;
+use crate::testing::{cat, fname, gid, rand_str, uid, Draw, B};
 use crate::wire::frame::{FrameBuffer, LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::wire::ids::{IdError, MAX_PASSWORD_LEN};
 use crate::wire::PIECE_LEN;
@@ -15,41 +16,6 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------------------------
 
 use crate::rng::SplitMix64 as Rng;
-
-/// What the fuzzers draw besides the generator's own helpers.
-trait Draw {
-    fn chance(&mut self, num: usize, den: usize) -> bool;
-    fn byte(&mut self) -> u8;
-    fn bytes(&mut self, n: usize) -> Vec<u8>;
-}
-
-impl Draw for Rng {
-    fn chance(&mut self, num: usize, den: usize) -> bool {
-        self.below(den) < num
-    }
-
-    fn byte(&mut self) -> u8 {
-        self.next_u64() as u8
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        self.fill(&mut v);
-        v
-    }
-}
-
-fn uid(s: &str) -> UserId {
-    UserId::new(s).unwrap()
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
 
 fn pw(b: &[u8]) -> Password {
     Password::new(b).unwrap()
@@ -83,55 +49,10 @@ fn payload(frame: &[u8]) -> &[u8] {
     &frame[LEN_PREFIX..]
 }
 
-/// Concatenates hand-written pieces of a golden frame.
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
-}
-
-/// Builds frame payloads by hand (independently of `codec`'s writers) for malformed input.
-struct B(Vec<u8>);
-
 impl B {
-    fn ty(t: u8) -> Self {
-        B(vec![t])
-    }
-
     /// A request or reply of type `t` with `req_id` 1.
     fn with_id(t: u8) -> Self {
         B::ty(t).u64(1)
-    }
-
-    fn u8(mut self, v: u8) -> Self {
-        self.0.push(v);
-        self
-    }
-
-    fn u16(mut self, v: u16) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn raw(mut self, b: &[u8]) -> Self {
-        self.0.extend_from_slice(b);
-        self
-    }
-
-    fn s(self, b: &[u8]) -> Self {
-        self.u16(b.len() as u16).raw(b)
-    }
-
-    fn sha(self, fill: u8) -> Self {
-        self.raw(&[fill; 20])
     }
 }
 
@@ -460,27 +381,6 @@ const ID_CHARS: &[char] = &[
 const NAME_CHARS: &[char] = &[
     'a', 'b', 'z', 'A', '0', '9', '_', '-', '.', ' ', 'é', '中', '😀', '#',
 ];
-
-/// A string of 1..=max bytes from `chars` (non-empty).
-fn rand_str(rng: &mut Rng, chars: &[char], max: usize) -> String {
-    let target = if rng.chance(1, 8) {
-        max
-    } else {
-        rng.between(1, max.min(24))
-    };
-    let mut s = String::new();
-    loop {
-        let c = *rng.pick(chars);
-        if s.len() + c.len_utf8() > target {
-            break;
-        }
-        s.push(c);
-    }
-    if s.is_empty() {
-        s.push('x');
-    }
-    s
-}
 
 fn rand_user(rng: &mut Rng) -> UserId {
     uid(&rand_str(rng, ID_CHARS, MAX_ID_LEN))

@@ -42,9 +42,9 @@
 
 use super::codec::*;
 use super::frame;
+use super::ops::{Entry, Op, Origin, SessionId, TrackerRef};
 use super::tracker_link::FileMeta;
 use super::PROTOCOL_MAGIC;
-use crate::tracker::state::{Entry, Op, Origin, SessionId, TrackerRef};
 
 /// Largest frame on a tracker-to-tracker link: one forwarded `upload_file` entry can be as large
 /// as a client frame (16 MiB), plus room for the batch around it.

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::rng::SplitMix64 as Rng;
+use crate::testing::{fname, gid, rand_str, uid, B};
 use crate::wire::frame::LEN_PREFIX;
 use crate::wire::ids::{
     FileName, GroupId, IdError, Sha1Digest, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN,
@@ -18,18 +19,6 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-fn uid(s: &str) -> UserId {
-    UserId::new(s).unwrap()
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
 
 fn tref(no: u16, incarnation: u64) -> TrackerRef {
     TrackerRef { no, incarnation }
@@ -82,44 +71,6 @@ fn decode_entry_all(bytes: &[u8]) -> Result<Entry, DecodeError> {
     let e = decode_entry(&mut r)?;
     r.finish()?;
     Ok(e)
-}
-
-/// Builds payloads by hand (independently of `codec`'s writers) for malformed input.
-struct B(Vec<u8>);
-
-impl B {
-    fn ty(t: u8) -> Self {
-        B(vec![t])
-    }
-
-    fn u8(mut self, v: u8) -> Self {
-        self.0.push(v);
-        self
-    }
-
-    fn u16(mut self, v: u16) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u32(mut self, v: u32) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-
-    fn raw(mut self, b: &[u8]) -> Self {
-        self.0.extend_from_slice(b);
-        self
-    }
-
-    fn s(self, b: &[u8]) -> Self {
-        self.u16(b.len() as u16).raw(b)
-    }
 }
 
 const MAGIC: [u8; 4] = [0x50, 0x32, 0x50, 0x47];
@@ -385,27 +336,6 @@ fn sample_msgs() -> Vec<PeerMsg> {
 
 const ID_CHARS: &[char] = &['a', 'z', 'A', '0', '_', '-', '.', '/', 'é', 'ß', '中', '😀'];
 const NAME_CHARS: &[char] = &['a', 'z', 'A', '0', '_', '.', ' ', 'é', '中', '😀', '#'];
-
-/// A string of 1..=max bytes from `chars`.
-fn rand_str(rng: &mut Rng, chars: &[char], max: usize) -> String {
-    let target = if rng.percent(12) {
-        max
-    } else {
-        rng.between(1, max.min(24))
-    };
-    let mut s = String::new();
-    loop {
-        let c = *rng.pick(chars);
-        if s.len() + c.len_utf8() > target {
-            break;
-        }
-        s.push(c);
-    }
-    if s.is_empty() {
-        s.push('x');
-    }
-    s
-}
 
 fn rand_user(rng: &mut Rng) -> UserId {
     uid(&rand_str(rng, ID_CHARS, MAX_ID_LEN))

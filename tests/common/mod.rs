@@ -1070,3 +1070,52 @@ pub fn probe_welcome(addr: SocketAddr, deadline: Instant) -> Result<(), String> 
         }
     }
 }
+
+/// Reads one frame's payload (type byte and body) from a blocking stream.
+pub fn read_frame(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut payload)?;
+    Ok(payload)
+}
+
+/// A raw, blocking client-tracker connection: a test speaks the protocol itself (to play a
+/// client the tracker lists as a sharer, for example). Every call waits at most 30 s.
+pub struct RawTracker {
+    stream: TcpStream,
+    next_id: u64,
+}
+
+impl RawTracker {
+    pub fn connect(addr: SocketAddr) -> RawTracker {
+        use p2pshare::wire::tracker_link::{ClientMsg, TrackerMsg};
+        let mut stream = TcpStream::connect(addr).expect("connect to the tracker");
+        stream.set_read_timeout(Some(LINE_TIMEOUT)).unwrap();
+        let mut out = Vec::new();
+        ClientMsg::hello(0x5ea1).emit(&mut out);
+        stream.write_all(&out).unwrap();
+        let welcome = TrackerMsg::parse(&read_frame(&mut stream).unwrap()).unwrap();
+        assert!(matches!(welcome, TrackerMsg::Welcome { .. }), "{welcome:?}");
+        RawTracker { stream, next_id: 0 }
+    }
+
+    pub fn call(
+        &mut self,
+        body: p2pshare::wire::tracker_link::RequestBody,
+    ) -> p2pshare::wire::tracker_link::ReplyBody {
+        use p2pshare::wire::tracker_link::{ClientMsg, Reply, Request, TrackerMsg};
+        self.next_id += 1;
+        let mut out = Vec::new();
+        ClientMsg::Request(Request {
+            req_id: self.next_id,
+            body,
+        })
+        .emit(&mut out);
+        self.stream.write_all(&out).unwrap();
+        match TrackerMsg::parse(&read_frame(&mut self.stream).unwrap()).unwrap() {
+            TrackerMsg::Reply(Reply { req_id, body }) if req_id == self.next_id => body,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

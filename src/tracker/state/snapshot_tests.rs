@@ -6,8 +6,9 @@
 
 use super::*;
 use crate::rng::SplitMix64;
+use crate::testing::{fname, gid, uid};
 use crate::tracker::state::{Entry, Op, Origin, TrackerRef};
-use crate::wire::{FileName, GroupId, Sha1Digest, PIECE_LEN};
+use crate::wire::{Sha1Digest, PIECE_LEN};
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -15,18 +16,6 @@ use std::time::{Duration, Instant};
 // =============================================================================================
 // Values and helpers
 // =============================================================================================
-
-fn uid(s: &str) -> UserId {
-    UserId::new(s).unwrap()
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
 
 /// Where a client listens: 127.0.0.1:`port`.
 fn addr(port: u16) -> SocketAddr {

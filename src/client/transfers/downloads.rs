@@ -1,0 +1,344 @@
+//! Running downloads: the [`Download`] engine of each, its memory-mapped `.part` and
+//! whole-file digest, and performing what the engine asks for (links to open, messages to send,
+//! pieces to verify, the end of the download: the hard link to the target, or the failure).
+//! Must not parse bytes off a socket (`fetch` and `serve` do) or decide what a download does
+//! next (the engine does).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::{debug, info, warn};
+use mio::Registry;
+
+use super::super::download::engine::{Action, Download};
+use super::super::download::picker::PeerId;
+use super::super::session::{DownloadError, DownloadId, StartError};
+use super::{TransferEvent, Transfers};
+use crate::hasher::{sha1_of, FileStream, HashPool, PieceChecked, StreamDone};
+use crate::net::ConnId;
+use crate::storage::{PartFile, PartReader};
+use crate::wire::tracker_link::FileMeta;
+use crate::wire::{GroupId, Sha1Digest};
+
+/// A running download.
+pub(super) struct Active {
+    pub(super) engine: Download,
+    pub(super) part: PartFile,
+    pub(super) reader: PartReader,
+    pub(super) target: PathBuf,
+    pub(super) part_path: PathBuf,
+    pub(super) links: BTreeMap<PeerId, ConnId>,
+    pub(super) started: Instant,
+    pub(super) first_piece: bool,
+    /// The whole-file digest, fed by the hasher pool.
+    pub(super) stream: Arc<FileStream>,
+    /// The whole-file digest once every piece is in it.
+    pub(super) file_digest: Option<Sha1Digest>,
+    pub(super) all_verified: bool,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        // A download that ends early needs no more of its digest.
+        self.stream.cancel();
+    }
+}
+
+impl Transfers {
+    /// Starts download `id`: creates `<target>.part` at full size, maps it and opens links to
+    /// `peers`. `Ok` carries the line to print.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_download(
+        &mut self,
+        registry: &Registry,
+        hasher: &HashPool,
+        id: DownloadId,
+        group: GroupId,
+        meta: FileMeta,
+        peers: &[SocketAddr],
+        target: PathBuf,
+        now: Instant,
+    ) -> Result<String, StartError> {
+        if target.symlink_metadata().is_ok() {
+            return Err(StartError::TargetExists(target));
+        }
+        let mut part_name = target.as_os_str().to_owned();
+        part_name.push(".part");
+        let part_path = PathBuf::from(part_name);
+        if part_path.symlink_metadata().is_ok() {
+            // A `.part` no running download uses is left over from an interrupted one.
+            warn!("removing the stale {}", part_path.display());
+            let _ = std::fs::remove_file(&part_path);
+        }
+        let part = PartFile::create(&part_path, meta.size, meta.piece_len).map_err(|e| {
+            StartError::CreatePart {
+                path: part_path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let line = format!(
+            "download of {} from group {group} started: {} ({} bytes, {} sharers online)",
+            meta.name,
+            target.display(),
+            meta.size,
+            peers.len()
+        );
+        let mut engine = Download::new(group, meta, self.limits.clone());
+        engine.start(peers, now);
+        let reader = part.reader();
+        let n_pieces = engine.picker().n_pieces();
+        let stream = FileStream::new(id.job(), reader.clone(), n_pieces);
+        let file_digest = (n_pieces == 0).then(|| sha1_of(&[]));
+        self.downloads.insert(
+            id,
+            Active {
+                engine,
+                part,
+                reader,
+                target,
+                part_path,
+                links: BTreeMap::new(),
+                started: now,
+                first_piece: false,
+                stream,
+                file_digest,
+                all_verified: false,
+            },
+        );
+        self.run_actions(registry, hasher, id, now);
+        Ok(line)
+    }
+
+    /// The tracker's answer to a `QuerySharers` event.
+    pub fn on_sharers(
+        &mut self,
+        registry: &Registry,
+        hasher: &HashPool,
+        download: DownloadId,
+        result: Result<Vec<SocketAddr>, String>,
+        now: Instant,
+    ) {
+        let Some(active) = self.downloads.get_mut(&download) else {
+            return;
+        };
+        match result {
+            Ok(addrs) => active.engine.on_sharers(&addrs, now),
+            Err(reason) => {
+                debug!("sharers of download {download}: {reason}");
+                active.engine.on_sharers_failed(now);
+            }
+        }
+        self.run_actions(registry, hasher, download, now);
+    }
+
+    /// The hasher checked a piece.
+    pub fn on_piece_checked(
+        &mut self,
+        registry: &Registry,
+        hasher: &HashPool,
+        checked: PieceChecked,
+        now: Instant,
+    ) {
+        let PieceChecked { job, verdict } = checked;
+        let id = DownloadId::of_job(job);
+        let Some(active) = self.downloads.get_mut(&id) else {
+            return;
+        };
+        let (piece, ok) = (verdict.piece(), verdict.ok());
+        active.part.finish(verdict);
+        active.engine.on_piece_checked(piece, ok, now);
+        self.run_actions(registry, hasher, id, now);
+    }
+
+    /// The hasher pool finished a download's whole-file digest.
+    pub fn on_stream(&mut self, registry: &Registry, done: StreamDone) {
+        let StreamDone {
+            job,
+            digest,
+            fed_hot,
+        } = done;
+        let id = DownloadId::of_job(job);
+        let Some(active) = self.downloads.get_mut(&id) else {
+            return;
+        };
+        info!(
+            "whole-file digest of {}: {fed_hot} of {} pieces fed by the worker that verified them",
+            active.engine.meta.name,
+            active.engine.picker().n_pieces()
+        );
+        active.file_digest = Some(digest);
+        self.maybe_complete(registry, id);
+    }
+
+    /// Performs what download `id`'s engine asks for.
+    pub(super) fn run_actions(
+        &mut self,
+        registry: &Registry,
+        hasher: &HashPool,
+        id: DownloadId,
+        now: Instant,
+    ) {
+        let mut dirty: Vec<ConnId> = Vec::new();
+        loop {
+            let Some(active) = self.downloads.get_mut(&id) else {
+                return;
+            };
+            let Some(action) = active.engine.poll_action() else {
+                break;
+            };
+            match action {
+                Action::Connect { peer, addr } => {
+                    if let Err(e) = self.connect(registry, id, peer, addr) {
+                        if let Some(active) = self.downloads.get_mut(&id) {
+                            active
+                                .engine
+                                .on_link_lost(peer, &format!("cannot connect: {e}"), now);
+                        }
+                    }
+                }
+                Action::Send { peer, msg } => {
+                    if let Some(&conn_id) = active.links.get(&peer) {
+                        if let Some(conn) = self.conns.get_mut(conn_id) {
+                            msg.emit(conn.out());
+                            dirty.push(conn_id);
+                        }
+                    }
+                }
+                Action::Close { peer } => {
+                    if let Some(conn_id) = active.links.remove(&peer) {
+                        self.conns.remove(registry, conn_id);
+                    }
+                }
+                Action::Verify { piece } => {
+                    let expected = active.engine.meta.piece_hashes.get(piece as usize).copied();
+                    match (active.part.seal(piece), expected) {
+                        (Some(ticket), Some(expected)) => hasher.verify_piece(
+                            id.job(),
+                            ticket,
+                            expected,
+                            Some(Arc::clone(&active.stream)),
+                        ),
+                        _ => {
+                            warn!("piece {piece} could not be sealed for verification");
+                            active.engine.on_piece_checked(piece, false, now);
+                        }
+                    }
+                }
+                Action::Verified { piece } => {
+                    if !active.first_piece {
+                        active.first_piece = true;
+                        self.events
+                            .push_back(TransferEvent::FirstPiece { download: id });
+                    }
+                    self.announce(registry, id, piece);
+                }
+                Action::QuerySharers => self
+                    .events
+                    .push_back(TransferEvent::QuerySharers { download: id }),
+                Action::Finished(Ok(())) => {
+                    active.all_verified = true;
+                    self.maybe_complete(registry, id);
+                }
+                Action::Finished(Err(reason)) => {
+                    self.fail_download(registry, id, DownloadError::Engine(reason));
+                    return;
+                }
+            }
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        for conn_id in dirty {
+            self.flush_conn(registry, conn_id);
+        }
+    }
+
+    /// Finishes a download whose pieces are all verified once its whole-file digest is done.
+    pub(super) fn maybe_complete(&mut self, registry: &Registry, id: DownloadId) {
+        let Some(active) = self.downloads.get_mut(&id) else {
+            return;
+        };
+        let Some(digest) = active.file_digest.filter(|_| active.all_verified) else {
+            return;
+        };
+        if digest != active.engine.meta.file_sha1 {
+            let error = DownloadError::FileDigest {
+                got: digest,
+                want: active.engine.meta.file_sha1,
+            };
+            return self.fail_download(registry, id, error);
+        }
+        // A hard link never replaces an existing file, unlike a rename.
+        if let Err(e) = std::fs::hard_link(&active.part_path, &active.target) {
+            let error = DownloadError::Link {
+                target: active.target.clone(),
+                part: active.part_path.clone(),
+                reason: e.to_string(),
+            };
+            let Some(active) = self.downloads.remove(&id) else {
+                return;
+            };
+            self.close_links(registry, &active);
+            self.events.push_back(TransferEvent::Finished {
+                download: id,
+                result: Err(error),
+            });
+            return;
+        }
+        let _ = std::fs::remove_file(&active.part_path);
+        let Some(active) = self.downloads.remove(&id) else {
+            return;
+        };
+        self.close_links(registry, &active);
+        self.detach_serving(id);
+        let secs = active.started.elapsed().as_secs_f64().max(1e-6);
+        let size = active.engine.meta.size;
+        let line = format!(
+            "downloaded {} from group {} to {} ({size} bytes in {secs:.3} s, {:.1} MiB/s)",
+            active.engine.meta.name,
+            active.engine.group,
+            active.target.display(),
+            size as f64 / (1024.0 * 1024.0) / secs
+        );
+        info!("{line}");
+        self.events.push_back(TransferEvent::Finished {
+            download: id,
+            result: Ok(line),
+        });
+    }
+
+    pub(super) fn fail_download(
+        &mut self,
+        registry: &Registry,
+        id: DownloadId,
+        error: DownloadError,
+    ) {
+        let Some(active) = self.downloads.remove(&id) else {
+            return;
+        };
+        warn!("download of {} failed: {error}", active.engine.meta.name);
+        self.close_links(registry, &active);
+        self.close_serving(registry, id);
+        let _ = std::fs::remove_file(&active.part_path);
+        self.events.push_back(TransferEvent::Finished {
+            download: id,
+            result: Err(error),
+        });
+    }
+
+    pub(super) fn close_links(&mut self, registry: &Registry, active: &Active) {
+        for &conn_id in active.links.values() {
+            self.conns.remove(registry, conn_id);
+        }
+    }
+
+    /// Ends every running download (the client is exiting); their `.part` files are removed.
+    pub fn abort_all(&mut self, registry: &Registry) {
+        let ids: Vec<DownloadId> = self.downloads.keys().copied().collect();
+        for id in ids {
+            self.fail_download(registry, id, DownloadError::Exiting);
+        }
+    }
+}

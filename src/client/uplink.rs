@@ -1,0 +1,480 @@
+//! The client's link to its tracker service, as a sans-IO core: which tracker of the file to
+//! try next, connect and silence timeouts, pings on a quiet link, the backoff between rounds
+//! of attempts, and when the session is given up.
+//!
+//! The driver owns the one socket and feeds this core what happened to it
+//! ([`handle_connected`](Uplink::handle_connected), [`handle_frame`](Uplink::handle_frame),
+//! [`handle_closed`](Uplink::handle_closed), [`handle_timeout`](Uplink::handle_timeout)); the
+//! core answers with [`UplinkEvent`]s (open a connection to this address, close it, the link is
+//! up, give up) and with the frames to send ([`poll_transmit`](Uplink::poll_transmit)). It
+//! never touches a socket or a clock: `now` is an argument, so every failover path is tested
+//! in microseconds on a fake clock (`uplink_tests.rs`). It must not know the session: what to
+//! re-send on a new link (the resume and the requests in flight) comes from the session core,
+//! handed over by the driver on [`UplinkEvent::Connected`].
+//!
+//! Failover: when a link breaks (closed, a protocol error, or 1.8 s of silence although pings
+//! go out every 600 ms; twice that on the next link after each link left for silence without
+//! a reply in between, up to 14.4 s, since a tracker slow with password hashing is silent
+//! too), the next tracker of the file is tried at once, then the others in
+//! turn, each attempt given [`CONNECT_TIMEOUT`]. A round in which none connected is followed by
+//! the next after a backoff that doubles from nothing (the first retry goes at once) to
+//! [`BACKOFF_MAX`], so a client never spins on trackers that refuse at once, and never waits
+//! much more than a second for one that came back. After [`RECONNECT_FOR`] without a tracker,
+//! or when links keep breaking before the tracker's welcome, the session is given up.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::wire::tracker_link::{ClientMsg, Reply, ReplyBody, Request, RequestBody, TrackerMsg};
+use crate::wire::PROTOCOL_VERSION;
+
+/// How long connecting to one tracker may take before the next one is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// After losing its tracker, how long the client keeps trying the others before it gives up
+/// its session (the trackers keep a lost client's session at least this long).
+pub const RECONNECT_FOR: Duration = Duration::from_secs(10);
+/// The pause before the second retry round; it doubles with every round after.
+pub const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two rounds of attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A tracker link quiet this long gets a ping (a live tracker answers it, or a request).
+pub const PING_AFTER: Duration = Duration::from_millis(600);
+/// A tracker silent this long, pings included, is taken for hung: the client moves on (a
+/// request retried elsewhere is not applied twice, so a false alarm costs nothing).
+pub const TRACKER_SILENCE: Duration = Duration::from_millis(1800);
+/// Most doublings of the silence allowed after links left for silence in a row (to 14.4 s).
+const MAX_SILENCE_DOUBLINGS: u32 = 3;
+/// Ping ids count down from the top of the id space, far from the session's, which count up
+/// from 1; replies in this range are the link's own.
+const PING_IDS: u64 = 1 << 32;
+
+/// What the driver must do for the link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UplinkEvent {
+    /// Close the current socket, if any, and start a non-blocking connection to this address;
+    /// report its outcome with `handle_connected` or `handle_connect_failed`.
+    Connect(SocketAddr),
+    /// Close the current socket.
+    Close,
+    /// The connection is up and the hello queued: hand the session's resume and requests in
+    /// flight to [`Uplink::send`].
+    Connected,
+    /// No tracker of the file could be reached for a request made while there was no link:
+    /// the command in flight fails.
+    Unreachable,
+    /// No tracker answered in time after losing one: the session is lost.
+    SessionLost,
+}
+
+/// Why a link broke, as the driver or the core saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkError {
+    /// The tracker speaks another protocol version.
+    Version(u16),
+    /// A frame that does not parse, or a message out of place.
+    Protocol(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Version(v) => write!(f, "tracker speaks version {v}"),
+            LinkError::Protocol(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// A run of attempts, one per tracker of the file at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Round {
+    /// When the session is given up; `None` for a first connection (no failover: a round
+    /// without success fails the command instead).
+    give_up: Option<Instant>,
+    /// Attempts made in this round.
+    tried: usize,
+    /// Rounds before this one.
+    n_rounds: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No link, and none wanted until the next request.
+    Idle,
+    /// Connecting to `trackers[index]`.
+    Connecting {
+        index: usize,
+        deadline: Instant,
+        round: Round,
+    },
+    /// Waiting before the next round of attempts.
+    Waiting { until: Instant, round: Round },
+    /// Connected to `trackers[index]`.
+    Open {
+        index: usize,
+        welcomed: bool,
+        last_heard: Instant,
+        last_ping: Instant,
+    },
+}
+
+/// The client's tracker link core (see the module doc).
+#[derive(Debug)]
+pub struct Uplink {
+    trackers: Vec<SocketAddr>,
+    client_id: u64,
+    state: State,
+    /// Index of the tracker last connected to: the first tried for a new link, and the one a
+    /// failover starts after.
+    index: usize,
+    /// Whether a tracker was ever connected (for the log: "connected" or "moved").
+    failing_over: bool,
+    /// Links in a row that broke before the tracker's welcome.
+    failed_links: usize,
+    /// Links in a row left for their silence without a reply in between. A tracker that is
+    /// slow rather than hung (its answers queued behind a burst of password hashing, which
+    /// also holds the pongs) gets twice the time on the next link, so that the client's retry
+    /// does not add to the work that made it slow.
+    silent_links: u32,
+    n_pings: u64,
+    events: VecDeque<UplinkEvent>,
+    transmit: VecDeque<ClientMsg>,
+}
+
+impl Uplink {
+    /// A link to the trackers of the file, in its order; `client_id` goes in every hello.
+    pub fn new(trackers: Vec<SocketAddr>, client_id: u64) -> Self {
+        Uplink {
+            trackers,
+            client_id,
+            state: State::Idle,
+            index: 0,
+            failing_over: false,
+            failed_links: 0,
+            silent_links: 0,
+            n_pings: 0,
+            events: VecDeque::new(),
+            transmit: VecDeque::new(),
+        }
+    }
+
+    /// The tracker the link is connected (or connecting) to.
+    pub fn tracker(&self) -> Option<SocketAddr> {
+        match self.state {
+            State::Open { index, .. } | State::Connecting { index, .. } => {
+                self.trackers.get(index).copied()
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a connection is up (welcomed or not).
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open { .. })
+    }
+
+    /// Whether the link is between trackers (connecting or waiting to).
+    pub fn is_reconnecting(&self) -> bool {
+        matches!(self.state, State::Connecting { .. } | State::Waiting { .. })
+    }
+
+    pub fn poll_event(&mut self) -> Option<UplinkEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next frame to write on the connection.
+    pub fn poll_transmit(&mut self) -> Option<ClientMsg> {
+        self.transmit.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Idle => None,
+            State::Connecting { deadline, .. } => Some(deadline),
+            State::Waiting { until, .. } => Some(until),
+            State::Open {
+                last_heard,
+                last_ping,
+                ..
+            } => Some((last_heard.max(last_ping) + PING_AFTER).min(last_heard + self.silence())),
+        }
+    }
+
+    /// A request from the session. On an open link it goes out now; while the link is
+    /// between trackers it is dropped here, because the session hands every request in flight
+    /// over again once a new link is up ([`UplinkEvent::Connected`]); with no link at all, a
+    /// first connection starts (and that request goes out with the others once it is up).
+    pub fn send(&mut self, request: Request, now: Instant) {
+        match self.state {
+            State::Open { .. } => self.transmit.push_back(ClientMsg::Request(request)),
+            State::Connecting { .. } | State::Waiting { .. } => {}
+            State::Idle => {
+                let round = Round {
+                    give_up: None,
+                    tried: 0,
+                    n_rounds: 0,
+                };
+                self.attempt(self.index, round, now);
+            }
+        }
+    }
+
+    /// The connection the last [`UplinkEvent::Connect`] asked for is up.
+    pub fn handle_connected(&mut self, now: Instant) {
+        let State::Connecting { index, .. } = self.state else {
+            return;
+        };
+        let addr = self.trackers.get(index).copied();
+        if let Some(addr) = addr {
+            if self.failing_over {
+                info!("moved to tracker {addr}");
+            } else {
+                info!("connected to tracker {addr}");
+            }
+        }
+        self.failing_over = false;
+        self.index = index;
+        self.state = State::Open {
+            index,
+            welcomed: false,
+            last_heard: now,
+            last_ping: now,
+        };
+        self.transmit.clear();
+        self.transmit.push_back(ClientMsg::hello(self.client_id));
+        self.events.push_back(UplinkEvent::Connected);
+    }
+
+    /// The connection the last [`UplinkEvent::Connect`] asked for failed (refused, or the
+    /// socket could not even be made).
+    pub fn handle_connect_failed(&mut self, reason: &str, now: Instant) {
+        let State::Connecting { index, round, .. } = self.state else {
+            return;
+        };
+        if let Some(addr) = self.trackers.get(index) {
+            debug!("tracker {addr}: {reason}");
+        }
+        self.next_attempt(index, round, now);
+    }
+
+    /// A whole frame from the tracker. A reply for the session comes back; a malformed or
+    /// misplaced frame breaks the link (and the next tracker is tried).
+    pub fn handle_frame(&mut self, payload: &[u8], now: Instant) -> Option<Reply> {
+        let State::Open {
+            ref mut welcomed,
+            ref mut last_heard,
+            ..
+        } = self.state
+        else {
+            return None;
+        };
+        *last_heard = now;
+        let error = match TrackerMsg::parse(payload) {
+            Ok(TrackerMsg::Welcome { version, .. }) if !*welcomed => {
+                if version == PROTOCOL_VERSION {
+                    *welcomed = true;
+                    return None;
+                }
+                LinkError::Version(version)
+            }
+            Ok(TrackerMsg::Reply(reply)) if *welcomed => {
+                // The tracker answers: it was slow at worst, not hung.
+                self.silent_links = 0;
+                let own_ping =
+                    reply.req_id > u64::MAX - PING_IDS && matches!(reply.body, ReplyBody::Pong);
+                return (!own_ping).then_some(reply);
+            }
+            Ok(other) => LinkError::Protocol(format!("unexpected message {other:?}")),
+            Err(e) => LinkError::Protocol(e.to_string()),
+        };
+        self.handle_closed(&error.to_string(), now);
+        None
+    }
+
+    /// The connection broke (closed by the tracker, a read or write error, a protocol error):
+    /// move to another tracker at once, keeping the session.
+    pub fn handle_closed(&mut self, reason: &str, now: Instant) {
+        match self.state {
+            State::Open {
+                index, welcomed, ..
+            } => {
+                if let Some(addr) = self.trackers.get(index) {
+                    warn!("tracker {addr}: {reason}");
+                }
+                self.lose(index, welcomed, now);
+            }
+            // A connection that breaks before it is up is a failed attempt.
+            State::Connecting { .. } => self.handle_connect_failed(reason, now),
+            State::Idle | State::Waiting { .. } => {}
+        }
+    }
+
+    /// Timers: a connection attempt that takes too long, the pause between rounds, pings on a
+    /// quiet link and leaving a silent tracker (a hung process keeps its sockets open, so only
+    /// silence tells).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Idle => {}
+            State::Connecting {
+                index,
+                deadline,
+                round,
+            } => {
+                if now >= deadline {
+                    self.events.push_back(UplinkEvent::Close);
+                    if let Some(addr) = self.trackers.get(index) {
+                        debug!("tracker {addr}: no connection in {CONNECT_TIMEOUT:?}");
+                    }
+                    self.next_attempt(index, round, now);
+                }
+            }
+            State::Waiting { until, round } => {
+                if now >= until {
+                    self.attempt(self.index + 1, round, now);
+                }
+            }
+            State::Open {
+                index,
+                welcomed,
+                last_heard,
+                last_ping,
+            } => {
+                let silence = self.silence();
+                if now.saturating_duration_since(last_heard) >= silence {
+                    if let Some(addr) = self.trackers.get(index) {
+                        warn!("tracker {addr}: silent for {silence:?}; moving to another");
+                    }
+                    self.silent_links = self.silent_links.saturating_add(1);
+                    self.events.push_back(UplinkEvent::Close);
+                    self.lose(index, welcomed, now);
+                } else if now.saturating_duration_since(last_heard.max(last_ping)) >= PING_AFTER {
+                    self.state = State::Open {
+                        index,
+                        welcomed,
+                        last_heard,
+                        last_ping: now,
+                    };
+                    self.n_pings += 1;
+                    self.transmit.push_back(ClientMsg::Request(Request {
+                        req_id: u64::MAX - (self.n_pings % PING_IDS),
+                        body: RequestBody::Ping,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// The open link to `trackers[index]` is gone: start failing over, or give the session
+    /// up when links keep breaking before the welcome.
+    fn lose(&mut self, index: usize, welcomed: bool, now: Instant) {
+        self.transmit.clear();
+        if welcomed {
+            self.failed_links = 0;
+        } else {
+            self.failed_links += 1;
+        }
+        if self.failed_links >= 2 * self.trackers.len() {
+            // Every tracker of the file was tried twice and none spoke the protocol.
+            warn!("no tracker completes the handshake: the session is lost");
+            self.failed_links = 0;
+            self.events.push_back(UplinkEvent::Close);
+            return self.give_up();
+        }
+        self.failing_over = true;
+        let round = Round {
+            give_up: Some(now + RECONNECT_FOR),
+            tried: 0,
+            n_rounds: 0,
+        };
+        self.attempt(index + 1, round, now);
+    }
+
+    /// The attempt at `trackers[index]` failed: the next tracker of the round, or the end of
+    /// the round.
+    fn next_attempt(&mut self, index: usize, mut round: Round, now: Instant) {
+        round.tried += 1;
+        if round.tried < self.trackers.len() {
+            return self.attempt(index + 1, round, now);
+        }
+        match round.give_up {
+            None => {
+                warn!("no tracker is reachable");
+                self.state = State::Idle;
+                self.events.push_back(UplinkEvent::Unreachable);
+            }
+            Some(give_up) if now >= give_up => {
+                warn!("no tracker is reachable for {RECONNECT_FOR:?}: the session is lost");
+                self.give_up();
+            }
+            Some(give_up) => {
+                let pause = backoff(round.n_rounds);
+                let next = Round {
+                    give_up: Some(give_up),
+                    tried: 0,
+                    n_rounds: round.n_rounds + 1,
+                };
+                debug!("no tracker is reachable; trying again in {pause:?}");
+                if pause.is_zero() {
+                    self.attempt(self.index + 1, next, now);
+                } else {
+                    self.state = State::Waiting {
+                        until: now + pause,
+                        round: next,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Starts connecting to `trackers[index % n]`.
+    fn attempt(&mut self, index: usize, round: Round, now: Instant) {
+        let n = self.trackers.len();
+        let Some(&addr) = self.trackers.get(index.checked_rem(n).unwrap_or(0)) else {
+            // An empty tracker file (the command line refuses it): nothing to try.
+            self.state = State::Idle;
+            self.events.push_back(match round.give_up {
+                None => UplinkEvent::Unreachable,
+                Some(_) => UplinkEvent::SessionLost,
+            });
+            return;
+        };
+        self.transmit.clear();
+        self.state = State::Connecting {
+            index: index % n,
+            deadline: now + CONNECT_TIMEOUT,
+            round,
+        };
+        self.events.push_back(UplinkEvent::Connect(addr));
+    }
+
+    /// How long the current link may stay silent: [`TRACKER_SILENCE`], doubled for each link
+    /// left for silence in a row (see `silent_links`).
+    fn silence(&self) -> Duration {
+        TRACKER_SILENCE * (1u32 << self.silent_links.min(MAX_SILENCE_DOUBLINGS))
+    }
+
+    fn give_up(&mut self) {
+        self.failing_over = false;
+        self.state = State::Idle;
+        self.transmit.clear();
+        self.events.push_back(UplinkEvent::SessionLost);
+    }
+}
+
+/// The pause before retry round `n_rounds + 1`: nothing before the first retry, then
+/// [`BACKOFF_FIRST`] doubling up to [`BACKOFF_MAX`].
+pub fn backoff(n_rounds: u32) -> Duration {
+    match n_rounds {
+        0 => Duration::ZERO,
+        n => BACKOFF_FIRST
+            .saturating_mul(1u32.checked_shl(n - 1).unwrap_or(u32::MAX))
+            .min(BACKOFF_MAX),
+    }
+}
+
+#[cfg(test)]
+#[path = "uplink_tests.rs"]
+mod tests;

@@ -1,0 +1,111 @@
+//! The changes replicated among trackers ([`Op`], in an [`Entry`] with the client request it
+//! came from) and the ids they carry. They are the vocabulary of `tracker::state` (which
+//! applies them) and are encoded by [`tracker_peer`](super::tracker_peer); they live here, in
+//! `wire`, so that the wire format depends on nothing outside `wire` (and `bitfield`), and the
+//! tracker depends on the wire format, never the other way round. Plain data: no logic, no
+//! IO.
+
+use std::net::SocketAddr;
+
+use super::tracker_link::FileMeta;
+use super::{FileName, GroupId, UserId};
+
+/// Names an open session. Allocated by `apply` in order, so every replica agrees on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(pub u64);
+
+/// One run of one tracker: its number in the tracker file and a random id drawn at start, so
+/// that sessions held by a tracker that died are told apart from those of its restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TrackerRef {
+    pub no: u16,
+    pub incarnation: u64,
+}
+
+/// A change to the state. Ops name the acting session; `apply` resolves it to a user and checks
+/// every permission itself, so an op can be replayed on any replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    CreateUser {
+        user: UserId,
+        pw_hash: String,
+    },
+    /// Opens a session; the password was checked before the op was made.
+    OpenSession {
+        user: UserId,
+        peer_addr: SocketAddr,
+        tracker: TrackerRef,
+        client: u64,
+        token: [u8; 16],
+    },
+    /// Moves the session holding `token` to `tracker` and `client` (a failover).
+    ResumeSession {
+        token: [u8; 16],
+        tracker: TrackerRef,
+        client: u64,
+    },
+    /// Logout: closes `session` if `tracker` still holds it.
+    CloseSession {
+        session: SessionId,
+        tracker: TrackerRef,
+    },
+    /// `client`'s connection to `tracker` closed: its session there ends. Its remembered
+    /// answers stay (bounded by the state's `MAX_REMEMBERED_CLIENTS`): a link that broke while the
+    /// tracker lives looks the same as a client that left, and the client may be retrying its
+    /// last change through another tracker.
+    ClientGone {
+        client: u64,
+        tracker: TrackerRef,
+    },
+    /// `tracker` died and the grace period for its clients to move is over: the sessions it
+    /// still holds end (their shares go offline).
+    ExpireSessions {
+        tracker: TrackerRef,
+    },
+    CreateGroup {
+        session: SessionId,
+        group: GroupId,
+    },
+    JoinGroup {
+        session: SessionId,
+        group: GroupId,
+    },
+    LeaveGroup {
+        session: SessionId,
+        group: GroupId,
+    },
+    AcceptRequest {
+        session: SessionId,
+        group: GroupId,
+        user: UserId,
+    },
+    RejectRequest {
+        session: SessionId,
+        group: GroupId,
+        user: UserId,
+    },
+    ShareFile {
+        session: SessionId,
+        group: GroupId,
+        meta: FileMeta,
+    },
+    StopShare {
+        session: SessionId,
+        group: GroupId,
+        name: FileName,
+    },
+}
+
+/// The client request an op was made for: a retry with the same pair is answered from memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    pub client: u64,
+    pub req_id: u64,
+}
+
+/// One change in the replicated order: the op and, if a client asked for it, who asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub origin: Option<Origin>,
+    pub op: Op,
+}
