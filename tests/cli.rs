@@ -1550,3 +1550,58 @@ fn tracker_serves_others_while_a_client_never_reads() {
         .run(&["login alice pw"])
         .check(&["logged in as alice"], 0, 0);
 }
+
+/// A request larger than the handshake's 1 KiB limit sent right behind the hello, in the same
+/// write (as a client does when it fails over with an upload in flight), is judged by the
+/// limit the hello raised: it is answered, the connection is not closed.
+#[test]
+fn a_large_request_in_the_same_read_as_the_hello_is_answered() {
+    use p2pshare::wire::tracker_link::{
+        ClientMsg, FileMeta, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
+    };
+    use p2pshare::wire::{FileName, GroupId, Sha1Digest, PIECE_LEN};
+    let tracker = Tracker::start();
+    let n_pieces = 200u32; // 200 * 20 bytes of hashes: about 4 KiB
+    let meta = FileMeta {
+        name: FileName::new("big.bin").unwrap(),
+        size: u64::from(n_pieces) * u64::from(PIECE_LEN),
+        piece_len: PIECE_LEN,
+        file_sha1: Sha1Digest::default(),
+        piece_hashes: vec![Sha1Digest::default(); n_pieces as usize],
+    };
+    let mut bytes = Vec::new();
+    ClientMsg::hello(0x0b16).emit(&mut bytes);
+    ClientMsg::Request(Request {
+        req_id: 1,
+        body: RequestBody::UploadFile {
+            group: GroupId::new("g").unwrap(),
+            meta,
+        },
+    })
+    .emit(&mut bytes);
+    assert!(bytes.len() > 4000);
+    let mut stream = TcpStream::connect(tracker.addr).unwrap();
+    stream.write_all(&bytes).unwrap();
+    let welcome = TrackerMsg::parse(&read_frame(&mut stream)).unwrap();
+    assert!(matches!(welcome, TrackerMsg::Welcome { .. }), "{welcome:?}");
+    // Not logged in: refused, but answered on a connection that lives on.
+    match TrackerMsg::parse(&read_frame(&mut stream)).unwrap() {
+        TrackerMsg::Reply(Reply {
+            req_id: 1,
+            body: ReplyBody::Refused { .. },
+        }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    stream.write_all(&ping_frame(2)).unwrap();
+    let pong = TrackerMsg::parse(&read_frame(&mut stream)).unwrap();
+    assert!(
+        matches!(
+            pong,
+            TrackerMsg::Reply(Reply {
+                req_id: 2,
+                body: ReplyBody::Pong
+            })
+        ),
+        "{pong:?}"
+    );
+}

@@ -169,6 +169,9 @@ pub struct TrackerCore {
     /// Connections still owing a handshake, with their deadlines, oldest first.
     handshake_deadlines: VecDeque<(Instant, ConnId)>,
     out: VecDeque<Output>,
+    /// A `SetMaxFrame` was queued since the driver last asked (see
+    /// [`take_frame_limit_changed`](Self::take_frame_limit_changed)).
+    frame_limit_changed: bool,
     /// Connections opened so far (orders them: a restarted tracker's links are newer than the
     /// links of its previous run).
     n_opened: u64,
@@ -190,6 +193,7 @@ impl TrackerCore {
             answers: VecDeque::new(),
             handshake_deadlines: VecDeque::new(),
             out: VecDeque::new(),
+            frame_limit_changed: false,
             n_opened: 0,
             token_key: {
                 let mut key = [0u8; 32];
@@ -264,8 +268,7 @@ impl TrackerCore {
         self.n_opened += 1;
         self.links
             .insert(conn, Link::new(Kind::Tracker, self.n_opened));
-        self.out
-            .push_back(Output::SetMaxFrame(conn, MAX_TRACKER_PEER_FRAME));
+        self.set_max_frame(conn, MAX_TRACKER_PEER_FRAME);
         self.replica.handle_dialed(conn, no, self.n_opened, now);
         self.pump_replica();
     }
@@ -395,6 +398,17 @@ impl TrackerCore {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    fn set_max_frame(&mut self, conn: ConnId, max: usize) {
+        self.frame_limit_changed = true;
+        self.out.push_back(Output::SetMaxFrame(conn, max));
+    }
+
+    /// Whether a frame limit changed since the last call: the driver then applies it before
+    /// it parses the next frame of that connection.
+    pub fn take_frame_limit_changed(&mut self) -> bool {
+        std::mem::take(&mut self.frame_limit_changed)
     }
 
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -608,8 +622,7 @@ impl TrackerCore {
                                 client,
                                 welcomed: false,
                             };
-                            self.out
-                                .push_back(Output::SetMaxFrame(conn, MAX_CLIENT_TRACKER_FRAME));
+                            self.set_max_frame(conn, MAX_CLIENT_TRACKER_FRAME);
                             if self.replica.is_serving() {
                                 self.welcome(conn);
                             } else {
@@ -618,9 +631,8 @@ impl TrackerCore {
                         }
                         Role::Tracker { no, incarnation } => {
                             link.kind = Kind::Tracker;
-                            self.out
-                                .push_back(Output::SetMaxFrame(conn, MAX_TRACKER_PEER_FRAME));
                             let opened = link.opened;
+                            self.set_max_frame(conn, MAX_TRACKER_PEER_FRAME);
                             self.replica.handle_accepted(
                                 conn,
                                 TrackerRef { no, incarnation },

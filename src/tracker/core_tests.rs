@@ -915,9 +915,41 @@ fn tracker_hello(no: u16) -> ClientMsg {
     }
 }
 
+/// Tracker 1 of a file of two, the other down: tracker 2 may link to it. (Its stall
+/// detection is off: these tests do not keep its clock moving.)
+fn two_tracker_harness() -> Harness {
+    let now = Instant::now();
+    let timings = Timings {
+        stall_limit: Duration::MAX,
+        ..Timings::default()
+    };
+    let mut h = Harness {
+        core: TrackerCore::new(
+            TrackerRef {
+                no: 1,
+                incarnation: 0x33,
+            },
+            2,
+            0x1234_5678,
+            timings,
+            now,
+        ),
+        now,
+        next_req: 100,
+    };
+    while let Some(o) = h.core.poll_output() {
+        match o {
+            Output::Dial(no) => h.core.handle_dial_failed(no, h.now),
+            other => panic!("unexpected output at start: {other:?}"),
+        }
+    }
+    assert!(h.core.replica().is_primary());
+    h
+}
+
 /// Harness whose core refuses tracker hellos outside the secure handshake, as the driver's.
 fn secure_harness() -> Harness {
-    let mut h = Harness::new();
+    let mut h = two_tracker_harness();
     let core = std::mem::replace(&mut h.core, Harness::with_others_down().core);
     h.core = core.with_secure_tracker_links();
     h
@@ -953,7 +985,7 @@ fn tracker_hello_on_a_secure_link_is_accepted() {
     let c = conn(42);
     h.open(c);
     h.core.handle_secure(c);
-    let outs = h.send(c, &tracker_hello(1));
+    let outs = h.send(c, &tracker_hello(2));
     assert!(
         outs.contains(&Output::SetMaxFrame(c, MAX_TRACKER_PEER_FRAME)),
         "{outs:?}"
@@ -974,9 +1006,9 @@ fn client_hello_on_a_secure_link_is_refused() {
 #[test]
 fn without_the_requirement_any_link_may_be_a_tracker() {
     // The simulated clusters rely on this default.
-    let mut h = Harness::new();
+    let mut h = two_tracker_harness();
     let c = conn(44);
     h.open(c);
-    let outs = h.send(c, &tracker_hello(1));
+    let outs = h.send(c, &tracker_hello(2));
     assert!(!outs.contains(&Output::Close(c)), "{outs:?}");
 }

@@ -355,11 +355,14 @@ impl Driver {
         let now = Instant::now();
         let result = conn.read_frames(FRAME_BUDGET, |payload| {
             core.handle_frame(id, payload, now);
-            true
+            // A handshake that changes the frame limit: stop, so that the frames read with
+            // it (a client's requests right behind its hello) are checked against the new
+            // limit, which `drain_outputs` applies before this connection is read again.
+            !core.take_frame_limit_changed()
         });
         match result {
-            Ok(ReadEnd::WouldBlock) | Ok(ReadEnd::Stopped) => {}
-            Ok(ReadEnd::Budget) => self.make_ready(id),
+            Ok(ReadEnd::WouldBlock) => {}
+            Ok(ReadEnd::Budget) | Ok(ReadEnd::Stopped) => self.make_ready(id),
             Ok(ReadEnd::Eof) => {
                 if conn.secure().is_some_and(|s| !s.is_established()) {
                     warn!(
