@@ -321,8 +321,9 @@ impl TrackerCore {
                     return;
                 }
                 let tracker = self.replica.me();
+                let origin = self.replica.internal_origin();
                 self.submit(Entry {
-                    origin: None,
+                    origin: Some(origin),
                     op: Op::ClientGone { client, tracker },
                 });
             }

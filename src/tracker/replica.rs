@@ -260,6 +260,11 @@ pub struct Replica {
     /// lost, so once the other link says hello the exchange with them is resumed
     /// ([`resync`](Self::resync)).
     resync_pending: BTreeSet<u16>,
+    /// Requests this tracker made itself so far (see [`Replica::internal_origin`]).
+    internal_req: u64,
+    /// The runs of this process (its incarnation, and one more after each stall): the
+    /// client ids of the changes it makes itself.
+    own_runs: BTreeSet<u64>,
     /// Trackers with no link: when to dial them next.
     redial_at: BTreeMap<u16, Instant>,
     /// The last wait before dialing each tracker again (reset once it links).
@@ -358,6 +363,8 @@ impl Replica {
             redial_at: BTreeMap::new(),
             backoff: BTreeMap::new(),
             resync_pending: BTreeSet::new(),
+            internal_req: 0,
+            own_runs: [me.incarnation].into_iter().collect(),
             started: now,
             takeover_deadline: None,
             members: BTreeSet::new(),
@@ -412,6 +419,18 @@ impl Replica {
         self.applied
     }
 
+    /// Names a change this tracker makes itself (a client gone, sessions expired) as a
+    /// client's request is named: by this run (as the client id) and a counter. A copy
+    /// forwarded twice (a resend over a replacing link, a re-forward to a new primary) is
+    /// then recognised and applied once, as a client's retry is.
+    pub fn internal_origin(&mut self) -> Origin {
+        self.internal_req += 1;
+        Origin {
+            client: self.me.incarnation,
+            req_id: self.internal_req,
+        }
+    }
+
     /// The latest time a handler was given.
     pub fn now(&self) -> Instant {
         self.now
@@ -459,6 +478,7 @@ impl Replica {
         // to move (a client that comes back here resumes with its token) instead of ending
         // them at once.
         self.me.incarnation = self.me.incarnation.wrapping_add(1);
+        self.own_runs.insert(self.me.incarnation);
         if self.is_serving() || matches!(self.role, Role::Joining { .. }) {
             self.stop_serving();
         }
@@ -470,10 +490,16 @@ impl Replica {
         // could replay a login after the client logged in through another tracker (taking
         // its session back to this tracker's earlier run, where it then ends). Changes of
         // its own (a client gone) stay.
-        self.held.retain(|e| e.origin.is_none());
-        self.uncommitted.retain(|(_, e)| e.origin.is_none());
-        self.forwarded.retain(|e| e.origin.is_none());
+        let own = self.own_runs.clone();
+        let internal = |e: &Entry| e.origin.is_none_or(|o| own.contains(&o.client));
+        self.held.retain(|e| internal(e));
+        self.uncommitted.retain(|(_, e)| internal(e));
+        self.forwarded.retain(|e| internal(e));
         self.forwarded_origins.clear();
+        let kept: Vec<Entry> = self.forwarded.iter().cloned().collect();
+        for e in &kept {
+            self.count_origin(e);
+        }
         let links: Vec<ConnId> = self.links.keys().copied().collect();
         for link in links {
             self.out.push_back(ReplicaOut::Close(link));
@@ -807,8 +833,9 @@ impl Replica {
                     "sessions of tracker {} (run {:x}) did not move in time; ending them",
                     tracker.no, tracker.incarnation
                 );
+                let origin = self.internal_origin();
                 self.submit(Entry {
-                    origin: None,
+                    origin: Some(origin),
                     op: Op::ExpireSessions { tracker },
                 });
             }

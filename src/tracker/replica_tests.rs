@@ -2923,5 +2923,10 @@ fn random_clusters_soak() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    random_runs(1_000_000..1_000_000 + n, 4 * STEPS);
+    // `SIM_FROM` starts the range elsewhere (to replay a stretch of it).
+    let from: u64 = std::env::var("SIM_FROM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    random_runs(from..from + n, 4 * STEPS);
 }
