@@ -65,7 +65,8 @@
 //!    survives any crash that leaves one tracker up.
 //! 3. A change is applied at most once per client request id: answers are remembered in the
 //!    replicated state (the last [`super::state::MAX_ANSWERS_PER_CLIENT`] per client), and a
-//!    request older than all of them is not applied.
+//!    request older than all of them is not applied. A tracker's own changes are named the
+//!    same way ([`Replica::internal_origin`]).
 //! 4. At most one running tracker acts as primary: a tracker that was frozen finds out before
 //!    it handles anything, and answers from a replaced state are never sent (the tracker core
 //!    drops them when the state is replaced).
@@ -904,6 +905,19 @@ impl Replica {
                 .is_some_and(|l| matches!(l.status, Some(PeerStatus::Serving { .. })))
     }
 
+    /// Whether the tracker of the claim this tracker follows still stands for it: linked and
+    /// saying it is primary of that view (or this tracker's own claim).
+    fn claimant_live(&self) -> bool {
+        let (view, primary) = self.claim;
+        (primary == self.me.no && matches!(self.role, Role::Primary | Role::Taking { .. }))
+            || self.resync_pending.contains(&primary)
+            || self
+                .peer_link
+                .get(&primary)
+                .and_then(|link| self.links.get(link))
+                .is_some_and(|l| l.status == Some(PeerStatus::Serving { view, primary }))
+    }
+
     fn broadcast_status(&mut self) {
         let status = self.status();
         let links: Vec<ConnId> = self.peer_link.values().copied().collect();
@@ -1165,7 +1179,9 @@ impl Replica {
             .into_iter()
             .reduce(|a, b| if beats(b, a) { b } else { a })
         {
-            if beats(best, self.claim) {
+            // A claim whose tracker no longer stands for it (it died or restarted during its
+            // takeover) is void, even against a lower claim of the same view.
+            if beats(best, self.claim) || !self.claimant_live() {
                 self.claim = best;
             }
             if best == self.claim {
@@ -1706,7 +1722,11 @@ impl Replica {
         // duplicate link): answer it again.
         // A tracker that learned the claim from a status first answers it too.
         let repeated = (view, from) == self.claim;
-        if !beats((view, from), self.claim) && !repeated {
+        // The claim this tracker follows may be void (its tracker is gone): then a lower
+        // claim of a live tracker is followed.
+        let void =
+            !matches!(self.role, Role::Primary | Role::Taking { .. }) && !self.claimant_live();
+        if !beats((view, from), self.claim) && !repeated && !void {
             debug!("ignoring the takeover of view {view} by tracker {from}");
             return;
         }
