@@ -861,8 +861,11 @@ impl Replica {
                 at(l.last_sent + self.t.heartbeat_every);
             }
         }
-        if self.role == Role::Starting {
-            at(self.started + self.t.discovery_timeout);
+        // (Past the discovery time, a starting tracker that still waits for others decides
+        // again on the tick.)
+        let discovery_end = self.started + self.t.discovery_timeout;
+        if self.role == Role::Starting && discovery_end > self.now {
+            at(discovery_end);
         }
         if let Some(d) = self.takeover_deadline {
             at(d);
