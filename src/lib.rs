@@ -7,14 +7,14 @@
 //! # Codemap
 //!
 //! Words: a *tracker link* joins a client to a tracker (`wire::tracker_link`); trackers talk
-//! to each other over *replication links* (`wire::tracker_peer`, `tracker::replica`); a
+//! to each other over *replication links* (`wire::replication`, `tracker::replica`); a
 //! *peer* is always a client, and clients talk to each other over *peer links*
 //! (`wire::peer_link`, `client::transfers`): a downloader's *fetch link* is a sharer's *serve
 //! link*.
 //!
 //! - [`wire`]: the binary wire format of every link. `codec` (field readers and writers,
 //!   `DecodeError`), `frame` (length prefixes, `FrameBuffer`), `ids` (validated ids),
-//!   `tracker_link` (client to tracker), `tracker_peer` (tracker to tracker), `ops` (the
+//!   `tracker_link` (client to tracker), `replication` (tracker to tracker), `ops` (the
 //!   replicated changes `Op`/`Entry` and their ids), `peer_link` (client to client, with the
 //!   streaming `SharerStream` decoder). Architecture Invariant: no IO, `parse` never panics,
 //!   and `wire` depends on nothing but itself and [`bitfield`].

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::{run_program, Client, Cluster, ProcGuard, READY_TIMEOUT, TRACKER_BIN};
 use p2pshare::net::secure::{Params, SecureLink};
+use p2pshare::wire::replication::ReplMsg;
 use p2pshare::wire::tracker_link::{ClientMsg, Role};
-use p2pshare::wire::tracker_peer::PeerMsg;
 use p2pshare::wire::PROTOCOL_VERSION;
 
 /// How long a step may take on a loaded machine.
@@ -203,8 +203,8 @@ fn plaintext_tracker_hello_gets_nothing_and_changes_nothing() {
         },
     }
     .emit(&mut bytes);
-    PeerMsg::JoinRequest.emit(&mut bytes);
-    PeerMsg::Heartbeat.emit(&mut bytes);
+    ReplMsg::JoinRequest.emit(&mut bytes);
+    ReplMsg::Heartbeat.emit(&mut bytes);
     stream.write_all(&bytes).unwrap();
     let got = read_until_closed(&mut stream);
     assert!(got.is_empty(), "the stranger was sent {} bytes", got.len());

@@ -33,10 +33,10 @@ use super::state::{
 };
 use crate::net::ConnId;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
+use crate::wire::replication::{ReplMsg, MAX_REPLICATION_FRAME};
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, Role, TrackerMsg,
 };
-use crate::wire::tracker_peer::{PeerMsg, MAX_TRACKER_PEER_FRAME};
 use crate::wire::{UserId, PROTOCOL_VERSION};
 
 /// A connection must complete its handshake within this time.
@@ -49,7 +49,7 @@ pub const MAX_QUEUED_REQUESTS: usize = 4096;
 pub enum Output {
     Send(ConnId, TrackerMsg),
     /// A message on a tracker-to-tracker link.
-    SendPeer(ConnId, PeerMsg),
+    SendReplica(ConnId, ReplMsg),
     /// Open a link to tracker `no` of the file; report `handle_dialed` or
     /// `handle_dial_failed`.
     Dial(u16),
@@ -268,7 +268,7 @@ impl TrackerCore {
         self.n_opened += 1;
         self.links
             .insert(conn, Link::new(Kind::Tracker, self.n_opened));
-        self.set_max_frame(conn, MAX_TRACKER_PEER_FRAME);
+        self.set_max_frame(conn, MAX_REPLICATION_FRAME);
         self.replica.handle_dialed(conn, no, self.n_opened, now);
         self.pump_replica();
     }
@@ -343,7 +343,7 @@ impl TrackerCore {
             .get(&conn)
             .is_some_and(|l| l.kind == Kind::Tracker)
         {
-            match PeerMsg::parse(payload) {
+            match ReplMsg::parse(payload) {
                 Ok(msg) => {
                     self.replica.handle_msg(conn, msg, now);
                     self.pump_replica();
@@ -426,7 +426,7 @@ impl TrackerCore {
         while let Some(o) = self.replica.poll_output() {
             match o {
                 ReplicaOut::Dial(no) => self.out.push_back(Output::Dial(no)),
-                ReplicaOut::Send(conn, msg) => self.out.push_back(Output::SendPeer(conn, msg)),
+                ReplicaOut::Send(conn, msg) => self.out.push_back(Output::SendReplica(conn, msg)),
                 ReplicaOut::Close(conn) => {
                     self.links.remove(&conn);
                     self.out.push_back(Output::Close(conn));
@@ -633,7 +633,7 @@ impl TrackerCore {
                         Role::Tracker { no, incarnation } => {
                             link.kind = Kind::Tracker;
                             let opened = link.opened;
-                            self.set_max_frame(conn, MAX_TRACKER_PEER_FRAME);
+                            self.set_max_frame(conn, MAX_REPLICATION_FRAME);
                             self.replica.handle_accepted(
                                 conn,
                                 TrackerRef { no, incarnation },

@@ -987,7 +987,7 @@ fn tracker_hello_on_a_secure_link_is_accepted() {
     h.core.handle_secure(c);
     let outs = h.send(c, &tracker_hello(2));
     assert!(
-        outs.contains(&Output::SetMaxFrame(c, MAX_TRACKER_PEER_FRAME)),
+        outs.contains(&Output::SetMaxFrame(c, MAX_REPLICATION_FRAME)),
         "{outs:?}"
     );
     assert!(!outs.contains(&Output::Close(c)), "{outs:?}");

@@ -458,7 +458,7 @@ impl Driver {
                         }
                     }
                 }
-                Output::SendPeer(id, msg) => {
+                Output::SendReplica(id, msg) => {
                     if let Some(conn) = self.conns.get_mut(id) {
                         msg.emit(conn.out());
                         if !conn.data.dirty {

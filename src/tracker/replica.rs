@@ -10,7 +10,7 @@
 //!   accepts links at any time. Links are kept for life: of each pair the lower-numbered
 //!   tracker redials a lost link (50 ms, doubling to 1 s), and the higher one redials only a
 //!   tracker that may be up but does not answer (`unsure`, every second). Each side announces
-//!   its [`PeerStatus`] first and whenever it changes; quiet links carry a heartbeat every
+//!   its [`ReplStatus`] first and whenever it changes; quiet links carry a heartbeat every
 //!   [`HEARTBEAT_EVERY`], and a link silent for [`PEER_TIMEOUT`] (or closed: a killed
 //!   process's sockets close at once) is lost. Two links between the same pair (both dialed
 //!   at once) are cut to the one dialed by the lower number, and each side then repeats what
@@ -92,8 +92,8 @@ use log::{debug, error, info, warn};
 
 use super::state::{Answer, Entry, Op, Origin, TrackerRef, TrackerState};
 use crate::net::ConnId;
-use crate::wire::tracker_peer::{
-    Batch, Catchup, PeerMsg, PeerStatus, MAX_SNAPSHOT_LEN, SNAPSHOT_PART_LEN,
+use crate::wire::replication::{
+    Batch, Catchup, ReplMsg, ReplStatus, MAX_SNAPSHOT_LEN, SNAPSHOT_PART_LEN,
 };
 use crate::wire::PROTOCOL_VERSION;
 
@@ -125,7 +125,7 @@ const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 pub enum ReplicaOut {
     /// Open a link to tracker `no`; report `handle_dialed` or `handle_dial_failed`.
     Dial(u16),
-    Send(ConnId, PeerMsg),
+    Send(ConnId, ReplMsg),
     Close(ConnId),
     /// Entry `seq` was applied with this answer (answer the client once `seq` is committed).
     Applied {
@@ -177,7 +177,7 @@ struct Link {
     /// of a restarted tracker are newer than those of its earlier run, whatever order their
     /// hellos arrive in.
     opened: u64,
-    status: Option<PeerStatus>,
+    status: Option<ReplStatus>,
     last_heard: Instant,
     last_sent: Instant,
     /// Snapshot parts received so far.
@@ -321,15 +321,15 @@ fn impossible_view(view: u64) -> bool {
 }
 
 /// The view a tracker message names, if any.
-fn msg_view(msg: &PeerMsg) -> Option<u64> {
+fn msg_view(msg: &ReplMsg) -> Option<u64> {
     match msg {
-        PeerMsg::Status(PeerStatus::Serving { view, .. })
-        | PeerMsg::Batch(Batch { view, .. })
-        | PeerMsg::Ack { view, .. }
-        | PeerMsg::Commit { view, .. }
-        | PeerMsg::Takeover { view, .. }
-        | PeerMsg::TakeoverAck { view, .. }
-        | PeerMsg::Snapshot { view, .. } => Some(*view),
+        ReplMsg::Status(ReplStatus::Serving { view, .. })
+        | ReplMsg::Batch(Batch { view, .. })
+        | ReplMsg::Ack { view, .. }
+        | ReplMsg::Commit { view, .. }
+        | ReplMsg::Takeover { view, .. }
+        | ReplMsg::TakeoverAck { view, .. }
+        | ReplMsg::Snapshot { view, .. } => Some(*view),
         _ => None,
     }
 }
@@ -630,13 +630,13 @@ impl Replica {
         );
         self.send(
             link,
-            PeerMsg::Hello {
+            ReplMsg::Hello {
                 version: PROTOCOL_VERSION,
                 tracker: self.me,
             },
         );
         let status = self.status();
-        self.send(link, PeerMsg::Status(status));
+        self.send(link, ReplMsg::Status(status));
     }
 
     /// A tracker link is gone.
@@ -694,7 +694,7 @@ impl Replica {
         self.peer_lost(peer.no, now);
     }
 
-    pub fn handle_msg(&mut self, link: ConnId, msg: PeerMsg, now: Instant) {
+    pub fn handle_msg(&mut self, link: ConnId, msg: ReplMsg, now: Instant) {
         if self.observe(now) {
             return;
         }
@@ -705,7 +705,7 @@ impl Replica {
         let from = l.peer;
         let Some(from) = from else {
             match msg {
-                PeerMsg::Hello { version, tracker } if version == PROTOCOL_VERSION => {
+                ReplMsg::Hello { version, tracker } if version == PROTOCOL_VERSION => {
                     self.handle_hello(link, tracker, now)
                 }
                 other => {
@@ -727,29 +727,29 @@ impl Replica {
             }
         }
         match msg {
-            PeerMsg::Hello { .. } => {
+            ReplMsg::Hello { .. } => {
                 warn!("tracker {from}: second hello");
                 self.close(link, now);
             }
-            PeerMsg::Heartbeat => {}
-            PeerMsg::Status(status) => self.on_status(link, from, status, now),
-            PeerMsg::Forward { entries } => self.on_forward(entries),
-            PeerMsg::Batch(batch) => self.on_batch(link, from, batch, now),
-            PeerMsg::Ack { view, seq } => self.on_ack(from, view, seq),
-            PeerMsg::Commit { view, seq } => {
+            ReplMsg::Heartbeat => {}
+            ReplMsg::Status(status) => self.on_status(link, from, status, now),
+            ReplMsg::Forward { entries } => self.on_forward(entries),
+            ReplMsg::Batch(batch) => self.on_batch(link, from, batch, now),
+            ReplMsg::Ack { view, seq } => self.on_ack(from, view, seq),
+            ReplMsg::Commit { view, seq } => {
                 if view == self.claim.0 && from == self.claim.1 && seq > self.committed {
                     self.set_committed(seq.min(self.applied));
                 }
             }
-            PeerMsg::Takeover { view, applied } => self.on_takeover(link, from, view, applied, now),
-            PeerMsg::TakeoverAck {
+            ReplMsg::Takeover { view, applied } => self.on_takeover(link, from, view, applied, now),
+            ReplMsg::TakeoverAck {
                 view,
                 serving,
                 applied,
                 catchup,
             } => self.on_takeover_ack(link, from, view, serving, applied, catchup, now),
-            PeerMsg::JoinRequest => self.on_join_request(from),
-            PeerMsg::SnapshotPart { data } => {
+            ReplMsg::JoinRequest => self.on_join_request(from),
+            ReplMsg::SnapshotPart { data } => {
                 if let Some(l) = self.links.get_mut(&link) {
                     if (l.snapshot.len() + data.len()) as u64 > MAX_SNAPSHOT_LEN {
                         warn!("tracker {from}: snapshot too large");
@@ -759,7 +759,7 @@ impl Replica {
                     }
                 }
             }
-            PeerMsg::Snapshot { view, seq, len } => {
+            ReplMsg::Snapshot { view, seq, len } => {
                 self.on_snapshot(link, from, view, seq, len, now)
             }
         }
@@ -801,7 +801,7 @@ impl Replica {
             self.close(id, now);
         }
         for id in quiet {
-            self.send(id, PeerMsg::Heartbeat);
+            self.send(id, ReplMsg::Heartbeat);
             self.touch(id, now);
         }
         if self.role == Role::Starting
@@ -880,7 +880,7 @@ impl Replica {
 
     // ---- links ----
 
-    fn send(&mut self, link: ConnId, msg: PeerMsg) {
+    fn send(&mut self, link: ConnId, msg: ReplMsg) {
         self.out.push_back(ReplicaOut::Send(link, msg));
     }
 
@@ -890,7 +890,7 @@ impl Replica {
         }
     }
 
-    fn send_to(&mut self, no: u16, msg: PeerMsg) {
+    fn send_to(&mut self, no: u16, msg: ReplMsg) {
         if let Some(link) = self.peer_link.get(&no).copied() {
             self.send(link, msg);
         }
@@ -905,7 +905,7 @@ impl Replica {
                 .peer_link
                 .get(&self.claim.1)
                 .and_then(|link| self.links.get(link))
-                .is_some_and(|l| matches!(l.status, Some(PeerStatus::Serving { .. })))
+                .is_some_and(|l| matches!(l.status, Some(ReplStatus::Serving { .. })))
     }
 
     /// Whether the tracker of the claim this tracker follows still stands for it: linked and
@@ -918,25 +918,25 @@ impl Replica {
                 .peer_link
                 .get(&primary)
                 .and_then(|link| self.links.get(link))
-                .is_some_and(|l| l.status == Some(PeerStatus::Serving { view, primary }))
+                .is_some_and(|l| l.status == Some(ReplStatus::Serving { view, primary }))
     }
 
     fn broadcast_status(&mut self) {
         let status = self.status();
         let links: Vec<ConnId> = self.peer_link.values().copied().collect();
         for link in links {
-            self.send(link, PeerMsg::Status(status));
+            self.send(link, ReplMsg::Status(status));
         }
     }
 
-    fn status(&self) -> PeerStatus {
+    fn status(&self) -> ReplStatus {
         if self.is_serving() {
-            PeerStatus::Serving {
+            ReplStatus::Serving {
                 view: self.claim.0,
                 primary: self.claim.1,
             }
         } else {
-            PeerStatus::Starting {
+            ReplStatus::Starting {
                 view: self.accepted_view,
                 applied: self.applied,
             }
@@ -1044,20 +1044,20 @@ impl Replica {
             return;
         };
         let status = self.status();
-        self.send(link, PeerMsg::Status(status));
+        self.send(link, ReplMsg::Status(status));
         match self.role.clone() {
-            Role::Joining { primary } if primary == no => self.send(link, PeerMsg::JoinRequest),
+            Role::Joining { primary } if primary == no => self.send(link, ReplMsg::JoinRequest),
             Role::Primary if self.members.contains(&no) => {
                 if let Some(b) = self.last_batch.clone() {
                     let view = self.claim.0;
-                    self.send(link, PeerMsg::Batch(Batch { view, ..b }));
+                    self.send(link, ReplMsg::Batch(Batch { view, ..b }));
                 } else if self.in_flight.is_some() {
                     self.send_empty_batch(no);
                 }
             }
             Role::Taking { waiting } if waiting.contains(&no) => self.send(
                 link,
-                PeerMsg::Takeover {
+                ReplMsg::Takeover {
                     view: self.claim.0,
                     applied: self.applied,
                 },
@@ -1065,7 +1065,7 @@ impl Replica {
             Role::Backup if self.claim.1 == no => {
                 self.send(
                     link,
-                    PeerMsg::Ack {
+                    ReplMsg::Ack {
                         view: self.claim.0,
                         seq: self.applied,
                     },
@@ -1120,11 +1120,11 @@ impl Replica {
         }
     }
 
-    fn on_status(&mut self, link: ConnId, from: u16, status: PeerStatus, now: Instant) {
+    fn on_status(&mut self, link: ConnId, from: u16, status: ReplStatus, now: Instant) {
         if let Some(l) = self.links.get_mut(&link) {
             l.status = Some(status);
         }
-        if let PeerStatus::Serving { view, primary } = status {
+        if let ReplStatus::Serving { view, primary } = status {
             if primary == from && beats((view, primary), self.claim) {
                 // A primary whose takeover did not include this tracker: its state may be
                 // ahead of ours, so take its state.
@@ -1161,13 +1161,13 @@ impl Replica {
         for (no, link) in &self.peer_link {
             match self.links.get(link).and_then(|l| l.status) {
                 None => unknown = true,
-                Some(PeerStatus::Serving { view, primary }) => {
+                Some(ReplStatus::Serving { view, primary }) => {
                     serving = true;
                     if primary == *no {
                         primaries.push((view, primary));
                     }
                 }
-                Some(PeerStatus::Starting { view, applied }) => {
+                Some(ReplStatus::Starting { view, applied }) => {
                     any_starting = true;
                     let theirs = (view, applied);
                     ahead_starting |= theirs > mine || (theirs == mine && *no < self.me.no);
@@ -1244,7 +1244,7 @@ impl Replica {
                 l.snapshot.clear();
             }
         }
-        self.send_to(primary, PeerMsg::JoinRequest);
+        self.send_to(primary, ReplMsg::JoinRequest);
     }
 
     fn stop_serving(&mut self) {
@@ -1302,7 +1302,7 @@ impl Replica {
         for part in bytes.chunks(SNAPSHOT_PART_LEN) {
             self.send_to(
                 to,
-                PeerMsg::SnapshotPart {
+                ReplMsg::SnapshotPart {
                     data: part.to_vec(),
                 },
             );
@@ -1313,7 +1313,7 @@ impl Replica {
         );
         self.send_to(
             to,
-            PeerMsg::Snapshot {
+            ReplMsg::Snapshot {
                 view: self.claim.0,
                 seq: self.applied,
                 len,
@@ -1358,7 +1358,7 @@ impl Replica {
         self.role = Role::Backup;
         info!("caught up from tracker {from} at entry {seq} ({len} bytes); serving in view {view}");
         self.out.push_back(ReplicaOut::Serving(true));
-        self.send_to(from, PeerMsg::Ack { view, seq });
+        self.send_to(from, ReplMsg::Ack { view, seq });
         self.broadcast_status();
         self.release_held();
     }
@@ -1415,7 +1415,7 @@ impl Replica {
     fn forward(&mut self, entry: Entry) {
         self.send_to(
             self.claim.1,
-            PeerMsg::Forward {
+            ReplMsg::Forward {
                 entries: vec![entry.clone()],
             },
         );
@@ -1475,7 +1475,7 @@ impl Replica {
         }
         let entries: Vec<Entry> = self.forwarded.iter().cloned().collect();
         debug!("forwarding {} changes again", entries.len());
-        self.send_to(self.claim.1, PeerMsg::Forward { entries });
+        self.send_to(self.claim.1, ReplMsg::Forward { entries });
     }
 
     // ---- ordering ----
@@ -1585,7 +1585,7 @@ impl Replica {
             };
             let members: Vec<u16> = self.members.iter().copied().collect();
             for m in &members {
-                self.send_to(*m, PeerMsg::Batch(batch.clone()));
+                self.send_to(*m, ReplMsg::Batch(batch.clone()));
             }
             self.last_batch = Some(batch);
             self.in_flight = Some(InFlight {
@@ -1612,7 +1612,7 @@ impl Replica {
             for m in members {
                 self.send_to(
                     m,
-                    PeerMsg::Commit {
+                    ReplMsg::Commit {
                         view: self.claim.0,
                         seq,
                     },
@@ -1660,7 +1660,7 @@ impl Replica {
         self.last_batch = Some(batch);
         self.send(
             link,
-            PeerMsg::Ack {
+            ReplMsg::Ack {
                 view,
                 seq: self.applied,
             },
@@ -1679,7 +1679,7 @@ impl Replica {
         for (no, link) in &self.peer_link {
             let serving = matches!(
                 self.links.get(link).and_then(|l| l.status),
-                Some(PeerStatus::Serving { .. })
+                Some(ReplStatus::Serving { .. })
             );
             if serving && *no < lowest {
                 lowest = *no;
@@ -1710,7 +1710,7 @@ impl Replica {
         for no in &waiting {
             self.send_to(
                 *no,
-                PeerMsg::Takeover {
+                ReplMsg::Takeover {
                     view,
                     applied: self.applied,
                 },
@@ -1738,7 +1738,7 @@ impl Replica {
         if !self.is_serving() {
             self.send(
                 link,
-                PeerMsg::TakeoverAck {
+                ReplMsg::TakeoverAck {
                     view,
                     serving: false,
                     applied: 0,
@@ -1786,7 +1786,7 @@ impl Replica {
         };
         self.send(
             link,
-            PeerMsg::TakeoverAck {
+            ReplMsg::TakeoverAck {
                 view,
                 serving: true,
                 applied: self.applied,
@@ -1885,7 +1885,7 @@ impl Replica {
                 Some(b) => {
                     self.send_to(
                         m,
-                        PeerMsg::Batch(Batch {
+                        ReplMsg::Batch(Batch {
                             view: self.claim.0,
                             ..b.clone()
                         }),
@@ -1912,7 +1912,7 @@ impl Replica {
     fn send_empty_batch(&mut self, m: u16) {
         self.send_to(
             m,
-            PeerMsg::Batch(Batch {
+            ReplMsg::Batch(Batch {
                 view: self.claim.0,
                 first_seq: self.applied + 1,
                 entries: Vec::new(),

@@ -14,7 +14,7 @@
 //!   `handle_timeout`); events first at equal times, trackers by number.
 //! - **Links** behave like TCP connections: each direction is FIFO and every message arrives
 //!   after a random delay (never overtaking the one before). Bytes really go through the wire
-//!   codec: each `Output::Send`/`Output::SendPeer` is emitted, checked against the link's
+//!   codec: each `Output::Send`/`Output::SendReplica` is emitted, checked against the link's
 //!   largest frame and against a re-parse, and its payload (without the length prefix) handed
 //!   to the receiver, which parses it again. The receiving end's frame limit follows
 //!   `Output::SetMaxFrame` (1 KiB before a handshake, as in the drivers). A close reaches the
@@ -85,10 +85,10 @@ use crate::tracker::core::{Output, TrackerCore};
 use crate::tracker::password::{self, PasswordJob, PasswordResult};
 use crate::tracker::state::{Op, Sharer, TrackerRef, TrackerState};
 use crate::wire::frame::{LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_HANDSHAKE_FRAME};
+use crate::wire::replication::{ReplMsg, ReplStatus, MAX_REPLICATION_FRAME};
 use crate::wire::tracker_link::{
     ClientMsg, FileInfo, FileMeta, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
 };
-use crate::wire::tracker_peer::{PeerMsg, PeerStatus, MAX_TRACKER_PEER_FRAME};
 use crate::wire::{FileName, GroupId, Password, Sha1Digest, UserId, PIECE_LEN};
 
 // =============================================================================================
@@ -679,14 +679,14 @@ impl Cluster {
                     self.trace(|| format!("tracker {no} -> {conn}: {msg:?}"));
                     self.send_frame(conn, frame);
                 }
-                Output::SendPeer(conn, msg) => {
+                Output::SendReplica(conn, msg) => {
                     let mut frame = Vec::new();
                     msg.emit(&mut frame);
-                    let parsed = PeerMsg::parse(&frame[LEN_PREFIX..])
+                    let parsed = ReplMsg::parse(&frame[LEN_PREFIX..])
                         .unwrap_or_else(|e| panic!("tracker {no} sent {msg:?}: {e}"));
                     assert_eq!(parsed, msg, "a message to a tracker survives the wire");
                     self.trace(|| format!("tracker {no} -> {conn}: {}", short_peer_msg(&msg)));
-                    if matches!(msg, PeerMsg::SnapshotPart { .. }) {
+                    if matches!(msg, ReplMsg::SnapshotPart { .. }) {
                         self.stats.snapshot_parts += 1;
                     }
                     self.send_frame(conn, frame);
@@ -795,7 +795,7 @@ impl Cluster {
     fn open_silent_link(&mut self, a: Node, no: u16, incarnation: u64) -> (ConnId, ConnId) {
         let max_frame = match a {
             Node::Client(_) => MAX_CLIENT_TRACKER_FRAME,
-            Node::Tracker { .. } => MAX_TRACKER_PEER_FRAME,
+            Node::Tracker { .. } => MAX_REPLICATION_FRAME,
         };
         let (ca, cb) = self.open_link(a, Node::Tracker { no, incarnation }, max_frame);
         let e = &mut self.links.last_mut().unwrap().ends[1];
@@ -925,7 +925,7 @@ impl Cluster {
                             no: target,
                             incarnation: incarnation_t,
                         },
-                        MAX_TRACKER_PEER_FRAME,
+                        MAX_REPLICATION_FRAME,
                     );
                     self.deferred.push((
                         (self.now, 4, u64::from(target), ca.key as u64, 0),
@@ -946,7 +946,7 @@ impl Cluster {
                     let (ca, cb) = self.open_link(
                         Node::Tracker { no, incarnation },
                         target_node,
-                        MAX_TRACKER_PEER_FRAME,
+                        MAX_REPLICATION_FRAME,
                     );
                     self.trace(|| format!("tracker {no} linked to tracker {target} ({ca}/{cb})"));
                     if let Some(core) = self.tracker_mut(target, self.tracker(target).incarnation) {
@@ -1212,7 +1212,7 @@ impl Cluster {
     }
 
     /// Whether a message matching `what` is on its way from tracker `from` to tracker `to`.
-    fn queued(&self, from: u16, to: u16, what: impl Fn(&PeerMsg) -> bool) -> bool {
+    fn queued(&self, from: u16, to: u16, what: impl Fn(&ReplMsg) -> bool) -> bool {
         let is = |node: Node, no: u16| matches!(node, Node::Tracker { no: n, .. } if n == no);
         self.events.values().any(|e| match e {
             Event::Frame {
@@ -1223,7 +1223,7 @@ impl Cluster {
                 let ends = &self.links[*link].ends;
                 is(ends[*end].node, to)
                     && is(ends[1 - *end].node, from)
-                    && PeerMsg::parse(payload).is_ok_and(|m| what(&m))
+                    && ReplMsg::parse(payload).is_ok_and(|m| what(&m))
             }
             _ => false,
         })
@@ -1893,10 +1893,10 @@ fn count<T: PartialEq>(items: &[T], x: &T) -> usize {
 }
 
 /// A peer message for the trace, without snapshot bytes.
-fn short_peer_msg(msg: &PeerMsg) -> String {
+fn short_peer_msg(msg: &ReplMsg) -> String {
     match msg {
-        PeerMsg::SnapshotPart { data } => format!("SnapshotPart({} bytes)", data.len()),
-        PeerMsg::Batch(b) => format!(
+        ReplMsg::SnapshotPart { data } => format!("SnapshotPart({} bytes)", data.len()),
+        ReplMsg::Batch(b) => format!(
             "Batch(view {}, from {}, {} entries)",
             b.view,
             b.first_seq,
@@ -2067,7 +2067,7 @@ fn a_backup_crash_while_a_batch_is_in_flight_does_not_block_commits() {
         cl.queued(
             1,
             3,
-            |m| matches!(m, PeerMsg::Batch(b) if !b.entries.is_empty()),
+            |m| matches!(m, ReplMsg::Batch(b) if !b.entries.is_empty()),
         )
     };
     assert!(cl.run_until(1000, batch_to_3));
@@ -2352,7 +2352,7 @@ fn a_state_larger_than_a_snapshot_part_is_copied_in_parts() {
     }
     let mut bytes = Vec::new();
     cl.core(1).state().encode_snapshot(&mut bytes);
-    assert!(bytes.len() > crate::wire::tracker_peer::SNAPSHOT_PART_LEN);
+    assert!(bytes.len() > crate::wire::replication::SNAPSHOT_PART_LEN);
     cl.crash(2);
     cl.run_for(100);
     let parts = cl.stats.snapshot_parts;
@@ -2534,8 +2534,8 @@ fn a_joiner_whose_primary_dies_waits_for_the_tracker_holding_the_state() {
     cl.start(3);
     // Tracker 2's request for the state never reaches tracker 1, and the news that tracker 3
     // serves reaches tracker 2 only at the end.
-    let asks = |m: &PeerMsg| matches!(m, PeerMsg::JoinRequest);
-    let serves = |m: &PeerMsg| matches!(m, PeerMsg::Status(PeerStatus::Serving { .. }));
+    let asks = |m: &ReplMsg| matches!(m, ReplMsg::JoinRequest);
+    let serves = |m: &ReplMsg| matches!(m, ReplMsg::Status(ReplStatus::Serving { .. }));
     let (mut held_ask, mut held_news) = (false, false);
     while !(held_ask && held_news) {
         let due = |cl: &Cluster| {
@@ -2579,7 +2579,7 @@ fn changes_submitted_during_a_lost_takeover_go_to_the_winner() {
         cl.start(no);
     }
     // Tracker 3 does not hear that tracker 2 serves (so it will try to take over itself).
-    let serves = |m: &PeerMsg| matches!(m, PeerMsg::Status(PeerStatus::Serving { .. }));
+    let serves = |m: &ReplMsg| matches!(m, ReplMsg::Status(ReplStatus::Serving { .. }));
     assert!(cl.run_until(5000, |cl| cl.queued(2, 3, serves)));
     let news = cl.tracker_link(2, 3).unwrap();
     cl.pause(news);
@@ -2682,7 +2682,7 @@ fn a_request_waiting_on_two_links_of_a_client_is_answered_on_the_newer() {
     cl.cut(c);
     // The client resumes through tracker 2 again and asks again; the change is not
     // committed before tracker 2 reads the old link.
-    let retried = |m: &PeerMsg| matches!(m, PeerMsg::Batch(b) if b.entries.iter().any(|e| matches!(e.op, Op::CreateGroup { .. })));
+    let retried = |m: &ReplMsg| matches!(m, ReplMsg::Batch(b) if b.entries.iter().any(|e| matches!(e.op, Op::CreateGroup { .. })));
     assert!(cl.run_until(2000, |cl| cl.queued(2, 1, retried)));
     let acks = cl.tracker_link(1, 2).unwrap();
     cl.pause(acks);

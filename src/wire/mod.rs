@@ -14,8 +14,8 @@ pub mod frame;
 pub mod ids;
 pub mod ops;
 pub mod peer_link;
+pub mod replication;
 pub mod tracker_link;
-pub mod tracker_peer;
 
 pub use codec::DecodeError;
 pub use ids::{FileName, GroupId, IdError, Password, Sha1Digest, UserId};

@@ -1,6 +1,6 @@
 //! The changes replicated among trackers ([`Op`], in an [`Entry`] with the client request it
 //! came from) and the ids they carry. They are the vocabulary of `tracker::state` (which
-//! applies them) and are encoded by [`tracker_peer`](super::tracker_peer); they live here, in
+//! applies them) and are encoded by [`replication`](super::replication); they live here, in
 //! `wire`, so that the wire format depends on nothing outside `wire` (and `bitfield`), and the
 //! tracker depends on the wire format, never the other way round. Plain data: no logic, no
 //! IO.

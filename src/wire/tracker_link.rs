@@ -29,7 +29,7 @@ pub enum Role {
     /// through another tracker is recognised by this id and the request id.
     Client { client: u64 },
     /// Another tracker (its number in the tracker file and the random id of this run of it);
-    /// the rest of the link speaks the tracker-to-tracker messages (`wire::tracker_peer`).
+    /// the rest of the link speaks the tracker-to-tracker messages (`wire::replication`).
     Tracker { no: u16, incarnation: u64 },
 }
 
@@ -123,7 +123,7 @@ impl FileMeta {
             && self.piece_hashes == other.piece_hashes
     }
 
-    /// Reads the layout above (also used by `tracker_peer` and the state snapshot).
+    /// Reads the layout above (also used by `replication` and the state snapshot).
     pub(crate) fn parse(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let name = file_name(r)?;
         let size = r.u64()?;

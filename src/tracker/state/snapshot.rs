@@ -1,5 +1,5 @@
 //! The snapshot of a [`TrackerState`]: every field, in one self-contained byte string that a
-//! tracker copies to another (in `PeerMsg::SnapshotPart`s) when that one joins or falls behind.
+//! tracker copies to another (in `ReplMsg::SnapshotPart`s) when that one joins or falls behind.
 //!
 //! The index maps (`session_of_user`, `session_of_client`, `answers_by_use`) are not written:
 //! decoding rebuilds them from the primary data, after checking that the data can back them: no
@@ -14,7 +14,7 @@
 //! is canonical (maps in ascending key order, which decoding enforces), so a snapshot that
 //! decodes re-encodes to the same bytes.
 //!
-//! Layout, big-endian, with the field types of `wire::tracker_peer`:
+//! Layout, big-endian, with the field types of `wire::replication`:
 //!
 //! ```text
 //! u32 version (1)
@@ -45,8 +45,8 @@ use super::{
     TrackerState, User, MAX_ANSWERS_PER_CLIENT, MAX_REMEMBERED_CLIENTS,
 };
 use crate::wire::codec::*;
+use crate::wire::replication::{group_id, put_tracker_ref, pw_hash, tracker_ref, user_id};
 use crate::wire::tracker_link::{FileMeta, RejectCode};
-use crate::wire::tracker_peer::{group_id, put_tracker_ref, pw_hash, tracker_ref, user_id};
 use crate::wire::UserId;
 
 /// The snapshot format this build writes and reads.

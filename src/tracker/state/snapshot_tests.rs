@@ -979,7 +979,7 @@ fn bad_fields_are_refused() {
     st.users.insert(
         uid("a"),
         User {
-            pw_hash: "h".repeat(crate::wire::tracker_peer::MAX_PW_HASH_LEN + 1),
+            pw_hash: "h".repeat(crate::wire::replication::MAX_PW_HASH_LEN + 1),
         },
     );
     assert_eq!(

@@ -1,11 +1,13 @@
-//! Messages of the tracker-to-tracker link.
+//! Messages of the replication link: trackers talking to trackers. (Clients talk to clients
+//! over peer links, `wire::peer_link`; a client talks to a tracker over the tracker link,
+//! `wire::tracker_link`.)
 //!
 //! A tracker dials every other tracker of the file when it starts and accepts links from them
 //! at any time, on the same port clients use. The dialing side opens with the client-link
 //! handshake frame in its tracker form (`ClientMsg::Hello` with `Role::Tracker`); the accepting
-//! side answers with [`PeerMsg::Hello`], which has the same layout. After that both sides send
-//! [`PeerMsg`]s, the first of them a [`PeerMsg::Status`]. Frames are at most
-//! [`MAX_TRACKER_PEER_FRAME`] bytes; the replication protocol that uses them is described in
+//! side answers with [`ReplMsg::Hello`], which has the same layout. After that both sides send
+//! [`ReplMsg`]s, the first of them a [`ReplMsg::Status`]. Frames are at most
+//! [`MAX_REPLICATION_FRAME`] bytes; the replication protocol that uses them is described in
 //! `tracker::replica`.
 //!
 //! Same contract as the rest of `wire`: `parse` never panics and is a [`DecodeError`] on any
@@ -27,7 +29,8 @@
 //!
 //! Frames (after `u32 length | u8 type`):
 //! - `0x01` Hello: `u32 magic | u16 version | u8 role (2) | tracker_ref`
-//! - `0x40` Status: `u8 serving (0|1) | (u64 view | u16 primary)?`
+//! - `0x40` Status: `u8 serving (0|1) | u64 view | (u16 primary if serving, else u64
+//!   applied)`
 //! - `0x41` Heartbeat: no fields
 //! - `0x42` Forward: `u32 n | entry * n`
 //! - `0x43` Batch: `batch`
@@ -48,8 +51,8 @@ use super::PROTOCOL_MAGIC;
 
 /// Largest frame on a tracker-to-tracker link: one forwarded `upload_file` entry can be as large
 /// as a client frame (16 MiB), plus room for the batch around it.
-pub const MAX_TRACKER_PEER_FRAME: usize = 32 * 1024 * 1024;
-/// Bytes of snapshot carried per [`PeerMsg::SnapshotPart`].
+pub const MAX_REPLICATION_FRAME: usize = 32 * 1024 * 1024;
+/// Bytes of snapshot carried per [`ReplMsg::SnapshotPart`].
 pub const SNAPSHOT_PART_LEN: usize = 4 * 1024 * 1024;
 /// Largest snapshot a tracker accepts (sum of its parts).
 pub const MAX_SNAPSHOT_LEN: u64 = 4 * 1024 * 1024 * 1024;
@@ -58,7 +61,7 @@ pub const MAX_PW_HASH_LEN: usize = 512;
 
 /// What a tracker says about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeerStatus {
+pub enum ReplStatus {
     /// Not serving clients: starting, or copying the state. `view` and `applied` place the
     /// state it holds: the view in which it last accepted entries (or a state), and how many
     /// entries it has applied. Among trackers that find nobody serving, the one whose state is
@@ -89,13 +92,13 @@ pub enum Catchup {
 
 /// Tracker to tracker.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerMsg {
+pub enum ReplMsg {
     /// `0x01`: `u32 magic | u16 version | u8 role (2) | u16 tracker_no | u64 incarnation`: the
     /// accepting side's answer to a tracker's handshake.
     Hello { version: u16, tracker: TrackerRef },
-    /// `0x40`: `u8 serving | (u64 view | u16 primary)?`: the sender's status, sent first and
-    /// whenever it changes.
-    Status(PeerStatus),
+    /// `0x40`: `u8 serving | u64 view | (u16 primary | u64 applied)`: the sender's status,
+    /// sent first and whenever it changes.
+    Status(ReplStatus),
     /// `0x41`: no fields; sent when a link has been quiet for a while.
     Heartbeat,
     /// `0x42`: `u32 n | entry * n`: changes a backup's clients asked for, for the primary to
@@ -444,7 +447,7 @@ impl Batch {
     }
 }
 
-impl PeerMsg {
+impl ReplMsg {
     /// Parses a frame payload (type byte + body).
     pub fn parse(payload: &[u8]) -> Result<Self, DecodeError> {
         let (frame_type, body) = frame::split(payload)?;
@@ -459,36 +462,36 @@ impl PeerMsg {
                 if r.u8()? != ROLE_TRACKER {
                     return Err(DecodeError::BadValue("role"));
                 }
-                PeerMsg::Hello {
+                ReplMsg::Hello {
                     version,
                     tracker: tracker_ref(&mut r)?,
                 }
             }
-            ty::STATUS => PeerMsg::Status(if r.bool()? {
-                PeerStatus::Serving {
+            ty::STATUS => ReplMsg::Status(if r.bool()? {
+                ReplStatus::Serving {
                     view: r.u64()?,
                     primary: r.u16()?,
                 }
             } else {
-                PeerStatus::Starting {
+                ReplStatus::Starting {
                     view: r.u64()?,
                     applied: r.u64()?,
                 }
             }),
-            ty::HEARTBEAT => PeerMsg::Heartbeat,
-            ty::FORWARD => PeerMsg::Forward {
+            ty::HEARTBEAT => ReplMsg::Heartbeat,
+            ty::FORWARD => ReplMsg::Forward {
                 entries: entries(&mut r)?,
             },
-            ty::BATCH => PeerMsg::Batch(Batch::parse(&mut r)?),
-            ty::ACK => PeerMsg::Ack {
+            ty::BATCH => ReplMsg::Batch(Batch::parse(&mut r)?),
+            ty::ACK => ReplMsg::Ack {
                 view: r.u64()?,
                 seq: r.u64()?,
             },
-            ty::COMMIT => PeerMsg::Commit {
+            ty::COMMIT => ReplMsg::Commit {
                 view: r.u64()?,
                 seq: r.u64()?,
             },
-            ty::TAKEOVER => PeerMsg::Takeover {
+            ty::TAKEOVER => ReplMsg::Takeover {
                 view: r.u64()?,
                 applied: r.u64()?,
             },
@@ -502,20 +505,20 @@ impl PeerMsg {
                     CATCHUP_SNAPSHOT => Catchup::Snapshot,
                     _ => return Err(DecodeError::BadValue("catchup kind")),
                 };
-                PeerMsg::TakeoverAck {
+                ReplMsg::TakeoverAck {
                     view,
                     serving,
                     applied,
                     catchup,
                 }
             }
-            ty::JOIN_REQUEST => PeerMsg::JoinRequest,
+            ty::JOIN_REQUEST => ReplMsg::JoinRequest,
             ty::SNAPSHOT_PART => {
                 let len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
                 if len > SNAPSHOT_PART_LEN {
                     return Err(DecodeError::BadValue("snapshot part too long"));
                 }
-                PeerMsg::SnapshotPart {
+                ReplMsg::SnapshotPart {
                     data: r.bytes(len)?.to_vec(),
                 }
             }
@@ -526,7 +529,7 @@ impl PeerMsg {
                 if len > MAX_SNAPSHOT_LEN {
                     return Err(DecodeError::BadValue("snapshot too long"));
                 }
-                PeerMsg::Snapshot { view, seq, len }
+                ReplMsg::Snapshot { view, seq, len }
             }
             other => return Err(DecodeError::UnknownType(other)),
         };
@@ -541,49 +544,49 @@ impl PeerMsg {
     /// `Snapshot::len`): senders split the snapshot into parts of at most that size.
     pub fn emit(&self, out: &mut Vec<u8>) {
         let frame_type = match self {
-            PeerMsg::Hello { .. } => ty::HELLO,
-            PeerMsg::Status(_) => ty::STATUS,
-            PeerMsg::Heartbeat => ty::HEARTBEAT,
-            PeerMsg::Forward { .. } => ty::FORWARD,
-            PeerMsg::Batch(_) => ty::BATCH,
-            PeerMsg::Ack { .. } => ty::ACK,
-            PeerMsg::Commit { .. } => ty::COMMIT,
-            PeerMsg::Takeover { .. } => ty::TAKEOVER,
-            PeerMsg::TakeoverAck { .. } => ty::TAKEOVER_ACK,
-            PeerMsg::JoinRequest => ty::JOIN_REQUEST,
-            PeerMsg::SnapshotPart { .. } => ty::SNAPSHOT_PART,
-            PeerMsg::Snapshot { .. } => ty::SNAPSHOT,
+            ReplMsg::Hello { .. } => ty::HELLO,
+            ReplMsg::Status(_) => ty::STATUS,
+            ReplMsg::Heartbeat => ty::HEARTBEAT,
+            ReplMsg::Forward { .. } => ty::FORWARD,
+            ReplMsg::Batch(_) => ty::BATCH,
+            ReplMsg::Ack { .. } => ty::ACK,
+            ReplMsg::Commit { .. } => ty::COMMIT,
+            ReplMsg::Takeover { .. } => ty::TAKEOVER,
+            ReplMsg::TakeoverAck { .. } => ty::TAKEOVER_ACK,
+            ReplMsg::JoinRequest => ty::JOIN_REQUEST,
+            ReplMsg::SnapshotPart { .. } => ty::SNAPSHOT_PART,
+            ReplMsg::Snapshot { .. } => ty::SNAPSHOT,
         };
         let start = frame::begin(out, frame_type);
         match self {
-            PeerMsg::Hello { version, tracker } => {
+            ReplMsg::Hello { version, tracker } => {
                 put_u32(out, PROTOCOL_MAGIC);
                 put_u16(out, *version);
                 put_u8(out, ROLE_TRACKER);
                 put_tracker_ref(out, tracker);
             }
-            PeerMsg::Status(PeerStatus::Starting { view, applied }) => {
+            ReplMsg::Status(ReplStatus::Starting { view, applied }) => {
                 put_bool(out, false);
                 put_u64(out, *view);
                 put_u64(out, *applied);
             }
-            PeerMsg::Status(PeerStatus::Serving { view, primary }) => {
+            ReplMsg::Status(ReplStatus::Serving { view, primary }) => {
                 put_bool(out, true);
                 put_u64(out, *view);
                 put_u16(out, *primary);
             }
-            PeerMsg::Heartbeat | PeerMsg::JoinRequest => {}
-            PeerMsg::Forward { entries } => put_entries(out, entries),
-            PeerMsg::Batch(batch) => batch.emit(out),
-            PeerMsg::Ack { view, seq } | PeerMsg::Commit { view, seq } => {
+            ReplMsg::Heartbeat | ReplMsg::JoinRequest => {}
+            ReplMsg::Forward { entries } => put_entries(out, entries),
+            ReplMsg::Batch(batch) => batch.emit(out),
+            ReplMsg::Ack { view, seq } | ReplMsg::Commit { view, seq } => {
                 put_u64(out, *view);
                 put_u64(out, *seq);
             }
-            PeerMsg::Takeover { view, applied } => {
+            ReplMsg::Takeover { view, applied } => {
                 put_u64(out, *view);
                 put_u64(out, *applied);
             }
-            PeerMsg::TakeoverAck {
+            ReplMsg::TakeoverAck {
                 view,
                 serving,
                 applied,
@@ -601,12 +604,12 @@ impl PeerMsg {
                     Catchup::Snapshot => put_u8(out, CATCHUP_SNAPSHOT),
                 }
             }
-            PeerMsg::SnapshotPart { data } => {
+            ReplMsg::SnapshotPart { data } => {
                 let data = data.get(..SNAPSHOT_PART_LEN).unwrap_or(data);
                 put_count(out, data.len());
                 out.extend_from_slice(data);
             }
-            PeerMsg::Snapshot { view, seq, len } => {
+            ReplMsg::Snapshot { view, seq, len } => {
                 put_u64(out, *view);
                 put_u64(out, *seq);
                 put_u64(out, *len);
@@ -617,5 +620,5 @@ impl PeerMsg {
 }
 
 #[cfg(test)]
-#[path = "tracker_peer_tests.rs"]
+#[path = "replication_tests.rs"]
 mod tests;

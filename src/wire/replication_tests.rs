@@ -35,7 +35,7 @@ fn meta(name: &str, size: u64, piece_len: u32) -> FileMeta {
     }
 }
 
-fn emit(m: &PeerMsg) -> Vec<u8> {
+fn emit(m: &ReplMsg) -> Vec<u8> {
     let mut out = Vec::new();
     m.emit(&mut out);
     out
@@ -100,25 +100,25 @@ fn op_variant(op: &Op) -> usize {
 }
 const OP_VARIANTS: usize = 13;
 
-fn msg_variant(m: &PeerMsg) -> usize {
+fn msg_variant(m: &ReplMsg) -> usize {
     match m {
-        PeerMsg::Hello { .. } => 0,
-        PeerMsg::Status(PeerStatus::Starting { .. }) => 1,
-        PeerMsg::Status(PeerStatus::Serving { .. }) => 2,
-        PeerMsg::Heartbeat => 3,
-        PeerMsg::Forward { .. } => 4,
-        PeerMsg::Batch(_) => 5,
-        PeerMsg::Ack { .. } => 6,
-        PeerMsg::Commit { .. } => 7,
-        PeerMsg::Takeover { .. } => 8,
-        PeerMsg::TakeoverAck { catchup, .. } => match catchup {
+        ReplMsg::Hello { .. } => 0,
+        ReplMsg::Status(ReplStatus::Starting { .. }) => 1,
+        ReplMsg::Status(ReplStatus::Serving { .. }) => 2,
+        ReplMsg::Heartbeat => 3,
+        ReplMsg::Forward { .. } => 4,
+        ReplMsg::Batch(_) => 5,
+        ReplMsg::Ack { .. } => 6,
+        ReplMsg::Commit { .. } => 7,
+        ReplMsg::Takeover { .. } => 8,
+        ReplMsg::TakeoverAck { catchup, .. } => match catchup {
             Catchup::None => 9,
             Catchup::Batch(_) => 10,
             Catchup::Snapshot => 11,
         },
-        PeerMsg::JoinRequest => 12,
-        PeerMsg::SnapshotPart { .. } => 13,
-        PeerMsg::Snapshot { .. } => 14,
+        ReplMsg::JoinRequest => 12,
+        ReplMsg::SnapshotPart { .. } => 13,
+        ReplMsg::Snapshot { .. } => 14,
     }
 }
 const MSG_VARIANTS: usize = 15;
@@ -247,82 +247,82 @@ fn sample_batch() -> Batch {
     }
 }
 
-fn sample_msgs() -> Vec<PeerMsg> {
+fn sample_msgs() -> Vec<ReplMsg> {
     vec![
-        PeerMsg::Hello {
+        ReplMsg::Hello {
             version: PROTOCOL_VERSION,
             tracker: tref(1, 0xdead_beef),
         },
-        PeerMsg::Hello {
+        ReplMsg::Hello {
             version: u16::MAX,
             tracker: tref(u16::MAX, u64::MAX),
         },
-        PeerMsg::Status(PeerStatus::Starting {
+        ReplMsg::Status(ReplStatus::Starting {
             view: 0,
             applied: 0,
         }),
-        PeerMsg::Status(PeerStatus::Starting {
+        ReplMsg::Status(ReplStatus::Starting {
             view: u64::MAX,
             applied: u64::MAX,
         }),
-        PeerMsg::Status(PeerStatus::Serving {
+        ReplMsg::Status(ReplStatus::Serving {
             view: 0,
             primary: 1,
         }),
-        PeerMsg::Status(PeerStatus::Serving {
+        ReplMsg::Status(ReplStatus::Serving {
             view: u64::MAX,
             primary: u16::MAX,
         }),
-        PeerMsg::Heartbeat,
-        PeerMsg::Forward { entries: vec![] },
-        PeerMsg::Forward {
+        ReplMsg::Heartbeat,
+        ReplMsg::Forward { entries: vec![] },
+        ReplMsg::Forward {
             entries: sample_entries(),
         },
-        PeerMsg::Batch(Batch {
+        ReplMsg::Batch(Batch {
             view: 0,
             first_seq: 0,
             entries: vec![],
         }),
-        PeerMsg::Batch(sample_batch()),
-        PeerMsg::Ack { view: 1, seq: 2 },
-        PeerMsg::Ack {
+        ReplMsg::Batch(sample_batch()),
+        ReplMsg::Ack { view: 1, seq: 2 },
+        ReplMsg::Ack {
             view: u64::MAX,
             seq: u64::MAX,
         },
-        PeerMsg::Commit { view: 3, seq: 4 },
-        PeerMsg::Takeover {
+        ReplMsg::Commit { view: 3, seq: 4 },
+        ReplMsg::Takeover {
             view: 5,
             applied: 6,
         },
-        PeerMsg::TakeoverAck {
+        ReplMsg::TakeoverAck {
             view: 7,
             serving: true,
             applied: 8,
             catchup: Catchup::None,
         },
-        PeerMsg::TakeoverAck {
+        ReplMsg::TakeoverAck {
             view: 7,
             serving: false,
             applied: 9,
             catchup: Catchup::Batch(sample_batch()),
         },
-        PeerMsg::TakeoverAck {
+        ReplMsg::TakeoverAck {
             view: 7,
             serving: false,
             applied: 0,
             catchup: Catchup::Snapshot,
         },
-        PeerMsg::JoinRequest,
-        PeerMsg::SnapshotPart { data: vec![] },
-        PeerMsg::SnapshotPart {
+        ReplMsg::JoinRequest,
+        ReplMsg::SnapshotPart { data: vec![] },
+        ReplMsg::SnapshotPart {
             data: (0..=255).collect(),
         },
-        PeerMsg::Snapshot {
+        ReplMsg::Snapshot {
             view: 1,
             seq: 2,
             len: 0,
         },
-        PeerMsg::Snapshot {
+        ReplMsg::Snapshot {
             view: u64::MAX,
             seq: u64::MAX,
             len: MAX_SNAPSHOT_LEN,
@@ -499,38 +499,38 @@ fn rand_batch(rng: &mut Rng) -> Batch {
     }
 }
 
-fn rand_msg(rng: &mut Rng) -> PeerMsg {
+fn rand_msg(rng: &mut Rng) -> ReplMsg {
     match rng.below(MSG_VARIANTS) {
-        0 => PeerMsg::Hello {
+        0 => ReplMsg::Hello {
             version: rng.next_u64() as u16,
             tracker: rand_tref(rng),
         },
-        1 => PeerMsg::Status(PeerStatus::Starting {
+        1 => ReplMsg::Status(ReplStatus::Starting {
             view: rng.next_u64(),
             applied: rng.next_u64(),
         }),
-        2 => PeerMsg::Status(PeerStatus::Serving {
+        2 => ReplMsg::Status(ReplStatus::Serving {
             view: rng.next_u64(),
             primary: rng.next_u64() as u16,
         }),
-        3 => PeerMsg::Heartbeat,
-        4 => PeerMsg::Forward {
+        3 => ReplMsg::Heartbeat,
+        4 => ReplMsg::Forward {
             entries: rand_entries(rng),
         },
-        5 => PeerMsg::Batch(rand_batch(rng)),
-        6 => PeerMsg::Ack {
+        5 => ReplMsg::Batch(rand_batch(rng)),
+        6 => ReplMsg::Ack {
             view: rng.next_u64(),
             seq: rng.next_u64(),
         },
-        7 => PeerMsg::Commit {
+        7 => ReplMsg::Commit {
             view: rng.next_u64(),
             seq: rng.next_u64(),
         },
-        8 => PeerMsg::Takeover {
+        8 => ReplMsg::Takeover {
             view: rng.next_u64(),
             applied: rng.next_u64(),
         },
-        9..=11 => PeerMsg::TakeoverAck {
+        9..=11 => ReplMsg::TakeoverAck {
             view: rng.next_u64(),
             serving: rng.percent(50),
             applied: rng.next_u64(),
@@ -540,13 +540,13 @@ fn rand_msg(rng: &mut Rng) -> PeerMsg {
                 _ => Catchup::Snapshot,
             },
         },
-        12 => PeerMsg::JoinRequest,
+        12 => ReplMsg::JoinRequest,
         13 => {
             let mut data = vec![0u8; rng.below(64)];
             rng.fill(&mut data);
-            PeerMsg::SnapshotPart { data }
+            ReplMsg::SnapshotPart { data }
         }
-        _ => PeerMsg::Snapshot {
+        _ => ReplMsg::Snapshot {
             view: rng.next_u64(),
             seq: rng.next_u64(),
             len: rng.next_u64() % (MAX_SNAPSHOT_LEN + 1),
@@ -570,15 +570,15 @@ fn valid_payloads(rng: &mut Rng, n_random: usize) -> Vec<Vec<u8>> {
 // 1. Golden bytes
 // ---------------------------------------------------------------------------------------------
 
-fn golden(m: PeerMsg, want: &[u8]) {
+fn golden(m: ReplMsg, want: &[u8]) {
     assert_eq!(emit(&m), want, "emit of {m:?}");
-    assert_eq!(PeerMsg::parse(&want[4..]), Ok(m));
+    assert_eq!(ReplMsg::parse(&want[4..]), Ok(m));
 }
 
 #[test]
 fn golden_hello() {
     golden(
-        PeerMsg::Hello {
+        ReplMsg::Hello {
             version: 2,
             tracker: tref(3, 0x0102_0304_0506_0708),
         },
@@ -596,7 +596,7 @@ fn golden_hello() {
 #[test]
 fn golden_status_heartbeat_join_request() {
     golden(
-        PeerMsg::Status(PeerStatus::Starting {
+        ReplMsg::Status(ReplStatus::Starting {
             view: 3,
             applied: 0x0102,
         }),
@@ -607,14 +607,14 @@ fn golden_status_heartbeat_join_request() {
         ],
     );
     golden(
-        PeerMsg::Status(PeerStatus::Serving {
+        ReplMsg::Status(ReplStatus::Serving {
             view: 5,
             primary: 2,
         }),
         &[0, 0, 0, 12, 0x40, 1, 0, 0, 0, 0, 0, 0, 0, 5, 0, 2],
     );
-    golden(PeerMsg::Heartbeat, &[0, 0, 0, 1, 0x41]);
-    golden(PeerMsg::JoinRequest, &[0, 0, 0, 1, 0x48]);
+    golden(ReplMsg::Heartbeat, &[0, 0, 0, 1, 0x41]);
+    golden(ReplMsg::JoinRequest, &[0, 0, 0, 1, 0x48]);
 }
 
 #[test]
@@ -623,21 +623,21 @@ fn golden_two_u64_messages() {
     for (ty, m) in [
         (
             0x44,
-            PeerMsg::Ack {
+            ReplMsg::Ack {
                 view: 1,
                 seq: 0x0203,
             },
         ),
         (
             0x45,
-            PeerMsg::Commit {
+            ReplMsg::Commit {
                 view: 1,
                 seq: 0x0203,
             },
         ),
         (
             0x46,
-            PeerMsg::Takeover {
+            ReplMsg::Takeover {
                 view: 1,
                 applied: 0x0203,
             },
@@ -646,7 +646,7 @@ fn golden_two_u64_messages() {
         golden(m, &cat(&[&[0, 0, 0, 17, ty], &body]));
     }
     golden(
-        PeerMsg::Snapshot {
+        ReplMsg::Snapshot {
             view: 1,
             seq: 2,
             len: 3,
@@ -663,7 +663,7 @@ fn golden_two_u64_messages() {
 #[test]
 fn golden_forward_create_user_with_origin() {
     golden(
-        PeerMsg::Forward {
+        ReplMsg::Forward {
             entries: vec![Entry {
                 origin: Some(Origin {
                     client: 7,
@@ -691,7 +691,7 @@ fn golden_forward_create_user_with_origin() {
 #[test]
 fn golden_batch_without_origins() {
     golden(
-        PeerMsg::Batch(Batch {
+        ReplMsg::Batch(Batch {
             view: 2,
             first_seq: 10,
             entries: vec![
@@ -727,7 +727,7 @@ fn golden_batch_without_origins() {
 #[test]
 fn golden_takeover_ack_and_snapshot_part() {
     golden(
-        PeerMsg::TakeoverAck {
+        ReplMsg::TakeoverAck {
             view: 3,
             serving: true,
             applied: 4,
@@ -742,7 +742,7 @@ fn golden_takeover_ack_and_snapshot_part() {
         ]),
     );
     golden(
-        PeerMsg::TakeoverAck {
+        ReplMsg::TakeoverAck {
             view: 3,
             serving: false,
             applied: 4,
@@ -764,7 +764,7 @@ fn golden_takeover_ack_and_snapshot_part() {
         ]),
     );
     golden(
-        PeerMsg::SnapshotPart {
+        ReplMsg::SnapshotPart {
             data: vec![0xde, 0xad],
         },
         &[0, 0, 0, 7, 0x49, 0, 0, 0, 2, 0xde, 0xad],
@@ -907,7 +907,7 @@ fn golden_ops() {
 #[test]
 fn hello_has_the_layout_of_the_client_link_tracker_handshake() {
     let tracker = tref(4, 0xabcd);
-    let peer = emit(&PeerMsg::Hello {
+    let peer = emit(&ReplMsg::Hello {
         version: PROTOCOL_VERSION,
         tracker,
     });
@@ -936,8 +936,8 @@ fn hello_has_the_layout_of_the_client_link_tracker_handshake() {
 #[test]
 fn emit_appends_without_touching_what_is_there() {
     let mut out = vec![0xee, 0xee];
-    PeerMsg::Heartbeat.emit(&mut out);
-    PeerMsg::JoinRequest.emit(&mut out);
+    ReplMsg::Heartbeat.emit(&mut out);
+    ReplMsg::JoinRequest.emit(&mut out);
     assert_eq!(out, [0xee, 0xee, 0, 0, 0, 1, 0x41, 0, 0, 0, 1, 0x48]);
 }
 
@@ -963,8 +963,8 @@ fn samples_cover_every_variant() {
 fn round_trip_sample_messages() {
     for m in sample_msgs() {
         let frame = emit(&m);
-        assert!(payload(&frame).len() <= MAX_TRACKER_PEER_FRAME);
-        assert_eq!(PeerMsg::parse(payload(&frame)), Ok(m));
+        assert!(payload(&frame).len() <= MAX_REPLICATION_FRAME);
+        assert_eq!(ReplMsg::parse(payload(&frame)), Ok(m));
     }
 }
 
@@ -979,8 +979,8 @@ fn round_trip_every_op_with_and_without_origin() {
         assert_eq!(&bytes[head..], &op[..], "{e:?}");
         assert_eq!(bytes[0], u8::from(e.origin.is_some()));
         // And each one travels alone in a Forward.
-        let m = PeerMsg::Forward { entries: vec![e] };
-        assert_eq!(PeerMsg::parse(payload(&emit(&m))), Ok(m));
+        let m = ReplMsg::Forward { entries: vec![e] };
+        assert_eq!(ReplMsg::parse(payload(&emit(&m))), Ok(m));
     }
 }
 
@@ -1007,7 +1007,7 @@ fn round_trip_random() {
         let m = rand_msg(&mut rng);
         seen_msgs[msg_variant(&m)] += 1;
         let frame = emit(&m);
-        assert_eq!(PeerMsg::parse(payload(&frame)).as_ref(), Ok(&m));
+        assert_eq!(ReplMsg::parse(payload(&frame)).as_ref(), Ok(&m));
         let e = rand_entry(&mut rng);
         seen_ops[op_variant(&e.op)] += 1;
         assert_eq!(decode_entry_all(&entry_bytes(&e)), Ok(e));
@@ -1035,31 +1035,31 @@ fn largest_forwarded_upload_fits_the_frame_limit() {
             meta: m,
         },
     };
-    let frame = emit(&PeerMsg::Batch(Batch {
+    let frame = emit(&ReplMsg::Batch(Batch {
         view: 1,
         first_seq: 1,
         entries: vec![entry],
     }));
-    assert!(payload(&frame).len() <= MAX_TRACKER_PEER_FRAME);
-    assert!(PeerMsg::parse(payload(&frame)).is_ok());
+    assert!(payload(&frame).len() <= MAX_REPLICATION_FRAME);
+    assert!(ReplMsg::parse(payload(&frame)).is_ok());
 }
 
 #[test]
 fn over_long_snapshot_part_is_cut_to_the_limit() {
     let data: Vec<u8> = (0..SNAPSHOT_PART_LEN + 10).map(|i| i as u8).collect();
-    let frame = emit(&PeerMsg::SnapshotPart { data: data.clone() });
-    match PeerMsg::parse(payload(&frame)) {
-        Ok(PeerMsg::SnapshotPart { data: got }) => {
+    let frame = emit(&ReplMsg::SnapshotPart { data: data.clone() });
+    match ReplMsg::parse(payload(&frame)) {
+        Ok(ReplMsg::SnapshotPart { data: got }) => {
             assert_eq!(got.len(), SNAPSHOT_PART_LEN);
             assert_eq!(got[..], data[..SNAPSHOT_PART_LEN]);
         }
         other => panic!("unexpected {:?}", other.map(|_| ())),
     }
     // Exactly SNAPSHOT_PART_LEN bytes survive whole.
-    let m = PeerMsg::SnapshotPart {
+    let m = ReplMsg::SnapshotPart {
         data: data[..SNAPSHOT_PART_LEN].to_vec(),
     };
-    assert_eq!(PeerMsg::parse(payload(&emit(&m))), Ok(m));
+    assert_eq!(ReplMsg::parse(payload(&emit(&m))), Ok(m));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1070,9 +1070,9 @@ fn over_long_snapshot_part_is_cut_to_the_limit() {
 fn every_strict_prefix_is_an_error() {
     let mut rng = Rng::new(0x9ee2_0002);
     for p in valid_payloads(&mut rng, 300) {
-        assert!(PeerMsg::parse(&p).is_ok(), "{p:?}");
+        assert!(ReplMsg::parse(&p).is_ok(), "{p:?}");
         for i in 0..p.len() {
-            let got = PeerMsg::parse(&p[..i]);
+            let got = ReplMsg::parse(&p[..i]);
             assert!(got.is_err(), "prefix {i} of {p:?}: {got:?}");
             if i == 0 {
                 assert_eq!(got, Err(DecodeError::EmptyFrame));
@@ -1101,12 +1101,12 @@ fn trailing_bytes_are_an_error() {
         for extra in [0u8, 1, 0xff] {
             p.push(extra);
             assert_eq!(
-                PeerMsg::parse(&p),
+                ReplMsg::parse(&p),
                 Err(DecodeError::TrailingBytes(1)),
                 "{p:?}"
             );
             p.push(extra);
-            assert_eq!(PeerMsg::parse(&p), Err(DecodeError::TrailingBytes(2)));
+            assert_eq!(ReplMsg::parse(&p), Err(DecodeError::TrailingBytes(2)));
             p.truncate(p.len() - 2);
         }
     }
@@ -1125,30 +1125,30 @@ fn trailing_bytes_are_an_error() {
 fn well_formed_builder_frames_parse() {
     // The builder is right, so the failures below come from the one field that was broken.
     let hello = B::ty(0x01).raw(&MAGIC).u16(2).u8(2).u16(1).u64(5).0;
-    assert!(PeerMsg::parse(&hello).is_ok());
+    assert!(ReplMsg::parse(&hello).is_ok());
     let fwd = B::ty(0x42).u32(1).u8(0).u8(1).s(b"u").s(b"").0;
-    assert!(PeerMsg::parse(&fwd).is_ok());
+    assert!(ReplMsg::parse(&fwd).is_ok());
     let ack = B::ty(0x47).u64(1).u8(1).u64(2).u8(0).0;
-    assert!(PeerMsg::parse(&ack).is_ok());
+    assert!(ReplMsg::parse(&ack).is_ok());
 }
 
 #[test]
 fn bad_hellos_are_rejected() {
     let hello = |magic: &[u8], role: u8| B::ty(0x01).raw(magic).u16(2).u8(role).u16(1).u64(5).0;
     assert_eq!(
-        PeerMsg::parse(&hello(&MAGIC, 2)),
-        Ok(PeerMsg::Hello {
+        ReplMsg::parse(&hello(&MAGIC, 2)),
+        Ok(ReplMsg::Hello {
             version: 2,
             tracker: tref(1, 5)
         })
     );
     assert_eq!(
-        PeerMsg::parse(&hello(b"P2PH", 2)),
+        ReplMsg::parse(&hello(b"P2PH", 2)),
         Err(DecodeError::BadMagic(0x5032_5048))
     );
     for role in [0u8, 1, 3, 0xff] {
         assert_eq!(
-            PeerMsg::parse(&hello(&MAGIC, role)),
+            ReplMsg::parse(&hello(&MAGIC, role)),
             Err(DecodeError::BadValue("role")),
             "role {role}"
         );
@@ -1157,7 +1157,7 @@ fn bad_hellos_are_rejected() {
     let mut client = Vec::new();
     ClientMsg::hello(7).emit(&mut client);
     assert_eq!(
-        PeerMsg::parse(payload(&client)),
+        ReplMsg::parse(payload(&client)),
         Err(DecodeError::BadValue("role"))
     );
 }
@@ -1169,10 +1169,10 @@ fn unknown_frame_types_are_rejected() {
         // A body long enough for any fixed fields, so the type is what fails.
         let p = B::ty(t).raw(&[0; 40]).0;
         if !known.contains(&t) {
-            assert_eq!(PeerMsg::parse(&p), Err(DecodeError::UnknownType(t)));
-            assert_eq!(PeerMsg::parse(&[t]), Err(DecodeError::UnknownType(t)));
+            assert_eq!(ReplMsg::parse(&p), Err(DecodeError::UnknownType(t)));
+            assert_eq!(ReplMsg::parse(&[t]), Err(DecodeError::UnknownType(t)));
         } else {
-            let _ = PeerMsg::parse(&[t]);
+            let _ = ReplMsg::parse(&[t]);
         }
     }
     // A client-link request is not a tracker-link message.
@@ -1183,7 +1183,7 @@ fn unknown_frame_types_are_rejected() {
     }
     .emit(&mut out);
     assert_eq!(
-        PeerMsg::parse(payload(&out)),
+        ReplMsg::parse(payload(&out)),
         Err(DecodeError::UnknownType(0x10))
     );
 }
@@ -1191,47 +1191,47 @@ fn unknown_frame_types_are_rejected() {
 #[test]
 fn bad_flags_and_kinds_are_rejected() {
     let status = |b: u8| B::ty(0x40).u8(b).u64(1).u16(1).0;
-    assert!(PeerMsg::parse(&status(1)).is_ok());
+    assert!(ReplMsg::parse(&status(1)).is_ok());
     assert_eq!(
-        PeerMsg::parse(&B::ty(0x40).u8(0).u64(4).u64(9).0),
-        Ok(PeerMsg::Status(PeerStatus::Starting {
+        ReplMsg::parse(&B::ty(0x40).u8(0).u64(4).u64(9).0),
+        Ok(ReplMsg::Status(ReplStatus::Starting {
             view: 4,
             applied: 9
         }))
     );
     for b in [2u8, 0x80, 0xff] {
         assert_eq!(
-            PeerMsg::parse(&status(b)),
+            ReplMsg::parse(&status(b)),
             Err(DecodeError::BadValue("boolean"))
         );
     }
     let ack = |serving: u8, kind: u8| B::ty(0x47).u64(1).u8(serving).u64(2).u8(kind).0;
-    assert!(PeerMsg::parse(&ack(0, 0)).is_ok());
-    assert!(PeerMsg::parse(&ack(1, 2)).is_ok());
+    assert!(ReplMsg::parse(&ack(0, 0)).is_ok());
+    assert!(ReplMsg::parse(&ack(1, 2)).is_ok());
     assert_eq!(
-        PeerMsg::parse(&ack(2, 0)),
+        ReplMsg::parse(&ack(2, 0)),
         Err(DecodeError::BadValue("boolean"))
     );
     for kind in [3u8, 4, 0xff] {
         assert_eq!(
-            PeerMsg::parse(&ack(0, kind)),
+            ReplMsg::parse(&ack(0, kind)),
             Err(DecodeError::BadValue("catchup kind"))
         );
     }
     // Kind 1 must be followed by a batch.
-    assert_eq!(PeerMsg::parse(&ack(0, 1)), Err(DecodeError::Truncated));
+    assert_eq!(ReplMsg::parse(&ack(0, 1)), Err(DecodeError::Truncated));
 
     // An entry's origin flag and op kind.
     let fwd =
         |has_origin: u8, kind: u8| B::ty(0x42).u32(1).u8(has_origin).u8(kind).s(b"u").s(b"").0;
-    assert!(PeerMsg::parse(&fwd(0, 1)).is_ok());
+    assert!(ReplMsg::parse(&fwd(0, 1)).is_ok());
     assert_eq!(
-        PeerMsg::parse(&fwd(2, 1)),
+        ReplMsg::parse(&fwd(2, 1)),
         Err(DecodeError::BadValue("boolean"))
     );
     for kind in [0u8, 14, 0x40, 0xff] {
         assert_eq!(
-            PeerMsg::parse(&fwd(0, kind)),
+            ReplMsg::parse(&fwd(0, kind)),
             Err(DecodeError::BadValue("op kind")),
             "kind {kind}"
         );
@@ -1312,45 +1312,45 @@ fn invalid_op_fields_are_rejected() {
         ),
     ];
     for (what, op, want) in cases {
-        assert_eq!(PeerMsg::parse(&entry(op)), Err(want), "{what}");
+        assert_eq!(ReplMsg::parse(&entry(op)), Err(want), "{what}");
     }
     // The longest hash allowed passes.
     let ok = entry(B(vec![1]).s(b"u").s(&[b'h'; MAX_PW_HASH_LEN]));
-    assert!(PeerMsg::parse(&ok).is_ok());
+    assert!(ReplMsg::parse(&ok).is_ok());
 }
 
 #[test]
 fn snapshot_lengths_are_bounded() {
     let part = |len: u32, have: usize| B::ty(0x49).u32(len).raw(&vec![0; have]).0;
-    assert!(PeerMsg::parse(&part(3, 3)).is_ok());
+    assert!(ReplMsg::parse(&part(3, 3)).is_ok());
     assert_eq!(
-        PeerMsg::parse(&part(SNAPSHOT_PART_LEN as u32 + 1, 10)),
+        ReplMsg::parse(&part(SNAPSHOT_PART_LEN as u32 + 1, 10)),
         Err(DecodeError::BadValue("snapshot part too long"))
     );
     assert_eq!(
-        PeerMsg::parse(&part(u32::MAX, 10)),
+        ReplMsg::parse(&part(u32::MAX, 10)),
         Err(DecodeError::BadValue("snapshot part too long"))
     );
     // A length within the limit but beyond the frame.
     assert_eq!(
-        PeerMsg::parse(&part(SNAPSHOT_PART_LEN as u32, 10)),
+        ReplMsg::parse(&part(SNAPSHOT_PART_LEN as u32, 10)),
         Err(DecodeError::Truncated)
     );
     let snap = |len: u64| B::ty(0x4a).u64(1).u64(2).u64(len).0;
-    assert!(PeerMsg::parse(&snap(MAX_SNAPSHOT_LEN)).is_ok());
+    assert!(ReplMsg::parse(&snap(MAX_SNAPSHOT_LEN)).is_ok());
     assert_eq!(
-        PeerMsg::parse(&snap(MAX_SNAPSHOT_LEN + 1)),
+        ReplMsg::parse(&snap(MAX_SNAPSHOT_LEN + 1)),
         Err(DecodeError::BadValue("snapshot too long"))
     );
     assert_eq!(
-        PeerMsg::parse(&snap(u64::MAX)),
+        ReplMsg::parse(&snap(u64::MAX)),
         Err(DecodeError::BadValue("snapshot too long"))
     );
 }
 
 #[test]
 fn empty_payload_is_an_error() {
-    assert_eq!(PeerMsg::parse(&[]), Err(DecodeError::EmptyFrame));
+    assert_eq!(ReplMsg::parse(&[]), Err(DecodeError::EmptyFrame));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1386,7 +1386,7 @@ fn forged_huge_counts_fail_fast_without_allocating() {
     // A snapshot part announcing the largest allowed length with a few bytes present.
     cases.push(B::ty(0x49).u32(SNAPSHOT_PART_LEN as u32).raw(&[1, 2, 3]).0);
     for p in &cases {
-        assert_eq!(PeerMsg::parse(p), Err(DecodeError::Truncated), "{p:?}");
+        assert_eq!(ReplMsg::parse(p), Err(DecodeError::Truncated), "{p:?}");
     }
     assert!(started.elapsed() < Duration::from_secs(1));
 }
@@ -1396,10 +1396,10 @@ fn count_exactly_filling_the_frame_with_minimal_entries_still_checks_them() {
     // n entries of the smallest size (7 bytes), all zero: kind 0 is refused.
     let n = 1000u32;
     let p = B::ty(0x42).u32(n).raw(&vec![0; n as usize * 7]).0;
-    assert_eq!(PeerMsg::parse(&p), Err(DecodeError::BadValue("op kind")));
+    assert_eq!(ReplMsg::parse(&p), Err(DecodeError::BadValue("op kind")));
     // One byte fewer than n minimal entries need is caught by the count check itself.
     let p = B::ty(0x42).u32(n).raw(&vec![0; n as usize * 7 - 1]).0;
-    assert_eq!(PeerMsg::parse(&p), Err(DecodeError::Truncated));
+    assert_eq!(ReplMsg::parse(&p), Err(DecodeError::Truncated));
     // The smallest entry really is 7 bytes.
     let smallest = entry_bytes(&Entry {
         origin: None,
@@ -1425,7 +1425,7 @@ const KNOWN_TYPES: &[u8] = &[
 /// Parses `p`; whatever parses must re-emit to exactly the same bytes (the encoding is
 /// canonical). Returns whether it parsed.
 fn check_no_panic_and_canonical(p: &[u8]) -> bool {
-    match PeerMsg::parse(p) {
+    match ReplMsg::parse(p) {
         Ok(m) => {
             assert_eq!(payload(&emit(&m)), p, "{m:?}");
             true
