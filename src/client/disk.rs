@@ -25,9 +25,46 @@ pub enum Inspect {
 pub enum Inspected {
     /// The file's absolute path (so it is served from there, whatever the working directory
     /// becomes).
-    Upload(Result<PathBuf, String>),
+    Upload(Result<PathBuf, PathError>),
     /// The download's target, absolute: it does not exist, and its directory does.
-    DownloadTarget(Result<PathBuf, String>),
+    DownloadTarget(Result<PathBuf, PathError>),
+}
+
+/// Why a path cannot be used for a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathError {
+    /// The file to upload cannot be read (the OS error, as text).
+    Unreadable { path: PathBuf, error: String },
+    /// The file to upload is a directory, a device, ...
+    NotRegularFile(PathBuf),
+    /// The download's target exists already (nothing is overwritten).
+    TargetExists(PathBuf),
+    /// The download's target would be in a directory that does not exist.
+    NoDirectory(PathBuf),
+    /// A running download of this client writes that target already (the session decides).
+    AlreadyDownloading(PathBuf),
+}
+
+impl std::fmt::Display for PathError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathError::Unreadable { path, error } => {
+                write!(f, "cannot read {}: {error}", path.display())
+            }
+            PathError::NotRegularFile(path) => {
+                write!(f, "{} is not a regular file", path.display())
+            }
+            PathError::TargetExists(path) => write!(f, "{} already exists", path.display()),
+            PathError::NoDirectory(dir) => {
+                write!(f, "directory {} does not exist", dir.display())
+            }
+            PathError::AlreadyDownloading(path) => write!(
+                f,
+                "{} is already the target of a running download",
+                path.display()
+            ),
+        }
+    }
 }
 
 /// Answers `query` from the file system.
@@ -40,11 +77,13 @@ pub fn inspect(query: &Inspect) -> Inspected {
     }
 }
 
-fn upload_source(path: &Path) -> Result<PathBuf, String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+fn upload_source(path: &Path) -> Result<PathBuf, PathError> {
+    let meta = std::fs::metadata(path).map_err(|e| PathError::Unreadable {
+        path: path.to_path_buf(),
+        error: e.to_string(),
+    })?;
     if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
+        return Err(PathError::NotRegularFile(path.to_path_buf()));
     }
     Ok(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
 }
@@ -52,7 +91,7 @@ fn upload_source(path: &Path) -> Result<PathBuf, String> {
 /// Where `download_file` saves `name` given `destination` (see SPEC): an existing directory or
 /// a path ending in `/` means `destination/name`. The target must not exist, its directory
 /// must.
-fn download_target(destination: &Path, name: &FileName) -> Result<PathBuf, String> {
+fn download_target(destination: &Path, name: &FileName) -> Result<PathBuf, PathError> {
     let text = destination.as_os_str().as_encoded_bytes();
     let target = if text.ends_with(b"/") || destination.is_dir() {
         destination.join(name.as_str())
@@ -60,14 +99,14 @@ fn download_target(destination: &Path, name: &FileName) -> Result<PathBuf, Strin
         destination.to_path_buf()
     };
     if target.symlink_metadata().is_ok() {
-        return Err(format!("{} already exists", target.display()));
+        return Err(PathError::TargetExists(target));
     }
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if !dir.is_dir() {
-        return Err(format!("directory {} does not exist", dir.display()));
+        return Err(PathError::NoDirectory(dir));
     }
     Ok(match (std::fs::canonicalize(&dir), target.file_name()) {
         (Ok(dir), Some(file)) => dir.join(file),

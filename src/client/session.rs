@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::command::{parse_line, Command};
-use super::disk::{Inspect, Inspected};
+use super::disk::{Inspect, Inspected, PathError};
+pub use super::download::engine::GiveUp;
 use super::listing::Listings;
 use crate::hasher::{FileHashes, HashDone, JobId};
 use crate::wire::tracker_link::{FileMeta, Reply, ReplyBody, Request, RequestBody};
@@ -93,7 +94,7 @@ impl std::fmt::Display for DownloadId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DownloadError {
     /// The download engine gave up (no trusted peer holds a missing piece), with its reason.
-    Engine(String),
+    Engine(GiveUp),
     /// Every piece verified, but the whole file's SHA1 is not the tracker's.
     FileDigest { got: Sha1Digest, want: Sha1Digest },
     /// The verified file could not be linked to its target; the data stays in `part`.
@@ -109,7 +110,7 @@ pub enum DownloadError {
 impl std::fmt::Display for DownloadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DownloadError::Engine(reason) => f.write_str(reason),
+            DownloadError::Engine(reason) => reason.fmt(f),
             DownloadError::FileDigest { got, want } => {
                 write!(f, "the whole file's SHA1 is {got}, the tracker says {want}")
             }
@@ -521,7 +522,7 @@ impl ClientCore {
             (Command::DownloadFile { group, name, .. }, Inspected::DownloadTarget(target)) => {
                 let target = match target.and_then(|t| self.not_downloading(t)) {
                     Ok(t) => t,
-                    Err(reason) => return self.fail(reason),
+                    Err(reason) => return self.fail(reason.to_string()),
                 };
                 let body = RequestBody::FileSharers {
                     group: group.clone(),
@@ -539,7 +540,7 @@ impl ClientCore {
             }
             (Command::UploadFile { path, group }, Inspected::Upload(absolute)) => match absolute {
                 Ok(absolute) => self.start_upload(&path, absolute, &group),
-                Err(reason) => self.fail(reason),
+                Err(reason) => self.fail(reason.to_string()),
             },
             (cmd, answer) => {
                 self.fail(format!("internal error: {answer:?} for {cmd:?}"));
@@ -548,16 +549,13 @@ impl ClientCore {
     }
 
     /// A download's target, unless a running download of this client is writing it already.
-    fn not_downloading(&self, target: PathBuf) -> Result<PathBuf, String> {
+    fn not_downloading(&self, target: PathBuf) -> Result<PathBuf, PathError> {
         if self
             .downloads
             .iter()
             .any(|d| d.status == DownloadStatus::Running && d.target == target)
         {
-            return Err(format!(
-                "{} is already the target of a running download",
-                target.display()
-            ));
+            return Err(PathError::AlreadyDownloading(target));
         }
         Ok(target)
     }

@@ -1144,8 +1144,12 @@ fn a_download_failing_after_its_registration_withdraws_the_share() {
     let reg = registration(&mut h, id);
     h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     assert_eq!(h.core.shares().len(), 1, "the download is shared");
-    h.core
-        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
+    h.core.handle_download_finished(
+        id,
+        Err(DownloadError::Engine(GiveUp::Aborted(
+            "no trusted peer".into(),
+        ))),
+    );
     let outs = h.drain();
     assert!(
         outs.iter()
@@ -1169,8 +1173,12 @@ fn a_registration_answered_after_the_failure_is_withdrawn() {
     h.login("alice");
     let id = started_download(&mut h, dir.path());
     let reg = registration(&mut h, id);
-    h.core
-        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
+    h.core.handle_download_finished(
+        id,
+        Err(DownloadError::Engine(GiveUp::Aborted(
+            "no trusted peer".into(),
+        ))),
+    );
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), [], "nothing registered yet: {outs:?}");
     // The registration lands after the failure: it is withdrawn at once, never served.
@@ -1188,8 +1196,12 @@ fn a_download_failing_before_its_first_piece_sends_nothing() {
     let mut h = Harness::new();
     h.login("alice");
     let id = started_download(&mut h, dir.path());
-    h.core
-        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
+    h.core.handle_download_finished(
+        id,
+        Err(DownloadError::Engine(GiveUp::Aborted(
+            "no trusted peer".into(),
+        ))),
+    );
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), []);
     assert!(
@@ -1230,8 +1242,12 @@ fn a_download_failing_while_logged_out_is_withdrawn_at_the_next_login() {
     let reg = registration(&mut h, id);
     h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     h.run("logout", ReplyBody::Done);
-    h.core
-        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
+    h.core.handle_download_finished(
+        id,
+        Err(DownloadError::Engine(GiveUp::Aborted(
+            "no trusted peer".into(),
+        ))),
+    );
     let outs = h.drain();
     assert_eq!(stop_share_of(&outs), [], "not logged in: {outs:?}");
     assert!(h.core.shares().is_empty());
@@ -1260,8 +1276,12 @@ fn a_download_failing_before_its_registration_is_sent_is_never_registered() {
     // The first piece verifies while alice is logged out: the registration waits for her.
     h.core.handle_first_piece(id);
     assert_eq!(h.drain(), []);
-    h.core
-        .handle_download_finished(id, Err(DownloadError::Engine("no trusted peer".into())));
+    h.core.handle_download_finished(
+        id,
+        Err(DownloadError::Engine(GiveUp::Aborted(
+            "no trusted peer".into(),
+        ))),
+    );
     h.drain();
     let outs = login_outputs(&mut h, "alice");
     assert!(

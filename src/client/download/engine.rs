@@ -105,7 +105,36 @@ pub enum Action {
     QuerySharers,
     /// The download is over: every piece verified (`Ok`), or it cannot finish (`Err` with the
     /// reason). No action follows.
-    Finished(Result<(), String>),
+    Finished(Result<(), GiveUp>),
+}
+
+/// Why a download engine gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GiveUp {
+    /// No peer that is still trusted holds a missing piece, after asking the tracker again.
+    NoTrustedPeer {
+        piece: u32,
+        n_have: u32,
+        n_pieces: u32,
+    },
+    /// Stopped from outside, for this reason.
+    Aborted(String),
+}
+
+impl std::fmt::Display for GiveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GiveUp::NoTrustedPeer {
+                piece,
+                n_have,
+                n_pieces,
+            } => write!(
+                f,
+                "no trusted peer can supply piece {piece} ({n_have} of {n_pieces} pieces verified)"
+            ),
+            GiveUp::Aborted(reason) => f.write_str(reason),
+        }
+    }
 }
 
 /// Where a link stands.
@@ -567,7 +596,7 @@ impl Download {
 
     /// Gives up at once (the user logged out of a client that shut down, say).
     pub fn abort(&mut self, reason: &str) {
-        self.finish(Err(reason.to_owned()));
+        self.finish(Err(GiveUp::Aborted(reason.to_owned())));
     }
 
     fn is_active(&self, peer: PeerId) -> bool {
@@ -693,15 +722,15 @@ impl Download {
             let missing = (0..self.picker.n_pieces())
                 .find(|&p| !self.picker.have(p))
                 .unwrap_or(0);
-            self.finish(Err(format!(
-                "no trusted peer can supply piece {missing} ({} of {} pieces verified)",
-                self.picker.n_have(),
-                self.picker.n_pieces()
-            )));
+            self.finish(Err(GiveUp::NoTrustedPeer {
+                piece: missing,
+                n_have: self.picker.n_have(),
+                n_pieces: self.picker.n_pieces(),
+            }));
         }
     }
 
-    fn finish(&mut self, result: Result<(), String>) {
+    fn finish(&mut self, result: Result<(), GiveUp>) {
         if self.finished {
             return;
         }

@@ -842,7 +842,7 @@ fn stuck_without_new_sharers_fails_after_the_requeries_and_the_grace() {
     let Action::Finished(Err(reason)) = &actions[0] else {
         panic!("expected a failure, got {actions:?}");
     };
-    assert!(reason.contains("piece 0"), "{reason}");
+    assert!(reason.to_string().contains("piece 0"), "{reason}");
     assert!(d.is_finished());
     assert_eq!(d.next_deadline(), None);
     d.on_sharers(&[addr(2)], end + secs(1));
@@ -1117,7 +1117,7 @@ fn nothing_follows_an_abort_not_even_a_late_verdict() {
         drain(&mut d),
         vec![
             Action::Close { peer: a },
-            Action::Finished(Err("the user logged out".into()))
+            Action::Finished(Err(GiveUp::Aborted("the user logged out".into())))
         ]
     );
     // The hasher's verdict on piece 0 arrives afterwards.
@@ -1191,7 +1191,7 @@ struct Sim {
     query_pending: bool,
     banned: BTreeSet<usize>,
     trouble_left: u32,
-    result: Option<Result<(), String>>,
+    result: Option<Result<(), GiveUp>>,
 }
 
 impl Sim {
