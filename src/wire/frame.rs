@@ -22,6 +22,8 @@ pub const MAX_CLIENT_TRACKER_FRAME: usize = 16 * 1024 * 1024;
 const MIN_READ_SPACE: usize = 4096;
 /// A buffer larger than this is released once it has been emptied.
 const SHRINK_ABOVE: usize = 64 * 1024;
+/// The first room given to a large frame beyond what arrived of it; it then doubles.
+pub const GROW_STEP: usize = 16 * 1024;
 
 /// Starts a frame of type `frame_type` at the end of `out`; returns the offset for [`end`].
 pub fn begin(out: &mut Vec<u8>, frame_type: u8) -> usize {
@@ -75,10 +77,16 @@ impl FrameBuffer {
         self.end - self.start
     }
 
-    /// Free space to read into; at least `MIN_READ_SPACE` bytes, or enough to complete the
-    /// frame whose header is already buffered.
+    /// Free space to read into: at least `MIN_READ_SPACE` bytes, and room for the rest of the
+    /// frame whose header is buffered as far as its bytes have come: the room grows with what
+    /// arrived (doubling from [`GROW_STEP`]), never to the announced length at once, so four
+    /// bytes of a length prefix cannot make a connection hold the link's whole frame limit.
     pub fn spare(&mut self) -> &mut [u8] {
-        let want = self.frame_need().max(MIN_READ_SPACE);
+        let arrived = self.buffered();
+        let want = self
+            .frame_need()
+            .min(arrived.max(GROW_STEP))
+            .max(MIN_READ_SPACE);
         if self.buf.len() - self.end < want {
             // Move the partial frame to the front before growing.
             self.buf.copy_within(self.start..self.end, 0);
@@ -167,6 +175,38 @@ mod tests {
         let spare = fb.spare();
         spare[..bytes.len()].copy_from_slice(bytes);
         fb.commit(bytes.len());
+    }
+
+    #[test]
+    fn an_announced_frame_gets_room_only_as_its_bytes_arrive() {
+        let max = 16 * 1024 * 1024;
+        let mut fb = FrameBuffer::new(max);
+        let body = vec![0x5a; max - 1];
+        let whole = frame(0x10, &body);
+        // The length prefix, the type and a few bytes: a 16 MiB frame announced.
+        feed(&mut fb, &whole[..25]);
+        assert!(fb.next_frame().unwrap().is_none());
+        let room = fb.spare().len();
+        assert!(
+            room <= GROW_STEP + MIN_READ_SPACE,
+            "{room} bytes of room for 25 bytes received"
+        );
+        assert!(fb.buf.len() < 2 * GROW_STEP, "{} bytes held", fb.buf.len());
+        // The rest arrives in reads as large as the room offered: the frame comes out whole,
+        // and the buffer never held much more than twice what had arrived.
+        let mut at = 25;
+        while at < whole.len() {
+            let spare = fb.spare();
+            let n = spare.len().min(whole.len() - at);
+            spare[..n].copy_from_slice(&whole[at..at + n]);
+            fb.commit(n);
+            at += n;
+            assert!(fb.buf.len() <= 2 * at + GROW_STEP + MIN_READ_SPACE);
+        }
+        let got = fb.next_frame().unwrap().unwrap();
+        assert_eq!(got.len(), max);
+        assert_eq!(got[0], 0x10);
+        assert!(got[1..].iter().all(|b| *b == 0x5a));
     }
 
     #[test]
