@@ -28,7 +28,7 @@ use super::shell::{self, Shell};
 use super::transfers::{TransferEvent, Transfers};
 use super::uplink::{Uplink, UplinkEvent};
 use crate::hasher::{HashPool, HashResult};
-use crate::net::conn::FIRST_CONN_TOKEN;
+use crate::net::conn::{connect_progress, ConnectProgress, FIRST_CONN_TOKEN};
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{Conn, ConnId, ReadEnd};
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
@@ -563,14 +563,10 @@ impl Driver {
             return;
         };
         let now = Instant::now();
-        let failed = match conn.stream.take_error() {
-            Ok(Some(e)) | Err(e) => Some(e),
-            Ok(None) => match conn.stream.peer_addr() {
-                Ok(_) => None,
-                // Not yet (a stale readiness event).
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                Err(e) => Some(e),
-            },
+        let failed = match connect_progress(&conn.stream) {
+            ConnectProgress::Connected => None,
+            ConnectProgress::Pending => return,
+            ConnectProgress::Failed(e) => Some(e),
         };
         match failed {
             Some(e) => {

@@ -401,6 +401,28 @@ impl<T> Conn<T> {
 /// Slab keys are offset by this in mio tokens; smaller tokens name listeners, wakers, signals.
 pub const FIRST_CONN_TOKEN: usize = 16;
 
+/// Where a non-blocking connect stands once its socket reported readiness.
+#[derive(Debug)]
+pub enum ConnectProgress {
+    Connected,
+    /// Not yet: a readiness event that came before the connect completed.
+    Pending,
+    Failed(io::Error),
+}
+
+/// Asks the socket of a non-blocking connect how it went (the error it holds, else whether it
+/// has a peer), as mio's documentation prescribes.
+pub fn connect_progress(stream: &TcpStream) -> ConnectProgress {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => ConnectProgress::Failed(e),
+        Ok(None) => match stream.peer_addr() {
+            Ok(_) => ConnectProgress::Connected,
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => ConnectProgress::Pending,
+            Err(e) => ConnectProgress::Failed(e),
+        },
+    }
+}
+
 pub fn token_of(key: usize) -> Token {
     Token(key + FIRST_CONN_TOKEN)
 }

@@ -28,7 +28,7 @@ use super::password::{self, PasswordJob, PasswordResult};
 use super::replica::Timings;
 use super::state::TrackerRef;
 use crate::keys::ServiceKey;
-use crate::net::conn::MAX_PENDING_WRITE;
+use crate::net::conn::{connect_progress, ConnectProgress, MAX_PENDING_WRITE};
 use crate::net::secure::{self, SecureLink};
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{ConnId, ConnTable, ReadEnd};
@@ -547,13 +547,10 @@ impl Driver {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
-        let failed = match conn.stream.take_error() {
-            Ok(Some(e)) | Err(e) => Some(e),
-            Ok(None) => match conn.stream.peer_addr() {
-                Ok(_) => None,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                Err(e) => Some(e),
-            },
+        let failed = match connect_progress(&conn.stream) {
+            ConnectProgress::Connected => None,
+            ConnectProgress::Pending => return,
+            ConnectProgress::Failed(e) => Some(e),
         };
         match failed {
             Some(e) => {

@@ -17,6 +17,7 @@ use super::super::session::DownloadId;
 use super::downloads::Active;
 use super::{PeerConn, Transfers, MAX_PEER_LINKS, READ_BUDGET};
 use crate::hasher::HashPool;
+use crate::net::conn::{connect_progress, ConnectProgress};
 use crate::net::{ConnId, ReadEnd};
 use crate::wire::peer_link::{Decoded, Next, SharerMsg, SharerStream, StreamError, MAX_PEER_FRAME};
 use crate::wire::PROTOCOL_VERSION;
@@ -83,17 +84,10 @@ impl Transfers {
             return;
         };
         if !link.connected {
-            match conn.stream.take_error() {
-                Ok(Some(e)) | Err(e) => {
-                    self.lose(registry, id, &format!("cannot connect: {e}"));
-                    return self.settle(registry, hasher, now);
-                }
-                Ok(None) => {}
-            }
-            match conn.stream.peer_addr() {
-                Ok(_) => link.connected = true,
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                Err(e) => {
+            match connect_progress(&conn.stream) {
+                ConnectProgress::Connected => link.connected = true,
+                ConnectProgress::Pending => return,
+                ConnectProgress::Failed(e) => {
                     self.lose(registry, id, &format!("cannot connect: {e}"));
                     return self.settle(registry, hasher, now);
                 }
