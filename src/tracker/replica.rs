@@ -493,14 +493,11 @@ impl Replica {
         // its own (a client gone) stay.
         let own = self.own_runs.clone();
         let internal = |e: &Entry| e.origin.is_none_or(|o| own.contains(&o.client));
+        // (`stop_serving` moved what was forwarded into `held`; a starting tracker forwards
+        // nothing.)
         self.held.retain(|e| internal(e));
         self.uncommitted.retain(|(_, e)| internal(e));
-        self.forwarded.retain(|e| internal(e));
-        self.forwarded_origins.clear();
-        let kept: Vec<Entry> = self.forwarded.iter().cloned().collect();
-        for e in &kept {
-            self.count_origin(e);
-        }
+        debug_assert!(self.forwarded.is_empty());
         let links: Vec<ConnId> = self.links.keys().copied().collect();
         for link in links {
             self.out.push_back(ReplicaOut::Close(link));
