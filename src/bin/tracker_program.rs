@@ -8,6 +8,7 @@ use p2pshare::cli::{self, CliError, EXIT_USAGE};
 use p2pshare::keys::{self, ServiceKey};
 use p2pshare::tracker::disk::{self, DataDir};
 use p2pshare::tracker::driver::{self, TrackerConfig};
+use p2pshare::tracker::durable;
 
 fn usage(opts: &getopts::Options) -> String {
     opts.usage(
@@ -179,17 +180,39 @@ fn main() -> ExitCode {
         data_dir.path().display(),
         recovered.last_seq
     );
-    // HAND-OFF (issue 9, state on disk): the replica is to start from `recovered` (its
-    // snapshot, then its records) and log through `data_dir.start(wake)`, acknowledging a
-    // change only once the disk thread reports it durable. Until that is wired, the tracker
-    // keeps its state in memory as before; the directory is created, recovered and locked
-    // for the tracker's whole life (dropped after `run` returns).
-    let _disk = (data_dir, recovered);
+    let restored = match durable::restore(&recovered) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("data directory {}: {e}", data_dir.path().display());
+            error!("tracker {tracker_no}: {msg}");
+            eprintln!("tracker_program: {msg}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let empty = recovered.meta.is_none() && recovered.last_seq == 0;
+    drop(recovered);
+    let mut restored = restored;
+    let marker = key_path.with_extension("founder");
+    restored.founder = match disk::found_service(&marker, data_dir.path(), empty) {
+        Ok(founder) => founder,
+        Err(e) => {
+            error!("tracker {tracker_no}: {e}");
+            eprintln!("tracker_program: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if empty && !restored.founder {
+        info!(
+            "tracker {tracker_no}: empty data directory; the service was founded by the tracker named in {}: this tracker joins it",
+            marker.display()
+        );
+    }
     match driver::run(TrackerConfig {
         trackers,
         tracker_no,
         service_key,
         key_path,
+        data: (data_dir, restored),
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use super::durable::{Persist, Restored};
 use super::password::{PasswordJob, PasswordResult};
 use super::replica::{Replica, ReplicaOut, Timings};
 use super::state::{
@@ -58,6 +59,9 @@ pub enum Output {
     Close(ConnId),
     /// Run this password job off the reactor and call `handle_password_done(conn, result)`.
     Password(ConnId, PasswordJob),
+    /// Write this to the data directory (in order) and call `handle_durable` once it is
+    /// durable.
+    Persist(Persist),
 }
 
 /// Who is at the other end of a connection.
@@ -186,8 +190,28 @@ impl TrackerCore {
     /// Tracker `me` of a file of `n_trackers`; `seed` keys session tokens unless
     /// [`with_token_key`](Self::with_token_key) gives a key.
     pub fn new(me: TrackerRef, n_trackers: u16, seed: u64, timings: Timings, now: Instant) -> Self {
+        Self::with_replica(Replica::new(me, n_trackers, timings, now), seed)
+    }
+
+    /// A tracker that keeps its state on disk, started from what its disk held (see
+    /// [`Replica::new_durable`]).
+    pub fn new_durable(
+        me: TrackerRef,
+        n_trackers: u16,
+        seed: u64,
+        timings: Timings,
+        now: Instant,
+        restored: Restored,
+    ) -> Self {
+        Self::with_replica(
+            Replica::new_durable(me, n_trackers, timings, now, restored),
+            seed,
+        )
+    }
+
+    fn with_replica(replica: Replica, seed: u64) -> Self {
         let mut core = TrackerCore {
-            replica: Replica::new(me, n_trackers, timings, now),
+            replica,
             links: BTreeMap::new(),
             awaiting: BTreeMap::new(),
             answers: VecDeque::new(),
@@ -372,6 +396,12 @@ impl TrackerCore {
         }
     }
 
+    /// Every write up to number `upto` (see [`Output::Persist`]) is durable.
+    pub fn handle_durable(&mut self, upto: u64) {
+        self.replica.handle_durable(upto);
+        self.pump_replica();
+    }
+
     /// Closes connections whose handshake is overdue; the replica's timers.
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(&(deadline, conn)) = self.handshake_deadlines.front() {
@@ -459,6 +489,7 @@ impl TrackerCore {
                         self.release_answers(seq);
                     }
                 }
+                ReplicaOut::Persist(p) => self.out.push_back(Output::Persist(p)),
                 ReplicaOut::Serving(true) => self.welcome_waiting(),
                 ReplicaOut::Serving(false) => self.drop_clients(),
             }

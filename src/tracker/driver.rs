@@ -24,6 +24,8 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::core::{Output, TrackerCore};
+use super::disk::{DataDir, DiskError, DiskEvent, DiskHandle};
+use super::durable::{self, Restored};
 use super::password::{self, PasswordJob, PasswordResult};
 use super::replica::Timings;
 use super::state::TrackerRef;
@@ -52,6 +54,9 @@ pub struct TrackerConfig {
     pub service_key: ServiceKey,
     /// Where the key was read from (printed at start).
     pub key_path: std::path::PathBuf,
+    /// The opened data directory and the state recovered from it. Every change is written
+    /// there and acknowledged only once durable.
+    pub data: (DataDir, Restored),
 }
 
 #[derive(Default)]
@@ -87,6 +92,10 @@ struct Driver {
     password_done: PasswordResults,
     /// Handshake parameters of tracker links (the service's PSK).
     link_params: secure::Params,
+    /// The disk thread, which makes the replica's writes durable.
+    disk: DiskHandle,
+    /// Set once the disk failed: the tracker stops (nothing more can be made durable).
+    disk_failed: Option<DiskError>,
 }
 
 type PasswordJobs = Sender<(ConnId, PasswordJob)>;
@@ -161,12 +170,20 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     let mut token_key = [0u8; 32];
     getrandom::fill(&mut token_key)
         .map_err(|e| io::Error::other(format!("no random token key: {e}")))?;
-    let core = TrackerCore::new(
+    let (data_dir, restored) = config.data;
+    let disk_waker = Arc::clone(&waker);
+    let disk = data_dir
+        .start(Box::new(move || {
+            let _ = disk_waker.wake();
+        }))
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let core = TrackerCore::new_durable(
         me,
         n_trackers,
         random("seed")?,
         Timings::default(),
         Instant::now(),
+        restored,
     )
     .with_token_key(token_key)
     .with_secure_tracker_links();
@@ -183,6 +200,8 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         password_jobs,
         password_done,
         link_params,
+        disk,
+        disk_failed: None,
     };
     info!("tracker {} listening on {addr}", config.tracker_no);
     // The first line on stdout: tests and scripts wait for it to know the tracker is up.
@@ -205,6 +224,10 @@ impl Driver {
         let mut stdin_open = true;
         self.drain_outputs(); // The replica's first dials, before the first wait.
         loop {
+            if let Some(e) = self.disk_failed.take() {
+                // Nothing more can be made durable, so nothing more may be acknowledged.
+                return Err(io::Error::other(format!("data directory failed: {e}")));
+            }
             let timeout = if self.ready.is_empty() && self.dirty_links.is_empty() {
                 self.core
                     .poll_timeout()
@@ -224,6 +247,17 @@ impl Driver {
                     WAKER => {
                         while let Ok((conn, result)) = self.password_done.try_recv() {
                             self.core.handle_password_done(conn, result);
+                        }
+                        while let Some(event) = self.disk.try_event() {
+                            match event {
+                                DiskEvent::Durable { ticket, .. } => {
+                                    self.core.handle_durable(ticket.0)
+                                }
+                                DiskEvent::Snapshotted { seq } => {
+                                    debug!("the snapshot of entry {seq} is durable")
+                                }
+                                DiskEvent::Failed(e) => self.disk_failed = Some(e),
+                            }
                         }
                         while stdin_open {
                             match stdin.try_recv() {
@@ -475,6 +509,11 @@ impl Driver {
                 }
                 Output::Password(id, job) => {
                     let _ = self.password_jobs.send((id, job));
+                }
+                Output::Persist(p) => {
+                    if let Err(e) = self.disk.send(durable::to_disk_msg(p)) {
+                        self.disk_failed.get_or_insert(e);
+                    }
                 }
                 Output::Close(id) => {
                     if let Some(conn) = self.conns.get_mut(id) {

@@ -4,6 +4,7 @@
 pub mod core;
 pub mod disk;
 pub mod driver;
+pub mod durable;
 pub mod password;
 pub mod replica;
 pub mod state;

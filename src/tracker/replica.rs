@@ -90,6 +90,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 
+use super::durable::{Meta, Persist, Restored};
 use super::state::{Answer, Entry, Op, Origin, TrackerRef, TrackerState};
 use crate::net::ConnId;
 use crate::wire::replication::{
@@ -119,6 +120,10 @@ pub const REDIAL_MAX: Duration = Duration::from_secs(1);
 const MAX_BATCH_ENTRIES: usize = 4096;
 /// Roughly the most bytes of entries in one batch (at least one entry goes in any batch).
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// A durable tracker snapshots its state (to compact its log) once this many entries, or
+/// roughly this many bytes of entries, were logged since the last snapshot.
+pub const COMPACT_ENTRIES: u64 = 100_000;
+pub const COMPACT_BYTES: usize = 64 << 20;
 
 /// What the tracker must do for the replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +145,9 @@ pub enum ReplicaOut {
     StateReplaced(u64),
     /// The tracker started (true) or stopped (false) holding a state it may serve from.
     Serving(bool),
+    /// Write this to the data directory, after every write asked for before it; report
+    /// with [`Replica::handle_durable`] once it is durable (the n-th write is number n).
+    Persist(Persist),
 }
 
 /// Timings, shortened by tests.
@@ -218,6 +226,9 @@ struct Queued {
 struct InFlight {
     last_seq: u64,
     waiting: BTreeSet<u16>,
+    /// The primary's own write of the batch (and of the metadata before it): the batch is
+    /// committed only once this write is durable too.
+    write: u64,
 }
 
 /// The best state offered during a takeover.
@@ -298,6 +309,38 @@ pub struct Replica {
     out: VecDeque<ReplicaOut>,
     /// The latest time a handler was given (for work started by `submit`).
     now: Instant,
+    // Durability.
+    /// Writes go to a data directory (`ReplicaOut::Persist`). Without one (tests of other
+    /// parts), every write counts as durable at once.
+    persistent: bool,
+    /// Writes asked for so far; the n-th is number n.
+    written: u64,
+    /// Writes known durable (a prefix).
+    durable: u64,
+    /// Entry writes (and installs) not yet durable: (write number, last seq they hold).
+    unsynced: VecDeque<(u64, u64)>,
+    /// The highest seq whose write is durable: what a backup may acknowledge.
+    durable_seq: u64,
+    /// The metadata last written, and the number of that write.
+    meta: Meta,
+    meta_write: u64,
+    /// Recovered from disk: the trackers this one last served with. Any of them may hold
+    /// changes acknowledged after this tracker stopped, so it does not start the service
+    /// with its own state before each has told where it stands.
+    must_hear: BTreeSet<u16>,
+    /// Whether the wait for `must_hear` was logged.
+    told_must_hear: bool,
+    /// With no state of its own, this tracker may start the service (it founds it). A
+    /// tracker with an empty disk that did not found the service never starts it: the
+    /// trackers holding the service's state may all be down, and an empty service started
+    /// meanwhile would be taken for the newest.
+    founder: bool,
+    /// The last acknowledgement sent: (claim, seq).
+    last_ack: Option<((u64, u16), u64)>,
+    /// The primary asked for an acknowledgement that waits for the disk.
+    ack_owed: bool,
+    /// Entries and bytes of entries logged since the last snapshot.
+    since_snapshot: (u64, usize),
 }
 
 /// Whether claim `a` beats claim `b`: a higher view, or the same view by a lower number.
@@ -346,6 +389,29 @@ impl Replica {
     /// A tracker that just started, with `state` (empty unless a test gives one). It dials
     /// every other tracker; with no others it is primary at once.
     pub fn new(me: TrackerRef, n_trackers: u16, t: Timings, now: Instant) -> Self {
+        Self::build(me, n_trackers, t, now, None)
+    }
+
+    /// A tracker that keeps its state on disk and starts from what its disk held: every
+    /// change it applies is written (`ReplicaOut::Persist`) and acknowledged only once
+    /// [`handle_durable`](Self::handle_durable) says so.
+    pub fn new_durable(
+        me: TrackerRef,
+        n_trackers: u16,
+        t: Timings,
+        now: Instant,
+        restored: Restored,
+    ) -> Self {
+        Self::build(me, n_trackers, t, now, Some(restored))
+    }
+
+    fn build(
+        me: TrackerRef,
+        n_trackers: u16,
+        t: Timings,
+        now: Instant,
+        restored: Option<Restored>,
+    ) -> Self {
         let mut r = Replica {
             me,
             n_trackers,
@@ -381,7 +447,47 @@ impl Replica {
             held: VecDeque::new(),
             out: VecDeque::new(),
             now,
+            persistent: false,
+            written: 0,
+            durable: 0,
+            unsynced: VecDeque::new(),
+            durable_seq: 0,
+            meta: Meta::default(),
+            meta_write: 0,
+            must_hear: BTreeSet::new(),
+            told_must_hear: false,
+            founder: true,
+            last_ack: None,
+            ack_owed: false,
+            since_snapshot: (0, 0),
         };
+        if let Some(restored) = restored {
+            r.persistent = true;
+            r.founder = restored.founder;
+            r.state = restored.state;
+            r.applied = restored.applied;
+            r.committed = restored.committed;
+            r.durable_seq = restored.applied;
+            if let Some(meta) = restored.meta {
+                // The claim's view only: whoever made it, it may be gone, and views go on
+                // above it.
+                r.claim = (meta.claim.0, u16::MAX);
+                r.accepted_view = meta.accepted_view;
+                r.must_hear = meta
+                    .wait_for
+                    .iter()
+                    .copied()
+                    .filter(|no| *no != me.no && *no <= n_trackers)
+                    .collect();
+                r.meta = meta;
+            }
+            if r.applied > 0 || r.claim.0 > 0 {
+                info!(
+                    "recovered the state after entry {} (view {}); last served with trackers {:?}",
+                    r.applied, r.accepted_view, r.must_hear
+                );
+            }
+        }
         for no in 1..=n_trackers {
             if no != me.no {
                 r.dial(no);
@@ -442,7 +548,137 @@ impl Replica {
     }
 
     pub fn poll_output(&mut self) -> Option<ReplicaOut> {
+        if self.out.is_empty() {
+            // Whatever the handler changed of the view, the claim or the members is written
+            // once it is done (the places that need it durable write it earlier).
+            self.sync_meta();
+        }
         self.out.pop_front()
+    }
+
+    /// Every write up to number `upto` is durable.
+    pub fn handle_durable(&mut self, upto: u64) {
+        let upto = upto.min(self.written);
+        if upto <= self.durable {
+            return;
+        }
+        self.durable = upto;
+        while let Some(&(w, seq)) = self.unsynced.front() {
+            if w > upto {
+                break;
+            }
+            self.durable_seq = seq;
+            self.unsynced.pop_front();
+        }
+        self.send_ack(false);
+        if self.role == Role::Primary {
+            self.try_commit();
+            self.send_batch();
+        }
+    }
+
+    /// Writes asked for so far and writes durable (for tests and logs).
+    pub fn writes(&self) -> (u64, u64) {
+        (self.written, self.durable)
+    }
+
+    /// Asks for a write; returns its number.
+    fn write(&mut self, what: impl FnOnce() -> Persist) -> u64 {
+        self.written += 1;
+        if self.persistent {
+            self.out.push_back(ReplicaOut::Persist(what()));
+        } else {
+            self.durable = self.written;
+        }
+        self.written
+    }
+
+    /// The trackers that may hold changes acknowledged after this one stops: a primary's
+    /// members (and the trackers being given the state), a backup's primary. Kept as it was
+    /// while this tracker finds out where the service stands.
+    fn wait_set(&self) -> BTreeSet<u16> {
+        match self.role {
+            Role::Primary => self.members.union(&self.joiners).copied().collect(),
+            Role::Backup => [self.claim.1].into_iter().collect(),
+            _ => self.meta.wait_for.clone(),
+        }
+    }
+
+    /// Writes the metadata if it changed.
+    fn sync_meta(&mut self) {
+        if !self.persistent {
+            return;
+        }
+        let meta = Meta {
+            claim: self.claim,
+            accepted_view: self.accepted_view,
+            wait_for: self.wait_set(),
+        };
+        if meta != self.meta {
+            self.meta = meta.clone();
+            self.meta_write = self.write(|| Persist::Meta(meta));
+        }
+    }
+
+    /// Logs entries just applied at `first_seq..`, after the metadata; returns the number of
+    /// the last write.
+    fn log_entries(&mut self, first_seq: u64, entries: &[Entry]) -> u64 {
+        self.sync_meta();
+        if entries.is_empty() {
+            return self.written;
+        }
+        let last = first_seq + entries.len() as u64 - 1;
+        if !self.persistent {
+            self.durable_seq = last;
+            return self.write(|| unreachable!());
+        }
+        self.since_snapshot.0 += entries.len() as u64;
+        self.since_snapshot.1 += entries.iter().map(entry_size).sum::<usize>();
+        let w = self.write(|| Persist::Entries {
+            first_seq,
+            entries: entries.to_vec(),
+        });
+        self.unsynced.push_back((w, last));
+        w
+    }
+
+    /// Logs the state installed after entry `seq` (encoded as `bytes`).
+    fn log_install(&mut self, seq: u64, bytes: Vec<u8>) {
+        self.since_snapshot = (0, 0);
+        if !self.persistent {
+            self.durable_seq = seq;
+            self.write(|| unreachable!());
+            return;
+        }
+        let w = self.write(|| Persist::Install { seq, state: bytes });
+        self.unsynced.push_back((w, seq));
+    }
+
+    /// A backup acknowledges to its primary what it holds durably (with the metadata that
+    /// places it in the view), once: again only if `force` (the primary asked again).
+    fn send_ack(&mut self, force: bool) {
+        if self.role != Role::Backup {
+            return;
+        }
+        if self.durable < self.meta_write {
+            // Owed once the disk catches up.
+            self.ack_owed |= force;
+            return;
+        }
+        let seq = self.durable_seq.min(self.applied);
+        let key = (self.claim, seq);
+        if !force && !self.ack_owed && self.last_ack == Some(key) {
+            return;
+        }
+        self.ack_owed = false;
+        self.last_ack = Some(key);
+        self.send_to(
+            self.claim.1,
+            ReplMsg::Ack {
+                view: self.claim.0,
+                seq,
+            },
+        );
     }
 
     /// Time has come to `now`. Every handler calls this first (the tracker core too, before
@@ -480,6 +716,13 @@ impl Replica {
         // them at once.
         self.me.incarnation = self.me.incarnation.wrapping_add(1);
         self.own_runs.insert(self.me.incarnation);
+        // As after a restart from disk: the trackers it served with may have gone on without
+        // it and died since, holding the newest state; it must hear from them before it may
+        // start the service with its own.
+        let served_with = self.wait_set();
+        self.must_hear
+            .extend(served_with.into_iter().filter(|no| *no != self.me.no));
+        self.told_must_hear = false;
         if self.is_serving() || matches!(self.role, Role::Joining { .. }) {
             self.stop_serving();
         }
@@ -1060,13 +1303,7 @@ impl Replica {
                 },
             ),
             Role::Backup if self.claim.1 == no => {
-                self.send(
-                    link,
-                    ReplMsg::Ack {
-                        view: self.claim.0,
-                        seq: self.applied,
-                    },
-                );
+                self.send_ack(true);
                 self.reforward();
             }
             _ => {}
@@ -1121,6 +1358,13 @@ impl Replica {
         if let Some(l) = self.links.get_mut(&link) {
             l.status = Some(status);
         }
+        if let ReplStatus::Starting { view, applied } = status {
+            // A tracker this one waits for that is further on stays waited for: if it dies
+            // before it starts the service, its state is still the one to start from.
+            if (view, applied) <= (self.accepted_view, self.applied) {
+                self.must_hear.remove(&from);
+            }
+        }
         if let ReplStatus::Serving { view, primary } = status {
             if primary == from && beats((view, primary), self.claim) {
                 // A primary whose takeover did not include this tracker: its state may be
@@ -1155,6 +1399,9 @@ impl Replica {
         let mut ahead_starting = false;
         let mut any_starting = false;
         let mine = (self.accepted_view, self.applied);
+        // Among trackers with no state, only the founder may start the service: the others
+        // wait for it, whatever their numbers.
+        let founding = self.persistent && self.founder && mine == (0, 0);
         for (no, link) in &self.peer_link {
             match self.links.get(link).and_then(|l| l.status) {
                 None => unknown = true,
@@ -1167,7 +1414,8 @@ impl Replica {
                 Some(ReplStatus::Starting { view, applied }) => {
                     any_starting = true;
                     let theirs = (view, applied);
-                    ahead_starting |= theirs > mine || (theirs == mine && *no < self.me.no);
+                    ahead_starting |=
+                        theirs > mine || (theirs == mine && *no < self.me.no && !founding);
                 }
             }
         }
@@ -1205,6 +1453,29 @@ impl Replica {
                 "not starting the service: waiting for trackers {:?} to answer",
                 self.unsure.iter().chain(&self.dialing).collect::<Vec<_>>()
             );
+            return;
+        }
+        if !self.must_hear.is_empty() {
+            // This tracker's disk says it last served with these: they may have gone on
+            // acknowledging changes after it stopped, so its state may be older than
+            // theirs. It waits for them, however long that takes.
+            if !std::mem::replace(&mut self.told_must_hear, true) {
+                warn!(
+                    "not starting the service with this tracker's state (entry {}) until trackers {:?}, which it last served with, are up",
+                    self.applied, self.must_hear
+                );
+            }
+            return;
+        }
+        // (A claim seen is no state: a tracker that saw the founder serve but never took
+        // its state holds nothing the service acknowledged.)
+        let holds_state = self.accepted_view > 0 || self.applied > 0;
+        if !holds_state && !self.founder {
+            if !std::mem::replace(&mut self.told_must_hear, true) {
+                warn!(
+                    "this tracker holds no state and did not found the service: waiting for a tracker of the service to serve, to join it"
+                );
+            }
             return;
         }
         if discovering && any_starting && self.claim.0 > 0 {
@@ -1349,18 +1620,21 @@ impl Replica {
                 return self.close(link, now);
             }
         };
-        self.install(state, seq);
+        self.install(state, seq, bytes);
         self.claim = (view, from);
         self.accepted_view = view;
         self.role = Role::Backup;
+        self.must_hear.clear();
         info!("caught up from tracker {from} at entry {seq} ({len} bytes); serving in view {view}");
         self.out.push_back(ReplicaOut::Serving(true));
-        self.send_to(from, ReplMsg::Ack { view, seq });
+        self.sync_meta();
+        self.send_ack(true);
         self.broadcast_status();
         self.release_held();
     }
 
-    fn install(&mut self, state: TrackerState, seq: u64) {
+    fn install(&mut self, state: TrackerState, seq: u64, bytes: Vec<u8>) {
+        self.log_install(seq, bytes);
         self.state = state;
         self.applied = seq;
         self.committed = seq;
@@ -1507,6 +1781,21 @@ impl Replica {
             self.uncommitted.pop_front();
         }
         self.out.push_back(ReplicaOut::Committed(seq));
+        if self.persistent
+            && self.applied == seq
+            && (self.since_snapshot.0 >= COMPACT_ENTRIES || self.since_snapshot.1 >= COMPACT_BYTES)
+        {
+            // The log since the last snapshot is long: a snapshot of the state (which holds
+            // only committed entries here) lets the disk thread drop it.
+            self.since_snapshot = (0, 0);
+            let mut bytes = Vec::new();
+            self.state.encode_snapshot(&mut bytes);
+            debug!(
+                "snapshot of the state after entry {seq} ({} bytes)",
+                bytes.len()
+            );
+            self.write(|| Persist::Compact { seq, state: bytes });
+        }
     }
 
     /// Applies one entry at the next sequence number.
@@ -1531,11 +1820,17 @@ impl Replica {
         }
         while self.in_flight.is_none() {
             if !self.joiners.is_empty() {
-                let joiners = std::mem::take(&mut self.joiners);
-                for j in joiners {
-                    if self.peer_link.contains_key(&j) {
-                        self.send_snapshot(j);
-                        self.members.insert(j);
+                // A joiner may hold acknowledged changes no other tracker holds once it
+                // serves (if this one then dies): this tracker's disk must name it before it
+                // gets the state, so that this tracker, restarted, waits for it.
+                self.sync_meta();
+                if self.durable >= self.meta_write {
+                    let joiners = std::mem::take(&mut self.joiners);
+                    for j in joiners {
+                        if self.peer_link.contains_key(&j) {
+                            self.send_snapshot(j);
+                            self.members.insert(j);
+                        }
                     }
                 }
             }
@@ -1575,6 +1870,7 @@ impl Replica {
                 // A session arrived from a tracker that may have died since.
                 self.scan_grace(now);
             }
+            let write = self.log_entries(first_seq, &entries);
             let batch = Batch {
                 view: self.claim.0,
                 first_seq,
@@ -1588,6 +1884,7 @@ impl Replica {
             self.in_flight = Some(InFlight {
                 last_seq: self.applied,
                 waiting: members.into_iter().collect(),
+                write,
             });
             self.try_commit();
         }
@@ -1598,7 +1895,7 @@ impl Replica {
         let Some(f) = &self.in_flight else {
             return;
         };
-        if !f.waiting.is_empty() {
+        if !f.waiting.is_empty() || self.durable < f.write {
             return;
         }
         let seq = f.last_seq;
@@ -1652,16 +1949,11 @@ impl Replica {
         for e in batch.entries.iter().skip(skip) {
             self.apply(e);
         }
-        let view = batch.view;
-        self.accepted_view = view;
+        self.accepted_view = batch.view;
+        self.log_entries(batch.first_seq + skip as u64, &batch.entries[skip..]);
         self.last_batch = Some(batch);
-        self.send(
-            link,
-            ReplMsg::Ack {
-                view,
-                seq: self.applied,
-            },
-        );
+        // Acknowledged once durable: now, or when the disk says so.
+        self.send_ack(true);
         self.touch(link, now);
     }
 
@@ -1849,10 +2141,11 @@ impl Replica {
                     for e in b.entries.iter().skip(skip) {
                         self.apply(e);
                     }
+                    self.log_entries(b.first_seq + skip as u64, &b.entries[skip..]);
                     self.last_batch = Some(b);
                 }
                 Catchup::Snapshot => match TrackerState::decode_snapshot(&offer.snapshot) {
-                    Ok(state) => self.install(state, offer.applied),
+                    Ok(state) => self.install(state, offer.applied, offer.snapshot),
                     Err(e) => error!("tracker {}: bad snapshot: {e}", offer.from),
                 },
                 _ => error!(
@@ -1873,6 +2166,7 @@ impl Replica {
         );
         self.role = Role::Primary;
         self.accepted_view = self.claim.0;
+        self.sync_meta();
         // Bring lagging members up: they all answered with their position, but only the
         // latest batch (or the state) is at hand, so every member gets what it may lack.
         let members: Vec<u16> = self.members.iter().copied().collect();
@@ -1895,6 +2189,7 @@ impl Replica {
         self.in_flight = Some(InFlight {
             last_seq: self.applied,
             waiting,
+            write: self.written,
         });
         self.broadcast_status();
         self.out.push_back(ReplicaOut::Serving(true));
@@ -1922,6 +2217,8 @@ impl Replica {
         self.accepted_view = self.claim.0;
         self.members.clear();
         self.in_flight = None;
+        self.must_hear.clear();
+        self.sync_meta();
         self.out.push_back(ReplicaOut::Serving(true));
         self.broadcast_status();
         self.release_held();

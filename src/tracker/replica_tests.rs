@@ -82,6 +82,8 @@ use super::{Timings, SESSION_GRACE};
 use crate::net::ConnId;
 use crate::rng::SplitMix64;
 use crate::tracker::core::{Output, TrackerCore};
+use crate::tracker::disk::{LogRecord, Recovered};
+use crate::tracker::durable::{self, Persist};
 use crate::tracker::password::{self, PasswordJob, PasswordResult};
 use crate::tracker::state::{Op, Sharer, TrackerRef, TrackerState};
 use crate::wire::frame::{LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_HANDSHAKE_FRAME};
@@ -245,6 +247,78 @@ enum Event {
         incarnation: u64,
         conn: ConnId,
     },
+    /// A tracker's writes up to number `upto` are durable.
+    Durable {
+        no: u16,
+        incarnation: u64,
+        upto: u64,
+    },
+}
+
+/// A tracker's data directory: what its writes made durable (as the real one would recover
+/// it) and the writes of its running process still on the way. A process that dies loses
+/// some of those: a prefix of them may have reached the disk.
+#[derive(Debug, Default)]
+struct SimDisk {
+    rec: Recovered,
+    /// (write number, write) of the running process, not yet durable.
+    pending: std::collections::VecDeque<(u64, Persist)>,
+    /// Writes the running process asked for.
+    n_writes: u64,
+}
+
+impl SimDisk {
+    /// Makes a write durable, as the disk thread and recovery do (and checks the contract
+    /// the real disk thread enforces).
+    fn apply(&mut self, p: Persist) {
+        let r = &mut self.rec;
+        let snap = r.snapshot.as_ref().map_or(0, |s| s.0);
+        match p {
+            Persist::Entries { first_seq, entries } => {
+                assert_eq!(first_seq, r.last_seq + 1, "entries logged out of order");
+                let last_seq = first_seq + entries.len() as u64 - 1;
+                r.records.push(LogRecord {
+                    first_seq,
+                    last_seq,
+                    payload: durable::encode_entries_payload(&entries),
+                });
+                r.last_seq = last_seq;
+            }
+            Persist::Meta(m) => r.meta = Some(m.encode()),
+            Persist::Install { seq, state } => {
+                assert!(seq >= snap, "install below the snapshot");
+                r.records.retain(|x| x.last_seq <= seq);
+                r.snapshot = Some((seq, state));
+                r.last_seq = seq;
+            }
+            Persist::Compact { seq, state } => {
+                assert!(
+                    seq <= r.last_seq && seq >= snap,
+                    "snapshot of unlogged entries"
+                );
+                r.records.retain(|x| x.last_seq > seq);
+                r.snapshot = Some((seq, state));
+            }
+        }
+    }
+
+    fn make_durable(&mut self, upto: u64) {
+        while self.pending.front().is_some_and(|(n, _)| *n <= upto) {
+            let (_, p) = self.pending.pop_front().unwrap();
+            self.apply(p);
+        }
+    }
+
+    /// The process died: the first `keep` of its pending writes reached the disk.
+    fn die(&mut self, keep: usize) {
+        let upto = self
+            .pending
+            .get(keep.wrapping_sub(1))
+            .map_or(0, |(n, _)| *n);
+        self.make_durable(upto);
+        self.pending.clear();
+        self.n_writes = 0;
+    }
 }
 
 /// Events are ordered by time, then by a key that names them independently of when they were
@@ -411,6 +485,11 @@ struct Cluster {
     n_jobs: HashMap<ConnId, u64>,
     acked: Acked,
     stats: Stats,
+    /// Trackers keep their state on disk (and start from it).
+    durable: bool,
+    disks: Vec<SimDisk>,
+    /// The tracker that founded the service (started first).
+    founder: Option<u16>,
 }
 
 /// What happened in a run, to see that the faults really were exercised.
@@ -478,7 +557,26 @@ impl Cluster {
             n_jobs: HashMap::new(),
             acked: Acked::default(),
             stats: Stats::default(),
+            durable: false,
+            disks: (0..n).map(|_| SimDisk::default()).collect(),
+            founder: None,
         }
+    }
+
+    /// The same, keeping their state on disk.
+    fn new_durable(n: u16, seed: u64) -> Self {
+        Cluster {
+            durable: true,
+            ..Cluster::new(n, seed)
+        }
+    }
+
+    /// Tracker `no`'s process is gone: of its writes on the way, a random prefix reached
+    /// the disk.
+    fn disk_dies(&mut self, no: u16, incarnation: u64) {
+        let disk = &mut self.disks[usize::from(no - 1)];
+        let keep = (mix(self.seed, &[14, incarnation]) % (disk.pending.len() as u64 + 1)) as usize;
+        disk.die(keep);
     }
 
     fn at(&self, ms: Ms) -> Instant {
@@ -549,13 +647,31 @@ impl Cluster {
         }
         let incarnation = mix(self.seed, &[1, u64::from(no), self.n_starts]);
         let me = TrackerRef { no, incarnation };
-        let core = TrackerCore::new(
-            me,
-            self.n,
-            mix(self.seed, &[2, incarnation]),
-            self.timings,
-            self.instant(),
-        );
+        let core = if self.durable {
+            let disk = &mut self.disks[usize::from(no - 1)];
+            assert!(disk.pending.is_empty());
+            let mut restored = durable::restore(&disk.rec).expect("a simulated disk restores");
+            // The first tracker ever started founds the service (as the first tracker of a
+            // service does with its marker next to the key file).
+            let founder = *self.founder.get_or_insert(no);
+            restored.founder = founder == no;
+            TrackerCore::new_durable(
+                me,
+                self.n,
+                mix(self.seed, &[2, incarnation]),
+                self.timings,
+                self.instant(),
+                restored,
+            )
+        } else {
+            TrackerCore::new(
+                me,
+                self.n,
+                mix(self.seed, &[2, incarnation]),
+                self.timings,
+                self.instant(),
+            )
+        };
         self.trace(|| format!("tracker {no} starts (run {incarnation:x})"));
         self.trackers[usize::from(no - 1)] = Some(SimTracker {
             core,
@@ -580,6 +696,7 @@ impl Cluster {
             .unwrap_or_else(|| panic!("tracker {no} is already down"));
         self.trace(|| format!("tracker {no} crashes"));
         self.stats.crashes += 1;
+        self.disk_dies(no, t.incarnation);
         let node = Node::Tracker {
             no,
             incarnation: t.incarnation,
@@ -623,6 +740,7 @@ impl Cluster {
             return;
         };
         self.trace(|| format!("tracker {no} (hung) is killed"));
+        self.disk_dies(no, incarnation);
         let node = Node::Tracker { no, incarnation };
         for link in 0..self.links.len() {
             for end in 0..2 {
@@ -727,6 +845,26 @@ impl Cluster {
                         }
                         self.close_end(link, end, self.delays.message);
                     }
+                }
+                Output::Persist(p) => {
+                    assert!(
+                        self.durable,
+                        "tracker {no} wrote to a disk it does not have"
+                    );
+                    let disk = &mut self.disks[usize::from(no - 1)];
+                    disk.n_writes += 1;
+                    let n = disk.n_writes;
+                    self.trace(|| format!("tracker {no} writes #{n}: {}", short_persist(&p)));
+                    self.disks[usize::from(no - 1)].pending.push_back((n, p));
+                    let delay = in_range(mix(self.seed, &[13, incarnation, n]), (1, 6));
+                    self.queue(
+                        (self.now + delay, 5, incarnation, n, 0),
+                        Event::Durable {
+                            no,
+                            incarnation,
+                            upto: n,
+                        },
+                    );
                 }
                 Output::Password(conn, job) => {
                     let n = self.n_jobs.entry(conn).or_insert(0);
@@ -981,6 +1119,20 @@ impl Cluster {
                 }
             }
             Event::Connect { client } => self.client_connect(client),
+            Event::Durable {
+                no,
+                incarnation,
+                upto,
+            } => {
+                if self.tracker_mut(no, incarnation).is_none() {
+                    return;
+                }
+                self.disks[usize::from(no - 1)].make_durable(upto);
+                if let Some(core) = self.tracker_mut(no, incarnation) {
+                    core.handle_durable(upto);
+                    self.pump(no);
+                }
+            }
             Event::Accept {
                 no,
                 incarnation,
@@ -1004,9 +1156,10 @@ impl Cluster {
                     Node::Client(_) => None,
                 }
             }
-            Event::Dial { no, .. } | Event::Password { no, .. } | Event::Accept { no, .. } => {
-                Some(*no)
-            }
+            Event::Dial { no, .. }
+            | Event::Password { no, .. }
+            | Event::Accept { no, .. }
+            | Event::Durable { no, .. } => Some(*no),
             Event::Connect { .. } => None,
         }
     }
@@ -1890,6 +2043,21 @@ impl Cluster {
 
 fn count<T: PartialEq>(items: &[T], x: &T) -> usize {
     items.iter().filter(|i| *i == x).count()
+}
+
+/// A write for the trace, without its bytes.
+fn short_persist(p: &Persist) -> String {
+    match p {
+        Persist::Entries { first_seq, entries } => {
+            format!(
+                "entries {first_seq}..={}",
+                first_seq + entries.len() as u64 - 1
+            )
+        }
+        Persist::Meta(m) => format!("{m:?}"),
+        Persist::Install { seq, .. } => format!("install after {seq}"),
+        Persist::Compact { seq, .. } => format!("snapshot after {seq}"),
+    }
 }
 
 /// A peer message for the trace, without snapshot bytes.
@@ -2781,6 +2949,8 @@ struct Faults {
     restart: usize,
     cut: usize,
     freeze: usize,
+    /// Every tracker killed at once (with disks only).
+    outage: usize,
 }
 
 impl Faults {
@@ -2793,14 +2963,32 @@ impl Faults {
             restart: 3 + h(3) % 5,
             cut: h(4) % 6,
             freeze: h(5) % 3,
+            outage: h(6) % 2,
         }
     }
 }
 
-fn random_run(seed: u64, steps: usize) -> Cluster {
-    let n = 2 + (mix(seed, &[0]) % 3) as u16;
+/// A random run; with `durable`, trackers keep their state on disk, may all be killed at
+/// once (an outage), and any may be killed at any time.
+fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
+    let n = if durable {
+        1 + (mix(seed, &[0]) % 4) as u16
+    } else {
+        2 + (mix(seed, &[0]) % 3) as u16
+    };
     let f = Faults::draw(seed);
-    let mut cl = Cluster::new(n, seed);
+    let mut cl = if durable {
+        Cluster::new_durable(n, seed)
+    } else {
+        Cluster::new(n, seed)
+    };
+    let may_crash = |cl: &Cluster, no: u16| {
+        if durable {
+            cl.is_up(no)
+        } else {
+            cl.may_crash(no)
+        }
+    };
     // Some trackers start at once, the others later (as restarts do).
     let first = cl.rng.between(1, usize::from(n)) as u16;
     cl.start(first);
@@ -2822,15 +3010,22 @@ fn random_run(seed: u64, steps: usize) -> Cluster {
             hit
         };
         if roll(f.crash) {
-            if cl.may_crash(no) {
+            if may_crash(&cl, no) {
                 cl.crash(no);
+            }
+        } else if durable && roll(f.outage) {
+            for no in 1..=n {
+                if cl.is_up(no) {
+                    cl.crash(no);
+                }
+                cl.kill_hung(no);
             }
         } else if roll(f.hang) {
             if cl.may_crash(no) {
                 cl.hang(no);
             }
         } else if roll(f.bounce) {
-            if cl.may_crash(no) {
+            if may_crash(&cl, no) {
                 // Killed and started again at once: the others may still hold its old links.
                 cl.crash(no);
                 cl.start(no);
@@ -2859,7 +3054,8 @@ fn random_run(seed: u64, steps: usize) -> Cluster {
         cl.run_for(ms);
     }
     // Quiescence: maybe bring every tracker back, let everything finish, then check.
-    let restart = cl.rng.percent(50);
+    // (With disks, a tracker waits for the trackers it last served with: all come back.)
+    let restart = cl.rng.percent(50) || durable;
     for no in 1..=n {
         if restart && !cl.is_up(no) {
             cl.start(no);
@@ -2874,17 +3070,21 @@ fn random_run(seed: u64, steps: usize) -> Cluster {
 }
 
 fn random_runs(seeds: std::ops::Range<u64>, steps: usize) {
+    random_runs_with(seeds, steps, false)
+}
+
+fn random_runs_with(seeds: std::ops::Range<u64>, steps: usize, durable: bool) {
     if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         if !seeds.contains(&seed) {
             return;
         }
-        random_run(seed, steps);
+        random_run_with(seed, steps, durable);
         return;
     }
     let mut total = Stats::default();
     let mut failed = Vec::new();
     for seed in seeds.clone() {
-        match catch_unwind(AssertUnwindSafe(|| random_run(seed, steps))) {
+        match catch_unwind(AssertUnwindSafe(|| random_run_with(seed, steps, durable))) {
             Ok(cl) => total.add(&cl.stats),
             Err(_) => failed.push(seed),
         }
@@ -2909,6 +3109,23 @@ fn random_clusters_a() {
 #[test]
 fn random_clusters_b() {
     random_runs(100..200, STEPS);
+}
+
+/// Trackers with disks: any may be killed at any time, all at once too, and come back
+/// from what their disk held.
+#[test]
+fn random_durable_clusters_a() {
+    random_runs_with(20_000..20_100, STEPS, true);
+}
+
+#[test]
+fn random_durable_clusters_b() {
+    random_runs_with(20_100..20_200, STEPS, true);
+}
+
+#[test]
+fn random_durable_long_runs() {
+    random_runs_with(30_000..30_030, 4 * STEPS, true);
 }
 
 /// Longer runs: more views, restarts and sessions moving between them.
@@ -2937,4 +3154,20 @@ fn random_clusters_soak() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
     random_runs(from..from + n, 4 * STEPS);
+}
+
+/// The same with disks: `SIM_SOAK=<seeds> cargo test --release --lib
+/// random_durable_soak -- --ignored` (`SIM_FROM` as above).
+#[test]
+#[ignore]
+fn random_durable_soak() {
+    let n: u64 = std::env::var("SIM_SOAK")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let from: u64 = std::env::var("SIM_FROM")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_000_000);
+    random_runs_with(from..from + n, 4 * STEPS, true);
 }

@@ -414,7 +414,7 @@ pub fn decode_entry(r: &mut Reader<'_>) -> Result<Entry, DecodeError> {
 }
 
 /// `u32 n | entry * n`.
-fn entries(r: &mut Reader<'_>) -> Result<Vec<Entry>, DecodeError> {
+pub fn decode_entries(r: &mut Reader<'_>) -> Result<Vec<Entry>, DecodeError> {
     let n = r.count(MIN_ENTRY_LEN)?;
     let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
@@ -423,7 +423,7 @@ fn entries(r: &mut Reader<'_>) -> Result<Vec<Entry>, DecodeError> {
     Ok(entries)
 }
 
-fn put_entries(out: &mut Vec<u8>, entries: &[Entry]) {
+pub fn encode_entries(out: &mut Vec<u8>, entries: &[Entry]) {
     put_count(out, entries.len());
     for e in entries {
         encode_entry(out, e);
@@ -436,14 +436,14 @@ impl Batch {
         Ok(Batch {
             view: r.u64()?,
             first_seq: r.u64()?,
-            entries: entries(r)?,
+            entries: decode_entries(r)?,
         })
     }
 
     fn emit(&self, out: &mut Vec<u8>) {
         put_u64(out, self.view);
         put_u64(out, self.first_seq);
-        put_entries(out, &self.entries);
+        encode_entries(out, &self.entries);
     }
 }
 
@@ -480,7 +480,7 @@ impl ReplMsg {
             }),
             ty::HEARTBEAT => ReplMsg::Heartbeat,
             ty::FORWARD => ReplMsg::Forward {
-                entries: entries(&mut r)?,
+                entries: decode_entries(&mut r)?,
             },
             ty::BATCH => ReplMsg::Batch(Batch::parse(&mut r)?),
             ty::ACK => ReplMsg::Ack {
@@ -576,7 +576,7 @@ impl ReplMsg {
                 put_u16(out, *primary);
             }
             ReplMsg::Heartbeat | ReplMsg::JoinRequest => {}
-            ReplMsg::Forward { entries } => put_entries(out, entries),
+            ReplMsg::Forward { entries } => encode_entries(out, entries),
             ReplMsg::Batch(batch) => batch.emit(out),
             ReplMsg::Ack { view, seq } | ReplMsg::Commit { view, seq } => {
                 put_u64(out, *view);

@@ -810,3 +810,44 @@ fn random_histories_recover_exactly_across_reopens() {
         }
     }
 }
+
+#[test]
+fn an_install_voids_the_records_past_it_and_the_log_goes_on_after_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let other = |first, last| LogRecord {
+        payload: format!("other {first}..={last}").into_bytes(),
+        ..rec(first, last)
+    };
+    run(
+        &dir,
+        vec![
+            DiskMsg::Append(rec(1, 3)),
+            DiskMsg::Append(rec(4, 5)),
+            // The service kept another history from entry 4 on.
+            DiskMsg::Install(3, b"state@3".to_vec()),
+            DiskMsg::Append(other(4, 4)),
+        ],
+    );
+    let (data, recovered) = open(&dir);
+    assert_eq!(recovered.snapshot, Some((3, b"state@3".to_vec())));
+    let tail: Vec<&LogRecord> = recovered
+        .records
+        .iter()
+        .filter(|r| r.last_seq > 3)
+        .collect();
+    assert_eq!(tail, vec![&other(4, 4)]);
+    assert_eq!(recovered.last_seq, 4);
+    // A state from far ahead: the log continues after it.
+    run_with(
+        data,
+        vec![
+            DiskMsg::Install(10, b"state@10".to_vec()),
+            DiskMsg::Append(rec(11, 12)),
+        ],
+    );
+    let (_, recovered) = open(&dir);
+    assert_eq!(recovered.snapshot, Some((10, b"state@10".to_vec())));
+    assert_eq!(recovered.records, vec![rec(11, 12)]);
+    assert_eq!(recovered.last_seq, 12);
+}

@@ -311,6 +311,42 @@ impl DataDir {
     }
 }
 
+/// Whether the tracker of data directory `data_dir` founds the service: the first tracker
+/// to start on an empty data directory with this service key does, and writes its data
+/// directory into `marker` (a file beside the key file, created exclusively and fsync'd);
+/// a later start of the same tracker still founds it (it may have died before writing
+/// anything). Any other tracker without state waits to join the service (see `Replica`).
+/// `empty`: the data directory holds nothing yet.
+pub fn found_service(marker: &Path, data_dir: &Path, empty: bool) -> Result<bool, DiskError> {
+    let me = data_dir.to_string_lossy().into_owned();
+    match fs::read_to_string(marker) {
+        Ok(named) => return Ok(named.trim_end() == me),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(marker, "read the service's founder marker")(e)),
+    }
+    if !empty {
+        return Ok(false);
+    }
+    let created = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(marker);
+    let mut file = match created {
+        Ok(f) => f,
+        // Another tracker got there first.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(io_err(marker, "create the service's founder marker")(e)),
+    };
+    writeln!(file, "{me}")
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(marker, "write the service's founder marker"))?;
+    if let Some(dir) = marker.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(true)
+}
+
 /// Fsyncs a directory, so that the names created, renamed or removed in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), DiskError> {
     File::open(dir)

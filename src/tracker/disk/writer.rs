@@ -54,6 +54,12 @@ pub enum DiskMsg {
     /// the previous snapshot is dropped (the two newest snapshots are kept, so a damaged
     /// newest one is survivable).
     Snapshot(u64, Vec<u8>),
+    /// The state after entry `seq` was taken from another tracker: every record holding an
+    /// entry past `seq` is void (a truncation marker), the snapshot is written (and fsync'd)
+    /// before anything after it, and the log goes on from `seq + 1`. Durable, like an
+    /// append, with the group commit that covers it. `seq` must not be below the newest
+    /// snapshot, and the first void record must start above it.
+    Install(u64, Vec<u8>),
 }
 
 /// Names a message sent to the disk thread; tickets grow by one per message.
@@ -197,7 +203,7 @@ impl DiskHandle {
         let size = match &msg {
             DiskMsg::Append(r) => r.payload.len(),
             DiskMsg::SetMeta(m) => m.len(),
-            DiskMsg::Snapshot(_, s) => s.len(),
+            DiskMsg::Snapshot(_, s) | DiskMsg::Install(_, s) => s.len(),
             DiskMsg::TruncateFrom(_) => 0,
         } as u64;
         let ticket = Ticket(self.next_ticket);
@@ -517,6 +523,41 @@ impl Writer {
                 } else {
                     self.send_job(seq, state);
                 }
+            }
+            DiskMsg::Install(seq, state) => {
+                self.queued.fetch_sub(state.len() as u64, Ordering::Relaxed);
+                let newest = self.newest_snapshot();
+                if seq < newest {
+                    return Err(DiskError::Misuse(format!(
+                        "install of the state after seq {seq}, below the snapshot of seq {newest}"
+                    )));
+                }
+                if self.log.last_seq > seq {
+                    // Records past `seq` belong to a history the service did not keep.
+                    let from = self
+                        .log
+                        .tail_bounds
+                        .iter()
+                        .find(|b| b.1 > seq)
+                        .map(|b| b.0)
+                        .ok_or_else(|| {
+                            DiskError::Misuse(format!(
+                                "install after seq {seq}: the records past it are not known"
+                            ))
+                        })?;
+                    self.handle(DiskMsg::TruncateFrom(from))?;
+                }
+                if seq > newest {
+                    self.sync()?;
+                    write_snapshot(&self.log.dir, seq, &state)?;
+                    if self.queued_snapshot.as_ref().is_some_and(|q| q.0 <= seq) {
+                        self.queued_snapshot = None;
+                    }
+                    self.snapshots_done.push(seq);
+                }
+                self.log.last_seq = seq;
+                self.log.tail_bounds.clear();
+                self.bounds_dropped = false;
             }
         }
         Ok(())
