@@ -1359,9 +1359,12 @@ impl Replica {
             l.status = Some(status);
         }
         if let ReplStatus::Starting { view, applied } = status {
-            // A tracker this one waits for that is further on stays waited for: if it dies
-            // before it starts the service, its state is still the one to start from.
-            if (view, applied) <= (self.accepted_view, self.applied) {
+            // A tracker further on than this one holds the state to start from: if it dies
+            // before it starts the service, this one still waits for it (its changes may
+            // have been acknowledged). One that is not further on has been heard.
+            if (view, applied) > (self.accepted_view, self.applied) {
+                self.must_hear.insert(from);
+            } else {
                 self.must_hear.remove(&from);
             }
         }
