@@ -658,3 +658,135 @@ fn a_frozen_primary_rejoins_and_every_tracker_lists_every_acknowledged_change() 
         }
     }
 }
+
+/// Every tracker killed with SIGKILL at once, while a client writes, then started again in the
+/// other order: the service comes back with every change it acknowledged, and the client goes
+/// on with its session (its token is durable state too) without logging in again.
+#[test]
+fn every_tracker_killed_at_once_and_restarted_in_the_other_order_loses_nothing() {
+    let mut cluster = Cluster::start(3);
+    let all = cluster.info_for(&[1, 2, 3]);
+    let mut writer = new_user(&all, None, false, "kim");
+    let mut acked = Vec::new();
+    for i in 0..40 {
+        let group = format!("k{i:02}");
+        writer.cmd(
+            &format!("create_group {group}"),
+            &[&format!("group {group} created")],
+        );
+        acked.push(group);
+    }
+    // One more in flight when the trackers die: it may or may not have been applied.
+    writer.send("create_group k-last");
+    let others = [cluster.pid(2), cluster.pid(3)];
+    cluster.kill9_with(1, &others);
+    cluster.kill9(2);
+    cluster.kill9(3);
+    match writer.next_any_within(STEP) {
+        Ok(line) => assert_eq!(line, "group k-last created"),
+        Err(e) => assert!(e.starts_with("error: "), "{e}"),
+    }
+    // Tracker 3 alone does not start the service: its disk says it served with the others,
+    // which may hold newer changes.
+    cluster.restart_listening(3);
+    cluster.restart_listening(2);
+    cluster.restart(1);
+    // The session goes on: a change without a new login.
+    writer.cmd("create_group k-after", &["group k-after created"]);
+    acked.push("k-after".to_owned());
+    for no in 1..=3 {
+        let out = Client::new(&cluster.info_for(&[no])).run(&[
+            &format!("create_user check{no} pw"),
+            &format!("login check{no} pw"),
+            "list_groups",
+        ]);
+        let listed: std::collections::HashSet<&str> = out
+            .stdout
+            .iter()
+            .filter_map(|l| l.split('\t').next())
+            .collect();
+        for g in &acked {
+            assert!(
+                listed.contains(g.as_str()),
+                "tracker {no} does not list acknowledged group {g}: {out:#?}\n{}",
+                cluster.logs()
+            );
+        }
+    }
+}
+
+/// The quick start's single tracker, killed and started again, keeps its users, groups and
+/// files.
+#[test]
+fn a_single_tracker_killed_and_restarted_keeps_its_state() {
+    let mut cluster = Cluster::start(1);
+    let info = cluster.info_for(&[1]);
+    let (_files, dir) = tempdir();
+    let mut alice = new_user(&info, Some(&dir), false, "alice");
+    alice.cmd("create_group team", &["group team created"]);
+    let f = make_file(&dir.join("f.bin"), 600_000, 7);
+    cmd_lines(
+        &mut alice,
+        "upload_file f.bin team",
+        &[uploaded("f.bin", "team", f.len())],
+    );
+    drop(alice);
+    cluster.kill9(1);
+    cluster.restart(1);
+    let out = Client::new(&info).run(&["login alice pw", "list_groups", "list_files team"]);
+    assert_eq!(
+        out.errors,
+        Vec::<String>::new(),
+        "{out:#?}\n{}",
+        cluster.logs()
+    );
+    assert_eq!(out.stdout[0], "logged in as alice");
+    assert!(
+        out.stdout
+            .contains(&group_line("team", "alice", 1, "owner")),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout.iter().any(|l| l.starts_with("f.bin\t")),
+        "{out:#?}"
+    );
+}
+
+/// A tracker killed first misses the changes acknowledged after it died. When every tracker
+/// is down and it starts first, it does not start the service with its older state: it waits
+/// for the tracker it last served with, then takes the newer state from it.
+#[test]
+fn a_tracker_that_missed_changes_waits_for_the_one_that_has_them() {
+    let mut cluster = Cluster::start(2);
+    let all = cluster.info_for(&[1, 2]);
+    let mut writer = new_user(&all, None, false, "lee");
+    writer.cmd("create_group before", &["group before created"]);
+    cluster.kill9(2);
+    writer.cmd("create_group only-on-1", &["group only-on-1 created"]);
+    drop(writer);
+    cluster.kill9(1);
+    cluster.restart_listening(2);
+    let addr2 = cluster.addrs[1];
+    // Longer than a starting tracker's discovery time (3 s).
+    let early = common::probe_welcome(addr2, Instant::now() + Duration::from_secs(5));
+    assert!(
+        early.is_err(),
+        "tracker 2 served with its older state while tracker 1 was down\n{}",
+        cluster.logs()
+    );
+    cluster.restart(1);
+    common::probe_welcome(addr2, Instant::now() + STEP)
+        .unwrap_or_else(|e| panic!("tracker 2 does not serve: {e}\n{}", cluster.logs()));
+    for no in 1..=2 {
+        let out = Client::new(&cluster.info_for(&[no])).run(&[
+            "create_user check pw",
+            "login check pw",
+            "list_groups",
+        ]);
+        assert!(
+            out.stdout.iter().any(|l| l.starts_with("only-on-1\t")),
+            "tracker {no}: {out:#?}\n{}",
+            cluster.logs()
+        );
+    }
+}
