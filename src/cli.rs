@@ -35,6 +35,10 @@ pub struct TrackerLine {
 /// Parses `tracker_info.txt`: one tracker per line, `IP:PORT` or `IP PORT`, optionally
 /// followed by the service's public key (`ed25519:...`, as the tracker prints it); blank lines
 /// and lines starting with `#` are ignored.
+/// Most trackers in a tracker file: a starting tracker names the trackers it waits for in one
+/// 64-bit set (see `wire::replication::ReplStatus`).
+pub const MAX_TRACKERS: usize = 64;
+
 pub fn parse_tracker_lines(text: &str) -> Result<Vec<TrackerLine>, CliError> {
     let mut trackers = Vec::new();
     for (n, raw) in text.lines().enumerate() {
@@ -74,6 +78,12 @@ pub fn parse_tracker_lines(text: &str) -> Result<Vec<TrackerLine>, CliError> {
     }
     if trackers.is_empty() {
         return Err(CliError("tracker info file lists no tracker".into()));
+    }
+    if trackers.len() > MAX_TRACKERS {
+        return Err(CliError(format!(
+            "tracker info file lists {} trackers (at most {MAX_TRACKERS})",
+            trackers.len()
+        )));
     }
     Ok(trackers)
 }
@@ -210,6 +220,13 @@ mod tests {
         assert!(parse_tracker_info("1.2.3.4:80 extra").is_err());
         assert!(parse_tracker_info("1.2.3.4 80 ed25519:short").is_err());
         assert!(parse_tracker_info("1.2.3.4 80 ed25519:AAAA extra").is_err());
+        let lines = |n: usize| {
+            (0..n)
+                .map(|i| format!("127.0.0.1:{}\n", 6000 + i))
+                .collect::<String>()
+        };
+        assert_eq!(parse_tracker_info(&lines(MAX_TRACKERS)).unwrap().len(), 64);
+        assert!(parse_tracker_info(&lines(MAX_TRACKERS + 1)).is_err());
     }
 
     #[test]

@@ -52,6 +52,23 @@
 //!   starting tracker that keeps its state. It serves again only after it has linked again and
 //!   learned the current view (joining the primary), or, if nobody serves, after the rule
 //!   above makes it the one to start.
+//! - **Durability.** Every entry a tracker applies is written to its data directory
+//!   ([`ReplicaOut::Persist`], in order) before it counts: a backup acknowledges a batch only
+//!   once its write (and the metadata before it) is durable ([`Replica::handle_durable`]), and
+//!   the primary commits a batch only once every member acknowledged it and its own write is
+//!   durable. The metadata ([`Meta`]) holds the highest view claimed, the view of the state,
+//!   and the trackers this one last served with (a primary's members and the trackers it is
+//!   giving the state to, written before they get it; a backup's primary). A state taken
+//!   from another tracker is written as a snapshot that voids the log past it.
+//! - **Restarts from disk.** A tracker starts from its snapshot and log, as a starting
+//!   tracker. It does not start the service with its state while any tracker that may hold
+//!   changes acknowledged after it stopped is not up and heard from: the trackers its disk
+//!   says it last served with, any tracker that said it was further on or served in a later
+//!   view, and whoever a starting tracker says it waits for (the `waiting` set of its status,
+//!   so the wait is transitive). A stalled tracker waits the same way for those it served
+//!   with. A tracker with an empty disk starts the service only if it founded it (the first
+//!   tracker to start with this service key, named in a marker file beside the key): any
+//!   other waits to join, since the trackers holding the service's state may all be down.
 //! - **Sessions of dead trackers.** The primary gives the sessions held by a tracker run that
 //!   is not live (dead, an earlier run of a restarted tracker, or a tracker's run before its
 //!   stall) a grace period to move elsewhere (clients resume with their token); then it ends
@@ -61,8 +78,11 @@
 //!
 //! 1. Every live tracker's state is a prefix of the primary's sequence of entries, applied in
 //!    order; members are at most one batch behind the primary.
-//! 2. A change is answered only after every live member holds it, so an acknowledged change
-//!    survives any crash that leaves one tracker up.
+//! 2. A change is answered only after every live member holds it durably (fsync'd), so an
+//!    acknowledged change survives any crash that leaves one tracker up, and a crash of every
+//!    tracker at once: the service restarts from the most advanced durable state of the
+//!    trackers that come up, never from an older one while a tracker that may hold a newer
+//!    one is missing (such a tracker is waited for, however long).
 //! 3. A change is applied at most once per client request id: answers are remembered in the
 //!    replicated state (the last [`super::state::MAX_ANSWERS_PER_CLIENT`] per client), and a
 //!    request older than all of them is not applied. A tracker's own changes are named the
@@ -78,12 +98,15 @@
 //! Covered (pinned by the simulated cluster in `replica_tests.rs`, randomized with all of
 //! these at once): process crashes (kill -9), hangs (heartbeat timeout), freezes of 0.5-3 s
 //! and their thaw (SIGSTOP/SIGCONT: frames wait, timers fire late, the others have moved on),
-//! restarts, several trackers dying one after the other, as long as one tracker stays up.
-//! Not covered: network partitions that last (two halves would each keep a primary: the
+//! restarts, several trackers dying one after the other; with disks, also every tracker
+//! killed at once (a random prefix of the writes in flight reaching the disk) and restarted
+//! from its disk in any order. Not covered: network partitions that last (two halves would each keep a primary: the
 //! side that did not stall has no way to tell a dead peer from a cut one), and a stall
 //! shorter than [`STALL_LIMIT`] that the others nevertheless took for a death (a message
-//! delay of more than ~100 ms on top of it). Nothing is kept on disk yet, so the service's
-//! state is lost if every tracker stops at once.
+//! delay of more than ~100 ms on top of it). Availability is traded for that: if a tracker
+//! that may hold the newest state never comes back (its disk is lost), the others wait for it
+//! for ever (the operator must bring it back, or remove the data directories and start
+//! again). A disk that lies about fsync is not covered.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -324,9 +347,10 @@ pub struct Replica {
     /// The metadata last written, and the number of that write.
     meta: Meta,
     meta_write: u64,
-    /// Recovered from disk: the trackers this one last served with. Any of them may hold
-    /// changes acknowledged after this tracker stopped, so it does not start the service
-    /// with its own state before each has told where it stands.
+    /// Trackers that may hold changes acknowledged after this tracker's state: those it last
+    /// served with (from its disk, or at a stall), and those others said were further on or
+    /// waited for. It does not start the service with its own state before each is linked and
+    /// has told where it stands (see `decide`). Cleared once it serves.
     must_hear: BTreeSet<u16>,
     /// Whether the wait for `must_hear` was logged.
     told_must_hear: bool,
@@ -339,6 +363,8 @@ pub struct Replica {
     last_ack: Option<((u64, u16), u64)>,
     /// The primary asked for an acknowledgement that waits for the disk.
     ack_owed: bool,
+    /// The status last broadcast.
+    last_status: Option<ReplStatus>,
     /// Entries and bytes of entries logged since the last snapshot.
     since_snapshot: (u64, usize),
 }
@@ -459,6 +485,7 @@ impl Replica {
             founder: true,
             last_ack: None,
             ack_owed: false,
+            last_status: None,
             since_snapshot: (0, 0),
         };
         if let Some(restored) = restored {
@@ -552,6 +579,10 @@ impl Replica {
             // Whatever the handler changed of the view, the claim or the members is written
             // once it is done (the places that need it durable write it earlier).
             self.sync_meta();
+            // A starting tracker tells the others whenever what it waits for changes.
+            if !self.is_serving() && self.last_status != Some(self.status()) {
+                self.broadcast_status();
+            }
         }
         self.out.pop_front()
     }
@@ -1145,7 +1176,9 @@ impl Replica {
                 .peer_link
                 .get(&self.claim.1)
                 .and_then(|link| self.links.get(link))
-                .is_some_and(|l| matches!(l.status, Some(ReplStatus::Serving { .. })))
+                // (A link that said hello and not yet its status: the status follows at
+                // once; until it comes, the primary there is taken as still serving.)
+                .is_some_and(|l| matches!(l.status, None | Some(ReplStatus::Serving { .. })))
     }
 
     /// Whether the tracker of the claim this tracker follows still stands for it: linked and
@@ -1163,6 +1196,7 @@ impl Replica {
 
     fn broadcast_status(&mut self) {
         let status = self.status();
+        self.last_status = Some(status);
         let links: Vec<ConnId> = self.peer_link.values().copied().collect();
         for link in links {
             self.send(link, ReplMsg::Status(status));
@@ -1179,6 +1213,11 @@ impl Replica {
             ReplStatus::Starting {
                 view: self.accepted_view,
                 applied: self.applied,
+                waiting: self
+                    .must_hear
+                    .iter()
+                    .filter(|no| (1..=64).contains(*no))
+                    .fold(0, |bits, no| bits | 1 << (no - 1)),
             }
         }
     }
@@ -1358,27 +1397,35 @@ impl Replica {
         if let Some(l) = self.links.get_mut(&link) {
             l.status = Some(status);
         }
-        if let ReplStatus::Starting { view, applied } = status {
-            // A tracker further on than this one holds the state to start from: if it dies
-            // before it starts the service, this one still waits for it (its changes may
-            // have been acknowledged). One that is not further on has been heard.
-            if (view, applied) > (self.accepted_view, self.applied) {
-                self.must_hear.insert(from);
-            } else {
-                self.must_hear.remove(&from);
-            }
-        }
-        if let ReplStatus::Serving { view, primary } = status {
-            if primary == from && beats((view, primary), self.claim) {
-                // A primary whose takeover did not include this tracker: its state may be
-                // ahead of ours, so take its state.
-                info!("tracker {from} is primary of view {view}; taking its state");
-                if self.is_serving() {
-                    self.stop_serving();
+        // Who may hold a state further on than this one's, and must be heard before this
+        // tracker starts the service with its own: a tracker further on (if it dies before
+        // it starts the service, its changes may still have been acknowledged), one serving
+        // in a later view than this tracker's state, and whoever a starting tracker says it
+        // waits for (it knows of a tracker further on than itself, maybe than this one too).
+        // The set only grows until this tracker serves; `decide` waits while a tracker of it
+        // is not linked and heard from.
+        if self.persistent && !self.is_serving() {
+            match status {
+                ReplStatus::Starting {
+                    view,
+                    applied,
+                    waiting,
+                } => {
+                    if (view, applied) > (self.accepted_view, self.applied) {
+                        self.must_hear.insert(from);
+                    }
+                    let n = self.n_trackers.min(64);
+                    for no in (1..=n).filter(|no| waiting & (1 << (no - 1)) != 0) {
+                        if no != self.me.no {
+                            self.must_hear.insert(no);
+                        }
+                    }
                 }
-                self.claim = (view, primary);
-                self.join(primary);
-                return;
+                ReplStatus::Serving { view, .. } => {
+                    if view > self.accepted_view {
+                        self.must_hear.insert(from);
+                    }
+                }
             }
         }
         match self.role {
@@ -1395,6 +1442,10 @@ impl Replica {
     fn decide(&mut self, now: Instant) {
         if self.role != Role::Starting {
             return;
+        }
+        if !self.persistent {
+            // Without disks a tracker that is down holds nothing: nobody is waited for.
+            self.must_hear.clear();
         }
         let mut unknown = false;
         let mut primaries = Vec::new();
@@ -1414,7 +1465,7 @@ impl Replica {
                         primaries.push((view, primary));
                     }
                 }
-                Some(ReplStatus::Starting { view, applied }) => {
+                Some(ReplStatus::Starting { view, applied, .. }) => {
                     any_starting = true;
                     let theirs = (view, applied);
                     ahead_starting |=
@@ -1458,14 +1509,27 @@ impl Replica {
             );
             return;
         }
-        if !self.must_hear.is_empty() {
-            // This tracker's disk says it last served with these: they may have gone on
-            // acknowledging changes after it stopped, so its state may be older than
-            // theirs. It waits for them, however long that takes.
+        let unheard: Vec<u16> = self
+            .must_hear
+            .iter()
+            .copied()
+            .filter(|no| {
+                !self
+                    .peer_link
+                    .get(no)
+                    .and_then(|link| self.links.get(link))
+                    .is_some_and(|l| l.status.is_some())
+            })
+            .collect();
+        if !unheard.is_empty() {
+            // These may have acknowledged changes after this tracker's state (its disk says
+            // it last served with them, or a tracker said it was further on or waits for
+            // them): starting with its state could lose those. It waits for them to be up
+            // and say where they stand, however long that takes.
             if !std::mem::replace(&mut self.told_must_hear, true) {
                 warn!(
-                    "not starting the service with this tracker's state (entry {}) until trackers {:?}, which it last served with, are up",
-                    self.applied, self.must_hear
+                    "not starting the service with this tracker's state (entry {}) until trackers {unheard:?}, which may hold newer changes, are up",
+                    self.applied
                 );
             }
             return;
@@ -2027,6 +2091,10 @@ impl Replica {
         }
         self.claim = (view, from);
         self.takeover_deadline = None;
+        if view > self.accepted_view && !self.is_serving() {
+            // It may go on to acknowledge changes in that view (see `on_status`).
+            self.must_hear.insert(from);
+        }
         if !self.is_serving() {
             self.send(
                 link,

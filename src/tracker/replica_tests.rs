@@ -30,8 +30,13 @@
 //!   others find out by heartbeat timeout; its clients only when it is killed, at its
 //!   restart). A restart is a new `TrackerCore` with a new incarnation and an empty state,
 //!   sometimes at once after the kill ("bounce"), so that the others still hold links of the
-//!   previous run. The last tracker holding the state (the last serving one) is never crashed
-//!   or hung: the fault model needs one tracker up, and nothing is kept on disk. Dialing a
+//!   previous run. Without disks the last tracker holding the state (the last serving one)
+//!   is never crashed or hung: that fault model needs one tracker up. With disks
+//!   (`Cluster::new_durable`) every write a tracker asks for becomes durable after a short
+//!   random delay (events handled like any other, so a frozen tracker's disk waits too); a
+//!   killed process loses its writes in flight but a random prefix of them; a restart
+//!   recovers from the disk through the same `durable::restore` as the real tracker; any
+//!   tracker may be killed at any time, and all at once (an outage). Dialing a
 //!   tracker that is down fails after a short delay; dialing a hung one connects to silence.
 //!   Password jobs (Argon2) run in the harness after a random delay, memoized for the whole
 //!   test binary because Argon2 is slow.
@@ -70,7 +75,7 @@
 //! see the replica's module doc), hung trackers that resume after being declared dead, lost or
 //! reordered bytes inside a connection, frames split across reads (the `net` layer's
 //! concern), client-side timeouts (a client of a hung tracker waits until it is killed),
-//! disks, and the real drivers' threads and their `Instant::now()`.
+//! disks that lose fsync'd data, and the real drivers' threads and their `Instant::now()`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};

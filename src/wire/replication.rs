@@ -30,7 +30,7 @@
 //! Frames (after `u32 length | u8 type`):
 //! - `0x01` Hello: `u32 magic | u16 version | u8 role (2) | tracker_ref`
 //! - `0x40` Status: `u8 serving (0|1) | u64 view | (u16 primary if serving, else u64
-//!   applied)`
+//!   applied | u64 waiting)`
 //! - `0x41` Heartbeat: no fields
 //! - `0x42` Forward: `u32 n | entry * n`
 //! - `0x43` Batch: `batch`
@@ -66,7 +66,15 @@ pub enum ReplStatus {
     /// state it holds: the view in which it last accepted entries (or a state), and how many
     /// entries it has applied. Among trackers that find nobody serving, the one whose state is
     /// furthest on starts the service.
-    Starting { view: u64, applied: u64 },
+    ///
+    /// `waiting` names (bit `no - 1` for tracker `no`, trackers 1 to 64) the trackers it waits
+    /// for before it may start the service: they may hold a state further on than its own.
+    /// Whoever counts on this tracker's position waits for them too.
+    Starting {
+        view: u64,
+        applied: u64,
+        waiting: u64,
+    },
     /// Serving clients in `view`, whose primary is tracker `primary`.
     Serving { view: u64, primary: u16 },
 }
@@ -96,7 +104,7 @@ pub enum ReplMsg {
     /// `0x01`: `u32 magic | u16 version | u8 role (2) | u16 tracker_no | u64 incarnation`: the
     /// accepting side's answer to a tracker's handshake.
     Hello { version: u16, tracker: TrackerRef },
-    /// `0x40`: `u8 serving | u64 view | (u16 primary | u64 applied)`: the sender's status,
+    /// `0x40`: `u8 serving | u64 view | (u16 primary | u64 applied u64 waiting)`: the sender's status,
     /// sent first and whenever it changes.
     Status(ReplStatus),
     /// `0x41`: no fields; sent when a link has been quiet for a while.
@@ -476,6 +484,7 @@ impl ReplMsg {
                 ReplStatus::Starting {
                     view: r.u64()?,
                     applied: r.u64()?,
+                    waiting: r.u64()?,
                 }
             }),
             ty::HEARTBEAT => ReplMsg::Heartbeat,
@@ -565,10 +574,15 @@ impl ReplMsg {
                 put_u8(out, ROLE_TRACKER);
                 put_tracker_ref(out, tracker);
             }
-            ReplMsg::Status(ReplStatus::Starting { view, applied }) => {
+            ReplMsg::Status(ReplStatus::Starting {
+                view,
+                applied,
+                waiting,
+            }) => {
                 put_bool(out, false);
                 put_u64(out, *view);
                 put_u64(out, *applied);
+                put_u64(out, *waiting);
             }
             ReplMsg::Status(ReplStatus::Serving { view, primary }) => {
                 put_bool(out, true);

@@ -260,10 +260,12 @@ fn sample_msgs() -> Vec<ReplMsg> {
         ReplMsg::Status(ReplStatus::Starting {
             view: 0,
             applied: 0,
+            waiting: 0,
         }),
         ReplMsg::Status(ReplStatus::Starting {
             view: u64::MAX,
             applied: u64::MAX,
+            waiting: u64::MAX,
         }),
         ReplMsg::Status(ReplStatus::Serving {
             view: 0,
@@ -508,6 +510,7 @@ fn rand_msg(rng: &mut Rng) -> ReplMsg {
         1 => ReplMsg::Status(ReplStatus::Starting {
             view: rng.next_u64(),
             applied: rng.next_u64(),
+            waiting: rng.next_u64(),
         }),
         2 => ReplMsg::Status(ReplStatus::Serving {
             view: rng.next_u64(),
@@ -599,11 +602,13 @@ fn golden_status_heartbeat_join_request() {
         ReplMsg::Status(ReplStatus::Starting {
             view: 3,
             applied: 0x0102,
+            waiting: 0b101,
         }),
         &[
-            0, 0, 0, 18, 0x40, 0, //
+            0, 0, 0, 26, 0x40, 0, //
             0, 0, 0, 0, 0, 0, 0, 3, // view
             0, 0, 0, 0, 0, 0, 1, 2, // applied
+            0, 0, 0, 0, 0, 0, 0, 5, // waiting: trackers 1 and 3
         ],
     );
     golden(
@@ -1193,10 +1198,11 @@ fn bad_flags_and_kinds_are_rejected() {
     let status = |b: u8| B::ty(0x40).u8(b).u64(1).u16(1).0;
     assert!(ReplMsg::parse(&status(1)).is_ok());
     assert_eq!(
-        ReplMsg::parse(&B::ty(0x40).u8(0).u64(4).u64(9).0),
+        ReplMsg::parse(&B::ty(0x40).u8(0).u64(4).u64(9).u64(2).0),
         Ok(ReplMsg::Status(ReplStatus::Starting {
             view: 4,
-            applied: 9
+            applied: 9,
+            waiting: 2,
         }))
     );
     for b in [2u8, 0x80, 0xff] {
