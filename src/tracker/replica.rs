@@ -1514,11 +1514,10 @@ impl Replica {
             .iter()
             .copied()
             .filter(|no| {
-                !self
-                    .peer_link
+                self.peer_link
                     .get(no)
                     .and_then(|link| self.links.get(link))
-                    .is_some_and(|l| l.status.is_some())
+                    .is_none_or(|l| l.status.is_none())
             })
             .collect();
         if !unheard.is_empty() {
