@@ -17,6 +17,7 @@ pub mod progress;
 pub mod session;
 pub mod shell;
 pub mod state_dir;
+pub mod state_file;
 pub mod transfers;
 pub mod uplink;
 pub mod uploader;
