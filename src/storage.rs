@@ -177,14 +177,39 @@ impl PartFile {
                 "piece length 0",
             ));
         }
-        let n_pieces = usize::try_from(len.div_ceil(u64::from(piece_len)))
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
         let file = File::options()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)?;
         file.set_len(len)?;
+        Self::map_file(file, len, piece_len)
+    }
+
+    /// Opens the existing `path` (a `.part` left by an interrupted download), which must be
+    /// `len` bytes long, and maps it without changing its contents. Every piece starts
+    /// `Writable`: what it holds counts only once a [`HashTicket`] has verified it.
+    pub fn open_existing(path: &Path, len: u64, piece_len: u32) -> io::Result<Self> {
+        if piece_len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "piece length 0",
+            ));
+        }
+        let file = File::options().read(true).write(true).open(path)?;
+        let actual = file.metadata()?.len();
+        if actual != len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{actual} bytes, expected {len}"),
+            ));
+        }
+        Self::map_file(file, len, piece_len)
+    }
+
+    fn map_file(file: File, len: u64, piece_len: u32) -> io::Result<Self> {
+        let n_pieces = usize::try_from(len.div_ceil(u64::from(piece_len)))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
         let map = if len == 0 {
             None
         } else {

@@ -13,6 +13,7 @@ pub mod driver;
 pub mod help;
 pub mod history;
 pub mod listing;
+pub mod part_record;
 pub mod progress;
 pub mod session;
 pub mod shell;
