@@ -407,6 +407,10 @@ impl Driver {
 
     fn perform_outputs(&mut self) {
         while let Some(output) = self.core.poll_output() {
+            if matches!(output, Output::Print(_) | Output::Fail(_)) {
+                // What a printed line reports (a share, a download started) is on disk first.
+                self.save_state();
+            }
             match output {
                 Output::Print(line) if self.shell.is_some() => {
                     if let Some(shell) = &self.shell {

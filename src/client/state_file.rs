@@ -316,7 +316,7 @@ impl fmt::Display for LockError {
         match self {
             LockError::Held { dir } => write!(
                 f,
-                "state directory {} is in use by another client (choose another with --state-dir)",
+                "state directory {} is held by another running client (choose another with --state-dir)",
                 dir.display()
             ),
             LockError::Io { path, error } => {

@@ -142,7 +142,7 @@ fn lock_keeps_a_second_holder_out() {
     let err = StateLock::acquire(&dir).unwrap_err();
     assert!(matches!(err, LockError::Held { .. }), "{err:?}");
     assert!(
-        err.to_string().contains("in use by another client"),
+        err.to_string().contains("held by another running client"),
         "{err}"
     );
     drop(first);

@@ -184,6 +184,7 @@ impl Transfers {
                 addr,
                 core: Uploader::new(),
                 serving: None,
+                block_bytes: 0,
             }),
         ) {
             Ok(id) => self
