@@ -37,6 +37,8 @@ pub(super) struct Active {
     pub(super) links: BTreeMap<PeerId, ConnId>,
     pub(super) started: Instant,
     pub(super) first_piece: bool,
+    /// A block was written (logged once: the benchmark times a resume's first new block).
+    pub(super) first_block: bool,
     /// The whole-file digest, fed by the hasher pool.
     pub(super) stream: Arc<FileStream>,
     /// The whole-file digest once every piece is in it.
@@ -158,6 +160,7 @@ impl Transfers {
                 links: BTreeMap::new(),
                 started: now,
                 first_piece: false,
+                first_block: false,
                 stream,
                 file_digest,
                 all_verified: false,
