@@ -215,7 +215,7 @@ enum Background {
     /// Announcing a remembered share whose file was verified again after a restart.
     Rechecked,
     /// Asking for the sharers of a remembered download, to continue it.
-    ResumeDownload { saved: SavedDownload },
+    ResumeDownload { user: UserId, saved: SavedDownload },
 }
 
 /// A file this client shares, kept so that it can be served (and resumed at the next login).
@@ -377,12 +377,10 @@ impl ClientCore {
             let u = state.users.entry(user.clone()).or_default();
             u.downloads.extend(downloads.iter().cloned());
         }
-        if let Some(user) = &self.user {
-            for (job, _) in self.background.values() {
-                if let Background::ResumeDownload { saved } = job {
-                    let u = state.users.entry(user.clone()).or_default();
-                    u.downloads.push(saved.clone());
-                }
+        for (job, _) in self.background.values() {
+            if let Background::ResumeDownload { user, saved } = job {
+                let u = state.users.entry(user.clone()).or_default();
+                u.downloads.push(saved.clone());
             }
         }
         state
@@ -924,7 +922,7 @@ impl ClientCore {
                     log::warn!("a share verified again could not be announced: {body:?}");
                 }
             }
-            Background::ResumeDownload { saved } => self.resume_download(saved, body),
+            Background::ResumeDownload { user, saved } => self.resume_download(user, saved, body),
             Background::Sharers { download } => {
                 let result = match body {
                     ReplyBody::Sharers { peers, .. } => {
@@ -1049,14 +1047,12 @@ impl ClientCore {
     /// The tracker connection broke. The tracker ends the session of a lost connection, so
     /// the client is logged out too.
     pub fn handle_tracker_lost(&mut self) {
-        let user = self.user.take();
+        self.user = None;
         self.token = None;
         for (_, (job, _)) in std::mem::take(&mut self.background) {
             match job {
-                Background::ResumeDownload { saved } => {
-                    if let Some(user) = &user {
-                        self.remembered.entry(user.clone()).or_default().push(saved);
-                    }
+                Background::ResumeDownload { user, saved } => {
+                    self.remembered.entry(user).or_default().push(saved);
                 }
                 Background::Rechecked => {}
                 Background::Sharers { download } => self.out.push_back(Output::Sharers {
@@ -1088,10 +1084,16 @@ impl ClientCore {
         now: Instant,
     ) {
         if !matches!(self.pending, Some(Pending::CheckingShares)) {
+            // Not asked for: nothing is checked, nothing forgotten.
+            self.shares
+                .extend(checked.into_iter().map(|(share, _)| share));
             return;
         }
         self.pending = None;
         let Some(user) = self.user.clone() else {
+            // The session ended meanwhile: the shares stay remembered, unchecked.
+            self.shares
+                .extend(checked.into_iter().map(|(share, _)| share));
             return self.fail("lost the connection to the tracker");
         };
         let mut resumed = 0;
@@ -1195,16 +1197,24 @@ impl ClientCore {
                 group: saved.group.clone(),
                 name: saved.name.clone(),
             };
-            self.send_background(Background::ResumeDownload { saved }, body);
+            self.send_background(
+                Background::ResumeDownload {
+                    user: user.clone(),
+                    saved,
+                },
+                body,
+            );
         }
     }
 
     /// The tracker's answer about a remembered download: continue it.
-    fn resume_download(&mut self, saved: SavedDownload, body: ReplyBody) {
+    fn resume_download(&mut self, user: UserId, saved: SavedDownload, body: ReplyBody) {
         self.state_dirty = true;
-        let Some(user) = self.user.clone() else {
+        if self.user.as_ref() != Some(&user) {
+            // The user logged out meanwhile: continued at the next login.
+            self.remembered.entry(user).or_default().push(saved);
             return;
-        };
+        }
         let what = format!("download of {} from group {}", saved.name, saved.group);
         let (meta, peers) = match body {
             ReplyBody::Sharers { meta, peers } if meta.name == saved.name => (meta, peers),

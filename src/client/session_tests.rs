@@ -1628,3 +1628,67 @@ fn a_remembered_download_with_nobody_online_waits_for_the_next_login() {
     assert!(h.core.downloads().is_empty());
     assert_eq!(h.core.saved_state().users[&uid("alice")].downloads, [want]);
 }
+
+#[test]
+fn a_session_lost_during_the_check_forgets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_file(dir.path(), "a", b"aaa");
+    let state = remembered_shares(&[(&a, b"aaa")]);
+    let mut h = Harness::new();
+    h.core.restore(state.clone());
+    let req = h.line_sends("login alice pw");
+    h.core.handle_reply(Reply {
+        req_id: req.req_id,
+        body: ReplyBody::LoggedIn { token: [3; 16] },
+    });
+    // The driver has not answered the check yet when the tracker link breaks.
+    let shares = match h.core.poll_output() {
+        Some(Output::CheckShares { shares }) => shares,
+        other => panic!("{other:?}"),
+    };
+    h.core.handle_tracker_lost();
+    let checked = shares
+        .into_iter()
+        .map(|s| {
+            let stamp = FileStamp::read(&s.path).map_err(|e| e.to_string());
+            (s, stamp)
+        })
+        .collect();
+    h.core.handle_shares_checked(checked, h.now);
+    assert_eq!(h.core.saved_state(), state);
+    assert!(!h.core.is_busy());
+}
+
+#[test]
+fn a_logout_before_the_answer_keeps_a_remembered_download() {
+    let mut state = ClientState::default();
+    let want = SavedDownload {
+        group: gid("g1"),
+        name: fname("f.bin"),
+        target: PathBuf::from("/nowhere/f.bin"),
+    };
+    state.users.entry(uid("alice")).or_default().downloads = vec![want.clone()];
+    let mut h = Harness::new();
+    h.core.restore(state.clone());
+    let outs = login_outputs(&mut h, "alice");
+    let Some(Output::Send(ask)) = outs.last() else {
+        panic!("{outs:?}");
+    };
+    assert_eq!(h.core.saved_state(), state, "remembered while asked");
+    h.run("logout", ReplyBody::Done);
+    h.core.handle_reply(Reply {
+        req_id: ask.req_id,
+        body: ReplyBody::Refused {
+            code: RejectCode::NotLoggedIn,
+            message: "not logged in".into(),
+        },
+    });
+    assert_eq!(h.drain(), []);
+    assert_eq!(h.core.saved_state(), state);
+    // The tracker link breaking with the question in flight forgets nothing either.
+    let outs = login_outputs(&mut h, "alice");
+    assert!(matches!(outs.last(), Some(Output::Send(_))), "{outs:?}");
+    h.core.handle_tracker_lost();
+    h.drain();
+    assert_eq!(h.core.saved_state(), state);
+}
