@@ -32,7 +32,10 @@ use super::command::{parse_line, Command};
 use super::disk::{Inspect, Inspected, PathError};
 pub use super::download::engine::GiveUp;
 use super::listing::Listings;
-use super::state_file::{ClientState, FileStamp, SavedDownload, SavedShare};
+use super::state_file::{
+    ClientState, FileStamp, SavedDownload, SavedShare, MAX_DOWNLOADS_PER_USER, MAX_SHARES_PER_USER,
+    MAX_STATE_LEN, MAX_USERS,
+};
 use crate::hasher::{FileHashes, HashDone, JobId};
 use crate::wire::tracker_link::{FileMeta, Reply, ReplyBody, Request, RequestBody};
 use crate::wire::{FileName, GroupId, Sha1Digest, UserId, PIECE_LEN};
@@ -231,6 +234,13 @@ pub struct LocalShare {
     pub stamp: Option<FileStamp>,
 }
 
+/// What a command would add to the state file.
+#[derive(Clone, Copy)]
+enum Remember<'a> {
+    Share(&'a GroupId, &'a FileName),
+    Download,
+}
+
 /// The command in progress.
 #[derive(Debug)]
 enum Pending {
@@ -320,6 +330,62 @@ impl ClientCore {
             remembered: BTreeMap::new(),
             state_dirty: false,
         }
+    }
+
+    /// Whether the state file has room for one more thing of the logged-in user: it must stay
+    /// readable ([`state_file`](super::state_file)'s limits), so a command that would outgrow
+    /// it is refused.
+    fn state_room(&self, adding: Remember<'_>) -> Result<(), String> {
+        let Some(user) = &self.user else {
+            return Ok(());
+        };
+        let state = self.saved_state();
+        let mine = state.users.get(user);
+        if mine.is_none() && state.users.len() >= MAX_USERS {
+            return Err(format!(
+                "this client remembers the shares and downloads of {MAX_USERS} users already"
+            ));
+        }
+        let mine = mine.cloned().unwrap_or_default();
+        match adding {
+            Remember::Share(group, name) => {
+                let replaces = self
+                    .shares
+                    .iter()
+                    .any(|s| &s.user == user && &s.group == group && &s.name == name);
+                if !replaces && mine.shares.len() >= MAX_SHARES_PER_USER {
+                    return Err(format!(
+                        "you share {MAX_SHARES_PER_USER} files from this client already"
+                    ));
+                }
+            }
+            Remember::Download => {
+                if mine.downloads.len() >= MAX_DOWNLOADS_PER_USER {
+                    return Err(format!(
+                        "you have {MAX_DOWNLOADS_PER_USER} unfinished downloads on this client \
+                         already"
+                    ));
+                }
+            }
+        }
+        // A generous estimate of the file's size (each share's piece hashes dominate).
+        let approx: u64 = state
+            .users
+            .values()
+            .flat_map(|u| &u.shares)
+            .map(|s| 1024 + 20 * s.meta.piece_hashes.len() as u64)
+            .sum::<u64>()
+            + state
+                .users
+                .values()
+                .map(|u| 8192 * u.downloads.len() as u64)
+                .sum::<u64>();
+        if approx >= MAX_STATE_LEN / 2 {
+            return Err(format!(
+                "this client's state file is near its limit of {MAX_STATE_LEN} bytes"
+            ));
+        }
+        Ok(())
     }
 
     /// Takes in what the state file remembered: the shares (served again once their user logs
@@ -647,6 +713,9 @@ impl ClientCore {
                     Ok(t) => t,
                     Err(reason) => return self.fail(reason.to_string()),
                 };
+                if let Err(reason) = self.state_room(Remember::Download) {
+                    return self.fail(reason);
+                }
                 let body = RequestBody::FileSharers {
                     group: group.clone(),
                     name: name.clone(),
@@ -972,6 +1041,9 @@ impl ClientCore {
             Some(Err(e)) => return self.fail(format!("invalid file name: {e}")),
             None => return self.fail(format!("{} has no usable file name", path.display())),
         };
+        if let Err(reason) = self.state_room(Remember::Share(group, &name)) {
+            return self.fail(reason);
+        }
         // Served from the absolute path, whatever the working directory becomes.
         let path = absolute;
         let job = JobId(self.next_id());

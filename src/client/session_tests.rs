@@ -1692,3 +1692,41 @@ fn a_logout_before_the_answer_keeps_a_remembered_download() {
     h.drain();
     assert_eq!(h.core.saved_state(), state);
 }
+
+#[test]
+fn commands_that_would_outgrow_the_state_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_file(dir.path(), "a", b"aaa");
+    let mut state = ClientState::default();
+    for i in 0..MAX_USERS {
+        state
+            .users
+            .entry(uid(&format!("u{i}")))
+            .or_default()
+            .downloads
+            .push(SavedDownload {
+                group: gid("g"),
+                name: fname("f"),
+                target: PathBuf::from(format!("/d/{i}")),
+            });
+    }
+    let mut h = Harness::new();
+    h.core.restore(state);
+    h.login("zed");
+    let outs = h.line(&format!("upload_file {} g", a.display()));
+    match outs.as_slice() {
+        [Output::Fail(reason)] => assert!(reason.contains("1024 users"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let outs = h.line(&format!("download_file g f {}/", dir.path().display()));
+    assert!(matches!(outs.as_slice(), [Output::Fail(_)]), "{outs:?}");
+    // A user the state already knows still has room.
+    h.run("logout", ReplyBody::Done);
+    let outs = login_outputs(&mut h, "u7");
+    assert!(matches!(outs.last(), Some(Output::Send(_))), "{outs:?}");
+    let job = h.line(&format!("upload_file {} g", a.display()));
+    assert!(
+        matches!(job.as_slice(), [Output::HashFile { .. }]),
+        "{job:?}"
+    );
+}
