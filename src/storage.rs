@@ -563,4 +563,28 @@ mod tests {
         // A failed piece is writable again once its verdict is back, not before.
         assert!(fill(&mut part, 1, 0, b"new!"));
     }
+
+    /// A `.part` opened again keeps its bytes; nothing in it counts until it is verified.
+    #[test]
+    fn an_existing_part_opens_with_its_bytes_and_nothing_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.part");
+        std::fs::write(&path, b"0123456789abcde").unwrap();
+        assert!(
+            PartFile::open_existing(&path, 16, 10).is_err(),
+            "wrong length"
+        );
+        assert!(PartFile::open_existing(&path, 15, 0).is_err());
+        assert!(PartFile::open_existing(&dir.path().join("none"), 15, 10).is_err());
+        let mut part = PartFile::open_existing(&path, 15, 10).unwrap();
+        let reader = part.reader();
+        assert!(!reader.is_verified(0) && reader.read(0, 0, 10).is_none());
+        let t = part.seal(0).unwrap();
+        assert_eq!(t.bytes(), b"0123456789");
+        part.finish(t.verified());
+        assert_eq!(reader.read(0, 0, 10).unwrap(), b"0123456789");
+        assert!(fill(&mut part, 1, 0, b"ABCDE"));
+        part.sync().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789ABCDE");
+    }
 }
