@@ -444,3 +444,50 @@ fn a_corrupt_state_file_is_named_and_the_client_starts() {
         b"P2PCLST1 and then garbage"
     );
 }
+
+/// A download interrupted by SIGTERM keeps its `.part` and record; `download_file` onto the
+/// same target from another client (another address, so nothing remembered) resumes it.
+#[test]
+fn download_file_onto_an_interrupted_part_resumes_it() {
+    let net = Net::new();
+    let src = net.dir("alice").join("w.bin");
+    let size = 4 * PIECE + 1;
+    write_file(&src, size, 6);
+    let mut alice = net.login("alice");
+    upload(&mut alice, &src);
+    // The sharer is frozen: the first download gets nothing before it is interrupted.
+    freeze(alice.pid());
+    let mut bob = net.login("bob");
+    let target = net.dir("bob").join("w.bin");
+    bob.send(&format!("download_file {G} w.bin ./"));
+    assert!(bob.next_out().contains(" started: "), "{}", bob.seen());
+    common::send_sigterm(bob.pid());
+    let (status, rest) = bob.wait();
+    assert_eq!(status.code(), Some(1), "{rest:?}");
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert!(
+        rest[0].contains("failed: the client is exiting"),
+        "{rest:?}"
+    );
+    assert!(part_record::part_path(&target).exists());
+    assert!(part_record::record_path(&target).exists());
+    send_signal(alice.pid(), "CONT");
+
+    let mut other = net.login("bob");
+    other.send(&format!("download_file {G} w.bin {}", target.display()));
+    assert_eq!(
+        other.next_out(),
+        format!(
+            "download of w.bin from group {G} resumed: {} ({size} bytes, 1 sharers online, 0 of \
+             5 pieces to verify again)",
+            target.display()
+        )
+    );
+    let done = other.next_out_within(STEP);
+    assert!(done.starts_with("downloaded w.bin"), "{done}");
+    assert_same(&src, &target);
+    assert!(!part_record::part_path(&target).exists());
+    assert!(!part_record::record_path(&target).exists());
+    finish(other, 0);
+    finish(alice, 0);
+}
