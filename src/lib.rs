@@ -40,7 +40,8 @@
 //!   `disk` (the file-system facts the session core asks for), `progress` (the progress line),
 //!   `shell` (line editing, `history`, `complete`, `help` and `listing` at a terminal; batch
 //!   input never goes through it), `state_dir` (where a client keeps what it remembers),
-//!   `driver` (the mio reactor). Architecture Invariant: the reactor never blocks: sockets
+//!   `state_file` (its users' shares and downloads, written atomically, and the directory's
+//!   lock), `part_record` (the resume record beside a `.part`), `driver` (the mio reactor). Architecture Invariant: the reactor never blocks: sockets
 //!   are non-blocking (tracker connects included), hashing runs on the pool, stdin on its
 //!   thread.
 //! - [`hasher`]: the SHA1 worker pool (files to share, downloaded pieces, a download's

@@ -177,14 +177,39 @@ impl PartFile {
                 "piece length 0",
             ));
         }
-        let n_pieces = usize::try_from(len.div_ceil(u64::from(piece_len)))
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
         let file = File::options()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)?;
         file.set_len(len)?;
+        Self::map_file(file, len, piece_len)
+    }
+
+    /// Opens the existing `path` (a `.part` left by an interrupted download), which must be
+    /// `len` bytes long, and maps it without changing its contents. Every piece starts
+    /// `Writable`: what it holds counts only once a [`HashTicket`] has verified it.
+    pub fn open_existing(path: &Path, len: u64, piece_len: u32) -> io::Result<Self> {
+        if piece_len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "piece length 0",
+            ));
+        }
+        let file = File::options().read(true).write(true).open(path)?;
+        let actual = file.metadata()?.len();
+        if actual != len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{actual} bytes, expected {len}"),
+            ));
+        }
+        Self::map_file(file, len, piece_len)
+    }
+
+    fn map_file(file: File, len: u64, piece_len: u32) -> io::Result<Self> {
+        let n_pieces = usize::try_from(len.div_ceil(u64::from(piece_len)))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
         let map = if len == 0 {
             None
         } else {
@@ -537,5 +562,29 @@ mod tests {
         assert_eq!(reader.read(0, 0, 4).unwrap(), b"good");
         // A failed piece is writable again once its verdict is back, not before.
         assert!(fill(&mut part, 1, 0, b"new!"));
+    }
+
+    /// A `.part` opened again keeps its bytes; nothing in it counts until it is verified.
+    #[test]
+    fn an_existing_part_opens_with_its_bytes_and_nothing_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.part");
+        std::fs::write(&path, b"0123456789abcde").unwrap();
+        assert!(
+            PartFile::open_existing(&path, 16, 10).is_err(),
+            "wrong length"
+        );
+        assert!(PartFile::open_existing(&path, 15, 0).is_err());
+        assert!(PartFile::open_existing(&dir.path().join("none"), 15, 10).is_err());
+        let mut part = PartFile::open_existing(&path, 15, 10).unwrap();
+        let reader = part.reader();
+        assert!(!reader.is_verified(0) && reader.read(0, 0, 10).is_none());
+        let t = part.seal(0).unwrap();
+        assert_eq!(t.bytes(), b"0123456789");
+        part.finish(t.verified());
+        assert_eq!(reader.read(0, 0, 10).unwrap(), b"0123456789");
+        assert!(fill(&mut part, 1, 0, b"ABCDE"));
+        part.sync().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789ABCDE");
     }
 }

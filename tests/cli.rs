@@ -692,10 +692,14 @@ fn files_upload_list_share_and_stop() {
         0,
     );
 
-    // alice logs in again from the same client address: her shares are online again.
+    // alice logs in again from the same client address: the client remembers her three shares
+    // (its state directory), so they are served and online again.
     let mut live = alice.live();
-    live.cmd("login alice pw", &["logged in as alice"]);
-    // This process holds one of her shares (the others were made by the first process).
+    live.cmd(
+        "login alice pw",
+        &["logged in as alice (3 shared files resumed)"],
+    );
+    // Sharing the same file again changes nothing.
     live.cmd(
         "upload_file abc.txt g1",
         &["sharing abc.txt in group g1 (same content as the file already there)"],
@@ -750,7 +754,7 @@ fn files_upload_list_share_and_stop() {
     // She logs in again on the same client: her shares resume.
     live.cmd(
         "login alice pw",
-        &["logged in as alice (1 shared files resumed)"],
+        &["logged in as alice (3 shared files resumed)"],
     );
     let out = carol.run(&["login carol pw", "list_files g1"]);
     assert_eq!(out.code(), Some(0), "{out:#?}");
@@ -831,9 +835,17 @@ fn file_commands_need_membership_and_leaving_ends_shares() {
             "join_group g1",
         ])
         .check(&["logged in as bob", "request to join group g1 sent"], 4, 1);
+    // The same client address: it remembers alice's share.
     client
         .run(&["login alice pw", "accept_request g1 bob"])
-        .check(&["logged in as alice", "bob accepted into group g1"], 0, 0);
+        .check(
+            &[
+                "logged in as alice (1 shared files resumed)",
+                "bob accepted into group g1",
+            ],
+            0,
+            0,
+        );
     // bob shares abc.txt too, and a file of his own; then he leaves: his shares end.
     client
         .run(&[
@@ -861,7 +873,7 @@ fn file_commands_need_membership_and_leaving_ends_shares() {
         .run(&["login alice pw", "list_files g1", "list_groups"])
         .check(
             &[
-                "logged in as alice",
+                "logged in as alice (1 shared files resumed)",
                 &tab(&["abc.txt", "3", "1", "1", SHA1_ABC]),
                 "g1\towner=alice\tmembers=1\tyou=owner",
             ],

@@ -694,12 +694,22 @@ fn destination_rules() {
     let t4 = home.join("rel.bin");
     start(&mut bob, "f.bin", "rel.bin", &t4, size, 1);
     wait_done(&mut bob, "f.bin", &t4, size);
-    // A stale `.part` (an earlier crash) does not get in the way.
+    // A `.part` this program did not write (someone's own file) is refused, named, and left
+    // untouched.
     let t5 = home.join("d2/stale.bin");
     fs::write(part_of(&t5), "junk from before").unwrap();
-    start(&mut bob, "f.bin", t5.to_str().unwrap(), &t5, size, 1);
-    wait_done(&mut bob, "f.bin", &t5, size);
-    for t in [&t1, &t2, &t3, &t4, &t5] {
+    let e = refused(
+        &mut bob,
+        &format!("download_file {G} f.bin {}", t5.display()),
+    );
+    assert!(
+        e.contains(&part_of(&t5).display().to_string()) && e.contains("untouched"),
+        "{e}"
+    );
+    assert_eq!(fs::read(part_of(&t5)).unwrap(), b"junk from before");
+    assert!(!t5.exists());
+    fs::remove_file(part_of(&t5)).unwrap();
+    for t in [&t1, &t2, &t3, &t4] {
         assert_same(&src, t);
     }
 
@@ -754,11 +764,10 @@ fn destination_rules() {
     assert_eq!(fs::read(&keep).unwrap(), b"keep me");
     assert!(!home.join("nodir").exists() && !home.join("nodir2").exists());
 
-    // Refused downloads never started: only the six are listed, in start order.
+    // Refused downloads never started: only the five are listed, in start order.
     show_downloads(
         &mut bob,
         &[
-            "[C] [g1] f.bin",
             "[C] [g1] f.bin",
             "[C] [g1] f.bin",
             "[C] [g1] f.bin",
@@ -1421,16 +1430,22 @@ fn download_cut_short_by_sigterm_is_reported() {
             assert_eq!(rest.len(), 1, "{detail}");
             check_done(&rest[0], "w.bin", &target, size);
             assert_same(&src, &target);
+            assert_no_part(&net.dir("bob"));
         }
         Some(1) => {
             assert_eq!(rest.len(), 1, "{detail}");
             let prefix = format!("error: download of w.bin from group {G} failed: ");
             assert!(rest[0].starts_with(&prefix), "{detail}");
             assert!(!target.exists(), "{detail}");
+            // Interrupted, not failed for good: the `.part` and its resume record stay, for
+            // the next run at this address (tests/restart.rs resumes one).
+            let mut record = part_of(&target).into_os_string();
+            record.push(".resume");
+            assert!(part_of(&target).exists(), "{detail}");
+            assert!(PathBuf::from(record).exists(), "{detail}");
         }
         _ => panic!("unexpected exit: {detail}"),
     }
-    assert_no_part(&net.dir("bob"));
     finish(alice, 0);
 }
 

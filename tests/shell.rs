@@ -195,8 +195,15 @@ fn run_batch(stdin: &str, args: &[&str]) -> (String, String, Option<i32>) {
         thread::sleep(Duration::from_millis(10));
     }
     let out = waiter.join().unwrap().unwrap();
-    // Batch use creates no state directory.
-    assert!(!dir.path().join("p2pshare").exists());
+    // Batch use keeps no history (the state directory holds only the client's lock and,
+    // once something is shared, its state file).
+    for entry in std::fs::read_dir(dir.path().join("p2pshare"))
+        .into_iter()
+        .flatten()
+    {
+        let client_dir = entry.unwrap().path();
+        assert!(!client_dir.join("history").exists(), "{client_dir:?}");
+    }
     (
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8(out.stderr).unwrap(),

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
     opts.optopt(
         "",
         "state-dir",
-        "keep this client's state (shell history) in DIR (default: \
+        "keep this client's state (shares, downloads, shell history) in DIR (default: \
          $XDG_STATE_HOME/p2pshare/client-<IP>-<PORT>)",
         "DIR",
     );

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::state_file::FileStamp;
 use crate::wire::FileName;
 
 /// A question about the file system.
@@ -24,8 +25,8 @@ pub enum Inspect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inspected {
     /// The file's absolute path (so it is served from there, whatever the working directory
-    /// becomes).
-    Upload(Result<PathBuf, PathError>),
+    /// becomes) and its size and modification time before it is hashed.
+    Upload(Result<(PathBuf, FileStamp), PathError>),
     /// The download's target, absolute: it does not exist, and its directory does.
     DownloadTarget(Result<PathBuf, PathError>),
 }
@@ -77,7 +78,7 @@ pub fn inspect(query: &Inspect) -> Inspected {
     }
 }
 
-fn upload_source(path: &Path) -> Result<PathBuf, PathError> {
+fn upload_source(path: &Path) -> Result<(PathBuf, FileStamp), PathError> {
     let meta = std::fs::metadata(path).map_err(|e| PathError::Unreadable {
         path: path.to_path_buf(),
         error: e.to_string(),
@@ -85,7 +86,8 @@ fn upload_source(path: &Path) -> Result<PathBuf, PathError> {
     if !meta.is_file() {
         return Err(PathError::NotRegularFile(path.to_path_buf()));
     }
-    Ok(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()))
+    let absolute = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    Ok((absolute, FileStamp::of(&meta)))
 }
 
 /// Where `download_file` saves `name` given `destination` (see SPEC): an existing directory or

@@ -25,6 +25,7 @@ use super::disk;
 use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::shell::{self, Shell};
+use super::state_file::{self, FileStamp, StateLock};
 use super::transfers::{TransferEvent, Transfers};
 use super::uplink::{Uplink, UplinkEvent};
 use crate::hasher::{HashPool, HashResult};
@@ -74,6 +75,8 @@ struct Driver {
     /// The interactive shell, when stdin and stdout are a terminal; all output to the
     /// terminal then goes through it.
     shell: Option<Shell>,
+    /// The state directory's lock, held for the whole run (`None`: no state directory).
+    state_lock: Option<StateLock>,
 }
 
 /// Runs the client; returns the exit status (0 if every command succeeded, else 1).
@@ -82,6 +85,15 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
     let mut listener = TcpListener::bind(config.listen)?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)?;
+    // Locked after the address is ours: a second client at the same address fails on the
+    // address; one given the same directory with --state-dir fails here.
+    let (state_lock, remembered) = match &config.state_dir {
+        Some(dir) => {
+            let lock = StateLock::acquire(dir).map_err(|e| io::Error::other(e.to_string()))?;
+            (Some(lock), load_state(dir))
+        }
+        None => (None, state_file::ClientState::default()),
+    };
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let _signals = wake::register_signals(poll.registry(), SIGNALS)?;
     let n_workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
@@ -91,6 +103,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
     let status = StatusLine::for_stderr(config.drawn.clone());
     let mut core = ClientCore::new(config.listen);
     core.listings_mut().set_tables(shell.is_some());
+    core.restore(remembered);
     // This process's random id, sent in every tracker handshake.
     let client_id = getrandom::u64().map_err(|e| io::Error::other(e.to_string()))?;
     let uplink = Uplink::new(config.trackers.clone(), client_id);
@@ -111,6 +124,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         status,
         rates: RecentRates::default(),
         shell,
+        state_lock,
     };
     let result = driver.run(&stdin, &hashed);
     match &driver.shell {
@@ -121,6 +135,27 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
     }
     drop(waker);
     result
+}
+
+/// What the state file in `dir` remembers. A damaged file is moved aside with a warning that
+/// names it, and the client starts without it.
+fn load_state(dir: &std::path::Path) -> state_file::ClientState {
+    match state_file::load(dir) {
+        Ok(state) => state,
+        Err(e @ state_file::LoadError::Corrupt { .. }) => {
+            match state_file::set_aside(dir) {
+                Ok(bad) => warn!("{e}: moved to {}; starting without it", bad.display()),
+                Err(move_error) => {
+                    warn!("{e} (cannot move it aside: {move_error}); starting without it")
+                }
+            }
+            state_file::ClientState::default()
+        }
+        Err(e) => {
+            warn!("{e}; starting without the remembered state");
+            state_file::ClientState::default()
+        }
+    }
 }
 
 impl Driver {
@@ -372,6 +407,10 @@ impl Driver {
 
     fn perform_outputs(&mut self) {
         while let Some(output) = self.core.poll_output() {
+            if matches!(output, Output::Print(_) | Output::Fail(_)) {
+                // What a printed line reports (a share, a download started) is on disk first.
+                self.save_state();
+            }
             match output {
                 Output::Print(line) if self.shell.is_some() => {
                     if let Some(shell) = &self.shell {
@@ -436,6 +475,16 @@ impl Driver {
                 Output::SharesChanged => {
                     self.transfers.revalidate(self.poll.registry(), &self.core);
                 }
+                Output::CheckShares { shares } => {
+                    let checked = shares
+                        .into_iter()
+                        .map(|s| {
+                            let stamp = FileStamp::read(&s.path).map_err(|e| e.to_string());
+                            (s, stamp)
+                        })
+                        .collect();
+                    self.core.handle_shares_checked(checked, Instant::now());
+                }
             }
         }
     }
@@ -449,15 +498,48 @@ impl Driver {
                 continue;
             }
             let Some(event) = self.transfers.poll_event() else {
+                self.save_state();
                 return;
             };
             match event {
                 TransferEvent::FirstPiece { download } => self.core.handle_first_piece(download),
                 TransferEvent::QuerySharers { download } => self.core.query_sharers(download),
                 TransferEvent::Finished { download, result } => {
-                    self.core.handle_download_finished(download, result)
+                    let target = self
+                        .core
+                        .downloads()
+                        .iter()
+                        .find(|d| d.id == download)
+                        .map(|d| d.target.clone());
+                    let completed = result.is_ok();
+                    self.core.handle_download_finished(download, result);
+                    if let (true, Some(target)) = (completed, target) {
+                        if let Ok(stamp) = FileStamp::read(&target) {
+                            self.core.note_stamp(&target, stamp);
+                        }
+                    }
                 }
             }
+        }
+    }
+
+    /// Writes the state file if what it holds changed. A failure is logged: the client goes
+    /// on, remembering less.
+    fn save_state(&mut self) {
+        if !self.core.take_state_dirty() {
+            return;
+        }
+        let Some(dir) = &self.config.state_dir else {
+            return;
+        };
+        if self.state_lock.is_none() {
+            return;
+        }
+        if let Err(e) = state_file::save(dir, &self.core.saved_state()) {
+            warn!(
+                "cannot write the state file {}: {e}",
+                dir.join(state_file::STATE_FILE).display()
+            );
         }
     }
 

@@ -67,8 +67,9 @@ pub const COMMANDS: &[CommandHelp] = &[
         summary: "start a session on this client",
         details: "Fails on a wrong password, an unknown user, a session already open on this\n\
                   client, or the user logged in on another live client. The files this user\n\
-                  shared from this client are shared again. The line is never written to the\n\
-                  shell history.",
+                  shared from this client are shared again (after a restart too, once checked\n\
+                  unchanged), and the user's unfinished downloads go on. The line is never\n\
+                  written to the shell history.",
     },
     CommandHelp {
         name: "logout",
@@ -156,7 +157,9 @@ pub const COMMANDS: &[CommandHelp] = &[
         summary: "fetch a file, in the background",
         details: "A destination that is a directory or ends with / gets the file under its\n\
                   own name. Nothing is overwritten. The download runs while you type other\n\
-                  commands; a line tells when it ends, and show_downloads lists them all.",
+                  commands; a line tells when it ends, and show_downloads lists them all.\n\
+                  Data goes to <target>.part: one left by an interrupted download of the\n\
+                  same file is resumed; any other is refused and left alone.",
     },
     CommandHelp {
         name: "show_downloads",

@@ -3,7 +3,9 @@
 //! the download engine ([`download`]) and the serving core ([`uploader`]), the mio reactor
 //! that runs them all ([`driver`]), and the progress line on a terminal ([`progress`]). At a
 //! terminal the [`shell`] reads the commands (line editing, [`history`], [`complete`],
-//! [`help`], [`listing`]); the [`state_dir`] holds what a client remembers between runs.
+//! [`help`], [`listing`]); the [`state_dir`] holds what a client remembers between runs: the
+//! [`state_file`] (shares and downloads per user) and the shell's history; a download's `.part`
+//! carries its [`part_record`] so that it can resume.
 
 pub mod command;
 pub mod complete;
@@ -13,10 +15,12 @@ pub mod driver;
 pub mod help;
 pub mod history;
 pub mod listing;
+pub mod part_record;
 pub mod progress;
 pub mod session;
 pub mod shell;
 pub mod state_dir;
+pub mod state_file;
 pub mod transfers;
 pub mod uplink;
 pub mod uploader;

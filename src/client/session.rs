@@ -13,6 +13,15 @@
 //! [`ClientCore::requests_for_new_link`]: a `Resume` with the token, then every request in
 //! flight again with its original id, which the trackers recognise, so nothing is applied
 //! twice. After the resume the core announces its shares again.
+//!
+//! Restarts: the driver hands the core what the state file remembers ([`ClientCore::restore`])
+//! and saves [`ClientCore::saved_state`] whenever [`ClientCore::take_state_dirty`] says it
+//! changed. When a user logs in, the core has the driver look at that user's shared files
+//! ([`Output::CheckShares`]): one whose size and modification time are unchanged is served
+//! again at once, one whose size still fits is hashed again on the pool before it is, and the
+//! rest are dropped with a warning. The login then tells the tracker which shares this client
+//! holds ([`RequestBody::SyncShares`]) before `logged in` is printed, and the user's remembered
+//! downloads start again by themselves.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -23,6 +32,10 @@ use super::command::{parse_line, Command};
 use super::disk::{Inspect, Inspected, PathError};
 pub use super::download::engine::GiveUp;
 use super::listing::Listings;
+use super::state_file::{
+    ClientState, FileStamp, SavedDownload, SavedShare, MAX_DOWNLOADS_PER_USER, MAX_SHARES_PER_USER,
+    MAX_STATE_LEN, MAX_USERS,
+};
 use crate::hasher::{FileHashes, HashDone, JobId};
 use crate::wire::tracker_link::{FileMeta, Reply, ReplyBody, Request, RequestBody};
 use crate::wire::{FileName, GroupId, Sha1Digest, UserId, PIECE_LEN};
@@ -65,6 +78,9 @@ pub enum Output {
     /// The set of files this client may serve changed (login, logout, stop_share,
     /// leave_group): links serving what is no longer shared must close.
     SharesChanged,
+    /// A user logged in: read the stamp of each of these shared files and call
+    /// `handle_shares_checked` with them, in the same order.
+    CheckShares { shares: Vec<LocalShare> },
 }
 
 /// Names a download of this client (in `show_downloads` order: ids grow). Its hash jobs (piece
@@ -103,7 +119,7 @@ pub enum DownloadError {
         part: PathBuf,
         reason: String,
     },
-    /// The client is exiting (SIGINT or SIGTERM).
+    /// The client is exiting (SIGINT or SIGTERM); the download resumes at the next run.
     Exiting,
 }
 
@@ -134,6 +150,9 @@ impl std::fmt::Display for DownloadError {
 pub enum StartError {
     /// The target exists (it appeared after the command checked it): nothing is overwritten.
     TargetExists(PathBuf),
+    /// `<target>.part` exists and is not a download of this content by this program: it is
+    /// left untouched.
+    ForeignPart { path: PathBuf, reason: String },
     /// `<target>.part` could not be created and mapped.
     CreatePart { path: PathBuf, reason: String },
 }
@@ -142,6 +161,11 @@ impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StartError::TargetExists(path) => write!(f, "{} already exists", path.display()),
+            StartError::ForeignPart { path, reason } => write!(
+                f,
+                "{} exists and {reason}; it is left untouched (move it away to download here)",
+                path.display()
+            ),
             StartError::CreatePart { path, reason } => {
                 write!(f, "cannot create {}: {reason}", path.display())
             }
@@ -179,7 +203,7 @@ pub struct DownloadEntry {
 }
 
 /// A request sent on the side, while commands go on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Background {
     /// Registering a download as a share.
     Register { download: DownloadId },
@@ -191,6 +215,10 @@ enum Background {
     Reannounce,
     /// Withdrawing the share of a download that failed after it was registered.
     Withdraw,
+    /// Announcing a remembered share whose file was verified again after a restart.
+    Rechecked,
+    /// Asking for the sharers of a remembered download, to continue it.
+    ResumeDownload { user: UserId, saved: SavedDownload },
 }
 
 /// A file this client shares, kept so that it can be served (and resumed at the next login).
@@ -201,6 +229,16 @@ pub struct LocalShare {
     pub name: FileName,
     pub path: PathBuf,
     pub meta: FileMeta,
+    /// Size and modification time of the file when it was hashed (`None`: unknown, so it is
+    /// hashed again before it is served after a restart).
+    pub stamp: Option<FileStamp>,
+}
+
+/// What a command would add to the state file.
+#[derive(Clone, Copy)]
+enum Remember<'a> {
+    Share(&'a GroupId, &'a FileName),
+    Download,
 }
 
 /// The command in progress.
@@ -212,7 +250,10 @@ enum Pending {
         group: GroupId,
         name: FileName,
         path: PathBuf,
+        stamp: FileStamp,
     },
+    /// A login succeeded; waiting for `handle_shares_checked`.
+    CheckingShares,
     /// Waiting for the driver's answer to an [`Output::Inspect`] for `cmd`.
     Inspecting { cmd: Command },
     /// Waiting for the driver to start download `id`.
@@ -233,6 +274,12 @@ enum Sent {
         group: GroupId,
         path: PathBuf,
         meta: FileMeta,
+        stamp: FileStamp,
+    },
+    /// The login's reconciliation: `resumed` shares were kept.
+    Sync {
+        user: UserId,
+        resumed: usize,
     },
     Download {
         group: GroupId,
@@ -256,6 +303,12 @@ pub struct ClientCore {
     n_failed: u64,
     /// What the last listings said (for completion), and how listings are printed.
     listings: Listings,
+    /// Remembered shares being hashed again (their file changed since), by hash job.
+    rechecks: BTreeMap<JobId, LocalShare>,
+    /// Downloads to continue at their user's next login here.
+    remembered: BTreeMap<UserId, Vec<SavedDownload>>,
+    /// What the state file holds changed.
+    state_dirty: bool,
 }
 
 impl ClientCore {
@@ -273,6 +326,142 @@ impl ClientCore {
             out: VecDeque::new(),
             n_failed: 0,
             listings: Listings::default(),
+            rechecks: BTreeMap::new(),
+            remembered: BTreeMap::new(),
+            state_dirty: false,
+        }
+    }
+
+    /// Whether the state file has room for one more thing of the logged-in user: it must stay
+    /// readable ([`state_file`](super::state_file)'s limits), so a command that would outgrow
+    /// it is refused.
+    fn state_room(&self, adding: Remember<'_>) -> Result<(), String> {
+        let Some(user) = &self.user else {
+            return Ok(());
+        };
+        let state = self.saved_state();
+        let mine = state.users.get(user);
+        if mine.is_none() && state.users.len() >= MAX_USERS {
+            return Err(format!(
+                "this client remembers the shares and downloads of {MAX_USERS} users already"
+            ));
+        }
+        let mine = mine.cloned().unwrap_or_default();
+        match adding {
+            Remember::Share(group, name) => {
+                let replaces = self
+                    .shares
+                    .iter()
+                    .any(|s| &s.user == user && &s.group == group && &s.name == name);
+                if !replaces && mine.shares.len() >= MAX_SHARES_PER_USER {
+                    return Err(format!(
+                        "you share {MAX_SHARES_PER_USER} files from this client already"
+                    ));
+                }
+            }
+            Remember::Download => {
+                if mine.downloads.len() >= MAX_DOWNLOADS_PER_USER {
+                    return Err(format!(
+                        "you have {MAX_DOWNLOADS_PER_USER} unfinished downloads on this client \
+                         already"
+                    ));
+                }
+            }
+        }
+        // A generous estimate of the file's size (each share's piece hashes dominate).
+        let approx: u64 = state
+            .users
+            .values()
+            .flat_map(|u| &u.shares)
+            .map(|s| 1024 + 20 * s.meta.piece_hashes.len() as u64)
+            .sum::<u64>()
+            + state
+                .users
+                .values()
+                .map(|u| 8192 * u.downloads.len() as u64)
+                .sum::<u64>();
+        if approx >= MAX_STATE_LEN / 2 {
+            return Err(format!(
+                "this client's state file is near its limit of {MAX_STATE_LEN} bytes"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes in what the state file remembered: the shares (served again once their user logs
+    /// in and they pass the check) and the downloads (continued at that login).
+    pub fn restore(&mut self, state: ClientState) {
+        for (user, u) in state.users {
+            for s in u.shares {
+                self.shares.push(LocalShare {
+                    user: user.clone(),
+                    group: s.group,
+                    name: s.meta.name.clone(),
+                    path: s.path,
+                    meta: s.meta,
+                    stamp: s.stamp,
+                });
+            }
+            if !u.downloads.is_empty() {
+                self.remembered.insert(user, u.downloads);
+            }
+        }
+    }
+
+    /// What the state file must hold now: every user's shares (but not a running download's
+    /// registration, which the download makes again), the running downloads and those still
+    /// to continue.
+    pub fn saved_state(&self) -> ClientState {
+        let mut state = ClientState::default();
+        let running = |d: &&DownloadEntry| d.status == DownloadStatus::Running;
+        for s in self.shares.iter().chain(self.rechecks.values()) {
+            let downloading = self
+                .downloads
+                .iter()
+                .filter(running)
+                .any(|d| d.target == s.path);
+            if downloading {
+                continue;
+            }
+            let u = state.users.entry(s.user.clone()).or_default();
+            u.shares.push(SavedShare {
+                group: s.group.clone(),
+                path: s.path.clone(),
+                stamp: s.stamp,
+                meta: s.meta.clone(),
+            });
+        }
+        for d in self.downloads.iter().filter(running) {
+            let u = state.users.entry(d.user.clone()).or_default();
+            u.downloads.push(SavedDownload {
+                group: d.group.clone(),
+                name: d.name.clone(),
+                target: d.target.clone(),
+            });
+        }
+        for (user, downloads) in &self.remembered {
+            let u = state.users.entry(user.clone()).or_default();
+            u.downloads.extend(downloads.iter().cloned());
+        }
+        for (job, _) in self.background.values() {
+            if let Background::ResumeDownload { user, saved } = job {
+                let u = state.users.entry(user.clone()).or_default();
+                u.downloads.push(saved.clone());
+            }
+        }
+        state
+    }
+
+    /// Whether the state to save changed since the last call.
+    pub fn take_state_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.state_dirty)
+    }
+
+    /// A file this client shares from `path` now has `stamp` (a download completed there).
+    pub fn note_stamp(&mut self, path: &Path, stamp: FileStamp) {
+        for s in self.shares.iter_mut().filter(|s| s.path == path) {
+            s.stamp = Some(stamp);
+            self.state_dirty = true;
         }
     }
 
@@ -524,6 +713,9 @@ impl ClientCore {
                     Ok(t) => t,
                     Err(reason) => return self.fail(reason.to_string()),
                 };
+                if let Err(reason) = self.state_room(Remember::Download) {
+                    return self.fail(reason);
+                }
                 let body = RequestBody::FileSharers {
                     group: group.clone(),
                     name: name.clone(),
@@ -539,7 +731,7 @@ impl ClientCore {
                 );
             }
             (Command::UploadFile { path, group }, Inspected::Upload(absolute)) => match absolute {
-                Ok(absolute) => self.start_upload(&path, absolute, &group),
+                Ok((absolute, stamp)) => self.start_upload(&path, absolute, stamp, &group),
                 Err(reason) => self.fail(reason.to_string()),
             },
             (cmd, answer) => {
@@ -565,17 +757,33 @@ impl ClientCore {
         self.shares
             .retain(|s| !(s.user == share.user && s.group == share.group && s.name == share.name));
         self.shares.push(share);
+        self.state_dirty = true;
     }
 
     /// The driver started (or could not start) download `id`; `Ok` carries the line to print.
     pub fn handle_download_started(&mut self, id: DownloadId, result: Result<String, StartError>) {
+        self.state_dirty = true;
         if !matches!(self.pending, Some(Pending::Starting { id: pending }) if pending == id) {
-            return;
+            // A remembered download continued by itself after a login.
+            let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) else {
+                return;
+            };
+            return match result {
+                Ok(line) => self.print(line),
+                Err(error) => {
+                    d.status = DownloadStatus::Failed;
+                    let reason = format!(
+                        "download of {} from group {} cannot continue: {error}",
+                        d.name, d.group
+                    );
+                    self.fail(reason)
+                }
+            };
         }
         self.pending = None;
         match result {
             Ok(line) => self.print(line),
-            Err(error @ StartError::TargetExists(_)) => {
+            Err(error @ (StartError::TargetExists(_) | StartError::ForeignPart { .. })) => {
                 // Nothing was started: the command failed before any download existed.
                 self.downloads.retain(|d| d.id != id);
                 self.fail(error.to_string())
@@ -600,6 +808,19 @@ impl ClientCore {
         };
         if d.status != DownloadStatus::Running {
             return;
+        }
+        self.state_dirty = true;
+        if matches!(result, Err(DownloadError::Exiting)) {
+            // Interrupted, not failed for good: it goes on at the user's next login here.
+            let saved = SavedDownload {
+                group: d.group.clone(),
+                name: d.name.clone(),
+                target: d.target.clone(),
+            };
+            self.remembered
+                .entry(d.user.clone())
+                .or_default()
+                .push(saved);
         }
         match result {
             Ok(line) => {
@@ -642,6 +863,7 @@ impl ClientCore {
             !(s.user == user && s.group == group && s.name == name && s.path == target)
         });
         if self.shares.len() != before {
+            self.state_dirty = true;
             self.out.push_back(Output::SharesChanged);
         }
         let still_shared = self
@@ -764,6 +986,12 @@ impl ClientCore {
                     log::warn!("the share of a failed download could not be withdrawn: {body:?}");
                 }
             }
+            Background::Rechecked => {
+                if !matches!(body, ReplyBody::Shared { .. }) {
+                    log::warn!("a share verified again could not be announced: {body:?}");
+                }
+            }
+            Background::ResumeDownload { user, saved } => self.resume_download(user, saved, body),
             Background::Sharers { download } => {
                 let result = match body {
                     ReplyBody::Sharers { peers, .. } => {
@@ -791,6 +1019,7 @@ impl ClientCore {
                             name: d.name.clone(),
                             path: d.target.clone(),
                             meta: d.meta.clone(),
+                            stamp: None,
                         };
                         log::info!("now sharing {} in group {}", share.name, share.group);
                         self.add_share(share);
@@ -806,12 +1035,15 @@ impl ClientCore {
     }
 
     /// Hashes the regular file `path` (absolute: `absolute`) to share it in `group`.
-    fn start_upload(&mut self, path: &Path, absolute: PathBuf, group: &GroupId) {
+    fn start_upload(&mut self, path: &Path, absolute: PathBuf, stamp: FileStamp, group: &GroupId) {
         let name = match path.file_name().and_then(|n| n.to_str()).map(FileName::new) {
             Some(Ok(name)) => name,
             Some(Err(e)) => return self.fail(format!("invalid file name: {e}")),
             None => return self.fail(format!("{} has no usable file name", path.display())),
         };
+        if let Err(reason) = self.state_room(Remember::Share(group, &name)) {
+            return self.fail(reason);
+        }
         // Served from the absolute path, whatever the working directory becomes.
         let path = absolute;
         let job = JobId(self.next_id());
@@ -820,12 +1052,16 @@ impl ClientCore {
             group: group.clone(),
             name,
             path: path.clone(),
+            stamp,
         });
         self.out.push_back(Output::HashFile { job, path });
     }
 
     /// The hasher finished job `done.job`.
     pub fn handle_hashed(&mut self, done: HashDone, now: Instant) {
+        if let Some(share) = self.rechecks.remove(&done.job) {
+            return self.handle_rechecked(share, done);
+        }
         let Some(Pending::Hashing { job, .. }) = &self.pending else {
             return;
         };
@@ -833,7 +1069,11 @@ impl ClientCore {
             return;
         }
         let Some(Pending::Hashing {
-            group, name, path, ..
+            group,
+            name,
+            path,
+            stamp,
+            ..
         }) = self.pending.take()
         else {
             return;
@@ -858,7 +1098,12 @@ impl ClientCore {
                 group: group.clone(),
                 meta: meta.clone(),
             },
-            Sent::Upload { group, path, meta },
+            Sent::Upload {
+                group,
+                path,
+                meta,
+                stamp,
+            },
             now,
         );
     }
@@ -878,6 +1123,10 @@ impl ClientCore {
         self.token = None;
         for (_, (job, _)) in std::mem::take(&mut self.background) {
             match job {
+                Background::ResumeDownload { user, saved } => {
+                    self.remembered.entry(user).or_default().push(saved);
+                }
+                Background::Rechecked => {}
                 Background::Sharers { download } => self.out.push_back(Output::Sharers {
                     download,
                     result: Err("lost the connection to the tracker".into()),
@@ -895,6 +1144,193 @@ impl ClientCore {
             self.pending = None;
             self.fail("lost the connection to the tracker");
         }
+    }
+
+    /// The driver's answer to [`Output::CheckShares`]: each share with its file's stamp now
+    /// (or why it could not be read). Unchanged files are served again at once; a file of the
+    /// same size is hashed again first; the others are dropped with a warning. Then the
+    /// tracker learns which shares this client holds.
+    pub fn handle_shares_checked(
+        &mut self,
+        checked: Vec<(LocalShare, Result<FileStamp, String>)>,
+        now: Instant,
+    ) {
+        if !matches!(self.pending, Some(Pending::CheckingShares)) {
+            // Not asked for: nothing is checked, nothing forgotten.
+            self.shares
+                .extend(checked.into_iter().map(|(share, _)| share));
+            return;
+        }
+        self.pending = None;
+        let Some(user) = self.user.clone() else {
+            // The session ended meanwhile: the shares stay remembered, unchecked.
+            self.shares
+                .extend(checked.into_iter().map(|(share, _)| share));
+            return self.fail("lost the connection to the tracker");
+        };
+        let mut resumed = 0;
+        for (share, stamp) in checked {
+            let (path, group) = (share.path.display(), &share.group);
+            match stamp {
+                Ok(stamp) if Some(stamp) == share.stamp => {
+                    resumed += 1;
+                    self.shares.push(share);
+                    continue;
+                }
+                Ok(stamp) if stamp.size == share.meta.size => {
+                    log::warn!(
+                        "{path} changed since it was shared in group {group}: verifying it again \
+                         before it is served"
+                    );
+                    let job = JobId(self.next_id());
+                    self.out.push_back(Output::HashFile {
+                        job,
+                        path: share.path.clone(),
+                    });
+                    self.rechecks.insert(
+                        job,
+                        LocalShare {
+                            stamp: Some(stamp),
+                            ..share
+                        },
+                    );
+                }
+                Ok(stamp) => log::warn!(
+                    "{path} is {} bytes now, {} when it was shared in group {group}: no longer \
+                     shared",
+                    stamp.size,
+                    share.meta.size
+                ),
+                Err(e) => log::warn!("{path} ({e}): no longer shared in group {group}"),
+            }
+            self.state_dirty = true;
+        }
+        let keep = self
+            .shares
+            .iter()
+            .filter(|s| s.user == user)
+            .map(|s| (s.group.clone(), s.name.clone()))
+            .collect();
+        self.send(
+            RequestBody::SyncShares { shares: keep },
+            Sent::Sync { user, resumed },
+            now,
+        );
+    }
+
+    /// A remembered share whose file changed was hashed again: served and announced again if
+    /// it still holds the content, else dropped.
+    fn handle_rechecked(&mut self, share: LocalShare, done: HashDone) {
+        self.state_dirty = true;
+        let (path, group) = (share.path.display().to_string(), share.group.clone());
+        match done.result {
+            Ok(h)
+                if h.size == share.meta.size
+                    && h.file_sha1 == share.meta.file_sha1
+                    && h.piece_hashes == share.meta.piece_hashes =>
+            {
+                log::info!("{path} verified again: shared in group {group} again");
+                let announce = self.user.as_ref() == Some(&share.user);
+                let meta = share.meta.clone();
+                self.add_share(share);
+                self.out.push_back(Output::SharesChanged);
+                if announce {
+                    self.send_background(
+                        Background::Rechecked,
+                        RequestBody::UploadFile { group, meta },
+                    );
+                }
+            }
+            Ok(_) => log::warn!(
+                "{path} no longer holds the {} shared in group {group}: no longer shared",
+                share.name
+            ),
+            Err(e) => log::warn!("{path}: {e}: no longer shared in group {group}"),
+        }
+    }
+
+    /// The login is complete (its shares reconciled with the tracker): say so, register the
+    /// user's downloads and continue the ones remembered from an earlier run.
+    fn logged_in(&mut self, user: UserId, resumed: usize) {
+        self.out.push_back(Output::SharesChanged);
+        self.register_downloads();
+        if resumed > 0 {
+            self.print(format!(
+                "logged in as {user} ({resumed} shared files resumed)"
+            ));
+        } else {
+            self.print(format!("logged in as {user}"));
+        }
+        if self.user.as_ref() != Some(&user) {
+            return;
+        }
+        for saved in self.remembered.remove(&user).unwrap_or_default() {
+            let body = RequestBody::FileSharers {
+                group: saved.group.clone(),
+                name: saved.name.clone(),
+            };
+            self.send_background(
+                Background::ResumeDownload {
+                    user: user.clone(),
+                    saved,
+                },
+                body,
+            );
+        }
+    }
+
+    /// The tracker's answer about a remembered download: continue it.
+    fn resume_download(&mut self, user: UserId, saved: SavedDownload, body: ReplyBody) {
+        self.state_dirty = true;
+        if self.user.as_ref() != Some(&user) {
+            // The user logged out meanwhile: continued at the next login.
+            self.remembered.entry(user).or_default().push(saved);
+            return;
+        }
+        let what = format!("download of {} from group {}", saved.name, saved.group);
+        let (meta, peers) = match body {
+            ReplyBody::Sharers { meta, peers } if meta.name == saved.name => (meta, peers),
+            ReplyBody::Refused { message, .. } => {
+                return self.fail(format!("{what} cannot continue: {message}"))
+            }
+            other => {
+                return self.fail(format!(
+                    "{what} cannot continue: unexpected answer {other:?}"
+                ))
+            }
+        };
+        let peers: Vec<SocketAddr> = peers.into_iter().filter(|a| *a != self.peer_addr).collect();
+        if peers.is_empty() {
+            // Nobody to fetch from now: it waits for the user's next login here.
+            self.remembered.entry(user).or_default().push(saved);
+            return self.fail(format!(
+                "{what} cannot continue now: no sharer is online (it goes on at the next login)"
+            ));
+        }
+        if self.not_downloading(saved.target.clone()).is_err() {
+            return;
+        }
+        let id = DownloadId(self.next_id());
+        self.downloads.push(DownloadEntry {
+            id,
+            user,
+            group: saved.group.clone(),
+            name: saved.name,
+            target: saved.target.clone(),
+            meta: meta.clone(),
+            status: DownloadStatus::Running,
+            wants_share: false,
+            registering: false,
+            registered: false,
+            withdraw_due: false,
+        });
+        self.out.push_back(Output::StartDownload {
+            id,
+            group: saved.group,
+            meta,
+            peers,
+            target: saved.target,
+        });
     }
 
     /// Fails a command whose answer is overdue.
@@ -959,6 +1395,7 @@ impl ClientCore {
         // The target is checked again by the driver as the download starts (it may have
         // appeared since `handle_inspected`): `StartError::TargetExists`.
         let id = DownloadId(self.next_id());
+        self.state_dirty = true;
         self.downloads.push(DownloadEntry {
             id,
             user,
@@ -990,7 +1427,18 @@ impl ClientCore {
                 name,
                 target,
             } => return self.report_sharers(group, name, target, body),
-            Sent::Upload { group, path, meta } => {
+            Sent::Sync { user, resumed } => {
+                if !matches!(body, ReplyBody::Done) {
+                    log::warn!("the tracker did not take this client's shares: {body:?}");
+                }
+                return self.logged_in(user, resumed);
+            }
+            Sent::Upload {
+                group,
+                path,
+                meta,
+                stamp,
+            } => {
                 let user = self.user.clone();
                 let Some(user) = user else {
                     return self.fail("not logged in");
@@ -1013,6 +1461,7 @@ impl ClientCore {
                     name: meta.name.clone(),
                     path,
                     meta,
+                    stamp: Some(stamp),
                 });
                 return self.print(line);
             }
@@ -1021,18 +1470,15 @@ impl ClientCore {
         match (cmd, body) {
             (Command::CreateUser { user, .. }, _) => self.print(format!("user {user} created")),
             (Command::Login { user, .. }, ReplyBody::LoggedIn { token }) => {
-                let resumed = self.shares.iter().filter(|s| s.user == user).count();
                 self.user = Some(user.clone());
                 self.token = Some(token);
-                self.out.push_back(Output::SharesChanged);
-                self.register_downloads();
-                if resumed > 0 {
-                    self.print(format!(
-                        "logged in as {user} ({resumed} shared files resumed)"
-                    ));
-                } else {
-                    self.print(format!("logged in as {user}"));
-                }
+                // The user's shares are served again only once their files pass the check.
+                let (mine, others) = std::mem::take(&mut self.shares)
+                    .into_iter()
+                    .partition(|s| s.user == user);
+                self.shares = others;
+                self.pending = Some(Pending::CheckingShares);
+                self.out.push_back(Output::CheckShares { shares: mine });
             }
             (Command::Logout, _) => {
                 self.token = None;
@@ -1046,6 +1492,7 @@ impl ClientCore {
                 self.print(format!("request to join group {group} sent"))
             }
             (Command::LeaveGroup { group }, _) => {
+                self.state_dirty = true;
                 if let Some(user) = &self.user {
                     let user = user.clone();
                     self.shares
@@ -1076,6 +1523,7 @@ impl ClientCore {
                 }
             }
             (Command::StopShare { group, name }, _) => {
+                self.state_dirty = true;
                 if let Some(user) = &self.user {
                     let user = user.clone();
                     self.shares

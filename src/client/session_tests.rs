@@ -25,6 +25,8 @@ fn peer_addr() -> SocketAddr {
 struct Harness {
     core: ClientCore,
     now: Instant,
+    /// The login reconciliations sent, each answered `Done` by the harness at once.
+    syncs: Vec<Vec<(GroupId, FileName)>>,
 }
 
 impl Harness {
@@ -32,11 +34,13 @@ impl Harness {
         Harness {
             core: ClientCore::new(peer_addr()),
             now: Instant::now(),
+            syncs: Vec::new(),
         }
     }
 
     /// The outputs so far, without `SharesChanged` (a hint to the driver, checked on its own).
-    /// Questions about the file system are answered from the real one, as the driver does.
+    /// Questions about the file system are answered from the real one, as the driver does;
+    /// a login's `SyncShares` is recorded in `syncs` and answered `Done`.
     fn drain(&mut self) -> Vec<Output> {
         let mut outs = Vec::new();
         while let Some(out) = self.core.poll_output() {
@@ -45,6 +49,26 @@ impl Harness {
                 Output::Inspect(query) => self
                     .core
                     .handle_inspected(crate::client::disk::inspect(&query), self.now),
+                Output::CheckShares { shares } => {
+                    let checked = shares
+                        .into_iter()
+                        .map(|s| {
+                            let stamp = FileStamp::read(&s.path).map_err(|e| e.to_string());
+                            (s, stamp)
+                        })
+                        .collect();
+                    self.core.handle_shares_checked(checked, self.now);
+                }
+                Output::Send(Request {
+                    req_id,
+                    body: RequestBody::SyncShares { shares },
+                }) => {
+                    self.syncs.push(shares);
+                    self.core.handle_reply(Reply {
+                        req_id,
+                        body: ReplyBody::Done,
+                    });
+                }
                 out => outs.push(out),
             }
         }
@@ -147,12 +171,16 @@ impl Harness {
         self.reply(&req, ReplyBody::Shared { new_file })
     }
 
+    /// (user, group, name) of every share, sorted.
     fn share_names(&self) -> Vec<(String, String, String)> {
-        self.core
+        let mut names: Vec<_> = self
+            .core
             .shares()
             .iter()
             .map(|s| (s.user.to_string(), s.group.to_string(), s.name.to_string()))
-            .collect()
+            .collect();
+        names.sort();
+        names
     }
 }
 
@@ -1287,5 +1315,418 @@ fn a_download_failing_before_its_registration_is_sent_is_never_registered() {
     assert!(
         !outs.iter().any(|o| matches!(o, Output::Send(_))),
         "nothing to register or withdraw: {outs:?}"
+    );
+}
+
+// =============================================================================================
+// Restarts: the state file's shares and downloads
+// =============================================================================================
+
+fn meta_of(name: &str, content: &[u8]) -> FileMeta {
+    let h = hashes_of(content);
+    FileMeta {
+        name: fname(name),
+        size: h.size,
+        piece_len: PIECE_LEN,
+        file_sha1: h.file_sha1,
+        piece_hashes: h.piece_hashes,
+    }
+}
+
+/// A state file's worth of alice's shares of `files` in group g, stamped as they are now.
+fn remembered_shares(files: &[(&Path, &[u8])]) -> ClientState {
+    let mut state = ClientState::default();
+    let u = state.users.entry(uid("alice")).or_default();
+    for (path, content) in files {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        u.shares.push(SavedShare {
+            group: gid("g"),
+            path: path.to_path_buf(),
+            stamp: Some(FileStamp::read(path).unwrap()),
+            meta: meta_of(name, content),
+        });
+    }
+    state
+}
+
+#[test]
+fn remembered_shares_come_back_at_login_after_the_cheap_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let same = write_file(dir.path(), "same", b"same");
+    let touched = write_file(dir.path(), "touched", b"tttt");
+    let altered = write_file(dir.path(), "altered", b"aaaa");
+    let resized = write_file(dir.path(), "resized", b"rrrr");
+    let gone = write_file(dir.path(), "gone", b"gggg");
+    let state = remembered_shares(&[
+        (&same, b"same"),
+        (&touched, b"tttt"),
+        (&altered, b"aaaa"),
+        (&resized, b"rrrr"),
+        (&gone, b"gggg"),
+    ]);
+    let mut h = Harness::new();
+    h.core.restore(state.clone());
+    assert_eq!(h.core.saved_state(), state, "restored as remembered");
+    // Nothing is served before the login.
+    let m = meta_of("same", b"same");
+    assert!(h
+        .core
+        .serving(&gid("g"), &fname("same"), &m.file_sha1)
+        .is_none());
+
+    // Meanwhile: one file touched (same bytes, new mtime), one altered in place (same size),
+    // one resized, one removed.
+    let later = std::time::SystemTime::now() + Duration::from_secs(10);
+    std::fs::File::options()
+        .write(true)
+        .open(&touched)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    std::fs::write(&altered, b"AAAA").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&altered)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    std::fs::write(&resized, b"rrrrr").unwrap();
+    std::fs::remove_file(&gone).unwrap();
+
+    let req = h.line_sends("login alice pw");
+    h.core.handle_reply(Reply {
+        req_id: req.req_id,
+        body: ReplyBody::LoggedIn { token: [3; 16] },
+    });
+    let outs = h.drain();
+    // Only the unchanged file is kept at once, and the tracker is told so.
+    assert_eq!(h.syncs, [vec![(gid("g"), fname("same"))]]);
+    let jobs: Vec<(JobId, PathBuf)> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::HashFile { job, path } => Some((*job, path.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        jobs.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(),
+        [touched.clone(), altered.clone()],
+        "{outs:?}"
+    );
+    assert!(
+        outs.contains(&print("logged in as alice (1 shared files resumed)")),
+        "{outs:?}"
+    );
+    assert!(!h.core.is_busy());
+    assert!(h
+        .core
+        .serving(&gid("g"), &fname("same"), &m.file_sha1)
+        .is_some());
+    let t = meta_of("touched", b"tttt");
+    assert!(h
+        .core
+        .serving(&gid("g"), &fname("touched"), &t.file_sha1)
+        .is_none());
+    // Both still remembered while they are checked; the resized and the gone are forgotten.
+    let saved: Vec<PathBuf> = h.core.saved_state().users[&uid("alice")]
+        .shares
+        .iter()
+        .map(|s| s.path.clone())
+        .collect();
+    assert_eq!(saved.len(), 3, "{saved:?}");
+    assert!(h.core.take_state_dirty());
+
+    // The touched file holds its content: served and announced again. The altered one does
+    // not: dropped.
+    h.core.handle_hashed(
+        HashDone {
+            job: jobs[0].0,
+            result: Ok(hashes_of(b"tttt")),
+        },
+        h.now,
+    );
+    match h.drain().as_slice() {
+        [Output::Send(Request {
+            body: RequestBody::UploadFile { group, meta },
+            ..
+        })] => {
+            assert_eq!(group, &gid("g"));
+            assert_eq!(meta, &t);
+        }
+        other => panic!("expected the announcement: {other:?}"),
+    }
+    assert!(h
+        .core
+        .serving(&gid("g"), &fname("touched"), &t.file_sha1)
+        .is_some());
+    h.core.handle_hashed(
+        HashDone {
+            job: jobs[1].0,
+            result: Ok(hashes_of(b"AAAA")),
+        },
+        h.now,
+    );
+    assert_eq!(h.drain(), []);
+    let mut saved: Vec<String> = h.core.saved_state().users[&uid("alice")]
+        .shares
+        .iter()
+        .map(|s| s.meta.name.to_string())
+        .collect();
+    saved.sort();
+    assert_eq!(saved, ["same", "touched"]);
+    // The touched file's new stamp is remembered, so the next check is cheap.
+    let touched_saved = h.core.saved_state().users[&uid("alice")]
+        .shares
+        .iter()
+        .find(|s| s.path == touched)
+        .unwrap()
+        .stamp;
+    assert_eq!(touched_saved, Some(FileStamp::read(&touched).unwrap()));
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+#[test]
+fn an_upload_is_remembered_with_its_stamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_file(dir.path(), "a", b"aaa");
+    let mut h = Harness::new();
+    h.login("alice");
+    assert_eq!(h.syncs, [vec![]], "a login with nothing to keep says so");
+    assert!(!h.core.take_state_dirty() || h.core.saved_state().users.is_empty());
+    h.upload(&a, "g", b"aaa", true);
+    assert!(h.core.take_state_dirty());
+    let state = h.core.saved_state();
+    let share = &state.users[&uid("alice")].shares[0];
+    assert_eq!(share.path, a.canonicalize().unwrap());
+    assert_eq!(share.stamp, Some(FileStamp::read(&a).unwrap()));
+    assert_eq!(share.meta, meta_of("a", b"aaa"));
+    // Stopped: forgotten.
+    h.run("stop_share g a", ReplyBody::Done);
+    assert!(h.core.take_state_dirty());
+    assert!(h.core.saved_state().users.is_empty());
+}
+
+#[test]
+fn an_interrupted_download_is_remembered_and_continues_at_the_next_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    let target = dir.path().canonicalize().unwrap().join("f.bin");
+    let want = SavedDownload {
+        group: gid("g1"),
+        name: fname("f.bin"),
+        target: target.clone(),
+    };
+    assert!(h.core.take_state_dirty());
+    assert_eq!(
+        h.core.saved_state().users[&uid("alice")].downloads,
+        std::slice::from_ref(&want)
+    );
+    // The client exits: the download is not forgotten.
+    h.core
+        .handle_download_finished(id, Err(DownloadError::Exiting));
+    h.drain();
+    let state = h.core.saved_state();
+    assert_eq!(
+        state.users[&uid("alice")].downloads,
+        std::slice::from_ref(&want)
+    );
+
+    // The next run: restored, then continued by itself after the login.
+    let mut h = Harness::new();
+    h.core.restore(state);
+    let outs = login_outputs(&mut h, "alice");
+    let ask = match outs.as_slice() {
+        [Output::Print(line), Output::Send(r)] => {
+            assert_eq!(line, "logged in as alice");
+            r.clone()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        ask.body,
+        RequestBody::FileSharers {
+            group: gid("g1"),
+            name: fname("f.bin"),
+        }
+    );
+    // Still remembered while the tracker is asked.
+    assert_eq!(
+        h.core.saved_state().users[&uid("alice")].downloads,
+        std::slice::from_ref(&want)
+    );
+    let meta = FileMeta {
+        name: fname("f.bin"),
+        size: 3,
+        piece_len: PIECE_LEN,
+        file_sha1: Sha1Digest([1; 20]),
+        piece_hashes: vec![Sha1Digest([2; 20])],
+    };
+    let peer = SocketAddr::from((Ipv4Addr::LOCALHOST, 7000));
+    h.core.handle_reply(Reply {
+        req_id: ask.req_id,
+        body: ReplyBody::Sharers {
+            meta: meta.clone(),
+            peers: vec![peer],
+        },
+    });
+    let id = match h.drain().as_slice() {
+        [Output::StartDownload {
+            id,
+            target: t,
+            peers,
+            ..
+        }] => {
+            assert_eq!(t, &target);
+            assert_eq!(peers, &[peer]);
+            *id
+        }
+        other => panic!("{other:?}"),
+    };
+    h.core
+        .handle_download_started(id, Ok("resumed line".into()));
+    assert_eq!(h.drain(), [print("resumed line")]);
+    assert_eq!(h.core.downloads()[0].status, DownloadStatus::Running);
+    assert_eq!(h.core.downloads()[0].target, target);
+    assert_eq!(h.core.saved_state().users[&uid("alice")].downloads, [want]);
+    assert_eq!(h.core.n_failed(), 0);
+}
+
+#[test]
+fn a_remembered_download_with_nobody_online_waits_for_the_next_login() {
+    let mut state = ClientState::default();
+    let want = SavedDownload {
+        group: gid("g1"),
+        name: fname("f.bin"),
+        target: PathBuf::from("/nowhere/f.bin"),
+    };
+    state.users.entry(uid("alice")).or_default().downloads = vec![want.clone()];
+    let mut h = Harness::new();
+    h.core.restore(state);
+    let outs = login_outputs(&mut h, "alice");
+    let Some(Output::Send(ask)) = outs.last() else {
+        panic!("{outs:?}");
+    };
+    h.core.handle_reply(Reply {
+        req_id: ask.req_id,
+        body: ReplyBody::Sharers {
+            meta: FileMeta {
+                name: fname("f.bin"),
+                size: 3,
+                piece_len: PIECE_LEN,
+                file_sha1: Sha1Digest([1; 20]),
+                piece_hashes: vec![Sha1Digest([2; 20])],
+            },
+            peers: vec![],
+        },
+    });
+    match h.drain().as_slice() {
+        [Output::Fail(reason)] => assert!(reason.contains("no sharer is online"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(h.core.downloads().is_empty());
+    assert_eq!(h.core.saved_state().users[&uid("alice")].downloads, [want]);
+}
+
+#[test]
+fn a_session_lost_during_the_check_forgets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_file(dir.path(), "a", b"aaa");
+    let state = remembered_shares(&[(&a, b"aaa")]);
+    let mut h = Harness::new();
+    h.core.restore(state.clone());
+    let req = h.line_sends("login alice pw");
+    h.core.handle_reply(Reply {
+        req_id: req.req_id,
+        body: ReplyBody::LoggedIn { token: [3; 16] },
+    });
+    // The driver has not answered the check yet when the tracker link breaks.
+    let shares = match h.core.poll_output() {
+        Some(Output::CheckShares { shares }) => shares,
+        other => panic!("{other:?}"),
+    };
+    h.core.handle_tracker_lost();
+    let checked = shares
+        .into_iter()
+        .map(|s| {
+            let stamp = FileStamp::read(&s.path).map_err(|e| e.to_string());
+            (s, stamp)
+        })
+        .collect();
+    h.core.handle_shares_checked(checked, h.now);
+    assert_eq!(h.core.saved_state(), state);
+    assert!(!h.core.is_busy());
+}
+
+#[test]
+fn a_logout_before_the_answer_keeps_a_remembered_download() {
+    let mut state = ClientState::default();
+    let want = SavedDownload {
+        group: gid("g1"),
+        name: fname("f.bin"),
+        target: PathBuf::from("/nowhere/f.bin"),
+    };
+    state.users.entry(uid("alice")).or_default().downloads = vec![want.clone()];
+    let mut h = Harness::new();
+    h.core.restore(state.clone());
+    let outs = login_outputs(&mut h, "alice");
+    let Some(Output::Send(ask)) = outs.last() else {
+        panic!("{outs:?}");
+    };
+    assert_eq!(h.core.saved_state(), state, "remembered while asked");
+    h.run("logout", ReplyBody::Done);
+    h.core.handle_reply(Reply {
+        req_id: ask.req_id,
+        body: ReplyBody::Refused {
+            code: RejectCode::NotLoggedIn,
+            message: "not logged in".into(),
+        },
+    });
+    assert_eq!(h.drain(), []);
+    assert_eq!(h.core.saved_state(), state);
+    // The tracker link breaking with the question in flight forgets nothing either.
+    let outs = login_outputs(&mut h, "alice");
+    assert!(matches!(outs.last(), Some(Output::Send(_))), "{outs:?}");
+    h.core.handle_tracker_lost();
+    h.drain();
+    assert_eq!(h.core.saved_state(), state);
+}
+
+#[test]
+fn commands_that_would_outgrow_the_state_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_file(dir.path(), "a", b"aaa");
+    let mut state = ClientState::default();
+    for i in 0..MAX_USERS {
+        state
+            .users
+            .entry(uid(&format!("u{i}")))
+            .or_default()
+            .downloads
+            .push(SavedDownload {
+                group: gid("g"),
+                name: fname("f"),
+                target: PathBuf::from(format!("/d/{i}")),
+            });
+    }
+    let mut h = Harness::new();
+    h.core.restore(state);
+    h.login("zed");
+    let outs = h.line(&format!("upload_file {} g", a.display()));
+    match outs.as_slice() {
+        [Output::Fail(reason)] => assert!(reason.contains("1024 users"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let outs = h.line(&format!("download_file g f {}/", dir.path().display()));
+    assert!(matches!(outs.as_slice(), [Output::Fail(_)]), "{outs:?}");
+    // A user the state already knows still has room.
+    h.run("logout", ReplyBody::Done);
+    let outs = login_outputs(&mut h, "u7");
+    assert!(matches!(outs.last(), Some(Output::Send(_))), "{outs:?}");
+    let job = h.line(&format!("upload_file {} g", a.display()));
+    assert!(
+        matches!(job.as_slice(), [Output::HashFile { .. }]),
+        "{job:?}"
     );
 }

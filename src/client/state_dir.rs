@@ -1,11 +1,11 @@
-//! The client's state directory: where a client keeps what it must remember between runs (the
-//! shell history today). By default one per listen address,
+//! The client's state directory: where a client keeps what it must remember between runs (its
+//! users' shares and downloads in the [state file](super::state_file), the directory's lock,
+//! the shell history). By default one per listen address,
 //! `$XDG_STATE_HOME/p2pshare/client-<ip>-<port>/` (`~/.local/state/p2pshare/...` when
 //! `XDG_STATE_HOME` is unset), or the directory given with `--state-dir`.
 //!
 //! [`resolve`] is pure (the environment is passed in); [`ensure`] is the only function here
-//! that touches the disk, and it is called on first need, so a client that never needs its
-//! state directory (batch input, for now) never creates one.
+//! that touches the disk: the client creates and locks its directory when it starts.
 
 use std::ffi::OsString;
 use std::fmt;

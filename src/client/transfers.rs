@@ -124,6 +124,12 @@ impl Transfers {
             .downloads
             .values()
             .filter_map(|a| a.engine.next_deadline());
+        let records = self
+            .downloads
+            .values()
+            .filter(|a| a.record_dirty)
+            .map(|a| a.record_written + super::part_record::RECORD_INTERVAL);
+        let downloads = downloads.chain(records);
         let handshakes = self.handshake_deadlines.front().map(|(t, _)| *t);
         downloads.chain(handshakes).min()
     }
@@ -141,6 +147,7 @@ impl Transfers {
             }
             self.run_actions(registry, hasher, id, now);
         }
+        self.write_records(now);
         while let Some(&(deadline, id)) = self.handshake_deadlines.front() {
             if deadline > now {
                 break;
@@ -177,6 +184,7 @@ impl Transfers {
                 addr,
                 core: Uploader::new(),
                 serving: None,
+                block_bytes: 0,
             }),
         ) {
             Ok(id) => self

@@ -1006,6 +1006,10 @@ impl TrackerCore {
                 group,
                 name,
             },
+            RequestBody::SyncShares { shares } => Op::SyncShares {
+                session: self.session_of(conn)?,
+                keep: shares,
+            },
         };
         Ok(Handled::Change(op, SessionEffect::None))
     }

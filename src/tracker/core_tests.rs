@@ -220,8 +220,11 @@ fn session_requests() -> Vec<RequestBody> {
             meta: meta("f", 1),
         },
         RequestBody::StopShare {
-            group: g,
+            group: g.clone(),
             name: fname("f"),
+        },
+        RequestBody::SyncShares {
+            shares: vec![(g, fname("f"))],
         },
     ]
 }
@@ -1011,4 +1014,56 @@ fn without_the_requirement_any_link_may_be_a_tracker() {
     h.open(c);
     let outs = h.send(c, &tracker_hello(2));
     assert!(!outs.contains(&Output::Close(c)), "{outs:?}");
+}
+
+/// Login reconciliation: a client that comes back names the shares it holds; the user's
+/// other shares at its address end, and a file nobody shares any more leaves the listing.
+#[test]
+fn sync_shares_after_a_login_ends_what_the_client_lost() {
+    let mut h = Harness::new();
+    let (a, b) = (conn(1), conn(2));
+    h.connect(a);
+    assert_eq!(h.create_user(a, "alice", "pa"), ReplyBody::Done);
+    assert_logged_in(&h.login(a, "alice", "pa", 5000));
+    let g = gid("g1");
+    assert_eq!(
+        h.ask(a, RequestBody::CreateGroup { group: g.clone() }),
+        ReplyBody::Done
+    );
+    for name in ["kept", "lost"] {
+        assert_eq!(
+            h.ask(
+                a,
+                RequestBody::UploadFile {
+                    group: g.clone(),
+                    meta: meta(name, 1),
+                }
+            ),
+            ReplyBody::Shared { new_file: true }
+        );
+    }
+    // The client restarts: a new connection from the same address.
+    h.core.handle_close(a, h.now);
+    h.drain();
+    h.connect(b);
+    assert_logged_in(&h.login(b, "alice", "pa", 5000));
+    assert_eq!(
+        h.ask(
+            b,
+            RequestBody::SyncShares {
+                shares: vec![(g.clone(), fname("kept"))],
+            }
+        ),
+        ReplyBody::Done
+    );
+    match h.ask(b, RequestBody::ListFiles { group: g }) {
+        ReplyBody::Files(files) => {
+            let rows: Vec<(String, u32)> = files
+                .iter()
+                .map(|f| (f.name.to_string(), f.n_online))
+                .collect();
+            assert_eq!(rows, [("kept".to_owned(), 1)]);
+        }
+        other => panic!("{other:?}"),
+    }
 }

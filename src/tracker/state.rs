@@ -415,6 +415,22 @@ impl TrackerState {
                 }
                 Ok(Outcome::Done)
             }
+            Op::SyncShares { session, keep } => {
+                let s = self.sessions.get(session).ok_or_else(not_logged_in)?;
+                let (user, addr) = (s.user.clone(), s.peer_addr);
+                let keep: std::collections::BTreeSet<(&GroupId, &FileName)> =
+                    keep.iter().map(|(g, n)| (g, n)).collect();
+                for (group, g) in self.groups.iter_mut() {
+                    g.files.retain(|name, file| {
+                        if !keep.contains(&(group, name)) {
+                            file.sharers
+                                .retain(|sh| !(sh.user == user && sh.peer_addr == addr));
+                        }
+                        !file.sharers.is_empty()
+                    });
+                }
+                Ok(Outcome::Done)
+            }
         }
     }
 

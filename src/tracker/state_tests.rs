@@ -1311,6 +1311,61 @@ fn stop_share_by_a_former_member_is_not_member() {
     refused(&mut st, op::stop(s[1], "g", "f"), RejectCode::NotMember);
 }
 
+/// Login reconciliation: a client started again keeps only the shares it names; the user's
+/// shares from other addresses and other users' shares stay.
+#[test]
+fn sync_shares_ends_what_the_client_no_longer_has() {
+    let mut st = TrackerState::new();
+    let s = group_with(&mut st, "g", &["alice", "bob"]);
+    ok(&mut st, op::share(s[0], "g", meta("kept", SIZE, 1)));
+    ok(&mut st, op::share(s[0], "g", meta("gone", SIZE, 2)));
+    ok(&mut st, op::share(s[0], "g", meta("also", SIZE, 3)));
+    ok(&mut st, op::share(s[1], "g", meta("also", SIZE, 3)));
+    // Alice also shares "gone" from another client (port 9).
+    done(&mut st, op::close(s[0]));
+    let other = login(&mut st, "alice", 9);
+    ok(&mut st, op::share(other, "g", meta("gone", SIZE, 2)));
+    done(&mut st, op::close(other));
+    // Her first client comes back holding only "kept".
+    let again = login(&mut st, "alice", 1);
+    let keep = vec![(gid("g"), fname("kept")), (gid("nope"), fname("x"))];
+    done(
+        &mut st,
+        Op::SyncShares {
+            session: again,
+            keep,
+        },
+    );
+    assert_eq!(
+        files(&st, again, "g"),
+        [row("also", 1, 1), row("gone", 0, 1), row("kept", 1, 1)]
+    );
+    let sharers = &st.group(&gid("g")).unwrap().files[&fname("gone")].sharers;
+    assert_eq!(sharers[0].peer_addr.port(), 9);
+    // Keeping nothing ends the rest; a file nobody shares any more disappears.
+    done(
+        &mut st,
+        Op::SyncShares {
+            session: again,
+            keep: vec![],
+        },
+    );
+    assert_eq!(
+        files(&st, again, "g"),
+        [row("also", 1, 1), row("gone", 0, 1)]
+    );
+    // Without a session: refused, nothing changed.
+    done(&mut st, op::close(again));
+    refused(
+        &mut st,
+        Op::SyncShares {
+            session: again,
+            keep: vec![],
+        },
+        RejectCode::NotLoggedIn,
+    );
+}
+
 #[test]
 fn stop_share_of_one_sharer_keeps_the_file() {
     let mut st = TrackerState::new();
@@ -1477,6 +1532,7 @@ fn op_kind(op: &Op) -> &'static str {
         Op::RejectRequest { .. } => "RejectRequest",
         Op::ShareFile { .. } => "ShareFile",
         Op::StopShare { .. } => "StopShare",
+        Op::SyncShares { .. } => "SyncShares",
     }
 }
 

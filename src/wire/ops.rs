@@ -94,6 +94,12 @@ pub enum Op {
         group: GroupId,
         name: FileName,
     },
+    /// Login reconciliation: the session's user stops sharing, from the session's client
+    /// address, every file not in `keep` (the client started again and holds only these).
+    SyncShares {
+        session: SessionId,
+        keep: Vec<(GroupId, FileName)>,
+    },
 }
 
 /// The client request an op was made for: a retry with the same pair is answered from memory.

@@ -169,6 +169,7 @@ mod kind {
     pub const REJECT_REQUEST: u8 = 11;
     pub const SHARE_FILE: u8 = 12;
     pub const STOP_SHARE: u8 = 13;
+    pub const SYNC_SHARES: u8 = 14;
 }
 
 /// `TakeoverAck` catchup kinds.
@@ -220,6 +221,7 @@ pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
 /// - `11` RejectRequest: `u64 session | str group | str user`
 /// - `12` ShareFile: `u64 session | str group | file_meta`
 /// - `13` StopShare: `u64 session | str group | str name`
+/// - `14` SyncShares: `u64 session | u32 n | (str group | str name) * n`
 ///
 /// Any other kind is [`DecodeError::BadValue`].
 pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -322,6 +324,15 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             put_str16(out, group.as_str());
             put_str16(out, name.as_str());
         }
+        Op::SyncShares { session, keep } => {
+            put_u8(out, kind::SYNC_SHARES);
+            put_u64(out, session.0);
+            put_count(out, keep.len());
+            for (group, name) in keep {
+                put_str16(out, group.as_str());
+                put_str16(out, name.as_str());
+            }
+        }
     }
 }
 
@@ -387,6 +398,15 @@ pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             group: group_id(r)?,
             name: file_name(r)?,
         },
+        kind::SYNC_SHARES => {
+            let session = SessionId(r.u64()?);
+            let n = r.count(2 + 1 + 2 + 1)?;
+            let mut keep = Vec::with_capacity(n);
+            for _ in 0..n {
+                keep.push((group_id(r)?, file_name(r)?));
+            }
+            Op::SyncShares { session, keep }
+        }
         _ => return Err(DecodeError::BadValue("op kind")),
     };
     Ok(op)

@@ -96,9 +96,10 @@ fn op_variant(op: &Op) -> usize {
         Op::RejectRequest { .. } => 10,
         Op::ShareFile { .. } => 11,
         Op::StopShare { .. } => 12,
+        Op::SyncShares { .. } => 13,
     }
 }
-const OP_VARIANTS: usize = 13;
+const OP_VARIANTS: usize = 14;
 
 fn msg_variant(m: &ReplMsg) -> usize {
     match m {
@@ -216,6 +217,14 @@ fn sample_ops() -> Vec<Op> {
             session: SessionId(10),
             group: gid("grp"),
             name: fname("my file.txt"),
+        },
+        Op::SyncShares {
+            session: SessionId(11),
+            keep: vec![],
+        },
+        Op::SyncShares {
+            session: SessionId(12),
+            keep: vec![(gid("grp"), fname("my file.txt")), (gid("g2"), fname("x"))],
         },
     ]
 }
@@ -466,10 +475,16 @@ fn rand_op(rng: &mut Rng) -> Op {
             group: rand_group(rng),
             meta: rand_meta(rng),
         },
-        _ => Op::StopShare {
+        12 => Op::StopShare {
             session: rand_session(rng),
             group: rand_group(rng),
             name: rand_name(rng),
+        },
+        _ => Op::SyncShares {
+            session: rand_session(rng),
+            keep: (0..rng.below(4))
+                .map(|_| (rand_group(rng), rand_name(rng)))
+                .collect(),
         },
     }
 }
@@ -901,7 +916,20 @@ fn golden_ops() {
         op_bytes(&stop),
         cat(&[&[13], &session, &[0, 1, b'g', 0, 3, b'a', b' ', b'b']])
     );
-    for op in [open, resume, gone, accept, reject, share, stop] {
+    let sync = Op::SyncShares {
+        session: SessionId(1),
+        keep: vec![(gid("g"), fname("a b"))],
+    };
+    assert_eq!(
+        op_bytes(&sync),
+        cat(&[
+            &[14],
+            &session,
+            &[0, 0, 0, 1],
+            &[0, 1, b'g', 0, 3, b'a', b' ', b'b']
+        ])
+    );
+    for op in [open, resume, gone, accept, reject, share, stop, sync] {
         let bytes = op_bytes(&op);
         let mut r = Reader::new(&bytes);
         assert_eq!(decode_op(&mut r), Ok(op));
@@ -990,11 +1018,11 @@ fn round_trip_every_op_with_and_without_origin() {
 }
 
 #[test]
-fn op_kinds_are_distinct_and_one_to_thirteen() {
+fn op_kinds_are_distinct_and_one_to_fourteen() {
     let mut kinds = [None; 256];
     for op in sample_ops() {
         let k = op_bytes(&op)[0] as usize;
-        assert!((1..=13).contains(&k), "{op:?}");
+        assert!((1..=14).contains(&k), "{op:?}");
         match kinds[k] {
             None => kinds[k] = Some(op_variant(&op)),
             Some(v) => assert_eq!(v, op_variant(&op), "kind {k} shared by two ops"),
@@ -1235,7 +1263,7 @@ fn bad_flags_and_kinds_are_rejected() {
         ReplMsg::parse(&fwd(2, 1)),
         Err(DecodeError::BadValue("boolean"))
     );
-    for kind in [0u8, 14, 0x40, 0xff] {
+    for kind in [0u8, 15, 0x40, 0xff] {
         assert_eq!(
             ReplMsg::parse(&fwd(0, kind)),
             Err(DecodeError::BadValue("op kind")),

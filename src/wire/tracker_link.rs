@@ -93,6 +93,10 @@ pub enum RequestBody {
     /// `0x1f`: `[u8; 16] token`: take over the session holding `token` (after the client's
     /// tracker died). Answered with `LoggedIn` carrying the same token.
     Resume { token: [u8; 16] },
+    /// `0x20`: `u32 n | (str group | str name) * n`: right after a login, the shares this
+    /// client holds for the user now; the tracker ends the user's other shares at this
+    /// client's address. Answered with `Done`.
+    SyncShares { shares: Vec<(GroupId, FileName)> },
 }
 
 /// What a tracker records about a shared file's content.
@@ -325,6 +329,7 @@ mod ty {
     pub const STOP_SHARE: u8 = 0x1d;
     pub const FILE_SHARERS: u8 = 0x1e;
     pub const RESUME: u8 = 0x1f;
+    pub const SYNC_SHARES: u8 = 0x20;
 
     pub const WELCOME: u8 = 0x81;
     pub const DONE: u8 = 0x90;
@@ -429,6 +434,14 @@ impl ClientMsg {
                     name: file_name(&mut r)?,
                 },
                 ty::RESUME => RequestBody::Resume { token: r.array()? },
+                ty::SYNC_SHARES => {
+                    let n = r.count(2 + 1 + 2 + 1)?;
+                    let mut shares = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        shares.push((group_id(&mut r)?, file_name(&mut r)?));
+                    }
+                    RequestBody::SyncShares { shares }
+                }
                 other => return Err(DecodeError::UnknownType(other)),
             };
             ClientMsg::Request(Request { req_id, body })
@@ -489,6 +502,7 @@ impl Request {
             RequestBody::StopShare { .. } => ty::STOP_SHARE,
             RequestBody::FileSharers { .. } => ty::FILE_SHARERS,
             RequestBody::Resume { .. } => ty::RESUME,
+            RequestBody::SyncShares { .. } => ty::SYNC_SHARES,
         };
         let start = frame::begin(out, frame_type);
         put_u64(out, self.req_id);
@@ -526,6 +540,13 @@ impl Request {
                 put_str16(out, name.as_str());
             }
             RequestBody::Resume { token } => out.extend_from_slice(token),
+            RequestBody::SyncShares { shares } => {
+                put_count(out, shares.len());
+                for (group, name) in shares {
+                    put_str16(out, group.as_str());
+                    put_str16(out, name.as_str());
+                }
+            }
         }
         frame::end(out, start);
     }

@@ -84,10 +84,11 @@ fn client_variant(m: &ClientMsg) -> usize {
             RequestBody::StopShare { .. } => 14,
             RequestBody::FileSharers { .. } => 15,
             RequestBody::Resume { .. } => 16,
+            RequestBody::SyncShares { .. } => 17,
         },
     }
 }
-const CLIENT_VARIANTS: usize = 17;
+const CLIENT_VARIANTS: usize = 18;
 
 fn tracker_variant(m: &TrackerMsg) -> usize {
     match m {
@@ -254,6 +255,13 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
             },
         ),
         req(20, RequestBody::Resume { token: [0; 16] }),
+        req(22, RequestBody::SyncShares { shares: vec![] }),
+        req(
+            23,
+            RequestBody::SyncShares {
+                shares: vec![(gid("grp"), fname("my file.txt")), (gid("g"), fname("x"))],
+            },
+        ),
         req(
             21,
             RequestBody::Resume {
@@ -510,11 +518,16 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
             group: rand_group(rng),
             name: rand_name(rng),
         },
-        _ => {
+        16 => {
             let mut token = [0u8; 16];
             rng.fill(&mut token);
             RequestBody::Resume { token }
         }
+        _ => RequestBody::SyncShares {
+            shares: (0..rng.below(4))
+                .map(|_| (rand_group(rng), rand_name(rng)))
+                .collect(),
+        },
     };
     req(req_id, body)
 }
@@ -860,6 +873,25 @@ fn golden_upload_file_two_pieces() {
     ]);
     assert_eq!(want.len(), 4 + 95);
     golden_c(m, &want);
+}
+
+#[test]
+fn golden_sync_shares() {
+    golden_c(
+        req(
+            7,
+            RequestBody::SyncShares {
+                shares: vec![(gid("g"), fname("a b"))],
+            },
+        ),
+        &cat(&[
+            &[0, 0, 0, 21, 0x20],      // length, type
+            &[0, 0, 0, 0, 0, 0, 0, 7], // req_id
+            &[0, 0, 0, 1],             // one share
+            &[0, 1, b'g'],             // group
+            &[0, 3, b'a', b' ', b'b'], // name
+        ]),
+    );
 }
 
 #[test]
@@ -1504,7 +1536,7 @@ fn bad_handshakes_are_rejected() {
 
 #[test]
 fn unknown_frame_types_are_rejected() {
-    let client_types: Vec<u8> = (0x10..=0x1f).chain([0x01]).collect();
+    let client_types: Vec<u8> = (0x10..=0x20).chain([0x01]).collect();
     let tracker_types: Vec<u8> = (0x90..=0x98).chain([0x81]).collect();
     for t in 0..=255u8 {
         // A body long enough for the req_id, so the type is what fails.

@@ -514,6 +514,8 @@ pub struct LiveClient {
     pub addr: SocketAddr,
     /// Every line seen, for failure messages.
     seen: Vec<String>,
+    /// Lines of `seen` that `wait_log` returned already.
+    logs_taken: Vec<usize>,
 }
 
 impl LiveClient {
@@ -580,6 +582,7 @@ impl LiveClient {
             lines: rx,
             addr: client.addr,
             seen: Vec::new(),
+            logs_taken: Vec::new(),
         })
     }
 
@@ -694,6 +697,46 @@ impl LiveClient {
         match self.next_line_within(timeout) {
             Line::Out(o) => Ok(o),
             Line::Err(e) => Err(e),
+        }
+    }
+
+    /// Waits (up to `timeout`) for a log line on stderr containing `needle` that no earlier
+    /// `wait_log` returned (it may have been seen already, while waiting for other lines, in
+    /// any order); returns it. A stdout or `error: ` line meanwhile is a failure.
+    #[track_caller]
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let unused = |i: &usize| !self.logs_taken.contains(i);
+        if let Some(i) = (0..self.seen.len())
+            .filter(unused)
+            .find(|&i| self.seen[i].contains(needle))
+        {
+            self.logs_taken.push(i);
+            return self.seen[i].clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(Line::Err(l)) if !l.starts_with("error: ") => {
+                    let found = l.contains(needle);
+                    self.seen.push(l.clone());
+                    if found {
+                        self.logs_taken.push(self.seen.len() - 1);
+                        return l;
+                    }
+                }
+                Ok(line) => panic!(
+                    "live client on {}: {line:?} while waiting for a log line with '{needle}'; \
+                     seen:\n{}",
+                    self.addr,
+                    self.seen.join("\n")
+                ),
+                Err(e) => panic!(
+                    "live client on {}: no log line with '{needle}' ({e:?}); seen:\n{}",
+                    self.addr,
+                    self.seen.join("\n")
+                ),
+            }
         }
     }
 

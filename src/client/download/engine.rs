@@ -283,6 +283,17 @@ impl Download {
         }
     }
 
+    /// Before [`start`](Self::start), for a resumed `.part`: `pieces` may already be in the
+    /// file. Each is handed to the hasher ([`Action::Verify`]) instead of being fetched; one
+    /// that fails is fetched as usual, and no peer is blamed for it.
+    pub fn resume(&mut self, pieces: impl IntoIterator<Item = u32>) {
+        for piece in pieces {
+            if self.picker.resume_piece(piece) {
+                self.actions.push_back(Action::Verify { piece });
+            }
+        }
+    }
+
     /// Opens links to `addrs` (an empty file finishes at once).
     pub fn start(&mut self, addrs: &[SocketAddr], now: Instant) {
         if self.picker.is_complete() {

@@ -1648,3 +1648,55 @@ fn randomized_downloads() {
     // Both kinds of ending were exercised.
     assert!(outcomes[0] > 0 && outcomes[1] > 0, "{outcomes:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Resuming a `.part`
+// ---------------------------------------------------------------------------------------------
+
+/// Pieces a resumed `.part` may hold are verified, not fetched; one that fails is fetched and
+/// nobody is banned for it; the download then ends with every piece verified once.
+#[test]
+fn resumed_pieces_are_verified_not_fetched() {
+    let t0 = Instant::now();
+    let n = 4u32;
+    let mut d = download(u64::from(PIECE) * u64::from(n));
+    d.resume([0, 2, 2, 99]);
+    d.start(&[addr(1)], t0);
+    let first = drain(&mut d);
+    let verifies: Vec<u32> = first
+        .iter()
+        .filter_map(|a| match a {
+            Action::Verify { piece } => Some(*piece),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(verifies, [0, 2], "each once, none out of range: {first:?}");
+    let a = connects(&first)[0].0;
+    d.on_accept(a, &full(n), t0);
+    let mut pending = drain(&mut d);
+    let asked: BTreeSet<u32> = requests(&pending, a).iter().map(|b| b.piece).collect();
+    assert!(!asked.contains(&0) && !asked.contains(&2), "{asked:?}");
+    // Piece 0 holds up; piece 2 does not and is fetched like any missing piece.
+    d.on_piece_checked(0, true, t0);
+    d.on_piece_checked(2, false, t0);
+    let after = drain(&mut d);
+    assert!(after.contains(&Action::Verified { piece: 0 }), "{after:?}");
+    assert!(closes(&after).is_empty(), "nobody is blamed: {after:?}");
+    assert!(!d.picker().is_banned(a));
+    pending.extend(after);
+    let seen = run_to_end(&mut d, pending, t0);
+    let fetched: BTreeSet<u32> = seen
+        .iter()
+        .filter_map(|x| match x {
+            Action::Send {
+                msg: DownloaderMsg::Request(b),
+                ..
+            } => Some(b.piece),
+            _ => None,
+        })
+        .chain(asked)
+        .collect();
+    assert_eq!(fetched, [1, 2, 3].into_iter().collect(), "{seen:?}");
+    assert!(seen.contains(&Action::Finished(Ok(()))), "{seen:?}");
+    assert_eq!(d.progress().pieces_verified, n);
+}

@@ -763,7 +763,9 @@ impl Picker {
             })
             .collect();
         let mut newly_banned = Vec::new();
-        if suppliers.len() == 1 {
+        if suppliers.is_empty() {
+            // A piece of a resumed `.part` (see `resume_piece`): nobody to blame.
+        } else if suppliers.len() == 1 {
             for peer in suppliers {
                 if self.ban(peer) {
                     newly_banned.push(peer);
@@ -773,6 +775,21 @@ impl Picker {
             self.solo.insert(piece);
         }
         newly_banned
+    }
+
+    /// A Missing piece whose data a resumed `.part` may already hold: it becomes Verifying
+    /// with no supplier, so it is not requested, and a failed check sends it back to Missing
+    /// without blaming any peer. False (nothing changes) if the piece is not Missing.
+    pub fn resume_piece(&mut self, piece: u32) -> bool {
+        let n_blocks = self.n_blocks(piece);
+        let i = piece as usize;
+        if !matches!(self.slots.get(i), Some(Slot::Missing)) {
+            return false;
+        }
+        self.missing.remove(&(self.avail[i], piece));
+        self.slots[i] = Slot::Verifying(Box::new(Partial::new(n_blocks)));
+        self.leave_needed(piece);
+        true
     }
 
     /// Bans `peer`; false if it already was. Its pieces stop counting, its requests and

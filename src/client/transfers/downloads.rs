@@ -1,6 +1,9 @@
 //! Running downloads: the [`Download`] engine of each, its memory-mapped `.part` and
 //! whole-file digest, and performing what the engine asks for (links to open, messages to send,
 //! pieces to verify, the end of the download: the hard link to the target, or the failure).
+//! A download resumes when its target's `.part` was left by an interrupted download of the
+//! same content (see `part_record`): the pieces its record lists are verified again on the
+//! pool and only the others are fetched; the record is kept up to date as pieces verify.
 //! Must not parse bytes off a socket (`fetch` and `serve` do) or decide what a download does
 //! next (the engine does).
 
@@ -15,6 +18,7 @@ use mio::Registry;
 
 use super::super::download::engine::{Action, Download};
 use super::super::download::picker::PeerId;
+use super::super::part_record::{self, Found, PartRecord, RECORD_INTERVAL};
 use super::super::session::{DownloadError, DownloadId, StartError};
 use super::{TransferEvent, Transfers};
 use crate::hasher::{sha1_of, FileStream, HashPool, PieceChecked, StreamDone};
@@ -33,11 +37,18 @@ pub(super) struct Active {
     pub(super) links: BTreeMap<PeerId, ConnId>,
     pub(super) started: Instant,
     pub(super) first_piece: bool,
+    /// A block was written (logged once: the benchmark times a resume's first new block).
+    pub(super) first_block: bool,
     /// The whole-file digest, fed by the hasher pool.
     pub(super) stream: Arc<FileStream>,
     /// The whole-file digest once every piece is in it.
     pub(super) file_digest: Option<Sha1Digest>,
     pub(super) all_verified: bool,
+    /// The resume record beside the `.part`, as it should be on disk.
+    pub(super) record: PartRecord,
+    /// `record` changed since it was last written, at `record_written`.
+    pub(super) record_dirty: bool,
+    pub(super) record_written: Instant,
 }
 
 impl Drop for Active {
@@ -48,8 +59,9 @@ impl Drop for Active {
 }
 
 impl Transfers {
-    /// Starts download `id`: creates `<target>.part` at full size, maps it and opens links to
-    /// `peers`. `Ok` carries the line to print.
+    /// Starts download `id`: creates `<target>.part` at full size (or resumes the one an
+    /// interrupted download of this content left, see `part_record`), maps it and opens links
+    /// to `peers`. `Ok` carries the line to print.
     #[allow(clippy::too_many_arguments)]
     pub fn start_download(
         &mut self,
@@ -65,28 +77,73 @@ impl Transfers {
         if target.symlink_metadata().is_ok() {
             return Err(StartError::TargetExists(target));
         }
-        let mut part_name = target.as_os_str().to_owned();
-        part_name.push(".part");
-        let part_path = PathBuf::from(part_name);
-        if part_path.symlink_metadata().is_ok() {
-            // A `.part` no running download uses is left over from an interrupted one.
-            warn!("removing the stale {}", part_path.display());
-            let _ = std::fs::remove_file(&part_path);
-        }
-        let part = PartFile::create(&part_path, meta.size, meta.piece_len).map_err(|e| {
-            StartError::CreatePart {
-                path: part_path.clone(),
-                reason: e.to_string(),
+        let part_path = part_record::part_path(&target);
+        let create_error = |e: std::io::Error| StartError::CreatePart {
+            path: part_path.clone(),
+            reason: e.to_string(),
+        };
+        let (part, record, resumed) = match part_record::inspect(&target, &meta) {
+            Found::Foreign(reason) => {
+                return Err(StartError::ForeignPart {
+                    path: part_path,
+                    reason,
+                })
             }
-        })?;
-        let line = format!(
-            "download of {} from group {group} started: {} ({} bytes, {} sharers online)",
-            meta.name,
-            target.display(),
-            meta.size,
-            peers.len()
-        );
+            Found::Nothing => {
+                let part = PartFile::create(&part_path, meta.size, meta.piece_len)
+                    .map_err(create_error)?;
+                // The record is on disk before any data, so a `.part` of ours always has one.
+                let record = std::fs::metadata(&part_path)
+                    .map(|m| PartRecord::new(&meta, &m))
+                    .and_then(|r| part_record::write(&target, &r, true).map(|()| r));
+                match record {
+                    Ok(r) => (part, r, None),
+                    Err(e) => {
+                        drop(part);
+                        let _ = std::fs::remove_file(&part_path);
+                        return Err(create_error(e));
+                    }
+                }
+            }
+            Found::Resume { verified } => {
+                let part = PartFile::open_existing(&part_path, meta.size, meta.piece_len)
+                    .map_err(create_error)?;
+                let mut record = std::fs::metadata(&part_path)
+                    .map(|m| PartRecord::new(&meta, &m))
+                    .map_err(create_error)?;
+                record.verified = verified.clone();
+                (part, record, Some(verified))
+            }
+        };
+        let line = match &resumed {
+            None => format!(
+                "download of {} from group {group} started: {} ({} bytes, {} sharers online)",
+                meta.name,
+                target.display(),
+                meta.size,
+                peers.len()
+            ),
+            Some(verified) => format!(
+                "download of {} from group {group} resumed: {} ({} bytes, {} sharers online, \
+                 {} of {} pieces to verify again)",
+                meta.name,
+                target.display(),
+                meta.size,
+                peers.len(),
+                verified.count_ones(),
+                verified.len()
+            ),
+        };
         let mut engine = Download::new(group, meta, self.limits.clone());
+        if let Some(verified) = &resumed {
+            info!(
+                "{}: resuming {}, {} pieces to verify again",
+                engine.meta.name,
+                part_path.display(),
+                verified.count_ones()
+            );
+            engine.resume(verified.iter_ones().filter_map(|i| u32::try_from(i).ok()));
+        }
         engine.start(peers, now);
         let reader = part.reader();
         let n_pieces = engine.picker().n_pieces();
@@ -103,9 +160,13 @@ impl Transfers {
                 links: BTreeMap::new(),
                 started: now,
                 first_piece: false,
+                first_block: false,
                 stream,
                 file_digest,
                 all_verified: false,
+                record,
+                record_dirty: false,
+                record_written: now,
             },
         );
         self.run_actions(registry, hasher, id, now);
@@ -149,6 +210,11 @@ impl Transfers {
         };
         let (piece, ok) = (verdict.piece(), verdict.ok());
         active.part.finish(verdict);
+        if !ok && active.record.verified.get(piece as usize) {
+            // A resumed piece that did not hold up: fetched again.
+            active.record.verified.clear(piece as usize);
+            active.record_dirty = true;
+        }
         active.engine.on_piece_checked(piece, ok, now);
         self.run_actions(registry, hasher, id, now);
     }
@@ -228,6 +294,8 @@ impl Transfers {
                     }
                 }
                 Action::Verified { piece } => {
+                    active.record.verified.set(piece as usize);
+                    active.record_dirty = true;
                     if !active.first_piece {
                         active.first_piece = true;
                         self.events
@@ -288,6 +356,7 @@ impl Transfers {
             return;
         }
         let _ = std::fs::remove_file(&active.part_path);
+        part_record::remove(&active.target);
         let Some(active) = self.downloads.remove(&id) else {
             return;
         };
@@ -321,7 +390,18 @@ impl Transfers {
         warn!("download of {} failed: {error}", active.engine.meta.name);
         self.close_links(registry, &active);
         self.close_serving(registry, id);
-        let _ = std::fs::remove_file(&active.part_path);
+        if matches!(error, DownloadError::Exiting) {
+            // Interrupted: the `.part` and its record stay, to be resumed.
+            if let Err(e) = part_record::write(&active.target, &active.record, true) {
+                warn!(
+                    "cannot write the resume record of {}: {e}",
+                    active.part_path.display()
+                );
+            }
+        } else {
+            let _ = std::fs::remove_file(&active.part_path);
+            part_record::remove(&active.target);
+        }
         self.events.push_back(TransferEvent::Finished {
             download: id,
             result: Err(error),
@@ -334,7 +414,25 @@ impl Transfers {
         }
     }
 
-    /// Ends every running download (the client is exiting); their `.part` files are removed.
+    /// Writes the resume records that changed, at most once per [`RECORD_INTERVAL`] each.
+    pub(super) fn write_records(&mut self, now: Instant) {
+        for active in self.downloads.values_mut() {
+            if !active.record_dirty || now < active.record_written + RECORD_INTERVAL {
+                continue;
+            }
+            active.record_dirty = false;
+            active.record_written = now;
+            if let Err(e) = part_record::write(&active.target, &active.record, false) {
+                warn!(
+                    "cannot write the resume record of {}: {e}",
+                    active.part_path.display()
+                );
+            }
+        }
+    }
+
+    /// Ends every running download (the client is exiting); their `.part` files stay, with
+    /// their resume records, for the next run.
     pub fn abort_all(&mut self, registry: &Registry) {
         let ids: Vec<DownloadId> = self.downloads.keys().copied().collect();
         for id in ids {

@@ -223,6 +223,14 @@ fn read_sharer(
             Some(Decoded::BlockEnd { piece, offset, len }) => {
                 if link.writing {
                     active.engine.on_block_written(peer, piece, offset, len);
+                    if !active.first_block {
+                        active.first_block = true;
+                        log::info!(
+                            "{}: first block {:.3} s after the download started",
+                            active.engine.meta.name,
+                            active.started.elapsed().as_secs_f64()
+                        );
+                    }
                 }
                 link.writing = false;
             }

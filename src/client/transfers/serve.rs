@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use mio::Registry;
 
 use super::super::download::engine::bitfield_of;
@@ -85,6 +85,19 @@ pub(super) struct ServeLink {
     pub(super) core: Uploader,
     /// Set once the handshake is accepted.
     pub(super) serving: Option<Serving>,
+    /// Bytes of block data queued on this link so far (logged when it closes).
+    pub(super) block_bytes: u64,
+}
+
+impl Drop for ServeLink {
+    fn drop(&mut self) {
+        if let Some(s) = &self.serving {
+            info!(
+                "peer link to {} closed: {} bytes of blocks of {} served",
+                self.addr, self.block_bytes, s.name
+            );
+        }
+    }
 }
 
 impl Transfers {
@@ -235,6 +248,13 @@ impl Transfers {
                 }
             }
         }
+        link.block_bytes += answers
+            .iter()
+            .map(|a| match a {
+                Answer::Block(b) => u64::from(b.len),
+                Answer::Msg(_) => 0,
+            })
+            .sum::<u64>();
         for answer in answers {
             match answer {
                 Answer::Msg(msg) => msg.emit(conn.out()),
