@@ -193,7 +193,7 @@ fn main() -> ExitCode {
     drop(recovered);
     let mut restored = restored;
     let marker = key_path.with_extension("founder");
-    restored.founder = match disk::found_service(&marker, data_dir.path(), empty) {
+    restored.founder = match disk::found_service(&marker, data_dir.path()) {
         Ok(founder) => founder,
         Err(e) => {
             error!("tracker {tracker_no}: {e}");

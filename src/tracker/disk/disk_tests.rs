@@ -851,3 +851,17 @@ fn an_install_voids_the_records_past_it_and_the_log_goes_on_after_it() {
     assert_eq!(recovered.records, vec![rec(11, 12)]);
     assert_eq!(recovered.last_seq, 12);
 }
+
+#[test]
+fn the_first_tracker_to_start_with_a_key_founds_the_service_and_stays_its_founder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("service-x.founder");
+    let (a, b) = (tmp.path().join("tracker-a"), tmp.path().join("tracker-b"));
+    assert!(found_service(&marker, &a).unwrap());
+    assert!(!found_service(&marker, &b).unwrap());
+    // Started again (it may have died before writing anything): still the founder.
+    assert!(found_service(&marker, &a).unwrap());
+    assert!(!found_service(&marker, &b).unwrap());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(fs::metadata(&marker).unwrap().permissions().mode() & 0o777, 0o600);
+}

@@ -312,20 +312,18 @@ impl DataDir {
 }
 
 /// Whether the tracker of data directory `data_dir` founds the service: the first tracker
-/// to start on an empty data directory with this service key does, and writes its data
-/// directory into `marker` (a file beside the key file, created exclusively and fsync'd);
-/// a later start of the same tracker still founds it (it may have died before writing
-/// anything). Any other tracker without state waits to join the service (see `Replica`).
-/// `empty`: the data directory holds nothing yet.
-pub fn found_service(marker: &Path, data_dir: &Path, empty: bool) -> Result<bool, DiskError> {
+/// to start with this service key does, and writes its data directory into `marker` (a file
+/// beside the key file, created exclusively and fsync'd); a later start of the same tracker
+/// still founds it (it may have died before writing anything). Only a founder may start the
+/// service with no state; any other tracker without state waits to join it (see
+/// `Replica`). (A tracker that has state needs no marker, but writes one if there is none,
+/// so that an empty tracker started later does not found a second service.)
+pub fn found_service(marker: &Path, data_dir: &Path) -> Result<bool, DiskError> {
     let me = data_dir.to_string_lossy().into_owned();
     match fs::read_to_string(marker) {
         Ok(named) => return Ok(named.trim_end() == me),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(marker, "read the service's founder marker")(e)),
-    }
-    if !empty {
-        return Ok(false);
     }
     let created = File::options()
         .write(true)
