@@ -550,6 +550,50 @@ struct WriteResult {
     lat: Latencies,
     max_ms: f64,
     cpu: Vec<Option<f64>>,
+    /// `fdatasync` calls of all the trackers during the measured seconds, if `perf` could
+    /// count them.
+    fsyncs: Option<u64>,
+}
+
+/// Counts the `fdatasync` calls of some processes with `perf stat` (a kernel tracepoint:
+/// no cost to them) from `start` until `finish`. Needs `perf` and the right to read
+/// tracepoints (root); `None` otherwise.
+struct FsyncCounter {
+    child: Child,
+}
+
+impl FsyncCounter {
+    fn start(pids: &[u32]) -> Option<FsyncCounter> {
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let child = Command::new("perf")
+            .args([
+                "stat",
+                "-x",
+                ",",
+                "-e",
+                "syscalls:sys_enter_fdatasync",
+                "-p",
+            ])
+            .arg(list.join(","))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        Some(FsyncCounter { child })
+    }
+
+    fn finish(self) -> Option<u64> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let out = self.child.wait_with_output().ok()?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        text.lines()
+            .find(|l| l.contains("sys_enter_fdatasync"))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+    }
 }
 
 fn bench_writes(cfg: &Config, n_trackers: usize) -> Res<WriteResult> {
@@ -632,6 +676,7 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
         .map(|no| cluster.pid(no))
         .collect();
     let mut cpu_from: Option<Vec<Option<f64>>> = None;
+    let mut fsync_counter: Option<Option<FsyncCounter>> = None;
     let mut lat = Vec::new();
     let mut changes = 0u64;
     let mut max_s = 0f64;
@@ -643,6 +688,8 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
         }
         if cpu_from.is_none() && now >= from {
             cpu_from = Some(pids.iter().map(|p| p.and_then(proc_cpu_secs)).collect());
+            let live: Vec<u32> = pids.iter().flatten().copied().collect();
+            fsync_counter = Some(FsyncCounter::start(&live));
         }
         let wait = to
             .saturating_duration_since(now)
@@ -698,6 +745,7 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
         }
     }
     let cpu_to: Vec<Option<f64>> = pids.iter().map(|p| p.and_then(proc_cpu_secs)).collect();
+    let fsyncs = fsync_counter.flatten().and_then(FsyncCounter::finish);
     let cpu = match cpu_from {
         Some(f) => f
             .iter()
@@ -713,6 +761,7 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
         lat: Latencies(lat),
         max_ms: max_s * 1e3,
         cpu,
+        fsyncs,
     })
 }
 
@@ -1003,8 +1052,21 @@ fn main() {
                             None => format!("t{} ?", i + 1),
                         })
                         .collect();
+                    // Every tracker writes every change: per tracker, fsyncs and the changes
+                    // each one covers.
+                    let fsyncs = match r.fsyncs {
+                        Some(f) if f > 0 => {
+                            let per_tracker = f as f64 / k as f64;
+                            format!(
+                                "{:.0} fsyncs/s per tracker, {:.1} changes per fsync",
+                                per_tracker / r.elapsed.as_secs_f64(),
+                                r.changes as f64 / per_tracker
+                            )
+                        }
+                        _ => "fsyncs not counted (needs perf, as root)".to_owned(),
+                    };
                     println!(
-                        "  {k} tracker(s): {:.0} changes/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; CPU {}",
+                        "  {k} tracker(s): {:.0} changes/s; latency p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; CPU {}; {fsyncs}",
                         r.changes as f64 / r.elapsed.as_secs_f64(),
                         r.lat.quantile_ms(0.50),
                         r.lat.quantile_ms(0.99),

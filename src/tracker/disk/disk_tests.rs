@@ -863,5 +863,8 @@ fn the_first_tracker_to_start_with_a_key_founds_the_service_and_stays_its_founde
     assert!(found_service(&marker, &a).unwrap());
     assert!(!found_service(&marker, &b).unwrap());
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(fs::metadata(&marker).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        fs::metadata(&marker).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 }
