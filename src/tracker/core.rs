@@ -11,22 +11,27 @@
 //! and drains [`Output`]s with `poll_output`. No sockets, clocks or threads live here: time is
 //! an argument, so the whole request path is tested without a network.
 //!
-//! Requests of one connection are answered in order. Password work (Argon2id) is slow, so the
-//! core hands it to the driver as [`Output::Password`] and parks the connection: its later
-//! requests wait in a bounded queue until [`TrackerCore::handle_password_done`] brings the
-//! answer. Other connections are served meanwhile.
+//! Requests of one connection are answered in order (a `Ping` excepted: it is answered at
+//! once, so a client whose request waits for password work or a commit hears from its tracker
+//! and does not take it for hung). Password work (Argon2id) is slow, so the core parks the
+//! connection and queues the job in its [`PasswordQueue`] (fair and bounded: see that module),
+//! which hands it to the driver as [`Output::Password`] once a password thread is free and the
+//! job's turn has come; the connection's later requests wait in a bounded queue until
+//! [`TrackerCore::handle_password_done`] brings the answer. Other connections are served
+//! meanwhile.
 //!
 //! Errors split by what happens next: a frame that does not parse, a request before the
 //! handshake or a wrong protocol version closes that connection; a well-formed request that is
 //! refused is answered with `Refused` and the connection lives on.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
 use super::password::{PasswordJob, PasswordResult};
+use super::password_queue::{JobOwner, PasswordQueue, Pushed};
 use super::replica::{Replica, ReplicaOut, Timings};
 use super::state::{
     Answer, Entry, Op, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
@@ -43,6 +48,8 @@ use crate::wire::{UserId, PROTOCOL_VERSION};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests a connection may pipeline behind one waiting for password work; more closes it.
 pub const MAX_QUEUED_REQUESTS: usize = 4096;
+/// Password threads assumed unless [`TrackerCore::with_password_workers`] says otherwise.
+pub const DEFAULT_PASSWORD_WORKERS: usize = 2;
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +93,8 @@ struct Link {
     /// The connection ran the service's handshake (`handle_secure`): its frames come
     /// from a holder of the service's secret.
     secure: bool,
+    /// The address the connection comes from, if the driver said (`handle_peer_addr`).
+    ip: Option<IpAddr>,
 }
 
 impl Link {
@@ -94,6 +103,7 @@ impl Link {
             kind,
             opened,
             secure: false,
+            ip: None,
             session: None,
             changed: false,
             waiting: None,
@@ -180,6 +190,8 @@ pub struct TrackerCore {
     tokens_issued: u64,
     /// Tracker hellos are accepted only on links marked by `handle_secure`.
     require_secure_tracker_links: bool,
+    /// Password jobs waiting for a thread, fairly ordered.
+    passwords: PasswordQueue,
 }
 
 impl TrackerCore {
@@ -204,6 +216,7 @@ impl TrackerCore {
             },
             tokens_issued: 0,
             require_secure_tracker_links: false,
+            passwords: PasswordQueue::new(DEFAULT_PASSWORD_WORKERS),
         };
         core.pump_replica();
         core
@@ -224,6 +237,22 @@ impl TrackerCore {
     pub fn with_secure_tracker_links(mut self) -> Self {
         self.require_secure_tracker_links = true;
         self
+    }
+
+    /// Hands out at most `n` password jobs at once (the driver's number of password threads).
+    pub fn with_password_workers(mut self, n: usize) -> Self {
+        self.passwords = PasswordQueue::new(n);
+        self
+    }
+
+    /// Replaces the password queue (tests: a smaller waiting room).
+    pub fn with_password_queue(mut self, queue: PasswordQueue) -> Self {
+        self.passwords = queue;
+        self
+    }
+
+    pub fn passwords(&self) -> &PasswordQueue {
+        &self.passwords
     }
 
     pub fn state(&self) -> &TrackerState {
@@ -250,6 +279,14 @@ impl TrackerCore {
             .insert(conn, Link::new(Kind::Unknown, self.n_opened));
         self.handshake_deadlines
             .push_back((now + HANDSHAKE_TIMEOUT, conn));
+    }
+
+    /// Where the accepted connection `conn` comes from (the driver says so right after
+    /// `handle_open`): password failures are counted per address too.
+    pub fn handle_peer_addr(&mut self, conn: ConnId, addr: SocketAddr) {
+        if let Some(link) = self.links.get_mut(&conn) {
+            link.ip = Some(addr.ip());
+        }
     }
 
     /// The accepted connection `conn` turned out to run the service's handshake (its bytes
@@ -302,6 +339,7 @@ impl TrackerCore {
         let Some(link) = self.links.remove(&conn) else {
             return;
         };
+        self.passwords.forget_conn(conn);
         if let Some(Waiting::Commit { origin, .. }) = link.waiting {
             // A retry of the same request on a newer link of the client may be waiting now.
             if self.awaiting.get(&origin) == Some(&conn) {
@@ -390,14 +428,25 @@ impl TrackerCore {
         }
         self.replica.handle_timeout(now);
         self.pump_replica();
+        self.dispatch_passwords(now);
     }
 
     /// When `handle_timeout` next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let handshake = self.handshake_deadlines.front().map(|(d, _)| *d);
-        match (handshake, self.replica.poll_timeout()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        [
+            self.handshake_deadlines.front().map(|(d, _)| *d),
+            self.replica.poll_timeout(),
+            self.passwords.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Hands out the password jobs whose turn has come, while threads are free.
+    fn dispatch_passwords(&mut self, now: Instant) {
+        while let Some((conn, job)) = self.passwords.next_job(now) {
+            self.out.push_back(Output::Password(conn, job));
         }
     }
 
@@ -665,6 +714,14 @@ impl TrackerCore {
                 warn!("conn {conn}: request before the handshake");
                 self.close(conn, now);
             }
+            ClientMsg::Request(Request {
+                req_id,
+                body: RequestBody::Ping,
+            }) => {
+                // At once, even behind a parked request: it changes nothing, and a client
+                // that hears nothing for a while takes its tracker for hung.
+                self.reply(conn, req_id, Ok(ReplyBody::Pong));
+            }
             ClientMsg::Request(request) => {
                 if link.waiting.is_none() {
                     self.handle_request(conn, request);
@@ -681,6 +738,18 @@ impl TrackerCore {
     /// A password job of `conn` is done: make its change, or answer its parked request and
     /// go on with the ones queued behind it.
     pub fn handle_password_done(&mut self, conn: ConnId, result: PasswordResult) {
+        let now = self.replica.now();
+        self.handle_password_done_at(conn, result, now);
+    }
+
+    /// [`handle_password_done`](Self::handle_password_done) at `now`.
+    pub fn handle_password_done_at(&mut self, conn: ConnId, result: PasswordResult, now: Instant) {
+        self.passwords.job_done();
+        self.password_done(conn, result, now);
+        self.dispatch_passwords(now);
+    }
+
+    fn password_done(&mut self, conn: ConnId, result: PasswordResult, now: Instant) {
         let Some(link) = self.links.get_mut(&conn) else {
             // The connection closed meanwhile.
             return;
@@ -691,6 +760,28 @@ impl TrackerCore {
         let Some(waiting) = link.waiting.take() else {
             return;
         };
+        let ip = link.ip;
+        if let (Waiting::Login { user, .. }, PasswordResult::Verified(ok)) = (&waiting, &result) {
+            let owner = JobOwner {
+                conn,
+                user: Some(user.clone()),
+                ip,
+            };
+            if *ok {
+                self.passwords.record_success(&owner);
+            } else {
+                let (by_conn, by_user) = self.passwords.record_failure(&owner, now);
+                if by_conn.is_power_of_two() || by_user.is_power_of_two() {
+                    let from = ip.map_or_else(|| "?".to_owned(), |ip| ip.to_string());
+                    warn!(
+                        "conn {conn} (from {from}): wrong password for user '{user}': {by_conn} \
+                         recent failures on this connection, {by_user} for this user; their \
+                         next checks wait {:?} behind fresh ones",
+                        super::password_queue::delay(by_conn.max(by_user))
+                    );
+                }
+            }
+        }
         let (req_id, reject) = match (waiting, result) {
             (Waiting::CreateUser { req_id, user }, PasswordResult::Hashed(Some(pw_hash))) => {
                 return self.propose(
@@ -758,15 +849,52 @@ impl TrackerCore {
         let Request { req_id, body } = request;
         match self.answer(conn, req_id, body) {
             Ok(Handled::Reply(body)) => self.reply(conn, req_id, Ok(body)),
-            Ok(Handled::Waiting(waiting, job)) => {
-                if let Some(link) = self.links.get_mut(&conn) {
-                    link.waiting = Some(waiting);
-                    self.out.push_back(Output::Password(conn, job));
-                }
-            }
+            Ok(Handled::Waiting(waiting, job)) => self.queue_password(conn, req_id, waiting, job),
             Ok(Handled::Change(op, effect)) => self.propose(conn, req_id, op, effect),
             Err(reject) => self.reply(conn, req_id, Err(reject)),
         }
+    }
+
+    /// Parks `conn` behind its password job, in the fair queue; a full queue refuses it.
+    fn queue_password(&mut self, conn: ConnId, req_id: u64, waiting: Waiting, job: PasswordJob) {
+        let now = self.replica.now();
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        let user = match &waiting {
+            Waiting::Login { user, .. } => Some(user.clone()),
+            _ => None,
+        };
+        let owner = JobOwner {
+            conn,
+            user,
+            ip: link.ip,
+        };
+        match self.passwords.push(owner, job, now) {
+            Pushed::Queued => link.waiting = Some(waiting),
+            Pushed::QueuedInstead(other) => {
+                link.waiting = Some(waiting);
+                self.refuse_busy(other);
+            }
+            Pushed::Full => self.reply(conn, req_id, Err(busy())),
+        }
+        self.dispatch_passwords(now);
+    }
+
+    /// The password job of `conn` was pushed out of the full queue: its request is refused.
+    fn refuse_busy(&mut self, conn: ConnId) {
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        let req_id = match link.waiting.take() {
+            Some(Waiting::Login { req_id, .. } | Waiting::CreateUser { req_id, .. }) => req_id,
+            other => {
+                link.waiting = other;
+                return;
+            }
+        };
+        self.reply(conn, req_id, Err(busy()));
+        self.run_queued(conn);
     }
 
     /// Opens a session for `conn` once its password has been checked.
@@ -978,6 +1106,14 @@ impl TrackerCore {
         };
         Ok(Handled::Change(op, SessionEffect::None))
     }
+}
+
+/// The refusal of a password job when too many wait.
+fn busy() -> Reject {
+    Reject::new(
+        RejectCode::Unavailable,
+        "the tracker has too many password checks waiting; try again later",
+    )
 }
 
 #[cfg(test)]

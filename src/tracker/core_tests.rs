@@ -96,7 +96,18 @@ impl Harness {
     /// Every queued output; each `Send` is checked to round-trip through the wire format.
     fn drain(&mut self) -> Vec<Output> {
         let mut outs = Vec::new();
-        while let Some(o) = self.core.poll_output() {
+        loop {
+            let Some(o) = self.core.poll_output() else {
+                // A password job held back after a failure: wait it out on the fake clock.
+                match self.core.passwords().poll_timeout() {
+                    Some(t) if self.core.passwords().waiting() > 0 => {
+                        self.now = self.now.max(t);
+                        self.core.handle_timeout(self.now);
+                        continue;
+                    }
+                    _ => break,
+                }
+            };
             // Password work runs inline here; the driver runs it on a worker thread.
             if let Output::Password(conn, job) = &o {
                 let result = crate::tracker::password::run(job);
@@ -829,7 +840,8 @@ fn requests_behind_password_work_wait_their_turn() {
     let other = conn(2);
     h.connect(c);
     h.connect(other);
-    // create_user parks the connection on a password job; the ping behind it waits.
+    // create_user parks the connection on a password job; the request behind it waits, a
+    // ping is answered at once (the client must not take its tracker for hung).
     h.core.handle_frame(
         c,
         &payload(&request(
@@ -842,7 +854,9 @@ fn requests_behind_password_work_wait_their_turn() {
         h.now,
     );
     h.core
-        .handle_frame(c, &payload(&request(2, RequestBody::Ping)), h.now);
+        .handle_frame(c, &payload(&request(2, RequestBody::ListGroups)), h.now);
+    h.core
+        .handle_frame(c, &payload(&request(3, RequestBody::Ping)), h.now);
     let job = match h.core.poll_output() {
         Some(Output::Password(to, job)) => {
             assert_eq!(to, c);
@@ -850,10 +864,14 @@ fn requests_behind_password_work_wait_their_turn() {
         }
         other => panic!("expected a password job, got {other:?}"),
     };
+    assert!(matches!(
+        h.core.poll_output(),
+        Some(Output::Send(to, TrackerMsg::Reply(Reply { req_id: 3, body: ReplyBody::Pong }))) if to == c
+    ));
     assert_eq!(
         h.core.poll_output(),
         None,
-        "the ping waits behind create_user"
+        "list_groups waits behind create_user"
     );
     // Another connection is served meanwhile.
     h.core
@@ -1011,4 +1029,253 @@ fn without_the_requirement_any_link_may_be_a_tracker() {
     h.open(c);
     let outs = h.send(c, &tracker_hello(2));
     assert!(!outs.contains(&Output::Close(c)), "{outs:?}");
+}
+
+// =============================================================================================
+// Fair password work
+// =============================================================================================
+
+fn wrong_login(req_id: u64, user: &str) -> ClientMsg {
+    request(
+        req_id,
+        RequestBody::Login {
+            user: uid(user),
+            password: pw("guess"),
+            peer_addr: addr(9),
+        },
+    )
+}
+
+/// Takes the outputs queued so far, without running password jobs.
+fn take_outputs(core: &mut TrackerCore) -> Vec<Output> {
+    std::iter::from_fn(|| core.poll_output()).collect()
+}
+
+#[test]
+fn a_fresh_login_is_not_delayed_by_a_wrong_password_flood() {
+    let mut h = Harness::new();
+    let setup = conn(1);
+    h.connect(setup);
+    assert_eq!(h.create_user(setup, "alice", "right"), ReplyBody::Done);
+    // 300 connections from another address guess victim's password, each as fast as it is
+    // answered. Their jobs "run" instantly here and fail; each answer brings the next guess.
+    // Each guesses the password of its own victim (accounts made with one precomputed hash,
+    // so that the test runs Argon2 only a few times).
+    let attackers: Vec<ConnId> = (100..400).map(conn).collect();
+    let victim = |c: ConnId| format!("v{}", c.key);
+    let attacker_addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 4000));
+    let phc = crate::tracker::password::hash(&pw("secret")).unwrap();
+    let mut req = 1000;
+    for &a in &attackers {
+        h.core.handle_open(a, h.now);
+        h.core.handle_peer_addr(a, attacker_addr);
+        h.core.handle_frame(a, &payload(&hello(a)), h.now);
+        let body = RequestBody::CreateUser {
+            user: uid(&victim(a)),
+            password: pw("secret"),
+        };
+        h.core.handle_frame(a, &payload(&request(1, body)), h.now);
+        loop {
+            match h.core.poll_output() {
+                Some(Output::Password(c, _)) => h.core.handle_password_done_at(
+                    c,
+                    PasswordResult::Hashed(Some(phc.clone())),
+                    h.now,
+                ),
+                Some(Output::Send(_, TrackerMsg::Reply(r))) => {
+                    assert_eq!(r.body, ReplyBody::Done);
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("no answer to create_user"),
+            }
+        }
+    }
+    take_outputs(&mut h.core);
+    for &a in &attackers {
+        req += 1;
+        h.core
+            .handle_frame(a, &payload(&wrong_login(req, &victim(a))), h.now);
+    }
+    let mut in_flight: VecDeque<ConnId> = VecDeque::new();
+    let mut refused = 0;
+    let start = h.now;
+    // Two simulated seconds of flood, a job finishing every 5 ms (2 threads at ~10 ms).
+    while h.now < start + Duration::from_secs(2) {
+        for o in take_outputs(&mut h.core) {
+            match o {
+                Output::Password(c, _) => in_flight.push_back(c),
+                Output::Send(c, TrackerMsg::Reply(r)) => {
+                    assert_refused(&r.body, RejectCode::WrongPassword);
+                    refused += 1;
+                    req += 1;
+                    h.core
+                        .handle_frame(c, &payload(&wrong_login(req, &victim(c))), h.now);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(in_flight.len() <= DEFAULT_PASSWORD_WORKERS, "{in_flight:?}");
+        h.now += Duration::from_millis(5);
+        h.core.handle_timeout(h.now);
+        if let Some(c) = in_flight.pop_front() {
+            h.core
+                .handle_password_done_at(c, PasswordResult::Verified(false), h.now);
+        }
+    }
+    assert!(
+        refused >= 300,
+        "every attacker failed at least once: {refused}"
+    );
+    assert!(
+        h.core.passwords().waiting() > 200,
+        "the attackers keep guessing"
+    );
+    // Now alice logs in on a fresh connection: her job is the next one handed out.
+    let fresh = conn(2);
+    h.core.handle_open(fresh, h.now);
+    h.core.handle_peer_addr(fresh, addr(5000));
+    h.core.handle_frame(fresh, &payload(&hello(fresh)), h.now);
+    take_outputs(&mut h.core);
+    h.core.handle_frame(
+        fresh,
+        &payload(&request(
+            7,
+            RequestBody::Login {
+                user: uid("alice"),
+                password: pw("right"),
+                peer_addr: addr(5000),
+            },
+        )),
+        h.now,
+    );
+    let mut jobs_before = 0;
+    let job = loop {
+        let outs = take_outputs(&mut h.core);
+        if let Some(job) = outs.iter().find_map(|o| match o {
+            Output::Password(c, job) if *c == fresh => Some(job.clone()),
+            _ => None,
+        }) {
+            break job;
+        }
+        for o in outs {
+            if let Output::Password(c, _) = o {
+                in_flight.push_back(c);
+            }
+        }
+        let c = in_flight.pop_front().expect("a job in flight");
+        jobs_before += 1;
+        h.core
+            .handle_password_done_at(c, PasswordResult::Verified(false), h.now);
+    };
+    assert!(
+        jobs_before <= DEFAULT_PASSWORD_WORKERS,
+        "alice waited for {jobs_before} jobs"
+    );
+    h.core
+        .handle_password_done_at(fresh, crate::tracker::password::run(&job), h.now);
+    let logged_in = take_outputs(&mut h.core).into_iter().any(|o| {
+        matches!(o, Output::Send(c, TrackerMsg::Reply(Reply { req_id: 7, body: ReplyBody::LoggedIn { .. } })) if c == fresh)
+    });
+    assert!(logged_in);
+}
+
+#[test]
+fn a_failing_connection_waits_before_its_next_check() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    assert_eq!(h.create_user(c, "alice", "right"), ReplyBody::Done);
+    h.core
+        .handle_frame(c, &payload(&wrong_login(1, "alice")), h.now);
+    let Some(Output::Password(_, job)) = h.core.poll_output() else {
+        panic!("expected a job");
+    };
+    h.core
+        .handle_password_done_at(c, crate::tracker::password::run(&job), h.now);
+    let outs = take_outputs(&mut h.core);
+    assert!(
+        matches!(&outs[..], [Output::Send(_, TrackerMsg::Reply(r))] if matches!(r.body, ReplyBody::Refused { code: RejectCode::WrongPassword, .. })),
+        "{outs:?}"
+    );
+    // The next check of this connection waits 100 ms; its pings are answered meanwhile.
+    h.core
+        .handle_frame(c, &payload(&wrong_login(2, "alice")), h.now);
+    h.core
+        .handle_frame(c, &payload(&request(3, RequestBody::Ping)), h.now);
+    let outs = take_outputs(&mut h.core);
+    assert!(
+        matches!(
+            &outs[..],
+            [Output::Send(_, TrackerMsg::Reply(Reply { req_id: 3, .. }))]
+        ),
+        "{outs:?}"
+    );
+    let due = h.now + crate::tracker::password_queue::FIRST_DELAY;
+    assert_eq!(h.core.poll_timeout().map(|t| t.min(due)), Some(due));
+    h.core.handle_timeout(due - Duration::from_millis(1));
+    assert!(take_outputs(&mut h.core).is_empty());
+    h.core.handle_timeout(due);
+    assert!(matches!(
+        &take_outputs(&mut h.core)[..],
+        [Output::Password(to, _)] if *to == c
+    ));
+}
+
+#[test]
+fn a_full_password_queue_refuses_and_the_connection_goes_on() {
+    let mut h = Harness::new();
+    h.core = TrackerCore::new(
+        TrackerRef {
+            no: 1,
+            incarnation: 0x44,
+        },
+        1,
+        7,
+        Timings::default(),
+        h.now,
+    )
+    .with_password_queue(crate::tracker::password_queue::PasswordQueue::new(1).with_max_waiting(1));
+    while let Some(o) = h.core.poll_output() {
+        if let Output::Dial(no) = o {
+            h.core.handle_dial_failed(no, h.now);
+        }
+    }
+    let conns: Vec<ConnId> = (1..=3).map(conn).collect();
+    for &c in &conns {
+        h.core.handle_open(c, h.now);
+        h.core.handle_frame(c, &payload(&hello(c)), h.now);
+    }
+    take_outputs(&mut h.core);
+    for (i, &c) in conns.iter().enumerate() {
+        let body = RequestBody::CreateUser {
+            user: uid(&format!("u{i}")),
+            password: pw("pw"),
+        };
+        h.core.handle_frame(c, &payload(&request(1, body)), h.now);
+    }
+    // One job runs, one waits, the third is refused at once.
+    let outs = take_outputs(&mut h.core);
+    assert!(
+        matches!(outs[0], Output::Password(to, _) if to == conns[0]),
+        "{outs:?}"
+    );
+    match &outs[1..] {
+        [Output::Send(to, TrackerMsg::Reply(r))] => {
+            assert_eq!(*to, conns[2]);
+            assert_refused(&r.body, RejectCode::Unavailable);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The refused connection is served on.
+    h.core.handle_frame(
+        conns[2],
+        &payload(&request(2, RequestBody::ListGroups)),
+        h.now,
+    );
+    let outs = take_outputs(&mut h.core);
+    assert!(
+        matches!(&outs[..], [Output::Send(to, TrackerMsg::Reply(Reply { req_id: 2, .. }))] if *to == conns[2]),
+        "{outs:?}"
+    );
 }

@@ -169,7 +169,8 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         Instant::now(),
     )
     .with_token_key(token_key)
-    .with_secure_tracker_links();
+    .with_secure_tracker_links()
+    .with_password_workers(PASSWORD_WORKERS);
     let link_params = secure::Params::tracker_link(config.service_key.tracker_psk());
     let mut driver = Driver {
         poll,
@@ -223,7 +224,8 @@ impl Driver {
                     LISTENER => self.accept_all(),
                     WAKER => {
                         while let Ok((conn, result)) = self.password_done.try_recv() {
-                            self.core.handle_password_done(conn, result);
+                            self.core
+                                .handle_password_done_at(conn, result, Instant::now());
                         }
                         while stdin_open {
                             match stdin.try_recv() {
@@ -327,6 +329,7 @@ impl Driver {
                         Ok(id) => {
                             debug!("conn {id}: accepted from {peer}");
                             self.core.handle_open(id, Instant::now());
+                            self.core.handle_peer_addr(id, peer);
                         }
                         Err(e) => warn!("could not register a connection from {peer}: {e}"),
                     }

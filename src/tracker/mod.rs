@@ -5,5 +5,6 @@ pub mod core;
 pub mod disk;
 pub mod driver;
 pub mod password;
+pub mod password_queue;
 pub mod replica;
 pub mod state;
