@@ -771,7 +771,7 @@ impl TrackerCore {
                 self.passwords.record_success(&owner);
             } else {
                 let (by_conn, by_user) = self.passwords.record_failure(&owner, now);
-                if by_conn.is_power_of_two() || by_user.is_power_of_two() {
+                if by_conn.max(by_user).is_power_of_two() {
                     let from = ip.map_or_else(|| "?".to_owned(), |ip| ip.to_string());
                     warn!(
                         "conn {conn} (from {from}): wrong password for user '{user}': {by_conn} \

@@ -7,8 +7,9 @@
 //! its job waits or runs). Failures are remembered per connection, per user name and per
 //! address: a job whose connection or user failed recently is not started before a delay that
 //! doubles with each failure ([`FIRST_DELAY`] to [`MAX_DELAY`]), and among the jobs ready to
-//! start, those with fewer recent failures (connection plus user, then address) go first,
-//! oldest first among equals. So a connection that never failed, logging in as a user nobody
+//! start, those with fewer recent failures (connection plus user, then address) go first, then
+//! those from an address with fewer jobs waiting (so a flood from one address does not queue
+//! ahead of a user elsewhere), oldest first among equals. So a connection that never failed, logging in as a user nobody
 //! is guessing, waits for at most the jobs already running, however many connections flood
 //! wrong passwords. A correct password clears the connection's and the user's record; records
 //! are forgotten [`FORGET_AFTER`] the last failure, and at most [`MAX_REMEMBERED`] user names
@@ -142,8 +143,9 @@ struct Queued {
     job: PasswordJob,
 }
 
-/// The order of jobs: (recent failures of connection and user, of the address, arrival).
-type Rank = (u32, u32, u64);
+/// The order of jobs: (recent failures of connection and user, of the address, jobs waiting
+/// from the address, arrival).
+type Rank = (u32, u32, usize, u64);
 
 /// What happened to a job offered with [`PasswordQueue::push`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +167,8 @@ pub struct PasswordQueue {
     waiting: BTreeMap<u64, Queued>,
     /// The waiting job of each connection (at most one).
     by_conn: BTreeMap<ConnId, u64>,
+    /// Jobs waiting per address.
+    by_ip: BTreeMap<IpAddr, usize>,
     next_seq: u64,
     conns: BTreeMap<ConnId, Record>,
     users: Failures<UserId>,
@@ -182,6 +186,7 @@ impl PasswordQueue {
             running: 0,
             waiting: BTreeMap::new(),
             by_conn: BTreeMap::new(),
+            by_ip: BTreeMap::new(),
             next_seq: 0,
             conns: BTreeMap::new(),
             users: Failures::new(MAX_REMEMBERED),
@@ -235,9 +240,18 @@ impl PasswordQueue {
             .map(|r| r.ready_at())
             .max()
             .unwrap_or(now);
+        let crowd = owner
+            .ip
+            .and_then(|ip| self.by_ip.get(&ip).copied())
+            .unwrap_or(0);
         (
             ready,
-            (count(conn).saturating_add(count(user)), count(addr), seq),
+            (
+                count(conn).saturating_add(count(user)),
+                count(addr),
+                crowd,
+                seq,
+            ),
         )
     }
 
@@ -256,18 +270,21 @@ impl PasswordQueue {
                 .map(|(s, q)| (self.rank(*s, &q.owner, now).1, *s))
                 .max();
             match worst {
-                Some(((f, a, _), s)) if (f, a) > (rank.0, rank.1) => {
-                    if let Some(q) = self.waiting.remove(&s) {
-                        self.by_conn.remove(&q.owner.conn);
+                Some(((f, a, _, _), s)) if (f, a) > (rank.0, rank.1) => {
+                    if let Some(q) = self.remove(s) {
                         pushed = Pushed::QueuedInstead(q.owner.conn);
                     }
                 }
                 _ => return Pushed::Full,
             }
         }
-        if let Some(old) = self.by_conn.insert(owner.conn, seq) {
+        if let Some(&old) = self.by_conn.get(&owner.conn) {
             // Not expected (the core parks a connection with a job); the newer one stands.
-            self.waiting.remove(&old);
+            self.remove(old);
+        }
+        self.by_conn.insert(owner.conn, seq);
+        if let Some(ip) = owner.ip {
+            *self.by_ip.entry(ip).or_insert(0) += 1;
         }
         self.waiting.insert(seq, Queued { owner, job });
         if ready > now {
@@ -292,11 +309,25 @@ impl PasswordQueue {
             }
         }
         self.wake_at = wake;
-        let (_, _, seq) = best?;
-        let q = self.waiting.remove(&seq)?;
-        self.by_conn.remove(&q.owner.conn);
+        let (_, _, _, seq) = best?;
+        let q = self.remove(seq)?;
         self.running += 1;
         Some((q.owner.conn, q.job))
+    }
+
+    /// Takes the waiting job `seq` out of every index.
+    fn remove(&mut self, seq: u64) -> Option<Queued> {
+        let q = self.waiting.remove(&seq)?;
+        self.by_conn.remove(&q.owner.conn);
+        if let Some(ip) = q.owner.ip {
+            if let Some(n) = self.by_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.by_ip.remove(&ip);
+                }
+            }
+        }
+        Some(q)
     }
 
     /// A job handed out by [`next_job`](Self::next_job) is done.
@@ -342,8 +373,8 @@ impl PasswordQueue {
     /// whether a job was dropped.
     pub fn forget_conn(&mut self, conn: ConnId) -> bool {
         self.conns.remove(&conn);
-        match self.by_conn.remove(&conn) {
-            Some(seq) => self.waiting.remove(&seq).is_some(),
+        match self.by_conn.get(&conn) {
+            Some(&seq) => self.remove(seq).is_some(),
             None => false,
         }
     }

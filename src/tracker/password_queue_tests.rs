@@ -82,8 +82,8 @@ fn a_fresh_login_goes_before_a_thousand_failing_connections() {
     }
     // Each guesses again as soon as it may, for 3 s.
     let mut now = t0;
-    for _ in 0..100 {
-        now += Duration::from_millis(30);
+    for _ in 0..20 {
+        now += Duration::from_millis(150);
         let served = fail_all(&mut q, &attackers, now);
         for c in served {
             q.push(attackers[c.key].clone(), job(), now);
@@ -209,4 +209,23 @@ fn records_are_bounded_and_forgotten() {
     assert_eq!(f.len(), 0);
     // A failure long after the last one starts counting again.
     assert_eq!(f.fail(&9, later), 1);
+}
+
+#[test]
+fn a_crowd_from_one_address_does_not_queue_ahead_of_a_user_elsewhere() {
+    let now = Instant::now();
+    let mut q = PasswordQueue::new(1);
+    // 500 fresh connections from one address, none failed yet, then one from another.
+    for c in 0..500 {
+        q.push(owner(c, &format!("v{c}"), 2), job(), now);
+    }
+    q.push(owner(1000, "alice", 1), job(), now);
+    assert_eq!(q.next_job(now).map(|(c, _)| c), Some(conn(1000)));
+    q.job_done();
+    assert_eq!(q.next_job(now).map(|(c, _)| c), Some(conn(0)));
+    q.job_done();
+    // The counts follow the jobs out: 499 wait, all from 127.0.0.2.
+    assert_eq!(q.waiting(), 499);
+    assert!(q.forget_conn(conn(1)));
+    assert_eq!(q.by_ip.values().sum::<usize>(), 498);
 }
