@@ -48,6 +48,14 @@ use crate::wire::{UserId, PROTOCOL_VERSION};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests a connection may pipeline behind one waiting for password work; more closes it.
 pub const MAX_QUEUED_REQUESTS: usize = 4096;
+/// A connection with this many requests (or [`PAUSE_QUEUED_BYTES`] of them) waiting behind
+/// a parked one is not read until they are answered ([`TrackerCore::wants_input`]): the
+/// driver's backpressure, so that releasing them answers at most this many at once.
+pub const PAUSE_QUEUED_REQUESTS: usize = 16;
+/// See [`PAUSE_QUEUED_REQUESTS`].
+pub const PAUSE_QUEUED_BYTES: usize = 1024 * 1024;
+/// How often silent client connections are looked for (when an idle timeout is set).
+pub const IDLE_SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Password threads assumed unless [`TrackerCore::with_password_workers`] says otherwise.
 pub const DEFAULT_PASSWORD_WORKERS: usize = 2;
 
@@ -88,8 +96,12 @@ struct Link {
     changed: bool,
     /// The request waiting for password work, if any.
     waiting: Option<Waiting>,
-    /// Requests that arrived while `waiting` was set, oldest first.
-    queued: VecDeque<Request>,
+    /// Requests that arrived while `waiting` was set, oldest first, with their frame sizes.
+    queued: VecDeque<(Request, usize)>,
+    /// The sum of those frame sizes.
+    queued_bytes: usize,
+    /// When a frame last arrived on the connection.
+    last_heard: Instant,
     /// The connection ran the service's handshake (`handle_secure`): its frames come
     /// from a holder of the service's secret.
     secure: bool,
@@ -98,8 +110,10 @@ struct Link {
 }
 
 impl Link {
-    fn new(kind: Kind, opened: u64) -> Self {
+    fn new(kind: Kind, opened: u64, now: Instant) -> Self {
         Link {
+            queued_bytes: 0,
+            last_heard: now,
             kind,
             opened,
             secure: false,
@@ -192,6 +206,14 @@ pub struct TrackerCore {
     require_secure_tracker_links: bool,
     /// Password jobs waiting for a thread, fairly ordered.
     passwords: PasswordQueue,
+    /// Welcomed client connections silent this long are closed (`None`: never).
+    idle_timeout: Option<Duration>,
+    /// When silent connections are next looked for.
+    next_idle_sweep: Option<Instant>,
+    /// Bytes (an upper bound) of the replies queued since the driver last asked.
+    reply_bytes: usize,
+    /// The size of the frame being handled.
+    frame_len: usize,
 }
 
 impl TrackerCore {
@@ -217,6 +239,10 @@ impl TrackerCore {
             tokens_issued: 0,
             require_secure_tracker_links: false,
             passwords: PasswordQueue::new(DEFAULT_PASSWORD_WORKERS),
+            idle_timeout: None,
+            next_idle_sweep: None,
+            reply_bytes: 0,
+            frame_len: 0,
         };
         core.pump_replica();
         core
@@ -243,6 +269,29 @@ impl TrackerCore {
     pub fn with_password_workers(mut self, n: usize) -> Self {
         self.passwords = PasswordQueue::new(n);
         self
+    }
+
+    /// Closes welcomed client connections on which nothing arrived for `timeout` (clients
+    /// ping every 600 ms when they have nothing else to say). Without it (the default, for
+    /// the simulated clusters of the replica's tests, whose clients never ping) none is.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Whether the driver should read more requests from `conn`: not while
+    /// [`PAUSE_QUEUED_REQUESTS`] or [`PAUSE_QUEUED_BYTES`] wait behind a parked one. The
+    /// driver asks again when it next sends `conn` something.
+    pub fn wants_input(&self, conn: ConnId) -> bool {
+        self.links.get(&conn).is_none_or(|l| {
+            l.queued.len() < PAUSE_QUEUED_REQUESTS && l.queued_bytes < PAUSE_QUEUED_BYTES
+        })
+    }
+
+    /// An upper bound of the bytes of the replies queued since the last call (the driver
+    /// stops reading a connection whose output would pass its cap).
+    pub fn take_reply_bytes(&mut self) -> usize {
+        std::mem::take(&mut self.reply_bytes)
     }
 
     /// Replaces the password queue (tests: a smaller waiting room).
@@ -276,7 +325,7 @@ impl TrackerCore {
     pub fn handle_open(&mut self, conn: ConnId, now: Instant) {
         self.n_opened += 1;
         self.links
-            .insert(conn, Link::new(Kind::Unknown, self.n_opened));
+            .insert(conn, Link::new(Kind::Unknown, self.n_opened, now));
         self.handshake_deadlines
             .push_back((now + HANDSHAKE_TIMEOUT, conn));
     }
@@ -304,7 +353,7 @@ impl TrackerCore {
     pub fn handle_dialed(&mut self, conn: ConnId, no: u16, now: Instant) {
         self.n_opened += 1;
         self.links
-            .insert(conn, Link::new(Kind::Tracker, self.n_opened));
+            .insert(conn, Link::new(Kind::Tracker, self.n_opened, now));
         self.set_max_frame(conn, MAX_REPLICATION_FRAME);
         self.replica.handle_dialed(conn, no, self.n_opened, now);
         self.pump_replica();
@@ -371,11 +420,13 @@ impl TrackerCore {
 
     /// One whole frame payload from `conn`, received at `now`.
     pub fn handle_frame(&mut self, conn: ConnId, payload: &[u8], now: Instant) {
-        if !self.links.contains_key(&conn) {
+        let Some(link) = self.links.get_mut(&conn) else {
             // Closed by the core (a duplicate tracker link, say) while frames of the same
             // read were still being handed up.
             return;
-        }
+        };
+        link.last_heard = now;
+        self.frame_len = payload.len();
         if self
             .links
             .get(&conn)
@@ -429,6 +480,32 @@ impl TrackerCore {
         self.replica.handle_timeout(now);
         self.pump_replica();
         self.dispatch_passwords(now);
+        self.close_idle(now);
+    }
+
+    /// Closes the welcomed client connections silent for the idle timeout (looked for once
+    /// every [`IDLE_SWEEP_EVERY`]).
+    fn close_idle(&mut self, now: Instant) {
+        let Some(timeout) = self.idle_timeout else {
+            return;
+        };
+        if self.next_idle_sweep.is_some_and(|t| t > now) {
+            return;
+        }
+        self.next_idle_sweep = Some(now + IDLE_SWEEP_EVERY);
+        let silent: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                matches!(l.kind, Kind::Client { welcomed: true, .. })
+                    && now.saturating_duration_since(l.last_heard) >= timeout
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in silent {
+            info!("conn {conn}: client silent for {timeout:?}; closing");
+            self.close(conn, now);
+        }
     }
 
     /// When `handle_timeout` next has work.
@@ -437,6 +514,7 @@ impl TrackerCore {
             self.handshake_deadlines.front().map(|(d, _)| *d),
             self.replica.poll_timeout(),
             self.passwords.poll_timeout(),
+            self.idle_timeout.and(self.next_idle_sweep),
         ]
         .into_iter()
         .flatten()
@@ -704,7 +782,8 @@ impl TrackerCore {
                 ) =>
             {
                 if link.queued.len() < MAX_QUEUED_REQUESTS {
-                    link.queued.push_back(request);
+                    link.queued_bytes += self.frame_len;
+                    link.queued.push_back((request, self.frame_len));
                 } else {
                     warn!("conn {conn}: more than {MAX_QUEUED_REQUESTS} requests queued");
                     self.close(conn, now);
@@ -723,10 +802,12 @@ impl TrackerCore {
                 self.reply(conn, req_id, Ok(ReplyBody::Pong));
             }
             ClientMsg::Request(request) => {
-                if link.waiting.is_none() {
+                if link.waiting.is_none() && link.queued.is_empty() {
                     self.handle_request(conn, request);
                 } else if link.queued.len() < MAX_QUEUED_REQUESTS {
-                    link.queued.push_back(request);
+                    link.queued_bytes += self.frame_len;
+                    link.queued.push_back((request, self.frame_len));
+                    self.run_queued(conn);
                 } else {
                     warn!("conn {conn}: more than {MAX_QUEUED_REQUESTS} requests queued");
                     self.close(conn, now);
@@ -823,9 +904,10 @@ impl TrackerCore {
             if link.waiting.is_some() {
                 break;
             }
-            let Some(next) = link.queued.pop_front() else {
+            let Some((next, len)) = link.queued.pop_front() else {
                 break;
             };
+            link.queued_bytes -= len;
             self.handle_request(conn, next);
         }
     }
@@ -838,10 +920,10 @@ impl TrackerCore {
                 message: reject.message,
             }
         });
-        self.out.push_back(Output::Send(
-            conn,
-            TrackerMsg::Reply(Reply { req_id, body }),
-        ));
+        let reply = Reply { req_id, body };
+        self.reply_bytes += reply.size_bound();
+        self.out
+            .push_back(Output::Send(conn, TrackerMsg::Reply(reply)));
     }
 
     /// Answers a request, or parks it behind a password job or a change being replicated.

@@ -1279,3 +1279,156 @@ fn a_full_password_queue_refuses_and_the_connection_goes_on() {
         "{outs:?}"
     );
 }
+
+// =============================================================================================
+// Backpressure and idle connections
+// =============================================================================================
+
+#[test]
+fn a_connection_with_many_requests_parked_is_not_read_until_they_are_answered() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    h.core.handle_frame(
+        c,
+        &payload(&request(
+            1,
+            RequestBody::CreateUser {
+                user: uid("alice"),
+                password: pw("pw"),
+            },
+        )),
+        h.now,
+    );
+    let Some(Output::Password(_, job)) = h.core.poll_output() else {
+        panic!("expected a password job");
+    };
+    assert!(h.core.wants_input(c));
+    for id in 0..PAUSE_QUEUED_REQUESTS as u64 {
+        assert!(h.core.wants_input(c), "{id} queued");
+        h.core.handle_frame(
+            c,
+            &payload(&request(10 + id, RequestBody::ListGroups)),
+            h.now,
+        );
+    }
+    assert!(!h.core.wants_input(c), "the driver must stop reading it");
+    assert!(h.core.wants_input(conn(2)), "others are read");
+    assert_eq!(h.core.take_reply_bytes(), 0, "nothing answered yet");
+    h.core
+        .handle_password_done(c, crate::tracker::password::run(&job));
+    let outs = h.drain();
+    assert_eq!(
+        outs.len(),
+        1 + PAUSE_QUEUED_REQUESTS,
+        "every answer, none dropped"
+    );
+    assert!(h.core.wants_input(c));
+    let bytes = h.core.take_reply_bytes();
+    let exact: usize = outs
+        .iter()
+        .map(|o| match o {
+            Output::Send(_, msg) => {
+                let mut b = Vec::new();
+                msg.emit(&mut b);
+                b.len()
+            }
+            other => panic!("{other:?}"),
+        })
+        .sum();
+    assert!(bytes >= exact, "counted {bytes} of {exact} bytes");
+}
+
+#[test]
+fn big_requests_parked_pause_the_connection_sooner() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    h.core.handle_frame(
+        c,
+        &payload(&request(
+            1,
+            RequestBody::CreateUser {
+                user: uid("alice"),
+                password: pw("pw"),
+            },
+        )),
+        h.now,
+    );
+    // Two uploads of 40,000-piece metadata (800 KB each) pass the byte limit.
+    let mut big = meta("big", 3);
+    big.size = 40_000 * u64::from(PIECE_LEN);
+    big.piece_hashes = vec![Sha1Digest([7; 20]); 40_000];
+    let upload = request(
+        2,
+        RequestBody::UploadFile {
+            group: gid("g"),
+            meta: big,
+        },
+    );
+    h.core.handle_frame(c, &payload(&upload), h.now);
+    assert!(h.core.wants_input(c));
+    h.core.handle_frame(c, &payload(&upload), h.now);
+    assert!(!h.core.wants_input(c));
+}
+
+#[test]
+fn silent_clients_are_closed_after_the_idle_timeout() {
+    let mut h = Harness::new();
+    let idle = Duration::from_secs(30);
+    h.core = TrackerCore::new(
+        TrackerRef {
+            no: 1,
+            incarnation: 0x55,
+        },
+        1,
+        9,
+        Timings::default(),
+        h.now,
+    )
+    .with_idle_timeout(idle);
+    take_outputs(&mut h.core);
+    let (quiet, chatty, unwelcomed) = (conn(1), conn(2), conn(3));
+    h.connect(quiet);
+    h.connect(chatty);
+    h.open(unwelcomed);
+    let start = h.now;
+    while h.now < start + idle + Duration::from_secs(5) {
+        h.now += Duration::from_millis(500);
+        // The chatty one pings every 600 ms or so, like a real client.
+        if (h.now - start).as_millis().is_multiple_of(1000) {
+            h.send(chatty, &request(1, RequestBody::Ping));
+        }
+        h.core.handle_timeout(h.now);
+        for o in take_outputs(&mut h.core) {
+            match o {
+                Output::Close(c) if c == unwelcomed => {
+                    assert!(h.now >= start + HANDSHAKE_TIMEOUT, "the handshake deadline");
+                }
+                Output::Close(c) => {
+                    assert_eq!(c, quiet, "only the silent client is closed");
+                    assert!(h.now >= start + idle);
+                    assert!(h.now <= start + idle + IDLE_SWEEP_EVERY + Duration::from_millis(500));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The handshake deadline, not the idle timeout, deals with the unwelcomed one.
+        if h.now >= start + HANDSHAKE_TIMEOUT {
+            assert!(!h.core.links.contains_key(&unwelcomed));
+        }
+    }
+    assert!(!h.core.links.contains_key(&quiet));
+    assert!(h.core.links.contains_key(&chatty));
+}
+
+#[test]
+fn without_an_idle_timeout_silent_clients_stay() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    h.now += Duration::from_secs(3600);
+    h.core.handle_timeout(h.now);
+    assert!(take_outputs(&mut h.core).is_empty());
+    assert!(h.core.links.contains_key(&c));
+}

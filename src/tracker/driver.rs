@@ -42,6 +42,11 @@ const SIGNALS: Token = Token(2);
 const FRAME_BUDGET: usize = 256;
 /// Threads that hash and check passwords (Argon2id), off the reactor.
 const PASSWORD_WORKERS: usize = 2;
+/// Connections open at once (clients, tracker links, handshakes in progress); more are
+/// accepted and closed at once, with a log line.
+pub const MAX_CONNECTIONS: usize = 16_384;
+/// A welcomed client silent this long is closed (clients ping every 600 ms when quiet).
+pub const CLIENT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a tracker needs to start.
 pub struct TrackerConfig {
@@ -68,6 +73,8 @@ struct ConnData {
     sniffing: bool,
     /// A tracker link queued in `dirty_links`.
     link_dirty: bool,
+    /// Not read while the core holds too many of its requests (`TrackerCore::wants_input`).
+    core_paused: bool,
 }
 
 struct Driver {
@@ -87,6 +94,8 @@ struct Driver {
     password_done: PasswordResults,
     /// Handshake parameters of tracker links (the service's PSK).
     link_params: secure::Params,
+    /// The connection cap was hit and logged; logged again once below it.
+    at_cap: bool,
 }
 
 type PasswordJobs = Sender<(ConnId, PasswordJob)>;
@@ -170,7 +179,8 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     )
     .with_token_key(token_key)
     .with_secure_tracker_links()
-    .with_password_workers(PASSWORD_WORKERS);
+    .with_password_workers(PASSWORD_WORKERS)
+    .with_idle_timeout(CLIENT_IDLE_TIMEOUT);
     let link_params = secure::Params::tracker_link(config.service_key.tracker_psk());
     let mut driver = Driver {
         poll,
@@ -184,6 +194,7 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         password_jobs,
         password_done,
         link_params,
+        at_cap: false,
     };
     info!("tracker {} listening on {addr}", config.tracker_no);
     // The first line on stdout: tests and scripts wait for it to know the tracker is up.
@@ -316,6 +327,21 @@ impl Driver {
         loop {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
+                    if self.conns.len() >= MAX_CONNECTIONS {
+                        if !self.at_cap {
+                            warn!(
+                                "{MAX_CONNECTIONS} connections open: the connection cap; \
+                                 closing new connections until some close"
+                            );
+                            self.at_cap = true;
+                        }
+                        drop(stream);
+                        continue;
+                    }
+                    if self.at_cap && self.conns.len() < MAX_CONNECTIONS * 15 / 16 {
+                        info!("below the connection cap again ({} open)", self.conns.len());
+                        self.at_cap = false;
+                    }
                     let _ = stream.set_nodelay(true);
                     match self.conns.insert(
                         self.poll.registry(),
@@ -355,13 +381,28 @@ impl Driver {
             return;
         }
         let core = &mut self.core;
+        if !core.wants_input(id) {
+            // Resumed when the core next sends it something (`drain_outputs`).
+            conn.data.core_paused = true;
+            return;
+        }
         let now = Instant::now();
+        // Output cap: a client's answers (counted by an upper bound as they are made) stop
+        // the reading once they would pass MAX_PENDING_WRITE; `flush` resumes it.
+        let budget = if conn.is_secure() {
+            usize::MAX
+        } else {
+            MAX_PENDING_WRITE.saturating_sub(conn.pending_write())
+        };
+        core.take_reply_bytes();
+        let mut spent = 0usize;
         let result = conn.read_frames(FRAME_BUDGET, |payload| {
             core.handle_frame(id, payload, now);
+            spent = spent.saturating_add(core.take_reply_bytes());
             // A handshake that changes the frame limit: stop, so that the frames read with
             // it (a client's requests right behind its hello) are checked against the new
             // limit, which `drain_outputs` applies before this connection is read again.
-            !core.take_frame_limit_changed()
+            !core.take_frame_limit_changed() && spent < budget && core.wants_input(id)
         });
         match result {
             Ok(ReadEnd::WouldBlock) => {}
@@ -458,6 +499,10 @@ impl Driver {
                         if !conn.data.dirty {
                             conn.data.dirty = true;
                             self.dirty.push(id);
+                        }
+                        if conn.data.core_paused && self.core.wants_input(id) {
+                            conn.data.core_paused = false;
+                            self.make_ready(id);
                         }
                     }
                 }

@@ -1983,3 +1983,20 @@ fn golden_file_sharers_and_sharers() {
     reply.emit(&mut got);
     assert_eq!(got, framed);
 }
+
+#[test]
+fn a_reply_is_never_longer_than_its_size_bound() {
+    let mut rng = Rng::new(0x51_2E);
+    let replies = sample_tracker_msgs()
+        .into_iter()
+        .chain((0..20_000).map(|_| rand_tracker(&mut rng)));
+    let mut n = 0;
+    for msg in replies {
+        if let TrackerMsg::Reply(reply) = &msg {
+            let len = emit_t(&msg).len();
+            assert!(reply.size_bound() >= len, "{reply:?}: {len} bytes");
+            n += 1;
+        }
+    }
+    assert!(n > 1000, "{n} replies checked");
+}
