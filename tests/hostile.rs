@@ -189,3 +189,57 @@ fn unread_answers_are_held_back_not_piled_up() {
     }
     assert_eq!(member.call(20_000, RequestBody::Ping), ReplyBody::Pong);
 }
+
+/// Client ids travel in clear: a thief who copies one, and the id of its owner's login
+/// request, gets no session by replaying it, whatever password it proves, and cannot end the
+/// owner's session by logging in under that id.
+#[test]
+fn a_copied_client_id_and_request_id_get_no_session() {
+    let tracker = Tracker::start();
+    let mut owner = Raw::connect(tracker.addr, 0xA11CE);
+    let login = |user: &str, password: &str| RequestBody::Login {
+        user: uid(user),
+        password: pw(password),
+        peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+    };
+    let create = |user: &str, password: &str| RequestBody::CreateUser {
+        user: uid(user),
+        password: pw(password),
+    };
+    assert_eq!(owner.call(1, create("alice", "right")), ReplyBody::Done);
+    let ReplyBody::LoggedIn { token } = owner.call(5, login("alice", "right")) else {
+        panic!("alice logs in");
+    };
+    let mut thief = Raw::connect(tracker.addr, 0xA11CE);
+    assert_eq!(thief.call(1000, create("mallory", "mine")), ReplyBody::Done);
+    for body in [login("alice", "guess"), login("mallory", "mine")] {
+        match thief.call(5, body) {
+            ReplyBody::Refused { .. } => {}
+            other => panic!("the replayed login was answered {other:?}"),
+        }
+    }
+    match thief.call(6, login("mallory", "mine")) {
+        ReplyBody::Refused { .. } => {}
+        other => panic!("a login under the copied id was answered {other:?}"),
+    }
+    match thief.call(7, RequestBody::ListGroups) {
+        ReplyBody::Refused { .. } => {}
+        other => panic!("the thief has a session: {other:?}"),
+    }
+    drop(thief);
+    // The owner's session is whole, its token unchanged.
+    assert_eq!(
+        owner.call(8, RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+    let mut again = Raw::connect(tracker.addr, 0xA11CE);
+    assert_eq!(
+        again.call(9, RequestBody::Resume { token }),
+        ReplyBody::LoggedIn { token }
+    );
+    // The resume moved the session: the old link is detached.
+    match owner.call(10, RequestBody::ListGroups) {
+        ReplyBody::Refused { .. } => {}
+        other => panic!("the old link still acts on the session: {other:?}"),
+    }
+}

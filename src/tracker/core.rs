@@ -145,13 +145,21 @@ impl Link {
 }
 
 /// What a committed answer means for the connection's session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum SessionEffect {
     None,
-    /// Login or resume: the answer opens the session.
-    Open,
+    /// Login or resume: the answer opens the session, if it is the one this proof is for
+    /// (a remembered answer to a retry names a session: it must be the prover's).
+    Open(Proof),
     /// Logout: the answer ends it.
     Close,
+}
+
+/// What a login or resume proved: the password of this user, or this session token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Proof {
+    Password(UserId),
+    Token([u8; 16]),
 }
 
 /// A request parked until its password job is done or its change is committed.
@@ -613,18 +621,29 @@ impl TrackerCore {
         let effect = match &link.waiting {
             Some(Waiting::Commit {
                 origin: o, effect, ..
-            }) if *o == origin => *effect,
+            }) if *o == origin => effect.clone(),
             _ => return,
         };
         link.waiting = None;
+        let mut detach = None;
         let body = match (effect, answer) {
-            (SessionEffect::Open, Ok(Outcome::SessionOpened(id))) => {
+            (SessionEffect::Open(proof), Ok(Outcome::SessionOpened(id))) => {
                 match self.replica.state().session(id) {
-                    Some(s) => {
+                    Some(s) if proves(&proof, s) => {
                         let token = s.token;
                         info!("user {} has a session through conn {conn}", s.user);
                         link.session = Some(id);
+                        detach = Some(id);
                         Ok(ReplyBody::LoggedIn { token })
+                    }
+                    Some(_) => {
+                        // A remembered answer for the same (client id, request id), about a
+                        // session this connection proved nothing for: a copied client id.
+                        warn!("conn {conn}: a retry naming another's session; refused");
+                        Err(Reject::new(
+                            RejectCode::NotLoggedIn,
+                            "this request id was used for another session",
+                        ))
                     }
                     None => Err(Reject::new(
                         RejectCode::NotLoggedIn,
@@ -640,6 +659,16 @@ impl TrackerCore {
             (_, Ok(_)) => Ok(ReplyBody::Done),
             (_, Err(reject)) => Err(reject),
         };
+        if let Some(id) = detach {
+            // The session moved here: other links of this tracker that held it (a client's
+            // older link, or whoever had the token before) act on it no more.
+            for (other, l) in self.links.iter_mut() {
+                if *other != conn && l.session == Some(id) {
+                    info!("conn {other}: its session moved to conn {conn}; detached");
+                    l.session = None;
+                }
+            }
+        }
         self.reply(conn, origin.req_id, body);
         self.run_queued(conn);
     }
@@ -986,6 +1015,7 @@ impl TrackerCore {
         };
         let token = self.next_token();
         info!("user {user} logs in from {peer_addr}");
+        let proof = Proof::Password(user.clone());
         let op = Op::OpenSession {
             user,
             peer_addr,
@@ -993,7 +1023,7 @@ impl TrackerCore {
             client,
             token,
         };
-        self.propose(conn, req_id, op, SessionEffect::Open);
+        self.propose(conn, req_id, op, SessionEffect::Open(proof));
     }
 
     /// Makes `op` a change of `conn`'s request `req_id`: parks the connection until the
@@ -1032,11 +1062,21 @@ impl TrackerCore {
 
     /// The session of `conn`, or `NotLoggedIn`. A session the state ended meanwhile (another
     /// tracker's op ended it) does not count, so the client may log in again on this link.
+    ///
+    /// The session must still be held through this tracker by this connection's client: one
+    /// that a `Resume` moved to another link (here or through another tracker) is not this
+    /// connection's any more.
     fn session_of(&self, conn: ConnId) -> Result<SessionId, Reject> {
-        self.links
-            .get(&conn)
-            .and_then(|l| l.session)
-            .filter(|id| self.replica.state().session(*id).is_some())
+        let link = self.links.get(&conn);
+        let client = link.and_then(Link::client);
+        let me = self.replica.me();
+        link.and_then(|l| l.session)
+            .filter(|id| {
+                self.replica
+                    .state()
+                    .session(*id)
+                    .is_some_and(|s| s.tracker == me && Some(s.client) == client)
+            })
             .ok_or_else(|| Reject::new(RejectCode::NotLoggedIn, "not logged in"))
     }
 
@@ -1053,20 +1093,6 @@ impl TrackerCore {
                     user,
                     pw_hash: String::new(),
                 }
-            }
-            RequestBody::Login {
-                user, peer_addr, ..
-            } if is_retry => {
-                return Ok(Handled::Change(
-                    Op::OpenSession {
-                        user,
-                        peer_addr,
-                        tracker: self.replica.me(),
-                        client,
-                        token: [0; 16],
-                    },
-                    SessionEffect::Open,
-                ));
             }
             RequestBody::CreateUser { user, password } => {
                 if state.password_hash(&user).is_some() {
@@ -1095,6 +1121,17 @@ impl TrackerCore {
                 let phc = state.password_hash(&user).ok_or_else(|| {
                     Reject::new(RejectCode::UnknownUser, format!("no such user '{user}'"))
                 })?;
+                if !is_retry && state.session_of_client(client).is_some() {
+                    // A client process holds one session, and resumes it rather than logging
+                    // in again: this is a copy of another's client id, which must not end
+                    // that session.
+                    return Err(Reject::new(
+                        RejectCode::SessionAlreadyOpen,
+                        "a session is already open for this client id",
+                    ));
+                }
+                // A retry too pays for the password check: it is the proof that the
+                // remembered session is the asker's.
                 return Ok(Handled::Waiting(
                     Waiting::Login {
                         req_id,
@@ -1114,13 +1151,21 @@ impl TrackerCore {
                         "a session is already open on this connection",
                     ));
                 }
+                if state.session_with_token(&token).is_none() {
+                    // Checked here, so that guessing costs no replicated change and no
+                    // remembered answer.
+                    return Err(Reject::new(
+                        RejectCode::NotLoggedIn,
+                        "the session has ended",
+                    ));
+                }
                 return Ok(Handled::Change(
                     Op::ResumeSession {
                         token,
                         tracker: self.replica.me(),
                         client,
                     },
-                    SessionEffect::Open,
+                    SessionEffect::Open(Proof::Token(token)),
                 ));
             }
             RequestBody::Logout => {
@@ -1187,6 +1232,14 @@ impl TrackerCore {
             },
         };
         Ok(Handled::Change(op, SessionEffect::None))
+    }
+}
+
+/// Whether `session` is the one `proof` was made for.
+fn proves(proof: &Proof, session: &super::state::Session) -> bool {
+    match proof {
+        Proof::Password(user) => session.user == *user,
+        Proof::Token(token) => session.token == *token,
     }
 }
 

@@ -1432,3 +1432,154 @@ fn without_an_idle_timeout_silent_clients_stay() {
     assert!(take_outputs(&mut h.core).is_empty());
     assert!(h.core.links.contains_key(&c));
 }
+
+// =============================================================================================
+// Sessions belong to whoever proved the password
+// =============================================================================================
+
+/// The client id `hello` gives conn `c`.
+fn client_id(c: ConnId) -> u64 {
+    c.key as u64 | c.generation << 32
+}
+
+/// Opens `c` and says hello as client process `client` (a copy of someone else's id).
+fn connect_as(h: &mut Harness, c: ConnId, client: u64) {
+    h.open(c);
+    let outs = h.send(c, &ClientMsg::hello(client));
+    assert_eq!(outs.len(), 2, "{outs:?}");
+}
+
+fn login_req(req_id: u64, user: &str, password: &str) -> ClientMsg {
+    request(
+        req_id,
+        RequestBody::Login {
+            user: uid(user),
+            password: pw(password),
+            peer_addr: addr(5000),
+        },
+    )
+}
+
+/// The one reply in `outs`, sent to `c`.
+#[track_caller]
+fn only_reply(outs: &[Output], c: ConnId) -> ReplyBody {
+    match outs {
+        [Output::Send(to, TrackerMsg::Reply(r))] if *to == c => r.body.clone(),
+        other => panic!("expected one reply to {c}, got {other:?}"),
+    }
+}
+
+/// Alice logged in on conn 1 with request id 5; returns her token.
+fn alice_logged_in(h: &mut Harness) -> [u8; 16] {
+    let victim = conn(1);
+    h.connect(victim);
+    assert_eq!(h.create_user(victim, "alice", "right"), ReplyBody::Done);
+    let outs = h.send(victim, &login_req(5, "alice", "right"));
+    assert_logged_in(&only_reply(&outs, victim))
+}
+
+#[test]
+fn a_login_retry_with_a_copied_client_id_still_needs_the_password() {
+    let mut h = Harness::new();
+    alice_logged_in(&mut h);
+    let thief = conn(2);
+    connect_as(&mut h, thief, client_id(conn(1)));
+    let outs = h.send(thief, &login_req(5, "alice", "wrong"));
+    assert_refused(&only_reply(&outs, thief), RejectCode::WrongPassword);
+    // Alice's session is untouched.
+    assert_eq!(
+        h.ask(conn(1), RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+}
+
+#[test]
+fn a_login_retry_proving_another_users_password_gets_no_session() {
+    let mut h = Harness::new();
+    let token = alice_logged_in(&mut h);
+    let thief = conn(2);
+    connect_as(&mut h, thief, client_id(conn(1)));
+    assert_eq!(h.create_user(thief, "mallory", "mine"), ReplyBody::Done);
+    // Alice's request id, Mallory's own (right) password.
+    let outs = h.send(thief, &login_req(5, "mallory", "mine"));
+    let body = only_reply(&outs, thief);
+    assert_refused(&body, RejectCode::NotLoggedIn);
+    assert!(!format!("{body:?}").contains(&format!("{token:?}")));
+    let (_, s) = h.core.state().sessions().next().unwrap();
+    assert_eq!((s.user.as_str(), s.token), ("alice", token));
+    assert_eq!(
+        h.ask(conn(1), RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+    assert_refused(
+        &h.ask(thief, RequestBody::ListGroups),
+        RejectCode::NotLoggedIn,
+    );
+}
+
+#[test]
+fn a_copied_client_id_cannot_end_its_owners_session() {
+    let mut h = Harness::new();
+    alice_logged_in(&mut h);
+    let thief = conn(2);
+    connect_as(&mut h, thief, client_id(conn(1)));
+    assert_eq!(h.create_user(thief, "mallory", "mine"), ReplyBody::Done);
+    let outs = h.send(thief, &login_req(77, "mallory", "mine"));
+    assert_refused(&only_reply(&outs, thief), RejectCode::SessionAlreadyOpen);
+    // Its close ends nothing either.
+    h.core.handle_close(thief, h.now);
+    h.drain();
+    assert!(h.has_session("alice"));
+    assert_eq!(
+        h.ask(conn(1), RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+}
+
+#[test]
+fn resume_moves_the_session_and_detaches_the_old_link() {
+    let mut h = Harness::new();
+    let token = alice_logged_in(&mut h);
+    let newer = conn(2);
+    h.connect(newer);
+    assert_logged_in(&h.ask(newer, RequestBody::Resume { token }));
+    assert_eq!(
+        h.ask(newer, RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+    // The old link acts on it no more.
+    assert_refused(
+        &h.ask(conn(1), RequestBody::CreateGroup { group: gid("g") }),
+        RejectCode::NotLoggedIn,
+    );
+    assert_refused(
+        &h.ask(conn(1), RequestBody::Logout),
+        RejectCode::NotLoggedIn,
+    );
+    assert!(h.has_session("alice"));
+}
+
+#[test]
+fn resume_with_a_wrong_token_costs_no_change_and_no_memory() {
+    let mut h = Harness::new();
+    alice_logged_in(&mut h);
+    let committed = h.core.replica().committed();
+    let guesser = conn(2);
+    h.connect(guesser);
+    for i in 0..100u64 {
+        let mut token = [0u8; 16];
+        token[..8].copy_from_slice(&i.to_be_bytes());
+        let outs = h.send(guesser, &request(1000 + i, RequestBody::Resume { token }));
+        assert_refused(&only_reply(&outs, guesser), RejectCode::NotLoggedIn);
+        let origin = Origin {
+            client: client_id(guesser),
+            req_id: 1000 + i,
+        };
+        assert_eq!(h.core.state().remembered(origin), None);
+    }
+    assert_eq!(
+        h.core.replica().committed(),
+        committed,
+        "nothing replicated"
+    );
+}

@@ -440,7 +440,14 @@ impl TrackerState {
                 },
             ) = (&answer, &entry.op)
             {
-                if self.sessions.contains_key(id) && !self.taken_since(origin, *id) {
+                // Only for the session's owner: a retry with a copied client id and request id
+                // that proved another user's password, or no token, moves nothing.
+                let owner = self.sessions.get(id).is_some_and(|s| match &entry.op {
+                    Op::OpenSession { user, .. } => s.user == *user,
+                    Op::ResumeSession { token, .. } => s.token == *token,
+                    _ => false,
+                });
+                if owner && !self.taken_since(origin, *id) {
                     self.move_session(*id, *tracker, *client);
                 }
             }
@@ -470,7 +477,7 @@ impl TrackerState {
     }
 
     /// The open session holding `token`.
-    fn session_with_token(&self, token: &[u8; 16]) -> Option<SessionId> {
+    pub fn session_with_token(&self, token: &[u8; 16]) -> Option<SessionId> {
         self.sessions
             .iter()
             .find(|(_, s)| s.token == *token)
@@ -596,6 +603,11 @@ impl TrackerState {
 
     pub fn session(&self, session: SessionId) -> Option<&Session> {
         self.sessions.get(&session)
+    }
+
+    /// The open session of client process `client`, if any.
+    pub fn session_of_client(&self, client: u64) -> Option<SessionId> {
+        self.session_of_client.get(&client).copied()
     }
 
     pub fn sessions(&self) -> impl Iterator<Item = (&SessionId, &Session)> {
