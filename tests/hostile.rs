@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::Tracker;
+use common::{free_port, Client, Tracker};
 use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
 use p2pshare::wire::tracker_link::{ClientMsg, Reply, ReplyBody, Request, RequestBody, TrackerMsg};
 use p2pshare::wire::{GroupId, Password, UserId};
@@ -242,4 +242,33 @@ fn a_copied_client_id_and_request_id_get_no_session() {
         ReplyBody::Refused { .. } => {}
         other => panic!("the old link still acts on the session: {other:?}"),
     }
+}
+
+/// A client that says it listens on another IP than the one it connects from is refused at
+/// login with a clear error (downloaders would be sent to someone else), unless the tracker
+/// was told to accept that.
+#[test]
+fn a_listen_address_on_a_foreign_ip_is_refused_at_login() {
+    let tracker = Tracker::start();
+    // Listening on 127.0.0.2, connecting to the tracker from 127.0.0.1.
+    let foreign = SocketAddr::from(([127, 0, 0, 2], free_port()));
+    let out = Client::with_addr(&tracker.info, foreign).run(&["create_user a pw", "login a pw"]);
+    out.check(&["user a created"], 1, 1);
+    assert!(
+        out.errors[0].contains(&format!(
+            "listen address {foreign} is not on this connection"
+        )),
+        "{out:#?}"
+    );
+    // The same client on its connection's IP logs in.
+    let own = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    Client::with_addr(&tracker.info, own)
+        .run(&["login a pw"])
+        .check(&["logged in as a"], 0, 0);
+
+    let lenient = Tracker::start_with(&["--allow-foreign-addresses".into()]);
+    let foreign = SocketAddr::from(([127, 0, 0, 2], free_port()));
+    Client::with_addr(&lenient.info, foreign)
+        .run(&["create_user a pw", "login a pw"])
+        .check(&["user a created", "logged in as a"], 0, 0);
 }

@@ -35,6 +35,12 @@ fn main() -> ExitCode {
     );
     opts.optflag(
         "",
+        "allow-foreign-addresses",
+        "accept a client's listen address on another IP than the one its connection comes \
+         from (for clients behind a proxy or NAT); by default such a login is refused",
+    );
+    opts.optflag(
+        "",
         "print-key",
         "print the service's public key (creating the key if there is none) and exit",
     );
@@ -190,6 +196,7 @@ fn main() -> ExitCode {
         tracker_no,
         service_key,
         key_path,
+        allow_foreign_addresses: matches.opt_present("allow-foreign-addresses"),
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -222,6 +222,8 @@ pub struct TrackerCore {
     reply_bytes: usize,
     /// The size of the frame being handled.
     frame_len: usize,
+    /// A login may claim a listen address on another IP than its connection's.
+    allow_foreign_addresses: bool,
 }
 
 impl TrackerCore {
@@ -251,6 +253,7 @@ impl TrackerCore {
             next_idle_sweep: None,
             reply_bytes: 0,
             frame_len: 0,
+            allow_foreign_addresses: false,
         };
         core.pump_replica();
         core
@@ -300,6 +303,14 @@ impl TrackerCore {
     /// stops reading a connection whose output would pass its cap).
     pub fn take_reply_bytes(&mut self) -> usize {
         std::mem::take(&mut self.reply_bytes)
+    }
+
+    /// Accepts a login's listen address on any IP (a tracker behind a proxy or NAT, which
+    /// sees every client from the proxy's address). Without it, a login whose listen address
+    /// is not on the IP its connection comes from (when the driver said it) is refused.
+    pub fn with_foreign_addresses(mut self, allow: bool) -> Self {
+        self.allow_foreign_addresses = allow;
+        self
     }
 
     /// Replaces the password queue (tests: a smaller waiting room).
@@ -1121,6 +1132,19 @@ impl TrackerCore {
                 let phc = state.password_hash(&user).ok_or_else(|| {
                     Reject::new(RejectCode::UnknownUser, format!("no such user '{user}'"))
                 })?;
+                let from = self.links.get(&conn).and_then(|l| l.ip);
+                if let Some(from) = from.filter(|_| !self.allow_foreign_addresses) {
+                    if peer_addr.ip().to_canonical() != from.to_canonical() {
+                        return Err(Reject::new(
+                            RejectCode::BadRequest,
+                            format!(
+                                "listen address {peer_addr} is not on this connection's \
+                                 address {from}: downloaders would be sent elsewhere (a \
+                                 tracker started with --allow-foreign-addresses accepts it)"
+                            ),
+                        ));
+                    }
+                }
                 if !is_retry && state.session_of_client(client).is_some() {
                     // A client process holds one session, and resumes it rather than logging
                     // in again: this is a copy of another's client id, which must not end

@@ -1041,7 +1041,7 @@ fn wrong_login(req_id: u64, user: &str) -> ClientMsg {
         RequestBody::Login {
             user: uid(user),
             password: pw("guess"),
-            peer_addr: addr(9),
+            peer_addr: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 9)),
         },
     )
 }
@@ -1582,4 +1582,69 @@ fn resume_with_a_wrong_token_costs_no_change_and_no_memory() {
         committed,
         "nothing replicated"
     );
+}
+
+// =============================================================================================
+// Honest addresses
+// =============================================================================================
+
+#[test]
+fn a_listen_address_on_another_ip_is_refused_at_login() {
+    for allow in [false, true] {
+        let mut h = Harness::new();
+        h.core = TrackerCore::new(
+            TrackerRef {
+                no: 1,
+                incarnation: 0x66,
+            },
+            1,
+            11,
+            Timings::default(),
+            h.now,
+        )
+        .with_foreign_addresses(allow);
+        while let Some(o) = h.core.poll_output() {
+            if let Output::Dial(no) = o {
+                h.core.handle_dial_failed(no, h.now);
+            }
+        }
+        let c = conn(1);
+        h.core.handle_open(c, h.now);
+        h.core
+            .handle_peer_addr(c, SocketAddr::from((Ipv4Addr::new(127, 0, 0, 7), 40_000)));
+        h.send(c, &hello(c));
+        assert_eq!(h.create_user(c, "alice", "pw"), ReplyBody::Done);
+        let foreign = SocketAddr::from((Ipv4Addr::new(10, 1, 2, 3), 6000));
+        let body = h.ask(
+            c,
+            RequestBody::Login {
+                user: uid("alice"),
+                password: pw("pw"),
+                peer_addr: foreign,
+            },
+        );
+        if allow {
+            assert_logged_in(&body);
+            continue;
+        }
+        match &body {
+            ReplyBody::Refused { code, message } => {
+                assert_eq!(*code, RejectCode::BadRequest);
+                assert!(message.contains("10.1.2.3:6000"), "{message}");
+                assert!(message.contains("127.0.0.7"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!h.has_session("alice"));
+        // Its own IP, any port, is fine.
+        let own = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 7), 6000));
+        assert_logged_in(&h.ask(
+            c,
+            RequestBody::Login {
+                user: uid("alice"),
+                password: pw("pw"),
+                peer_addr: own,
+            },
+        ));
+    }
 }

@@ -57,6 +57,9 @@ pub struct TrackerConfig {
     pub service_key: ServiceKey,
     /// Where the key was read from (printed at start).
     pub key_path: std::path::PathBuf,
+    /// Accept clients' listen addresses on other IPs than their connections' (behind a
+    /// proxy); `--allow-foreign-addresses`.
+    pub allow_foreign_addresses: bool,
 }
 
 #[derive(Default)]
@@ -180,7 +183,8 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     .with_token_key(token_key)
     .with_secure_tracker_links()
     .with_password_workers(PASSWORD_WORKERS)
-    .with_idle_timeout(CLIENT_IDLE_TIMEOUT);
+    .with_idle_timeout(CLIENT_IDLE_TIMEOUT)
+    .with_foreign_addresses(config.allow_foreign_addresses);
     let link_params = secure::Params::tracker_link(config.service_key.tracker_psk());
     let mut driver = Driver {
         poll,
