@@ -114,7 +114,7 @@ fn rss_kib(pid: u32) -> u64 {
 fn unread_answers_are_held_back_not_piled_up() {
     const GROUPS: u64 = 2000;
     const ASKS: u64 = 1000;
-    let tracker = Tracker::start();
+    let tracker = Tracker::start_with(&["--max-groups-per-user".into(), "5000".into()]);
     let owner = "o".repeat(64);
     let mut member = Raw::connect(tracker.addr, 1);
     assert_eq!(
@@ -271,4 +271,25 @@ fn a_listen_address_on_a_foreign_ip_is_refused_at_login() {
     Client::with_addr(&lenient.info, foreign)
         .run(&["create_user a pw", "login a pw"])
         .check(&["user a created", "logged in as a"], 0, 0);
+}
+
+/// A quota set by an option is a clear error for the command past it; the session lives on.
+#[test]
+fn quotas_come_from_options_and_refuse_clearly() {
+    let tracker = Tracker::start_with(&["--max-groups-per-user".into(), "2".into()]);
+    let out = tracker.client().run(&[
+        "create_user a pw",
+        "login a pw",
+        "create_group g1",
+        "create_group g2",
+        "create_group g3",
+        "list_groups",
+    ]);
+    assert_eq!(out.errors.len(), 1, "{out:#?}");
+    assert!(
+        out.errors[0].contains("quota: at most 2 groups owned per user"),
+        "{out:#?}"
+    );
+    assert_eq!(out.stdout.len(), 6, "{out:#?}");
+    assert!(out.stdout[4].starts_with("g1") && out.stdout[5].starts_with("g2"));
 }

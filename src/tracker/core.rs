@@ -39,10 +39,11 @@ use super::state::{
 use crate::net::ConnId;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::replication::{ReplMsg, MAX_REPLICATION_FRAME};
+use crate::wire::tracker_link::FileMeta;
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, Role, TrackerMsg,
 };
-use crate::wire::{UserId, PROTOCOL_VERSION};
+use crate::wire::{GroupId, UserId, PROTOCOL_VERSION};
 
 /// A connection must complete its handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -224,6 +225,37 @@ pub struct TrackerCore {
     frame_len: usize,
     /// A login may claim a listen address on another IP than its connection's.
     allow_foreign_addresses: bool,
+    /// Largest answer sent; a bigger one is refused instead (the client's frame limit).
+    max_reply: usize,
+    /// What one user may hold.
+    quotas: Quotas,
+}
+
+/// What one user may make the service hold; checked by the tracker that receives the request,
+/// before the change is replicated (so a few changes racing through different trackers may
+/// pass a limit by their number). Each has a `tracker_program` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Groups a user owns (`--max-groups-per-user`).
+    pub groups_per_user: usize,
+    /// Join requests of a user pending at once (`--max-requests-per-user`).
+    pub requests_per_user: usize,
+    /// Files a user shares (`--max-files-per-user`).
+    pub files_per_user: usize,
+    /// Bytes of metadata (piece hashes, name) of the files a user shares
+    /// (`--max-metadata-per-user`).
+    pub metadata_per_user: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            groups_per_user: 1000,
+            requests_per_user: 1000,
+            files_per_user: 10_000,
+            metadata_per_user: 256 * 1024 * 1024,
+        }
+    }
 }
 
 impl TrackerCore {
@@ -254,6 +286,8 @@ impl TrackerCore {
             reply_bytes: 0,
             frame_len: 0,
             allow_foreign_addresses: false,
+            max_reply: MAX_CLIENT_TRACKER_FRAME,
+            quotas: Quotas::default(),
         };
         core.pump_replica();
         core
@@ -310,6 +344,18 @@ impl TrackerCore {
     /// is not on the IP its connection comes from (when the driver said it) is refused.
     pub fn with_foreign_addresses(mut self, allow: bool) -> Self {
         self.allow_foreign_addresses = allow;
+        self
+    }
+
+    /// Applies these quotas instead of the defaults.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// Refuses answers over `max` bytes (tests; the default is the client's frame limit).
+    pub fn with_max_reply(mut self, max: usize) -> Self {
+        self.max_reply = max;
         self
     }
 
@@ -960,7 +1006,20 @@ impl TrackerCore {
                 message: reject.message,
             }
         });
-        let reply = Reply { req_id, body };
+        let mut reply = Reply { req_id, body };
+        let size = reply.size_bound();
+        if size > self.max_reply {
+            // The client would drop the link (and its session with it) on a frame over its
+            // limit: the request is refused instead, and the session lives on.
+            warn!("conn {conn}: an answer of {size} bytes to request {req_id}; refused instead");
+            reply.body = ReplyBody::Refused {
+                code: RejectCode::BadRequest,
+                message: format!(
+                    "the answer would take {size} bytes, more than the {} a message may hold",
+                    self.max_reply
+                ),
+            };
+        }
         self.reply_bytes += reply.size_bound();
         self.out
             .push_back(Output::Send(conn, TrackerMsg::Reply(reply)));
@@ -1222,14 +1281,16 @@ impl TrackerCore {
                     .file_sharers(self.session_of(conn)?, &group, &name)
                     .map(|(meta, peers)| Handled::Reply(ReplyBody::Sharers { meta, peers }))
             }
-            RequestBody::CreateGroup { group } => Op::CreateGroup {
-                session: self.session_of(conn)?,
-                group,
-            },
-            RequestBody::JoinGroup { group } => Op::JoinGroup {
-                session: self.session_of(conn)?,
-                group,
-            },
+            RequestBody::CreateGroup { group } => {
+                let session = self.session_of(conn)?;
+                self.check_quota(session, Quota::Group)?;
+                Op::CreateGroup { session, group }
+            }
+            RequestBody::JoinGroup { group } => {
+                let session = self.session_of(conn)?;
+                self.check_quota(session, Quota::Request)?;
+                Op::JoinGroup { session, group }
+            }
             RequestBody::LeaveGroup { group } => Op::LeaveGroup {
                 session: self.session_of(conn)?,
                 group,
@@ -1244,11 +1305,15 @@ impl TrackerCore {
                 group,
                 user,
             },
-            RequestBody::UploadFile { group, meta } => Op::ShareFile {
-                session: self.session_of(conn)?,
-                group,
-                meta,
-            },
+            RequestBody::UploadFile { group, meta } => {
+                let session = self.session_of(conn)?;
+                self.check_quota(session, Quota::File(&group, &meta))?;
+                Op::ShareFile {
+                    session,
+                    group,
+                    meta,
+                }
+            }
             RequestBody::StopShare { group, name } => Op::StopShare {
                 session: self.session_of(conn)?,
                 group,
@@ -1256,6 +1321,53 @@ impl TrackerCore {
             },
         };
         Ok(Handled::Change(op, SessionEffect::None))
+    }
+}
+
+/// What a change would add to a user's holdings.
+enum Quota<'a> {
+    Group,
+    Request,
+    File(&'a GroupId, &'a FileMeta),
+}
+
+impl TrackerCore {
+    /// Refuses a change that would take the session's user past a quota.
+    fn check_quota(&self, session: SessionId, quota: Quota<'_>) -> Result<(), Reject> {
+        let state = self.replica.state();
+        let Some(user) = state.session(session).map(|s| s.user.clone()) else {
+            return Ok(());
+        };
+        let q = self.quotas;
+        let over = |what: &str, limit: usize| {
+            Err(Reject::new(
+                RejectCode::QuotaExceeded,
+                format!("quota: at most {limit} {what} per user"),
+            ))
+        };
+        let held = state.holdings(&user);
+        match quota {
+            Quota::Group if held.groups_owned >= q.groups_per_user => {
+                over("groups owned", q.groups_per_user)
+            }
+            Quota::Request if held.requests >= q.requests_per_user => {
+                over("pending join requests", q.requests_per_user)
+            }
+            Quota::File(group, meta) => {
+                if state.shares(&user, group, &meta.name) {
+                    // Sharing again what one shares adds nothing.
+                    return Ok(());
+                }
+                if held.files >= q.files_per_user {
+                    return over("shared files", q.files_per_user);
+                }
+                if held.metadata + super::state::meta_bytes(meta) > q.metadata_per_user {
+                    return over("bytes of file metadata", q.metadata_per_user);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 }
 

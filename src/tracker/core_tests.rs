@@ -1648,3 +1648,146 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
         ));
     }
 }
+
+// =============================================================================================
+// Quotas and answers that would not fit a frame
+// =============================================================================================
+
+fn harness_with(configure: impl FnOnce(TrackerCore) -> TrackerCore) -> Harness {
+    let mut h = Harness::new();
+    h.core = configure(TrackerCore::new(
+        TrackerRef {
+            no: 1,
+            incarnation: 0x77,
+        },
+        1,
+        13,
+        Timings::default(),
+        h.now,
+    ));
+    while let Some(o) = h.core.poll_output() {
+        if let Output::Dial(no) = o {
+            h.core.handle_dial_failed(no, h.now);
+        }
+    }
+    h
+}
+
+#[test]
+fn quotas_refuse_with_a_clear_error_and_the_session_goes_on() {
+    let quotas = Quotas {
+        groups_per_user: 2,
+        requests_per_user: 1,
+        files_per_user: 2,
+        metadata_per_user: 2 * super::super::state::meta_bytes(&meta("f", 1)),
+    };
+    let mut h = harness_with(|c| c.with_quotas(quotas));
+    let (a, b) = (conn(1), conn(2));
+    h.connect(a);
+    h.connect(b);
+    h.create_user(a, "alice", "pw");
+    h.create_user(b, "bob", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    assert_logged_in(&h.login(b, "bob", "pw", 5001));
+    for g in ["g1", "g2"] {
+        assert_eq!(
+            h.ask(a, RequestBody::CreateGroup { group: gid(g) }),
+            ReplyBody::Done
+        );
+    }
+    let body = h.ask(a, RequestBody::CreateGroup { group: gid("g3") });
+    assert_refused(&body, RejectCode::QuotaExceeded);
+    assert!(format!("{body:?}").contains("at most 2 groups owned per user"));
+    // One pending request at a time.
+    assert_eq!(
+        h.ask(b, RequestBody::JoinGroup { group: gid("g1") }),
+        ReplyBody::Done
+    );
+    assert_refused(
+        &h.ask(b, RequestBody::JoinGroup { group: gid("g2") }),
+        RejectCode::QuotaExceeded,
+    );
+    // Files: two, the same one again adds nothing, a third is refused.
+    for (name, content) in [("f", 1), ("h", 2)] {
+        let body = h.ask(
+            a,
+            RequestBody::UploadFile {
+                group: gid("g1"),
+                meta: meta(name, content),
+            },
+        );
+        assert_eq!(body, ReplyBody::Shared { new_file: true });
+    }
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::UploadFile {
+                group: gid("g1"),
+                meta: meta("f", 1),
+            },
+        ),
+        ReplyBody::Shared { new_file: false }
+    );
+    assert_refused(
+        &h.ask(
+            a,
+            RequestBody::UploadFile {
+                group: gid("g2"),
+                meta: meta("k", 3),
+            },
+        ),
+        RejectCode::QuotaExceeded,
+    );
+    // The session lives on.
+    assert!(matches!(h.ask(a, RequestBody::ListGroups), ReplyBody::Groups(g) if g.len() == 2));
+}
+
+#[test]
+fn metadata_bytes_have_a_quota_of_their_own() {
+    let quotas = Quotas {
+        metadata_per_user: 1000,
+        ..Quotas::default()
+    };
+    let mut h = harness_with(|c| c.with_quotas(quotas));
+    let a = conn(1);
+    h.connect(a);
+    h.create_user(a, "alice", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    h.ask(a, RequestBody::CreateGroup { group: gid("g") });
+    let mut big = meta("big", 4);
+    big.size = 60 * u64::from(PIECE_LEN);
+    big.piece_hashes = vec![Sha1Digest([9; 20]); 60];
+    let body = h.ask(
+        a,
+        RequestBody::UploadFile {
+            group: gid("g"),
+            meta: big,
+        },
+    );
+    assert_refused(&body, RejectCode::QuotaExceeded);
+    assert!(format!("{body:?}").contains("bytes of file metadata"));
+}
+
+#[test]
+fn an_answer_too_big_for_a_frame_is_refused_and_the_session_survives() {
+    let mut h = harness_with(|c| c.with_max_reply(300));
+    let a = conn(1);
+    h.connect(a);
+    h.create_user(a, "alice", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    for i in 0..20 {
+        let group = gid(&format!("group-with-a-long-name-{i:02}"));
+        assert_eq!(
+            h.ask(a, RequestBody::CreateGroup { group }),
+            ReplyBody::Done
+        );
+    }
+    let body = h.ask(a, RequestBody::ListGroups);
+    assert_refused(&body, RejectCode::BadRequest);
+    assert!(
+        format!("{body:?}").contains("more than the 300"),
+        "{body:?}"
+    );
+    assert_eq!(h.ask(a, RequestBody::Ping), ReplyBody::Pong);
+    assert!(h.has_session("alice"));
+}

@@ -23,6 +23,7 @@ use log::{debug, error, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+pub use super::core::Quotas;
 use super::core::{Output, TrackerCore};
 use super::password::{self, PasswordJob, PasswordResult};
 use super::replica::Timings;
@@ -60,6 +61,8 @@ pub struct TrackerConfig {
     /// Accept clients' listen addresses on other IPs than their connections' (behind a
     /// proxy); `--allow-foreign-addresses`.
     pub allow_foreign_addresses: bool,
+    /// What one user may hold.
+    pub quotas: Quotas,
 }
 
 #[derive(Default)]
@@ -184,7 +187,8 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     .with_secure_tracker_links()
     .with_password_workers(PASSWORD_WORKERS)
     .with_idle_timeout(CLIENT_IDLE_TIMEOUT)
-    .with_foreign_addresses(config.allow_foreign_addresses);
+    .with_foreign_addresses(config.allow_foreign_addresses)
+    .with_quotas(config.quotas);
     let link_params = secure::Params::tracker_link(config.service_key.tracker_psk());
     let mut driver = Driver {
         poll,

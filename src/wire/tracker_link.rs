@@ -256,12 +256,14 @@ pub enum RejectCode {
     NotSharer,
     Unavailable,
     Internal,
+    /// A quota of the user's was reached.
+    QuotaExceeded,
     /// A code from a newer tracker.
     Other(u16),
 }
 
 impl RejectCode {
-    const TABLE: [RejectCode; 19] = [
+    const TABLE: [RejectCode; 20] = [
         RejectCode::BadRequest,
         RejectCode::UserExists,
         RejectCode::UnknownUser,
@@ -281,6 +283,7 @@ impl RejectCode {
         RejectCode::NotSharer,
         RejectCode::Unavailable,
         RejectCode::Internal,
+        RejectCode::QuotaExceeded,
     ];
 
     pub fn to_u16(self) -> u16 {

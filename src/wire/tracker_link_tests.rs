@@ -1798,8 +1798,9 @@ fn reject_code_round_trip() {
     assert_eq!(RejectCode::BadRequest.to_u16(), 1);
     assert_eq!(RejectCode::NotLoggedIn.to_u16(), 7);
     assert_eq!(RejectCode::Internal.to_u16(), 19);
+    assert_eq!(RejectCode::QuotaExceeded.to_u16(), 20);
 
-    for other in [0u16, 20, 999, u16::MAX] {
+    for other in [0u16, 21, 999, u16::MAX] {
         let code = RejectCode::Other(other);
         assert_eq!(code.to_u16(), other);
         assert_eq!(RejectCode::from_u16(other), code);
