@@ -16,6 +16,10 @@
 //!   N sockets. The two kinds should see similar latencies; a warning is printed if not.
 //! - `hold`: opens 10,000 handshaken connections and keeps them idle, checks that a fresh
 //!   connection still gets a `Pong` within 1 s, then has every held connection ping once.
+//! - `announce`: N connections (default 1,000) say hello, then each announces a 16 MiB frame
+//!   (a `Login` length prefix and type byte and 16 bytes of it) and sends nothing more; the
+//!   tracker's RSS is read before and after (aim: under 64 MiB more), and a fresh connection
+//!   must still get a `Pong`.
 //! - `login_flood`: N connections (default 1,000) each guess the password of their own user
 //!   (N accounts made first), keeping W (default 10) wrong-password logins in flight; once
 //!   every one has been refused at least once, a probe thread logs in with the right password
@@ -1227,6 +1231,57 @@ fn scenario_hold(tracker: &mut Tracker, cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
+fn scenario_announce(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
+    let mut idle = Class::new(RequestBody::Ping, 1);
+    idle.max_per_conn = Some(0);
+    let mut load = Load::new(vec![idle])?;
+    let t0 = Instant::now();
+    if let Some(e) = load.open_many(tracker.addr, 0, cfg.conns, t0 + cfg.hold_secs) {
+        eprintln!("tracker_load: announce: stopped opening connections: {e}");
+    }
+    let n = load.classes[0].ready;
+    let before = tracker.rss_kib().ok_or("no RSS")?;
+    // The frame: length 16 MiB, type Login, and 16 bytes of its body; the rest never comes.
+    let mut head = Vec::new();
+    head.extend_from_slice(&(MAX_CLIENT_TRACKER_FRAME as u32).to_be_bytes());
+    head.push(0x12);
+    head.extend_from_slice(&[0u8; 16]);
+    for idx in 0..load.conns.len() {
+        if let Some(Some(conn)) = load.conns.get_mut(idx) {
+            conn.wbuf.extend_from_slice(&head);
+            if let Err(e) = flush(conn) {
+                load.fail(idx, e);
+            }
+        }
+    }
+    // Each announced frame is read (or not) by now once a ping on a connection opened after
+    // them is answered; then a few more, to let the tracker settle.
+    let t1 = Instant::now();
+    let mut probe = SyncClient::connect(tracker.addr, Duration::from_secs(10))?;
+    let mut after = before;
+    for _ in 0..20 {
+        let replies = probe.call_all(&[RequestBody::Ping], Duration::from_secs(10))?;
+        expect_all("ping", &replies, |r| *r == ReplyBody::Pong)?;
+        after = after.max(tracker.rss_kib().ok_or("no RSS")?);
+    }
+    let grew = after.saturating_sub(before) as f64 / 1024.0;
+    println!(
+        "announce:    {n} connections each announced a {} MiB frame and sent 21 bytes of it: \
+         tracker RSS {:.1} MiB -> {:.1} MiB (+{grew:.1} MiB, {}); a fresh connection's 20 \
+         pings answered in {:.1}ms",
+        MAX_CLIENT_TRACKER_FRAME >> 20,
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        if grew < 64.0 {
+            "OK, < 64 MiB"
+        } else {
+            "NOT OK"
+        },
+        t1.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
 fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
     const PROBES: usize = 5;
     let n = cfg.conns;
@@ -1423,6 +1478,12 @@ fn main() {
     if cfg.wants("hold") {
         if let Err(e) = scenario_hold(&mut tracker, &cfg) {
             println!("hold: FAILED: {e}");
+            failed = true;
+        }
+    }
+    if cfg.wants("announce") {
+        if let Err(e) = scenario_announce(&tracker, &cfg) {
+            println!("announce: FAILED: {e}");
             failed = true;
         }
     }

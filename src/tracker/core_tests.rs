@@ -1313,6 +1313,8 @@ fn a_connection_with_many_requests_parked_is_not_read_until_they_are_answered() 
         );
     }
     assert!(!h.core.wants_input(c), "the driver must stop reading it");
+    assert!(h.core.take_pause_requested(), "and is told so");
+    assert!(!h.core.take_pause_requested());
     assert!(h.core.wants_input(conn(2)), "others are read");
     assert_eq!(h.core.take_reply_bytes(), 0, "nothing answered yet");
     h.core

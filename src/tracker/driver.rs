@@ -403,6 +403,7 @@ impl Driver {
             MAX_PENDING_WRITE.saturating_sub(conn.pending_write())
         };
         core.take_reply_bytes();
+        core.take_pause_requested();
         let mut spent = 0usize;
         let result = conn.read_frames(FRAME_BUDGET, |payload| {
             core.handle_frame(id, payload, now);
@@ -410,7 +411,9 @@ impl Driver {
             // A handshake that changes the frame limit: stop, so that the frames read with
             // it (a client's requests right behind its hello) are checked against the new
             // limit, which `drain_outputs` applies before this connection is read again.
-            !core.take_frame_limit_changed() && spent < budget && core.wants_input(id)
+            let limit_changed = core.take_frame_limit_changed();
+            let paused = core.take_pause_requested() && !core.wants_input(id);
+            !limit_changed && !paused && spent < budget
         });
         match result {
             Ok(ReadEnd::WouldBlock) => {}
