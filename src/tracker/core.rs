@@ -1033,7 +1033,11 @@ impl TrackerCore {
                 ),
             };
         }
-        self.reply_bytes += reply.size_bound();
+        self.reply_bytes += if size > self.max_reply {
+            reply.size_bound()
+        } else {
+            size
+        };
         self.out
             .push_back(Output::Send(conn, TrackerMsg::Reply(reply)));
     }
