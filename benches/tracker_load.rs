@@ -16,11 +16,20 @@
 //!   N sockets. The two kinds should see similar latencies; a warning is printed if not.
 //! - `hold`: opens 10,000 handshaken connections and keeps them idle, checks that a fresh
 //!   connection still gets a `Pong` within 1 s, then has every held connection ping once.
+//! - `announce`: N connections (default 1,000) say hello, then each announces a 16 MiB frame
+//!   (a `Login` length prefix and type byte and 16 bytes of it) and sends nothing more; the
+//!   tracker's RSS is read before and after (aim: under 64 MiB more), and a fresh connection
+//!   must still get a `Pong`.
+//! - `login_flood`: N connections (default 1,000) each guess the password of their own user
+//!   (N accounts made first), keeping W (default 10) wrong-password logins in flight; once
+//!   every one has been refused at least once, a probe thread logs in with the right password
+//!   on a fresh connection, 5 times, and times each (aim: under 1 s), and a ping on it.
 //!
 //! Knobs (environment): TRACKER_BENCH_CONNS, TRACKER_BENCH_WINDOW, TRACKER_BENCH_SECS
 //! (measured seconds), TRACKER_BENCH_WARMUP (seconds, excluded), TRACKER_BENCH_LG_CONNS,
 //! TRACKER_BENCH_LG_WINDOW, TRACKER_BENCH_GROUPS, TRACKER_BENCH_HOLD,
-//! TRACKER_BENCH_HOLD_SECS (time allowed to open the held connections).
+//! TRACKER_BENCH_HOLD_SECS (time allowed to open the held connections),
+//! TRACKER_BENCH_FLOOD_WINDOW.
 //!
 //! Tracker CPU time comes from `/proc/<pid>/stat` (utime + stime, at 100 ticks per second).
 
@@ -36,7 +45,9 @@ use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
-use p2pshare::wire::tracker_link::{ClientMsg, Reply, ReplyBody, Request, RequestBody, TrackerMsg};
+use p2pshare::wire::tracker_link::{
+    ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
+};
 use p2pshare::wire::{GroupId, Password, UserId};
 
 /// Connections allowed to be connecting or handshaking at once. mio's `TcpListener::bind`
@@ -59,6 +70,7 @@ struct Config {
     groups: usize,
     hold: usize,
     hold_secs: Duration,
+    flood_window: usize,
     scenarios: Vec<String>,
 }
 
@@ -91,6 +103,7 @@ impl Config {
             groups: env_num("TRACKER_BENCH_GROUPS", 20.0) as usize,
             hold: env_num("TRACKER_BENCH_HOLD", 10_000.0) as usize,
             hold_secs: Duration::from_secs_f64(env_num("TRACKER_BENCH_HOLD_SECS", 60.0).max(1.0)),
+            flood_window: env_num("TRACKER_BENCH_FLOOD_WINDOW", 10.0).max(1.0) as usize,
             scenarios,
         }
     }
@@ -448,6 +461,9 @@ enum Phase {
 /// A group of connections doing the same thing.
 struct Class {
     body: RequestBody,
+    /// When not empty, the n-th connection of the class sends `variants[n % len]` instead.
+    variants: Vec<RequestBody>,
+    next_variant: usize,
     window: usize,
     /// Requests a connection sends in all (`None`: unbounded); 0 keeps it idle.
     max_per_conn: Option<u64>,
@@ -471,6 +487,8 @@ impl Class {
     fn new(body: RequestBody, window: usize) -> Class {
         Class {
             body,
+            variants: Vec::new(),
+            next_variant: 0,
             window,
             max_per_conn: None,
             ok_type: None,
@@ -482,6 +500,19 @@ impl Class {
             ready: 0,
             failed: 0,
             first_error: None,
+        }
+    }
+
+    fn take_variant(&mut self) -> usize {
+        self.next_variant += 1;
+        self.next_variant - 1
+    }
+
+    /// What connection `conn` of the class sends.
+    fn body_for(&self, conn: &Conn) -> &RequestBody {
+        match self.variants.len() {
+            0 => &self.body,
+            n => &self.variants[conn.variant % n],
         }
     }
 
@@ -507,6 +538,13 @@ impl Class {
             (RequestBody::ListGroups, ReplyBody::Groups(groups)) => {
                 self.groups_in_reply = Some(groups.len());
             }
+            (
+                RequestBody::Login { .. },
+                ReplyBody::Refused {
+                    code: RejectCode::WrongPassword,
+                    ..
+                },
+            ) => {}
             (_, other) => return Err(format!("unexpected reply {other:?}")),
         }
         self.ok_type = payload.first().copied();
@@ -530,6 +568,8 @@ struct Conn {
     sent_total: u64,
     /// Send times of the requests in flight, oldest first.
     sent: VecDeque<Instant>,
+    /// Which of the class's variants it sends.
+    variant: usize,
 }
 
 /// The measurement window: replies arriving inside it are counted.
@@ -596,6 +636,7 @@ impl Load {
         let _ = stream.set_nodelay(true);
         let mut wbuf = Vec::new();
         ClientMsg::hello(0xB0B).emit(&mut wbuf);
+        let variant = self.classes[class].take_variant();
         self.register(Conn {
             stream,
             class,
@@ -608,6 +649,7 @@ impl Load {
             next_reply: 1,
             sent_total: 0,
             sent: VecDeque::new(),
+            variant,
         })
         .map(|_| ())
     }
@@ -615,6 +657,7 @@ impl Load {
     /// Adopts a connection that is already handshaken (and logged in) and starts its load.
     fn adopt(&mut self, client: SyncClient, class: usize) -> Result<(), String> {
         let (stream, rbuf, next_id) = client.into_mio()?;
+        let variant = self.classes[class].take_variant();
         let idx = self.register(Conn {
             stream,
             class,
@@ -627,6 +670,7 @@ impl Load {
             next_reply: next_id,
             sent_total: 0,
             sent: VecDeque::new(),
+            variant,
         })?;
         self.classes[class].ready += 1;
         self.kick(idx);
@@ -839,7 +883,7 @@ fn top_up(conn: &mut Conn, class: &Class) {
     while conn.sent.len() < class.window && class.max_per_conn.is_none_or(|m| conn.sent_total < m) {
         Request {
             req_id: conn.next_req,
-            body: class.body.clone(),
+            body: class.body_for(conn).clone(),
         }
         .emit(&mut conn.wbuf);
         conn.next_req += 1;
@@ -1187,6 +1231,214 @@ fn scenario_hold(tracker: &mut Tracker, cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
+fn scenario_announce(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
+    let mut idle = Class::new(RequestBody::Ping, 1);
+    idle.max_per_conn = Some(0);
+    let mut load = Load::new(vec![idle])?;
+    let t0 = Instant::now();
+    if let Some(e) = load.open_many(tracker.addr, 0, cfg.conns, t0 + cfg.hold_secs) {
+        eprintln!("tracker_load: announce: stopped opening connections: {e}");
+    }
+    let n = load.classes[0].ready;
+    let before = tracker.rss_kib().ok_or("no RSS")?;
+    // The frame: length 16 MiB, type Login, and 16 bytes of its body; the rest never comes.
+    let mut head = Vec::new();
+    head.extend_from_slice(&(MAX_CLIENT_TRACKER_FRAME as u32).to_be_bytes());
+    head.push(0x12);
+    head.extend_from_slice(&[0u8; 16]);
+    for idx in 0..load.conns.len() {
+        if let Some(Some(conn)) = load.conns.get_mut(idx) {
+            conn.wbuf.extend_from_slice(&head);
+            if let Err(e) = flush(conn) {
+                load.fail(idx, e);
+            }
+        }
+    }
+    // Each announced frame is read (or not) by now once a ping on a connection opened after
+    // them is answered; then a few more, to let the tracker settle.
+    let t1 = Instant::now();
+    let mut probe = SyncClient::connect(tracker.addr, Duration::from_secs(10))?;
+    let mut after = before;
+    for _ in 0..20 {
+        let replies = probe.call_all(&[RequestBody::Ping], Duration::from_secs(10))?;
+        expect_all("ping", &replies, |r| *r == ReplyBody::Pong)?;
+        after = after.max(tracker.rss_kib().ok_or("no RSS")?);
+    }
+    let grew = after.saturating_sub(before) as f64 / 1024.0;
+    println!(
+        "announce:    {n} connections each announced a {} MiB frame and sent 21 bytes of it: \
+         tracker RSS {:.1} MiB -> {:.1} MiB (+{grew:.1} MiB, {}); a fresh connection's 20 \
+         pings answered in {:.1}ms",
+        MAX_CLIENT_TRACKER_FRAME >> 20,
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        if grew < 64.0 {
+            "OK, < 64 MiB"
+        } else {
+            "NOT OK"
+        },
+        t1.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
+    const PROBES: usize = 5;
+    let n = cfg.conns;
+    let setup_timeout = Duration::from_secs(300);
+    let tag = std::process::id();
+    let user = |what: &str, i: usize| {
+        UserId::new(&format!("flood{tag}{what}{i}")).map_err(|e| format!("user id: {e}"))
+    };
+    let password = Password::new(PASSWORD).map_err(|e| format!("password: {e}"))?;
+    let wrong = Password::new(b"not-the-password").map_err(|e| format!("password: {e}"))?;
+    // Accounts: one per attacking connection (so no user name's delay slows the flood down:
+    // the hardest case for the tracker), and one per probe.
+    let t0 = Instant::now();
+    let mut admin = SyncClient::connect(tracker.addr, Duration::from_secs(10))?;
+    let mut creates = Vec::with_capacity(n + PROBES);
+    for i in 0..n {
+        creates.push(RequestBody::CreateUser {
+            user: user("v", i)?,
+            password: password.clone(),
+        });
+    }
+    for i in 0..PROBES {
+        creates.push(RequestBody::CreateUser {
+            user: user("p", i)?,
+            password: password.clone(),
+        });
+    }
+    let replies = admin.call_all(&creates, setup_timeout)?;
+    expect_all("create_user", &replies, |r| *r == ReplyBody::Done)?;
+    drop(admin);
+    println!(
+        "login_flood: setup: {} users created in {:.2}s",
+        n + PROBES,
+        t0.elapsed().as_secs_f64()
+    );
+
+    let mut flood = Class::new(
+        RequestBody::Login {
+            user: user("v", 0)?,
+            password: wrong.clone(),
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+        },
+        cfg.flood_window,
+    );
+    flood.variants = (0..n)
+        .map(|i| {
+            Ok(RequestBody::Login {
+                user: user("v", i)?,
+                password: wrong.clone(),
+                peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    let mut load = Load::new(vec![flood])?;
+    let t1 = Instant::now();
+    load.window = Window {
+        from: Some(t1),
+        to: None,
+    };
+    if let Some(e) = load.open_many(tracker.addr, 0, n, t1 + Duration::from_secs(60)) {
+        eprintln!("tracker_load: login_flood: stopped opening connections: {e}");
+    }
+    let attackers = load.classes[0].ready;
+    let all_failed = load.run_while(t1 + setup_timeout, |l| {
+        l.conns.iter().flatten().all(|c| c.next_reply > 1)
+    });
+    println!(
+        "login_flood: {attackers} connections, {} wrong-password logins in flight each: \
+         every one refused at least once after {:.2}s{}",
+        cfg.flood_window,
+        t1.elapsed().as_secs_f64(),
+        if all_failed { "" } else { " (NOT ALL)" }
+    );
+    load.run_until(Instant::now() + cfg.warmup);
+
+    // Probes on a thread, while this one keeps the flood going.
+    let before = CpuSample::take(tracker);
+    let refused_before = load.classes[0].total_replies;
+    let addr = tracker.addr;
+    let probe_users: Vec<UserId> = (0..PROBES)
+        .map(|i| user("p", i))
+        .collect::<Result<_, _>>()?;
+    let (tx, rx) = mpsc::channel();
+    let prober = std::thread::spawn(move || {
+        for (i, u) in probe_users.into_iter().enumerate() {
+            let result = (|| {
+                let t = Instant::now();
+                let mut c = SyncClient::connect(addr, Duration::from_secs(30))?;
+                let ping = c.call_all(&[RequestBody::Ping], Duration::from_secs(30))?;
+                expect_all("ping", &ping, |r| *r == ReplyBody::Pong)?;
+                let pinged = t.elapsed();
+                let t = Instant::now();
+                let login = RequestBody::Login {
+                    user: u,
+                    password: Password::new(PASSWORD).map_err(|e| e.to_string())?,
+                    peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000 + i as u16)),
+                };
+                let r = c.call_all(&[login], Duration::from_secs(30))?;
+                expect_all("login", &r, |r| matches!(r, ReplyBody::LoggedIn { .. }))?;
+                Ok::<_, String>((pinged, t.elapsed()))
+            })();
+            let _ = tx.send(result);
+        }
+    });
+    let mut results = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5 * 30 + 10);
+    while results.len() < PROBES && Instant::now() < deadline {
+        load.turn(Instant::now() + Duration::from_millis(10));
+        while let Ok(r) = rx.try_recv() {
+            results.push(r);
+        }
+    }
+    let after = CpuSample::take(tracker);
+    let secs = after.at.duration_since(before.at).as_secs_f64();
+    let refused = load.classes[0].total_replies - refused_before;
+    load.drain();
+    let _ = prober.join();
+    let mut worst = Duration::ZERO;
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            Ok((ping, login)) => {
+                worst = worst.max(*login);
+                println!(
+                    "login_flood: probe {i}: fresh connection: connect+hello+ping {:.2}ms, \
+                     correct login answered in {:.2}ms",
+                    ping.as_secs_f64() * 1e3,
+                    login.as_secs_f64() * 1e3
+                );
+            }
+            Err(e) => println!("login_flood: probe {i}: FAILED: {e}"),
+        }
+    }
+    let ok = results.len() == PROBES && results.iter().all(Result::is_ok);
+    println!(
+        "login_flood: slowest correct login {:.2}ms ({}); meanwhile {:.0} wrong passwords \
+         refused per second; tracker_cpu={}",
+        worst.as_secs_f64() * 1e3,
+        if ok && worst < Duration::from_secs(1) {
+            "OK, < 1 s"
+        } else {
+            "NOT OK"
+        },
+        refused as f64 / secs,
+        before
+            .tracker
+            .zip(after.tracker)
+            .map_or("unknown".into(), |(b, a)| format!(
+                "{:.0}% of one core",
+                100.0 * (a - b) / secs
+            )),
+    );
+    if !ok {
+        return Err("a probe failed".into());
+    }
+    Ok(())
+}
+
 fn main() {
     let cfg = Config::from_env();
     let nofile = rlimit::increase_nofile_limit(u64::MAX);
@@ -1226,6 +1478,18 @@ fn main() {
     if cfg.wants("hold") {
         if let Err(e) = scenario_hold(&mut tracker, &cfg) {
             println!("hold: FAILED: {e}");
+            failed = true;
+        }
+    }
+    if cfg.wants("announce") {
+        if let Err(e) = scenario_announce(&tracker, &cfg) {
+            println!("announce: FAILED: {e}");
+            failed = true;
+        }
+    }
+    if cfg.wants("login_flood") {
+        if let Err(e) = scenario_login_flood(&tracker, &cfg) {
+            println!("login_flood: FAILED: {e}");
             failed = true;
         }
     }

@@ -49,6 +49,7 @@ fn is_core(rel: &str) -> bool {
             "tracker/state.rs"
                 | "tracker/state/snapshot.rs"
                 | "tracker/core.rs"
+                | "tracker/password_queue.rs"
                 | "tracker/replica.rs"
                 | "client/session.rs"
                 | "client/command.rs"

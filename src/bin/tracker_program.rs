@@ -36,6 +36,29 @@ fn main() -> ExitCode {
     );
     opts.optflag(
         "",
+        "allow-foreign-addresses",
+        "accept a client's listen address on another IP than the one its connection comes \
+         from (for clients behind a proxy or NAT); by default such a login is refused",
+    );
+    let quota_opts = [
+        ("max-groups-per-user", "groups a user may own", "1000"),
+        (
+            "max-requests-per-user",
+            "join requests a user may have pending",
+            "1000",
+        ),
+        ("max-files-per-user", "files a user may share", "10000"),
+        (
+            "max-metadata-per-user",
+            "bytes of file metadata (20 per piece) a user's shared files may take",
+            "268435456",
+        ),
+    ];
+    for (name, what, default) in quota_opts {
+        opts.optopt("", name, &format!("{what} (default {default})"), "N");
+    }
+    opts.optflag(
+        "",
         "print-key",
         "print the service's public key (creating the key if there is none) and exit",
     );
@@ -58,6 +81,23 @@ fn main() -> ExitCode {
     if common.version {
         println!("tracker_program {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
+    }
+    let mut quotas = driver::Quotas::default();
+    for (name, slot) in [
+        ("max-groups-per-user", &mut quotas.groups_per_user),
+        ("max-requests-per-user", &mut quotas.requests_per_user),
+        ("max-files-per-user", &mut quotas.files_per_user),
+        ("max-metadata-per-user", &mut quotas.metadata_per_user),
+    ] {
+        if let Some(v) = matches.opt_str(name) {
+            match v.parse::<usize>() {
+                Ok(n) => *slot = n,
+                Err(_) => {
+                    eprintln!("tracker_program: bad --{name} '{v}'\n{}", usage(&opts));
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            }
+        }
     }
     let print_key = matches.opt_present("print-key");
     let (info_path, tracker_no) = match matches.free.as_slice() {
@@ -213,6 +253,8 @@ fn main() -> ExitCode {
         service_key,
         key_path,
         data: (data_dir, restored),
+        allow_foreign_addresses: matches.opt_present("allow-foreign-addresses"),
+        quotas,
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

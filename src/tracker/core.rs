@@ -11,23 +11,28 @@
 //! and drains [`Output`]s with `poll_output`. No sockets, clocks or threads live here: time is
 //! an argument, so the whole request path is tested without a network.
 //!
-//! Requests of one connection are answered in order. Password work (Argon2id) is slow, so the
-//! core hands it to the driver as [`Output::Password`] and parks the connection: its later
-//! requests wait in a bounded queue until [`TrackerCore::handle_password_done`] brings the
-//! answer. Other connections are served meanwhile.
+//! Requests of one connection are answered in order (a `Ping` excepted: it is answered at
+//! once, so a client whose request waits for password work or a commit hears from its tracker
+//! and does not take it for hung). Password work (Argon2id) is slow, so the core parks the
+//! connection and queues the job in its [`PasswordQueue`] (fair and bounded: see that module),
+//! which hands it to the driver as [`Output::Password`] once a password thread is free and the
+//! job's turn has come; the connection's later requests wait in a bounded queue until
+//! [`TrackerCore::handle_password_done`] brings the answer. Other connections are served
+//! meanwhile.
 //!
 //! Errors split by what happens next: a frame that does not parse, a request before the
 //! handshake or a wrong protocol version closes that connection; a well-formed request that is
 //! refused is answered with `Refused` and the connection lives on.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
 use super::durable::{Persist, Restored};
 use super::password::{PasswordJob, PasswordResult};
+use super::password_queue::{JobOwner, PasswordQueue, Pushed};
 use super::replica::{Replica, ReplicaOut, Timings};
 use super::state::{
     Answer, Entry, Op, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
@@ -35,15 +40,26 @@ use super::state::{
 use crate::net::ConnId;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::replication::{ReplMsg, MAX_REPLICATION_FRAME};
+use crate::wire::tracker_link::FileMeta;
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, Role, TrackerMsg,
 };
-use crate::wire::{UserId, PROTOCOL_VERSION};
+use crate::wire::{GroupId, UserId, PROTOCOL_VERSION};
 
 /// A connection must complete its handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests a connection may pipeline behind one waiting for password work; more closes it.
 pub const MAX_QUEUED_REQUESTS: usize = 4096;
+/// A connection with this many requests (or [`PAUSE_QUEUED_BYTES`] of them) waiting behind
+/// a parked one is not read until they are answered ([`TrackerCore::wants_input`]): the
+/// driver's backpressure, so that releasing them answers at most this many at once.
+pub const PAUSE_QUEUED_REQUESTS: usize = 16;
+/// See [`PAUSE_QUEUED_REQUESTS`].
+pub const PAUSE_QUEUED_BYTES: usize = 1024 * 1024;
+/// How often silent client connections are looked for (when an idle timeout is set).
+pub const IDLE_SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Password threads assumed unless [`TrackerCore::with_password_workers`] says otherwise.
+pub const DEFAULT_PASSWORD_WORKERS: usize = 2;
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,19 +101,28 @@ struct Link {
     changed: bool,
     /// The request waiting for password work, if any.
     waiting: Option<Waiting>,
-    /// Requests that arrived while `waiting` was set, oldest first.
-    queued: VecDeque<Request>,
+    /// Requests that arrived while `waiting` was set, oldest first, with their frame sizes.
+    queued: VecDeque<(Request, usize)>,
+    /// The sum of those frame sizes.
+    queued_bytes: usize,
+    /// When a frame last arrived on the connection.
+    last_heard: Instant,
     /// The connection ran the service's handshake (`handle_secure`): its frames come
     /// from a holder of the service's secret.
     secure: bool,
+    /// The address the connection comes from, if the driver said (`handle_peer_addr`).
+    ip: Option<IpAddr>,
 }
 
 impl Link {
-    fn new(kind: Kind, opened: u64) -> Self {
+    fn new(kind: Kind, opened: u64, now: Instant) -> Self {
         Link {
+            queued_bytes: 0,
+            last_heard: now,
             kind,
             opened,
             secure: false,
+            ip: None,
             session: None,
             changed: false,
             waiting: None,
@@ -125,13 +150,21 @@ impl Link {
 }
 
 /// What a committed answer means for the connection's session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum SessionEffect {
     None,
-    /// Login or resume: the answer opens the session.
-    Open,
+    /// Login or resume: the answer opens the session, if it is the one this proof is for
+    /// (a remembered answer to a retry names a session: it must be the prover's).
+    Open(Proof),
     /// Logout: the answer ends it.
     Close,
+}
+
+/// What a login or resume proved: the password of this user, or this session token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Proof {
+    Password(UserId),
+    Token([u8; 16]),
 }
 
 /// A request parked until its password job is done or its change is committed.
@@ -184,6 +217,51 @@ pub struct TrackerCore {
     tokens_issued: u64,
     /// Tracker hellos are accepted only on links marked by `handle_secure`.
     require_secure_tracker_links: bool,
+    /// Password jobs waiting for a thread, fairly ordered.
+    passwords: PasswordQueue,
+    /// Welcomed client connections silent this long are closed (`None`: never).
+    idle_timeout: Option<Duration>,
+    /// When silent connections are next looked for.
+    next_idle_sweep: Option<Instant>,
+    /// Bytes (an upper bound) of the replies queued since the driver last asked.
+    reply_bytes: usize,
+    /// The size of the frame being handled.
+    frame_len: usize,
+    /// A connection's parked requests reached the pause limit since the driver last asked.
+    pause_requested: bool,
+    /// A login may claim a listen address on another IP than its connection's.
+    allow_foreign_addresses: bool,
+    /// Largest answer sent; a bigger one is refused instead (the client's frame limit).
+    max_reply: usize,
+    /// What one user may hold.
+    quotas: Quotas,
+}
+
+/// What one user may make the service hold; checked by the tracker that receives the request,
+/// before the change is replicated (so a few changes racing through different trackers may
+/// pass a limit by their number). Each has a `tracker_program` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Groups a user owns (`--max-groups-per-user`).
+    pub groups_per_user: usize,
+    /// Join requests of a user pending at once (`--max-requests-per-user`).
+    pub requests_per_user: usize,
+    /// Files a user shares (`--max-files-per-user`).
+    pub files_per_user: usize,
+    /// Bytes of metadata (piece hashes, name) of the files a user shares
+    /// (`--max-metadata-per-user`).
+    pub metadata_per_user: usize,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Quotas {
+            groups_per_user: 1000,
+            requests_per_user: 1000,
+            files_per_user: 10_000,
+            metadata_per_user: 256 * 1024 * 1024,
+        }
+    }
 }
 
 impl TrackerCore {
@@ -228,6 +306,15 @@ impl TrackerCore {
             },
             tokens_issued: 0,
             require_secure_tracker_links: false,
+            passwords: PasswordQueue::new(DEFAULT_PASSWORD_WORKERS),
+            idle_timeout: None,
+            next_idle_sweep: None,
+            reply_bytes: 0,
+            frame_len: 0,
+            pause_requested: false,
+            allow_foreign_addresses: false,
+            max_reply: MAX_CLIENT_TRACKER_FRAME,
+            quotas: Quotas::default(),
         };
         core.pump_replica();
         core
@@ -248,6 +335,71 @@ impl TrackerCore {
     pub fn with_secure_tracker_links(mut self) -> Self {
         self.require_secure_tracker_links = true;
         self
+    }
+
+    /// Hands out at most `n` password jobs at once (the driver's number of password threads).
+    pub fn with_password_workers(mut self, n: usize) -> Self {
+        self.passwords = PasswordQueue::new(n);
+        self
+    }
+
+    /// Closes welcomed client connections on which nothing arrived for `timeout` (clients
+    /// ping every 600 ms when they have nothing else to say). Without it (the default, for
+    /// the simulated clusters of the replica's tests, whose clients never ping) none is.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Whether the driver should read more requests from `conn`: not while
+    /// [`PAUSE_QUEUED_REQUESTS`] or [`PAUSE_QUEUED_BYTES`] wait behind a parked one. The
+    /// driver asks again when it next sends `conn` something.
+    pub fn wants_input(&self, conn: ConnId) -> bool {
+        self.links.get(&conn).is_none_or(|l| {
+            l.queued.len() < PAUSE_QUEUED_REQUESTS && l.queued_bytes < PAUSE_QUEUED_BYTES
+        })
+    }
+
+    /// Whether some connection's parked requests reached the pause limit since the last
+    /// call (cheaper than [`wants_input`](Self::wants_input) after every frame).
+    pub fn take_pause_requested(&mut self) -> bool {
+        std::mem::take(&mut self.pause_requested)
+    }
+
+    /// An upper bound of the bytes of the replies queued since the last call (the driver
+    /// stops reading a connection whose output would pass its cap).
+    pub fn take_reply_bytes(&mut self) -> usize {
+        std::mem::take(&mut self.reply_bytes)
+    }
+
+    /// Accepts a login's listen address on any IP (a tracker behind a proxy or NAT, which
+    /// sees every client from the proxy's address). Without it, a login whose listen address
+    /// is not on the IP its connection comes from (when the driver said it) is refused.
+    pub fn with_foreign_addresses(mut self, allow: bool) -> Self {
+        self.allow_foreign_addresses = allow;
+        self
+    }
+
+    /// Applies these quotas instead of the defaults.
+    pub fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// Refuses answers over `max` bytes (tests; the default is the client's frame limit).
+    pub fn with_max_reply(mut self, max: usize) -> Self {
+        self.max_reply = max;
+        self
+    }
+
+    /// Replaces the password queue (tests: a smaller waiting room).
+    pub fn with_password_queue(mut self, queue: PasswordQueue) -> Self {
+        self.passwords = queue;
+        self
+    }
+
+    pub fn passwords(&self) -> &PasswordQueue {
+        &self.passwords
     }
 
     pub fn state(&self) -> &TrackerState {
@@ -271,9 +423,17 @@ impl TrackerCore {
     pub fn handle_open(&mut self, conn: ConnId, now: Instant) {
         self.n_opened += 1;
         self.links
-            .insert(conn, Link::new(Kind::Unknown, self.n_opened));
+            .insert(conn, Link::new(Kind::Unknown, self.n_opened, now));
         self.handshake_deadlines
             .push_back((now + HANDSHAKE_TIMEOUT, conn));
+    }
+
+    /// Where the accepted connection `conn` comes from (the driver says so right after
+    /// `handle_open`): password failures are counted per address too.
+    pub fn handle_peer_addr(&mut self, conn: ConnId, addr: SocketAddr) {
+        if let Some(link) = self.links.get_mut(&conn) {
+            link.ip = Some(addr.ip());
+        }
     }
 
     /// The accepted connection `conn` turned out to run the service's handshake (its bytes
@@ -291,7 +451,7 @@ impl TrackerCore {
     pub fn handle_dialed(&mut self, conn: ConnId, no: u16, now: Instant) {
         self.n_opened += 1;
         self.links
-            .insert(conn, Link::new(Kind::Tracker, self.n_opened));
+            .insert(conn, Link::new(Kind::Tracker, self.n_opened, now));
         self.set_max_frame(conn, MAX_REPLICATION_FRAME);
         self.replica.handle_dialed(conn, no, self.n_opened, now);
         self.pump_replica();
@@ -326,6 +486,7 @@ impl TrackerCore {
         let Some(link) = self.links.remove(&conn) else {
             return;
         };
+        self.passwords.forget_conn(conn);
         if let Some(Waiting::Commit { origin, .. }) = link.waiting {
             // A retry of the same request on a newer link of the client may be waiting now.
             if self.awaiting.get(&origin) == Some(&conn) {
@@ -357,11 +518,13 @@ impl TrackerCore {
 
     /// One whole frame payload from `conn`, received at `now`.
     pub fn handle_frame(&mut self, conn: ConnId, payload: &[u8], now: Instant) {
-        if !self.links.contains_key(&conn) {
+        let Some(link) = self.links.get_mut(&conn) else {
             // Closed by the core (a duplicate tracker link, say) while frames of the same
             // read were still being handed up.
             return;
-        }
+        };
+        link.last_heard = now;
+        self.frame_len = payload.len();
         if self
             .links
             .get(&conn)
@@ -420,14 +583,52 @@ impl TrackerCore {
         }
         self.replica.handle_timeout(now);
         self.pump_replica();
+        self.dispatch_passwords(now);
+        self.close_idle(now);
+    }
+
+    /// Closes the welcomed client connections silent for the idle timeout (looked for once
+    /// every [`IDLE_SWEEP_EVERY`]).
+    fn close_idle(&mut self, now: Instant) {
+        let Some(timeout) = self.idle_timeout else {
+            return;
+        };
+        if self.next_idle_sweep.is_some_and(|t| t > now) {
+            return;
+        }
+        self.next_idle_sweep = Some(now + IDLE_SWEEP_EVERY);
+        let silent: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                matches!(l.kind, Kind::Client { welcomed: true, .. })
+                    && now.saturating_duration_since(l.last_heard) >= timeout
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in silent {
+            info!("conn {conn}: client silent for {timeout:?}; closing");
+            self.close(conn, now);
+        }
     }
 
     /// When `handle_timeout` next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let handshake = self.handshake_deadlines.front().map(|(d, _)| *d);
-        match (handshake, self.replica.poll_timeout()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        [
+            self.handshake_deadlines.front().map(|(d, _)| *d),
+            self.replica.poll_timeout(),
+            self.passwords.poll_timeout(),
+            self.idle_timeout.and(self.next_idle_sweep),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Hands out the password jobs whose turn has come, while threads are free.
+    fn dispatch_passwords(&mut self, now: Instant) {
+        while let Some((conn, job)) = self.passwords.next_job(now) {
+            self.out.push_back(Output::Password(conn, job));
         }
     }
 
@@ -517,18 +718,29 @@ impl TrackerCore {
         let effect = match &link.waiting {
             Some(Waiting::Commit {
                 origin: o, effect, ..
-            }) if *o == origin => *effect,
+            }) if *o == origin => effect.clone(),
             _ => return,
         };
         link.waiting = None;
+        let mut detach = None;
         let body = match (effect, answer) {
-            (SessionEffect::Open, Ok(Outcome::SessionOpened(id))) => {
+            (SessionEffect::Open(proof), Ok(Outcome::SessionOpened(id))) => {
                 match self.replica.state().session(id) {
-                    Some(s) => {
+                    Some(s) if proves(&proof, s) => {
                         let token = s.token;
                         info!("user {} has a session through conn {conn}", s.user);
                         link.session = Some(id);
+                        detach = Some(id);
                         Ok(ReplyBody::LoggedIn { token })
+                    }
+                    Some(_) => {
+                        // A remembered answer for the same (client id, request id), about a
+                        // session this connection proved nothing for: a copied client id.
+                        warn!("conn {conn}: a retry naming another's session; refused");
+                        Err(Reject::new(
+                            RejectCode::NotLoggedIn,
+                            "this request id was used for another session",
+                        ))
                     }
                     None => Err(Reject::new(
                         RejectCode::NotLoggedIn,
@@ -544,6 +756,16 @@ impl TrackerCore {
             (_, Ok(_)) => Ok(ReplyBody::Done),
             (_, Err(reject)) => Err(reject),
         };
+        if let Some(id) = detach {
+            // The session moved here: other links of this tracker that held it (a client's
+            // older link, or whoever had the token before) act on it no more.
+            for (other, l) in self.links.iter_mut() {
+                if *other != conn && l.session == Some(id) {
+                    info!("conn {other}: its session moved to conn {conn}; detached");
+                    l.session = None;
+                }
+            }
+        }
         self.reply(conn, origin.req_id, body);
         self.run_queued(conn);
     }
@@ -686,7 +908,10 @@ impl TrackerCore {
                 ) =>
             {
                 if link.queued.len() < MAX_QUEUED_REQUESTS {
-                    link.queued.push_back(request);
+                    link.queued_bytes += self.frame_len;
+                    link.queued.push_back((request, self.frame_len));
+                    self.pause_requested |= link.queued.len() >= PAUSE_QUEUED_REQUESTS
+                        || link.queued_bytes >= PAUSE_QUEUED_BYTES;
                 } else {
                     warn!("conn {conn}: more than {MAX_QUEUED_REQUESTS} requests queued");
                     self.close(conn, now);
@@ -696,11 +921,23 @@ impl TrackerCore {
                 warn!("conn {conn}: request before the handshake");
                 self.close(conn, now);
             }
+            ClientMsg::Request(Request {
+                req_id,
+                body: RequestBody::Ping,
+            }) => {
+                // At once, even behind a parked request: it changes nothing, and a client
+                // that hears nothing for a while takes its tracker for hung.
+                self.reply(conn, req_id, Ok(ReplyBody::Pong));
+            }
             ClientMsg::Request(request) => {
-                if link.waiting.is_none() {
+                if link.waiting.is_none() && link.queued.is_empty() {
                     self.handle_request(conn, request);
                 } else if link.queued.len() < MAX_QUEUED_REQUESTS {
-                    link.queued.push_back(request);
+                    link.queued_bytes += self.frame_len;
+                    link.queued.push_back((request, self.frame_len));
+                    self.pause_requested |= link.queued.len() >= PAUSE_QUEUED_REQUESTS
+                        || link.queued_bytes >= PAUSE_QUEUED_BYTES;
+                    self.run_queued(conn);
                 } else {
                     warn!("conn {conn}: more than {MAX_QUEUED_REQUESTS} requests queued");
                     self.close(conn, now);
@@ -712,6 +949,18 @@ impl TrackerCore {
     /// A password job of `conn` is done: make its change, or answer its parked request and
     /// go on with the ones queued behind it.
     pub fn handle_password_done(&mut self, conn: ConnId, result: PasswordResult) {
+        let now = self.replica.now();
+        self.handle_password_done_at(conn, result, now);
+    }
+
+    /// [`handle_password_done`](Self::handle_password_done) at `now`.
+    pub fn handle_password_done_at(&mut self, conn: ConnId, result: PasswordResult, now: Instant) {
+        self.passwords.job_done();
+        self.password_done(conn, result, now);
+        self.dispatch_passwords(now);
+    }
+
+    fn password_done(&mut self, conn: ConnId, result: PasswordResult, now: Instant) {
         let Some(link) = self.links.get_mut(&conn) else {
             // The connection closed meanwhile.
             return;
@@ -722,6 +971,28 @@ impl TrackerCore {
         let Some(waiting) = link.waiting.take() else {
             return;
         };
+        let ip = link.ip;
+        if let (Waiting::Login { user, .. }, PasswordResult::Verified(ok)) = (&waiting, &result) {
+            let owner = JobOwner {
+                conn,
+                user: Some(user.clone()),
+                ip,
+            };
+            if *ok {
+                self.passwords.record_success(&owner);
+            } else {
+                let (by_conn, by_user) = self.passwords.record_failure(&owner, now);
+                if by_conn.max(by_user).is_power_of_two() {
+                    let from = ip.map_or_else(|| "?".to_owned(), |ip| ip.to_string());
+                    warn!(
+                        "conn {conn} (from {from}): wrong password for user '{user}': {by_conn} \
+                         recent failures on this connection, {by_user} for this user; their \
+                         next checks wait {:?} behind fresh ones",
+                        super::password_queue::delay(by_conn.max(by_user))
+                    );
+                }
+            }
+        }
         let (req_id, reject) = match (waiting, result) {
             (Waiting::CreateUser { req_id, user }, PasswordResult::Hashed(Some(pw_hash))) => {
                 return self.propose(
@@ -763,9 +1034,10 @@ impl TrackerCore {
             if link.waiting.is_some() {
                 break;
             }
-            let Some(next) = link.queued.pop_front() else {
+            let Some((next, len)) = link.queued.pop_front() else {
                 break;
             };
+            link.queued_bytes -= len;
             self.handle_request(conn, next);
         }
     }
@@ -778,10 +1050,27 @@ impl TrackerCore {
                 message: reject.message,
             }
         });
-        self.out.push_back(Output::Send(
-            conn,
-            TrackerMsg::Reply(Reply { req_id, body }),
-        ));
+        let mut reply = Reply { req_id, body };
+        let size = reply.size_bound();
+        if size > self.max_reply {
+            // The client would drop the link (and its session with it) on a frame over its
+            // limit: the request is refused instead, and the session lives on.
+            warn!("conn {conn}: an answer of {size} bytes to request {req_id}; refused instead");
+            reply.body = ReplyBody::Refused {
+                code: RejectCode::BadRequest,
+                message: format!(
+                    "the answer would take {size} bytes, more than the {} a message may hold",
+                    self.max_reply
+                ),
+            };
+        }
+        self.reply_bytes += if size > self.max_reply {
+            reply.size_bound()
+        } else {
+            size
+        };
+        self.out
+            .push_back(Output::Send(conn, TrackerMsg::Reply(reply)));
     }
 
     /// Answers a request, or parks it behind a password job or a change being replicated.
@@ -789,15 +1078,52 @@ impl TrackerCore {
         let Request { req_id, body } = request;
         match self.answer(conn, req_id, body) {
             Ok(Handled::Reply(body)) => self.reply(conn, req_id, Ok(body)),
-            Ok(Handled::Waiting(waiting, job)) => {
-                if let Some(link) = self.links.get_mut(&conn) {
-                    link.waiting = Some(waiting);
-                    self.out.push_back(Output::Password(conn, job));
-                }
-            }
+            Ok(Handled::Waiting(waiting, job)) => self.queue_password(conn, req_id, waiting, job),
             Ok(Handled::Change(op, effect)) => self.propose(conn, req_id, op, effect),
             Err(reject) => self.reply(conn, req_id, Err(reject)),
         }
+    }
+
+    /// Parks `conn` behind its password job, in the fair queue; a full queue refuses it.
+    fn queue_password(&mut self, conn: ConnId, req_id: u64, waiting: Waiting, job: PasswordJob) {
+        let now = self.replica.now();
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        let user = match &waiting {
+            Waiting::Login { user, .. } => Some(user.clone()),
+            _ => None,
+        };
+        let owner = JobOwner {
+            conn,
+            user,
+            ip: link.ip,
+        };
+        match self.passwords.push(owner, job, now) {
+            Pushed::Queued => link.waiting = Some(waiting),
+            Pushed::QueuedInstead(other) => {
+                link.waiting = Some(waiting);
+                self.refuse_busy(other);
+            }
+            Pushed::Full => self.reply(conn, req_id, Err(busy())),
+        }
+        self.dispatch_passwords(now);
+    }
+
+    /// The password job of `conn` was pushed out of the full queue: its request is refused.
+    fn refuse_busy(&mut self, conn: ConnId) {
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        let req_id = match link.waiting.take() {
+            Some(Waiting::Login { req_id, .. } | Waiting::CreateUser { req_id, .. }) => req_id,
+            other => {
+                link.waiting = other;
+                return;
+            }
+        };
+        self.reply(conn, req_id, Err(busy()));
+        self.run_queued(conn);
     }
 
     /// Opens a session for `conn` once its password has been checked.
@@ -807,6 +1133,7 @@ impl TrackerCore {
         };
         let token = self.next_token();
         info!("user {user} logs in from {peer_addr}");
+        let proof = Proof::Password(user.clone());
         let op = Op::OpenSession {
             user,
             peer_addr,
@@ -814,7 +1141,7 @@ impl TrackerCore {
             client,
             token,
         };
-        self.propose(conn, req_id, op, SessionEffect::Open);
+        self.propose(conn, req_id, op, SessionEffect::Open(proof));
     }
 
     /// Makes `op` a change of `conn`'s request `req_id`: parks the connection until the
@@ -853,11 +1180,21 @@ impl TrackerCore {
 
     /// The session of `conn`, or `NotLoggedIn`. A session the state ended meanwhile (another
     /// tracker's op ended it) does not count, so the client may log in again on this link.
+    ///
+    /// The session must still be held through this tracker by this connection's client: one
+    /// that a `Resume` moved to another link (here or through another tracker) is not this
+    /// connection's any more.
     fn session_of(&self, conn: ConnId) -> Result<SessionId, Reject> {
-        self.links
-            .get(&conn)
-            .and_then(|l| l.session)
-            .filter(|id| self.replica.state().session(*id).is_some())
+        let link = self.links.get(&conn);
+        let client = link.and_then(Link::client);
+        let me = self.replica.me();
+        link.and_then(|l| l.session)
+            .filter(|id| {
+                self.replica
+                    .state()
+                    .session(*id)
+                    .is_some_and(|s| s.tracker == me && Some(s.client) == client)
+            })
             .ok_or_else(|| Reject::new(RejectCode::NotLoggedIn, "not logged in"))
     }
 
@@ -874,20 +1211,6 @@ impl TrackerCore {
                     user,
                     pw_hash: String::new(),
                 }
-            }
-            RequestBody::Login {
-                user, peer_addr, ..
-            } if is_retry => {
-                return Ok(Handled::Change(
-                    Op::OpenSession {
-                        user,
-                        peer_addr,
-                        tracker: self.replica.me(),
-                        client,
-                        token: [0; 16],
-                    },
-                    SessionEffect::Open,
-                ));
             }
             RequestBody::CreateUser { user, password } => {
                 if state.password_hash(&user).is_some() {
@@ -916,6 +1239,30 @@ impl TrackerCore {
                 let phc = state.password_hash(&user).ok_or_else(|| {
                     Reject::new(RejectCode::UnknownUser, format!("no such user '{user}'"))
                 })?;
+                let from = self.links.get(&conn).and_then(|l| l.ip);
+                if let Some(from) = from.filter(|_| !self.allow_foreign_addresses) {
+                    if peer_addr.ip().to_canonical() != from.to_canonical() {
+                        return Err(Reject::new(
+                            RejectCode::BadRequest,
+                            format!(
+                                "listen address {peer_addr} is not on this connection's \
+                                 address {from}: downloaders would be sent elsewhere (a \
+                                 tracker started with --allow-foreign-addresses accepts it)"
+                            ),
+                        ));
+                    }
+                }
+                if !is_retry && state.session_of_client(client).is_some() {
+                    // A client process holds one session, and resumes it rather than logging
+                    // in again: this is a copy of another's client id, which must not end
+                    // that session.
+                    return Err(Reject::new(
+                        RejectCode::SessionAlreadyOpen,
+                        "a session is already open for this client id",
+                    ));
+                }
+                // A retry too pays for the password check: it is the proof that the
+                // remembered session is the asker's.
                 return Ok(Handled::Waiting(
                     Waiting::Login {
                         req_id,
@@ -935,13 +1282,21 @@ impl TrackerCore {
                         "a session is already open on this connection",
                     ));
                 }
+                if state.session_with_token(&token).is_none() {
+                    // Checked here, so that guessing costs no replicated change and no
+                    // remembered answer.
+                    return Err(Reject::new(
+                        RejectCode::NotLoggedIn,
+                        "the session has ended",
+                    ));
+                }
                 return Ok(Handled::Change(
                     Op::ResumeSession {
                         token,
                         tracker: self.replica.me(),
                         client,
                     },
-                    SessionEffect::Open,
+                    SessionEffect::Open(Proof::Token(token)),
                 ));
             }
             RequestBody::Logout => {
@@ -974,14 +1329,16 @@ impl TrackerCore {
                     .file_sharers(self.session_of(conn)?, &group, &name)
                     .map(|(meta, peers)| Handled::Reply(ReplyBody::Sharers { meta, peers }))
             }
-            RequestBody::CreateGroup { group } => Op::CreateGroup {
-                session: self.session_of(conn)?,
-                group,
-            },
-            RequestBody::JoinGroup { group } => Op::JoinGroup {
-                session: self.session_of(conn)?,
-                group,
-            },
+            RequestBody::CreateGroup { group } => {
+                let session = self.session_of(conn)?;
+                self.check_quota(session, Quota::Group)?;
+                Op::CreateGroup { session, group }
+            }
+            RequestBody::JoinGroup { group } => {
+                let session = self.session_of(conn)?;
+                self.check_quota(session, Quota::Request)?;
+                Op::JoinGroup { session, group }
+            }
             RequestBody::LeaveGroup { group } => Op::LeaveGroup {
                 session: self.session_of(conn)?,
                 group,
@@ -996,11 +1353,15 @@ impl TrackerCore {
                 group,
                 user,
             },
-            RequestBody::UploadFile { group, meta } => Op::ShareFile {
-                session: self.session_of(conn)?,
-                group,
-                meta,
-            },
+            RequestBody::UploadFile { group, meta } => {
+                let session = self.session_of(conn)?;
+                self.check_quota(session, Quota::File(&group, &meta))?;
+                Op::ShareFile {
+                    session,
+                    group,
+                    meta,
+                }
+            }
             RequestBody::StopShare { group, name } => Op::StopShare {
                 session: self.session_of(conn)?,
                 group,
@@ -1013,6 +1374,69 @@ impl TrackerCore {
         };
         Ok(Handled::Change(op, SessionEffect::None))
     }
+}
+
+/// What a change would add to a user's holdings.
+enum Quota<'a> {
+    Group,
+    Request,
+    File(&'a GroupId, &'a FileMeta),
+}
+
+impl TrackerCore {
+    /// Refuses a change that would take the session's user past a quota.
+    fn check_quota(&self, session: SessionId, quota: Quota<'_>) -> Result<(), Reject> {
+        let state = self.replica.state();
+        let Some(user) = state.session(session).map(|s| s.user.clone()) else {
+            return Ok(());
+        };
+        let q = self.quotas;
+        let over = |what: &str, limit: usize| {
+            Err(Reject::new(
+                RejectCode::QuotaExceeded,
+                format!("quota: at most {limit} {what} per user"),
+            ))
+        };
+        let held = state.holdings(&user);
+        match quota {
+            Quota::Group if held.groups_owned >= q.groups_per_user => {
+                over("groups owned", q.groups_per_user)
+            }
+            Quota::Request if held.requests >= q.requests_per_user => {
+                over("pending join requests", q.requests_per_user)
+            }
+            Quota::File(group, meta) => {
+                if state.shares(&user, group, &meta.name) {
+                    // Sharing again what one shares adds nothing.
+                    return Ok(());
+                }
+                if held.files >= q.files_per_user {
+                    return over("shared files", q.files_per_user);
+                }
+                if held.metadata + super::state::meta_bytes(meta) > q.metadata_per_user {
+                    return over("bytes of file metadata", q.metadata_per_user);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether `session` is the one `proof` was made for.
+fn proves(proof: &Proof, session: &super::state::Session) -> bool {
+    match proof {
+        Proof::Password(user) => session.user == *user,
+        Proof::Token(token) => session.token == *token,
+    }
+}
+
+/// The refusal of a password job when too many wait.
+fn busy() -> Reject {
+    Reject::new(
+        RejectCode::Unavailable,
+        "the tracker has too many password checks waiting; try again later",
+    )
 }
 
 #[cfg(test)]

@@ -96,7 +96,18 @@ impl Harness {
     /// Every queued output; each `Send` is checked to round-trip through the wire format.
     fn drain(&mut self) -> Vec<Output> {
         let mut outs = Vec::new();
-        while let Some(o) = self.core.poll_output() {
+        loop {
+            let Some(o) = self.core.poll_output() else {
+                // A password job held back after a failure: wait it out on the fake clock.
+                match self.core.passwords().poll_timeout() {
+                    Some(t) if self.core.passwords().waiting() > 0 => {
+                        self.now = self.now.max(t);
+                        self.core.handle_timeout(self.now);
+                        continue;
+                    }
+                    _ => break,
+                }
+            };
             // Password work runs inline here; the driver runs it on a worker thread.
             if let Output::Password(conn, job) = &o {
                 let result = crate::tracker::password::run(job);
@@ -832,7 +843,8 @@ fn requests_behind_password_work_wait_their_turn() {
     let other = conn(2);
     h.connect(c);
     h.connect(other);
-    // create_user parks the connection on a password job; the ping behind it waits.
+    // create_user parks the connection on a password job; the request behind it waits, a
+    // ping is answered at once (the client must not take its tracker for hung).
     h.core.handle_frame(
         c,
         &payload(&request(
@@ -845,7 +857,9 @@ fn requests_behind_password_work_wait_their_turn() {
         h.now,
     );
     h.core
-        .handle_frame(c, &payload(&request(2, RequestBody::Ping)), h.now);
+        .handle_frame(c, &payload(&request(2, RequestBody::ListGroups)), h.now);
+    h.core
+        .handle_frame(c, &payload(&request(3, RequestBody::Ping)), h.now);
     let job = match h.core.poll_output() {
         Some(Output::Password(to, job)) => {
             assert_eq!(to, c);
@@ -853,10 +867,14 @@ fn requests_behind_password_work_wait_their_turn() {
         }
         other => panic!("expected a password job, got {other:?}"),
     };
+    assert!(matches!(
+        h.core.poll_output(),
+        Some(Output::Send(to, TrackerMsg::Reply(Reply { req_id: 3, body: ReplyBody::Pong }))) if to == c
+    ));
     assert_eq!(
         h.core.poll_output(),
         None,
-        "the ping waits behind create_user"
+        "list_groups waits behind create_user"
     );
     // Another connection is served meanwhile.
     h.core
@@ -1066,4 +1084,767 @@ fn sync_shares_after_a_login_ends_what_the_client_lost() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+// =============================================================================================
+// Fair password work
+// =============================================================================================
+
+fn wrong_login(req_id: u64, user: &str) -> ClientMsg {
+    request(
+        req_id,
+        RequestBody::Login {
+            user: uid(user),
+            password: pw("guess"),
+            peer_addr: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 9)),
+        },
+    )
+}
+
+/// Takes the outputs queued so far, without running password jobs.
+fn take_outputs(core: &mut TrackerCore) -> Vec<Output> {
+    std::iter::from_fn(|| core.poll_output()).collect()
+}
+
+#[test]
+fn a_fresh_login_is_not_delayed_by_a_wrong_password_flood() {
+    let mut h = Harness::new();
+    let setup = conn(1);
+    h.connect(setup);
+    assert_eq!(h.create_user(setup, "alice", "right"), ReplyBody::Done);
+    // 300 connections from another address guess victim's password, each as fast as it is
+    // answered. Their jobs "run" instantly here and fail; each answer brings the next guess.
+    // Each guesses the password of its own victim (accounts made with one precomputed hash,
+    // so that the test runs Argon2 only a few times).
+    let attackers: Vec<ConnId> = (100..400).map(conn).collect();
+    let victim = |c: ConnId| format!("v{}", c.key);
+    let attacker_addr = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 4000));
+    let phc = crate::tracker::password::hash(&pw("secret")).unwrap();
+    let mut req = 1000;
+    for &a in &attackers {
+        h.core.handle_open(a, h.now);
+        h.core.handle_peer_addr(a, attacker_addr);
+        h.core.handle_frame(a, &payload(&hello(a)), h.now);
+        let body = RequestBody::CreateUser {
+            user: uid(&victim(a)),
+            password: pw("secret"),
+        };
+        h.core.handle_frame(a, &payload(&request(1, body)), h.now);
+        loop {
+            match h.core.poll_output() {
+                Some(Output::Password(c, _)) => h.core.handle_password_done_at(
+                    c,
+                    PasswordResult::Hashed(Some(phc.clone())),
+                    h.now,
+                ),
+                Some(Output::Send(_, TrackerMsg::Reply(r))) => {
+                    assert_eq!(r.body, ReplyBody::Done);
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("no answer to create_user"),
+            }
+        }
+    }
+    take_outputs(&mut h.core);
+    for &a in &attackers {
+        req += 1;
+        h.core
+            .handle_frame(a, &payload(&wrong_login(req, &victim(a))), h.now);
+    }
+    let mut in_flight: VecDeque<ConnId> = VecDeque::new();
+    let mut refused = 0;
+    let start = h.now;
+    // Two simulated seconds of flood, a job finishing every 5 ms (2 threads at ~10 ms).
+    while h.now < start + Duration::from_secs(2) {
+        for o in take_outputs(&mut h.core) {
+            match o {
+                Output::Password(c, _) => in_flight.push_back(c),
+                Output::Send(c, TrackerMsg::Reply(r)) => {
+                    assert_refused(&r.body, RejectCode::WrongPassword);
+                    refused += 1;
+                    req += 1;
+                    h.core
+                        .handle_frame(c, &payload(&wrong_login(req, &victim(c))), h.now);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(in_flight.len() <= DEFAULT_PASSWORD_WORKERS, "{in_flight:?}");
+        h.now += Duration::from_millis(5);
+        h.core.handle_timeout(h.now);
+        if let Some(c) = in_flight.pop_front() {
+            h.core
+                .handle_password_done_at(c, PasswordResult::Verified(false), h.now);
+        }
+    }
+    assert!(
+        refused >= 300,
+        "every attacker failed at least once: {refused}"
+    );
+    assert!(
+        h.core.passwords().waiting() > 200,
+        "the attackers keep guessing"
+    );
+    // Now alice logs in on a fresh connection: her job is the next one handed out.
+    let fresh = conn(2);
+    h.core.handle_open(fresh, h.now);
+    h.core.handle_peer_addr(fresh, addr(5000));
+    h.core.handle_frame(fresh, &payload(&hello(fresh)), h.now);
+    take_outputs(&mut h.core);
+    h.core.handle_frame(
+        fresh,
+        &payload(&request(
+            7,
+            RequestBody::Login {
+                user: uid("alice"),
+                password: pw("right"),
+                peer_addr: addr(5000),
+            },
+        )),
+        h.now,
+    );
+    let mut jobs_before = 0;
+    let job = loop {
+        let outs = take_outputs(&mut h.core);
+        if let Some(job) = outs.iter().find_map(|o| match o {
+            Output::Password(c, job) if *c == fresh => Some(job.clone()),
+            _ => None,
+        }) {
+            break job;
+        }
+        for o in outs {
+            if let Output::Password(c, _) = o {
+                in_flight.push_back(c);
+            }
+        }
+        let c = in_flight.pop_front().expect("a job in flight");
+        jobs_before += 1;
+        h.core
+            .handle_password_done_at(c, PasswordResult::Verified(false), h.now);
+    };
+    assert!(
+        jobs_before <= DEFAULT_PASSWORD_WORKERS,
+        "alice waited for {jobs_before} jobs"
+    );
+    h.core
+        .handle_password_done_at(fresh, crate::tracker::password::run(&job), h.now);
+    let logged_in = take_outputs(&mut h.core).into_iter().any(|o| {
+        matches!(o, Output::Send(c, TrackerMsg::Reply(Reply { req_id: 7, body: ReplyBody::LoggedIn { .. } })) if c == fresh)
+    });
+    assert!(logged_in);
+}
+
+#[test]
+fn a_failing_connection_waits_before_its_next_check() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    assert_eq!(h.create_user(c, "alice", "right"), ReplyBody::Done);
+    h.core
+        .handle_frame(c, &payload(&wrong_login(1, "alice")), h.now);
+    let Some(Output::Password(_, job)) = h.core.poll_output() else {
+        panic!("expected a job");
+    };
+    h.core
+        .handle_password_done_at(c, crate::tracker::password::run(&job), h.now);
+    let outs = take_outputs(&mut h.core);
+    assert!(
+        matches!(&outs[..], [Output::Send(_, TrackerMsg::Reply(r))] if matches!(r.body, ReplyBody::Refused { code: RejectCode::WrongPassword, .. })),
+        "{outs:?}"
+    );
+    // The next check of this connection waits 100 ms; its pings are answered meanwhile.
+    h.core
+        .handle_frame(c, &payload(&wrong_login(2, "alice")), h.now);
+    h.core
+        .handle_frame(c, &payload(&request(3, RequestBody::Ping)), h.now);
+    let outs = take_outputs(&mut h.core);
+    assert!(
+        matches!(
+            &outs[..],
+            [Output::Send(_, TrackerMsg::Reply(Reply { req_id: 3, .. }))]
+        ),
+        "{outs:?}"
+    );
+    let due = h.now + crate::tracker::password_queue::FIRST_DELAY;
+    assert_eq!(h.core.poll_timeout().map(|t| t.min(due)), Some(due));
+    h.core.handle_timeout(due - Duration::from_millis(1));
+    assert!(take_outputs(&mut h.core).is_empty());
+    h.core.handle_timeout(due);
+    assert!(matches!(
+        &take_outputs(&mut h.core)[..],
+        [Output::Password(to, _)] if *to == c
+    ));
+}
+
+#[test]
+fn a_full_password_queue_refuses_and_the_connection_goes_on() {
+    let mut h = Harness::new();
+    h.core = TrackerCore::new(
+        TrackerRef {
+            no: 1,
+            incarnation: 0x44,
+        },
+        1,
+        7,
+        Timings::default(),
+        h.now,
+    )
+    .with_password_queue(crate::tracker::password_queue::PasswordQueue::new(1).with_max_waiting(1));
+    while let Some(o) = h.core.poll_output() {
+        if let Output::Dial(no) = o {
+            h.core.handle_dial_failed(no, h.now);
+        }
+    }
+    let conns: Vec<ConnId> = (1..=3).map(conn).collect();
+    for &c in &conns {
+        h.core.handle_open(c, h.now);
+        h.core.handle_frame(c, &payload(&hello(c)), h.now);
+    }
+    take_outputs(&mut h.core);
+    for (i, &c) in conns.iter().enumerate() {
+        let body = RequestBody::CreateUser {
+            user: uid(&format!("u{i}")),
+            password: pw("pw"),
+        };
+        h.core.handle_frame(c, &payload(&request(1, body)), h.now);
+    }
+    // One job runs, one waits, the third is refused at once.
+    let outs = take_outputs(&mut h.core);
+    assert!(
+        matches!(outs[0], Output::Password(to, _) if to == conns[0]),
+        "{outs:?}"
+    );
+    match &outs[1..] {
+        [Output::Send(to, TrackerMsg::Reply(r))] => {
+            assert_eq!(*to, conns[2]);
+            assert_refused(&r.body, RejectCode::Unavailable);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The refused connection is served on.
+    h.core.handle_frame(
+        conns[2],
+        &payload(&request(2, RequestBody::ListGroups)),
+        h.now,
+    );
+    let outs = take_outputs(&mut h.core);
+    assert!(
+        matches!(&outs[..], [Output::Send(to, TrackerMsg::Reply(Reply { req_id: 2, .. }))] if *to == conns[2]),
+        "{outs:?}"
+    );
+}
+
+// =============================================================================================
+// Backpressure and idle connections
+// =============================================================================================
+
+#[test]
+fn a_connection_with_many_requests_parked_is_not_read_until_they_are_answered() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    h.core.handle_frame(
+        c,
+        &payload(&request(
+            1,
+            RequestBody::CreateUser {
+                user: uid("alice"),
+                password: pw("pw"),
+            },
+        )),
+        h.now,
+    );
+    let Some(Output::Password(_, job)) = h.core.poll_output() else {
+        panic!("expected a password job");
+    };
+    assert!(h.core.wants_input(c));
+    for id in 0..PAUSE_QUEUED_REQUESTS as u64 {
+        assert!(h.core.wants_input(c), "{id} queued");
+        h.core.handle_frame(
+            c,
+            &payload(&request(10 + id, RequestBody::ListGroups)),
+            h.now,
+        );
+    }
+    assert!(!h.core.wants_input(c), "the driver must stop reading it");
+    assert!(h.core.take_pause_requested(), "and is told so");
+    assert!(!h.core.take_pause_requested());
+    assert!(h.core.wants_input(conn(2)), "others are read");
+    assert_eq!(h.core.take_reply_bytes(), 0, "nothing answered yet");
+    h.core
+        .handle_password_done(c, crate::tracker::password::run(&job));
+    let outs = h.drain();
+    assert_eq!(
+        outs.len(),
+        1 + PAUSE_QUEUED_REQUESTS,
+        "every answer, none dropped"
+    );
+    assert!(h.core.wants_input(c));
+    let bytes = h.core.take_reply_bytes();
+    let exact: usize = outs
+        .iter()
+        .map(|o| match o {
+            Output::Send(_, msg) => {
+                let mut b = Vec::new();
+                msg.emit(&mut b);
+                b.len()
+            }
+            other => panic!("{other:?}"),
+        })
+        .sum();
+    assert!(bytes >= exact, "counted {bytes} of {exact} bytes");
+}
+
+#[test]
+fn big_requests_parked_pause_the_connection_sooner() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    h.core.handle_frame(
+        c,
+        &payload(&request(
+            1,
+            RequestBody::CreateUser {
+                user: uid("alice"),
+                password: pw("pw"),
+            },
+        )),
+        h.now,
+    );
+    // Two uploads of 40,000-piece metadata (800 KB each) pass the byte limit.
+    let mut big = meta("big", 3);
+    big.size = 40_000 * u64::from(PIECE_LEN);
+    big.piece_hashes = vec![Sha1Digest([7; 20]); 40_000];
+    let upload = request(
+        2,
+        RequestBody::UploadFile {
+            group: gid("g"),
+            meta: big,
+        },
+    );
+    h.core.handle_frame(c, &payload(&upload), h.now);
+    assert!(h.core.wants_input(c));
+    h.core.handle_frame(c, &payload(&upload), h.now);
+    assert!(!h.core.wants_input(c));
+}
+
+#[test]
+fn silent_clients_are_closed_after_the_idle_timeout() {
+    let mut h = Harness::new();
+    let idle = Duration::from_secs(30);
+    h.core = TrackerCore::new(
+        TrackerRef {
+            no: 1,
+            incarnation: 0x55,
+        },
+        1,
+        9,
+        Timings::default(),
+        h.now,
+    )
+    .with_idle_timeout(idle);
+    take_outputs(&mut h.core);
+    let (quiet, chatty, unwelcomed) = (conn(1), conn(2), conn(3));
+    h.connect(quiet);
+    h.connect(chatty);
+    h.open(unwelcomed);
+    let start = h.now;
+    while h.now < start + idle + Duration::from_secs(5) {
+        h.now += Duration::from_millis(500);
+        // The chatty one pings every 600 ms or so, like a real client.
+        if (h.now - start).as_millis().is_multiple_of(1000) {
+            h.send(chatty, &request(1, RequestBody::Ping));
+        }
+        h.core.handle_timeout(h.now);
+        for o in take_outputs(&mut h.core) {
+            match o {
+                Output::Close(c) if c == unwelcomed => {
+                    assert!(h.now >= start + HANDSHAKE_TIMEOUT, "the handshake deadline");
+                }
+                Output::Close(c) => {
+                    assert_eq!(c, quiet, "only the silent client is closed");
+                    assert!(h.now >= start + idle);
+                    assert!(h.now <= start + idle + IDLE_SWEEP_EVERY + Duration::from_millis(500));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The handshake deadline, not the idle timeout, deals with the unwelcomed one.
+        if h.now >= start + HANDSHAKE_TIMEOUT {
+            assert!(!h.core.links.contains_key(&unwelcomed));
+        }
+    }
+    assert!(!h.core.links.contains_key(&quiet));
+    assert!(h.core.links.contains_key(&chatty));
+}
+
+#[test]
+fn without_an_idle_timeout_silent_clients_stay() {
+    let mut h = Harness::new();
+    let c = conn(1);
+    h.connect(c);
+    h.now += Duration::from_secs(3600);
+    h.core.handle_timeout(h.now);
+    assert!(take_outputs(&mut h.core).is_empty());
+    assert!(h.core.links.contains_key(&c));
+}
+
+// =============================================================================================
+// Sessions belong to whoever proved the password
+// =============================================================================================
+
+/// The client id `hello` gives conn `c`.
+fn client_id(c: ConnId) -> u64 {
+    c.key as u64 | c.generation << 32
+}
+
+/// Opens `c` and says hello as client process `client` (a copy of someone else's id).
+fn connect_as(h: &mut Harness, c: ConnId, client: u64) {
+    h.open(c);
+    let outs = h.send(c, &ClientMsg::hello(client));
+    assert_eq!(outs.len(), 2, "{outs:?}");
+}
+
+fn login_req(req_id: u64, user: &str, password: &str) -> ClientMsg {
+    request(
+        req_id,
+        RequestBody::Login {
+            user: uid(user),
+            password: pw(password),
+            peer_addr: addr(5000),
+        },
+    )
+}
+
+/// The one reply in `outs`, sent to `c`.
+#[track_caller]
+fn only_reply(outs: &[Output], c: ConnId) -> ReplyBody {
+    match outs {
+        [Output::Send(to, TrackerMsg::Reply(r))] if *to == c => r.body.clone(),
+        other => panic!("expected one reply to {c}, got {other:?}"),
+    }
+}
+
+/// Alice logged in on conn 1 with request id 5; returns her token.
+fn alice_logged_in(h: &mut Harness) -> [u8; 16] {
+    let victim = conn(1);
+    h.connect(victim);
+    assert_eq!(h.create_user(victim, "alice", "right"), ReplyBody::Done);
+    let outs = h.send(victim, &login_req(5, "alice", "right"));
+    assert_logged_in(&only_reply(&outs, victim))
+}
+
+#[test]
+fn a_login_retry_with_a_copied_client_id_still_needs_the_password() {
+    let mut h = Harness::new();
+    alice_logged_in(&mut h);
+    let thief = conn(2);
+    connect_as(&mut h, thief, client_id(conn(1)));
+    let outs = h.send(thief, &login_req(5, "alice", "wrong"));
+    assert_refused(&only_reply(&outs, thief), RejectCode::WrongPassword);
+    // Alice's session is untouched.
+    assert_eq!(
+        h.ask(conn(1), RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+}
+
+#[test]
+fn a_login_retry_proving_another_users_password_gets_no_session() {
+    let mut h = Harness::new();
+    let token = alice_logged_in(&mut h);
+    let thief = conn(2);
+    connect_as(&mut h, thief, client_id(conn(1)));
+    assert_eq!(h.create_user(thief, "mallory", "mine"), ReplyBody::Done);
+    // Alice's request id, Mallory's own (right) password.
+    let outs = h.send(thief, &login_req(5, "mallory", "mine"));
+    let body = only_reply(&outs, thief);
+    assert_refused(&body, RejectCode::NotLoggedIn);
+    assert!(!format!("{body:?}").contains(&format!("{token:?}")));
+    let (_, s) = h.core.state().sessions().next().unwrap();
+    assert_eq!((s.user.as_str(), s.token), ("alice", token));
+    assert_eq!(
+        h.ask(conn(1), RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+    assert_refused(
+        &h.ask(thief, RequestBody::ListGroups),
+        RejectCode::NotLoggedIn,
+    );
+}
+
+#[test]
+fn a_copied_client_id_cannot_end_its_owners_session() {
+    let mut h = Harness::new();
+    alice_logged_in(&mut h);
+    let thief = conn(2);
+    connect_as(&mut h, thief, client_id(conn(1)));
+    assert_eq!(h.create_user(thief, "mallory", "mine"), ReplyBody::Done);
+    let outs = h.send(thief, &login_req(77, "mallory", "mine"));
+    assert_refused(&only_reply(&outs, thief), RejectCode::SessionAlreadyOpen);
+    // Its close ends nothing either.
+    h.core.handle_close(thief, h.now);
+    h.drain();
+    assert!(h.has_session("alice"));
+    assert_eq!(
+        h.ask(conn(1), RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+}
+
+#[test]
+fn resume_moves_the_session_and_detaches_the_old_link() {
+    let mut h = Harness::new();
+    let token = alice_logged_in(&mut h);
+    let newer = conn(2);
+    h.connect(newer);
+    assert_logged_in(&h.ask(newer, RequestBody::Resume { token }));
+    assert_eq!(
+        h.ask(newer, RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+    // The old link acts on it no more.
+    assert_refused(
+        &h.ask(conn(1), RequestBody::CreateGroup { group: gid("g") }),
+        RejectCode::NotLoggedIn,
+    );
+    assert_refused(
+        &h.ask(conn(1), RequestBody::Logout),
+        RejectCode::NotLoggedIn,
+    );
+    assert!(h.has_session("alice"));
+}
+
+#[test]
+fn resume_with_a_wrong_token_costs_no_change_and_no_memory() {
+    let mut h = Harness::new();
+    alice_logged_in(&mut h);
+    let committed = h.core.replica().committed();
+    let guesser = conn(2);
+    h.connect(guesser);
+    for i in 0..100u64 {
+        let mut token = [0u8; 16];
+        token[..8].copy_from_slice(&i.to_be_bytes());
+        let outs = h.send(guesser, &request(1000 + i, RequestBody::Resume { token }));
+        assert_refused(&only_reply(&outs, guesser), RejectCode::NotLoggedIn);
+        let origin = Origin {
+            client: client_id(guesser),
+            req_id: 1000 + i,
+        };
+        assert_eq!(h.core.state().remembered(origin), None);
+    }
+    assert_eq!(
+        h.core.replica().committed(),
+        committed,
+        "nothing replicated"
+    );
+}
+
+// =============================================================================================
+// Honest addresses
+// =============================================================================================
+
+#[test]
+fn a_listen_address_on_another_ip_is_refused_at_login() {
+    for allow in [false, true] {
+        let mut h = Harness::new();
+        h.core = TrackerCore::new(
+            TrackerRef {
+                no: 1,
+                incarnation: 0x66,
+            },
+            1,
+            11,
+            Timings::default(),
+            h.now,
+        )
+        .with_foreign_addresses(allow);
+        while let Some(o) = h.core.poll_output() {
+            if let Output::Dial(no) = o {
+                h.core.handle_dial_failed(no, h.now);
+            }
+        }
+        let c = conn(1);
+        h.core.handle_open(c, h.now);
+        h.core
+            .handle_peer_addr(c, SocketAddr::from((Ipv4Addr::new(127, 0, 0, 7), 40_000)));
+        h.send(c, &hello(c));
+        assert_eq!(h.create_user(c, "alice", "pw"), ReplyBody::Done);
+        let foreign = SocketAddr::from((Ipv4Addr::new(10, 1, 2, 3), 6000));
+        let body = h.ask(
+            c,
+            RequestBody::Login {
+                user: uid("alice"),
+                password: pw("pw"),
+                peer_addr: foreign,
+            },
+        );
+        if allow {
+            assert_logged_in(&body);
+            continue;
+        }
+        match &body {
+            ReplyBody::Refused { code, message } => {
+                assert_eq!(*code, RejectCode::BadRequest);
+                assert!(message.contains("10.1.2.3:6000"), "{message}");
+                assert!(message.contains("127.0.0.7"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!h.has_session("alice"));
+        // Its own IP, any port, is fine.
+        let own = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 7), 6000));
+        assert_logged_in(&h.ask(
+            c,
+            RequestBody::Login {
+                user: uid("alice"),
+                password: pw("pw"),
+                peer_addr: own,
+            },
+        ));
+    }
+}
+
+// =============================================================================================
+// Quotas and answers that would not fit a frame
+// =============================================================================================
+
+fn harness_with(configure: impl FnOnce(TrackerCore) -> TrackerCore) -> Harness {
+    let mut h = Harness::new();
+    h.core = configure(TrackerCore::new(
+        TrackerRef {
+            no: 1,
+            incarnation: 0x77,
+        },
+        1,
+        13,
+        Timings::default(),
+        h.now,
+    ));
+    while let Some(o) = h.core.poll_output() {
+        if let Output::Dial(no) = o {
+            h.core.handle_dial_failed(no, h.now);
+        }
+    }
+    h
+}
+
+#[test]
+fn quotas_refuse_with_a_clear_error_and_the_session_goes_on() {
+    let quotas = Quotas {
+        groups_per_user: 2,
+        requests_per_user: 1,
+        files_per_user: 2,
+        metadata_per_user: 2 * super::super::state::meta_bytes(&meta("f", 1)),
+    };
+    let mut h = harness_with(|c| c.with_quotas(quotas));
+    let (a, b) = (conn(1), conn(2));
+    h.connect(a);
+    h.connect(b);
+    h.create_user(a, "alice", "pw");
+    h.create_user(b, "bob", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    assert_logged_in(&h.login(b, "bob", "pw", 5001));
+    for g in ["g1", "g2"] {
+        assert_eq!(
+            h.ask(a, RequestBody::CreateGroup { group: gid(g) }),
+            ReplyBody::Done
+        );
+    }
+    let body = h.ask(a, RequestBody::CreateGroup { group: gid("g3") });
+    assert_refused(&body, RejectCode::QuotaExceeded);
+    assert!(format!("{body:?}").contains("at most 2 groups owned per user"));
+    // One pending request at a time.
+    assert_eq!(
+        h.ask(b, RequestBody::JoinGroup { group: gid("g1") }),
+        ReplyBody::Done
+    );
+    assert_refused(
+        &h.ask(b, RequestBody::JoinGroup { group: gid("g2") }),
+        RejectCode::QuotaExceeded,
+    );
+    // Files: two, the same one again adds nothing, a third is refused.
+    for (name, content) in [("f", 1), ("h", 2)] {
+        let body = h.ask(
+            a,
+            RequestBody::UploadFile {
+                group: gid("g1"),
+                meta: meta(name, content),
+            },
+        );
+        assert_eq!(body, ReplyBody::Shared { new_file: true });
+    }
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::UploadFile {
+                group: gid("g1"),
+                meta: meta("f", 1),
+            },
+        ),
+        ReplyBody::Shared { new_file: false }
+    );
+    assert_refused(
+        &h.ask(
+            a,
+            RequestBody::UploadFile {
+                group: gid("g2"),
+                meta: meta("k", 3),
+            },
+        ),
+        RejectCode::QuotaExceeded,
+    );
+    // The session lives on.
+    assert!(matches!(h.ask(a, RequestBody::ListGroups), ReplyBody::Groups(g) if g.len() == 2));
+}
+
+#[test]
+fn metadata_bytes_have_a_quota_of_their_own() {
+    let quotas = Quotas {
+        metadata_per_user: 1000,
+        ..Quotas::default()
+    };
+    let mut h = harness_with(|c| c.with_quotas(quotas));
+    let a = conn(1);
+    h.connect(a);
+    h.create_user(a, "alice", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    h.ask(a, RequestBody::CreateGroup { group: gid("g") });
+    let mut big = meta("big", 4);
+    big.size = 60 * u64::from(PIECE_LEN);
+    big.piece_hashes = vec![Sha1Digest([9; 20]); 60];
+    let body = h.ask(
+        a,
+        RequestBody::UploadFile {
+            group: gid("g"),
+            meta: big,
+        },
+    );
+    assert_refused(&body, RejectCode::QuotaExceeded);
+    assert!(format!("{body:?}").contains("bytes of file metadata"));
+}
+
+#[test]
+fn an_answer_too_big_for_a_frame_is_refused_and_the_session_survives() {
+    let mut h = harness_with(|c| c.with_max_reply(300));
+    let a = conn(1);
+    h.connect(a);
+    h.create_user(a, "alice", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    for i in 0..20 {
+        let group = gid(&format!("group-with-a-long-name-{i:02}"));
+        assert_eq!(
+            h.ask(a, RequestBody::CreateGroup { group }),
+            ReplyBody::Done
+        );
+    }
+    let body = h.ask(a, RequestBody::ListGroups);
+    assert_refused(&body, RejectCode::BadRequest);
+    assert!(
+        format!("{body:?}").contains("more than the 300"),
+        "{body:?}"
+    );
+    assert_eq!(h.ask(a, RequestBody::Ping), ReplyBody::Pong);
+    assert!(h.has_session("alice"));
 }

@@ -23,6 +23,7 @@ use log::{debug, error, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+pub use super::core::Quotas;
 use super::core::{Output, TrackerCore};
 use super::disk::{DataDir, DiskError, DiskEvent, DiskHandle};
 use super::durable::{self, Restored};
@@ -44,6 +45,11 @@ const SIGNALS: Token = Token(2);
 const FRAME_BUDGET: usize = 256;
 /// Threads that hash and check passwords (Argon2id), off the reactor.
 const PASSWORD_WORKERS: usize = 2;
+/// Connections open at once (clients, tracker links, handshakes in progress); more are
+/// accepted and closed at once, with a log line.
+pub const MAX_CONNECTIONS: usize = 16_384;
+/// A welcomed client silent this long is closed (clients ping every 600 ms when quiet).
+pub const CLIENT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a tracker needs to start.
 pub struct TrackerConfig {
@@ -57,6 +63,11 @@ pub struct TrackerConfig {
     /// The opened data directory and the state recovered from it. Every change is written
     /// there and acknowledged only once durable.
     pub data: (DataDir, Restored),
+    /// Accept clients' listen addresses on other IPs than their connections' (behind a
+    /// proxy); `--allow-foreign-addresses`.
+    pub allow_foreign_addresses: bool,
+    /// What one user may hold.
+    pub quotas: Quotas,
 }
 
 #[derive(Default)]
@@ -73,6 +84,8 @@ struct ConnData {
     sniffing: bool,
     /// A tracker link queued in `dirty_links`.
     link_dirty: bool,
+    /// Not read while the core holds too many of its requests (`TrackerCore::wants_input`).
+    core_paused: bool,
 }
 
 struct Driver {
@@ -96,6 +109,8 @@ struct Driver {
     disk: DiskHandle,
     /// Set once the disk failed: the tracker stops (nothing more can be made durable).
     disk_failed: Option<DiskError>,
+    /// The connection cap was hit and logged; logged again once below it.
+    at_cap: bool,
 }
 
 type PasswordJobs = Sender<(ConnId, PasswordJob)>;
@@ -186,7 +201,11 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         restored,
     )
     .with_token_key(token_key)
-    .with_secure_tracker_links();
+    .with_secure_tracker_links()
+    .with_password_workers(PASSWORD_WORKERS)
+    .with_idle_timeout(CLIENT_IDLE_TIMEOUT)
+    .with_foreign_addresses(config.allow_foreign_addresses)
+    .with_quotas(config.quotas);
     let link_params = secure::Params::tracker_link(config.service_key.tracker_psk());
     let mut driver = Driver {
         poll,
@@ -202,6 +221,7 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         link_params,
         disk,
         disk_failed: None,
+        at_cap: false,
     };
     info!("tracker {} listening on {addr}", config.tracker_no);
     // The first line on stdout: tests and scripts wait for it to know the tracker is up.
@@ -246,7 +266,8 @@ impl Driver {
                     LISTENER => self.accept_all(),
                     WAKER => {
                         while let Ok((conn, result)) = self.password_done.try_recv() {
-                            self.core.handle_password_done(conn, result);
+                            self.core
+                                .handle_password_done_at(conn, result, Instant::now());
                         }
                         while let Some(event) = self.disk.try_event() {
                             match event {
@@ -348,6 +369,21 @@ impl Driver {
         loop {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
+                    if self.conns.len() >= MAX_CONNECTIONS {
+                        if !self.at_cap {
+                            warn!(
+                                "{MAX_CONNECTIONS} connections open: the connection cap; \
+                                 closing new connections until some close"
+                            );
+                            self.at_cap = true;
+                        }
+                        drop(stream);
+                        continue;
+                    }
+                    if self.at_cap && self.conns.len() < MAX_CONNECTIONS * 15 / 16 {
+                        info!("below the connection cap again ({} open)", self.conns.len());
+                        self.at_cap = false;
+                    }
                     let _ = stream.set_nodelay(true);
                     match self.conns.insert(
                         self.poll.registry(),
@@ -361,6 +397,7 @@ impl Driver {
                         Ok(id) => {
                             debug!("conn {id}: accepted from {peer}");
                             self.core.handle_open(id, Instant::now());
+                            self.core.handle_peer_addr(id, peer);
                         }
                         Err(e) => warn!("could not register a connection from {peer}: {e}"),
                     }
@@ -386,13 +423,31 @@ impl Driver {
             return;
         }
         let core = &mut self.core;
+        if !core.wants_input(id) {
+            // Resumed when the core next sends it something (`drain_outputs`).
+            conn.data.core_paused = true;
+            return;
+        }
         let now = Instant::now();
+        // Output cap: a client's answers (counted by an upper bound as they are made) stop
+        // the reading once they would pass MAX_PENDING_WRITE; `flush` resumes it.
+        let budget = if conn.is_secure() {
+            usize::MAX
+        } else {
+            MAX_PENDING_WRITE.saturating_sub(conn.pending_write())
+        };
+        core.take_reply_bytes();
+        core.take_pause_requested();
+        let mut spent = 0usize;
         let result = conn.read_frames(FRAME_BUDGET, |payload| {
             core.handle_frame(id, payload, now);
+            spent = spent.saturating_add(core.take_reply_bytes());
             // A handshake that changes the frame limit: stop, so that the frames read with
             // it (a client's requests right behind its hello) are checked against the new
             // limit, which `drain_outputs` applies before this connection is read again.
-            !core.take_frame_limit_changed()
+            let limit_changed = core.take_frame_limit_changed();
+            let paused = core.take_pause_requested() && !core.wants_input(id);
+            !limit_changed && !paused && spent < budget
         });
         match result {
             Ok(ReadEnd::WouldBlock) => {}
@@ -489,6 +544,10 @@ impl Driver {
                         if !conn.data.dirty {
                             conn.data.dirty = true;
                             self.dirty.push(id);
+                        }
+                        if conn.data.core_paused && self.core.wants_input(id) {
+                            conn.data.core_paused = false;
+                            self.make_ready(id);
                         }
                     }
                 }

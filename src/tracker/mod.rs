@@ -6,5 +6,6 @@ pub mod disk;
 pub mod driver;
 pub mod durable;
 pub mod password;
+pub mod password_queue;
 pub mod replica;
 pub mod state;

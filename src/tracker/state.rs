@@ -86,6 +86,20 @@ pub struct ClientAnswers {
     pub answers: VecDeque<(u64, Answer)>,
 }
 
+/// The bytes a file's metadata takes, as counted against the metadata quota.
+pub fn meta_bytes(meta: &FileMeta) -> usize {
+    meta.name.as_str().len() + 8 + 4 + 20 + 20 * meta.piece_hashes.len()
+}
+
+/// What one user holds, counted for the quotas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holdings {
+    pub groups_owned: usize,
+    pub requests: usize,
+    pub files: usize,
+    pub metadata: usize,
+}
+
 /// What a successful op did, when there is more to say than "done".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -456,7 +470,14 @@ impl TrackerState {
                 },
             ) = (&answer, &entry.op)
             {
-                if self.sessions.contains_key(id) && !self.taken_since(origin, *id) {
+                // Only for the session's owner: a retry with a copied client id and request id
+                // that proved another user's password, or no token, moves nothing.
+                let owner = self.sessions.get(id).is_some_and(|s| match &entry.op {
+                    Op::OpenSession { user, .. } => s.user == *user,
+                    Op::ResumeSession { token, .. } => s.token == *token,
+                    _ => false,
+                });
+                if owner && !self.taken_since(origin, *id) {
                     self.move_session(*id, *tracker, *client);
                 }
             }
@@ -486,7 +507,7 @@ impl TrackerState {
     }
 
     /// The open session holding `token`.
-    fn session_with_token(&self, token: &[u8; 16]) -> Option<SessionId> {
+    pub fn session_with_token(&self, token: &[u8; 16]) -> Option<SessionId> {
         self.sessions
             .iter()
             .find(|(_, s)| s.token == *token)
@@ -612,6 +633,40 @@ impl TrackerState {
 
     pub fn session(&self, session: SessionId) -> Option<&Session> {
         self.sessions.get(&session)
+    }
+
+    /// What `user` holds, for the quotas: a walk over every group (the quotas keep the
+    /// groups of one user few; the walk is over all of them).
+    pub fn holdings(&self, user: &UserId) -> Holdings {
+        let mut held = Holdings::default();
+        for group in self.groups.values() {
+            if group.owner == *user {
+                held.groups_owned += 1;
+            }
+            if group.requests.contains(user) {
+                held.requests += 1;
+            }
+            for file in group.files.values() {
+                if file.sharers.iter().any(|s| s.user == *user) {
+                    held.files += 1;
+                    held.metadata += meta_bytes(&file.meta);
+                }
+            }
+        }
+        held
+    }
+
+    /// Whether `user` shares the file `name` of `group`.
+    pub fn shares(&self, user: &UserId, group: &GroupId, name: &FileName) -> bool {
+        self.groups
+            .get(group)
+            .and_then(|g| g.files.get(name))
+            .is_some_and(|f| f.sharers.iter().any(|s| s.user == *user))
+    }
+
+    /// The open session of client process `client`, if any.
+    pub fn session_of_client(&self, client: u64) -> Option<SessionId> {
+        self.session_of_client.get(&client).copied()
     }
 
     pub fn sessions(&self) -> impl Iterator<Item = (&SessionId, &Session)> {

@@ -260,12 +260,14 @@ pub enum RejectCode {
     NotSharer,
     Unavailable,
     Internal,
+    /// A quota of the user's was reached.
+    QuotaExceeded,
     /// A code from a newer tracker.
     Other(u16),
 }
 
 impl RejectCode {
-    const TABLE: [RejectCode; 19] = [
+    const TABLE: [RejectCode; 20] = [
         RejectCode::BadRequest,
         RejectCode::UserExists,
         RejectCode::UnknownUser,
@@ -285,6 +287,7 @@ impl RejectCode {
         RejectCode::NotSharer,
         RejectCode::Unavailable,
         RejectCode::Internal,
+        RejectCode::QuotaExceeded,
     ];
 
     pub fn to_u16(self) -> u16 {
@@ -657,6 +660,45 @@ impl TrackerMsg {
 }
 
 impl Reply {
+    /// An upper bound of the bytes [`emit`](Self::emit) writes (frame header included),
+    /// without writing them: what the tracker counts against a connection's output cap.
+    pub fn size_bound(&self) -> usize {
+        const HEADER: usize = 4 + 1 + 8;
+        const ADDR: usize = 1 + 16 + 2;
+        let body = match &self.body {
+            ReplyBody::Done | ReplyBody::Pong => 0,
+            ReplyBody::Refused { message, .. } => 2 + 2 + message.len().min(MAX_MESSAGE_LEN),
+            ReplyBody::LoggedIn { token } => token.len(),
+            ReplyBody::Groups(groups) => {
+                4 + groups
+                    .iter()
+                    .map(|g| 2 + g.group.as_str().len() + 2 + g.owner.as_str().len() + 4 + 1)
+                    .sum::<usize>()
+            }
+            ReplyBody::Users(users) => {
+                4 + users.iter().map(|u| 2 + u.as_str().len()).sum::<usize>()
+            }
+            ReplyBody::Files(files) => {
+                4 + files
+                    .iter()
+                    .map(|f| 2 + f.name.as_str().len() + 8 + 4 + 4 + 20)
+                    .sum::<usize>()
+            }
+            ReplyBody::Shared { .. } => 1,
+            ReplyBody::Sharers { meta, peers } => {
+                2 + meta.name.as_str().len()
+                    + 8
+                    + 4
+                    + 20
+                    + 4
+                    + 20 * meta.piece_hashes.len()
+                    + 4
+                    + ADDR * peers.len()
+            }
+        };
+        HEADER + body
+    }
+
     pub fn emit(&self, out: &mut Vec<u8>) {
         let frame_type = match &self.body {
             ReplyBody::Done => ty::DONE,

@@ -1830,8 +1830,9 @@ fn reject_code_round_trip() {
     assert_eq!(RejectCode::BadRequest.to_u16(), 1);
     assert_eq!(RejectCode::NotLoggedIn.to_u16(), 7);
     assert_eq!(RejectCode::Internal.to_u16(), 19);
+    assert_eq!(RejectCode::QuotaExceeded.to_u16(), 20);
 
-    for other in [0u16, 20, 999, u16::MAX] {
+    for other in [0u16, 21, 999, u16::MAX] {
         let code = RejectCode::Other(other);
         assert_eq!(code.to_u16(), other);
         assert_eq!(RejectCode::from_u16(other), code);
@@ -2014,4 +2015,21 @@ fn golden_file_sharers_and_sharers() {
     let mut got = Vec::new();
     reply.emit(&mut got);
     assert_eq!(got, framed);
+}
+
+#[test]
+fn a_reply_is_never_longer_than_its_size_bound() {
+    let mut rng = Rng::new(0x51_2E);
+    let replies = sample_tracker_msgs()
+        .into_iter()
+        .chain((0..20_000).map(|_| rand_tracker(&mut rng)));
+    let mut n = 0;
+    for msg in replies {
+        if let TrackerMsg::Reply(reply) = &msg {
+            let len = emit_t(&msg).len();
+            assert!(reply.size_bound() >= len, "{reply:?}: {len} bytes");
+            n += 1;
+        }
+    }
+    assert!(n > 1000, "{n} replies checked");
 }

@@ -1,0 +1,295 @@
+//! The tracker under hostile or heavy clients (issue 11), against the real binary: raw
+//! connections speaking the wire format, as an attacker's script would.
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::{free_port, Client, Tracker};
+use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
+use p2pshare::wire::tracker_link::{ClientMsg, Reply, ReplyBody, Request, RequestBody, TrackerMsg};
+use p2pshare::wire::{GroupId, Password, UserId};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A client link spoken by hand.
+struct Raw {
+    stream: TcpStream,
+    rbuf: FrameBuffer,
+}
+
+impl Raw {
+    /// Connects and handshakes as client process `client`.
+    fn connect(addr: SocketAddr, client: u64) -> Raw {
+        let stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+        let mut raw = Raw {
+            stream,
+            rbuf: FrameBuffer::new(MAX_CLIENT_TRACKER_FRAME),
+        };
+        raw.write(&ClientMsg::hello(client));
+        match raw.recv() {
+            TrackerMsg::Welcome { .. } => raw,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    fn write(&mut self, msg: &ClientMsg) {
+        let mut out = Vec::new();
+        msg.emit(&mut out);
+        self.stream.write_all(&out).expect("send");
+    }
+
+    /// Sends the requests numbered from `first`, pipelined.
+    fn send_all(&mut self, first: u64, bodies: &[RequestBody]) {
+        let mut out = Vec::new();
+        for (i, body) in bodies.iter().enumerate() {
+            ClientMsg::Request(Request {
+                req_id: first + i as u64,
+                body: body.clone(),
+            })
+            .emit(&mut out);
+        }
+        self.stream.write_all(&out).expect("send");
+    }
+
+    /// The next frame's payload, within [`TIMEOUT`].
+    fn recv_payload(&mut self) -> Vec<u8> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(p) = self.rbuf.next_frame().expect("a well-formed frame") {
+                return p.to_vec();
+            }
+            assert!(Instant::now() < deadline, "no frame within {TIMEOUT:?}");
+            match self.stream.read(self.rbuf.spare()) {
+                Ok(0) => panic!("closed by the tracker"),
+                Ok(n) => self.rbuf.commit(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    fn recv(&mut self) -> TrackerMsg {
+        TrackerMsg::parse(&self.recv_payload()).expect("a well-formed message")
+    }
+
+    /// Sends one request and returns its answer.
+    fn call(&mut self, req_id: u64, body: RequestBody) -> ReplyBody {
+        self.send_all(req_id, &[body]);
+        match self.recv() {
+            TrackerMsg::Reply(Reply { req_id: id, body }) if id == req_id => body,
+            other => panic!("expected the reply to {req_id}, got {other:?}"),
+        }
+    }
+}
+
+fn uid(s: &str) -> UserId {
+    UserId::new(s).unwrap()
+}
+
+fn pw(s: &str) -> Password {
+    Password::new(s.as_bytes()).unwrap()
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// A member pipelines a thousand requests with 274 KB answers and reads none of them: the
+/// tracker stops reading that connection once its answers pass the output cap (instead of
+/// making 274 MB of them, or 70 MB a turn), serves others meanwhile, and drops none: once the
+/// member reads, every answer arrives, in order.
+#[test]
+fn unread_answers_are_held_back_not_piled_up() {
+    const GROUPS: u64 = 2000;
+    const ASKS: u64 = 1000;
+    let tracker = Tracker::start_with(&["--max-groups-per-user".into(), "5000".into()]);
+    let owner = "o".repeat(64);
+    let mut member = Raw::connect(tracker.addr, 1);
+    assert_eq!(
+        member.call(
+            1,
+            RequestBody::CreateUser {
+                user: uid(&owner),
+                password: pw("pw"),
+            }
+        ),
+        ReplyBody::Done
+    );
+    assert!(matches!(
+        member.call(
+            2,
+            RequestBody::Login {
+                user: uid(&owner),
+                password: pw("pw"),
+                peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            }
+        ),
+        ReplyBody::LoggedIn { .. }
+    ));
+    let creates: Vec<RequestBody> = (0..GROUPS)
+        .map(|i| RequestBody::CreateGroup {
+            group: GroupId::new(&format!("{i:04}{}", "g".repeat(60))).unwrap(),
+        })
+        .collect();
+    member.send_all(100, &creates);
+    for i in 0..GROUPS {
+        match member.recv() {
+            TrackerMsg::Reply(Reply {
+                req_id,
+                body: ReplyBody::Done,
+            }) => assert_eq!(req_id, 100 + i),
+            other => panic!("create_group {i}: {other:?}"),
+        }
+    }
+    let before = rss_kib(tracker.pid());
+
+    let asks = vec![RequestBody::ListGroups; ASKS as usize];
+    member.send_all(10_000, &asks);
+    // Another client is served meanwhile, again and again.
+    let mut other = Raw::connect(tracker.addr, 2);
+    let mut max_rss = before;
+    for i in 0..50 {
+        assert_eq!(other.call(i, RequestBody::Ping), ReplyBody::Pong);
+        max_rss = max_rss.max(rss_kib(tracker.pid()));
+    }
+    let grew_mib = (max_rss.saturating_sub(before)) as f64 / 1024.0;
+    eprintln!("tracker RSS {before} KiB before, at most {max_rss} KiB with {ASKS} answers unread");
+    // Without the cap it made 256 answers (70 MB) per turn, and all 274 MB if unread.
+    assert!(
+        grew_mib < 32.0,
+        "the tracker grew by {grew_mib:.1} MiB holding unread answers"
+    );
+
+    // Every answer arrives, in order (only the ids of all but the last are decoded).
+    let mut last = Vec::new();
+    for i in 0..ASKS {
+        let payload = member.recv_payload();
+        let id = u64::from_be_bytes(payload[1..9].try_into().unwrap());
+        assert_eq!(id, 10_000 + i, "answers in order, none dropped");
+        last = payload;
+    }
+    match TrackerMsg::parse(&last).unwrap() {
+        TrackerMsg::Reply(Reply {
+            body: ReplyBody::Groups(groups),
+            ..
+        }) => assert_eq!(groups.len(), GROUPS as usize),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(member.call(20_000, RequestBody::Ping), ReplyBody::Pong);
+}
+
+/// Client ids travel in clear: a thief who copies one, and the id of its owner's login
+/// request, gets no session by replaying it, whatever password it proves, and cannot end the
+/// owner's session by logging in under that id.
+#[test]
+fn a_copied_client_id_and_request_id_get_no_session() {
+    let tracker = Tracker::start();
+    let mut owner = Raw::connect(tracker.addr, 0xA11CE);
+    let login = |user: &str, password: &str| RequestBody::Login {
+        user: uid(user),
+        password: pw(password),
+        peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+    };
+    let create = |user: &str, password: &str| RequestBody::CreateUser {
+        user: uid(user),
+        password: pw(password),
+    };
+    assert_eq!(owner.call(1, create("alice", "right")), ReplyBody::Done);
+    let ReplyBody::LoggedIn { token } = owner.call(5, login("alice", "right")) else {
+        panic!("alice logs in");
+    };
+    let mut thief = Raw::connect(tracker.addr, 0xA11CE);
+    assert_eq!(thief.call(1000, create("mallory", "mine")), ReplyBody::Done);
+    for body in [login("alice", "guess"), login("mallory", "mine")] {
+        match thief.call(5, body) {
+            ReplyBody::Refused { .. } => {}
+            other => panic!("the replayed login was answered {other:?}"),
+        }
+    }
+    match thief.call(6, login("mallory", "mine")) {
+        ReplyBody::Refused { .. } => {}
+        other => panic!("a login under the copied id was answered {other:?}"),
+    }
+    match thief.call(7, RequestBody::ListGroups) {
+        ReplyBody::Refused { .. } => {}
+        other => panic!("the thief has a session: {other:?}"),
+    }
+    drop(thief);
+    // The owner's session is whole, its token unchanged.
+    assert_eq!(
+        owner.call(8, RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+    let mut again = Raw::connect(tracker.addr, 0xA11CE);
+    assert_eq!(
+        again.call(9, RequestBody::Resume { token }),
+        ReplyBody::LoggedIn { token }
+    );
+    // The resume moved the session: the old link is detached.
+    match owner.call(10, RequestBody::ListGroups) {
+        ReplyBody::Refused { .. } => {}
+        other => panic!("the old link still acts on the session: {other:?}"),
+    }
+}
+
+/// A client that says it listens on another IP than the one it connects from is refused at
+/// login with a clear error (downloaders would be sent to someone else), unless the tracker
+/// was told to accept that.
+#[test]
+fn a_listen_address_on_a_foreign_ip_is_refused_at_login() {
+    let tracker = Tracker::start();
+    // Listening on 127.0.0.2, connecting to the tracker from 127.0.0.1.
+    let foreign = SocketAddr::from(([127, 0, 0, 2], free_port()));
+    let out = Client::with_addr(&tracker.info, foreign).run(&["create_user a pw", "login a pw"]);
+    out.check(&["user a created"], 1, 1);
+    assert!(
+        out.errors[0].contains(&format!(
+            "listen address {foreign} is not on this connection"
+        )),
+        "{out:#?}"
+    );
+    // The same client on its connection's IP logs in.
+    let own = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    Client::with_addr(&tracker.info, own)
+        .run(&["login a pw"])
+        .check(&["logged in as a"], 0, 0);
+
+    let lenient = Tracker::start_with(&["--allow-foreign-addresses".into()]);
+    let foreign = SocketAddr::from(([127, 0, 0, 2], free_port()));
+    Client::with_addr(&lenient.info, foreign)
+        .run(&["create_user a pw", "login a pw"])
+        .check(&["user a created", "logged in as a"], 0, 0);
+}
+
+/// A quota set by an option is a clear error for the command past it; the session lives on.
+#[test]
+fn quotas_come_from_options_and_refuse_clearly() {
+    let tracker = Tracker::start_with(&["--max-groups-per-user".into(), "2".into()]);
+    let out = tracker.client().run(&[
+        "create_user a pw",
+        "login a pw",
+        "create_group g1",
+        "create_group g2",
+        "create_group g3",
+        "list_groups",
+    ]);
+    assert_eq!(out.errors.len(), 1, "{out:#?}");
+    assert!(
+        out.errors[0].contains("quota: at most 2 groups owned per user"),
+        "{out:#?}"
+    );
+    assert_eq!(out.stdout.len(), 6, "{out:#?}");
+    assert!(out.stdout[4].starts_with("g1") && out.stdout[5].starts_with("g2"));
+}
