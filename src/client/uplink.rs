@@ -34,8 +34,10 @@ use crate::wire::PROTOCOL_VERSION;
 /// How long connecting to one tracker may take before the next one is tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// After losing its tracker, how long the client keeps trying the others before it gives up
-/// its session (the trackers keep a lost client's session at least this long).
-pub const RECONNECT_FOR: Duration = Duration::from_secs(10);
+/// its session. Long enough to outlast a restart of every tracker: the service keeps the
+/// session on disk, and once it serves again it gives the sessions of trackers that are gone
+/// 10 s to move; a client that reconnects within a second of that keeps its session.
+pub const RECONNECT_FOR: Duration = Duration::from_secs(120);
 /// The pause before the second retry round; it doubles with every round after.
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 /// The longest pause between two rounds of attempts.
