@@ -34,6 +34,13 @@ pub const PUBLIC_KEY_PREFIX: &str = "ed25519:";
 /// Labels of the derived keys: each use gets its own, so no key serves two purposes.
 const LABEL_TRACKER_PSK: &[u8] = b"p2pshare v1 tracker-link psk";
 const LABEL_SIGNING: &[u8] = b"p2pshare v1 service ed25519 signing key";
+const LABEL_CLIENT_LINK_STATIC: &[u8] = b"p2pshare v1 client-link x25519 static key";
+/// What the service key signs to certify the trackers' static key of client links (followed
+/// by that key's 32 bytes). A distinct context, so such a signature can never be taken for
+/// another statement of the service (a ticket, say).
+const CERT_CONTEXT: &[u8] = b"p2pshare v1 client-link static key certificate\0";
+/// Bytes of a static key's certificate: the service's public key, then the signature.
+pub const CERT_LEN: usize = 32 + 64;
 
 /// Why a key file cannot be used. Each names the file.
 #[derive(Debug)]
@@ -140,6 +147,31 @@ impl FromStr for PublicKey {
     }
 }
 
+/// Checks a tracker's certificate of its static key `remote_static` (see
+/// [`ServiceKey::client_link_certificate`]) and returns the service public key that signed
+/// it. Any error means the peer is not a tracker of any service.
+pub fn verify_static_cert(cert: &[u8], remote_static: &[u8]) -> Result<[u8; 32], String> {
+    if cert.len() != CERT_LEN {
+        return Err(format!(
+            "a certificate of {} bytes (expected {CERT_LEN})",
+            cert.len()
+        ));
+    }
+    if remote_static.len() != 32 {
+        return Err("no static key".into());
+    }
+    let mut signer = [0u8; 32];
+    signer.copy_from_slice(&cert[..32]);
+    let mut signature = [0u8; 64];
+    signature.copy_from_slice(&cert[32..]);
+    let key = VerifyingKey::from_bytes(&signer).map_err(|_| "not an Ed25519 public key")?;
+    let mut message = CERT_CONTEXT.to_vec();
+    message.extend_from_slice(remote_static);
+    key.verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&signature))
+        .map_err(|_| "the static key's signature does not verify")?;
+    Ok(signer)
+}
+
 /// The service's secret seed and what derives from it.
 pub struct ServiceKey {
     seed: [u8; 32],
@@ -195,6 +227,35 @@ impl ServiceKey {
     /// The service's public key (the signing key's public half).
     pub fn public_key(&self) -> PublicKey {
         PublicKey(self.signing_key().verifying_key().to_bytes())
+    }
+
+    /// The static X25519 key pair every tracker of the service presents on client links:
+    /// `(private, public)`. Derived from the seed, so all trackers present the same one; the
+    /// public half is computed by `snow`'s own X25519.
+    pub fn client_link_static(&self) -> ([u8; 32], [u8; 32]) {
+        use snow::resolvers::{CryptoResolver, DefaultResolver};
+        let private = self.derive(LABEL_CLIENT_LINK_STATIC);
+        let mut public = [0u8; 32];
+        if let Some(mut dh) = DefaultResolver.resolve_dh(&snow::params::DHChoice::Curve25519) {
+            dh.set(&private);
+            public.copy_from_slice(&dh.pubkey()[..32]);
+        }
+        (private, public)
+    }
+
+    /// The certificate of the client links' static key: `service public key (32) |
+    /// Ed25519 signature (64)` over a context string of its own and the static public key. Sent by every
+    /// tracker inside the handshake; checked by [`verify_static_cert`].
+    pub fn client_link_certificate(&self) -> Vec<u8> {
+        use ed25519_dalek::Signer;
+        let (_, public) = self.client_link_static();
+        let signing = self.signing_key();
+        let mut message = CERT_CONTEXT.to_vec();
+        message.extend_from_slice(&public);
+        let mut cert = Vec::with_capacity(CERT_LEN);
+        cert.extend_from_slice(signing.verifying_key().as_bytes());
+        cert.extend_from_slice(&signing.sign(&message).to_bytes());
+        cert
     }
 
     /// Reads the key at `path`, refusing a file that group or others can access.

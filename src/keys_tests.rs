@@ -213,3 +213,30 @@ fn state_root_follows_xdg_then_home() {
     );
     assert_eq!(state_root(None, None), None);
 }
+
+#[test]
+fn client_link_certificate_is_pinned_and_verifies() {
+    let key = ServiceKey::from_seed([3u8; 32]);
+    let (private, public) = key.client_link_static();
+    // Derived keys are part of the protocol: every tracker of a service must agree on them
+    // and a change would break every client's trust; pin them.
+    assert_eq!(private, key.client_link_static().0);
+    assert_ne!(private, key.tracker_psk());
+    assert_eq!(
+        Base64UrlUnpadded::encode_string(&public),
+        "ybj8E6EOOKxQ_qmVHhyIuLdlmBbVq958CzfHjQO55SU"
+    );
+    let cert = key.client_link_certificate();
+    assert_eq!(cert.len(), CERT_LEN);
+    assert_eq!(&cert[..32], &key.public_key().0);
+    assert_eq!(verify_static_cert(&cert, &public), Ok(key.public_key().0));
+    // Ed25519 signatures are deterministic: the certificate is too.
+    assert_eq!(cert, key.client_link_certificate());
+    let other = ServiceKey::from_seed([4u8; 32]).client_link_static().1;
+    assert!(verify_static_cert(&cert, &other).is_err());
+    assert!(verify_static_cert(&cert[..95], &public).is_err());
+    assert!(verify_static_cert(&cert, &public[..31]).is_err());
+    let mut bad = cert.clone();
+    bad[0] ^= 1;
+    assert!(verify_static_cert(&bad, &public).is_err());
+}

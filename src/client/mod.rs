@@ -3,7 +3,8 @@
 //! the download engine ([`download`]) and the serving core ([`uploader`]), the mio reactor
 //! that runs them all ([`driver`]), and the progress line on a terminal ([`progress`]). At a
 //! terminal the [`shell`] reads the commands (line editing, [`history`], [`complete`],
-//! [`help`], [`listing`]); the [`state_dir`] holds what a client remembers between runs.
+//! [`help`], [`listing`]); the [`state_dir`] holds what a client remembers between runs,
+//! among it the trackers' keys trusted on first use ([`known_trackers`]).
 
 pub mod command;
 pub mod complete;
@@ -12,6 +13,7 @@ pub mod download;
 pub mod driver;
 pub mod help;
 pub mod history;
+pub mod known_trackers;
 pub mod listing;
 pub mod progress;
 pub mod session;
