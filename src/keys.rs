@@ -244,8 +244,8 @@ impl ServiceKey {
     }
 
     /// The certificate of the client links' static key: `service public key (32) |
-    /// Ed25519 signature (64)` over a context string of its own and the static public key. Sent by every
-    /// tracker inside the handshake; checked by [`verify_static_cert`].
+    /// Ed25519 signature (64)` over a context string of its own and the static public key.
+    /// Sent by every tracker inside the handshake; checked by [`verify_static_cert`].
     pub fn client_link_certificate(&self) -> Vec<u8> {
         use ed25519_dalek::Signer;
         let (_, public) = self.client_link_static();

@@ -5,23 +5,29 @@
 //! `error: ` line naming the tracker and both keys; a key trusted on first use is remembered
 //! in the state directory and checked on the next start).
 //!
+//! Caps on peer links: a sharer flooded with handshaken connections (from one address, then
+//! from many) keeps serving others and its own download completes.
+//!
 //! Every process is owned by a guard that kills it on drop; the relay's threads stop with it;
 //! every wait has a generous deadline; every process gets a temporary `XDG_STATE_HOME`.
 
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{state_home, Client, RawTracker, Tracker};
+use common::{state_home, Client, LiveClient, RawTracker, Tracker};
+use p2pshare::client::transfers::{MAX_SERVE_LINKS, MAX_SERVE_LINKS_PER_ADDR};
 use p2pshare::keys::{PublicKey, ServiceKey};
 use p2pshare::wire::ids::{Password, UserId};
+use p2pshare::wire::peer_link::DownloaderMsg;
 use p2pshare::wire::tracker_link::{ReplyBody, RequestBody};
+use p2pshare::wire::{FileName, GroupId, Sha1Digest, PROTOCOL_VERSION};
 
 /// How long a relay's pump waits in one read before it looks at the stop flag.
 const PUMP_TICK: Duration = Duration::from_millis(100);
@@ -272,4 +278,209 @@ fn first_use_trust_is_remembered_and_checked_on_the_next_start() {
     Client::new(&info)
         .run(&["create_user mallory pw"])
         .check(&["user mallory created"], 0, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Caps on peer links
+// ---------------------------------------------------------------------------------------
+
+/// Deadline of one download or flood step on a loaded machine.
+const STEP: Duration = Duration::from_secs(90);
+/// Connections of the big flood: more than the one cap of 4,096 peer links there was before
+/// served links and the client's own links were limited apart.
+const BIG_FLOOD: usize = 4500;
+/// Connections per source address in the big flood (under the per-address cap).
+const PER_SOURCE: usize = 30;
+
+/// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8).
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    rustix::net::bind(&fd, &SocketAddrV4::new(from, 0))?;
+    rustix::net::connect(&fd, &to)?;
+    Ok(TcpStream::from(fd))
+}
+
+/// A downloader's handshake for `name` of group `g`, as a member who knows the file's SHA1
+/// would send it.
+fn handshake_frame(name: &str, file_sha1: [u8; 20]) -> Vec<u8> {
+    let mut out = Vec::new();
+    DownloaderMsg::Handshake {
+        version: PROTOCOL_VERSION,
+        group: GroupId::new("g").unwrap(),
+        name: FileName::new(name).unwrap(),
+        file_sha1: Sha1Digest(file_sha1),
+    }
+    .emit(&mut out);
+    out
+}
+
+/// Opens `n` connections to `to` from `from(i)`, each sending `frame`, then tells how many
+/// the sharer accepted (answered with a frame) and keeps those open; the rest it closed.
+fn flood(
+    to: SocketAddr,
+    n: usize,
+    from: impl Fn(usize) -> Ipv4Addr,
+    frame: &[u8],
+) -> Vec<TcpStream> {
+    let deadline = Instant::now() + STEP;
+    let mut streams = Vec::with_capacity(n);
+    for i in 0..n {
+        assert!(
+            Instant::now() < deadline,
+            "flood: {i} connections in {STEP:?}"
+        );
+        let mut stream = connect_from(from(i), to).expect("flood connect");
+        // A write may fail on a connection the sharer closed at once.
+        let _ = stream.write_all(frame);
+        streams.push(stream);
+    }
+    let mut held = Vec::new();
+    for mut stream in streams {
+        let left = deadline.saturating_duration_since(Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut head = [0u8; 5];
+        match stream.read_exact(&mut head) {
+            Ok(()) => {
+                // 0x81: Accept. Anything else is a refusal of a handshake that was valid.
+                assert_eq!(head[4], 0x81, "flood handshake refused");
+                held.push(stream);
+            }
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("flood: no answer and no close: {e}"),
+        }
+    }
+    held
+}
+
+fn sha1_of(data: &[u8]) -> [u8; 20] {
+    use sha1::Digest;
+    sha1::Sha1::digest(data).into()
+}
+
+/// Bytes that differ from file to file and along a file.
+fn varied(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+#[track_caller]
+fn download(live: &mut LiveClient, name: &str, dest: &Path, size: usize) {
+    let target = dest.join(name);
+    live.send(&format!("download_file g {name} {}/", dest.display()));
+    let started = live.next_out_within(STEP);
+    assert!(
+        started.starts_with(&format!("download of {name} from group g started: ")),
+        "{started}"
+    );
+    let done = live.next_out_within(STEP);
+    assert!(
+        done.starts_with(&format!(
+            "downloaded {name} from group g to {} ({size} bytes in ",
+            target.display()
+        )),
+        "{done}"
+    );
+}
+
+#[test]
+fn a_handshake_flood_on_a_sharer_never_stops_its_own_download() {
+    // The flood holds up to BIG_FLOOD sockets in this process.
+    let open_files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    let big_flood = if open_files >= (BIG_FLOOD + 1000) as u64 {
+        BIG_FLOOD
+    } else {
+        eprintln!("open file limit {open_files}: a smaller flood");
+        (open_files as usize)
+            .saturating_sub(1000)
+            .max(MAX_SERVE_LINKS + 100)
+    };
+    let tracker = Tracker::start();
+    let out = tracker.run(&[
+        "create_user alice pw",
+        "create_user bob pw",
+        "login bob pw",
+        "create_group g",
+        "logout",
+        "login alice pw",
+        "join_group g",
+        "logout",
+        "login bob pw",
+        "accept_request g alice",
+        "logout",
+    ]);
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    let root = tracker.dir.path().canonicalize().unwrap();
+    let (alice_dir, bob_dir) = (root.join("alice"), root.join("bob"));
+    std::fs::create_dir(&alice_dir).unwrap();
+    std::fs::create_dir(&bob_dir).unwrap();
+    let small = varied(1 << 20, 1);
+    let big = varied(24 << 20, 2);
+    std::fs::write(alice_dir.join("small.bin"), &small).unwrap();
+    std::fs::write(bob_dir.join("big.bin"), &big).unwrap();
+
+    // Alice shares small.bin; bob shares big.bin.
+    let mut alice = tracker.client().cwd(&alice_dir).live();
+    alice.cmd("login alice pw", &["logged in as alice"]);
+    alice.cmd(
+        "upload_file small.bin g",
+        &["uploaded small.bin to group g (1048576 bytes, 2 pieces)"],
+    );
+    let mut bob = tracker.client().cwd(&bob_dir).live();
+    bob.cmd("login bob pw", &["logged in as bob"]);
+    bob.cmd(
+        "upload_file big.bin g",
+        &["uploaded big.bin to group g (25165824 bytes, 48 pieces)"],
+    );
+    let frame = handshake_frame("small.bin", sha1_of(&small));
+
+    // A flood from one address gets the per-address cap, and others are still served.
+    let one = Ipv4Addr::new(127, 0, 0, 2);
+    let held_one = flood(alice.addr, 100, |_| one, &frame);
+    assert_eq!(held_one.len(), MAX_SERVE_LINKS_PER_ADDR);
+    let bob_dl = tempfile::tempdir().unwrap();
+    let bob_dl_dir = bob_dl.path().canonicalize().unwrap();
+    download(&mut bob, "small.bin", &bob_dl_dir, small.len());
+    assert_eq!(std::fs::read(bob_dl_dir.join("small.bin")).unwrap(), small);
+
+    // A flood from many addresses fills the served links' cap, never the links alice
+    // opens for her own download.
+    let held_many = flood(
+        alice.addr,
+        big_flood,
+        |i| {
+            Ipv4Addr::new(
+                127,
+                0,
+                1 + (i / PER_SOURCE / 250) as u8,
+                1 + (i / PER_SOURCE % 250) as u8,
+            )
+        },
+        &frame,
+    );
+    assert!(
+        held_one.len() + held_many.len() <= MAX_SERVE_LINKS,
+        "{} + {} served links",
+        held_one.len(),
+        held_many.len()
+    );
+    // Bob's link for small.bin may not be closed yet at alice.
+    assert!(
+        held_one.len() + held_many.len() >= MAX_SERVE_LINKS - 1,
+        "the cap was not reached: {} + {} held",
+        held_one.len(),
+        held_many.len()
+    );
+    let alice_dl = tempfile::tempdir().unwrap();
+    let alice_dl_dir = alice_dl.path().canonicalize().unwrap();
+    download(&mut alice, "big.bin", &alice_dl_dir, big.len());
+    assert_eq!(std::fs::read(alice_dl_dir.join("big.bin")).unwrap(), big);
+    drop(held_one);
+    drop(held_many);
+    let (status, _) = alice.finish();
+    assert_eq!(status.code(), Some(0));
 }

@@ -32,7 +32,7 @@ use super::known_trackers::TrackerKeys;
 use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::shell::{self, Shell};
-use super::transfers::{TransferEvent, Transfers};
+use super::transfers::{PeerCaps, TransferEvent, Transfers};
 use super::uplink::{Uplink, UplinkEvent};
 use crate::hasher::{HashPool, HashResult};
 use crate::keys::{self, PublicKey};
@@ -93,6 +93,11 @@ struct Driver {
 
 /// Runs the client; returns the exit status (0 if every command succeeded, else 1).
 pub fn run(config: ClientConfig) -> io::Result<u8> {
+    // Room for the peer links' caps; they shrink to fit when the limit cannot be raised.
+    let open_files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or_else(|e| {
+        warn!("could not raise the open file limit: {e}");
+        1024
+    });
     let poll = Poll::new()?;
     let mut listener = TcpListener::bind(config.listen)?;
     poll.registry()
@@ -120,7 +125,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         tracker_handshaking: false,
         tracker_refusal: None,
         hasher,
-        transfers: Transfers::default(),
+        transfers: Transfers::default().with_caps(PeerCaps::for_open_files(open_files)),
         lines: VecDeque::new(),
         input_done: false,
         interactive: io::stdin().is_terminal(),

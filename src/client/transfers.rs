@@ -11,6 +11,12 @@
 //! - `serve`: the links other clients opened to fetch what this client shares; the
 //!   [`Uploader`] core decides, blocks go out straight from the source's map.
 //!
+//! Caps, so that links others open can never take what this client's own downloads need:
+//! served links and this client's own (fetch) links have separate limits
+//! ([`PeerCaps`]), served links are limited per remote address too, a served link must send its
+//! handshake within 10 s and is closed after [`SERVE_IDLE_TIMEOUT`] without a frame from its
+//! downloader (while nothing is queued for it). A connection over a cap is closed at once.
+//!
 //! Nothing here decides what a download or a serve link does next: the `Download` engine and
 //! the `Uploader` core do. What needs the tracker or the command loop comes out as
 //! [`TransferEvent`]s.
@@ -20,7 +26,7 @@ mod fetch;
 mod serve;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -43,8 +49,17 @@ const READ_BUDGET: usize = 8 * 1024 * 1024;
 const FRAME_BUDGET: usize = 256;
 /// How long a serve link may take to send its handshake.
 const SERVE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most peer links at once; connections past it are closed at once.
-const MAX_PEER_LINKS: usize = 4096;
+/// Most links this client opens for its own downloads.
+pub const MAX_FETCH_LINKS: usize = 4096;
+/// Most served links at once (links other clients opened to fetch from this one).
+pub const MAX_SERVE_LINKS: usize = 1024;
+/// Most served links from one remote IP address.
+pub const MAX_SERVE_LINKS_PER_ADDR: usize = 64;
+/// A served link whose downloader sent nothing for this long, while nothing is queued for it,
+/// is closed (a downloader with work in flight sends requests far more often).
+pub const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often served links are looked at for idleness.
+const IDLE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Scratch space for data that is read and dropped.
 const SCRATCH_LEN: usize = 64 * 1024;
 
@@ -77,6 +92,44 @@ pub struct Transfers {
     limits: Limits,
     /// Downloads whose engines have actions waiting (queued where no hasher was at hand).
     pending_actions: Vec<DownloadId>,
+    caps: PeerCaps,
+    /// When served links are next looked at for idleness (while there are any).
+    next_idle_check: Option<Instant>,
+}
+
+/// The caps on peer links (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCaps {
+    pub max_fetch: usize,
+    pub max_serve: usize,
+    pub max_serve_per_addr: usize,
+    pub serve_idle: Duration,
+}
+
+impl Default for PeerCaps {
+    fn default() -> Self {
+        PeerCaps {
+            max_fetch: MAX_FETCH_LINKS,
+            max_serve: MAX_SERVE_LINKS,
+            max_serve_per_addr: MAX_SERVE_LINKS_PER_ADDR,
+            serve_idle: SERVE_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl PeerCaps {
+    /// The default caps, shrunk to fit `open_files` file descriptors: fetch and serve links
+    /// together keep a quarter of them free for files, maps and the rest.
+    pub fn for_open_files(open_files: u64) -> Self {
+        let mut caps = PeerCaps::default();
+        let room = usize::try_from(open_files.saturating_mul(3) / 4).unwrap_or(usize::MAX);
+        if caps.max_fetch + caps.max_serve > room {
+            caps.max_serve = (room / 3).max(1);
+            caps.max_fetch = (room - room / 3).max(1);
+            caps.max_serve_per_addr = caps.max_serve_per_addr.min(caps.max_serve);
+        }
+        caps
+    }
 }
 
 impl Default for Transfers {
@@ -96,7 +149,32 @@ impl Transfers {
             scratch: vec![0; SCRATCH_LEN],
             limits,
             pending_actions: Vec::new(),
+            caps: PeerCaps::default(),
+            next_idle_check: None,
         }
+    }
+
+    /// Uses these caps from now on.
+    pub fn with_caps(mut self, caps: PeerCaps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// Open links: `(fetch, served, served from ip)`.
+    fn count_links(&self, ip: Option<IpAddr>) -> (usize, usize, usize) {
+        let (mut fetch, mut serve, mut from_ip) = (0, 0, 0);
+        for conn in self.conns.iter() {
+            match &conn.data {
+                PeerConn::Fetch(_) => fetch += 1,
+                PeerConn::Serve(link) => {
+                    serve += 1;
+                    if Some(link.addr.ip()) == ip {
+                        from_ip += 1;
+                    }
+                }
+            }
+        }
+        (fetch, serve, from_ip)
     }
 
     pub fn poll_event(&mut self) -> Option<TransferEvent> {
@@ -125,7 +203,10 @@ impl Transfers {
             .values()
             .filter_map(|a| a.engine.next_deadline());
         let handshakes = self.handshake_deadlines.front().map(|(t, _)| *t);
-        downloads.chain(handshakes).min()
+        downloads
+            .chain(handshakes)
+            .chain(self.next_idle_check)
+            .min()
     }
 
     pub fn on_tick(&mut self, registry: &Registry, hasher: &HashPool, now: Instant) {
@@ -155,6 +236,37 @@ impl Transfers {
                 self.conns.remove(registry, id);
             }
         }
+        if self.next_idle_check.is_some_and(|t| t <= now) {
+            self.close_idle(registry, now);
+        }
+    }
+
+    /// Closes served links whose downloader has been silent for the idle timeout while
+    /// nothing was queued for it.
+    fn close_idle(&mut self, registry: &Registry, now: Instant) {
+        let idle = self.caps.serve_idle;
+        let stale: Vec<(ConnId, SocketAddr)> = self
+            .conns
+            .iter()
+            .filter_map(|c| match &c.data {
+                PeerConn::Serve(link)
+                    if c.pending_write() == 0
+                        && now.saturating_duration_since(link.last_heard) >= idle =>
+                {
+                    Some((c.id, link.addr))
+                }
+                _ => None,
+            })
+            .collect();
+        for (id, addr) in stale {
+            debug!("serving {addr}: idle for {idle:?}; closed");
+            self.conns.remove(registry, id);
+        }
+        let any_served = self
+            .conns
+            .iter()
+            .any(|c| matches!(c.data, PeerConn::Serve(_)));
+        self.next_idle_check = any_served.then(|| now + IDLE_CHECK_EVERY.min(idle));
     }
 
     // -----------------------------------------------------------------------------------------
@@ -163,12 +275,23 @@ impl Transfers {
 
     /// A peer connected to this client's listening socket.
     pub fn accept(&mut self, registry: &Registry, stream: TcpStream, addr: SocketAddr) {
-        if self.conns.len() >= MAX_PEER_LINKS {
-            debug!("peer {addr}: too many links; closed");
+        let (_, served, from_ip) = self.count_links(Some(addr.ip()));
+        if served >= self.caps.max_serve {
+            debug!("peer {addr}: {served} served links already; closed");
+            return;
+        }
+        if from_ip >= self.caps.max_serve_per_addr {
+            debug!(
+                "peer {addr}: {from_ip} served links from {} already; closed",
+                addr.ip()
+            );
             return;
         }
         let _ = stream.set_nodelay(true);
         let now = Instant::now();
+        if self.next_idle_check.is_none() {
+            self.next_idle_check = Some(now + IDLE_CHECK_EVERY.min(self.caps.serve_idle));
+        }
         match self.conns.insert(
             registry,
             stream,
@@ -177,6 +300,7 @@ impl Transfers {
                 addr,
                 core: Uploader::new(),
                 serving: None,
+                last_heard: now,
             }),
         ) {
             Ok(id) => self
@@ -288,3 +412,7 @@ impl Transfers {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "transfers_tests.rs"]
+mod tests;

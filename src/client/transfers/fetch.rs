@@ -15,7 +15,7 @@ use mio::Registry;
 use super::super::download::picker::{PeerId, Verdict};
 use super::super::session::DownloadId;
 use super::downloads::Active;
-use super::{PeerConn, Transfers, MAX_PEER_LINKS, READ_BUDGET};
+use super::{PeerConn, Transfers, READ_BUDGET};
 use crate::hasher::HashPool;
 use crate::net::conn::{connect_progress, ConnectProgress};
 use crate::net::{ConnId, ReadEnd};
@@ -43,8 +43,11 @@ impl Transfers {
         peer: PeerId,
         addr: SocketAddr,
     ) -> io::Result<()> {
-        if self.conns.len() >= MAX_PEER_LINKS {
-            return Err(io::Error::other("too many peer links"));
+        let (fetching, _, _) = self.count_links(None);
+        if fetching >= self.caps.max_fetch {
+            return Err(io::Error::other(format!(
+                "too many links to sharers ({fetching})"
+            )));
         }
         let stream = TcpStream::connect(addr)?;
         let _ = stream.set_nodelay(true);

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, warn};
 use mio::Registry;
@@ -85,6 +86,8 @@ pub(super) struct ServeLink {
     pub(super) core: Uploader,
     /// Set once the handshake is accepted.
     pub(super) serving: Option<Serving>,
+    /// When the downloader last sent a frame (for the idle timeout).
+    pub(super) last_heard: Instant,
 }
 
 impl Transfers {
@@ -163,6 +166,9 @@ impl Transfers {
         let PeerConn::Serve(link) = &mut conn.data else {
             return;
         };
+        if !msgs.is_empty() {
+            link.last_heard = Instant::now();
+        }
         let mut close = None;
         let mut answers: Vec<Answer> = Vec::new();
         for msg in msgs {
