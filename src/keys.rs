@@ -27,6 +27,9 @@ use blake2::digest::{KeyInit, Mac};
 use blake2::{Blake2b256, Blake2bMac, Digest};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
+use crate::wire::ticket::{Ticket, TicketBody};
+use crate::wire::{GroupId, Sha1Digest};
+
 /// The first word of a key file's key line; a later format would change it.
 const KEY_FILE_TAG: &str = "p2pshare-service-key-v1";
 /// What a printed public key starts with.
@@ -172,6 +175,65 @@ pub fn verify_static_cert(cert: &[u8], remote_static: &[u8]) -> Result<[u8; 32],
     Ok(signer)
 }
 
+/// Why a sharer refuses a ticket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TicketError {
+    /// Not signed by this service's key (forged, altered, or another service's).
+    BadSignature,
+    /// Past its expiry (both in seconds since the Unix epoch).
+    Expired { expires: u64, now: u64 },
+    /// For another group than the one asked for.
+    WrongGroup,
+    /// For other content than the one asked for.
+    WrongFile,
+}
+
+impl fmt::Display for TicketError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TicketError::BadSignature => f.write_str("ticket not signed by this service"),
+            TicketError::Expired { expires, now } => {
+                write!(f, "ticket expired {}s ago", now.saturating_sub(*expires))
+            }
+            TicketError::WrongGroup => f.write_str("ticket for another group"),
+            TicketError::WrongFile => f.write_str("ticket for another file"),
+        }
+    }
+}
+
+impl std::error::Error for TicketError {}
+
+/// Checks, offline, that `ticket` was signed by the service whose public key is `service`,
+/// is for `group` and the content `file_sha1`, and has not expired at `now` (seconds since
+/// the Unix epoch). The signature is checked first, so nothing of a forged ticket is trusted.
+pub fn verify_ticket(
+    service: &PublicKey,
+    ticket: &Ticket,
+    group: &GroupId,
+    file_sha1: &Sha1Digest,
+    now: u64,
+) -> Result<(), TicketError> {
+    let key = VerifyingKey::from_bytes(&service.0).map_err(|_| TicketError::BadSignature)?;
+    key.verify_strict(
+        &ticket.body.signed_bytes(),
+        &ed25519_dalek::Signature::from_bytes(&ticket.signature),
+    )
+    .map_err(|_| TicketError::BadSignature)?;
+    if &ticket.body.group != group {
+        return Err(TicketError::WrongGroup);
+    }
+    if &ticket.body.file_sha1 != file_sha1 {
+        return Err(TicketError::WrongFile);
+    }
+    if now >= ticket.body.expires {
+        return Err(TicketError::Expired {
+            expires: ticket.body.expires,
+            now,
+        });
+    }
+    Ok(())
+}
+
 /// The service's secret seed and what derives from it.
 pub struct ServiceKey {
     seed: [u8; 32],
@@ -256,6 +318,13 @@ impl ServiceKey {
         cert.extend_from_slice(signing.verifying_key().as_bytes());
         cert.extend_from_slice(&signing.sign(&message).to_bytes());
         cert
+    }
+
+    /// Signs a ticket (Ed25519 over the ticket context and the body's bytes).
+    pub fn sign_ticket(&self, body: TicketBody) -> Ticket {
+        use ed25519_dalek::Signer;
+        let signature = self.signing_key().sign(&body.signed_bytes()).to_bytes();
+        Ticket { body, signature }
     }
 
     /// Reads the key at `path`, refusing a file that group or others can access.
