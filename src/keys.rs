@@ -235,6 +235,7 @@ pub fn verify_ticket(
 }
 
 /// The service's secret seed and what derives from it.
+#[derive(Clone)]
 pub struct ServiceKey {
     seed: [u8; 32],
 }

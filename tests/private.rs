@@ -26,6 +26,7 @@ use p2pshare::client::transfers::{MAX_SERVE_LINKS, MAX_SERVE_LINKS_PER_ADDR};
 use p2pshare::keys::{PublicKey, ServiceKey};
 use p2pshare::wire::ids::{Password, UserId};
 use p2pshare::wire::peer_link::DownloaderMsg;
+use p2pshare::wire::ticket::Ticket;
 use p2pshare::wire::tracker_link::{ReplyBody, RequestBody};
 use p2pshare::wire::{FileName, GroupId, Sha1Digest, PROTOCOL_VERSION};
 
@@ -301,10 +302,38 @@ fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(TcpStream::from(fd))
 }
 
-/// A downloader's handshake for `name` of group `g`, as a member who knows the file's SHA1
-/// would send it.
-fn handshake_frame(name: &str, file_sha1: [u8; 20]) -> Vec<u8> {
+/// The ticket of member `user` (password `pw`) for `name` of group `g`, as the tracker hands
+/// it out with the file's sharers (asked over a raw tracker link).
+fn ticket_of(tracker: SocketAddr, user: &str, name: &str) -> Ticket {
+    ticket_and_link(tracker, user, name).0
+}
+
+/// Like [`ticket_of`], with the raw tracker link `user` is logged in on.
+fn ticket_and_link(tracker: SocketAddr, user: &str, name: &str) -> (Ticket, RawTracker) {
+    let mut raw = RawTracker::connect(tracker);
+    let login = raw.call(RequestBody::Login {
+        user: UserId::new(user).unwrap(),
+        password: Password::new(b"pw").unwrap(),
+        peer_addr: "127.0.0.1:9".parse().unwrap(),
+    });
+    assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
+    match raw.call(RequestBody::FileSharers {
+        group: GroupId::new("g").unwrap(),
+        name: FileName::new(name).unwrap(),
+    }) {
+        ReplyBody::Sharers {
+            ticket: Some(ticket),
+            ..
+        } => (*ticket, raw),
+        other => panic!("no ticket: {other:?}"),
+    }
+}
+
+/// A downloader's ticket and handshake for `name` of group `g`, as a member (or a former
+/// member whose ticket has not expired yet) would send them.
+fn handshake_frame(ticket: &Ticket, name: &str, file_sha1: [u8; 20]) -> Vec<u8> {
     let mut out = Vec::new();
+    DownloaderMsg::Ticket(Box::new(ticket.clone())).emit(&mut out);
     DownloaderMsg::Handshake {
         version: PROTOCOL_VERSION,
         group: GroupId::new("g").unwrap(),
@@ -403,14 +432,19 @@ fn a_handshake_flood_on_a_sharer_never_stops_its_own_download() {
     let out = tracker.run(&[
         "create_user alice pw",
         "create_user bob pw",
+        "create_user mallory pw",
         "login bob pw",
         "create_group g",
         "logout",
         "login alice pw",
         "join_group g",
         "logout",
+        "login mallory pw",
+        "join_group g",
+        "logout",
         "login bob pw",
         "accept_request g alice",
+        "accept_request g mallory",
         "logout",
     ]);
     assert_eq!(out.code(), Some(0), "{out:#?}");
@@ -436,7 +470,9 @@ fn a_handshake_flood_on_a_sharer_never_stops_its_own_download() {
         "upload_file big.bin g",
         &["uploaded big.bin to group g (25165824 bytes, 48 pieces)"],
     );
-    let frame = handshake_frame("small.bin", sha1_of(&small));
+    // The flood: mallory's ticket (valid: she is a member) on every connection.
+    let ticket = ticket_of(tracker.addr, "mallory", "small.bin");
+    let frame = handshake_frame(&ticket, "small.bin", sha1_of(&small));
 
     // A flood from one address gets the per-address cap, and others are still served.
     let one = Ipv4Addr::new(127, 0, 0, 2);
@@ -481,6 +517,186 @@ fn a_handshake_flood_on_a_sharer_never_stops_its_own_download() {
     assert_eq!(std::fs::read(alice_dl_dir.join("big.bin")).unwrap(), big);
     drop(held_one);
     drop(held_many);
+    let (status, _) = alice.finish();
+    assert_eq!(status.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------
+// Tickets: member-only serving
+// ---------------------------------------------------------------------------------------
+
+/// The service key of the trackers started with `info` (the test may read it: it plays the
+/// tracker that signs, to make tickets with chosen fields).
+fn service_secret_of(info: &Path) -> ServiceKey {
+    let dir = state_home(info).join("p2pshare");
+    let file: PathBuf = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "key"))
+        .unwrap();
+    ServiceKey::load(&file).unwrap()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Connects to a sharer, sends `bytes` and returns the first frame's type (and a Refuse's
+/// code), or `None` if it closes first; the stream stays open for more.
+fn ask(addr: SocketAddr, bytes: &[u8]) -> (TcpStream, Option<(u8, u16)>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(bytes).unwrap();
+    s.set_read_timeout(Some(STEP)).unwrap();
+    let answer = common::read_frame(&mut s).ok().map(|f| {
+        let code = if f[0] == 0x82 {
+            u16::from_be_bytes([f[1], f[2]])
+        } else {
+            0
+        };
+        (f[0], code)
+    });
+    (s, answer)
+}
+
+/// Whether the peer closes `s` within `within` (reading and dropping what comes).
+fn closes_within(s: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+fn request_frame(piece: u32, offset: u32, len: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    DownloaderMsg::Request(p2pshare::wire::peer_link::BlockRef { piece, offset, len })
+        .emit(&mut out);
+    out
+}
+
+#[test]
+fn sharers_serve_only_with_a_current_ticket_of_the_service() {
+    let tracker = Tracker::start();
+    let out = tracker.run(&[
+        "create_user alice pw",
+        "create_user mallory pw",
+        "login alice pw",
+        "create_group g",
+        "create_group other",
+        "logout",
+        "login mallory pw",
+        "join_group g",
+        "logout",
+        "login alice pw",
+        "accept_request g mallory",
+        "logout",
+    ]);
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    let dir = tracker.dir.path().canonicalize().unwrap();
+    let data = varied(3 << 20, 3);
+    std::fs::write(dir.join("t.bin"), &data).unwrap();
+    let sha1 = sha1_of(&data);
+    let mut alice = tracker.client().cwd(&dir).live();
+    alice.cmd("login alice pw", &["logged in as alice"]);
+    alice.cmd(
+        "upload_file t.bin g",
+        &["uploaded t.bin to group g (3145728 bytes, 6 pieces)"],
+    );
+    let key = service_secret_of(&tracker.info);
+    let sign = |expires: u64, group: &str, file: [u8; 20], key: &ServiceKey| {
+        key.sign_ticket(p2pshare::wire::ticket::TicketBody {
+            expires,
+            file_sha1: Sha1Digest(file),
+            group: GroupId::new(group).unwrap(),
+            user: UserId::new("mallory").unwrap(),
+            client_key: [0; 32],
+        })
+    };
+    let hs = |t: &Ticket| handshake_frame(t, "t.bin", sha1);
+    let mut plain_hs = Vec::new();
+    DownloaderMsg::handshake(
+        GroupId::new("g").unwrap(),
+        FileName::new("t.bin").unwrap(),
+        Sha1Digest(sha1),
+    )
+    .emit(&mut plain_hs);
+
+    // A member's ticket from the tracker: served.
+    let (issued, mut raw) = ticket_and_link(tracker.addr, "mallory", "t.bin");
+    assert_eq!(issued.body.user.as_str(), "mallory");
+    assert!(issued.body.expires > unix_now() + 60);
+    let (_s, answer) = ask(alice.addr, &hs(&issued));
+    assert_eq!(answer, Some((0x81, 0)), "a valid ticket");
+
+    // Missing, forged (another key), expired, another group's, another file's: refused
+    // with code 4.
+    let later = unix_now() + 600;
+    let other_key = ServiceKey::from_seed([77; 32]);
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("no ticket", plain_hs.clone()),
+        ("another key", hs(&sign(later, "g", sha1, &other_key))),
+        ("expired", hs(&sign(unix_now() - 1, "g", sha1, &key))),
+        ("another group", hs(&sign(later, "other", sha1, &key))),
+        ("another file", hs(&sign(later, "g", [1; 20], &key))),
+    ];
+    for (name, bytes) in cases {
+        let (mut s, answer) = ask(alice.addr, &bytes);
+        assert_eq!(answer, Some((0x82, 4)), "{name}");
+        assert!(closes_within(&mut s, STEP), "{name}: still open");
+    }
+
+    // A link whose ticket expires closes then; one whose ticket is renewed stays.
+    let soon = unix_now() + 3;
+    let (mut lapsing, answer) = ask(alice.addr, &hs(&sign(soon, "g", sha1, &key)));
+    assert_eq!(answer, Some((0x81, 0)));
+    let (mut renewed, answer) = ask(alice.addr, &hs(&sign(soon, "g", sha1, &key)));
+    assert_eq!(answer, Some((0x81, 0)));
+    let mut renewal = Vec::new();
+    DownloaderMsg::Ticket(Box::new(sign(later, "g", sha1, &key))).emit(&mut renewal);
+    renewed.write_all(&renewal).unwrap();
+    assert!(
+        closes_within(&mut lapsing, STEP),
+        "an expired ticket's link stayed open"
+    );
+    assert!(unix_now() >= soon, "closed before its ticket expired");
+    renewed.write_all(&request_frame(0, 0, 16)).unwrap();
+    let block = common::read_frame(&mut renewed).expect("a block on the renewed link");
+    assert_eq!(block[0], 0x84);
+    assert_eq!(&block[9..], &data[..16]);
+    // A renewal that does not verify ends the link.
+    let mut bad = Vec::new();
+    DownloaderMsg::Ticket(Box::new(sign(later, "g", sha1, &other_key))).emit(&mut bad);
+    renewed.write_all(&bad).unwrap();
+    assert!(
+        closes_within(&mut renewed, STEP),
+        "a forged renewal was kept"
+    );
+
+    // A member who leaves gets no more tickets (no sharers either).
+    assert_eq!(
+        raw.call(RequestBody::LeaveGroup {
+            group: GroupId::new("g").unwrap()
+        }),
+        ReplyBody::Done
+    );
+    assert!(matches!(
+        raw.call(RequestBody::FileSharers {
+            group: GroupId::new("g").unwrap(),
+            name: FileName::new("t.bin").unwrap(),
+        }),
+        ReplyBody::Refused { .. }
+    ));
     let (status, _) = alice.finish();
     assert_eq!(status.code(), Some(0));
 }

@@ -447,6 +447,10 @@ impl Driver {
                     );
                     self.core.handle_download_started(id, result);
                 }
+                Output::Ticket { download, ticket } => {
+                    self.transfers
+                        .set_ticket(self.poll.registry(), download, ticket)
+                }
                 Output::Sharers { download, result } => self.transfers.on_sharers(
                     self.poll.registry(),
                     &self.hasher,
@@ -630,6 +634,8 @@ impl Driver {
             Ok(Some(presented)) => {
                 self.tracker_handshaking = false;
                 self.tracker_refusal = None;
+                // Tickets this client is shown are checked with the key its tracker proved.
+                self.transfers.set_service_key(presented);
                 let keys = &mut self.config.tracker_keys;
                 if keys.expected(addr).is_none() {
                     info!("tracker {addr}: first use, trusting service key {presented}");

@@ -24,6 +24,7 @@ use super::disk::{Inspect, Inspected, PathError};
 pub use super::download::engine::GiveUp;
 use super::listing::Listings;
 use crate::hasher::{FileHashes, HashDone, JobId};
+use crate::wire::ticket::Ticket;
 use crate::wire::tracker_link::{FileMeta, Reply, ReplyBody, Request, RequestBody};
 use crate::wire::{FileName, GroupId, Sha1Digest, UserId, PIECE_LEN};
 
@@ -54,6 +55,12 @@ pub enum Output {
         meta: FileMeta,
         peers: Vec<SocketAddr>,
         target: PathBuf,
+    },
+    /// The tracker's ticket for download `download` (before the download starts, and each
+    /// time it is renewed): sharers serve only with it.
+    Ticket {
+        download: DownloadId,
+        ticket: Ticket,
     },
     /// The tracker's answer to `query_sharers` for download `download`.
     Sharers {
@@ -766,7 +773,13 @@ impl ClientCore {
             }
             Background::Sharers { download } => {
                 let result = match body {
-                    ReplyBody::Sharers { peers, .. } => {
+                    ReplyBody::Sharers { peers, ticket, .. } => {
+                        if let Some(ticket) = ticket {
+                            self.out.push_back(Output::Ticket {
+                                download,
+                                ticket: *ticket,
+                            });
+                        }
                         Ok(peers.into_iter().filter(|a| *a != self.peer_addr).collect())
                     }
                     ReplyBody::Refused { message, .. } => Err(message),
@@ -943,7 +956,12 @@ impl ClientCore {
 
     /// The tracker's answer to `download_file`: start the download.
     fn report_sharers(&mut self, group: GroupId, name: FileName, target: PathBuf, body: ReplyBody) {
-        let ReplyBody::Sharers { meta, peers } = body else {
+        let ReplyBody::Sharers {
+            meta,
+            peers,
+            ticket,
+        } = body
+        else {
             return self.fail(format!("unexpected answer from the tracker: {body:?}"));
         };
         let Some(user) = self.user.clone() else {
@@ -973,6 +991,12 @@ impl ClientCore {
             withdraw_due: false,
         });
         self.pending = Some(Pending::Starting { id });
+        if let Some(ticket) = ticket {
+            self.out.push_back(Output::Ticket {
+                download: id,
+                ticket: *ticket,
+            });
+        }
         self.out.push_back(Output::StartDownload {
             id,
             group,

@@ -1103,6 +1103,7 @@ fn started_download(h: &mut Harness, dir: &std::path::Path) -> DownloadId {
         ReplyBody::Sharers {
             meta,
             peers: vec![peer],
+            ticket: None,
         },
     );
     let [Output::StartDownload { id, .. }] = outs.as_slice() else {

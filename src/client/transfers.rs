@@ -17,6 +17,12 @@
 //! handshake within 10 s and is closed after [`SERVE_IDLE_TIMEOUT`] without a frame from its
 //! downloader (while nothing is queued for it). A connection over a cap is closed at once.
 //!
+//! Tickets: a download holds the tracker's ticket for its file and sends it on each fetch link
+//! before the handshake, and again on every open link when it is renewed (asked for when less
+//! than half of its life is left). A served link is accepted only with a ticket that the
+//! service key (the one this client's tracker proved) signed for that group and content and
+//! that has not expired, and it is closed when its ticket expires without a renewal.
+//!
 //! Nothing here decides what a download or a serve link does next: the `Download` engine and
 //! the `Uploader` core do. What needs the tracker or the command loop comes out as
 //! [`TransferEvent`]s.
@@ -25,7 +31,7 @@ mod downloads;
 mod fetch;
 mod serve;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -37,8 +43,11 @@ use super::download::engine::{Limits, Progress};
 use super::session::{ClientCore, DownloadError, DownloadId};
 use super::uploader::Uploader;
 use crate::hasher::HashPool;
+use crate::keys::PublicKey;
 use crate::net::{ConnId, ConnTable};
+use crate::wire::peer_link::DownloaderMsg;
 use crate::wire::peer_link::MAX_DOWNLOADER_FRAME;
+use crate::wire::ticket::Ticket;
 use downloads::Active;
 use fetch::FetchLink;
 use serve::ServeLink;
@@ -95,7 +104,19 @@ pub struct Transfers {
     caps: PeerCaps,
     /// When served links are next looked at for idleness (while there are any).
     next_idle_check: Option<Instant>,
+    /// Each download's current ticket (at most one per running download).
+    tickets: BTreeMap<DownloadId, Ticket>,
+    /// Downloads whose ticket renewal was asked for and has not come yet.
+    renewing: BTreeSet<DownloadId>,
+    /// The service key tickets must be signed with: the one this client's tracker proved.
+    service_key: Option<PublicKey>,
+    /// An instant and the Unix time (seconds) at it: tickets' expiries are Unix times, and
+    /// `now` is an `Instant`, so that tests can move it.
+    clock: (Instant, u64),
 }
+
+/// A download asks for a new ticket when less than this is left of its current one.
+const TICKET_RENEW_MARGIN_SECS: u64 = crate::tracker::tickets::TICKET_LIFE_SECS / 2;
 
 /// The caps on peer links (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +172,83 @@ impl Transfers {
             pending_actions: Vec::new(),
             caps: PeerCaps::default(),
             next_idle_check: None,
+            tickets: BTreeMap::new(),
+            renewing: BTreeSet::new(),
+            service_key: None,
+            clock: (
+                Instant::now(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            ),
+        }
+    }
+
+    /// Tickets are checked with this key (the service key the tracker proved).
+    pub fn set_service_key(&mut self, key: PublicKey) {
+        self.service_key = Some(key);
+    }
+
+    /// The Unix time (seconds) at `now`.
+    fn unix_at(&self, now: Instant) -> u64 {
+        let (base, unix) = self.clock;
+        unix + now.saturating_duration_since(base).as_secs()
+    }
+
+    /// The instant at Unix time `secs` (the base instant for earlier times).
+    fn instant_at(&self, secs: u64) -> Instant {
+        let (base, unix) = self.clock;
+        base + Duration::from_secs(secs.saturating_sub(unix))
+    }
+
+    /// A new ticket for `download`: kept for its new links and sent on its open ones now.
+    pub fn set_ticket(&mut self, registry: &Registry, download: DownloadId, ticket: Ticket) {
+        self.renewing.remove(&download);
+        let mut frame = Vec::new();
+        DownloaderMsg::Ticket(Box::new(ticket.clone())).emit(&mut frame);
+        let mut links = Vec::new();
+        for conn in self.conns.iter_mut() {
+            if matches!(&conn.data, PeerConn::Fetch(link) if link.download == download) {
+                conn.out().extend_from_slice(&frame);
+                links.push(conn.id);
+            }
+        }
+        self.tickets.insert(download, ticket);
+        for id in links {
+            self.flush_conn(registry, id);
+        }
+    }
+
+    /// When the first ticket renewal is due.
+    fn next_renewal(&self) -> Option<Instant> {
+        self.tickets
+            .iter()
+            .filter(|(id, _)| !self.renewing.contains(id))
+            .map(|(_, t)| self.instant_at(t.body.expires.saturating_sub(TICKET_RENEW_MARGIN_SECS)))
+            .min()
+    }
+
+    /// Asks for the tickets of running downloads that are due for renewal, and forgets the
+    /// tickets of downloads that ended.
+    fn renew_tickets(&mut self, now: Instant) {
+        let downloads = &self.downloads;
+        self.tickets.retain(|id, _| downloads.contains_key(id));
+        self.renewing.retain(|id| downloads.contains_key(id));
+        let unix = self.unix_at(now);
+        let due: Vec<DownloadId> = self
+            .tickets
+            .iter()
+            .filter(|(id, t)| {
+                !self.renewing.contains(id)
+                    && unix.saturating_add(TICKET_RENEW_MARGIN_SECS) >= t.body.expires
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for download in due {
+            debug!("download {download}: renewing its ticket");
+            self.renewing.insert(download);
+            self.events
+                .push_back(TransferEvent::QuerySharers { download });
         }
     }
 
@@ -206,6 +304,7 @@ impl Transfers {
         downloads
             .chain(handshakes)
             .chain(self.next_idle_check)
+            .chain(self.next_renewal())
             .min()
     }
 
@@ -239,27 +338,37 @@ impl Transfers {
         if self.next_idle_check.is_some_and(|t| t <= now) {
             self.close_idle(registry, now);
         }
+        if self.next_renewal().is_some_and(|t| t <= now)
+            || self.tickets.len() > self.downloads.len()
+        {
+            self.renew_tickets(now);
+        }
     }
 
     /// Closes served links whose downloader has been silent for the idle timeout while
-    /// nothing was queued for it.
+    /// nothing was queued for it, and those whose ticket expired without a renewal.
     fn close_idle(&mut self, registry: &Registry, now: Instant) {
         let idle = self.caps.serve_idle;
-        let stale: Vec<(ConnId, SocketAddr)> = self
+        let unix = self.unix_at(now);
+        let stale: Vec<(ConnId, SocketAddr, bool)> = self
             .conns
             .iter()
             .filter_map(|c| match &c.data {
-                PeerConn::Serve(link)
-                    if c.pending_write() == 0
-                        && now.saturating_duration_since(link.last_heard) >= idle =>
-                {
-                    Some((c.id, link.addr))
+                PeerConn::Serve(link) => {
+                    let expired = link.ticket_expires.is_some_and(|t| unix >= t);
+                    let silent = c.pending_write() == 0
+                        && now.saturating_duration_since(link.last_heard) >= idle;
+                    (expired || silent).then_some((c.id, link.addr, expired))
                 }
                 _ => None,
             })
             .collect();
-        for (id, addr) in stale {
-            debug!("serving {addr}: idle for {idle:?}; closed");
+        for (id, addr, expired) in stale {
+            if expired {
+                warn!("serving {addr}: its ticket expired without a renewal; closed");
+            } else {
+                debug!("serving {addr}: idle for {idle:?}; closed");
+            }
             self.conns.remove(registry, id);
         }
         let any_served = self
@@ -301,6 +410,8 @@ impl Transfers {
                 core: Uploader::new(),
                 serving: None,
                 last_heard: now,
+                ticket: None,
+                ticket_expires: None,
             }),
         ) {
             Ok(id) => self

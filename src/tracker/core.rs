@@ -31,6 +31,7 @@ use super::replica::{Replica, ReplicaOut, Timings};
 use super::state::{
     Answer, Entry, Op, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
 };
+use super::tickets::TicketIssuer;
 use crate::net::ConnId;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::replication::{ReplMsg, MAX_REPLICATION_FRAME};
@@ -180,6 +181,8 @@ pub struct TrackerCore {
     tokens_issued: u64,
     /// Tracker hellos are accepted only on links marked by `handle_secure`.
     require_secure_tracker_links: bool,
+    /// Signs the tickets that go with a file's sharers (none without it: tests).
+    tickets: Option<TicketIssuer>,
 }
 
 impl TrackerCore {
@@ -204,6 +207,7 @@ impl TrackerCore {
             },
             tokens_issued: 0,
             require_secure_tracker_links: false,
+            tickets: None,
         };
         core.pump_replica();
         core
@@ -224,6 +228,19 @@ impl TrackerCore {
     pub fn with_secure_tracker_links(mut self) -> Self {
         self.require_secure_tracker_links = true;
         self
+    }
+
+    /// Issues a ticket with every answer of a file's sharers.
+    pub fn with_tickets(mut self, issuer: TicketIssuer) -> Self {
+        self.tickets = Some(issuer);
+        self
+    }
+
+    /// The wall-clock time tickets are issued at (seconds since the Unix epoch).
+    pub fn set_unix_time(&mut self, secs: u64) {
+        if let Some(issuer) = &mut self.tickets {
+            issuer.set_unix_time(secs);
+        }
     }
 
     pub fn state(&self) -> &TrackerState {
@@ -939,9 +956,21 @@ impl TrackerCore {
                     .map(|f| Handled::Reply(ReplyBody::Files(f)))
             }
             RequestBody::FileSharers { group, name } => {
-                return state
-                    .file_sharers(self.session_of(conn)?, &group, &name)
-                    .map(|(meta, peers)| Handled::Reply(ReplyBody::Sharers { meta, peers }))
+                let session = self.session_of(conn)?;
+                let (meta, peers) = state.file_sharers(session, &group, &name)?;
+                let ticket = match &self.tickets {
+                    Some(issuer) => Some(Box::new(issuer.issue(
+                        &group,
+                        meta.file_sha1,
+                        state.user_of(session)?,
+                    ))),
+                    None => None,
+                };
+                return Ok(Handled::Reply(ReplyBody::Sharers {
+                    meta,
+                    peers,
+                    ticket,
+                }));
             }
             RequestBody::CreateGroup { group } => Op::CreateGroup {
                 session: self.session_of(conn)?,

@@ -29,6 +29,7 @@ use super::core::{Output, TrackerCore};
 use super::password::{self, PasswordJob, PasswordResult};
 use super::replica::Timings;
 use super::state::TrackerRef;
+use super::tickets::TicketIssuer;
 use crate::keys::ServiceKey;
 use crate::net::conn::{connect_progress, ConnectProgress, MAX_PENDING_WRITE};
 use crate::net::secure::{self, SecureLink};
@@ -175,7 +176,8 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         Instant::now(),
     )
     .with_token_key(token_key)
-    .with_secure_tracker_links();
+    .with_secure_tracker_links()
+    .with_tickets(TicketIssuer::new(config.service_key.clone()));
     let link_params = secure::Params::tracker_link(config.service_key.tracker_psk());
     let (static_private, _) = config.service_key.client_link_static();
     let client_params = secure::Params::client_link_responder(
@@ -211,6 +213,13 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     result
 }
 
+/// Seconds since the Unix epoch (what tickets' expiry is written in).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl Driver {
     fn run(&mut self, stdin: &Receiver<StdinEvent>) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
@@ -230,6 +239,8 @@ impl Driver {
                 }
                 return Err(e);
             }
+            // The clock tickets are issued by, read once per turn.
+            self.core.set_unix_time(unix_now());
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),

@@ -7,3 +7,4 @@ pub mod driver;
 pub mod password;
 pub mod replica;
 pub mod state;
+pub mod tickets;

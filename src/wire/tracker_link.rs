@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use super::codec::*;
 use super::frame;
 use super::ids::{FileName, GroupId, Password, Sha1Digest, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN};
+use super::ticket::Ticket;
 use super::{PROTOCOL_MAGIC, PROTOCOL_VERSION};
 
 /// Longest human-readable reason in a refusal.
@@ -198,11 +199,13 @@ pub enum ReplyBody {
     Files(Vec<FileInfo>),
     /// `0x97`: `u8 new_file` (1 if the upload created the file, 0 if it added a sharer).
     Shared { new_file: bool },
-    /// `0x98`: `file_meta | u32 n | addr * n`: a file and the peer addresses of its online
-    /// sharers.
+    /// `0x98`: `file_meta | u32 n | addr * n | u8 has_ticket | ticket?`: a file, the peer
+    /// addresses of its online sharers, and the asking member's ticket for it (sharers serve
+    /// only with one).
     Sharers {
         meta: FileMeta,
         peers: Vec<SocketAddr>,
+        ticket: Option<Box<Ticket>>,
     },
 }
 
@@ -607,7 +610,15 @@ impl TrackerMsg {
                     for _ in 0..n {
                         peers.push(r.socket_addr()?);
                     }
-                    ReplyBody::Sharers { meta, peers }
+                    let ticket = match r.bool()? {
+                        true => Some(Box::new(Ticket::read(&mut r)?)),
+                        false => None,
+                    };
+                    ReplyBody::Sharers {
+                        meta,
+                        peers,
+                        ticket,
+                    }
                 }
                 other => return Err(DecodeError::UnknownType(other)),
             };
@@ -688,11 +699,19 @@ impl Reply {
                 }
             }
             ReplyBody::Shared { new_file } => put_bool(out, *new_file),
-            ReplyBody::Sharers { meta, peers } => {
+            ReplyBody::Sharers {
+                meta,
+                peers,
+                ticket,
+            } => {
                 meta.emit(out);
                 put_count(out, peers.len());
                 for p in peers {
                     put_socket_addr(out, p);
+                }
+                put_bool(out, ticket.is_some());
+                if let Some(ticket) = ticket {
+                    ticket.emit(out);
                 }
             }
         }

@@ -19,7 +19,9 @@ use super::{PeerConn, Transfers, READ_BUDGET};
 use crate::hasher::HashPool;
 use crate::net::conn::{connect_progress, ConnectProgress};
 use crate::net::{ConnId, ReadEnd};
-use crate::wire::peer_link::{Decoded, Next, SharerMsg, SharerStream, StreamError, MAX_PEER_FRAME};
+use crate::wire::peer_link::{
+    Decoded, DownloaderMsg, Next, SharerMsg, SharerStream, StreamError, MAX_PEER_FRAME,
+};
 use crate::wire::PROTOCOL_VERSION;
 
 pub(super) struct FetchLink {
@@ -65,6 +67,10 @@ impl Transfers {
             }),
         )?;
         if let Some(conn) = self.conns.get_mut(conn_id) {
+            // The ticket goes first: the sharer checks it when the handshake comes.
+            if let Some(ticket) = self.tickets.get(&download) {
+                DownloaderMsg::Ticket(Box::new(ticket.clone())).emit(conn.out());
+            }
             conn.await_connect(registry)?;
         }
         if let Some(active) = self.downloads.get_mut(&download) {
