@@ -121,3 +121,94 @@ fn served_links_close_when_idle_but_not_while_the_downloader_talks() {
     assert!(closed(&mut quiet));
     assert!(!closed(&mut talking));
 }
+
+#[test]
+fn a_running_download_renews_its_ticket_at_half_life() {
+    use crate::wire::ticket::{Ticket, TicketBody};
+    use crate::wire::tracker_link::FileMeta;
+    use crate::wire::{FileName, GroupId, Sha1Digest, UserId};
+    let mut h = Harness::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let now = Instant::now();
+    let id = DownloadId(1);
+    let meta = FileMeta {
+        name: FileName::new("f").unwrap(),
+        size: 10,
+        piece_len: crate::wire::PIECE_LEN,
+        file_sha1: Sha1Digest([1; 20]),
+        piece_hashes: vec![Sha1Digest([2; 20])],
+    };
+    // A sharer address that refuses: the download stays running, waiting for sharers.
+    let closed_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    h.transfers
+        .start_download(
+            h.poll.registry(),
+            &h.hasher,
+            id,
+            GroupId::new("g").unwrap(),
+            meta,
+            &[closed_port],
+            tmp.path().join("f"),
+            now,
+        )
+        .unwrap();
+    let ticket = |expires| Ticket {
+        body: TicketBody {
+            expires,
+            file_sha1: Sha1Digest([1; 20]),
+            group: GroupId::new("g").unwrap(),
+            user: UserId::new("u").unwrap(),
+            client_key: [0; 32],
+        },
+        signature: [0; 64],
+    };
+    // The engine asks for sharers by itself too (its one sharer refuses): the renewal is
+    // told by the state it leaves, and by the event.
+    let asked = |h: &mut Harness| {
+        let mut event = false;
+        while let Some(e) = h.transfers.poll_event() {
+            event |= e == (TransferEvent::QuerySharers { download: id });
+        }
+        h.transfers.renewing.contains(&id) && event
+    };
+    let unix = h.transfers.unix_at(now);
+    let life = crate::tracker::tickets::TICKET_LIFE_SECS;
+    h.transfers
+        .set_ticket(h.poll.registry(), id, ticket(unix + life));
+    // Before half-life: nothing asked; the renewal time is among the deadlines.
+    h.transfers.on_tick(
+        h.poll.registry(),
+        &h.hasher,
+        now + Duration::from_secs(life / 2 - 5),
+    );
+    assert!(!asked(&mut h));
+    let due = h.transfers.next_deadline().unwrap();
+    assert!(
+        due <= now + Duration::from_secs(life / 2 + 1),
+        "{:?}",
+        due - now
+    );
+    // At half-life: asked once, not again while the answer is on its way.
+    let half = now + Duration::from_secs(life / 2 + 1);
+    h.transfers.on_tick(h.poll.registry(), &h.hasher, half);
+    assert!(asked(&mut h));
+    assert!(
+        h.transfers.next_renewal().is_none(),
+        "asked again while waiting"
+    );
+    // The new ticket arrives: the next renewal is half its life later.
+    h.transfers
+        .set_ticket(h.poll.registry(), id, ticket(unix + life / 2 + 1 + life));
+    h.transfers
+        .on_tick(h.poll.registry(), &h.hasher, half + Duration::from_secs(2));
+    assert!(!asked(&mut h));
+    h.transfers.on_tick(
+        h.poll.registry(),
+        &h.hasher,
+        half + Duration::from_secs(life / 2 + 1),
+    );
+    assert!(asked(&mut h));
+}
