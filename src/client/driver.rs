@@ -624,6 +624,7 @@ impl Driver {
                 }
             }
             self.tracker_handshaking = true;
+            self.uplink.handle_transport_up(now);
         }
         let result = self.tracker_handshake();
         let Some(addr) = self.uplink.tracker() else {
