@@ -110,9 +110,9 @@ pub struct Transfers {
     renewing: BTreeSet<DownloadId>,
     /// The service key tickets must be signed with: the one this client's tracker proved.
     service_key: Option<PublicKey>,
-    /// An instant and the Unix time (seconds) at it: tickets' expiries are Unix times, and
-    /// `now` is an `Instant`, so that tests can move it.
-    clock: (Instant, u64),
+    /// An instant and the Unix time at it: tickets' expiries are Unix times, and `now` is an
+    /// `Instant`, so that tests can move it.
+    clock: (Instant, Duration),
 }
 
 /// A download asks for a new ticket when less than this is left of its current one.
@@ -179,7 +179,7 @@ impl Transfers {
                 Instant::now(),
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
+                    .unwrap_or_default(),
             ),
         }
     }
@@ -189,16 +189,16 @@ impl Transfers {
         self.service_key = Some(key);
     }
 
-    /// The Unix time (seconds) at `now`.
+    /// The Unix time (whole seconds) at `now`.
     fn unix_at(&self, now: Instant) -> u64 {
         let (base, unix) = self.clock;
-        unix + now.saturating_duration_since(base).as_secs()
+        (unix + now.saturating_duration_since(base)).as_secs()
     }
 
     /// The instant at Unix time `secs` (the base instant for earlier times).
     fn instant_at(&self, secs: u64) -> Instant {
         let (base, unix) = self.clock;
-        base + Duration::from_secs(secs.saturating_sub(unix))
+        base + Duration::from_secs(secs).saturating_sub(unix)
     }
 
     /// A new ticket for `download`: kept for its new links and sent on its open ones now.
