@@ -27,6 +27,9 @@ use blake2::digest::{KeyInit, Mac};
 use blake2::{Blake2b256, Blake2bMac, Digest};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 
+use crate::wire::ticket::{Ticket, TicketBody};
+use crate::wire::{GroupId, Sha1Digest};
+
 /// The first word of a key file's key line; a later format would change it.
 const KEY_FILE_TAG: &str = "p2pshare-service-key-v1";
 /// What a printed public key starts with.
@@ -34,6 +37,13 @@ pub const PUBLIC_KEY_PREFIX: &str = "ed25519:";
 /// Labels of the derived keys: each use gets its own, so no key serves two purposes.
 const LABEL_TRACKER_PSK: &[u8] = b"p2pshare v1 tracker-link psk";
 const LABEL_SIGNING: &[u8] = b"p2pshare v1 service ed25519 signing key";
+const LABEL_CLIENT_LINK_STATIC: &[u8] = b"p2pshare v1 client-link x25519 static key";
+/// What the service key signs to certify the trackers' static key of client links (followed
+/// by that key's 32 bytes). A distinct context, so such a signature can never be taken for
+/// another statement of the service (a ticket, say).
+const CERT_CONTEXT: &[u8] = b"p2pshare v1 client-link static key certificate\0";
+/// Bytes of a static key's certificate: the service's public key, then the signature.
+pub const CERT_LEN: usize = 32 + 64;
 
 /// Why a key file cannot be used. Each names the file.
 #[derive(Debug)]
@@ -140,7 +150,92 @@ impl FromStr for PublicKey {
     }
 }
 
+/// Checks a tracker's certificate of its static key `remote_static` (see
+/// [`ServiceKey::client_link_certificate`]) and returns the service public key that signed
+/// it. Any error means the peer is not a tracker of any service.
+pub fn verify_static_cert(cert: &[u8], remote_static: &[u8]) -> Result<[u8; 32], String> {
+    if cert.len() != CERT_LEN {
+        return Err(format!(
+            "a certificate of {} bytes (expected {CERT_LEN})",
+            cert.len()
+        ));
+    }
+    if remote_static.len() != 32 {
+        return Err("no static key".into());
+    }
+    let mut signer = [0u8; 32];
+    signer.copy_from_slice(&cert[..32]);
+    let mut signature = [0u8; 64];
+    signature.copy_from_slice(&cert[32..]);
+    let key = VerifyingKey::from_bytes(&signer).map_err(|_| "not an Ed25519 public key")?;
+    let mut message = CERT_CONTEXT.to_vec();
+    message.extend_from_slice(remote_static);
+    key.verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&signature))
+        .map_err(|_| "the static key's signature does not verify")?;
+    Ok(signer)
+}
+
+/// Why a sharer refuses a ticket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TicketError {
+    /// Not signed by this service's key (forged, altered, or another service's).
+    BadSignature,
+    /// Past its expiry (both in seconds since the Unix epoch).
+    Expired { expires: u64, now: u64 },
+    /// For another group than the one asked for.
+    WrongGroup,
+    /// For other content than the one asked for.
+    WrongFile,
+}
+
+impl fmt::Display for TicketError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TicketError::BadSignature => f.write_str("ticket not signed by this service"),
+            TicketError::Expired { expires, now } => {
+                write!(f, "ticket expired {}s ago", now.saturating_sub(*expires))
+            }
+            TicketError::WrongGroup => f.write_str("ticket for another group"),
+            TicketError::WrongFile => f.write_str("ticket for another file"),
+        }
+    }
+}
+
+impl std::error::Error for TicketError {}
+
+/// Checks, offline, that `ticket` was signed by the service whose public key is `service`,
+/// is for `group` and the content `file_sha1`, and has not expired at `now` (seconds since
+/// the Unix epoch). The signature is checked first, so nothing of a forged ticket is trusted.
+pub fn verify_ticket(
+    service: &PublicKey,
+    ticket: &Ticket,
+    group: &GroupId,
+    file_sha1: &Sha1Digest,
+    now: u64,
+) -> Result<(), TicketError> {
+    let key = VerifyingKey::from_bytes(&service.0).map_err(|_| TicketError::BadSignature)?;
+    key.verify_strict(
+        &ticket.body.signed_bytes(),
+        &ed25519_dalek::Signature::from_bytes(&ticket.signature),
+    )
+    .map_err(|_| TicketError::BadSignature)?;
+    if &ticket.body.group != group {
+        return Err(TicketError::WrongGroup);
+    }
+    if &ticket.body.file_sha1 != file_sha1 {
+        return Err(TicketError::WrongFile);
+    }
+    if now >= ticket.body.expires {
+        return Err(TicketError::Expired {
+            expires: ticket.body.expires,
+            now,
+        });
+    }
+    Ok(())
+}
+
 /// The service's secret seed and what derives from it.
+#[derive(Clone)]
 pub struct ServiceKey {
     seed: [u8; 32],
 }
@@ -195,6 +290,42 @@ impl ServiceKey {
     /// The service's public key (the signing key's public half).
     pub fn public_key(&self) -> PublicKey {
         PublicKey(self.signing_key().verifying_key().to_bytes())
+    }
+
+    /// The static X25519 key pair every tracker of the service presents on client links:
+    /// `(private, public)`. Derived from the seed, so all trackers present the same one; the
+    /// public half is computed by `snow`'s own X25519.
+    pub fn client_link_static(&self) -> ([u8; 32], [u8; 32]) {
+        use snow::resolvers::{CryptoResolver, DefaultResolver};
+        let private = self.derive(LABEL_CLIENT_LINK_STATIC);
+        let mut public = [0u8; 32];
+        if let Some(mut dh) = DefaultResolver.resolve_dh(&snow::params::DHChoice::Curve25519) {
+            dh.set(&private);
+            public.copy_from_slice(&dh.pubkey()[..32]);
+        }
+        (private, public)
+    }
+
+    /// The certificate of the client links' static key: `service public key (32) |
+    /// Ed25519 signature (64)` over a context string of its own and the static public key.
+    /// Sent by every tracker inside the handshake; checked by [`verify_static_cert`].
+    pub fn client_link_certificate(&self) -> Vec<u8> {
+        use ed25519_dalek::Signer;
+        let (_, public) = self.client_link_static();
+        let signing = self.signing_key();
+        let mut message = CERT_CONTEXT.to_vec();
+        message.extend_from_slice(&public);
+        let mut cert = Vec::with_capacity(CERT_LEN);
+        cert.extend_from_slice(signing.verifying_key().as_bytes());
+        cert.extend_from_slice(&signing.sign(&message).to_bytes());
+        cert
+    }
+
+    /// Signs a ticket (Ed25519 over the ticket context and the body's bytes).
+    pub fn sign_ticket(&self, body: TicketBody) -> Ticket {
+        use ed25519_dalek::Signer;
+        let signature = self.signing_key().sign(&body.signed_bytes()).to_bytes();
+        Ticket { body, signature }
     }
 
     /// Reads the key at `path`, refusing a file that group or others can access.

@@ -213,3 +213,114 @@ fn state_root_follows_xdg_then_home() {
     );
     assert_eq!(state_root(None, None), None);
 }
+
+#[test]
+fn client_link_certificate_is_pinned_and_verifies() {
+    let key = ServiceKey::from_seed([3u8; 32]);
+    let (private, public) = key.client_link_static();
+    // Derived keys are part of the protocol: every tracker of a service must agree on them
+    // and a change would break every client's trust; pin them.
+    assert_eq!(private, key.client_link_static().0);
+    assert_ne!(private, key.tracker_psk());
+    assert_eq!(
+        Base64UrlUnpadded::encode_string(&public),
+        "ybj8E6EOOKxQ_qmVHhyIuLdlmBbVq958CzfHjQO55SU"
+    );
+    let cert = key.client_link_certificate();
+    assert_eq!(cert.len(), CERT_LEN);
+    assert_eq!(&cert[..32], &key.public_key().0);
+    assert_eq!(verify_static_cert(&cert, &public), Ok(key.public_key().0));
+    // Ed25519 signatures are deterministic: the certificate is too.
+    assert_eq!(cert, key.client_link_certificate());
+    let other = ServiceKey::from_seed([4u8; 32]).client_link_static().1;
+    assert!(verify_static_cert(&cert, &other).is_err());
+    assert!(verify_static_cert(&cert[..95], &public).is_err());
+    assert!(verify_static_cert(&cert, &public[..31]).is_err());
+    let mut bad = cert.clone();
+    bad[0] ^= 1;
+    assert!(verify_static_cert(&bad, &public).is_err());
+}
+
+fn ticket_body(expires: u64) -> crate::wire::ticket::TicketBody {
+    crate::wire::ticket::TicketBody {
+        expires,
+        file_sha1: crate::wire::Sha1Digest([0xab; 20]),
+        group: crate::wire::GroupId::new("g1").unwrap(),
+        user: crate::wire::UserId::new("bob").unwrap(),
+        client_key: [7; 32],
+    }
+}
+
+#[test]
+fn tickets_verify_offline_and_only_as_issued() {
+    use crate::wire::{GroupId, Sha1Digest};
+    let service = ServiceKey::from_seed([1u8; 32]);
+    let public = service.public_key();
+    let ticket = service.sign_ticket(ticket_body(1_800_000_000));
+    // Golden: Ed25519 signatures are deterministic, so the signed ticket's bytes are fixed.
+    assert_eq!(
+        Base64UrlUnpadded::encode_string(&ticket.signature),
+        "8-IZ73__mB7NyX5Kvvr5wkUvSB0qRJHoMV0yR7Tg6gPC-EwGymOut2OlvQImmVZSYihFjZXvhGFygeUpWQoKDg"
+    );
+    let g1 = GroupId::new("g1").unwrap();
+    let file = Sha1Digest([0xab; 20]);
+    assert_eq!(
+        verify_ticket(&public, &ticket, &g1, &file, 1_799_999_999),
+        Ok(())
+    );
+    // Expired: at and after its expiry (a former member's old ticket).
+    for now in [1_800_000_000, 1_900_000_000] {
+        assert!(matches!(
+            verify_ticket(&public, &ticket, &g1, &file, now),
+            Err(TicketError::Expired { .. })
+        ));
+    }
+    // For another group or other content.
+    let g2 = GroupId::new("g2").unwrap();
+    assert_eq!(
+        verify_ticket(&public, &ticket, &g2, &file, 0),
+        Err(TicketError::WrongGroup)
+    );
+    assert_eq!(
+        verify_ticket(&public, &ticket, &g1, &Sha1Digest([0xac; 20]), 0),
+        Err(TicketError::WrongFile)
+    );
+    // Another service's key.
+    let other = ServiceKey::from_seed([2u8; 32]).public_key();
+    assert_eq!(
+        verify_ticket(&other, &ticket, &g1, &file, 0),
+        Err(TicketError::BadSignature)
+    );
+    // Forged: any field changed after signing (a later expiry, another group, user or
+    // client), or a flipped bit of the signature.
+    let mut later = ticket.clone();
+    later.body.expires += 3600;
+    let mut regrouped = ticket.clone();
+    regrouped.body.group = g2.clone();
+    let mut other_user = ticket.clone();
+    other_user.body.user = crate::wire::UserId::new("mallory").unwrap();
+    let mut other_client = ticket.clone();
+    other_client.body.client_key[0] ^= 1;
+    let mut bad_sig = ticket.clone();
+    bad_sig.signature[10] ^= 1;
+    for forged in [&later, &other_user, &other_client, &bad_sig] {
+        assert_eq!(
+            verify_ticket(&public, forged, &g1, &file, 0),
+            Err(TicketError::BadSignature),
+            "{forged:?}"
+        );
+    }
+    assert_eq!(
+        verify_ticket(&public, &regrouped, &g2, &file, 0),
+        Err(TicketError::BadSignature)
+    );
+    // A ticket is not a certificate: the same key's certificate signature does not verify as
+    // a ticket, and the other way round (distinct contexts).
+    let cert = service.client_link_certificate();
+    let mut as_ticket = ticket.clone();
+    as_ticket.signature.copy_from_slice(&cert[32..]);
+    assert_eq!(
+        verify_ticket(&public, &as_ticket, &g1, &file, 0),
+        Err(TicketError::BadSignature)
+    );
+}

@@ -21,10 +21,12 @@
 //! - [`bitfield`]: which pieces a peer holds. Plain data.
 //! - [`net`]: mio plumbing shared by both programs: the slab `ConnTable`, buffered framed
 //!   connections (`conn`), stdin and signal wake-ups (`wake`), and `secure`, the sans-IO
-//!   Noise handshake and record layer that replication links run under. Architecture
+//!   Noise handshake and record layer that replication links and clients' tracker links run
+//!   under. Architecture
 //!   Invariant: knows frames, not messages; no policy.
 //! - [`keys`]: the service key file and the keys derived from it (the replication-link PSK,
-//!   the Ed25519 signing key whose public half is the service's public key).
+//!   the Ed25519 signing key whose public half is the service's public key, the client links'
+//!   static key and its certificate).
 //! - [`tracker`]: `state` (the deterministic [`tracker::state::TrackerState::apply`]; its
 //!   child `snapshot` encodes the whole state), `core` (sans-IO request handling per
 //!   connection), `replica` (sans-IO replication: primary, backups, takeover), `password`
@@ -41,7 +43,8 @@
 //!   `shell` (line editing, `history`, `complete`, `help` and `listing` at a terminal; batch
 //!   input never goes through it), `state_dir` (where a client keeps what it remembers),
 //!   `state_file` (its users' shares and downloads, written atomically, and the directory's
-//!   lock), `part_record` (the resume record beside a `.part`), `driver` (the mio reactor). Architecture Invariant: the reactor never blocks: sockets
+//!   lock), `part_record` (the resume record beside a `.part`), `known_trackers` (the service
+//!   key each tracker must present; first-use trust), `driver` (the mio reactor). Architecture Invariant: the reactor never blocks: sockets
 //!   are non-blocking (tracker connects included), hashing runs on the pool, stdin on its
 //!   thread.
 //! - [`hasher`]: the SHA1 worker pool (files to share, downloaded pieces, a download's

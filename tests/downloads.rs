@@ -476,6 +476,36 @@ fn connect_and_send(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
     s
 }
 
+/// A `Ticket` frame for `name` of `G`: what the tracker gives member `user` with the file's
+/// sharers (asked over a raw tracker link, so `user` must be logged in on no client). A
+/// sharer serves a hand-made handshake only behind one.
+fn ticket_frame(net: &Net, user: &str, name: &str) -> Vec<u8> {
+    use p2pshare::wire::peer_link::DownloaderMsg;
+    use p2pshare::wire::tracker_link::{ReplyBody, RequestBody};
+    use p2pshare::wire::{FileName, GroupId, Password, UserId};
+    let mut raw = common::RawTracker::connect(net.tracker.addr);
+    let login = raw.call(RequestBody::Login {
+        user: UserId::new(user).unwrap(),
+        password: Password::new(b"pw").unwrap(),
+        peer_addr: "127.0.0.1:9".parse().unwrap(),
+    });
+    assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
+    let sharers = raw.call(RequestBody::FileSharers {
+        group: GroupId::new(G).unwrap(),
+        name: FileName::new(name).unwrap(),
+    });
+    let ReplyBody::Sharers {
+        ticket: Some(ticket),
+        ..
+    } = sharers
+    else {
+        panic!("no ticket: {sharers:?}");
+    };
+    let mut out = Vec::new();
+    DownloaderMsg::Ticket(ticket).emit(&mut out);
+    out
+}
+
 /// The type of the first frame a peer answers to a handshake, `None` if it closes instead.
 fn handshake_answer(addr: SocketAddr, hs: &[u8]) -> Option<u8> {
     let mut s = connect_and_send(addr, hs);
@@ -851,7 +881,7 @@ fn non_members_and_unknown_files_are_refused() {
 /// right bytes, from B.
 #[test]
 fn downloaders_reshare() {
-    let net = Net::new(&["alice", "bob", "carol"]);
+    let net = Net::new(&["alice", "bob", "carol", "dave"]);
     let r1 = net.dir("alice").join("r1.bin");
     let r2 = net.dir("alice").join("r2.bin");
     let (s1, s2) = (4 * PIECE + 1, 3 * PIECE - 7);
@@ -874,7 +904,11 @@ fn downloaders_reshare() {
     wait_online(&mut carol, 2, "r2.bin", 2);
 
     // alice stops sharing r1: only bob has it, and alice's client no longer serves it.
-    let hs = handshake(MAGIC, G, "r1.bin", &listed_sha1(&mut carol, 2, "r1.bin"));
+    let hs = [
+        ticket_frame(&net, "dave", "r1.bin"),
+        handshake(MAGIC, G, "r1.bin", &listed_sha1(&mut carol, 2, "r1.bin")),
+    ]
+    .concat();
     assert_eq!(handshake_answer(alice.addr, &hs), Some(ACCEPT));
     alice.cmd(
         &format!("stop_share {G} r1.bin"),
@@ -908,7 +942,7 @@ fn downloaders_reshare() {
 /// the same client resumes the share.
 #[test]
 fn logout_suspends_shares() {
-    let net = Net::new(&["alice", "bob"]);
+    let net = Net::new(&["alice", "bob", "dave"]);
     let src = net.dir("alice").join("s.bin");
     let size = 2 * PIECE + 1;
     random_file(&src, size);
@@ -916,7 +950,11 @@ fn logout_suspends_shares() {
     upload(&mut alice, &src);
     let mut bob = net.login("bob");
     let sha1 = listed_sha1(&mut bob, 1, "s.bin");
-    let hs = handshake(MAGIC, G, "s.bin", &sha1);
+    let hs = [
+        ticket_frame(&net, "dave", "s.bin"),
+        handshake(MAGIC, G, "s.bin", &sha1),
+    ]
+    .concat();
     assert_eq!(handshake_answer(alice.addr, &hs), Some(ACCEPT));
 
     alice.cmd("logout", &["logged out alice"]);
@@ -1113,7 +1151,7 @@ fn sharer_killed_mid_download() {
 /// Garbage on a client's peer port closes that connection only: the client keeps serving.
 #[test]
 fn garbage_on_the_peer_port() {
-    let net = Net::new(&["alice", "bob"]);
+    let net = Net::new(&["alice", "bob", "dave"]);
     let src = net.dir("alice").join("p.bin");
     let size = 3 * PIECE + 11;
     random_file(&src, size);
@@ -1122,9 +1160,11 @@ fn garbage_on_the_peer_port() {
     let mut bob = net.login("bob");
     let sha1 = listed_sha1(&mut bob, 1, "p.bin");
     let addr = alice.addr;
+    let ticket = ticket_frame(&net, "dave", "p.bin");
+    let hs = [ticket.clone(), handshake(MAGIC, G, "p.bin", &sha1)].concat();
 
     // A well-formed exchange (checks the hand-made frames): Accept, then a block.
-    let mut good = connect_and_send(addr, &handshake(MAGIC, G, "p.bin", &sha1));
+    let mut good = connect_and_send(addr, &hs);
     let accept = read_frame(&mut good).expect("accept");
     assert_eq!(accept[0], ACCEPT);
     good.write_all(&request(0, 0, 16384)).unwrap();
@@ -1177,6 +1217,19 @@ fn garbage_on_the_peer_port() {
             "other group",
             connect_and_send(addr, &handshake(MAGIC, "g2", "p.bin", &sha1)),
         ),
+        (
+            "no ticket",
+            connect_and_send(addr, &handshake(MAGIC, G, "p.bin", &sha1)),
+        ),
+        ("forged ticket", {
+            let mut forged = ticket.clone();
+            let n = forged.len();
+            forged[n - 1] ^= 1; // the signature's last byte
+            connect_and_send(
+                addr,
+                &[forged, handshake(MAGIC, G, "p.bin", &sha1)].concat(),
+            )
+        }),
         ("truncated handshake", {
             let mut hs = handshake(MAGIC, G, "p.bin", &sha1);
             let n = hs.len();
@@ -1186,11 +1239,11 @@ fn garbage_on_the_peer_port() {
         }),
     ];
     // After a valid handshake: an invalid block length, then an oversized frame.
-    let mut zero_len = connect_and_send(addr, &handshake(MAGIC, G, "p.bin", &sha1));
+    let mut zero_len = connect_and_send(addr, &hs);
     assert_eq!(read_frame(&mut zero_len).map(|f| f[0]), Some(ACCEPT));
     zero_len.write_all(&request(0, 0, 0)).unwrap();
     hostile.push(("block length 0", zero_len));
-    let mut huge = connect_and_send(addr, &handshake(MAGIC, G, "p.bin", &sha1));
+    let mut huge = connect_and_send(addr, &hs);
     assert_eq!(read_frame(&mut huge).map(|f| f[0]), Some(ACCEPT));
     huge.write_all(&[0x7f, 0xff, 0xff, 0xff, REQUEST]).unwrap();
     hostile.push(("2 GiB frame after handshake", huge));

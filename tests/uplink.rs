@@ -93,6 +93,9 @@ fn serve(
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_nodelay(true)?;
+    // The downloader's ticket comes first (this sharer does not check it), then its handshake.
+    let ticket = DownloaderMsg::parse(&read_frame(&mut stream)?).expect("a ticket");
+    assert!(matches!(ticket, DownloaderMsg::Ticket(_)), "{ticket:?}");
     let handshake = DownloaderMsg::parse(&read_frame(&mut stream)?).expect("a handshake");
     assert!(matches!(handshake, DownloaderMsg::Handshake { .. }));
     let n_pieces = data.len().div_ceil(PIECE_LEN as usize);

@@ -8,6 +8,7 @@ use log::{error, warn, LevelFilter};
 use p2pshare::cli::{self, CliError, EXIT_USAGE};
 use p2pshare::client::driver::{self, ClientConfig};
 use p2pshare::client::help;
+use p2pshare::client::known_trackers::{KnownTrackers, TrackerKeys};
 use p2pshare::client::progress::{Drawn, LogSink};
 use p2pshare::client::state_dir::{self, StateEnv};
 
@@ -75,7 +76,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let trackers = match cli::read_tracker_info(Path::new(&info_path)) {
+    let tracker_lines = match cli::read_tracker_lines(Path::new(&info_path)) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("client_program: {e}");
@@ -114,12 +115,27 @@ fn main() -> ExitCode {
             None
         }
     };
+    // The trackers' keys trusted on first use; a damaged file is refused rather than ignored
+    // (ignoring it would trust whoever answers next).
+    let known = match &state_dir {
+        Some(dir) => match KnownTrackers::load(dir) {
+            Ok(known) => known,
+            Err(e) => {
+                eprintln!("client_program: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => KnownTrackers::in_memory(),
+    };
+    let trackers = tracker_lines.iter().map(|t| t.addr).collect();
+    let tracker_keys = TrackerKeys::new(tracker_lines, known);
     match driver::run(ClientConfig {
         listen,
         trackers,
         serve: matches.opt_present("serve"),
         drawn,
         state_dir,
+        tracker_keys,
     }) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {

@@ -3,6 +3,12 @@
 //! do and [`Uplink`] which tracker to talk to. Nothing here blocks: the tracker link connects
 //! with a non-blocking socket, and its timers are the core's.
 //!
+//! The tracker link runs over the secure layer ([`crate::net::secure`], `Noise_NX`): the link
+//! counts as connected for [`Uplink`] only once the handshake is done and the tracker proved
+//! the service key this client expects ([`TrackerKeys`]), or, on first use, once that key is
+//! remembered. Until then nothing but handshake bytes is written, so no request (no password)
+//! ever reaches a process that is not a tracker of the service.
+//!
 //! The loop feeds the core one command at a time (the next line waits until the current
 //! command has its answer), performs the core's outputs (print, send, hash) and exits once
 //! input has ended and nothing is left running, or at SIGINT/SIGTERM. With `--serve` it keeps
@@ -22,14 +28,17 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::complete::CompletionData;
 use super::disk;
+use super::known_trackers::TrackerKeys;
 use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::shell::{self, Shell};
 use super::state_file::{self, FileStamp, StateLock};
-use super::transfers::{TransferEvent, Transfers};
+use super::transfers::{PeerCaps, TransferEvent, Transfers};
 use super::uplink::{Uplink, UplinkEvent};
 use crate::hasher::{HashPool, HashResult};
-use crate::net::conn::{connect_progress, ConnectProgress, FIRST_CONN_TOKEN};
+use crate::keys::{self, PublicKey};
+use crate::net::conn::{connect_progress, ConnError, ConnectProgress, FIRST_CONN_TOKEN};
+use crate::net::secure::{IdentityCheck, Params, SecureError, SecureLink};
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{Conn, ConnId, ReadEnd};
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
@@ -49,6 +58,8 @@ pub struct ClientConfig {
     pub drawn: Drawn,
     /// The client's state directory (`None` when it has none: no home directory).
     pub state_dir: Option<PathBuf>,
+    /// The service keys the trackers must present.
+    pub tracker_keys: TrackerKeys,
 }
 
 struct Driver {
@@ -62,6 +73,10 @@ struct Driver {
     uplink: Uplink,
     /// Tracker sockets opened so far (their `ConnId` generations).
     n_links: u64,
+    /// The connecting tracker socket is connected and runs its secure handshake.
+    tracker_handshaking: bool,
+    /// Why the last tracker was refused (a key mismatch), for the command that then fails.
+    tracker_refusal: Option<String>,
     hasher: HashPool,
     transfers: Transfers,
     /// Input waiting for the core, in order (end of input included).
@@ -81,6 +96,11 @@ struct Driver {
 
 /// Runs the client; returns the exit status (0 if every command succeeded, else 1).
 pub fn run(config: ClientConfig) -> io::Result<u8> {
+    // Room for the peer links' caps; they shrink to fit when the limit cannot be raised.
+    let open_files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or_else(|e| {
+        warn!("could not raise the open file limit: {e}");
+        1024
+    });
     let poll = Poll::new()?;
     let mut listener = TcpListener::bind(config.listen)?;
     poll.registry()
@@ -115,8 +135,10 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         tracker: None,
         uplink,
         n_links: 0,
+        tracker_handshaking: false,
+        tracker_refusal: None,
         hasher,
-        transfers: Transfers::default(),
+        transfers: Transfers::default().with_caps(PeerCaps::for_open_files(open_files)),
         lines: VecDeque::new(),
         input_done: false,
         interactive: io::stdin().is_terminal(),
@@ -464,6 +486,10 @@ impl Driver {
                     );
                     self.core.handle_download_started(id, result);
                 }
+                Output::Ticket { download, ticket } => {
+                    self.transfers
+                        .set_ticket(self.poll.registry(), download, ticket)
+                }
                 Output::Sharers { download, result } => self.transfers.on_sharers(
                     self.poll.registry(),
                     &self.hasher,
@@ -593,7 +619,10 @@ impl Driver {
                         self.uplink.send(request, now);
                     }
                 }
-                UplinkEvent::Unreachable => self.core.handle_send_failed("no tracker is reachable"),
+                UplinkEvent::Unreachable => match self.tracker_refusal.take() {
+                    Some(refusal) => self.core.handle_send_failed(&refusal),
+                    None => self.core.handle_send_failed("no tracker is reachable"),
+                },
                 UplinkEvent::SessionLost => self.core.handle_tracker_lost(),
             }
         }
@@ -634,30 +663,118 @@ impl Driver {
     }
 
     fn close_tracker(&mut self) {
+        self.tracker_handshaking = false;
         if let Some(mut conn) = self.tracker.take() {
             conn.deregister(self.poll.registry());
         }
     }
 
-    /// The connecting tracker socket became ready: connected, or failed.
+    /// The connecting tracker socket became ready: connected (then its secure handshake
+    /// starts), failed, or, while handshaking, the tracker's answer arrived.
     fn tracker_connecting(&mut self) {
         let Some(conn) = self.tracker.as_mut() else {
             return;
         };
         let now = Instant::now();
-        let failed = match connect_progress(&conn.stream) {
-            ConnectProgress::Connected => None,
-            ConnectProgress::Pending => return,
-            ConnectProgress::Failed(e) => Some(e),
-        };
-        match failed {
-            Some(e) => {
+        if !self.tracker_handshaking {
+            let failed = match connect_progress(&conn.stream) {
+                ConnectProgress::Connected => None,
+                ConnectProgress::Pending => return,
+                ConnectProgress::Failed(e) => Some(e),
+            };
+            if let Some(e) = failed {
                 self.close_tracker();
                 self.uplink.handle_connect_failed(&e.to_string(), now);
+                self.pump();
+                return;
             }
-            None => self.uplink.handle_connected(now),
+            let Some(addr) = self.uplink.tracker() else {
+                return;
+            };
+            let expected = self.config.tracker_keys.expected(addr).map(|(k, _)| k.0);
+            let params = Params::client_link_initiator(IdentityCheck {
+                verify: keys::verify_static_cert,
+                expected,
+            });
+            match SecureLink::initiator(&params) {
+                Ok(link) => conn.set_secure(link),
+                Err(e) => {
+                    self.close_tracker();
+                    self.uplink.handle_connect_failed(&e.to_string(), now);
+                    self.pump();
+                    return;
+                }
+            }
+            self.tracker_handshaking = true;
+            self.uplink.handle_transport_up(now);
+        }
+        let result = self.tracker_handshake();
+        let Some(addr) = self.uplink.tracker() else {
+            return;
+        };
+        match result {
+            Ok(None) => return,
+            Ok(Some(presented)) => {
+                self.tracker_handshaking = false;
+                self.tracker_refusal = None;
+                // Tickets this client is shown are checked with the key its tracker proved.
+                self.transfers.set_service_key(presented);
+                let keys = &mut self.config.tracker_keys;
+                if keys.expected(addr).is_none() {
+                    info!("tracker {addr}: first use, trusting service key {presented}");
+                    if let Err(e) = keys.known.remember(addr, presented) {
+                        warn!("{e}: the key of tracker {addr} is not remembered");
+                    }
+                }
+                self.uplink.handle_connected(now);
+            }
+            Err(reason) => {
+                warn!("{reason}");
+                self.close_tracker();
+                self.uplink.handle_connect_failed(&reason, now);
+            }
         }
         self.pump();
+    }
+
+    /// Moves the tracker link's handshake on: `Ok(Some(key))` once it is done and the tracker
+    /// proved the service key `key`, `Ok(None)` while it goes on, `Err(reason)` if it failed
+    /// (a key mismatch is then remembered for the command that fails).
+    fn tracker_handshake(&mut self) -> Result<Option<PublicKey>, String> {
+        let Some(conn) = self.tracker.as_mut() else {
+            return Err("no connection".into());
+        };
+        let addr = self.uplink.tracker();
+        let registry = self.poll.registry();
+        conn.flush(registry)
+            .map_err(|e| format!("write failed: {e}"))?;
+        // No frame can come before the handshake is done and our hello sent: stop at the
+        // first one (there is none) and judge the secure layer.
+        let read = conn.read_frames(1, |_| false);
+        if let Some(identity) = conn.secure().and_then(|s| s.remote_identity()) {
+            return Ok(Some(PublicKey(identity)));
+        }
+        match read {
+            Ok(ReadEnd::WouldBlock) => Ok(None),
+            Ok(_) => Err("closed the connection during the handshake".into()),
+            Err(ConnError::Secure(SecureError::WrongIdentity {
+                expected,
+                presented,
+            })) => {
+                let addr = addr.unwrap_or(self.config.listen);
+                let source = self
+                    .config
+                    .tracker_keys
+                    .expected(addr)
+                    .map(|(_, source)| source)
+                    .unwrap_or(super::known_trackers::KeySource::Remembered(None));
+                let refusal =
+                    TrackerKeys::refusal(addr, PublicKey(presented), PublicKey(expected), &source);
+                self.tracker_refusal = Some(refusal.clone());
+                Err(refusal)
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Writes what is queued for the tracker; a failed write breaks the link.

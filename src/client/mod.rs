@@ -4,8 +4,9 @@
 //! that runs them all ([`driver`]), and the progress line on a terminal ([`progress`]). At a
 //! terminal the [`shell`] reads the commands (line editing, [`history`], [`complete`],
 //! [`help`], [`listing`]); the [`state_dir`] holds what a client remembers between runs: the
-//! [`state_file`] (shares and downloads per user) and the shell's history; a download's `.part`
-//! carries its [`part_record`] so that it can resume.
+//! [`state_file`] (shares and downloads per user), the shell's history, and the trackers' keys
+//! trusted on first use ([`known_trackers`]); a download's `.part` carries its [`part_record`]
+//! so that it can resume.
 
 pub mod command;
 pub mod complete;
@@ -14,6 +15,7 @@ pub mod download;
 pub mod driver;
 pub mod help;
 pub mod history;
+pub mod known_trackers;
 pub mod listing;
 pub mod part_record;
 pub mod progress;

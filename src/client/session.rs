@@ -37,6 +37,7 @@ use super::state_file::{
     MAX_STATE_LEN, MAX_USERS,
 };
 use crate::hasher::{FileHashes, HashDone, JobId};
+use crate::wire::ticket::Ticket;
 use crate::wire::tracker_link::{FileMeta, Reply, ReplyBody, Request, RequestBody};
 use crate::wire::{FileName, GroupId, Sha1Digest, UserId, PIECE_LEN};
 
@@ -67,6 +68,12 @@ pub enum Output {
         meta: FileMeta,
         peers: Vec<SocketAddr>,
         target: PathBuf,
+    },
+    /// The tracker's ticket for download `download` (before the download starts, and each
+    /// time it is renewed): sharers serve only with it.
+    Ticket {
+        download: DownloadId,
+        ticket: Ticket,
     },
     /// The tracker's answer to `query_sharers` for download `download`.
     Sharers {
@@ -994,7 +1001,13 @@ impl ClientCore {
             Background::ResumeDownload { user, saved } => self.resume_download(user, saved, body),
             Background::Sharers { download } => {
                 let result = match body {
-                    ReplyBody::Sharers { peers, .. } => {
+                    ReplyBody::Sharers { peers, ticket, .. } => {
+                        if let Some(ticket) = ticket {
+                            self.out.push_back(Output::Ticket {
+                                download,
+                                ticket: *ticket,
+                            });
+                        }
                         Ok(peers.into_iter().filter(|a| *a != self.peer_addr).collect())
                     }
                     ReplyBody::Refused { message, .. } => Err(message),
@@ -1288,8 +1301,12 @@ impl ClientCore {
             return;
         }
         let what = format!("download of {} from group {}", saved.name, saved.group);
-        let (meta, peers) = match body {
-            ReplyBody::Sharers { meta, peers } if meta.name == saved.name => (meta, peers),
+        let (meta, peers, ticket) = match body {
+            ReplyBody::Sharers {
+                meta,
+                peers,
+                ticket,
+            } if meta.name == saved.name => (meta, peers, ticket),
             ReplyBody::Refused { message, .. } => {
                 return self.fail(format!("{what} cannot continue: {message}"))
             }
@@ -1324,6 +1341,12 @@ impl ClientCore {
             registered: false,
             withdraw_due: false,
         });
+        if let Some(ticket) = ticket {
+            self.out.push_back(Output::Ticket {
+                download: id,
+                ticket: *ticket,
+            });
+        }
         self.out.push_back(Output::StartDownload {
             id,
             group: saved.group,
@@ -1379,7 +1402,12 @@ impl ClientCore {
 
     /// The tracker's answer to `download_file`: start the download.
     fn report_sharers(&mut self, group: GroupId, name: FileName, target: PathBuf, body: ReplyBody) {
-        let ReplyBody::Sharers { meta, peers } = body else {
+        let ReplyBody::Sharers {
+            meta,
+            peers,
+            ticket,
+        } = body
+        else {
             return self.fail(format!("unexpected answer from the tracker: {body:?}"));
         };
         let Some(user) = self.user.clone() else {
@@ -1410,6 +1438,12 @@ impl ClientCore {
             withdraw_due: false,
         });
         self.pending = Some(Pending::Starting { id });
+        if let Some(ticket) = ticket {
+            self.out.push_back(Output::Ticket {
+                download: id,
+                ticket: *ticket,
+            });
+        }
         self.out.push_back(Output::StartDownload {
             id,
             group,

@@ -1131,6 +1131,7 @@ fn started_download(h: &mut Harness, dir: &std::path::Path) -> DownloadId {
         ReplyBody::Sharers {
             meta,
             peers: vec![peer],
+            ticket: None,
         },
     );
     let [Output::StartDownload { id, .. }] = outs.as_slice() else {
@@ -1569,6 +1570,7 @@ fn an_interrupted_download_is_remembered_and_continues_at_the_next_login() {
         body: ReplyBody::Sharers {
             meta: meta.clone(),
             peers: vec![peer],
+            ticket: None,
         },
     });
     let id = match h.drain().as_slice() {
@@ -1619,6 +1621,7 @@ fn a_remembered_download_with_nobody_online_waits_for_the_next_login() {
                 piece_hashes: vec![Sha1Digest([2; 20])],
             },
             peers: vec![],
+            ticket: None,
         },
     });
     match h.drain().as_slice() {

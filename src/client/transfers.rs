@@ -11,6 +11,18 @@
 //! - `serve`: the links other clients opened to fetch what this client shares; the
 //!   [`Uploader`] core decides, blocks go out straight from the source's map.
 //!
+//! Caps, so that links others open can never take what this client's own downloads need:
+//! served links and this client's own (fetch) links have separate limits
+//! ([`PeerCaps`]), served links are limited per remote address too, a served link must send its
+//! handshake within 10 s and is closed after [`SERVE_IDLE_TIMEOUT`] without a frame from its
+//! downloader (while nothing is queued for it). A connection over a cap is closed at once.
+//!
+//! Tickets: a download holds the tracker's ticket for its file and sends it on each fetch link
+//! before the handshake, and again on every open link when it is renewed (asked for when less
+//! than half of its life is left). A served link is accepted only with a ticket that the
+//! service key (the one this client's tracker proved) signed for that group and content and
+//! that has not expired, and it is closed when its ticket expires without a renewal.
+//!
 //! Nothing here decides what a download or a serve link does next: the `Download` engine and
 //! the `Uploader` core do. What needs the tracker or the command loop comes out as
 //! [`TransferEvent`]s.
@@ -19,8 +31,8 @@ mod downloads;
 mod fetch;
 mod serve;
 
-use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -31,8 +43,11 @@ use super::download::engine::{Limits, Progress};
 use super::session::{ClientCore, DownloadError, DownloadId};
 use super::uploader::Uploader;
 use crate::hasher::HashPool;
+use crate::keys::PublicKey;
 use crate::net::{ConnId, ConnTable};
+use crate::wire::peer_link::DownloaderMsg;
 use crate::wire::peer_link::MAX_DOWNLOADER_FRAME;
+use crate::wire::ticket::Ticket;
 use downloads::Active;
 use fetch::FetchLink;
 use serve::ServeLink;
@@ -43,8 +58,17 @@ const READ_BUDGET: usize = 8 * 1024 * 1024;
 const FRAME_BUDGET: usize = 256;
 /// How long a serve link may take to send its handshake.
 const SERVE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most peer links at once; connections past it are closed at once.
-const MAX_PEER_LINKS: usize = 4096;
+/// Most links this client opens for its own downloads.
+pub const MAX_FETCH_LINKS: usize = 4096;
+/// Most served links at once (links other clients opened to fetch from this one).
+pub const MAX_SERVE_LINKS: usize = 1024;
+/// Most served links from one remote IP address.
+pub const MAX_SERVE_LINKS_PER_ADDR: usize = 64;
+/// A served link whose downloader sent nothing for this long, while nothing is queued for it,
+/// is closed (a downloader with work in flight sends requests far more often).
+pub const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often served links are looked at for idleness.
+const IDLE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Scratch space for data that is read and dropped.
 const SCRATCH_LEN: usize = 64 * 1024;
 
@@ -77,6 +101,56 @@ pub struct Transfers {
     limits: Limits,
     /// Downloads whose engines have actions waiting (queued where no hasher was at hand).
     pending_actions: Vec<DownloadId>,
+    caps: PeerCaps,
+    /// When served links are next looked at for idleness (while there are any).
+    next_idle_check: Option<Instant>,
+    /// Each download's current ticket (at most one per running download).
+    tickets: BTreeMap<DownloadId, Ticket>,
+    /// Downloads whose ticket renewal was asked for and has not come yet.
+    renewing: BTreeSet<DownloadId>,
+    /// The service key tickets must be signed with: the one this client's tracker proved.
+    service_key: Option<PublicKey>,
+    /// An instant and the Unix time at it: tickets' expiries are Unix times, and `now` is an
+    /// `Instant`, so that tests can move it.
+    clock: (Instant, Duration),
+}
+
+/// A download asks for a new ticket when less than this is left of its current one.
+const TICKET_RENEW_MARGIN_SECS: u64 = crate::tracker::tickets::TICKET_LIFE_SECS / 2;
+
+/// The caps on peer links (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCaps {
+    pub max_fetch: usize,
+    pub max_serve: usize,
+    pub max_serve_per_addr: usize,
+    pub serve_idle: Duration,
+}
+
+impl Default for PeerCaps {
+    fn default() -> Self {
+        PeerCaps {
+            max_fetch: MAX_FETCH_LINKS,
+            max_serve: MAX_SERVE_LINKS,
+            max_serve_per_addr: MAX_SERVE_LINKS_PER_ADDR,
+            serve_idle: SERVE_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl PeerCaps {
+    /// The default caps, shrunk to fit `open_files` file descriptors: fetch and serve links
+    /// together keep a quarter of them free for files, maps and the rest.
+    pub fn for_open_files(open_files: u64) -> Self {
+        let mut caps = PeerCaps::default();
+        let room = usize::try_from(open_files.saturating_mul(3) / 4).unwrap_or(usize::MAX);
+        if caps.max_fetch + caps.max_serve > room {
+            caps.max_serve = (room / 3).max(1);
+            caps.max_fetch = (room - room / 3).max(1);
+            caps.max_serve_per_addr = caps.max_serve_per_addr.min(caps.max_serve);
+        }
+        caps
+    }
 }
 
 impl Default for Transfers {
@@ -96,7 +170,109 @@ impl Transfers {
             scratch: vec![0; SCRATCH_LEN],
             limits,
             pending_actions: Vec::new(),
+            caps: PeerCaps::default(),
+            next_idle_check: None,
+            tickets: BTreeMap::new(),
+            renewing: BTreeSet::new(),
+            service_key: None,
+            clock: (
+                Instant::now(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default(),
+            ),
         }
+    }
+
+    /// Tickets are checked with this key (the service key the tracker proved).
+    pub fn set_service_key(&mut self, key: PublicKey) {
+        self.service_key = Some(key);
+    }
+
+    /// The Unix time (whole seconds) at `now`.
+    fn unix_at(&self, now: Instant) -> u64 {
+        let (base, unix) = self.clock;
+        (unix + now.saturating_duration_since(base)).as_secs()
+    }
+
+    /// The instant at Unix time `secs` (the base instant for earlier times).
+    fn instant_at(&self, secs: u64) -> Instant {
+        let (base, unix) = self.clock;
+        base + Duration::from_secs(secs).saturating_sub(unix)
+    }
+
+    /// A new ticket for `download`: kept for its new links and sent on its open ones now.
+    pub fn set_ticket(&mut self, registry: &Registry, download: DownloadId, ticket: Ticket) {
+        self.renewing.remove(&download);
+        let mut frame = Vec::new();
+        DownloaderMsg::Ticket(Box::new(ticket.clone())).emit(&mut frame);
+        let mut links = Vec::new();
+        for conn in self.conns.iter_mut() {
+            if matches!(&conn.data, PeerConn::Fetch(link) if link.download == download) {
+                conn.out().extend_from_slice(&frame);
+                links.push(conn.id);
+            }
+        }
+        self.tickets.insert(download, ticket);
+        for id in links {
+            self.flush_conn(registry, id);
+        }
+    }
+
+    /// When the first ticket renewal is due.
+    fn next_renewal(&self) -> Option<Instant> {
+        self.tickets
+            .iter()
+            .filter(|(id, _)| !self.renewing.contains(id))
+            .map(|(_, t)| self.instant_at(t.body.expires.saturating_sub(TICKET_RENEW_MARGIN_SECS)))
+            .min()
+    }
+
+    /// Asks for the tickets of running downloads that are due for renewal, and forgets the
+    /// tickets of downloads that ended.
+    fn renew_tickets(&mut self, now: Instant) {
+        let downloads = &self.downloads;
+        self.tickets.retain(|id, _| downloads.contains_key(id));
+        self.renewing.retain(|id| downloads.contains_key(id));
+        let unix = self.unix_at(now);
+        let due: Vec<DownloadId> = self
+            .tickets
+            .iter()
+            .filter(|(id, t)| {
+                !self.renewing.contains(id)
+                    && unix.saturating_add(TICKET_RENEW_MARGIN_SECS) >= t.body.expires
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for download in due {
+            debug!("download {download}: renewing its ticket");
+            self.renewing.insert(download);
+            self.events
+                .push_back(TransferEvent::QuerySharers { download });
+        }
+    }
+
+    /// Uses these caps from now on.
+    pub fn with_caps(mut self, caps: PeerCaps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// Open links: `(fetch, served, served from ip)`.
+    fn count_links(&self, ip: Option<IpAddr>) -> (usize, usize, usize) {
+        let (mut fetch, mut serve, mut from_ip) = (0, 0, 0);
+        for conn in self.conns.iter() {
+            match &conn.data {
+                PeerConn::Fetch(_) => fetch += 1,
+                PeerConn::Serve(link) => {
+                    serve += 1;
+                    if Some(link.addr.ip()) == ip {
+                        from_ip += 1;
+                    }
+                }
+            }
+        }
+        (fetch, serve, from_ip)
     }
 
     pub fn poll_event(&mut self) -> Option<TransferEvent> {
@@ -131,7 +307,11 @@ impl Transfers {
             .map(|a| a.record_written + super::part_record::RECORD_INTERVAL);
         let downloads = downloads.chain(records);
         let handshakes = self.handshake_deadlines.front().map(|(t, _)| *t);
-        downloads.chain(handshakes).min()
+        downloads
+            .chain(handshakes)
+            .chain(self.next_idle_check)
+            .chain(self.next_renewal())
+            .min()
     }
 
     pub fn on_tick(&mut self, registry: &Registry, hasher: &HashPool, now: Instant) {
@@ -162,6 +342,47 @@ impl Transfers {
                 self.conns.remove(registry, id);
             }
         }
+        if self.next_idle_check.is_some_and(|t| t <= now) {
+            self.close_idle(registry, now);
+        }
+        if self.next_renewal().is_some_and(|t| t <= now)
+            || self.tickets.len() > self.downloads.len()
+        {
+            self.renew_tickets(now);
+        }
+    }
+
+    /// Closes served links whose downloader has been silent for the idle timeout while
+    /// nothing was queued for it, and those whose ticket expired without a renewal.
+    fn close_idle(&mut self, registry: &Registry, now: Instant) {
+        let idle = self.caps.serve_idle;
+        let unix = self.unix_at(now);
+        let stale: Vec<(ConnId, SocketAddr, bool)> = self
+            .conns
+            .iter()
+            .filter_map(|c| match &c.data {
+                PeerConn::Serve(link) => {
+                    let expired = link.ticket_expires.is_some_and(|t| unix >= t);
+                    let silent = c.pending_write() == 0
+                        && now.saturating_duration_since(link.last_heard) >= idle;
+                    (expired || silent).then_some((c.id, link.addr, expired))
+                }
+                _ => None,
+            })
+            .collect();
+        for (id, addr, expired) in stale {
+            if expired {
+                warn!("serving {addr}: its ticket expired without a renewal; closed");
+            } else {
+                debug!("serving {addr}: idle for {idle:?}; closed");
+            }
+            self.conns.remove(registry, id);
+        }
+        let any_served = self
+            .conns
+            .iter()
+            .any(|c| matches!(c.data, PeerConn::Serve(_)));
+        self.next_idle_check = any_served.then(|| now + IDLE_CHECK_EVERY.min(idle));
     }
 
     // -----------------------------------------------------------------------------------------
@@ -170,12 +391,23 @@ impl Transfers {
 
     /// A peer connected to this client's listening socket.
     pub fn accept(&mut self, registry: &Registry, stream: TcpStream, addr: SocketAddr) {
-        if self.conns.len() >= MAX_PEER_LINKS {
-            debug!("peer {addr}: too many links; closed");
+        let (_, served, from_ip) = self.count_links(Some(addr.ip()));
+        if served >= self.caps.max_serve {
+            debug!("peer {addr}: {served} served links already; closed");
+            return;
+        }
+        if from_ip >= self.caps.max_serve_per_addr {
+            debug!(
+                "peer {addr}: {from_ip} served links from {} already; closed",
+                addr.ip()
+            );
             return;
         }
         let _ = stream.set_nodelay(true);
         let now = Instant::now();
+        if self.next_idle_check.is_none() {
+            self.next_idle_check = Some(now + IDLE_CHECK_EVERY.min(self.caps.serve_idle));
+        }
         match self.conns.insert(
             registry,
             stream,
@@ -185,6 +417,9 @@ impl Transfers {
                 core: Uploader::new(),
                 serving: None,
                 block_bytes: 0,
+                last_heard: now,
+                ticket: None,
+                ticket_expires: None,
             }),
         ) {
             Ok(id) => self
@@ -296,3 +531,7 @@ impl Transfers {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "transfers_tests.rs"]
+mod tests;

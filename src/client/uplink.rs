@@ -16,8 +16,9 @@
 //! go out every 600 ms; twice that on the next link after each link left for silence without
 //! a reply in between, up to 14.4 s, since a tracker slow with password hashing is silent
 //! too), the next tracker of the file is tried at once, then the others in
-//! turn, each attempt given [`CONNECT_TIMEOUT`]. A round in which none connected is followed by
-//! the next after a backoff that doubles from nothing (the first retry goes at once) to
+//! turn, each attempt given [`CONNECT_TIMEOUT`] to connect, then the silence timeout for its
+//! secure handshake ([`Uplink::handle_transport_up`]). A round in which none connected is
+//! followed by the next after a backoff that doubles from nothing (the first retry goes at once) to
 //! [`BACKOFF_MAX`], so a client never spins on trackers that refuse at once, and never waits
 //! much more than a second for one that came back. After [`RECONNECT_FOR`] without a tracker,
 //! or when links keep breaking before the tracker's welcome, the session is given up.
@@ -248,6 +249,20 @@ impl Uplink {
         self.transmit.clear();
         self.transmit.push_back(ClientMsg::hello(self.client_id));
         self.events.push_back(UplinkEvent::Connected);
+    }
+
+    /// The socket the last [`UplinkEvent::Connect`] asked for is connected and now runs the
+    /// link's secure handshake (the driver's): the attempt gets as long as a quiet open link
+    /// may stay silent to complete it, since it needs the tracker's loop to answer (a busy
+    /// tracker is slow, not gone), where the connect itself needed only its kernel.
+    pub fn handle_transport_up(&mut self, now: Instant) {
+        if let State::Connecting { index, round, .. } = self.state {
+            self.state = State::Connecting {
+                index,
+                deadline: now + self.silence(),
+                round,
+            };
+        }
     }
 
     /// The connection the last [`UplinkEvent::Connect`] asked for failed (refused, or the

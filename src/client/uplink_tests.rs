@@ -477,3 +477,28 @@ fn links_left_for_silence_in_a_row_get_more_time_until_a_reply() {
     }
     assert_eq!(now - opened, s);
 }
+
+#[test]
+fn a_connected_socket_gets_the_silence_timeout_for_its_handshake() {
+    let t0 = Instant::now();
+    let mut u = uplink(2);
+    u.send(request(1), t0);
+    assert_eq!(events(&mut u), [UplinkEvent::Connect(addr(0))]);
+    assert_eq!(u.poll_timeout(), Some(t0 + CONNECT_TIMEOUT));
+    let t1 = t0 + Duration::from_millis(100);
+    u.handle_transport_up(t1);
+    assert_eq!(u.poll_timeout(), Some(t1 + TRACKER_SILENCE));
+    // Past the connect timeout, the handshake still has time.
+    u.handle_timeout(t0 + CONNECT_TIMEOUT + Duration::from_millis(1));
+    assert_eq!(events(&mut u), []);
+    // Past the silence, the next tracker is tried.
+    u.handle_timeout(t1 + TRACKER_SILENCE);
+    assert_eq!(
+        events(&mut u),
+        [UplinkEvent::Close, UplinkEvent::Connect(addr(1))]
+    );
+    // A handshake that fails is a failed attempt too: the next one after it.
+    u.handle_transport_up(t1 + TRACKER_SILENCE);
+    u.handle_connect_failed("refused: wrong key", t1 + TRACKER_SILENCE);
+    assert_eq!(events(&mut u), [UplinkEvent::Unreachable]);
+}

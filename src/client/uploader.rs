@@ -37,6 +37,8 @@ pub enum RefuseCode {
     Version,
     /// This client will not serve that file now (it has too many pieces to offer).
     Busy,
+    /// The downloader has no valid ticket for the file (none, forged, expired or foreign).
+    Ticket,
 }
 
 impl RefuseCode {
@@ -46,6 +48,7 @@ impl RefuseCode {
             RefuseCode::NotShared => 1,
             RefuseCode::Version => 2,
             RefuseCode::Busy => 3,
+            RefuseCode::Ticket => 4,
         }
     }
 
@@ -55,6 +58,7 @@ impl RefuseCode {
             1 => Some(RefuseCode::NotShared),
             2 => Some(RefuseCode::Version),
             3 => Some(RefuseCode::Busy),
+            4 => Some(RefuseCode::Ticket),
             _ => None,
         }
     }
@@ -66,6 +70,7 @@ impl fmt::Display for RefuseCode {
             RefuseCode::NotShared => "not shared",
             RefuseCode::Version => "another protocol version",
             RefuseCode::Busy => "busy",
+            RefuseCode::Ticket => "no valid ticket",
         })
     }
 }
@@ -242,6 +247,9 @@ impl Uploader {
             // The block is queued already, if it was answered (the downloader drops a late
             // copy).
             DownloaderMsg::Cancel(_) => Ok(Step::Nothing),
+            // Tickets are checked by the driver (`transfers::serve`), which holds the
+            // service key and the clock.
+            DownloaderMsg::Ticket(_) => Ok(Step::Nothing),
         }
     }
 

@@ -111,12 +111,17 @@ fn refusals_carry_their_codes_and_end_the_link() {
 
 #[test]
 fn refuse_codes_round_trip_through_the_wire() {
-    for code in [RefuseCode::NotShared, RefuseCode::Version, RefuseCode::Busy] {
+    for code in [
+        RefuseCode::NotShared,
+        RefuseCode::Version,
+        RefuseCode::Busy,
+        RefuseCode::Ticket,
+    ] {
         assert_eq!(RefuseCode::from_wire(code.to_wire()), Some(code));
         assert!(!code.to_string().is_empty());
     }
     assert_eq!(RefuseCode::from_wire(0), None);
-    assert_eq!(RefuseCode::from_wire(4), None);
+    assert_eq!(RefuseCode::from_wire(5), None);
 }
 
 #[test]

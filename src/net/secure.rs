@@ -41,6 +41,29 @@ pub const PREAMBLE_LEN: usize = 6;
 /// (neither can derive the transport keys without the PSK).
 pub const TRACKER_LINK_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 
+/// The preamble's magic for client-to-tracker links: "P2PC" (like "P2PT", far over any plain
+/// link's frame limit when read as a length prefix).
+pub const CLIENT_LINK_MAGIC: [u8; 4] = *b"P2PC";
+/// The client links' Noise protocol: the responder (tracker) transmits its static key,
+/// encrypted, in the second message and proves it holds its private half (`es`); a payload
+/// signed by the service key binds that static key to the service. The client has no static
+/// key: it is anonymous to the tracker until it logs in.
+pub const CLIENT_LINK_PATTERN: &str = "Noise_NX_25519_ChaChaPoly_BLAKE2s";
+
+/// Checks the identity a responder presents (its handshake payload and static key) and returns
+/// the identity it proves (a 32-byte public key), or why not. A plain function so that the
+/// format of the proof stays with whoever makes it ([`crate::keys`]).
+pub type VerifyIdentity = fn(payload: &[u8], remote_static: &[u8]) -> Result<[u8; 32], String>;
+
+/// What an initiator demands of the responder's identity, checked before transport mode.
+#[derive(Clone, Copy)]
+pub struct IdentityCheck {
+    pub verify: VerifyIdentity,
+    /// The identity the responder must prove; `None` accepts any identity that verifies (trust
+    /// on first use: the caller reads it with [`SecureLink::remote_identity`] and remembers it).
+    pub expected: Option<[u8; 32]>,
+}
+
 /// Bytes of a length prefix.
 const LEN_PREFIX: usize = 2;
 /// Noise's limit on one message, and so on one record.
@@ -68,6 +91,11 @@ pub struct Params {
     pub local_private: Option<[u8; 32]>,
     /// The other side's static public key, for patterns that know it in advance.
     pub remote_public: Option<[u8; 32]>,
+    /// Payload sent (encrypted where the pattern allows) in each handshake message this side
+    /// writes; empty for most links. At most [`MAX_HANDSHAKE_PAYLOAD`] bytes.
+    pub payload: Vec<u8>,
+    /// For an initiator: the identity the responder must prove before transport mode.
+    pub identity: Option<IdentityCheck>,
 }
 
 impl fmt::Debug for Params {
@@ -89,6 +117,36 @@ impl Params {
             psk: Some((0, psk)),
             local_private: None,
             remote_public: None,
+            payload: Vec::new(),
+            identity: None,
+        }
+    }
+
+    /// The tracker's side of a client link: its static key pair's private half and the
+    /// payload that certifies the public half.
+    pub fn client_link_responder(static_private: [u8; 32], certificate: Vec<u8>) -> Self {
+        Params {
+            magic: CLIENT_LINK_MAGIC,
+            pattern: CLIENT_LINK_PATTERN,
+            psk: None,
+            local_private: Some(static_private),
+            remote_public: None,
+            payload: certificate,
+            identity: None,
+        }
+    }
+
+    /// The client's side of a client link: the tracker must prove an identity `check`
+    /// accepts.
+    pub fn client_link_initiator(check: IdentityCheck) -> Self {
+        Params {
+            magic: CLIENT_LINK_MAGIC,
+            pattern: CLIENT_LINK_PATTERN,
+            psk: None,
+            local_private: None,
+            remote_public: None,
+            payload: Vec::new(),
+            identity: Some(check),
         }
     }
 
@@ -119,6 +177,13 @@ pub enum SecureError {
     Config(String),
     /// Sending failed (a nonce ran out); never expected in practice.
     Seal(String),
+    /// The responder's identity did not verify (no or a bad certificate of its static key).
+    BadIdentity(String),
+    /// The responder proved an identity, but not the one expected.
+    WrongIdentity {
+        expected: [u8; 32],
+        presented: [u8; 32],
+    },
     /// The link failed before; nothing more passes.
     Failed,
 }
@@ -145,6 +210,13 @@ impl fmt::Display for SecureError {
             SecureError::BadRecord => write!(f, "secure link: a record failed authentication"),
             SecureError::Config(e) => write!(f, "secure link: bad parameters: {e}"),
             SecureError::Seal(e) => write!(f, "secure link: cannot encrypt: {e}"),
+            SecureError::BadIdentity(e) => {
+                write!(f, "secure link: the peer's identity does not verify: {e}")
+            }
+            SecureError::WrongIdentity { .. } => write!(
+                f,
+                "secure link: the peer proved another identity than the one expected"
+            ),
             SecureError::Failed => write!(f, "secure link: failed earlier"),
         }
     }
@@ -175,6 +247,14 @@ pub struct SecureLink {
     /// Bytes to send: `out[out_pos..]`.
     out: Vec<u8>,
     out_pos: usize,
+    /// Sent in each handshake message this side writes.
+    payload: Vec<u8>,
+    /// The last non-empty handshake payload received.
+    remote_payload: Vec<u8>,
+    /// Checked when the handshake completes (initiators of client links).
+    identity: Option<IdentityCheck>,
+    /// The identity the responder proved, once checked.
+    remote_identity: Option<[u8; 32]>,
 }
 
 impl fmt::Debug for SecureLink {
@@ -188,6 +268,8 @@ impl fmt::Debug for SecureLink {
 
 /// Largest input buffered at once: one whole message with its prefix.
 const MAX_IN: usize = LEN_PREFIX + MAX_MESSAGE;
+/// Longest handshake payload this side sends (a certificate is 96 bytes).
+pub const MAX_HANDSHAKE_PAYLOAD: usize = 512;
 /// Bytes asked of the socket beyond what the next message needs.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -202,6 +284,12 @@ impl SecureLink {
         initiator: bool,
     ) -> Result<snow::HandshakeState, SecureError> {
         let config = |e: snow::Error| SecureError::Config(snow_err(e));
+        if params.payload.len() > MAX_HANDSHAKE_PAYLOAD {
+            return Err(SecureError::Config(format!(
+                "handshake payload of {} bytes (at most {MAX_HANDSHAKE_PAYLOAD})",
+                params.payload.len()
+            )));
+        }
         let noise: snow::params::NoiseParams = params.pattern.parse().map_err(config)?;
         let mut b = snow::Builder::new(noise)
             .prologue(preamble)
@@ -222,8 +310,12 @@ impl SecureLink {
         }
     }
 
-    fn empty(phase: Phase, preamble: [u8; PREAMBLE_LEN]) -> Self {
+    fn empty(phase: Phase, preamble: [u8; PREAMBLE_LEN], params: &Params) -> Self {
         SecureLink {
+            payload: params.payload.clone(),
+            remote_payload: Vec::new(),
+            identity: params.identity,
+            remote_identity: None,
             phase,
             preamble,
             inbuf: Vec::new(),
@@ -240,7 +332,7 @@ impl SecureLink {
     pub fn initiator(params: &Params) -> Result<Self, SecureError> {
         let preamble = params.preamble();
         let hs = Self::build(params, &preamble, true)?;
-        let mut link = Self::empty(Phase::Handshake(Box::new(hs)), preamble);
+        let mut link = Self::empty(Phase::Handshake(Box::new(hs)), preamble, params);
         link.out.extend_from_slice(&preamble);
         link.write_handshake()?;
         Ok(link)
@@ -250,7 +342,7 @@ impl SecureLink {
     pub fn responder(params: &Params) -> Result<Self, SecureError> {
         let preamble = params.preamble();
         let hs = Self::build(params, &preamble, false)?;
-        Ok(Self::empty(Phase::Preamble(Box::new(hs)), preamble))
+        Ok(Self::empty(Phase::Preamble(Box::new(hs)), preamble, params))
     }
 
     /// The handshake is done: plaintext flows both ways.
@@ -264,6 +356,12 @@ impl SecureLink {
             Phase::Transport(t) => t.get_remote_static(),
             _ => None,
         }
+    }
+
+    /// The identity the responder proved (its checked certificate's key), once established
+    /// with an [`IdentityCheck`].
+    pub fn remote_identity(&self) -> Option<[u8; 32]> {
+        self.remote_identity
     }
 
     /// Space to read received bytes into (empty while a whole message waits to be
@@ -395,8 +493,13 @@ impl SecureLink {
                         return Err(SecureError::Failed);
                     };
                     let mut payload = [0u8; MAX_HANDSHAKE_MSG];
-                    hs.read_message(&self.inbuf[start..end], &mut payload)
+                    let n = hs
+                        .read_message(&self.inbuf[start..end], &mut payload)
                         .map_err(|e| SecureError::Handshake(snow_err(e)))?;
+                    if n > 0 {
+                        self.remote_payload.clear();
+                        self.remote_payload.extend_from_slice(&payload[..n]);
+                    }
                     if !hs.is_handshake_finished() && hs.is_my_turn() {
                         self.write_handshake()?;
                     }
@@ -437,7 +540,7 @@ impl SecureLink {
         };
         let mut msg = [0u8; MAX_HANDSHAKE_MSG];
         let n = hs
-            .write_message(&[], &mut msg)
+            .write_message(&self.payload, &mut msg)
             .map_err(|e| SecureError::Handshake(snow_err(e)))?;
         self.push_message(&msg[..n]);
         self.maybe_established()
@@ -446,6 +549,21 @@ impl SecureLink {
     fn maybe_established(&mut self) -> Result<(), SecureError> {
         if let Phase::Handshake(hs) = &self.phase {
             if hs.is_handshake_finished() {
+                if let Some(check) = self.identity {
+                    // Before transport mode: nothing is sealed for a peer that fails this.
+                    let remote_static = hs.get_remote_static().unwrap_or(&[]);
+                    let presented = (check.verify)(&self.remote_payload, remote_static)
+                        .map_err(SecureError::BadIdentity)?;
+                    if let Some(expected) = check.expected {
+                        if expected != presented {
+                            return Err(SecureError::WrongIdentity {
+                                expected,
+                                presented,
+                            });
+                        }
+                    }
+                    self.remote_identity = Some(presented);
+                }
                 let Phase::Handshake(hs) = std::mem::replace(&mut self.phase, Phase::Failed) else {
                     return Err(SecureError::Failed);
                 };

@@ -400,3 +400,110 @@ fn secure_throughput() {
         );
     }
 }
+
+// Client links: Noise_NX with the tracker's static key certified by the service key.
+
+fn tracker_side(seed: u8) -> Params {
+    let key = crate::keys::ServiceKey::from_seed([seed; 32]);
+    let (private, _) = key.client_link_static();
+    Params::client_link_responder(private, key.client_link_certificate())
+}
+
+fn client_side(expected: Option<u8>) -> Params {
+    Params::client_link_initiator(IdentityCheck {
+        verify: crate::keys::verify_static_cert,
+        expected: expected.map(|s| crate::keys::ServiceKey::from_seed([s; 32]).public_key().0),
+    })
+}
+
+/// Runs a client-link handshake; returns both ends and the initiator's last result.
+fn client_pair(
+    client: &Params,
+    tracker: &Params,
+) -> (SecureLink, SecureLink, Result<Vec<u8>, SecureError>) {
+    let mut a = SecureLink::initiator(client).unwrap();
+    let mut b = SecureLink::responder(tracker).unwrap();
+    // The client queues its first request before the handshake is done, as the driver may.
+    assert_eq!(a.seal(b"login alice SECRET").unwrap(), 0);
+    pass(&mut a, &mut b);
+    assert_eq!(drain(&mut b).unwrap(), b"");
+    pass(&mut b, &mut a);
+    let result = drain(&mut a);
+    (a, b, result)
+}
+
+#[test]
+fn client_link_proves_the_service_key() {
+    let service = crate::keys::ServiceKey::from_seed([5; 32]).public_key();
+    for expected in [Some(5), None] {
+        let (mut a, mut b, result) = client_pair(&client_side(expected), &tracker_side(5));
+        assert_eq!(result.unwrap(), b"");
+        assert!(a.is_established() && b.is_established());
+        assert_eq!(a.remote_identity(), Some(service.0));
+        assert_eq!(send_all(&mut a, &mut b, b"hello tracker"), b"hello tracker");
+        assert_eq!(send_all(&mut b, &mut a, b"welcome"), b"welcome");
+    }
+}
+
+#[test]
+fn client_link_refuses_another_service_before_sending_anything() {
+    let (a, _b, result) = client_pair(&client_side(Some(5)), &tracker_side(6));
+    let expected = crate::keys::ServiceKey::from_seed([5; 32]).public_key().0;
+    let presented = crate::keys::ServiceKey::from_seed([6; 32]).public_key().0;
+    assert_eq!(
+        result,
+        Err(SecureError::WrongIdentity {
+            expected,
+            presented
+        })
+    );
+    assert!(!a.is_established());
+    assert_eq!(a.remote_identity(), None);
+    // Only the first handshake message ever left the client: no record.
+    assert_eq!(a.pending_out(), 0);
+}
+
+#[test]
+fn client_link_refuses_uncertified_or_forged_static_keys() {
+    // No certificate at all.
+    let mut bare = tracker_side(5);
+    bare.payload.clear();
+    let (_, _, result) = client_pair(&client_side(None), &bare);
+    assert!(
+        matches!(result, Err(SecureError::BadIdentity(_))),
+        "{result:?}"
+    );
+    // Service 5's certificate presented with service 6's static key: the signature covers
+    // another static key.
+    let mut forged = tracker_side(6);
+    forged.payload = crate::keys::ServiceKey::from_seed([5; 32]).client_link_certificate();
+    for expected in [Some(5), None] {
+        let (a, _, result) = client_pair(&client_side(expected), &forged);
+        assert!(
+            matches!(result, Err(SecureError::BadIdentity(_))),
+            "{result:?}"
+        );
+        assert!(!a.is_established());
+    }
+    // A flipped bit in the signature.
+    let mut tampered = tracker_side(5);
+    tampered.payload[40] ^= 1;
+    let (_, _, result) = client_pair(&client_side(Some(5)), &tampered);
+    assert!(
+        matches!(result, Err(SecureError::BadIdentity(_))),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn client_and_tracker_links_do_not_mix() {
+    // A client link's preamble at a tracker-link responder, and the other way round.
+    let mut a = SecureLink::initiator(&client_side(None)).unwrap();
+    let mut b = SecureLink::responder(&Params::tracker_link(PSK)).unwrap();
+    pass(&mut a, &mut b);
+    assert!(matches!(drain(&mut b), Err(SecureError::BadMagic(_))));
+    let mut a = SecureLink::initiator(&Params::tracker_link(PSK)).unwrap();
+    let mut b = SecureLink::responder(&tracker_side(5)).unwrap();
+    pass(&mut a, &mut b);
+    assert!(matches!(drain(&mut b), Err(SecureError::BadMagic(_))));
+}

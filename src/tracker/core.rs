@@ -37,6 +37,7 @@ use super::replica::{Replica, ReplicaOut, Timings};
 use super::state::{
     Answer, Entry, Op, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
 };
+use super::tickets::TicketIssuer;
 use crate::net::ConnId;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::replication::{ReplMsg, MAX_REPLICATION_FRAME};
@@ -235,6 +236,8 @@ pub struct TrackerCore {
     max_reply: usize,
     /// What one user may hold.
     quotas: Quotas,
+    /// Signs the tickets that go with a file's sharers (none without it: tests).
+    tickets: Option<TicketIssuer>,
 }
 
 /// What one user may make the service hold; checked by the tracker that receives the request,
@@ -315,6 +318,7 @@ impl TrackerCore {
             allow_foreign_addresses: false,
             max_reply: MAX_CLIENT_TRACKER_FRAME,
             quotas: Quotas::default(),
+            tickets: None,
         };
         core.pump_replica();
         core
@@ -400,6 +404,19 @@ impl TrackerCore {
 
     pub fn passwords(&self) -> &PasswordQueue {
         &self.passwords
+    }
+
+    /// Issues a ticket with every answer of a file's sharers.
+    pub fn with_tickets(mut self, issuer: TicketIssuer) -> Self {
+        self.tickets = Some(issuer);
+        self
+    }
+
+    /// The wall-clock time tickets are issued at (seconds since the Unix epoch).
+    pub fn set_unix_time(&mut self, secs: u64) {
+        if let Some(issuer) = &mut self.tickets {
+            issuer.set_unix_time(secs);
+        }
     }
 
     pub fn state(&self) -> &TrackerState {
@@ -1325,9 +1342,21 @@ impl TrackerCore {
                     .map(|f| Handled::Reply(ReplyBody::Files(f)))
             }
             RequestBody::FileSharers { group, name } => {
-                return state
-                    .file_sharers(self.session_of(conn)?, &group, &name)
-                    .map(|(meta, peers)| Handled::Reply(ReplyBody::Sharers { meta, peers }))
+                let session = self.session_of(conn)?;
+                let (meta, peers) = state.file_sharers(session, &group, &name)?;
+                let ticket = match &self.tickets {
+                    Some(issuer) => Some(Box::new(issuer.issue(
+                        &group,
+                        meta.file_sha1,
+                        state.user_of(session)?,
+                    ))),
+                    None => None,
+                };
+                return Ok(Handled::Reply(ReplyBody::Sharers {
+                    meta,
+                    peers,
+                    ticket,
+                }));
             }
             RequestBody::CreateGroup { group } => {
                 let session = self.session_of(conn)?;

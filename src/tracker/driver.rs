@@ -5,9 +5,11 @@
 //! sockets and [`TrackerCore`], and turns the core's outputs into writes and closes. It holds
 //! no tracker logic. Links to and from other trackers run over the secure layer
 //! ([`crate::net::secure`], keyed by the service key): dialed links always, accepted ones when
-//! their first bytes are the tracker-link magic (a peek decides, before anything is read);
-//! every other accepted connection is a plain client link, on which the core refuses the
-//! tracker hello. Shutdown comes from the
+//! their first bytes are the tracker-link magic (a peek decides, before anything is read).
+//! An accepted connection starting with the client-link magic is a client's secure link (the
+//! tracker proves the service key with the certified static key derived from it); any other is
+//! a plain client link (raw tools and tests speak it). On both kinds of client link the core
+//! refuses the tracker hello. Shutdown comes from the
 //! stdin line `quit` (read on a helper thread that wakes the loop) or SIGINT/SIGTERM (a mio
 //! source); end of stdin is not a shutdown, since trackers are often started with stdin closed.
 
@@ -30,6 +32,7 @@ use super::durable::{self, Restored};
 use super::password::{self, PasswordJob, PasswordResult};
 use super::replica::Timings;
 use super::state::TrackerRef;
+use super::tickets::TicketIssuer;
 use crate::keys::ServiceKey;
 use crate::net::conn::{connect_progress, ConnectProgress, MAX_PENDING_WRITE};
 use crate::net::secure::{self, SecureLink};
@@ -86,6 +89,8 @@ struct ConnData {
     link_dirty: bool,
     /// Not read while the core holds too many of its requests (`TrackerCore::wants_input`).
     core_paused: bool,
+    /// A client link over the secure layer (not a tracker link).
+    secure_client: bool,
 }
 
 struct Driver {
@@ -111,6 +116,8 @@ struct Driver {
     disk_failed: Option<DiskError>,
     /// The connection cap was hit and logged; logged again once below it.
     at_cap: bool,
+    /// Handshake parameters of secure client links (the service's certified static key).
+    client_params: secure::Params,
 }
 
 type PasswordJobs = Sender<(ConnId, PasswordJob)>;
@@ -205,8 +212,14 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     .with_password_workers(PASSWORD_WORKERS)
     .with_idle_timeout(CLIENT_IDLE_TIMEOUT)
     .with_foreign_addresses(config.allow_foreign_addresses)
-    .with_quotas(config.quotas);
+    .with_quotas(config.quotas)
+    .with_tickets(TicketIssuer::new(config.service_key.clone()));
     let link_params = secure::Params::tracker_link(config.service_key.tracker_psk());
+    let (static_private, _) = config.service_key.client_link_static();
+    let client_params = secure::Params::client_link_responder(
+        static_private,
+        config.service_key.client_link_certificate(),
+    );
     let mut driver = Driver {
         poll,
         listener,
@@ -222,6 +235,7 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         disk,
         disk_failed: None,
         at_cap: false,
+        client_params,
     };
     info!("tracker {} listening on {addr}", config.tracker_no);
     // The first line on stdout: tests and scripts wait for it to know the tracker is up.
@@ -236,6 +250,13 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     let result = driver.run(&stdin);
     drop(waker);
     result
+}
+
+/// Seconds since the Unix epoch (what tickets' expiry is written in).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Driver {
@@ -261,6 +282,8 @@ impl Driver {
                 }
                 return Err(e);
             }
+            // The clock tickets are issued by, read once per turn.
+            self.core.set_unix_time(unix_now());
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -453,7 +476,11 @@ impl Driver {
             Ok(ReadEnd::WouldBlock) => {}
             Ok(ReadEnd::Budget) | Ok(ReadEnd::Stopped) => self.make_ready(id),
             Ok(ReadEnd::Eof) => {
-                if conn.secure().is_some_and(|s| !s.is_established()) {
+                if conn.data.secure_client {
+                    if conn.secure().is_some_and(|s| !s.is_established()) {
+                        debug!("conn {id}: client closed its link during the handshake");
+                    }
+                } else if conn.secure().is_some_and(|s| !s.is_established()) {
                     warn!(
                         "conn {id}: tracker link closed by the peer during the handshake \
                          (does it hold this service's key?)"
@@ -470,7 +497,7 @@ impl Driver {
             }
             Err(e) => {
                 warn!("conn {id}: {e}; closing");
-                if conn.secure().is_some_and(|s| !s.is_established()) {
+                if !conn.data.secure_client && conn.secure().is_some_and(|s| !s.is_established()) {
                     core.handle_handshake_failed(id, now);
                 }
                 self.drain_outputs();
@@ -490,13 +517,14 @@ impl Driver {
 
     /// Looks at an accepted connection's first bytes without reading them: the tracker-link
     /// magic starts the secure handshake (a tracker of this service, or someone who must
-    /// prove it), anything else is a plain client link. Returns `false` while undecided (or
-    /// closed).
+    /// prove it), the client-link magic a client's secure link, anything else is a plain
+    /// client link. Returns `false` while undecided (or closed).
     fn sniff(&mut self, id: ConnId) -> bool {
         let Some(conn) = self.conns.get_mut(id) else {
             return false;
         };
         let magic = secure::TRACKER_LINK_MAGIC;
+        let client_magic = secure::CLIENT_LINK_MAGIC;
         let mut head = [0u8; 4];
         let n = match conn.stream.peek(&mut head) {
             Ok(n) => n,
@@ -512,11 +540,26 @@ impl Driver {
                 return false;
             }
         };
-        if n > 0 && n < magic.len() && head[..n] == magic[..n] {
-            // A prefix of the magic: wait for the rest (the handshake deadline still runs).
+        if n > 0 && n < magic.len() && (head[..n] == magic[..n] || head[..n] == client_magic[..n]) {
+            // A prefix of a magic: wait for the rest (the handshake deadline still runs).
             return false;
         }
         conn.data.sniffing = false;
+        if n == client_magic.len() && head == client_magic {
+            match SecureLink::responder(&self.client_params) {
+                Ok(link) => {
+                    conn.set_secure(link);
+                    conn.data.secure_client = true;
+                    debug!("conn {id}: client link handshake");
+                }
+                Err(e) => {
+                    error!("conn {id}: {e}; closing");
+                    self.close(id);
+                    return false;
+                }
+            }
+            return true;
+        }
         if n == magic.len() && head == magic {
             match SecureLink::responder(&self.link_params) {
                 Ok(link) => {
@@ -587,7 +630,9 @@ impl Driver {
             if let Some(conn) = self.conns.get_mut(id) {
                 conn.data.dirty = false;
                 if conn.is_secure() {
-                    // Tracker links are written once at the end of the turn (`flush_links`).
+                    // Secure links (tracker links, and clients' secure links) are written once
+                    // at the end of the turn (`flush_links`): what a turn queued goes as one
+                    // record.
                     if !conn.data.link_dirty {
                         conn.data.link_dirty = true;
                         self.dirty_links.push(id);

@@ -9,3 +9,4 @@ pub mod password;
 pub mod password_queue;
 pub mod replica;
 pub mod state;
+pub mod tickets;

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod ops;
 pub mod peer_link;
 pub mod replication;
+pub mod ticket;
 pub mod tracker_link;
 
 pub use codec::DecodeError;

@@ -39,6 +39,7 @@ use crate::bitfield::Bitfield;
 use super::codec::*;
 use super::frame;
 use super::ids::{FileName, GroupId, Sha1Digest, MAX_FILE_NAME_LEN, MAX_ID_LEN};
+use super::ticket::Ticket;
 use super::{PROTOCOL_MAGIC, PROTOCOL_VERSION};
 
 /// Largest block a downloader may request and a sharer may send: 1 MiB.
@@ -101,6 +102,9 @@ pub enum DownloaderMsg {
     Request(BlockRef),
     /// `0x11`: `block_ref`. Withdraws an earlier request.
     Cancel(BlockRef),
+    /// `0x12`: `ticket` (see [`crate::wire::ticket`]): the service's permission for this
+    /// download, sent before the handshake and again whenever it is renewed.
+    Ticket(Box<Ticket>),
 }
 
 /// Sharer to downloader.
@@ -160,6 +164,7 @@ mod ty {
     pub const HANDSHAKE: u8 = 0x01;
     pub const REQUEST: u8 = 0x10;
     pub const CANCEL: u8 = 0x11;
+    pub const TICKET: u8 = 0x12;
 
     pub const ACCEPT: u8 = 0x81;
     pub const REFUSE: u8 = 0x82;
@@ -217,6 +222,7 @@ impl DownloaderMsg {
             }
             ty::REQUEST => DownloaderMsg::Request(BlockRef::parse(&mut r)?),
             ty::CANCEL => DownloaderMsg::Cancel(BlockRef::parse(&mut r)?),
+            ty::TICKET => DownloaderMsg::Ticket(Box::new(Ticket::read(&mut r)?)),
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -248,6 +254,11 @@ impl DownloaderMsg {
             DownloaderMsg::Cancel(block) => {
                 let start = frame::begin(out, ty::CANCEL);
                 block.emit(out);
+                frame::end(out, start);
+            }
+            DownloaderMsg::Ticket(ticket) => {
+                let start = frame::begin(out, ty::TICKET);
+                ticket.emit(out);
                 frame::end(out, start);
             }
         }

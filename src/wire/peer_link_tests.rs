@@ -70,9 +70,10 @@ fn downloader_variant(m: &DownloaderMsg) -> usize {
         DownloaderMsg::Handshake { .. } => 0,
         DownloaderMsg::Request(_) => 1,
         DownloaderMsg::Cancel(_) => 2,
+        DownloaderMsg::Ticket(_) => 3,
     }
 }
-const DOWNLOADER_VARIANTS: usize = 3;
+const DOWNLOADER_VARIANTS: usize = 4;
 
 fn sharer_variant(m: &SharerMsg) -> usize {
     match m {
@@ -106,7 +107,44 @@ fn sample_downloader_msgs() -> Vec<DownloaderMsg> {
         DownloaderMsg::Request(blk(3, 16 * 1024, 16 * 1024)),
         DownloaderMsg::Cancel(blk(0, 0, 1)),
         DownloaderMsg::Cancel(blk(7, PIECE_LEN - 1, MAX_BLOCK_LEN)),
+        DownloaderMsg::Ticket(Box::new(sample_ticket("g", "u"))),
+        DownloaderMsg::Ticket(Box::new(sample_ticket(
+            &"g".repeat(MAX_ID_LEN),
+            &"u".repeat(MAX_ID_LEN),
+        ))),
     ]
+}
+
+fn sample_ticket(group: &str, user: &str) -> crate::wire::ticket::Ticket {
+    crate::wire::ticket::Ticket {
+        body: crate::wire::ticket::TicketBody {
+            expires: 1_800_000_000,
+            file_sha1: Sha1Digest([0xab; 20]),
+            group: gid(group),
+            user: crate::wire::UserId::new(user).unwrap(),
+            client_key: [7; 32],
+        },
+        signature: [9; 64],
+    }
+}
+
+#[test]
+fn ticket_golden_bytes() {
+    let mut out = Vec::new();
+    DownloaderMsg::Ticket(Box::new(sample_ticket("g1", "bob"))).emit(&mut out);
+    let ticket = sample_ticket("g1", "bob").to_bytes();
+    let mut want = ((1 + ticket.len()) as u32).to_be_bytes().to_vec();
+    want.push(0x12);
+    want.extend_from_slice(&ticket);
+    assert_eq!(out, want);
+    // The longest ticket frame fits a downloader's frame limit.
+    let mut long = Vec::new();
+    DownloaderMsg::Ticket(Box::new(sample_ticket(
+        &"g".repeat(MAX_ID_LEN),
+        &"u".repeat(MAX_ID_LEN),
+    )))
+    .emit(&mut long);
+    assert!(long.len() - 4 <= MAX_DOWNLOADER_FRAME);
 }
 
 fn sample_sharer_msgs() -> Vec<SharerMsg> {
@@ -215,7 +253,15 @@ fn rand_downloader(rng: &mut Rng) -> DownloaderMsg {
             file_sha1: rand_sha(rng),
         },
         1 => DownloaderMsg::Request(rand_block_ref(rng)),
-        _ => DownloaderMsg::Cancel(rand_block_ref(rng)),
+        2 => DownloaderMsg::Cancel(rand_block_ref(rng)),
+        _ => {
+            let mut t = sample_ticket("g", "u");
+            t.body.group = rand_group(rng);
+            t.body.expires = rng.next_u64();
+            t.body.file_sha1 = rand_sha(rng);
+            t.signature[0] = rng.next_u64() as u8;
+            DownloaderMsg::Ticket(Box::new(t))
+        }
     }
 }
 
@@ -917,7 +963,7 @@ fn invalid_refusals_are_rejected() {
 
 #[test]
 fn unknown_frame_types_are_rejected() {
-    let downloader_types = [0x01u8, 0x10, 0x11];
+    let downloader_types = [0x01u8, 0x10, 0x11, 0x12];
     let sharer_types = [0x81u8, 0x82, 0x83, 0x84, 0x85];
     for t in 0..=255u8 {
         // A body long enough for any fixed-size message, so the type is what fails.

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use super::codec::*;
 use super::frame;
 use super::ids::{FileName, GroupId, Password, Sha1Digest, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN};
+use super::ticket::{Ticket, MAX_TICKET_LEN};
 use super::{PROTOCOL_MAGIC, PROTOCOL_VERSION};
 
 /// Longest human-readable reason in a refusal.
@@ -202,11 +203,13 @@ pub enum ReplyBody {
     Files(Vec<FileInfo>),
     /// `0x97`: `u8 new_file` (1 if the upload created the file, 0 if it added a sharer).
     Shared { new_file: bool },
-    /// `0x98`: `file_meta | u32 n | addr * n`: a file and the peer addresses of its online
-    /// sharers.
+    /// `0x98`: `file_meta | u32 n | addr * n | u8 has_ticket | ticket?`: a file, the peer
+    /// addresses of its online sharers, and the asking member's ticket for it (sharers serve
+    /// only with one).
     Sharers {
         meta: FileMeta,
         peers: Vec<SocketAddr>,
+        ticket: Option<Box<Ticket>>,
     },
 }
 
@@ -631,7 +634,15 @@ impl TrackerMsg {
                     for _ in 0..n {
                         peers.push(r.socket_addr()?);
                     }
-                    ReplyBody::Sharers { meta, peers }
+                    let ticket = match r.bool()? {
+                        true => Some(Box::new(Ticket::read(&mut r)?)),
+                        false => None,
+                    };
+                    ReplyBody::Sharers {
+                        meta,
+                        peers,
+                        ticket,
+                    }
                 }
                 other => return Err(DecodeError::UnknownType(other)),
             };
@@ -685,7 +696,11 @@ impl Reply {
                     .sum::<usize>()
             }
             ReplyBody::Shared { .. } => 1,
-            ReplyBody::Sharers { meta, peers } => {
+            ReplyBody::Sharers {
+                meta,
+                peers,
+                ticket,
+            } => {
                 2 + meta.name.as_str().len()
                     + 8
                     + 4
@@ -694,6 +709,8 @@ impl Reply {
                     + 20 * meta.piece_hashes.len()
                     + 4
                     + ADDR * peers.len()
+                    + 1
+                    + ticket.as_ref().map_or(0, |_| MAX_TICKET_LEN)
             }
         };
         HEADER + body
@@ -751,11 +768,19 @@ impl Reply {
                 }
             }
             ReplyBody::Shared { new_file } => put_bool(out, *new_file),
-            ReplyBody::Sharers { meta, peers } => {
+            ReplyBody::Sharers {
+                meta,
+                peers,
+                ticket,
+            } => {
                 meta.emit(out);
                 put_count(out, peers.len());
                 for p in peers {
                     put_socket_addr(out, p);
+                }
+                put_bool(out, ticket.is_some());
+                if let Some(ticket) = ticket {
+                    ticket.emit(out);
                 }
             }
         }

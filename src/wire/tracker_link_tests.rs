@@ -281,6 +281,7 @@ fn sample_tracker_msgs() -> Vec<TrackerMsg> {
                     "127.0.0.1:7001".parse().unwrap(),
                     "[::1]:7002".parse().unwrap(),
                 ],
+                ticket: Some(Box::new(sample_ticket())),
             },
         ),
         rep(
@@ -288,6 +289,7 @@ fn sample_tracker_msgs() -> Vec<TrackerMsg> {
             ReplyBody::Sharers {
                 meta: meta("empty", 0, PIECE_LEN, 0),
                 peers: vec![],
+                ticket: None,
             },
         ),
         TrackerMsg::Welcome {
@@ -599,6 +601,7 @@ fn rand_tracker(rng: &mut Rng) -> TrackerMsg {
         _ => ReplyBody::Sharers {
             meta: rand_meta(rng),
             peers: (0..rng.below(4)).map(|_| rand_addr(rng)).collect(),
+            ticket: rng.chance(1, 2).then(|| Box::new(sample_ticket())),
         },
     };
     rep(req_id, body)
@@ -1999,6 +2002,7 @@ fn golden_file_sharers_and_sharers() {
         ReplyBody::Sharers {
             meta: meta("f", 1, PIECE_LEN, 1),
             peers: vec!["10.0.0.1:80".parse().unwrap()],
+            ticket: None,
         },
     );
     let mut want = vec![0x98];
@@ -2010,6 +2014,7 @@ fn golden_file_sharers_and_sharers() {
     want.extend_from_slice(&[0, 0, 0, 1]); // n_pieces
     want.extend_from_slice(&[0; 20]); // piece 0
     want.extend_from_slice(&[0, 0, 0, 1, 4, 10, 0, 0, 1, 0, 80]); // one IPv4 peer
+    want.push(0); // no ticket
     let mut framed = (want.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(&want);
     let mut got = Vec::new();
@@ -2032,4 +2037,36 @@ fn a_reply_is_never_longer_than_its_size_bound() {
         }
     }
     assert!(n > 1000, "{n} replies checked");
+}
+
+fn sample_ticket() -> crate::wire::ticket::Ticket {
+    crate::wire::ticket::Ticket {
+        body: crate::wire::ticket::TicketBody {
+            expires: 1_800_000_000,
+            file_sha1: Sha1Digest([0xab; 20]),
+            group: GroupId::new("g1").unwrap(),
+            user: UserId::new("bob").unwrap(),
+            client_key: [7; 32],
+        },
+        signature: [9; 64],
+    }
+}
+
+#[test]
+fn sharers_carry_the_ticket_after_the_peers() {
+    let ticket = sample_ticket();
+    let reply = rep(
+        7,
+        ReplyBody::Sharers {
+            meta: meta("f", 1, PIECE_LEN, 1),
+            peers: vec![],
+            ticket: Some(Box::new(ticket.clone())),
+        },
+    );
+    let mut got = Vec::new();
+    reply.emit(&mut got);
+    let mut tail = vec![0, 0, 0, 0, 1]; // no peers, a ticket
+    tail.extend_from_slice(&ticket.to_bytes());
+    assert!(got.ends_with(&tail), "{got:?}");
+    assert_eq!(TrackerMsg::parse(&got[4..]).unwrap(), reply);
 }

@@ -1309,6 +1309,7 @@ impl Sim {
                 Action::Send { peer, msg } => {
                     let link = self.links.get_mut(&peer).expect("send on an unknown link");
                     match msg {
+                        DownloaderMsg::Ticket(_) => panic!("the engine sends no ticket"),
                         DownloaderMsg::Handshake { .. } => {
                             assert!(!link.handshaken, "second handshake");
                             link.handshaken = true;

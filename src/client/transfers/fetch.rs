@@ -15,11 +15,13 @@ use mio::Registry;
 use super::super::download::picker::{PeerId, Verdict};
 use super::super::session::DownloadId;
 use super::downloads::Active;
-use super::{PeerConn, Transfers, MAX_PEER_LINKS, READ_BUDGET};
+use super::{PeerConn, Transfers, READ_BUDGET};
 use crate::hasher::HashPool;
 use crate::net::conn::{connect_progress, ConnectProgress};
 use crate::net::{ConnId, ReadEnd};
-use crate::wire::peer_link::{Decoded, Next, SharerMsg, SharerStream, StreamError, MAX_PEER_FRAME};
+use crate::wire::peer_link::{
+    Decoded, DownloaderMsg, Next, SharerMsg, SharerStream, StreamError, MAX_PEER_FRAME,
+};
 use crate::wire::PROTOCOL_VERSION;
 
 pub(super) struct FetchLink {
@@ -43,8 +45,11 @@ impl Transfers {
         peer: PeerId,
         addr: SocketAddr,
     ) -> io::Result<()> {
-        if self.conns.len() >= MAX_PEER_LINKS {
-            return Err(io::Error::other("too many peer links"));
+        let (fetching, _, _) = self.count_links(None);
+        if fetching >= self.caps.max_fetch {
+            return Err(io::Error::other(format!(
+                "too many links to sharers ({fetching})"
+            )));
         }
         let stream = TcpStream::connect(addr)?;
         let _ = stream.set_nodelay(true);
@@ -62,6 +67,10 @@ impl Transfers {
             }),
         )?;
         if let Some(conn) = self.conns.get_mut(conn_id) {
+            // The ticket goes first: the sharer checks it when the handshake comes.
+            if let Some(ticket) = self.tickets.get(&download) {
+                DownloaderMsg::Ticket(Box::new(ticket.clone())).emit(conn.out());
+            }
             conn.await_connect(registry)?;
         }
         if let Some(active) = self.downloads.get_mut(&download) {

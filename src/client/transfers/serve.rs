@@ -2,11 +2,13 @@
 //! go to each link's [`Uploader`] core, which decides; this module looks shares up, opens the
 //! maps and writes the answers, blocks straight from the source's map without a copy
 //! ([`Conn::queue_mapped`](crate::net::Conn::queue_mapped)). Must not decide what to serve
-//! (the core does).
+//! (the core does), except that a handshake is refused without a valid ticket, which this
+//! module checks (offline, with the service key and the clock, which the core does not hold).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, info, warn};
 use mio::Registry;
@@ -17,10 +19,12 @@ use super::super::uploader::{self, Offer, Refusal, RefuseCode, ServeError, Uploa
 use super::downloads::Active;
 use super::{PeerConn, Transfers, FRAME_BUDGET};
 use crate::bitfield::Bitfield;
+use crate::keys::{self, PublicKey};
 use crate::net::conn::MappedSlice;
 use crate::net::{ConnId, ReadEnd};
 use crate::storage::{PartReader, SourceMap};
 use crate::wire::peer_link::{emit_block_header, DownloaderMsg, SharerMsg};
+use crate::wire::ticket::Ticket;
 use crate::wire::{DecodeError, FileName, GroupId, Sha1Digest};
 
 /// Bytes to serve: a shared file's map, or the verified pieces of a download in progress.
@@ -85,6 +89,13 @@ pub(super) struct ServeLink {
     pub(super) core: Uploader,
     /// Set once the handshake is accepted.
     pub(super) serving: Option<Serving>,
+    /// When the downloader last sent a frame (for the idle timeout).
+    pub(super) last_heard: Instant,
+    /// The ticket the downloader sent before its handshake (checked at the handshake).
+    pub(super) ticket: Option<Box<Ticket>>,
+    /// Once serving: when the accepted ticket expires (Unix seconds); the link closes then
+    /// unless a renewed ticket came.
+    pub(super) ticket_expires: Option<u64>,
     /// Bytes of block data queued on this link so far (logged when it closes).
     pub(super) block_bytes: u64,
 }
@@ -155,6 +166,9 @@ impl Transfers {
 
     /// Reads a downloader's handshake and requests and answers them.
     pub(super) fn serve_readable(&mut self, registry: &Registry, id: ConnId, shares: &ClientCore) {
+        let now = Instant::now();
+        let unix = self.unix_at(now);
+        let service_key = self.service_key;
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
@@ -176,11 +190,32 @@ impl Transfers {
         let PeerConn::Serve(link) = &mut conn.data else {
             return;
         };
+        if !msgs.is_empty() {
+            link.last_heard = now;
+        }
         let mut close = None;
         let mut answers: Vec<Answer> = Vec::new();
         for msg in msgs {
             if link.core.is_refused() {
                 break;
+            }
+            if let Ok(DownloaderMsg::Ticket(ticket)) = &msg {
+                match &link.serving {
+                    // Checked at the handshake, with what it names.
+                    None => link.ticket = Some(ticket.clone()),
+                    Some(s) => {
+                        match check_ticket(service_key, Some(ticket), &s.group, &s.file_sha1, unix)
+                        {
+                            Ok(expires) => link.ticket_expires = Some(expires),
+                            Err(reason) => {
+                                warn!("serving {}: renewal refused: {reason}", link.addr);
+                                close = Some(ServeError::from(DecodeError::BadValue("ticket")));
+                                break;
+                            }
+                        }
+                    }
+                }
+                continue;
             }
             let serving = &link.serving;
             let step = msg.map_err(ServeError::from).and_then(|msg| {
@@ -219,11 +254,35 @@ impl Transfers {
                     name,
                     file_sha1,
                 }) => {
-                    let (offer, serving) =
-                        match open_source(&self.downloads, shares, &group, &name, &file_sha1) {
-                            Ok((source, download, offer)) => (Ok(offer), Some((source, download))),
-                            Err(refusal) => (Err(refusal), None),
-                        };
+                    let ticket = check_ticket(
+                        service_key,
+                        link.ticket.as_deref(),
+                        &group,
+                        &file_sha1,
+                        unix,
+                    );
+                    let (offer, serving) = match ticket {
+                        Err(reason) => {
+                            warn!(
+                                "refusing {name} of group {group} to {}: {reason}",
+                                link.addr
+                            );
+                            let refusal = Refusal {
+                                code: RefuseCode::Ticket,
+                                message: reason,
+                            };
+                            (Err(refusal), None)
+                        }
+                        Ok(expires) => {
+                            link.ticket_expires = Some(expires);
+                            match open_source(&self.downloads, shares, &group, &name, &file_sha1) {
+                                Ok((source, download, offer)) => {
+                                    (Ok(offer), Some((source, download)))
+                                }
+                                Err(refusal) => (Err(refusal), None),
+                            }
+                        }
+                    };
                     let answer = link.core.handle_offer(offer);
                     match (&answer, serving) {
                         (SharerMsg::Accept { .. }, Some((source, download))) => {
@@ -311,6 +370,25 @@ impl Transfers {
             self.conns.remove(registry, id);
         }
     }
+}
+
+/// Checks a downloader's ticket for `group` and `file_sha1` at Unix time `unix`; returns its
+/// expiry, or why it is refused.
+fn check_ticket(
+    service_key: Option<PublicKey>,
+    ticket: Option<&Ticket>,
+    group: &GroupId,
+    file_sha1: &Sha1Digest,
+    unix: u64,
+) -> Result<u64, String> {
+    let Some(key) = service_key else {
+        return Err("this sharer has not learned its service's key yet".into());
+    };
+    let Some(ticket) = ticket else {
+        return Err("no ticket".into());
+    };
+    keys::verify_ticket(&key, ticket, group, file_sha1, unix).map_err(|e| e.to_string())?;
+    Ok(ticket.body.expires)
 }
 
 /// What to offer for a handshake, if the logged-in user shares that file: a running

@@ -1,0 +1,214 @@
+//! The caps on served links, over real loopback sockets: the total and per-address caps, and
+//! the idle timeout (with `now` moved forward, no waiting).
+
+use std::io::{ErrorKind, Read};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Poll, Token, Waker};
+
+use super::*;
+
+fn caps() -> PeerCaps {
+    PeerCaps {
+        max_fetch: 8,
+        max_serve: 3,
+        max_serve_per_addr: 2,
+        serve_idle: Duration::from_secs(5),
+    }
+}
+
+struct Harness {
+    poll: Poll,
+    hasher: HashPool,
+    listener: TcpListener,
+    transfers: Transfers,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let poll = Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), Token(1)).unwrap());
+        let (hasher, _) = HashPool::start(1, waker).unwrap();
+        Harness {
+            poll,
+            hasher,
+            listener: TcpListener::bind("127.0.0.1:0").unwrap(),
+            transfers: Transfers::default().with_caps(caps()),
+        }
+    }
+
+    /// Connects from `from` and hands the accepted socket to `Transfers`.
+    fn connect_from(&mut self, from: Ipv4Addr) -> TcpStream {
+        use rustix::net::{AddressFamily, SocketType};
+        let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        rustix::net::bind(&fd, &std::net::SocketAddrV4::new(from, 0)).unwrap();
+        rustix::net::connect(&fd, &self.listener.local_addr().unwrap()).unwrap();
+        let (stream, addr) = self.listener.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        self.transfers.accept(
+            self.poll.registry(),
+            mio::net::TcpStream::from_std(stream),
+            addr,
+        );
+        TcpStream::from(fd)
+    }
+
+    fn served(&self) -> usize {
+        self.transfers.count_links(None).1
+    }
+}
+
+/// Whether the sharer closed `stream` (EOF or reset within a second), or kept it open.
+fn closed(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_millis(1000)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match stream.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn served_links_are_capped_per_address_and_in_all() {
+    let mut h = Harness::new();
+    let a = Ipv4Addr::new(127, 0, 0, 1);
+    let b = Ipv4Addr::new(127, 0, 0, 2);
+    let mut a1 = h.connect_from(a);
+    let mut a2 = h.connect_from(a);
+    let mut a3 = h.connect_from(a);
+    assert_eq!(h.served(), 2, "the third from one address is over its cap");
+    assert!(closed(&mut a3));
+    let mut b1 = h.connect_from(b);
+    assert_eq!(h.served(), 3);
+    let mut c1 = h.connect_from(Ipv4Addr::new(127, 0, 0, 3));
+    assert_eq!(h.served(), 3, "over the cap of all served links");
+    assert!(closed(&mut c1));
+    for s in [&mut a1, &mut a2, &mut b1] {
+        assert!(!closed(s));
+    }
+}
+
+#[test]
+fn served_links_close_when_idle_but_not_while_the_downloader_talks() {
+    let mut h = Harness::new();
+    let now = Instant::now();
+    let mut quiet = h.connect_from(Ipv4Addr::new(127, 0, 0, 1));
+    let mut talking = h.connect_from(Ipv4Addr::new(127, 0, 0, 2));
+    assert_eq!(h.served(), 2);
+    assert!(h.transfers.next_deadline().is_some());
+    h.transfers
+        .on_tick(h.poll.registry(), &h.hasher, now + Duration::from_secs(3));
+    assert_eq!(h.served(), 2, "not idle yet");
+    // The other link's downloader is heard at 4 s (what reading any of its frames records).
+    for conn in h.transfers.conns.iter_mut() {
+        if let PeerConn::Serve(link) = &mut conn.data {
+            if link.addr.ip() == Ipv4Addr::new(127, 0, 0, 2) {
+                link.last_heard = now + Duration::from_secs(4);
+            }
+        }
+    }
+    // At 6 s (before the 10 s handshake deadline, so only idleness can close a link).
+    h.transfers
+        .on_tick(h.poll.registry(), &h.hasher, now + Duration::from_secs(6));
+    assert_eq!(h.served(), 1, "the quiet link is idle");
+    assert!(closed(&mut quiet));
+    assert!(!closed(&mut talking));
+}
+
+#[test]
+fn a_running_download_renews_its_ticket_at_half_life() {
+    use crate::wire::ticket::{Ticket, TicketBody};
+    use crate::wire::tracker_link::FileMeta;
+    use crate::wire::{FileName, GroupId, Sha1Digest, UserId};
+    let mut h = Harness::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let now = Instant::now();
+    let id = DownloadId(1);
+    let meta = FileMeta {
+        name: FileName::new("f").unwrap(),
+        size: 10,
+        piece_len: crate::wire::PIECE_LEN,
+        file_sha1: Sha1Digest([1; 20]),
+        piece_hashes: vec![Sha1Digest([2; 20])],
+    };
+    // A sharer address that refuses: the download stays running, waiting for sharers.
+    let closed_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    h.transfers
+        .start_download(
+            h.poll.registry(),
+            &h.hasher,
+            id,
+            GroupId::new("g").unwrap(),
+            meta,
+            &[closed_port],
+            tmp.path().join("f"),
+            now,
+        )
+        .unwrap();
+    let ticket = |expires| Ticket {
+        body: TicketBody {
+            expires,
+            file_sha1: Sha1Digest([1; 20]),
+            group: GroupId::new("g").unwrap(),
+            user: UserId::new("u").unwrap(),
+            client_key: [0; 32],
+        },
+        signature: [0; 64],
+    };
+    // The engine asks for sharers by itself too (its one sharer refuses): the renewal is
+    // told by the state it leaves, and by the event.
+    let asked = |h: &mut Harness| {
+        let mut event = false;
+        while let Some(e) = h.transfers.poll_event() {
+            event |= e == (TransferEvent::QuerySharers { download: id });
+        }
+        h.transfers.renewing.contains(&id) && event
+    };
+    let unix = h.transfers.unix_at(now);
+    let life = crate::tracker::tickets::TICKET_LIFE_SECS;
+    h.transfers
+        .set_ticket(h.poll.registry(), id, ticket(unix + life));
+    // Before half-life: nothing asked; the renewal time is among the deadlines.
+    h.transfers.on_tick(
+        h.poll.registry(),
+        &h.hasher,
+        now + Duration::from_secs(life / 2 - 5),
+    );
+    assert!(!asked(&mut h));
+    let due = h.transfers.next_deadline().unwrap();
+    assert!(
+        due <= now + Duration::from_secs(life / 2 + 1),
+        "{:?}",
+        due - now
+    );
+    // At half-life: asked once, not again while the answer is on its way.
+    let half = now + Duration::from_secs(life / 2 + 1);
+    h.transfers.on_tick(h.poll.registry(), &h.hasher, half);
+    assert!(asked(&mut h));
+    assert!(
+        h.transfers.next_renewal().is_none(),
+        "asked again while waiting"
+    );
+    // The new ticket arrives: the next renewal is half its life later.
+    h.transfers
+        .set_ticket(h.poll.registry(), id, ticket(unix + life / 2 + 1 + life));
+    h.transfers
+        .on_tick(h.poll.registry(), &h.hasher, half + Duration::from_secs(2));
+    assert!(!asked(&mut h));
+    h.transfers.on_tick(
+        h.poll.registry(),
+        &h.hasher,
+        half + Duration::from_secs(life / 2 + 1),
+    );
+    assert!(asked(&mut h));
+}

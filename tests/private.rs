@@ -1,0 +1,702 @@
+//! End-to-end tests of SPEC.md's Security rules for clients, with the real binaries on
+//! 127.0.0.1: a client's tracker link is encrypted (a relay in the middle records every byte
+//! and never sees the password), and the client checks the tracker's service key (a wrong key
+//! on the tracker's line, or another service behind a remembered address, is refused with an
+//! `error: ` line naming the tracker and both keys; a key trusted on first use is remembered
+//! in the state directory and checked on the next start).
+//!
+//! Caps on peer links: a sharer flooded with handshaken connections (from one address, then
+//! from many) keeps serving others and its own download completes.
+//!
+//! Every process is owned by a guard that kills it on drop; the relay's threads stop with it;
+//! every wait has a generous deadline; every process gets a temporary `XDG_STATE_HOME`.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{state_home, Client, LiveClient, RawTracker, Tracker};
+use p2pshare::client::transfers::{MAX_SERVE_LINKS, MAX_SERVE_LINKS_PER_ADDR};
+use p2pshare::keys::{PublicKey, ServiceKey};
+use p2pshare::wire::ids::{Password, UserId};
+use p2pshare::wire::peer_link::DownloaderMsg;
+use p2pshare::wire::ticket::Ticket;
+use p2pshare::wire::tracker_link::{ReplyBody, RequestBody};
+use p2pshare::wire::{FileName, GroupId, Sha1Digest, PROTOCOL_VERSION};
+
+/// How long a relay's pump waits in one read before it looks at the stop flag.
+const PUMP_TICK: Duration = Duration::from_millis(100);
+
+/// A loopback TCP relay: every connection it accepts is forwarded to its current upstream,
+/// and every byte in either direction is recorded.
+struct Relay {
+    addr: SocketAddr,
+    upstream: Arc<Mutex<SocketAddr>>,
+    recorded: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<Mutex<usize>>,
+}
+
+impl Relay {
+    fn start(upstream: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let relay = Relay {
+            addr: listener.local_addr().unwrap(),
+            upstream: Arc::new(Mutex::new(upstream)),
+            recorded: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+            accepted: Arc::new(Mutex::new(0)),
+        };
+        let (upstream, recorded, stop, accepted) = (
+            relay.upstream.clone(),
+            relay.recorded.clone(),
+            relay.stop.clone(),
+            relay.accepted.clone(),
+        );
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((down, _)) => {
+                        *accepted.lock().unwrap() += 1;
+                        let to = *upstream.lock().unwrap();
+                        let Ok(up) = TcpStream::connect(to) else {
+                            continue;
+                        };
+                        down.set_nonblocking(false).unwrap();
+                        for (from, into) in [
+                            (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                            (up, down),
+                        ] {
+                            let (recorded, stop) = (recorded.clone(), stop.clone());
+                            thread::spawn(move || pump(from, into, &recorded, &stop));
+                        }
+                    }
+                    // Nothing to accept: look again shortly (the stop flag ends the loop).
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        relay
+    }
+
+    /// New connections go to `addr` from now on.
+    fn point_to(&self, addr: SocketAddr) {
+        *self.upstream.lock().unwrap() = addr;
+    }
+
+    fn recorded(&self) -> Vec<u8> {
+        self.recorded.lock().unwrap().clone()
+    }
+
+    fn accepted(&self) -> usize {
+        *self.accepted.lock().unwrap()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `into`, recording what passes, until either side closes or the relay
+/// stops.
+fn pump(mut from: TcpStream, mut into: TcpStream, recorded: &Mutex<Vec<u8>>, stop: &AtomicBool) {
+    from.set_read_timeout(Some(PUMP_TICK)).unwrap();
+    let mut buf = [0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                recorded.lock().unwrap().extend_from_slice(&buf[..n]);
+                if into.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let _ = into.shutdown(Shutdown::Write);
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The service key of the trackers started with `info` (in its state home).
+fn service_key_of(info: &Path) -> PublicKey {
+    let dir = state_home(info).join("p2pshare");
+    let file: PathBuf = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "key"))
+        .unwrap_or_else(|| panic!("no key file in {}", dir.display()));
+    ServiceKey::load(&file).unwrap().public_key()
+}
+
+/// A tracker file in the tracker's directory that lists only `addr` (and `key`, if given).
+fn info_for(tracker: &Tracker, name: &str, addr: SocketAddr, key: Option<PublicKey>) -> PathBuf {
+    let info = tracker.dir.path().join(name);
+    let line = match key {
+        Some(key) => format!("{addr} {key}\n"),
+        None => format!("{addr}\n"),
+    };
+    std::fs::write(&info, line).unwrap();
+    info
+}
+
+#[test]
+fn passwords_never_cross_the_tracker_link_in_clear() {
+    let tracker = Tracker::start();
+    let relay = Relay::start(tracker.addr);
+    let info = info_for(&tracker, "relayed_info.txt", relay.addr, None);
+    let password = "PW-marker-7d1e0c55";
+    let out = Client::new(&info).run(&[
+        &format!("create_user alice {password}"),
+        &format!("login alice {password}"),
+        "create_group GROUP-marker-31ab",
+        "list_groups",
+    ]);
+    out.check(
+        &[
+            "user alice created",
+            "logged in as alice",
+            "group GROUP-marker-31ab created",
+            "GROUP-marker-31ab\towner=alice\tmembers=1\tyou=owner",
+        ],
+        0,
+        0,
+    );
+    let seen = relay.recorded();
+    assert!(relay.accepted() >= 1);
+    assert!(seen.len() > 200, "the relay saw {} bytes", seen.len());
+    assert!(seen.starts_with(b"P2PC"), "not the secure client link");
+    for marker in [password.as_bytes(), b"alice", b"GROUP-marker-31ab"] {
+        assert!(
+            !contains(&seen, marker),
+            "{} crossed the link in clear",
+            String::from_utf8_lossy(marker)
+        );
+    }
+
+    // The recording can see a password: one sent on a plain link through the same relay.
+    let mut raw = RawTracker::connect(relay.addr);
+    let control = "PW-control-0b9f";
+    assert_eq!(
+        raw.call(RequestBody::CreateUser {
+            user: UserId::new("bob").unwrap(),
+            password: Password::new(control.as_bytes()).unwrap(),
+        }),
+        ReplyBody::Done
+    );
+    assert!(contains(&relay.recorded(), control.as_bytes()));
+}
+
+#[test]
+fn a_wrong_key_on_the_tracker_line_is_refused_naming_both_keys() {
+    let tracker = Tracker::start();
+    let real = service_key_of(&tracker.info);
+    let wrong = ServiceKey::from_seed([42u8; 32]).public_key();
+    let relay = Relay::start(tracker.addr);
+    let info = info_for(&tracker, "wrong_info.txt", relay.addr, Some(wrong));
+    let out = Client::new(&info).run(&["create_user alice PW-marker-aa51", "show_downloads"]);
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert_eq!(out.errors.len(), 1, "{out:#?}");
+    let error = &out.errors[0];
+    for part in [relay.addr.to_string(), real.to_string(), wrong.to_string()] {
+        assert!(error.contains(&part), "'{part}' not in {error}");
+    }
+    assert!(!contains(&relay.recorded(), b"PW-marker-aa51"));
+    // The right key on the line works.
+    let info = info_for(&tracker, "right_info.txt", tracker.addr, Some(real));
+    Client::new(&info)
+        .run(&["create_user alice pw"])
+        .check(&["user alice created"], 0, 0);
+}
+
+#[test]
+fn first_use_trust_is_remembered_and_checked_on_the_next_start() {
+    let tracker = Tracker::start();
+    let real = service_key_of(&tracker.info);
+    // The client reaches its tracker through a relay, which later leads to another service.
+    let relay = Relay::start(tracker.addr);
+    let info = info_for(&tracker, "tofu_info.txt", relay.addr, None);
+    let mut client = Client::new(&info);
+    client
+        .run(&["create_user alice pw"])
+        .check(&["user alice created"], 0, 0);
+    let known = state_home(&info)
+        .join("p2pshare")
+        .join(format!(
+            "client-{}-{}",
+            client.addr.ip(),
+            client.addr.port()
+        ))
+        .join("known_trackers");
+    let text = std::fs::read_to_string(&known).unwrap();
+    assert!(text.contains(&format!("{} {real}", relay.addr)), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&known).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+
+    // Next start: the same service is accepted.
+    client
+        .run(&["login alice pw"])
+        .check(&["logged in as alice"], 0, 0);
+
+    // Next start, with another service behind the same address: refused, naming both keys.
+    let impostor = Tracker::start();
+    let other = service_key_of(&impostor.info);
+    assert_ne!(other, real);
+    relay.point_to(impostor.addr);
+    let out = client.run(&["login alice PW-marker-e3c2", "show_downloads"]);
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert_eq!(out.errors.len(), 1, "{out:#?}");
+    let error = &out.errors[0];
+    for part in [
+        relay.addr.to_string(),
+        real.to_string(),
+        other.to_string(),
+        known.display().to_string(),
+    ] {
+        assert!(error.contains(&part), "'{part}' not in {error}");
+    }
+    // The impostor never learned the password, and the remembered key is unchanged.
+    assert!(!contains(&relay.recorded(), b"PW-marker-e3c2"));
+    assert_eq!(std::fs::read_to_string(&known).unwrap(), text);
+
+    // A different client (its own state directory) trusts the impostor on first use: that
+    // is what first use means, and why a key on the tracker line is stronger.
+    Client::new(&info)
+        .run(&["create_user mallory pw"])
+        .check(&["user mallory created"], 0, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Caps on peer links
+// ---------------------------------------------------------------------------------------
+
+/// Deadline of one download or flood step on a loaded machine.
+const STEP: Duration = Duration::from_secs(90);
+/// Connections of the big flood: more than the one cap of 4,096 peer links there was before
+/// served links and the client's own links were limited apart.
+const BIG_FLOOD: usize = 4500;
+/// Connections per source address in the big flood (under the per-address cap).
+const PER_SOURCE: usize = 30;
+
+/// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8).
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    rustix::net::bind(&fd, &SocketAddrV4::new(from, 0))?;
+    rustix::net::connect(&fd, &to)?;
+    Ok(TcpStream::from(fd))
+}
+
+/// The ticket of member `user` (password `pw`) for `name` of group `g`, as the tracker hands
+/// it out with the file's sharers (asked over a raw tracker link).
+fn ticket_of(tracker: SocketAddr, user: &str, name: &str) -> Ticket {
+    ticket_and_link(tracker, user, name).0
+}
+
+/// Like [`ticket_of`], with the raw tracker link `user` is logged in on.
+fn ticket_and_link(tracker: SocketAddr, user: &str, name: &str) -> (Ticket, RawTracker) {
+    let mut raw = RawTracker::connect(tracker);
+    let login = raw.call(RequestBody::Login {
+        user: UserId::new(user).unwrap(),
+        password: Password::new(b"pw").unwrap(),
+        peer_addr: "127.0.0.1:9".parse().unwrap(),
+    });
+    assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
+    match raw.call(RequestBody::FileSharers {
+        group: GroupId::new("g").unwrap(),
+        name: FileName::new(name).unwrap(),
+    }) {
+        ReplyBody::Sharers {
+            ticket: Some(ticket),
+            ..
+        } => (*ticket, raw),
+        other => panic!("no ticket: {other:?}"),
+    }
+}
+
+/// A downloader's ticket and handshake for `name` of group `g`, as a member (or a former
+/// member whose ticket has not expired yet) would send them.
+fn handshake_frame(ticket: &Ticket, name: &str, file_sha1: [u8; 20]) -> Vec<u8> {
+    let mut out = Vec::new();
+    DownloaderMsg::Ticket(Box::new(ticket.clone())).emit(&mut out);
+    DownloaderMsg::Handshake {
+        version: PROTOCOL_VERSION,
+        group: GroupId::new("g").unwrap(),
+        name: FileName::new(name).unwrap(),
+        file_sha1: Sha1Digest(file_sha1),
+    }
+    .emit(&mut out);
+    out
+}
+
+/// Opens `n` connections to `to` from `from(i)`, each sending `frame`, then tells how many
+/// the sharer accepted (answered with a frame) and keeps those open; the rest it closed.
+fn flood(
+    to: SocketAddr,
+    n: usize,
+    from: impl Fn(usize) -> Ipv4Addr,
+    frame: &[u8],
+) -> Vec<TcpStream> {
+    let deadline = Instant::now() + STEP;
+    let mut streams = Vec::with_capacity(n);
+    for i in 0..n {
+        assert!(
+            Instant::now() < deadline,
+            "flood: {i} connections in {STEP:?}"
+        );
+        let mut stream = connect_from(from(i), to).expect("flood connect");
+        // A write may fail on a connection the sharer closed at once.
+        let _ = stream.write_all(frame);
+        streams.push(stream);
+    }
+    let mut held = Vec::new();
+    for mut stream in streams {
+        let left = deadline.saturating_duration_since(Instant::now());
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut head = [0u8; 5];
+        match stream.read_exact(&mut head) {
+            Ok(()) => {
+                // 0x81: Accept. Anything else is a refusal of a handshake that was valid.
+                assert_eq!(head[4], 0x81, "flood handshake refused");
+                held.push(stream);
+            }
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("flood: no answer and no close: {e}"),
+        }
+    }
+    held
+}
+
+fn sha1_of(data: &[u8]) -> [u8; 20] {
+    use sha1::Digest;
+    sha1::Sha1::digest(data).into()
+}
+
+/// Bytes that differ from file to file and along a file.
+fn varied(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+#[track_caller]
+fn download(live: &mut LiveClient, name: &str, dest: &Path, size: usize) {
+    let target = dest.join(name);
+    live.send(&format!("download_file g {name} {}/", dest.display()));
+    let started = live.next_out_within(STEP);
+    assert!(
+        started.starts_with(&format!("download of {name} from group g started: ")),
+        "{started}"
+    );
+    let done = live.next_out_within(STEP);
+    assert!(
+        done.starts_with(&format!(
+            "downloaded {name} from group g to {} ({size} bytes in ",
+            target.display()
+        )),
+        "{done}"
+    );
+}
+
+#[test]
+fn a_handshake_flood_on_a_sharer_never_stops_its_own_download() {
+    // The flood holds up to BIG_FLOOD sockets in this process.
+    let open_files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    let big_flood = if open_files >= (BIG_FLOOD + 1000) as u64 {
+        BIG_FLOOD
+    } else {
+        eprintln!("open file limit {open_files}: a smaller flood");
+        (open_files as usize)
+            .saturating_sub(1000)
+            .max(MAX_SERVE_LINKS + 100)
+    };
+    let tracker = Tracker::start();
+    let out = tracker.run(&[
+        "create_user alice pw",
+        "create_user bob pw",
+        "create_user mallory pw",
+        "login bob pw",
+        "create_group g",
+        "logout",
+        "login alice pw",
+        "join_group g",
+        "logout",
+        "login mallory pw",
+        "join_group g",
+        "logout",
+        "login bob pw",
+        "accept_request g alice",
+        "accept_request g mallory",
+        "logout",
+    ]);
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    let root = tracker.dir.path().canonicalize().unwrap();
+    let (alice_dir, bob_dir) = (root.join("alice"), root.join("bob"));
+    std::fs::create_dir(&alice_dir).unwrap();
+    std::fs::create_dir(&bob_dir).unwrap();
+    let small = varied(1 << 20, 1);
+    let big = varied(24 << 20, 2);
+    std::fs::write(alice_dir.join("small.bin"), &small).unwrap();
+    std::fs::write(bob_dir.join("big.bin"), &big).unwrap();
+
+    // Alice shares small.bin; bob shares big.bin.
+    let mut alice = tracker.client().cwd(&alice_dir).live();
+    alice.cmd("login alice pw", &["logged in as alice"]);
+    alice.cmd(
+        "upload_file small.bin g",
+        &["uploaded small.bin to group g (1048576 bytes, 2 pieces)"],
+    );
+    let mut bob = tracker.client().cwd(&bob_dir).live();
+    bob.cmd("login bob pw", &["logged in as bob"]);
+    bob.cmd(
+        "upload_file big.bin g",
+        &["uploaded big.bin to group g (25165824 bytes, 48 pieces)"],
+    );
+    // The flood: mallory's ticket (valid: she is a member) on every connection.
+    let ticket = ticket_of(tracker.addr, "mallory", "small.bin");
+    let frame = handshake_frame(&ticket, "small.bin", sha1_of(&small));
+
+    // A flood from one address gets the per-address cap, and others are still served.
+    let one = Ipv4Addr::new(127, 0, 0, 2);
+    let held_one = flood(alice.addr, 100, |_| one, &frame);
+    assert_eq!(held_one.len(), MAX_SERVE_LINKS_PER_ADDR);
+    let bob_dl = tempfile::tempdir().unwrap();
+    let bob_dl_dir = bob_dl.path().canonicalize().unwrap();
+    download(&mut bob, "small.bin", &bob_dl_dir, small.len());
+    assert_eq!(std::fs::read(bob_dl_dir.join("small.bin")).unwrap(), small);
+
+    // A flood from many addresses fills the served links' cap, never the links alice
+    // opens for her own download.
+    let held_many = flood(
+        alice.addr,
+        big_flood,
+        |i| {
+            Ipv4Addr::new(
+                127,
+                0,
+                1 + (i / PER_SOURCE / 250) as u8,
+                1 + (i / PER_SOURCE % 250) as u8,
+            )
+        },
+        &frame,
+    );
+    assert!(
+        held_one.len() + held_many.len() <= MAX_SERVE_LINKS,
+        "{} + {} served links",
+        held_one.len(),
+        held_many.len()
+    );
+    // Bob's link for small.bin may not be closed yet at alice.
+    assert!(
+        held_one.len() + held_many.len() >= MAX_SERVE_LINKS - 1,
+        "the cap was not reached: {} + {} held",
+        held_one.len(),
+        held_many.len()
+    );
+    let alice_dl = tempfile::tempdir().unwrap();
+    let alice_dl_dir = alice_dl.path().canonicalize().unwrap();
+    download(&mut alice, "big.bin", &alice_dl_dir, big.len());
+    assert_eq!(std::fs::read(alice_dl_dir.join("big.bin")).unwrap(), big);
+    drop(held_one);
+    drop(held_many);
+    let (status, _) = alice.finish();
+    assert_eq!(status.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------
+// Tickets: member-only serving
+// ---------------------------------------------------------------------------------------
+
+/// The service key of the trackers started with `info` (the test may read it: it plays the
+/// tracker that signs, to make tickets with chosen fields).
+fn service_secret_of(info: &Path) -> ServiceKey {
+    let dir = state_home(info).join("p2pshare");
+    let file: PathBuf = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "key"))
+        .unwrap();
+    ServiceKey::load(&file).unwrap()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Connects to a sharer, sends `bytes` and returns the first frame's type (and a Refuse's
+/// code), or `None` if it closes first; the stream stays open for more.
+fn ask(addr: SocketAddr, bytes: &[u8]) -> (TcpStream, Option<(u8, u16)>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(bytes).unwrap();
+    s.set_read_timeout(Some(STEP)).unwrap();
+    let answer = common::read_frame(&mut s).ok().map(|f| {
+        let code = if f[0] == 0x82 {
+            u16::from_be_bytes([f[1], f[2]])
+        } else {
+            0
+        };
+        (f[0], code)
+    });
+    (s, answer)
+}
+
+/// Whether the peer closes `s` within `within` (reading and dropping what comes).
+fn closes_within(s: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+fn request_frame(piece: u32, offset: u32, len: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    DownloaderMsg::Request(p2pshare::wire::peer_link::BlockRef { piece, offset, len })
+        .emit(&mut out);
+    out
+}
+
+#[test]
+fn sharers_serve_only_with_a_current_ticket_of_the_service() {
+    let tracker = Tracker::start();
+    let out = tracker.run(&[
+        "create_user alice pw",
+        "create_user mallory pw",
+        "login alice pw",
+        "create_group g",
+        "create_group other",
+        "logout",
+        "login mallory pw",
+        "join_group g",
+        "logout",
+        "login alice pw",
+        "accept_request g mallory",
+        "logout",
+    ]);
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    let dir = tracker.dir.path().canonicalize().unwrap();
+    let data = varied(3 << 20, 3);
+    std::fs::write(dir.join("t.bin"), &data).unwrap();
+    let sha1 = sha1_of(&data);
+    let mut alice = tracker.client().cwd(&dir).live();
+    alice.cmd("login alice pw", &["logged in as alice"]);
+    alice.cmd(
+        "upload_file t.bin g",
+        &["uploaded t.bin to group g (3145728 bytes, 6 pieces)"],
+    );
+    let key = service_secret_of(&tracker.info);
+    let sign = |expires: u64, group: &str, file: [u8; 20], key: &ServiceKey| {
+        key.sign_ticket(p2pshare::wire::ticket::TicketBody {
+            expires,
+            file_sha1: Sha1Digest(file),
+            group: GroupId::new(group).unwrap(),
+            user: UserId::new("mallory").unwrap(),
+            client_key: [0; 32],
+        })
+    };
+    let hs = |t: &Ticket| handshake_frame(t, "t.bin", sha1);
+    let mut plain_hs = Vec::new();
+    DownloaderMsg::handshake(
+        GroupId::new("g").unwrap(),
+        FileName::new("t.bin").unwrap(),
+        Sha1Digest(sha1),
+    )
+    .emit(&mut plain_hs);
+
+    // A member's ticket from the tracker: served.
+    let (issued, mut raw) = ticket_and_link(tracker.addr, "mallory", "t.bin");
+    assert_eq!(issued.body.user.as_str(), "mallory");
+    assert!(issued.body.expires > unix_now() + 60);
+    let (_s, answer) = ask(alice.addr, &hs(&issued));
+    assert_eq!(answer, Some((0x81, 0)), "a valid ticket");
+
+    // Missing, forged (another key), expired, another group's, another file's: refused
+    // with code 4.
+    let later = unix_now() + 600;
+    let other_key = ServiceKey::from_seed([77; 32]);
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("no ticket", plain_hs.clone()),
+        ("another key", hs(&sign(later, "g", sha1, &other_key))),
+        ("expired", hs(&sign(unix_now() - 5, "g", sha1, &key))),
+        ("another group", hs(&sign(later, "other", sha1, &key))),
+        ("another file", hs(&sign(later, "g", [1; 20], &key))),
+    ];
+    for (name, bytes) in cases {
+        let (mut s, answer) = ask(alice.addr, &bytes);
+        assert_eq!(answer, Some((0x82, 4)), "{name}");
+        assert!(closes_within(&mut s, STEP), "{name}: still open");
+    }
+
+    // A link whose ticket expires closes then; one whose ticket is renewed stays.
+    let soon = unix_now() + 3;
+    let (mut lapsing, answer) = ask(alice.addr, &hs(&sign(soon, "g", sha1, &key)));
+    assert_eq!(answer, Some((0x81, 0)));
+    let (mut renewed, answer) = ask(alice.addr, &hs(&sign(soon, "g", sha1, &key)));
+    assert_eq!(answer, Some((0x81, 0)));
+    let mut renewal = Vec::new();
+    DownloaderMsg::Ticket(Box::new(sign(later, "g", sha1, &key))).emit(&mut renewal);
+    renewed.write_all(&renewal).unwrap();
+    assert!(
+        closes_within(&mut lapsing, STEP),
+        "an expired ticket's link stayed open"
+    );
+    assert!(unix_now() >= soon, "closed before its ticket expired");
+    renewed.write_all(&request_frame(0, 0, 16)).unwrap();
+    let block = common::read_frame(&mut renewed).expect("a block on the renewed link");
+    assert_eq!(block[0], 0x84);
+    assert_eq!(&block[9..], &data[..16]);
+    // A renewal that does not verify ends the link.
+    let mut bad = Vec::new();
+    DownloaderMsg::Ticket(Box::new(sign(later, "g", sha1, &other_key))).emit(&mut bad);
+    renewed.write_all(&bad).unwrap();
+    assert!(
+        closes_within(&mut renewed, STEP),
+        "a forged renewal was kept"
+    );
+
+    // A member who leaves gets no more tickets (no sharers either).
+    assert_eq!(
+        raw.call(RequestBody::LeaveGroup {
+            group: GroupId::new("g").unwrap()
+        }),
+        ReplyBody::Done
+    );
+    assert!(matches!(
+        raw.call(RequestBody::FileSharers {
+            group: GroupId::new("g").unwrap(),
+            name: FileName::new("t.bin").unwrap(),
+        }),
+        ReplyBody::Refused { .. }
+    ));
+    let (status, _) = alice.finish();
+    assert_eq!(status.code(), Some(0));
+}
