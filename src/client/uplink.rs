@@ -65,8 +65,9 @@ pub enum UplinkEvent {
     /// The connection is up and the hello queued: hand the session's resume and requests in
     /// flight to [`Uplink::send`].
     Connected,
-    /// No tracker of the file could be reached for a request made while there was no link:
-    /// the command in flight fails.
+    /// No tracker of the file could be reached for a request made while there was no link,
+    /// or a whole round of failover attempts failed (the link keeps trying): the command in
+    /// flight fails.
     Unreachable,
     /// No tracker answered in time after losing one: the session is lost.
     SessionLost,
@@ -134,6 +135,10 @@ pub struct Uplink {
     index: usize,
     /// Whether a tracker was ever connected (for the log: "connected" or "moved").
     failing_over: bool,
+    /// While failing over, a whole round of attempts failed: commands fail at once
+    /// ([`UplinkEvent::Unreachable`]) instead of waiting, while the rounds go on (the session
+    /// is kept until [`RECONNECT_FOR`]).
+    unreachable: bool,
     /// Links in a row that broke before the tracker's welcome.
     failed_links: usize,
     /// Links in a row left for their silence without a reply in between. A tracker that is
@@ -155,6 +160,7 @@ impl Uplink {
             state: State::Idle,
             index: 0,
             failing_over: false,
+            unreachable: false,
             failed_links: 0,
             silent_links: 0,
             n_pings: 0,
@@ -213,6 +219,11 @@ impl Uplink {
     pub fn send(&mut self, request: Request, now: Instant) {
         match self.state {
             State::Open { .. } => self.transmit.push_back(ClientMsg::Request(request)),
+            State::Connecting { .. } | State::Waiting { .. } if self.unreachable => {
+                // No tracker answered a whole round: the command fails now rather than
+                // after its timeout (the link keeps trying; a later command may find one).
+                self.events.push_back(UplinkEvent::Unreachable);
+            }
             State::Connecting { .. } | State::Waiting { .. } => {}
             State::Idle => {
                 let round = Round {
@@ -239,6 +250,7 @@ impl Uplink {
             }
         }
         self.failing_over = false;
+        self.unreachable = false;
         self.index = index;
         self.state = State::Open {
             index,
@@ -427,6 +439,10 @@ impl Uplink {
                 self.give_up();
             }
             Some(give_up) => {
+                if !std::mem::replace(&mut self.unreachable, true) {
+                    // The commands in flight fail; the session stays while the rounds go on.
+                    self.events.push_back(UplinkEvent::Unreachable);
+                }
                 let pause = backoff(round.n_rounds);
                 let next = Round {
                     give_up: Some(give_up),
@@ -475,6 +491,7 @@ impl Uplink {
 
     fn give_up(&mut self) {
         self.failing_over = false;
+        self.unreachable = false;
         self.state = State::Idle;
         self.transmit.clear();
         self.events.push_back(UplinkEvent::SessionLost);

@@ -183,10 +183,15 @@ fn rounds_back_off_exponentially_from_zero_to_a_second_then_the_session_is_lost(
     let mut now = t0;
     let mut pauses = Vec::new();
     let mut n_connects = 0;
+    let mut n_unreachable = 0;
     'run: loop {
         while let Some(ev) = u.poll_event() {
             if ev == UplinkEvent::SessionLost {
                 break 'run;
+            }
+            if ev == UplinkEvent::Unreachable {
+                n_unreachable += 1;
+                continue;
             }
             assert!(matches!(ev, UplinkEvent::Connect(_)), "{ev:?}");
             n_connects += 1;
@@ -227,6 +232,55 @@ fn rounds_back_off_exponentially_from_zero_to_a_second_then_the_session_is_lost(
     );
     assert_eq!(u.poll_timeout(), None);
     assert!(!u.is_open() && !u.is_reconnecting());
+    assert_eq!(
+        n_unreachable, 1,
+        "the command in flight fails once, after the first round"
+    );
+}
+
+#[test]
+fn after_a_failed_round_commands_fail_at_once_and_the_link_keeps_trying() {
+    let t0 = Instant::now();
+    let mut u = open_on(2, 0, t0);
+    u.handle_closed("reset", t0);
+    // The first round: both refuse.
+    for _ in 0..2 {
+        let evs = events(&mut u);
+        assert!(
+            matches!(evs.as_slice(), [UplinkEvent::Connect(_)]),
+            "{evs:?}"
+        );
+        u.handle_connect_failed("refused", t0);
+    }
+    let evs = events(&mut u);
+    assert_eq!(evs[0], UplinkEvent::Unreachable, "{evs:?}");
+    // The second round starts at once; it fails too.
+    assert!(matches!(evs[1..], [UplinkEvent::Connect(_)]), "{evs:?}");
+    u.handle_connect_failed("refused", t0);
+    assert!(matches!(
+        events(&mut u).as_slice(),
+        [UplinkEvent::Connect(_)]
+    ));
+    u.handle_connect_failed("refused", t0);
+    assert_eq!(events(&mut u), []);
+    // A command now fails at once, not after its timeout.
+    u.send(request(7), t0);
+    assert_eq!(events(&mut u), [UplinkEvent::Unreachable]);
+    assert!(u.is_reconnecting());
+    // A tracker comes back: the next round (after a pause) finds it, and commands go out.
+    let now = u.poll_timeout().expect("a timer");
+    assert!(now - t0 <= BACKOFF_MAX);
+    u.handle_timeout(now);
+    assert!(matches!(
+        events(&mut u).as_slice(),
+        [UplinkEvent::Connect(_)]
+    ));
+    u.handle_connected(now);
+    assert_eq!(events(&mut u), [UplinkEvent::Connected]);
+    assert_eq!(u.handle_frame(&welcome(), now), None);
+    transmits(&mut u);
+    u.send(request(8), now);
+    assert_eq!(transmits(&mut u), [ClientMsg::Request(request(8))]);
 }
 
 #[test]
