@@ -16,6 +16,7 @@ pub mod listing;
 pub mod progress;
 pub mod session;
 pub mod shell;
+pub mod slots;
 pub mod state_dir;
 pub mod transfers;
 pub mod uplink;

@@ -33,6 +33,7 @@ fn limits() -> Limits {
         requery_interval: secs(1),
         max_requeries: 3,
         stuck_grace: secs(2),
+        ..Limits::default().without_discovery()
     }
 }
 
@@ -1214,6 +1215,7 @@ impl Sim {
             requery_interval: secs(1),
             max_requeries: 5,
             stuck_grace: secs(2),
+            ..Limits::default().without_discovery()
         };
         let n_sharers = 2 + rng.below(4);
         let mut sharers: Vec<FakeSharer> = (0..n_sharers)

@@ -20,7 +20,8 @@
 //! 2. open blocks of orphaned partial pieces (their owner left) that the peer holds; it adopts
 //!    them, so that partial pieces are finished before new ones are started;
 //! 3. new pieces the peer holds, rarest first (availability = the number of connected,
-//!    non-banned peers holding the piece), ties broken by the lowest index; the peer owns them;
+//!    non-banned peers holding the piece), ties broken by the lowest index, or by an order
+//!    drawn from a seed ([`Picker::shuffle_ties`]); the peer owns them;
 //! 4. open blocks of pieces owned by other peers (only when the peer has nothing of its own to
 //!    do, so that a piece normally comes from a single peer);
 //! 5. end-game: once no piece is missing and every block of every unfinished piece has been
@@ -235,8 +236,12 @@ pub struct Picker {
     slots: Vec<Slot>,
     /// Per piece: the number of connected, non-banned peers holding it.
     avail: Vec<u32>,
-    /// The Missing pieces as (availability, index): rarest first, then lowest index.
+    /// The Missing pieces as (availability, rank): rarest first, then lowest rank.
     missing: BTreeSet<(u32, u32)>,
+    /// Per piece, its rank among pieces of equal availability (its index unless
+    /// [`Picker::shuffle_ties`] was called), and the piece of each rank.
+    rank: Vec<u32>,
+    by_rank: Vec<u32>,
     /// The Downloading pieces.
     downloading: BTreeSet<u32>,
     /// Pieces that must come from a single peer (they once failed with mixed suppliers).
@@ -268,6 +273,8 @@ impl Picker {
             slots: vec![Slot::Missing; n_pieces as usize],
             avail: vec![0; n_pieces as usize],
             missing: (0..n_pieces).map(|piece| (0, piece)).collect(),
+            rank: (0..n_pieces).collect(),
+            by_rank: (0..n_pieces).collect(),
             downloading: BTreeSet::new(),
             solo: BTreeSet::new(),
             n_have: 0,
@@ -275,6 +282,31 @@ impl Picker {
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
         }
+    }
+
+    /// Breaks ties between pieces of equal availability in an order drawn from `seed` instead
+    /// of by index. Downloaders that start together from one seed then ask it for different
+    /// pieces, which they can pass on to each other, instead of all asking for piece 0 first.
+    /// Seed 0 keeps the order by index.
+    pub fn shuffle_ties(&mut self, seed: u64) {
+        if seed == 0 {
+            return;
+        }
+        let mut order: Vec<u32> = (0..self.n_pieces).collect();
+        crate::rng::SplitMix64::new(seed).shuffle(&mut order);
+        let missing: Vec<u32> = self
+            .missing
+            .iter()
+            .map(|&(_, rank)| self.by_rank[rank as usize])
+            .collect();
+        for (rank, &piece) in (0u32..).zip(order.iter()) {
+            self.rank[piece as usize] = rank;
+        }
+        self.by_rank = order;
+        self.missing = missing
+            .into_iter()
+            .map(|piece| (self.avail[piece as usize], self.rank[piece as usize]))
+            .collect();
     }
 
     // -----------------------------------------------------------------------------------------
@@ -543,7 +575,8 @@ impl Picker {
         let mut picked = Vec::new();
         let mut blocks = 0usize;
         // A trusted peer's pieces have availability >= 1, so pieces nobody holds are skipped.
-        for &(_, piece) in self.missing.range((1, 0)..) {
+        for &(_, rank) in self.missing.range((1, 0)..) {
+            let piece = self.by_rank.get(rank as usize).copied().unwrap_or(rank);
             if blocks >= need {
                 break;
             }
@@ -752,7 +785,7 @@ impl Picker {
             return Vec::new();
         }
 
-        self.missing.insert((self.avail[i], piece));
+        self.missing.insert((self.avail[i], self.rank[i]));
         self.enter_needed(piece);
         let suppliers: BTreeSet<PeerId> = pt
             .blocks
@@ -826,7 +859,8 @@ impl Picker {
         };
         if matches!(slot, Slot::Missing) {
             *slot = Slot::Downloading(Box::new(Partial::new(n_blocks)));
-            self.missing.remove(&(self.avail[piece as usize], piece));
+            self.missing
+                .remove(&(self.avail[piece as usize], self.rank[piece as usize]));
             self.downloading.insert(piece);
         }
     }
@@ -921,7 +955,7 @@ impl Picker {
             }
         }
         self.downloading.remove(&piece);
-        self.missing.insert((self.avail[i], piece));
+        self.missing.insert((self.avail[i], self.rank[i]));
     }
 
     /// An orphan with nothing requested or received goes back to Missing, where it competes
@@ -952,8 +986,8 @@ impl Picker {
         self.avail[i] = new;
         let needed = match self.slots[i] {
             Slot::Missing => {
-                self.missing.remove(&(old, piece));
-                self.missing.insert((new, piece));
+                self.missing.remove(&(old, self.rank[i]));
+                self.missing.insert((new, self.rank[i]));
                 true
             }
             Slot::Downloading(_) => true,

@@ -154,7 +154,7 @@ fn check(pk: &Picker) {
         assert_eq!(pk.avail[i], avail, "availability of piece {piece}");
         match &pk.slots[i] {
             Slot::Missing => {
-                missing.insert((avail, piece));
+                missing.insert((avail, pk.rank[piece as usize]));
                 n_unavailable += u32::from(avail == 0);
             }
             Slot::Downloading(pt) => {

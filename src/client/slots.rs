@@ -1,0 +1,319 @@
+//! Upload slots: which serve links may have blocks queued for sending, and which of their
+//! requests go first. Sans-IO, shared by every serve link of a client.
+//!
+//! A client's uplink is its scarcest resource in a crowd. Handing it to every downloader at
+//! once (as a plain request-answer loop does) gives each of N downloaders 1/N of it: with 128
+//! downloaders a 512 KiB piece takes a hundred times longer to complete, and nobody has a
+//! verified piece to pass on for seconds. So this core keeps at most [`SlotLimits::slots`]
+//! links *in a slot*: only their requests are answered (granted to the driver, which queues
+//! the blocks); the requests of the others are *held* here, in order, until their turn.
+//!
+//! - **Turns.** A link in a slot is granted up to [`SlotLimits::turn_bytes`] (one piece by
+//!   default). Once that much is granted and its queued output has drained (the driver calls
+//!   [`UploadSlots::drained`]), it leaves the slot if another link waits, and waits again if it
+//!   still holds requests. With nobody waiting a link keeps its slot and every request is
+//!   granted at once, exactly as without this core (a single downloader streams at full
+//!   speed).
+//! - **Who next.** The waiting link that has been granted the fewest bytes so far, then the one
+//!   that waited longest: a newcomer gets its first piece quickly, and over time every link
+//!   gets the same share (an unchoke with rotation, without tit-for-tat: the peers of a group
+//!   cooperate).
+//! - **Which piece.** Within a turn the held requests of the piece this client has sent the
+//!   fewest bytes of (over all its links of that file) go first, whole piece by whole piece:
+//!   a seed thus sends each piece as few times as it can (super-seeding, counted over the
+//!   peers it serves), and a piece completes, verifies and spreads as early as possible.
+//! - **Cancels** withdraw a held request, which a plain loop could not: the end-game's second
+//!   requests cost the uplink nothing once the first copy arrived.
+//!
+//! Bounds: at most [`SlotLimits::max_held`] requests held per link ([`UploadSlots::may_read`]
+//! tells the driver to stop reading a link at that point); per-piece counters only for files
+//! some link serves, dropped with the last such link.
+//!
+//! No clock, no IO: the driver reports requests, cancels, drained links and closed links,
+//! and performs the [`Grant`]s it polls.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::wire::peer_link::BlockRef;
+use crate::wire::Sha1Digest;
+
+/// The policy's knobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotLimits {
+    /// Links served at once.
+    pub slots: usize,
+    /// Bytes granted to a link per turn when others wait.
+    pub turn_bytes: u64,
+    /// Requests held per link; the driver stops reading a link that holds this many.
+    pub max_held: usize,
+}
+
+impl Default for SlotLimits {
+    fn default() -> Self {
+        SlotLimits {
+            slots: 4,
+            turn_bytes: 512 * 1024,
+            max_held: 256,
+        }
+    }
+}
+
+impl SlotLimits {
+    /// No policy: every request is granted at once (the behaviour before slots; for tests
+    /// and measurements).
+    pub fn unlimited() -> Self {
+        SlotLimits {
+            slots: usize::MAX,
+            turn_bytes: u64::MAX,
+            max_held: 256,
+        }
+    }
+}
+
+/// A block the driver may now queue on `link`: `block`, whose first byte is at `start` in
+/// the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant<K> {
+    pub link: K,
+    pub block: BlockRef,
+    pub start: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// No slot, nothing held.
+    Idle,
+    /// Holding requests, waiting for a slot under this key of `waiting`.
+    Waiting { served: u64, seq: u64 },
+    /// In a slot, `turn` bytes granted in this turn.
+    Slot { turn: u64 },
+}
+
+#[derive(Debug)]
+struct LinkSlot {
+    file: Sha1Digest,
+    held: Vec<(BlockRef, u64)>,
+    /// Bytes granted over the link's life.
+    served: u64,
+    place: Place,
+}
+
+/// The slot policy of one client (see the module doc). `K` names a serve link.
+#[derive(Debug)]
+pub struct UploadSlots<K> {
+    limits: SlotLimits,
+    links: BTreeMap<K, LinkSlot>,
+    /// Links waiting for a slot: fewest bytes served first, then the longest waiting.
+    waiting: BTreeSet<(u64, u64, K)>,
+    n_slots_used: usize,
+    next_seq: u64,
+    /// Bytes sent per piece, per file served.
+    sent: BTreeMap<Sha1Digest, Vec<u64>>,
+    grants: VecDeque<Grant<K>>,
+}
+
+impl<K: Ord + Copy> UploadSlots<K> {
+    pub fn new(limits: SlotLimits) -> Self {
+        UploadSlots {
+            limits,
+            links: BTreeMap::new(),
+            waiting: BTreeSet::new(),
+            n_slots_used: 0,
+            next_seq: 0,
+            sent: BTreeMap::new(),
+            grants: VecDeque::new(),
+        }
+    }
+
+    /// A serve link was accepted for `file`.
+    pub fn add_link(&mut self, link: K, file: Sha1Digest) {
+        self.sent.entry(file).or_default();
+        self.links.entry(link).or_insert(LinkSlot {
+            file,
+            held: Vec::new(),
+            served: 0,
+            place: Place::Idle,
+        });
+    }
+
+    /// The link closed: its slot goes to the next link waiting.
+    pub fn remove_link(&mut self, link: K) {
+        let Some(slot) = self.links.remove(&link) else {
+            return;
+        };
+        self.unplace(link, slot.place);
+        if !self.links.values().any(|l| l.file == slot.file) {
+            self.sent.remove(&slot.file);
+        }
+        self.fill_slots();
+    }
+
+    /// Whether the driver may read more requests from `link`.
+    pub fn may_read(&self, link: K) -> bool {
+        self.links
+            .get(&link)
+            .is_none_or(|l| l.held.len() < self.limits.max_held)
+    }
+
+    /// How many links are in a slot.
+    pub fn n_in_slots(&self) -> usize {
+        self.n_slots_used
+    }
+
+    /// How many requests `link` holds.
+    pub fn n_held(&self, link: K) -> usize {
+        self.links.get(&link).map_or(0, |l| l.held.len())
+    }
+
+    /// A request the serving core accepted (`start`: where the block starts in the file).
+    /// Returns false (and holds nothing) for an unknown link or one over its limit.
+    pub fn request(&mut self, link: K, block: BlockRef, start: u64) -> bool {
+        let max_held = self.limits.max_held;
+        let Some(slot) = self.links.get_mut(&link) else {
+            return false;
+        };
+        if slot.held.len() >= max_held {
+            return false;
+        }
+        slot.held.push((block, start));
+        match slot.place {
+            Place::Idle => self.wait(link),
+            Place::Slot { .. } => self.grant_turn(link),
+            Place::Waiting { .. } => {}
+        }
+        self.fill_slots();
+        true
+    }
+
+    /// The downloader withdrew a request: dropped if still held.
+    pub fn cancel(&mut self, link: K, block: BlockRef) {
+        if let Some(slot) = self.links.get_mut(&link) {
+            slot.held.retain(|(b, _)| *b != block);
+            if slot.held.is_empty() {
+                if let Place::Waiting { served, seq } = slot.place {
+                    self.waiting.remove(&(served, seq, link));
+                    slot.place = Place::Idle;
+                }
+            }
+        }
+    }
+
+    /// Everything granted to `link` has been sent (its output queue is empty).
+    pub fn drained(&mut self, link: K) {
+        let Some(slot) = self.links.get_mut(&link) else {
+            return;
+        };
+        let Place::Slot { turn } = slot.place else {
+            return;
+        };
+        let others_wait = !self.waiting.is_empty();
+        if turn >= self.limits.turn_bytes && others_wait || slot.held.is_empty() {
+            self.unplace(link, Place::Slot { turn });
+            if let Some(slot) = self.links.get_mut(&link) {
+                slot.place = Place::Idle;
+                if !slot.held.is_empty() {
+                    self.wait(link);
+                }
+            }
+        } else {
+            self.grant_turn(link);
+        }
+        self.fill_slots();
+    }
+
+    /// The next block to send.
+    pub fn poll_grant(&mut self) -> Option<Grant<K>> {
+        self.grants.pop_front()
+    }
+
+    fn wait(&mut self, link: K) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(slot) = self.links.get_mut(&link) {
+            slot.place = Place::Waiting {
+                served: slot.served,
+                seq,
+            };
+            self.waiting.insert((slot.served, seq, link));
+        }
+    }
+
+    /// Takes a link out of the waiting set or its slot.
+    fn unplace(&mut self, link: K, place: Place) {
+        match place {
+            Place::Idle => {}
+            Place::Waiting { served, seq } => {
+                self.waiting.remove(&(served, seq, link));
+            }
+            Place::Slot { .. } => self.n_slots_used = self.n_slots_used.saturating_sub(1),
+        }
+    }
+
+    /// Gives free slots to the links waiting.
+    fn fill_slots(&mut self) {
+        while self.n_slots_used < self.limits.slots {
+            let Some((_, _, link)) = self.waiting.pop_first() else {
+                return;
+            };
+            let Some(slot) = self.links.get_mut(&link) else {
+                continue;
+            };
+            slot.place = Place::Slot { turn: 0 };
+            self.n_slots_used += 1;
+            self.grant_turn(link);
+        }
+    }
+
+    /// Grants held requests of a link in a slot: the rest of its turn, or everything while
+    /// nobody waits.
+    fn grant_turn(&mut self, link: K) {
+        let others_wait = !self.waiting.is_empty();
+        let turn_bytes = self.limits.turn_bytes;
+        let Some(slot) = self.links.get_mut(&link) else {
+            return;
+        };
+        let Place::Slot { mut turn } = slot.place else {
+            return;
+        };
+        let sent = self.sent.entry(slot.file).or_default();
+        while !slot.held.is_empty() {
+            if others_wait && turn >= turn_bytes {
+                break;
+            }
+            if !others_wait && turn >= turn_bytes {
+                // Nobody waits: a new turn at once.
+                turn = 0;
+            }
+            // The held request of the piece sent least (then the earliest asked).
+            let idx = least_sent(&slot.held, sent);
+            let (block, start) = slot.held.remove(idx);
+            let piece = block.piece as usize;
+            if sent.len() <= piece {
+                sent.resize(piece + 1, 0);
+            }
+            sent[piece] = sent[piece].saturating_add(u64::from(block.len));
+            turn = turn.saturating_add(u64::from(block.len));
+            slot.served = slot.served.saturating_add(u64::from(block.len));
+            self.grants.push_back(Grant { link, block, start });
+        }
+        slot.place = Place::Slot { turn };
+    }
+}
+
+/// The index of the held request to grant next: the one whose piece was sent fewest times
+/// (counted in whole pieces, so that the blocks of a piece being sent stay together), the
+/// earliest asked among equals.
+fn least_sent(held: &[(BlockRef, u64)], sent: &[u64]) -> usize {
+    let times = |p: u32| sent.get(p as usize).copied().unwrap_or(0) / PIECE_GRAIN;
+    held.iter()
+        .enumerate()
+        .min_by_key(|(i, (b, _))| (times(b.piece), *i))
+        .map_or(0, |(i, _)| i)
+}
+
+/// Counts are compared in units of this many bytes (a piece of the default length).
+const PIECE_GRAIN: u64 = 512 * 1024;
+
+#[cfg(test)]
+#[path = "slots_tests.rs"]
+mod tests;
