@@ -46,6 +46,8 @@ pub struct SlotLimits {
     pub turn_bytes: u64,
     /// Requests held per link; the driver stops reading a link that holds this many.
     pub max_held: usize,
+    /// A seed sends each piece once before any twice (declining the others meanwhile).
+    pub superseed: bool,
 }
 
 impl Default for SlotLimits {
@@ -54,6 +56,7 @@ impl Default for SlotLimits {
             slots: 4,
             turn_bytes: 512 * 1024,
             max_held: 256,
+            superseed: true,
         }
     }
 }
@@ -66,17 +69,42 @@ impl SlotLimits {
             slots: usize::MAX,
             turn_bytes: u64::MAX,
             max_held: 256,
+            superseed: false,
         }
     }
 }
 
-/// A block the driver may now queue on `link`: `block`, whose first byte is at `start` in
-/// the file.
+/// What the driver does for a request: queue the block on `link` now (`start`: where it
+/// starts in the file), or answer `Rejected` (a seed declining a piece that has left it
+/// already while others have not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grant<K> {
-    pub link: K,
-    pub block: BlockRef,
-    pub start: u64,
+pub enum Grant<K> {
+    Send {
+        link: K,
+        block: BlockRef,
+        start: u64,
+    },
+    Reject {
+        link: K,
+        block: BlockRef,
+    },
+}
+
+/// Per file served: how many bytes of each piece were granted, how many pieces were never
+/// granted, and whether this client is a seed of it (serves it whole).
+#[derive(Debug, Default)]
+struct FileCounts {
+    sent: Vec<u64>,
+    untouched: u32,
+    seed: bool,
+}
+
+impl FileCounts {
+    /// Whether a seed declines `piece` to a link that has not been sent any of it: the piece
+    /// left already (granted in part or whole) and some piece has not.
+    fn declines(&self, piece: u32) -> bool {
+        self.seed && self.untouched > 0 && self.sent.get(piece as usize).is_some_and(|&n| n > 0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +120,8 @@ enum Place {
 #[derive(Debug)]
 struct LinkSlot {
     file: Sha1Digest,
+    /// Pieces granted to this link (it finishes those it started).
+    pieces: BTreeSet<u32>,
     held: Vec<(BlockRef, u64)>,
     /// Bytes granted over the link's life.
     served: u64,
@@ -107,8 +137,8 @@ pub struct UploadSlots<K> {
     waiting: BTreeSet<(u64, u64, K)>,
     n_slots_used: usize,
     next_seq: u64,
-    /// Bytes sent per piece, per file served.
-    sent: BTreeMap<Sha1Digest, Vec<u64>>,
+    /// Per file served.
+    sent: BTreeMap<Sha1Digest, FileCounts>,
     grants: VecDeque<Grant<K>>,
 }
 
@@ -125,11 +155,18 @@ impl<K: Ord + Copy> UploadSlots<K> {
         }
     }
 
-    /// A serve link was accepted for `file`.
-    pub fn add_link(&mut self, link: K, file: Sha1Digest) {
-        self.sent.entry(file).or_default();
+    /// A serve link was accepted for `file` of `n_pieces` pieces; `seed`: this client holds
+    /// every piece (it then sends each piece once before any twice, see the module doc).
+    pub fn add_link(&mut self, link: K, file: Sha1Digest, n_pieces: u32, seed: bool) {
+        let counts = self.sent.entry(file).or_default();
+        if counts.sent.len() < n_pieces as usize {
+            counts.untouched += n_pieces - counts.sent.len() as u32;
+            counts.sent.resize(n_pieces as usize, 0);
+        }
+        counts.seed |= seed && self.limits.superseed;
         self.links.entry(link).or_insert(LinkSlot {
             file,
+            pieces: BTreeSet::new(),
             held: Vec::new(),
             served: 0,
             place: Place::Idle,
@@ -174,6 +211,15 @@ impl<K: Ord + Copy> UploadSlots<K> {
         };
         if slot.held.len() >= max_held {
             return false;
+        }
+        let declined = !slot.pieces.contains(&block.piece)
+            && self
+                .sent
+                .get(&slot.file)
+                .is_some_and(|c| c.declines(block.piece));
+        if declined {
+            self.grants.push_back(Grant::Reject { link, block });
+            return true;
         }
         slot.held.push((block, start));
         match slot.place {
@@ -275,7 +321,7 @@ impl<K: Ord + Copy> UploadSlots<K> {
         let Place::Slot { mut turn } = slot.place else {
             return;
         };
-        let sent = self.sent.entry(slot.file).or_default();
+        let counts = self.sent.entry(slot.file).or_default();
         while !slot.held.is_empty() {
             if others_wait && turn >= turn_bytes {
                 break;
@@ -285,16 +331,23 @@ impl<K: Ord + Copy> UploadSlots<K> {
                 turn = 0;
             }
             // The held request of the piece sent least (then the earliest asked).
-            let idx = least_sent(&slot.held, sent);
+            let idx = least_sent(&slot.held, &counts.sent);
             let (block, start) = slot.held.remove(idx);
-            let piece = block.piece as usize;
-            if sent.len() <= piece {
-                sent.resize(piece + 1, 0);
+            let piece = block.piece;
+            if !slot.pieces.contains(&piece) && counts.declines(piece) {
+                self.grants.push_back(Grant::Reject { link, block });
+                continue;
             }
-            sent[piece] = sent[piece].saturating_add(u64::from(block.len));
+            if let Some(n) = counts.sent.get_mut(piece as usize) {
+                if *n == 0 {
+                    counts.untouched = counts.untouched.saturating_sub(1);
+                }
+                *n = n.saturating_add(u64::from(block.len));
+            }
+            slot.pieces.insert(piece);
             turn = turn.saturating_add(u64::from(block.len));
             slot.served = slot.served.saturating_add(u64::from(block.len));
-            self.grants.push_back(Grant { link, block, start });
+            self.grants.push_back(Grant::Send { link, block, start });
         }
         slot.place = Place::Slot { turn };
     }

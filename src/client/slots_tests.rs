@@ -22,12 +22,26 @@ fn limits(slots: usize) -> SlotLimits {
         slots,
         turn_bytes: 4 * u64::from(B),
         max_held: 8,
+        superseed: true,
     }
 }
 
 fn grants(s: &mut UploadSlots<u32>) -> Vec<(u32, u32, u32)> {
     std::iter::from_fn(|| s.poll_grant())
-        .map(|g| (g.link, g.block.piece, g.block.offset / B))
+        .map(|g| match g {
+            Grant::Send { link, block, .. } => (link, block.piece, block.offset / B),
+            Grant::Reject { .. } => panic!("unexpected reject {g:?}"),
+        })
+        .collect()
+}
+
+/// Grants and rejects: (link, piece, block index, sent).
+fn answers(s: &mut UploadSlots<u32>) -> Vec<(u32, u32, u32, bool)> {
+    std::iter::from_fn(|| s.poll_grant())
+        .map(|g| match g {
+            Grant::Send { link, block, .. } => (link, block.piece, block.offset / B, true),
+            Grant::Reject { link, block } => (link, block.piece, block.offset / B, false),
+        })
         .collect()
 }
 
@@ -40,7 +54,7 @@ fn ask(s: &mut UploadSlots<u32>, link: u32, piece: u32, idxs: std::ops::Range<u3
 #[test]
 fn a_lone_link_is_granted_everything_at_once() {
     let mut s = UploadSlots::new(limits(1));
-    s.add_link(1, file());
+    s.add_link(1, file(), 16, false);
     ask(&mut s, 1, 0, 0..4);
     ask(&mut s, 1, 1, 0..4);
     assert_eq!(grants(&mut s).len(), 8, "nobody waits: no turn limit");
@@ -53,7 +67,7 @@ fn a_lone_link_is_granted_everything_at_once() {
 fn waiting_links_take_turns_of_one_piece() {
     let mut s = UploadSlots::new(limits(1));
     for l in 1..=3 {
-        s.add_link(l, file());
+        s.add_link(l, file(), 16, false);
     }
     ask(&mut s, 1, 0, 0..4);
     assert_eq!(grants(&mut s).len(), 4);
@@ -85,15 +99,15 @@ fn waiting_links_take_turns_of_one_piece() {
 #[test]
 fn a_newcomer_goes_before_links_served_more() {
     let mut s = UploadSlots::new(limits(1));
-    s.add_link(1, file());
-    s.add_link(2, file());
+    s.add_link(1, file(), 16, false);
+    s.add_link(2, file(), 16, false);
     ask(&mut s, 1, 0, 0..4);
     ask(&mut s, 2, 1, 0..4);
     grants(&mut s);
     s.drained(1);
     assert_eq!(grants(&mut s).len(), 4, "link 2's turn");
     ask(&mut s, 1, 2, 0..4);
-    s.add_link(9, file());
+    s.add_link(9, file(), 16, false);
     ask(&mut s, 9, 3, 0..1);
     s.drained(2);
     assert_eq!(grants(&mut s), vec![(9, 3, 0)], "the newcomer first");
@@ -102,8 +116,8 @@ fn a_newcomer_goes_before_links_served_more() {
 #[test]
 fn the_piece_sent_least_goes_first() {
     let mut s = UploadSlots::new(limits(1));
-    s.add_link(1, file());
-    s.add_link(2, file());
+    s.add_link(1, file(), 16, false);
+    s.add_link(2, file(), 16, false);
     ask(&mut s, 1, 5, 0..4);
     grants(&mut s);
     // Link 2 asks for piece 5 (sent once already) before piece 6 (never sent).
@@ -117,8 +131,8 @@ fn the_piece_sent_least_goes_first() {
 #[test]
 fn cancels_and_closed_links_free_what_they_held() {
     let mut s = UploadSlots::new(limits(1));
-    s.add_link(1, file());
-    s.add_link(2, file());
+    s.add_link(1, file(), 16, false);
+    s.add_link(2, file(), 16, false);
     ask(&mut s, 1, 0, 0..4);
     grants(&mut s);
     ask(&mut s, 2, 1, 0..2);
@@ -142,8 +156,8 @@ fn cancels_and_closed_links_free_what_they_held() {
 #[test]
 fn a_link_holds_at_most_max_held_requests() {
     let mut s = UploadSlots::new(limits(1));
-    s.add_link(1, file());
-    s.add_link(2, file());
+    s.add_link(1, file(), 16, false);
+    s.add_link(2, file(), 16, false);
     ask(&mut s, 1, 0, 0..4);
     for i in 0..8 {
         assert!(s.request(2, block(1 + i / 4, i % 4), 0) || i >= 8);
@@ -158,8 +172,49 @@ fn a_link_holds_at_most_max_held_requests() {
 fn unlimited_grants_everything_at_once() {
     let mut s = UploadSlots::new(SlotLimits::unlimited());
     for l in 1..=5 {
-        s.add_link(l, file());
+        s.add_link(l, file(), 16, false);
         ask(&mut s, l, l, 0..4);
     }
     assert_eq!(grants(&mut s).len(), 20);
+}
+
+#[test]
+fn a_seed_sends_each_piece_once_before_any_twice() {
+    let mut s = UploadSlots::new(limits(1));
+    s.add_link(1, file(), 4, true);
+    s.add_link(2, file(), 4, true);
+    ask(&mut s, 1, 0, 0..4);
+    assert_eq!(grants(&mut s).len(), 4);
+    // Piece 0 left already and pieces 1 to 3 have not: link 2 is declined piece 0 at once.
+    ask(&mut s, 2, 0, 0..1);
+    ask(&mut s, 2, 1, 0..4);
+    assert_eq!(answers(&mut s), vec![(2, 0, 0, false)]);
+    s.drained(1);
+    assert_eq!(grants(&mut s).len(), 4, "piece 1 for link 2");
+    // A held request whose piece left meanwhile is declined at its turn, and a link finishes
+    // a piece it started even when it went out elsewhere too.
+    ask(&mut s, 1, 2, 0..2);
+    ask(&mut s, 2, 2, 0..2);
+    s.drained(2);
+    let a = answers(&mut s);
+    assert_eq!(a[..2], [(1, 2, 0, true), (1, 2, 1, true)]);
+    s.drained(1);
+    let a = answers(&mut s);
+    assert_eq!(a, vec![(2, 2, 0, false), (2, 2, 1, false)]);
+    ask(&mut s, 2, 3, 0..4);
+    s.drained(2);
+    assert_eq!(grants(&mut s).len(), 4, "piece 3 for link 2");
+    // Every piece has left once: no more refusals.
+    ask(&mut s, 2, 0, 0..4);
+    assert!(answers(&mut s).iter().all(|a| a.3));
+}
+
+#[test]
+fn a_sharer_that_is_not_a_seed_declines_nothing() {
+    let mut s = UploadSlots::new(limits(4));
+    s.add_link(1, file(), 3, false);
+    s.add_link(2, file(), 3, false);
+    ask(&mut s, 1, 0, 0..4);
+    ask(&mut s, 2, 0, 0..4);
+    assert!(answers(&mut s).iter().all(|a| a.3));
 }

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use super::picker::{Block, PeerId, Picker, Verdict, Written};
 use crate::bitfield::Bitfield;
+use crate::rng::SplitMix64;
 use crate::wire::peer_link::{BlockRef, DownloaderMsg};
 use crate::wire::tracker_link::FileMeta;
 use crate::wire::GroupId;
@@ -78,6 +79,10 @@ pub struct Limits {
     /// never again after `max_refusals` refusals.
     pub refused_backoff: Duration,
     pub max_refusals: u32,
+    /// A sharer that rejects a block of a piece it offered is asked for that piece again
+    /// after this long ([`Picker::block_deferred`]: a seed sending each piece once first);
+    /// zero takes a rejection as "does not hold it" ([`Picker::block_rejected`]).
+    pub reject_rest: Duration,
     /// Seed of the order of pieces of equal rarity (0: by index; see
     /// [`Picker::shuffle_ties`]).
     pub piece_order_seed: u64,
@@ -107,6 +112,7 @@ impl Default for Limits {
             rotate_interval: Duration::from_secs(5),
             refused_backoff: Duration::from_secs(2),
             max_refusals: 3,
+            reject_rest: Duration::from_millis(500),
             piece_order_seed: 0,
         }
     }
@@ -122,6 +128,7 @@ impl Limits {
             max_links: usize::MAX,
             refused_backoff: Duration::ZERO,
             max_refusals: u32::MAX,
+            reject_rest: Duration::ZERO,
             ..self
         }
     }
@@ -252,6 +259,10 @@ enum AddrState {
 
 /// Most addresses a download remembers; a tracker answer beyond it adds no new ones.
 pub const MAX_KNOWN_ADDRS: usize = 4096;
+/// Links opened past [`Limits::max_links`] while some missing piece has no linked holder.
+pub const STUCK_EXTRA_LINKS: usize = 8;
+/// Most deferred pieces remembered; past it the oldest is asked for again at once.
+pub const MAX_DEFERRED: usize = 4096;
 
 /// Progress figures for `show_downloads` and the end line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +319,10 @@ pub struct Download {
     refusals: BTreeMap<SocketAddr, u32>,
     /// When the slowest link was last replaced.
     last_rotation: Option<Instant>,
+    /// Draws the order in which listed sharers are linked.
+    rng: SplitMix64,
+    /// Pieces a peer declined for now, and when to ask again (in time order).
+    deferred: VecDeque<(Instant, PeerId, u32)>,
     bytes_verified: u64,
     finished: bool,
 }
@@ -319,6 +334,7 @@ impl Download {
         let mut picker = Picker::new(meta.size, meta.piece_len, limits.block_len);
         picker.shuffle_ties(limits.piece_order_seed);
         let discover_every = limits.discover_min;
+        let rng = SplitMix64::new(limits.piece_order_seed ^ 0x5eed);
         Download {
             group,
             meta,
@@ -338,6 +354,8 @@ impl Download {
             listed: Vec::new(),
             refusals: BTreeMap::new(),
             last_rotation: None,
+            deferred: VecDeque::new(),
+            rng,
             bytes_verified: 0,
             finished: false,
         }
@@ -416,15 +434,27 @@ impl Download {
             .copied()
             .filter(|a| self.addrs.contains_key(a))
             .collect();
+        // Links go to the listed sharers in an order of this download's own (the seed of
+        // its piece order), so that a crowd of downloaders bounded to `max_links` links each
+        // does not link to the same first sharers of the tracker's list.
+        if self.limits.piece_order_seed != 0 {
+            self.rng.shuffle(&mut self.listed);
+        }
         self.open_links(now);
         self.check_stuck(now);
     }
 
-    /// Opens links to listed addresses that may be tried now, while there is room.
+    /// Opens links to listed addresses that may be tried now, while there is room (and a
+    /// few more while some missing piece has no linked holder: one of them may hold it).
     fn open_links(&mut self, now: Instant) {
         let listed = std::mem::take(&mut self.listed);
+        let room = if self.is_stuck() && !self.links.is_empty() {
+            self.limits.max_links.saturating_add(STUCK_EXTRA_LINKS)
+        } else {
+            self.limits.max_links
+        };
         for &addr in &listed {
-            if self.links.len() >= self.limits.max_links {
+            if self.links.len() >= room {
                 break;
             }
             if matches!(self.addrs.get(&addr), Some(AddrState::Idle { retry_at }) if *retry_at <= now)
@@ -499,6 +529,7 @@ impl Download {
                 (LinkState::Active { .. }, Some(rate)) => Some((p, rate)),
                 _ => None,
             })
+            .filter(|&(p, _)| !self.picker.is_sole_holder(p))
             .min_by(|a, b| a.1.total_cmp(&b.1));
         let Some((peer, _)) = slowest else {
             return;
@@ -648,14 +679,23 @@ impl Download {
 
     /// The sharer will not send a block.
     pub fn on_rejected(&mut self, peer: PeerId, block: BlockRef, now: Instant) {
-        self.picker.block_rejected(
-            peer,
-            Block {
-                piece: block.piece,
-                offset: block.offset,
-                len: block.len,
-            },
-        );
+        let b = Block {
+            piece: block.piece,
+            offset: block.offset,
+            len: block.len,
+        };
+        if self.limits.reject_rest.is_zero() {
+            self.picker.block_rejected(peer, b);
+        } else {
+            self.picker.block_deferred(peer, b);
+            if self.deferred.len() >= MAX_DEFERRED {
+                if let Some((_, p, piece)) = self.deferred.pop_front() {
+                    self.picker.undefer(p, piece);
+                }
+            }
+            self.deferred
+                .push_back((now + self.limits.reject_rest, peer, block.piece));
+        }
         self.check_stuck(now);
         self.fill_all(now);
     }
@@ -747,6 +787,18 @@ impl Download {
         if self.finished {
             return;
         }
+        let mut undeferred = false;
+        while let Some(&(t, peer, piece)) = self.deferred.front() {
+            if t > now {
+                break;
+            }
+            self.deferred.pop_front();
+            self.picker.undefer(peer, piece);
+            undeferred = true;
+        }
+        if undeferred {
+            self.fill_all(now);
+        }
         if self.discovery_due().is_some_and(|t| now >= t) {
             self.last_discovery = Some(now);
             self.query_outstanding = true;
@@ -774,6 +826,9 @@ impl Download {
             }
         }
         if let Some(t) = self.discovery_due() {
+            consider(t);
+        }
+        if let Some(&(t, _, _)) = self.deferred.front() {
             consider(t);
         }
         // A listed sharer waits for a link slot: the slowest link may be replaced. (Sharers

@@ -224,6 +224,8 @@ struct Peer {
     outstanding: BTreeSet<Block>,
     /// Downloading pieces whose owner this peer is.
     owned: BTreeSet<u32>,
+    /// Pieces it holds but declined to send for now ([`Picker::block_deferred`]).
+    not_now: BTreeSet<u32>,
 }
 
 /// Piece picking and block bookkeeping for one download (see the module documentation).
@@ -397,6 +399,19 @@ impl Picker {
         self.n_unavailable > 0
     }
 
+    /// Whether `peer` is the only trusted holder of a piece not verified yet (dropping it
+    /// would leave the download stuck). O(n_pieces).
+    pub fn is_sole_holder(&self, peer: PeerId) -> bool {
+        if self.banned.contains(&peer) {
+            return false;
+        }
+        self.peers.get(&peer).is_some_and(|p| {
+            p.has.ones().any(|piece| {
+                !self.have(piece) && self.avail.get(piece as usize).copied() == Some(1)
+            })
+        })
+    }
+
     // -----------------------------------------------------------------------------------------
     // Peers
     // -----------------------------------------------------------------------------------------
@@ -410,6 +425,7 @@ impl Picker {
             has: PieceSet::new(n_pieces),
             outstanding: BTreeSet::new(),
             owned: BTreeSet::new(),
+            not_now: BTreeSet::new(),
         });
         let mut added = Vec::new();
         for (piece, &held) in (0..n_pieces).zip(pieces) {
@@ -564,7 +580,9 @@ impl Picker {
 
     /// Whether `peer` is connected and holds `piece`.
     fn holds(&self, peer: PeerId, piece: u32) -> bool {
-        self.peers.get(&peer).is_some_and(|p| p.has.get(piece))
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.has.get(piece) && !p.not_now.contains(&piece))
     }
 
     /// Up to enough Missing pieces that `peer` holds to give it `need` blocks, rarest first.
@@ -580,7 +598,7 @@ impl Picker {
             if blocks >= need {
                 break;
             }
-            if p.has.get(piece) {
+            if p.has.get(piece) && !p.not_now.contains(&piece) {
                 picked.push(piece);
                 blocks = blocks.saturating_add(self.n_blocks(piece) as usize);
             }
@@ -761,6 +779,42 @@ impl Picker {
             self.disown(piece, peer);
         }
         self.maybe_revert(piece);
+    }
+
+    /// The peer declined a block of a piece it holds, for now (a seed sending each piece once
+    /// while some piece has not left it yet): like [`block_rejected`](Self::block_rejected)
+    /// the request is dropped and the piece disowned, but the peer still counts as holding it
+    /// (so the download is not stuck for it) and is asked for it again only after
+    /// [`undefer`](Self::undefer).
+    pub fn block_deferred(&mut self, peer: PeerId, block: Block) {
+        let Some(idx) = self.block_index(&block) else {
+            return;
+        };
+        let piece = block.piece;
+        let requested = self.partial(piece).is_some_and(|pt| {
+            matches!(pt.blocks.get(idx), Some(BlockState::Requested { by, .. }) if by.contains(peer))
+        });
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if !requested {
+            return;
+        }
+        p.outstanding.remove(&block);
+        let owned = p.owned.remove(&piece);
+        p.not_now.insert(piece);
+        self.drop_request(peer, block);
+        if owned {
+            self.disown(piece, peer);
+        }
+        self.maybe_revert(piece);
+    }
+
+    /// `peer` may be asked for `piece` again.
+    pub fn undefer(&mut self, peer: PeerId, piece: u32) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.not_now.remove(&piece);
+        }
     }
 
     // -----------------------------------------------------------------------------------------

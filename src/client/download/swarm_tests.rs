@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::engine::{Action, Download, Limits};
 use super::picker::PeerId;
 use crate::bitfield::Bitfield;
-use crate::client::slots::{SlotLimits, UploadSlots};
+use crate::client::slots::{Grant, SlotLimits, UploadSlots};
 use crate::client::uploader::{Offer, Refusal, RefuseCode, Step, Uploader};
 use crate::wire::peer_link::{BlockRef, DownloaderMsg, SharerMsg};
 use crate::wire::tracker_link::FileMeta;
@@ -25,7 +25,7 @@ use crate::wire::{FileName, GroupId, Sha1Digest};
 const MIB: u64 = 1024 * 1024;
 /// 100 Mbit/s in bytes per second.
 const MBIT100: f64 = 12_500_000.0;
-const STEP: Duration = Duration::from_millis(2);
+const STEP: Duration = Duration::from_millis(5);
 
 type LinkId = u64;
 
@@ -79,7 +79,17 @@ impl Scenario {
             .iter()
             .map(|l| l.join.as_secs_f64() + size / l.down)
             .fold(0.0, f64::max);
-        by_seed.max(by_total).max(by_down)
+        // Late joiners: those joining at or after a time need at least their share of the
+        // total upload after it.
+        let by_late = self
+            .leechers
+            .iter()
+            .map(|l| {
+                let later = self.leechers.iter().filter(|o| o.join >= l.join).count();
+                l.join.as_secs_f64() + later as f64 * size / total_up
+            })
+            .fold(0.0, f64::max);
+        by_seed.max(by_total).max(by_down).max(by_late)
     }
 }
 
@@ -373,7 +383,11 @@ impl Sim {
                 let answer = l.core.handle_offer(offer);
                 if matches!(answer, SharerMsg::Accept { .. }) {
                     l.serving = true;
-                    self.peers[j].slots.add_link(link, self.meta.file_sha1);
+                    let seed = self.peers[j].have.iter().all(|&h| h);
+                    let n = self.peers[j].have.len() as u32;
+                    self.peers[j]
+                        .slots
+                        .add_link(link, self.meta.file_sha1, n, seed);
                 }
                 self.later(Event::ToDownloader(link, answer));
             }
@@ -389,9 +403,16 @@ impl Sim {
 
     fn take_grants(&mut self, j: usize) {
         while let Some(g) = self.peers[j].slots.poll_grant() {
-            if let Some(l) = self.links.get_mut(&g.link) {
-                l.queue.push_back((g.block, f64::from(g.block.len)));
-                self.busy.insert((j, g.link));
+            match g {
+                Grant::Send { link, block, .. } => {
+                    if let Some(l) = self.links.get_mut(&link) {
+                        l.queue.push_back((block, f64::from(block.len)));
+                        self.busy.insert((j, link));
+                    }
+                }
+                Grant::Reject { link, block } => {
+                    self.later(Event::ToDownloader(link, SharerMsg::Rejected(block)))
+                }
             }
         }
     }
@@ -562,16 +583,8 @@ impl Sim {
         if !self.scenario.seed_leaves || !self.peers[0].online {
             return;
         }
-        let piece_len = u64::from(self.meta.piece_len);
-        let last = self.seed_sent.len().saturating_sub(1);
-        let all_out = self.seed_sent.iter().enumerate().all(|(p, &b)| {
-            let len = if p == last {
-                self.meta.size - piece_len * p as u64
-            } else {
-                piece_len
-            };
-            b >= len
-        });
+        // Out = verified by some leecher.
+        let all_out = (0..self.seed_sent.len()).all(|p| self.peers[1..].iter().any(|l| l.have[p]));
         if all_out {
             self.peers[0].online = false;
             let links: Vec<LinkId> = self
@@ -601,11 +614,14 @@ impl Sim {
             .as_secs_f64();
         let bound = self.scenario.bound();
         let seed_total: u64 = self.uploaded[0];
+        let leech_up: u64 = self.uploaded[1..].iter().sum();
+        let leech_cap: f64 = self.peers[1..].iter().map(|p| p.up).sum::<f64>() * last;
         eprintln!(
-            "{name}: last {last:.2} s, bound {bound:.2} s ({:.2}x); first {:.2} s; seed sent {:.2}x the file",
+            "{name}: last {last:.2} s, bound {bound:.2} s ({:.2}x); first {:.2} s; seed sent {:.2}x the file; leechers used {:.0}% of their uplinks",
             last / bound,
             times.iter().min().copied().unwrap_or_default().as_secs_f64(),
             seed_total as f64 / self.scenario.size as f64,
+            leech_up as f64 * 100.0 / leech_cap,
         );
         last / bound
     }
@@ -649,4 +665,64 @@ fn flash_crowd_of_8() {
         SlotLimits::default(),
     );
     assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
+}
+
+#[test]
+fn flash_crowd_of_32() {
+    let ratio = run(
+        "crowd of 32",
+        Scenario::crowd(32, 64 * MIB),
+        limits(),
+        SlotLimits::default(),
+    );
+    assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
+}
+
+/// Not at the aim yet (1.5x): the seed still sends the file about 2.7 times, as downloaders
+/// that wait for their turn at it hold requests for pieces others could give them. Guards
+/// against losing what is reached.
+#[test]
+fn flash_crowd_of_128() {
+    let ratio = run(
+        "crowd of 128",
+        Scenario::crowd(128, 64 * MIB),
+        limits(),
+        SlotLimits::default(),
+    );
+    assert!(ratio <= 3.2, "the last leecher took {ratio:.2}x the bound");
+}
+
+#[test]
+fn late_joiners() {
+    let mut scenario = Scenario::crowd(16, 64 * MIB);
+    for (i, l) in scenario.leechers.iter_mut().enumerate().skip(8) {
+        l.join = Duration::from_millis(1000 + 250 * i as u64);
+    }
+    let ratio = run("late joiners", scenario, limits(), SlotLimits::default());
+    assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
+}
+
+#[test]
+fn the_seed_leaves_once_every_piece_is_out() {
+    let mut scenario = Scenario::crowd(16, 64 * MIB);
+    scenario.seed_leaves = true;
+    let ratio = run("seed leaves", scenario, limits(), SlotLimits::default());
+    assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
+}
+
+#[test]
+fn uneven_uplinks() {
+    let mut scenario = Scenario::crowd(16, 64 * MIB);
+    for (i, l) in scenario.leechers.iter_mut().enumerate() {
+        l.up = match i % 4 {
+            0 => MBIT100 / 10.0,
+            1 => MBIT100 / 4.0,
+            2 => MBIT100,
+            _ => MBIT100 * 2.0,
+        };
+    }
+    // Not at the aim yet (1.5x): the slow uplinks hold pieces the others wait for, and the
+    // seed sends the file about twice. Guards against losing what is reached.
+    let ratio = run("uneven uplinks", scenario, limits(), SlotLimits::default());
+    assert!(ratio <= 2.4, "the last leecher took {ratio:.2}x the bound");
 }
