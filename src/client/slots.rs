@@ -19,9 +19,13 @@
 //!   gets the same share (an unchoke with rotation, without tit-for-tat: the peers of a group
 //!   cooperate).
 //! - **Which piece.** Within a turn the held requests of the piece this client has sent the
-//!   fewest bytes of (over all its links of that file) go first, whole piece by whole piece:
-//!   a seed thus sends each piece as few times as it can (super-seeding, counted over the
-//!   peers it serves), and a piece completes, verifies and spreads as early as possible.
+//!   fewest times (over all its links of that file) go first, whole piece by whole piece, so a
+//!   piece completes, verifies and spreads as early as possible.
+//! - **Super-seeding.** A client serving a file whole (a seed, [`SlotLimits::superseed`])
+//!   sends each piece once before it sends any twice: a request for a piece that has left it
+//!   already (in part or whole, to another link) while some piece has not is answered with a
+//!   [`Grant::Reject`]; the downloader asks again later and meanwhile takes the piece from the
+//!   downloader that got it. A link always finishes a piece it was granted part of.
 //! - **Cancels** withdraw a held request, which a plain loop could not: the end-game's second
 //!   requests cost the uplink nothing once the first copy arrived.
 //!

@@ -23,6 +23,19 @@
 //! connection, send a message, close a link, verify a piece, announce a verified piece, ask the
 //! tracker again for sharers, finish.
 //!
+//! # Swarms
+//!
+//! While it runs, the download asks the tracker for sharers again (live discovery:
+//! [`Limits::discover_min`] after the start, doubling while nobody new appears, at most
+//! [`Limits::discover_max`] apart), so downloaders that became sharers are linked within about
+//! a second. It links at most [`Limits::max_links`] sharers, in an order drawn per download,
+//! and every [`Limits::rotate_interval`] replaces the slowest active link (by measured rate,
+//! never the only holder of a missing piece) with a sharer waiting. A sharer that refused
+//! rests ([`Limits::refused_backoff`], doubling) and is dropped after
+//! [`Limits::max_refusals`]; one that rejects a block of a piece it offered is asked for that
+//! piece again after [`Limits::reject_rest`] (a seed sending each piece once first), and the
+//! piece meanwhile counts as held by it.
+//!
 //! # Failure
 //!
 //! A link that cannot connect, refuses, breaks or stalls costs only time: the picker gives its

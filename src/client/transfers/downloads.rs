@@ -86,7 +86,11 @@ impl Transfers {
             meta.size,
             peers.len()
         );
-        let mut engine = Download::new(group, meta, self.limits.clone());
+        // Each download draws its own order of equally rare pieces and of sharers to link,
+        // so that a crowd starting together asks the seed for different pieces.
+        let mut limits = self.limits.clone();
+        limits.piece_order_seed = getrandom::u64().unwrap_or(id.job().0) | 1;
+        let mut engine = Download::new(group, meta, limits);
         engine.start(peers, now);
         let reader = part.reader();
         let n_pieces = engine.picker().n_pieces();
