@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const SUBNET: &str = "10.77.0";
+/// Set by the signal thread: the programs are being killed, so their silence is no failure.
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -226,6 +228,10 @@ impl Proc {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
+                Err(_) if STOPPING.load(Ordering::SeqCst) => loop {
+                    // The signal thread cleans up and exits the process.
+                    std::thread::park();
+                },
                 Err(_) => panic!("no line containing {needle:?} within {STEP_TIMEOUT:?}"),
             }
         }
@@ -407,10 +413,8 @@ fn main() {
     let cleanup = Arc::new(Mutex::new(Cleanup::default()));
     let _guard = Guard(Arc::clone(&cleanup));
     // SIGINT/SIGTERM: clean up, then exit.
-    let stop = Arc::new(AtomicBool::new(false));
     {
         let cleanup = Arc::clone(&cleanup);
-        let stop = Arc::clone(&stop);
         let mut signals = signal_hook::iterator::Signals::new([
             signal_hook::consts::SIGINT,
             signal_hook::consts::SIGTERM,
@@ -418,7 +422,7 @@ fn main() {
         .expect("signal handlers");
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                stop.store(true, Ordering::SeqCst);
+                STOPPING.store(true, Ordering::SeqCst);
                 eprintln!("swarm bench: signal {sig}: cleaning up");
                 if let Ok(mut c) = cleanup.lock() {
                     c.run();
@@ -428,7 +432,7 @@ fn main() {
         });
     }
     for run in 0..runs {
-        if stop.load(Ordering::SeqCst) {
+        if STOPPING.load(Ordering::SeqCst) {
             break;
         }
         run_once(&cleanup, n_leechers, mib, rate_mbit, run);
