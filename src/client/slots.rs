@@ -25,7 +25,9 @@
 //!   sends each piece once before it sends any twice: a request for a piece that has left it
 //!   already (in part or whole, to another link) while some piece has not is answered with a
 //!   [`Grant::Reject`]; the downloader asks again later and meanwhile takes the piece from the
-//!   downloader that got it. A link always finishes a piece it was granted part of.
+//!   downloader that got it. A link always finishes a piece it was granted part of, and is
+//!   declined a block at most once (asked again, it is served), so no downloader waits for
+//!   ever for pieces nobody else asks for.
 //! - **Cancels** withdraw a held request, which a plain loop could not: the end-game's second
 //!   requests cost the uplink nothing once the first copy arrived.
 //!
@@ -126,6 +128,10 @@ struct LinkSlot {
     file: Sha1Digest,
     /// Pieces granted to this link (it finishes those it started).
     pieces: BTreeSet<u32>,
+    /// Blocks (piece, offset) declined to this link once already: asked again, they are
+    /// served, so a link is never declined a piece for ever (say, when nobody linked wants
+    /// the pieces that have not left yet).
+    declined: BTreeSet<(u32, u32)>,
     held: Vec<(BlockRef, u64)>,
     /// Bytes granted over the link's life.
     served: u64,
@@ -171,6 +177,7 @@ impl<K: Ord + Copy> UploadSlots<K> {
         self.links.entry(link).or_insert(LinkSlot {
             file,
             pieces: BTreeSet::new(),
+            declined: BTreeSet::new(),
             held: Vec::new(),
             served: 0,
             place: Place::Idle,
@@ -217,11 +224,13 @@ impl<K: Ord + Copy> UploadSlots<K> {
             return false;
         }
         let declined = !slot.pieces.contains(&block.piece)
+            && !slot.declined.contains(&(block.piece, block.offset))
             && self
                 .sent
                 .get(&slot.file)
                 .is_some_and(|c| c.declines(block.piece));
         if declined {
+            slot.declined.insert((block.piece, block.offset));
             self.grants.push_back(Grant::Reject { link, block });
             return true;
         }
@@ -338,8 +347,23 @@ impl<K: Ord + Copy> UploadSlots<K> {
             let idx = least_sent(&slot.held, &counts.sent);
             let (block, start) = slot.held.remove(idx);
             let piece = block.piece;
-            if !slot.pieces.contains(&piece) && counts.declines(piece) {
-                self.grants.push_back(Grant::Reject { link, block });
+            if !slot.pieces.contains(&piece)
+                && !slot.declined.contains(&(piece, block.offset))
+                && counts.declines(piece)
+            {
+                // Its other held blocks of this piece are declined too.
+                let mut rejected = vec![block];
+                slot.held.retain(|&(b, _)| {
+                    let same = b.piece == piece && !slot.declined.contains(&(piece, b.offset));
+                    if same {
+                        rejected.push(b);
+                    }
+                    !same
+                });
+                for block in rejected {
+                    slot.declined.insert((piece, block.offset));
+                    self.grants.push_back(Grant::Reject { link, block });
+                }
                 continue;
             }
             if let Some(n) = counts.sent.get_mut(piece as usize) {

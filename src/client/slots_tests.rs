@@ -218,3 +218,18 @@ fn a_sharer_that_is_not_a_seed_declines_nothing() {
     ask(&mut s, 2, 0, 0..4);
     assert!(answers(&mut s).iter().all(|a| a.3));
 }
+
+#[test]
+fn a_block_is_declined_once_then_served() {
+    let mut s = UploadSlots::new(limits(1));
+    s.add_link(1, file(), 4, true);
+    s.add_link(2, file(), 4, true);
+    ask(&mut s, 1, 0, 0..4);
+    grants(&mut s);
+    s.drained(1);
+    ask(&mut s, 2, 0, 0..2);
+    assert_eq!(answers(&mut s), vec![(2, 0, 0, false), (2, 0, 1, false)]);
+    // Nobody asks for pieces 1 to 3; link 2 asks again and is served.
+    ask(&mut s, 2, 0, 0..2);
+    assert_eq!(answers(&mut s), vec![(2, 0, 0, true), (2, 0, 1, true)]);
+}
