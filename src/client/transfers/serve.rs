@@ -148,7 +148,21 @@ impl Transfers {
             return;
         }
         self.granting = true;
-        while let Some(grant) = self.slots.poll_grant() {
+        let mut dirty: Vec<ConnId> = Vec::new();
+        loop {
+            let Some(grant) = self.slots.poll_grant() else {
+                // Each link written once for all its grants; a link that drains may be
+                // granted more, taken in the next round.
+                if dirty.is_empty() {
+                    break;
+                }
+                dirty.sort_unstable();
+                dirty.dedup();
+                for id in std::mem::take(&mut dirty) {
+                    self.flush_conn(registry, id);
+                }
+                continue;
+            };
             let (id, block, start) = match grant {
                 Grant::Send { link, block, start } => (link, block, Some(start)),
                 Grant::Reject { link, block } => (link, block, None),
@@ -180,7 +194,7 @@ impl Transfers {
             if conn.read_paused {
                 self.ready.push_back(id);
             }
-            self.flush_conn(registry, id);
+            dirty.push(id);
         }
         self.granting = false;
     }
@@ -320,8 +334,9 @@ impl Transfers {
             }
             Ok(_) => {}
         }
-        self.flush_conn(registry, id);
+        // The grants queue their blocks and write their links (this one included) once.
         self.run_grants(registry);
+        self.flush_conn(registry, id);
     }
 
     /// The logged-in user's shares changed: serve links whose file is no longer shared by
