@@ -38,7 +38,8 @@
 //! - [`client`]: `command` (line parsing), `session` (sans-IO command-loop core), `uplink`
 //!   (sans-IO tracker link: which tracker, timeouts, pings, backoff), `download` (`picker`
 //!   and the sans-IO `engine` of one download), `uploader` (sans-IO serving core: accept or
-//!   refuse, block or reject), `transfers` (the peer links' IO: `downloads`, `fetch`, `serve`),
+//!   refuse, block or reject), `slots` (sans-IO upload slots: which serve links send now,
+//!   which piece first), `transfers` (the peer links' IO: `downloads`, `fetch`, `serve`),
 //!   `disk` (the file-system facts the session core asks for), `progress` (the progress line),
 //!   `shell` (line editing, `history`, `complete`, `help` and `listing` at a terminal; batch
 //!   input never goes through it), `state_dir` (where a client keeps what it remembers),
@@ -59,7 +60,7 @@
 //!
 //! - Architecture Invariant: the cores (`tracker::state` with `snapshot`, `tracker::core`,
 //!   `tracker::replica`, `client::session`, `client::command`, `client::uplink`,
-//!   `client::uploader`, `client::download::{picker, engine}`, `wire`, `net::secure`) do no
+//!   `client::uploader`, `client::slots`, `client::download::{picker, engine}`, `wire`, `net::secure`) do no
 //!   IO: no `mio`, no sockets, no files, no `Instant::now()`. Time is an argument. They use
 //!   ordered maps. `tests/tidy.rs` checks this.
 //! - Architecture Invariant: tracker state changes only through `TrackerState::apply(&Op)`,

@@ -55,6 +55,7 @@ fn is_core(rel: &str) -> bool {
                 | "client/command.rs"
                 | "client/uplink.rs"
                 | "client/uploader.rs"
+                | "client/slots.rs"
                 | "client/download/picker.rs"
                 | "client/download/engine.rs"
                 | "net/secure.rs"

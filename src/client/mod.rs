@@ -1,6 +1,7 @@
 //! The client: the command loop ([`command`] parsing, [`session`] core, [`disk`] facts it
 //! asks for), the link to the trackers ([`uplink`] core), the peer links ([`transfers`]) with
-//! the download engine ([`download`]) and the serving core ([`uploader`]), the mio reactor
+//! the download engine ([`download`]), the serving core ([`uploader`]) and the upload slots
+//! ([`slots`]), the mio reactor
 //! that runs them all ([`driver`]), and the progress line on a terminal ([`progress`]). At a
 //! terminal the [`shell`] reads the commands (line editing, [`history`], [`complete`],
 //! [`help`], [`listing`]); the [`state_dir`] holds what a client remembers between runs: the
@@ -21,6 +22,7 @@ pub mod part_record;
 pub mod progress;
 pub mod session;
 pub mod shell;
+pub mod slots;
 pub mod state_dir;
 pub mod state_file;
 pub mod transfers;

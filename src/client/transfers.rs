@@ -41,6 +41,7 @@ use mio::{Registry, Token};
 
 use super::download::engine::{Limits, Progress};
 use super::session::{ClientCore, DownloadError, DownloadId};
+use super::slots::{SlotLimits, UploadSlots};
 use super::uploader::Uploader;
 use crate::hasher::HashPool;
 use crate::keys::PublicKey;
@@ -113,6 +114,10 @@ pub struct Transfers {
     /// An instant and the Unix time at it: tickets' expiries are Unix times, and `now` is an
     /// `Instant`, so that tests can move it.
     clock: (Instant, Duration),
+    /// Which serve links may send now (the upload slot policy).
+    slots: UploadSlots<ConnId>,
+    /// Set while grants are being performed (a flush inside must not start another round).
+    granting: bool,
 }
 
 /// A download asks for a new ticket when less than this is left of its current one.
@@ -181,6 +186,8 @@ impl Transfers {
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default(),
             ),
+            slots: UploadSlots::new(SlotLimits::default()),
+            granting: false,
         }
     }
 
@@ -339,7 +346,7 @@ impl Transfers {
             );
             if silent {
                 debug!("peer link {id}: no handshake in time; closed");
-                self.conns.remove(registry, id);
+                self.remove_conn(registry, id);
             }
         }
         if self.next_idle_check.is_some_and(|t| t <= now) {
@@ -498,11 +505,23 @@ impl Transfers {
         let result = conn.flush(registry);
         let done_closing = matches!(&conn.data, PeerConn::Serve(s) if s.core.is_refused())
             && conn.pending_write() == 0;
+        let drained = matches!(&conn.data, PeerConn::Serve(s) if s.core.is_serving())
+            && conn.pending_write() == 0;
         if let Err(e) = result {
             self.lose(registry, id, &format!("write failed: {e}"));
         } else if done_closing {
-            self.conns.remove(registry, id);
+            self.remove_conn(registry, id);
+        } else if drained {
+            self.slots.drained(id);
+            self.run_grants(registry);
         }
+    }
+
+    /// Closes a peer link (a serve link's upload slot passes on).
+    fn remove_conn(&mut self, registry: &Registry, id: ConnId) {
+        self.conns.remove(registry, id);
+        self.slots.remove_link(id);
+        self.run_grants(registry);
     }
 
     /// Drops a link after an error or a close; a fetch link's download learns of it.
@@ -510,6 +529,8 @@ impl Transfers {
         let Some(conn) = self.conns.remove(registry, id) else {
             return;
         };
+        self.slots.remove_link(id);
+        self.run_grants(registry);
         match conn.data {
             PeerConn::Fetch(link) => {
                 if let Some(active) = self.downloads.get_mut(&link.download) {

@@ -23,6 +23,19 @@
 //! connection, send a message, close a link, verify a piece, announce a verified piece, ask the
 //! tracker again for sharers, finish.
 //!
+//! # Swarms
+//!
+//! While it runs, the download asks the tracker for sharers again (live discovery:
+//! [`Limits::discover_min`] after the start, doubling while nobody new appears, at most
+//! [`Limits::discover_max`] apart), so downloaders that became sharers are linked within about
+//! a second. It links at most [`Limits::max_links`] sharers, in an order drawn per download,
+//! and every [`Limits::rotate_interval`] replaces the slowest active link (by measured rate,
+//! never the only holder of a missing piece) with a sharer waiting. A sharer that refused
+//! rests ([`Limits::refused_backoff`], doubling) and is dropped after
+//! [`Limits::max_refusals`]; one that rejects a block of a piece it offered is asked for that
+//! piece again after [`Limits::reject_rest`] (a seed sending each piece once first), and the
+//! piece meanwhile counts as held by it.
+//!
 //! # Failure
 //!
 //! A link that cannot connect, refuses, breaks or stalls costs only time: the picker gives its
@@ -37,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use super::picker::{Block, PeerId, Picker, Verdict, Written};
 use crate::bitfield::Bitfield;
+use crate::rng::SplitMix64;
 use crate::wire::peer_link::{BlockRef, DownloaderMsg};
 use crate::wire::tracker_link::FileMeta;
 use crate::wire::GroupId;
@@ -63,6 +77,28 @@ pub struct Limits {
     pub max_requeries: u32,
     /// How long the download may stay stuck after the last answer before it fails.
     pub stuck_grace: Duration,
+    /// Live discovery: while the download runs, the tracker is asked for sharers again
+    /// `discover_min` after the start, then at an interval that doubles while the answers
+    /// bring nobody new, up to `discover_max` (back to `discover_min` when one does).
+    /// `discover_max` zero turns it off (the tracker is then asked only when stuck).
+    pub discover_min: Duration,
+    pub discover_max: Duration,
+    /// Most links open (or opening) at once; other sharers wait as candidates.
+    pub max_links: usize,
+    /// With `max_links` open and a candidate waiting, the slowest link (by measured rate) is
+    /// replaced by the candidate at most this often.
+    pub rotate_interval: Duration,
+    /// A sharer that refused is not tried again for this long, doubling per refusal, and
+    /// never again after `max_refusals` refusals.
+    pub refused_backoff: Duration,
+    pub max_refusals: u32,
+    /// A sharer that rejects a block of a piece it offered is asked for that piece again
+    /// after this long ([`Picker::block_deferred`]: a seed sending each piece once first);
+    /// zero takes a rejection as "does not hold it" ([`Picker::block_rejected`]).
+    pub reject_rest: Duration,
+    /// Seed of the order of pieces of equal rarity (0: by index; see
+    /// [`Picker::shuffle_ties`]).
+    pub piece_order_seed: u64,
 }
 
 impl Default for Limits {
@@ -83,6 +119,30 @@ impl Default for Limits {
             requery_interval: Duration::from_secs(1),
             max_requeries: 3,
             stuck_grace: Duration::from_secs(2),
+            discover_min: Duration::from_millis(250),
+            discover_max: Duration::from_secs(1),
+            max_links: 48,
+            rotate_interval: Duration::from_secs(5),
+            refused_backoff: Duration::from_secs(2),
+            max_refusals: 3,
+            reject_rest: Duration::from_millis(500),
+            piece_order_seed: 0,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits of the engine before live discovery and bounded links (asks the tracker
+    /// only when stuck, links every sharer, retries a refusing one at each answer): for
+    /// tests that pin that behaviour and for measurements against it.
+    pub fn without_discovery(self) -> Self {
+        Limits {
+            discover_max: Duration::ZERO,
+            max_links: usize::MAX,
+            refused_backoff: Duration::ZERO,
+            max_refusals: u32::MAX,
+            reject_rest: Duration::ZERO,
+            ..self
         }
     }
 }
@@ -203,11 +263,19 @@ impl RateMeter {
 enum AddrState {
     /// A link is open (or opening) to it.
     Linked,
-    /// It was tried and the link ended; it may be tried again after a new tracker answer.
-    Idle,
-    /// It sent a bad piece: never again in this download.
+    /// Not linked (never yet, or the link ended); it may be linked from `retry_at` on while
+    /// the tracker lists it.
+    Idle { retry_at: Instant },
+    /// It sent a bad piece, or refused `max_refusals` times: never again in this download.
     Banned,
 }
+
+/// Most addresses a download remembers; a tracker answer beyond it adds no new ones.
+pub const MAX_KNOWN_ADDRS: usize = 4096;
+/// Links opened past [`Limits::max_links`] while some missing piece has no linked holder.
+pub const STUCK_EXTRA_LINKS: usize = 8;
+/// Most deferred pieces remembered; past it the oldest is asked for again at once.
+pub const MAX_DEFERRED: usize = 4096;
 
 /// Progress figures for `show_downloads` and the end line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +323,19 @@ pub struct Download {
     last_query: Option<Instant>,
     n_queries: u32,
     query_outstanding: bool,
+    /// Live discovery: when the tracker was last asked, and the interval now.
+    last_discovery: Option<Instant>,
+    discover_every: Duration,
+    /// The addresses of the tracker's last answer (only these are linked).
+    listed: Vec<SocketAddr>,
+    /// How often each address refused.
+    refusals: BTreeMap<SocketAddr, u32>,
+    /// When the slowest link was last replaced.
+    last_rotation: Option<Instant>,
+    /// Draws the order in which listed sharers are linked.
+    rng: SplitMix64,
+    /// Pieces a peer declined for now, and when to ask again (in time order).
+    deferred: VecDeque<(Instant, PeerId, u32)>,
     bytes_verified: u64,
     finished: bool,
 }
@@ -263,7 +344,10 @@ impl Download {
     /// A download of `meta` from the sharers at `addrs`. Nothing happens before
     /// [`start`](Self::start).
     pub fn new(group: GroupId, meta: FileMeta, limits: Limits) -> Self {
-        let picker = Picker::new(meta.size, meta.piece_len, limits.block_len);
+        let mut picker = Picker::new(meta.size, meta.piece_len, limits.block_len);
+        picker.shuffle_ties(limits.piece_order_seed);
+        let discover_every = limits.discover_min;
+        let rng = SplitMix64::new(limits.piece_order_seed ^ 0x5eed);
         Download {
             group,
             meta,
@@ -278,6 +362,13 @@ impl Download {
             last_query: None,
             n_queries: 0,
             query_outstanding: false,
+            last_discovery: None,
+            discover_every,
+            listed: Vec::new(),
+            refusals: BTreeMap::new(),
+            last_rotation: None,
+            deferred: VecDeque::new(),
+            rng,
             bytes_verified: 0,
             finished: false,
         }
@@ -300,7 +391,10 @@ impl Download {
             self.finish(Ok(()));
             return;
         }
+        self.last_discovery = Some(now);
+        self.last_rotation = Some(now);
         self.on_sharers(addrs, now);
+        self.discover_every = self.limits.discover_min;
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -340,42 +434,152 @@ impl Download {
         &self.picker
     }
 
-    /// The tracker's list of sharers online: links open to the addresses not already linked
-    /// or banned.
+    /// The tracker's list of sharers online: links open to the addresses not already linked,
+    /// banned or resting after a refusal, up to [`Limits::max_links`].
     pub fn on_sharers(&mut self, addrs: &[SocketAddr], now: Instant) {
         self.query_outstanding = false;
         if self.finished {
             return;
         }
+        let mut news = false;
         for &addr in addrs {
-            match self.addrs.get(&addr) {
-                Some(AddrState::Linked | AddrState::Banned) => continue,
-                Some(AddrState::Idle) | None => {}
+            if !self.addrs.contains_key(&addr) && self.addrs.len() < MAX_KNOWN_ADDRS {
+                self.addrs.insert(addr, AddrState::Idle { retry_at: now });
+                news = true;
             }
-            self.next_peer += 1;
-            let peer = PeerId(self.next_peer);
-            self.addrs.insert(addr, AddrState::Linked);
-            self.peer_addrs.insert(peer, addr);
-            self.links.insert(
-                peer,
-                Link {
-                    addr,
-                    state: LinkState::Opening { since: now },
-                    depth: self.limits.depth,
-                    rate: RateMeter::new(now),
-                },
-            );
-            self.actions.push_back(Action::Connect { peer, addr });
-            self.actions.push_back(Action::Send {
-                peer,
-                msg: DownloaderMsg::handshake(
-                    self.group.clone(),
-                    self.meta.name.clone(),
-                    self.meta.file_sha1,
-                ),
-            });
         }
+        self.discover_every = if news {
+            self.limits.discover_min
+        } else {
+            (self.discover_every * 2).min(self.limits.discover_max)
+        };
+        self.listed = addrs
+            .iter()
+            .copied()
+            .filter(|a| self.addrs.contains_key(a))
+            .collect();
+        // Links go to the listed sharers in an order of this download's own (the seed of
+        // its piece order), so that a crowd of downloaders bounded to `max_links` links each
+        // does not link to the same first sharers of the tracker's list.
+        if self.limits.piece_order_seed != 0 {
+            self.rng.shuffle(&mut self.listed);
+        }
+        self.open_links(now);
         self.check_stuck(now);
+    }
+
+    /// Opens links to listed addresses that may be tried now, while there is room (and a
+    /// few more while some missing piece has no linked holder: one of them may hold it).
+    fn open_links(&mut self, now: Instant) {
+        let listed = std::mem::take(&mut self.listed);
+        let room = if self.is_stuck() && !self.links.is_empty() {
+            self.limits.max_links.saturating_add(STUCK_EXTRA_LINKS)
+        } else {
+            self.limits.max_links
+        };
+        for &addr in &listed {
+            if self.links.len() >= room {
+                break;
+            }
+            if matches!(self.addrs.get(&addr), Some(AddrState::Idle { retry_at }) if *retry_at <= now)
+            {
+                self.link_to(addr, now);
+            }
+        }
+        self.listed = listed;
+    }
+
+    /// Whether the tracker lists a sharer that is not linked and not banned.
+    fn has_waiting_sharer(&self) -> bool {
+        self.listed
+            .iter()
+            .any(|a| matches!(self.addrs.get(a), Some(AddrState::Idle { .. })))
+    }
+
+    /// A listed address that may be linked now, if any.
+    fn candidate(&self, now: Instant) -> Option<SocketAddr> {
+        self.listed.iter().copied().find(
+            |a| matches!(self.addrs.get(a), Some(AddrState::Idle { retry_at }) if *retry_at <= now),
+        )
+    }
+
+    fn link_to(&mut self, addr: SocketAddr, now: Instant) {
+        self.next_peer += 1;
+        let peer = PeerId(self.next_peer);
+        self.addrs.insert(addr, AddrState::Linked);
+        self.peer_addrs.insert(peer, addr);
+        self.links.insert(
+            peer,
+            Link {
+                addr,
+                state: LinkState::Opening { since: now },
+                depth: self.limits.depth,
+                rate: RateMeter::new(now),
+            },
+        );
+        self.actions.push_back(Action::Connect { peer, addr });
+        self.actions.push_back(Action::Send {
+            peer,
+            msg: DownloaderMsg::handshake(
+                self.group.clone(),
+                self.meta.name.clone(),
+                self.meta.file_sha1,
+            ),
+        });
+    }
+
+    /// With every link slot taken and a candidate waiting, replaces the slowest active link
+    /// (by measured rate; links whose rate is not known yet are kept) with the candidate.
+    fn rotate(&mut self, now: Instant) {
+        if self.links.len() < self.limits.max_links
+            || self
+                .last_rotation
+                .is_some_and(|t| now < t + self.limits.rotate_interval)
+        {
+            return;
+        }
+        if !self.has_waiting_sharer() {
+            return;
+        }
+        // Counted even when nothing is replaced, so that the timer moves on.
+        self.last_rotation = Some(now);
+        let Some(addr) = self.candidate(now) else {
+            return;
+        };
+        let slowest = self
+            .links
+            .iter()
+            .filter_map(|(&p, l)| match (l.state, l.rate.rate) {
+                (LinkState::Active { .. }, Some(rate)) => Some((p, rate)),
+                _ => None,
+            })
+            .filter(|&(p, _)| !self.picker.is_sole_holder(p))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        let Some((peer, _)) = slowest else {
+            return;
+        };
+        // The dropped sharer rests for a few rotations before it can come back.
+        let rest = self.limits.rotate_interval * 4;
+        let dropped = self.links.get(&peer).map(|l| l.addr);
+        self.drop_link(peer, "replaced by another sharer (slowest link)", now);
+        if let Some(AddrState::Idle { retry_at }) = dropped.and_then(|a| self.addrs.get_mut(&a)) {
+            *retry_at = now + rest;
+        }
+        if self.links.len() < self.limits.max_links {
+            self.link_to(addr, now);
+        }
+    }
+
+    /// Whether live discovery asks the tracker now or at some later time.
+    fn discovery_due(&self) -> Option<Instant> {
+        if self.limits.discover_max.is_zero()
+            || self.query_outstanding
+            || self.stuck_since.is_some()
+            || self.finished
+        {
+            return None;
+        }
+        Some(self.last_discovery? + self.discover_every)
     }
 
     /// The tracker could not be asked (no tracker, or it refused).
@@ -404,9 +608,32 @@ impl Download {
         self.fill(peer, Some(now));
     }
 
-    /// The sharer refused the handshake (or said something out of turn): the link ends.
+    /// The sharer refused the handshake (or said something out of turn): the link ends, and
+    /// the address rests ([`Limits::refused_backoff`], doubling per refusal; after
+    /// [`Limits::max_refusals`] it is not tried again).
     pub fn on_refused(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        let Some(addr) = self.links.get(&peer).map(|l| l.addr) else {
+            return;
+        };
         self.drop_link(peer, reason, now);
+        let n = self.refusals.entry(addr).or_insert(0);
+        *n = n.saturating_add(1);
+        let n = *n;
+        if let Some(state) = self.addrs.get_mut(&addr) {
+            if *state != AddrState::Banned {
+                *state = if n >= self.limits.max_refusals {
+                    AddrState::Banned
+                } else {
+                    let backoff = self
+                        .limits
+                        .refused_backoff
+                        .saturating_mul(1 << (n - 1).min(16));
+                    AddrState::Idle {
+                        retry_at: now + backoff,
+                    }
+                };
+            }
+        }
     }
 
     /// The sharer announced a piece.
@@ -476,14 +703,23 @@ impl Download {
 
     /// The sharer will not send a block.
     pub fn on_rejected(&mut self, peer: PeerId, block: BlockRef, now: Instant) {
-        self.picker.block_rejected(
-            peer,
-            Block {
-                piece: block.piece,
-                offset: block.offset,
-                len: block.len,
-            },
-        );
+        let b = Block {
+            piece: block.piece,
+            offset: block.offset,
+            len: block.len,
+        };
+        if self.limits.reject_rest.is_zero() {
+            self.picker.block_rejected(peer, b);
+        } else {
+            self.picker.block_deferred(peer, b);
+            if self.deferred.len() >= MAX_DEFERRED {
+                if let Some((_, p, piece)) = self.deferred.pop_front() {
+                    self.picker.undefer(p, piece);
+                }
+            }
+            self.deferred
+                .push_back((now + self.limits.reject_rest, peer, block.piece));
+        }
         self.check_stuck(now);
         self.fill_all(now);
     }
@@ -492,7 +728,7 @@ impl Download {
     pub fn on_link_lost(&mut self, peer: PeerId, reason: &str, now: Instant) {
         if self.links.contains_key(&peer) {
             log::info!("{}: peer link {} lost: {reason}", self.meta.name, peer.0);
-            self.forget(peer, AddrState::Idle);
+            self.forget(peer, AddrState::Idle { retry_at: now });
             self.check_stuck(now);
             self.fill_all(now);
         }
@@ -572,6 +808,27 @@ impl Download {
             self.drop_link(peer, reason, now);
         }
         self.check_stuck(now);
+        if self.finished {
+            return;
+        }
+        let mut undeferred = false;
+        while let Some(&(t, peer, piece)) = self.deferred.front() {
+            if t > now {
+                break;
+            }
+            self.deferred.pop_front();
+            self.picker.undefer(peer, piece);
+            undeferred = true;
+        }
+        if undeferred {
+            self.fill_all(now);
+        }
+        if self.discovery_due().is_some_and(|t| now >= t) {
+            self.last_discovery = Some(now);
+            self.query_outstanding = true;
+            self.actions.push_back(Action::QuerySharers);
+        }
+        self.rotate(now);
     }
 
     /// When [`on_tick`](Self::on_tick) next has work.
@@ -590,6 +847,20 @@ impl Download {
                     consider(last_data + self.limits.stall_timeout)
                 }
                 LinkState::Active { .. } => {}
+            }
+        }
+        if let Some(t) = self.discovery_due() {
+            consider(t);
+        }
+        if let Some(&(t, _, _)) = self.deferred.front() {
+            consider(t);
+        }
+        // A listed sharer waits for a link slot: the slowest link may be replaced. (Sharers
+        // resting after a refusal or a lost link have no timer: they are tried again at the
+        // first tracker answer after their rest.)
+        if self.links.len() >= self.limits.max_links && self.has_waiting_sharer() {
+            if let Some(t) = self.last_rotation {
+                consider(t + self.limits.rotate_interval);
             }
         }
         if let Some(since) = self.stuck_since {
@@ -623,7 +894,7 @@ impl Download {
     fn drop_link(&mut self, peer: PeerId, reason: &str, now: Instant) {
         if let Some(link) = self.links.get(&peer) {
             log::info!("{}: peer {}: {reason}", self.meta.name, link.addr);
-            self.forget(peer, AddrState::Idle);
+            self.forget(peer, AddrState::Idle { retry_at: now });
             self.actions.push_back(Action::Close { peer });
             self.check_stuck(now);
             self.fill_all(now);
@@ -725,6 +996,7 @@ impl Download {
         {
             self.n_queries += 1;
             self.last_query = Some(now);
+            self.last_discovery = Some(now);
             self.query_outstanding = true;
             self.actions.push_back(Action::QuerySharers);
         } else if self.n_queries >= self.limits.max_requeries

@@ -33,6 +33,7 @@ fn limits() -> Limits {
         requery_interval: secs(1),
         max_requeries: 3,
         stuck_grace: secs(2),
+        ..Limits::default().without_discovery()
     }
 }
 
@@ -1214,6 +1215,7 @@ impl Sim {
             requery_interval: secs(1),
             max_requeries: 5,
             stuck_grace: secs(2),
+            ..Limits::default().without_discovery()
         };
         let n_sharers = 2 + rng.below(4);
         let mut sharers: Vec<FakeSharer> = (0..n_sharers)
@@ -1700,4 +1702,158 @@ fn resumed_pieces_are_verified_not_fetched() {
     assert_eq!(fetched, [1, 2, 3].into_iter().collect(), "{seen:?}");
     assert!(seen.contains(&Action::Finished(Ok(()))), "{seen:?}");
     assert_eq!(d.progress().pieces_verified, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Swarms: live discovery, bounded links, refusals, deferred pieces
+// ---------------------------------------------------------------------------------------------
+
+fn swarm_limits() -> Limits {
+    Limits {
+        block_len: BLOCK,
+        depth: 3,
+        min_depth: 3,
+        max_depth: 3,
+        max_links: 2,
+        ..Limits::default()
+    }
+}
+
+fn swarm_download(limits: Limits, addrs: &[SocketAddr], now: Instant) -> (Download, Vec<Action>) {
+    let mut d = Download::new(group(), meta(24), limits);
+    d.start(addrs, now);
+    let actions = drain(&mut d);
+    (d, actions)
+}
+
+#[test]
+fn live_discovery_asks_again_and_backs_off_while_nobody_new_appears() {
+    let t0 = Instant::now();
+    let l = swarm_limits();
+    let (mut d, actions) = swarm_download(l.clone(), &[addr(1)], t0);
+    let a = connects(&actions)[0].0;
+    d.on_accept(a, &full(3), t0);
+    drain(&mut d);
+    let mut now = t0;
+    let mut gaps = Vec::new();
+    for _ in 0..5 {
+        let t = d.next_deadline().expect("a discovery timer");
+        gaps.push(t - now);
+        d.on_tick(t);
+        assert_eq!(n_queries(&drain(&mut d)), 1, "asked at {:?}", t - t0);
+        // Waiting for the answer: only the link's stall timer is left.
+        assert!(d.next_deadline().is_some_and(|n| n > t + l.discover_max));
+        d.on_sharers(&[addr(1)], t);
+        now = t;
+    }
+    assert_eq!(gaps, vec![ms(250), ms(500), secs(1), secs(1), secs(1)]);
+    // Someone new: linked at once, and the interval starts over.
+    d.on_sharers(&[addr(1), addr(2)], now);
+    assert_eq!(connects(&drain(&mut d)).len(), 1);
+    assert_eq!(d.next_deadline(), Some(now + l.discover_min));
+}
+
+#[test]
+fn links_are_bounded_and_the_slowest_is_replaced() {
+    let t0 = Instant::now();
+    let l = swarm_limits();
+    let (mut d, actions) = swarm_download(l.clone(), &[addr(1), addr(2), addr(3)], t0);
+    let linked = connects(&actions);
+    assert_eq!(linked.len(), 2, "max_links");
+    let (slow, fast) = (linked[0].0, linked[1].0);
+    let mut now = t0;
+    d.on_accept(slow, &full(3), now);
+    d.on_accept(fast, &full(3), now);
+    drain(&mut d);
+    // The fast link delivers ten times as much over a few rate windows.
+    for step in 1..=8u64 {
+        now = t0 + ms(300 * step);
+        for (peer, n) in [(fast, 10), (slow, 1)] {
+            d.on_block_header(peer, 0, 0, n * 1000, now);
+        }
+    }
+    let rotation = t0 + l.rotate_interval;
+    d.on_tick(rotation - ms(1));
+    d.on_sharers(&[addr(1), addr(2), addr(3)], rotation - ms(1));
+    assert!(
+        connects(&drain(&mut d)).is_empty(),
+        "no rotation before its time"
+    );
+    assert!(d.next_deadline().is_some_and(|t| t <= rotation));
+    d.on_tick(rotation);
+    let actions = drain(&mut d);
+    assert_eq!(closes(&actions), vec![slow]);
+    let new: Vec<SocketAddr> = connects(&actions).into_iter().map(|(_, a)| a).collect();
+    assert_eq!(new.len(), 1);
+    assert!(!linked.iter().any(|(_, a)| *a == new[0]), "a new sharer");
+}
+
+#[test]
+fn a_refusing_sharer_rests_longer_each_time_then_is_dropped() {
+    let t0 = Instant::now();
+    let l = swarm_limits();
+    let (mut d, actions) = swarm_download(l.clone(), &[addr(1), addr(2)], t0);
+    let linked = connects(&actions);
+    let mut peer = linked[0].0;
+    // The other sharer serves (so the download is never stuck), slowly.
+    d.on_accept(linked[1].0, &full(3), t0);
+    let mut now = t0;
+    let mut tried_at = vec![now];
+    loop {
+        d.on_refused(peer, "not shared", now);
+        drain(&mut d);
+        // The tracker keeps listing it; it is linked again only after its rest.
+        let mut relinked = None;
+        for _ in 0..400 {
+            now += ms(50);
+            d.on_sharers(&[addr(1), addr(2)], now);
+            if let Some((p, _)) = connects(&drain(&mut d)).first() {
+                relinked = Some(*p);
+                break;
+            }
+        }
+        match relinked {
+            Some(p) => {
+                peer = p;
+                tried_at.push(now);
+            }
+            None => break,
+        }
+    }
+    let rests: Vec<Duration> = tried_at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(rests.len() as u32, l.max_refusals - 1, "{rests:?}");
+    assert!(rests[0] >= l.refused_backoff && rests[0] < l.refused_backoff + ms(100));
+    assert!(rests[1] >= 2 * l.refused_backoff && rests[1] < 2 * l.refused_backoff + ms(100));
+}
+
+#[test]
+fn a_declined_piece_is_asked_of_that_sharer_again_after_a_rest() {
+    let t0 = Instant::now();
+    let l = swarm_limits();
+    let (mut d, actions) = swarm_download(l.clone(), &[addr(1)], t0);
+    let a = connects(&actions)[0].0;
+    d.on_accept(a, &full(3), t0);
+    let first = requests(&drain(&mut d), a);
+    assert_eq!(first[0], br(0, 0, 4));
+    // Piece 0 declined: other pieces are asked for meanwhile, and the download is not stuck.
+    d.on_rejected(a, first[0], t0);
+    let next = requests(&drain(&mut d), a);
+    assert!(next.iter().all(|b| b.piece != 0), "{next:?}");
+    assert!(d.next_deadline().is_some_and(|t| t <= t0 + l.reject_rest));
+    // Everything else arrives.
+    let mut now = t0 + ms(10);
+    for b in first.iter().skip(1).chain(next.iter()) {
+        deliver(&mut d, a, *b, now);
+    }
+    for a in drain(&mut d) {
+        if let Action::Verify { piece } = a {
+            d.on_piece_checked(piece, true, now);
+        }
+    }
+    drain(&mut d);
+    now = t0 + l.reject_rest;
+    d.on_tick(now);
+    let again = requests(&drain(&mut d), a);
+    assert!(again.contains(&br(0, 0, 4)), "{again:?}");
+    assert!(!d.is_finished());
 }

@@ -12,3 +12,7 @@
 
 pub mod engine;
 pub mod picker;
+
+#[cfg(test)]
+#[path = "swarm_tests.rs"]
+mod swarm_tests;

@@ -20,7 +20,8 @@
 //! 2. open blocks of orphaned partial pieces (their owner left) that the peer holds; it adopts
 //!    them, so that partial pieces are finished before new ones are started;
 //! 3. new pieces the peer holds, rarest first (availability = the number of connected,
-//!    non-banned peers holding the piece), ties broken by the lowest index; the peer owns them;
+//!    non-banned peers holding the piece), ties broken by the lowest index, or by an order
+//!    whose first pieces are drawn from a seed ([`Picker::shuffle_ties`]); the peer owns them;
 //! 4. open blocks of pieces owned by other peers (only when the peer has nothing of its own to
 //!    do, so that a piece normally comes from a single peer);
 //! 5. end-game: once no piece is missing and every block of every unfinished piece has been
@@ -56,6 +57,9 @@
 //! downloading. Adding or removing a peer costs O(n_pieces log n_pieces).
 
 use std::collections::{BTreeMap, BTreeSet};
+
+/// How many pieces [`Picker::shuffle_ties`] draws at random before the rest go by index.
+pub const SHUFFLE_HEAD: u32 = 16;
 
 /// An opaque name for a peer connection, chosen by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -223,6 +227,8 @@ struct Peer {
     outstanding: BTreeSet<Block>,
     /// Downloading pieces whose owner this peer is.
     owned: BTreeSet<u32>,
+    /// Pieces it holds but declined to send for now ([`Picker::block_deferred`]).
+    not_now: BTreeSet<u32>,
 }
 
 /// Piece picking and block bookkeeping for one download (see the module documentation).
@@ -235,8 +241,12 @@ pub struct Picker {
     slots: Vec<Slot>,
     /// Per piece: the number of connected, non-banned peers holding it.
     avail: Vec<u32>,
-    /// The Missing pieces as (availability, index): rarest first, then lowest index.
+    /// The Missing pieces as (availability, rank): rarest first, then lowest rank.
     missing: BTreeSet<(u32, u32)>,
+    /// Per piece, its rank among pieces of equal availability (its index unless
+    /// [`Picker::shuffle_ties`] was called), and the piece of each rank.
+    rank: Vec<u32>,
+    by_rank: Vec<u32>,
     /// The Downloading pieces.
     downloading: BTreeSet<u32>,
     /// Pieces that must come from a single peer (they once failed with mixed suppliers).
@@ -268,6 +278,8 @@ impl Picker {
             slots: vec![Slot::Missing; n_pieces as usize],
             avail: vec![0; n_pieces as usize],
             missing: (0..n_pieces).map(|piece| (0, piece)).collect(),
+            rank: (0..n_pieces).collect(),
+            by_rank: (0..n_pieces).collect(),
             downloading: BTreeSet::new(),
             solo: BTreeSet::new(),
             n_have: 0,
@@ -275,6 +287,43 @@ impl Picker {
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
         }
+    }
+
+    /// Breaks ties between pieces of equal availability in an order drawn from `seed` instead
+    /// of by index: [`SHUFFLE_HEAD`] pieces drawn at random first, then the others by index.
+    /// Downloaders that start together from one seed then ask it for different pieces, which
+    /// they can pass on to each other, instead of all asking for piece 0 first. Seed 0 keeps
+    /// the order by index.
+    pub fn shuffle_ties(&mut self, seed: u64) {
+        if seed == 0 {
+            return;
+        }
+        // Only the head is drawn: downloaders starting together then ask the seed for
+        // different first pieces (and after that rarity, what they pass each other and the
+        // seed's declines keep them apart), while the rest come in index order, which keeps
+        // the whole-file digest fed in order (a fully random order cost 20-30% of the
+        // loopback rate: `cargo bench --bench transfer`, 512 MiB).
+        let mut order: Vec<u32> = (0..self.n_pieces).collect();
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let head = (SHUFFLE_HEAD as usize).min(order.len());
+        for i in 0..head {
+            let j = i + rng.below(order.len() - i);
+            order.swap(i, j);
+        }
+        order[head..].sort_unstable();
+        let missing: Vec<u32> = self
+            .missing
+            .iter()
+            .map(|&(_, rank)| self.by_rank[rank as usize])
+            .collect();
+        for (rank, &piece) in (0u32..).zip(order.iter()) {
+            self.rank[piece as usize] = rank;
+        }
+        self.by_rank = order;
+        self.missing = missing
+            .into_iter()
+            .map(|piece| (self.avail[piece as usize], self.rank[piece as usize]))
+            .collect();
     }
 
     // -----------------------------------------------------------------------------------------
@@ -365,6 +414,19 @@ impl Picker {
         self.n_unavailable > 0
     }
 
+    /// Whether `peer` is the only trusted holder of a piece not verified yet (dropping it
+    /// would leave the download stuck). O(n_pieces).
+    pub fn is_sole_holder(&self, peer: PeerId) -> bool {
+        if self.banned.contains(&peer) {
+            return false;
+        }
+        self.peers.get(&peer).is_some_and(|p| {
+            p.has.ones().any(|piece| {
+                !self.have(piece) && self.avail.get(piece as usize).copied() == Some(1)
+            })
+        })
+    }
+
     // -----------------------------------------------------------------------------------------
     // Peers
     // -----------------------------------------------------------------------------------------
@@ -378,6 +440,7 @@ impl Picker {
             has: PieceSet::new(n_pieces),
             outstanding: BTreeSet::new(),
             owned: BTreeSet::new(),
+            not_now: BTreeSet::new(),
         });
         let mut added = Vec::new();
         for (piece, &held) in (0..n_pieces).zip(pieces) {
@@ -532,7 +595,9 @@ impl Picker {
 
     /// Whether `peer` is connected and holds `piece`.
     fn holds(&self, peer: PeerId, piece: u32) -> bool {
-        self.peers.get(&peer).is_some_and(|p| p.has.get(piece))
+        self.peers
+            .get(&peer)
+            .is_some_and(|p| p.has.get(piece) && !p.not_now.contains(&piece))
     }
 
     /// Up to enough Missing pieces that `peer` holds to give it `need` blocks, rarest first.
@@ -543,11 +608,12 @@ impl Picker {
         let mut picked = Vec::new();
         let mut blocks = 0usize;
         // A trusted peer's pieces have availability >= 1, so pieces nobody holds are skipped.
-        for &(_, piece) in self.missing.range((1, 0)..) {
+        for &(_, rank) in self.missing.range((1, 0)..) {
+            let piece = self.by_rank.get(rank as usize).copied().unwrap_or(rank);
             if blocks >= need {
                 break;
             }
-            if p.has.get(piece) {
+            if p.has.get(piece) && !p.not_now.contains(&piece) {
                 picked.push(piece);
                 blocks = blocks.saturating_add(self.n_blocks(piece) as usize);
             }
@@ -730,6 +796,42 @@ impl Picker {
         self.maybe_revert(piece);
     }
 
+    /// The peer declined a block of a piece it holds, for now (a seed sending each piece once
+    /// while some piece has not left it yet): like [`block_rejected`](Self::block_rejected)
+    /// the request is dropped and the piece disowned, but the peer still counts as holding it
+    /// (so the download is not stuck for it) and is asked for it again only after
+    /// [`undefer`](Self::undefer).
+    pub fn block_deferred(&mut self, peer: PeerId, block: Block) {
+        let Some(idx) = self.block_index(&block) else {
+            return;
+        };
+        let piece = block.piece;
+        let requested = self.partial(piece).is_some_and(|pt| {
+            matches!(pt.blocks.get(idx), Some(BlockState::Requested { by, .. }) if by.contains(peer))
+        });
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if !requested {
+            return;
+        }
+        p.outstanding.remove(&block);
+        let owned = p.owned.remove(&piece);
+        p.not_now.insert(piece);
+        self.drop_request(peer, block);
+        if owned {
+            self.disown(piece, peer);
+        }
+        self.maybe_revert(piece);
+    }
+
+    /// `peer` may be asked for `piece` again.
+    pub fn undefer(&mut self, peer: PeerId, piece: u32) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.not_now.remove(&piece);
+        }
+    }
+
     // -----------------------------------------------------------------------------------------
     // Verification
     // -----------------------------------------------------------------------------------------
@@ -752,7 +854,7 @@ impl Picker {
             return Vec::new();
         }
 
-        self.missing.insert((self.avail[i], piece));
+        self.missing.insert((self.avail[i], self.rank[i]));
         self.enter_needed(piece);
         let suppliers: BTreeSet<PeerId> = pt
             .blocks
@@ -843,7 +945,8 @@ impl Picker {
         };
         if matches!(slot, Slot::Missing) {
             *slot = Slot::Downloading(Box::new(Partial::new(n_blocks)));
-            self.missing.remove(&(self.avail[piece as usize], piece));
+            self.missing
+                .remove(&(self.avail[piece as usize], self.rank[piece as usize]));
             self.downloading.insert(piece);
         }
     }
@@ -938,7 +1041,7 @@ impl Picker {
             }
         }
         self.downloading.remove(&piece);
-        self.missing.insert((self.avail[i], piece));
+        self.missing.insert((self.avail[i], self.rank[i]));
     }
 
     /// An orphan with nothing requested or received goes back to Missing, where it competes
@@ -969,8 +1072,8 @@ impl Picker {
         self.avail[i] = new;
         let needed = match self.slots[i] {
             Slot::Missing => {
-                self.missing.remove(&(old, piece));
-                self.missing.insert((new, piece));
+                self.missing.remove(&(old, self.rank[i]));
+                self.missing.insert((new, self.rank[i]));
                 true
             }
             Slot::Downloading(_) => true,

@@ -154,7 +154,7 @@ fn check(pk: &Picker) {
         assert_eq!(pk.avail[i], avail, "availability of piece {piece}");
         match &pk.slots[i] {
             Slot::Missing => {
-                missing.insert((avail, piece));
+                missing.insert((avail, pk.rank[piece as usize]));
                 n_unavailable += u32::from(avail == 0);
             }
             Slot::Downloading(pt) => {
@@ -2092,4 +2092,34 @@ fn simulated_downloads_complete_and_never_ban_honest_peers() {
         assert!(t.rejections > 30, "{t:?}");
         assert!(t.disconnects > 500, "{t:?}");
     }
+}
+
+#[test]
+fn shuffled_ties_draw_the_first_pieces_then_go_by_index() {
+    let n = 64u32;
+    let mut orders = Vec::new();
+    for seed in [1u64, 2] {
+        let mut pk = Picker::new(u64::from(n) * 8, 8, 4);
+        pk.add_peer(PeerId(1), &[true; 64]);
+        pk.shuffle_ties(seed);
+        check(&pk);
+        for piece in 0..n {
+            assert_eq!(pk.by_rank[pk.rank[piece as usize] as usize], piece);
+        }
+        let order: Vec<u32> = pk.by_rank.clone();
+        let head = SHUFFLE_HEAD as usize;
+        assert!(
+            order[head..].windows(2).all(|w| w[0] < w[1]),
+            "the rest by index"
+        );
+        assert_ne!(order[..head], (0..SHUFFLE_HEAD).collect::<Vec<_>>()[..]);
+        // The picker asks for the head first.
+        let first = pk.next_requests(PeerId(1), 2);
+        assert_eq!(first[0].piece, order[0]);
+        orders.push(order);
+    }
+    assert_ne!(orders[0], orders[1], "each seed its own order");
+    let mut pk = Picker::new(80, 8, 4);
+    pk.shuffle_ties(0);
+    assert_eq!(pk.by_rank, (0..10).collect::<Vec<_>>(), "seed 0: by index");
 }

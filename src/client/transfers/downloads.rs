@@ -134,7 +134,11 @@ impl Transfers {
                 verified.len()
             ),
         };
-        let mut engine = Download::new(group, meta, self.limits.clone());
+        // Each download draws its own order of equally rare pieces and of sharers to link,
+        // so that a crowd starting together asks the seed for different pieces.
+        let mut limits = self.limits.clone();
+        limits.piece_order_seed = getrandom::u64().unwrap_or(id.job().0) | 1;
+        let mut engine = Download::new(group, meta, limits);
         if let Some(verified) = &resumed {
             info!(
                 "{}: resuming {}, {} pieces to verify again",

@@ -15,6 +15,7 @@ use mio::Registry;
 
 use super::super::download::engine::bitfield_of;
 use super::super::session::{ClientCore, DownloadId};
+use super::super::slots::Grant;
 use super::super::uploader::{self, Offer, Refusal, RefuseCode, ServeError, Uploader};
 use super::downloads::Active;
 use super::{PeerConn, Transfers, FRAME_BUDGET};
@@ -23,7 +24,7 @@ use crate::keys::{self, PublicKey};
 use crate::net::conn::MappedSlice;
 use crate::net::{ConnId, ReadEnd};
 use crate::storage::{PartReader, SourceMap};
-use crate::wire::peer_link::{emit_block_header, DownloaderMsg, SharerMsg};
+use crate::wire::peer_link::{emit_block_header, BlockRef, DownloaderMsg, SharerMsg};
 use crate::wire::ticket::Ticket;
 use crate::wire::{DecodeError, FileName, GroupId, Sha1Digest};
 
@@ -67,10 +68,9 @@ impl MappedSlice for MappedBlock {
     }
 }
 
-/// What a serve link sends back.
+/// What a serve link sends back at once (blocks go through the upload slots).
 pub(super) enum Answer {
     Msg(SharerMsg),
-    Block(MappedBlock),
 }
 
 /// What an accepted serve link serves.
@@ -160,8 +160,69 @@ impl Transfers {
             .map(|c| c.id)
             .collect();
         for id in ids {
-            self.conns.remove(registry, id);
+            self.remove_conn(registry, id);
         }
+    }
+
+    /// Performs the upload slots' grants: blocks queued on their links straight from the
+    /// map, or `Rejected`. A flush that drains a link may grant more; those are taken in the
+    /// same loop.
+    pub(super) fn run_grants(&mut self, registry: &Registry) {
+        if self.granting {
+            return;
+        }
+        self.granting = true;
+        let mut dirty: Vec<ConnId> = Vec::new();
+        loop {
+            let Some(grant) = self.slots.poll_grant() else {
+                // Each link written once for all its grants; a link that drains may be
+                // granted more, taken in the next round.
+                if dirty.is_empty() {
+                    break;
+                }
+                dirty.sort_unstable();
+                dirty.dedup();
+                for id in std::mem::take(&mut dirty) {
+                    self.flush_conn(registry, id);
+                }
+                continue;
+            };
+            let (id, block, start) = match grant {
+                Grant::Send { link, block, start } => (link, block, Some(start)),
+                Grant::Reject { link, block } => (link, block, None),
+            };
+            let Some(conn) = self.conns.get_mut(id) else {
+                continue;
+            };
+            let PeerConn::Serve(ServeLink {
+                serving: Some(serving),
+                block_bytes,
+                ..
+            }) = &mut conn.data
+            else {
+                continue;
+            };
+            match start.map(usize::try_from) {
+                Some(Ok(start)) => {
+                    *block_bytes += u64::from(block.len);
+                    let mapped = MappedBlock {
+                        source: serving.source.clone(),
+                        piece: block.piece,
+                        offset: block.offset,
+                        start,
+                        len: block.len,
+                    };
+                    emit_block_header(conn.out(), block.piece, block.offset, block.len as usize);
+                    conn.queue_mapped(Box::new(mapped));
+                }
+                _ => SharerMsg::Rejected(block).emit(conn.out()),
+            }
+            if conn.read_paused {
+                self.ready.push_back(id);
+            }
+            dirty.push(id);
+        }
+        self.granting = false;
     }
 
     /// Reads a downloader's handshake and requests and answers them.
@@ -169,13 +230,14 @@ impl Transfers {
         let now = Instant::now();
         let unix = self.unix_at(now);
         let service_key = self.service_key;
+        let held_room = self.slots.may_read(id);
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
         let PeerConn::Serve(link) = &conn.data else {
             return;
         };
-        if !link.core.may_read(conn.pending_write()) {
+        if !link.core.may_read(conn.pending_write()) || !held_room {
             conn.read_paused = !link.core.is_refused();
             return;
         }
@@ -195,6 +257,9 @@ impl Transfers {
         }
         let mut close = None;
         let mut answers: Vec<Answer> = Vec::new();
+        let mut asked: Vec<(BlockRef, u64)> = Vec::new();
+        let mut cancels: Vec<BlockRef> = Vec::new();
+        let mut accepted: Option<(Sha1Digest, u32, bool)> = None;
         for msg in msgs {
             if link.core.is_refused() {
                 break;
@@ -217,6 +282,9 @@ impl Transfers {
                 }
                 continue;
             }
+            if let Ok(DownloaderMsg::Cancel(block)) = &msg {
+                cancels.push(*block);
+            }
             let serving = &link.serving;
             let step = msg.map_err(ServeError::from).and_then(|msg| {
                 link.core.handle_msg(msg, |piece| {
@@ -237,18 +305,8 @@ impl Transfers {
                     }
                     answers.push(Answer::Msg(msg));
                 }
-                Ok(uploader::Step::Block { block, start }) => {
-                    match (&link.serving, usize::try_from(start)) {
-                        (Some(s), Ok(start)) => answers.push(Answer::Block(MappedBlock {
-                            source: s.source.clone(),
-                            piece: block.piece,
-                            offset: block.offset,
-                            start,
-                            len: block.len,
-                        })),
-                        _ => answers.push(Answer::Msg(SharerMsg::Rejected(block))),
-                    }
-                }
+                // The upload slots decide when (and whether) the block goes.
+                Ok(uploader::Step::Block { block, start }) => asked.push((block, start)),
                 Ok(uploader::Step::LookUp {
                     group,
                     name,
@@ -285,8 +343,11 @@ impl Transfers {
                     };
                     let answer = link.core.handle_offer(offer);
                     match (&answer, serving) {
-                        (SharerMsg::Accept { .. }, Some((source, download))) => {
+                        (SharerMsg::Accept { bitfield, .. }, Some((source, download))) => {
                             debug!("serving {name} of group {group} to {}", link.addr);
+                            let n_pieces = u32::try_from(bitfield.len()).unwrap_or(u32::MAX);
+                            let seed = matches!(source, Source::File(_));
+                            accepted = Some((file_sha1, n_pieces, seed));
                             link.serving = Some(Serving {
                                 group,
                                 name,
@@ -307,40 +368,48 @@ impl Transfers {
                 }
             }
         }
-        link.block_bytes += answers
-            .iter()
-            .map(|a| match a {
-                Answer::Block(b) => u64::from(b.len),
-                Answer::Msg(_) => 0,
-            })
-            .sum::<u64>();
         for answer in answers {
-            match answer {
-                Answer::Msg(msg) => msg.emit(conn.out()),
-                Answer::Block(block) => {
-                    emit_block_header(conn.out(), block.piece, block.offset, block.len as usize);
-                    conn.queue_mapped(Box::new(block));
-                }
+            let Answer::Msg(msg) = answer;
+            msg.emit(conn.out());
+        }
+        if let Some((file, n_pieces, seed)) = accepted {
+            self.slots.add_link(id, file, n_pieces, seed);
+        }
+        for block in cancels {
+            self.slots.cancel(id, block);
+        }
+        let mut over: Vec<BlockRef> = Vec::new();
+        for (block, start) in asked {
+            if !self.slots.request(id, block, start) {
+                over.push(block);
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(id) {
+            // Past the held-request bound (the reading stops there, so only a few).
+            for block in over {
+                SharerMsg::Rejected(block).emit(conn.out());
             }
         }
         if let Some(reason) = close {
             debug!("peer link {id}: {reason}");
-            self.conns.remove(registry, id);
+            self.remove_conn(registry, id);
             return;
         }
         match result {
             Ok(ReadEnd::Budget) => self.ready.push_back(id),
             Ok(ReadEnd::Eof) => {
-                self.conns.remove(registry, id);
+                self.remove_conn(registry, id);
                 return;
             }
             Err(e) => {
                 debug!("peer link {id}: {e}");
-                self.conns.remove(registry, id);
+                self.remove_conn(registry, id);
                 return;
             }
             Ok(_) => {}
         }
+        // The grants queue their blocks and write their links (this one included) once.
+        self.run_grants(registry);
         self.flush_conn(registry, id);
     }
 
@@ -367,7 +436,7 @@ impl Transfers {
             .collect();
         for id in stale {
             debug!("peer link {id}: the file is no longer shared; closed");
-            self.conns.remove(registry, id);
+            self.remove_conn(registry, id);
         }
     }
 }
