@@ -297,22 +297,11 @@ fn a_changed_file_is_not_served_as_it_was() {
 fn a_download_killed_half_way_resumes_by_itself_and_fetches_only_the_rest() {
     let net = Net::new();
     let src = net.dir("alice").join("f.bin");
-    let n = 24u64;
+    let n = 64u64;
     let size = n * PIECE - 1000;
     write_file(&src, size, 5);
-    let original = fs::read(&src).unwrap();
     let mut alice = net.login("alice");
     upload(&mut alice, &src);
-    // The second half goes bad at the sharer, so the first download cannot get past half-way:
-    // its first bad piece bans the only sharer.
-    let half = n / 2;
-    {
-        let f = OpenOptions::new().write(true).open(&src).unwrap();
-        for piece in half..n {
-            f.write_all_at(b"\xff\x00garbage", piece * PIECE + 11)
-                .unwrap();
-        }
-    }
 
     let mut bob = net.login("bob");
     let bob_addr = bob.addr;
@@ -328,6 +317,10 @@ fn a_download_killed_half_way_resumes_by_itself_and_fetches_only_the_rest() {
             .and_then(|b| PartRecord::decode(&b).ok())
             .map_or(0, |r| r.verified.count_ones() as u64);
         if count >= n / 4 {
+            // The sharer stops at once, so the download stops well short of the end (its
+            // first pieces come in a random order, so no piece of the file can be made the
+            // one it never gets).
+            freeze(alice.pid());
             break;
         }
         assert!(
@@ -338,22 +331,18 @@ fn a_download_killed_half_way_resumes_by_itself_and_fetches_only_the_rest() {
         thread::sleep(Duration::from_millis(5));
     }
     kill_now(&mut bob);
+    send_signal(alice.pid(), "CONT");
     let record = PartRecord::decode(&fs::read(&record_file).unwrap()).unwrap();
     let kept: Vec<u64> = record.verified.iter_ones().map(|i| i as u64).collect();
-    assert!(kept.len() as u64 >= n / 4, "{kept:?}");
     assert!(
-        kept.iter().all(|&p| p < half),
-        "a bad piece recorded: {kept:?}"
+        kept.len() as u64 >= n / 4 && (kept.len() as u64) < n,
+        "{kept:?}"
     );
     let missing_bytes: u64 = (0..n)
         .filter(|p| !kept.contains(p))
         .map(|p| (size - p * PIECE).min(PIECE))
         .sum();
-    // The sharer's file is whole again; its first link (to the killed client) has closed.
-    {
-        let f = OpenOptions::new().write(true).open(&src).unwrap();
-        f.write_all_at(&original, 0).unwrap();
-    }
+    // The sharer's first link (to the killed client) has closed.
     alice.wait_log("closed:", STEP);
 
     // Started again; the sharer is frozen for a moment so that the download is seen running.
