@@ -729,7 +729,7 @@ impl TrackerCore {
 
     /// Answers the change `origin` of `conn`, then the requests queued behind it.
     fn deliver(&mut self, conn: ConnId, origin: Origin, answer: Answer) {
-        let Some(link) = self.links.get_mut(&conn) else {
+        let Some(link) = self.links.get(&conn) else {
             return;
         };
         let effect = match &link.waiting {
@@ -738,6 +738,25 @@ impl TrackerCore {
             }) if *o == origin => effect.clone(),
             _ => return,
         };
+        // A login or resume answered late on an older link of the same client (one it lost,
+        // whose close this tracker has not seen yet) must not take the session from the newer
+        // link the client uses now.
+        let (my_client, my_opened) = (link.client(), link.opened);
+        let newer_holds = match (&effect, &answer) {
+            (SessionEffect::Open(_), Ok(Outcome::SessionOpened(id))) => {
+                my_client.is_some()
+                    && self.links.iter().any(|(c, l)| {
+                        *c != conn
+                            && l.session == Some(*id)
+                            && l.client() == my_client
+                            && l.opened > my_opened
+                    })
+            }
+            _ => false,
+        };
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
         link.waiting = None;
         let mut detach = None;
         let body = match (effect, answer) {
@@ -745,9 +764,13 @@ impl TrackerCore {
                 match self.replica.state().session(id) {
                     Some(s) if proves(&proof, s) => {
                         let token = s.token;
-                        info!("user {} has a session through conn {conn}", s.user);
-                        link.session = Some(id);
-                        detach = Some(id);
+                        if newer_holds {
+                            info!("conn {conn}: an older link of the session's client; the newer keeps it");
+                        } else {
+                            info!("user {} has a session through conn {conn}", s.user);
+                            link.session = Some(id);
+                            detach = Some(id);
+                        }
                         Ok(ReplyBody::LoggedIn { token })
                     }
                     Some(_) => {

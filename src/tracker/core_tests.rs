@@ -1616,6 +1616,33 @@ fn resume_moves_the_session_and_detaches_the_old_link() {
     assert!(h.has_session("alice"));
 }
 
+/// A client whose link broke twice in a row: the resume it sent on the link it lost second is
+/// handled after the one on its newest link. The older link answers, but the session stays
+/// with the newest.
+#[test]
+fn a_late_resume_on_an_older_link_of_the_client_does_not_take_the_session_back() {
+    let mut h = Harness::new();
+    let client = 0xC11E;
+    let first = conn(1);
+    connect_as(&mut h, first, client);
+    assert_eq!(h.create_user(first, "alice", "right"), ReplyBody::Done);
+    let outs = h.send(first, &login_req(5, "alice", "right"));
+    let token = assert_logged_in(&only_reply(&outs, first));
+    let (older, newer) = (conn(2), conn(3));
+    connect_as(&mut h, older, client);
+    connect_as(&mut h, newer, client);
+    let outs = h.send(newer, &request(7, RequestBody::Resume { token }));
+    assert_logged_in(&only_reply(&outs, newer));
+    let outs = h.send(older, &request(6, RequestBody::Resume { token }));
+    assert_logged_in(&only_reply(&outs, older));
+    assert_eq!(
+        h.ask(newer, RequestBody::ListGroups),
+        ReplyBody::Groups(vec![]),
+        "the newest link keeps the session"
+    );
+    assert!(h.has_session("alice"));
+}
+
 #[test]
 fn resume_with_a_wrong_token_costs_no_change_and_no_memory() {
     let mut h = Harness::new();
