@@ -207,6 +207,8 @@ fn main() -> ExitCode {
     };
     // Locked, damaged or unwritable: the tracker must not run on it (nor start empty beside
     // it), so this is a start-up error like a bad argument.
+    // (A data directory created by this start holds nothing: see `found_service`.)
+    let existed = data_path.exists();
     let (data_dir, recovered) = match DataDir::open(&data_path) {
         Ok(opened) => opened,
         Err(e) => {
@@ -233,7 +235,7 @@ fn main() -> ExitCode {
     drop(recovered);
     let mut restored = restored;
     let marker = key_path.with_extension("founder");
-    restored.founder = match disk::found_service(&marker, data_dir.path()) {
+    restored.founder = match disk::found_service(&marker, data_dir.path(), existed) {
         Ok(founder) => founder,
         Err(e) => {
             error!("tracker {tracker_no}: {e}");

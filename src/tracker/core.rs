@@ -1292,10 +1292,16 @@ impl TrackerCore {
                         ));
                     }
                 }
-                if !is_retry && state.session_of_client(client).is_some() {
+                let other_users = state
+                    .session_of_client(client)
+                    .and_then(|id| state.session(id))
+                    .is_some_and(|s| s.user != user);
+                if !is_retry && other_users {
                     // A client process holds one session, and resumes it rather than logging
-                    // in again: this is a copy of another's client id, which must not end
-                    // that session.
+                    // in again as someone else: this is a copy of another's client id, which
+                    // must not end that session. (The same user logging in again, once the
+                    // password is checked, replaces it: a client whose session moved away
+                    // under a late retry of its login, and was told it is not logged in.)
                     return Err(Reject::new(
                         RejectCode::SessionAlreadyOpen,
                         "a session is already open for this client id",

@@ -1686,10 +1686,15 @@ impl Replica {
                 return self.close(link, now);
             }
         };
-        self.install(state, seq, bytes);
+        // The metadata naming the primary is written before the state: a restart that finds
+        // the new state on disk must also find whom to wait for (the primary, which may go on
+        // acknowledging changes). The state's view is written after the state, so a restart
+        // that finds only the metadata does not take its old state for the new one.
         self.claim = (view, from);
-        self.accepted_view = view;
         self.role = Role::Backup;
+        self.sync_meta();
+        self.install(state, seq, bytes);
+        self.accepted_view = view;
         self.must_hear.clear();
         info!("caught up from tracker {from} at entry {seq} ({len} bytes); serving in view {view}");
         self.out.push_back(ReplicaOut::Serving(true));
@@ -2011,7 +2016,7 @@ impl Replica {
             self.join(from);
             return;
         }
-        let skip = (self.applied + 1 - batch.first_seq) as usize;
+        let skip = ((self.applied + 1 - batch.first_seq) as usize).min(batch.entries.len());
         for e in batch.entries.iter().skip(skip) {
             self.apply(e);
         }

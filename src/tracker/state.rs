@@ -207,7 +207,17 @@ impl TrackerState {
                 client,
                 token,
             } => {
-                self.check_can_log_in(user)?;
+                // The same client process logging the same user in again replaces its own
+                // session (closed just below): it was told it is not logged in (its session
+                // had moved under a late retry of its login).
+                let own = self
+                    .session_of_user
+                    .get(user)
+                    .and_then(|id| self.sessions.get(id))
+                    .is_some_and(|s| s.client == *client);
+                if !own {
+                    self.check_can_log_in(user)?;
+                }
                 self.next_session = self.next_session.saturating_add(1);
                 let id = SessionId(self.next_session);
                 self.close_client_session(*client);

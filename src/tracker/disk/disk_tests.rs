@@ -853,15 +853,24 @@ fn an_install_voids_the_records_past_it_and_the_log_goes_on_after_it() {
 }
 
 #[test]
-fn the_first_tracker_to_start_with_a_key_founds_the_service_and_stays_its_founder() {
+fn the_first_tracker_with_a_key_founds_the_service_and_not_after_its_directory_is_removed() {
     let tmp = tempfile::tempdir().unwrap();
     let marker = tmp.path().join("service-x.founder");
     let (a, b) = (tmp.path().join("tracker-a"), tmp.path().join("tracker-b"));
-    assert!(found_service(&marker, &a).unwrap());
-    assert!(!found_service(&marker, &b).unwrap());
-    // Started again (it may have died before writing anything): still the founder.
-    assert!(found_service(&marker, &a).unwrap());
-    assert!(!found_service(&marker, &b).unwrap());
+    assert!(found_service(&marker, &a, false).unwrap());
+    assert!(!found_service(&marker, &b, false).unwrap());
+    // Started again on its directory (it may have died before anything was durable): still
+    // the founder.
+    assert!(found_service(&marker, &a, true).unwrap());
+    assert!(!found_service(&marker, &b, true).unwrap());
+    // Its directory removed meanwhile: a member that waits to join, never a second founder
+    // of an empty service.
+    assert!(!found_service(&marker, &a, false).unwrap());
+    assert!(fs::read_dir(tmp.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".tmp")));
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         fs::metadata(&marker).unwrap().permissions().mode() & 0o777,

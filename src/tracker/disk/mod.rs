@@ -311,34 +311,43 @@ impl DataDir {
     }
 }
 
-/// Whether the tracker of data directory `data_dir` founds the service: the first tracker
-/// to start with this service key does, and writes its data directory into `marker` (a file
-/// beside the key file, created exclusively and fsync'd); a later start of the same tracker
-/// still founds it (it may have died before writing anything). Only a founder may start the
-/// service with no state; any other tracker without state waits to join it (see
-/// `Replica`). (A tracker that has state needs no marker, but writes one if there is none,
-/// so that an empty tracker started later does not found a second service.)
-pub fn found_service(marker: &Path, data_dir: &Path) -> Result<bool, DiskError> {
+/// Whether the tracker of data directory `data_dir` founds the service: the tracker that
+/// creates `marker` (a file beside the service key file, created exclusively, naming its data
+/// directory, fsync'd), that is the first tracker ever started with this key; and that same
+/// tracker started again on the data directory it had (`existed`: the directory was there
+/// before this start), which may be empty if it died before anything was durable. Only a
+/// founder may start the service with no state; any other tracker without state (a new
+/// member, or one whose data directory was removed, the founder's included) waits to join a
+/// serving tracker (see `Replica`).
+pub fn found_service(marker: &Path, data_dir: &Path, existed: bool) -> Result<bool, DiskError> {
     let me = data_dir.to_string_lossy().into_owned();
-    match fs::read_to_string(marker) {
-        Ok(named) => return Ok(named.trim_end() == me),
+    match fs::read(marker) {
+        Ok(named) => return Ok(existed && named.strip_suffix(b"\n") == Some(me.as_bytes())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(marker, "read the service's founder marker")(e)),
     }
-    let created = File::options()
+    // Written whole under a temporary name, then linked into place: a marker is never seen
+    // half written, and only one tracker's link succeeds.
+    let tmp = marker.with_extension(format!("founder.{}.tmp", std::process::id()));
+    let mut file = File::options()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
-        .open(marker);
-    let mut file = match created {
-        Ok(f) => f,
+        .open(&tmp)
+        .map_err(io_err(&tmp, "create the service's founder marker"))?;
+    writeln!(file, "{me}")
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(&tmp, "write the service's founder marker"))?;
+    drop(file);
+    let linked = fs::hard_link(&tmp, marker);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
         // Another tracker got there first.
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(io_err(marker, "create the service's founder marker")(e)),
-    };
-    writeln!(file, "{me}")
-        .and_then(|()| file.sync_all())
-        .map_err(io_err(marker, "write the service's founder marker"))?;
+    }
     if let Some(dir) = marker.parent() {
         sync_dir(dir)?;
     }
