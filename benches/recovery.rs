@@ -94,7 +94,7 @@ fn change(i: u64) -> Entry {
             client: u + 1,
             req_id: 3 + round,
         }),
-        op: if round % 2 == 0 {
+        op: if round.is_multiple_of(2) {
             Op::CreateGroup { session, group }
         } else {
             Op::LeaveGroup { session, group }
