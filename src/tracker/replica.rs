@@ -1428,6 +1428,19 @@ impl Replica {
                 }
             }
         }
+        if let ReplStatus::Serving { view, primary } = status {
+            if primary == from && beats((view, primary), self.claim) {
+                // A primary whose takeover did not include this tracker: its state may be
+                // ahead of ours, so take its state.
+                info!("tracker {from} is primary of view {view}; taking its state");
+                if self.is_serving() {
+                    self.stop_serving();
+                }
+                self.claim = (view, primary);
+                self.join(primary);
+                return;
+            }
+        }
         match self.role {
             Role::Starting => self.decide(now),
             Role::Backup if !self.primary_linked() => self.elect(now),
