@@ -131,6 +131,29 @@ impl Drop for StopOnDrop {
 }
 
 /// A canonical temp dir (clients print absolute targets).
+/// Asks tracker `no` alone (as a new user `check<no>`) for its groups: every one of `groups`
+/// must be listed.
+#[track_caller]
+fn assert_lists_groups(cluster: &Cluster, no: usize, groups: &[String]) {
+    let out = Client::new(&cluster.info_for(&[no])).run(&[
+        &format!("create_user check{no} pw"),
+        &format!("login check{no} pw"),
+        "list_groups",
+    ]);
+    let listed: std::collections::HashSet<&str> = out
+        .stdout
+        .iter()
+        .filter_map(|l| l.split('\t').next())
+        .collect();
+    for g in groups {
+        assert!(
+            listed.contains(g.as_str()),
+            "tracker {no} does not list acknowledged group {g}: {out:#?}\n{}",
+            cluster.logs()
+        );
+    }
+}
+
 fn tempdir() -> (TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().canonicalize().expect("canonicalize");
@@ -639,23 +662,7 @@ fn a_frozen_primary_rejoins_and_every_tracker_lists_every_acknowledged_change() 
     for no in 1..=3 {
         // Asked alone, each tracker answers once it serves again (a thawed tracker holds new
         // clients until it has rejoined).
-        let out = Client::new(&cluster.info_for(&[no])).run(&[
-            &format!("create_user check{no} pw"),
-            &format!("login check{no} pw"),
-            "list_groups",
-        ]);
-        let listed: std::collections::HashSet<&str> = out
-            .stdout
-            .iter()
-            .filter_map(|l| l.split('\t').next())
-            .collect();
-        for g in &acked {
-            assert!(
-                listed.contains(g.as_str()),
-                "tracker {no} does not list acknowledged group {g}: {out:#?}\n{}",
-                cluster.logs()
-            );
-        }
+        assert_lists_groups(&cluster, no, &acked);
     }
 }
 
@@ -700,23 +707,7 @@ fn every_tracker_killed_at_once_and_restarted_in_the_other_order_loses_nothing()
     writer.cmd("create_group k-after", &["group k-after created"]);
     acked.push("k-after".to_owned());
     for no in 1..=3 {
-        let out = Client::new(&cluster.info_for(&[no])).run(&[
-            &format!("create_user check{no} pw"),
-            &format!("login check{no} pw"),
-            "list_groups",
-        ]);
-        let listed: std::collections::HashSet<&str> = out
-            .stdout
-            .iter()
-            .filter_map(|l| l.split('\t').next())
-            .collect();
-        for g in &acked {
-            assert!(
-                listed.contains(g.as_str()),
-                "tracker {no} does not list acknowledged group {g}: {out:#?}\n{}",
-                cluster.logs()
-            );
-        }
+        assert_lists_groups(&cluster, no, &acked);
     }
 }
 
@@ -786,15 +777,6 @@ fn a_tracker_that_missed_changes_waits_for_the_one_that_has_them() {
     common::probe_welcome(addr2, Instant::now() + STEP)
         .unwrap_or_else(|e| panic!("tracker 2 does not serve: {e}\n{}", cluster.logs()));
     for no in 1..=2 {
-        let out = Client::new(&cluster.info_for(&[no])).run(&[
-            "create_user check pw",
-            "login check pw",
-            "list_groups",
-        ]);
-        assert!(
-            out.stdout.iter().any(|l| l.starts_with("only-on-1\t")),
-            "tracker {no}: {out:#?}\n{}",
-            cluster.logs()
-        );
+        assert_lists_groups(&cluster, no, &["only-on-1".to_owned()]);
     }
 }

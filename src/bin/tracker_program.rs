@@ -222,7 +222,7 @@ fn main() -> ExitCode {
         data_dir.path().display(),
         recovered.last_seq
     );
-    let restored = match durable::restore(&recovered) {
+    let mut restored = match durable::restore(&recovered) {
         Ok(r) => r,
         Err(e) => {
             let msg = format!("data directory {}: {e}", data_dir.path().display());
@@ -233,7 +233,6 @@ fn main() -> ExitCode {
     };
     let empty = recovered.meta.is_none() && recovered.last_seq == 0;
     drop(recovered);
-    let mut restored = restored;
     let marker = key_path.with_extension("founder");
     restored.founder = match disk::found_service(&marker, data_dir.path(), existed) {
         Ok(founder) => founder,

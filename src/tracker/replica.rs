@@ -659,30 +659,34 @@ impl Replica {
             return self.written;
         }
         let last = first_seq + entries.len() as u64 - 1;
-        if !self.persistent {
-            self.durable_seq = last;
-            return self.write(|| unreachable!());
-        }
-        self.since_snapshot.0 += entries.len() as u64;
-        self.since_snapshot.1 += entries.iter().map(entry_size).sum::<usize>();
+        // (Without a disk the entries are not copied: `write` counts the write, durable.)
         let w = self.write(|| Persist::Entries {
             first_seq,
             entries: entries.to_vec(),
         });
-        self.unsynced.push_back((w, last));
+        self.note_write(w, last);
+        if self.persistent {
+            self.since_snapshot.0 += entries.len() as u64;
+            self.since_snapshot.1 += entries.iter().map(entry_size).sum::<usize>();
+        }
         w
+    }
+
+    /// Write `w` holds the entries up to `last`: durable now without a disk, else once the
+    /// disk says so.
+    fn note_write(&mut self, w: u64, last: u64) {
+        if self.persistent {
+            self.unsynced.push_back((w, last));
+        } else {
+            self.durable_seq = last;
+        }
     }
 
     /// Logs the state installed after entry `seq` (encoded as `bytes`).
     fn log_install(&mut self, seq: u64, bytes: Vec<u8>) {
         self.since_snapshot = (0, 0);
-        if !self.persistent {
-            self.durable_seq = seq;
-            self.write(|| unreachable!());
-            return;
-        }
         let w = self.write(|| Persist::Install { seq, state: bytes });
-        self.unsynced.push_back((w, seq));
+        self.note_write(w, seq);
     }
 
     /// A backup acknowledges to its primary what it holds durably (with the metadata that
