@@ -238,7 +238,17 @@ pub struct TrackerCore {
     quotas: Quotas,
     /// Signs the tickets that go with a file's sharers (none without it: tests).
     tickets: Option<TicketIssuer>,
+    /// Clients this tracker sent elsewhere when it stopped serving, with when their session
+    /// ends if they have not moved it (oldest first): see `drop_clients`.
+    sent_away: VecDeque<(Instant, u64)>,
+    /// `drop_clients` is closing connections (their sessions get the grace period).
+    sending_away: bool,
 }
+
+/// At most this many clients sent away wait for their grace period; past it a client's
+/// session ends at once, as when its connection closes (bounds `sent_away`, which a tracker
+/// that keeps losing its primaryship could otherwise grow by its connection count each time).
+const MAX_SENT_AWAY: usize = 65_536;
 
 /// What one user may make the service hold; checked by the tracker that receives the request,
 /// before the change is replicated (so a few changes racing through different trackers may
@@ -319,6 +329,8 @@ impl TrackerCore {
             max_reply: MAX_CLIENT_TRACKER_FRAME,
             quotas: Quotas::default(),
             tickets: None,
+            sent_away: VecDeque::new(),
+            sending_away: false,
         };
         core.pump_replica();
         core
@@ -522,14 +534,40 @@ impl TrackerCore {
                     newer.changed = true;
                     return;
                 }
-                let tracker = self.replica.me();
-                let origin = self.replica.internal_origin();
-                self.submit(Entry {
-                    origin: Some(origin),
-                    op: Op::ClientGone { client, tracker },
-                });
+                if self.sending_away && self.sent_away.len() < MAX_SENT_AWAY {
+                    // Sent elsewhere by this tracker, not gone: the client resumes its
+                    // session through another tracker, and ending it here first would race
+                    // that resume. It ends after the grace period unless it moved.
+                    let grace = self.replica.session_grace();
+                    self.sent_away.push_back((now + grace, client));
+                    return;
+                }
+                self.client_gone(client);
             }
             _ => {}
+        }
+    }
+
+    /// Ends `client`'s session if this tracker (this run of it) still holds it.
+    fn client_gone(&mut self, client: u64) {
+        let tracker = self.replica.me();
+        let origin = self.replica.internal_origin();
+        self.submit(Entry {
+            origin: Some(origin),
+            op: Op::ClientGone { client, tracker },
+        });
+    }
+
+    /// Ends the sessions of the clients sent away whose grace period is over and that have
+    /// neither moved their session (then `ClientGone` changes nothing) nor come back here.
+    fn end_sent_away(&mut self, now: Instant) {
+        while self.sent_away.front().is_some_and(|(end, _)| *end <= now) {
+            let Some((_, client)) = self.sent_away.pop_front() else {
+                break;
+            };
+            if !self.links.values().any(|l| l.client() == Some(client)) {
+                self.client_gone(client);
+            }
         }
     }
 
@@ -602,6 +640,7 @@ impl TrackerCore {
         self.pump_replica();
         self.dispatch_passwords(now);
         self.close_idle(now);
+        self.end_sent_away(now);
     }
 
     /// Closes the welcomed client connections silent for the idle timeout (looked for once
@@ -636,6 +675,7 @@ impl TrackerCore {
             self.replica.poll_timeout(),
             self.passwords.poll_timeout(),
             self.idle_timeout.and(self.next_idle_sweep),
+            self.sent_away.front().map(|(end, _)| *end),
         ]
         .into_iter()
         .flatten()
@@ -813,7 +853,10 @@ impl TrackerCore {
     /// This tracker stopped serving (it stalled, or found a primary ahead of it): what it
     /// holds may be stale, so its clients go elsewhere. Each reconnects at once, resumes its
     /// session and re-sends what it had in flight with the same ids, so nothing is lost or
-    /// applied twice; connections still waiting for a welcome keep waiting.
+    /// applied twice; connections still waiting for a welcome keep waiting. Their sessions
+    /// are not ended with the connections (the client's resume elsewhere could come after
+    /// that end): they get the grace period, then end if the client neither moved them nor
+    /// came back (`end_sent_away`).
     fn drop_clients(&mut self) {
         let welcomed: Vec<ConnId> = self
             .links
@@ -828,9 +871,11 @@ impl TrackerCore {
             );
         }
         let now = self.replica.now();
+        self.sending_away = true;
         for conn in welcomed {
             self.close(conn, now);
         }
+        self.sending_away = false;
     }
 
     /// Welcomes the clients that said hello before this tracker served.

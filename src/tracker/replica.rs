@@ -412,6 +412,11 @@ fn entry_size(e: &Entry) -> usize {
 }
 
 impl Replica {
+    /// How long the sessions of a tracker run that is not live wait to move.
+    pub fn session_grace(&self) -> Duration {
+        self.t.session_grace
+    }
+
     /// A tracker that just started, with `state` (empty unless a test gives one). It dials
     /// every other tracker; with no others it is primary at once.
     pub fn new(me: TrackerRef, n_trackers: u16, t: Timings, now: Instant) -> Self {

@@ -3161,6 +3161,15 @@ fn random_clusters_soak() {
     random_runs(from..from + n, 4 * STEPS);
 }
 
+/// Soak seeds that once failed, kept as regressions. 8002970: a tracker that stopped serving
+/// to join a primary of a higher claim closed its clients' connections and ended their
+/// sessions at once (`ClientGone`); applied before a client's resume through another tracker,
+/// that end made the client's failover fail with "the session has ended".
+#[test]
+fn soak_seeds_that_failed_once() {
+    random_runs(8_002_970..8_002_971, 4 * STEPS);
+}
+
 /// The same with disks: `SIM_SOAK=<seeds> cargo test --release --lib
 /// random_durable_soak -- --ignored` (`SIM_FROM` as above).
 #[test]
