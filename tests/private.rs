@@ -315,6 +315,7 @@ fn ticket_and_link(tracker: SocketAddr, user: &str, name: &str) -> (Ticket, RawT
         user: UserId::new(user).unwrap(),
         password: Password::new(b"pw").unwrap(),
         peer_addr: "127.0.0.1:9".parse().unwrap(),
+        shares: Vec::new(),
     });
     assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
     match raw.call(RequestBody::FileSharers {

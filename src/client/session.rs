@@ -16,12 +16,12 @@
 //!
 //! Restarts: the driver hands the core what the state file remembers ([`ClientCore::restore`])
 //! and saves [`ClientCore::saved_state`] whenever [`ClientCore::take_state_dirty`] says it
-//! changed. When a user logs in, the core has the driver look at that user's shared files
+//! changed. Before a login is sent, the core has the driver look at that user's shared files
 //! ([`Output::CheckShares`]): one whose size and modification time are unchanged is served
 //! again at once, one whose size still fits is hashed again on the pool before it is, and the
-//! rest are dropped with a warning. The login then tells the tracker which shares this client
-//! holds ([`RequestBody::SyncShares`]) before `logged in` is printed, and the user's remembered
-//! downloads start again by themselves.
+//! rest are dropped with a warning. The login carries the shares this client holds
+//! ([`RequestBody::Login`]), so the tracker never lists one it lost as online; once it is
+//! answered, the user's remembered downloads start again by themselves.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -39,7 +39,7 @@ use super::state_file::{
 use crate::hasher::{FileHashes, HashDone, JobId};
 use crate::wire::ticket::Ticket;
 use crate::wire::tracker_link::{FileMeta, Reply, ReplyBody, Request, RequestBody};
-use crate::wire::{FileName, GroupId, Sha1Digest, UserId, PIECE_LEN};
+use crate::wire::{FileName, GroupId, Password, Sha1Digest, UserId, PIECE_LEN};
 
 /// How long a command waits for the tracker's answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -259,8 +259,9 @@ enum Pending {
         path: PathBuf,
         stamp: FileStamp,
     },
-    /// A login succeeded; waiting for `handle_shares_checked`.
-    CheckingShares,
+    /// A login waits for `handle_shares_checked` before it is sent (it carries the shares
+    /// this client holds for `user`).
+    CheckingShares { user: UserId, password: Password },
     /// Waiting for the driver's answer to an [`Output::Inspect`] for `cmd`.
     Inspecting { cmd: Command },
     /// Waiting for the driver to start download `id`.
@@ -283,9 +284,11 @@ enum Sent {
         meta: FileMeta,
         stamp: FileStamp,
     },
-    /// The login's reconciliation: `resumed` shares were kept.
-    Sync {
+    /// A login carrying `shares` (the user's shares this client holds), `resumed` of them
+    /// kept from before a restart.
+    Login {
         user: UserId,
+        shares: Vec<(GroupId, FileName)>,
         resumed: usize,
     },
     Download {
@@ -312,6 +315,10 @@ pub struct ClientCore {
     listings: Listings,
     /// Remembered shares being hashed again (their file changed since), by hash job.
     rechecks: BTreeMap<JobId, LocalShare>,
+    /// Remembered downloads whose target exists when they continue, by the hash job that
+    /// tells whether it is the finished file (the client was killed after the download
+    /// completed, before its state was saved).
+    finished_checks: BTreeMap<JobId, DownloadId>,
     /// Downloads to continue at their user's next login here.
     remembered: BTreeMap<UserId, Vec<SavedDownload>>,
     /// What the state file holds changed.
@@ -334,6 +341,7 @@ impl ClientCore {
             n_failed: 0,
             listings: Listings::default(),
             rechecks: BTreeMap::new(),
+            finished_checks: BTreeMap::new(),
             remembered: BTreeMap::new(),
             state_dirty: false,
         }
@@ -614,11 +622,18 @@ impl ClientCore {
                         "a session is already open on this client (logged in as {current})"
                     ));
                 }
-                RequestBody::Login {
+                // The login carries the shares this client holds for the user, so the tracker
+                // lists only those: they are checked first, and served again only once they
+                // pass.
+                let (mine, others) = std::mem::take(&mut self.shares)
+                    .into_iter()
+                    .partition(|s| s.user == *user);
+                self.shares = others;
+                self.pending = Some(Pending::CheckingShares {
                     user: user.clone(),
                     password: password.clone(),
-                    peer_addr: self.peer_addr,
-                }
+                });
+                return self.out.push_back(Output::CheckShares { shares: mine });
             }
             Command::Logout => RequestBody::Logout,
             Command::CreateGroup { group } => RequestBody::CreateGroup {
@@ -777,6 +792,19 @@ impl ClientCore {
             };
             return match result {
                 Ok(line) => self.print(line),
+                Err(StartError::TargetExists(target)) => {
+                    // Killed after the download completed and before the state said so? The
+                    // target is hashed: if it holds the file, it is shared; it is never
+                    // touched either way.
+                    log::info!(
+                        "{} exists: checking whether it is the finished download of {}",
+                        target.display(),
+                        d.name
+                    );
+                    let job = JobId(self.next_id());
+                    self.finished_checks.insert(job, id);
+                    self.out.push_back(Output::HashFile { job, path: target });
+                }
                 Err(error) => {
                     d.status = DownloadStatus::Failed;
                     let reason = format!(
@@ -1075,6 +1103,9 @@ impl ClientCore {
         if let Some(share) = self.rechecks.remove(&done.job) {
             return self.handle_rechecked(share, done);
         }
+        if let Some(id) = self.finished_checks.remove(&done.job) {
+            return self.handle_finished_check(id, done);
+        }
         let Some(Pending::Hashing { job, .. }) = &self.pending else {
             return;
         };
@@ -1161,25 +1192,21 @@ impl ClientCore {
 
     /// The driver's answer to [`Output::CheckShares`]: each share with its file's stamp now
     /// (or why it could not be read). Unchanged files are served again at once; a file of the
-    /// same size is hashed again first; the others are dropped with a warning. Then the
-    /// tracker learns which shares this client holds.
+    /// same size is hashed again first; the others are dropped with a warning. Then the login
+    /// is sent, carrying the shares this client holds.
     pub fn handle_shares_checked(
         &mut self,
         checked: Vec<(LocalShare, Result<FileStamp, String>)>,
         now: Instant,
     ) {
-        if !matches!(self.pending, Some(Pending::CheckingShares)) {
+        if !matches!(self.pending, Some(Pending::CheckingShares { .. })) {
             // Not asked for: nothing is checked, nothing forgotten.
             self.shares
                 .extend(checked.into_iter().map(|(share, _)| share));
             return;
         }
-        self.pending = None;
-        let Some(user) = self.user.clone() else {
-            // The session ended meanwhile: the shares stay remembered, unchecked.
-            self.shares
-                .extend(checked.into_iter().map(|(share, _)| share));
-            return self.fail("lost the connection to the tracker");
+        let Some(Pending::CheckingShares { user, password }) = self.pending.take() else {
+            return;
         };
         let mut resumed = 0;
         for (share, stamp) in checked {
@@ -1218,17 +1245,79 @@ impl ClientCore {
             }
             self.state_dirty = true;
         }
-        let keep = self
+        let keep: Vec<(GroupId, FileName)> = self
             .shares
             .iter()
             .filter(|s| s.user == user)
             .map(|s| (s.group.clone(), s.name.clone()))
             .collect();
         self.send(
-            RequestBody::SyncShares { shares: keep },
-            Sent::Sync { user, resumed },
+            RequestBody::Login {
+                user: user.clone(),
+                password,
+                peer_addr: self.peer_addr,
+                shares: keep.clone(),
+            },
+            Sent::Login {
+                user,
+                shares: keep,
+                resumed,
+            },
             now,
         );
+    }
+
+    /// The existing target of remembered download `id` was hashed: if it holds the file, the
+    /// download had finished (it is shared and announced); else it cannot continue.
+    fn handle_finished_check(&mut self, id: DownloadId, done: HashDone) {
+        self.state_dirty = true;
+        let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) else {
+            return;
+        };
+        if d.status != DownloadStatus::Running {
+            return;
+        }
+        let holds_it = done.result.as_ref().is_ok_and(|h| {
+            h.size == d.meta.size
+                && h.file_sha1 == d.meta.file_sha1
+                && h.piece_hashes == d.meta.piece_hashes
+        });
+        if !holds_it {
+            d.status = DownloadStatus::Failed;
+            let reason = format!(
+                "download of {} from group {} cannot continue: {} already exists",
+                d.name,
+                d.group,
+                d.target.display()
+            );
+            return self.fail(reason);
+        }
+        d.status = DownloadStatus::Complete;
+        let share = LocalShare {
+            user: d.user.clone(),
+            group: d.group.clone(),
+            name: d.name.clone(),
+            path: d.target.clone(),
+            meta: d.meta.clone(),
+            stamp: None,
+        };
+        let line = format!(
+            "download of {} from group {} had finished: {} (shared)",
+            d.name,
+            d.group,
+            d.target.display()
+        );
+        let announce = self.user.as_ref() == Some(&share.user);
+        let (group, meta) = (share.group.clone(), share.meta.clone());
+        self.add_share(share);
+        self.out.push_back(Output::SharesChanged);
+        if announce {
+            self.send_background(
+                Background::Rechecked,
+                RequestBody::UploadFile { group, meta },
+            );
+        }
+        self.print(line);
     }
 
     /// A remembered share whose file changed was hashed again: served and announced again if
@@ -1264,8 +1353,22 @@ impl ClientCore {
 
     /// The login is complete (its shares reconciled with the tracker): say so, register the
     /// user's downloads and continue the ones remembered from an earlier run.
-    fn logged_in(&mut self, user: UserId, resumed: usize) {
+    fn logged_in(&mut self, user: UserId, sent: &[(GroupId, FileName)], resumed: usize) {
         self.out.push_back(Output::SharesChanged);
+        // Shares verified again while the login was on its way were not in it (the tracker
+        // ended them): announced again now.
+        let verified_meanwhile: Vec<(GroupId, FileMeta)> = self
+            .shares
+            .iter()
+            .filter(|s| s.user == user && !sent.contains(&(s.group.clone(), s.name.clone())))
+            .map(|s| (s.group.clone(), s.meta.clone()))
+            .collect();
+        for (group, meta) in verified_meanwhile {
+            self.send_background(
+                Background::Rechecked,
+                RequestBody::UploadFile { group, meta },
+            );
+        }
         self.register_downloads();
         if resumed > 0 {
             self.print(format!(
@@ -1461,11 +1564,17 @@ impl ClientCore {
                 name,
                 target,
             } => return self.report_sharers(group, name, target, body),
-            Sent::Sync { user, resumed } => {
-                if !matches!(body, ReplyBody::Done) {
-                    log::warn!("the tracker did not take this client's shares: {body:?}");
-                }
-                return self.logged_in(user, resumed);
+            Sent::Login {
+                user,
+                shares,
+                resumed,
+            } => {
+                let ReplyBody::LoggedIn { token } = body else {
+                    return self.fail(format!("unexpected reply to login: {body:?}"));
+                };
+                self.user = Some(user.clone());
+                self.token = Some(token);
+                return self.logged_in(user, &shares, resumed);
             }
             Sent::Upload {
                 group,
@@ -1503,17 +1612,6 @@ impl ClientCore {
         };
         match (cmd, body) {
             (Command::CreateUser { user, .. }, _) => self.print(format!("user {user} created")),
-            (Command::Login { user, .. }, ReplyBody::LoggedIn { token }) => {
-                self.user = Some(user.clone());
-                self.token = Some(token);
-                // The user's shares are served again only once their files pass the check.
-                let (mine, others) = std::mem::take(&mut self.shares)
-                    .into_iter()
-                    .partition(|s| s.user == user);
-                self.shares = others;
-                self.pending = Some(Pending::CheckingShares);
-                self.out.push_back(Output::CheckShares { shares: mine });
-            }
             (Command::Logout, _) => {
                 self.token = None;
                 self.out.push_back(Output::SharesChanged);

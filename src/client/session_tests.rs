@@ -40,7 +40,7 @@ impl Harness {
 
     /// The outputs so far, without `SharesChanged` (a hint to the driver, checked on its own).
     /// Questions about the file system are answered from the real one, as the driver does;
-    /// a login's `SyncShares` is recorded in `syncs` and answered `Done`.
+    /// the shares a login carries are recorded in `syncs` (the login itself is an output).
     fn drain(&mut self) -> Vec<Output> {
         let mut outs = Vec::new();
         while let Some(out) = self.core.poll_output() {
@@ -60,14 +60,11 @@ impl Harness {
                     self.core.handle_shares_checked(checked, self.now);
                 }
                 Output::Send(Request {
-                    req_id,
-                    body: RequestBody::SyncShares { shares },
+                    body: RequestBody::Login { ref shares, .. },
+                    ..
                 }) => {
-                    self.syncs.push(shares);
-                    self.core.handle_reply(Reply {
-                        req_id,
-                        body: ReplyBody::Done,
-                    });
+                    self.syncs.push(shares.clone());
+                    outs.push(out);
                 }
                 out => outs.push(out),
             }
@@ -327,6 +324,7 @@ fn login_carries_the_peer_addr_and_opens_the_session() {
             user: uid("alice"),
             password: pw("s3cret"),
             peer_addr: peer_addr(),
+            shares: Vec::new(),
         }
     );
     assert_eq!(h.core.logged_in_user(), None, "not before the reply");
@@ -1394,13 +1392,13 @@ fn remembered_shares_come_back_at_login_after_the_cheap_check() {
     std::fs::write(&resized, b"rrrrr").unwrap();
     std::fs::remove_file(&gone).unwrap();
 
-    let req = h.line_sends("login alice pw");
-    h.core.handle_reply(Reply {
-        req_id: req.req_id,
-        body: ReplyBody::LoggedIn { token: [3; 16] },
-    });
-    let outs = h.drain();
-    // Only the unchanged file is kept at once, and the tracker is told so.
+    // The files are checked before the login is sent: only the unchanged one is kept at
+    // once, and the login says so; the two of the same size are hashed again.
+    let outs = h.line("login alice pw");
+    let Some(Output::Send(req)) = outs.last().cloned() else {
+        panic!("the login goes last: {outs:?}");
+    };
+    assert!(matches!(req.body, RequestBody::Login { .. }), "{req:?}");
     assert_eq!(h.syncs, [vec![(gid("g"), fname("same"))]]);
     let jobs: Vec<(JobId, PathBuf)> = outs
         .iter()
@@ -1414,6 +1412,7 @@ fn remembered_shares_come_back_at_login_after_the_cheap_check() {
         [touched.clone(), altered.clone()],
         "{outs:?}"
     );
+    let outs = h.reply(&req, ReplyBody::LoggedIn { token: [3; 16] });
     assert!(
         outs.contains(&print("logged in as alice (1 shared files resumed)")),
         "{outs:?}"
@@ -1633,33 +1632,62 @@ fn a_remembered_download_with_nobody_online_waits_for_the_next_login() {
 }
 
 #[test]
-fn a_session_lost_during_the_check_forgets_nothing() {
+fn a_login_lost_after_the_check_forgets_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let a = write_file(dir.path(), "a", b"aaa");
     let state = remembered_shares(&[(&a, b"aaa")]);
     let mut h = Harness::new();
     h.core.restore(state.clone());
+    // Checked, then the login is sent; the tracker link breaks before its answer.
     let req = h.line_sends("login alice pw");
-    h.core.handle_reply(Reply {
-        req_id: req.req_id,
-        body: ReplyBody::LoggedIn { token: [3; 16] },
-    });
-    // The driver has not answered the check yet when the tracker link breaks.
-    let shares = match h.core.poll_output() {
-        Some(Output::CheckShares { shares }) => shares,
-        other => panic!("{other:?}"),
-    };
+    assert!(matches!(req.body, RequestBody::Login { .. }), "{req:?}");
     h.core.handle_tracker_lost();
-    let checked = shares
-        .into_iter()
-        .map(|s| {
-            let stamp = FileStamp::read(&s.path).map_err(|e| e.to_string());
-            (s, stamp)
-        })
-        .collect();
-    h.core.handle_shares_checked(checked, h.now);
+    h.drain();
     assert_eq!(h.core.saved_state(), state);
-    assert!(!h.core.is_busy());
+}
+
+/// A share verified again while the login was on its way was not in the login (the tracker
+/// ended it there): it is announced once the login is answered.
+#[test]
+fn a_share_verified_during_the_login_is_announced_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write_file(dir.path(), "a", b"aaa");
+    let state = remembered_shares(&[(&a, b"aaa")]);
+    let later = std::time::SystemTime::now() + Duration::from_secs(10);
+    std::fs::File::options()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let mut h = Harness::new();
+    h.core.restore(state);
+    let outs = h.line("login alice pw");
+    let (Some(Output::HashFile { job, .. }), Some(Output::Send(req))) =
+        (outs.first().cloned(), outs.last().cloned())
+    else {
+        panic!("{outs:?}");
+    };
+    assert_eq!(h.syncs, [vec![]], "not kept before it is verified");
+    h.core.handle_hashed(
+        HashDone {
+            job,
+            result: Ok(hashes_of(b"aaa")),
+        },
+        h.now,
+    );
+    assert_eq!(h.drain(), [], "not announced before the login is answered");
+    let outs = h.reply(&req, ReplyBody::LoggedIn { token: [3; 16] });
+    assert!(
+        outs.iter().any(|o| matches!(
+            o,
+            Output::Send(Request {
+                body: RequestBody::UploadFile { .. },
+                ..
+            })
+        )),
+        "{outs:?}"
+    );
 }
 
 #[test]
@@ -1732,4 +1760,93 @@ fn commands_that_would_outgrow_the_state_file_are_refused() {
         matches!(job.as_slice(), [Output::HashFile { .. }]),
         "{job:?}"
     );
+}
+
+/// Killed after a download completed and before the state said so: the download continues
+/// at the next login, finds its target there, and hashes it. The finished file is shared
+/// (and announced); anything else at the target is an error and stays untouched.
+#[test]
+fn a_remembered_download_whose_target_exists_is_checked_not_fetched() {
+    for finished in [true, false] {
+        let target = PathBuf::from("/somewhere/f.bin");
+        let mut state = ClientState::default();
+        let want = SavedDownload {
+            group: gid("g1"),
+            name: fname("f.bin"),
+            target: target.clone(),
+        };
+        state.users.entry(uid("alice")).or_default().downloads = vec![want];
+        let mut h = Harness::new();
+        h.core.restore(state);
+        let outs = login_outputs(&mut h, "alice");
+        let Some(Output::Send(ask)) = outs.last().cloned() else {
+            panic!("{outs:?}");
+        };
+        let meta = meta_of("f.bin", b"abc");
+        h.core.handle_reply(Reply {
+            req_id: ask.req_id,
+            body: ReplyBody::Sharers {
+                meta: meta.clone(),
+                peers: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 7000))],
+                ticket: None,
+            },
+        });
+        let outs = h.drain();
+        let [Output::StartDownload { id, .. }] = outs.as_slice() else {
+            panic!("expected the download to start: {outs:?}");
+        };
+        let id = *id;
+        h.core
+            .handle_download_started(id, Err(StartError::TargetExists(target.clone())));
+        let job = match h.drain().as_slice() {
+            [Output::HashFile { job, path }] => {
+                assert_eq!(path, &target);
+                *job
+            }
+            other => panic!("{other:?}"),
+        };
+        // Killed again while it is hashed: still remembered as a download.
+        assert_eq!(h.core.saved_state().users[&uid("alice")].downloads.len(), 1);
+        let content: &[u8] = if finished { b"abc" } else { b"xyz" };
+        h.core.handle_hashed(
+            HashDone {
+                job,
+                result: Ok(hashes_of(content)),
+            },
+            h.now,
+        );
+        let outs = h.drain();
+        let saved = h.core.saved_state();
+        let alice = saved.users.get(&uid("alice")).cloned().unwrap_or_default();
+        assert!(alice.downloads.is_empty(), "{alice:?}");
+        if finished {
+            assert_eq!(h.core.downloads()[0].status, DownloadStatus::Complete);
+            assert_eq!(alice.shares.len(), 1);
+            assert_eq!(alice.shares[0].path, target);
+            assert!(
+                outs.iter().any(|o| matches!(
+                    o,
+                    Output::Send(Request {
+                        body: RequestBody::UploadFile { .. },
+                        ..
+                    })
+                )),
+                "announced: {outs:?}"
+            );
+            assert!(
+                outs.contains(&print(
+                    "download of f.bin from group g1 had finished: /somewhere/f.bin (shared)"
+                )),
+                "{outs:?}"
+            );
+            assert_eq!(h.core.n_failed(), 0);
+        } else {
+            assert_eq!(h.core.downloads()[0].status, DownloadStatus::Failed);
+            assert!(alice.shares.is_empty());
+            assert!(
+                matches!(outs.as_slice(), [Output::Fail(r)] if r.contains("already exists")),
+                "{outs:?}"
+            );
+        }
+    }
 }

@@ -45,7 +45,7 @@ use crate::wire::tracker_link::FileMeta;
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, Role, TrackerMsg,
 };
-use crate::wire::{GroupId, UserId, PROTOCOL_VERSION};
+use crate::wire::{FileName, GroupId, UserId, PROTOCOL_VERSION};
 
 /// A connection must complete its handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -179,6 +179,7 @@ enum Waiting {
         req_id: u64,
         user: UserId,
         peer_addr: SocketAddr,
+        shares: Vec<(GroupId, FileName)>,
     },
     /// The change is being replicated.
     Commit {
@@ -1092,9 +1093,10 @@ impl TrackerCore {
                     req_id,
                     user,
                     peer_addr,
+                    shares,
                 },
                 PasswordResult::Verified(true),
-            ) => return self.open_session(conn, req_id, user, peer_addr),
+            ) => return self.open_session(conn, req_id, user, peer_addr, shares),
             (Waiting::Login { req_id, .. }, PasswordResult::Verified(false)) => (
                 req_id,
                 Reject::new(RejectCode::WrongPassword, "wrong password"),
@@ -1212,7 +1214,14 @@ impl TrackerCore {
     }
 
     /// Opens a session for `conn` once its password has been checked.
-    fn open_session(&mut self, conn: ConnId, req_id: u64, user: UserId, peer_addr: SocketAddr) {
+    fn open_session(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        user: UserId,
+        peer_addr: SocketAddr,
+        shares: Vec<(GroupId, FileName)>,
+    ) {
         let Some(client) = self.links.get(&conn).and_then(Link::client) else {
             return;
         };
@@ -1225,6 +1234,7 @@ impl TrackerCore {
             tracker: self.replica.me(),
             client,
             token,
+            shares: Some(shares),
         };
         self.propose(conn, req_id, op, SessionEffect::Open(proof));
     }
@@ -1314,6 +1324,7 @@ impl TrackerCore {
                 user,
                 password,
                 peer_addr,
+                shares,
             } => {
                 if self.session_of(conn).is_ok() {
                     return Err(Reject::new(
@@ -1359,6 +1370,7 @@ impl TrackerCore {
                         req_id,
                         user,
                         peer_addr,
+                        shares,
                     },
                     PasswordJob::Verify {
                         password,
@@ -1469,10 +1481,6 @@ impl TrackerCore {
                 session: self.session_of(conn)?,
                 group,
                 name,
-            },
-            RequestBody::SyncShares { shares } => Op::SyncShares {
-                session: self.session_of(conn)?,
-                keep: shares,
             },
         };
         Ok(Handled::Change(op, SessionEffect::None))

@@ -175,6 +175,7 @@ impl Harness {
                 user: uid(user),
                 password: pw(password),
                 peer_addr: addr(port),
+                shares: Vec::new(),
             },
         )
     }
@@ -233,9 +234,6 @@ fn session_requests() -> Vec<RequestBody> {
         RequestBody::StopShare {
             group: g.clone(),
             name: fname("f"),
-        },
-        RequestBody::SyncShares {
-            shares: vec![(g, fname("f"))],
         },
     ]
 }
@@ -1034,10 +1032,11 @@ fn without_the_requirement_any_link_may_be_a_tracker() {
     assert!(!outs.contains(&Output::Close(c)), "{outs:?}");
 }
 
-/// Login reconciliation: a client that comes back names the shares it holds; the user's
-/// other shares at its address end, and a file nobody shares any more leaves the listing.
+/// Login reconciliation: a client that comes back names the shares it holds in its login;
+/// the user's other shares at its address end in the same change (no listing between the two
+/// shows them), and a file nobody shares any more leaves the listing.
 #[test]
-fn sync_shares_after_a_login_ends_what_the_client_lost() {
+fn a_login_names_its_shares_and_ends_what_the_client_lost() {
     let mut h = Harness::new();
     let (a, b) = (conn(1), conn(2));
     h.connect(a);
@@ -1064,16 +1063,15 @@ fn sync_shares_after_a_login_ends_what_the_client_lost() {
     h.core.handle_close(a, h.now);
     h.drain();
     h.connect(b);
-    assert_logged_in(&h.login(b, "alice", "pa", 5000));
-    assert_eq!(
-        h.ask(
-            b,
-            RequestBody::SyncShares {
-                shares: vec![(g.clone(), fname("kept"))],
-            }
-        ),
-        ReplyBody::Done
-    );
+    let login = RequestBody::Login {
+        user: uid("alice"),
+        password: pw("pa"),
+        peer_addr: addr(5000),
+        shares: vec![(g.clone(), fname("kept"))],
+    };
+    assert_logged_in(&h.ask(b, login));
+    let open = h.core.state().sessions().count();
+    assert_eq!(open, 1);
     match h.ask(b, RequestBody::ListFiles { group: g }) {
         ReplyBody::Files(files) => {
             let rows: Vec<(String, u32)> = files
@@ -1097,6 +1095,7 @@ fn wrong_login(req_id: u64, user: &str) -> ClientMsg {
             user: uid(user),
             password: pw("guess"),
             peer_addr: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 9)),
+            shares: Vec::new(),
         },
     )
 }
@@ -1200,6 +1199,7 @@ fn a_fresh_login_is_not_delayed_by_a_wrong_password_flood() {
                 user: uid("alice"),
                 password: pw("right"),
                 peer_addr: addr(5000),
+                shares: Vec::new(),
             },
         )),
         h.now,
@@ -1513,6 +1513,7 @@ fn login_req(req_id: u64, user: &str, password: &str) -> ClientMsg {
             user: uid(user),
             password: pw(password),
             peer_addr: addr(5000),
+            shares: Vec::new(),
         },
     )
 }
@@ -1705,6 +1706,7 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
                 user: uid("alice"),
                 password: pw("pw"),
                 peer_addr: foreign,
+                shares: Vec::new(),
             },
         );
         if allow {
@@ -1728,6 +1730,7 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
                 user: uid("alice"),
                 password: pw("pw"),
                 peer_addr: own,
+                shares: Vec::new(),
             },
         ));
     }

@@ -1796,6 +1796,7 @@ impl Cluster {
                 user,
                 password,
                 peer_addr,
+                shares: Vec::new(),
             },
         );
         assert!(matches!(reply, ReplyBody::LoggedIn { .. }), "{reply:?}");
@@ -1813,11 +1814,23 @@ impl Cluster {
         }
         if !cl.logged_in {
             let (password, peer_addr) = (cl.password.clone(), cl.peer_addr);
+            // As a real client does, the login names the shares the client holds: those
+            // acknowledged to it and not stopped (the tracker ends the others).
+            let shares = self
+                .acked
+                .shares
+                .iter()
+                .filter(|(k, (u, a))| {
+                    *u == user && *a == peer_addr && !self.acked.stopped.contains(k)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
             return (
                 RequestBody::Login {
                     user,
                     password,
                     peer_addr,
+                    shares,
                 },
                 Expect::LoggedIn,
             );
@@ -2675,6 +2688,7 @@ fn a_request_retried_on_the_same_tracker_is_answered() {
         user,
         password,
         peer_addr,
+        shares: Vec::new(),
     };
     let req_id = cl.issue(c, login, Expect::Manual);
     cl.run_for(50);
@@ -2799,6 +2813,7 @@ fn a_link_whose_session_ended_elsewhere_may_log_in_again() {
         user,
         password,
         peer_addr,
+        shares: Vec::new(),
     };
     // The login goes out on a link that is cut before tracker 2 reads it; the client logs in
     // through tracker 1; tracker 2 handles the old login (and then the close) only later.

@@ -206,6 +206,7 @@ impl TrackerState {
                 tracker,
                 client,
                 token,
+                shares,
             } => {
                 // The same client process logging the same user in again replaces its own
                 // session (closed just below): it was told it is not logged in (its session
@@ -233,6 +234,9 @@ impl TrackerState {
                 );
                 self.session_of_user.insert(user.clone(), id);
                 self.session_of_client.insert(*client, id);
+                if let Some(keep) = shares {
+                    self.end_shares_not_in(user, *peer_addr, keep);
+                }
                 Ok(Outcome::SessionOpened(id))
             }
             Op::ResumeSession {
@@ -442,19 +446,25 @@ impl TrackerState {
             Op::SyncShares { session, keep } => {
                 let s = self.sessions.get(session).ok_or_else(not_logged_in)?;
                 let (user, addr) = (s.user.clone(), s.peer_addr);
-                let keep: std::collections::BTreeSet<(&GroupId, &FileName)> =
-                    keep.iter().map(|(g, n)| (g, n)).collect();
-                for (group, g) in self.groups.iter_mut() {
-                    g.files.retain(|name, file| {
-                        if !keep.contains(&(group, name)) {
-                            file.sharers
-                                .retain(|sh| !(sh.user == user && sh.peer_addr == addr));
-                        }
-                        !file.sharers.is_empty()
-                    });
-                }
+                self.end_shares_not_in(&user, addr, keep);
                 Ok(Outcome::Done)
             }
+        }
+    }
+
+    /// Login reconciliation: `user` stops sharing, from `addr`, every file not in `keep` (the
+    /// client there started again and holds only these); files left with no sharer go.
+    fn end_shares_not_in(&mut self, user: &UserId, addr: SocketAddr, keep: &[(GroupId, FileName)]) {
+        let keep: std::collections::BTreeSet<(&GroupId, &FileName)> =
+            keep.iter().map(|(g, n)| (g, n)).collect();
+        for (group, g) in self.groups.iter_mut() {
+            g.files.retain(|name, file| {
+                if !keep.contains(&(group, name)) {
+                    file.sharers
+                        .retain(|sh| !(sh.user == *user && sh.peer_addr == addr));
+                }
+                !file.sharers.is_empty()
+            });
         }
     }
 

@@ -72,6 +72,7 @@ mod op {
                 h.wrapping_mul(131).wrapping_add(u64::from(b))
             }),
             token: [port.to_be_bytes()[1]; 16],
+            shares: None,
         }
     }
 
@@ -338,6 +339,7 @@ fn open_session_records_the_client() {
         },
         client: 99,
         token: [9; 16],
+        shares: None,
     };
     let Outcome::SessionOpened(s) = ok(&mut st, open) else {
         panic!("no session id");

@@ -24,6 +24,6 @@ pub use ids::{FileName, GroupId, IdError, Password, Sha1Digest, UserId};
 /// Identifies this protocol in every handshake ("P2PG").
 pub const PROTOCOL_MAGIC: u32 = 0x5032_5047;
 /// The version spoken by this build; a peer with another version is refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of a file piece: 512 KiB (the last piece of a file may be shorter).
 pub const PIECE_LEN: u32 = 512 * 1024;

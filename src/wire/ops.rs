@@ -30,13 +30,17 @@ pub enum Op {
         user: UserId,
         pw_hash: String,
     },
-    /// Opens a session; the password was checked before the op was made.
+    /// Opens a session; the password was checked before the op was made. With `shares`
+    /// (every login of this build), the user's shares at `peer_addr` not in it end in the
+    /// same change: the client holds only these. `None` is an entry logged by an earlier
+    /// build, which reconciled in a separate `SyncShares`.
     OpenSession {
         user: UserId,
         peer_addr: SocketAddr,
         tracker: TrackerRef,
         client: u64,
         token: [u8; 16],
+        shares: Option<Vec<(GroupId, FileName)>>,
     },
     /// Moves the session holding `token` to `tracker` and `client` (a failover).
     ResumeSession {
@@ -96,6 +100,8 @@ pub enum Op {
     },
     /// Login reconciliation: the session's user stops sharing, from the session's client
     /// address, every file not in `keep` (the client started again and holds only these).
+    /// Made by earlier builds only (a login now carries its shares); still applied when a
+    /// data directory written by one is read.
     SyncShares {
         session: SessionId,
         keep: Vec<(GroupId, FileName)>,

@@ -348,9 +348,9 @@ fn golden_handshake() {
         },
         &want,
     );
-    // The handshake this build sends carries version 2.
+    // The handshake this build sends carries version 3.
     let mut want = want;
-    want[9..11].copy_from_slice(&[0, 2]);
+    want[9..11].copy_from_slice(&[0, 3]);
     golden_d(
         DownloaderMsg::handshake(gid("g"), fname("f.txt"), Sha1Digest([0xaa; 20])),
         &want,
@@ -402,13 +402,13 @@ fn golden_accept() {
     // No pieces: no bitfield bytes at all.
     golden_s(
         SharerMsg::accept(Bitfield::new(0)),
-        &[0, 0, 0, 11, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 2, 0, 0, 0, 0],
+        &[0, 0, 0, 11, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 3, 0, 0, 0, 0],
     );
     // A whole byte, all set.
     golden_s(
         SharerMsg::accept(Bitfield::full(8)),
         &[
-            0, 0, 0, 12, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 2, 0, 0, 0, 8, 0xff,
+            0, 0, 0, 12, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 3, 0, 0, 0, 8, 0xff,
         ],
     );
     // Nine pieces, all set: the second byte has only its top bit.

@@ -68,7 +68,7 @@ fn golden() -> Vec<u8> {
     let mut b = Vec::new();
     // Accept: len 13 | 0x81 | magic | version 2 | n_pieces 10 | bitfield 0b1000_0000 0b0100_0000.
     b.extend_from_slice(&[
-        0, 0, 0, 13, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 2, 0, 0, 0, 10, 0x80, 0x40,
+        0, 0, 0, 13, 0x81, 0x50, 0x32, 0x50, 0x47, 0, 3, 0, 0, 0, 10, 0x80, 0x40,
     ]);
     // Block: len 1 + 8 + 5 | 0x84 | piece 9 | offset 0x10000 | "hello".
     b.extend_from_slice(&[0, 0, 0, 14, 0x84, 0, 0, 0, 9, 0, 1, 0, 0]);

@@ -46,7 +46,7 @@
 use super::codec::*;
 use super::frame;
 use super::ops::{Entry, Op, Origin, SessionId, TrackerRef};
-use super::tracker_link::FileMeta;
+use super::tracker_link::{put_share_list, share_list, FileMeta};
 use super::PROTOCOL_MAGIC;
 
 /// Largest frame on a tracker-to-tracker link: one forwarded `upload_file` entry can be as large
@@ -170,6 +170,7 @@ mod kind {
     pub const SHARE_FILE: u8 = 12;
     pub const STOP_SHARE: u8 = 13;
     pub const SYNC_SHARES: u8 = 14;
+    pub const OPEN_SESSION_WITH_SHARES: u8 = 15;
 }
 
 /// `TakeoverAck` catchup kinds.
@@ -209,7 +210,8 @@ pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
 ///
 /// - `1` CreateUser: `str user | str pw_hash` (at most [`MAX_PW_HASH_LEN`] bytes; a longer
 ///   hash would not parse)
-/// - `2` OpenSession: `str user | addr peer_addr | tracker_ref | u64 client | token`
+/// - `2` OpenSession (no `shares`: logged by an earlier build): `str user | addr peer_addr |
+///   tracker_ref | u64 client | token`
 /// - `3` ResumeSession: `token | tracker_ref | u64 client`
 /// - `4` CloseSession: `u64 session | tracker_ref`
 /// - `5` ClientGone: `u64 client | tracker_ref`
@@ -221,7 +223,8 @@ pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
 /// - `11` RejectRequest: `u64 session | str group | str user`
 /// - `12` ShareFile: `u64 session | str group | file_meta`
 /// - `13` StopShare: `u64 session | str group | str name`
-/// - `14` SyncShares: `u64 session | u32 n | (str group | str name) * n`
+/// - `14` SyncShares (earlier builds): `u64 session | u32 n | (str group | str name) * n`
+/// - `15` OpenSession with `shares`: the fields of `2`, then `u32 n | (str group | str name) * n`
 ///
 /// Any other kind is [`DecodeError::BadValue`].
 pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -237,13 +240,23 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             tracker,
             client,
             token,
+            shares,
         } => {
-            put_u8(out, kind::OPEN_SESSION);
+            put_u8(
+                out,
+                match shares {
+                    Some(_) => kind::OPEN_SESSION_WITH_SHARES,
+                    None => kind::OPEN_SESSION,
+                },
+            );
             put_str16(out, user.as_str());
             put_socket_addr(out, peer_addr);
             put_tracker_ref(out, tracker);
             put_u64(out, *client);
             out.extend_from_slice(token);
+            if let Some(shares) = shares {
+                put_share_list(out, shares);
+            }
         }
         Op::ResumeSession {
             token,
@@ -327,11 +340,7 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
         Op::SyncShares { session, keep } => {
             put_u8(out, kind::SYNC_SHARES);
             put_u64(out, session.0);
-            put_count(out, keep.len());
-            for (group, name) in keep {
-                put_str16(out, group.as_str());
-                put_str16(out, name.as_str());
-            }
+            put_share_list(out, keep);
         }
     }
 }
@@ -343,12 +352,17 @@ pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             user: user_id(r)?,
             pw_hash: pw_hash(r)?,
         },
-        kind::OPEN_SESSION => Op::OpenSession {
+        k @ (kind::OPEN_SESSION | kind::OPEN_SESSION_WITH_SHARES) => Op::OpenSession {
             user: user_id(r)?,
             peer_addr: r.socket_addr()?,
             tracker: tracker_ref(r)?,
             client: r.u64()?,
             token: r.array()?,
+            shares: if k == kind::OPEN_SESSION_WITH_SHARES {
+                Some(share_list(r)?)
+            } else {
+                None
+            },
         },
         kind::RESUME_SESSION => Op::ResumeSession {
             token: r.array()?,
@@ -398,15 +412,10 @@ pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             group: group_id(r)?,
             name: file_name(r)?,
         },
-        kind::SYNC_SHARES => {
-            let session = SessionId(r.u64()?);
-            let n = r.count(2 + 1 + 2 + 1)?;
-            let mut keep = Vec::with_capacity(n);
-            for _ in 0..n {
-                keep.push((group_id(r)?, file_name(r)?));
-            }
-            Op::SyncShares { session, keep }
-        }
+        kind::SYNC_SHARES => Op::SyncShares {
+            session: SessionId(r.u64()?),
+            keep: share_list(r)?,
+        },
         _ => return Err(DecodeError::BadValue("op kind")),
     };
     Ok(op)

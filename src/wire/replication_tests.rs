@@ -148,6 +148,7 @@ fn sample_ops() -> Vec<Op> {
             tracker: tref(1, 0x0102_0304_0506_0708),
             client: 42,
             token: [0x11; 16],
+            shares: None,
         },
         Op::OpenSession {
             user: uid("carol"),
@@ -155,6 +156,7 @@ fn sample_ops() -> Vec<Op> {
             tracker: tref(u16::MAX, u64::MAX),
             client: u64::MAX,
             token: *b"0123456789abcdef",
+            shares: None,
         },
         Op::ResumeSession {
             token: [0xfe; 16],
@@ -431,6 +433,7 @@ fn rand_op(rng: &mut Rng) -> Op {
             tracker: rand_tref(rng),
             client: rng.next_u64(),
             token: rand_token(rng),
+            shares: None,
         },
         2 => Op::ResumeSession {
             token: rand_token(rng),
@@ -799,6 +802,7 @@ fn golden_ops() {
         tracker: tref(1, 2),
         client: 3,
         token: [7; 16],
+        shares: None,
     };
     assert_eq!(
         op_bytes(&open),
@@ -1263,7 +1267,7 @@ fn bad_flags_and_kinds_are_rejected() {
         ReplMsg::parse(&fwd(2, 1)),
         Err(DecodeError::BadValue("boolean"))
     );
-    for kind in [0u8, 15, 0x40, 0xff] {
+    for kind in [0u8, 16, 0x40, 0xff] {
         assert_eq!(
             ReplMsg::parse(&fwd(0, kind)),
             Err(DecodeError::BadValue("op kind")),

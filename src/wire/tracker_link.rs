@@ -60,11 +60,15 @@ pub enum RequestBody {
     Ping,
     /// `0x11`: `str user | bytes password`.
     CreateUser { user: UserId, password: Password },
-    /// `0x12`: `str user | bytes password | addr peer_addr`.
+    /// `0x12`: `str user | bytes password | addr peer_addr | u32 n | (str group | str name) * n`:
+    /// the shares this client holds for the user now (the files it serves). The session opens
+    /// and the user's other shares at `peer_addr` end in one change, so no downloader is sent
+    /// here for a file this client no longer holds.
     Login {
         user: UserId,
         password: Password,
         peer_addr: SocketAddr,
+        shares: Vec<(GroupId, FileName)>,
     },
     /// `0x13`: no fields.
     Logout,
@@ -94,10 +98,6 @@ pub enum RequestBody {
     /// `0x1f`: `[u8; 16] token`: take over the session holding `token` (after the client's
     /// tracker died). Answered with `LoggedIn` carrying the same token.
     Resume { token: [u8; 16] },
-    /// `0x20`: `u32 n | (str group | str name) * n`: right after a login, the shares this
-    /// client holds for the user now; the tracker ends the user's other shares at this
-    /// client's address. Answered with `Done`.
-    SyncShares { shares: Vec<(GroupId, FileName)> },
 }
 
 /// What a tracker records about a shared file's content.
@@ -335,7 +335,6 @@ mod ty {
     pub const STOP_SHARE: u8 = 0x1d;
     pub const FILE_SHARERS: u8 = 0x1e;
     pub const RESUME: u8 = 0x1f;
-    pub const SYNC_SHARES: u8 = 0x20;
 
     pub const WELCOME: u8 = 0x81;
     pub const DONE: u8 = 0x90;
@@ -401,6 +400,7 @@ impl ClientMsg {
                     user: user_id(&mut r)?,
                     password: password(&mut r)?,
                     peer_addr: r.socket_addr()?,
+                    shares: share_list(&mut r)?,
                 },
                 ty::LOGOUT => RequestBody::Logout,
                 ty::CREATE_GROUP => RequestBody::CreateGroup {
@@ -440,14 +440,6 @@ impl ClientMsg {
                     name: file_name(&mut r)?,
                 },
                 ty::RESUME => RequestBody::Resume { token: r.array()? },
-                ty::SYNC_SHARES => {
-                    let n = r.count(2 + 1 + 2 + 1)?;
-                    let mut shares = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        shares.push((group_id(&mut r)?, file_name(&mut r)?));
-                    }
-                    RequestBody::SyncShares { shares }
-                }
                 other => return Err(DecodeError::UnknownType(other)),
             };
             ClientMsg::Request(Request { req_id, body })
@@ -508,7 +500,6 @@ impl Request {
             RequestBody::StopShare { .. } => ty::STOP_SHARE,
             RequestBody::FileSharers { .. } => ty::FILE_SHARERS,
             RequestBody::Resume { .. } => ty::RESUME,
-            RequestBody::SyncShares { .. } => ty::SYNC_SHARES,
         };
         let start = frame::begin(out, frame_type);
         put_u64(out, self.req_id);
@@ -522,10 +513,12 @@ impl Request {
                 user,
                 password,
                 peer_addr,
+                shares,
             } => {
                 put_str16(out, user.as_str());
                 put_bytes16(out, password.as_bytes());
                 put_socket_addr(out, peer_addr);
+                put_share_list(out, shares);
             }
             RequestBody::CreateGroup { group }
             | RequestBody::JoinGroup { group }
@@ -546,13 +539,6 @@ impl Request {
                 put_str16(out, name.as_str());
             }
             RequestBody::Resume { token } => out.extend_from_slice(token),
-            RequestBody::SyncShares { shares } => {
-                put_count(out, shares.len());
-                for (group, name) in shares {
-                    put_str16(out, group.as_str());
-                    put_str16(out, name.as_str());
-                }
-            }
         }
         frame::end(out, start);
     }
@@ -791,3 +777,23 @@ impl Reply {
 #[cfg(test)]
 #[path = "tracker_link_tests.rs"]
 mod tests;
+
+/// A list of shares: `u32 n | (str group | str name) * n`.
+pub(crate) fn put_share_list(out: &mut Vec<u8>, shares: &[(GroupId, FileName)]) {
+    put_count(out, shares.len());
+    for (group, name) in shares {
+        put_str16(out, group.as_str());
+        put_str16(out, name.as_str());
+    }
+}
+
+/// Reads what [`put_share_list`] wrote; the count is checked against the bytes left (each
+/// pair takes at least 6) before anything is allocated.
+pub(crate) fn share_list(r: &mut Reader<'_>) -> Result<Vec<(GroupId, FileName)>, DecodeError> {
+    let n = r.count(2 + 1 + 2 + 1)?;
+    let mut shares = Vec::with_capacity(n);
+    for _ in 0..n {
+        shares.push((group_id(r)?, file_name(r)?));
+    }
+    Ok(shares)
+}

@@ -84,11 +84,10 @@ fn client_variant(m: &ClientMsg) -> usize {
             RequestBody::StopShare { .. } => 14,
             RequestBody::FileSharers { .. } => 15,
             RequestBody::Resume { .. } => 16,
-            RequestBody::SyncShares { .. } => 17,
         },
     }
 }
-const CLIENT_VARIANTS: usize = 18;
+const CLIENT_VARIANTS: usize = 17;
 
 fn tracker_variant(m: &TrackerMsg) -> usize {
     match m {
@@ -166,6 +165,7 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 user: uid("grüße"),
                 password: pw(&[0]),
                 peer_addr: v4,
+                shares: Vec::new(),
             },
         ),
         req(
@@ -174,6 +174,7 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 user: uid("bob"),
                 password: pw(b"pw"),
                 peer_addr: v6,
+                shares: Vec::new(),
             },
         ),
         req(5, RequestBody::Logout),
@@ -255,10 +256,12 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
             },
         ),
         req(20, RequestBody::Resume { token: [0; 16] }),
-        req(22, RequestBody::SyncShares { shares: vec![] }),
         req(
             23,
-            RequestBody::SyncShares {
+            RequestBody::Login {
+                user: uid("u"),
+                password: pw(b"p"),
+                peer_addr: "127.0.0.1:1".parse().unwrap(),
                 shares: vec![(gid("grp"), fname("my file.txt")), (gid("g"), fname("x"))],
             },
         ),
@@ -482,6 +485,9 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
             user: rand_user(rng),
             password: rand_password(rng),
             peer_addr: rand_addr(rng),
+            shares: (0..rng.below(4))
+                .map(|_| (rand_group(rng), rand_name(rng)))
+                .collect(),
         },
         4 => RequestBody::Logout,
         5 => RequestBody::CreateGroup {
@@ -520,16 +526,11 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
             group: rand_group(rng),
             name: rand_name(rng),
         },
-        16 => {
+        _ => {
             let mut token = [0u8; 16];
             rng.fill(&mut token);
             RequestBody::Resume { token }
         }
-        _ => RequestBody::SyncShares {
-            shares: (0..rng.below(4))
-                .map(|_| (rand_group(rng), rand_name(rng)))
-                .collect(),
-        },
     };
     req(req_id, body)
 }
@@ -656,11 +657,11 @@ fn golden_hello() {
             &[0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18], // client id
         ]),
     );
-    // The handshake this build sends (protocol version 2).
+    // The handshake this build sends (protocol version 3).
     golden_c(
         ClientMsg::hello(9),
         &[
-            0, 0, 0, 16, 0x01, 0x50, 0x32, 0x50, 0x47, 0x00, 0x02, 0x01, 0, 0, 0, 0, 0, 0, 0, 9,
+            0, 0, 0, 16, 0x01, 0x50, 0x32, 0x50, 0x47, 0x00, 0x03, 0x01, 0, 0, 0, 0, 0, 0, 0, 9,
         ],
     );
 }
@@ -739,15 +740,17 @@ fn golden_login_ipv4() {
                 user: uid("al"),
                 password: pw(b"pw"),
                 peer_addr: "127.0.0.1:8080".parse().unwrap(),
+                shares: Vec::new(),
             },
         ),
         &cat(&[
-            &[0, 0, 0, 24, 0x12],      // length, type
+            &[0, 0, 0, 28, 0x12],      // length, type
             &[0, 0, 0, 0, 0, 0, 0, 2], // req_id
             &[0, 2, b'a', b'l'],       // user
             &[0, 2, b'p', b'w'],       // password
             &[4, 127, 0, 0, 1],        // family, address
             &[0x1f, 0x90],             // port 8080
+            &[0, 0, 0, 0],             // no shares
         ]),
     );
 }
@@ -761,16 +764,18 @@ fn golden_login_ipv6() {
                 user: uid("al"),
                 password: pw(b"pw"),
                 peer_addr: "[2001:db8::1]:443".parse().unwrap(),
+                shares: Vec::new(),
             },
         ),
         &cat(&[
-            &[0, 0, 0, 36, 0x12],      // length, type
+            &[0, 0, 0, 40, 0x12],      // length, type
             &[0, 0, 0, 0, 0, 0, 0, 3], // req_id
             &[0, 2, b'a', b'l'],       // user
             &[0, 2, b'p', b'w'],       // password
             &[6],                      // family
             &[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
             &[0x01, 0xbb], // port 443
+            &[0, 0, 0, 0], // no shares
         ]),
     );
 }
@@ -879,17 +884,24 @@ fn golden_upload_file_two_pieces() {
 }
 
 #[test]
-fn golden_sync_shares() {
+fn golden_login_with_shares() {
     golden_c(
         req(
             7,
-            RequestBody::SyncShares {
+            RequestBody::Login {
+                user: uid("al"),
+                password: pw(b"pw"),
+                peer_addr: "127.0.0.1:8080".parse().unwrap(),
                 shares: vec![(gid("g"), fname("a b"))],
             },
         ),
         &cat(&[
-            &[0, 0, 0, 21, 0x20],      // length, type
+            &[0, 0, 0, 36, 0x12],      // length, type
             &[0, 0, 0, 0, 0, 0, 0, 7], // req_id
+            &[0, 2, b'a', b'l'],       // user
+            &[0, 2, b'p', b'w'],       // password
+            &[4, 127, 0, 0, 1],        // family, address
+            &[0x1f, 0x90],             // port 8080
             &[0, 0, 0, 1],             // one share
             &[0, 1, b'g'],             // group
             &[0, 3, b'a', b' ', b'b'], // name
@@ -1279,6 +1291,7 @@ fn well_formed_builder_frames_parse() {
         .u8(4)
         .raw(&[1, 2, 3, 4])
         .u16(80)
+        .u32(0)
         .0;
     assert!(ClientMsg::parse(&p).is_ok());
 }
@@ -1649,6 +1662,7 @@ fn address_family_must_be_4_or_6() {
             .u8(family)
             .raw(ip)
             .u16(80)
+            .u32(0)
             .0
     };
     assert!(ClientMsg::parse(&login(4, &[1, 2, 3, 4])).is_ok());

@@ -65,6 +65,7 @@ fn open(user: &str, port: u16, tracker: TrackerRef, client: u64) -> Op {
         tracker,
         client,
         token: [port.to_be_bytes()[1]; 16],
+        shares: None,
     }
 }
 
@@ -324,6 +325,7 @@ fn golden_user_session_and_answers() {
         },
         client: 5,
         token: [0xee; 16],
+        shares: None,
     };
     assert_eq!(
         asked(&mut st, 5, 7, open),
