@@ -38,28 +38,30 @@
 //! Every process is stopped when the benchmark ends (trackers get `quit`, then SIGKILL after
 //! 2 s; clients end with their input), also on an error.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use common::{cpu_secs, env_num, io_err, quit_or_kill, SyncClient};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
-use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
-use p2pshare::wire::tracker_link::{ClientMsg, Reply, ReplyBody, Request, RequestBody, TrackerMsg};
+use p2pshare::wire::frame::FrameBuffer;
+use p2pshare::wire::tracker_link::{Reply, ReplyBody, Request, RequestBody, TrackerMsg};
 use p2pshare::wire::{GroupId, Password, UserId};
 
 const TRACKER_BIN: &str = env!("CARGO_BIN_EXE_tracker_program");
 const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_client_program");
+const BENCH: &str = "replication";
 const PASSWORD: &[u8] = b"bench-password";
 /// Longest wait of one setup step (a start, a login, a reply).
 const STEP: Duration = Duration::from_secs(30);
-/// Clock ticks per second of `/proc/<pid>/stat`.
-const CLOCK_TICKS: f64 = 100.0;
 /// Connections opened at once during set-up (the listen backlog is 128).
 const SETUP_BATCH: usize = 64;
 
@@ -76,19 +78,6 @@ struct Config {
     parts: Vec<String>,
 }
 
-fn env_num(name: &str, default: f64) -> f64 {
-    match std::env::var(name) {
-        Ok(v) => match v.trim().parse::<f64>() {
-            Ok(n) if n >= 0.0 && n.is_finite() => n,
-            _ => {
-                eprintln!("replication: ignoring {name}={v:?} (not a number)");
-                default
-            }
-        },
-        Err(_) => default,
-    }
-}
-
 impl Config {
     fn from_env() -> Config {
         let sizes = std::env::var("REPL_BENCH_TRACKERS")
@@ -98,13 +87,13 @@ impl Config {
             .filter(|n| (1..=9).contains(n))
             .collect();
         Config {
-            conns: env_num("REPL_BENCH_CONNS", 128.0).max(1.0) as usize,
-            window: env_num("REPL_BENCH_WINDOW", 1.0).max(1.0) as usize,
-            secs: Duration::from_secs_f64(env_num("REPL_BENCH_SECS", 5.0).max(0.1)),
-            warmup: Duration::from_secs_f64(env_num("REPL_BENCH_WARMUP", 1.0)),
+            conns: env_num(BENCH, "REPL_BENCH_CONNS", 128.0).max(1.0) as usize,
+            window: env_num(BENCH, "REPL_BENCH_WINDOW", 1.0).max(1.0) as usize,
+            secs: Duration::from_secs_f64(env_num(BENCH, "REPL_BENCH_SECS", 5.0).max(0.1)),
+            warmup: Duration::from_secs_f64(env_num(BENCH, "REPL_BENCH_WARMUP", 1.0)),
             sizes,
-            spread: env_num("REPL_BENCH_SPREAD", 1.0) != 0.0,
-            failovers: env_num("REPL_BENCH_FAILOVERS", 5.0) as usize,
+            spread: env_num(BENCH, "REPL_BENCH_SPREAD", 1.0) != 0.0,
+            failovers: env_num(BENCH, "REPL_BENCH_FAILOVERS", 5.0) as usize,
             parts: std::env::args()
                 .skip(1)
                 .filter(|a| !a.starts_with('-'))
@@ -115,10 +104,6 @@ impl Config {
     fn wants(&self, part: &str) -> bool {
         self.parts.is_empty() || self.parts.iter().any(|p| p == part)
     }
-}
-
-fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
-    move |e| format!("{what}: {e}")
 }
 
 fn user(name: &str) -> UserId {
@@ -141,16 +126,6 @@ fn client_id(salt: u64) -> u64 {
     (t ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt
 }
 
-/// utime + stime of `/proc/<pid>/stat`, in seconds.
-fn proc_cpu_secs(pid: u32) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / CLOCK_TICKS)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The trackers.
 
@@ -162,18 +137,7 @@ struct TrackerProc {
 impl TrackerProc {
     /// Asks the tracker to quit, and kills it if it has not within 2 s.
     fn stop(mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
-            let _ = stdin.write_all(b"quit\n");
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        quit_or_kill(&mut self.child, self.stdin.take(), true);
     }
 }
 
@@ -269,7 +233,7 @@ impl Cluster {
         }
         self.procs[no - 1] = Some(proc);
         while Instant::now() < deadline {
-            if SyncClient::connect(addr, client_id(no as u64), Duration::from_secs(5)).is_ok() {
+            if SyncClient::connect_as(addr, client_id(no as u64), Duration::from_secs(5)).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -340,93 +304,6 @@ impl Drop for Cluster {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// A blocking client link, for set-up and the failover rounds.
-
-struct SyncClient {
-    stream: StdStream,
-    rbuf: FrameBuffer,
-    next_id: u64,
-}
-
-impl SyncClient {
-    /// Connects, says hello as client `id` and waits for the welcome.
-    fn connect(addr: SocketAddr, id: u64, timeout: Duration) -> Res<SyncClient> {
-        let mut c = SyncClient::open(addr, id, timeout)?;
-        match c.recv(Instant::now() + timeout)? {
-            TrackerMsg::Welcome { .. } => Ok(c),
-            other => Err(format!("expected a welcome, got {other:?}")),
-        }
-    }
-
-    /// Connects and sends the hello, without waiting for the welcome.
-    fn open(addr: SocketAddr, id: u64, timeout: Duration) -> Res<SyncClient> {
-        let stream = StdStream::connect_timeout(&addr, timeout).map_err(io_err("connect"))?;
-        stream.set_nodelay(true).map_err(io_err("set_nodelay"))?;
-        stream
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .map_err(io_err("set_read_timeout"))?;
-        let mut c = SyncClient {
-            stream,
-            rbuf: FrameBuffer::new(MAX_CLIENT_TRACKER_FRAME),
-            next_id: 1,
-        };
-        let mut out = Vec::new();
-        ClientMsg::hello(id).emit(&mut out);
-        c.stream.write_all(&out).map_err(io_err("send hello"))?;
-        Ok(c)
-    }
-
-    fn recv(&mut self, deadline: Instant) -> Res<TrackerMsg> {
-        loop {
-            if let Some(payload) = self.rbuf.next_frame().map_err(|e| format!("frame: {e}"))? {
-                return TrackerMsg::parse(payload).map_err(|e| format!("message: {e}"));
-            }
-            if Instant::now() >= deadline {
-                return Err("timed out waiting for the tracker".into());
-            }
-            match self.stream.read(self.rbuf.spare()) {
-                Ok(0) => return Err("closed by the tracker".into()),
-                Ok(n) => self.rbuf.commit(n),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(format!("read: {e}")),
-            }
-        }
-    }
-
-    fn send_with_id(&mut self, req_id: u64, body: RequestBody) -> Res<()> {
-        let mut out = Vec::new();
-        Request { req_id, body }.emit(&mut out);
-        self.stream.write_all(&out).map_err(io_err("send"))
-    }
-
-    /// Sends a request with the next id; returns the id.
-    fn send(&mut self, body: RequestBody) -> Res<u64> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send_with_id(id, body)?;
-        Ok(id)
-    }
-
-    fn reply(&mut self, want: u64, deadline: Instant) -> Res<ReplyBody> {
-        match self.recv(deadline)? {
-            TrackerMsg::Reply(Reply { req_id, body }) if req_id == want => Ok(body),
-            other => Err(format!("expected the reply to {want}, got {other:?}")),
-        }
-    }
-
-    fn call(&mut self, body: RequestBody) -> Res<ReplyBody> {
-        let id = self.send(body)?;
-        self.reply(id, Instant::now() + STEP)
-    }
-}
-
 /// Creates users `<prefix>0..n` through `links` connections spread over `addrs` (each
 /// connection's requests wait for one another's Argon2 hashes; several connections use the
 /// trackers' password threads in parallel).
@@ -434,7 +311,7 @@ fn create_users(addrs: &[SocketAddr], prefix: &str, n: usize) -> Res<()> {
     let links = (2 * addrs.len()).min(n.max(1));
     let mut clients = Vec::new();
     for i in 0..links {
-        clients.push(SyncClient::connect(
+        clients.push(SyncClient::connect_as(
             addrs[i % addrs.len()],
             client_id(1000 + i as u64),
             STEP,
@@ -442,7 +319,7 @@ fn create_users(addrs: &[SocketAddr], prefix: &str, n: usize) -> Res<()> {
     }
     let mut sent: Vec<Vec<u64>> = vec![Vec::new(); links];
     for i in 0..n {
-        let id = clients[i % links].send(RequestBody::CreateUser {
+        let id = clients[i % links].send_one(RequestBody::CreateUser {
             user: user(&format!("{prefix}{i}")),
             password: password(),
         })?;
@@ -620,8 +497,9 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
         let end = (start + SETUP_BATCH).min(n);
         let mut batch = Vec::new();
         for i in start..end {
-            let mut c = SyncClient::connect(targets[i % targets.len()], client_id(i as u64), STEP)?;
-            let id = c.send(RequestBody::Login {
+            let mut c =
+                SyncClient::connect_as(targets[i % targets.len()], client_id(i as u64), STEP)?;
+            let id = c.send_one(RequestBody::Login {
                 user: user(&format!("u{i}")),
                 password: password(),
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
@@ -642,10 +520,7 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
     let mut poll = Poll::new().map_err(io_err("Poll::new"))?;
     let mut conns = Vec::with_capacity(n);
     for (i, c) in links.into_iter().enumerate() {
-        c.stream
-            .set_nonblocking(true)
-            .map_err(io_err("set_nonblocking"))?;
-        let mut stream = TcpStream::from_std(c.stream);
+        let (mut stream, rbuf, next_id) = c.into_mio()?;
         poll.registry()
             .register(
                 &mut stream,
@@ -655,9 +530,9 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
             .map_err(io_err("register"))?;
         conns.push(LoadConn {
             stream,
-            rbuf: c.rbuf,
+            rbuf,
             wbuf: Vec::new(),
-            next_id: c.next_id,
+            next_id,
             in_flight: VecDeque::new(),
             group: group(&format!("g{i}")),
             create_next: true,
@@ -688,7 +563,7 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
             break;
         }
         if cpu_from.is_none() && now >= from {
-            cpu_from = Some(pids.iter().map(|p| p.and_then(proc_cpu_secs)).collect());
+            cpu_from = Some(pids.iter().map(|p| p.and_then(cpu_secs)).collect());
             let live: Vec<u32> = pids.iter().flatten().copied().collect();
             fsync_counter = Some(FsyncCounter::start(&live));
         }
@@ -745,7 +620,7 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
             c.flush()?;
         }
     }
-    let cpu_to: Vec<Option<f64>> = pids.iter().map(|p| p.and_then(proc_cpu_secs)).collect();
+    let cpu_to: Vec<Option<f64>> = pids.iter().map(|p| p.and_then(cpu_secs)).collect();
     let fsyncs = fsync_counter.flatten().and_then(FsyncCounter::finish);
     let cpu = match cpu_from {
         Some(f) => f
@@ -781,7 +656,9 @@ fn reconnect(
     while Instant::now() < deadline {
         for k in 1..=order.len() {
             let no = order[(from_index + k) % order.len()];
-            if let Ok(c) = SyncClient::open(cluster.addrs[no - 1], id, Duration::from_millis(500)) {
+            if let Ok(c) =
+                SyncClient::open(cluster.addrs[no - 1], Some(id), Duration::from_millis(500))
+            {
                 return Ok((c, no));
             }
         }
@@ -797,13 +674,16 @@ fn reconnect(
 fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Duration, bool)> {
     let order: Vec<usize> = (1..=cluster.addrs.len()).collect();
     let id = client_id(primary as u64 * 7919);
-    let mut c = SyncClient::connect(cluster.addrs[primary - 1], id, STEP)?;
-    let token = match c.call(RequestBody::Login {
-        user: user(user_name),
-        password: password(),
-        peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000)),
-        shares: Vec::new(),
-    })? {
+    let mut c = SyncClient::connect_as(cluster.addrs[primary - 1], id, STEP)?;
+    let token = match c.call(
+        RequestBody::Login {
+            user: user(user_name),
+            password: password(),
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000)),
+            shares: Vec::new(),
+        },
+        STEP,
+    )? {
         ReplyBody::LoggedIn { token } => token,
         other => return Err(format!("login: {other:?}")),
     };
@@ -817,13 +697,13 @@ fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Dur
     };
     let mut create = true;
     for _ in 0..10 {
-        match c.call(change(create))? {
+        match c.call(change(create), STEP)? {
             ReplyBody::Done => create = !create,
             other => return Err(format!("change: {other:?}")),
         }
     }
     // A change in flight, then the kill.
-    let mut pending = (c.send(change(create))?, change(create));
+    let mut pending = (c.send_one(change(create))?, change(create));
     let first = pending.0;
     let killed = Instant::now();
     cluster.kill9(primary);
@@ -834,10 +714,10 @@ fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Dur
             Ok(ReplyBody::Done) => {
                 create = !create;
                 let body = change(create);
-                match c.send(body.clone()) {
+                match c.send_one(body.clone()) {
                     Ok(req) => pending = (req, body),
                     Err(_) => {
-                        pending = (c.next_id - 1, body);
+                        pending = (c.next_id() - 1, body);
                         break;
                     }
                 }
@@ -848,9 +728,9 @@ fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Dur
     }
     let index = order.iter().position(|n| *n == primary).unwrap_or(0);
     let (mut n, _) = reconnect(cluster, &order, index, id)?;
-    n.next_id = pending.0 + 1;
-    let resume = n.next_id;
-    n.next_id += 1;
+    n.set_next_id(pending.0 + 1);
+    let resume = n.next_id();
+    n.set_next_id(resume + 1);
     n.send_with_id(resume, RequestBody::Resume { token })?;
     n.send_with_id(pending.0, pending.1)?;
     let deadline = Instant::now() + STEP;
@@ -868,7 +748,7 @@ fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Dur
     }
     let took = killed.elapsed();
     // The session goes on.
-    match n.call(change(!create))? {
+    match n.call(change(!create), STEP)? {
         ReplyBody::Done => {}
         other => return Err(format!("change after the failover: {other:?}")),
     }
@@ -934,16 +814,7 @@ impl ClientProc {
 impl Drop for ClientProc {
     fn drop(&mut self) {
         // End of input ends it; kill it if it lingers.
-        self.stdin = None;
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        quit_or_kill(&mut self.child, self.stdin.take(), false);
     }
 }
 

@@ -17,136 +17,18 @@
 //! `RESUME_BENCH_AT` (the fraction of pieces at which to kill, default 0.5),
 //! `RESUME_BENCH_DIR` (where the files go, default the system temp dir).
 
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+mod common;
+
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
+
+use common::{env_or, free_port, make_file, same_contents, Proc};
 
 use p2pshare::client::part_record::{self, PartRecord};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
 const PIECE: u64 = 512 * 1024;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A running program whose stdout lines arrive on a channel; killed on drop.
-struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-}
-
-impl Proc {
-    fn start(bin: &str, args: &[&str], dir: &Path) -> Proc {
-        // State (keys, data, client state) goes in the bench's directory, never the real home.
-        let mut child = Command::new(bin)
-            .env("XDG_STATE_HOME", dir)
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start a program");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Proc {
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").expect("write a command");
-        stdin.flush().expect("flush");
-    }
-
-    /// Waits for a stdout line containing `needle`; returns it.
-    fn expect(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no line containing {needle:?} within {STEP_TIMEOUT:?}"),
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Writes `mib` MiB of pseudo-random bytes.
-fn make_file(path: &Path, mib: u64) {
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, File::create(path).expect("create"));
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).expect("write");
-    }
-    f.flush().expect("flush");
-}
-
-fn same_contents(a: &Path, b: &Path) -> bool {
-    let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else {
-        return false;
-    };
-    let (mut ra, mut rb) = (
-        BufReader::with_capacity(1 << 20, fa),
-        BufReader::with_capacity(1 << 20, fb),
-    );
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let na = ra.read(&mut ba).unwrap_or(0);
-        if na == 0 {
-            return rb.read(&mut bb).unwrap_or(1) == 0;
-        }
-        if rb.read_exact(&mut bb[..na]).is_err() || ba[..na] != bb[..na] {
-            return false;
-        }
-    }
-}
 
 /// The byte counts of the sharer's `closed: N bytes of blocks` log lines so far, in order.
 fn served_per_link(log: &Path) -> Vec<u64> {
@@ -205,10 +87,15 @@ fn main() {
     let info_path = dir.join("tracker_info.txt");
     fs::write(&info_path, format!("127.0.0.1:{tracker_port}\n")).expect("tracker file");
     let info = info_path.to_str().expect("utf-8");
-    let mut tracker = Proc::start(env!("CARGO_BIN_EXE_tracker_program"), &[info, "1"], dir);
+    let mut tracker = Proc::start(
+        env!("CARGO_BIN_EXE_tracker_program"),
+        &[info, "1"],
+        dir,
+        STEP_TIMEOUT,
+    );
     tracker.expect("listening");
     let file = dir.join("data.bin");
-    make_file(&file, mib);
+    make_file(&file, mib, 0);
     let size = mib * 1024 * 1024;
     let n_pieces = size.div_ceil(PIECE) as usize;
     println!(
@@ -232,6 +119,7 @@ fn main() {
                 info,
             ],
             dir,
+            STEP_TIMEOUT,
         );
         let (owner, group) = (format!("s{run}"), format!("g{run}"));
         sharer.send(&format!("create_user {owner} pw"));
@@ -253,7 +141,7 @@ fn main() {
             info,
         ];
         let user = format!("d{run}");
-        let mut d = Proc::start(client, &d_args, dir);
+        let mut d = Proc::start(client, &d_args, dir, STEP_TIMEOUT);
         d.send(&format!("create_user {user} pw"));
         d.send(&format!("login {user} pw"));
         d.expect("logged in");
@@ -282,7 +170,7 @@ fn main() {
         let first = wait_served(&sharer_log, 1)[0];
 
         let restart = Instant::now();
-        let mut d = Proc::start(client, &d_args, dir);
+        let mut d = Proc::start(client, &d_args, dir, STEP_TIMEOUT);
         d.send(&format!("login {user} pw"));
         d.expect("logged in");
         let resumed = d.expect("resumed");

@@ -19,26 +19,21 @@
 //! every peer in Mbit/s, 100), `SWARM_BENCH_RUNS` (1), `SWARM_BENCH_LOG` (log level of the
 //! programs, `warn`).
 
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use common::{env_or, make_file, same_contents};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const SUBNET: &str = "10.77.0";
 /// Set by the signal thread: the programs are being killed, so their silence is no failure.
 static STOPPING: AtomicBool = AtomicBool::new(false);
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// What must be undone: namespaces to delete and processes to kill.
 #[derive(Default)]
@@ -173,11 +168,9 @@ impl Net {
 }
 
 /// A program running in a namespace; its stdout lines arrive on a channel.
-struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-}
+/// A program run in a network namespace (a [`common::Proc`] under `ip netns exec`), whose
+/// pid the cleanup knows; once the benchmark is being stopped its silence is no failure.
+struct Proc(common::Proc);
 
 impl Proc {
     fn start(
@@ -187,93 +180,29 @@ impl Proc {
         args: &[&str],
         dir: &Path,
     ) -> Proc {
-        let mut child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", ns, bin])
             .args(args)
             .env("XDG_STATE_HOME", dir)
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start a program");
-        cleanup.lock().expect("cleanup").pids.push(child.id());
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Proc {
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-        }
+            .current_dir(dir);
+        let p = common::Proc::spawn(command, STEP_TIMEOUT);
+        cleanup.lock().expect("cleanup").pids.push(p.pid());
+        Proc(p)
     }
 
     fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").expect("write a command");
-        stdin.flush().expect("flush");
+        self.0.send(line);
     }
 
     fn expect(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) if STOPPING.load(Ordering::SeqCst) => loop {
-                    // The signal thread cleans up and exits the process.
-                    std::thread::park();
-                },
-                Err(_) => panic!("no line containing {needle:?} within {STEP_TIMEOUT:?}"),
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn make_file(path: &Path, mib: u64, seed: u64) {
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, File::create(path).expect("create"));
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ seed;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).expect("write");
-    }
-    f.flush().expect("flush");
-}
-
-fn same_contents(a: &Path, b: &Path) -> bool {
-    let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else {
-        return false;
-    };
-    let (mut ra, mut rb) = (BufReader::new(fa), BufReader::new(fb));
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let na = ra.read(&mut ba).unwrap_or(0);
-        if na == 0 {
-            return rb.read(&mut bb).unwrap_or(1) == 0;
-        }
-        if rb.read_exact(&mut bb[..na]).is_err() || ba[..na] != bb[..na] {
-            return false;
+        match self.0.wait_for(needle) {
+            Some(line) => line,
+            None if STOPPING.load(Ordering::SeqCst) => loop {
+                // The signal thread cleans up and exits the process.
+                std::thread::park();
+            },
+            None => panic!("no line containing {needle:?} within {STEP_TIMEOUT:?}"),
         }
     }
 }

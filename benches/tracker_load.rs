@@ -33,14 +33,17 @@
 //!
 //! Tracker CPU time comes from `/proc/<pid>/stat` (utime + stime, at 100 ticks per second).
 
+mod common;
+
 use std::collections::VecDeque;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{cpu_secs, env_num, io_err, quit_or_kill, status_kib, SyncClient};
 use mio::event::Event;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -54,8 +57,7 @@ use p2pshare::wire::{GroupId, Password, UserId};
 /// listens with a backlog of 128, so a bigger connection storm would overflow the tracker's
 /// accept queue and stall on SYN retransmits (1 s, 3 s, ...).
 const MAX_PENDING_CONNECTS: usize = 64;
-/// Clock ticks per second of `/proc/<pid>/stat` (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
-const CLOCK_TICKS: f64 = 100.0;
+const BENCH: &str = "tracker_load";
 /// Longest single wait in the reactor, so deadlines are checked at least this often.
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 const PASSWORD: &[u8] = b"bench-password";
@@ -74,19 +76,6 @@ struct Config {
     scenarios: Vec<String>,
 }
 
-fn env_num(name: &str, default: f64) -> f64 {
-    match std::env::var(name) {
-        Ok(v) => match v.trim().parse::<f64>() {
-            Ok(n) if n >= 0.0 && n.is_finite() => n,
-            _ => {
-                eprintln!("tracker_load: ignoring {name}={v:?} (not a number)");
-                default
-            }
-        },
-        Err(_) => default,
-    }
-}
-
 impl Config {
     fn from_env() -> Config {
         let scenarios = std::env::args()
@@ -94,16 +83,18 @@ impl Config {
             .filter(|a| !a.starts_with('-'))
             .collect();
         Config {
-            conns: env_num("TRACKER_BENCH_CONNS", 1000.0).max(1.0) as usize,
-            window: env_num("TRACKER_BENCH_WINDOW", 32.0).max(1.0) as usize,
-            warmup: Duration::from_secs_f64(env_num("TRACKER_BENCH_WARMUP", 3.0)),
-            secs: Duration::from_secs_f64(env_num("TRACKER_BENCH_SECS", 10.0).max(0.1)),
-            lg_conns: env_num("TRACKER_BENCH_LG_CONNS", 50.0).max(1.0) as usize,
-            lg_window: env_num("TRACKER_BENCH_LG_WINDOW", 256.0).max(1.0) as usize,
-            groups: env_num("TRACKER_BENCH_GROUPS", 20.0) as usize,
-            hold: env_num("TRACKER_BENCH_HOLD", 10_000.0) as usize,
-            hold_secs: Duration::from_secs_f64(env_num("TRACKER_BENCH_HOLD_SECS", 60.0).max(1.0)),
-            flood_window: env_num("TRACKER_BENCH_FLOOD_WINDOW", 10.0).max(1.0) as usize,
+            conns: env_num(BENCH, "TRACKER_BENCH_CONNS", 1000.0).max(1.0) as usize,
+            window: env_num(BENCH, "TRACKER_BENCH_WINDOW", 32.0).max(1.0) as usize,
+            warmup: Duration::from_secs_f64(env_num(BENCH, "TRACKER_BENCH_WARMUP", 3.0)),
+            secs: Duration::from_secs_f64(env_num(BENCH, "TRACKER_BENCH_SECS", 10.0).max(0.1)),
+            lg_conns: env_num(BENCH, "TRACKER_BENCH_LG_CONNS", 50.0).max(1.0) as usize,
+            lg_window: env_num(BENCH, "TRACKER_BENCH_LG_WINDOW", 256.0).max(1.0) as usize,
+            groups: env_num(BENCH, "TRACKER_BENCH_GROUPS", 20.0) as usize,
+            hold: env_num(BENCH, "TRACKER_BENCH_HOLD", 10_000.0) as usize,
+            hold_secs: Duration::from_secs_f64(
+                env_num(BENCH, "TRACKER_BENCH_HOLD_SECS", 60.0).max(1.0),
+            ),
+            flood_window: env_num(BENCH, "TRACKER_BENCH_FLOOD_WINDOW", 10.0).max(1.0) as usize,
             scenarios,
         }
     }
@@ -199,16 +190,11 @@ impl Tracker {
 
     /// CPU seconds (user + system) the tracker has used so far.
     fn cpu_secs(&self) -> Option<f64> {
-        proc_cpu_secs(&self.pid().to_string())
+        cpu_secs(self.pid())
     }
 
     fn rss_kib(&self) -> Option<u64> {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
+        status_kib(self.pid(), "VmRSS")
     }
 
     fn is_running(&mut self) -> bool {
@@ -218,153 +204,13 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
-            let _ = stdin.write_all(b"quit\n");
-        }
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        quit_or_kill(&mut self.child, self.stdin.take(), true);
     }
-}
-
-/// utime + stime of `/proc/<pid>/stat`, in seconds.
-fn proc_cpu_secs(pid: &str) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces; fields after it start
-    // at field 3 (state), so utime (14) and stime (15) are the 12th and 13th.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / CLOCK_TICKS)
 }
 
 // ---------------------------------------------------------------------------------------------
-// A blocking client for set-up (users, logins, groups) and the fresh-connection probe.
-
-struct SyncClient {
-    stream: StdStream,
-    rbuf: FrameBuffer,
-    next_id: u64,
-}
-
-fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
-
-impl SyncClient {
-    /// Connects and handshakes, within `timeout` for each step.
-    fn connect(addr: SocketAddr, timeout: Duration) -> Result<SyncClient, String> {
-        let stream = StdStream::connect_timeout(&addr, timeout).map_err(io_err("connect"))?;
-        stream.set_nodelay(true).map_err(io_err("set_nodelay"))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(io_err("set_read_timeout"))?;
-        stream
-            .set_write_timeout(Some(timeout))
-            .map_err(io_err("set_write_timeout"))?;
-        let mut client = SyncClient {
-            stream,
-            rbuf: FrameBuffer::new(MAX_CLIENT_TRACKER_FRAME),
-            next_id: 1,
-        };
-        let mut out = Vec::new();
-        // Each connection is its own client process (its local port tells them apart).
-        let client_id = u64::from(client.stream.local_addr().map_or(0, |a| a.port()));
-        ClientMsg::hello(client_id).emit(&mut out);
-        client
-            .stream
-            .write_all(&out)
-            .map_err(io_err("send hello"))?;
-        match client.recv(Instant::now() + timeout)? {
-            TrackerMsg::Welcome { .. } => Ok(client),
-            other => Err(format!("expected Welcome, got {other:?}")),
-        }
-    }
-
-    fn recv(&mut self, deadline: Instant) -> Result<TrackerMsg, String> {
-        loop {
-            if let Some(payload) = self
-                .rbuf
-                .next_frame()
-                .map_err(|e| format!("bad frame: {e}"))?
-            {
-                return TrackerMsg::parse(payload).map_err(|e| format!("bad message: {e}"));
-            }
-            if Instant::now() >= deadline {
-                return Err("timed out waiting for the tracker".into());
-            }
-            match self.stream.read(self.rbuf.spare()) {
-                Ok(0) => return Err("connection closed by the tracker".into()),
-                Ok(n) => self.rbuf.commit(n),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(format!("read: {e}")),
-            }
-        }
-    }
-
-    /// Sends `bodies` pipelined; returns the first request id.
-    fn send(&mut self, bodies: &[RequestBody]) -> Result<u64, String> {
-        let first = self.next_id;
-        let mut out = Vec::new();
-        for body in bodies {
-            Request {
-                req_id: self.next_id,
-                body: body.clone(),
-            }
-            .emit(&mut out);
-            self.next_id += 1;
-        }
-        self.stream.write_all(&out).map_err(io_err("send"))?;
-        Ok(first)
-    }
-
-    /// Receives the `n` replies to requests sent from `first` on, in order.
-    fn replies(
-        &mut self,
-        first: u64,
-        n: usize,
-        deadline: Instant,
-    ) -> Result<Vec<ReplyBody>, String> {
-        let mut out = Vec::with_capacity(n);
-        for want in first..first + n as u64 {
-            match self.recv(deadline)? {
-                TrackerMsg::Reply(Reply { req_id, body }) if req_id == want => out.push(body),
-                other => return Err(format!("expected the reply to {want}, got {other:?}")),
-            }
-        }
-        Ok(out)
-    }
-
-    fn call_all(
-        &mut self,
-        bodies: &[RequestBody],
-        timeout: Duration,
-    ) -> Result<Vec<ReplyBody>, String> {
-        let first = self.send(bodies)?;
-        self.replies(first, bodies.len(), Instant::now() + timeout)
-    }
-
-    /// Hands the connection to the reactor.
-    fn into_mio(self) -> Result<(TcpStream, FrameBuffer, u64), String> {
-        self.stream
-            .set_nonblocking(true)
-            .map_err(io_err("set_nonblocking"))?;
-        Ok((TcpStream::from_std(self.stream), self.rbuf, self.next_id))
-    }
-}
+// A blocking client for set-up (users, logins, groups) and the fresh-connection probe:
+// `common::SyncClient`.
 
 fn expect_all(
     what: &str,
@@ -926,7 +772,7 @@ impl CpuSample {
         CpuSample {
             at: Instant::now(),
             tracker: tracker.cpu_secs(),
-            bench: proc_cpu_secs("self"),
+            bench: cpu_secs(std::process::id()),
         }
     }
 }

@@ -19,174 +19,16 @@
 //! `TRANSFER_BENCH_WRAP` (a command to run the downloader under, e.g. a profiler),
 //! `TRANSFER_BENCH_LOG` (the downloader's log level, default `warn`).
 
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const CLOCK_TICKS: f64 = 100.0;
+use common::{cpu_secs, env_or, free_port, make_file, same_contents, status_kib, Proc};
+
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// A running program whose stdout lines arrive on a channel; killed on drop.
-struct Proc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-}
-
-impl Proc {
-    fn start(bin: &str, args: &[&str], dir: &Path) -> Proc {
-        // State (keys, data, client state) goes in the bench's directory, never the real home.
-        let mut child = Command::new(bin)
-            .env("XDG_STATE_HOME", dir)
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start a program");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Proc {
-            stdin: child.stdin.take(),
-            child,
-            lines: rx,
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").expect("write a command");
-        stdin.flush().expect("flush");
-    }
-
-    /// Waits for a stdout line containing `needle`; returns it.
-    fn expect(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + STEP_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no line containing {needle:?} within {STEP_TIMEOUT:?}"),
-            }
-        }
-    }
-
-    /// Closes stdin and gives the program a few seconds to exit on its own (a profiler
-    /// wrapping it then writes its data) before it is killed.
-    fn finish(mut self) {
-        self.stdin = None;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// user + system CPU seconds of a process so far.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat; here, after the name and state, 11 and 12.
-    (ticks(11) + ticks(12)) / CLOCK_TICKS
-}
-
-/// Anonymous resident memory of a process in KiB.
-fn rss_anon_kib(pid: u32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Writes `mib` MiB of pseudo-random bytes (xorshift, fast enough not to matter).
-fn make_file(path: &Path, mib: u64) {
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, File::create(path).expect("create"));
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for chunk in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-        f.write_all(&buf).expect("write");
-    }
-    f.flush().expect("flush");
-}
-
-fn same_contents(a: &Path, b: &Path) -> bool {
-    let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else {
-        return false;
-    };
-    let (mut ra, mut rb) = (
-        BufReader::with_capacity(1 << 20, fa),
-        BufReader::with_capacity(1 << 20, fb),
-    );
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    loop {
-        let na = ra.read(&mut ba).unwrap_or(0);
-        if na == 0 {
-            return rb.read(&mut bb).unwrap_or(1) == 0;
-        }
-        if rb.read_exact(&mut bb[..na]).is_err() || ba[..na] != bb[..na] {
-            return false;
-        }
-    }
-}
 
 struct Setup {
     dir: PathBuf,
@@ -204,7 +46,7 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
     let mut sharers = Vec::new();
     for i in 0..n_sharers {
         let addr = format!("127.0.0.1:{}", free_port());
-        let mut p = Proc::start(client, &["--serve", &addr, info], &setup.dir);
+        let mut p = Proc::start(client, &["--serve", &addr, info], &setup.dir, STEP_TIMEOUT);
         let user = format!("u{i}{tag}");
         p.send(&format!("create_user {user} pw"));
         p.send(&format!("login {user} pw"));
@@ -244,9 +86,9 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
             let program = words.remove(0);
             words.push(client);
             words.extend(client_args);
-            Proc::start(program, &words, &setup.dir)
+            Proc::start(program, &words, &setup.dir, STEP_TIMEOUT)
         }
-        _ => Proc::start(client, &client_args, &setup.dir),
+        _ => Proc::start(client, &client_args, &setup.dir, STEP_TIMEOUT),
     };
     let user = format!("d{tag}");
     d.send(&format!("create_user {user} pw"));
@@ -257,7 +99,7 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
     sharers[0].send(&format!("accept_request {group} {user}"));
     sharers[0].expect("accepted");
     let target = setup.dir.join(format!("out-{tag}"));
-    let cpu0 = cpu_secs(d.pid());
+    let cpu0 = cpu_secs(d.pid()).unwrap_or(0.0);
     let t0 = Instant::now();
     d.send(&format!(
         "download_file {group} {} {}",
@@ -269,9 +111,9 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
         target.display()
     ));
     // Sample memory until the completion line.
-    let mut peak_anon = rss_anon_kib(d.pid());
+    let mut peak_anon = status_kib(d.pid(), "RssAnon").unwrap_or(0);
     let line = loop {
-        match d.lines.recv_timeout(Duration::from_millis(5)) {
+        match d.next_line(Duration::from_millis(5)) {
             Ok(line) if line.starts_with("downloaded ") => break line,
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -279,11 +121,11 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => panic!("downloader exited"),
         }
-        peak_anon = peak_anon.max(rss_anon_kib(d.pid()));
+        peak_anon = peak_anon.max(status_kib(d.pid(), "RssAnon").unwrap_or(0));
     };
     let outside = t0.elapsed().as_secs_f64();
-    let cpu = cpu_secs(d.pid()) - cpu0;
-    peak_anon = peak_anon.max(rss_anon_kib(d.pid()));
+    let cpu = cpu_secs(d.pid()).unwrap_or(0.0) - cpu0;
+    peak_anon = peak_anon.max(status_kib(d.pid(), "RssAnon").unwrap_or(0));
     let gib = mib as f64 / 1024.0;
     let identical = same_contents(&setup.file, &target);
     println!(
@@ -317,11 +159,12 @@ fn main() {
         env!("CARGO_BIN_EXE_tracker_program"),
         &[tracker_info.to_str().expect("utf-8"), "1"],
         dir.path(),
+        STEP_TIMEOUT,
     );
     tracker.expect("listening");
     let file = dir.path().join("data.bin");
     let t0 = Instant::now();
-    make_file(&file, mib);
+    make_file(&file, mib, 0);
     println!(
         "generated {mib} MiB in {:.2} s; cores: {}",
         t0.elapsed().as_secs_f64(),

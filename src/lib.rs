@@ -16,8 +16,9 @@
 //!   `DecodeError`), `frame` (length prefixes, `FrameBuffer`), `ids` (validated ids),
 //!   `tracker_link` (client to tracker), `replication` (tracker to tracker), `ops` (the
 //!   replicated changes `Op`/`Entry` and their ids), `peer_link` (client to client, with the
-//!   streaming `SharerStream` decoder). Architecture Invariant: no IO, `parse` never panics,
-//!   and `wire` depends on nothing but itself and [`bitfield`].
+//!   streaming `SharerStream` decoder), `ticket` (the encoding of the service's signed
+//!   permission to download; signing and checking are `keys`'). Architecture Invariant: no
+//!   IO, `parse` never panics, and `wire` depends on nothing but itself and [`bitfield`].
 //! - [`bitfield`]: which pieces a peer holds. Plain data.
 //! - [`net`]: mio plumbing shared by both programs: the slab `ConnTable`, buffered framed
 //!   connections (`conn`), stdin and signal wake-ups (`wake`), and `secure`, the sans-IO
@@ -29,25 +30,32 @@
 //!   static key and its certificate).
 //! - [`tracker`]: `state` (the deterministic [`tracker::state::TrackerState::apply`]; its
 //!   child `snapshot` encodes the whole state), `core` (sans-IO request handling per
-//!   connection), `replica` (sans-IO replication: primary, backups, takeover), `password`
-//!   (Argon2id on helper threads), `disk` (the data directory: CRC-checked log segments,
-//!   snapshots, recovery, and the disk thread that fsyncs off the reactor), `driver` (the
-//!   mio reactor). Architecture Invariant: state changes only through `apply`; everything a
-//!   tracker answers derives from the state; a tracker that was stalled serves nothing until
-//!   it has learned the current view.
+//!   connection), `replica` (sans-IO replication: primary, backups, takeover; data that
+//!   only one role means lives in that `Role` variant), `durable` (what the replica asks to write, as
+//!   `Persist` values, and the state restored from disk), `tickets` (the tickets issued
+//!   with a file's sharers), `password` (Argon2id on helper threads) with `password_queue`
+//!   (sans-IO, fair and bounded: which password job runs next), `disk` (the data directory:
+//!   `format` of the CRC-checked log segments and snapshots, `recover`, and the `writer`,
+//!   the disk thread that fsyncs off the reactor), `driver` (the mio reactor). Architecture
+//!   Invariant: state changes only through `apply`; everything a tracker answers derives
+//!   from the state; a tracker that was stalled serves nothing until it has learned the
+//!   current view; an entry counts (acknowledged, committed) only once its write is durable.
 //! - [`client`]: `command` (line parsing), `session` (sans-IO command-loop core), `uplink`
 //!   (sans-IO tracker link: which tracker, timeouts, pings, backoff), `download` (`picker`
-//!   and the sans-IO `engine` of one download), `uploader` (sans-IO serving core: accept or
-//!   refuse, block or reject), `slots` (sans-IO upload slots: which serve links send now,
+//!   and the sans-IO `engine` of one download), `outcome` (what a download reports to the
+//!   command loop: `Started`, `Completed`, `SharersError`, printed through `Display`),
+//!   `uploader` (sans-IO serving core: accept or refuse, block or reject), `slots` (sans-IO upload slots: which serve links send now,
 //!   which piece first), `transfers` (the peer links' IO: `downloads`, `fetch`, `serve`),
 //!   `disk` (the file-system facts the session core asks for), `progress` (the progress line),
 //!   `shell` (line editing, `history`, `complete`, `help` and `listing` at a terminal; batch
 //!   input never goes through it), `state_dir` (where a client keeps what it remembers),
 //!   `state_file` (its users' shares and downloads, written atomically, and the directory's
 //!   lock), `part_record` (the resume record beside a `.part`), `known_trackers` (the service
-//!   key each tracker must present; first-use trust), `driver` (the mio reactor). Architecture Invariant: the reactor never blocks: sockets
-//!   are non-blocking (tracker connects included), hashing runs on the pool, stdin on its
-//!   thread.
+//!   key each tracker must present; first-use trust), `driver` (the mio reactor).
+//!   Architecture Invariant: the reactor never blocks: sockets are non-blocking (tracker
+//!   connects included), hashing runs on the pool, stdin on its thread (`tests/uplink.rs`
+//!   shows a download going on while the client fails over toward a tracker that accepts
+//!   no connection).
 //! - [`hasher`]: the SHA1 worker pool (files to share, downloaded pieces, a download's
 //!   whole-file digest). [`storage`]: memory-mapped files and the piece-ownership rule.
 //!   Architecture Invariant: a piece leaves `Hashing` only through its ticket's verdict, and
@@ -59,10 +67,11 @@
 //! # Architecture invariants
 //!
 //! - Architecture Invariant: the cores (`tracker::state` with `snapshot`, `tracker::core`,
-//!   `tracker::replica`, `client::session`, `client::command`, `client::uplink`,
-//!   `client::uploader`, `client::slots`, `client::download::{picker, engine}`, `wire`, `net::secure`) do no
-//!   IO: no `mio`, no sockets, no files, no `Instant::now()`. Time is an argument. They use
-//!   ordered maps. `tests/tidy.rs` checks this.
+//!   `tracker::replica`, `tracker::password_queue`, `client::session`, `client::command`,
+//!   `client::uplink`, `client::uploader`, `client::slots`, `client::download::{picker,
+//!   engine}`, `wire`, `net::secure`) do no IO: no `mio`, no sockets, no files, no
+//!   `Instant::now()`. Time is an argument. They use ordered maps. `tests/tidy.rs` checks
+//!   this, and that the crate doc names every module.
 //! - Architecture Invariant: tracker state changes only through `TrackerState::apply(&Op)`,
 //!   which is deterministic, so replicas applying the same ops in order hold equal states.
 //! - Architecture Invariant: `parse` never panics on any input and never allocates from an

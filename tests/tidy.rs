@@ -211,3 +211,53 @@ fn cores_use_ordered_maps() {
         }
     }
 }
+
+#[test]
+fn the_codemap_names_every_module() {
+    // The crate doc of `src/lib.rs` is the map a newcomer reads first: a module it does not
+    // name is one nobody finds. Every name written between backticks counts (`wire`,
+    // `tracker::state`, `download` (`picker` ...)).
+    let lib = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs")).unwrap();
+    let doc: String = lib
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut named = std::collections::BTreeSet::new();
+    for (i, span) in doc.split('`').enumerate() {
+        if i % 2 == 1 {
+            for word in span.split(|c: char| !c.is_alphanumeric() && c != '_') {
+                named.insert(word.to_string());
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    for (rel, text) in src_files() {
+        if is_test_file(&rel) || rel.starts_with("bin/") {
+            continue;
+        }
+        // (The whole file: `non_test_part` would stop at `#[cfg(test)] mod testing;`.)
+        for line in text.lines() {
+            let line = line.trim_start();
+            let Some(rest) = line
+                .strip_prefix("pub mod ")
+                .or_else(|| line.strip_prefix("pub(crate) mod "))
+                .or_else(|| line.strip_prefix("pub(super) mod "))
+                .or_else(|| line.strip_prefix("mod "))
+            else {
+                continue;
+            };
+            let Some(name) = rest.strip_suffix(';') else {
+                continue;
+            };
+            if name == "tests" || name.ends_with("_tests") || named.contains(name) {
+                continue;
+            }
+            missing.push(format!("{name} (declared in {rel})"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the codemap in src/lib.rs does not name these modules: {missing:?}"
+    );
+}

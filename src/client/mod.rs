@@ -1,6 +1,6 @@
 //! The client: the command loop ([`command`] parsing, [`session`] core, [`disk`] facts it
 //! asks for), the link to the trackers ([`uplink`] core), the peer links ([`transfers`]) with
-//! the download engine ([`download`]), the serving core ([`uploader`]) and the upload slots
+//! the download engine ([`download`]) and what they report of a download ([`outcome`]), the serving core ([`uploader`]) and the upload slots
 //! ([`slots`]), the mio reactor
 //! that runs them all ([`driver`]), and the progress line on a terminal ([`progress`]). At a
 //! terminal the [`shell`] reads the commands (line editing, [`history`], [`complete`],
@@ -18,6 +18,7 @@ pub mod help;
 pub mod history;
 pub mod known_trackers;
 pub mod listing;
+pub mod outcome;
 pub mod part_record;
 pub mod progress;
 pub mod session;

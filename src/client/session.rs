@@ -32,6 +32,7 @@ use super::command::{parse_line, Command};
 use super::disk::{Inspect, Inspected, PathError};
 pub use super::download::engine::GiveUp;
 use super::listing::Listings;
+use super::outcome::{Completed, SharersError, Started};
 use super::state_file::{
     ClientState, FileStamp, SavedDownload, SavedShare, MAX_DOWNLOADS_PER_USER, MAX_SHARES_PER_USER,
     MAX_STATE_LEN, MAX_USERS,
@@ -78,7 +79,7 @@ pub enum Output {
     /// The tracker's answer to `query_sharers` for download `download`.
     Sharers {
         download: DownloadId,
-        result: Result<Vec<SocketAddr>, String>,
+        result: Result<Vec<SocketAddr>, SharersError>,
     },
     /// Print `show_downloads` (the driver adds live progress on a terminal).
     ShowDownloads,
@@ -782,8 +783,9 @@ impl ClientCore {
         self.state_dirty = true;
     }
 
-    /// The driver started (or could not start) download `id`; `Ok` carries the line to print.
-    pub fn handle_download_started(&mut self, id: DownloadId, result: Result<String, StartError>) {
+    /// The driver started (or could not start) download `id`; `Ok` says what started, and is
+    /// printed through its `Display`.
+    pub fn handle_download_started(&mut self, id: DownloadId, result: Result<Started, StartError>) {
         self.state_dirty = true;
         if !matches!(self.pending, Some(Pending::Starting { id: pending }) if pending == id) {
             // A remembered download continued by itself after a login.
@@ -791,7 +793,7 @@ impl ClientCore {
                 return;
             };
             return match result {
-                Ok(line) => self.print(line),
+                Ok(started) => self.print(started.to_string()),
                 Err(StartError::TargetExists(target)) => {
                     // Killed after the download completed and before the state said so? The
                     // target is hashed: if it holds the file, it is shared; it is never
@@ -817,7 +819,7 @@ impl ClientCore {
         }
         self.pending = None;
         match result {
-            Ok(line) => self.print(line),
+            Ok(started) => self.print(started.to_string()),
             Err(error @ (StartError::TargetExists(_) | StartError::ForeignPart { .. })) => {
                 // Nothing was started: the command failed before any download existed.
                 self.downloads.retain(|d| d.id != id);
@@ -832,11 +834,12 @@ impl ClientCore {
         }
     }
 
-    /// Download `id` ended: `Ok` with the line to print, or `Err` with the reason.
+    /// Download `id` ended: `Ok` with what completed (printed through its `Display`), or `Err`
+    /// with the reason.
     pub fn handle_download_finished(
         &mut self,
         id: DownloadId,
-        result: Result<String, DownloadError>,
+        result: Result<Completed, DownloadError>,
     ) {
         let Some(d) = self.downloads.iter_mut().find(|d| d.id == id) else {
             return;
@@ -858,9 +861,9 @@ impl ClientCore {
                 .push(saved);
         }
         match result {
-            Ok(line) => {
+            Ok(completed) => {
                 d.status = DownloadStatus::Complete;
-                self.print(line);
+                self.print(completed.to_string());
             }
             Err(reason) => {
                 d.status = DownloadStatus::Failed;
@@ -972,7 +975,7 @@ impl ClientCore {
         if self.user.is_none() {
             return self.out.push_back(Output::Sharers {
                 download: id,
-                result: Err("not logged in".into()),
+                result: Err(SharersError::NotLoggedIn),
             });
         }
         let body = RequestBody::FileSharers {
@@ -1038,8 +1041,8 @@ impl ClientCore {
                         }
                         Ok(peers.into_iter().filter(|a| *a != self.peer_addr).collect())
                     }
-                    ReplyBody::Refused { message, .. } => Err(message),
-                    other => Err(format!("unexpected answer {other:?}")),
+                    ReplyBody::Refused { message, .. } => Err(SharersError::Refused(message)),
+                    other => Err(SharersError::Unexpected(format!("{other:?}"))),
                 };
                 self.out.push_back(Output::Sharers { download, result });
             }
@@ -1173,7 +1176,7 @@ impl ClientCore {
                 Background::Rechecked => {}
                 Background::Sharers { download } => self.out.push_back(Output::Sharers {
                     download,
-                    result: Err("lost the connection to the tracker".into()),
+                    result: Err(SharersError::ConnectionLost),
                 }),
                 Background::Register { download } => {
                     if let Some(d) = self.downloads.iter_mut().find(|d| d.id == download) {

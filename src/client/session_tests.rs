@@ -10,6 +10,7 @@ use crate::testing::{fname, gid, pw, uid};
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use crate::client::outcome::Resumed;
 use crate::hasher::sha1_of;
 use crate::wire::tracker_link::{FileInfo, GroupInfo, RejectCode, Relation};
 use crate::wire::Sha1Digest;
@@ -1114,6 +1115,18 @@ fn background_requests_in_flight_go_again_in_id_order() {
 // ---------------------------------------------------------------------------------------------
 
 /// Starts a download of `f.bin` into `dir` for the logged-in user; returns its id.
+/// What the driver reports of a download of `f.bin` from `g1` started into `dir`.
+fn started_value(dir: &std::path::Path, resumed: Option<Resumed>) -> Started {
+    Started {
+        name: fname("f.bin"),
+        group: gid("g1"),
+        target: dir.join("f.bin"),
+        size: 3,
+        n_sharers: 1,
+        resumed,
+    }
+}
+
 fn started_download(h: &mut Harness, dir: &std::path::Path) -> DownloadId {
     let meta = FileMeta {
         name: fname("f.bin"),
@@ -1136,7 +1149,8 @@ fn started_download(h: &mut Harness, dir: &std::path::Path) -> DownloadId {
         panic!("expected a download to start: {outs:?}");
     };
     let id = *id;
-    h.core.handle_download_started(id, Ok("started".into()));
+    h.core
+        .handle_download_started(id, Ok(started_value(dir, None)));
     h.drain();
     id
 }
@@ -1245,9 +1259,16 @@ fn a_completed_download_keeps_its_share() {
     let id = started_download(&mut h, dir.path());
     let reg = registration(&mut h, id);
     h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
-    h.core
-        .handle_download_finished(id, Ok("downloaded f.bin".into()));
+    let completed = Completed {
+        name: fname("f.bin"),
+        group: gid("g1"),
+        target: dir.path().join("f.bin"),
+        size: 3,
+        elapsed: Duration::from_millis(20),
+    };
+    h.core.handle_download_finished(id, Ok(completed.clone()));
     let outs = h.drain();
+    assert!(outs.contains(&print(&completed.to_string())), "{outs:?}");
     assert_eq!(stop_share_of(&outs), []);
     assert_eq!(h.core.shares().len(), 1);
 }
@@ -1585,9 +1606,15 @@ fn an_interrupted_download_is_remembered_and_continues_at_the_next_login() {
         }
         other => panic!("{other:?}"),
     };
-    h.core
-        .handle_download_started(id, Ok("resumed line".into()));
-    assert_eq!(h.drain(), [print("resumed line")]);
+    let resumed = Started {
+        resumed: Some(Resumed {
+            to_verify: 1,
+            n_pieces: 1,
+        }),
+        ..started_value(&PathBuf::from("/"), None)
+    };
+    h.core.handle_download_started(id, Ok(resumed.clone()));
+    assert_eq!(h.drain(), [print(&resumed.to_string())]);
     assert_eq!(h.core.downloads()[0].status, DownloadStatus::Running);
     assert_eq!(h.core.downloads()[0].target, target);
     assert_eq!(h.core.saved_state().users[&uid("alice")].downloads, [want]);

@@ -40,6 +40,7 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use super::download::engine::{Limits, Progress};
+use super::outcome::Completed;
 use super::session::{ClientCore, DownloadError, DownloadId};
 use super::slots::{SlotLimits, UploadSlots};
 use super::uploader::Uploader;
@@ -80,10 +81,10 @@ pub enum TransferEvent {
     FirstPiece { download: DownloadId },
     /// The download needs the sharers online again.
     QuerySharers { download: DownloadId },
-    /// The download ended: `Ok` with the line to print, or `Err` with the reason.
+    /// The download ended: `Ok` with what completed, or `Err` with the reason.
     Finished {
         download: DownloadId,
-        result: Result<String, DownloadError>,
+        result: Result<Completed, DownloadError>,
     },
 }
 

@@ -215,22 +215,174 @@ struct Link {
     snapshot: Vec<u8>,
 }
 
-/// Where this tracker stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where this tracker stands, with the data that only means something in that role: a
+/// primary's members, joiners, waiting changes and batch in flight ([`Lead`]), a backup's
+/// changes forwarded to its primary ([`Forwarded`]), a takeover's answers still awaited and
+/// best offer. Leaving a role drops or hands on its data in one place (`stop_serving`,
+/// `on_takeover`, `take_over`, `finish_takeover`).
+#[derive(Debug)]
 enum Role {
     /// Finding out who else is up.
-    Starting,
+    Starting {
+        waits: Waits,
+    },
     /// Asked `primary` for the state.
     Joining {
         primary: u16,
+        waits: Waits,
     },
     /// Holds the state; follows the primary of the current claim.
-    Backup,
-    /// Taking over as primary: waiting for these trackers' answers.
+    Backup {
+        forwarded: Forwarded,
+    },
+    /// Taking over as primary: waiting for these trackers' answers. What it forwarded as a
+    /// backup is ordered here once the takeover completes.
     Taking {
         waiting: BTreeSet<u16>,
+        lead: Lead,
+        /// The best state offered so far.
+        offer: Option<Offer>,
+        forwarded: Forwarded,
     },
-    Primary,
+    Primary {
+        lead: Lead,
+    },
+}
+
+impl Role {
+    fn starting() -> Role {
+        Role::Starting {
+            waits: Waits::default(),
+        }
+    }
+
+    fn backup() -> Role {
+        Role::Backup {
+            forwarded: Forwarded::default(),
+        }
+    }
+
+    fn primary() -> Role {
+        Role::Primary {
+            lead: Lead::default(),
+        }
+    }
+
+    fn is_primary(&self) -> bool {
+        matches!(self, Role::Primary { .. })
+    }
+
+    fn is_backup(&self) -> bool {
+        matches!(self, Role::Backup { .. })
+    }
+
+    /// A primary, or a tracker taking over: it orders changes (or will).
+    fn leads(&self) -> bool {
+        matches!(self, Role::Primary { .. } | Role::Taking { .. })
+    }
+
+    fn is_starting(&self) -> bool {
+        matches!(self, Role::Starting { .. })
+    }
+
+    /// What a tracker that does not serve waits for; none for one that serves.
+    fn waits(&self) -> Option<&Waits> {
+        match self {
+            Role::Starting { waits } | Role::Joining { waits, .. } => Some(waits),
+            _ => None,
+        }
+    }
+
+    fn waits_mut(&mut self) -> Option<&mut Waits> {
+        match self {
+            Role::Starting { waits } | Role::Joining { waits, .. } => Some(waits),
+            _ => None,
+        }
+    }
+
+    /// Takes what a starting or joining tracker waits for, to carry it to its next role.
+    fn take_waits(&mut self) -> Waits {
+        self.waits_mut().map(std::mem::take).unwrap_or_default()
+    }
+}
+
+/// What a tracker that does not serve (starting, or joining a primary) must hear before it
+/// may start the service with its own state. Dropped once it serves.
+#[derive(Debug, Default)]
+struct Waits {
+    /// Trackers that may hold changes acknowledged after this tracker's state: those it last
+    /// served with (from its disk, or at a stall), and those others said were further on or
+    /// waited for. It does not start the service with its own state before each is linked
+    /// and has told where it stands (see `decide`).
+    must_hear: BTreeSet<u16>,
+    /// Whether the wait (for `must_hear`, or for a tracker of the service to join) was logged.
+    told: bool,
+}
+
+/// What a primary, or a tracker taking over, holds besides the state. All of it is empty in
+/// the other roles.
+#[derive(Debug, Default)]
+struct Lead {
+    /// The backups that hold the state and acknowledge batches.
+    members: BTreeSet<u16>,
+    /// Trackers that asked for the state: they get it between two batches.
+    joiners: BTreeSet<u16>,
+    /// Changes waiting to be ordered.
+    next: VecDeque<Queued>,
+    /// The batch sent and not yet acknowledged by every member (a primary's only).
+    in_flight: Option<InFlight>,
+}
+
+/// A backup's changes sent to the primary and not yet seen applied (a tracker taking over
+/// keeps them until it orders them itself).
+#[derive(Debug, Default)]
+struct Forwarded {
+    entries: VecDeque<Entry>,
+    /// How many of `entries` carry each origin.
+    origins: BTreeMap<Origin, u32>,
+}
+
+impl Forwarded {
+    /// Keeps `entry`, sent after the others.
+    fn push_back(&mut self, entry: Entry) {
+        self.count(&entry);
+        self.entries.push_back(entry);
+    }
+
+    /// Keeps `entry` ahead of the others (it was to be ordered before them).
+    fn push_front(&mut self, entry: Entry) {
+        self.count(&entry);
+        self.entries.push_front(entry);
+    }
+
+    fn count(&mut self, e: &Entry) {
+        if let Some(o) = e.origin {
+            *self.origins.entry(o).or_insert(0) += 1;
+        }
+    }
+
+    /// `entry` was applied: it is no longer waiting to be. Returns whether it was here.
+    fn remove(&mut self, entry: &Entry) -> bool {
+        let pos = if self.entries.front() == Some(entry) {
+            Some(0)
+        } else if entry.origin.is_some_and(|o| self.origins.contains_key(&o)) {
+            self.entries.iter().position(|f| f == entry)
+        } else {
+            None
+        };
+        let Some(e) = pos.and_then(|p| self.entries.remove(p)) else {
+            return false;
+        };
+        if let Some(o) = e.origin {
+            if let Some(n) = self.origins.get_mut(&o) {
+                *n -= 1;
+                if *n == 0 {
+                    self.origins.remove(&o);
+                }
+            }
+        }
+        true
+    }
 }
 
 /// A change waiting to be ordered by the primary, and whether it came from this tracker's own
@@ -305,24 +457,18 @@ pub struct Replica {
     /// The last wait before dialing each tracker again (reset once it links).
     backoff: BTreeMap<u16, Duration>,
     started: Instant,
-    /// When a backup waiting for another tracker's takeover gives up waiting.
+    /// When a backup waiting for another tracker's takeover gives up waiting. (Outside
+    /// [`Role::Backup`]: a deadline set by a backup that then stopped serving still wakes the
+    /// loop, and is dropped when it comes.)
     takeover_deadline: Option<Instant>,
-    // Primary.
-    members: BTreeSet<u16>,
-    next: VecDeque<Queued>,
-    /// This tracker's own changes in the batch in flight, with their sequence numbers.
+    /// This tracker's own changes in its last batch as primary, with their sequence numbers.
+    /// (Outside [`Lead`]: after a step-down they stay until the next batch this tracker
+    /// orders replaces them, and a later `stop_serving` as primary still hands on those not
+    /// committed.)
     own_in_flight: Vec<(u64, Entry)>,
-    in_flight: Option<InFlight>,
-    joiners: BTreeSet<u16>,
-    /// Sessions of trackers that are not live end at these times.
+    /// Sessions of trackers that are not live end at these times (a primary's; outside
+    /// [`Lead`] because a tracker that is primary again keeps the deadlines it set).
     grace: BTreeMap<TrackerRef, Instant>,
-    // Takeover.
-    offer: Option<Offer>,
-    // Backup.
-    /// Sent to the primary and not yet seen applied.
-    forwarded: VecDeque<Entry>,
-    /// How many entries of `forwarded` carry each origin.
-    forwarded_origins: BTreeMap<Origin, u32>,
     /// Forwarded entries seen applied and not yet known committed, with their sequence
     /// numbers (and, on a primary that stopped serving, its batch in flight): if the state is
     /// then replaced by one that lacks them, they are ordered again.
@@ -347,13 +493,6 @@ pub struct Replica {
     /// The metadata last written, and the number of that write.
     meta: Meta,
     meta_write: u64,
-    /// Trackers that may hold changes acknowledged after this tracker's state: those it last
-    /// served with (from its disk, or at a stall), and those others said were further on or
-    /// waited for. It does not start the service with its own state before each is linked and
-    /// has told where it stands (see `decide`). Cleared once it serves.
-    must_hear: BTreeSet<u16>,
-    /// Whether the wait for `must_hear` was logged.
-    told_must_hear: bool,
     /// With no state of its own, this tracker may start the service (it founds it). A
     /// tracker with an empty disk that did not found the service never starts it: the
     /// trackers holding the service's state may all be down, and an empty service started
@@ -448,7 +587,7 @@ impl Replica {
             n_trackers,
             t,
             state: TrackerState::new(),
-            role: Role::Starting,
+            role: Role::starting(),
             claim: (0, u16::MAX),
             applied: 0,
             accepted_view: 0,
@@ -465,15 +604,8 @@ impl Replica {
             own_runs: [me.incarnation].into_iter().collect(),
             started: now,
             takeover_deadline: None,
-            members: BTreeSet::new(),
-            next: VecDeque::new(),
             own_in_flight: Vec::new(),
-            in_flight: None,
-            joiners: BTreeSet::new(),
             grace: BTreeMap::new(),
-            offer: None,
-            forwarded: VecDeque::new(),
-            forwarded_origins: BTreeMap::new(),
             uncommitted: VecDeque::new(),
             held: VecDeque::new(),
             out: VecDeque::new(),
@@ -485,8 +617,6 @@ impl Replica {
             durable_seq: 0,
             meta: Meta::default(),
             meta_write: 0,
-            must_hear: BTreeSet::new(),
-            told_must_hear: false,
             founder: true,
             last_ack: None,
             ack_owed: false,
@@ -505,18 +635,28 @@ impl Replica {
                 // above it.
                 r.claim = (meta.claim.0, u16::MAX);
                 r.accepted_view = meta.accepted_view;
-                r.must_hear = meta
-                    .wait_for
-                    .iter()
-                    .copied()
-                    .filter(|no| *no != me.no && *no <= n_trackers)
-                    .collect();
+                r.role = Role::Starting {
+                    waits: Waits {
+                        must_hear: meta
+                            .wait_for
+                            .iter()
+                            .copied()
+                            .filter(|no| *no != me.no && *no <= n_trackers)
+                            .collect(),
+                        told: false,
+                    },
+                };
                 r.meta = meta;
             }
             if r.applied > 0 || r.claim.0 > 0 {
                 info!(
                     "recovered the state after entry {} (view {}); last served with trackers {:?}",
-                    r.applied, r.accepted_view, r.must_hear
+                    r.applied,
+                    r.accepted_view,
+                    r.role
+                        .waits()
+                        .map(|w| w.must_hear.clone())
+                        .unwrap_or_default()
                 );
             }
         }
@@ -541,12 +681,42 @@ impl Replica {
     pub fn is_serving(&self) -> bool {
         matches!(
             self.role,
-            Role::Backup | Role::Taking { .. } | Role::Primary
+            Role::Backup { .. } | Role::Taking { .. } | Role::Primary { .. }
         )
     }
 
     pub fn is_primary(&self) -> bool {
-        self.role == Role::Primary
+        self.role.is_primary()
+    }
+
+    /// A primary's or a takeover's data.
+    fn lead(&self) -> Option<&Lead> {
+        match &self.role {
+            Role::Primary { lead } | Role::Taking { lead, .. } => Some(lead),
+            _ => None,
+        }
+    }
+
+    fn lead_mut(&mut self) -> Option<&mut Lead> {
+        match &mut self.role {
+            Role::Primary { lead } | Role::Taking { lead, .. } => Some(lead),
+            _ => None,
+        }
+    }
+
+    /// What a backup (or a tracker taking over) forwarded and has not seen applied.
+    fn forwarded(&self) -> Option<&Forwarded> {
+        match &self.role {
+            Role::Backup { forwarded } | Role::Taking { forwarded, .. } => Some(forwarded),
+            _ => None,
+        }
+    }
+
+    fn forwarded_mut(&mut self) -> Option<&mut Forwarded> {
+        match &mut self.role {
+            Role::Backup { forwarded } | Role::Taking { forwarded, .. } => Some(forwarded),
+            _ => None,
+        }
     }
 
     /// The current view and its primary, if this tracker serves.
@@ -607,7 +777,7 @@ impl Replica {
             self.unsynced.pop_front();
         }
         self.send_ack(false);
-        if self.role == Role::Primary {
+        if self.role.is_primary() {
             self.try_commit();
             self.send_batch();
         }
@@ -633,9 +803,9 @@ impl Replica {
     /// members (and the trackers being given the state), a backup's primary. Kept as it was
     /// while this tracker finds out where the service stands.
     fn wait_set(&self) -> BTreeSet<u16> {
-        match self.role {
-            Role::Primary => self.members.union(&self.joiners).copied().collect(),
-            Role::Backup => [self.claim.1].into_iter().collect(),
+        match &self.role {
+            Role::Primary { lead } => lead.members.union(&lead.joiners).copied().collect(),
+            Role::Backup { .. } => [self.claim.1].into_iter().collect(),
             _ => self.meta.wait_for.clone(),
         }
     }
@@ -697,7 +867,7 @@ impl Replica {
     /// A backup acknowledges to its primary what it holds durably (with the metadata that
     /// places it in the view), once: again only if `force` (the primary asked again).
     fn send_ack(&mut self, force: bool) {
-        if self.role != Role::Backup {
+        if !self.role.is_backup() {
             return;
         }
         if self.durable < self.meta_write {
@@ -760,13 +930,15 @@ impl Replica {
         // it and died since, holding the newest state; it must hear from them before it may
         // start the service with its own.
         let served_with = self.wait_set();
-        self.must_hear
+        let mut waits = self.role.take_waits();
+        waits
+            .must_hear
             .extend(served_with.into_iter().filter(|no| *no != self.me.no));
-        self.told_must_hear = false;
+        waits.told = false;
         if self.is_serving() || matches!(self.role, Role::Joining { .. }) {
             self.stop_serving();
         }
-        self.role = Role::Starting;
+        self.role = Role::Starting { waits };
         self.takeover_deadline = None;
         self.grace.clear();
         // The clients' requests it holds go: it drops their links, and each client sends its
@@ -780,7 +952,6 @@ impl Replica {
         // nothing.)
         self.held.retain(|e| internal(e));
         self.uncommitted.retain(|(_, e)| internal(e));
-        debug_assert!(self.forwarded.is_empty());
         let links: Vec<ConnId> = self.links.keys().copied().collect();
         for link in links {
             self.out.push_back(ReplicaOut::Close(link));
@@ -832,12 +1003,12 @@ impl Replica {
 
     /// A change a client of this tracker asked for (or one the tracker makes itself).
     pub fn submit(&mut self, entry: Entry) {
-        match self.role {
-            Role::Primary => {
-                self.next.push_back(Queued { own: true, entry });
+        match &mut self.role {
+            Role::Primary { lead } => {
+                lead.next.push_back(Queued { own: true, entry });
                 self.send_batch();
             }
-            Role::Backup => self.forward(entry),
+            Role::Backup { .. } => self.forward(entry),
             _ => self.held.push_back(entry),
         }
     }
@@ -1084,7 +1255,7 @@ impl Replica {
             self.send(id, ReplMsg::Heartbeat);
             self.touch(id, now);
         }
-        if self.role == Role::Starting
+        if self.role.is_starting()
             && now.saturating_duration_since(self.started) >= self.t.discovery_timeout
         {
             // Dials still unresolved no longer hold a tracker that never held a state; one
@@ -1093,7 +1264,7 @@ impl Replica {
         }
         if self.takeover_deadline.is_some_and(|d| d <= now) {
             self.takeover_deadline = None;
-            if self.role == Role::Backup && !self.primary_linked() {
+            if self.role.is_backup() && !self.primary_linked() {
                 warn!(
                     "no takeover came from tracker {}; taking over",
                     self.claim.1
@@ -1101,7 +1272,7 @@ impl Replica {
                 self.take_over(now);
             }
         }
-        if self.role == Role::Primary {
+        if self.role.is_primary() {
             let expired: Vec<TrackerRef> = self
                 .grace
                 .iter()
@@ -1144,13 +1315,13 @@ impl Replica {
         // (Past the discovery time, a starting tracker that still waits for others decides
         // again on the tick.)
         let discovery_end = self.started + self.t.discovery_timeout;
-        if self.role == Role::Starting && discovery_end > self.now {
+        if self.role.is_starting() && discovery_end > self.now {
             at(discovery_end);
         }
         if let Some(d) = self.takeover_deadline {
             at(d);
         }
-        if self.role == Role::Primary {
+        if self.role.is_primary() {
             for end in self.grace.values() {
                 at(*end);
             }
@@ -1194,7 +1365,7 @@ impl Replica {
     /// saying it is primary of that view (or this tracker's own claim).
     fn claimant_live(&self) -> bool {
         let (view, primary) = self.claim;
-        (primary == self.me.no && matches!(self.role, Role::Primary | Role::Taking { .. }))
+        (primary == self.me.no && self.role.leads())
             || self.resync_pending.contains(&primary)
             || self
                 .peer_link
@@ -1223,8 +1394,10 @@ impl Replica {
                 view: self.accepted_view,
                 applied: self.applied,
                 waiting: self
-                    .must_hear
-                    .iter()
+                    .role
+                    .waits()
+                    .into_iter()
+                    .flat_map(|w| &w.must_hear)
                     .filter(|no| (1..=64).contains(*no))
                     .fold(0, |bits, no| bits | 1 << (no - 1)),
             }
@@ -1333,24 +1506,27 @@ impl Replica {
         };
         let status = self.status();
         self.send(link, ReplMsg::Status(status));
-        match self.role.clone() {
-            Role::Joining { primary } if primary == no => self.send(link, ReplMsg::JoinRequest),
-            Role::Primary if self.members.contains(&no) => {
+        match &self.role {
+            Role::Joining { primary, .. } if *primary == no => {
+                self.send(link, ReplMsg::JoinRequest)
+            }
+            Role::Primary { lead } if lead.members.contains(&no) => {
+                let in_flight = lead.in_flight.is_some();
                 if let Some(b) = self.last_batch.clone() {
                     let view = self.claim.0;
                     self.send(link, ReplMsg::Batch(Batch { view, ..b }));
-                } else if self.in_flight.is_some() {
+                } else if in_flight {
                     self.send_empty_batch(no);
                 }
             }
-            Role::Taking { waiting } if waiting.contains(&no) => self.send(
+            Role::Taking { waiting, .. } if waiting.contains(&no) => self.send(
                 link,
                 ReplMsg::Takeover {
                     view: self.claim.0,
                     applied: self.applied,
                 },
             ),
-            Role::Backup if self.claim.1 == no => {
+            Role::Backup { .. } if self.claim.1 == no => {
                 self.send_ack(true);
                 self.reforward();
             }
@@ -1361,44 +1537,46 @@ impl Replica {
 
     /// Tracker `no` is gone (dead, or restarted and about to rejoin).
     fn peer_lost(&mut self, no: u16, now: Instant) {
-        self.joiners.remove(&no);
-        if self.members.remove(&no) {
-            info!("tracker {no} left the members");
+        if let Some(lead) = self.lead_mut() {
+            lead.joiners.remove(&no);
+            if lead.members.remove(&no) {
+                info!("tracker {no} left the members");
+            }
+            if let Some(f) = lead.in_flight.as_mut() {
+                f.waiting.remove(&no);
+            }
         }
-        if let Some(f) = self.in_flight.as_mut() {
-            f.waiting.remove(&no);
-        }
-        match self.role.clone() {
-            Role::Primary => {
+        match &mut self.role {
+            Role::Primary { .. } => {
                 self.try_commit();
                 // The batch in flight may have waited only for `no`: the next one goes now.
                 self.send_batch();
                 self.scan_grace(now);
             }
-            Role::Taking { mut waiting } => {
+            Role::Taking { waiting, .. } => {
                 // An offer from `no` stays usable: its catch-up arrived with it.
                 waiting.remove(&no);
-                self.role = Role::Taking { waiting };
                 self.finish_takeover(now);
             }
-            Role::Backup if no == self.claim.1 => {
+            Role::Backup { .. } if no == self.claim.1 => {
                 info!("primary (tracker {no}) lost");
                 self.elect(now);
             }
-            Role::Backup => {
+            Role::Backup { .. } => {
                 // The tracker this backup waits for as the next primary may be the one lost.
                 if !self.primary_linked() {
                     self.elect(now);
                 }
             }
-            Role::Joining { primary } if primary == no => {
-                self.role = Role::Starting;
+            Role::Joining { primary, waits } if *primary == no => {
+                let waits = std::mem::take(waits);
+                self.role = Role::Starting { waits };
                 // Find out again who is up: the trackers that held the service's state may
                 // not have said so yet (see `decide`).
                 self.started = now;
                 self.decide(now);
             }
-            Role::Joining { .. } | Role::Starting => self.decide(now),
+            Role::Joining { .. } | Role::Starting { .. } => self.decide(now),
         }
     }
 
@@ -1413,26 +1591,27 @@ impl Replica {
         // waits for (it knows of a tracker further on than itself, maybe than this one too).
         // The set only grows until this tracker serves; `decide` waits while a tracker of it
         // is not linked and heard from.
-        if self.persistent && !self.is_serving() {
+        let mine = (self.accepted_view, self.applied);
+        let (n, me) = (self.n_trackers.min(64), self.me.no);
+        if let Some(waits) = self.role.waits_mut().filter(|_| self.persistent) {
             match status {
                 ReplStatus::Starting {
                     view,
                     applied,
                     waiting,
                 } => {
-                    if (view, applied) > (self.accepted_view, self.applied) {
-                        self.must_hear.insert(from);
+                    if (view, applied) > mine {
+                        waits.must_hear.insert(from);
                     }
-                    let n = self.n_trackers.min(64);
                     for no in (1..=n).filter(|no| waiting & (1 << (no - 1)) != 0) {
-                        if no != self.me.no {
-                            self.must_hear.insert(no);
+                        if no != me {
+                            waits.must_hear.insert(no);
                         }
                     }
                 }
                 ReplStatus::Serving { view, .. } => {
-                    if view > self.accepted_view {
-                        self.must_hear.insert(from);
+                    if view > mine.0 {
+                        waits.must_hear.insert(from);
                     }
                 }
             }
@@ -1451,8 +1630,8 @@ impl Replica {
             }
         }
         match self.role {
-            Role::Starting => self.decide(now),
-            Role::Backup if !self.primary_linked() => self.elect(now),
+            Role::Starting { .. } => self.decide(now),
+            Role::Backup { .. } if !self.primary_linked() => self.elect(now),
             _ => {}
         }
     }
@@ -1462,12 +1641,14 @@ impl Replica {
     /// A starting tracker decides, once it knows who is up, whether to join a primary, wait,
     /// or become primary itself.
     fn decide(&mut self, now: Instant) {
-        if self.role != Role::Starting {
+        if !self.role.is_starting() {
             return;
         }
         if !self.persistent {
             // Without disks a tracker that is down holds nothing: nobody is waited for.
-            self.must_hear.clear();
+            if let Some(waits) = self.role.waits_mut() {
+                waits.must_hear.clear();
+            }
         }
         let mut unknown = false;
         let mut primaries = Vec::new();
@@ -1532,9 +1713,10 @@ impl Replica {
             return;
         }
         let unheard: Vec<u16> = self
-            .must_hear
-            .iter()
-            .copied()
+            .role
+            .waits()
+            .into_iter()
+            .flat_map(|w| w.must_hear.iter().copied())
             .filter(|no| {
                 self.peer_link
                     .get(no)
@@ -1547,7 +1729,11 @@ impl Replica {
             // it last served with them, or a tracker said it was further on or waits for
             // them): starting with its state could lose those. It waits for them to be up
             // and say where they stand, however long that takes.
-            if !std::mem::replace(&mut self.told_must_hear, true) {
+            if !self
+                .role
+                .waits_mut()
+                .is_some_and(|w| std::mem::replace(&mut w.told, true))
+            {
                 warn!(
                     "not starting the service with this tracker's state (entry {}) until trackers {unheard:?}, which may hold newer changes, are up",
                     self.applied
@@ -1559,7 +1745,11 @@ impl Replica {
         // its state holds nothing the service acknowledged.)
         let holds_state = self.accepted_view > 0 || self.applied > 0;
         if !holds_state && !self.founder {
-            if !std::mem::replace(&mut self.told_must_hear, true) {
+            if !self
+                .role
+                .waits_mut()
+                .is_some_and(|w| std::mem::replace(&mut w.told, true))
+            {
                 warn!(
                     "this tracker holds no state and did not found the service: waiting for a tracker of the service to serve, to join it"
                 );
@@ -1586,15 +1776,16 @@ impl Replica {
     }
 
     fn join(&mut self, primary: u16) {
+        let waits = self.role.take_waits();
         if !self.peer_link.contains_key(&primary) {
-            self.role = Role::Starting;
+            self.role = Role::Starting { waits };
             return;
         }
         // Asked again even when already joining it: the first request may have reached it
         // before it served (it ignores requests then), and asking twice is harmless (a
         // second state is ignored).
         info!("asking tracker {primary} for the state");
-        self.role = Role::Joining { primary };
+        self.role = Role::Joining { primary, waits };
         if let Some(link) = self.peer_link.get(&primary).copied() {
             if let Some(l) = self.links.get_mut(&link) {
                 l.snapshot.clear();
@@ -1604,8 +1795,17 @@ impl Replica {
     }
 
     fn stop_serving(&mut self) {
-        let was_primary = matches!(self.role, Role::Primary | Role::Taking { .. });
-        if was_primary {
+        // The role's data goes with it: the members, joiners, batch in flight and offer are
+        // dropped, the changes waiting or forwarded are held for the next primary.
+        let (lead, forwarded) = match std::mem::replace(&mut self.role, Role::starting()) {
+            Role::Primary { lead } => (Some(lead), None),
+            Role::Taking {
+                lead, forwarded, ..
+            } => (Some(lead), Some(forwarded)),
+            Role::Backup { forwarded } => (None, Some(forwarded)),
+            Role::Starting { .. } | Role::Joining { .. } => (None, None),
+        };
+        if let Some(mut lead) = lead {
             // The batch in flight was never committed: a state this tracker takes from the
             // next primary may lack it, and then its own changes must be ordered again.
             let committed = self.committed;
@@ -1613,38 +1813,32 @@ impl Replica {
                 .into_iter()
                 .filter(|(seq, _)| *seq > committed);
             self.uncommitted.extend(lost);
-        }
-        self.role = Role::Starting;
-        self.in_flight = None;
-        self.members.clear();
-        self.joiners.clear();
-        self.offer = None;
-        if was_primary {
             // Our unordered changes go to the new primary once we follow it.
-            while let Some(q) = self.next.pop_back() {
+            while let Some(q) = lead.next.pop_back() {
                 if q.own {
                     self.held.push_front(q.entry);
                 }
             }
         }
-        let mut forwarded = self.take_forwarded();
-        while let Some(e) = forwarded.pop_back() {
-            self.held.push_front(e);
+        if let Some(mut forwarded) = forwarded.map(|f| f.entries) {
+            while let Some(e) = forwarded.pop_back() {
+                self.held.push_front(e);
+            }
         }
         self.out.push_back(ReplicaOut::Serving(false));
     }
 
     fn on_join_request(&mut self, from: u16) {
-        if !matches!(self.role, Role::Primary | Role::Taking { .. }) {
+        let Some(lead) = self.lead_mut() else {
             debug!("tracker {from} asked for the state, but this tracker is not primary");
             return;
-        }
-        self.members.remove(&from);
-        if let Some(f) = self.in_flight.as_mut() {
+        };
+        lead.members.remove(&from);
+        if let Some(f) = lead.in_flight.as_mut() {
             f.waiting.remove(&from);
         }
-        self.joiners.insert(from);
-        if self.role == Role::Primary {
+        lead.joiners.insert(from);
+        if self.role.is_primary() {
             self.try_commit();
             self.send_batch();
         }
@@ -1690,7 +1884,9 @@ impl Replica {
             Some(l) => std::mem::take(&mut l.snapshot),
             None => return,
         };
-        if self.role != (Role::Joining { primary: from }) || view < self.claim.0 {
+        if !matches!(self.role, Role::Joining { primary, .. } if primary == from)
+            || view < self.claim.0
+        {
             debug!("ignoring a snapshot from tracker {from}");
             return;
         }
@@ -1713,11 +1909,10 @@ impl Replica {
         // acknowledging changes). The state's view is written after the state, so a restart
         // that finds only the metadata does not take its old state for the new one.
         self.claim = (view, from);
-        self.role = Role::Backup;
+        self.role = Role::backup();
         self.sync_meta();
         self.install(state, seq, bytes);
         self.accepted_view = view;
-        self.must_hear.clear();
         info!("caught up from tracker {from} at entry {seq} ({len} bytes); serving in view {view}");
         self.out.push_back(ReplicaOut::Serving(true));
         self.sync_meta();
@@ -1759,23 +1954,24 @@ impl Replica {
     /// Sends what was held while no primary was known.
     fn release_held(&mut self) {
         while let Some(e) = self.held.pop_front() {
-            match self.role {
-                Role::Primary => self.next.push_back(Queued {
+            match &mut self.role {
+                Role::Primary { lead } => lead.next.push_back(Queued {
                     own: true,
                     entry: e,
                 }),
-                Role::Backup => self.forward(e),
+                Role::Backup { .. } => self.forward(e),
                 _ => {
                     self.held.push_front(e);
                     return;
                 }
             }
         }
-        if self.role == Role::Primary {
+        if self.role.is_primary() {
             self.send_batch();
         }
     }
 
+    /// A backup sends `entry` to its primary and keeps it until it sees it applied.
     fn forward(&mut self, entry: Entry) {
         self.send_to(
             self.claim.1,
@@ -1783,61 +1979,22 @@ impl Replica {
                 entries: vec![entry.clone()],
             },
         );
-        self.count_origin(&entry);
-        self.forwarded.push_back(entry);
+        if let Some(forwarded) = self.forwarded_mut() {
+            forwarded.push_back(entry);
+        }
     }
 
     /// `entry` was applied: it is no longer waiting to be. Returns whether it was forwarded.
     fn unforward(&mut self, entry: &Entry) -> bool {
-        let pos = if self.forwarded.front() == Some(entry) {
-            Some(0)
-        } else if entry
-            .origin
-            .is_some_and(|o| self.forwarded_origins.contains_key(&o))
-        {
-            self.forwarded.iter().position(|f| f == entry)
-        } else {
-            None
-        };
-        match pos.and_then(|p| self.forwarded.remove(p)) {
-            Some(e) => {
-                self.forget_origin(&e);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// `e` joins `forwarded`: count its origin.
-    fn count_origin(&mut self, e: &Entry) {
-        if let Some(o) = e.origin {
-            *self.forwarded_origins.entry(o).or_insert(0) += 1;
-        }
-    }
-
-    fn forget_origin(&mut self, e: &Entry) {
-        if let Some(o) = e.origin {
-            if let Some(n) = self.forwarded_origins.get_mut(&o) {
-                *n -= 1;
-                if *n == 0 {
-                    self.forwarded_origins.remove(&o);
-                }
-            }
-        }
-    }
-
-    /// Takes every forwarded entry back (to order or hold them elsewhere).
-    fn take_forwarded(&mut self) -> VecDeque<Entry> {
-        self.forwarded_origins.clear();
-        std::mem::take(&mut self.forwarded)
+        self.forwarded_mut().is_some_and(|f| f.remove(entry))
     }
 
     /// Forwards again everything not seen applied (to a new primary).
     fn reforward(&mut self) {
-        if self.forwarded.is_empty() {
+        let Some(forwarded) = self.forwarded().filter(|f| !f.entries.is_empty()) else {
             return;
-        }
-        let entries: Vec<Entry> = self.forwarded.iter().cloned().collect();
+        };
+        let entries: Vec<Entry> = forwarded.entries.iter().cloned().collect();
         debug!("forwarding {} changes again", entries.len());
         self.send_to(self.claim.1, ReplMsg::Forward { entries });
     }
@@ -1845,16 +2002,16 @@ impl Replica {
     // ---- ordering ----
 
     fn on_forward(&mut self, entries: Vec<Entry>) {
-        match self.role {
-            Role::Primary | Role::Taking { .. } => {
-                self.next.extend(
+        match self.lead_mut() {
+            Some(lead) => {
+                lead.next.extend(
                     entries
                         .into_iter()
                         .map(|entry| Queued { own: false, entry }),
                 );
                 self.send_batch();
             }
-            Role::Backup | Role::Starting | Role::Joining { .. } => {
+            None => {
                 // Not (or no longer) the primary. The sender keeps what it forwarded until it
                 // sees it applied and sends it again to the primary it finds next: keeping a
                 // copy here too would have it ordered twice (changes without a client id,
@@ -1908,33 +2065,38 @@ impl Replica {
     /// Primary: orders the waiting changes into a batch if none is in flight.
     fn send_batch(&mut self) {
         let now = self.now;
-        if self.role != Role::Primary {
+        if !self.role.is_primary() {
             return;
         }
-        while self.in_flight.is_none() {
-            if !self.joiners.is_empty() {
+        while self.lead().is_some_and(|lead| lead.in_flight.is_none()) {
+            if self.lead().is_some_and(|lead| !lead.joiners.is_empty()) {
                 // A joiner may hold acknowledged changes no other tracker holds once it
                 // serves (if this one then dies): this tracker's disk must name it before it
                 // gets the state, so that this tracker, restarted, waits for it.
                 self.sync_meta();
                 if self.durable >= self.meta_write {
-                    let joiners = std::mem::take(&mut self.joiners);
+                    let joiners = self
+                        .lead_mut()
+                        .map(|lead| std::mem::take(&mut lead.joiners))
+                        .unwrap_or_default();
                     for j in joiners {
                         if self.peer_link.contains_key(&j) {
                             self.send_snapshot(j);
-                            self.members.insert(j);
+                            if let Some(lead) = self.lead_mut() {
+                                lead.members.insert(j);
+                            }
                         }
                     }
                 }
             }
-            if self.next.is_empty() {
+            let first_seq = self.applied + 1;
+            let Some(lead) = self.lead_mut().filter(|lead| !lead.next.is_empty()) else {
                 return;
-            }
+            };
             let mut entries = Vec::new();
             let mut own = Vec::new();
             let mut bytes = 0;
-            let first_seq = self.applied + 1;
-            while let Some(q) = self.next.front() {
+            while let Some(q) = lead.next.front() {
                 let size = entry_size(&q.entry);
                 if !entries.is_empty()
                     && (entries.len() >= MAX_BATCH_ENTRIES || bytes + size > MAX_BATCH_BYTES)
@@ -1942,7 +2104,7 @@ impl Replica {
                     break;
                 }
                 bytes += size;
-                if let Some(q) = self.next.pop_front() {
+                if let Some(q) = lead.next.pop_front() {
                     if q.own {
                         own.push((first_seq + entries.len() as u64, q.entry.clone()));
                     }
@@ -1969,34 +2131,47 @@ impl Replica {
                 first_seq,
                 entries,
             };
-            let members: Vec<u16> = self.members.iter().copied().collect();
+            let members = self.members();
             for m in &members {
                 self.send_to(*m, ReplMsg::Batch(batch.clone()));
             }
             self.last_batch = Some(batch);
-            self.in_flight = Some(InFlight {
-                last_seq: self.applied,
-                waiting: members.into_iter().collect(),
-                write,
-            });
+            let last_seq = self.applied;
+            if let Some(lead) = self.lead_mut() {
+                lead.in_flight = Some(InFlight {
+                    last_seq,
+                    waiting: members.into_iter().collect(),
+                    write,
+                });
+            }
             self.try_commit();
         }
     }
 
+    /// A primary's (or a takeover's) members, in order; none in other roles.
+    fn members(&self) -> Vec<u16> {
+        self.lead()
+            .map(|lead| lead.members.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Primary: commits the batch in flight once every member holds it.
     fn try_commit(&mut self) {
-        let Some(f) = &self.in_flight else {
+        let durable = self.durable;
+        let Some(lead) = self.lead_mut() else {
             return;
         };
-        if !f.waiting.is_empty() || self.durable < f.write {
+        let Some(f) = &lead.in_flight else {
+            return;
+        };
+        if !f.waiting.is_empty() || durable < f.write {
             return;
         }
         let seq = f.last_seq;
-        self.in_flight = None;
+        lead.in_flight = None;
         if seq > self.committed {
             self.set_committed(seq);
-            let members: Vec<u16> = self.members.iter().copied().collect();
-            for m in members {
+            for m in self.members() {
                 self.send_to(
                     m,
                     ReplMsg::Commit {
@@ -2009,10 +2184,10 @@ impl Replica {
     }
 
     fn on_ack(&mut self, from: u16, view: u64, seq: u64) {
-        if view != self.claim.0 || self.role != Role::Primary {
+        if view != self.claim.0 || !self.role.is_primary() {
             return;
         }
-        if let Some(f) = self.in_flight.as_mut() {
+        if let Some(f) = self.lead_mut().and_then(|lead| lead.in_flight.as_mut()) {
             if seq >= f.last_seq {
                 f.waiting.remove(&from);
             }
@@ -2022,7 +2197,7 @@ impl Replica {
     }
 
     fn on_batch(&mut self, link: ConnId, from: u16, batch: Batch, now: Instant) {
-        if (batch.view, from) != self.claim || self.role != Role::Backup {
+        if (batch.view, from) != self.claim || !self.role.is_backup() {
             debug!(
                 "ignoring a batch of view {} from tracker {from}",
                 batch.view
@@ -2054,7 +2229,7 @@ impl Replica {
 
     /// The primary is gone: the lowest-numbered serving tracker takes over.
     fn elect(&mut self, now: Instant) {
-        if self.role != Role::Backup {
+        if !self.role.is_backup() {
             return;
         }
         let mut lowest = self.me.no;
@@ -2087,8 +2262,6 @@ impl Replica {
             "taking over as primary of view {view} at entry {}; asking {waiting:?}",
             self.applied
         );
-        self.members.clear();
-        self.offer = None;
         for no in &waiting {
             self.send_to(
                 *no,
@@ -2098,7 +2271,17 @@ impl Replica {
                 },
             );
         }
-        self.role = Role::Taking { waiting };
+        // What this tracker forwarded as a backup is ordered by itself once it leads.
+        let forwarded = match std::mem::replace(&mut self.role, Role::starting()) {
+            Role::Backup { forwarded } | Role::Taking { forwarded, .. } => forwarded,
+            _ => Forwarded::default(),
+        };
+        self.role = Role::Taking {
+            waiting,
+            lead: Lead::default(),
+            offer: None,
+            forwarded,
+        };
         self.finish_takeover(now);
     }
 
@@ -2109,17 +2292,19 @@ impl Replica {
         let repeated = (view, from) == self.claim;
         // The claim this tracker follows may be void (its tracker is gone): then a lower
         // claim of a live tracker is followed.
-        let void =
-            !matches!(self.role, Role::Primary | Role::Taking { .. }) && !self.claimant_live();
+        let void = !self.role.leads() && !self.claimant_live();
         if !beats((view, from), self.claim) && !repeated && !void {
             debug!("ignoring the takeover of view {view} by tracker {from}");
             return;
         }
         self.claim = (view, from);
         self.takeover_deadline = None;
-        if view > self.accepted_view && !self.is_serving() {
-            // It may go on to acknowledge changes in that view (see `on_status`).
-            self.must_hear.insert(from);
+        if view > self.accepted_view {
+            // It may go on to acknowledge changes in that view (see `on_status`); a tracker
+            // that serves waits for nobody.
+            if let Some(waits) = self.role.waits_mut() {
+                waits.must_hear.insert(from);
+            }
         }
         if !self.is_serving() {
             self.send(
@@ -2131,27 +2316,21 @@ impl Replica {
                     catchup: Catchup::None,
                 },
             );
-            self.role = Role::Starting;
+            let waits = self.role.take_waits();
+            self.role = Role::Starting { waits };
             self.join(from);
             return;
         }
-        if matches!(self.role, Role::Primary | Role::Taking { .. }) {
-            info!("tracker {from} takes over view {view}; stepping down");
-            self.in_flight = None;
-            self.members.clear();
-            self.joiners.clear();
-            self.offer = None;
-            // Our own changes not yet ordered go to the new primary (the backups that
-            // forwarded the others send them again themselves).
-            let mut mine = std::mem::take(&mut self.next);
-            while let Some(q) = mine.pop_back() {
-                if q.own {
-                    self.count_origin(&q.entry);
-                    self.forwarded.push_front(q.entry);
-                }
-            }
-        }
-        self.role = Role::Backup;
+        let forwarded = match std::mem::replace(&mut self.role, Role::starting()) {
+            Role::Backup { forwarded } => forwarded,
+            Role::Primary { lead } => self.step_down(from, view, lead, Forwarded::default()),
+            Role::Taking {
+                lead, forwarded, ..
+            } => self.step_down(from, view, lead, forwarded),
+            // (Not serving: answered above.)
+            Role::Starting { .. } | Role::Joining { .. } => Forwarded::default(),
+        };
+        self.role = Role::Backup { forwarded };
         let catchup = if self.applied <= applied {
             Catchup::None
         } else {
@@ -2186,6 +2365,21 @@ impl Replica {
         self.broadcast_status();
     }
 
+    /// A primary (or a tracker taking over) follows tracker `from`'s takeover of `view`: its
+    /// members, joiners, batch in flight and offer are dropped; its own changes not yet
+    /// ordered go to the new primary (the backups that forwarded the others send them again
+    /// themselves), ahead of what it had forwarded. Returns what it now has forwarded.
+    fn step_down(&self, from: u16, view: u64, lead: Lead, mut forwarded: Forwarded) -> Forwarded {
+        info!("tracker {from} takes over view {view}; stepping down");
+        let mut mine = lead.next;
+        while let Some(q) = mine.pop_back() {
+            if q.own {
+                forwarded.push_front(q.entry);
+            }
+        }
+        forwarded
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn on_takeover_ack(
         &mut self,
@@ -2197,41 +2391,42 @@ impl Replica {
         catchup: Catchup,
         now: Instant,
     ) {
-        let Role::Taking { mut waiting } = self.role.clone() else {
+        let claim_view = self.claim.0;
+        let Role::Taking { waiting, .. } = &mut self.role else {
             return;
         };
-        if view != self.claim.0 || !waiting.remove(&from) {
+        if view != claim_view || !waiting.remove(&from) {
             return;
         }
         if serving {
-            self.members.insert(from);
-            let best = self.offer.as_ref().map_or(self.applied, |o| o.applied);
             let snapshot = match (&catchup, self.links.get_mut(&link)) {
                 (Catchup::Snapshot, Some(l)) => std::mem::take(&mut l.snapshot),
                 _ => Vec::new(),
             };
-            if applied > best {
-                self.offer = Some(Offer {
-                    applied,
-                    from,
-                    catchup,
-                    snapshot,
-                });
+            let applied_here = self.applied;
+            if let Role::Taking { lead, offer, .. } = &mut self.role {
+                lead.members.insert(from);
+                let best = offer.as_ref().map_or(applied_here, |o| o.applied);
+                if applied > best {
+                    *offer = Some(Offer {
+                        applied,
+                        from,
+                        catchup,
+                        snapshot,
+                    });
+                }
             }
         }
-        self.role = Role::Taking { waiting };
         self.finish_takeover(now);
     }
 
     /// Completes a takeover once every linked tracker has answered.
     fn finish_takeover(&mut self, now: Instant) {
-        let Role::Taking { waiting } = &self.role else {
-            return;
+        let offer = match &mut self.role {
+            Role::Taking { waiting, offer, .. } if waiting.is_empty() => offer.take(),
+            _ => return,
         };
-        if !waiting.is_empty() {
-            return;
-        }
-        if let Some(offer) = self.offer.take() {
+        if let Some(offer) = offer {
             match offer.catchup {
                 Catchup::Batch(b) if b.first_seq <= self.applied + 1 => {
                     let skip = (self.applied + 1 - b.first_seq) as usize;
@@ -2253,20 +2448,29 @@ impl Replica {
         }
         // Changes forwarded to the old primary are ordered here now, but for those the
         // catch-up just applied.
-        let mut forwarded = self.take_forwarded();
+        let (mut lead, forwarded) = match std::mem::replace(&mut self.role, Role::starting()) {
+            Role::Taking {
+                lead, forwarded, ..
+            } => (lead, forwarded),
+            other => {
+                self.role = other;
+                return;
+            }
+        };
+        let mut forwarded = forwarded.entries;
         while let Some(entry) = forwarded.pop_back() {
-            self.next.push_front(Queued { own: true, entry });
+            lead.next.push_front(Queued { own: true, entry });
         }
         info!(
             "primary of view {} at entry {}; members {:?}",
-            self.claim.0, self.applied, self.members
+            self.claim.0, self.applied, lead.members
         );
-        self.role = Role::Primary;
+        self.role = Role::Primary { lead };
         self.accepted_view = self.claim.0;
         self.sync_meta();
         // Bring lagging members up: they all answered with their position, but only the
         // latest batch (or the state) is at hand, so every member gets what it may lack.
-        let members: Vec<u16> = self.members.iter().copied().collect();
+        let members = self.members();
         let mut waiting = BTreeSet::new();
         for m in members {
             match &self.last_batch {
@@ -2283,11 +2487,14 @@ impl Replica {
             }
             waiting.insert(m);
         }
-        self.in_flight = Some(InFlight {
-            last_seq: self.applied,
-            waiting,
-            write: self.written,
-        });
+        let (last_seq, write) = (self.applied, self.written);
+        if let Some(lead) = self.lead_mut() {
+            lead.in_flight = Some(InFlight {
+                last_seq,
+                waiting,
+                write,
+            });
+        }
         self.broadcast_status();
         self.out.push_back(ReplicaOut::Serving(true));
         self.try_commit();
@@ -2310,11 +2517,8 @@ impl Replica {
     }
 
     fn become_primary(&mut self, now: Instant) {
-        self.role = Role::Primary;
+        self.role = Role::primary();
         self.accepted_view = self.claim.0;
-        self.members.clear();
-        self.in_flight = None;
-        self.must_hear.clear();
         self.sync_meta();
         self.out.push_back(ReplicaOut::Serving(true));
         self.broadcast_status();

@@ -86,6 +86,7 @@ use std::time::{Duration, Instant};
 use super::{Timings, SESSION_GRACE};
 use crate::net::ConnId;
 use crate::rng::SplitMix64;
+use crate::testing::{fname, gid, uid};
 use crate::tracker::core::{Output, TrackerCore};
 use crate::tracker::disk::{LogRecord, Recovered};
 use crate::tracker::durable::{self, Persist};
@@ -104,18 +105,6 @@ use crate::wire::{FileName, GroupId, Password, Sha1Digest, UserId, PIECE_LEN};
 
 /// Simulated milliseconds since the cluster's base instant.
 type Ms = u64;
-
-fn uid(s: &str) -> UserId {
-    UserId::new(s).unwrap()
-}
-
-fn gid(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-
-fn fname(s: &str) -> FileName {
-    FileName::new(s).unwrap()
-}
 
 /// One-piece file metadata whose content is told apart by `content`.
 fn meta(name: &FileName, content: u64) -> FileMeta {

@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::rng::SplitMix64 as Rng;
-use crate::testing::{fname, gid, rand_str, uid, B};
+use crate::testing::{cat, fname, gid, rand_str, uid, B};
 use crate::wire::frame::LEN_PREFIX;
 use crate::wire::ids::{
     FileName, GroupId, IdError, Sha1Digest, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN,
@@ -47,10 +47,6 @@ fn payload(frame: &[u8]) -> &[u8] {
     let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
     assert_eq!(len, frame.len() - LEN_PREFIX, "length prefix of {frame:?}");
     &frame[LEN_PREFIX..]
-}
-
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
 }
 
 fn op_bytes(op: &Op) -> Vec<u8> {

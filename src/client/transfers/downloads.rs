@@ -18,6 +18,7 @@ use mio::Registry;
 
 use super::super::download::engine::{Action, Download};
 use super::super::download::picker::PeerId;
+use super::super::outcome::{Completed, Resumed, SharersError, Started};
 use super::super::part_record::{self, Found, PartRecord, RECORD_INTERVAL};
 use super::super::session::{DownloadError, DownloadId, StartError};
 use super::{TransferEvent, Transfers};
@@ -61,7 +62,7 @@ impl Drop for Active {
 impl Transfers {
     /// Starts download `id`: creates `<target>.part` at full size (or resumes the one an
     /// interrupted download of this content left, see `part_record`), maps it and opens links
-    /// to `peers`. `Ok` carries the line to print.
+    /// to `peers`. `Ok` says what started.
     #[allow(clippy::too_many_arguments)]
     pub fn start_download(
         &mut self,
@@ -73,7 +74,7 @@ impl Transfers {
         peers: &[SocketAddr],
         target: PathBuf,
         now: Instant,
-    ) -> Result<String, StartError> {
+    ) -> Result<Started, StartError> {
         if target.symlink_metadata().is_ok() {
             return Err(StartError::TargetExists(target));
         }
@@ -115,24 +116,16 @@ impl Transfers {
                 (part, record, Some(verified))
             }
         };
-        let line = match &resumed {
-            None => format!(
-                "download of {} from group {group} started: {} ({} bytes, {} sharers online)",
-                meta.name,
-                target.display(),
-                meta.size,
-                peers.len()
-            ),
-            Some(verified) => format!(
-                "download of {} from group {group} resumed: {} ({} bytes, {} sharers online, \
-                 {} of {} pieces to verify again)",
-                meta.name,
-                target.display(),
-                meta.size,
-                peers.len(),
-                verified.count_ones(),
-                verified.len()
-            ),
+        let started = Started {
+            name: meta.name.clone(),
+            group: group.clone(),
+            target: target.clone(),
+            size: meta.size,
+            n_sharers: peers.len(),
+            resumed: resumed.as_ref().map(|verified| Resumed {
+                to_verify: verified.count_ones(),
+                n_pieces: verified.len(),
+            }),
         };
         // Each download draws its own order of equally rare pieces and of sharers to link,
         // so that a crowd starting together asks the seed for different pieces.
@@ -174,7 +167,7 @@ impl Transfers {
             },
         );
         self.run_actions(registry, hasher, id, now);
-        Ok(line)
+        Ok(started)
     }
 
     /// The tracker's answer to a `QuerySharers` event.
@@ -183,7 +176,7 @@ impl Transfers {
         registry: &Registry,
         hasher: &HashPool,
         download: DownloadId,
-        result: Result<Vec<SocketAddr>, String>,
+        result: Result<Vec<SocketAddr>, SharersError>,
         now: Instant,
     ) {
         let Some(active) = self.downloads.get_mut(&download) else {
@@ -366,19 +359,17 @@ impl Transfers {
         };
         self.close_links(registry, &active);
         self.detach_serving(id);
-        let secs = active.started.elapsed().as_secs_f64().max(1e-6);
-        let size = active.engine.meta.size;
-        let line = format!(
-            "downloaded {} from group {} to {} ({size} bytes in {secs:.3} s, {:.1} MiB/s)",
-            active.engine.meta.name,
-            active.engine.group,
-            active.target.display(),
-            size as f64 / (1024.0 * 1024.0) / secs
-        );
-        info!("{line}");
+        let completed = Completed {
+            name: active.engine.meta.name.clone(),
+            group: active.engine.group.clone(),
+            target: active.target.clone(),
+            size: active.engine.meta.size,
+            elapsed: active.started.elapsed(),
+        };
+        info!("{completed}");
         self.events.push_back(TransferEvent::Finished {
             download: id,
-            result: Ok(line),
+            result: Ok(completed),
         });
     }
 
