@@ -175,6 +175,12 @@ enum Waiting {
         req_id: u64,
         user: UserId,
     },
+    /// A `create_user` whose (client id, request id) has a remembered answer: it is that
+    /// answer only if the password is the user's (client ids travel in clear).
+    CreateUserRetry {
+        req_id: u64,
+        user: UserId,
+    },
     Login {
         req_id: u64,
         user: UserId,
@@ -1012,7 +1018,11 @@ impl TrackerCore {
             return;
         };
         let ip = link.ip;
-        if let (Waiting::Login { user, .. }, PasswordResult::Verified(ok)) = (&waiting, &result) {
+        if let (
+            Waiting::Login { user, .. } | Waiting::CreateUserRetry { user, .. },
+            PasswordResult::Verified(ok),
+        ) = (&waiting, &result)
+        {
             let owner = JobOwner {
                 conn,
                 user: Some(user.clone()),
@@ -1054,8 +1064,21 @@ impl TrackerCore {
                 req_id,
                 Reject::new(RejectCode::WrongPassword, "wrong password"),
             ),
+            (Waiting::CreateUserRetry { req_id, .. }, PasswordResult::Verified(true)) => {
+                // The user exists with this password: the creation this retry asks for.
+                self.reply(conn, req_id, Ok(ReplyBody::Done));
+                return self.run_queued(conn);
+            }
+            (Waiting::CreateUserRetry { req_id, user }, PasswordResult::Verified(false)) => (
+                req_id,
+                Reject::new(
+                    RejectCode::UserExists,
+                    format!("user '{user}' already exists"),
+                ),
+            ),
             (
                 Waiting::CreateUser { req_id, .. }
+                | Waiting::CreateUserRetry { req_id, .. }
                 | Waiting::Login { req_id, .. }
                 | Waiting::Commit { req_id, .. },
                 _,
@@ -1131,7 +1154,9 @@ impl TrackerCore {
             return;
         };
         let user = match &waiting {
-            Waiting::Login { user, .. } => Some(user.clone()),
+            Waiting::Login { user, .. } | Waiting::CreateUserRetry { user, .. } => {
+                Some(user.clone())
+            }
             _ => None,
         };
         let owner = JobOwner {
@@ -1156,7 +1181,11 @@ impl TrackerCore {
             return;
         };
         let req_id = match link.waiting.take() {
-            Some(Waiting::Login { req_id, .. } | Waiting::CreateUser { req_id, .. }) => req_id,
+            Some(
+                Waiting::Login { req_id, .. }
+                | Waiting::CreateUser { req_id, .. }
+                | Waiting::CreateUserRetry { req_id, .. },
+            ) => req_id,
             other => {
                 link.waiting = other;
                 return;
@@ -1245,12 +1274,25 @@ impl TrackerCore {
         let is_retry = state.remembered(Origin { client, req_id }).is_some();
         let op = match body {
             RequestBody::Ping => return Ok(Handled::Reply(ReplyBody::Pong)),
-            RequestBody::CreateUser { user, .. } if is_retry => {
-                // Already applied through another tracker: the remembered answer comes back.
-                Op::CreateUser {
-                    user,
-                    pw_hash: String::new(),
-                }
+            RequestBody::CreateUser { user, password } if is_retry => {
+                // A remembered answer for this (client id, request id), which anyone can
+                // copy: the retry of a creation applied through another tracker is answered
+                // only once its password is checked against the user's (and a wrong one
+                // counts as a failure, as at login). Nothing is replicated or remembered.
+                let Some(phc) = state.password_hash(&user) else {
+                    // No such user, so the remembered answer is not a creation of it.
+                    return Err(Reject::new(
+                        RejectCode::BadRequest,
+                        "this request id was used for another request",
+                    ));
+                };
+                return Ok(Handled::Waiting(
+                    Waiting::CreateUserRetry { req_id, user },
+                    PasswordJob::Verify {
+                        password,
+                        phc: phc.to_owned(),
+                    },
+                ));
             }
             RequestBody::CreateUser { user, password } => {
                 if state.password_hash(&user).is_some() {

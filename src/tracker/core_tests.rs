@@ -1574,6 +1574,42 @@ fn a_login_retry_proving_another_users_password_gets_no_session() {
     );
 }
 
+fn create_user_req(req_id: u64, user: &str, password: &str) -> ClientMsg {
+    request(
+        req_id,
+        RequestBody::CreateUser {
+            user: uid(user),
+            password: pw(password),
+        },
+    )
+}
+
+#[test]
+fn a_create_user_retry_gets_the_remembered_answer_only_with_the_password() {
+    let mut h = Harness::new();
+    let token = alice_logged_in(&mut h); // create_user was request 101, login request 5
+    let thief = conn(2);
+    connect_as(&mut h, thief, client_id(conn(1)));
+    // Alice's login request id under a create_user of another name: the answer remembered
+    // there is her login's, not a creation, and nothing is created.
+    let outs = h.send(thief, &create_user_req(5, "bob", "x"));
+    let body = only_reply(&outs, thief);
+    assert_refused(&body, RejectCode::BadRequest);
+    assert!(!format!("{body:?}").contains(&format!("{token:?}")));
+    assert!(h.core.state().password_hash(&uid("bob")).is_none());
+    // Her create_user's request id with a wrong password: the name is taken, as for anyone.
+    let outs = h.send(thief, &create_user_req(101, "alice", "wrong"));
+    assert_refused(&only_reply(&outs, thief), RejectCode::UserExists);
+    // With her password it is her retry: answered as the creation was.
+    let outs = h.send(thief, &create_user_req(101, "alice", "right"));
+    assert_eq!(only_reply(&outs, thief), ReplyBody::Done);
+    // Her session is untouched.
+    assert_eq!(
+        h.ask(conn(1), RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+}
+
 #[test]
 fn a_copied_client_id_cannot_end_its_owners_session() {
     let mut h = Harness::new();
