@@ -24,6 +24,7 @@
 //! handshake or a wrong protocol version closes that connection; a well-formed request that is
 //! refused is answered with `Refused` and the connection lives on.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -242,6 +243,10 @@ pub struct TrackerCore {
     max_reply: usize,
     /// What one user may hold.
     quotas: Quotas,
+    /// The state's size for the total-state quota, as last walked: (changes applied then,
+    /// when, bytes), and what the changes accepted since may add (an upper bound).
+    state_size: Cell<Option<(u64, Instant, usize)>>,
+    state_adds: Cell<usize>,
     /// Signs the tickets that go with a file's sharers (none without it: tests).
     tickets: Option<TicketIssuer>,
 }
@@ -260,6 +265,9 @@ pub struct Quotas {
     /// Bytes of metadata (piece hashes, name) of the files a user shares
     /// (`--max-metadata-per-user`).
     pub metadata_per_user: usize,
+    /// Bytes the whole state may take, by [`TrackerState::approx_bytes`]
+    /// (`--max-state-bytes`): past it, nothing that adds to the state is accepted.
+    pub state_bytes: usize,
 }
 
 impl Default for Quotas {
@@ -269,6 +277,7 @@ impl Default for Quotas {
             requests_per_user: 1000,
             files_per_user: 10_000,
             metadata_per_user: 256 * 1024 * 1024,
+            state_bytes: 2 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -324,6 +333,8 @@ impl TrackerCore {
             allow_foreign_addresses: false,
             max_reply: MAX_CLIENT_TRACKER_FRAME,
             quotas: Quotas::default(),
+            state_size: Cell::new(None),
+            state_adds: Cell::new(0),
             tickets: None,
         };
         core.pump_replica();
@@ -1302,6 +1313,7 @@ impl TrackerCore {
                         format!("user '{user}' already exists"),
                     ));
                 }
+                self.check_state_room(RECORD_BYTES + user.as_str().len() + PHC_BYTES)?;
                 return Ok(Handled::Waiting(
                     Waiting::CreateUser { req_id, user },
                     PasswordJob::Hash { password },
@@ -1431,11 +1443,13 @@ impl TrackerCore {
             }
             RequestBody::CreateGroup { group } => {
                 let session = self.session_of(conn)?;
+                self.check_state_room(3 * RECORD_BYTES + group.as_str().len() + 2 * MAX_ID)?;
                 self.check_quota(session, Quota::Group)?;
                 Op::CreateGroup { session, group }
             }
             RequestBody::JoinGroup { group } => {
                 let session = self.session_of(conn)?;
+                self.check_state_room(RECORD_BYTES + MAX_ID)?;
                 self.check_quota(session, Quota::Request)?;
                 Op::JoinGroup { session, group }
             }
@@ -1455,6 +1469,8 @@ impl TrackerCore {
             },
             RequestBody::UploadFile { group, meta } => {
                 let session = self.session_of(conn)?;
+                let adds = 3 * RECORD_BYTES + super::state::meta_bytes(&meta) + MAX_ID;
+                self.check_state_room(adds)?;
                 self.check_quota(session, Quota::File(&group, &meta))?;
                 Op::ShareFile {
                     session,
@@ -1483,7 +1499,55 @@ enum Quota<'a> {
     File(&'a GroupId, &'a FileMeta),
 }
 
+/// What [`TrackerState::approx_bytes`] counts per record, and the longest id.
+const RECORD_BYTES: usize = 16;
+const MAX_ID: usize = 64;
+/// An Argon2id PHC string's length, about.
+const PHC_BYTES: usize = 100;
+/// The state's size is walked again at most this often, while far from its quota.
+const STATE_SIZE_EVERY: Duration = Duration::from_secs(1);
+
 impl TrackerCore {
+    /// Refuses a change that would add `adds` bytes to a state at its size quota. The size
+    /// is [`TrackerState::approx_bytes`] as of a walk at most [`STATE_SIZE_EVERY`] old, plus
+    /// what the changes accepted here since may add; a refusal always rests on a walk of the
+    /// state as it is.
+    fn check_state_room(&self, adds: usize) -> Result<(), Reject> {
+        let limit = self.quotas.state_bytes;
+        let state = self.replica.state();
+        let (applied, now) = (state.n_applied(), self.replica.now());
+        let walk = || {
+            let bytes = state.approx_bytes();
+            self.state_size.set(Some((applied, now, bytes)));
+            self.state_adds.set(0);
+            bytes
+        };
+        let mut bytes = match self.state_size.get() {
+            Some((_, at, bytes)) if now.saturating_duration_since(at) < STATE_SIZE_EVERY => {
+                bytes + self.state_adds.get()
+            }
+            _ => walk(),
+        };
+        let stale = self.state_adds.get() > 0
+            || self.state_size.get().is_some_and(|(a, _, _)| a != applied);
+        if bytes.saturating_add(adds) > limit && stale {
+            bytes = walk();
+        }
+        if bytes.saturating_add(adds) > limit {
+            debug!("the state takes about {bytes} bytes, its quota {limit}: a change refused");
+            return Err(Reject::new(
+                RejectCode::QuotaExceeded,
+                format!(
+                    "quota: the service's state is full (about {bytes} of its {limit} bytes); \
+                     nothing more can be added until something is removed"
+                ),
+            ));
+        }
+        self.state_adds
+            .set(self.state_adds.get().saturating_add(adds));
+        Ok(())
+    }
+
     /// Refuses a change that would take the session's user past a quota.
     fn check_quota(&self, session: SessionId, quota: Quota<'_>) -> Result<(), Reject> {
         let state = self.replica.state();

@@ -1800,6 +1800,7 @@ fn quotas_refuse_with_a_clear_error_and_the_session_goes_on() {
         requests_per_user: 1,
         files_per_user: 2,
         metadata_per_user: 2 * super::super::state::meta_bytes(&meta("f", 1)),
+        ..Quotas::default()
     };
     let mut h = harness_with(|c| c.with_quotas(quotas));
     let (a, b) = (conn(1), conn(2));
@@ -1910,4 +1911,70 @@ fn an_answer_too_big_for_a_frame_is_refused_and_the_session_survives() {
     );
     assert_eq!(h.ask(a, RequestBody::Ping), ReplyBody::Pong);
     assert!(h.has_session("alice"));
+}
+
+#[test]
+fn the_whole_state_has_a_size_quota() {
+    let quotas = Quotas {
+        state_bytes: 2000,
+        ..Quotas::default()
+    };
+    let mut h = harness_with(|c| c.with_quotas(quotas));
+    let a = conn(1);
+    h.connect(a);
+    h.create_user(a, "alice", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    let mut made = 0;
+    let refusal = loop {
+        assert!(
+            made < 40,
+            "40 groups of 64-byte ids made under a 2,000-byte quota"
+        );
+        let group = gid(&format!("{made:064}"));
+        match h.ask(a, RequestBody::CreateGroup { group }) {
+            ReplyBody::Done => made += 1,
+            other => break other,
+        }
+    };
+    assert_refused(&refusal, RejectCode::QuotaExceeded);
+    assert!(
+        format!("{refusal:?}").contains("the service's state is full"),
+        "{refusal:?}"
+    );
+    assert!(made >= 5, "only {made} groups before the quota");
+    let bytes = h.core.state().approx_bytes();
+    assert!(bytes <= 2000, "the state grew to {bytes} bytes");
+    // Nor can new accounts be made past it (one may still fit in what a group could not);
+    // the session goes on, and removing makes room again.
+    let refusal = (0..3)
+        .map(|i| {
+            h.ask(
+                conn(1),
+                RequestBody::CreateUser {
+                    user: uid(&format!("{i:064}")),
+                    password: pw("pw"),
+                },
+            )
+        })
+        .find(|r| *r != ReplyBody::Done)
+        .expect("accounts refused at the quota");
+    assert_refused(&refusal, RejectCode::QuotaExceeded);
+    assert!(h.core.state().approx_bytes() <= 2000);
+    assert!(matches!(
+        h.ask(a, RequestBody::ListGroups),
+        ReplyBody::Groups(g) if g.len() == made
+    ));
+    for i in 0..2 {
+        let group = gid(&format!("{i:064}"));
+        assert_eq!(h.ask(a, RequestBody::LeaveGroup { group }), ReplyBody::Done);
+    }
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::CreateGroup {
+                group: gid("again")
+            }
+        ),
+        ReplyBody::Done
+    );
 }
