@@ -462,3 +462,40 @@ fn at_the_memory_budget_clients_wait_until_buffers_drain() {
         "welcomed after {waited:?}, at the budget:\n{log}"
     );
 }
+
+/// A listing larger than one part (`--listing-part-bytes`, here 2 KiB against the 1 MiB
+/// default, as 300,000 groups are against it) comes whole, sorted, through `client_program`,
+/// and the session goes on.
+#[test]
+fn listings_larger_than_a_part_come_whole() {
+    const GROUPS: usize = 200;
+    let tracker = Tracker::start_with(&["--listing-part-bytes".into(), "2048".into()]);
+    let names: Vec<String> = (0..GROUPS)
+        .rev()
+        .map(|i| format!("{i:03}{}", "g".repeat(61)))
+        .collect();
+    let mut commands = vec!["create_user a pw".to_owned(), "login a pw".to_owned()];
+    commands.extend(names.iter().map(|g| format!("create_group {g}")));
+    commands.push("list_groups".into());
+    commands.push(format!("list_files {}", names[0]));
+    commands.push(format!("list_requests {}", names[0]));
+    commands.push("create_group last".into());
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let out = tracker.client().run(&commands);
+    assert!(out.errors.is_empty(), "{out:#?}");
+    let listed: Vec<&str> = out
+        .stdout
+        .iter()
+        .skip(2 + GROUPS)
+        .take(GROUPS)
+        .map(|l| l.split('\t').next().unwrap_or(""))
+        .collect();
+    let mut want: Vec<&str> = names.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(listed, want, "{out:#?}");
+    assert_eq!(out.stdout.len(), 2 + 2 * GROUPS + 1, "{out:#?}");
+    assert_eq!(
+        out.stdout.last().map(String::as_str),
+        Some("group last created")
+    );
+}

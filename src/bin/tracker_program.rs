@@ -74,6 +74,11 @@ fn main() -> ExitCode {
              until they drain",
             "1073741824",
         ),
+        (
+            "listing-part-bytes",
+            "bytes of items in one part of a listing (at most the default)",
+            "1048576",
+        ),
     ];
     for (name, what, default) in quota_opts {
         opts.optopt("", name, &format!("{what} (default {default})"), "N");
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
         ("max-connections", &mut limits.max_connections),
         ("idle-timeout", &mut idle_secs),
         ("memory-budget", &mut limits.memory_budget),
+        ("listing-part-bytes", &mut limits.listing_part),
     ] {
         if let Some(v) = matches.opt_str(name) {
             match v.parse::<usize>() {
@@ -122,7 +128,10 @@ fn main() -> ExitCode {
                     if n > 0
                         || !matches!(
                             name,
-                            "max-connections" | "idle-timeout" | "memory-budget"
+                            "max-connections"
+                                | "idle-timeout"
+                                | "memory-budget"
+                                | "listing-part-bytes"
                         ) =>
                 {
                     *slot = n

@@ -42,10 +42,10 @@ use super::tickets::TicketIssuer;
 use crate::net::ConnId;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::replication::{ReplMsg, MAX_REPLICATION_FRAME};
-use crate::wire::tracker_link::FileMeta;
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, Role, TrackerMsg,
 };
+use crate::wire::tracker_link::{FileMeta, Listing, MAX_PART_BYTES};
 use crate::wire::{GroupId, UserId, PROTOCOL_VERSION};
 
 /// A connection must complete its handshake within this time.
@@ -241,6 +241,8 @@ pub struct TrackerCore {
     allow_foreign_addresses: bool,
     /// Largest answer sent; a bigger one is refused instead (the client's frame limit).
     max_reply: usize,
+    /// Most bytes of items in one part of a listing (`ListPart`).
+    max_part: usize,
     /// What one user may hold.
     quotas: Quotas,
     /// The state's size for the total-state quota, as last walked: (changes applied then,
@@ -332,6 +334,7 @@ impl TrackerCore {
             pause_requested: false,
             allow_foreign_addresses: false,
             max_reply: MAX_CLIENT_TRACKER_FRAME,
+            max_part: MAX_PART_BYTES,
             quotas: Quotas::default(),
             state_size: Cell::new(None),
             state_adds: Cell::new(0),
@@ -398,6 +401,12 @@ impl TrackerCore {
     /// is not on the IP its connection comes from (when the driver said it) is refused.
     pub fn with_foreign_addresses(mut self, allow: bool) -> Self {
         self.allow_foreign_addresses = allow;
+        self
+    }
+
+    /// Puts at most `bytes` of items in one part of a listing (default [`MAX_PART_BYTES`]).
+    pub fn with_max_part(mut self, bytes: usize) -> Self {
+        self.max_part = bytes.clamp(1, MAX_PART_BYTES);
         self
     }
 
@@ -1424,6 +1433,39 @@ impl TrackerCore {
                     .list_files(self.session_of(conn)?, &group)
                     .map(|f| Handled::Reply(ReplyBody::Files(f)))
             }
+            RequestBody::ListPart { listing, from } => {
+                let session = self.session_of(conn)?;
+                let from = from as usize;
+                let (items, next) = match &listing {
+                    Listing::Groups => {
+                        let (groups, next) =
+                            take_part(state.groups_of(session)?, from, self.max_part, |g| {
+                                2 + g.group.as_str().len() + 2 + g.owner.as_str().len() + 4 + 1
+                            });
+                        (ReplyBody::Groups(groups), next)
+                    }
+                    Listing::Requests(group) => {
+                        let users = state.list_requests(session, group)?;
+                        let (users, next) =
+                            take_part(users.into_iter(), from, self.max_part, |u| {
+                                2 + u.as_str().len()
+                            });
+                        (ReplyBody::Users(users), next)
+                    }
+                    Listing::Files(group) => {
+                        let files = state.list_files(session, group)?;
+                        let (files, next) =
+                            take_part(files.into_iter(), from, self.max_part, |f| {
+                                2 + f.name.as_str().len() + 8 + 4 + 4 + 20
+                            });
+                        (ReplyBody::Files(files), next)
+                    }
+                };
+                return Ok(Handled::Reply(ReplyBody::Part {
+                    next,
+                    items: Box::new(items),
+                }));
+            }
             RequestBody::FileSharers { group, name } => {
                 let session = self.session_of(conn)?;
                 let (meta, peers) = state.file_sharers(session, &group, &name)?;
@@ -1585,6 +1627,32 @@ impl TrackerCore {
             _ => Ok(()),
         }
     }
+}
+
+/// The items of a listing from index `from` on that fit in `max` bytes (at least one,
+/// whatever its size), and the index of the item after them (0 when none is left).
+fn take_part<T>(
+    items: impl Iterator<Item = T>,
+    from: usize,
+    max: usize,
+    bytes: impl Fn(&T) -> usize,
+) -> (Vec<T>, u32) {
+    let mut part = Vec::new();
+    let mut used = 4;
+    let mut items = items.skip(from).peekable();
+    while let Some(item) = items.peek() {
+        let size = bytes(item);
+        if !part.is_empty() && used + size > max {
+            break;
+        }
+        used += size;
+        part.extend(items.next());
+    }
+    let next = match items.peek() {
+        Some(_) => u32::try_from(from + part.len()).unwrap_or(u32::MAX),
+        None => 0,
+    };
+    (part, next)
 }
 
 /// Whether `session` is the one `proof` was made for.

@@ -1978,3 +1978,117 @@ fn the_whole_state_has_a_size_quota() {
         ReplyBody::Done
     );
 }
+
+#[test]
+fn a_listing_comes_in_parts_below_the_part_limit() {
+    const GROUPS: usize = 300;
+    const PART: usize = 4096;
+    let mut h = harness_with(|c| c.with_max_part(PART));
+    let a = conn(1);
+    h.connect(a);
+    h.create_user(a, "alice", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    for i in 0..GROUPS {
+        let group = gid(&format!("{i:05}{}", "g".repeat(59)));
+        assert_eq!(
+            h.ask(a, RequestBody::CreateGroup { group }),
+            ReplyBody::Done
+        );
+    }
+    let mut all = Vec::new();
+    let mut from = 0;
+    let mut parts = 0;
+    loop {
+        h.next_req += 1;
+        let req_id = h.next_req;
+        let outs = h.send(
+            a,
+            &request(
+                req_id,
+                RequestBody::ListPart {
+                    listing: Listing::Groups,
+                    from,
+                },
+            ),
+        );
+        let [Output::Send(_, msg @ TrackerMsg::Reply(Reply { body, .. }))] = outs.as_slice() else {
+            panic!("{outs:?}");
+        };
+        let mut bytes = Vec::new();
+        msg.emit(&mut bytes);
+        assert!(bytes.len() <= PART + 64, "a part of {} bytes", bytes.len());
+        let ReplyBody::Part { next, items } = body else {
+            panic!("{body:?}");
+        };
+        let ReplyBody::Groups(groups) = &**items else {
+            panic!("{items:?}");
+        };
+        assert!(!groups.is_empty());
+        all.extend(groups.iter().map(|g| g.group.clone()));
+        parts += 1;
+        if *next == 0 {
+            break;
+        }
+        assert_eq!(*next as usize, all.len());
+        from = *next;
+    }
+    assert!(parts >= 5, "{parts} parts");
+    let whole = h
+        .core
+        .state()
+        .list_groups(h.core.session_of(a).unwrap())
+        .unwrap();
+    let want: Vec<GroupId> = whole.into_iter().map(|g| g.group).collect();
+    assert_eq!(all, want, "every group once, sorted");
+    // Past the end: an empty last part. Files and requests come in parts too.
+    match h.ask(
+        a,
+        RequestBody::ListPart {
+            listing: Listing::Groups,
+            from: 1_000_000,
+        },
+    ) {
+        ReplyBody::Part { next: 0, items } => assert_eq!(*items, ReplyBody::Groups(vec![])),
+        other => panic!("{other:?}"),
+    }
+    let first = want[0].clone();
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::ListPart {
+                listing: Listing::Files(first.clone()),
+                from: 0,
+            },
+        ),
+        ReplyBody::Part {
+            next: 0,
+            items: Box::new(ReplyBody::Files(vec![]))
+        }
+    );
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::ListPart {
+                listing: Listing::Requests(first),
+                from: 0,
+            },
+        ),
+        ReplyBody::Part {
+            next: 0,
+            items: Box::new(ReplyBody::Users(vec![]))
+        }
+    );
+    // Not logged in: refused like the whole listing.
+    let b = conn(2);
+    h.connect(b);
+    assert_refused(
+        &h.ask(
+            b,
+            RequestBody::ListPart {
+                listing: Listing::Groups,
+                from: 0,
+            },
+        ),
+        RejectCode::NotLoggedIn,
+    );
+}

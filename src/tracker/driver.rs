@@ -69,6 +69,8 @@ pub struct Limits {
     /// (their requests wait in the kernel) until the total is back under three quarters of
     /// it; tracker links are still read, and output still drains.
     pub memory_budget: usize,
+    /// Most bytes of items in one part of a listing (`--listing-part-bytes`).
+    pub listing_part: usize,
 }
 
 impl Default for Limits {
@@ -77,6 +79,7 @@ impl Default for Limits {
             max_connections: MAX_CONNECTIONS,
             idle_timeout: CLIENT_IDLE_TIMEOUT,
             memory_budget: MEMORY_BUDGET,
+            listing_part: crate::wire::tracker_link::MAX_PART_BYTES,
         }
     }
 }
@@ -251,6 +254,7 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     .with_secure_tracker_links()
     .with_password_workers(PASSWORD_WORKERS)
     .with_idle_timeout(config.limits.idle_timeout)
+    .with_max_part(config.limits.listing_part)
     .with_foreign_addresses(config.allow_foreign_addresses)
     .with_quotas(config.quotas)
     .with_tickets(TicketIssuer::new(config.service_key.clone()));

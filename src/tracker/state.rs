@@ -751,25 +751,30 @@ impl TrackerState {
 
     /// Every group, sorted by id, with the asking user's relation to it.
     pub fn list_groups(&self, session: SessionId) -> Result<Vec<GroupInfo>, Reject> {
+        Ok(self.groups_of(session)?.collect())
+    }
+
+    /// [`list_groups`](Self::list_groups) one at a time (a listing in parts skips to its
+    /// part without building the rest).
+    pub fn groups_of(
+        &self,
+        session: SessionId,
+    ) -> Result<impl Iterator<Item = GroupInfo> + '_, Reject> {
         let user = self.user_of(session)?;
-        Ok(self
-            .groups
-            .iter()
-            .map(|(id, g)| GroupInfo {
-                group: id.clone(),
-                owner: g.owner.clone(),
-                n_members: u32::try_from(g.members.len()).unwrap_or(u32::MAX),
-                relation: if g.owner == *user {
-                    Relation::Owner
-                } else if g.is_member(user) {
-                    Relation::Member
-                } else if g.requests.contains(user) {
-                    Relation::Requested
-                } else {
-                    Relation::None
-                },
-            })
-            .collect())
+        Ok(self.groups.iter().map(move |(id, g)| GroupInfo {
+            group: id.clone(),
+            owner: g.owner.clone(),
+            n_members: u32::try_from(g.members.len()).unwrap_or(u32::MAX),
+            relation: if g.owner == *user {
+                Relation::Owner
+            } else if g.is_member(user) {
+                Relation::Member
+            } else if g.requests.contains(user) {
+                Relation::Requested
+            } else {
+                Relation::None
+            },
+        }))
     }
 
     /// Pending join requests of a group, oldest first; for its owner only.
