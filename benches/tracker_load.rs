@@ -24,6 +24,10 @@
 //!   (N accounts made first), keeping W (default 10) wrong-password logins in flight; once
 //!   every one has been refused at least once, a probe thread logs in with the right password
 //!   on a fresh connection, 5 times, and times each (aim: under 1 s), and a ping on it.
+//! - `big_listing` (only when named): 300 users (TRACKER_BENCH_BIG_USERS) each create 1,000
+//!   groups with 64-byte ids (TRACKER_BENCH_BIG_GROUPS in all, default 300,000), all at once;
+//!   then one of them lists every group in parts (`ListPart`, as `client_program` does) and
+//!   the listing is checked whole and sorted; the tracker's RSS and the time are printed.
 //!
 //! Knobs (environment): TRACKER_BENCH_CONNS, TRACKER_BENCH_WINDOW, TRACKER_BENCH_SECS
 //! (measured seconds), TRACKER_BENCH_WARMUP (seconds, excluded), TRACKER_BENCH_LG_CONNS,
@@ -49,7 +53,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
 use p2pshare::wire::tracker_link::{
-    ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
+    ClientMsg, Listing, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
 };
 use p2pshare::wire::{GroupId, Password, UserId};
 
@@ -100,7 +104,12 @@ impl Config {
     }
 
     fn wants(&self, scenario: &str) -> bool {
-        self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == scenario)
+        self.scenarios.is_empty() || self.named(scenario)
+    }
+
+    /// Asked for by name (scenarios that are not run by default).
+    fn named(&self, scenario: &str) -> bool {
+        self.scenarios.iter().any(|s| s == scenario)
     }
 }
 
@@ -1289,6 +1298,113 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
+fn scenario_big_listing(tracker: &Tracker) -> Result<(), String> {
+    let users = env_num(BENCH, "TRACKER_BENCH_BIG_USERS", 300.0) as usize;
+    let groups = env_num(BENCH, "TRACKER_BENCH_BIG_GROUPS", 300_000.0) as usize;
+    let per_user = groups.div_ceil(users.max(1));
+    let timeout = Duration::from_secs(600);
+    let password = Password::new(PASSWORD).map_err(|e| format!("password: {e}"))?;
+    let t0 = Instant::now();
+    let mut clients = Vec::with_capacity(users);
+    for i in 0..users {
+        let user = UserId::new(&format!("big{i}")).map_err(|e| format!("user id: {e}"))?;
+        let mut c = SyncClient::connect(tracker.addr, Duration::from_secs(10))?;
+        let first = c.send(&[
+            RequestBody::CreateUser {
+                user: user.clone(),
+                password: password.clone(),
+            },
+            RequestBody::Login {
+                user,
+                password: password.clone(),
+                peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+                shares: Vec::new(),
+            },
+        ])?;
+        clients.push((c, first));
+    }
+    for (c, first) in &mut clients {
+        let r = c.replies(*first, 2, Instant::now() + timeout)?;
+        if r[0] != ReplyBody::Done || !matches!(r[1], ReplyBody::LoggedIn { .. }) {
+            return Err(format!("create_user and login: {r:?}"));
+        }
+    }
+    println!(
+        "big_listing: {users} users created and logged in in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let t1 = Instant::now();
+    let mut made = 0;
+    let mut sent = Vec::with_capacity(users);
+    for (i, (c, _)) in clients.iter_mut().enumerate() {
+        let n = per_user.min(groups - made);
+        let bodies: Vec<RequestBody> = (made..made + n)
+            .map(|g| {
+                GroupId::new(&format!("{g:07}{}", "g".repeat(57)))
+                    .map(|group| RequestBody::CreateGroup { group })
+                    .map_err(|e| format!("group id: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        made += n;
+        sent.push((i, c.send(&bodies)?, n));
+    }
+    for (i, first, n) in sent {
+        let replies = clients[i].0.replies(first, n, Instant::now() + timeout)?;
+        expect_all("create_group", &replies, |r| *r == ReplyBody::Done)?;
+    }
+    println!(
+        "big_listing: {made} groups created in {:.1}s; tracker RSS {:.1} MiB",
+        t1.elapsed().as_secs_f64(),
+        tracker.rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    let lister = &mut clients[0].0;
+    let t2 = Instant::now();
+    let (mut listed, mut parts, mut bytes, mut from) = (Vec::new(), 0, 0usize, 0u32);
+    loop {
+        let body = RequestBody::ListPart {
+            listing: Listing::Groups,
+            from,
+        };
+        let first = lister.send(std::slice::from_ref(&body))?;
+        let reply = lister
+            .replies(first, 1, Instant::now() + timeout)?
+            .remove(0);
+        let ReplyBody::Part { next, items } = reply else {
+            return Err(format!("list part from {from}: {reply:?}"));
+        };
+        let ReplyBody::Groups(part) = *items else {
+            return Err(format!("list part from {from}: {items:?}"));
+        };
+        parts += 1;
+        bytes += Reply {
+            req_id: first,
+            body: ReplyBody::Groups(part.clone()),
+        }
+        .size_bound();
+        listed.extend(part.into_iter().map(|g| g.group));
+        if next == 0 {
+            break;
+        }
+        from = next;
+    }
+    let took = t2.elapsed();
+    let sorted = listed.windows(2).all(|w| w[0] < w[1]);
+    if listed.len() != made || !sorted {
+        return Err(format!(
+            "listed {} groups (sorted: {sorted}) of {made}",
+            listed.len()
+        ));
+    }
+    println!(
+        "big_listing: all {made} groups listed, sorted, in {parts} parts ({:.1} MB) in {:.2}s; \
+         tracker RSS {:.1} MiB",
+        bytes as f64 / 1e6,
+        took.as_secs_f64(),
+        tracker.rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    Ok(())
+}
+
 fn main() {
     let cfg = Config::from_env();
     let nofile = rlimit::increase_nofile_limit(u64::MAX);
@@ -1340,6 +1456,12 @@ fn main() {
     if cfg.wants("login_flood") {
         if let Err(e) = scenario_login_flood(&tracker, &cfg) {
             println!("login_flood: FAILED: {e}");
+            failed = true;
+        }
+    }
+    if cfg.named("big_listing") {
+        if let Err(e) = scenario_big_listing(&tracker) {
+            println!("big_listing: FAILED: {e}");
             failed = true;
         }
     }

@@ -295,3 +295,209 @@ fn quotas_come_from_options_and_refuse_clearly() {
     assert_eq!(out.stdout.len(), 6, "{out:#?}");
     assert!(out.stdout[4].starts_with("g1") && out.stdout[5].starts_with("g2"));
 }
+
+/// Waits (within [`TIMEOUT`]) until the tracker's log holds `n` lines containing `text`.
+fn wait_log_count(tracker: &Tracker, text: &str, n: usize) -> String {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let log = tracker.stderr();
+        if log.matches(text).count() >= n {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {n} lines with '{text}' in the tracker's log within {TIMEOUT:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads until the peer closes; `Err` with what arrived if it does not within `within`.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> Result<(), String> {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("not closed: {e}")),
+        }
+    }
+}
+
+/// Connections past the cap (`--max-connections`) are closed at once, with one log line;
+/// the connections already open keep being served, and once some close, new ones are
+/// taken again.
+#[test]
+fn connections_past_the_cap_are_closed_and_the_others_served() {
+    const CAP: usize = 8;
+    let tracker = Tracker::start_with(&["--max-connections".into(), CAP.to_string().into()]);
+    let mut held: Vec<Raw> = (0..CAP as u64)
+        .map(|i| Raw::connect(tracker.addr, 100 + i))
+        .collect();
+    // Two more: accepted by the kernel, closed by the tracker before a byte is read.
+    for _ in 0..2 {
+        let mut extra = TcpStream::connect_timeout(&tracker.addr, TIMEOUT).expect("connect");
+        let mut hello = Vec::new();
+        ClientMsg::hello(999).emit(&mut hello);
+        let _ = extra.write_all(&hello);
+        closed_within(&mut extra, TIMEOUT).expect("a connection past the cap is closed");
+    }
+    let log = wait_log_count(
+        &tracker,
+        &format!("{CAP} connections open: the connection cap"),
+        1,
+    );
+    assert_eq!(
+        log.matches("the connection cap").count(),
+        1,
+        "one line per episode:\n{log}"
+    );
+    for (i, raw) in held.iter_mut().enumerate() {
+        assert_eq!(raw.call(1, RequestBody::Ping), ReplyBody::Pong, "conn {i}");
+    }
+    // Some close: a new connection is served again (once the tracker has seen the closes).
+    held.truncate(CAP - 2);
+    let deadline = Instant::now() + TIMEOUT;
+    let mut fresh = loop {
+        let mut stream = TcpStream::connect_timeout(&tracker.addr, TIMEOUT).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut hello = Vec::new();
+        ClientMsg::hello(1000).emit(&mut hello);
+        stream.write_all(&hello).expect("send hello");
+        let mut rbuf = FrameBuffer::new(MAX_CLIENT_TRACKER_FRAME);
+        let welcomed = loop {
+            if let Some(p) = rbuf.next_frame().expect("a well-formed frame") {
+                break matches!(TrackerMsg::parse(p), Ok(TrackerMsg::Welcome { .. }));
+            }
+            match stream.read(rbuf.spare()) {
+                Ok(0) | Err(_) => break false,
+                Ok(n) => rbuf.commit(n),
+            }
+        };
+        if welcomed {
+            break Raw { stream, rbuf };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection taken after closes"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(fresh.call(1, RequestBody::Ping), ReplyBody::Pong);
+}
+
+/// A connection that says hello and then nothing is closed at the idle timeout
+/// (`--idle-timeout`); a real client quiet for longer keeps its connection (it pings), so its
+/// session goes on without a reconnection.
+#[test]
+fn silent_connections_are_closed_at_the_idle_timeout_and_quiet_clients_are_not() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let tracker = Tracker::start_with(&["--idle-timeout".into(), "2".into()]);
+    let mut raw = Raw::connect(tracker.addr, 7);
+    let start = Instant::now();
+    closed_within(&mut raw.stream, TIMEOUT).expect("a silent connection is closed");
+    let waited = start.elapsed();
+    assert!(
+        waited >= IDLE - Duration::from_millis(100),
+        "closed after {waited:?}"
+    );
+    // The default (30 s) would take longer: the option is what closed it.
+    assert!(waited < Duration::from_secs(20), "closed after {waited:?}");
+    wait_log_count(&tracker, "silent for", 1);
+
+    let mut client = tracker.client();
+    let mut live = client.live();
+    live.cmd("create_user a pw", &["user a created"]);
+    live.cmd("login a pw", &["logged in as a"]);
+    // Quiet for three idle timeouts (the time is what is tested, not a synchronisation).
+    std::thread::sleep(3 * IDLE);
+    live.cmd("create_group g", &["group g created"]);
+    let log = tracker.stderr();
+    assert_eq!(
+        log.matches("silent for").count(),
+        1,
+        "the pinging client was closed as silent:\n{log}"
+    );
+    let (status, _) = live.finish();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// At the tracker-wide memory budget (`--memory-budget`), client connections are not read
+/// until the connection buffers drain: connections holding big partial frames pass it, a
+/// fresh connection's hello then waits (it is not read), and once the silent ones are closed
+/// at the idle timeout, their buffers go and the fresh connection is served.
+#[test]
+fn at_the_memory_budget_clients_wait_until_buffers_drain() {
+    const BUDGET: usize = 4 * 1024 * 1024;
+    const SENT: usize = 700 * 1024;
+    let tracker = Tracker::start_with(&[
+        "--memory-budget".into(),
+        BUDGET.to_string().into(),
+        "--idle-timeout".into(),
+        "3".into(),
+    ]);
+    // Each announces a 16 MiB frame and sends 700 KiB of it (a buffer of about 1 MiB each).
+    let mut senders: Vec<Raw> = (0..8).map(|i| Raw::connect(tracker.addr, 10 + i)).collect();
+    for raw in &mut senders {
+        let mut part = Vec::with_capacity(SENT);
+        part.extend_from_slice(&(16u32 * 1024 * 1024 - 1).to_be_bytes());
+        part.push(0x10);
+        part.resize(SENT, 0x5a);
+        raw.stream.write_all(&part).expect("send part of a frame");
+    }
+    wait_log_count(&tracker, "the memory budget", 1);
+    let asked = Instant::now();
+    let mut fresh = Raw::connect(tracker.addr, 99);
+    let waited = asked.elapsed();
+    assert_eq!(fresh.call(1, RequestBody::Ping), ReplyBody::Pong);
+    let log = wait_log_count(&tracker, "under the memory budget again", 1);
+    assert!(
+        log.contains("silent for"),
+        "the partial frames' connections were closed as silent:\n{log}"
+    );
+    // Its hello was not read while the budget was reached.
+    assert!(
+        waited >= Duration::from_secs(1),
+        "welcomed after {waited:?}, at the budget:\n{log}"
+    );
+}
+
+/// A listing larger than one part (`--listing-part-bytes`, here 2 KiB against the 1 MiB
+/// default, as 300,000 groups are against it) comes whole, sorted, through `client_program`,
+/// and the session goes on.
+#[test]
+fn listings_larger_than_a_part_come_whole() {
+    const GROUPS: usize = 200;
+    let tracker = Tracker::start_with(&["--listing-part-bytes".into(), "2048".into()]);
+    let names: Vec<String> = (0..GROUPS)
+        .rev()
+        .map(|i| format!("{i:03}{}", "g".repeat(61)))
+        .collect();
+    let mut commands = vec!["create_user a pw".to_owned(), "login a pw".to_owned()];
+    commands.extend(names.iter().map(|g| format!("create_group {g}")));
+    commands.push("list_groups".into());
+    commands.push(format!("list_files {}", names[0]));
+    commands.push(format!("list_requests {}", names[0]));
+    commands.push("create_group last".into());
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let out = tracker.client().run(&commands);
+    assert!(out.errors.is_empty(), "{out:#?}");
+    let listed: Vec<&str> = out
+        .stdout
+        .iter()
+        .skip(2 + GROUPS)
+        .take(GROUPS)
+        .map(|l| l.split('\t').next().unwrap_or(""))
+        .collect();
+    let mut want: Vec<&str> = names.iter().map(String::as_str).collect();
+    want.sort();
+    assert_eq!(listed, want, "{out:#?}");
+    assert_eq!(out.stdout.len(), 2 + 2 * GROUPS + 1, "{out:#?}");
+    assert_eq!(
+        out.stdout.last().map(String::as_str),
+        Some("group last created")
+    );
+}

@@ -53,6 +53,32 @@ fn main() -> ExitCode {
             "bytes of file metadata (20 per piece) a user's shared files may take",
             "268435456",
         ),
+        (
+            "max-state-bytes",
+            "bytes the service's whole state may take (accounts, groups, files), estimated",
+            "2147483648",
+        ),
+        (
+            "max-connections",
+            "connections open at once; more are closed at once",
+            "16384",
+        ),
+        (
+            "idle-timeout",
+            "seconds after which a silent client connection is closed",
+            "30",
+        ),
+        (
+            "memory-budget",
+            "bytes all connections' buffers may hold; at it, client requests are not read \
+             until they drain",
+            "1073741824",
+        ),
+        (
+            "listing-part-bytes",
+            "bytes of items in one part of a listing (at most the default)",
+            "1048576",
+        ),
     ];
     for (name, what, default) in quota_opts {
         opts.optopt("", name, &format!("{what} (default {default})"), "N");
@@ -83,22 +109,41 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut quotas = driver::Quotas::default();
+    let mut limits = driver::Limits::default();
+    let mut idle_secs = limits.idle_timeout.as_secs() as usize;
     for (name, slot) in [
         ("max-groups-per-user", &mut quotas.groups_per_user),
         ("max-requests-per-user", &mut quotas.requests_per_user),
         ("max-files-per-user", &mut quotas.files_per_user),
         ("max-metadata-per-user", &mut quotas.metadata_per_user),
+        ("max-state-bytes", &mut quotas.state_bytes),
+        ("max-connections", &mut limits.max_connections),
+        ("idle-timeout", &mut idle_secs),
+        ("memory-budget", &mut limits.memory_budget),
+        ("listing-part-bytes", &mut limits.listing_part),
     ] {
         if let Some(v) = matches.opt_str(name) {
             match v.parse::<usize>() {
-                Ok(n) => *slot = n,
-                Err(_) => {
+                Ok(n)
+                    if n > 0
+                        || !matches!(
+                            name,
+                            "max-connections"
+                                | "idle-timeout"
+                                | "memory-budget"
+                                | "listing-part-bytes"
+                        ) =>
+                {
+                    *slot = n
+                }
+                _ => {
                     eprintln!("tracker_program: bad --{name} '{v}'\n{}", usage(&opts));
                     return ExitCode::from(EXIT_USAGE);
                 }
             }
         }
     }
+    limits.idle_timeout = std::time::Duration::from_secs(idle_secs as u64);
     let print_key = matches.opt_present("print-key");
     let (info_path, tracker_no) = match matches.free.as_slice() {
         [path] if print_key => (path.clone(), 1),
@@ -256,6 +301,7 @@ fn main() -> ExitCode {
         data: (data_dir, restored),
         allow_foreign_addresses: matches.opt_present("allow-foreign-addresses"),
         quotas,
+        limits,
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -39,11 +39,13 @@ use super::state_file::{
 };
 use crate::hasher::{FileHashes, HashDone, JobId};
 use crate::wire::ticket::Ticket;
-use crate::wire::tracker_link::{FileMeta, Reply, ReplyBody, Request, RequestBody};
+use crate::wire::tracker_link::{FileMeta, Listing, Reply, ReplyBody, Request, RequestBody};
 use crate::wire::{FileName, GroupId, Password, Sha1Digest, UserId, PIECE_LEN};
 
 /// How long a command waits for the tracker's answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Items of one listing gathered from its parts before it is printed, at most.
+pub const MAX_LISTED: usize = 1_000_000;
 
 /// What the driver must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,6 +316,8 @@ pub struct ClientCore {
     n_failed: u64,
     /// What the last listings said (for completion), and how listings are printed.
     listings: Listings,
+    /// The parts of a listing received so far (see `on_part`).
+    listing: Option<ReplyBody>,
     /// Remembered shares being hashed again (their file changed since), by hash job.
     rechecks: BTreeMap<JobId, LocalShare>,
     /// Remembered downloads whose target exists when they continue, by the hash job that
@@ -341,6 +345,7 @@ impl ClientCore {
             out: VecDeque::new(),
             n_failed: 0,
             listings: Listings::default(),
+            listing: None,
             rechecks: BTreeMap::new(),
             finished_checks: BTreeMap::new(),
             remembered: BTreeMap::new(),
@@ -646,8 +651,11 @@ impl ClientCore {
             Command::LeaveGroup { group } => RequestBody::LeaveGroup {
                 group: group.clone(),
             },
-            Command::ListRequests { group } => RequestBody::ListRequests {
-                group: group.clone(),
+            // Listings come in parts (each far below a frame, whatever the listing's size),
+            // gathered before anything is printed (`on_part`).
+            Command::ListRequests { group } => RequestBody::ListPart {
+                listing: Listing::Requests(group.clone()),
+                from: 0,
             },
             Command::AcceptRequest { group, user } => RequestBody::AcceptRequest {
                 group: group.clone(),
@@ -657,9 +665,13 @@ impl ClientCore {
                 group: group.clone(),
                 user: user.clone(),
             },
-            Command::ListGroups => RequestBody::ListGroups,
-            Command::ListFiles { group } => RequestBody::ListFiles {
-                group: group.clone(),
+            Command::ListGroups => RequestBody::ListPart {
+                listing: Listing::Groups,
+                from: 0,
+            },
+            Command::ListFiles { group } => RequestBody::ListPart {
+                listing: Listing::Files(group.clone()),
+                from: 0,
             },
             Command::StopShare { group, name } => RequestBody::StopShare {
                 group: group.clone(),
@@ -1497,13 +1509,86 @@ impl ClientCore {
         if request.req_id != reply.req_id {
             return;
         }
-        let Some(Pending::Awaiting { cmd, .. }) = self.pending.take() else {
+        let Some(Pending::Awaiting {
+            cmd,
+            request,
+            deadline,
+        }) = self.pending.take()
+        else {
             return;
         };
         match reply.body {
-            ReplyBody::Refused { message, .. } => self.fail(message),
+            ReplyBody::Refused { message, .. } => {
+                self.listing = None;
+                self.fail(message)
+            }
+            ReplyBody::Part { next, items } => self.on_part(cmd, request, deadline, next, *items),
             body => self.report(cmd, body),
         }
+    }
+
+    /// One part of a listing: kept with the parts before it; the next part is asked for
+    /// (within the command's deadline), or, after the last, the whole listing is reported.
+    fn on_part(
+        &mut self,
+        cmd: Sent,
+        request: Request,
+        deadline: Instant,
+        next: u32,
+        items: ReplyBody,
+    ) {
+        // A listing's first part starts afresh (an earlier listing may have been cut short).
+        let first = matches!(request.body, RequestBody::ListPart { from: 0, .. });
+        let prior = self.listing.take().filter(|_| !first);
+        let whole = match (prior, items) {
+            (None, items) => items,
+            (Some(ReplyBody::Groups(mut all)), ReplyBody::Groups(more)) => {
+                all.extend(more);
+                ReplyBody::Groups(all)
+            }
+            (Some(ReplyBody::Users(mut all)), ReplyBody::Users(more)) => {
+                all.extend(more);
+                ReplyBody::Users(all)
+            }
+            (Some(ReplyBody::Files(mut all)), ReplyBody::Files(more)) => {
+                all.extend(more);
+                ReplyBody::Files(all)
+            }
+            (Some(_), items) => {
+                return self.fail(format!(
+                    "unexpected listing part from the tracker: {items:?}"
+                ))
+            }
+        };
+        let listing = match request.body {
+            RequestBody::ListPart { listing, .. } if next > 0 => listing,
+            _ => return self.report(cmd, whole),
+        };
+        let gathered = match &whole {
+            ReplyBody::Groups(v) => v.len(),
+            ReplyBody::Users(v) => v.len(),
+            ReplyBody::Files(v) => v.len(),
+            _ => 0,
+        };
+        if gathered > MAX_LISTED {
+            return self.fail(format!(
+                "the listing has more than {MAX_LISTED} items; not shown"
+            ));
+        }
+        self.listing = Some(whole);
+        let request = Request {
+            req_id: self.next_id(),
+            body: RequestBody::ListPart {
+                listing,
+                from: next,
+            },
+        };
+        self.pending = Some(Pending::Awaiting {
+            request: request.clone(),
+            cmd,
+            deadline,
+        });
+        self.out.push_back(Output::Send(request));
     }
 
     /// The tracker's answer to `download_file`: start the download.

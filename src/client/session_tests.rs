@@ -598,7 +598,13 @@ fn list_groups_format() {
     let mut h = Harness::new();
     h.login("alice");
     let req = h.line_sends("list_groups");
-    assert_eq!(req.body, RequestBody::ListGroups);
+    assert_eq!(
+        req.body,
+        RequestBody::ListPart {
+            listing: Listing::Groups,
+            from: 0
+        }
+    );
     let info = |g: &str, owner: &str, n_members, relation| GroupInfo {
         group: gid(g),
         owner: uid(owner),
@@ -635,12 +641,79 @@ fn list_groups_format() {
     assert_eq!(h.core.n_failed(), 0);
 }
 
+/// A listing in parts: each part's `next` asks for the following one, and the whole
+/// listing is printed once the last part is in; a failure mid-way prints nothing of it, and
+/// the next listing starts afresh.
+#[test]
+fn a_listing_in_parts_is_gathered_then_printed() {
+    let mut h = Harness::new();
+    h.login("alice");
+    let info = |g: &str| GroupInfo {
+        group: gid(g),
+        owner: uid("alice"),
+        n_members: 1,
+        relation: Relation::Owner,
+    };
+    let part = |next, groups: &[&str]| ReplyBody::Part {
+        next,
+        items: Box::new(ReplyBody::Groups(groups.iter().map(|g| info(g)).collect())),
+    };
+    let req = h.line_sends("list_groups");
+    let outs = h.reply_busy(&req, part(2, &["a", "b"]));
+    let [Output::Send(second)] = outs.as_slice() else {
+        panic!("expected the next part's request, got {outs:?}");
+    };
+    assert_eq!(
+        second.body,
+        RequestBody::ListPart {
+            listing: Listing::Groups,
+            from: 2
+        }
+    );
+    assert!(second.req_id > req.req_id);
+    let outs = h.reply(second, part(0, &["c"]));
+    let lines: Vec<String> = outs
+        .iter()
+        .map(|o| match o {
+            Output::Print(l) => l.split('\t').next().unwrap_or("").to_owned(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(lines, ["a", "b", "c"]);
+    // Cut short by a refusal: an error, nothing printed; the next listing is whole.
+    let req = h.line_sends("list_groups");
+    let outs = h.reply_busy(&req, part(1, &["x"]));
+    let [Output::Send(second)] = outs.as_slice() else {
+        panic!("{outs:?}");
+    };
+    let outs = h.reply(
+        second,
+        ReplyBody::Refused {
+            code: RejectCode::NotLoggedIn,
+            message: "not logged in".into(),
+        },
+    );
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::Print(_))),
+        "{outs:?}"
+    );
+    let outs = h.run("list_groups", part(0, &["y"]));
+    assert_eq!(outs.len(), 1, "{outs:?}");
+    assert_eq!(h.core.n_failed(), 1);
+}
+
 #[test]
 fn list_files_format() {
     let mut h = Harness::new();
     h.login("alice");
     let req = h.line_sends("list_files g");
-    assert_eq!(req.body, RequestBody::ListFiles { group: gid("g") });
+    assert_eq!(
+        req.body,
+        RequestBody::ListPart {
+            listing: Listing::Files(gid("g")),
+            from: 0
+        }
+    );
     let mut sha = [0u8; 20];
     sha[0] = 0xab;
     sha[19] = 0x01;
@@ -689,7 +762,13 @@ fn list_requests_format() {
     let mut h = Harness::new();
     h.login("alice");
     let req = h.line_sends("list_requests g");
-    assert_eq!(req.body, RequestBody::ListRequests { group: gid("g") });
+    assert_eq!(
+        req.body,
+        RequestBody::ListPart {
+            listing: Listing::Requests(gid("g")),
+            from: 0
+        }
+    );
     let outs = h.reply(&req, ReplyBody::Users(vec![uid("zed"), uid("bob")]));
     assert_eq!(outs, [print("zed"), print("bob")], "oldest first, as given");
     assert!(h

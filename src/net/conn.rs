@@ -15,6 +15,8 @@ use crate::wire::DecodeError;
 /// Once this many bytes wait to be written, the connection stops reading requests until the
 /// peer has taken some: a client that pipelines without reading cannot grow our memory.
 pub const MAX_PENDING_WRITE: usize = 4 * 1024 * 1024;
+/// Room an emptied send buffer keeps for the next writes; more is given back.
+const KEEP_WRITE_CAPACITY: usize = 256 * 1024;
 
 /// Why a connection must be closed.
 #[derive(Debug)]
@@ -189,6 +191,12 @@ impl<T> Conn<T> {
         }
     }
 
+    /// Bytes of memory its receive and send buffers hold (their allocations; mapped data
+    /// and the secure layer's fixed buffers are not counted).
+    pub fn held(&self) -> usize {
+        self.rbuf.held() + self.wbuf.capacity()
+    }
+
     /// Bytes queued but not yet written to the socket (with a secure layer: plaintext not yet
     /// sealed plus records and handshake bytes not yet sent).
     pub fn pending_write(&self) -> usize {
@@ -313,7 +321,9 @@ impl<T> Conn<T> {
         if self.wpos == self.wbuf.len() && self.mapped.is_empty() {
             self.wbuf.clear();
             self.wpos = 0;
-            if self.wbuf.capacity() > MAX_PENDING_WRITE {
+            if self.wbuf.capacity() > KEEP_WRITE_CAPACITY {
+                // A burst's room is given back once written, so that idle connections do
+                // not keep it (a tracker counts it against its memory budget).
                 self.wbuf = Vec::new();
             }
         } else if self.wpos > self.wbuf.len() / 2 {

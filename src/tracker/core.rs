@@ -24,6 +24,7 @@
 //! handshake or a wrong protocol version closes that connection; a well-formed request that is
 //! refused is answered with `Refused` and the connection lives on.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -41,10 +42,10 @@ use super::tickets::TicketIssuer;
 use crate::net::ConnId;
 use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 use crate::wire::replication::{ReplMsg, MAX_REPLICATION_FRAME};
-use crate::wire::tracker_link::FileMeta;
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, Role, TrackerMsg,
 };
+use crate::wire::tracker_link::{FileMeta, Listing, MAX_PART_BYTES};
 use crate::wire::{FileName, GroupId, UserId, PROTOCOL_VERSION};
 
 /// A connection must complete its handshake within this time.
@@ -175,6 +176,12 @@ enum Waiting {
         req_id: u64,
         user: UserId,
     },
+    /// A `create_user` whose (client id, request id) has a remembered answer: it is that
+    /// answer only if the password is the user's (client ids travel in clear).
+    CreateUserRetry {
+        req_id: u64,
+        user: UserId,
+    },
     Login {
         req_id: u64,
         user: UserId,
@@ -235,8 +242,14 @@ pub struct TrackerCore {
     allow_foreign_addresses: bool,
     /// Largest answer sent; a bigger one is refused instead (the client's frame limit).
     max_reply: usize,
+    /// Most bytes of items in one part of a listing (`ListPart`).
+    max_part: usize,
     /// What one user may hold.
     quotas: Quotas,
+    /// The state's size for the total-state quota, as last walked: (changes applied then,
+    /// when, bytes), and what the changes accepted since may add (an upper bound).
+    state_size: Cell<Option<(u64, Instant, usize)>>,
+    state_adds: Cell<usize>,
     /// Signs the tickets that go with a file's sharers (none without it: tests).
     tickets: Option<TicketIssuer>,
     /// Clients this tracker sent elsewhere when it stopped serving, with when their session
@@ -265,6 +278,9 @@ pub struct Quotas {
     /// Bytes of metadata (piece hashes, name) of the files a user shares
     /// (`--max-metadata-per-user`).
     pub metadata_per_user: usize,
+    /// Bytes the whole state may take, by [`TrackerState::approx_bytes`]
+    /// (`--max-state-bytes`): past it, nothing that adds to the state is accepted.
+    pub state_bytes: usize,
 }
 
 impl Default for Quotas {
@@ -274,6 +290,7 @@ impl Default for Quotas {
             requests_per_user: 1000,
             files_per_user: 10_000,
             metadata_per_user: 256 * 1024 * 1024,
+            state_bytes: 2 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -328,7 +345,10 @@ impl TrackerCore {
             pause_requested: false,
             allow_foreign_addresses: false,
             max_reply: MAX_CLIENT_TRACKER_FRAME,
+            max_part: MAX_PART_BYTES,
             quotas: Quotas::default(),
+            state_size: Cell::new(None),
+            state_adds: Cell::new(0),
             tickets: None,
             sent_away: VecDeque::new(),
             sending_away: false,
@@ -394,6 +414,12 @@ impl TrackerCore {
     /// is not on the IP its connection comes from (when the driver said it) is refused.
     pub fn with_foreign_addresses(mut self, allow: bool) -> Self {
         self.allow_foreign_addresses = allow;
+        self
+    }
+
+    /// Puts at most `bytes` of items in one part of a listing (default [`MAX_PART_BYTES`]).
+    pub fn with_max_part(mut self, bytes: usize) -> Self {
+        self.max_part = bytes.clamp(1, MAX_PART_BYTES);
         self
     }
 
@@ -1058,7 +1084,11 @@ impl TrackerCore {
             return;
         };
         let ip = link.ip;
-        if let (Waiting::Login { user, .. }, PasswordResult::Verified(ok)) = (&waiting, &result) {
+        if let (
+            Waiting::Login { user, .. } | Waiting::CreateUserRetry { user, .. },
+            PasswordResult::Verified(ok),
+        ) = (&waiting, &result)
+        {
             let owner = JobOwner {
                 conn,
                 user: Some(user.clone()),
@@ -1101,8 +1131,21 @@ impl TrackerCore {
                 req_id,
                 Reject::new(RejectCode::WrongPassword, "wrong password"),
             ),
+            (Waiting::CreateUserRetry { req_id, .. }, PasswordResult::Verified(true)) => {
+                // The user exists with this password: the creation this retry asks for.
+                self.reply(conn, req_id, Ok(ReplyBody::Done));
+                return self.run_queued(conn);
+            }
+            (Waiting::CreateUserRetry { req_id, user }, PasswordResult::Verified(false)) => (
+                req_id,
+                Reject::new(
+                    RejectCode::UserExists,
+                    format!("user '{user}' already exists"),
+                ),
+            ),
             (
                 Waiting::CreateUser { req_id, .. }
+                | Waiting::CreateUserRetry { req_id, .. }
                 | Waiting::Login { req_id, .. }
                 | Waiting::Commit { req_id, .. },
                 _,
@@ -1178,7 +1221,9 @@ impl TrackerCore {
             return;
         };
         let user = match &waiting {
-            Waiting::Login { user, .. } => Some(user.clone()),
+            Waiting::Login { user, .. } | Waiting::CreateUserRetry { user, .. } => {
+                Some(user.clone())
+            }
             _ => None,
         };
         let owner = JobOwner {
@@ -1203,7 +1248,11 @@ impl TrackerCore {
             return;
         };
         let req_id = match link.waiting.take() {
-            Some(Waiting::Login { req_id, .. } | Waiting::CreateUser { req_id, .. }) => req_id,
+            Some(
+                Waiting::Login { req_id, .. }
+                | Waiting::CreateUser { req_id, .. }
+                | Waiting::CreateUserRetry { req_id, .. },
+            ) => req_id,
             other => {
                 link.waiting = other;
                 return;
@@ -1300,12 +1349,25 @@ impl TrackerCore {
         let is_retry = state.remembered(Origin { client, req_id }).is_some();
         let op = match body {
             RequestBody::Ping => return Ok(Handled::Reply(ReplyBody::Pong)),
-            RequestBody::CreateUser { user, .. } if is_retry => {
-                // Already applied through another tracker: the remembered answer comes back.
-                Op::CreateUser {
-                    user,
-                    pw_hash: String::new(),
-                }
+            RequestBody::CreateUser { user, password } if is_retry => {
+                // A remembered answer for this (client id, request id), which anyone can
+                // copy: the retry of a creation applied through another tracker is answered
+                // only once its password is checked against the user's (and a wrong one
+                // counts as a failure, as at login). Nothing is replicated or remembered.
+                let Some(phc) = state.password_hash(&user) else {
+                    // No such user, so the remembered answer is not a creation of it.
+                    return Err(Reject::new(
+                        RejectCode::BadRequest,
+                        "this request id was used for another request",
+                    ));
+                };
+                return Ok(Handled::Waiting(
+                    Waiting::CreateUserRetry { req_id, user },
+                    PasswordJob::Verify {
+                        password,
+                        phc: phc.to_owned(),
+                    },
+                ));
             }
             RequestBody::CreateUser { user, password } => {
                 if state.password_hash(&user).is_some() {
@@ -1315,6 +1377,7 @@ impl TrackerCore {
                         format!("user '{user}' already exists"),
                     ));
                 }
+                self.check_state_room(RECORD_BYTES + user.as_str().len() + PHC_BYTES)?;
                 return Ok(Handled::Waiting(
                     Waiting::CreateUser { req_id, user },
                     PasswordJob::Hash { password },
@@ -1427,6 +1490,39 @@ impl TrackerCore {
                     .list_files(self.session_of(conn)?, &group)
                     .map(|f| Handled::Reply(ReplyBody::Files(f)))
             }
+            RequestBody::ListPart { listing, from } => {
+                let session = self.session_of(conn)?;
+                let from = from as usize;
+                let (items, next) = match &listing {
+                    Listing::Groups => {
+                        let (groups, next) =
+                            take_part(state.groups_of(session)?, from, self.max_part, |g| {
+                                2 + g.group.as_str().len() + 2 + g.owner.as_str().len() + 4 + 1
+                            });
+                        (ReplyBody::Groups(groups), next)
+                    }
+                    Listing::Requests(group) => {
+                        let users = state.list_requests(session, group)?;
+                        let (users, next) =
+                            take_part(users.into_iter(), from, self.max_part, |u| {
+                                2 + u.as_str().len()
+                            });
+                        (ReplyBody::Users(users), next)
+                    }
+                    Listing::Files(group) => {
+                        let files = state.list_files(session, group)?;
+                        let (files, next) =
+                            take_part(files.into_iter(), from, self.max_part, |f| {
+                                2 + f.name.as_str().len() + 8 + 4 + 4 + 20
+                            });
+                        (ReplyBody::Files(files), next)
+                    }
+                };
+                return Ok(Handled::Reply(ReplyBody::Part {
+                    next,
+                    items: Box::new(items),
+                }));
+            }
             RequestBody::FileSharers { group, name } => {
                 let session = self.session_of(conn)?;
                 let (meta, peers) = state.file_sharers(session, &group, &name)?;
@@ -1446,11 +1542,13 @@ impl TrackerCore {
             }
             RequestBody::CreateGroup { group } => {
                 let session = self.session_of(conn)?;
+                self.check_state_room(3 * RECORD_BYTES + group.as_str().len() + 2 * MAX_ID)?;
                 self.check_quota(session, Quota::Group)?;
                 Op::CreateGroup { session, group }
             }
             RequestBody::JoinGroup { group } => {
                 let session = self.session_of(conn)?;
+                self.check_state_room(RECORD_BYTES + MAX_ID)?;
                 self.check_quota(session, Quota::Request)?;
                 Op::JoinGroup { session, group }
             }
@@ -1470,6 +1568,8 @@ impl TrackerCore {
             },
             RequestBody::UploadFile { group, meta } => {
                 let session = self.session_of(conn)?;
+                let adds = 3 * RECORD_BYTES + super::state::meta_bytes(&meta) + MAX_ID;
+                self.check_state_room(adds)?;
                 self.check_quota(session, Quota::File(&group, &meta))?;
                 Op::ShareFile {
                     session,
@@ -1494,7 +1594,55 @@ enum Quota<'a> {
     File(&'a GroupId, &'a FileMeta),
 }
 
+/// What [`TrackerState::approx_bytes`] counts per record, and the longest id.
+const RECORD_BYTES: usize = 16;
+const MAX_ID: usize = 64;
+/// An Argon2id PHC string's length, about.
+const PHC_BYTES: usize = 100;
+/// The state's size is walked again at most this often, while far from its quota.
+const STATE_SIZE_EVERY: Duration = Duration::from_secs(1);
+
 impl TrackerCore {
+    /// Refuses a change that would add `adds` bytes to a state at its size quota. The size
+    /// is [`TrackerState::approx_bytes`] as of a walk at most [`STATE_SIZE_EVERY`] old, plus
+    /// what the changes accepted here since may add; a refusal always rests on a walk of the
+    /// state as it is.
+    fn check_state_room(&self, adds: usize) -> Result<(), Reject> {
+        let limit = self.quotas.state_bytes;
+        let state = self.replica.state();
+        let (applied, now) = (state.n_applied(), self.replica.now());
+        let walk = || {
+            let bytes = state.approx_bytes();
+            self.state_size.set(Some((applied, now, bytes)));
+            self.state_adds.set(0);
+            bytes
+        };
+        let mut bytes = match self.state_size.get() {
+            Some((_, at, bytes)) if now.saturating_duration_since(at) < STATE_SIZE_EVERY => {
+                bytes + self.state_adds.get()
+            }
+            _ => walk(),
+        };
+        let stale = self.state_adds.get() > 0
+            || self.state_size.get().is_some_and(|(a, _, _)| a != applied);
+        if bytes.saturating_add(adds) > limit && stale {
+            bytes = walk();
+        }
+        if bytes.saturating_add(adds) > limit {
+            debug!("the state takes about {bytes} bytes, its quota {limit}: a change refused");
+            return Err(Reject::new(
+                RejectCode::QuotaExceeded,
+                format!(
+                    "quota: the service's state is full (about {bytes} of its {limit} bytes); \
+                     nothing more can be added until something is removed"
+                ),
+            ));
+        }
+        self.state_adds
+            .set(self.state_adds.get().saturating_add(adds));
+        Ok(())
+    }
+
     /// Refuses a change that would take the session's user past a quota.
     fn check_quota(&self, session: SessionId, quota: Quota<'_>) -> Result<(), Reject> {
         let state = self.replica.state();
@@ -1532,6 +1680,32 @@ impl TrackerCore {
             _ => Ok(()),
         }
     }
+}
+
+/// The items of a listing from index `from` on that fit in `max` bytes (at least one,
+/// whatever its size), and the index of the item after them (0 when none is left).
+fn take_part<T>(
+    items: impl Iterator<Item = T>,
+    from: usize,
+    max: usize,
+    bytes: impl Fn(&T) -> usize,
+) -> (Vec<T>, u32) {
+    let mut part = Vec::new();
+    let mut used = 4;
+    let mut items = items.skip(from).peekable();
+    while let Some(item) = items.peek() {
+        let size = bytes(item);
+        if !part.is_empty() && used + size > max {
+            break;
+        }
+        used += size;
+        part.extend(items.next());
+    }
+    let next = match items.peek() {
+        Some(_) => u32::try_from(from + part.len()).unwrap_or(u32::MAX),
+        None => 0,
+    };
+    (part, next)
 }
 
 /// Whether `session` is the one `proof` was made for.

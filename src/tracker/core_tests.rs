@@ -1575,6 +1575,42 @@ fn a_login_retry_proving_another_users_password_gets_no_session() {
     );
 }
 
+fn create_user_req(req_id: u64, user: &str, password: &str) -> ClientMsg {
+    request(
+        req_id,
+        RequestBody::CreateUser {
+            user: uid(user),
+            password: pw(password),
+        },
+    )
+}
+
+#[test]
+fn a_create_user_retry_gets_the_remembered_answer_only_with_the_password() {
+    let mut h = Harness::new();
+    let token = alice_logged_in(&mut h); // create_user was request 101, login request 5
+    let thief = conn(2);
+    connect_as(&mut h, thief, client_id(conn(1)));
+    // Alice's login request id under a create_user of another name: the answer remembered
+    // there is her login's, not a creation, and nothing is created.
+    let outs = h.send(thief, &create_user_req(5, "bob", "x"));
+    let body = only_reply(&outs, thief);
+    assert_refused(&body, RejectCode::BadRequest);
+    assert!(!format!("{body:?}").contains(&format!("{token:?}")));
+    assert!(h.core.state().password_hash(&uid("bob")).is_none());
+    // Her create_user's request id with a wrong password: the name is taken, as for anyone.
+    let outs = h.send(thief, &create_user_req(101, "alice", "wrong"));
+    assert_refused(&only_reply(&outs, thief), RejectCode::UserExists);
+    // With her password it is her retry: answered as the creation was.
+    let outs = h.send(thief, &create_user_req(101, "alice", "right"));
+    assert_eq!(only_reply(&outs, thief), ReplyBody::Done);
+    // Her session is untouched.
+    assert_eq!(
+        h.ask(conn(1), RequestBody::ListGroups),
+        ReplyBody::Groups(vec![])
+    );
+}
+
 #[test]
 fn a_copied_client_id_cannot_end_its_owners_session() {
     let mut h = Harness::new();
@@ -1767,6 +1803,7 @@ fn quotas_refuse_with_a_clear_error_and_the_session_goes_on() {
         requests_per_user: 1,
         files_per_user: 2,
         metadata_per_user: 2 * super::super::state::meta_bytes(&meta("f", 1)),
+        ..Quotas::default()
     };
     let mut h = harness_with(|c| c.with_quotas(quotas));
     let (a, b) = (conn(1), conn(2));
@@ -1877,4 +1914,184 @@ fn an_answer_too_big_for_a_frame_is_refused_and_the_session_survives() {
     );
     assert_eq!(h.ask(a, RequestBody::Ping), ReplyBody::Pong);
     assert!(h.has_session("alice"));
+}
+
+#[test]
+fn the_whole_state_has_a_size_quota() {
+    let quotas = Quotas {
+        state_bytes: 2000,
+        ..Quotas::default()
+    };
+    let mut h = harness_with(|c| c.with_quotas(quotas));
+    let a = conn(1);
+    h.connect(a);
+    h.create_user(a, "alice", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    let mut made = 0;
+    let refusal = loop {
+        assert!(
+            made < 40,
+            "40 groups of 64-byte ids made under a 2,000-byte quota"
+        );
+        let group = gid(&format!("{made:064}"));
+        match h.ask(a, RequestBody::CreateGroup { group }) {
+            ReplyBody::Done => made += 1,
+            other => break other,
+        }
+    };
+    assert_refused(&refusal, RejectCode::QuotaExceeded);
+    assert!(
+        format!("{refusal:?}").contains("the service's state is full"),
+        "{refusal:?}"
+    );
+    assert!(made >= 5, "only {made} groups before the quota");
+    let bytes = h.core.state().approx_bytes();
+    assert!(bytes <= 2000, "the state grew to {bytes} bytes");
+    // Nor can new accounts be made past it (one may still fit in what a group could not);
+    // the session goes on, and removing makes room again.
+    let refusal = (0..3)
+        .map(|i| {
+            h.ask(
+                conn(1),
+                RequestBody::CreateUser {
+                    user: uid(&format!("{i:064}")),
+                    password: pw("pw"),
+                },
+            )
+        })
+        .find(|r| *r != ReplyBody::Done)
+        .expect("accounts refused at the quota");
+    assert_refused(&refusal, RejectCode::QuotaExceeded);
+    assert!(h.core.state().approx_bytes() <= 2000);
+    assert!(matches!(
+        h.ask(a, RequestBody::ListGroups),
+        ReplyBody::Groups(g) if g.len() == made
+    ));
+    for i in 0..2 {
+        let group = gid(&format!("{i:064}"));
+        assert_eq!(h.ask(a, RequestBody::LeaveGroup { group }), ReplyBody::Done);
+    }
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::CreateGroup {
+                group: gid("again")
+            }
+        ),
+        ReplyBody::Done
+    );
+}
+
+#[test]
+fn a_listing_comes_in_parts_below_the_part_limit() {
+    const GROUPS: usize = 300;
+    const PART: usize = 4096;
+    let mut h = harness_with(|c| c.with_max_part(PART));
+    let a = conn(1);
+    h.connect(a);
+    h.create_user(a, "alice", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    for i in 0..GROUPS {
+        let group = gid(&format!("{i:05}{}", "g".repeat(59)));
+        assert_eq!(
+            h.ask(a, RequestBody::CreateGroup { group }),
+            ReplyBody::Done
+        );
+    }
+    let mut all = Vec::new();
+    let mut from = 0;
+    let mut parts = 0;
+    loop {
+        h.next_req += 1;
+        let req_id = h.next_req;
+        let outs = h.send(
+            a,
+            &request(
+                req_id,
+                RequestBody::ListPart {
+                    listing: Listing::Groups,
+                    from,
+                },
+            ),
+        );
+        let [Output::Send(_, msg @ TrackerMsg::Reply(Reply { body, .. }))] = outs.as_slice() else {
+            panic!("{outs:?}");
+        };
+        let mut bytes = Vec::new();
+        msg.emit(&mut bytes);
+        assert!(bytes.len() <= PART + 64, "a part of {} bytes", bytes.len());
+        let ReplyBody::Part { next, items } = body else {
+            panic!("{body:?}");
+        };
+        let ReplyBody::Groups(groups) = &**items else {
+            panic!("{items:?}");
+        };
+        assert!(!groups.is_empty());
+        all.extend(groups.iter().map(|g| g.group.clone()));
+        parts += 1;
+        if *next == 0 {
+            break;
+        }
+        assert_eq!(*next as usize, all.len());
+        from = *next;
+    }
+    assert!(parts >= 5, "{parts} parts");
+    let whole = h
+        .core
+        .state()
+        .list_groups(h.core.session_of(a).unwrap())
+        .unwrap();
+    let want: Vec<GroupId> = whole.into_iter().map(|g| g.group).collect();
+    assert_eq!(all, want, "every group once, sorted");
+    // Past the end: an empty last part. Files and requests come in parts too.
+    match h.ask(
+        a,
+        RequestBody::ListPart {
+            listing: Listing::Groups,
+            from: 1_000_000,
+        },
+    ) {
+        ReplyBody::Part { next: 0, items } => assert_eq!(*items, ReplyBody::Groups(vec![])),
+        other => panic!("{other:?}"),
+    }
+    let first = want[0].clone();
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::ListPart {
+                listing: Listing::Files(first.clone()),
+                from: 0,
+            },
+        ),
+        ReplyBody::Part {
+            next: 0,
+            items: Box::new(ReplyBody::Files(vec![]))
+        }
+    );
+    assert_eq!(
+        h.ask(
+            a,
+            RequestBody::ListPart {
+                listing: Listing::Requests(first),
+                from: 0,
+            },
+        ),
+        ReplyBody::Part {
+            next: 0,
+            items: Box::new(ReplyBody::Users(vec![]))
+        }
+    );
+    // Not logged in: refused like the whole listing.
+    let b = conn(2);
+    h.connect(b);
+    assert_refused(
+        &h.ask(
+            b,
+            RequestBody::ListPart {
+                listing: Listing::Groups,
+                from: 0,
+            },
+        ),
+        RejectCode::NotLoggedIn,
+    );
 }

@@ -53,6 +53,36 @@ const PASSWORD_WORKERS: usize = 2;
 pub const MAX_CONNECTIONS: usize = 16_384;
 /// A welcomed client silent this long is closed (clients ping every 600 ms when quiet).
 pub const CLIENT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Bytes all connections' receive and send buffers may hold together before client
+/// connections stop being read (see [`Limits::memory_budget`]).
+pub const MEMORY_BUDGET: usize = 1024 * 1024 * 1024;
+
+/// What the tracker's connections may take together; each has a `tracker_program` option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once (`--max-connections`).
+    pub max_connections: usize,
+    /// A welcomed client silent this long is closed (`--idle-timeout`, seconds).
+    pub idle_timeout: std::time::Duration,
+    /// The bytes every connection's receive buffer and send buffer (their allocations) may
+    /// hold together (`--memory-budget`). At the budget, client connections are not read
+    /// (their requests wait in the kernel) until the total is back under three quarters of
+    /// it; tracker links are still read, and output still drains.
+    pub memory_budget: usize,
+    /// Most bytes of items in one part of a listing (`--listing-part-bytes`).
+    pub listing_part: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            idle_timeout: CLIENT_IDLE_TIMEOUT,
+            memory_budget: MEMORY_BUDGET,
+            listing_part: crate::wire::tracker_link::MAX_PART_BYTES,
+        }
+    }
+}
 
 /// What a tracker needs to start.
 pub struct TrackerConfig {
@@ -71,6 +101,8 @@ pub struct TrackerConfig {
     pub allow_foreign_addresses: bool,
     /// What one user may hold.
     pub quotas: Quotas,
+    /// What all connections may take.
+    pub limits: Limits,
 }
 
 #[derive(Default)]
@@ -91,6 +123,10 @@ struct ConnData {
     core_paused: bool,
     /// A client link over the secure layer (not a tracker link).
     secure_client: bool,
+    /// Bytes of its buffers counted in `Driver::held` (as of the last `account`).
+    held: usize,
+    /// Waiting in `Driver::budget_waiting` for the memory budget to free up.
+    budget_paused: bool,
 }
 
 struct Driver {
@@ -118,6 +154,13 @@ struct Driver {
     at_cap: bool,
     /// Handshake parameters of secure client links (the service's certified static key).
     client_params: secure::Params,
+    limits: Limits,
+    /// The bytes all connections' buffers hold (the sum of their `ConnData::held`).
+    held: usize,
+    /// `held` reached the memory budget: client connections are not read.
+    over_budget: bool,
+    /// Client connections not read because of the budget, to read again once under it.
+    budget_waiting: Vec<ConnId>,
 }
 
 type PasswordJobs = Sender<(ConnId, PasswordJob)>;
@@ -210,7 +253,8 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
     .with_token_key(token_key)
     .with_secure_tracker_links()
     .with_password_workers(PASSWORD_WORKERS)
-    .with_idle_timeout(CLIENT_IDLE_TIMEOUT)
+    .with_idle_timeout(config.limits.idle_timeout)
+    .with_max_part(config.limits.listing_part)
     .with_foreign_addresses(config.allow_foreign_addresses)
     .with_quotas(config.quotas)
     .with_tickets(TicketIssuer::new(config.service_key.clone()));
@@ -236,6 +280,10 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         disk_failed: None,
         at_cap: false,
         client_params,
+        limits: config.limits,
+        held: 0,
+        over_budget: false,
+        budget_waiting: Vec::new(),
     };
     info!("tracker {} listening on {addr}", config.tracker_no);
     // The first line on stdout: tests and scripts wait for it to know the tracker is up.
@@ -392,10 +440,11 @@ impl Driver {
         loop {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
-                    if self.conns.len() >= MAX_CONNECTIONS {
+                    let cap = self.limits.max_connections;
+                    if self.conns.len() >= cap {
                         if !self.at_cap {
                             warn!(
-                                "{MAX_CONNECTIONS} connections open: the connection cap; \
+                                "{cap} connections open: the connection cap; \
                                  closing new connections until some close"
                             );
                             self.at_cap = true;
@@ -403,7 +452,7 @@ impl Driver {
                         drop(stream);
                         continue;
                     }
-                    if self.at_cap && self.conns.len() < MAX_CONNECTIONS * 15 / 16 {
+                    if self.at_cap && self.conns.len() < cap - cap / 16 {
                         info!("below the connection cap again ({} open)", self.conns.len());
                         self.at_cap = false;
                     }
@@ -443,6 +492,15 @@ impl Driver {
         };
         if conn.pending_write() >= MAX_PENDING_WRITE {
             conn.read_paused = true;
+            return;
+        }
+        let tracker_link = conn.is_secure() && !conn.data.secure_client;
+        if self.over_budget && !tracker_link {
+            // Read again once the buffers drain under the budget (`account`).
+            if !conn.data.budget_paused {
+                conn.data.budget_paused = true;
+                self.budget_waiting.push(id);
+            }
             return;
         }
         let core = &mut self.core;
@@ -513,6 +571,57 @@ impl Driver {
             }
         }
         self.drain_outputs();
+        self.account(id);
+    }
+
+    /// Counts what `id`'s buffers hold now in the tracker-wide total, and stops or resumes
+    /// the reading of client connections at the memory budget.
+    fn account(&mut self, id: ConnId) {
+        let now = self.conns.get(id).map_or(0, |c| c.held());
+        let before = match self.conns.get_mut(id) {
+            Some(conn) => std::mem::replace(&mut conn.data.held, now),
+            None => 0,
+        };
+        self.held = self.held.saturating_sub(before).saturating_add(now);
+        self.check_budget();
+    }
+
+    fn check_budget(&mut self) {
+        let budget = self.limits.memory_budget;
+        if !self.over_budget && self.held >= budget {
+            self.over_budget = true;
+            warn!(
+                "connection buffers hold {} bytes, the memory budget ({budget}): client \
+                 connections are not read until they drain",
+                self.held
+            );
+        } else if self.over_budget && self.held < budget - budget / 4 {
+            self.over_budget = false;
+            info!(
+                "connection buffers hold {} bytes, under the memory budget again: reading \
+                 {} client connections",
+                self.held,
+                self.budget_waiting.len()
+            );
+            for id in std::mem::take(&mut self.budget_waiting) {
+                if let Some(conn) = self.conns.get_mut(id) {
+                    conn.data.budget_paused = false;
+                }
+                self.make_ready(id);
+            }
+        }
+    }
+
+    /// Removes `id` from the table and its buffers from the total.
+    fn remove(&mut self, id: ConnId) -> bool {
+        match self.conns.remove(self.poll.registry(), id) {
+            Some(conn) => {
+                self.held = self.held.saturating_sub(conn.data.held);
+                self.check_budget();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Looks at an accepted connection's first bytes without reading them: the tracker-link
@@ -592,6 +701,7 @@ impl Driver {
                             conn.data.core_paused = false;
                             self.make_ready(id);
                         }
+                        self.account(id);
                     }
                 }
                 Output::SendReplica(id, msg) => {
@@ -622,7 +732,7 @@ impl Driver {
                         // Best effort: let the peer see what was queued before the close.
                         let _ = conn.flush(self.poll.registry());
                     }
-                    self.conns.remove(self.poll.registry(), id);
+                    self.remove(id);
                 }
             }
         }
@@ -698,7 +808,7 @@ impl Driver {
         match failed {
             Some(e) => {
                 debug!("tracker {no}: cannot connect: {e}");
-                self.conns.remove(self.poll.registry(), id);
+                self.remove(id);
                 self.core.handle_dial_failed(no, Instant::now());
             }
             None => {
@@ -732,6 +842,7 @@ impl Driver {
             conn.read_paused = false;
             self.make_ready(id);
         }
+        self.account(id);
     }
 
     /// Gives `id` another turn after the current round (once, however often it is asked).
@@ -745,7 +856,7 @@ impl Driver {
     }
 
     fn close(&mut self, id: ConnId) {
-        if self.conns.remove(self.poll.registry(), id).is_some() {
+        if self.remove(id) {
             self.core.handle_close(id, Instant::now());
         }
     }

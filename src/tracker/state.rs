@@ -655,6 +655,50 @@ impl TrackerState {
         self.sessions.get(&session)
     }
 
+    /// About how many bytes the state takes (what its snapshot would): ids, password hashes,
+    /// members, requests, file metadata, sharers and sessions, plus a fixed cost per record
+    /// for what surrounds them. A walk over everything (for the total-state quota, which
+    /// refreshes it at most about once a second far from its limit).
+    pub fn approx_bytes(&self) -> usize {
+        const RECORD: usize = 16;
+        const SHARER: usize = RECORD + 2 + 16 + 2;
+        const SESSION: usize = RECORD + 2 + 16 + 2 + 8 + 8 + 16;
+        let users: usize = self
+            .users
+            .iter()
+            .map(|(id, u)| RECORD + id.as_str().len() + u.pw_hash.len())
+            .sum();
+        let ids = |v: &[UserId]| v.iter().map(|u| RECORD + u.as_str().len()).sum::<usize>();
+        let groups: usize = self
+            .groups
+            .iter()
+            .map(|(id, g)| {
+                RECORD
+                    + id.as_str().len()
+                    + g.owner.as_str().len()
+                    + ids(&g.members)
+                    + ids(&g.requests)
+                    + g.files
+                        .values()
+                        .map(|f| {
+                            RECORD
+                                + meta_bytes(&f.meta)
+                                + f.sharers
+                                    .iter()
+                                    .map(|s| SHARER + s.user.as_str().len())
+                                    .sum::<usize>()
+                        })
+                        .sum::<usize>()
+            })
+            .sum();
+        let sessions: usize = self
+            .sessions
+            .values()
+            .map(|s| SESSION + s.user.as_str().len())
+            .sum();
+        users + groups + sessions
+    }
+
     /// What `user` holds, for the quotas: a walk over every group (the quotas keep the
     /// groups of one user few; the walk is over all of them).
     pub fn holdings(&self, user: &UserId) -> Holdings {
@@ -717,25 +761,30 @@ impl TrackerState {
 
     /// Every group, sorted by id, with the asking user's relation to it.
     pub fn list_groups(&self, session: SessionId) -> Result<Vec<GroupInfo>, Reject> {
+        Ok(self.groups_of(session)?.collect())
+    }
+
+    /// [`list_groups`](Self::list_groups) one at a time (a listing in parts skips to its
+    /// part without building the rest).
+    pub fn groups_of(
+        &self,
+        session: SessionId,
+    ) -> Result<impl Iterator<Item = GroupInfo> + '_, Reject> {
         let user = self.user_of(session)?;
-        Ok(self
-            .groups
-            .iter()
-            .map(|(id, g)| GroupInfo {
-                group: id.clone(),
-                owner: g.owner.clone(),
-                n_members: u32::try_from(g.members.len()).unwrap_or(u32::MAX),
-                relation: if g.owner == *user {
-                    Relation::Owner
-                } else if g.is_member(user) {
-                    Relation::Member
-                } else if g.requests.contains(user) {
-                    Relation::Requested
-                } else {
-                    Relation::None
-                },
-            })
-            .collect())
+        Ok(self.groups.iter().map(move |(id, g)| GroupInfo {
+            group: id.clone(),
+            owner: g.owner.clone(),
+            n_members: u32::try_from(g.members.len()).unwrap_or(u32::MAX),
+            relation: if g.owner == *user {
+                Relation::Owner
+            } else if g.is_member(user) {
+                Relation::Member
+            } else if g.requests.contains(user) {
+                Relation::Requested
+            } else {
+                Relation::None
+            },
+        }))
     }
 
     /// Pending join requests of a group, oldest first; for its owner only.

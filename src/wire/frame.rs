@@ -72,6 +72,11 @@ impl FrameBuffer {
         self.max_frame = max_frame;
     }
 
+    /// Bytes of memory the buffer holds (its allocation), whatever it holds now.
+    pub fn held(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Bytes received but not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.end - self.start

@@ -98,7 +98,24 @@ pub enum RequestBody {
     /// `0x1f`: `[u8; 16] token`: take over the session holding `token` (after the client's
     /// tracker died). Answered with `LoggedIn` carrying the same token.
     Resume { token: [u8; 16] },
+    /// `0x21`: `u8 listing | str group (requests and files only) | u32 from`: the part of a
+    /// listing that starts at item `from` (0 for the first), as large as fits in
+    /// [`MAX_PART_BYTES`]; answered with [`ReplyBody::Part`]. Listing 1 is the groups, 2 a
+    /// group's pending requests, 3 a group's files.
+    ListPart { listing: Listing, from: u32 },
 }
+
+/// Which listing [`RequestBody::ListPart`] asks a part of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listing {
+    Groups,
+    Requests(GroupId),
+    Files(GroupId),
+}
+
+/// The most a tracker puts in one [`ReplyBody::Part`] (its items' encoded bytes), so that
+/// a listing of any size travels in frames far below the frame limit.
+pub const MAX_PART_BYTES: usize = 1024 * 1024;
 
 /// What a tracker records about a shared file's content.
 /// Layout: `str name | u64 size | u32 piece_len | sha1 file_sha1 | u32 n_pieces | sha1 * n`.
@@ -211,6 +228,10 @@ pub enum ReplyBody {
         peers: Vec<SocketAddr>,
         ticket: Option<Box<Ticket>>,
     },
+    /// `0x99`: `u32 next | u8 type | body`: one part of a listing ([`RequestBody::ListPart`]):
+    /// `items` is a `Groups`, `Users` or `Files` (its type byte and body as above), and
+    /// `next` the index of the next part's first item, 0 when this part is the last.
+    Part { next: u32, items: Box<ReplyBody> },
 }
 
 /// One line of `list_groups`.
@@ -335,6 +356,7 @@ mod ty {
     pub const STOP_SHARE: u8 = 0x1d;
     pub const FILE_SHARERS: u8 = 0x1e;
     pub const RESUME: u8 = 0x1f;
+    pub const LIST_PART: u8 = 0x21;
 
     pub const WELCOME: u8 = 0x81;
     pub const DONE: u8 = 0x90;
@@ -346,6 +368,7 @@ mod ty {
     pub const FILES: u8 = 0x96;
     pub const SHARED: u8 = 0x97;
     pub const SHARERS: u8 = 0x98;
+    pub const PART: u8 = 0x99;
 }
 
 const ROLE_CLIENT: u8 = 1;
@@ -440,6 +463,18 @@ impl ClientMsg {
                     name: file_name(&mut r)?,
                 },
                 ty::RESUME => RequestBody::Resume { token: r.array()? },
+                ty::LIST_PART => {
+                    let listing = match r.u8()? {
+                        1 => Listing::Groups,
+                        2 => Listing::Requests(group_id(&mut r)?),
+                        3 => Listing::Files(group_id(&mut r)?),
+                        _ => return Err(DecodeError::BadValue("listing")),
+                    };
+                    RequestBody::ListPart {
+                        listing,
+                        from: r.u32()?,
+                    }
+                }
                 other => return Err(DecodeError::UnknownType(other)),
             };
             ClientMsg::Request(Request { req_id, body })
@@ -500,6 +535,7 @@ impl Request {
             RequestBody::StopShare { .. } => ty::STOP_SHARE,
             RequestBody::FileSharers { .. } => ty::FILE_SHARERS,
             RequestBody::Resume { .. } => ty::RESUME,
+            RequestBody::ListPart { .. } => ty::LIST_PART,
         };
         let start = frame::begin(out, frame_type);
         put_u64(out, self.req_id);
@@ -539,6 +575,20 @@ impl Request {
                 put_str16(out, name.as_str());
             }
             RequestBody::Resume { token } => out.extend_from_slice(token),
+            RequestBody::ListPart { listing, from } => {
+                match listing {
+                    Listing::Groups => put_u8(out, 1),
+                    Listing::Requests(group) => {
+                        put_u8(out, 2);
+                        put_str16(out, group.as_str());
+                    }
+                    Listing::Files(group) => {
+                        put_u8(out, 3);
+                        put_str16(out, group.as_str());
+                    }
+                }
+                put_u32(out, *from);
+            }
         }
         frame::end(out, start);
     }
@@ -560,78 +610,7 @@ impl TrackerMsg {
             }
         } else {
             let req_id = r.u64()?;
-            let body = match frame_type {
-                ty::DONE => ReplyBody::Done,
-                ty::REFUSED => ReplyBody::Refused {
-                    code: RejectCode::from_u16(r.u16()?),
-                    message: r.str16(MAX_MESSAGE_LEN)?.to_owned(),
-                },
-                ty::PONG => ReplyBody::Pong,
-                ty::LOGGED_IN => ReplyBody::LoggedIn { token: r.array()? },
-                ty::GROUPS => {
-                    let n = r.count(2 + 1 + 2 + 1 + 4 + 1)?;
-                    let mut groups = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        groups.push(GroupInfo {
-                            group: group_id(&mut r)?,
-                            owner: user_id(&mut r)?,
-                            n_members: r.u32()?,
-                            relation: match r.u8()? {
-                                0 => Relation::None,
-                                1 => Relation::Requested,
-                                2 => Relation::Member,
-                                3 => Relation::Owner,
-                                _ => return Err(DecodeError::BadValue("relation")),
-                            },
-                        });
-                    }
-                    ReplyBody::Groups(groups)
-                }
-                ty::USERS => {
-                    let n = r.count(2 + 1)?;
-                    let mut users = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        users.push(user_id(&mut r)?);
-                    }
-                    ReplyBody::Users(users)
-                }
-                ty::FILES => {
-                    let n = r.count(2 + 1 + 8 + 4 + 4 + 20)?;
-                    let mut files = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        files.push(FileInfo {
-                            name: file_name(&mut r)?,
-                            size: r.u64()?,
-                            n_online: r.u32()?,
-                            n_sharers: r.u32()?,
-                            file_sha1: r.sha1()?,
-                        });
-                    }
-                    ReplyBody::Files(files)
-                }
-                ty::SHARED => ReplyBody::Shared {
-                    new_file: r.bool()?,
-                },
-                ty::SHARERS => {
-                    let meta = FileMeta::parse(&mut r)?;
-                    // The smallest address is 1 + 4 + 2 bytes.
-                    let n = r.count(7)?;
-                    let mut peers = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        peers.push(r.socket_addr()?);
-                    }
-                    let ticket = match r.bool()? {
-                        true => Some(Box::new(Ticket::read(&mut r)?)),
-                        false => None,
-                    };
-                    ReplyBody::Sharers {
-                        meta,
-                        peers,
-                        ticket,
-                    }
-                }
-                other => return Err(DecodeError::UnknownType(other)),
-            };
+            let body = parse_reply_body(frame_type, &mut r)?;
             TrackerMsg::Reply(Reply { req_id, body })
         };
         r.finish()?;
@@ -656,122 +635,228 @@ impl TrackerMsg {
     }
 }
 
+/// A reply's body of type `frame_type` (after its `req_id`).
+fn parse_reply_body(frame_type: u8, r: &mut Reader<'_>) -> Result<ReplyBody, DecodeError> {
+    Ok(match frame_type {
+        ty::DONE => ReplyBody::Done,
+        ty::REFUSED => ReplyBody::Refused {
+            code: RejectCode::from_u16(r.u16()?),
+            message: r.str16(MAX_MESSAGE_LEN)?.to_owned(),
+        },
+        ty::PONG => ReplyBody::Pong,
+        ty::LOGGED_IN => ReplyBody::LoggedIn { token: r.array()? },
+        ty::GROUPS => {
+            let n = r.count(2 + 1 + 2 + 1 + 4 + 1)?;
+            let mut groups = Vec::with_capacity(n);
+            for _ in 0..n {
+                groups.push(GroupInfo {
+                    group: group_id(r)?,
+                    owner: user_id(r)?,
+                    n_members: r.u32()?,
+                    relation: match r.u8()? {
+                        0 => Relation::None,
+                        1 => Relation::Requested,
+                        2 => Relation::Member,
+                        3 => Relation::Owner,
+                        _ => return Err(DecodeError::BadValue("relation")),
+                    },
+                });
+            }
+            ReplyBody::Groups(groups)
+        }
+        ty::USERS => {
+            let n = r.count(2 + 1)?;
+            let mut users = Vec::with_capacity(n);
+            for _ in 0..n {
+                users.push(user_id(r)?);
+            }
+            ReplyBody::Users(users)
+        }
+        ty::FILES => {
+            let n = r.count(2 + 1 + 8 + 4 + 4 + 20)?;
+            let mut files = Vec::with_capacity(n);
+            for _ in 0..n {
+                files.push(FileInfo {
+                    name: file_name(r)?,
+                    size: r.u64()?,
+                    n_online: r.u32()?,
+                    n_sharers: r.u32()?,
+                    file_sha1: r.sha1()?,
+                });
+            }
+            ReplyBody::Files(files)
+        }
+        ty::SHARED => ReplyBody::Shared {
+            new_file: r.bool()?,
+        },
+        ty::SHARERS => {
+            let meta = FileMeta::parse(r)?;
+            // The smallest address is 1 + 4 + 2 bytes.
+            let n = r.count(7)?;
+            let mut peers = Vec::with_capacity(n);
+            for _ in 0..n {
+                peers.push(r.socket_addr()?);
+            }
+            let ticket = match r.bool()? {
+                true => Some(Box::new(Ticket::read(r)?)),
+                false => None,
+            };
+            ReplyBody::Sharers {
+                meta,
+                peers,
+                ticket,
+            }
+        }
+        ty::PART => {
+            let next = r.u32()?;
+            let items = match r.u8()? {
+                t @ (ty::GROUPS | ty::USERS | ty::FILES) => parse_reply_body(t, r)?,
+                _ => return Err(DecodeError::BadValue("listing part")),
+            };
+            ReplyBody::Part {
+                next,
+                items: Box::new(items),
+            }
+        }
+        other => return Err(DecodeError::UnknownType(other)),
+    })
+}
+
 impl Reply {
     /// An upper bound of the bytes [`emit`](Self::emit) writes (frame header included),
     /// without writing them: what the tracker counts against a connection's output cap.
     pub fn size_bound(&self) -> usize {
         const HEADER: usize = 4 + 1 + 8;
-        const ADDR: usize = 1 + 16 + 2;
-        let body = match &self.body {
-            ReplyBody::Done | ReplyBody::Pong => 0,
-            ReplyBody::Refused { message, .. } => 2 + 2 + message.len().min(MAX_MESSAGE_LEN),
-            ReplyBody::LoggedIn { token } => token.len(),
-            ReplyBody::Groups(groups) => {
-                4 + groups
-                    .iter()
-                    .map(|g| 2 + g.group.as_str().len() + 2 + g.owner.as_str().len() + 4 + 1)
-                    .sum::<usize>()
-            }
-            ReplyBody::Users(users) => {
-                4 + users.iter().map(|u| 2 + u.as_str().len()).sum::<usize>()
-            }
-            ReplyBody::Files(files) => {
-                4 + files
-                    .iter()
-                    .map(|f| 2 + f.name.as_str().len() + 8 + 4 + 4 + 20)
-                    .sum::<usize>()
-            }
-            ReplyBody::Shared { .. } => 1,
-            ReplyBody::Sharers {
-                meta,
-                peers,
-                ticket,
-            } => {
-                2 + meta.name.as_str().len()
-                    + 8
-                    + 4
-                    + 20
-                    + 4
-                    + 20 * meta.piece_hashes.len()
-                    + 4
-                    + ADDR * peers.len()
-                    + 1
-                    + ticket.as_ref().map_or(0, |_| MAX_TICKET_LEN)
-            }
-        };
-        HEADER + body
+        HEADER + body_bound(&self.body)
     }
 
     pub fn emit(&self, out: &mut Vec<u8>) {
-        let frame_type = match &self.body {
-            ReplyBody::Done => ty::DONE,
-            ReplyBody::Refused { .. } => ty::REFUSED,
-            ReplyBody::Pong => ty::PONG,
-            ReplyBody::LoggedIn { .. } => ty::LOGGED_IN,
-            ReplyBody::Groups(_) => ty::GROUPS,
-            ReplyBody::Users(_) => ty::USERS,
-            ReplyBody::Files(_) => ty::FILES,
-            ReplyBody::Shared { .. } => ty::SHARED,
-            ReplyBody::Sharers { .. } => ty::SHARERS,
-        };
-        let start = frame::begin(out, frame_type);
+        let start = frame::begin(out, reply_type(&self.body));
         put_u64(out, self.req_id);
-        match &self.body {
-            ReplyBody::Done | ReplyBody::Pong => {}
-            ReplyBody::Refused { code, message } => {
-                put_u16(out, code.to_u16());
-                // Cut an over-long reason at a character boundary so it always parses.
-                let mut cut = message.len().min(MAX_MESSAGE_LEN);
-                while !message.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                put_str16(out, message.get(..cut).unwrap_or(""));
-            }
-            ReplyBody::LoggedIn { token } => out.extend_from_slice(token),
-            ReplyBody::Groups(groups) => {
-                put_count(out, groups.len());
-                for g in groups {
-                    put_str16(out, g.group.as_str());
-                    put_str16(out, g.owner.as_str());
-                    put_u32(out, g.n_members);
-                    put_u8(out, g.relation as u8);
-                }
-            }
-            ReplyBody::Users(users) => {
-                put_count(out, users.len());
-                for u in users {
-                    put_str16(out, u.as_str());
-                }
-            }
-            ReplyBody::Files(files) => {
-                put_count(out, files.len());
-                for f in files {
-                    put_str16(out, f.name.as_str());
-                    put_u64(out, f.size);
-                    put_u32(out, f.n_online);
-                    put_u32(out, f.n_sharers);
-                    put_sha1(out, &f.file_sha1);
-                }
-            }
-            ReplyBody::Shared { new_file } => put_bool(out, *new_file),
-            ReplyBody::Sharers {
-                meta,
-                peers,
-                ticket,
-            } => {
-                meta.emit(out);
-                put_count(out, peers.len());
-                for p in peers {
-                    put_socket_addr(out, p);
-                }
-                put_bool(out, ticket.is_some());
-                if let Some(ticket) = ticket {
-                    ticket.emit(out);
-                }
-            }
-        }
+        emit_reply_body(&self.body, out);
         frame::end(out, start);
     }
+}
+
+/// The type byte of a reply with `body`.
+fn reply_type(body: &ReplyBody) -> u8 {
+    match body {
+        ReplyBody::Done => ty::DONE,
+        ReplyBody::Refused { .. } => ty::REFUSED,
+        ReplyBody::Pong => ty::PONG,
+        ReplyBody::LoggedIn { .. } => ty::LOGGED_IN,
+        ReplyBody::Groups(_) => ty::GROUPS,
+        ReplyBody::Users(_) => ty::USERS,
+        ReplyBody::Files(_) => ty::FILES,
+        ReplyBody::Shared { .. } => ty::SHARED,
+        ReplyBody::Sharers { .. } => ty::SHARERS,
+        ReplyBody::Part { .. } => ty::PART,
+    }
+}
+
+/// Writes a reply's body (what follows its `req_id`).
+fn emit_reply_body(body: &ReplyBody, out: &mut Vec<u8>) {
+    match body {
+        ReplyBody::Done | ReplyBody::Pong => {}
+        ReplyBody::Refused { code, message } => {
+            put_u16(out, code.to_u16());
+            // Cut an over-long reason at a character boundary so it always parses.
+            let mut cut = message.len().min(MAX_MESSAGE_LEN);
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            put_str16(out, message.get(..cut).unwrap_or(""));
+        }
+        ReplyBody::LoggedIn { token } => out.extend_from_slice(token),
+        ReplyBody::Groups(groups) => {
+            put_count(out, groups.len());
+            for g in groups {
+                put_str16(out, g.group.as_str());
+                put_str16(out, g.owner.as_str());
+                put_u32(out, g.n_members);
+                put_u8(out, g.relation as u8);
+            }
+        }
+        ReplyBody::Users(users) => {
+            put_count(out, users.len());
+            for u in users {
+                put_str16(out, u.as_str());
+            }
+        }
+        ReplyBody::Files(files) => {
+            put_count(out, files.len());
+            for f in files {
+                put_str16(out, f.name.as_str());
+                put_u64(out, f.size);
+                put_u32(out, f.n_online);
+                put_u32(out, f.n_sharers);
+                put_sha1(out, &f.file_sha1);
+            }
+        }
+        ReplyBody::Shared { new_file } => put_bool(out, *new_file),
+        ReplyBody::Sharers {
+            meta,
+            peers,
+            ticket,
+        } => {
+            meta.emit(out);
+            put_count(out, peers.len());
+            for p in peers {
+                put_socket_addr(out, p);
+            }
+            put_bool(out, ticket.is_some());
+            if let Some(ticket) = ticket {
+                ticket.emit(out);
+            }
+        }
+        ReplyBody::Part { next, items } => {
+            put_u32(out, *next);
+            put_u8(out, reply_type(items));
+            emit_reply_body(items, out);
+        }
+    }
+}
+
+/// An upper bound of a reply body's encoded bytes.
+fn body_bound(body: &ReplyBody) -> usize {
+    const ADDR: usize = 1 + 16 + 2;
+    let body = match body {
+        ReplyBody::Done | ReplyBody::Pong => 0,
+        ReplyBody::Refused { message, .. } => 2 + 2 + message.len().min(MAX_MESSAGE_LEN),
+        ReplyBody::LoggedIn { token } => token.len(),
+        ReplyBody::Groups(groups) => {
+            4 + groups
+                .iter()
+                .map(|g| 2 + g.group.as_str().len() + 2 + g.owner.as_str().len() + 4 + 1)
+                .sum::<usize>()
+        }
+        ReplyBody::Users(users) => 4 + users.iter().map(|u| 2 + u.as_str().len()).sum::<usize>(),
+        ReplyBody::Files(files) => {
+            4 + files
+                .iter()
+                .map(|f| 2 + f.name.as_str().len() + 8 + 4 + 4 + 20)
+                .sum::<usize>()
+        }
+        ReplyBody::Shared { .. } => 1,
+        ReplyBody::Part { items, .. } => 4 + 1 + body_bound(items),
+        ReplyBody::Sharers {
+            meta,
+            peers,
+            ticket,
+        } => {
+            2 + meta.name.as_str().len()
+                + 8
+                + 4
+                + 20
+                + 4
+                + 20 * meta.piece_hashes.len()
+                + 4
+                + ADDR * peers.len()
+                + 1
+                + ticket.as_ref().map_or(0, |_| MAX_TICKET_LEN)
+        }
+    };
+    body
 }
 
 #[cfg(test)]

@@ -84,10 +84,11 @@ fn client_variant(m: &ClientMsg) -> usize {
             RequestBody::StopShare { .. } => 14,
             RequestBody::FileSharers { .. } => 15,
             RequestBody::Resume { .. } => 16,
+            RequestBody::ListPart { .. } => 17,
         },
     }
 }
-const CLIENT_VARIANTS: usize = 17;
+const CLIENT_VARIANTS: usize = 18;
 
 fn tracker_variant(m: &TrackerMsg) -> usize {
     match m {
@@ -102,10 +103,11 @@ fn tracker_variant(m: &TrackerMsg) -> usize {
             ReplyBody::Files(_) => 7,
             ReplyBody::Shared { .. } => 8,
             ReplyBody::Sharers { .. } => 9,
+            ReplyBody::Part { .. } => 10,
         },
     }
 }
-const TRACKER_VARIANTS: usize = 10;
+const TRACKER_VARIANTS: usize = 11;
 
 fn meta(name: &str, size: u64, piece_len: u32, n: usize) -> FileMeta {
     FileMeta {
@@ -271,6 +273,27 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 token: *b"0123456789abcdef",
             },
         ),
+        req(
+            24,
+            RequestBody::ListPart {
+                listing: Listing::Groups,
+                from: 0,
+            },
+        ),
+        req(
+            25,
+            RequestBody::ListPart {
+                listing: Listing::Requests(gid(&long_id)),
+                from: u32::MAX,
+            },
+        ),
+        req(
+            26,
+            RequestBody::ListPart {
+                listing: Listing::Files(gid("g")),
+                from: 7,
+            },
+        ),
     ]
 }
 
@@ -381,6 +404,20 @@ fn sample_tracker_msgs() -> Vec<TrackerMsg> {
         ),
         rep(11, ReplyBody::Shared { new_file: true }),
         rep(12, ReplyBody::Shared { new_file: false }),
+        rep(
+            13,
+            ReplyBody::Part {
+                next: 0,
+                items: Box::new(ReplyBody::Users(vec![])),
+            },
+        ),
+        rep(
+            14,
+            ReplyBody::Part {
+                next: 5,
+                items: Box::new(ReplyBody::Users(vec![uid("al"), uid("bob")])),
+            },
+        ),
     ]
 }
 
@@ -526,11 +563,19 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
             group: rand_group(rng),
             name: rand_name(rng),
         },
-        _ => {
+        16 => {
             let mut token = [0u8; 16];
             rng.fill(&mut token);
             RequestBody::Resume { token }
         }
+        _ => RequestBody::ListPart {
+            listing: match rng.below(3) {
+                0 => Listing::Groups,
+                1 => Listing::Requests(rand_group(rng)),
+                _ => Listing::Files(rand_group(rng)),
+            },
+            from: rng.next_u64() as u32,
+        },
     };
     req(req_id, body)
 }
@@ -599,10 +644,23 @@ fn rand_tracker(rng: &mut Rng) -> TrackerMsg {
         8 => ReplyBody::Shared {
             new_file: rng.chance(1, 2),
         },
-        _ => ReplyBody::Sharers {
+        9 => ReplyBody::Sharers {
             meta: rand_meta(rng),
             peers: (0..rng.below(4)).map(|_| rand_addr(rng)).collect(),
             ticket: rng.chance(1, 2).then(|| Box::new(sample_ticket())),
+        },
+        _ => loop {
+            // A part holds a groups, users or files listing.
+            if let TrackerMsg::Reply(Reply {
+                body: items @ (ReplyBody::Groups(_) | ReplyBody::Users(_) | ReplyBody::Files(_)),
+                ..
+            }) = rand_tracker(rng)
+            {
+                break ReplyBody::Part {
+                    next: rng.next_u64() as u32,
+                    items: Box::new(items),
+                };
+            }
         },
     };
     rep(req_id, body)
@@ -816,6 +874,75 @@ fn golden_no_field_requests() {
         req(0x0b, RequestBody::ListGroups),
         &[0, 0, 0, 9, 0x1a, 0, 0, 0, 0, 0, 0, 0, 0x0b],
     );
+}
+
+#[test]
+fn golden_list_part() {
+    golden_c(
+        req(
+            0x0c,
+            RequestBody::ListPart {
+                listing: Listing::Groups,
+                from: 0x0102,
+            },
+        ),
+        &[0, 0, 0, 14, 0x21, 0, 0, 0, 0, 0, 0, 0, 0x0c, 1, 0, 0, 1, 2],
+    );
+    golden_c(
+        req(
+            0x0d,
+            RequestBody::ListPart {
+                listing: Listing::Files(gid("g")),
+                from: 3,
+            },
+        ),
+        &[
+            0, 0, 0, 17, 0x21, 0, 0, 0, 0, 0, 0, 0, 0x0d, 3, 0, 1, b'g', 0, 0, 0, 3,
+        ],
+    );
+    golden_c(
+        req(
+            0x0e,
+            RequestBody::ListPart {
+                listing: Listing::Requests(gid("g")),
+                from: 0,
+            },
+        ),
+        &[
+            0, 0, 0, 17, 0x21, 0, 0, 0, 0, 0, 0, 0, 0x0e, 2, 0, 1, b'g', 0, 0, 0, 0,
+        ],
+    );
+}
+
+#[test]
+fn golden_part() {
+    golden_t(
+        rep(
+            0x0f,
+            ReplyBody::Part {
+                next: 9,
+                items: Box::new(ReplyBody::Users(vec![uid("al")])),
+            },
+        ),
+        &cat(&[
+            &[0, 0, 0, 22, 0x99],         // length, type
+            &[0, 0, 0, 0, 0, 0, 0, 0x0f], // req_id
+            &[0, 0, 0, 9],                // next
+            &[0x95],                      // the items' type: users
+            &[0, 0, 0, 1],                // n
+            &[0, 2, b'a', b'l'],
+        ]),
+    );
+    // A part holds a listing only.
+    let mut bad = emit_t(&rep(
+        1,
+        ReplyBody::Part {
+            next: 0,
+            items: Box::new(ReplyBody::Users(vec![])),
+        },
+    ));
+    bad[4 + 1 + 8 + 4] = 0x90;
+    assert!(TrackerMsg::parse(payload(&bad)).is_err());
 }
 
 #[test]
@@ -1552,8 +1679,8 @@ fn bad_handshakes_are_rejected() {
 
 #[test]
 fn unknown_frame_types_are_rejected() {
-    let client_types: Vec<u8> = (0x10..=0x20).chain([0x01]).collect();
-    let tracker_types: Vec<u8> = (0x90..=0x98).chain([0x81]).collect();
+    let client_types: Vec<u8> = (0x10..=0x21).chain([0x01]).collect();
+    let tracker_types: Vec<u8> = (0x90..=0x99).chain([0x81]).collect();
     for t in 0..=255u8 {
         // A body long enough for the req_id, so the type is what fails.
         let p = B::with_id(t).0;
