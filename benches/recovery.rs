@@ -80,6 +80,7 @@ fn change(i: u64) -> Entry {
                 tracker,
                 client: u + 1,
                 token: [(u % 251) as u8; 16],
+                client_key: [0; 32],
             },
         };
     }

@@ -625,6 +625,7 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
                 user: user(&format!("u{i}")),
                 password: password(),
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
+                client_key: [0; 32],
             })?;
             batch.push((c, id));
         }
@@ -801,6 +802,7 @@ fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Dur
         user: user(user_name),
         password: password(),
         peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000)),
+        client_key: [0; 32],
     })? {
         ReplyBody::LoggedIn { token } => token,
         other => return Err(format!("login: {other:?}")),

@@ -1071,6 +1071,7 @@ fn scenario_list_groups(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
             user: user.clone(),
             password: password.clone(),
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
+            client_key: [0; 32],
         }])?);
     }
     let deadline = Instant::now() + setup_timeout;
@@ -1323,6 +1324,7 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
             user: user("v", 0)?,
             password: wrong.clone(),
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            client_key: [0; 32],
         },
         cfg.flood_window,
     );
@@ -1332,6 +1334,7 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
                 user: user("v", i)?,
                 password: wrong.clone(),
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+                client_key: [0; 32],
             })
         })
         .collect::<Result<_, String>>()?;
@@ -1378,6 +1381,7 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
                     user: u,
                     password: Password::new(PASSWORD).map_err(|e| e.to_string())?,
                     peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000 + i as u16)),
+                    client_key: [0; 32],
                 };
                 let r = c.call_all(&[login], Duration::from_secs(30))?;
                 expect_all("login", &r, |r| matches!(r, ReplyBody::LoggedIn { .. }))?;

@@ -488,6 +488,7 @@ fn ticket_frame(net: &Net, user: &str, name: &str) -> Vec<u8> {
         user: UserId::new(user).unwrap(),
         password: Password::new(b"pw").unwrap(),
         peer_addr: "127.0.0.1:9".parse().unwrap(),
+        client_key: [0; 32],
     });
     assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
     let sharers = raw.call(RequestBody::FileSharers {

@@ -134,6 +134,7 @@ fn unread_answers_are_held_back_not_piled_up() {
                 user: uid(&owner),
                 password: pw("pw"),
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+                client_key: [0; 32],
             }
         ),
         ReplyBody::LoggedIn { .. }
@@ -201,6 +202,7 @@ fn a_copied_client_id_and_request_id_get_no_session() {
         user: uid(user),
         password: pw(password),
         peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+        client_key: [0; 32],
     };
     let create = |user: &str, password: &str| RequestBody::CreateUser {
         user: uid(user),

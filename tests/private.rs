@@ -302,6 +302,9 @@ fn connect_from(from: Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(TcpStream::from(fd))
 }
 
+/// The identity key the raw tracker links of these tests log in with.
+const RAW_CLIENT_KEY: [u8; 32] = [0x42; 32];
+
 /// The ticket of member `user` (password `pw`) for `name` of group `g`, as the tracker hands
 /// it out with the file's sharers (asked over a raw tracker link).
 fn ticket_of(tracker: SocketAddr, user: &str, name: &str) -> Ticket {
@@ -315,6 +318,7 @@ fn ticket_and_link(tracker: SocketAddr, user: &str, name: &str) -> (Ticket, RawT
         user: UserId::new(user).unwrap(),
         password: Password::new(b"pw").unwrap(),
         peer_addr: "127.0.0.1:9".parse().unwrap(),
+        client_key: RAW_CLIENT_KEY,
     });
     assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
     match raw.call(RequestBody::FileSharers {
@@ -323,8 +327,17 @@ fn ticket_and_link(tracker: SocketAddr, user: &str, name: &str) -> (Ticket, RawT
     }) {
         ReplyBody::Sharers {
             ticket: Some(ticket),
+            peers,
+            peer_keys,
             ..
-        } => (*ticket, raw),
+        } => {
+            // The ticket names the key this link logged in with, and every sharer comes with
+            // the (non-zero) identity key its client registered.
+            assert_eq!(ticket.body.client_key, RAW_CLIENT_KEY);
+            assert_eq!(peer_keys.len(), peers.len());
+            assert!(peer_keys.iter().all(|k| *k != [0; 32]), "{peer_keys:?}");
+            (*ticket, raw)
+        }
         other => panic!("no ticket: {other:?}"),
     }
 }

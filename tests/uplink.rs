@@ -215,7 +215,8 @@ fn download_goes_on_while_the_client_fails_over_toward_a_tracker_that_accepts_no
         raw.call(RequestBody::Login {
             user,
             password,
-            peer_addr: sharer_addr
+            peer_addr: sharer_addr,
+            client_key: [0; 32],
         }),
         ReplyBody::LoggedIn { .. }
     ));

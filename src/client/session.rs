@@ -74,6 +74,8 @@ pub enum Output {
     Ticket {
         download: DownloadId,
         ticket: Ticket,
+        /// The identity key of each sharer the tracker named with it.
+        peer_keys: Vec<(SocketAddr, [u8; 32])>,
     },
     /// The tracker's answer to `query_sharers` for download `download`.
     Sharers {
@@ -316,6 +318,8 @@ pub struct ClientCore {
     remembered: BTreeMap<UserId, Vec<SavedDownload>>,
     /// What the state file holds changed.
     state_dirty: bool,
+    /// This client's identity key (X25519 public), sent at login.
+    client_key: [u8; 32],
 }
 
 impl ClientCore {
@@ -336,7 +340,13 @@ impl ClientCore {
             rechecks: BTreeMap::new(),
             remembered: BTreeMap::new(),
             state_dirty: false,
+            client_key: [0; 32],
         }
+    }
+
+    /// The identity key this client registers at login (its peer links prove it).
+    pub fn set_client_key(&mut self, key: [u8; 32]) {
+        self.client_key = key;
     }
 
     /// Whether the state file has room for one more thing of the logged-in user: it must stay
@@ -618,6 +628,7 @@ impl ClientCore {
                     user: user.clone(),
                     password: password.clone(),
                     peer_addr: self.peer_addr,
+                    client_key: self.client_key,
                 }
             }
             Command::Logout => RequestBody::Logout,
@@ -1001,11 +1012,17 @@ impl ClientCore {
             Background::ResumeDownload { user, saved } => self.resume_download(user, saved, body),
             Background::Sharers { download } => {
                 let result = match body {
-                    ReplyBody::Sharers { peers, ticket, .. } => {
+                    ReplyBody::Sharers {
+                        peers,
+                        ticket,
+                        peer_keys,
+                        ..
+                    } => {
                         if let Some(ticket) = ticket {
                             self.out.push_back(Output::Ticket {
                                 download,
                                 ticket: *ticket,
+                                peer_keys: peers.iter().copied().zip(peer_keys).collect(),
                             });
                         }
                         Ok(peers.into_iter().filter(|a| *a != self.peer_addr).collect())
@@ -1301,12 +1318,13 @@ impl ClientCore {
             return;
         }
         let what = format!("download of {} from group {}", saved.name, saved.group);
-        let (meta, peers, ticket) = match body {
+        let (meta, peers, ticket, peer_keys) = match body {
             ReplyBody::Sharers {
                 meta,
                 peers,
                 ticket,
-            } if meta.name == saved.name => (meta, peers, ticket),
+                peer_keys,
+            } if meta.name == saved.name => (meta, peers, ticket, peer_keys),
             ReplyBody::Refused { message, .. } => {
                 return self.fail(format!("{what} cannot continue: {message}"))
             }
@@ -1316,6 +1334,7 @@ impl ClientCore {
                 ))
             }
         };
+        let peer_keys: Vec<(SocketAddr, [u8; 32])> = peers.iter().copied().zip(peer_keys).collect();
         let peers: Vec<SocketAddr> = peers.into_iter().filter(|a| *a != self.peer_addr).collect();
         if peers.is_empty() {
             // Nobody to fetch from now: it waits for the user's next login here.
@@ -1345,6 +1364,7 @@ impl ClientCore {
             self.out.push_back(Output::Ticket {
                 download: id,
                 ticket: *ticket,
+                peer_keys,
             });
         }
         self.out.push_back(Output::StartDownload {
@@ -1406,6 +1426,7 @@ impl ClientCore {
             meta,
             peers,
             ticket,
+            peer_keys,
         } = body
         else {
             return self.fail(format!("unexpected answer from the tracker: {body:?}"));
@@ -1416,6 +1437,7 @@ impl ClientCore {
         if meta.name != name {
             return self.fail(format!("the tracker answered about {} instead", meta.name));
         }
+        let peer_keys: Vec<(SocketAddr, [u8; 32])> = peers.iter().copied().zip(peer_keys).collect();
         let peers: Vec<SocketAddr> = peers.into_iter().filter(|a| *a != self.peer_addr).collect();
         if peers.is_empty() {
             return self.fail(format!("no sharer of {name} is online in group {group}"));
@@ -1442,6 +1464,7 @@ impl ClientCore {
             self.out.push_back(Output::Ticket {
                 download: id,
                 ticket: *ticket,
+                peer_keys,
             });
         }
         self.out.push_back(Output::StartDownload {

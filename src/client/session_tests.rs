@@ -327,6 +327,7 @@ fn login_carries_the_peer_addr_and_opens_the_session() {
             user: uid("alice"),
             password: pw("s3cret"),
             peer_addr: peer_addr(),
+            client_key: [0; 32],
         }
     );
     assert_eq!(h.core.logged_in_user(), None, "not before the reply");
@@ -1132,6 +1133,7 @@ fn started_download(h: &mut Harness, dir: &std::path::Path) -> DownloadId {
             meta,
             peers: vec![peer],
             ticket: None,
+            peer_keys: Vec::new(),
         },
     );
     let [Output::StartDownload { id, .. }] = outs.as_slice() else {
@@ -1571,6 +1573,7 @@ fn an_interrupted_download_is_remembered_and_continues_at_the_next_login() {
             meta: meta.clone(),
             peers: vec![peer],
             ticket: None,
+            peer_keys: Vec::new(),
         },
     });
     let id = match h.drain().as_slice() {
@@ -1622,6 +1625,7 @@ fn a_remembered_download_with_nobody_online_waits_for_the_next_login() {
             },
             peers: vec![],
             ticket: None,
+            peer_keys: vec![],
         },
     });
     match h.drain().as_slice() {

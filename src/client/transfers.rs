@@ -40,6 +40,7 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use super::download::engine::{Limits, Progress};
+use super::identity::ClientIdentity;
 use super::session::{ClientCore, DownloadError, DownloadId};
 use super::slots::{SlotLimits, UploadSlots};
 use super::uploader::Uploader;
@@ -109,8 +110,13 @@ pub struct Transfers {
     tickets: BTreeMap<DownloadId, Ticket>,
     /// Downloads whose ticket renewal was asked for and has not come yet.
     renewing: BTreeSet<DownloadId>,
+    /// Each running download's sharers' identity keys, as the tracker named them (at most
+    /// [`MAX_PEER_KEYS`] per download; the newest answer replaces the last).
+    peer_keys: BTreeMap<DownloadId, BTreeMap<SocketAddr, [u8; 32]>>,
     /// The service key tickets must be signed with: the one this client's tracker proved.
     service_key: Option<PublicKey>,
+    /// This client's identity key, which its peer links prove.
+    identity: Option<ClientIdentity>,
     /// An instant and the Unix time at it: tickets' expiries are Unix times, and `now` is an
     /// `Instant`, so that tests can move it.
     clock: (Instant, Duration),
@@ -119,6 +125,10 @@ pub struct Transfers {
     /// Set while grants are being performed (a flush inside must not start another round).
     granting: bool,
 }
+
+/// Most sharer keys kept per download (a tracker answer lists at most this many sharers that
+/// are kept; the download remembers as many addresses).
+pub const MAX_PEER_KEYS: usize = 4096;
 
 /// A download asks for a new ticket when less than this is left of its current one.
 const TICKET_RENEW_MARGIN_SECS: u64 = crate::tracker::tickets::TICKET_LIFE_SECS / 2;
@@ -179,7 +189,9 @@ impl Transfers {
             next_idle_check: None,
             tickets: BTreeMap::new(),
             renewing: BTreeSet::new(),
+            peer_keys: BTreeMap::new(),
             service_key: None,
+            identity: None,
             clock: (
                 Instant::now(),
                 std::time::SystemTime::now()
@@ -208,9 +220,19 @@ impl Transfers {
         base + Duration::from_secs(secs).saturating_sub(unix)
     }
 
-    /// A new ticket for `download`: kept for its new links and sent on its open ones now.
-    pub fn set_ticket(&mut self, registry: &Registry, download: DownloadId, ticket: Ticket) {
+    /// A new ticket for `download`: kept for its new links and sent on its open ones now;
+    /// with the identity keys of the sharers the tracker named with it.
+    pub fn set_ticket(
+        &mut self,
+        registry: &Registry,
+        download: DownloadId,
+        ticket: Ticket,
+        peer_keys: Vec<(SocketAddr, [u8; 32])>,
+    ) {
         self.renewing.remove(&download);
+        let keys: BTreeMap<SocketAddr, [u8; 32]> =
+            peer_keys.into_iter().take(MAX_PEER_KEYS).collect();
+        self.peer_keys.insert(download, keys);
         let mut frame = Vec::new();
         DownloaderMsg::Ticket(Box::new(ticket.clone())).emit(&mut frame);
         let mut links = Vec::new();
@@ -240,6 +262,7 @@ impl Transfers {
     fn renew_tickets(&mut self, now: Instant) {
         let downloads = &self.downloads;
         self.tickets.retain(|id, _| downloads.contains_key(id));
+        self.peer_keys.retain(|id, _| downloads.contains_key(id));
         self.renewing.retain(|id| downloads.contains_key(id));
         let unix = self.unix_at(now);
         let due: Vec<DownloadId> = self
@@ -257,6 +280,12 @@ impl Transfers {
             self.events
                 .push_back(TransferEvent::QuerySharers { download });
         }
+    }
+
+    /// Peer links prove this identity (the key registered with the tracker at login).
+    pub fn with_identity(mut self, identity: ClientIdentity) -> Self {
+        self.identity = Some(identity);
+        self
     }
 
     /// Uses these caps from now on.

@@ -179,6 +179,7 @@ enum Waiting {
         req_id: u64,
         user: UserId,
         peer_addr: SocketAddr,
+        client_key: [u8; 32],
     },
     /// The change is being replicated.
     Commit {
@@ -1047,9 +1048,10 @@ impl TrackerCore {
                     req_id,
                     user,
                     peer_addr,
+                    client_key,
                 },
                 PasswordResult::Verified(true),
-            ) => return self.open_session(conn, req_id, user, peer_addr),
+            ) => return self.open_session(conn, req_id, user, peer_addr, client_key),
             (Waiting::Login { req_id, .. }, PasswordResult::Verified(false)) => (
                 req_id,
                 Reject::new(RejectCode::WrongPassword, "wrong password"),
@@ -1167,7 +1169,14 @@ impl TrackerCore {
     }
 
     /// Opens a session for `conn` once its password has been checked.
-    fn open_session(&mut self, conn: ConnId, req_id: u64, user: UserId, peer_addr: SocketAddr) {
+    fn open_session(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        user: UserId,
+        peer_addr: SocketAddr,
+        client_key: [u8; 32],
+    ) {
         let Some(client) = self.links.get(&conn).and_then(Link::client) else {
             return;
         };
@@ -1180,6 +1189,7 @@ impl TrackerCore {
             tracker: self.replica.me(),
             client,
             token,
+            client_key,
         };
         self.propose(conn, req_id, op, SessionEffect::Open(proof));
     }
@@ -1269,6 +1279,7 @@ impl TrackerCore {
                 user,
                 password,
                 peer_addr,
+                client_key,
             } => {
                 if self.session_of(conn).is_ok() {
                     return Err(Reject::new(
@@ -1314,6 +1325,7 @@ impl TrackerCore {
                         req_id,
                         user,
                         peer_addr,
+                        client_key,
                     },
                     PasswordJob::Verify {
                         password,
@@ -1372,19 +1384,22 @@ impl TrackerCore {
             }
             RequestBody::FileSharers { group, name } => {
                 let session = self.session_of(conn)?;
-                let (meta, peers) = state.file_sharers(session, &group, &name)?;
-                let ticket = match &self.tickets {
-                    Some(issuer) => Some(Box::new(issuer.issue(
+                let (meta, sharers) = state.file_sharers_with_keys(session, &group, &name)?;
+                let ticket = match (&self.tickets, state.session(session)) {
+                    (Some(issuer), Some(asker)) => Some(Box::new(issuer.issue(
                         &group,
                         meta.file_sha1,
-                        state.user_of(session)?,
+                        &asker.user,
+                        asker.client_key,
                     ))),
-                    None => None,
+                    _ => None,
                 };
+                let (peers, peer_keys) = sharers.into_iter().unzip();
                 return Ok(Handled::Reply(ReplyBody::Sharers {
                     meta,
                     peers,
                     ticket,
+                    peer_keys,
                 }));
             }
             RequestBody::CreateGroup { group } => {

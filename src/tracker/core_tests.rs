@@ -175,6 +175,7 @@ impl Harness {
                 user: uid(user),
                 password: pw(password),
                 peer_addr: addr(port),
+                client_key: [0; 32],
             },
         )
     }
@@ -1097,6 +1098,7 @@ fn wrong_login(req_id: u64, user: &str) -> ClientMsg {
             user: uid(user),
             password: pw("guess"),
             peer_addr: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 9)),
+            client_key: [0; 32],
         },
     )
 }
@@ -1200,6 +1202,7 @@ fn a_fresh_login_is_not_delayed_by_a_wrong_password_flood() {
                 user: uid("alice"),
                 password: pw("right"),
                 peer_addr: addr(5000),
+                client_key: [0; 32],
             },
         )),
         h.now,
@@ -1513,6 +1516,7 @@ fn login_req(req_id: u64, user: &str, password: &str) -> ClientMsg {
             user: uid(user),
             password: pw(password),
             peer_addr: addr(5000),
+            client_key: [0; 32],
         },
     )
 }
@@ -1705,6 +1709,7 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
                 user: uid("alice"),
                 password: pw("pw"),
                 peer_addr: foreign,
+                client_key: [0; 32],
             },
         );
         if allow {
@@ -1728,6 +1733,7 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
                 user: uid("alice"),
                 password: pw("pw"),
                 peer_addr: own,
+                client_key: [0; 32],
             },
         ));
     }

@@ -1796,6 +1796,7 @@ impl Cluster {
                 user,
                 password,
                 peer_addr,
+                client_key: [0; 32],
             },
         );
         assert!(matches!(reply, ReplyBody::LoggedIn { .. }), "{reply:?}");
@@ -1818,6 +1819,7 @@ impl Cluster {
                     user,
                     password,
                     peer_addr,
+                    client_key: [0; 32],
                 },
                 Expect::LoggedIn,
             );
@@ -2675,6 +2677,7 @@ fn a_request_retried_on_the_same_tracker_is_answered() {
         user,
         password,
         peer_addr,
+        client_key: [0; 32],
     };
     let req_id = cl.issue(c, login, Expect::Manual);
     cl.run_for(50);
@@ -2799,6 +2802,7 @@ fn a_link_whose_session_ended_elsewhere_may_log_in_again() {
         user,
         password,
         peer_addr,
+        client_key: [0; 32],
     };
     // The login goes out on a link that is cut before tracker 2 reads it; the client logs in
     // through tracker 1; tracker 2 handles the old login (and then the close) only later.

@@ -209,7 +209,8 @@ pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
 ///
 /// - `1` CreateUser: `str user | str pw_hash` (at most [`MAX_PW_HASH_LEN`] bytes; a longer
 ///   hash would not parse)
-/// - `2` OpenSession: `str user | addr peer_addr | tracker_ref | u64 client | token`
+/// - `2` OpenSession: `str user | addr peer_addr | tracker_ref | u64 client | token | [32]
+///   client_key` (the client's X25519 identity key)
 /// - `3` ResumeSession: `token | tracker_ref | u64 client`
 /// - `4` CloseSession: `u64 session | tracker_ref`
 /// - `5` ClientGone: `u64 client | tracker_ref`
@@ -237,6 +238,7 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             tracker,
             client,
             token,
+            client_key,
         } => {
             put_u8(out, kind::OPEN_SESSION);
             put_str16(out, user.as_str());
@@ -244,6 +246,7 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             put_tracker_ref(out, tracker);
             put_u64(out, *client);
             out.extend_from_slice(token);
+            out.extend_from_slice(client_key);
         }
         Op::ResumeSession {
             token,
@@ -349,6 +352,7 @@ pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             tracker: tracker_ref(r)?,
             client: r.u64()?,
             token: r.array()?,
+            client_key: r.array()?,
         },
         kind::RESUME_SESSION => Op::ResumeSession {
             token: r.array()?,

@@ -148,6 +148,7 @@ fn sample_ops() -> Vec<Op> {
             tracker: tref(1, 0x0102_0304_0506_0708),
             client: 42,
             token: [0x11; 16],
+            client_key: [0; 32],
         },
         Op::OpenSession {
             user: uid("carol"),
@@ -155,6 +156,7 @@ fn sample_ops() -> Vec<Op> {
             tracker: tref(u16::MAX, u64::MAX),
             client: u64::MAX,
             token: *b"0123456789abcdef",
+            client_key: [0; 32],
         },
         Op::ResumeSession {
             token: [0xfe; 16],
@@ -431,6 +433,7 @@ fn rand_op(rng: &mut Rng) -> Op {
             tracker: rand_tref(rng),
             client: rng.next_u64(),
             token: rand_token(rng),
+            client_key: [0; 32],
         },
         2 => Op::ResumeSession {
             token: rand_token(rng),
@@ -799,6 +802,7 @@ fn golden_ops() {
         tracker: tref(1, 2),
         client: 3,
         token: [7; 16],
+        client_key: [0x3c; 32],
     };
     assert_eq!(
         op_bytes(&open),
@@ -809,6 +813,7 @@ fn golden_ops() {
             &[0, 1, 0, 0, 0, 0, 0, 0, 0, 2],
             &[0, 0, 0, 0, 0, 0, 0, 3],
             &[7; 16],
+            &[0x3c; 32],
         ])
     );
     let resume = Op::ResumeSession {

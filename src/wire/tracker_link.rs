@@ -60,11 +60,14 @@ pub enum RequestBody {
     Ping,
     /// `0x11`: `str user | bytes password`.
     CreateUser { user: UserId, password: Password },
-    /// `0x12`: `str user | bytes password | addr peer_addr`.
+    /// `0x12`: `str user | bytes password | addr peer_addr | [32] client_key`.
     Login {
         user: UserId,
         password: Password,
         peer_addr: SocketAddr,
+        /// The client's identity key (X25519 public): the tracker hands it to downloaders
+        /// with `peer_addr` and names it in this user's tickets.
+        client_key: [u8; 32],
     },
     /// `0x13`: no fields.
     Logout,
@@ -203,13 +206,15 @@ pub enum ReplyBody {
     Files(Vec<FileInfo>),
     /// `0x97`: `u8 new_file` (1 if the upload created the file, 0 if it added a sharer).
     Shared { new_file: bool },
-    /// `0x98`: `file_meta | u32 n | addr * n | u8 has_ticket | ticket?`: a file, the peer
-    /// addresses of its online sharers, and the asking member's ticket for it (sharers serve
-    /// only with one).
+    /// `0x98`: `file_meta | u32 n | addr * n | u8 has_ticket | ticket? | u32 n | [32] key *
+    /// n`: a file, the peer addresses of its online sharers, the asking member's ticket for it
+    /// (sharers serve only with one), and each sharer's identity key, in the order of `peers`
+    /// (both counts equal).
     Sharers {
         meta: FileMeta,
         peers: Vec<SocketAddr>,
         ticket: Option<Box<Ticket>>,
+        peer_keys: Vec<[u8; 32]>,
     },
 }
 
@@ -401,6 +406,7 @@ impl ClientMsg {
                     user: user_id(&mut r)?,
                     password: password(&mut r)?,
                     peer_addr: r.socket_addr()?,
+                    client_key: r.array()?,
                 },
                 ty::LOGOUT => RequestBody::Logout,
                 ty::CREATE_GROUP => RequestBody::CreateGroup {
@@ -522,10 +528,12 @@ impl Request {
                 user,
                 password,
                 peer_addr,
+                client_key,
             } => {
                 put_str16(out, user.as_str());
                 put_bytes16(out, password.as_bytes());
                 put_socket_addr(out, peer_addr);
+                out.extend_from_slice(client_key);
             }
             RequestBody::CreateGroup { group }
             | RequestBody::JoinGroup { group }
@@ -638,10 +646,19 @@ impl TrackerMsg {
                         true => Some(Box::new(Ticket::read(&mut r)?)),
                         false => None,
                     };
+                    let m = r.count(32)?;
+                    if m != peers.len() {
+                        return Err(DecodeError::BadValue("sharer key count"));
+                    }
+                    let mut peer_keys = Vec::with_capacity(m);
+                    for _ in 0..m {
+                        peer_keys.push(r.array()?);
+                    }
                     ReplyBody::Sharers {
                         meta,
                         peers,
                         ticket,
+                        peer_keys,
                     }
                 }
                 other => return Err(DecodeError::UnknownType(other)),
@@ -700,6 +717,7 @@ impl Reply {
                 meta,
                 peers,
                 ticket,
+                ..
             } => {
                 2 + meta.name.as_str().len()
                     + 8
@@ -711,6 +729,8 @@ impl Reply {
                     + ADDR * peers.len()
                     + 1
                     + ticket.as_ref().map_or(0, |_| MAX_TICKET_LEN)
+                    + 4
+                    + 32 * peers.len()
             }
         };
         HEADER + body
@@ -772,6 +792,7 @@ impl Reply {
                 meta,
                 peers,
                 ticket,
+                peer_keys,
             } => {
                 meta.emit(out);
                 put_count(out, peers.len());
@@ -781,6 +802,10 @@ impl Reply {
                 put_bool(out, ticket.is_some());
                 if let Some(ticket) = ticket {
                     ticket.emit(out);
+                }
+                put_count(out, peer_keys.len());
+                for k in peer_keys {
+                    out.extend_from_slice(k);
                 }
             }
         }

@@ -8,7 +8,7 @@ use crate::wire::frame::{FrameBuffer, LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_
 use crate::wire::ids::{IdError, MAX_PASSWORD_LEN};
 use crate::wire::PIECE_LEN;
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------------
@@ -166,6 +166,7 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 user: uid("grüße"),
                 password: pw(&[0]),
                 peer_addr: v4,
+                client_key: [0; 32],
             },
         ),
         req(
@@ -174,6 +175,7 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 user: uid("bob"),
                 password: pw(b"pw"),
                 peer_addr: v6,
+                client_key: [0; 32],
             },
         ),
         req(5, RequestBody::Logout),
@@ -282,6 +284,7 @@ fn sample_tracker_msgs() -> Vec<TrackerMsg> {
                     "[::1]:7002".parse().unwrap(),
                 ],
                 ticket: Some(Box::new(sample_ticket())),
+                peer_keys: vec![[1; 32], [2; 32]],
             },
         ),
         rep(
@@ -290,6 +293,7 @@ fn sample_tracker_msgs() -> Vec<TrackerMsg> {
                 meta: meta("empty", 0, PIECE_LEN, 0),
                 peers: vec![],
                 ticket: None,
+                peer_keys: Vec::new(),
             },
         ),
         TrackerMsg::Welcome {
@@ -482,6 +486,7 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
             user: rand_user(rng),
             password: rand_password(rng),
             peer_addr: rand_addr(rng),
+            client_key: [0; 32],
         },
         4 => RequestBody::Logout,
         5 => RequestBody::CreateGroup {
@@ -598,11 +603,15 @@ fn rand_tracker(rng: &mut Rng) -> TrackerMsg {
         8 => ReplyBody::Shared {
             new_file: rng.chance(1, 2),
         },
-        _ => ReplyBody::Sharers {
-            meta: rand_meta(rng),
-            peers: (0..rng.below(4)).map(|_| rand_addr(rng)).collect(),
-            ticket: rng.chance(1, 2).then(|| Box::new(sample_ticket())),
-        },
+        _ => {
+            let peers: Vec<SocketAddr> = (0..rng.below(4)).map(|_| rand_addr(rng)).collect();
+            ReplyBody::Sharers {
+                meta: rand_meta(rng),
+                peer_keys: peers.iter().map(|_| [rng.below(256) as u8; 32]).collect(),
+                peers,
+                ticket: rng.chance(1, 2).then(|| Box::new(sample_ticket())),
+            }
+        }
     };
     rep(req_id, body)
 }
@@ -739,15 +748,17 @@ fn golden_login_ipv4() {
                 user: uid("al"),
                 password: pw(b"pw"),
                 peer_addr: "127.0.0.1:8080".parse().unwrap(),
+                client_key: [0xc1; 32],
             },
         ),
         &cat(&[
-            &[0, 0, 0, 24, 0x12],      // length, type
+            &[0, 0, 0, 56, 0x12],      // length, type
             &[0, 0, 0, 0, 0, 0, 0, 2], // req_id
             &[0, 2, b'a', b'l'],       // user
             &[0, 2, b'p', b'w'],       // password
             &[4, 127, 0, 0, 1],        // family, address
             &[0x1f, 0x90],             // port 8080
+            &[0xc1; 32],               // client key
         ]),
     );
 }
@@ -761,16 +772,18 @@ fn golden_login_ipv6() {
                 user: uid("al"),
                 password: pw(b"pw"),
                 peer_addr: "[2001:db8::1]:443".parse().unwrap(),
+                client_key: [0; 32],
             },
         ),
         &cat(&[
-            &[0, 0, 0, 36, 0x12],      // length, type
+            &[0, 0, 0, 68, 0x12],      // length, type
             &[0, 0, 0, 0, 0, 0, 0, 3], // req_id
             &[0, 2, b'a', b'l'],       // user
             &[0, 2, b'p', b'w'],       // password
             &[6],                      // family
             &[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
             &[0x01, 0xbb], // port 443
+            &[0; 32],      // client key
         ]),
     );
 }
@@ -1279,6 +1292,7 @@ fn well_formed_builder_frames_parse() {
         .u8(4)
         .raw(&[1, 2, 3, 4])
         .u16(80)
+        .raw(&[0; 32])
         .0;
     assert!(ClientMsg::parse(&p).is_ok());
 }
@@ -1649,6 +1663,7 @@ fn address_family_must_be_4_or_6() {
             .u8(family)
             .raw(ip)
             .u16(80)
+            .raw(&[0; 32])
             .0
     };
     assert!(ClientMsg::parse(&login(4, &[1, 2, 3, 4])).is_ok());
@@ -2003,6 +2018,7 @@ fn golden_file_sharers_and_sharers() {
             meta: meta("f", 1, PIECE_LEN, 1),
             peers: vec!["10.0.0.1:80".parse().unwrap()],
             ticket: None,
+            peer_keys: vec![[0x5a; 32]],
         },
     );
     let mut want = vec![0x98];
@@ -2015,6 +2031,8 @@ fn golden_file_sharers_and_sharers() {
     want.extend_from_slice(&[0; 20]); // piece 0
     want.extend_from_slice(&[0, 0, 0, 1, 4, 10, 0, 0, 1, 0, 80]); // one IPv4 peer
     want.push(0); // no ticket
+    want.extend_from_slice(&[0, 0, 0, 1]); // one sharer key
+    want.extend_from_slice(&[0x5a; 32]);
     let mut framed = (want.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(&want);
     let mut got = Vec::new();
@@ -2061,12 +2079,14 @@ fn sharers_carry_the_ticket_after_the_peers() {
             meta: meta("f", 1, PIECE_LEN, 1),
             peers: vec![],
             ticket: Some(Box::new(ticket.clone())),
+            peer_keys: Vec::new(),
         },
     );
     let mut got = Vec::new();
     reply.emit(&mut got);
     let mut tail = vec![0, 0, 0, 0, 1]; // no peers, a ticket
     tail.extend_from_slice(&ticket.to_bytes());
+    tail.extend_from_slice(&[0, 0, 0, 0]); // no sharer keys
     assert!(got.ends_with(&tail), "{got:?}");
     assert_eq!(TrackerMsg::parse(&got[4..]).unwrap(), reply);
 }

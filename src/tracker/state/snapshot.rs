@@ -17,14 +17,15 @@
 //! Layout, big-endian, with the field types of `wire::replication`:
 //!
 //! ```text
-//! u32 version (1)
+//! u32 version (2)
 //! u64 next_session | u64 n_applied
 //! u32 n | (str user | str pw_hash) * n                                       users
 //! u32 n | group * n                                                          groups
 //!     group:  str group | str owner | u32 n | str member * n | u32 n | str requester * n
 //!             | u32 n | file * n
 //!     file:   file_meta | u32 n | (str user | addr peer_addr) * n             sharers
-//! u32 n | (u64 id | str user | addr peer_addr | tracker_ref | u64 client | token) * n
+//! u32 n | (u64 id | str user | addr peer_addr | tracker_ref | u64 client | token
+//!          | [32] client_key) * n
 //!                                                                            sessions
 //! u32 n | (u64 client | u64 last_used | u32 n | (u64 req_id | answer) * n) * n
 //!                                                                            answers
@@ -50,7 +51,7 @@ use crate::wire::tracker_link::{FileMeta, RejectCode};
 use crate::wire::UserId;
 
 /// The snapshot format this build writes and reads.
-const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// Longest refusal message a snapshot carries.
 const MAX_SNAPSHOT_MESSAGE_LEN: usize = u16::MAX as usize;
@@ -67,7 +68,7 @@ const MIN_FILE_LEN: usize = MIN_ID_LEN + 8 + 4 + 20 + 4 + 4;
 /// `str user | addr` (an IPv4 address is `u8 | 4 bytes | u16`).
 const MIN_SHARER_LEN: usize = MIN_ID_LEN + 7;
 /// `u64 id | str user | addr | tracker_ref | u64 client | token`.
-const MIN_SESSION_LEN: usize = 8 + MIN_ID_LEN + 7 + 10 + 8 + 16;
+const MIN_SESSION_LEN: usize = 8 + MIN_ID_LEN + 7 + 10 + 8 + 16 + 32;
 /// `u64 client | u64 last_used | u32 n`.
 const MIN_CLIENT_ANSWERS_LEN: usize = 8 + 8 + 4;
 /// `u64 req_id | u8 kind`.
@@ -117,6 +118,7 @@ impl TrackerState {
             put_tracker_ref(out, &s.tracker);
             put_u64(out, s.client);
             out.extend_from_slice(&s.token);
+            out.extend_from_slice(&s.client_key);
         }
 
         put_count(out, self.answers.len());
@@ -166,6 +168,7 @@ impl TrackerState {
                 tracker: tracker_ref(&mut r)?,
                 client: r.u64()?,
                 token: r.array()?,
+                client_key: r.array()?,
             };
             if id.0 == 0 || id.0 > st.next_session {
                 return Err(DecodeError::BadValue("session id out of range"));

@@ -65,6 +65,7 @@ fn open(user: &str, port: u16, tracker: TrackerRef, client: u64) -> Op {
         tracker,
         client,
         token: [port.to_be_bytes()[1]; 16],
+        client_key: [0; 32],
     }
 }
 
@@ -295,7 +296,7 @@ fn golden_empty_state() {
     assert_eq!(
         bytes,
         [
-            &[0, 0, 0, 1][..],         // version
+            &[0, 0, 0, 2][..],         // version
             &[0, 0, 0, 0, 0, 0, 0, 0], // next_session
             &[0, 0, 0, 0, 0, 0, 0, 0], // n_applied
             &[0, 0, 0, 0],             // users
@@ -324,6 +325,7 @@ fn golden_user_session_and_answers() {
         },
         client: 5,
         token: [0xee; 16],
+        client_key: [0xcc; 32],
     };
     assert_eq!(
         asked(&mut st, 5, 7, open),
@@ -332,7 +334,7 @@ fn golden_user_session_and_answers() {
     assert!(asked(&mut st, 5, 8, hash()).is_err());
     let message = b"user 'a' already exists";
     let want = [
-        &[0, 0, 0, 1][..],
+        &[0, 0, 0, 2][..],
         &[0, 0, 0, 0, 0, 0, 0, 1], // next_session
         &[0, 0, 0, 0, 0, 0, 0, 3], // n_applied
         &[0, 0, 0, 1],             // one user
@@ -345,6 +347,7 @@ fn golden_user_session_and_answers() {
         &[0, 3, 0, 0, 0, 0, 0, 0, 0, 4],    // tracker
         &[0, 0, 0, 0, 0, 0, 0, 5],          // client
         &[0xee; 16],                        // token
+        &[0xcc; 32],                        // client key
         &[0, 0, 0, 1],                      // one remembered client
         &[0, 0, 0, 0, 0, 0, 0, 5],          // client
         &[0, 0, 0, 0, 0, 0, 0, 3],          // last_used
@@ -770,6 +773,7 @@ fn session(user: &str, client: u64) -> Session {
         tracker: T1,
         client,
         token: [1; 16],
+        client_key: [0; 32],
     }
 }
 
@@ -932,7 +936,7 @@ fn bad_answer_memories_are_refused() {
 
 /// A snapshot of users only, written by hand.
 fn users_snapshot(users: &[&[u8]]) -> Vec<u8> {
-    let mut b = vec![0, 0, 0, 1];
+    let mut b = vec![0, 0, 0, 2];
     b.extend_from_slice(&[0; 16]);
     b.extend_from_slice(&(users.len() as u32).to_be_bytes());
     for u in users {
@@ -959,7 +963,7 @@ fn keys_must_be_ascending_and_distinct() {
 fn bad_fields_are_refused() {
     // Version.
     let mut b = encode(&rich_state());
-    b[3] = 2;
+    b[3] = 1;
     assert_eq!(
         TrackerState::decode_snapshot(&b),
         Err(DecodeError::BadValue("snapshot version"))
@@ -1042,7 +1046,7 @@ fn every_strict_prefix_is_an_error_and_trailing_bytes_too() {
 #[test]
 fn forged_huge_counts_fail_fast() {
     let started = Instant::now();
-    let header = [&[0, 0, 0, 1][..], &[0; 16]].concat();
+    let header = [&[0, 0, 0, 2][..], &[0; 16]].concat();
     for n in [u32::MAX, u32::MAX / 3, 1 << 24] {
         let count = n.to_be_bytes();
         // Users, groups, sessions, answers: each count in its place with a few bytes after.
