@@ -34,7 +34,7 @@ use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::shell::{self, Shell};
 use super::state_file::{self, FileStamp, StateLock};
-use super::transfers::{PeerCaps, TransferEvent, Transfers};
+use super::transfers::{PeerCaps, TransferEvent, Transfers, PLAINTEXT_PEER_LINKS_ENV};
 use super::uplink::{Uplink, UplinkEvent};
 use crate::hasher::{HashPool, HashResult};
 use crate::keys::{self, PublicKey};
@@ -135,6 +135,18 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
     // This process's random id, sent in every tracker handshake.
     let client_id = getrandom::u64().map_err(|e| io::Error::other(e.to_string()))?;
     let uplink = Uplink::new(config.trackers.clone(), client_id);
+    let mut transfers = Transfers::default()
+        .with_caps(PeerCaps::for_open_files(open_files))
+        .with_identity(identity);
+    if std::env::var_os(PLAINTEXT_PEER_LINKS_ENV).is_some_and(|v| v == "1") {
+        // Benchmark and test use only: never silent.
+        warn!(
+            "{PLAINTEXT_PEER_LINKS_ENV}=1: peer links in the plain, unencrypted protocol \
+             (for the throughput benchmark's comparison only; file contents cross the \
+             network in clear)"
+        );
+        transfers = transfers.with_plaintext_peer_links();
+    }
     let mut driver = Driver {
         poll,
         listener,
@@ -146,9 +158,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         tracker_handshaking: false,
         tracker_refusal: None,
         hasher,
-        transfers: Transfers::default()
-            .with_caps(PeerCaps::for_open_files(open_files))
-            .with_identity(identity),
+        transfers,
         lines: VecDeque::new(),
         input_done: false,
         interactive: io::stdin().is_terminal(),

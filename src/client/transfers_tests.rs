@@ -35,7 +35,11 @@ impl Harness {
             poll,
             hasher,
             listener: TcpListener::bind("127.0.0.1:0").unwrap(),
-            transfers: Transfers::default().with_caps(caps()),
+            // The caps and timers are the same for secure links; these tests speak plain
+            // frames to the served links.
+            transfers: Transfers::default()
+                .with_caps(caps())
+                .with_plaintext_peer_links(),
         }
     }
 
