@@ -81,6 +81,7 @@ fn change(i: u64) -> Entry {
                 client: u + 1,
                 token: [(u % 251) as u8; 16],
                 shares: None,
+                client_key: [0; 32],
             },
         };
     }

@@ -504,6 +504,7 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
                 password: password(),
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
                 shares: Vec::new(),
+                client_key: [0; 32],
             })?;
             batch.push((c, id));
         }
@@ -681,6 +682,7 @@ fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Dur
             password: password(),
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000)),
             shares: Vec::new(),
+            client_key: [0; 32],
         },
         STEP,
     )? {

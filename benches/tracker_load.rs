@@ -927,6 +927,7 @@ fn scenario_list_groups(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
             password: password.clone(),
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
             shares: Vec::new(),
+            client_key: [0; 32],
         }])?);
     }
     let deadline = Instant::now() + setup_timeout;
@@ -1180,6 +1181,7 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
             password: wrong.clone(),
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
             shares: Vec::new(),
+            client_key: [0; 32],
         },
         cfg.flood_window,
     );
@@ -1190,6 +1192,7 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
                 password: wrong.clone(),
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
                 shares: Vec::new(),
+                client_key: [0; 32],
             })
         })
         .collect::<Result<_, String>>()?;
@@ -1237,6 +1240,7 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
                     password: Password::new(PASSWORD).map_err(|e| e.to_string())?,
                     peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000 + i as u16)),
                     shares: Vec::new(),
+                    client_key: [0; 32],
                 };
                 let r = c.call_all(&[login], Duration::from_secs(30))?;
                 expect_all("login", &r, |r| matches!(r, ReplyBody::LoggedIn { .. }))?;
@@ -1319,6 +1323,7 @@ fn scenario_big_listing(tracker: &Tracker) -> Result<(), String> {
                 password: password.clone(),
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
                 shares: Vec::new(),
+                client_key: [0; 32],
             },
         ])?;
         clients.push((c, first));

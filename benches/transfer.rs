@@ -17,18 +17,37 @@
 //! list, default `1,4`), `TRANSFER_BENCH_RUNS` (runs per sharer count, default 1),
 //! `TRANSFER_BENCH_DIR` (where the files go, default the system temp dir),
 //! `TRANSFER_BENCH_WRAP` (a command to run the downloader under, e.g. a profiler),
-//! `TRANSFER_BENCH_LOG` (the downloader's log level, default `warn`).
+//! `TRANSFER_BENCH_LOG` (the downloader's log level, default `warn`), `TRANSFER_BENCH_MODES`
+//! (comma list of `secure` and `plain`, default `secure,plain`: each run is made with
+//! encrypted peer links, then with every client of the run in the plain protocol through the
+//! benchmark's switch `P2PSHARE_BENCH_PLAINTEXT_PEER_LINKS=1`, the comparison in the same run).
 
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{cpu_secs, env_or, free_port, make_file, same_contents, status_kib, Proc};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Starts `bin` like `Proc::start`; `plain`: peer links in the plain protocol (the
+/// benchmark's comparison, through the bench-only environment switch).
+fn start_mode(bin: &str, args: &[&str], dir: &Path, plain: bool) -> Proc {
+    let mut command = Command::new(bin);
+    command
+        .args(args)
+        .env("XDG_STATE_HOME", dir)
+        .env(
+            "P2PSHARE_BENCH_PLAINTEXT_PEER_LINKS",
+            if plain { "1" } else { "0" },
+        )
+        .current_dir(dir);
+    Proc::spawn(command, STEP_TIMEOUT)
+}
 
 struct Setup {
     dir: PathBuf,
@@ -37,16 +56,17 @@ struct Setup {
     file: PathBuf,
 }
 
-fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
+fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize, plain: bool) {
     let client = env!("CARGO_BIN_EXE_client_program");
     let info = setup.tracker_info.to_str().expect("utf-8 path");
-    let tag = format!("s{n_sharers}r{run}");
+    let mode = if plain { "plain" } else { "secure" };
+    let tag = format!("s{n_sharers}r{run}{mode}");
     let group = format!("g{tag}");
 
     let mut sharers = Vec::new();
     for i in 0..n_sharers {
         let addr = format!("127.0.0.1:{}", free_port());
-        let mut p = Proc::start(client, &["--serve", &addr, info], &setup.dir, STEP_TIMEOUT);
+        let mut p = start_mode(client, &["--serve", &addr, info], &setup.dir, plain);
         let user = format!("u{i}{tag}");
         p.send(&format!("create_user {user} pw"));
         p.send(&format!("login {user} pw"));
@@ -64,7 +84,7 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
         let t0 = Instant::now();
         p.send(&format!("upload_file {} {group}", setup.file.display()));
         p.expect(" group ");
-        if i == 0 && run == 0 {
+        if i == 0 && run == 0 && !plain {
             println!(
                 "upload (hash {mib} MiB, 512 KiB pieces + whole-file SHA1): {:.3} s",
                 t0.elapsed().as_secs_f64()
@@ -86,9 +106,9 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
             let program = words.remove(0);
             words.push(client);
             words.extend(client_args);
-            Proc::start(program, &words, &setup.dir, STEP_TIMEOUT)
+            start_mode(program, &words, &setup.dir, plain)
         }
-        _ => Proc::start(client, &client_args, &setup.dir, STEP_TIMEOUT),
+        _ => start_mode(client, &client_args, &setup.dir, plain),
     };
     let user = format!("d{tag}");
     d.send(&format!("create_user {user} pw"));
@@ -129,7 +149,7 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize) {
     let gib = mib as f64 / 1024.0;
     let identical = same_contents(&setup.file, &target);
     println!(
-        "{mib} MiB from {n_sharers} sharer(s): {:.0} MiB/s (outside: {outside:.3} s), downloader CPU {cpu:.2} s ({:.2} s/GiB), peak anon {:.1} MiB, identical: {identical}",
+        "{mode:>6}: {mib} MiB from {n_sharers} sharer(s): {:.0} MiB/s (outside: {outside:.3} s), downloader CPU {cpu:.2} s ({:.2} s/GiB), peak anon {:.1} MiB, identical: {identical}",
         mib as f64 / outside,
         cpu / gib,
         peak_anon as f64 / 1024.0
@@ -176,9 +196,20 @@ fn main() {
         _tracker: tracker,
         file,
     };
+    let modes: Vec<bool> = std::env::var("TRANSFER_BENCH_MODES")
+        .unwrap_or_else(|_| "secure,plain".into())
+        .split(',')
+        .filter_map(|m| match m.trim() {
+            "secure" => Some(false),
+            "plain" => Some(true),
+            _ => None,
+        })
+        .collect();
     for &n in &sharer_counts {
         for run in 0..runs {
-            run_once(&setup, n, mib, run);
+            for &plain in &modes {
+                run_once(&setup, n, mib, run, plain);
+            }
         }
     }
 }

@@ -23,7 +23,8 @@
 //! - [`net`]: mio plumbing shared by both programs: the slab `ConnTable`, buffered framed
 //!   connections (`conn`), stdin and signal wake-ups (`wake`), and `secure`, the sans-IO
 //!   Noise handshake and record layer that replication links and clients' tracker links run
-//!   under. Architecture
+//!   under, and `peer_secure`, the peer links' Noise `IK` handshake and record layer (a
+//!   block's data decrypted in place where it lands). Architecture
 //!   Invariant: knows frames, not messages; no policy.
 //! - [`keys`]: the service key file and the keys derived from it (the replication-link PSK,
 //!   the Ed25519 signing key whose public half is the service's public key, the client links'
@@ -51,7 +52,8 @@
 //!   input never goes through it), `state_dir` (where a client keeps what it remembers),
 //!   `state_file` (its users' shares and downloads, written atomically, and the directory's
 //!   lock), `part_record` (the resume record beside a `.part`), `known_trackers` (the service
-//!   key each tracker must present; first-use trust), `driver` (the mio reactor).
+//!   key each tracker must present; first-use trust), `identity` (the client's X25519
+//!   identity key, which its peer links prove), `driver` (the mio reactor).
 //!   Architecture Invariant: the reactor never blocks: sockets are non-blocking (tracker
 //!   connects included), hashing runs on the pool, stdin on its thread (`tests/uplink.rs`
 //!   shows a download going on while the client fails over toward a tracker that accepts
@@ -83,6 +85,10 @@
 //! - Architecture Invariant: a tracker accepts the tracker hello only on a connection whose
 //!   Noise handshake proved the peer holds the service's secret; no frame of a tracker link
 //!   crosses the network in clear.
+//! - Architecture Invariant: no file data crosses a peer link in clear: peer links run the
+//!   `IK` handshake to the identity key the tracker named, and a sharer serves only a ticket
+//!   naming the key the downloader proved (the plain protocol exists only behind the
+//!   benchmark's environment switch).
 //! - Architecture Invariant: passwords exist in clear only in the request that carries them;
 //!   the tracker stores and logs nothing but an Argon2id PHC string.
 

@@ -97,7 +97,21 @@ impl Net {
 
     /// A live client of `user` (stdin kept open), in the user's directory, logged in.
     fn login(&self, user: &str) -> LiveClient {
-        let mut live = self.tracker.client().cwd(&self.dir(user)).live();
+        self.login_with(user, false)
+    }
+
+    /// Like [`login`](Self::login), the client speaking the plain peer protocol (for the
+    /// tests that probe a sharer with hand-made plain frames).
+    fn login_plain(&self, user: &str) -> LiveClient {
+        self.login_with(user, true)
+    }
+
+    fn login_with(&self, user: &str, plain: bool) -> LiveClient {
+        let mut client = self.tracker.client().cwd(&self.dir(user));
+        if plain {
+            client = client.plain_peer_links();
+        }
+        let mut live = client.live();
         live.cmd(
             &format!("login {user} pw"),
             &[&format!("logged in as {user}")],
@@ -489,6 +503,7 @@ fn ticket_frame(net: &Net, user: &str, name: &str) -> Vec<u8> {
         password: Password::new(b"pw").unwrap(),
         peer_addr: "127.0.0.1:9".parse().unwrap(),
         shares: Vec::new(),
+        client_key: common::raw_peer_public(),
     });
     assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
     let sharers = raw.call(RequestBody::FileSharers {
@@ -507,10 +522,13 @@ fn ticket_frame(net: &Net, user: &str, name: &str) -> Vec<u8> {
     out
 }
 
-/// The type of the first frame a peer answers to a handshake, `None` if it closes instead.
-fn handshake_answer(addr: SocketAddr, hs: &[u8]) -> Option<u8> {
-    let mut s = connect_and_send(addr, hs);
-    read_frame(&mut s).map(|f| f[0])
+/// The type of the first frame a peer answers to a handshake (over a secure link, as the
+/// tests' raw downloader), `None` if it closes instead.
+fn handshake_answer(net: &Net, addr: SocketAddr, hs: &[u8]) -> Option<u8> {
+    let key = common::identity_public(&net.tracker.info, addr);
+    let mut peer = common::SecurePeer::connect(addr, &key, hs);
+    peer.stream.set_read_timeout(Some(STEP)).unwrap();
+    peer.read_frame().ok().map(|f| f[0])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -910,17 +928,17 @@ fn downloaders_reshare() {
         handshake(MAGIC, G, "r1.bin", &listed_sha1(&mut carol, 2, "r1.bin")),
     ]
     .concat();
-    assert_eq!(handshake_answer(alice.addr, &hs), Some(ACCEPT));
+    assert_eq!(handshake_answer(&net, alice.addr, &hs), Some(ACCEPT));
     alice.cmd(
         &format!("stop_share {G} r1.bin"),
         &[&format!("stopped sharing r1.bin in group {G}")],
     );
-    let answer = handshake_answer(alice.addr, &hs);
+    let answer = handshake_answer(&net, alice.addr, &hs);
     assert!(
         answer.is_none() || answer == Some(REFUSE),
         "a client answered a handshake for a file it stopped sharing with {answer:?}"
     );
-    assert_eq!(handshake_answer(bob.addr, &hs), Some(ACCEPT));
+    assert_eq!(handshake_answer(&net, bob.addr, &hs), Some(ACCEPT));
     let t1 = carol_dir.join("r1.bin");
     start(&mut carol, "r1.bin", "./", &t1, s1, 1);
     wait_done(&mut carol, "r1.bin", &t1, s1);
@@ -956,7 +974,7 @@ fn logout_suspends_shares() {
         handshake(MAGIC, G, "s.bin", &sha1),
     ]
     .concat();
-    assert_eq!(handshake_answer(alice.addr, &hs), Some(ACCEPT));
+    assert_eq!(handshake_answer(&net, alice.addr, &hs), Some(ACCEPT));
 
     alice.cmd("logout", &["logged out alice"]);
     let rows = list_files(&mut bob, 1);
@@ -968,7 +986,7 @@ fn logout_suspends_shares() {
         format!("error: no sharer of s.bin is online in group {G}")
     );
     // A peer asking alice's client directly is refused too.
-    let answer = handshake_answer(alice.addr, &hs);
+    let answer = handshake_answer(&net, alice.addr, &hs);
     assert!(
         answer.is_none() || answer == Some(REFUSE),
         "a logged-out client answered a handshake with frame type {answer:?}"
@@ -979,7 +997,7 @@ fn logout_suspends_shares() {
         "login alice pw",
         &["logged in as alice (1 shared files resumed)"],
     );
-    assert_eq!(handshake_answer(alice.addr, &hs), Some(ACCEPT));
+    assert_eq!(handshake_answer(&net, alice.addr, &hs), Some(ACCEPT));
     start(&mut bob, "s.bin", "./", &target, size, 1);
     wait_done(&mut bob, "s.bin", &target, size);
     assert_same(&src, &target);
@@ -1152,13 +1170,16 @@ fn sharer_killed_mid_download() {
 /// Garbage on a client's peer port closes that connection only: the client keeps serving.
 #[test]
 fn garbage_on_the_peer_port() {
+    // The serving core's answers to hand-made plain frames: both clients speak the plain
+    // protocol (the secure layer's own refusals of garbage are unit-tested in
+    // `net/peer_secure_tests.rs`).
     let net = Net::new(&["alice", "bob", "dave"]);
     let src = net.dir("alice").join("p.bin");
     let size = 3 * PIECE + 11;
     random_file(&src, size);
-    let mut alice = net.login("alice");
+    let mut alice = net.login_plain("alice");
     upload(&mut alice, &src);
-    let mut bob = net.login("bob");
+    let mut bob = net.login_plain("bob");
     let sha1 = listed_sha1(&mut bob, 1, "p.bin");
     let addr = alice.addr;
     let ticket = ticket_frame(&net, "dave", "p.bin");

@@ -135,6 +135,7 @@ fn unread_answers_are_held_back_not_piled_up() {
                 password: pw("pw"),
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
                 shares: Vec::new(),
+                client_key: [0; 32],
             }
         ),
         ReplyBody::LoggedIn { .. }
@@ -203,6 +204,7 @@ fn a_copied_client_id_and_request_id_get_no_session() {
         password: pw(password),
         peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
         shares: Vec::new(),
+        client_key: [0; 32],
     };
     let create = |user: &str, password: &str| RequestBody::CreateUser {
         user: uid(user),

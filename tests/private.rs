@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{state_home, Client, LiveClient, RawTracker, Tracker};
+use common::{identity_public, state_home, Client, LiveClient, RawTracker, SecurePeer, Tracker};
 use p2pshare::client::transfers::{MAX_SERVE_LINKS, MAX_SERVE_LINKS_PER_ADDR};
 use p2pshare::keys::{PublicKey, ServiceKey};
 use p2pshare::wire::ids::{Password, UserId};
@@ -316,6 +316,7 @@ fn ticket_and_link(tracker: SocketAddr, user: &str, name: &str) -> (Ticket, RawT
         password: Password::new(b"pw").unwrap(),
         peer_addr: "127.0.0.1:9".parse().unwrap(),
         shares: Vec::new(),
+        client_key: common::raw_peer_public(),
     });
     assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
     match raw.call(RequestBody::FileSharers {
@@ -324,8 +325,17 @@ fn ticket_and_link(tracker: SocketAddr, user: &str, name: &str) -> (Ticket, RawT
     }) {
         ReplyBody::Sharers {
             ticket: Some(ticket),
+            peers,
+            peer_keys,
             ..
-        } => (*ticket, raw),
+        } => {
+            // The ticket names the key this link logged in with, and every sharer comes with
+            // the (non-zero) identity key its client registered.
+            assert_eq!(ticket.body.client_key, common::raw_peer_public());
+            assert_eq!(peer_keys.len(), peers.len());
+            assert!(peer_keys.iter().all(|k| *k != [0; 32]), "{peer_keys:?}");
+            (*ticket, raw)
+        }
         other => panic!("no ticket: {other:?}"),
     }
 }
@@ -345,14 +355,16 @@ fn handshake_frame(ticket: &Ticket, name: &str, file_sha1: [u8; 20]) -> Vec<u8> 
     out
 }
 
-/// Opens `n` connections to `to` from `from(i)`, each sending `frame`, then tells how many
-/// the sharer accepted (answered with a frame) and keeps those open; the rest it closed.
+/// Opens `n` secure connections to `to` (whose identity key is `key`) from `from(i)`, each
+/// sending `frame` in its handshake, then tells how many the sharer accepted (answered with a
+/// frame) and keeps those open; the rest it closed.
 fn flood(
     to: SocketAddr,
+    key: [u8; 32],
     n: usize,
     from: impl Fn(usize) -> Ipv4Addr,
     frame: &[u8],
-) -> Vec<TcpStream> {
+) -> Vec<SecurePeer> {
     let deadline = Instant::now() + STEP;
     let mut streams = Vec::with_capacity(n);
     for i in 0..n {
@@ -360,23 +372,23 @@ fn flood(
             Instant::now() < deadline,
             "flood: {i} connections in {STEP:?}"
         );
-        let mut stream = connect_from(from(i), to).expect("flood connect");
+        let stream = connect_from(from(i), to).expect("flood connect");
         // A write may fail on a connection the sharer closed at once.
-        let _ = stream.write_all(frame);
-        streams.push(stream);
+        if let Ok(peer) = SecurePeer::begin(stream, &common::RAW_PEER_PRIVATE, &key, frame) {
+            streams.push(peer);
+        }
     }
     let mut held = Vec::new();
-    for mut stream in streams {
+    for mut peer in streams {
         let left = deadline.saturating_duration_since(Instant::now());
-        stream
+        peer.stream
             .set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .unwrap();
-        let mut head = [0u8; 5];
-        match stream.read_exact(&mut head) {
-            Ok(()) => {
+        match peer.read_frame() {
+            Ok(first) => {
                 // 0x81: Accept. Anything else is a refusal of a handshake that was valid.
-                assert_eq!(head[4], 0x81, "flood handshake refused");
-                held.push(stream);
+                assert_eq!(first[0], 0x81, "flood handshake refused");
+                held.push(peer);
             }
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => {}
             Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
@@ -477,7 +489,8 @@ fn a_handshake_flood_on_a_sharer_never_stops_its_own_download() {
 
     // A flood from one address gets the per-address cap, and others are still served.
     let one = Ipv4Addr::new(127, 0, 0, 2);
-    let held_one = flood(alice.addr, 100, |_| one, &frame);
+    let alice_key = identity_public(&tracker.info, alice.addr);
+    let held_one = flood(alice.addr, alice_key, 100, |_| one, &frame);
     assert_eq!(held_one.len(), MAX_SERVE_LINKS_PER_ADDR);
     let bob_dl = tempfile::tempdir().unwrap();
     let bob_dl_dir = bob_dl.path().canonicalize().unwrap();
@@ -488,6 +501,7 @@ fn a_handshake_flood_on_a_sharer_never_stops_its_own_download() {
     // opens for her own download.
     let held_many = flood(
         alice.addr,
+        alice_key,
         big_flood,
         |i| {
             Ipv4Addr::new(
@@ -545,13 +559,13 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// Connects to a sharer, sends `bytes` and returns the first frame's type (and a Refuse's
-/// code), or `None` if it closes first; the stream stays open for more.
-fn ask(addr: SocketAddr, bytes: &[u8]) -> (TcpStream, Option<(u8, u16)>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(bytes).unwrap();
-    s.set_read_timeout(Some(STEP)).unwrap();
-    let answer = common::read_frame(&mut s).ok().map(|f| {
+/// Connects to a sharer whose identity key is `key` over a secure link, sends `bytes` in the
+/// handshake and returns the first frame's type (and a Refuse's code), or `None` if it closes
+/// first; the link stays open for more.
+fn ask(addr: SocketAddr, key: &[u8; 32], bytes: &[u8]) -> (SecurePeer, Option<(u8, u16)>) {
+    let mut s = SecurePeer::connect(addr, key, bytes);
+    s.stream.set_read_timeout(Some(STEP)).unwrap();
+    let answer = s.read_frame().ok().map(|f| {
         let code = if f[0] == 0x82 {
             u16::from_be_bytes([f[1], f[2]])
         } else {
@@ -615,15 +629,19 @@ fn sharers_serve_only_with_a_current_ticket_of_the_service() {
         &["uploaded t.bin to group g (3145728 bytes, 6 pieces)"],
     );
     let key = service_secret_of(&tracker.info);
-    let sign = |expires: u64, group: &str, file: [u8; 20], key: &ServiceKey| {
+    let sign_for = |expires: u64, group: &str, file: [u8; 20], key: &ServiceKey, client| {
         key.sign_ticket(p2pshare::wire::ticket::TicketBody {
             expires,
             file_sha1: Sha1Digest(file),
             group: GroupId::new(group).unwrap(),
             user: UserId::new("mallory").unwrap(),
-            client_key: [0; 32],
+            client_key: client,
         })
     };
+    let sign = |expires: u64, group: &str, file: [u8; 20], key: &ServiceKey| {
+        sign_for(expires, group, file, key, common::raw_peer_public())
+    };
+    let alice_key = identity_public(&tracker.info, alice.addr);
     let hs = |t: &Ticket| handshake_frame(t, "t.bin", sha1);
     let mut plain_hs = Vec::new();
     DownloaderMsg::handshake(
@@ -637,50 +655,60 @@ fn sharers_serve_only_with_a_current_ticket_of_the_service() {
     let (issued, mut raw) = ticket_and_link(tracker.addr, "mallory", "t.bin");
     assert_eq!(issued.body.user.as_str(), "mallory");
     assert!(issued.body.expires > unix_now() + 60);
-    let (_s, answer) = ask(alice.addr, &hs(&issued));
+    let (_s, answer) = ask(alice.addr, &alice_key, &hs(&issued));
     assert_eq!(answer, Some((0x81, 0)), "a valid ticket");
+
+    // A downloader told another key for this address (the process there does not hold the
+    // key it expects) gets no answer: the sharer cannot read its handshake and closes.
+    let other_identity = p2pshare::client::identity::public_of(&[7; 32]);
+    let (_wrong, answer) = ask(alice.addr, &other_identity, &hs(&issued));
+    assert_eq!(answer, None, "a handshake to another key was answered");
 
     // Missing, forged (another key), expired, another group's, another file's: refused
     // with code 4.
     let later = unix_now() + 600;
     let other_key = ServiceKey::from_seed([77; 32]);
-    let cases: [(&str, Vec<u8>); 5] = [
+    let cases: [(&str, Vec<u8>); 6] = [
         ("no ticket", plain_hs.clone()),
+        (
+            "another client's key",
+            hs(&sign_for(later, "g", sha1, &key, [9; 32])),
+        ),
         ("another key", hs(&sign(later, "g", sha1, &other_key))),
         ("expired", hs(&sign(unix_now() - 5, "g", sha1, &key))),
         ("another group", hs(&sign(later, "other", sha1, &key))),
         ("another file", hs(&sign(later, "g", [1; 20], &key))),
     ];
     for (name, bytes) in cases {
-        let (mut s, answer) = ask(alice.addr, &bytes);
+        let (mut s, answer) = ask(alice.addr, &alice_key, &bytes);
         assert_eq!(answer, Some((0x82, 4)), "{name}");
-        assert!(closes_within(&mut s, STEP), "{name}: still open");
+        assert!(closes_within(&mut s.stream, STEP), "{name}: still open");
     }
 
     // A link whose ticket expires closes then; one whose ticket is renewed stays.
     let soon = unix_now() + 3;
-    let (mut lapsing, answer) = ask(alice.addr, &hs(&sign(soon, "g", sha1, &key)));
+    let (mut lapsing, answer) = ask(alice.addr, &alice_key, &hs(&sign(soon, "g", sha1, &key)));
     assert_eq!(answer, Some((0x81, 0)));
-    let (mut renewed, answer) = ask(alice.addr, &hs(&sign(soon, "g", sha1, &key)));
+    let (mut renewed, answer) = ask(alice.addr, &alice_key, &hs(&sign(soon, "g", sha1, &key)));
     assert_eq!(answer, Some((0x81, 0)));
     let mut renewal = Vec::new();
     DownloaderMsg::Ticket(Box::new(sign(later, "g", sha1, &key))).emit(&mut renewal);
-    renewed.write_all(&renewal).unwrap();
+    renewed.send(&renewal).unwrap();
     assert!(
-        closes_within(&mut lapsing, STEP),
+        closes_within(&mut lapsing.stream, STEP),
         "an expired ticket's link stayed open"
     );
     assert!(unix_now() >= soon, "closed before its ticket expired");
-    renewed.write_all(&request_frame(0, 0, 16)).unwrap();
-    let block = common::read_frame(&mut renewed).expect("a block on the renewed link");
+    renewed.send(&request_frame(0, 0, 16)).unwrap();
+    let block = renewed.read_frame().expect("a block on the renewed link");
     assert_eq!(block[0], 0x84);
     assert_eq!(&block[9..], &data[..16]);
     // A renewal that does not verify ends the link.
     let mut bad = Vec::new();
     DownloaderMsg::Ticket(Box::new(sign(later, "g", sha1, &other_key))).emit(&mut bad);
-    renewed.write_all(&bad).unwrap();
+    renewed.send(&bad).unwrap();
     assert!(
-        closes_within(&mut renewed, STEP),
+        closes_within(&mut renewed.stream, STEP),
         "a forged renewal was kept"
     );
 
@@ -698,6 +726,112 @@ fn sharers_serve_only_with_a_current_ticket_of_the_service() {
         }),
         ReplyBody::Refused { .. }
     ));
+    let (status, _) = alice.finish();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// A marker inside a shared file: it must never appear on the wire between two peers.
+const MARKER: &[u8] = b"p2pshare-private-marker-5f0c1e";
+
+#[test]
+fn file_contents_never_cross_a_peer_link_in_clear() {
+    let tracker = Tracker::start();
+    let out = tracker.run(&[
+        "create_user alice pw",
+        "create_user bob pw",
+        "create_user mallory pw",
+        "login alice pw",
+        "create_group g",
+        "logout",
+        "login bob pw",
+        "join_group g",
+        "logout",
+        "login mallory pw",
+        "join_group g",
+        "logout",
+        "login alice pw",
+        "accept_request g bob",
+        "accept_request g mallory",
+        "logout",
+    ]);
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    let dir = tracker.dir.path().canonicalize().unwrap();
+    let mut data = varied(1 << 20, 9);
+    for at in [1000, 70_000, 131_000] {
+        data[at..at + MARKER.len()].copy_from_slice(MARKER);
+    }
+    std::fs::write(dir.join("m.bin"), &data).unwrap();
+    let sha1 = sha1_of(&data);
+    let mut alice = tracker.client().cwd(&dir).live();
+    alice.cmd("login alice pw", &["logged in as alice"]);
+    alice.cmd(
+        "upload_file m.bin g",
+        &["uploaded m.bin to group g (1048576 bytes, 2 pieces)"],
+    );
+    // Bob shares the same content in the plain protocol (the test switch): the control that
+    // shows the recording would see the marker.
+    let mut bob = tracker.client().cwd(&dir).plain_peer_links().live();
+    bob.cmd("login bob pw", &["logged in as bob"]);
+    bob.cmd(
+        "upload_file m.bin g",
+        &["sharing m.bin in group g (same content as the file already there)"],
+    );
+    let ticket = ticket_of(tracker.addr, "mallory", "m.bin");
+    let first = handshake_frame(&ticket, "m.bin", sha1);
+    let relay = Relay::start(alice.addr);
+
+    // Through the relay to alice, over a secure link: the blocks arrive whole and right, and
+    // the recording of both directions never holds the marker.
+    let alice_key = identity_public(&tracker.info, alice.addr);
+    let mut peer = SecurePeer::connect(relay.addr, &alice_key, &first);
+    assert_eq!(peer.read_frame().expect("accept")[0], 0x81);
+    let block_len = 128 * 1024;
+    peer.send(
+        &[
+            request_frame(0, 0, block_len),
+            request_frame(0, block_len, block_len),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let block = peer.read_frame().expect("a block");
+        assert_eq!(block[0], 0x84);
+        got.extend_from_slice(&block[9..]);
+    }
+    assert_eq!(got, data[..2 * block_len as usize]);
+    assert!(contains(&got, MARKER));
+    let recorded = relay.recorded();
+    assert!(
+        recorded.len() > 2 * block_len as usize,
+        "{} bytes",
+        recorded.len()
+    );
+    assert!(
+        !contains(&recorded, MARKER),
+        "the marker crossed the link in clear"
+    );
+    assert!(
+        !contains(&recorded, b"m.bin"),
+        "the file name crossed the link in clear"
+    );
+    drop(peer);
+
+    // The same exchange with a plain peer through the same relay shows the marker: the
+    // recording can fail.
+    relay.point_to(bob.addr);
+    let mut plain = TcpStream::connect(relay.addr).unwrap();
+    plain.set_read_timeout(Some(STEP)).unwrap();
+    plain.write_all(&first).unwrap();
+    assert_eq!(common::read_frame(&mut plain).expect("accept")[0], 0x81);
+    plain.write_all(&request_frame(0, 0, block_len)).unwrap();
+    let block = common::read_frame(&mut plain).expect("a block");
+    assert_eq!(block[9..], data[..block_len as usize]);
+    assert!(contains(&relay.recorded(), MARKER));
+    drop(plain);
+    let (status, _) = bob.finish();
+    assert_eq!(status.code(), Some(0));
     let (status, _) = alice.finish();
     assert_eq!(status.code(), Some(0));
 }

@@ -217,6 +217,7 @@ fn download_goes_on_while_the_client_fails_over_toward_a_tracker_that_accepts_no
             password,
             peer_addr: sharer_addr,
             shares: Vec::new(),
+            client_key: [0; 32],
         }),
         ReplyBody::LoggedIn { .. }
     ));
@@ -227,7 +228,9 @@ fn download_goes_on_while_the_client_fails_over_toward_a_tracker_that_accepts_no
         ReplyBody::Done
     );
 
-    let mut downloader = Client::new(&client_info).live();
+    // The sharer is played by this test in the plain peer protocol; the downloader speaks
+    // it too (the test switch): this test is about the tracker link's failover.
+    let mut downloader = Client::new(&client_info).plain_peer_links().live();
     downloader.cmd("create_user d pw-d", &["user d created"]);
     downloader.cmd("login d pw-d", &["logged in as d"]);
     downloader.cmd("join_group g", &["request to join group g sent"]);

@@ -28,12 +28,13 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::complete::CompletionData;
 use super::disk;
+use super::identity::ClientIdentity;
 use super::known_trackers::TrackerKeys;
 use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::shell::{self, Shell};
 use super::state_file::{self, FileStamp, StateLock};
-use super::transfers::{PeerCaps, TransferEvent, Transfers};
+use super::transfers::{PeerCaps, TransferEvent, Transfers, PLAINTEXT_PEER_LINKS_ENV};
 use super::uplink::{Uplink, UplinkEvent};
 use crate::hasher::{HashPool, HashResult};
 use crate::keys::{self, PublicKey};
@@ -114,6 +115,12 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         }
         None => (None, state_file::ClientState::default()),
     };
+    // The identity its peer links prove; registered with the tracker at login.
+    let identity = match &config.state_dir {
+        Some(dir) => ClientIdentity::load_or_create(dir),
+        None => ClientIdentity::generate(),
+    }
+    .map_err(|e| io::Error::other(e.to_string()))?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let _signals = wake::register_signals(poll.registry(), SIGNALS)?;
     let n_workers = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
@@ -124,9 +131,22 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
     let mut core = ClientCore::new(config.listen);
     core.listings_mut().set_tables(shell.is_some());
     core.restore(remembered);
+    core.set_client_key(identity.public());
     // This process's random id, sent in every tracker handshake.
     let client_id = getrandom::u64().map_err(|e| io::Error::other(e.to_string()))?;
     let uplink = Uplink::new(config.trackers.clone(), client_id);
+    let mut transfers = Transfers::default()
+        .with_caps(PeerCaps::for_open_files(open_files))
+        .with_identity(identity);
+    if std::env::var_os(PLAINTEXT_PEER_LINKS_ENV).is_some_and(|v| v == "1") {
+        // Benchmark and test use only: never silent.
+        warn!(
+            "{PLAINTEXT_PEER_LINKS_ENV}=1: peer links in the plain, unencrypted protocol \
+             (for the throughput benchmark's comparison only; file contents cross the \
+             network in clear)"
+        );
+        transfers = transfers.with_plaintext_peer_links();
+    }
     let mut driver = Driver {
         poll,
         listener,
@@ -138,7 +158,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         tracker_handshaking: false,
         tracker_refusal: None,
         hasher,
-        transfers: Transfers::default().with_caps(PeerCaps::for_open_files(open_files)),
+        transfers,
         lines: VecDeque::new(),
         input_done: false,
         interactive: io::stdin().is_terminal(),
@@ -486,10 +506,13 @@ impl Driver {
                     );
                     self.core.handle_download_started(id, result);
                 }
-                Output::Ticket { download, ticket } => {
-                    self.transfers
-                        .set_ticket(self.poll.registry(), download, ticket)
-                }
+                Output::Ticket {
+                    download,
+                    ticket,
+                    peer_keys,
+                } => self
+                    .transfers
+                    .set_ticket(self.poll.registry(), download, ticket, peer_keys),
                 Output::Sharers { download, result } => self.transfers.on_sharers(
                     self.poll.registry(),
                     &self.hasher,

@@ -16,6 +16,7 @@ pub mod download;
 pub mod driver;
 pub mod help;
 pub mod history;
+pub mod identity;
 pub mod known_trackers;
 pub mod listing;
 pub mod outcome;

@@ -77,6 +77,8 @@ pub enum Output {
     Ticket {
         download: DownloadId,
         ticket: Ticket,
+        /// The identity key of each sharer the tracker named with it.
+        peer_keys: Vec<(SocketAddr, [u8; 32])>,
     },
     /// The tracker's answer to `query_sharers` for download `download`.
     Sharers {
@@ -271,7 +273,9 @@ enum Pending {
     Starting { id: DownloadId },
     /// Waiting for the tracker's reply to `request`.
     Awaiting {
-        request: Request,
+        /// Boxed: a request (a login with its shares and key, say) is large beside the other
+        /// variants.
+        request: Box<Request>,
         cmd: Sent,
         deadline: Instant,
     },
@@ -328,6 +332,8 @@ pub struct ClientCore {
     remembered: BTreeMap<UserId, Vec<SavedDownload>>,
     /// What the state file holds changed.
     state_dirty: bool,
+    /// This client's identity key (X25519 public), sent at login.
+    client_key: [u8; 32],
 }
 
 impl ClientCore {
@@ -350,7 +356,13 @@ impl ClientCore {
             finished_checks: BTreeMap::new(),
             remembered: BTreeMap::new(),
             state_dirty: false,
+            client_key: [0; 32],
         }
+    }
+
+    /// The identity key this client registers at login (its peer links prove it).
+    pub fn set_client_key(&mut self, key: [u8; 32]) {
+        self.client_key = key;
     }
 
     /// Whether the state file has room for one more thing of the logged-in user: it must stay
@@ -687,7 +699,7 @@ impl ClientCore {
             body,
         };
         self.pending = Some(Pending::Awaiting {
-            request: request.clone(),
+            request: Box::new(request.clone()),
             cmd,
             deadline: now + REPLY_TIMEOUT,
         });
@@ -727,7 +739,7 @@ impl ClientCore {
             .map(|(_, r)| r.clone())
             .collect();
         if let Some(Pending::Awaiting { request, .. }) = &self.pending {
-            in_flight.push(request.clone());
+            in_flight.push((**request).clone());
         }
         in_flight.sort_by_key(|r| r.req_id);
         first.extend(in_flight);
@@ -1044,11 +1056,17 @@ impl ClientCore {
             Background::ResumeDownload { user, saved } => self.resume_download(user, saved, body),
             Background::Sharers { download } => {
                 let result = match body {
-                    ReplyBody::Sharers { peers, ticket, .. } => {
+                    ReplyBody::Sharers {
+                        peers,
+                        ticket,
+                        peer_keys,
+                        ..
+                    } => {
                         if let Some(ticket) = ticket {
                             self.out.push_back(Output::Ticket {
                                 download,
                                 ticket: *ticket,
+                                peer_keys: peers.iter().copied().zip(peer_keys).collect(),
                             });
                         }
                         Ok(peers.into_iter().filter(|a| *a != self.peer_addr).collect())
@@ -1272,6 +1290,7 @@ impl ClientCore {
                 password,
                 peer_addr: self.peer_addr,
                 shares: keep.clone(),
+                client_key: self.client_key,
             },
             Sent::Login {
                 user,
@@ -1419,12 +1438,13 @@ impl ClientCore {
             return;
         }
         let what = format!("download of {} from group {}", saved.name, saved.group);
-        let (meta, peers, ticket) = match body {
+        let (meta, peers, ticket, peer_keys) = match body {
             ReplyBody::Sharers {
                 meta,
                 peers,
                 ticket,
-            } if meta.name == saved.name => (meta, peers, ticket),
+                peer_keys,
+            } if meta.name == saved.name => (meta, peers, ticket, peer_keys),
             ReplyBody::Refused { message, .. } => {
                 return self.fail(format!("{what} cannot continue: {message}"))
             }
@@ -1434,6 +1454,7 @@ impl ClientCore {
                 ))
             }
         };
+        let peer_keys: Vec<(SocketAddr, [u8; 32])> = peers.iter().copied().zip(peer_keys).collect();
         let peers: Vec<SocketAddr> = peers.into_iter().filter(|a| *a != self.peer_addr).collect();
         if peers.is_empty() {
             // Nobody to fetch from now: it waits for the user's next login here.
@@ -1463,6 +1484,7 @@ impl ClientCore {
             self.out.push_back(Output::Ticket {
                 download: id,
                 ticket: *ticket,
+                peer_keys,
             });
         }
         self.out.push_back(Output::StartDownload {
@@ -1522,7 +1544,7 @@ impl ClientCore {
                 self.listing = None;
                 self.fail(message)
             }
-            ReplyBody::Part { next, items } => self.on_part(cmd, request, deadline, next, *items),
+            ReplyBody::Part { next, items } => self.on_part(cmd, *request, deadline, next, *items),
             body => self.report(cmd, body),
         }
     }
@@ -1584,7 +1606,7 @@ impl ClientCore {
             },
         };
         self.pending = Some(Pending::Awaiting {
-            request: request.clone(),
+            request: Box::new(request.clone()),
             cmd,
             deadline,
         });
@@ -1597,6 +1619,7 @@ impl ClientCore {
             meta,
             peers,
             ticket,
+            peer_keys,
         } = body
         else {
             return self.fail(format!("unexpected answer from the tracker: {body:?}"));
@@ -1607,6 +1630,7 @@ impl ClientCore {
         if meta.name != name {
             return self.fail(format!("the tracker answered about {} instead", meta.name));
         }
+        let peer_keys: Vec<(SocketAddr, [u8; 32])> = peers.iter().copied().zip(peer_keys).collect();
         let peers: Vec<SocketAddr> = peers.into_iter().filter(|a| *a != self.peer_addr).collect();
         if peers.is_empty() {
             return self.fail(format!("no sharer of {name} is online in group {group}"));
@@ -1633,6 +1657,7 @@ impl ClientCore {
             self.out.push_back(Output::Ticket {
                 download: id,
                 ticket: *ticket,
+                peer_keys,
             });
         }
         self.out.push_back(Output::StartDownload {

@@ -326,6 +326,7 @@ fn login_carries_the_peer_addr_and_opens_the_session() {
             password: pw("s3cret"),
             peer_addr: peer_addr(),
             shares: Vec::new(),
+            client_key: [0; 32],
         }
     );
     assert_eq!(h.core.logged_in_user(), None, "not before the reply");
@@ -1222,6 +1223,7 @@ fn started_download(h: &mut Harness, dir: &std::path::Path) -> DownloadId {
             meta,
             peers: vec![peer],
             ticket: None,
+            peer_keys: Vec::new(),
         },
     );
     let [Output::StartDownload { id, .. }] = outs.as_slice() else {
@@ -1670,6 +1672,7 @@ fn an_interrupted_download_is_remembered_and_continues_at_the_next_login() {
             meta: meta.clone(),
             peers: vec![peer],
             ticket: None,
+            peer_keys: Vec::new(),
         },
     });
     let id = match h.drain().as_slice() {
@@ -1727,6 +1730,7 @@ fn a_remembered_download_with_nobody_online_waits_for_the_next_login() {
             },
             peers: vec![],
             ticket: None,
+            peer_keys: vec![],
         },
     });
     match h.drain().as_slice() {
@@ -1895,6 +1899,7 @@ fn a_remembered_download_whose_target_exists_is_checked_not_fetched() {
                 meta: meta.clone(),
                 peers: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 7000))],
                 ticket: None,
+                peer_keys: vec![[0; 32]],
             },
         });
         let outs = h.drain();

@@ -32,6 +32,8 @@ mod fetch;
 mod serve;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::net::peer_secure::SealedDownloaderStream;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -40,6 +42,7 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 
 use super::download::engine::{Limits, Progress};
+use super::identity::ClientIdentity;
 use super::outcome::Completed;
 use super::session::{ClientCore, DownloadError, DownloadId};
 use super::slots::{SlotLimits, UploadSlots};
@@ -110,8 +113,16 @@ pub struct Transfers {
     tickets: BTreeMap<DownloadId, Ticket>,
     /// Downloads whose ticket renewal was asked for and has not come yet.
     renewing: BTreeSet<DownloadId>,
+    /// Each running download's sharers' identity keys, as the tracker named them (at most
+    /// [`MAX_PEER_KEYS`] per download; the newest answer replaces the last).
+    peer_keys: BTreeMap<DownloadId, BTreeMap<SocketAddr, [u8; 32]>>,
     /// The service key tickets must be signed with: the one this client's tracker proved.
     service_key: Option<PublicKey>,
+    /// This client's identity key, which its peer links prove.
+    identity: Option<ClientIdentity>,
+    /// Peer links in the plain protocol: only for the benchmark's comparison (see
+    /// [`Transfers::with_plaintext_peer_links`]).
+    plaintext: bool,
     /// An instant and the Unix time at it: tickets' expiries are Unix times, and `now` is an
     /// `Instant`, so that tests can move it.
     clock: (Instant, Duration),
@@ -120,6 +131,14 @@ pub struct Transfers {
     /// Set while grants are being performed (a flush inside must not start another round).
     granting: bool,
 }
+
+/// Most sharer keys kept per download (a tracker answer lists at most this many sharers that
+/// are kept; the download remembers as many addresses).
+pub const MAX_PEER_KEYS: usize = 4096;
+
+/// The environment variable that makes `client_program` speak the plain peer protocol (the
+/// benchmark's comparison and tests only).
+pub const PLAINTEXT_PEER_LINKS_ENV: &str = "P2PSHARE_BENCH_PLAINTEXT_PEER_LINKS";
 
 /// A download asks for a new ticket when less than this is left of its current one.
 const TICKET_RENEW_MARGIN_SECS: u64 = crate::tracker::tickets::TICKET_LIFE_SECS / 2;
@@ -180,7 +199,10 @@ impl Transfers {
             next_idle_check: None,
             tickets: BTreeMap::new(),
             renewing: BTreeSet::new(),
+            peer_keys: BTreeMap::new(),
             service_key: None,
+            identity: None,
+            plaintext: false,
             clock: (
                 Instant::now(),
                 std::time::SystemTime::now()
@@ -209,19 +231,34 @@ impl Transfers {
         base + Duration::from_secs(secs).saturating_sub(unix)
     }
 
-    /// A new ticket for `download`: kept for its new links and sent on its open ones now.
-    pub fn set_ticket(&mut self, registry: &Registry, download: DownloadId, ticket: Ticket) {
+    /// A new ticket for `download`: kept for its new links and sent on its open ones now;
+    /// with the identity keys of the sharers the tracker named with it.
+    pub fn set_ticket(
+        &mut self,
+        registry: &Registry,
+        download: DownloadId,
+        ticket: Ticket,
+        peer_keys: Vec<(SocketAddr, [u8; 32])>,
+    ) {
         self.renewing.remove(&download);
-        let mut frame = Vec::new();
-        DownloaderMsg::Ticket(Box::new(ticket.clone())).emit(&mut frame);
+        let keys: BTreeMap<SocketAddr, [u8; 32]> =
+            peer_keys.into_iter().take(MAX_PEER_KEYS).collect();
+        self.peer_keys.insert(download, keys);
+        let msg = DownloaderMsg::Ticket(Box::new(ticket.clone()));
         let mut links = Vec::new();
+        let mut broken = Vec::new();
         for conn in self.conns.iter_mut() {
             if matches!(&conn.data, PeerConn::Fetch(link) if link.download == download) {
-                conn.out().extend_from_slice(&frame);
-                links.push(conn.id);
+                match fetch::send_on_fetch(conn, &msg) {
+                    Ok(()) => links.push(conn.id),
+                    Err(e) => broken.push((conn.id, e.to_string())),
+                }
             }
         }
         self.tickets.insert(download, ticket);
+        for (id, reason) in broken {
+            self.lose(registry, id, &reason);
+        }
         for id in links {
             self.flush_conn(registry, id);
         }
@@ -241,6 +278,7 @@ impl Transfers {
     fn renew_tickets(&mut self, now: Instant) {
         let downloads = &self.downloads;
         self.tickets.retain(|id, _| downloads.contains_key(id));
+        self.peer_keys.retain(|id, _| downloads.contains_key(id));
         self.renewing.retain(|id| downloads.contains_key(id));
         let unix = self.unix_at(now);
         let due: Vec<DownloadId> = self
@@ -258,6 +296,23 @@ impl Transfers {
             self.events
                 .push_back(TransferEvent::QuerySharers { download });
         }
+    }
+
+    /// Peer links prove this identity (the key registered with the tracker at login).
+    pub fn with_identity(mut self, identity: ClientIdentity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Peer links in the plain, unencrypted protocol, as before they were secured: for the
+    /// throughput benchmark's comparison and the tests that play a peer in the plain
+    /// protocol, never a user option (`client_program` takes it only from the environment
+    /// variable [`PLAINTEXT_PEER_LINKS_ENV`], and says so at `warn`). A plain client and a
+    /// secure one cannot link: the secure preamble is no plain frame, and a plain frame no
+    /// preamble.
+    pub fn with_plaintext_peer_links(mut self) -> Self {
+        self.plaintext = true;
+        self
     }
 
     /// Uses these caps from now on.
@@ -371,7 +426,7 @@ impl Transfers {
             .filter_map(|c| match &c.data {
                 PeerConn::Serve(link) => {
                     let expired = link.ticket_expires.is_some_and(|t| unix >= t);
-                    let silent = c.pending_write() == 0
+                    let silent = c.pending_write() + link.unsealed() == 0
                         && now.saturating_duration_since(link.last_heard) >= idle;
                     (expired || silent).then_some((c.id, link.addr, expired))
                 }
@@ -411,6 +466,21 @@ impl Transfers {
             );
             return;
         }
+        let secure = if self.plaintext {
+            None
+        } else {
+            let Some(identity) = &self.identity else {
+                warn!("peer {addr}: this client has no identity key to serve with; closed");
+                return;
+            };
+            Some(Box::new(serve::ServeSecure {
+                stream: SealedDownloaderStream::new(identity.private(), MAX_DOWNLOADER_FRAME),
+                sealer: None,
+                peer_key: None,
+                blocks: VecDeque::new(),
+                queued: 0,
+            }))
+        };
         let _ = stream.set_nodelay(true);
         let now = Instant::now();
         if self.next_idle_check.is_none() {
@@ -428,6 +498,7 @@ impl Transfers {
                 last_heard: now,
                 ticket: None,
                 ticket_expires: None,
+                secure,
             }),
         ) {
             Ok(id) => self
@@ -503,11 +574,29 @@ impl Transfers {
                 return;
             }
         }
-        let result = conn.flush(registry);
+        let result = loop {
+            // Granted blocks are sealed into the send buffer as it drains (secure links).
+            if let Err(e) = serve::seal_blocks(conn) {
+                break Err(std::io::Error::other(e.to_string()));
+            }
+            if let Err(e) = conn.flush(registry) {
+                break Err(e);
+            }
+            let more = matches!(&conn.data, PeerConn::Serve(s) if s.unsealed() > 0);
+            // The socket took everything sealed: seal more. Otherwise it is full (it will
+            // say when it is writable again) or nothing is left.
+            if !(more && conn.pending_write() == 0) {
+                break Ok(());
+            }
+        };
+        let unsealed = match &conn.data {
+            PeerConn::Serve(s) => s.unsealed(),
+            PeerConn::Fetch(_) => 0,
+        };
         let done_closing = matches!(&conn.data, PeerConn::Serve(s) if s.core.is_refused())
             && conn.pending_write() == 0;
         let drained = matches!(&conn.data, PeerConn::Serve(s) if s.core.is_serving())
-            && conn.pending_write() == 0;
+            && conn.pending_write() + unsealed == 0;
         if let Err(e) = result {
             self.lose(registry, id, &format!("write failed: {e}"));
         } else if done_closing {

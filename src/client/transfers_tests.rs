@@ -35,7 +35,11 @@ impl Harness {
             poll,
             hasher,
             listener: TcpListener::bind("127.0.0.1:0").unwrap(),
-            transfers: Transfers::default().with_caps(caps()),
+            // The caps and timers are the same for secure links; these tests speak plain
+            // frames to the served links.
+            transfers: Transfers::default()
+                .with_caps(caps())
+                .with_plaintext_peer_links(),
         }
     }
 
@@ -177,7 +181,7 @@ fn a_running_download_renews_its_ticket_at_half_life() {
     let unix = h.transfers.unix_at(now);
     let life = crate::tracker::tickets::TICKET_LIFE_SECS;
     h.transfers
-        .set_ticket(h.poll.registry(), id, ticket(unix + life));
+        .set_ticket(h.poll.registry(), id, ticket(unix + life), Vec::new());
     // Before half-life: nothing asked; the renewal time is among the deadlines.
     h.transfers.on_tick(
         h.poll.registry(),
@@ -200,8 +204,12 @@ fn a_running_download_renews_its_ticket_at_half_life() {
         "asked again while waiting"
     );
     // The new ticket arrives: the next renewal is half its life later.
-    h.transfers
-        .set_ticket(h.poll.registry(), id, ticket(unix + life / 2 + 1 + life));
+    h.transfers.set_ticket(
+        h.poll.registry(),
+        id,
+        ticket(unix + life / 2 + 1 + life),
+        Vec::new(),
+    );
     h.transfers
         .on_tick(h.poll.registry(), &h.hasher, half + Duration::from_secs(2));
     assert!(!asked(&mut h));

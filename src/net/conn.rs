@@ -178,6 +178,12 @@ impl<T> Conn<T> {
         &mut self.wbuf
     }
 
+    /// The socket, the owner's data and the send buffer at once (a link whose data holds its
+    /// record layer seals into the buffer).
+    pub fn parts(&mut self) -> (&mut TcpStream, &mut T, &mut Vec<u8>) {
+        (&mut self.stream, &mut self.data, &mut self.wbuf)
+    }
+
     /// Queues `data` to be sent after everything queued so far, straight from its memory.
     pub fn queue_mapped(&mut self, data: Box<dyn MappedSlice>) {
         let len = data.bytes().len();

@@ -8,6 +8,7 @@
 //! and ask for `WRITABLE` only while bytes are pending.
 
 pub mod conn;
+pub mod peer_secure;
 pub mod secure;
 pub mod wake;
 

@@ -187,6 +187,7 @@ enum Waiting {
         user: UserId,
         peer_addr: SocketAddr,
         shares: Vec<(GroupId, FileName)>,
+        client_key: [u8; 32],
     },
     /// The change is being replicated.
     Commit {
@@ -1124,9 +1125,10 @@ impl TrackerCore {
                     user,
                     peer_addr,
                     shares,
+                    client_key,
                 },
                 PasswordResult::Verified(true),
-            ) => return self.open_session(conn, req_id, user, peer_addr, shares),
+            ) => return self.open_session(conn, req_id, user, peer_addr, shares, client_key),
             (Waiting::Login { req_id, .. }, PasswordResult::Verified(false)) => (
                 req_id,
                 Reject::new(RejectCode::WrongPassword, "wrong password"),
@@ -1270,6 +1272,7 @@ impl TrackerCore {
         user: UserId,
         peer_addr: SocketAddr,
         shares: Vec<(GroupId, FileName)>,
+        client_key: [u8; 32],
     ) {
         let Some(client) = self.links.get(&conn).and_then(Link::client) else {
             return;
@@ -1284,6 +1287,7 @@ impl TrackerCore {
             client,
             token,
             shares: Some(shares),
+            client_key,
         };
         self.propose(conn, req_id, op, SessionEffect::Open(proof));
     }
@@ -1388,6 +1392,7 @@ impl TrackerCore {
                 password,
                 peer_addr,
                 shares,
+                client_key,
             } => {
                 if self.session_of(conn).is_ok() {
                     return Err(Reject::new(
@@ -1434,6 +1439,7 @@ impl TrackerCore {
                         user,
                         peer_addr,
                         shares,
+                        client_key,
                     },
                     PasswordJob::Verify {
                         password,
@@ -1525,19 +1531,22 @@ impl TrackerCore {
             }
             RequestBody::FileSharers { group, name } => {
                 let session = self.session_of(conn)?;
-                let (meta, peers) = state.file_sharers(session, &group, &name)?;
-                let ticket = match &self.tickets {
-                    Some(issuer) => Some(Box::new(issuer.issue(
+                let (meta, sharers) = state.file_sharers_with_keys(session, &group, &name)?;
+                let ticket = match (&self.tickets, state.session(session)) {
+                    (Some(issuer), Some(asker)) => Some(Box::new(issuer.issue(
                         &group,
                         meta.file_sha1,
-                        state.user_of(session)?,
+                        &asker.user,
+                        asker.client_key,
                     ))),
-                    None => None,
+                    _ => None,
                 };
+                let (peers, peer_keys) = sharers.into_iter().unzip();
                 return Ok(Handled::Reply(ReplyBody::Sharers {
                     meta,
                     peers,
                     ticket,
+                    peer_keys,
                 }));
             }
             RequestBody::CreateGroup { group } => {

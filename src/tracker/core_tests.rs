@@ -176,6 +176,7 @@ impl Harness {
                 password: pw(password),
                 peer_addr: addr(port),
                 shares: Vec::new(),
+                client_key: [0; 32],
             },
         )
     }
@@ -1068,6 +1069,7 @@ fn a_login_names_its_shares_and_ends_what_the_client_lost() {
         password: pw("pa"),
         peer_addr: addr(5000),
         shares: vec![(g.clone(), fname("kept"))],
+        client_key: [0; 32],
     };
     assert_logged_in(&h.ask(b, login));
     let open = h.core.state().sessions().count();
@@ -1096,6 +1098,7 @@ fn wrong_login(req_id: u64, user: &str) -> ClientMsg {
             password: pw("guess"),
             peer_addr: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 9)),
             shares: Vec::new(),
+            client_key: [0; 32],
         },
     )
 }
@@ -1200,6 +1203,7 @@ fn a_fresh_login_is_not_delayed_by_a_wrong_password_flood() {
                 password: pw("right"),
                 peer_addr: addr(5000),
                 shares: Vec::new(),
+                client_key: [0; 32],
             },
         )),
         h.now,
@@ -1514,6 +1518,7 @@ fn login_req(req_id: u64, user: &str, password: &str) -> ClientMsg {
             password: pw(password),
             peer_addr: addr(5000),
             shares: Vec::new(),
+            client_key: [0; 32],
         },
     )
 }
@@ -1743,6 +1748,7 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
                 password: pw("pw"),
                 peer_addr: foreign,
                 shares: Vec::new(),
+                client_key: [0; 32],
             },
         );
         if allow {
@@ -1767,6 +1773,7 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
                 password: pw("pw"),
                 peer_addr: own,
                 shares: Vec::new(),
+                client_key: [0; 32],
             },
         ));
     }

@@ -1786,6 +1786,7 @@ impl Cluster {
                 password,
                 peer_addr,
                 shares: Vec::new(),
+                client_key: [0; 32],
             },
         );
         assert!(matches!(reply, ReplyBody::LoggedIn { .. }), "{reply:?}");
@@ -1820,6 +1821,7 @@ impl Cluster {
                     password,
                     peer_addr,
                     shares,
+                    client_key: [0; 32],
                 },
                 Expect::LoggedIn,
             );
@@ -2683,6 +2685,7 @@ fn a_request_retried_on_the_same_tracker_is_answered() {
         password,
         peer_addr,
         shares: Vec::new(),
+        client_key: [0; 32],
     };
     let req_id = cl.issue(c, login, Expect::Manual);
     cl.run_for(50);
@@ -2808,6 +2811,7 @@ fn a_link_whose_session_ended_elsewhere_may_log_in_again() {
         password,
         peer_addr,
         shares: Vec::new(),
+        client_key: [0; 32],
     };
     // The login goes out on a link that is cut before tracker 2 reads it; the client logs in
     // through tracker 1; tracker 2 handles the old login (and then the close) only later.

@@ -37,6 +37,9 @@ pub struct Session {
     pub client: u64,
     /// Secret the client may present to resume the session on another tracker.
     pub token: [u8; 16],
+    /// The client's identity key (X25519 public): downloaders get it with `peer_addr`, and
+    /// tickets name it.
+    pub client_key: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +72,9 @@ pub struct Sharer {
     pub user: UserId,
     pub peer_addr: SocketAddr,
 }
+
+/// An online sharer's peer address and the identity key its client registered at login.
+pub type KeyedSharer = (SocketAddr, [u8; 32]);
 
 /// What applying an op answered.
 pub type Answer = Result<Outcome, Reject>;
@@ -207,6 +213,7 @@ impl TrackerState {
                 client,
                 token,
                 shares,
+                client_key,
             } => {
                 // The same client process logging the same user in again replaces its own
                 // session (closed just below): it was told it is not logged in (its session
@@ -230,6 +237,7 @@ impl TrackerState {
                         tracker: *tracker,
                         client: *client,
                         token: *token,
+                        client_key: *client_key,
                     },
                 );
                 self.session_of_user.insert(user.clone(), id);
@@ -827,6 +835,18 @@ impl TrackerState {
         group: &GroupId,
         name: &FileName,
     ) -> Result<(FileMeta, Vec<SocketAddr>), Reject> {
+        let (meta, peers) = self.file_sharers_with_keys(session, group, name)?;
+        Ok((meta, peers.into_iter().map(|(addr, _)| addr).collect()))
+    }
+
+    /// [`file_sharers`](Self::file_sharers) with each sharer's identity key (the one its
+    /// client registered at login), in address order.
+    pub fn file_sharers_with_keys(
+        &self,
+        session: SessionId,
+        group: &GroupId,
+        name: &FileName,
+    ) -> Result<(FileMeta, Vec<KeyedSharer>), Reject> {
         let user = self.user_of(session)?;
         let g = self.groups.get(group).ok_or_else(|| no_such_group(group))?;
         if !g.is_member(user) {
@@ -838,14 +858,20 @@ impl TrackerState {
                 format!("no file '{name}' in group '{group}'"),
             )
         })?;
-        let mut peers: Vec<SocketAddr> = file
+        let mut peers: Vec<KeyedSharer> = file
             .sharers
             .iter()
-            .filter(|s| self.is_online(s))
-            .map(|s| s.peer_addr)
+            .filter_map(|s| {
+                let session = self
+                    .session_of_user
+                    .get(&s.user)
+                    .and_then(|id| self.sessions.get(id))
+                    .filter(|session| session.peer_addr == s.peer_addr)?;
+                Some((s.peer_addr, session.client_key))
+            })
             .collect();
         peers.sort_unstable();
-        peers.dedup();
+        peers.dedup_by_key(|(addr, _)| *addr);
         Ok((file.meta.clone(), peers))
     }
 

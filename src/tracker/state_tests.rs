@@ -73,6 +73,7 @@ mod op {
             }),
             token: [port.to_be_bytes()[1]; 16],
             shares: None,
+            client_key: [port.to_be_bytes()[1] ^ 0x5a; 32],
         }
     }
 
@@ -340,6 +341,7 @@ fn open_session_records_the_client() {
         client: 99,
         token: [9; 16],
         shares: None,
+        client_key: [0x99; 32],
     };
     let Outcome::SessionOpened(s) = ok(&mut st, open) else {
         panic!("no session id");
@@ -353,6 +355,7 @@ fn open_session_records_the_client() {
         },
         client: 99,
         token: [9; 16],
+        client_key: [0x99; 32],
     };
     assert_eq!(st.session(s), Some(&expected));
     assert_eq!(st.user_of(s), Ok(&uid("alice")));
@@ -1758,6 +1761,19 @@ fn file_sharers_lists_online_sharers_for_members_only() {
     let (got, peers) = st.file_sharers(s[2], &gid("g"), &fname("f")).unwrap();
     assert_eq!(got, m);
     assert_eq!(peers.len(), 2);
+    // Each sharer comes with the identity key its client registered at login.
+    let (_, with_keys) = st
+        .file_sharers_with_keys(s[2], &gid("g"), &fname("f"))
+        .unwrap();
+    let want: Vec<_> = [s[0], s[1]]
+        .iter()
+        .map(|id| {
+            let session = st.session(*id).unwrap();
+            (session.peer_addr, session.client_key)
+        })
+        .collect();
+    assert_eq!(with_keys, want);
+    assert_ne!(want[0].1, want[1].1);
     done(&mut st, op::close(s[1]));
     let (_, peers) = st.file_sharers(s[2], &gid("g"), &fname("f")).unwrap();
     assert_eq!(peers.len(), 1, "a logged-out sharer is not handed out");

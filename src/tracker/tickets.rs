@@ -51,15 +51,22 @@ impl TicketIssuer {
         self.unix_now = secs;
     }
 
-    /// The ticket of `user` for the content `file_sha1` of `group`. The client key is zero:
-    /// clients have no identity key yet.
-    pub fn issue(&self, group: &GroupId, file_sha1: Sha1Digest, user: &UserId) -> Ticket {
+    /// The ticket of `user`, on the client whose identity key is `client_key`, for the
+    /// content `file_sha1` of `group`. Sharers serve it only over a peer link whose
+    /// downloader proved that key.
+    pub fn issue(
+        &self,
+        group: &GroupId,
+        file_sha1: Sha1Digest,
+        user: &UserId,
+        client_key: [u8; 32],
+    ) -> Ticket {
         self.key.sign_ticket(TicketBody {
             expires: self.unix_now.saturating_add(self.life_secs),
             file_sha1,
             group: group.clone(),
             user: user.clone(),
-            client_key: [0; 32],
+            client_key,
         })
     }
 }

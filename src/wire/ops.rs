@@ -41,6 +41,8 @@ pub enum Op {
         client: u64,
         token: [u8; 16],
         shares: Option<Vec<(GroupId, FileName)>>,
+        /// The client's identity key (X25519 public), handed to downloaders with its address.
+        client_key: [u8; 32],
     },
     /// Moves the session holding `token` to `tracker` and `client` (a failover).
     ResumeSession {

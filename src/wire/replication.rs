@@ -170,7 +170,7 @@ mod kind {
     pub const SHARE_FILE: u8 = 12;
     pub const STOP_SHARE: u8 = 13;
     pub const SYNC_SHARES: u8 = 14;
-    pub const OPEN_SESSION_WITH_SHARES: u8 = 15;
+    pub const OPEN_SESSION_V2: u8 = 15;
 }
 
 /// `TakeoverAck` catchup kinds.
@@ -210,8 +210,8 @@ pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
 ///
 /// - `1` CreateUser: `str user | str pw_hash` (at most [`MAX_PW_HASH_LEN`] bytes; a longer
 ///   hash would not parse)
-/// - `2` OpenSession (no `shares`: logged by an earlier build): `str user | addr peer_addr |
-///   tracker_ref | u64 client | token`
+/// - `2` OpenSession (logged by an earlier build: no shares, no client key): `str user | addr
+///   peer_addr | tracker_ref | u64 client | token`
 /// - `3` ResumeSession: `token | tracker_ref | u64 client`
 /// - `4` CloseSession: `u64 session | tracker_ref`
 /// - `5` ClientGone: `u64 client | tracker_ref`
@@ -224,7 +224,10 @@ pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
 /// - `12` ShareFile: `u64 session | str group | file_meta`
 /// - `13` StopShare: `u64 session | str group | str name`
 /// - `14` SyncShares (earlier builds): `u64 session | u32 n | (str group | str name) * n`
-/// - `15` OpenSession with `shares`: the fields of `2`, then `u32 n | (str group | str name) * n`
+/// - `15` OpenSession: the fields of `2`, then `bool has_shares | (u32 n | (str group | str
+///   name) * n)? | [32] client_key` (the shares the client holds, which the login
+///   reconciles, and its X25519 identity key); an op that kind `2` can say (no shares, a
+///   zero key) is written as kind `2`, and refused as kind `15`
 ///
 /// Any other kind is [`DecodeError::BadValue`].
 pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -241,21 +244,30 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             client,
             token,
             shares,
+            client_key,
         } => {
-            put_u8(
-                out,
-                match shares {
-                    Some(_) => kind::OPEN_SESSION_WITH_SHARES,
-                    None => kind::OPEN_SESSION,
-                },
-            );
+            // An earlier build's entry (no shares, no key) keeps its kind: read back and
+            // written again, the bytes are the same.
+            let kind_byte = if shares.is_none() && *client_key == [0; 32] {
+                kind::OPEN_SESSION
+            } else {
+                kind::OPEN_SESSION_V2
+            };
+            put_u8(out, kind_byte);
             put_str16(out, user.as_str());
             put_socket_addr(out, peer_addr);
             put_tracker_ref(out, tracker);
             put_u64(out, *client);
             out.extend_from_slice(token);
-            if let Some(shares) = shares {
-                put_share_list(out, shares);
+            if kind_byte == kind::OPEN_SESSION_V2 {
+                match shares {
+                    Some(shares) => {
+                        put_bool(out, true);
+                        put_share_list(out, shares);
+                    }
+                    None => put_bool(out, false),
+                }
+                out.extend_from_slice(client_key);
             }
         }
         Op::ResumeSession {
@@ -352,18 +364,32 @@ pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             user: user_id(r)?,
             pw_hash: pw_hash(r)?,
         },
-        k @ (kind::OPEN_SESSION | kind::OPEN_SESSION_WITH_SHARES) => Op::OpenSession {
-            user: user_id(r)?,
-            peer_addr: r.socket_addr()?,
-            tracker: tracker_ref(r)?,
-            client: r.u64()?,
-            token: r.array()?,
-            shares: if k == kind::OPEN_SESSION_WITH_SHARES {
-                Some(share_list(r)?)
-            } else {
-                None
-            },
-        },
+        k @ (kind::OPEN_SESSION | kind::OPEN_SESSION_V2) => {
+            let op = Op::OpenSession {
+                user: user_id(r)?,
+                peer_addr: r.socket_addr()?,
+                tracker: tracker_ref(r)?,
+                client: r.u64()?,
+                token: r.array()?,
+                shares: if k == kind::OPEN_SESSION_V2 && r.bool()? {
+                    Some(share_list(r)?)
+                } else {
+                    None
+                },
+                client_key: if k == kind::OPEN_SESSION_V2 {
+                    r.array()?
+                } else {
+                    [0; 32]
+                },
+            };
+            // What kind 2 says is written as kind 2 (one encoding per op).
+            if k == kind::OPEN_SESSION_V2
+                && matches!(&op, Op::OpenSession { shares: None, client_key, .. } if *client_key == [0; 32])
+            {
+                return Err(DecodeError::BadValue("open session of an earlier kind"));
+            }
+            op
+        }
         kind::RESUME_SESSION => Op::ResumeSession {
             token: r.array()?,
             tracker: tracker_ref(r)?,

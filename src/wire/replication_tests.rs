@@ -145,6 +145,7 @@ fn sample_ops() -> Vec<Op> {
             client: 42,
             token: [0x11; 16],
             shares: None,
+            client_key: [0; 32],
         },
         Op::OpenSession {
             user: uid("carol"),
@@ -153,6 +154,7 @@ fn sample_ops() -> Vec<Op> {
             client: u64::MAX,
             token: *b"0123456789abcdef",
             shares: None,
+            client_key: [0; 32],
         },
         Op::ResumeSession {
             token: [0xfe; 16],
@@ -430,6 +432,7 @@ fn rand_op(rng: &mut Rng) -> Op {
             client: rng.next_u64(),
             token: rand_token(rng),
             shares: None,
+            client_key: [0; 32],
         },
         2 => Op::ResumeSession {
             token: rand_token(rng),
@@ -798,10 +801,35 @@ fn golden_ops() {
         tracker: tref(1, 2),
         client: 3,
         token: [7; 16],
-        shares: None,
+        shares: Some(vec![(gid("g"), fname("f"))]),
+        client_key: [0x3c; 32],
     };
     assert_eq!(
         op_bytes(&open),
+        cat(&[
+            &[15],
+            &[0, 1, b'u'],
+            &[4, 10, 0, 0, 1, 0, 80],
+            &[0, 1, 0, 0, 0, 0, 0, 0, 0, 2],
+            &[0, 0, 0, 0, 0, 0, 0, 3],
+            &[7; 16],
+            &[1, 0, 0, 0, 1, 0, 1, b'g', 0, 1, b'f'], // has shares, one: (g, f)
+            &[0x3c; 32],
+        ])
+    );
+    // An earlier build's entry (no shares, no key) keeps kind 2, without the two fields.
+    let legacy = Op::OpenSession {
+        user: uid("u"),
+        peer_addr: "10.0.0.1:80".parse().unwrap(),
+        tracker: tref(1, 2),
+        client: 3,
+        token: [7; 16],
+        shares: None,
+        client_key: [0; 32],
+    };
+    let bytes = op_bytes(&legacy);
+    assert_eq!(
+        bytes,
         cat(&[
             &[2],
             &[0, 1, b'u'],
@@ -811,6 +839,11 @@ fn golden_ops() {
             &[7; 16],
         ])
     );
+    // The same op spelled as kind 15 is refused: one encoding per op.
+    let mut as_15 = cat(&[&[15], &bytes[1..], &[0], &[0; 32]]);
+    assert!(decode_op(&mut Reader::new(&as_15)).is_err());
+    as_15[0] = 2;
+    assert!(decode_op(&mut Reader::new(&as_15[..bytes.len()])).is_ok());
     let resume = Op::ResumeSession {
         token: [9; 16],
         tracker: tref(0x0102, 3),

@@ -60,15 +60,19 @@ pub enum RequestBody {
     Ping,
     /// `0x11`: `str user | bytes password`.
     CreateUser { user: UserId, password: Password },
-    /// `0x12`: `str user | bytes password | addr peer_addr | u32 n | (str group | str name) * n`:
-    /// the shares this client holds for the user now (the files it serves). The session opens
-    /// and the user's other shares at `peer_addr` end in one change, so no downloader is sent
-    /// here for a file this client no longer holds.
+    /// `0x12`: `str user | bytes password | addr peer_addr | u32 n | (str group | str name) * n
+    /// | [32] client_key`: the shares this client holds for the user now (the files it
+    /// serves; the session opens and the user's other shares at `peer_addr` end in one change,
+    /// so no downloader is sent here for a file this client no longer holds), and its identity
+    /// key.
     Login {
         user: UserId,
         password: Password,
         peer_addr: SocketAddr,
         shares: Vec<(GroupId, FileName)>,
+        /// The client's identity key (X25519 public): the tracker hands it to downloaders
+        /// with `peer_addr` and names it in this user's tickets.
+        client_key: [u8; 32],
     },
     /// `0x13`: no fields.
     Logout,
@@ -220,13 +224,15 @@ pub enum ReplyBody {
     Files(Vec<FileInfo>),
     /// `0x97`: `u8 new_file` (1 if the upload created the file, 0 if it added a sharer).
     Shared { new_file: bool },
-    /// `0x98`: `file_meta | u32 n | addr * n | u8 has_ticket | ticket?`: a file, the peer
-    /// addresses of its online sharers, and the asking member's ticket for it (sharers serve
-    /// only with one).
+    /// `0x98`: `file_meta | u32 n | addr * n | u8 has_ticket | ticket? | u32 n | [32] key *
+    /// n`: a file, the peer addresses of its online sharers, the asking member's ticket for it
+    /// (sharers serve only with one), and each sharer's identity key, in the order of `peers`
+    /// (both counts equal).
     Sharers {
         meta: FileMeta,
         peers: Vec<SocketAddr>,
         ticket: Option<Box<Ticket>>,
+        peer_keys: Vec<[u8; 32]>,
     },
     /// `0x99`: `u32 next | u8 type | body`: one part of a listing ([`RequestBody::ListPart`]):
     /// `items` is a `Groups`, `Users` or `Files` (its type byte and body as above), and
@@ -424,6 +430,7 @@ impl ClientMsg {
                     password: password(&mut r)?,
                     peer_addr: r.socket_addr()?,
                     shares: share_list(&mut r)?,
+                    client_key: r.array()?,
                 },
                 ty::LOGOUT => RequestBody::Logout,
                 ty::CREATE_GROUP => RequestBody::CreateGroup {
@@ -550,11 +557,13 @@ impl Request {
                 password,
                 peer_addr,
                 shares,
+                client_key,
             } => {
                 put_str16(out, user.as_str());
                 put_bytes16(out, password.as_bytes());
                 put_socket_addr(out, peer_addr);
                 put_share_list(out, shares);
+                out.extend_from_slice(client_key);
             }
             RequestBody::CreateGroup { group }
             | RequestBody::JoinGroup { group }
@@ -701,10 +710,19 @@ fn parse_reply_body(frame_type: u8, r: &mut Reader<'_>) -> Result<ReplyBody, Dec
                 true => Some(Box::new(Ticket::read(r)?)),
                 false => None,
             };
+            let m = r.count(32)?;
+            if m != peers.len() {
+                return Err(DecodeError::BadValue("sharer key count"));
+            }
+            let mut peer_keys = Vec::with_capacity(m);
+            for _ in 0..m {
+                peer_keys.push(r.array()?);
+            }
             ReplyBody::Sharers {
                 meta,
                 peers,
                 ticket,
+                peer_keys,
             }
         }
         ty::PART => {
@@ -798,6 +816,7 @@ fn emit_reply_body(body: &ReplyBody, out: &mut Vec<u8>) {
             meta,
             peers,
             ticket,
+            peer_keys,
         } => {
             meta.emit(out);
             put_count(out, peers.len());
@@ -807,6 +826,10 @@ fn emit_reply_body(body: &ReplyBody, out: &mut Vec<u8>) {
             put_bool(out, ticket.is_some());
             if let Some(ticket) = ticket {
                 ticket.emit(out);
+            }
+            put_count(out, peer_keys.len());
+            for k in peer_keys {
+                out.extend_from_slice(k);
             }
         }
         ReplyBody::Part { next, items } => {
@@ -843,6 +866,7 @@ fn body_bound(body: &ReplyBody) -> usize {
             meta,
             peers,
             ticket,
+            ..
         } => {
             2 + meta.name.as_str().len()
                 + 8
@@ -854,6 +878,8 @@ fn body_bound(body: &ReplyBody) -> usize {
                 + ADDR * peers.len()
                 + 1
                 + ticket.as_ref().map_or(0, |_| MAX_TICKET_LEN)
+                + 4
+                + 32 * peers.len()
         }
     };
     body

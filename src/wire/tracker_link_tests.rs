@@ -8,7 +8,7 @@ use crate::wire::frame::{FrameBuffer, LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_
 use crate::wire::ids::{IdError, MAX_PASSWORD_LEN};
 use crate::wire::PIECE_LEN;
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------------
@@ -168,6 +168,7 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 password: pw(&[0]),
                 peer_addr: v4,
                 shares: Vec::new(),
+                client_key: [0; 32],
             },
         ),
         req(
@@ -177,6 +178,7 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 password: pw(b"pw"),
                 peer_addr: v6,
                 shares: Vec::new(),
+                client_key: [0; 32],
             },
         ),
         req(5, RequestBody::Logout),
@@ -265,6 +267,7 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 password: pw(b"p"),
                 peer_addr: "127.0.0.1:1".parse().unwrap(),
                 shares: vec![(gid("grp"), fname("my file.txt")), (gid("g"), fname("x"))],
+                client_key: [5; 32],
             },
         ),
         req(
@@ -308,6 +311,7 @@ fn sample_tracker_msgs() -> Vec<TrackerMsg> {
                     "[::1]:7002".parse().unwrap(),
                 ],
                 ticket: Some(Box::new(sample_ticket())),
+                peer_keys: vec![[1; 32], [2; 32]],
             },
         ),
         rep(
@@ -316,6 +320,7 @@ fn sample_tracker_msgs() -> Vec<TrackerMsg> {
                 meta: meta("empty", 0, PIECE_LEN, 0),
                 peers: vec![],
                 ticket: None,
+                peer_keys: Vec::new(),
             },
         ),
         TrackerMsg::Welcome {
@@ -525,6 +530,7 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
             shares: (0..rng.below(4))
                 .map(|_| (rand_group(rng), rand_name(rng)))
                 .collect(),
+            client_key: [0; 32],
         },
         4 => RequestBody::Logout,
         5 => RequestBody::CreateGroup {
@@ -644,11 +650,15 @@ fn rand_tracker(rng: &mut Rng) -> TrackerMsg {
         8 => ReplyBody::Shared {
             new_file: rng.chance(1, 2),
         },
-        9 => ReplyBody::Sharers {
-            meta: rand_meta(rng),
-            peers: (0..rng.below(4)).map(|_| rand_addr(rng)).collect(),
-            ticket: rng.chance(1, 2).then(|| Box::new(sample_ticket())),
-        },
+        9 => {
+            let peers: Vec<SocketAddr> = (0..rng.below(4)).map(|_| rand_addr(rng)).collect();
+            ReplyBody::Sharers {
+                meta: rand_meta(rng),
+                peer_keys: peers.iter().map(|_| [rng.below(256) as u8; 32]).collect(),
+                peers,
+                ticket: rng.chance(1, 2).then(|| Box::new(sample_ticket())),
+            }
+        }
         _ => loop {
             // A part holds a groups, users or files listing.
             if let TrackerMsg::Reply(Reply {
@@ -799,16 +809,18 @@ fn golden_login_ipv4() {
                 password: pw(b"pw"),
                 peer_addr: "127.0.0.1:8080".parse().unwrap(),
                 shares: Vec::new(),
+                client_key: [0xc1; 32],
             },
         ),
         &cat(&[
-            &[0, 0, 0, 28, 0x12],      // length, type
+            &[0, 0, 0, 60, 0x12],      // length, type
             &[0, 0, 0, 0, 0, 0, 0, 2], // req_id
             &[0, 2, b'a', b'l'],       // user
             &[0, 2, b'p', b'w'],       // password
             &[4, 127, 0, 0, 1],        // family, address
             &[0x1f, 0x90],             // port 8080
             &[0, 0, 0, 0],             // no shares
+            &[0xc1; 32],               // client key
         ]),
     );
 }
@@ -823,10 +835,11 @@ fn golden_login_ipv6() {
                 password: pw(b"pw"),
                 peer_addr: "[2001:db8::1]:443".parse().unwrap(),
                 shares: Vec::new(),
+                client_key: [0; 32],
             },
         ),
         &cat(&[
-            &[0, 0, 0, 40, 0x12],      // length, type
+            &[0, 0, 0, 72, 0x12],      // length, type
             &[0, 0, 0, 0, 0, 0, 0, 3], // req_id
             &[0, 2, b'a', b'l'],       // user
             &[0, 2, b'p', b'w'],       // password
@@ -834,6 +847,7 @@ fn golden_login_ipv6() {
             &[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
             &[0x01, 0xbb], // port 443
             &[0, 0, 0, 0], // no shares
+            &[0; 32],      // client key
         ]),
     );
 }
@@ -1020,10 +1034,11 @@ fn golden_login_with_shares() {
                 password: pw(b"pw"),
                 peer_addr: "127.0.0.1:8080".parse().unwrap(),
                 shares: vec![(gid("g"), fname("a b"))],
+                client_key: [0xc2; 32],
             },
         ),
         &cat(&[
-            &[0, 0, 0, 36, 0x12],      // length, type
+            &[0, 0, 0, 68, 0x12],      // length, type
             &[0, 0, 0, 0, 0, 0, 0, 7], // req_id
             &[0, 2, b'a', b'l'],       // user
             &[0, 2, b'p', b'w'],       // password
@@ -1032,6 +1047,7 @@ fn golden_login_with_shares() {
             &[0, 0, 0, 1],             // one share
             &[0, 1, b'g'],             // group
             &[0, 3, b'a', b' ', b'b'], // name
+            &[0xc2; 32],               // client key
         ]),
     );
 }
@@ -1419,6 +1435,7 @@ fn well_formed_builder_frames_parse() {
         .raw(&[1, 2, 3, 4])
         .u16(80)
         .u32(0)
+        .raw(&[0; 32])
         .0;
     assert!(ClientMsg::parse(&p).is_ok());
 }
@@ -1790,6 +1807,7 @@ fn address_family_must_be_4_or_6() {
             .raw(ip)
             .u16(80)
             .u32(0)
+            .raw(&[0; 32])
             .0
     };
     assert!(ClientMsg::parse(&login(4, &[1, 2, 3, 4])).is_ok());
@@ -2144,6 +2162,7 @@ fn golden_file_sharers_and_sharers() {
             meta: meta("f", 1, PIECE_LEN, 1),
             peers: vec!["10.0.0.1:80".parse().unwrap()],
             ticket: None,
+            peer_keys: vec![[0x5a; 32]],
         },
     );
     let mut want = vec![0x98];
@@ -2156,6 +2175,8 @@ fn golden_file_sharers_and_sharers() {
     want.extend_from_slice(&[0; 20]); // piece 0
     want.extend_from_slice(&[0, 0, 0, 1, 4, 10, 0, 0, 1, 0, 80]); // one IPv4 peer
     want.push(0); // no ticket
+    want.extend_from_slice(&[0, 0, 0, 1]); // one sharer key
+    want.extend_from_slice(&[0x5a; 32]);
     let mut framed = (want.len() as u32).to_be_bytes().to_vec();
     framed.extend_from_slice(&want);
     let mut got = Vec::new();
@@ -2202,12 +2223,14 @@ fn sharers_carry_the_ticket_after_the_peers() {
             meta: meta("f", 1, PIECE_LEN, 1),
             peers: vec![],
             ticket: Some(Box::new(ticket.clone())),
+            peer_keys: Vec::new(),
         },
     );
     let mut got = Vec::new();
     reply.emit(&mut got);
     let mut tail = vec![0, 0, 0, 0, 1]; // no peers, a ticket
     tail.extend_from_slice(&ticket.to_bytes());
+    tail.extend_from_slice(&[0, 0, 0, 0]); // no sharer keys
     assert!(got.ends_with(&tail), "{got:?}");
     assert_eq!(TrackerMsg::parse(&got[4..]).unwrap(), reply);
 }

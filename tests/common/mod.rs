@@ -358,6 +358,9 @@ pub struct Client {
     options: Vec<OsString>,
     /// The address has been used: a retry must keep it.
     addr_fixed: bool,
+    /// Speak the plain peer protocol (tests that play a plain peer; see
+    /// [`plain_peer_links`](Self::plain_peer_links)).
+    plain_peers: bool,
 }
 
 /// A batch client that has been started.
@@ -392,6 +395,7 @@ impl Client {
             cwd: None,
             options: Vec::new(),
             addr_fixed: false,
+            plain_peers: false,
         }
     }
 
@@ -402,6 +406,7 @@ impl Client {
             cwd: None,
             options: Vec::new(),
             addr_fixed: false,
+            plain_peers: false,
         }
     }
 
@@ -409,6 +414,21 @@ impl Client {
     pub fn cwd(mut self, dir: &Path) -> Client {
         self.cwd = Some(dir.to_path_buf());
         self
+    }
+
+    /// The client speaks the plain (unencrypted) peer protocol, through the benchmark and
+    /// test switch (`P2PSHARE_BENCH_PLAINTEXT_PEER_LINKS=1`): for tests that play a peer in
+    /// the plain protocol to probe the serving core. Only plain clients link with it.
+    pub fn plain_peer_links(mut self) -> Client {
+        self.plain_peers = true;
+        self
+    }
+
+    fn plain_env(&self) -> (&'static str, &'static str) {
+        (
+            "P2PSHARE_BENCH_PLAINTEXT_PEER_LINKS",
+            if self.plain_peers { "1" } else { "0" },
+        )
     }
 
     /// Extra options before the positional arguments.
@@ -431,7 +451,9 @@ impl Client {
         let stdout = tempfile::tempfile().expect("tempfile");
         let stderr = tempfile::tempfile().expect("tempfile");
         let mut cmd = Command::new(CLIENT_BIN);
+        let (plain_key, plain_value) = self.plain_env();
         cmd.env("XDG_STATE_HOME", state_home(&self.info))
+            .env(plain_key, plain_value)
             .args(&self.options)
             .arg(self.addr.to_string())
             .arg(&self.info)
@@ -523,7 +545,9 @@ impl LiveClient {
     /// succeeds while the process is alive). `Err` if it exited because the address was taken.
     fn start(client: &Client) -> Result<LiveClient, String> {
         let mut cmd = Command::new(CLIENT_BIN);
+        let (plain_key, plain_value) = client.plain_env();
         cmd.env("XDG_STATE_HOME", state_home(&client.info))
+            .env(plain_key, plain_value)
             .args(&client.options)
             .arg(client.addr.to_string())
             .arg(&client.info)
@@ -1160,5 +1184,136 @@ impl RawTracker {
             TrackerMsg::Reply(Reply { req_id, body }) if req_id == self.next_id => body,
             other => panic!("unexpected {other:?}"),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secure peer links played by a test
+// ---------------------------------------------------------------------------------------------
+
+/// The identity key the tests' raw downloaders prove; raw tracker links log in with its public
+/// half ([`raw_peer_public`]) so that the tickets they get name it.
+pub const RAW_PEER_PRIVATE: [u8; 32] = [0x42; 32];
+
+pub fn raw_peer_public() -> [u8; 32] {
+    p2pshare::client::identity::public_of(&RAW_PEER_PRIVATE)
+}
+
+/// The identity key of the client listening at `addr` (from its state directory under the
+/// test's `XDG_STATE_HOME`).
+pub fn identity_public(info: &Path, addr: SocketAddr) -> [u8; 32] {
+    let dir = state_home(info).join("p2pshare").join(format!(
+        "client-{}-{}",
+        addr.ip().to_string().replace(':', "_"),
+        addr.port()
+    ));
+    p2pshare::client::identity::ClientIdentity::load(
+        &dir.join(p2pshare::client::identity::IDENTITY_FILE),
+    )
+    .expect("the client's identity key")
+    .public()
+}
+
+/// A downloader's side of a secure peer link, played by a test over a blocking socket.
+pub struct SecurePeer {
+    pub stream: TcpStream,
+    sealer: Option<p2pshare::net::peer_secure::Sealer>,
+    reader: p2pshare::net::peer_secure::SealedSharerStream,
+    block: Vec<u8>,
+}
+
+impl SecurePeer {
+    /// Sends the preamble and the handshake's first message, carrying `first` (whole frames:
+    /// the ticket and the handshake), as `my_private` to the sharer holding `sharer_public`.
+    /// Does not wait for the answer.
+    pub fn begin(
+        mut stream: TcpStream,
+        my_private: &[u8; 32],
+        sharer_public: &[u8; 32],
+        first: &[u8],
+    ) -> std::io::Result<SecurePeer> {
+        let mut reader = p2pshare::net::peer_secure::SealedSharerStream::new();
+        let mut out = Vec::new();
+        reader
+            .start(my_private, sharer_public, first, &mut out)
+            .map_err(std::io::Error::other)?;
+        stream.write_all(&out)?;
+        Ok(SecurePeer {
+            stream,
+            sealer: None,
+            reader,
+            block: Vec::new(),
+        })
+    }
+
+    /// Connects to `addr` as the tests' raw downloader ([`RAW_PEER_PRIVATE`]).
+    pub fn connect(addr: SocketAddr, sharer_public: &[u8; 32], first: &[u8]) -> SecurePeer {
+        let stream = TcpStream::connect(addr).expect("connect to the sharer");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        SecurePeer::begin(stream, &RAW_PEER_PRIVATE, sharer_public, first).expect("handshake")
+    }
+
+    /// The next frame from the sharer, as the plain protocol's payload (type and body; a
+    /// block as `0x84 | piece | offset | data`). `UnexpectedEof` when the sharer closes;
+    /// `InvalidData` when its bytes fail the secure layer.
+    pub fn read_frame(&mut self) -> std::io::Result<Vec<u8>> {
+        use p2pshare::net::peer_secure::{SealedDecoded, SealedNext};
+        let bad = |e: p2pshare::net::peer_secure::PeerSecureError| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+        };
+        loop {
+            let n = match self.reader.next_read() {
+                SealedNext::Buffer(buf) => self.stream.read(buf)?,
+                SealedNext::BlockData { len, .. } => {
+                    let at = self.block.len();
+                    self.block.resize(at + len as usize, 0);
+                    let n = self.stream.read(&mut self.block[at..])?;
+                    self.block.truncate(at + n);
+                    n
+                }
+            };
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            match self.reader.filled(n).map_err(bad)? {
+                None => {}
+                Some(SealedDecoded::Established(sealer)) => self.sealer = Some(sealer),
+                Some(SealedDecoded::Msg(msg)) => {
+                    let mut out = Vec::new();
+                    msg.emit(&mut out);
+                    return Ok(out.split_off(4));
+                }
+                Some(SealedDecoded::BlockStart { .. }) => self.block.clear(),
+                Some(SealedDecoded::BlockSealed { piece, offset, .. }) => {
+                    self.reader.open_block(&mut self.block).map_err(bad)?;
+                    let mut out = vec![0x84];
+                    out.extend_from_slice(&piece.to_be_bytes());
+                    out.extend_from_slice(&offset.to_be_bytes());
+                    out.extend_from_slice(&self.block);
+                    return Ok(out);
+                }
+            }
+        }
+    }
+
+    /// Sends whole frames (each sealed as its own record); the handshake must be done (a
+    /// frame was read).
+    pub fn send(&mut self, frames: &[u8]) -> std::io::Result<()> {
+        let Some(sealer) = self.sealer.as_mut() else {
+            return Err(std::io::Error::other("the handshake is not done"));
+        };
+        let mut out = Vec::new();
+        let mut rest = frames;
+        while rest.len() >= 4 {
+            let len = 4 + u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let frame = &rest[..len.min(rest.len())];
+            sealer
+                .seal_frame(&mut out, |o| o.extend_from_slice(frame))
+                .map_err(std::io::Error::other)?;
+            rest = &rest[frame.len()..];
+        }
+        self.stream.write_all(&out)
     }
 }

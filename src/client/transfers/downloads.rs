@@ -145,7 +145,16 @@ impl Transfers {
         let reader = part.reader();
         let n_pieces = engine.picker().n_pieces();
         let stream = FileStream::new(id.job(), reader.clone(), n_pieces);
-        let file_digest = (n_pieces == 0).then(|| sha1_of(&[]));
+        // The whole-file SHA1 is not computed again on download: every piece must match the
+        // piece hash the tracker holds for this content (size, piece length, piece hashes and
+        // file SHA1 are the content's identity there, checked together at upload), so a file
+        // whose every piece verified is that content, and each byte is hashed once. An empty
+        // file has no piece: its digest is computed (of nothing) and compared.
+        let file_digest = Some(if n_pieces == 0 {
+            sha1_of(&[])
+        } else {
+            engine.meta.file_sha1
+        });
         self.downloads.insert(
             id,
             Active {
@@ -265,8 +274,13 @@ impl Transfers {
                 Action::Send { peer, msg } => {
                     if let Some(&conn_id) = active.links.get(&peer) {
                         if let Some(conn) = self.conns.get_mut(conn_id) {
-                            msg.emit(conn.out());
-                            dirty.push(conn_id);
+                            match super::fetch::send_on_fetch(conn, &msg) {
+                                Ok(()) => dirty.push(conn_id),
+                                Err(e) => {
+                                    let reason = e.to_string();
+                                    self.lose(registry, conn_id, &reason);
+                                }
+                            }
                         }
                     }
                 }
@@ -278,12 +292,10 @@ impl Transfers {
                 Action::Verify { piece } => {
                     let expected = active.engine.meta.piece_hashes.get(piece as usize).copied();
                     match (active.part.seal(piece), expected) {
-                        (Some(ticket), Some(expected)) => hasher.verify_piece(
-                            id.job(),
-                            ticket,
-                            expected,
-                            Some(Arc::clone(&active.stream)),
-                        ),
+                        // No whole-file digest is fed (see where the download starts).
+                        (Some(ticket), Some(expected)) => {
+                            hasher.verify_piece(id.job(), ticket, expected, None)
+                        }
                         _ => {
                             warn!("piece {piece} could not be sealed for verification");
                             active.engine.on_piece_checked(piece, false, now);

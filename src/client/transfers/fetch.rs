@@ -3,6 +3,13 @@
 //! data straight into the `.part` map. Must not decide anything about the download (the
 //! [`Download`](super::super::download::engine::Download) engine does) nor parse frames by hand
 //! (`wire::peer_link` does).
+//!
+//! Links are secure (`net::peer_secure`): the link opens with the Noise `IK` handshake to the
+//! sharer's identity key as the tracker named it, the ticket and the handshake frame riding
+//! in its first message; a [`SealedSharerStream`] then says where the sharer's bytes go, and a
+//! block's ciphertext is read into its place in the `.part` map and opened there, in place.
+//! A block whose tag fails is a link error and is never counted. (The plain protocol is kept
+//! for the benchmark's comparison only: `Transfers::with_plaintext_peer_links`.)
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -18,7 +25,10 @@ use super::downloads::Active;
 use super::{PeerConn, Transfers, READ_BUDGET};
 use crate::hasher::HashPool;
 use crate::net::conn::{connect_progress, ConnectProgress};
-use crate::net::{ConnId, ReadEnd};
+use crate::net::peer_secure::{
+    payload_frames, PeerSecureError, SealedDecoded, SealedNext, SealedSharerStream, Sealer,
+};
+use crate::net::{Conn, ConnId, ReadEnd};
 use crate::wire::peer_link::{
     Decoded, DownloaderMsg, Next, SharerMsg, SharerStream, StreamError, MAX_PEER_FRAME,
 };
@@ -33,6 +43,102 @@ pub(super) struct FetchLink {
     pub(super) decoder: SharerStream,
     /// Whether the block being read goes into the file (the engine wanted it).
     pub(super) writing: bool,
+    /// The link's security (`None` only for the benchmark's plain comparison).
+    pub(super) secure: Option<Box<FetchSecure>>,
+}
+
+/// Most plaintext frames queued on a fetch link before its handshake is done (the ticket and
+/// the handshake, and a ticket renewal at most).
+const MAX_PENDING_PLAIN: usize = 4096;
+
+/// A secure fetch link's state.
+pub(super) struct FetchSecure {
+    pub(super) stream: SealedSharerStream,
+    /// Seals what this side sends, once the handshake is done.
+    pub(super) sealer: Option<Sealer>,
+    /// Frames queued before that: the first go in the handshake's first message, later ones
+    /// are sealed when it is done.
+    pub(super) pending: Vec<u8>,
+    /// The handshake's first message is out.
+    pub(super) started: bool,
+    /// This client's identity key and the sharer's, as the tracker named it.
+    pub(super) local_private: [u8; 32],
+    pub(super) sharer_public: [u8; 32],
+}
+
+impl Drop for FetchSecure {
+    fn drop(&mut self) {
+        self.local_private = [0; 32];
+        std::hint::black_box(&self.local_private);
+    }
+}
+
+/// Queues `msg` on a fetch link: sealed once its handshake is done, kept for the handshake
+/// before (plain links: as it is).
+pub(super) fn send_on_fetch(
+    conn: &mut Conn<PeerConn>,
+    msg: &DownloaderMsg,
+) -> Result<(), PeerSecureError> {
+    let (_, data, out) = conn.parts();
+    let PeerConn::Fetch(link) = data else {
+        return Ok(());
+    };
+    match link.secure.as_deref_mut() {
+        None => msg.emit(out),
+        Some(FetchSecure {
+            sealer: Some(sealer),
+            ..
+        }) => sealer.seal_frame(out, |o| msg.emit(o))?,
+        Some(sec) => {
+            if sec.pending.len() > MAX_PENDING_PLAIN {
+                return Err(PeerSecureError::OutOfTurn(
+                    "too many frames waiting for the handshake",
+                ));
+            }
+            msg.emit(&mut sec.pending);
+        }
+    }
+    Ok(())
+}
+
+/// Starts a secure fetch link's handshake once its connection is up: message 1 carries the
+/// frames queued so far.
+fn start_handshake(conn: &mut Conn<PeerConn>) -> Result<(), PeerSecureError> {
+    let (_, data, out) = conn.parts();
+    let PeerConn::Fetch(FetchLink {
+        secure: Some(sec), ..
+    }) = data
+    else {
+        return Ok(());
+    };
+    if sec.started {
+        return Ok(());
+    }
+    sec.started = true;
+    let first = std::mem::take(&mut sec.pending);
+    sec.stream
+        .start(&sec.local_private, &sec.sharer_public, &first, out)
+}
+
+/// The handshake is done: frames queued meanwhile are sealed.
+fn established(
+    sec: &mut FetchSecure,
+    sealer: Sealer,
+    out: &mut Vec<u8>,
+) -> Result<(), PeerSecureError> {
+    let pending = std::mem::take(&mut sec.pending);
+    let mut sealer = sealer;
+    let frames =
+        payload_frames(&pending).ok_or(PeerSecureError::OutOfTurn("a queued frame is cut"))?;
+    for frame in frames {
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        sealer.seal_frame(out, |o| {
+            o.extend_from_slice(&len.to_be_bytes());
+            o.extend_from_slice(frame);
+        })?;
+    }
+    sec.sealer = Some(sealer);
+    Ok(())
 }
 
 impl Transfers {
@@ -51,6 +157,27 @@ impl Transfers {
                 "too many links to sharers ({fetching})"
             )));
         }
+        let secure = if self.plaintext {
+            None
+        } else {
+            let Some(identity) = &self.identity else {
+                return Err(io::Error::other("this client has no identity key"));
+            };
+            let Some(&sharer_public) = self.peer_keys.get(&download).and_then(|k| k.get(&addr))
+            else {
+                return Err(io::Error::other(format!(
+                    "the tracker named no identity key for sharer {addr}"
+                )));
+            };
+            Some(Box::new(FetchSecure {
+                stream: SealedSharerStream::new(),
+                sealer: None,
+                pending: Vec::new(),
+                started: false,
+                local_private: identity.private(),
+                sharer_public,
+            }))
+        };
         let stream = TcpStream::connect(addr)?;
         let _ = stream.set_nodelay(true);
         let conn_id = self.conns.insert(
@@ -64,12 +191,14 @@ impl Transfers {
                 connected: false,
                 decoder: SharerStream::new(),
                 writing: false,
+                secure,
             }),
         )?;
         if let Some(conn) = self.conns.get_mut(conn_id) {
             // The ticket goes first: the sharer checks it when the handshake comes.
             if let Some(ticket) = self.tickets.get(&download) {
-                DownloaderMsg::Ticket(Box::new(ticket.clone())).emit(conn.out());
+                send_on_fetch(conn, &DownloaderMsg::Ticket(Box::new(ticket.clone())))
+                    .map_err(io::Error::other)?;
             }
             conn.await_connect(registry)?;
         }
@@ -102,6 +231,10 @@ impl Transfers {
                 }
             }
             debug!("connected to sharer {}", link.addr);
+            if let Err(e) = start_handshake(conn) {
+                self.lose(registry, id, &e.to_string());
+                return self.settle(registry, hasher, now);
+            }
         }
         self.flush_conn(registry, id);
         self.settle(registry, hasher, now);
@@ -132,14 +265,26 @@ impl Transfers {
             return;
         };
         let mut messages = Vec::new();
-        let outcome = read_sharer(
-            &mut conn.stream,
-            link,
-            active,
-            &mut self.scratch,
-            &mut messages,
-            now,
-        );
+        let (stream, data, out) = conn.parts();
+        let PeerConn::Fetch(link) = data else {
+            return;
+        };
+        let handshaking = link.secure.as_ref().is_some_and(|s| s.sealer.is_none());
+        let outcome = if link.secure.is_some() {
+            read_sealed_sharer(
+                stream,
+                link,
+                active,
+                &mut self.scratch,
+                &mut messages,
+                out,
+                now,
+            )
+        } else {
+            read_sharer(stream, link, active, &mut self.scratch, &mut messages, now)
+        };
+        let sealed_out =
+            link.secure.as_ref().is_some_and(|s| s.sealer.is_some()) && !out.is_empty();
         for msg in messages {
             match msg {
                 SharerMsg::Accept { version, bitfield } => {
@@ -163,11 +308,41 @@ impl Transfers {
                 SharerMsg::Block { .. } => {}
             }
         }
+        let still_handshaking = self
+            .conns
+            .get(id)
+            .is_some_and(|c| matches!(&c.data, PeerConn::Fetch(l) if l.secure.as_ref().is_some_and(|s| s.sealer.is_none())));
         match outcome {
             Ok(ReadEnd::WouldBlock) | Ok(ReadEnd::Stopped) => {}
             Ok(ReadEnd::Budget) => self.ready.push_back(id),
+            Ok(ReadEnd::Eof) if handshaking && still_handshaking => {
+                let addr = self.conns.get(id).map(|c| match &c.data {
+                    PeerConn::Fetch(l) => l.addr.to_string(),
+                    PeerConn::Serve(l) => l.addr.to_string(),
+                });
+                warn!(
+                    "sharer {}: closed during the secure handshake: it does not hold the \
+                     identity key the tracker named",
+                    addr.unwrap_or_default()
+                );
+                self.lose(
+                    registry,
+                    id,
+                    "closed during the secure handshake (the sharer does not hold the key \
+                     the tracker named)",
+                )
+            }
             Ok(ReadEnd::Eof) => self.lose(registry, id, "closed by the sharer"),
-            Err(error) => self.lose(registry, id, &error.to_string()),
+            Err(error) => {
+                if matches!(error, FetchError::Secure(_)) {
+                    warn!("peer link {id}: {error}");
+                }
+                self.lose(registry, id, &error.to_string())
+            }
+        }
+        if sealed_out {
+            // The handshake completed: the frames queued meanwhile go out.
+            self.flush_conn(registry, id);
         }
         self.run_actions(registry, hasher, download, now);
         self.settle(registry, hasher, now);
@@ -273,6 +448,9 @@ pub(super) enum FetchError {
     Io(io::Error),
     /// The sharer's bytes broke the peer-link format.
     Stream(StreamError),
+    /// The secure layer refused them: a failed handshake (not the sharer the tracker named),
+    /// or a record or block that did not authenticate.
+    Secure(PeerSecureError),
 }
 
 impl std::fmt::Display for FetchError {
@@ -280,8 +458,106 @@ impl std::fmt::Display for FetchError {
         match self {
             FetchError::Io(e) => e.fmt(f),
             FetchError::Stream(e) => e.fmt(f),
+            FetchError::Secure(e) => e.fmt(f),
         }
     }
+}
+
+impl From<PeerSecureError> for FetchError {
+    fn from(e: PeerSecureError) -> Self {
+        FetchError::Secure(e)
+    }
+}
+
+/// Like [`read_sharer`] on a secure link: the sharer's records are opened by the link's
+/// [`SealedSharerStream`]; a block's ciphertext is read into its place in the `.part` map,
+/// then opened there in place once its tag is in. A block that fails is an error (the link
+/// closes) and is not counted.
+fn read_sealed_sharer(
+    stream: &mut TcpStream,
+    link: &mut FetchLink,
+    active: &mut Active,
+    scratch: &mut [u8],
+    messages: &mut Vec<SharerMsg>,
+    out: &mut Vec<u8>,
+    now: Instant,
+) -> Result<ReadEnd, FetchError> {
+    let peer = link.peer;
+    let mut budget = READ_BUDGET;
+    let Some(sec) = link.secure.as_deref_mut() else {
+        return Ok(ReadEnd::Stopped);
+    };
+    while budget > 0 {
+        let (r, is_data) = match sec.stream.next_read() {
+            SealedNext::Buffer(buf) => (stream.read(buf), false),
+            SealedNext::BlockData { piece, offset, len } => {
+                let written = if link.writing {
+                    active
+                        .part
+                        .write_with(piece, offset, len, |buf| stream.read(buf))
+                } else {
+                    None
+                };
+                match written {
+                    Some(r) => (r, true),
+                    None => {
+                        if link.writing {
+                            warn!("piece {piece} refused a block the engine accepted");
+                            link.writing = false;
+                        }
+                        let cap = scratch.len().min(len as usize);
+                        (stream.read(&mut scratch[..cap]), true)
+                    }
+                }
+            }
+        };
+        let n = match io_step(r)? {
+            Step::Read(n) => n,
+            Step::End(end) => return Ok(end),
+        };
+        if is_data {
+            active.engine.on_data(peer, now);
+        }
+        match sec.stream.filled(n)? {
+            None => {}
+            Some(SealedDecoded::Established(sealer)) => established(sec, sealer, out)?,
+            Some(SealedDecoded::Msg(msg)) => messages.push(msg),
+            Some(SealedDecoded::BlockStart { piece, offset, len }) => {
+                link.writing =
+                    active.engine.on_block_header(peer, piece, offset, len, now) == Verdict::Write;
+            }
+            Some(SealedDecoded::BlockSealed { piece, offset, len }) => {
+                let opened = if link.writing {
+                    // Decrypted where it landed, in the piece's bytes (still `Writable`).
+                    active
+                        .part
+                        .write_with(piece, offset, len, |buf| sec.stream.open_block(buf))
+                } else {
+                    None
+                };
+                match opened {
+                    Some(result) => {
+                        result?;
+                        active.engine.on_block_written(peer, piece, offset, len);
+                        if !active.first_block {
+                            active.first_block = true;
+                            log::info!(
+                                "{}: first block {:.3} s after the download started",
+                                active.engine.meta.name,
+                                active.started.elapsed().as_secs_f64()
+                            );
+                        }
+                    }
+                    None => {
+                        sec.stream.skip_block()?;
+                    }
+                }
+                link.writing = false;
+            }
+        }
+        budget = budget.saturating_sub(n);
+    }
+    Ok(ReadEnd::Budget)
 }
 
 impl From<StreamError> for FetchError {

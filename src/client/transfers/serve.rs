@@ -4,8 +4,16 @@
 //! ([`Conn::queue_mapped`](crate::net::Conn::queue_mapped)). Must not decide what to serve
 //! (the core does), except that a handshake is refused without a valid ticket, which this
 //! module checks (offline, with the service key and the clock, which the core does not hold).
+//!
+//! Links are secure (`net::peer_secure`): the downloader's Noise `IK` message proves it holds
+//! a static key, which must be the client key its ticket names (else the handshake is refused
+//! with code 4, logged at `warn`); its first frames ride in that message, everything after in
+//! records. Answers are sealed as they are queued; a granted block waits in the link's queue
+//! and is encrypted from the map into the send buffer (reused, no allocation per block) only
+//! when the buffer runs low, so a link holds at most [`SEAL_AHEAD`] of sealed bytes beyond
+//! one block. (The plain protocol is kept for the benchmark's comparison only.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +30,10 @@ use super::{PeerConn, Transfers, FRAME_BUDGET};
 use crate::bitfield::Bitfield;
 use crate::keys::{self, PublicKey};
 use crate::net::conn::MappedSlice;
-use crate::net::{ConnId, ReadEnd};
+use crate::net::peer_secure::{
+    payload_frames, PeerSecureError, SealedDownloaderStream, Sealer, ServeEvent,
+};
+use crate::net::{Conn, ConnId, ReadEnd};
 use crate::storage::{PartReader, SourceMap};
 use crate::wire::peer_link::{emit_block_header, BlockRef, DownloaderMsg, SharerMsg};
 use crate::wire::ticket::Ticket;
@@ -31,14 +42,15 @@ use crate::wire::{DecodeError, FileName, GroupId, Sha1Digest};
 /// Bytes to serve: a shared file's map, or the verified pieces of a download in progress.
 #[derive(Clone)]
 pub(super) enum Source {
-    File(Arc<SourceMap>),
+    /// The map, and the file opened for reading (secure links read blocks with `pread`).
+    File(Arc<SourceMap>, Option<Arc<std::fs::File>>),
     Part(PartReader),
 }
 
 impl Source {
     fn is_verified(&self, piece: u32) -> bool {
         match self {
-            Source::File(_) => true,
+            Source::File(..) => true,
             Source::Part(r) => r.is_verified(piece),
         }
     }
@@ -47,6 +59,11 @@ impl Source {
 /// One block queued for sending straight from its map.
 pub(super) struct MappedBlock {
     pub(super) source: Source,
+    /// The shared file, for secure links: their blocks are read from it with `pread` into the
+    /// send buffer, where they are encrypted (a copy out of the map would raise SIGBUS on a
+    /// file that another process truncated; `writev` from the map, on plain links, fails
+    /// with an error instead).
+    pub(super) file: Option<Arc<std::fs::File>>,
     pub(super) piece: u32,
     pub(super) offset: u32,
     /// Where the block starts in the file (for `Source::File`).
@@ -57,7 +74,7 @@ pub(super) struct MappedBlock {
 impl MappedSlice for MappedBlock {
     fn bytes(&self) -> &[u8] {
         match &self.source {
-            Source::File(map) => map
+            Source::File(map, _) => map
                 .bytes()
                 .get(self.start..self.start + self.len as usize)
                 .unwrap_or(&[]),
@@ -98,6 +115,142 @@ pub(super) struct ServeLink {
     pub(super) ticket_expires: Option<u64>,
     /// Bytes of block data queued on this link so far (logged when it closes).
     pub(super) block_bytes: u64,
+    /// The link's security (`None` only for the benchmark's plain comparison).
+    pub(super) secure: Option<Box<ServeSecure>>,
+}
+
+/// Sealed bytes a serve link keeps in its send buffer ahead of the socket: granted blocks
+/// are encrypted into it only while it holds less.
+pub const SEAL_AHEAD: usize = 256 * 1024;
+
+/// A secure serve link's state.
+pub(super) struct ServeSecure {
+    pub(super) stream: SealedDownloaderStream,
+    /// Seals what this side sends, once the downloader's first message is in.
+    pub(super) sealer: Option<Sealer>,
+    /// The static key the downloader proved (its ticket must name it).
+    pub(super) peer_key: Option<[u8; 32]>,
+    /// Granted blocks not yet sealed, in order.
+    pub(super) blocks: VecDeque<MappedBlock>,
+    /// Their bytes.
+    pub(super) queued: usize,
+}
+
+impl ServeLink {
+    /// Granted block bytes not yet sealed into the send buffer.
+    pub(super) fn unsealed(&self) -> usize {
+        self.secure.as_ref().map_or(0, |s| s.queued)
+    }
+}
+
+/// Queues `msg` on a serve link, sealed if the link is secure.
+pub(super) fn send_on_serve(
+    conn: &mut Conn<PeerConn>,
+    msg: &SharerMsg,
+) -> Result<(), PeerSecureError> {
+    let (_, data, out) = conn.parts();
+    match data {
+        PeerConn::Serve(ServeLink {
+            secure: Some(sec), ..
+        }) => match sec.sealer.as_mut() {
+            Some(sealer) => sealer.seal_frame(out, |o| msg.emit(o)),
+            None => Err(PeerSecureError::OutOfTurn("an answer before the handshake")),
+        },
+        _ => {
+            msg.emit(out);
+            Ok(())
+        }
+    }
+}
+
+/// Seals granted blocks of a secure serve link into its send buffer while it holds less than
+/// [`SEAL_AHEAD`].
+pub(super) fn seal_blocks(conn: &mut Conn<PeerConn>) -> Result<(), PeerSecureError> {
+    let (_, data, out) = conn.parts();
+    let PeerConn::Serve(ServeLink {
+        secure: Some(sec), ..
+    }) = data
+    else {
+        return Ok(());
+    };
+    let Some(sealer) = sec.sealer.as_mut() else {
+        return Ok(());
+    };
+    while out.len() < SEAL_AHEAD {
+        let Some(block) = sec.blocks.pop_front() else {
+            break;
+        };
+        sec.queued = sec.queued.saturating_sub(block.len as usize);
+        match &block.file {
+            Some(file) => {
+                use std::os::unix::fs::FileExt;
+                let at = block.start as u64;
+                sealer.seal_block_with(
+                    out,
+                    block.piece,
+                    block.offset,
+                    block.len as usize,
+                    |buf| file.read_exact_at(buf, at).map_err(|e| e.to_string()),
+                )?
+            }
+            None => sealer.seal_block(out, block.piece, block.offset, block.bytes())?,
+        }
+    }
+    Ok(())
+}
+
+/// Reads a secure serve link: the downloader's first message (answered at once, its frames
+/// handed on) and records, each frame's parse result into `msgs`, at most `budget` frames.
+fn read_sealed(
+    conn: &mut Conn<PeerConn>,
+    budget: usize,
+    msgs: &mut Vec<Result<DownloaderMsg, DecodeError>>,
+) -> Result<ReadEnd, String> {
+    use std::io::Read;
+    let (stream, data, out) = conn.parts();
+    let PeerConn::Serve(ServeLink {
+        secure: Some(sec), ..
+    }) = data
+    else {
+        return Ok(ReadEnd::Stopped);
+    };
+    let mut handled = 0;
+    loop {
+        while let Some(event) = sec.stream.next_event().map_err(|e| e.to_string())? {
+            match event {
+                ServeEvent::Hello(hello) => {
+                    out.extend_from_slice(&hello.reply);
+                    sec.sealer = Some(hello.sealer);
+                    sec.peer_key = Some(hello.remote_static);
+                    let frames =
+                        payload_frames(&hello.payload).ok_or("the handshake's frames are cut")?;
+                    for frame in frames {
+                        msgs.push(DownloaderMsg::parse(frame));
+                        handled += 1;
+                    }
+                }
+                ServeEvent::Frame(frame) => {
+                    let msg = DownloaderMsg::parse(frame);
+                    let stop = msg.is_err();
+                    msgs.push(msg);
+                    handled += 1;
+                    if stop {
+                        return Ok(ReadEnd::Stopped);
+                    }
+                }
+            }
+            if handled >= budget {
+                return Ok(ReadEnd::Budget);
+            }
+        }
+        match stream.read(sec.stream.spare()) {
+            Ok(0) => return Ok(ReadEnd::Eof),
+            Ok(n) => sec.stream.commit(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(ReadEnd::WouldBlock),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("io error: {e}")),
+        }
+    }
 }
 
 impl Drop for ServeLink {
@@ -124,7 +277,9 @@ impl Transfers {
             }) = &conn.data
             {
                 if *d == download {
-                    SharerMsg::Have { piece }.emit(conn.out());
+                    if let Err(e) = send_on_serve(conn, &SharerMsg::Have { piece }) {
+                        debug!("peer link {}: {e}", conn.id);
+                    }
                     dirty.push(conn.id);
                 }
             }
@@ -197,6 +352,7 @@ impl Transfers {
             let PeerConn::Serve(ServeLink {
                 serving: Some(serving),
                 block_bytes,
+                secure,
                 ..
             }) = &mut conn.data
             else {
@@ -206,16 +362,38 @@ impl Transfers {
                 Some(Ok(start)) => {
                     *block_bytes += u64::from(block.len);
                     let mapped = MappedBlock {
+                        file: match &serving.source {
+                            Source::File(_, file) => file.clone(),
+                            Source::Part(_) => None,
+                        },
                         source: serving.source.clone(),
                         piece: block.piece,
                         offset: block.offset,
                         start,
                         len: block.len,
                     };
-                    emit_block_header(conn.out(), block.piece, block.offset, block.len as usize);
-                    conn.queue_mapped(Box::new(mapped));
+                    match secure {
+                        // Sealed from the map when the send buffer runs low.
+                        Some(sec) => {
+                            sec.queued += block.len as usize;
+                            sec.blocks.push_back(mapped);
+                        }
+                        None => {
+                            emit_block_header(
+                                conn.out(),
+                                block.piece,
+                                block.offset,
+                                block.len as usize,
+                            );
+                            conn.queue_mapped(Box::new(mapped));
+                        }
+                    }
                 }
-                _ => SharerMsg::Rejected(block).emit(conn.out()),
+                _ => {
+                    if let Err(e) = send_on_serve(conn, &SharerMsg::Rejected(block)) {
+                        debug!("peer link {id}: {e}");
+                    }
+                }
             }
             if conn.read_paused {
                 self.ready.push_back(id);
@@ -237,24 +415,33 @@ impl Transfers {
         let PeerConn::Serve(link) = &conn.data else {
             return;
         };
-        if !link.core.may_read(conn.pending_write()) || !held_room {
+        if !link.core.may_read(conn.pending_write() + link.unsealed()) || !held_room {
             conn.read_paused = !link.core.is_refused();
             return;
         }
         conn.read_paused = false;
         let mut msgs: Vec<Result<DownloaderMsg, DecodeError>> = Vec::new();
-        let result = conn.read_frames(FRAME_BUDGET, |payload| {
-            let msg = DownloaderMsg::parse(payload);
-            let stop = msg.is_err();
-            msgs.push(msg);
-            !stop
-        });
+        let result = if link.secure.is_some() {
+            read_sealed(conn, FRAME_BUDGET, &mut msgs).map_err(|e| {
+                warn!("serving {}: {e}", link_addr(conn));
+                e
+            })
+        } else {
+            conn.read_frames(FRAME_BUDGET, |payload| {
+                let msg = DownloaderMsg::parse(payload);
+                let stop = msg.is_err();
+                msgs.push(msg);
+                !stop
+            })
+            .map_err(|e| e.to_string())
+        };
         let PeerConn::Serve(link) = &mut conn.data else {
             return;
         };
         if !msgs.is_empty() {
             link.last_heard = now;
         }
+        let peer_key = link.secure.as_ref().and_then(|s| s.peer_key);
         let mut close = None;
         let mut answers: Vec<Answer> = Vec::new();
         let mut asked: Vec<(BlockRef, u64)> = Vec::new();
@@ -269,8 +456,14 @@ impl Transfers {
                     // Checked at the handshake, with what it names.
                     None => link.ticket = Some(ticket.clone()),
                     Some(s) => {
-                        match check_ticket(service_key, Some(ticket), &s.group, &s.file_sha1, unix)
-                        {
+                        match check_ticket(
+                            service_key,
+                            Some(ticket),
+                            &s.group,
+                            &s.file_sha1,
+                            unix,
+                            peer_key,
+                        ) {
                             Ok(expires) => link.ticket_expires = Some(expires),
                             Err(reason) => {
                                 warn!("serving {}: renewal refused: {reason}", link.addr);
@@ -318,6 +511,7 @@ impl Transfers {
                         &group,
                         &file_sha1,
                         unix,
+                        peer_key,
                     );
                     let (offer, serving) = match ticket {
                         Err(reason) => {
@@ -346,7 +540,7 @@ impl Transfers {
                         (SharerMsg::Accept { bitfield, .. }, Some((source, download))) => {
                             debug!("serving {name} of group {group} to {}", link.addr);
                             let n_pieces = u32::try_from(bitfield.len()).unwrap_or(u32::MAX);
-                            let seed = matches!(source, Source::File(_));
+                            let seed = matches!(source, Source::File(..));
                             accepted = Some((file_sha1, n_pieces, seed));
                             link.serving = Some(Serving {
                                 group,
@@ -370,7 +564,10 @@ impl Transfers {
         }
         for answer in answers {
             let Answer::Msg(msg) = answer;
-            msg.emit(conn.out());
+            if let Err(e) = send_on_serve(conn, &msg) {
+                close.get_or_insert(ServeError::from(DecodeError::BadValue("handshake")));
+                debug!("peer link {id}: {e}");
+            }
         }
         if let Some((file, n_pieces, seed)) = accepted {
             self.slots.add_link(id, file, n_pieces, seed);
@@ -387,7 +584,7 @@ impl Transfers {
         if let Some(conn) = self.conns.get_mut(id) {
             // Past the held-request bound (the reading stops there, so only a few).
             for block in over {
-                SharerMsg::Rejected(block).emit(conn.out());
+                let _ = send_on_serve(conn, &SharerMsg::Rejected(block));
             }
         }
         if let Some(reason) = close {
@@ -441,14 +638,16 @@ impl Transfers {
     }
 }
 
-/// Checks a downloader's ticket for `group` and `file_sha1` at Unix time `unix`; returns its
-/// expiry, or why it is refused.
-fn check_ticket(
+/// Checks a downloader's ticket for `group` and `file_sha1` at Unix time `unix`, on a link
+/// whose downloader proved `peer_key` (secure links); returns its expiry, or why it is
+/// refused.
+pub(super) fn check_ticket(
     service_key: Option<PublicKey>,
     ticket: Option<&Ticket>,
     group: &GroupId,
     file_sha1: &Sha1Digest,
     unix: u64,
+    peer_key: Option<[u8; 32]>,
 ) -> Result<u64, String> {
     let Some(key) = service_key else {
         return Err("this sharer has not learned its service's key yet".into());
@@ -457,7 +656,23 @@ fn check_ticket(
         return Err("no ticket".into());
     };
     keys::verify_ticket(&key, ticket, group, file_sha1, unix).map_err(|e| e.to_string())?;
+    if let Some(proved) = peer_key {
+        if ticket.body.client_key != proved {
+            return Err(format!(
+                "the ticket is for client key {}, not for {}, which this downloader proved",
+                crate::client::identity::key_text(&ticket.body.client_key),
+                crate::client::identity::key_text(&proved)
+            ));
+        }
+    }
     Ok(ticket.body.expires)
+}
+
+fn link_addr(conn: &Conn<PeerConn>) -> String {
+    match &conn.data {
+        PeerConn::Serve(l) => l.addr.to_string(),
+        PeerConn::Fetch(l) => l.addr.to_string(),
+    }
 }
 
 /// What to offer for a handshake, if the logged-in user shares that file: a running
@@ -503,7 +718,10 @@ fn open_source(
         return Err(not_shared());
     }
     Ok((
-        Source::File(Arc::new(map)),
+        Source::File(
+            Arc::new(map),
+            std::fs::File::open(&share.path).ok().map(Arc::new),
+        ),
         None,
         offer(Bitfield::full(meta.piece_hashes.len())),
     ))

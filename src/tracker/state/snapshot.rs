@@ -11,20 +11,21 @@
 //! requesters are distinct existing users, every file has distinct sharers, all of them
 //! members); anything else is [`DecodeError::BadValue`]. Like the wire parsers, decoding never
 //! panics and checks every count against the bytes that remain before allocating; the encoding
-//! is canonical (maps in ascending key order, which decoding enforces), so a snapshot that
-//! decodes re-encodes to the same bytes.
+//! is canonical (maps in ascending key order, which decoding enforces), so a snapshot of the
+//! current version that decodes re-encodes to the same bytes.
 //!
 //! Layout, big-endian, with the field types of `wire::replication`:
 //!
 //! ```text
-//! u32 version (1)
+//! u32 version (2; version 1, without `client_key`, is still read)
 //! u64 next_session | u64 n_applied
 //! u32 n | (str user | str pw_hash) * n                                       users
 //! u32 n | group * n                                                          groups
 //!     group:  str group | str owner | u32 n | str member * n | u32 n | str requester * n
 //!             | u32 n | file * n
 //!     file:   file_meta | u32 n | (str user | addr peer_addr) * n             sharers
-//! u32 n | (u64 id | str user | addr peer_addr | tracker_ref | u64 client | token) * n
+//! u32 n | (u64 id | str user | addr peer_addr | tracker_ref | u64 client | token
+//!          | [32] client_key) * n
 //!                                                                            sessions
 //! u32 n | (u64 client | u64 last_used | u32 n | (u64 req_id | answer) * n) * n
 //!                                                                            answers
@@ -50,7 +51,7 @@ use crate::wire::tracker_link::{FileMeta, RejectCode};
 use crate::wire::UserId;
 
 /// The snapshot format this build writes and reads.
-const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// Longest refusal message a snapshot carries.
 const MAX_SNAPSHOT_MESSAGE_LEN: usize = u16::MAX as usize;
@@ -67,7 +68,7 @@ const MIN_FILE_LEN: usize = MIN_ID_LEN + 8 + 4 + 20 + 4 + 4;
 /// `str user | addr` (an IPv4 address is `u8 | 4 bytes | u16`).
 const MIN_SHARER_LEN: usize = MIN_ID_LEN + 7;
 /// `u64 id | str user | addr | tracker_ref | u64 client | token`.
-const MIN_SESSION_LEN: usize = 8 + MIN_ID_LEN + 7 + 10 + 8 + 16;
+const MIN_SESSION_LEN: usize = 8 + MIN_ID_LEN + 7 + 10 + 8 + 16 + 32;
 /// `u64 client | u64 last_used | u32 n`.
 const MIN_CLIENT_ANSWERS_LEN: usize = 8 + 8 + 4;
 /// `u64 req_id | u8 kind`.
@@ -117,6 +118,7 @@ impl TrackerState {
             put_tracker_ref(out, &s.tracker);
             put_u64(out, s.client);
             out.extend_from_slice(&s.token);
+            out.extend_from_slice(&s.client_key);
         }
 
         put_count(out, self.answers.len());
@@ -136,7 +138,11 @@ impl TrackerState {
     /// breaks the state's invariants, is [`DecodeError::BadValue`].
     pub fn decode_snapshot(bytes: &[u8]) -> Result<TrackerState, DecodeError> {
         let mut r = Reader::new(bytes);
-        if r.u32()? != SNAPSHOT_VERSION {
+        // Version 1 (earlier builds, in their data directories) has no client keys: read
+        // with zero keys (such a session's sharer key is unknown until its client logs in
+        // again), and written back as the current version.
+        let version = r.u32()?;
+        if version != SNAPSHOT_VERSION && version != 1 {
             return Err(DecodeError::BadValue("snapshot version"));
         }
         let mut st = TrackerState::new();
@@ -157,7 +163,7 @@ impl TrackerState {
             insert_ascending(&mut st.groups, id, group, "groups out of order")?;
         }
 
-        let n = r.count(MIN_SESSION_LEN)?;
+        let n = r.count(MIN_SESSION_LEN - if version == 1 { 32 } else { 0 })?;
         for _ in 0..n {
             let id = SessionId(r.u64()?);
             let session = Session {
@@ -166,6 +172,7 @@ impl TrackerState {
                 tracker: tracker_ref(&mut r)?,
                 client: r.u64()?,
                 token: r.array()?,
+                client_key: if version == 1 { [0; 32] } else { r.array()? },
             };
             if id.0 == 0 || id.0 > st.next_session {
                 return Err(DecodeError::BadValue("session id out of range"));

@@ -66,6 +66,7 @@ fn open(user: &str, port: u16, tracker: TrackerRef, client: u64) -> Op {
         client,
         token: [port.to_be_bytes()[1]; 16],
         shares: None,
+        client_key: [0; 32],
     }
 }
 
@@ -296,7 +297,7 @@ fn golden_empty_state() {
     assert_eq!(
         bytes,
         [
-            &[0, 0, 0, 1][..],         // version
+            &[0, 0, 0, 2][..],         // version
             &[0, 0, 0, 0, 0, 0, 0, 0], // next_session
             &[0, 0, 0, 0, 0, 0, 0, 0], // n_applied
             &[0, 0, 0, 0],             // users
@@ -326,6 +327,7 @@ fn golden_user_session_and_answers() {
         client: 5,
         token: [0xee; 16],
         shares: None,
+        client_key: [0xcc; 32],
     };
     assert_eq!(
         asked(&mut st, 5, 7, open),
@@ -334,7 +336,7 @@ fn golden_user_session_and_answers() {
     assert!(asked(&mut st, 5, 8, hash()).is_err());
     let message = b"user 'a' already exists";
     let want = [
-        &[0, 0, 0, 1][..],
+        &[0, 0, 0, 2][..],
         &[0, 0, 0, 0, 0, 0, 0, 1], // next_session
         &[0, 0, 0, 0, 0, 0, 0, 3], // n_applied
         &[0, 0, 0, 1],             // one user
@@ -347,6 +349,7 @@ fn golden_user_session_and_answers() {
         &[0, 3, 0, 0, 0, 0, 0, 0, 0, 4],    // tracker
         &[0, 0, 0, 0, 0, 0, 0, 5],          // client
         &[0xee; 16],                        // token
+        &[0xcc; 32],                        // client key
         &[0, 0, 0, 1],                      // one remembered client
         &[0, 0, 0, 0, 0, 0, 0, 5],          // client
         &[0, 0, 0, 0, 0, 0, 0, 3],          // last_used
@@ -772,6 +775,7 @@ fn session(user: &str, client: u64) -> Session {
         tracker: T1,
         client,
         token: [1; 16],
+        client_key: [0; 32],
     }
 }
 
@@ -934,7 +938,7 @@ fn bad_answer_memories_are_refused() {
 
 /// A snapshot of users only, written by hand.
 fn users_snapshot(users: &[&[u8]]) -> Vec<u8> {
-    let mut b = vec![0, 0, 0, 1];
+    let mut b = vec![0, 0, 0, 2];
     b.extend_from_slice(&[0; 16]);
     b.extend_from_slice(&(users.len() as u32).to_be_bytes());
     for u in users {
@@ -959,9 +963,9 @@ fn keys_must_be_ascending_and_distinct() {
 
 #[test]
 fn bad_fields_are_refused() {
-    // Version.
+    // Version (1 is read: see `a_version_1_snapshot_is_read_with_zero_client_keys`).
     let mut b = encode(&rich_state());
-    b[3] = 2;
+    b[3] = 3;
     assert_eq!(
         TrackerState::decode_snapshot(&b),
         Err(DecodeError::BadValue("snapshot version"))
@@ -1044,7 +1048,7 @@ fn every_strict_prefix_is_an_error_and_trailing_bytes_too() {
 #[test]
 fn forged_huge_counts_fail_fast() {
     let started = Instant::now();
-    let header = [&[0, 0, 0, 1][..], &[0; 16]].concat();
+    let header = [&[0, 0, 0, 2][..], &[0; 16]].concat();
     for n in [u32::MAX, u32::MAX / 3, 1 << 24] {
         let count = n.to_be_bytes();
         // Users, groups, sessions, answers: each count in its place with a few bytes after.
@@ -1145,4 +1149,34 @@ fn random_bytes_never_panic() {
         }
         let _ = TrackerState::decode_snapshot(b);
     }
+}
+
+/// A snapshot of version 1 (earlier builds, in their data directories: sessions without a
+/// client key) is read, with zero keys, and written back as the current version.
+#[test]
+fn a_version_1_snapshot_is_read_with_zero_client_keys() {
+    let mut st = TrackerState::new();
+    internal(&mut st, create_user("alice"));
+    let t = TrackerRef {
+        no: 1,
+        incarnation: 1,
+    };
+    session_id(asked(&mut st, 7, 1, open("alice", 0x4142, t, 7)));
+    let v2 = round_trip(&st);
+    // Version 1 is version 2 without the 32-byte key after each session's token.
+    let token = [0x42u8; 16];
+    let at = v2
+        .windows(16)
+        .position(|w| w == token)
+        .expect("the token is in the snapshot")
+        + 16;
+    assert_eq!(v2[at..at + 32], [0; 32]);
+    let mut v1 = [&v2[..at], &v2[at + 32..]].concat();
+    v1[..4].copy_from_slice(&1u32.to_be_bytes());
+    let back = TrackerState::decode_snapshot(&v1).expect("version 1 is read");
+    assert_eq!(back, st);
+    assert_eq!(encode(&back), v2, "written back as the current version");
+    // Any other version is refused.
+    v1[..4].copy_from_slice(&3u32.to_be_bytes());
+    assert!(TrackerState::decode_snapshot(&v1).is_err());
 }
