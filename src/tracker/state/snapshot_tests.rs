@@ -1156,7 +1156,7 @@ fn random_bytes_never_panic() {
 #[test]
 fn a_version_1_snapshot_is_read_with_zero_client_keys() {
     let mut st = TrackerState::new();
-    internal(&mut st, create_user("alice"));
+    internal(&mut st, create_user("alice")).unwrap();
     let t = TrackerRef {
         no: 1,
         incarnation: 1,
