@@ -33,8 +33,12 @@
 //! never the only holder of a missing piece) with a sharer waiting. A sharer that refused
 //! rests ([`Limits::refused_backoff`], doubling) and is dropped after
 //! [`Limits::max_refusals`]; one that rejects a block of a piece it offered is asked for that
-//! piece again after [`Limits::reject_rest`] (a seed sending each piece once first), and the
-//! piece meanwhile counts as held by it.
+//! piece again after [`Limits::reject_rest`] (a seed sending each piece once first, or a
+//! sharer whose line is full), and the piece meanwhile counts as held by it. After a
+//! rejection the link itself makes no new request for a while ([`Limits::reject_rest`] if
+//! it had delivered nothing for [`CHOKED_SILENCE`], [`BUSY_REST`] otherwise), and a link
+//! with room in its pipeline requests a second copy of blocks waiting at a resting, much
+//! slower or silent link ([`Picker::relieve`]).
 //!
 //! # Failure
 //!
