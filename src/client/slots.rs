@@ -25,9 +25,17 @@
 //!   sends each piece once before it sends any twice: a request for a piece that has left it
 //!   already (in part or whole, to another link) while some piece has not is answered with a
 //!   [`Grant::Reject`]; the downloader asks again later and meanwhile takes the piece from the
-//!   downloader that got it. A link always finishes a piece it was granted part of, and is
-//!   declined a block at most once (asked again, it is served), so no downloader waits for
-//!   ever for pieces nobody else asks for.
+//!   downloader that got it. A link always finishes a piece it was granted part of, and a
+//!   piece is declined only while the uplink has work for other links (another link in a
+//!   slot or waiting): super-seeding never leaves the uplink idle, and no downloader waits
+//!   for ever for pieces nobody else asks for.
+//! - **The line (choking).** At most [`SlotLimits::line`] links wait for a slot. A request
+//!   from a link outside the slots and the line, while the line is full, is answered with a
+//!   [`Grant::Reject`], and so are the held requests of a link whose turn ends while the
+//!   line is full. Holding them instead (a queue as long as the crowd) kept each downloader's
+//!   pieces assigned to a sharer that would not send them for seconds, while other sharers
+//!   that held them idled; rejected, the downloader takes them from others and asks again
+//!   after a rest (see the engine).
 //! - **Cancels** withdraw a held request, which a plain loop could not: the end-game's second
 //!   requests cost the uplink nothing once the first copy arrived.
 //!
@@ -52,6 +60,10 @@ pub struct SlotLimits {
     pub turn_bytes: u64,
     /// Requests held per link; the driver stops reading a link that holds this many.
     pub max_held: usize,
+    /// Links that may wait for a slot (the line); a request from a link neither in a slot
+    /// nor in the line, while the line is full, is answered with a [`Grant::Reject`] (the
+    /// link is *choked*: its downloader asks others and comes back later).
+    pub line: usize,
     /// A seed sends each piece once before any twice (declining the others meanwhile).
     pub superseed: bool,
 }
@@ -62,6 +74,7 @@ impl Default for SlotLimits {
             slots: 4,
             turn_bytes: 512 * 1024,
             max_held: 256,
+            line: 4,
             superseed: true,
         }
     }
@@ -75,6 +88,7 @@ impl SlotLimits {
             slots: usize::MAX,
             turn_bytes: u64::MAX,
             max_held: 256,
+            line: usize::MAX,
             superseed: false,
         }
     }
@@ -128,10 +142,6 @@ struct LinkSlot {
     file: Sha1Digest,
     /// Pieces granted to this link (it finishes those it started).
     pieces: BTreeSet<u32>,
-    /// Blocks (piece, offset) declined to this link once already: asked again, they are
-    /// served, so a link is never declined a piece for ever (say, when nobody linked wants
-    /// the pieces that have not left yet).
-    declined: BTreeSet<(u32, u32)>,
     held: Vec<(BlockRef, u64)>,
     /// Bytes granted over the link's life.
     served: u64,
@@ -177,7 +187,6 @@ impl<K: Ord + Copy> UploadSlots<K> {
         self.links.entry(link).or_insert(LinkSlot {
             file,
             pieces: BTreeSet::new(),
-            declined: BTreeSet::new(),
             held: Vec::new(),
             served: 0,
             place: Place::Idle,
@@ -208,6 +217,11 @@ impl<K: Ord + Copy> UploadSlots<K> {
         self.n_slots_used
     }
 
+    /// How many links wait for a slot.
+    pub fn n_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
     /// How many requests `link` holds.
     pub fn n_held(&self, link: K) -> usize {
         self.links.get(&link).map_or(0, |l| l.held.len())
@@ -217,20 +231,25 @@ impl<K: Ord + Copy> UploadSlots<K> {
     /// Returns false (and holds nothing) for an unknown link or one over its limit.
     pub fn request(&mut self, link: K, block: BlockRef, start: u64) -> bool {
         let max_held = self.limits.max_held;
+        let others_busy = self.others_busy(link);
         let Some(slot) = self.links.get_mut(&link) else {
             return false;
         };
         if slot.held.len() >= max_held {
             return false;
         }
-        let declined = !slot.pieces.contains(&block.piece)
-            && !slot.declined.contains(&(block.piece, block.offset))
+        let declined = others_busy
+            && !slot.pieces.contains(&block.piece)
             && self
                 .sent
                 .get(&slot.file)
                 .is_some_and(|c| c.declines(block.piece));
         if declined {
-            slot.declined.insert((block.piece, block.offset));
+            self.grants.push_back(Grant::Reject { link, block });
+            return true;
+        }
+        if slot.place == Place::Idle && self.waiting.len() >= self.limits.line {
+            // Choked: the line is full.
             self.grants.push_back(Grant::Reject { link, block });
             return true;
         }
@@ -268,10 +287,19 @@ impl<K: Ord + Copy> UploadSlots<K> {
         let others_wait = !self.waiting.is_empty();
         if turn >= self.limits.turn_bytes && others_wait || slot.held.is_empty() {
             self.unplace(link, Place::Slot { turn });
+            let line_full = self.waiting.len() >= self.limits.line;
             if let Some(slot) = self.links.get_mut(&link) {
                 slot.place = Place::Idle;
                 if !slot.held.is_empty() {
-                    self.wait(link);
+                    if line_full {
+                        // Its turn is over and the line is full: choked until it asks again
+                        // (so that links outside the line get their turn too).
+                        for (block, _) in slot.held.drain(..) {
+                            self.grants.push_back(Grant::Reject { link, block });
+                        }
+                    } else {
+                        self.wait(link);
+                    }
                 }
             }
         } else {
@@ -297,6 +325,21 @@ impl<K: Ord + Copy> UploadSlots<K> {
         }
     }
 
+    /// Whether the uplink has work for links other than `link` (another link in a slot, or
+    /// one waiting): only then does a seed decline a piece that has left it already, so that
+    /// super-seeding never leaves the uplink idle.
+    fn others_busy(&self, link: K) -> bool {
+        let own = match self.links.get(&link).map(|l| l.place) {
+            Some(Place::Slot { .. }) => 1,
+            _ => 0,
+        };
+        let waiting_own = match self.links.get(&link).map(|l| l.place) {
+            Some(Place::Waiting { .. }) => 1,
+            _ => 0,
+        };
+        self.n_slots_used > own || self.waiting.len() > waiting_own
+    }
+
     /// Takes a link out of the waiting set or its slot.
     fn unplace(&mut self, link: K, place: Place) {
         match place {
@@ -320,6 +363,14 @@ impl<K: Ord + Copy> UploadSlots<K> {
             slot.place = Place::Slot { turn: 0 };
             self.n_slots_used += 1;
             self.grant_turn(link);
+            // Every request it held was declined: nothing will drain, so the slot is free
+            // again at once.
+            if let Some(slot) = self.links.get_mut(&link) {
+                if slot.place == (Place::Slot { turn: 0 }) && slot.held.is_empty() {
+                    slot.place = Place::Idle;
+                    self.n_slots_used -= 1;
+                }
+            }
         }
     }
 
@@ -327,6 +378,7 @@ impl<K: Ord + Copy> UploadSlots<K> {
     /// nobody waits.
     fn grant_turn(&mut self, link: K) {
         let others_wait = !self.waiting.is_empty();
+        let others_busy = self.others_busy(link);
         let turn_bytes = self.limits.turn_bytes;
         let Some(slot) = self.links.get_mut(&link) else {
             return;
@@ -347,21 +399,17 @@ impl<K: Ord + Copy> UploadSlots<K> {
             let idx = least_sent(&slot.held, &counts.sent);
             let (block, start) = slot.held.remove(idx);
             let piece = block.piece;
-            if !slot.pieces.contains(&piece)
-                && !slot.declined.contains(&(piece, block.offset))
-                && counts.declines(piece)
-            {
+            if others_busy && !slot.pieces.contains(&piece) && counts.declines(piece) {
                 // Its other held blocks of this piece are declined too.
                 let mut rejected = vec![block];
                 slot.held.retain(|&(b, _)| {
-                    let same = b.piece == piece && !slot.declined.contains(&(piece, b.offset));
+                    let same = b.piece == piece;
                     if same {
                         rejected.push(b);
                     }
                     !same
                 });
                 for block in rejected {
-                    slot.declined.insert((piece, block.offset));
                     self.grants.push_back(Grant::Reject { link, block });
                 }
                 continue;

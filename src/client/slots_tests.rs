@@ -22,6 +22,7 @@ fn limits(slots: usize) -> SlotLimits {
         slots,
         turn_bytes: 4 * u64::from(B),
         max_held: 8,
+        line: usize::MAX,
         superseed: true,
     }
 }
@@ -193,16 +194,19 @@ fn a_seed_sends_each_piece_once_before_any_twice() {
     assert_eq!(grants(&mut s).len(), 4, "piece 1 for link 2");
     // A held request whose piece left meanwhile is declined at its turn, and a link finishes
     // a piece it started even when it went out elsewhere too.
-    ask(&mut s, 1, 2, 0..2);
+    ask(&mut s, 1, 2, 0..4);
     ask(&mut s, 2, 2, 0..2);
     s.drained(2);
     let a = answers(&mut s);
     assert_eq!(a[..2], [(1, 2, 0, true), (1, 2, 1, true)]);
+    // Link 1 asks for more after its turn, so the uplink has other work when link 2's turn
+    // comes: link 2 is declined (and gives the slot back at once), then link 1 is served.
+    ask(&mut s, 1, 3, 0..1);
     s.drained(1);
     let a = answers(&mut s);
-    assert_eq!(a, vec![(2, 2, 0, false), (2, 2, 1, false)]);
+    assert_eq!(a, vec![(2, 2, 0, false), (2, 2, 1, false), (1, 3, 0, true)]);
     ask(&mut s, 2, 3, 0..4);
-    s.drained(2);
+    s.drained(1);
     assert_eq!(grants(&mut s).len(), 4, "piece 3 for link 2");
     // Every piece has left once: no more refusals.
     ask(&mut s, 2, 0, 0..4);
@@ -220,16 +224,57 @@ fn a_sharer_that_is_not_a_seed_declines_nothing() {
 }
 
 #[test]
-fn a_block_is_declined_once_then_served() {
+fn a_declined_piece_is_served_once_the_uplink_has_nothing_else() {
+    let mut s = UploadSlots::new(limits(1));
+    s.add_link(1, file(), 4, true);
+    s.add_link(2, file(), 4, true);
+    ask(&mut s, 1, 0, 0..4);
+    grants(&mut s);
+    // Link 1's blocks are still being sent: link 2 is declined piece 0.
+    ask(&mut s, 2, 0, 0..2);
+    assert_eq!(answers(&mut s), vec![(2, 0, 0, false), (2, 0, 1, false)]);
+    // Nobody asks for pieces 1 to 3; once link 1's blocks are out, link 2 asks again and is
+    // served (so nobody waits for ever for pieces that nobody else asks for).
+    s.drained(1);
+    ask(&mut s, 2, 0, 0..2);
+    assert_eq!(answers(&mut s), vec![(2, 0, 0, true), (2, 0, 1, true)]);
+}
+
+#[test]
+fn a_seed_with_nothing_else_to_send_serves_a_piece_that_left_already() {
     let mut s = UploadSlots::new(limits(1));
     s.add_link(1, file(), 4, true);
     s.add_link(2, file(), 4, true);
     ask(&mut s, 1, 0, 0..4);
     grants(&mut s);
     s.drained(1);
-    ask(&mut s, 2, 0, 0..2);
-    assert_eq!(answers(&mut s), vec![(2, 0, 0, false), (2, 0, 1, false)]);
-    // Nobody asks for pieces 1 to 3; link 2 asks again and is served.
+    // Piece 0 left already, but declining it would leave the uplink idle.
     ask(&mut s, 2, 0, 0..2);
     assert_eq!(answers(&mut s), vec![(2, 0, 0, true), (2, 0, 1, true)]);
+}
+
+#[test]
+fn a_full_line_chokes_the_links_outside_it() {
+    let mut s = UploadSlots::new(SlotLimits {
+        line: 1,
+        ..limits(1)
+    });
+    for link in 1..=4 {
+        s.add_link(link, file(), 8, false);
+    }
+    ask(&mut s, 1, 0, 0..4);
+    assert_eq!(grants(&mut s).len(), 4, "link 1 in the slot");
+    ask(&mut s, 2, 1, 0..1);
+    assert!(answers(&mut s).is_empty(), "link 2 waits in the line");
+    ask(&mut s, 3, 2, 0..2);
+    assert_eq!(answers(&mut s), vec![(3, 2, 0, false), (3, 2, 1, false)]);
+    // Link 1's turn is over and the line is full: its further requests are rejected too,
+    // and link 2 takes the slot.
+    ask(&mut s, 1, 3, 0..1);
+    s.drained(1);
+    assert_eq!(answers(&mut s), vec![(1, 3, 0, false), (2, 1, 0, true)]);
+    // The line has room again: the next to ask (link 4) gets in.
+    ask(&mut s, 4, 4, 0..1);
+    assert!(answers(&mut s).is_empty());
+    assert_eq!(s.n_waiting(), 1);
 }

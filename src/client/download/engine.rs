@@ -33,8 +33,12 @@
 //! never the only holder of a missing piece) with a sharer waiting. A sharer that refused
 //! rests ([`Limits::refused_backoff`], doubling) and is dropped after
 //! [`Limits::max_refusals`]; one that rejects a block of a piece it offered is asked for that
-//! piece again after [`Limits::reject_rest`] (a seed sending each piece once first), and the
-//! piece meanwhile counts as held by it.
+//! piece again after [`Limits::reject_rest`] (a seed sending each piece once first, or a
+//! sharer whose line is full), and the piece meanwhile counts as held by it. After a
+//! rejection the link itself makes no new request for a while ([`Limits::reject_rest`] if
+//! it had delivered nothing for [`CHOKED_SILENCE`], [`BUSY_REST`] otherwise), and a link
+//! with room in its pipeline requests a second copy of blocks waiting at a resting, much
+//! slower or silent link ([`Picker::relieve`]).
 //!
 //! # Failure
 //!
@@ -44,7 +48,7 @@
 //! or a sharer that came back) and retries the addresses it has not banned. It fails only when
 //! it has stayed stuck for [`Limits::stuck_grace`] after asking [`Limits::max_requeries`] times.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -122,7 +126,7 @@ impl Default for Limits {
             discover_min: Duration::from_millis(250),
             discover_max: Duration::from_secs(1),
             max_links: 48,
-            rotate_interval: Duration::from_secs(5),
+            rotate_interval: Duration::from_secs(1),
             refused_backoff: Duration::from_secs(2),
             max_refusals: 3,
             reject_rest: Duration::from_millis(500),
@@ -216,6 +220,11 @@ struct Link {
     /// Blocks to keep in flight.
     depth: usize,
     rate: RateMeter,
+    /// The sharer rejected a request (it is choking us, or declined a piece it sent
+    /// already): no new requests to it before this time.
+    rest_until: Option<Instant>,
+    /// When the link was opened.
+    since: Instant,
 }
 
 /// A link's delivery rate: bytes counted over windows of [`RATE_WINDOW`], each window's rate
@@ -274,6 +283,14 @@ enum AddrState {
 pub const MAX_KNOWN_ADDRS: usize = 4096;
 /// Links opened past [`Limits::max_links`] while some missing piece has no linked holder.
 pub const STUCK_EXTRA_LINKS: usize = 8;
+/// A link that delivered no data for this long when a request is rejected is taken as
+/// choked: it rests ([`Limits::reject_rest`]).
+pub const CHOKED_SILENCE: Duration = Duration::from_millis(100);
+/// How long a link that is still delivering pauses its new requests after a rejection.
+pub const BUSY_REST: Duration = Duration::from_millis(50);
+/// A link whose rate is not known yet and that has delivered nothing for this long may be
+/// relieved by a faster one ([`Picker::relieve`]).
+pub const SLOW_SILENCE: Duration = Duration::from_secs(1);
 /// Most deferred pieces remembered; past it the oldest is asked for again at once.
 pub const MAX_DEFERRED: usize = 4096;
 
@@ -338,6 +355,8 @@ pub struct Download {
     deferred: VecDeque<(Instant, PeerId, u32)>,
     bytes_verified: u64,
     finished: bool,
+    /// The latest time a caller passed in (for the few calls without one).
+    last_now: Option<Instant>,
 }
 
 impl Download {
@@ -371,6 +390,7 @@ impl Download {
             rng,
             bytes_verified: 0,
             finished: false,
+            last_now: None,
         }
     }
 
@@ -515,6 +535,8 @@ impl Download {
                 state: LinkState::Opening { since: now },
                 depth: self.limits.depth,
                 rate: RateMeter::new(now),
+                rest_until: None,
+                since: now,
             },
         );
         self.actions.push_back(Action::Connect { peer, addr });
@@ -551,6 +573,13 @@ impl Download {
             .iter()
             .filter_map(|(&p, l)| match (l.state, l.rate.rate) {
                 (LinkState::Active { .. }, Some(rate)) => Some((p, rate)),
+                // Linked for a rotation or longer and never delivered a whole window: a
+                // sharer busy with others (choking us) or holding nothing we lack.
+                (LinkState::Active { .. }, None)
+                    if now >= l.since + self.limits.rotate_interval =>
+                {
+                    Some((p, 0.0))
+                }
                 _ => None,
             })
             .filter(|&(p, _)| !self.picker.is_sole_holder(p))
@@ -719,8 +748,37 @@ impl Download {
             }
             self.deferred
                 .push_back((now + self.limits.reject_rest, peer, block.piece));
+            // A sharer that rejects while it sends us nothing is choking us (its line is
+            // full): the link rests instead of asking it for one piece after another, each
+            // rejected in turn. One that is sending declined only these pieces (a seed
+            // sending each piece once first): the link pauses only briefly (long enough to
+            // gather the other rejections of the same burst) and then asks for other pieces.
+            if let Some(link) = self.links.get_mut(&peer) {
+                let silent = match link.state {
+                    LinkState::Active { last_data } => now >= last_data + CHOKED_SILENCE,
+                    LinkState::Opening { .. } => true,
+                };
+                let rest = if silent {
+                    self.limits.reject_rest
+                } else {
+                    self.limits.reject_rest.min(BUSY_REST)
+                };
+                let until = now + rest;
+                link.rest_until = Some(link.rest_until.map_or(until, |t| t.max(until)));
+            }
         }
         self.check_stuck(now);
+        if self
+            .links
+            .get(&peer)
+            .is_some_and(|l| l.rest_until.is_some())
+            && self.picker.availability(block.piece) <= 1
+        {
+            // Resting, and nobody else holds the piece: no link has new work (a choking
+            // seed rejects a whole pipeline, and refilling every link per block would cost
+            // links x blocks for nothing).
+            return;
+        }
         self.fill_all(now);
     }
 
@@ -811,17 +869,25 @@ impl Download {
         if self.finished {
             return;
         }
-        let mut undeferred = false;
+        // A piece deferred at a peer, or a resting link, gives work back to that link only.
+        let mut undeferred = BTreeSet::new();
         while let Some(&(t, peer, piece)) = self.deferred.front() {
             if t > now {
                 break;
             }
             self.deferred.pop_front();
             self.picker.undefer(peer, piece);
-            undeferred = true;
+            undeferred.insert(peer);
         }
-        if undeferred {
-            self.fill_all(now);
+        for (&peer, link) in self.links.iter_mut() {
+            if link.rest_until.is_some_and(|t| t <= now) {
+                link.rest_until = None;
+                undeferred.insert(peer);
+            }
+        }
+        self.last_now = Some(now);
+        for peer in undeferred {
+            self.fill(peer, Some(now));
         }
         if self.discovery_due().is_some_and(|t| now >= t) {
             self.last_discovery = Some(now);
@@ -853,6 +919,9 @@ impl Download {
             consider(t);
         }
         if let Some(&(t, _, _)) = self.deferred.front() {
+            consider(t);
+        }
+        for t in self.links.values().filter_map(|l| l.rest_until) {
             consider(t);
         }
         // A listed sharer waits for a link slot: the slowest link may be replaced. (Sharers
@@ -919,9 +988,22 @@ impl Download {
         if self.finished || !self.is_active(peer) {
             return;
         }
+        if self
+            .links
+            .get(&peer)
+            .is_some_and(|l| l.rest_until.is_some())
+        {
+            return;
+        }
         let idle = self.picker.outstanding(peer) == 0;
         let depth = self.links.get(&peer).map_or(0, |l| l.depth);
-        let blocks = self.picker.next_requests(peer, depth);
+        let mut blocks = self.picker.next_requests(peer, depth);
+        if self.picker.outstanding(peer) < depth {
+            let slower = self.slower_than(peer, now);
+            if !slower.is_empty() {
+                blocks.extend(self.picker.relieve(peer, depth, &slower));
+            }
+        }
         // The stall clock runs only while requests are outstanding, so it starts when an idle
         // link is given work. (Without this, a link that had been idle for longer than the
         // stall timeout, say until a `have` or another peer's departure gave it work, was
@@ -948,7 +1030,34 @@ impl Download {
         }
     }
 
+    /// The links that `peer`'s link may relieve ([`Picker::relieve`]): those resting after a
+    /// rejection (choked), those delivering less than half its measured rate, and those that
+    /// have delivered nothing for [`SLOW_SILENCE`] while it did. Empty while `peer`'s rate is
+    /// unknown.
+    fn slower_than(&self, peer: PeerId, now: Option<Instant>) -> BTreeSet<PeerId> {
+        let Some(rate) = self.links.get(&peer).and_then(|l| l.rate.rate) else {
+            return BTreeSet::new();
+        };
+        let now = now.or(self.last_now);
+        self.links
+            .iter()
+            .filter(|&(&p, l)| {
+                p != peer
+                    && match (l.state, l.rate.rate) {
+                        _ if l.rest_until.is_some() => true,
+                        (LinkState::Active { .. }, Some(r)) => r < rate / 2.0,
+                        (LinkState::Active { last_data }, None) => {
+                            now.is_some_and(|n| n >= last_data + SLOW_SILENCE)
+                        }
+                        _ => false,
+                    }
+            })
+            .map(|(&p, _)| p)
+            .collect()
+    }
+
     fn fill_all(&mut self, now: Instant) {
+        self.last_now = Some(now);
         let peers: Vec<PeerId> = self.links.keys().copied().collect();
         for peer in peers {
             self.fill(peer, Some(now));

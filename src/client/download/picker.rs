@@ -29,6 +29,9 @@
 //!    Whichever copy arrives first is written; [`Picker::block_written`] names the loser so the
 //!    driver can cancel it. A block is never requested from more than two peers.
 //!
+//! [`Picker::relieve`] adds a sixth source for the engine to use: blocks outstanding at a
+//! slower (or choking) peer, requested a second time from a faster one.
+//!
 //! # Blame
 //!
 //! A piece that fails verification goes back to Missing. If all of its blocks came from one
@@ -591,6 +594,52 @@ impl Picker {
             }
         }
         out
+    }
+
+    /// A second copy, from `peer` (up to `max_in_flight` outstanding), of blocks outstanding
+    /// only at one of `slower` (no copy being written yet), in pieces that `slower` own and
+    /// `peer` holds: a fast link takes over the pieces waiting behind a slow or busy sharer.
+    /// Whichever copy arrives first is written, and [`Picker::block_written`] names the loser
+    /// (to cancel), as in the end-game. Solo pieces are left alone.
+    pub fn relieve(
+        &mut self,
+        peer: PeerId,
+        max_in_flight: usize,
+        slower: &BTreeSet<PeerId>,
+    ) -> Vec<Block> {
+        let mut out = Vec::new();
+        if self.banned.contains(&peer) || slower.contains(&peer) {
+            return out;
+        }
+        let Some(p) = self.peers.get(&peer) else {
+            return out;
+        };
+        let mut need = max_in_flight.saturating_sub(p.outstanding.len());
+        let pieces: Vec<u32> = self
+            .downloading
+            .iter()
+            .copied()
+            .filter(|&piece| {
+                !self.solo.contains(&piece)
+                    && self
+                        .partial(piece)
+                        .and_then(|pt| pt.owner)
+                        .is_some_and(|o| slower.contains(&o))
+                    && self.holds(peer, piece)
+            })
+            .collect();
+        for piece in pieces {
+            if need == 0 {
+                break;
+            }
+            self.duplicate(peer, piece, &mut need, &mut out);
+        }
+        out
+    }
+
+    /// How many connected, non-banned peers hold `piece` (0 out of range).
+    pub fn availability(&self, piece: u32) -> u32 {
+        self.avail.get(piece as usize).copied().unwrap_or(0)
     }
 
     /// Whether `peer` is connected and holds `piece`.

@@ -8,6 +8,16 @@
 //! verify at once. A leecher registers as a sharer one round trip after its first verified
 //! piece, as the real client does. The finish times are checked against the bound
 //! `max(size / seed uplink, leechers * size / total uplink, size / downlink)`.
+//!
+//! Not modelled: socket buffers and bytes in flight per link (a granted block is committed
+//! to its link and sent at the link's share of the uplink; a cancel withdraws only requests
+//! still held), TCP slow start and loss, hashing and disk time, latency differences between
+//! links. The request pipelining depth is the engine's own (sized by measured rate).
+//!
+//! For investigation: `SWARM_TRACE=1` prints, every 0.5 s, the uplink use per uplink rate,
+//! the seed's line and held requests, and why idle leechers idle (no piece, nobody asks, or
+//! asked but waiting); `SIM_ROTATE_MS`, `SIM_REST_MS`, `SIM_LINE` and `SIM_SLOTS` override
+//! the policy's knobs.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,6 +36,8 @@ const MIB: u64 = 1024 * 1024;
 /// 100 Mbit/s in bytes per second.
 const MBIT100: f64 = 12_500_000.0;
 const STEP: Duration = Duration::from_millis(5);
+/// How often `SWARM_TRACE` prints a line.
+const TRACE_WINDOW: Duration = Duration::from_millis(500);
 
 type LinkId = u64;
 
@@ -150,6 +162,11 @@ struct Sim {
     seed_sent: Vec<u64>,
     /// Bytes each peer uploaded.
     uploaded: Vec<u64>,
+    /// `SWARM_TRACE` set: per-window utilisation lines on stderr, and the bytes uploaded at
+    /// the last window's start.
+    trace: bool,
+    traced_at: Duration,
+    traced_up: Vec<u64>,
 }
 
 fn meta(size: u64) -> FileMeta {
@@ -215,6 +232,9 @@ impl Sim {
             busy: BTreeSet::new(),
             seed_sent: vec![0; n_pieces],
             uploaded: vec![0; n_peers],
+            trace: std::env::var_os("SWARM_TRACE").is_some(),
+            traced_at: Duration::ZERO,
+            traced_up: vec![0; n_peers],
         };
         for i in 1..n_peers {
             let join = sim.peers[i].join;
@@ -267,6 +287,7 @@ impl Sim {
                 break;
             }
             self.transmit();
+            self.maybe_trace();
             self.maybe_seed_leaves();
             self.now += STEP;
         }
@@ -579,6 +600,104 @@ impl Sim {
         }
     }
 
+    /// With `SWARM_TRACE` set, every [`TRACE_WINDOW`]: the seed's and the leechers' uplink
+    /// use, who idles and why (nobody linked asks, or it holds nothing others lack), and where
+    /// requests wait.
+    fn maybe_trace(&mut self) {
+        if !self.trace || self.now < self.traced_at + TRACE_WINDOW {
+            return;
+        }
+        let dt = (self.now - self.traced_at).as_secs_f64();
+        let util = |i: usize, s: &Sim| {
+            (s.uploaded[i] - s.traced_up[i]) as f64 / (s.peers[i].up * dt) * 100.0
+        };
+        let seed_util = util(0, self);
+        let running: Vec<usize> = (1..self.peers.len())
+            .filter(|&i| self.peers[i].download.is_some() && self.peers[i].finished.is_none())
+            .collect();
+        let mut sum = 0.0;
+        let mut idle_nobody_asks = 0;
+        let mut idle_waits = 0;
+        let mut idle_no_pieces = 0;
+        for i in 1..self.peers.len() {
+            if self.peers[i].download.is_none() {
+                continue;
+            }
+            let u = util(i, self);
+            sum += u;
+            if u < 20.0 {
+                let n_have = self.peers[i].have.iter().filter(|&&h| h).count();
+                let asked = self
+                    .links
+                    .iter()
+                    .any(|(&id, l)| l.sharer == i && self.peers[i].slots.n_held(id) > 0);
+                if n_have == 0 {
+                    idle_no_pieces += 1;
+                } else if asked {
+                    idle_waits += 1;
+                } else {
+                    idle_nobody_asks += 1;
+                }
+            }
+        }
+        let n = self.peers.len() - 1;
+        let held_at_seed: usize = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.sharer == 0)
+            .map(|(&id, _)| self.peers[0].slots.n_held(id))
+            .sum();
+        let held_at_leechers: usize = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.sharer != 0)
+            .map(|(&id, l)| self.peers[l.sharer].slots.n_held(id))
+            .sum();
+        let waiting_links: usize = (1..self.peers.len())
+            .map(|i| self.peers[i].slots.n_waiting())
+            .sum();
+        let mean_have: f64 = (1..self.peers.len())
+            .map(|i| self.peers[i].have.iter().filter(|&&h| h).count() as f64)
+            .sum::<f64>()
+            / n as f64;
+        let in_swarm = (0..self.seed_sent.len())
+            .filter(|&p| self.peers[1..].iter().any(|l| l.have[p]))
+            .count();
+        // Uplink use per uplink rate (uneven uplinks), in Mbit/s: percent.
+        let mut by_rate: BTreeMap<u64, (f64, usize)> = BTreeMap::new();
+        for i in 1..self.peers.len() {
+            let e = by_rate
+                .entry((self.peers[i].up * 8.0 / 1e6) as u64)
+                .or_default();
+            e.0 += util(i, self);
+            e.1 += 1;
+        }
+        let classes: Vec<String> = by_rate
+            .iter()
+            .map(|(r, (u, n))| format!("{r}:{:.0}%", u / *n as f64))
+            .collect();
+        eprintln!(
+            "t={:5.2} [{}] seed {:3.0}% (waiting {:3}, held {:4}) | leechers {:3.0}% running {:3}; idle: no piece {:3}, nobody asks {:3}, asked {:3}; held {:5}, links waiting {:4} | pieces: mean {:5.1}, in swarm {:4}, seed sent {:.2}x",
+            self.now.as_secs_f64(),
+            classes.join(" "),
+            seed_util,
+            self.peers[0].slots.n_waiting(),
+            held_at_seed,
+            sum / n as f64,
+            running.len(),
+            idle_no_pieces,
+            idle_nobody_asks,
+            idle_waits,
+            held_at_leechers,
+            waiting_links,
+            mean_have,
+            in_swarm,
+            self.uploaded[0] as f64 / self.scenario.size as f64,
+        );
+        self.traced_at = self.now;
+        self.traced_up = self.uploaded.clone();
+    }
+
     fn maybe_seed_leaves(&mut self) {
         if !self.scenario.seed_leaves || !self.peers[0].online {
             return;
@@ -627,7 +746,20 @@ impl Sim {
     }
 }
 
-fn run(name: &str, scenario: Scenario, limits: Limits, slots: SlotLimits) -> f64 {
+fn run(name: &str, scenario: Scenario, mut limits: Limits, mut slots: SlotLimits) -> f64 {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = env("SIM_ROTATE_MS") {
+        limits.rotate_interval = Duration::from_millis(ms);
+    }
+    if let Some(ms) = env("SIM_REST_MS") {
+        limits.reject_rest = Duration::from_millis(ms);
+    }
+    if let Some(n) = env("SIM_LINE") {
+        slots.line = n as usize;
+    }
+    if let Some(n) = env("SIM_SLOTS") {
+        slots.slots = n as usize;
+    }
     let mut sim = Sim::new(scenario, limits, slots);
     let times = sim.run();
     sim.report(name, &times)
@@ -678,9 +810,8 @@ fn flash_crowd_of_32() {
     assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
 }
 
-/// Not at the aim yet (1.5x): the seed still sends the file about 2.7 times, as downloaders
-/// that wait for their turn at it hold requests for pieces others could give them. Guards
-/// against losing what is reached.
+/// Not at the aim yet (1.5x): 1.62x, the seed sends the file about 1.5 times and the
+/// leechers use about two thirds of their uplinks. Guards against losing what is reached.
 #[test]
 fn flash_crowd_of_128() {
     let ratio = run(
@@ -689,7 +820,7 @@ fn flash_crowd_of_128() {
         limits(),
         SlotLimits::default(),
     );
-    assert!(ratio <= 3.2, "the last leecher took {ratio:.2}x the bound");
+    assert!(ratio <= 1.75, "the last leecher took {ratio:.2}x the bound");
 }
 
 #[test]
@@ -721,8 +852,8 @@ fn uneven_uplinks() {
             _ => MBIT100 * 2.0,
         };
     }
-    // Not at the aim yet (1.5x): the slow uplinks hold pieces the others wait for, and the
-    // seed sends the file about twice. Guards against losing what is reached.
+    // Not at the aim yet (1.5x): 1.76x; the 200 Mbit/s uplinks are used at 30-60% (pieces
+    // reach them no sooner than the others). Guards against losing what is reached.
     let ratio = run("uneven uplinks", scenario, limits(), SlotLimits::default());
-    assert!(ratio <= 2.4, "the last leecher took {ratio:.2}x the bound");
+    assert!(ratio <= 1.9, "the last leecher took {ratio:.2}x the bound");
 }
