@@ -413,33 +413,7 @@ impl ServiceKey {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| io("create its directory", e))?;
-        let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce).map_err(|e| io("create", io::Error::other(e.to_string())))?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "service.key".into());
-        let tmp = dir.join(format!(
-            ".{name}.tmp-{}-{}",
-            std::process::id(),
-            u64::from_be_bytes(nonce)
-        ));
-        let written = (|| -> io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(self.file_text().as_bytes())?;
-            f.sync_all()?;
-            fs::hard_link(&tmp, path)
-        })();
-        let _ = fs::remove_file(&tmp);
-        written.map_err(|e| io("create", e))?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        create_private_file(path, &self.file_text()).map_err(|e| io("create", e))
     }
 
     /// The key file's contents.
@@ -522,6 +496,44 @@ pub fn default_key_path(trackers: &[SocketAddr]) -> Result<PathBuf, KeyError> {
     let root = state_root(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"))
         .ok_or(KeyError::NoStateDir)?;
     Ok(root.join(key_file_name(trackers)))
+}
+
+/// Creates `path`, which must not exist, holding `text`, readable by its owner only: written
+/// whole under a unique temporary name beside it (mode 0600) and synced, then hard-linked into
+/// place (atomic; fails with `AlreadyExists` rather than overwrite), then the directory synced.
+/// Key files are made this way, so a reader never sees one half written.
+pub(crate) fn create_private_file(path: &Path, text: &str) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| io::Error::other(e.to_string()))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        u64::from_be_bytes(nonce)
+    ));
+    let written = (|| -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::hard_link(&tmp, path)
+    })();
+    let _ = fs::remove_file(&tmp);
+    written?;
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,9 +12,9 @@
 //! arithmetic is `snow`'s; nothing here is cryptography of our own. No sockets, no clocks.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use base64ct::{Base64UrlUnpadded, Encoding};
@@ -204,33 +204,7 @@ impl ClientIdentity {
             what,
             err,
         };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce).map_err(|e| IdentityError::Random(e.to_string()))?;
-        let tmp = dir.join(format!(
-            ".{IDENTITY_FILE}.tmp-{}-{}",
-            std::process::id(),
-            u64::from_be_bytes(nonce)
-        ));
-        let written = (|| -> io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(self.file_text().as_bytes())?;
-            f.sync_all()?;
-            fs::hard_link(&tmp, path)
-        })();
-        let _ = fs::remove_file(&tmp);
-        written.map_err(|e| io_err("create", e))?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        crate::keys::create_private_file(path, &self.file_text()).map_err(|e| io_err("create", e))
     }
 
     fn file_text(&self) -> String {

@@ -214,6 +214,21 @@ pub struct DownloadEntry {
     pub withdraw_due: bool,
 }
 
+impl DownloadEntry {
+    /// The share the download's target is (once it holds verified pieces): no stamp yet, the
+    /// file being written.
+    fn share(&self) -> LocalShare {
+        LocalShare {
+            user: self.user.clone(),
+            group: self.group.clone(),
+            name: self.name.clone(),
+            path: self.target.clone(),
+            meta: self.meta.clone(),
+            stamp: None,
+        }
+    }
+}
+
 /// A request sent on the side, while commands go on.
 #[derive(Debug, Clone)]
 enum Background {
@@ -1087,14 +1102,7 @@ impl ClientCore {
                     }
                     ReplyBody::Shared { .. } => {
                         d.registered = true;
-                        let share = LocalShare {
-                            user: d.user.clone(),
-                            group: d.group.clone(),
-                            name: d.name.clone(),
-                            path: d.target.clone(),
-                            meta: d.meta.clone(),
-                            stamp: None,
-                        };
+                        let share = d.share();
                         log::info!("now sharing {} in group {}", share.name, share.group);
                         self.add_share(share);
                         self.out.push_back(Output::SharesChanged);
@@ -1327,14 +1335,7 @@ impl ClientCore {
             return self.fail(reason);
         }
         d.status = DownloadStatus::Complete;
-        let share = LocalShare {
-            user: d.user.clone(),
-            group: d.group.clone(),
-            name: d.name.clone(),
-            path: d.target.clone(),
-            meta: d.meta.clone(),
-            stamp: None,
-        };
+        let share = d.share();
         let line = format!(
             "download of {} from group {} had finished: {} (shared)",
             d.name,
