@@ -1319,11 +1319,7 @@ impl ClientCore {
         if d.status != DownloadStatus::Running {
             return;
         }
-        let holds_it = done.result.as_ref().is_ok_and(|h| {
-            h.size == d.meta.size
-                && h.file_sha1 == d.meta.file_sha1
-                && h.piece_hashes == d.meta.piece_hashes
-        });
+        let holds_it = done.result.as_ref().is_ok_and(|h| holds(h, &d.meta));
         if !holds_it {
             d.status = DownloadStatus::Failed;
             let reason = format!(
@@ -1342,6 +1338,13 @@ impl ClientCore {
             d.group,
             d.target.display()
         );
+        self.share_again(share);
+        self.print(line);
+    }
+
+    /// Serves a share found good again (its file hashed again), and tells the tracker if its
+    /// user is logged in here (otherwise the next login carries it).
+    fn share_again(&mut self, share: LocalShare) {
         let announce = self.user.as_ref() == Some(&share.user);
         let (group, meta) = (share.group.clone(), share.meta.clone());
         self.add_share(share);
@@ -1352,7 +1355,6 @@ impl ClientCore {
                 RequestBody::UploadFile { group, meta },
             );
         }
-        self.print(line);
     }
 
     /// A remembered share whose file changed was hashed again: served and announced again if
@@ -1361,22 +1363,9 @@ impl ClientCore {
         self.state_dirty = true;
         let (path, group) = (share.path.display().to_string(), share.group.clone());
         match done.result {
-            Ok(h)
-                if h.size == share.meta.size
-                    && h.file_sha1 == share.meta.file_sha1
-                    && h.piece_hashes == share.meta.piece_hashes =>
-            {
+            Ok(h) if holds(&h, &share.meta) => {
                 log::info!("{path} verified again: shared in group {group} again");
-                let announce = self.user.as_ref() == Some(&share.user);
-                let meta = share.meta.clone();
-                self.add_share(share);
-                self.out.push_back(Output::SharesChanged);
-                if announce {
-                    self.send_background(
-                        Background::Rechecked,
-                        RequestBody::UploadFile { group, meta },
-                    );
-                }
+                self.share_again(share);
             }
             Ok(_) => log::warn!(
                 "{path} no longer holds the {} shared in group {group}: no longer shared",
@@ -1783,6 +1772,11 @@ impl ClientCore {
             )),
         }
     }
+}
+
+/// Whether a file hashed to `h` holds the content `meta` names.
+fn holds(h: &FileHashes, meta: &FileMeta) -> bool {
+    h.size == meta.size && h.file_sha1 == meta.file_sha1 && h.piece_hashes == meta.piece_hashes
 }
 
 #[cfg(test)]

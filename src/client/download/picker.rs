@@ -815,23 +815,26 @@ impl Picker {
         written
     }
 
+    /// Whether `block` is requested from `peer` now.
+    fn requested_from(&self, peer: PeerId, block: &Block) -> bool {
+        self.block_index(block).is_some_and(|idx| {
+            self.partial(block.piece).is_some_and(|pt| {
+                matches!(pt.blocks.get(idx), Some(BlockState::Requested { by, .. }) if by.contains(peer))
+            })
+        })
+    }
+
     /// `peer` refused a block it was asked for. The block goes back to the pool and the peer
     /// is taken as not holding the piece (it gets no more requests for it and stops owning
     /// it). A refusal of a block the peer has no request for (say, after a cancel) is ignored.
     pub fn block_rejected(&mut self, peer: PeerId, block: Block) {
-        let Some(idx) = self.block_index(&block) else {
-            return;
-        };
         let piece = block.piece;
-        let requested = self.partial(piece).is_some_and(|pt| {
-            matches!(pt.blocks.get(idx), Some(BlockState::Requested { by, .. }) if by.contains(peer))
-        });
+        if !self.requested_from(peer, &block) {
+            return;
+        }
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
-        if !requested {
-            return;
-        }
         p.outstanding.remove(&block);
         let owned = p.owned.remove(&piece);
         let had = p.has.set(piece, false);
@@ -851,19 +854,13 @@ impl Picker {
     /// (so the download is not stuck for it) and is asked for it again only after
     /// [`undefer`](Self::undefer).
     pub fn block_deferred(&mut self, peer: PeerId, block: Block) {
-        let Some(idx) = self.block_index(&block) else {
-            return;
-        };
         let piece = block.piece;
-        let requested = self.partial(piece).is_some_and(|pt| {
-            matches!(pt.blocks.get(idx), Some(BlockState::Requested { by, .. }) if by.contains(peer))
-        });
+        if !self.requested_from(peer, &block) {
+            return;
+        }
         let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
-        if !requested {
-            return;
-        }
         p.outstanding.remove(&block);
         let owned = p.owned.remove(&piece);
         p.not_now.insert(piece);

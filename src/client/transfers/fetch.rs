@@ -366,28 +366,18 @@ fn read_sharer(
     while budget > 0 {
         let (r, is_data) = match link.decoder.next_read() {
             Next::Buffer(buf) => (stream.read(buf), false),
-            Next::BlockData { piece, offset, len } => {
-                let written = if link.writing {
-                    active
-                        .part
-                        .write_with(piece, offset, len, |buf| stream.read(buf))
-                } else {
-                    None
-                };
-                match written {
-                    Some(r) => (r, true),
-                    None => {
-                        if link.writing {
-                            // The engine accepted a block the file will not take: a bug, but
-                            // the stream stays in step if the data is dropped.
-                            warn!("piece {piece} refused a block the engine accepted");
-                            link.writing = false;
-                        }
-                        let cap = scratch.len().min(len as usize);
-                        (stream.read(&mut scratch[..cap]), true)
-                    }
-                }
-            }
+            Next::BlockData { piece, offset, len } => (
+                read_block_data(
+                    stream,
+                    &mut link.writing,
+                    active,
+                    scratch,
+                    piece,
+                    offset,
+                    len,
+                ),
+                true,
+            ),
         };
         let n = match io_step(r)? {
             Step::Read(n) => n,
@@ -427,6 +417,34 @@ fn read_sharer(
 enum Step {
     Read(usize),
     End(ReadEnd),
+}
+
+/// Reads block data of `piece` at `offset` (at most `len` bytes) from `stream` straight into
+/// its place in the `.part` map; when the link is not `writing` (the engine does not want the
+/// block) or the file will not take it, into `scratch`, dropped, which keeps the stream in step.
+fn read_block_data(
+    stream: &mut TcpStream,
+    writing: &mut bool,
+    active: &mut Active,
+    scratch: &mut [u8],
+    piece: u32,
+    offset: u32,
+    len: u32,
+) -> io::Result<usize> {
+    if *writing {
+        if let Some(r) = active
+            .part
+            .write_with(piece, offset, len, |buf| stream.read(buf))
+        {
+            return r;
+        }
+        // The engine accepted a block the file will not take: a bug, but the stream stays
+        // in step if the data is dropped.
+        warn!("piece {piece} refused a block the engine accepted");
+        *writing = false;
+    }
+    let cap = scratch.len().min(len as usize);
+    stream.read(&mut scratch[..cap])
 }
 
 /// Sorts a read's outcome: bytes, the end of what is there (`WouldBlock`), the peer closing,
@@ -490,26 +508,18 @@ fn read_sealed_sharer(
     while budget > 0 {
         let (r, is_data) = match sec.stream.next_read() {
             SealedNext::Buffer(buf) => (stream.read(buf), false),
-            SealedNext::BlockData { piece, offset, len } => {
-                let written = if link.writing {
-                    active
-                        .part
-                        .write_with(piece, offset, len, |buf| stream.read(buf))
-                } else {
-                    None
-                };
-                match written {
-                    Some(r) => (r, true),
-                    None => {
-                        if link.writing {
-                            warn!("piece {piece} refused a block the engine accepted");
-                            link.writing = false;
-                        }
-                        let cap = scratch.len().min(len as usize);
-                        (stream.read(&mut scratch[..cap]), true)
-                    }
-                }
-            }
+            SealedNext::BlockData { piece, offset, len } => (
+                read_block_data(
+                    stream,
+                    &mut link.writing,
+                    active,
+                    scratch,
+                    piece,
+                    offset,
+                    len,
+                ),
+                true,
+            ),
         };
         let n = match io_step(r)? {
             Step::Read(n) => n,
