@@ -2102,3 +2102,49 @@ fn a_listing_comes_in_parts_below_the_part_limit() {
         RejectCode::NotLoggedIn,
     );
 }
+
+/// Measurement, run only when named (`--ignored`): one user makes `QUOTA_BENCH_GROUPS`
+/// (300,000) groups with 64-byte ids through the core, each `create_group` checked against
+/// the user's quotas (raised so that none is reached). Prints the time per tenth, so a cost
+/// per check that grows with the state shows as tenths that grow.
+#[test]
+#[ignore]
+fn one_user_makes_many_groups_bench() {
+    let n: usize = std::env::var("QUOTA_BENCH_GROUPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300_000);
+    let quotas = Quotas {
+        groups_per_user: n + 1,
+        ..Quotas::default()
+    };
+    let mut h = harness_with(|c| c.with_quotas(quotas));
+    let a = conn(1);
+    h.connect(a);
+    h.create_user(a, "alice", "pw");
+    assert_logged_in(&h.login(a, "alice", "pw", 5000));
+    let start = Instant::now();
+    let mut tenth = Instant::now();
+    for i in 0..n {
+        let body = h.ask(
+            a,
+            RequestBody::CreateGroup {
+                group: gid(&format!("g{i:063}")),
+            },
+        );
+        assert_eq!(body, ReplyBody::Done, "group {i}");
+        if (i + 1) % (n / 10).max(1) == 0 {
+            eprintln!(
+                "{} groups: {:.2} s (this tenth {:.2} s)",
+                i + 1,
+                start.elapsed().as_secs_f64(),
+                tenth.elapsed().as_secs_f64()
+            );
+            tenth = Instant::now();
+        }
+    }
+    eprintln!(
+        "one user made {n} groups through the core in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+}
