@@ -97,7 +97,11 @@ fn change(i: u64) -> Entry {
             req_id: 3 + round,
         }),
         op: if round.is_multiple_of(2) {
-            Op::CreateGroup { session, group }
+            Op::CreateGroup {
+                session,
+                group,
+                quotas: None,
+            }
         } else {
             Op::LeaveGroup { session, group }
         },

@@ -36,7 +36,8 @@ use super::password::{PasswordJob, PasswordResult};
 use super::password_queue::{JobOwner, PasswordQueue, Pushed};
 use super::replica::{Replica, ReplicaOut, Timings};
 use super::state::{
-    Answer, Entry, Op, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
+    Adds, Answer, Entry, Op, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
+    UserQuotas,
 };
 use super::tickets::TicketIssuer;
 use crate::net::ConnId;
@@ -45,7 +46,7 @@ use crate::wire::replication::{ReplMsg, MAX_REPLICATION_FRAME};
 use crate::wire::tracker_link::{
     ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, Role, TrackerMsg,
 };
-use crate::wire::tracker_link::{FileMeta, Listing, MAX_PART_BYTES};
+use crate::wire::tracker_link::{Listing, MAX_PART_BYTES};
 use crate::wire::{FileName, GroupId, UserId, PROTOCOL_VERSION};
 
 /// A connection must complete its handshake within this time.
@@ -265,9 +266,13 @@ pub struct TrackerCore {
 /// that keeps losing its primaryship could otherwise grow by its connection count each time).
 const MAX_SENT_AWAY: usize = 65_536;
 
-/// What one user may make the service hold; checked by the tracker that receives the request,
-/// before the change is replicated (so a few changes racing through different trackers may
-/// pass a limit by their number). Each has a `tracker_program` option.
+/// What one user may make the service hold. The per-user quotas are checked twice: early by
+/// the tracker that receives the request (which saves a replicated change when the state it
+/// holds already shows the user at a limit), and then with authority by the replicated apply,
+/// which every tracker runs in the same order: the op carries these limits
+/// ([`Quotas::per_user`]) so that every tracker applies it alike (see `tracker::state`). The
+/// state quota is checked by the receiving tracker only (so changes racing through different
+/// trackers may pass it by their number). Each has a `tracker_program` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
     /// Groups a user owns (`--max-groups-per-user`).
@@ -282,6 +287,19 @@ pub struct Quotas {
     /// Bytes the whole state may take, by [`TrackerState::approx_bytes`]
     /// (`--max-state-bytes`): past it, nothing that adds to the state is accepted.
     pub state_bytes: usize,
+}
+
+impl Quotas {
+    /// The per-user limits, as a change carries them to the replicated apply.
+    pub fn per_user(&self) -> UserQuotas {
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        UserQuotas {
+            groups_owned: n(self.groups_per_user),
+            requests: n(self.requests_per_user),
+            files: n(self.files_per_user),
+            metadata: n(self.metadata_per_user),
+        }
+    }
 }
 
 impl Default for Quotas {
@@ -475,6 +493,12 @@ impl TrackerCore {
 
     pub fn replica(&self) -> &Replica {
         &self.replica
+    }
+
+    /// The replica, to hand it changes straight (scenarios of the simulated clusters).
+    #[cfg(test)]
+    pub(crate) fn replica_mut(&mut self) -> &mut Replica {
+        &mut self.replica
     }
 
     pub fn handle_open(&mut self, conn: ConnId, now: Instant) {
@@ -1552,14 +1576,22 @@ impl TrackerCore {
             RequestBody::CreateGroup { group } => {
                 let session = self.session_of(conn)?;
                 self.check_state_room(3 * RECORD_BYTES + group.as_str().len() + 2 * MAX_ID)?;
-                self.check_quota(session, Quota::Group)?;
-                Op::CreateGroup { session, group }
+                self.check_quota(session, Adds::Group)?;
+                Op::CreateGroup {
+                    session,
+                    group,
+                    quotas: Some(self.quotas.per_user()),
+                }
             }
             RequestBody::JoinGroup { group } => {
                 let session = self.session_of(conn)?;
                 self.check_state_room(RECORD_BYTES + MAX_ID)?;
-                self.check_quota(session, Quota::Request)?;
-                Op::JoinGroup { session, group }
+                self.check_quota(session, Adds::Request)?;
+                Op::JoinGroup {
+                    session,
+                    group,
+                    quotas: Some(self.quotas.per_user()),
+                }
             }
             RequestBody::LeaveGroup { group } => Op::LeaveGroup {
                 session: self.session_of(conn)?,
@@ -1579,11 +1611,12 @@ impl TrackerCore {
                 let session = self.session_of(conn)?;
                 let adds = 3 * RECORD_BYTES + super::state::meta_bytes(&meta) + MAX_ID;
                 self.check_state_room(adds)?;
-                self.check_quota(session, Quota::File(&group, &meta))?;
+                self.check_quota(session, Adds::File(&group, &meta))?;
                 Op::ShareFile {
                     session,
                     group,
                     meta,
+                    quotas: Some(self.quotas.per_user()),
                 }
             }
             RequestBody::StopShare { group, name } => Op::StopShare {
@@ -1594,13 +1627,6 @@ impl TrackerCore {
         };
         Ok(Handled::Change(op, SessionEffect::None))
     }
-}
-
-/// What a change would add to a user's holdings.
-enum Quota<'a> {
-    Group,
-    Request,
-    File(&'a GroupId, &'a FileMeta),
 }
 
 /// What [`TrackerState::approx_bytes`] counts per record, and the longest id.
@@ -1652,42 +1678,15 @@ impl TrackerCore {
         Ok(())
     }
 
-    /// Refuses a change that would take the session's user past a quota.
-    fn check_quota(&self, session: SessionId, quota: Quota<'_>) -> Result<(), Reject> {
+    /// Refuses early a change that would take the session's user past a quota, by the state
+    /// this tracker holds (the replicated apply checks again, with authority: changes of the
+    /// same user through other trackers may be ordered before this one).
+    fn check_quota(&self, session: SessionId, adds: Adds<'_>) -> Result<(), Reject> {
         let state = self.replica.state();
-        let Some(user) = state.session(session).map(|s| s.user.clone()) else {
+        let Some(user) = state.session(session).map(|s| &s.user) else {
             return Ok(());
         };
-        let q = self.quotas;
-        let over = |what: &str, limit: usize| {
-            Err(Reject::new(
-                RejectCode::QuotaExceeded,
-                format!("quota: at most {limit} {what} per user"),
-            ))
-        };
-        let held = state.holdings(&user);
-        match quota {
-            Quota::Group if held.groups_owned >= q.groups_per_user => {
-                over("groups owned", q.groups_per_user)
-            }
-            Quota::Request if held.requests >= q.requests_per_user => {
-                over("pending join requests", q.requests_per_user)
-            }
-            Quota::File(group, meta) => {
-                if state.shares(&user, group, &meta.name) {
-                    // Sharing again what one shares adds nothing.
-                    return Ok(());
-                }
-                if held.files >= q.files_per_user {
-                    return over("shared files", q.files_per_user);
-                }
-                if held.metadata + super::state::meta_bytes(meta) > q.metadata_per_user {
-                    return over("bytes of file metadata", q.metadata_per_user);
-                }
-                Ok(())
-            }
-            _ => Ok(()),
-        }
+        state.check_quota(user, adds, &self.quotas.per_user())
     }
 }
 

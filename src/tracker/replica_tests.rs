@@ -87,11 +87,11 @@ use super::{Timings, SESSION_GRACE};
 use crate::net::ConnId;
 use crate::rng::SplitMix64;
 use crate::testing::{fname, gid, uid};
-use crate::tracker::core::{Output, TrackerCore};
+use crate::tracker::core::{Output, Quotas, TrackerCore};
 use crate::tracker::disk::{LogRecord, Recovered};
 use crate::tracker::durable::{self, Persist};
 use crate::tracker::password::{self, PasswordJob, PasswordResult};
-use crate::tracker::state::{Op, Sharer, TrackerRef, TrackerState};
+use crate::tracker::state::{Entry, Op, Origin, Outcome, Sharer, TrackerRef, TrackerState};
 use crate::wire::frame::{LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::wire::replication::{ReplMsg, ReplStatus, MAX_REPLICATION_FRAME};
 use crate::wire::tracker_link::{
@@ -484,6 +484,8 @@ struct Cluster {
     disks: Vec<SimDisk>,
     /// The tracker that founded the service (started first).
     founder: Option<u16>,
+    /// Quotas every tracker started from now on is given (the defaults otherwise).
+    quotas: Option<Quotas>,
 }
 
 /// What happened in a run, to see that the faults really were exercised.
@@ -554,6 +556,7 @@ impl Cluster {
             durable: false,
             disks: (0..n).map(|_| SimDisk::default()).collect(),
             founder: None,
+            quotas: None,
         }
     }
 
@@ -665,6 +668,10 @@ impl Cluster {
                 self.timings,
                 self.instant(),
             )
+        };
+        let core = match self.quotas {
+            Some(quotas) => core.with_quotas(quotas),
+            None => core,
         };
         self.trace(|| format!("tracker {no} starts (run {incarnation:x})"));
         self.trackers[usize::from(no - 1)] = Some(SimTracker {
@@ -3264,4 +3271,93 @@ fn a_joiner_killed_after_installing_the_state_waits_for_its_primary() {
     cl.settle();
     cl.check_agreement();
     cl.check_acknowledged();
+}
+
+/// Two changes of one user that together pass a quota, each checked early by a tracker that
+/// had not seen the other: the replicated apply refuses the one ordered second, on every
+/// tracker alike, and its client gets the quota error through the tracker it used.
+#[test]
+fn a_quota_holds_where_changes_are_ordered_whatever_the_receiving_trackers_saw() {
+    let quotas = Quotas {
+        groups_per_user: 1,
+        ..Quotas::default()
+    };
+    let mut cl = Cluster::new(3, 61);
+    cl.quotas = Some(quotas);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    let c = cl.add_client(Some(2));
+    cl.sign_in(c);
+    cl.settle();
+    let user = cl.clients[c].user.clone();
+    let (session, _) = cl
+        .core(1)
+        .state()
+        .sessions()
+        .find(|(_, s)| s.user == user)
+        .map(|(id, s)| (*id, s.clone()))
+        .expect("the client's session");
+    // Tracker 2, which holds the client's link, hears nothing from the primary for a while
+    // (less than the heartbeat timeout), so its early check cannot see the first change.
+    let to_2 = cl.tracker_link(1, 2).expect("a link from 1 to 2");
+    cl.pause(to_2);
+    // The first change comes through tracker 3 (another link of the same user, as during a
+    // `Resume`; made here straight at its replica, as its core would after its own check).
+    let other = Origin {
+        client: 0x0707,
+        req_id: 1,
+    };
+    let incarnation = cl.tracker(3).incarnation;
+    let core3 = cl.tracker_mut(3, incarnation).expect("tracker 3 runs");
+    core3.replica_mut().submit(Entry {
+        origin: Some(other),
+        op: Op::CreateGroup {
+            session,
+            group: gid("first"),
+            quotas: Some(quotas.per_user()),
+        },
+    });
+    cl.pump(3);
+    assert!(cl.run_until(2000, |cl| cl.core(1).state().group(&gid("first")).is_some()));
+    // The second, through tracker 2, which still holds a state without the first.
+    let req_id = cl.issue(
+        c,
+        RequestBody::CreateGroup {
+            group: gid("second"),
+        },
+        Expect::Manual,
+    );
+    assert!(cl.run_until(1000, |cl| cl
+        .queued(2, 1, |m| matches!(m, ReplMsg::Forward { .. }))));
+    assert!(
+        cl.core(2).state().group(&gid("first")).is_none(),
+        "tracker 2 checked the second change without the first"
+    );
+    cl.resume();
+    assert!(cl.run_until(5000, |cl| cl.clients[c].answered.contains(&req_id)));
+    let (id, reply) = cl.clients[c].replies.pop().expect("a reply");
+    assert_eq!(id, req_id);
+    match &reply {
+        ReplyBody::Refused { code, message } => {
+            assert_eq!(*code, RejectCode::QuotaExceeded, "{message}");
+            assert_eq!(message, "quota: at most 1 groups owned per user");
+        }
+        other => panic!("the second group was not refused: {other:?}"),
+    }
+    cl.settle();
+    cl.check_agreement();
+    for no in 1..=3 {
+        let st = cl.core(no).state();
+        assert!(st.group(&gid("first")).is_some(), "tracker {no}");
+        assert!(st.group(&gid("second")).is_none(), "tracker {no}");
+        assert_eq!(st.holdings(&user).groups_owned, 1, "tracker {no}");
+        assert_eq!(
+            st.remembered(other),
+            Some(Ok(Outcome::Done)),
+            "tracker {no}"
+        );
+        assert_eq!(st.holdings_walk().get(&user), Some(&st.holdings(&user)));
+    }
 }

@@ -11,6 +11,22 @@
 //! retried after a failover, with the same client and request id, gets the remembered answer
 //! instead of being applied twice. That memory is part of the state, so every replica holds it.
 //!
+//! The per-user quotas are enforced here, where changes are ordered: `CreateGroup`,
+//! `JoinGroup` and `ShareFile` carry the limits of the tracker that received the request
+//! ([`UserQuotas`]), and `apply` refuses the op if it would take the acting user past one,
+//! against the state at that point of the order. Every tracker applies the same entries in the
+//! same order with the same limits, so all reach the same answer and the same state, whichever
+//! tracker a client used and however many of its changes race through different trackers.
+//! The limits are in the op rather than read from this tracker's options (which could differ
+//! between trackers and would make `apply` answer differently on each), and they are chosen
+//! by the receiving tracker rather than stamped by the primary, because a backup recognises
+//! its forwarded entries coming back applied by equality: an entry the primary rewrote would
+//! not be recognised. What each user holds is kept in an index ([`Holdings`]) updated by every
+//! apply, so a check is a lookup; it is derived data, not in the snapshot, and rebuilt when a
+//! snapshot is read. Builds with debug assertions (and every test build) check it against a
+//! walk of the state after each op while the state has at most [`HOLDINGS_CHECK_GROUPS`]
+//! groups.
+//!
 //! Architecture invariant: everything a tracker answers is derived from this state; nothing
 //! else in the tracker holds users, groups, files or sessions.
 
@@ -23,7 +39,7 @@ use crate::wire::{FileName, GroupId, UserId};
 
 // The replicated changes are defined next to their encoding in `wire`, which must not depend
 // on the tracker; they are the tracker state's vocabulary, so they are named from here too.
-pub use crate::wire::ops::{Entry, Op, Origin, SessionId, TrackerRef};
+pub use crate::wire::ops::{Entry, Op, Origin, SessionId, TrackerRef, UserQuotas};
 
 /// A logged-in user on one client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +113,9 @@ pub fn meta_bytes(meta: &FileMeta) -> usize {
     meta.name.as_str().len() + 8 + 4 + 20 + 20 * meta.piece_hashes.len()
 }
 
-/// What one user holds, counted for the quotas.
+/// What one user holds, counted for the quotas: groups owned, join requests pending, files
+/// shared (a file counts once however many of the user's clients share it) and the
+/// [`meta_bytes`] of those files.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Holdings {
     pub groups_owned: usize,
@@ -105,6 +123,57 @@ pub struct Holdings {
     pub files: usize,
     pub metadata: usize,
 }
+
+impl Holdings {
+    fn add(&mut self, other: &Holdings) {
+        self.groups_owned += other.groups_owned;
+        self.requests += other.requests;
+        self.files += other.files;
+        self.metadata += other.metadata;
+    }
+
+    fn sub(&mut self, other: &Holdings) {
+        self.groups_owned = self.groups_owned.saturating_sub(other.groups_owned);
+        self.requests = self.requests.saturating_sub(other.requests);
+        self.files = self.files.saturating_sub(other.files);
+        self.metadata = self.metadata.saturating_sub(other.metadata);
+    }
+
+    fn owned(n: usize) -> Holdings {
+        Holdings {
+            groups_owned: n,
+            ..Holdings::default()
+        }
+    }
+
+    fn request(n: usize) -> Holdings {
+        Holdings {
+            requests: n,
+            ..Holdings::default()
+        }
+    }
+
+    fn file(meta: &FileMeta) -> Holdings {
+        Holdings {
+            files: 1,
+            metadata: meta_bytes(meta),
+            ..Holdings::default()
+        }
+    }
+}
+
+/// What a change would add to the acting user's holdings, for [`TrackerState::check_quota`].
+#[derive(Debug, Clone, Copy)]
+pub enum Adds<'a> {
+    Group,
+    Request,
+    File(&'a GroupId, &'a FileMeta),
+}
+
+/// The holdings index is checked against a walk of the state after every op (builds with
+/// debug assertions and tests) only while the state has at most this many groups: beyond
+/// that the check alone would make a long run quadratic.
+pub const HOLDINGS_CHECK_GROUPS: usize = 2048;
 
 /// What a successful op did, when there is more to say than "done".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +250,9 @@ pub struct TrackerState {
     answers: BTreeMap<u64, ClientAnswers>,
     /// Index: clients by `last_used`, to forget the least recently active first.
     answers_by_use: BTreeMap<u64, u64>,
+    /// Index: what each user holds, for the quotas (users holding nothing are absent). Kept
+    /// by every apply; not in the snapshot (rebuilt from the groups when one is read).
+    holdings: BTreeMap<UserId, Holdings>,
 }
 
 impl TrackerState {
@@ -190,6 +262,19 @@ impl TrackerState {
 
     /// Applies one op. On `Err` the state is unchanged.
     pub fn apply(&mut self, op: &Op) -> Result<Outcome, Reject> {
+        let answer = self.apply_op(op);
+        #[cfg(any(test, debug_assertions))]
+        if self.groups.len() <= HOLDINGS_CHECK_GROUPS {
+            assert_eq!(
+                self.holdings,
+                self.holdings_walk(),
+                "the holdings index agrees with a walk of the state after {op:?}"
+            );
+        }
+        answer
+    }
+
+    fn apply_op(&mut self, op: &Op) -> Result<Outcome, Reject> {
         match op {
             Op::CreateUser { user, pw_hash } => {
                 if self.users.contains_key(user) {
@@ -293,8 +378,15 @@ impl TrackerState {
                 }
                 Ok(Outcome::Done)
             }
-            Op::CreateGroup { session, group } => {
+            Op::CreateGroup {
+                session,
+                group,
+                quotas,
+            } => {
                 let user = self.user_of(*session)?.clone();
+                if let Some(q) = quotas {
+                    self.check_quota(&user, Adds::Group, q)?;
+                }
                 if self.groups.contains_key(group) {
                     return Err(Reject::new(
                         RejectCode::GroupExists,
@@ -305,14 +397,23 @@ impl TrackerState {
                     group.clone(),
                     Group {
                         owner: user.clone(),
-                        members: vec![user],
+                        members: vec![user.clone()],
                         requests: Vec::new(),
                         files: BTreeMap::new(),
                     },
                 );
+                self.hold_add(&user, &Holdings::owned(1));
                 Ok(Outcome::Done)
             }
-            Op::JoinGroup { session, group } => {
+            Op::JoinGroup {
+                session,
+                group,
+                quotas,
+            } => {
+                if let Some(q) = quotas {
+                    let user = self.user_of(*session)?.clone();
+                    self.check_quota(&user, Adds::Request, q)?;
+                }
                 let (user, g) = self.acting_in(*session, group)?;
                 if g.is_member(&user) {
                     return Err(Reject::new(
@@ -326,7 +427,8 @@ impl TrackerState {
                         format!("a request to join group '{group}' is already pending"),
                     ));
                 }
-                g.requests.push(user);
+                g.requests.push(user.clone());
+                self.hold_add(&user, &Holdings::request(1));
                 Ok(Outcome::Done)
             }
             Op::LeaveGroup { session, group } => {
@@ -335,19 +437,41 @@ impl TrackerState {
                     return Err(not_member(group));
                 }
                 g.members.retain(|m| *m != user);
+                let mut lost = Holdings::default();
                 for file in g.files.values_mut() {
+                    let before = file.sharers.len();
                     file.sharers.retain(|s| s.user != user);
+                    if file.sharers.len() < before {
+                        lost.add(&Holdings::file(&file.meta));
+                    }
                 }
                 g.files.retain(|_, f| !f.sharers.is_empty());
+                // Requests that end with the group, and the ownership that passes on.
+                let mut dropped_requests = Vec::new();
+                let mut new_owner = None;
                 match g.members.first() {
                     None => {
+                        // The owner is always a member: the last member was the owner.
+                        lost.add(&Holdings::owned(1));
+                        dropped_requests = std::mem::take(&mut g.requests);
                         self.groups.remove(group);
                     }
                     Some(longest_standing) => {
                         if g.owner == user {
                             g.owner = longest_standing.clone();
+                            lost.add(&Holdings::owned(1));
+                            new_owner = Some(longest_standing.clone());
                         }
                     }
+                }
+                self.hold_sub(&user, &lost);
+                for requester in &dropped_requests {
+                    self.hold_sub(requester, &Holdings::request(1));
+                }
+                if let Some(owner) = new_owner {
+                    // Ownership passes on whatever the new owner's quota: refusing the
+                    // departure would keep a user in a group against their will.
+                    self.hold_add(&owner, &Holdings::owned(1));
                 }
                 Ok(Outcome::Done)
             }
@@ -375,18 +499,23 @@ impl TrackerState {
                 if matches!(op, Op::AcceptRequest { .. }) {
                     g.members.push(user.clone());
                 }
+                self.hold_sub(user, &Holdings::request(1));
                 Ok(Outcome::Done)
             }
             Op::ShareFile {
                 session,
                 group,
                 meta,
+                quotas,
             } => {
                 let s = self.sessions.get(session).ok_or_else(not_logged_in)?;
                 let sharer = Sharer {
                     user: s.user.clone(),
                     peer_addr: s.peer_addr,
                 };
+                if let Some(q) = quotas {
+                    self.check_quota(&sharer.user, Adds::File(group, meta), q)?;
+                }
                 let g = self
                     .groups
                     .get_mut(group)
@@ -405,12 +534,19 @@ impl TrackerState {
                                 ),
                             ));
                         }
+                        let held = file.sharers.iter().any(|s| s.user == sharer.user);
+                        let adds = Holdings::file(&file.meta);
+                        let user = sharer.user.clone();
                         if !file.sharers.contains(&sharer) {
                             file.sharers.push(sharer);
+                        }
+                        if !held {
+                            self.hold_add(&user, &adds);
                         }
                         Ok(Outcome::Shared { new_file: false })
                     }
                     None => {
+                        let user = sharer.user.clone();
                         g.files.insert(
                             meta.name.clone(),
                             SharedFile {
@@ -418,6 +554,7 @@ impl TrackerState {
                                 sharers: vec![sharer],
                             },
                         );
+                        self.hold_add(&user, &Holdings::file(meta));
                         Ok(Outcome::Shared { new_file: true })
                     }
                 }
@@ -446,9 +583,11 @@ impl TrackerState {
                         format!("you do not share '{name}' in group '{group}'"),
                     ));
                 }
+                let lost = Holdings::file(&file.meta);
                 if file.sharers.is_empty() {
                     g.files.remove(name);
                 }
+                self.hold_sub(&user, &lost);
                 Ok(Outcome::Done)
             }
             Op::SyncShares { session, keep } => {
@@ -465,14 +604,106 @@ impl TrackerState {
     fn end_shares_not_in(&mut self, user: &UserId, addr: SocketAddr, keep: &[(GroupId, FileName)]) {
         let keep: std::collections::BTreeSet<(&GroupId, &FileName)> =
             keep.iter().map(|(g, n)| (g, n)).collect();
+        let mut lost = Holdings::default();
         for (group, g) in self.groups.iter_mut() {
             g.files.retain(|name, file| {
                 if !keep.contains(&(group, name)) {
+                    let held = file.sharers.iter().any(|sh| sh.user == *user);
                     file.sharers
                         .retain(|sh| !(sh.user == *user && sh.peer_addr == addr));
+                    // Still shared from another of the user's clients: still held.
+                    if held && !file.sharers.iter().any(|sh| sh.user == *user) {
+                        lost.add(&Holdings::file(&file.meta));
+                    }
                 }
                 !file.sharers.is_empty()
             });
+        }
+        self.hold_sub(user, &lost);
+    }
+
+    fn hold_add(&mut self, user: &UserId, adds: &Holdings) {
+        self.holdings.entry(user.clone()).or_default().add(adds);
+    }
+
+    fn hold_sub(&mut self, user: &UserId, lost: &Holdings) {
+        if let Some(held) = self.holdings.get_mut(user) {
+            held.sub(lost);
+            if *held == Holdings::default() {
+                self.holdings.remove(user);
+            }
+        }
+    }
+
+    /// Builds the holdings index from the groups (after a snapshot is read).
+    pub(crate) fn rebuild_holdings(&mut self) {
+        self.holdings = self.holdings_walk();
+    }
+
+    /// What every user holds, by a walk over every group (the index's definition).
+    pub fn holdings_walk(&self) -> BTreeMap<UserId, Holdings> {
+        let mut all: BTreeMap<UserId, Holdings> = BTreeMap::new();
+        for group in self.groups.values() {
+            all.entry(group.owner.clone())
+                .or_default()
+                .add(&Holdings::owned(1));
+            for requester in &group.requests {
+                all.entry(requester.clone())
+                    .or_default()
+                    .add(&Holdings::request(1));
+            }
+            for file in group.files.values() {
+                let mut users: Vec<&UserId> = file.sharers.iter().map(|s| &s.user).collect();
+                users.sort_unstable();
+                users.dedup();
+                for user in users {
+                    all.entry(user.clone())
+                        .or_default()
+                        .add(&Holdings::file(&file.meta));
+                }
+            }
+        }
+        all.retain(|_, held| *held != Holdings::default());
+        all
+    }
+
+    /// Refuses a change that would add `adds` to what `user` holds past one of `quotas`:
+    /// `QuotaExceeded` with `quota: at most N ... per user`. Sharing again a file the user
+    /// already shares adds nothing.
+    pub fn check_quota(
+        &self,
+        user: &UserId,
+        adds: Adds<'_>,
+        quotas: &UserQuotas,
+    ) -> Result<(), Reject> {
+        let over = |what: &str, limit: u64| {
+            Err(Reject::new(
+                RejectCode::QuotaExceeded,
+                format!("quota: at most {limit} {what} per user"),
+            ))
+        };
+        let held = self.holdings(user);
+        let n = |count: usize| u64::try_from(count).unwrap_or(u64::MAX);
+        match adds {
+            Adds::Group if n(held.groups_owned) >= quotas.groups_owned => {
+                over("groups owned", quotas.groups_owned)
+            }
+            Adds::Request if n(held.requests) >= quotas.requests => {
+                over("pending join requests", quotas.requests)
+            }
+            Adds::File(group, meta) => {
+                if self.shares(user, group, &meta.name) {
+                    return Ok(());
+                }
+                if n(held.files) >= quotas.files {
+                    return over("shared files", quotas.files);
+                }
+                if n(held.metadata).saturating_add(n(meta_bytes(meta))) > quotas.metadata {
+                    return over("bytes of file metadata", quotas.metadata);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -707,25 +938,9 @@ impl TrackerState {
         users + groups + sessions
     }
 
-    /// What `user` holds, for the quotas: a walk over every group (the quotas keep the
-    /// groups of one user few; the walk is over all of them).
+    /// What `user` holds, for the quotas: a lookup in the index every apply keeps.
     pub fn holdings(&self, user: &UserId) -> Holdings {
-        let mut held = Holdings::default();
-        for group in self.groups.values() {
-            if group.owner == *user {
-                held.groups_owned += 1;
-            }
-            if group.requests.contains(user) {
-                held.requests += 1;
-            }
-            for file in group.files.values() {
-                if file.sharers.iter().any(|s| s.user == *user) {
-                    held.files += 1;
-                    held.metadata += meta_bytes(&file.meta);
-                }
-            }
-        }
-        held
+        self.holdings.get(user).copied().unwrap_or_default()
     }
 
     /// Whether `user` shares the file `name` of `group`.

@@ -94,6 +94,7 @@ mod op {
         Op::CreateGroup {
             session,
             group: gid(group),
+            quotas: None,
         }
     }
 
@@ -101,6 +102,7 @@ mod op {
         Op::JoinGroup {
             session,
             group: gid(group),
+            quotas: None,
         }
     }
 
@@ -132,6 +134,7 @@ mod op {
             session,
             group: gid(group),
             meta,
+            quotas: None,
         }
     }
 
@@ -1501,14 +1504,38 @@ fn random_meta(rng: &mut SplitMix64) -> FileMeta {
     meta(R_FILES[i], size, (i * 10 + content) as u64)
 }
 
+/// `op` as an earlier build made it (no quotas) or carrying tight quotas the random run
+/// reaches.
+fn with_quotas(rng: &mut SplitMix64, mut op: Op) -> Op {
+    let limits = rng.percent(50).then(|| UserQuotas {
+        groups_owned: 1 + rng.below(3) as u64,
+        requests: 1 + rng.below(3) as u64,
+        files: 1 + rng.below(4) as u64,
+        metadata: [2_000, 1 << 20][rng.below(2)],
+    });
+    if let Op::CreateGroup { quotas, .. }
+    | Op::JoinGroup { quotas, .. }
+    | Op::ShareFile { quotas, .. } = &mut op
+    {
+        *quotas = limits;
+    }
+    op
+}
+
 fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
     let group = *rng.pick(&R_GROUPS);
     match rng.below(100) {
         0..=4 => op::create_user(rng.pick::<&str>(&R_USERS)),
         5..=16 => op::open(rng.pick::<&str>(&R_USERS), *rng.pick(&R_PORTS)),
         17..=24 => op::close(random_session(rng, st)),
-        25..=31 => op::create_group(random_session(rng, st), group),
-        32..=45 => op::join(random_session(rng, st), group),
+        25..=31 => {
+            let create = op::create_group(random_session(rng, st), group);
+            with_quotas(rng, create)
+        }
+        32..=45 => {
+            let join = op::join(random_session(rng, st), group);
+            with_quotas(rng, join)
+        }
         46..=52 => op::leave(random_session(rng, st), group),
         53..=66 => {
             let s = random_owner_session(rng, st, group);
@@ -1518,7 +1545,10 @@ fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
             let s = random_owner_session(rng, st, group);
             op::reject(s, group, &random_requester(rng, st, group))
         }
-        73..=90 => op::share(random_session(rng, st), group, random_meta(rng)),
+        73..=90 => {
+            let share = op::share(random_session(rng, st), group, random_meta(rng));
+            with_quotas(rng, share)
+        }
         _ => random_stop(rng, st, group),
     }
 }
@@ -1804,6 +1834,7 @@ fn a_request_older_than_every_remembered_answer_is_not_applied() {
         op: Op::CreateGroup {
             session: owner,
             group: gid(group),
+            quotas: None,
         },
     };
     // Request 1 is applied, then the client sends as many later requests as are remembered.
@@ -1838,7 +1869,171 @@ fn a_request_older_than_every_remembered_answer_is_not_applied() {
         op: Op::CreateGroup {
             session: owner,
             group: gid("h"),
+            quotas: None,
         },
     };
     assert!(st.apply_entry(&fresh).is_ok());
+}
+
+// =============================================================================================
+// Quotas where changes are ordered, and the holdings index
+// =============================================================================================
+
+fn limits(groups_owned: u64, requests: u64, files: u64, metadata: u64) -> UserQuotas {
+    UserQuotas {
+        groups_owned,
+        requests,
+        files,
+        metadata,
+    }
+}
+
+fn with(op: Op, limits: UserQuotas) -> Op {
+    let mut op = op;
+    if let Op::CreateGroup { quotas, .. }
+    | Op::JoinGroup { quotas, .. }
+    | Op::ShareFile { quotas, .. } = &mut op
+    {
+        *quotas = Some(limits);
+    }
+    op
+}
+
+/// Applies `op`, which must be refused for a quota with this message, changing nothing.
+#[track_caller]
+fn over_quota(st: &mut TrackerState, op: Op, message: &str) {
+    let before = st.clone();
+    let err = st.apply(&op).expect_err("past the quota");
+    assert_eq!(err.code, RejectCode::QuotaExceeded, "{err}");
+    assert_eq!(err.message, message);
+    assert_eq!(*st, before);
+}
+
+#[test]
+fn the_apply_refuses_a_change_past_the_quotas_it_carries() {
+    let mut st = TrackerState::new();
+    let ann = new_user(&mut st, "ann", 1);
+    let bob = new_user(&mut st, "bob", 2);
+    let q = limits(2, 1, 2, 3 * meta_bytes(&meta("a", SIZE, 1)) as u64 - 1);
+    // Groups owned.
+    done(&mut st, with(op::create_group(ann, "g1"), q));
+    done(&mut st, with(op::create_group(ann, "g2"), q));
+    over_quota(
+        &mut st,
+        with(op::create_group(ann, "g3"), q),
+        "quota: at most 2 groups owned per user",
+    );
+    // The same op without quotas (an earlier build's entry) is applied as it was.
+    done(&mut st, op::create_group(ann, "g3"));
+    assert_eq!(st.holdings(&uid("ann")).groups_owned, 3);
+    // Pending join requests.
+    done(&mut st, with(op::join(bob, "g1"), q));
+    over_quota(
+        &mut st,
+        with(op::join(bob, "g2"), q),
+        "quota: at most 1 pending join requests per user",
+    );
+    done(&mut st, op::reject(ann, "g1", "bob"));
+    done(&mut st, with(op::join(bob, "g2"), q));
+    // Files: two; the same one again (from the same client) adds nothing; a third is refused.
+    ok(&mut st, with(op::share(ann, "g1", meta("a", SIZE, 1)), q));
+    ok(&mut st, with(op::share(ann, "g1", meta("b", SIZE, 2)), q));
+    ok(&mut st, with(op::share(ann, "g1", meta("a", SIZE, 1)), q));
+    over_quota(
+        &mut st,
+        with(op::share(ann, "g2", meta("c", SIZE, 3)), q),
+        "quota: at most 2 shared files per user",
+    );
+    // Metadata bytes: room for two such files but not three, whatever the count allows.
+    let roomy = limits(2, 1, 10, q.metadata);
+    over_quota(
+        &mut st,
+        with(op::share(ann, "g2", meta("c", SIZE, 3)), roomy),
+        &format!(
+            "quota: at most {} bytes of file metadata per user",
+            q.metadata
+        ),
+    );
+    done(&mut st, op::stop(ann, "g1", "b"));
+    ok(
+        &mut st,
+        with(op::share(ann, "g2", meta("c", SIZE, 3)), roomy),
+    );
+    // Another user's holdings do not count.
+    assert_eq!(st.holdings(&uid("bob")).groups_owned, 0);
+    done(&mut st, with(op::create_group(bob, "b1"), q));
+}
+
+#[test]
+fn the_holdings_index_follows_every_change() {
+    let mut st = TrackerState::new();
+    let s = group_with(&mut st, "g", &["ann", "bob", "cid"]);
+    let (ann, bob, cid) = (s[0], s[1], s[2]);
+    let held = |st: &TrackerState, user: &str| st.holdings(&uid(user));
+    let m = meta("f", SIZE, 1);
+    let mb = meta_bytes(&m);
+    done(&mut st, op::create_group(bob, "h"));
+    done(&mut st, op::join(cid, "h"));
+    done(&mut st, op::join(ann, "h"));
+    assert_eq!(held(&st, "cid").requests, 1);
+    done(&mut st, op::accept(bob, "h", "ann"));
+    assert_eq!(held(&st, "ann").requests, 0);
+    // A file shared from two clients of one user counts once, until both stop.
+    ok(&mut st, op::share(ann, "g", m.clone()));
+    ok(&mut st, op::share(bob, "g", m.clone()));
+    done(&mut st, op::close(ann));
+    let ann2 = login(&mut st, "ann", 9);
+    ok(&mut st, op::share(ann2, "g", m.clone()));
+    assert_eq!(
+        held(&st, "ann"),
+        Holdings {
+            groups_owned: 1,
+            requests: 0,
+            files: 1,
+            metadata: mb
+        }
+    );
+    // A login from the first client holding none of its shares ends that one only.
+    done(&mut st, op::close(ann2));
+    let mut relogin = op::open("ann", 1);
+    if let Op::OpenSession { shares, .. } = &mut relogin {
+        *shares = Some(Vec::new());
+    }
+    let ann = match ok(&mut st, relogin) {
+        Outcome::SessionOpened(id) => id,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(held(&st, "ann").files, 1, "still shared from port 9");
+    done(&mut st, op::stop(ann, "g", "f"));
+    assert_eq!(held(&st, "ann").files, 0);
+    assert_eq!(held(&st, "ann").metadata, 0);
+    // The owner leaves: ownership passes to the longest-standing member.
+    done(&mut st, op::leave(ann, "g"));
+    assert_eq!(held(&st, "ann").groups_owned, 0);
+    assert_eq!(held(&st, "bob").groups_owned, 2);
+    // The last member leaves: the group goes, with its pending requests and files.
+    done(&mut st, op::leave(cid, "g"));
+    done(&mut st, op::join(cid, "g"));
+    done(&mut st, op::join(ann, "g"));
+    assert_eq!(held(&st, "cid").requests, 2);
+    done(&mut st, op::leave(bob, "g"));
+    assert!(st.group(&gid("g")).is_none());
+    assert_eq!(held(&st, "cid").requests, 1);
+    assert_eq!(held(&st, "ann").requests, 0);
+    assert_eq!(
+        held(&st, "bob"),
+        Holdings {
+            groups_owned: 1,
+            ..Holdings::default()
+        }
+    );
+    // Every user's entry equals the walk's, and users holding nothing are not kept.
+    assert_eq!(st.holdings, st.holdings_walk());
+    assert!(!st.holdings.contains_key(&uid("ann")));
+    // A snapshot does not carry the index: it is rebuilt, equal, when one is read.
+    let mut bytes = Vec::new();
+    st.encode_snapshot(&mut bytes);
+    let back = TrackerState::decode_snapshot(&bytes).unwrap();
+    assert_eq!(back.holdings, st.holdings);
+    assert_eq!(back, st);
 }

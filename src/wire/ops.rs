@@ -68,13 +68,16 @@ pub enum Op {
     ExpireSessions {
         tracker: TrackerRef,
     },
+    /// `quotas`: see [`UserQuotas`] (`None`: an entry logged by an earlier build).
     CreateGroup {
         session: SessionId,
         group: GroupId,
+        quotas: Option<UserQuotas>,
     },
     JoinGroup {
         session: SessionId,
         group: GroupId,
+        quotas: Option<UserQuotas>,
     },
     LeaveGroup {
         session: SessionId,
@@ -94,6 +97,7 @@ pub enum Op {
         session: SessionId,
         group: GroupId,
         meta: FileMeta,
+        quotas: Option<UserQuotas>,
     },
     StopShare {
         session: SessionId,
@@ -108,6 +112,25 @@ pub enum Op {
         session: SessionId,
         keep: Vec<(GroupId, FileName)>,
     },
+}
+
+/// The per-user quotas a change that adds to a user's holdings is held to where changes are
+/// ordered: `apply` refuses the op if it would take the acting user past one, against the
+/// state as it stands at that point of the order, so every tracker reaches the same answer.
+/// The limits travel in the op (the options of the tracker that received the request)
+/// because they are per-tracker options: an `apply` that read them from its own tracker could
+/// answer differently on trackers started with different options. `None`: an op logged by an
+/// earlier build, which checked its quotas before the op was made; applied without a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserQuotas {
+    /// Groups the user owns.
+    pub groups_owned: u64,
+    /// Join requests of the user pending at once.
+    pub requests: u64,
+    /// Files the user shares.
+    pub files: u64,
+    /// Bytes of metadata (name, piece hashes) of the files the user shares.
+    pub metadata: u64,
 }
 
 /// The client request an op was made for: a retry with the same pair is answered from memory.

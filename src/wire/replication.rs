@@ -45,7 +45,7 @@
 
 use super::codec::*;
 use super::frame;
-use super::ops::{Entry, Op, Origin, SessionId, TrackerRef};
+use super::ops::{Entry, Op, Origin, SessionId, TrackerRef, UserQuotas};
 use super::tracker_link::{put_share_list, share_list, FileMeta};
 use super::PROTOCOL_MAGIC;
 
@@ -171,6 +171,9 @@ mod kind {
     pub const STOP_SHARE: u8 = 13;
     pub const SYNC_SHARES: u8 = 14;
     pub const OPEN_SESSION_V2: u8 = 15;
+    pub const CREATE_GROUP_Q: u8 = 16;
+    pub const JOIN_GROUP_Q: u8 = 17;
+    pub const SHARE_FILE_Q: u8 = 18;
 }
 
 /// `TakeoverAck` catchup kinds.
@@ -228,6 +231,10 @@ pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
 ///   name) * n)? | [32] client_key` (the shares the client holds, which the login
 ///   reconciles, and its X25519 identity key); an op that kind `2` can say (no shares, a
 ///   zero key) is written as kind `2`, and refused as kind `15`
+/// - `16` CreateGroup, `17` JoinGroup, `18` ShareFile with the per-user quotas the apply
+///   checks: the fields of `7`, `8`, `12`, then `quotas` (`u64 groups_owned | u64 requests |
+///   u64 files | u64 metadata`); an op without quotas (an earlier build's) is written as kind
+///   `7`, `8` or `12`
 ///
 /// Any other kind is [`DecodeError::BadValue`].
 pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -294,17 +301,32 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             put_u8(out, kind::EXPIRE_SESSIONS);
             put_tracker_ref(out, tracker);
         }
-        Op::CreateGroup { session, group }
-        | Op::JoinGroup { session, group }
-        | Op::LeaveGroup { session, group } => {
+        Op::CreateGroup {
+            session,
+            group,
+            quotas,
+        }
+        | Op::JoinGroup {
+            session,
+            group,
+            quotas,
+        } => {
+            let create = matches!(op, Op::CreateGroup { .. });
             put_u8(
                 out,
-                match op {
-                    Op::CreateGroup { .. } => kind::CREATE_GROUP,
-                    Op::JoinGroup { .. } => kind::JOIN_GROUP,
-                    _ => kind::LEAVE_GROUP,
+                match (create, quotas.is_some()) {
+                    (true, false) => kind::CREATE_GROUP,
+                    (true, true) => kind::CREATE_GROUP_Q,
+                    (false, false) => kind::JOIN_GROUP,
+                    (false, true) => kind::JOIN_GROUP_Q,
                 },
             );
+            put_u64(out, session.0);
+            put_str16(out, group.as_str());
+            put_user_quotas(out, quotas);
+        }
+        Op::LeaveGroup { session, group } => {
+            put_u8(out, kind::LEAVE_GROUP);
             put_u64(out, session.0);
             put_str16(out, group.as_str());
         }
@@ -333,11 +355,20 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             session,
             group,
             meta,
+            quotas,
         } => {
-            put_u8(out, kind::SHARE_FILE);
+            put_u8(
+                out,
+                if quotas.is_some() {
+                    kind::SHARE_FILE_Q
+                } else {
+                    kind::SHARE_FILE
+                },
+            );
             put_u64(out, session.0);
             put_str16(out, group.as_str());
             meta.emit(out);
+            put_user_quotas(out, quotas);
         }
         Op::StopShare {
             session,
@@ -355,6 +386,29 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             put_share_list(out, keep);
         }
     }
+}
+
+/// `u64 groups_owned | u64 requests | u64 files | u64 metadata`, when there are quotas.
+fn put_user_quotas(out: &mut Vec<u8>, quotas: &Option<UserQuotas>) {
+    if let Some(q) = quotas {
+        put_u64(out, q.groups_owned);
+        put_u64(out, q.requests);
+        put_u64(out, q.files);
+        put_u64(out, q.metadata);
+    }
+}
+
+/// The quotas of an op of a kind that carries them (`present`), else `None`.
+fn user_quotas(r: &mut Reader<'_>, present: bool) -> Result<Option<UserQuotas>, DecodeError> {
+    if !present {
+        return Ok(None);
+    }
+    Ok(Some(UserQuotas {
+        groups_owned: r.u64()?,
+        requests: r.u64()?,
+        files: r.u64()?,
+        metadata: r.u64()?,
+    }))
 }
 
 /// Reads an op written by [`encode_op`].
@@ -406,13 +460,15 @@ pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
         kind::EXPIRE_SESSIONS => Op::ExpireSessions {
             tracker: tracker_ref(r)?,
         },
-        kind::CREATE_GROUP => Op::CreateGroup {
+        k @ (kind::CREATE_GROUP | kind::CREATE_GROUP_Q) => Op::CreateGroup {
             session: SessionId(r.u64()?),
             group: group_id(r)?,
+            quotas: user_quotas(r, k == kind::CREATE_GROUP_Q)?,
         },
-        kind::JOIN_GROUP => Op::JoinGroup {
+        k @ (kind::JOIN_GROUP | kind::JOIN_GROUP_Q) => Op::JoinGroup {
             session: SessionId(r.u64()?),
             group: group_id(r)?,
+            quotas: user_quotas(r, k == kind::JOIN_GROUP_Q)?,
         },
         kind::LEAVE_GROUP => Op::LeaveGroup {
             session: SessionId(r.u64()?),
@@ -428,10 +484,11 @@ pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             group: group_id(r)?,
             user: user_id(r)?,
         },
-        kind::SHARE_FILE => Op::ShareFile {
+        k @ (kind::SHARE_FILE | kind::SHARE_FILE_Q) => Op::ShareFile {
             session: SessionId(r.u64()?),
             group: group_id(r)?,
             meta: FileMeta::parse(r)?,
+            quotas: user_quotas(r, k == kind::SHARE_FILE_Q)?,
         },
         kind::STOP_SHARE => Op::StopShare {
             session: SessionId(r.u64()?),

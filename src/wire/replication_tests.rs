@@ -179,10 +179,27 @@ fn sample_ops() -> Vec<Op> {
         Op::CreateGroup {
             session: SessionId(2),
             group: gid("g"),
+            quotas: None,
         },
         Op::JoinGroup {
             session: SessionId(3),
             group: gid(&long_id),
+            quotas: None,
+        },
+        Op::CreateGroup {
+            session: SessionId(2),
+            group: gid("g"),
+            quotas: Some(sample_quotas()),
+        },
+        Op::JoinGroup {
+            session: SessionId(3),
+            group: gid(&long_id),
+            quotas: Some(UserQuotas {
+                groups_owned: 0,
+                requests: u64::MAX,
+                files: 1,
+                metadata: 0,
+            }),
         },
         Op::LeaveGroup {
             session: SessionId(4),
@@ -202,16 +219,25 @@ fn sample_ops() -> Vec<Op> {
             session: SessionId(7),
             group: gid("grp"),
             meta: meta("empty file", 0, PIECE_LEN),
+            quotas: None,
         },
         Op::ShareFile {
             session: SessionId(8),
             group: gid("grp"),
             meta: meta(&long_name, 3 * u64::from(PIECE_LEN) - 1, PIECE_LEN),
+            quotas: None,
         },
         Op::ShareFile {
             session: SessionId(9),
             group: gid("grp"),
             meta: meta("big pieces", u64::from(MAX_PIECE_LEN) + 1, MAX_PIECE_LEN),
+            quotas: None,
+        },
+        Op::ShareFile {
+            session: SessionId(9),
+            group: gid("grp"),
+            meta: meta("big pieces", u64::from(MAX_PIECE_LEN) + 1, MAX_PIECE_LEN),
+            quotas: Some(sample_quotas()),
         },
         Op::StopShare {
             session: SessionId(10),
@@ -419,6 +445,28 @@ fn rand_session(rng: &mut Rng) -> SessionId {
     })
 }
 
+fn sample_quotas() -> UserQuotas {
+    UserQuotas {
+        groups_owned: 1000,
+        requests: 2,
+        files: 10_000,
+        metadata: 256 << 20,
+    }
+}
+
+/// Quotas or none, at random.
+fn rand_quotas(rng: &mut Rng) -> Option<UserQuotas> {
+    if rng.below(2) == 0 {
+        return None;
+    }
+    Some(UserQuotas {
+        groups_owned: rng.next_u64(),
+        requests: rng.next_u64(),
+        files: rng.next_u64(),
+        metadata: rng.next_u64(),
+    })
+}
+
 fn rand_op(rng: &mut Rng) -> Op {
     match rng.below(OP_VARIANTS) {
         0 => Op::CreateUser {
@@ -453,10 +501,12 @@ fn rand_op(rng: &mut Rng) -> Op {
         6 => Op::CreateGroup {
             session: rand_session(rng),
             group: rand_group(rng),
+            quotas: rand_quotas(rng),
         },
         7 => Op::JoinGroup {
             session: rand_session(rng),
             group: rand_group(rng),
+            quotas: rand_quotas(rng),
         },
         8 => Op::LeaveGroup {
             session: rand_session(rng),
@@ -476,6 +526,7 @@ fn rand_op(rng: &mut Rng) -> Op {
             session: rand_session(rng),
             group: rand_group(rng),
             meta: rand_meta(rng),
+            quotas: rand_quotas(rng),
         },
         12 => Op::StopShare {
             session: rand_session(rng),
@@ -877,6 +928,7 @@ fn golden_ops() {
             Op::CreateGroup {
                 session: SessionId(1),
                 group: gid("g"),
+                quotas: None,
             },
         ),
         (
@@ -884,6 +936,7 @@ fn golden_ops() {
             Op::JoinGroup {
                 session: SessionId(1),
                 group: gid("g"),
+                quotas: None,
             },
         ),
         (
@@ -897,6 +950,37 @@ fn golden_ops() {
     for (kind, op) in group_ops {
         assert_eq!(op_bytes(&op), cat(&[&[kind], &session, &[0, 1, b'g']]));
     }
+    // With the quotas the apply checks: kinds 16 and 17, the limits after the group.
+    let quotas = UserQuotas {
+        groups_owned: 1,
+        requests: 2,
+        files: 3,
+        metadata: 0x0102,
+    };
+    let quota_bytes: &[u8] = &[
+        0, 0, 0, 0, 0, 0, 0, 1, // groups_owned
+        0, 0, 0, 0, 0, 0, 0, 2, // requests
+        0, 0, 0, 0, 0, 0, 0, 3, // files
+        0, 0, 0, 0, 0, 0, 1, 2, // metadata
+    ];
+    let create = Op::CreateGroup {
+        session: SessionId(1),
+        group: gid("g"),
+        quotas: Some(quotas),
+    };
+    let join = Op::JoinGroup {
+        session: SessionId(1),
+        group: gid("g"),
+        quotas: Some(quotas),
+    };
+    assert_eq!(
+        op_bytes(&create),
+        cat(&[&[16], &session, &[0, 1, b'g'], quota_bytes])
+    );
+    assert_eq!(
+        op_bytes(&join),
+        cat(&[&[17], &session, &[0, 1, b'g'], quota_bytes])
+    );
     let accept = Op::AcceptRequest {
         session: SessionId(1),
         group: gid("g"),
@@ -925,6 +1009,7 @@ fn golden_ops() {
             file_sha1: Sha1Digest([0xaa; 20]),
             piece_hashes: vec![Sha1Digest([0xbb; 20])],
         },
+        quotas: None,
     };
     assert_eq!(
         op_bytes(&share),
@@ -939,6 +1024,14 @@ fn golden_ops() {
             &[0, 0, 0, 1],
             &[0xbb; 20],
         ])
+    );
+    let mut share_q = share.clone();
+    if let Op::ShareFile { quotas: q, .. } = &mut share_q {
+        *q = Some(quotas);
+    }
+    assert_eq!(
+        op_bytes(&share_q),
+        cat(&[&[18], &op_bytes(&share)[1..], quota_bytes])
     );
     let stop = Op::StopShare {
         session: SessionId(1),
@@ -1051,17 +1144,26 @@ fn round_trip_every_op_with_and_without_origin() {
 }
 
 #[test]
-fn op_kinds_are_distinct_and_one_to_fourteen() {
+fn op_kinds_are_one_to_eighteen_each_of_one_op() {
     let mut kinds = [None; 256];
     for op in sample_ops() {
         let k = op_bytes(&op)[0] as usize;
-        assert!((1..=14).contains(&k), "{op:?}");
+        assert!((1..=18).contains(&k), "{op:?}");
         match kinds[k] {
             None => kinds[k] = Some(op_variant(&op)),
             Some(v) => assert_eq!(v, op_variant(&op), "kind {k} shared by two ops"),
         }
     }
-    assert_eq!(kinds.iter().filter(|k| k.is_some()).count(), OP_VARIANTS);
+    // Kinds 16-18 are CreateGroup, JoinGroup and ShareFile with quotas: 17 kinds so far, as
+    // kind 15 (an OpenSession with shares or a key) is not among the samples.
+    assert_eq!(
+        kinds.iter().filter(|k| k.is_some()).count(),
+        OP_VARIANTS + 3
+    );
+    let mut variants: Vec<usize> = kinds.iter().flatten().copied().collect();
+    variants.sort_unstable();
+    variants.dedup();
+    assert_eq!(variants.len(), OP_VARIANTS);
 }
 
 #[test]
@@ -1099,6 +1201,7 @@ fn largest_forwarded_upload_fits_the_frame_limit() {
             session: SessionId(1),
             group: gid(&"g".repeat(MAX_ID_LEN)),
             meta: m,
+            quotas: Some(sample_quotas()),
         },
     };
     let frame = emit(&ReplMsg::Batch(Batch {
@@ -1296,7 +1399,7 @@ fn bad_flags_and_kinds_are_rejected() {
         ReplMsg::parse(&fwd(2, 1)),
         Err(DecodeError::BadValue("boolean"))
     );
-    for kind in [0u8, 16, 0x40, 0xff] {
+    for kind in [0u8, 19, 0x40, 0xff] {
         assert_eq!(
             ReplMsg::parse(&fwd(0, kind)),
             Err(DecodeError::BadValue("op kind")),

@@ -223,6 +223,8 @@ impl TrackerState {
         }
 
         r.finish()?;
+        // Derived data, not in the snapshot.
+        st.rebuild_holdings();
         Ok(st)
     }
 }

@@ -7,7 +7,7 @@
 use super::*;
 use crate::rng::SplitMix64;
 use crate::testing::{fname, gid, uid};
-use crate::tracker::state::{Entry, Op, Origin, TrackerRef};
+use crate::tracker::state::{Entry, Op, Origin, TrackerRef, UserQuotas};
 use crate::wire::{Sha1Digest, PIECE_LEN};
 
 use std::net::Ipv4Addr;
@@ -167,10 +167,12 @@ fn rich_state() -> TrackerState {
     let g = |session, group: &str| Op::CreateGroup {
         session,
         group: gid(group),
+        quotas: None,
     };
     let join = |session, group: &str| Op::JoinGroup {
         session,
         group: gid(group),
+        quotas: None,
     };
     let accept = |session, group: &str, user: &str| Op::AcceptRequest {
         session,
@@ -181,6 +183,7 @@ fn rich_state() -> TrackerState {
         session,
         group: gid(group),
         meta: m,
+        quotas: None,
     };
     assert_eq!(asked(&mut st, 100, 4, g(alice, "team")), Ok(Outcome::Done));
     assert_eq!(asked(&mut st, 102, 3, g(carol, "other")), Ok(Outcome::Done));
@@ -375,6 +378,7 @@ fn golden_group_with_a_file() {
         Op::CreateGroup {
             session: s,
             group: gid("g"),
+            quotas: None,
         },
     );
     assert_eq!(outcome, Ok(Outcome::Done));
@@ -391,6 +395,7 @@ fn golden_group_with_a_file() {
             session: s,
             group: gid("g"),
             meta: m,
+            quotas: None,
         },
     );
     assert_eq!(outcome, Ok(Outcome::Shared { new_file: true }));
@@ -593,6 +598,16 @@ fn requester(rng: &mut SplitMix64, st: &TrackerState, group: &str) -> UserId {
     }
 }
 
+/// No quotas (an earlier build's op) or tight ones that the random ops reach.
+fn random_quotas(rng: &mut SplitMix64) -> Option<UserQuotas> {
+    rng.percent(60).then(|| UserQuotas {
+        groups_owned: 1 + rng.below(2) as u64,
+        requests: 1 + rng.below(2) as u64,
+        files: 1 + rng.below(3) as u64,
+        metadata: [100, 1 << 20][rng.below(2)],
+    })
+}
+
 fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
     let group = *rng.pick(&R_GROUPS);
     let tracker = *rng.pick(&R_TRACKERS);
@@ -633,10 +648,12 @@ fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
         31..=36 => Op::CreateGroup {
             session: random_session(rng, st),
             group: gid(group),
+            quotas: random_quotas(rng),
         },
         37..=48 => Op::JoinGroup {
             session: random_session(rng, st),
             group: gid(group),
+            quotas: random_quotas(rng),
         },
         49..=53 => Op::LeaveGroup {
             session: random_session(rng, st),
@@ -660,6 +677,7 @@ fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
                 session: random_session(rng, st),
                 group: gid(group),
                 meta: meta(R_FILES[i], size, (i * 10 + content) as u64),
+                quotas: random_quotas(rng),
             }
         }
         _ => Op::StopShare {
