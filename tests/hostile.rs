@@ -7,9 +7,11 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{free_port, Client, Tracker};
+use common::{free_port, Client, Cluster, Tracker};
 use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
-use p2pshare::wire::tracker_link::{ClientMsg, Reply, ReplyBody, Request, RequestBody, TrackerMsg};
+use p2pshare::wire::tracker_link::{
+    ClientMsg, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
+};
 use p2pshare::wire::{GroupId, Password, UserId};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -296,6 +298,112 @@ fn quotas_come_from_options_and_refuse_clearly() {
     );
     assert_eq!(out.stdout.len(), 6, "{out:#?}");
     assert!(out.stdout[4].starts_with("g1") && out.stdout[5].starts_with("g2"));
+}
+
+/// One user's two links through two trackers (the moment of a `Resume`: the link the client
+/// left can still get a change in) each make a group at once, with a quota of one: each
+/// tracker's early check may see a state without the other's change (timing decides whether
+/// it does), but the apply where changes are ordered lets one in at most, and both trackers
+/// then list the same groups. Several rounds, each a fresh user, make the race likely; the
+/// quota must hold in every one.
+#[test]
+fn one_user_racing_through_two_trackers_stays_within_a_quota() {
+    let cluster = Cluster::start_with(2, &["--max-groups-per-user".into(), "1".into()]);
+    let (first, second) = (cluster.addrs[0], cluster.addrs[1]);
+    let group = |name: String| RequestBody::CreateGroup {
+        group: GroupId::new(&name).unwrap(),
+    };
+    let mut outcomes = Vec::new();
+    for round in 0..12u64 {
+        let user = format!("racer{round}");
+        let mut a = Raw::connect(first, 0x5000 + 2 * round);
+        let create = RequestBody::CreateUser {
+            user: uid(&user),
+            password: pw("pw"),
+        };
+        assert_eq!(a.call(1, create), ReplyBody::Done);
+        let login = RequestBody::Login {
+            user: uid(&user),
+            password: pw("pw"),
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            shares: Vec::new(),
+            client_key: [0; 32],
+        };
+        let ReplyBody::LoggedIn { token } = a.call(2, login) else {
+            panic!("{user} logs in");
+        };
+        let mut b = Raw::connect(second, 0x5001 + 2 * round);
+        // Both at once: the second link resumes the session and makes a group right behind
+        // it; the first makes another.
+        b.send_all(
+            1,
+            &[RequestBody::Resume { token }, group(format!("{user}-b"))],
+        );
+        a.send_all(3, &[group(format!("{user}-a"))]);
+        let reply = |raw: &mut Raw, req_id: u64| match raw.recv() {
+            TrackerMsg::Reply(Reply { req_id: id, body }) if id == req_id => body,
+            other => panic!("expected the reply to {req_id}, got {other:?}"),
+        };
+        assert_eq!(reply(&mut b, 1), ReplyBody::LoggedIn { token });
+        let by_b = reply(&mut b, 2);
+        let by_a = reply(&mut a, 3);
+        let made = [&by_a, &by_b]
+            .iter()
+            .filter(|body| ***body == ReplyBody::Done)
+            .count();
+        assert!(
+            made <= 1,
+            "round {round}: both groups made: {by_a:?} {by_b:?}"
+        );
+        for body in [&by_a, &by_b] {
+            match body {
+                ReplyBody::Done => {}
+                ReplyBody::Refused { code, message }
+                    if message == "quota: at most 1 groups owned per user"
+                        || *code == RejectCode::NotLoggedIn => {}
+                other => panic!("round {round}: unexpected answer {other:?}"),
+            }
+        }
+        // Both trackers hold the same groups of this user: at most one.
+        let owned = |groups: ReplyBody| match groups {
+            ReplyBody::Groups(g) => g
+                .into_iter()
+                .filter(|g| g.owner.as_str() == user)
+                .map(|g| g.group.as_str().to_owned())
+                .collect::<Vec<_>>(),
+            other => panic!("round {round}: list_groups answered {other:?}"),
+        };
+        let through_second = owned(b.call(10, RequestBody::ListGroups));
+        let mut watcher = Raw::connect(first, 0x9000 + round);
+        let watcher_user = format!("watcher{round}");
+        assert_eq!(
+            watcher.call(
+                1,
+                RequestBody::CreateUser {
+                    user: uid(&watcher_user),
+                    password: pw("pw"),
+                }
+            ),
+            ReplyBody::Done
+        );
+        let login = RequestBody::Login {
+            user: uid(&watcher_user),
+            password: pw("pw"),
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            shares: Vec::new(),
+            client_key: [0; 32],
+        };
+        assert!(matches!(watcher.call(2, login), ReplyBody::LoggedIn { .. }));
+        let through_first = owned(watcher.call(3, RequestBody::ListGroups));
+        assert_eq!(through_first, through_second, "round {round}");
+        assert_eq!(
+            through_first.len(),
+            made,
+            "round {round}: {through_first:?}"
+        );
+        outcomes.push((by_a, by_b));
+    }
+    eprintln!("answers (first link, second link) per round: {outcomes:?}");
 }
 
 /// Waits (within [`TIMEOUT`]) until the tracker's log holds `n` lines containing `text`.

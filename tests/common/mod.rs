@@ -873,6 +873,8 @@ pub struct Cluster {
     /// Runs of each tracker so far (to name their log files).
     runs: Vec<usize>,
     pub dir: TempDir,
+    /// Options every tracker is started with (before the positional arguments).
+    options: Vec<OsString>,
 }
 
 impl Cluster {
@@ -882,10 +884,20 @@ impl Cluster {
         Self::start_some(n, &all)
     }
 
+    /// [`start`](Self::start), every tracker with these options.
+    pub fn start_with(n: usize, options: &[OsString]) -> Cluster {
+        let all: Vec<usize> = (1..=n).collect();
+        Self::start_some_with(n, &all, options)
+    }
+
     /// A tracker file of `n` trackers of which only `which` are started, in that order, each
     /// once the one before serves. If a tracker cannot listen (its port was taken meanwhile),
     /// the whole cluster is tried again on other ports.
     pub fn start_some(n: usize, which: &[usize]) -> Cluster {
+        Self::start_some_with(n, which, &[])
+    }
+
+    fn start_some_with(n: usize, which: &[usize], options: &[OsString]) -> Cluster {
         let mut failures = Vec::new();
         for _ in 0..ATTEMPTS {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -905,6 +917,7 @@ impl Cluster {
                 trackers: (0..n).map(|_| None).collect(),
                 runs: vec![0; n],
                 dir,
+                options: options.to_vec(),
             };
             match which.iter().try_for_each(|&no| cluster.try_start(no)) {
                 Ok(()) => return cluster,
@@ -930,6 +943,7 @@ impl Cluster {
         let stderr = File::create(&stderr_path).expect("create stderr file");
         let mut child = Command::new(TRACKER_BIN)
             .env("XDG_STATE_HOME", state_home(&self.info))
+            .args(&self.options)
             .arg(&self.info)
             .arg(no.to_string())
             .stdin(Stdio::piped())
