@@ -508,6 +508,8 @@ struct Stats {
     /// Times a core still had a timer due right after `handle_timeout` (a busy loop in a
     /// real driver).
     timer_spins: u64,
+    /// Changes refused for a per-user quota (runs with tight quotas).
+    quota_refusals: u64,
 }
 
 impl Stats {
@@ -524,6 +526,7 @@ impl Stats {
         self.max_view = self.max_view.max(o.max_view);
         self.snapshot_parts += o.snapshot_parts;
         self.timer_spins += o.timer_spins;
+        self.quota_refusals += o.quota_refusals;
     }
 }
 
@@ -1682,6 +1685,29 @@ impl Cluster {
                 return;
             }
         }
+        if self.quotas.is_some()
+            && matches!(
+                (&p.expect, &body),
+                (
+                    Expect::Done | Expect::NewFile,
+                    ReplyBody::Refused {
+                        code: RejectCode::QuotaExceeded,
+                        ..
+                    }
+                )
+            )
+            && matches!(
+                p.body,
+                RequestBody::CreateGroup { .. }
+                    | RequestBody::JoinGroup { .. }
+                    | RequestBody::UploadFile { .. }
+            )
+        {
+            // Past a tight quota: nothing was applied (whether it was the right answer is
+            // checked on the states: no user holds more than the quotas allow).
+            self.stats.quota_refusals += 1;
+            return;
+        }
         match (&p.expect, &body) {
             (Expect::Manual, _) => cl.replies.push((p.req_id, body.clone())),
             (Expect::Done, ReplyBody::Done)
@@ -1983,6 +2009,18 @@ impl Cluster {
         }
         let (_, primary) = view.unwrap();
         assert_eq!(self.primaries(), vec![primary], "one primary, the view's");
+        if let Some(q) = self.quotas {
+            // No user holds more than the quotas allow (the workload never leaves a group,
+            // so ownership never passes to someone at the limit), by a walk of the state.
+            for (user, held) in first.state().holdings_walk() {
+                assert!(
+                    held.groups_owned <= q.groups_per_user
+                        && held.requests <= q.requests_per_user
+                        && held.files <= q.files_per_user,
+                    "{user} holds {held:?}, past {q:?}"
+                );
+            }
+        }
         for no in &live[1..] {
             let r = self.core(*no).replica();
             assert_eq!(
@@ -3007,6 +3045,15 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
     } else {
         Cluster::new(n, seed)
     };
+    // A third of the runs have quotas the workload reaches (drawn outside the run's stream).
+    if mix(seed, &[12]) % 3 == 0 {
+        cl.quotas = Some(Quotas {
+            groups_per_user: 2,
+            requests_per_user: 1,
+            files_per_user: 3,
+            ..Quotas::default()
+        });
+    }
     let may_crash = |cl: &Cluster, no: u16| {
         if durable {
             cl.is_up(no)
