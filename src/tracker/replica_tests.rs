@@ -3046,7 +3046,7 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
         Cluster::new(n, seed)
     };
     // A third of the runs have quotas the workload reaches (drawn outside the run's stream).
-    if mix(seed, &[12]) % 3 == 0 {
+    if mix(seed, &[12]).is_multiple_of(3) {
         cl.quotas = Some(Quotas {
             groups_per_user: 2,
             requests_per_user: 1,
