@@ -24,7 +24,6 @@
 //! handshake or a wrong protocol version closes that connection; a well-formed request that is
 //! refused is answered with `Refused` and the connection lives on.
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -36,8 +35,7 @@ use super::password::{PasswordJob, PasswordResult};
 use super::password_queue::{JobOwner, PasswordQueue, Pushed};
 use super::replica::{Replica, ReplicaOut, Timings};
 use super::state::{
-    Adds, Answer, Entry, Op, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
-    UserQuotas,
+    Adds, Answer, Entry, Op, OpQuotas, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
 };
 use super::tickets::TicketIssuer;
 use crate::net::ConnId;
@@ -248,10 +246,6 @@ pub struct TrackerCore {
     max_part: usize,
     /// What one user may hold.
     quotas: Quotas,
-    /// The state's size for the total-state quota, as last walked: (changes applied then,
-    /// when, bytes), and what the changes accepted since may add (an upper bound).
-    state_size: Cell<Option<(u64, Instant, usize)>>,
-    state_adds: Cell<usize>,
     /// Signs the tickets that go with a file's sharers (none without it: tests).
     tickets: Option<TicketIssuer>,
     /// Clients this tracker sent elsewhere when it stopped serving, with when their session
@@ -266,13 +260,14 @@ pub struct TrackerCore {
 /// that keeps losing its primaryship could otherwise grow by its connection count each time).
 const MAX_SENT_AWAY: usize = 65_536;
 
-/// What one user may make the service hold. The per-user quotas are checked twice: early by
+/// What one user, and everyone, may make the service hold. The quotas are checked twice: early by
 /// the tracker that receives the request (which saves a replicated change when the state it
 /// holds already shows the user at a limit), and then with authority by the replicated apply,
 /// which every tracker runs in the same order: the op carries these limits
-/// ([`Quotas::per_user`]) so that every tracker applies it alike (see `tracker::state`). The
-/// state quota is checked by the receiving tracker only (so changes racing through different
-/// trackers may pass it by their number). Each has a `tracker_program` option.
+/// ([`Quotas::in_op`]) so that every tracker applies it alike (see `tracker::state`). The
+/// state quota is checked the same way for groups, join requests and files; for new accounts
+/// (whose op carries no quotas) only by the receiving tracker. Each has a `tracker_program`
+/// option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
     /// Groups a user owns (`--max-groups-per-user`).
@@ -290,14 +285,15 @@ pub struct Quotas {
 }
 
 impl Quotas {
-    /// The per-user limits, as a change carries them to the replicated apply.
-    pub fn per_user(&self) -> UserQuotas {
+    /// The limits as a change carries them to the replicated apply.
+    pub fn in_op(&self) -> OpQuotas {
         let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
-        UserQuotas {
+        OpQuotas {
             groups_owned: n(self.groups_per_user),
             requests: n(self.requests_per_user),
             files: n(self.files_per_user),
             metadata: n(self.metadata_per_user),
+            state_bytes: n(self.state_bytes),
         }
     }
 }
@@ -366,8 +362,6 @@ impl TrackerCore {
             max_reply: MAX_CLIENT_TRACKER_FRAME,
             max_part: MAX_PART_BYTES,
             quotas: Quotas::default(),
-            state_size: Cell::new(None),
-            state_adds: Cell::new(0),
             tickets: None,
             sent_away: VecDeque::new(),
             sending_away: false,
@@ -1580,7 +1574,7 @@ impl TrackerCore {
                 Op::CreateGroup {
                     session,
                     group,
-                    quotas: Some(self.quotas.per_user()),
+                    quotas: Some(self.quotas.in_op()),
                 }
             }
             RequestBody::JoinGroup { group } => {
@@ -1590,7 +1584,7 @@ impl TrackerCore {
                 Op::JoinGroup {
                     session,
                     group,
-                    quotas: Some(self.quotas.per_user()),
+                    quotas: Some(self.quotas.in_op()),
                 }
             }
             RequestBody::LeaveGroup { group } => Op::LeaveGroup {
@@ -1616,7 +1610,7 @@ impl TrackerCore {
                     session,
                     group,
                     meta,
-                    quotas: Some(self.quotas.per_user()),
+                    quotas: Some(self.quotas.in_op()),
                 }
             }
             RequestBody::StopShare { group, name } => Op::StopShare {
@@ -1634,48 +1628,20 @@ const RECORD_BYTES: usize = 16;
 const MAX_ID: usize = 64;
 /// An Argon2id PHC string's length, about.
 const PHC_BYTES: usize = 100;
-/// The state's size is walked again at most this often, while far from its quota.
-const STATE_SIZE_EVERY: Duration = Duration::from_secs(1);
 
 impl TrackerCore {
-    /// Refuses a change that would add `adds` bytes to a state at its size quota. The size
-    /// is [`TrackerState::approx_bytes`] as of a walk at most [`STATE_SIZE_EVERY`] old, plus
-    /// what the changes accepted here since may add; a refusal always rests on a walk of the
-    /// state as it is.
+    /// Refuses early a change that would add `adds` bytes (an upper bound) to a state at its
+    /// size quota, by the size the state this tracker holds keeps ([`TrackerState::size`]).
+    /// The replicated apply checks again, with authority, the changes that carry the quotas.
     fn check_state_room(&self, adds: usize) -> Result<(), Reject> {
-        let limit = self.quotas.state_bytes;
         let state = self.replica.state();
-        let (applied, now) = (state.n_applied(), self.replica.now());
-        let walk = || {
-            let bytes = state.approx_bytes();
-            self.state_size.set(Some((applied, now, bytes)));
-            self.state_adds.set(0);
-            bytes
-        };
-        let mut bytes = match self.state_size.get() {
-            Some((_, at, bytes)) if now.saturating_duration_since(at) < STATE_SIZE_EVERY => {
-                bytes + self.state_adds.get()
-            }
-            _ => walk(),
-        };
-        let stale = self.state_adds.get() > 0
-            || self.state_size.get().is_some_and(|(a, _, _)| a != applied);
-        if bytes.saturating_add(adds) > limit && stale {
-            bytes = walk();
-        }
-        if bytes.saturating_add(adds) > limit {
-            debug!("the state takes about {bytes} bytes, its quota {limit}: a change refused");
-            return Err(Reject::new(
-                RejectCode::QuotaExceeded,
-                format!(
-                    "quota: the service's state is full (about {bytes} of its {limit} bytes); \
-                     nothing more can be added until something is removed"
-                ),
-            ));
-        }
-        self.state_adds
-            .set(self.state_adds.get().saturating_add(adds));
-        Ok(())
+        let limit = self.quotas.in_op().state_bytes;
+        state.check_room(adds, limit).inspect_err(|_| {
+            debug!(
+                "the state takes about {} bytes, its quota {limit}: a change refused",
+                state.size()
+            );
+        })
     }
 
     /// Refuses early a change that would take the session's user past a quota, by the state
@@ -1686,7 +1652,7 @@ impl TrackerCore {
         let Some(user) = state.session(session).map(|s| &s.user) else {
             return Ok(());
         };
-        state.check_quota(user, adds, &self.quotas.per_user())
+        state.check_quota(user, adds, &self.quotas.in_op())
     }
 }
 

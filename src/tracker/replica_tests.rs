@@ -508,8 +508,9 @@ struct Stats {
     /// Times a core still had a timer due right after `handle_timeout` (a busy loop in a
     /// real driver).
     timer_spins: u64,
-    /// Changes refused for a per-user quota (runs with tight quotas).
+    /// Changes refused for a quota (runs with tight quotas), and of them for the state's.
     quota_refusals: u64,
+    state_quota_refusals: u64,
 }
 
 impl Stats {
@@ -527,6 +528,7 @@ impl Stats {
         self.snapshot_parts += o.snapshot_parts;
         self.timer_spins += o.timer_spins;
         self.quota_refusals += o.quota_refusals;
+        self.state_quota_refusals += o.state_quota_refusals;
     }
 }
 
@@ -1701,11 +1703,18 @@ impl Cluster {
                 RequestBody::CreateGroup { .. }
                     | RequestBody::JoinGroup { .. }
                     | RequestBody::UploadFile { .. }
+                    | RequestBody::CreateUser { .. }
             )
         {
             // Past a tight quota: nothing was applied (whether it was the right answer is
-            // checked on the states: no user holds more than the quotas allow).
+            // checked on the states: no user holds more than the quotas allow; an account
+            // refused for the state quota is asked for again).
             self.stats.quota_refusals += 1;
+            if matches!(&body, ReplyBody::Refused { message, .. }
+                if message.starts_with("quota: the service's state is full"))
+            {
+                self.stats.state_quota_refusals += 1;
+            }
             return;
         }
         match (&p.expect, &body) {
@@ -3033,6 +3042,9 @@ impl Faults {
 
 /// A random run; with `durable`, trackers keep their state on disk, may all be killed at
 /// once (an outage), and any may be killed at any time.
+/// The state quota of some random runs: a few groups and files once the accounts are made.
+const STATE_QUOTA: usize = 2_500;
+
 fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
     let n = if durable {
         1 + (mix(seed, &[0]) % 4) as u16
@@ -3045,12 +3057,18 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
     } else {
         Cluster::new(n, seed)
     };
-    // A third of the runs have quotas the workload reaches (drawn outside the run's stream).
+    // A third of the runs have quotas the workload reaches (drawn outside the run's stream),
+    // half of them a state quota too.
     if mix(seed, &[12]).is_multiple_of(3) {
         cl.quotas = Some(Quotas {
             groups_per_user: 2,
             requests_per_user: 1,
             files_per_user: 3,
+            state_bytes: if mix(seed, &[13]).is_multiple_of(2) {
+                STATE_QUOTA
+            } else {
+                Quotas::default().state_bytes
+            },
             ..Quotas::default()
         });
     }
@@ -3363,7 +3381,7 @@ fn a_quota_holds_where_changes_are_ordered_whatever_the_receiving_trackers_saw()
         op: Op::CreateGroup {
             session,
             group: gid("first"),
-            quotas: Some(quotas.per_user()),
+            quotas: Some(quotas.in_op()),
         },
     });
     cl.pump(3);

@@ -13,7 +13,7 @@
 //!
 //! The per-user quotas are enforced here, where changes are ordered: `CreateGroup`,
 //! `JoinGroup` and `ShareFile` carry the limits of the tracker that received the request
-//! ([`UserQuotas`]), and `apply` refuses the op if it would take the acting user past one,
+//! ([`OpQuotas`]), and `apply` refuses the op if it would take the acting user past one,
 //! against the state at that point of the order. Every tracker applies the same entries in the
 //! same order with the same limits, so all reach the same answer and the same state, whichever
 //! tracker a client used and however many of its changes race through different trackers.
@@ -39,7 +39,7 @@ use crate::wire::{FileName, GroupId, UserId};
 
 // The replicated changes are defined next to their encoding in `wire`, which must not depend
 // on the tracker; they are the tracker state's vocabulary, so they are named from here too.
-pub use crate::wire::ops::{Entry, Op, Origin, SessionId, TrackerRef, UserQuotas};
+pub use crate::wire::ops::{Entry, Op, OpQuotas, Origin, SessionId, TrackerRef};
 
 /// A logged-in user on one client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +253,39 @@ pub struct TrackerState {
     /// Index: what each user holds, for the quotas (users holding nothing are absent). Kept
     /// by every apply; not in the snapshot (rebuilt from the groups when one is read).
     holdings: BTreeMap<UserId, Holdings>,
+    /// [`approx_bytes`](Self::approx_bytes), kept by every apply (for the state quota);
+    /// not in the snapshot (rebuilt by a walk when one is read).
+    size: usize,
+}
+
+/// What [`TrackerState::approx_bytes`] counts for each record besides its ids and data.
+const RECORD: usize = 16;
+const SHARER: usize = RECORD + 2 + 16 + 2;
+const SESSION: usize = RECORD + 2 + 16 + 2 + 8 + 8 + 16;
+
+fn id_bytes(user: &UserId) -> usize {
+    RECORD + user.as_str().len()
+}
+
+fn sharer_bytes(sharer: &Sharer) -> usize {
+    SHARER + sharer.user.as_str().len()
+}
+
+fn file_bytes(file: &SharedFile) -> usize {
+    RECORD + meta_bytes(&file.meta) + file.sharers.iter().map(sharer_bytes).sum::<usize>()
+}
+
+fn group_bytes(id: &GroupId, g: &Group) -> usize {
+    RECORD
+        + id.as_str().len()
+        + g.owner.as_str().len()
+        + g.members.iter().map(id_bytes).sum::<usize>()
+        + g.requests.iter().map(id_bytes).sum::<usize>()
+        + g.files.values().map(file_bytes).sum::<usize>()
+}
+
+fn session_bytes(s: &Session) -> usize {
+    SESSION + s.user.as_str().len()
 }
 
 impl TrackerState {
@@ -269,6 +302,11 @@ impl TrackerState {
                 self.holdings,
                 self.holdings_walk(),
                 "the holdings index agrees with a walk of the state after {op:?}"
+            );
+            assert_eq!(
+                self.size,
+                self.approx_bytes(),
+                "the kept size agrees with a walk of the state after {op:?}"
             );
         }
         answer
@@ -289,6 +327,7 @@ impl TrackerState {
                         pw_hash: pw_hash.clone(),
                     },
                 );
+                self.size += id_bytes(user) + pw_hash.len();
                 Ok(Outcome::Done)
             }
             Op::OpenSession {
@@ -314,17 +353,16 @@ impl TrackerState {
                 self.next_session = self.next_session.saturating_add(1);
                 let id = SessionId(self.next_session);
                 self.close_client_session(*client);
-                self.sessions.insert(
-                    id,
-                    Session {
-                        user: user.clone(),
-                        peer_addr: *peer_addr,
-                        tracker: *tracker,
-                        client: *client,
-                        token: *token,
-                        client_key: *client_key,
-                    },
-                );
+                let session = Session {
+                    user: user.clone(),
+                    peer_addr: *peer_addr,
+                    tracker: *tracker,
+                    client: *client,
+                    token: *token,
+                    client_key: *client_key,
+                };
+                self.size += session_bytes(&session);
+                self.sessions.insert(id, session);
                 self.session_of_user.insert(user.clone(), id);
                 self.session_of_client.insert(*client, id);
                 if let Some(keep) = shares {
@@ -386,6 +424,10 @@ impl TrackerState {
                 let user = self.user_of(*session)?.clone();
                 if let Some(q) = quotas {
                     self.check_quota(&user, Adds::Group, q)?;
+                    // The group record with its id, its owner and its one member.
+                    let adds =
+                        RECORD + group.as_str().len() + user.as_str().len() + id_bytes(&user);
+                    self.check_room(adds, q.state_bytes)?;
                 }
                 if self.groups.contains_key(group) {
                     return Err(Reject::new(
@@ -393,15 +435,14 @@ impl TrackerState {
                         format!("group '{group}' already exists"),
                     ));
                 }
-                self.groups.insert(
-                    group.clone(),
-                    Group {
-                        owner: user.clone(),
-                        members: vec![user.clone()],
-                        requests: Vec::new(),
-                        files: BTreeMap::new(),
-                    },
-                );
+                let new_group = Group {
+                    owner: user.clone(),
+                    members: vec![user.clone()],
+                    requests: Vec::new(),
+                    files: BTreeMap::new(),
+                };
+                self.size += group_bytes(group, &new_group);
+                self.groups.insert(group.clone(), new_group);
                 self.hold_add(&user, &Holdings::owned(1));
                 Ok(Outcome::Done)
             }
@@ -413,6 +454,7 @@ impl TrackerState {
                 if let Some(q) = quotas {
                     let user = self.user_of(*session)?.clone();
                     self.check_quota(&user, Adds::Request, q)?;
+                    self.check_room(id_bytes(&user), q.state_bytes)?;
                 }
                 let (user, g) = self.acting_in(*session, group)?;
                 if g.is_member(&user) {
@@ -428,6 +470,7 @@ impl TrackerState {
                     ));
                 }
                 g.requests.push(user.clone());
+                self.size += id_bytes(&user);
                 self.hold_add(&user, &Holdings::request(1));
                 Ok(Outcome::Done)
             }
@@ -436,6 +479,8 @@ impl TrackerState {
                 if !g.is_member(&user) {
                     return Err(not_member(group));
                 }
+                let bytes_before = group_bytes(group, g);
+                let mut bytes_after = 0;
                 g.members.retain(|m| *m != user);
                 let mut lost = Holdings::default();
                 for file in g.files.values_mut() {
@@ -462,8 +507,10 @@ impl TrackerState {
                             lost.add(&Holdings::owned(1));
                             new_owner = Some(longest_standing.clone());
                         }
+                        bytes_after = group_bytes(group, g);
                     }
                 }
+                self.size = self.size.saturating_sub(bytes_before) + bytes_after;
                 self.hold_sub(&user, &lost);
                 for requester in &dropped_requests {
                     self.hold_sub(requester, &Holdings::request(1));
@@ -497,7 +544,10 @@ impl TrackerState {
                 })?;
                 g.requests.remove(pos);
                 if matches!(op, Op::AcceptRequest { .. }) {
+                    // A request becomes a member: the same bytes.
                     g.members.push(user.clone());
+                } else {
+                    self.size = self.size.saturating_sub(id_bytes(user));
                 }
                 self.hold_sub(user, &Holdings::request(1));
                 Ok(Outcome::Done)
@@ -515,6 +565,13 @@ impl TrackerState {
                 };
                 if let Some(q) = quotas {
                     self.check_quota(&sharer.user, Adds::File(group, meta), q)?;
+                    let file = self.groups.get(group).and_then(|g| g.files.get(&meta.name));
+                    let adds = match file {
+                        Some(f) if f.sharers.contains(&sharer) => 0,
+                        Some(_) => sharer_bytes(&sharer),
+                        None => RECORD + meta_bytes(meta) + sharer_bytes(&sharer),
+                    };
+                    self.check_room(adds, q.state_bytes)?;
                 }
                 let g = self
                     .groups
@@ -538,6 +595,7 @@ impl TrackerState {
                         let adds = Holdings::file(&file.meta);
                         let user = sharer.user.clone();
                         if !file.sharers.contains(&sharer) {
+                            self.size += sharer_bytes(&sharer);
                             file.sharers.push(sharer);
                         }
                         if !held {
@@ -547,13 +605,12 @@ impl TrackerState {
                     }
                     None => {
                         let user = sharer.user.clone();
-                        g.files.insert(
-                            meta.name.clone(),
-                            SharedFile {
-                                meta: meta.clone(),
-                                sharers: vec![sharer],
-                            },
-                        );
+                        let file = SharedFile {
+                            meta: meta.clone(),
+                            sharers: vec![sharer],
+                        };
+                        self.size += file_bytes(&file);
+                        g.files.insert(meta.name.clone(), file);
                         self.hold_add(&user, &Holdings::file(meta));
                         Ok(Outcome::Shared { new_file: true })
                     }
@@ -584,9 +641,12 @@ impl TrackerState {
                     ));
                 }
                 let lost = Holdings::file(&file.meta);
+                let mut freed = (before - file.sharers.len()) * (SHARER + user.as_str().len());
                 if file.sharers.is_empty() {
+                    freed += RECORD + meta_bytes(&file.meta);
                     g.files.remove(name);
                 }
+                self.size = self.size.saturating_sub(freed);
                 self.hold_sub(&user, &lost);
                 Ok(Outcome::Done)
             }
@@ -605,12 +665,18 @@ impl TrackerState {
         let keep: std::collections::BTreeSet<(&GroupId, &FileName)> =
             keep.iter().map(|(g, n)| (g, n)).collect();
         let mut lost = Holdings::default();
+        let mut freed = 0;
         for (group, g) in self.groups.iter_mut() {
             g.files.retain(|name, file| {
                 if !keep.contains(&(group, name)) {
                     let held = file.sharers.iter().any(|sh| sh.user == *user);
+                    let before = file.sharers.len();
                     file.sharers
                         .retain(|sh| !(sh.user == *user && sh.peer_addr == addr));
+                    freed += (before - file.sharers.len()) * (SHARER + user.as_str().len());
+                    if file.sharers.is_empty() {
+                        freed += RECORD + meta_bytes(&file.meta);
+                    }
                     // Still shared from another of the user's clients: still held.
                     if held && !file.sharers.iter().any(|sh| sh.user == *user) {
                         lost.add(&Holdings::file(&file.meta));
@@ -619,6 +685,7 @@ impl TrackerState {
                 !file.sharers.is_empty()
             });
         }
+        self.size = self.size.saturating_sub(freed);
         self.hold_sub(user, &lost);
     }
 
@@ -635,9 +702,15 @@ impl TrackerState {
         }
     }
 
-    /// Builds the holdings index from the groups (after a snapshot is read).
-    pub(crate) fn rebuild_holdings(&mut self) {
+    /// Builds the holdings index and the kept size by walks (after a snapshot is read).
+    pub(crate) fn rebuild_derived(&mut self) {
         self.holdings = self.holdings_walk();
+        self.size = self.approx_bytes();
+    }
+
+    /// [`approx_bytes`](Self::approx_bytes) as kept by every apply: no walk.
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     /// What every user holds, by a walk over every group (the index's definition).
@@ -667,6 +740,24 @@ impl TrackerState {
         all
     }
 
+    /// Refuses a change that would add `adds` bytes (as [`approx_bytes`](Self::approx_bytes)
+    /// counts them) to a state that would then take more than `limit`: `QuotaExceeded` with
+    /// `quota: the service's state is full ...`. A change that adds nothing always passes.
+    pub fn check_room(&self, adds: usize, limit: u64) -> Result<(), Reject> {
+        let after = u64::try_from(self.size.saturating_add(adds)).unwrap_or(u64::MAX);
+        if adds == 0 || after <= limit {
+            return Ok(());
+        }
+        Err(Reject::new(
+            RejectCode::QuotaExceeded,
+            format!(
+                "quota: the service's state is full (about {} of its {limit} bytes); \
+                 nothing more can be added until something is removed",
+                self.size
+            ),
+        ))
+    }
+
     /// Refuses a change that would add `adds` to what `user` holds past one of `quotas`:
     /// `QuotaExceeded` with `quota: at most N ... per user`. Sharing again a file the user
     /// already shares adds nothing.
@@ -674,7 +765,7 @@ impl TrackerState {
         &self,
         user: &UserId,
         adds: Adds<'_>,
-        quotas: &UserQuotas,
+        quotas: &OpQuotas,
     ) -> Result<(), Reject> {
         let over = |what: &str, limit: u64| {
             Err(Reject::new(
@@ -831,6 +922,7 @@ impl TrackerState {
     /// Ends a session and drops it from the indexes.
     fn close_session(&mut self, id: SessionId) {
         if let Some(closed) = self.sessions.remove(&id) {
+            self.size = self.size.saturating_sub(session_bytes(&closed));
             self.session_of_user.remove(&closed.user);
             if self.session_of_client.get(&closed.client) == Some(&id) {
                 self.session_of_client.remove(&closed.client);
@@ -899,42 +991,13 @@ impl TrackerState {
     /// for what surrounds them. A walk over everything (for the total-state quota, which
     /// refreshes it at most about once a second far from its limit).
     pub fn approx_bytes(&self) -> usize {
-        const RECORD: usize = 16;
-        const SHARER: usize = RECORD + 2 + 16 + 2;
-        const SESSION: usize = RECORD + 2 + 16 + 2 + 8 + 8 + 16;
         let users: usize = self
             .users
             .iter()
-            .map(|(id, u)| RECORD + id.as_str().len() + u.pw_hash.len())
+            .map(|(id, u)| id_bytes(id) + u.pw_hash.len())
             .sum();
-        let ids = |v: &[UserId]| v.iter().map(|u| RECORD + u.as_str().len()).sum::<usize>();
-        let groups: usize = self
-            .groups
-            .iter()
-            .map(|(id, g)| {
-                RECORD
-                    + id.as_str().len()
-                    + g.owner.as_str().len()
-                    + ids(&g.members)
-                    + ids(&g.requests)
-                    + g.files
-                        .values()
-                        .map(|f| {
-                            RECORD
-                                + meta_bytes(&f.meta)
-                                + f.sharers
-                                    .iter()
-                                    .map(|s| SHARER + s.user.as_str().len())
-                                    .sum::<usize>()
-                        })
-                        .sum::<usize>()
-            })
-            .sum();
-        let sessions: usize = self
-            .sessions
-            .values()
-            .map(|s| SESSION + s.user.as_str().len())
-            .sum();
+        let groups: usize = self.groups.iter().map(|(id, g)| group_bytes(id, g)).sum();
+        let sessions: usize = self.sessions.values().map(session_bytes).sum();
         users + groups + sessions
     }
 

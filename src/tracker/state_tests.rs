@@ -1507,11 +1507,13 @@ fn random_meta(rng: &mut SplitMix64) -> FileMeta {
 /// `op` as an earlier build made it (no quotas) or carrying tight quotas the random run
 /// reaches.
 fn with_quotas(rng: &mut SplitMix64, mut op: Op) -> Op {
-    let limits = rng.percent(50).then(|| UserQuotas {
+    let limits = rng.percent(50).then(|| OpQuotas {
         groups_owned: 1 + rng.below(3) as u64,
         requests: 1 + rng.below(3) as u64,
         files: 1 + rng.below(4) as u64,
         metadata: [2_000, 1 << 20][rng.below(2)],
+        // Some runs reach a state quota too (a random run's state stays under 20 KB).
+        state_bytes: [3_000, 8_000, u64::MAX][rng.below(3)],
     });
     if let Op::CreateGroup { quotas, .. }
     | Op::JoinGroup { quotas, .. }
@@ -1879,16 +1881,17 @@ fn a_request_older_than_every_remembered_answer_is_not_applied() {
 // Quotas where changes are ordered, and the holdings index
 // =============================================================================================
 
-fn limits(groups_owned: u64, requests: u64, files: u64, metadata: u64) -> UserQuotas {
-    UserQuotas {
+fn limits(groups_owned: u64, requests: u64, files: u64, metadata: u64) -> OpQuotas {
+    OpQuotas {
         groups_owned,
         requests,
         files,
         metadata,
+        state_bytes: u64::MAX,
     }
 }
 
-fn with(op: Op, limits: UserQuotas) -> Op {
+fn with(op: Op, limits: OpQuotas) -> Op {
     let mut op = op;
     if let Op::CreateGroup { quotas, .. }
     | Op::JoinGroup { quotas, .. }
@@ -2036,4 +2039,49 @@ fn the_holdings_index_follows_every_change() {
     let back = TrackerState::decode_snapshot(&bytes).unwrap();
     assert_eq!(back.holdings, st.holdings);
     assert_eq!(back, st);
+}
+
+#[test]
+fn the_apply_refuses_a_change_past_the_state_quota_it_carries() {
+    let mut st = TrackerState::new();
+    let ann = new_user(&mut st, "ann", 1);
+    let bob = new_user(&mut st, "bob", 2);
+    done(&mut st, op::create_group(ann, "g"));
+    ok(&mut st, op::share(ann, "g", meta("a", SIZE, 1)));
+    assert_eq!(st.size(), st.approx_bytes());
+    // Room for one more group of a one-letter id owned by ann, not for two.
+    let group_bytes = 16 + 1 + 3 + 16 + 3;
+    let q = OpQuotas {
+        state_bytes: (st.size() + group_bytes) as u64,
+        ..limits(100, 100, 100, u64::MAX)
+    };
+    done(&mut st, with(op::create_group(ann, "h"), q));
+    assert_eq!(
+        st.size() as u64,
+        q.state_bytes,
+        "the group took what was counted"
+    );
+    let full = format!(
+        "quota: the service's state is full (about {} of its {} bytes); nothing more can be \
+         added until something is removed",
+        st.size(),
+        q.state_bytes
+    );
+    over_quota(&mut st, with(op::create_group(ann, "i"), q), &full);
+    over_quota(&mut st, with(op::join(bob, "g"), q), &full);
+    over_quota(
+        &mut st,
+        with(op::share(ann, "h", meta("b", SIZE, 2)), q),
+        &full,
+    );
+    // Sharing again what one shares adds nothing, so it passes at the limit; a new sharer of
+    // an existing file needs room for its record.
+    ok(&mut st, with(op::share(ann, "g", meta("a", SIZE, 1)), q));
+    // Ops of earlier builds (no quotas) are applied unchecked.
+    done(&mut st, op::join(bob, "g"));
+    // A removal makes room again.
+    done(&mut st, op::reject(ann, "g", "bob"));
+    done(&mut st, op::stop(ann, "g", "a"));
+    done(&mut st, with(op::create_group(ann, "i"), q));
+    assert_eq!(st.size(), st.approx_bytes());
 }

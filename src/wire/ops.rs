@@ -68,16 +68,16 @@ pub enum Op {
     ExpireSessions {
         tracker: TrackerRef,
     },
-    /// `quotas`: see [`UserQuotas`] (`None`: an entry logged by an earlier build).
+    /// `quotas`: see [`OpQuotas`] (`None`: an entry logged by an earlier build).
     CreateGroup {
         session: SessionId,
         group: GroupId,
-        quotas: Option<UserQuotas>,
+        quotas: Option<OpQuotas>,
     },
     JoinGroup {
         session: SessionId,
         group: GroupId,
-        quotas: Option<UserQuotas>,
+        quotas: Option<OpQuotas>,
     },
     LeaveGroup {
         session: SessionId,
@@ -97,7 +97,7 @@ pub enum Op {
         session: SessionId,
         group: GroupId,
         meta: FileMeta,
-        quotas: Option<UserQuotas>,
+        quotas: Option<OpQuotas>,
     },
     StopShare {
         session: SessionId,
@@ -114,15 +114,16 @@ pub enum Op {
     },
 }
 
-/// The per-user quotas a change that adds to a user's holdings is held to where changes are
-/// ordered: `apply` refuses the op if it would take the acting user past one, against the
-/// state as it stands at that point of the order, so every tracker reaches the same answer.
+/// The quotas a change that adds to a user's holdings is held to where changes are ordered
+/// (the user's, and the whole state's size): `apply` refuses the op if it would take the
+/// acting user or the state past one, against the state as it stands at that point of the
+/// order, so every tracker reaches the same answer.
 /// The limits travel in the op (the options of the tracker that received the request)
 /// because they are per-tracker options: an `apply` that read them from its own tracker could
 /// answer differently on trackers started with different options. `None`: an op logged by an
 /// earlier build, which checked its quotas before the op was made; applied without a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UserQuotas {
+pub struct OpQuotas {
     /// Groups the user owns.
     pub groups_owned: u64,
     /// Join requests of the user pending at once.
@@ -131,6 +132,8 @@ pub struct UserQuotas {
     pub files: u64,
     /// Bytes of metadata (name, piece hashes) of the files the user shares.
     pub metadata: u64,
+    /// Bytes the whole state may take (`TrackerState::approx_bytes`), over every user.
+    pub state_bytes: u64,
 }
 
 /// The client request an op was made for: a retry with the same pair is answered from memory.

@@ -45,7 +45,7 @@
 
 use super::codec::*;
 use super::frame;
-use super::ops::{Entry, Op, Origin, SessionId, TrackerRef, UserQuotas};
+use super::ops::{Entry, Op, OpQuotas, Origin, SessionId, TrackerRef};
 use super::tracker_link::{put_share_list, share_list, FileMeta};
 use super::PROTOCOL_MAGIC;
 
@@ -231,10 +231,10 @@ pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
 ///   name) * n)? | [32] client_key` (the shares the client holds, which the login
 ///   reconciles, and its X25519 identity key); an op that kind `2` can say (no shares, a
 ///   zero key) is written as kind `2`, and refused as kind `15`
-/// - `16` CreateGroup, `17` JoinGroup, `18` ShareFile with the per-user quotas the apply
-///   checks: the fields of `7`, `8`, `12`, then `quotas` (`u64 groups_owned | u64 requests |
-///   u64 files | u64 metadata`); an op without quotas (an earlier build's) is written as kind
-///   `7`, `8` or `12`
+/// - `16` CreateGroup, `17` JoinGroup, `18` ShareFile with the quotas the apply checks: the
+///   fields of `7`, `8`, `12`, then `quotas` (`u64 groups_owned | u64 requests | u64 files |
+///   u64 metadata | u64 state_bytes`); an op without quotas (an earlier build's) is written as
+///   kind `7`, `8` or `12`
 ///
 /// Any other kind is [`DecodeError::BadValue`].
 pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -388,26 +388,29 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
     }
 }
 
-/// `u64 groups_owned | u64 requests | u64 files | u64 metadata`, when there are quotas.
-fn put_user_quotas(out: &mut Vec<u8>, quotas: &Option<UserQuotas>) {
+/// `u64 groups_owned | u64 requests | u64 files | u64 metadata | u64 state_bytes`, when there
+/// are quotas.
+fn put_user_quotas(out: &mut Vec<u8>, quotas: &Option<OpQuotas>) {
     if let Some(q) = quotas {
         put_u64(out, q.groups_owned);
         put_u64(out, q.requests);
         put_u64(out, q.files);
         put_u64(out, q.metadata);
+        put_u64(out, q.state_bytes);
     }
 }
 
 /// The quotas of an op of a kind that carries them (`present`), else `None`.
-fn user_quotas(r: &mut Reader<'_>, present: bool) -> Result<Option<UserQuotas>, DecodeError> {
+fn user_quotas(r: &mut Reader<'_>, present: bool) -> Result<Option<OpQuotas>, DecodeError> {
     if !present {
         return Ok(None);
     }
-    Ok(Some(UserQuotas {
+    Ok(Some(OpQuotas {
         groups_owned: r.u64()?,
         requests: r.u64()?,
         files: r.u64()?,
         metadata: r.u64()?,
+        state_bytes: r.u64()?,
     }))
 }
 

@@ -194,11 +194,12 @@ fn sample_ops() -> Vec<Op> {
         Op::JoinGroup {
             session: SessionId(3),
             group: gid(&long_id),
-            quotas: Some(UserQuotas {
+            quotas: Some(OpQuotas {
                 groups_owned: 0,
                 requests: u64::MAX,
                 files: 1,
                 metadata: 0,
+                state_bytes: 7,
             }),
         },
         Op::LeaveGroup {
@@ -445,25 +446,27 @@ fn rand_session(rng: &mut Rng) -> SessionId {
     })
 }
 
-fn sample_quotas() -> UserQuotas {
-    UserQuotas {
+fn sample_quotas() -> OpQuotas {
+    OpQuotas {
         groups_owned: 1000,
         requests: 2,
         files: 10_000,
         metadata: 256 << 20,
+        state_bytes: 2 << 30,
     }
 }
 
 /// Quotas or none, at random.
-fn rand_quotas(rng: &mut Rng) -> Option<UserQuotas> {
+fn rand_quotas(rng: &mut Rng) -> Option<OpQuotas> {
     if rng.below(2) == 0 {
         return None;
     }
-    Some(UserQuotas {
+    Some(OpQuotas {
         groups_owned: rng.next_u64(),
         requests: rng.next_u64(),
         files: rng.next_u64(),
         metadata: rng.next_u64(),
+        state_bytes: rng.next_u64(),
     })
 }
 
@@ -951,17 +954,19 @@ fn golden_ops() {
         assert_eq!(op_bytes(&op), cat(&[&[kind], &session, &[0, 1, b'g']]));
     }
     // With the quotas the apply checks: kinds 16 and 17, the limits after the group.
-    let quotas = UserQuotas {
+    let quotas = OpQuotas {
         groups_owned: 1,
         requests: 2,
         files: 3,
         metadata: 0x0102,
+        state_bytes: 0x0304_0506,
     };
     let quota_bytes: &[u8] = &[
         0, 0, 0, 0, 0, 0, 0, 1, // groups_owned
         0, 0, 0, 0, 0, 0, 0, 2, // requests
         0, 0, 0, 0, 0, 0, 0, 3, // files
         0, 0, 0, 0, 0, 0, 1, 2, // metadata
+        0, 0, 0, 0, 3, 4, 5, 6, // state_bytes
     ];
     let create = Op::CreateGroup {
         session: SessionId(1),

@@ -224,7 +224,7 @@ impl TrackerState {
 
         r.finish()?;
         // Derived data, not in the snapshot.
-        st.rebuild_holdings();
+        st.rebuild_derived();
         Ok(st)
     }
 }

@@ -7,7 +7,7 @@
 use super::*;
 use crate::rng::SplitMix64;
 use crate::testing::{fname, gid, uid};
-use crate::tracker::state::{Entry, Op, Origin, TrackerRef, UserQuotas};
+use crate::tracker::state::{Entry, Op, OpQuotas, Origin, TrackerRef};
 use crate::wire::{Sha1Digest, PIECE_LEN};
 
 use std::net::Ipv4Addr;
@@ -599,12 +599,13 @@ fn requester(rng: &mut SplitMix64, st: &TrackerState, group: &str) -> UserId {
 }
 
 /// No quotas (an earlier build's op) or tight ones that the random ops reach.
-fn random_quotas(rng: &mut SplitMix64) -> Option<UserQuotas> {
-    rng.percent(60).then(|| UserQuotas {
+fn random_quotas(rng: &mut SplitMix64) -> Option<OpQuotas> {
+    rng.percent(60).then(|| OpQuotas {
         groups_owned: 1 + rng.below(2) as u64,
         requests: 1 + rng.below(2) as u64,
         files: 1 + rng.below(3) as u64,
         metadata: [100, 1 << 20][rng.below(2)],
+        state_bytes: [2_000, u64::MAX][rng.below(2)],
     })
 }
 
