@@ -11,10 +11,10 @@
 //! retried after a failover, with the same client and request id, gets the remembered answer
 //! instead of being applied twice. That memory is part of the state, so every replica holds it.
 //!
-//! The per-user quotas are enforced here, where changes are ordered: `CreateGroup`,
-//! `JoinGroup` and `ShareFile` carry the limits of the tracker that received the request
-//! ([`OpQuotas`]), and `apply` refuses the op if it would take the acting user past one,
-//! against the state at that point of the order. Every tracker applies the same entries in the
+//! The quotas are enforced here, where changes are ordered: `CreateGroup`, `JoinGroup` and
+//! `ShareFile` carry the limits of the tracker that received the request ([`OpQuotas`]), and
+//! `apply` refuses the op if it would take the acting user, or the whole state's size, past
+//! one, against the state at that point of the order. Every tracker applies the same entries in the
 //! same order with the same limits, so all reach the same answer and the same state, whichever
 //! tracker a client used and however many of its changes race through different trackers.
 //! The limits are in the op rather than read from this tracker's options (which could differ
@@ -22,10 +22,11 @@
 //! by the receiving tracker rather than stamped by the primary, because a backup recognises
 //! its forwarded entries coming back applied by equality: an entry the primary rewrote would
 //! not be recognised. What each user holds is kept in an index ([`Holdings`]) updated by every
-//! apply, so a check is a lookup; it is derived data, not in the snapshot, and rebuilt when a
-//! snapshot is read. Builds with debug assertions (and every test build) check it against a
-//! walk of the state after each op while the state has at most [`HOLDINGS_CHECK_GROUPS`]
-//! groups.
+//! apply, so a check is a lookup, and so is the state's size ([`TrackerState::size`]); both
+//! are derived data, not in the snapshot, and rebuilt when a snapshot is read. Builds with
+//! debug assertions (and every test build) check both against a walk of the state after
+//! each op while the state has at most [`HOLDINGS_CHECK_GROUPS`] groups. `CreateUser` carries
+//! no quotas: the state quota holds new accounts only at the receiving tracker.
 //!
 //! Architecture invariant: everything a tracker answers is derived from this state; nothing
 //! else in the tracker holds users, groups, files or sessions.
