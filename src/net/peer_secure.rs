@@ -716,6 +716,9 @@ pub enum SealedNext<'a> {
     /// The next `len` bytes are the ciphertext of piece `piece`'s data from `offset` on: read
     /// them into that place (or drop them), then report the count.
     BlockData { piece: u32, offset: u32, len: u32 },
+    /// Bytes read ahead already complete something: read nothing, call
+    /// [`SealedSharerStream::filled`] with 0.
+    Ready,
 }
 
 /// What a [`SealedSharerStream`] found.
@@ -732,6 +735,17 @@ pub enum SealedDecoded {
     BlockSealed { piece: u32, offset: u32, len: u32 },
 }
 
+/// Bytes of a block's header record on the wire (length, header, tag): the most read ahead
+/// past the end of a record or a tag, so that a read never takes bytes of block data (they
+/// follow only such a record, and land in the `.part`).
+const LOOKAHEAD: usize = RECORD_HEAD_LEN + BLOCK_HEAD_LEN + TAG_LEN;
+/// Records up to this size on the wire (length and tag included) are read through the
+/// read-ahead buffer; longer ones (an `Accept` with a large bitfield, a `Refuse` with a long
+/// message) into their own buffer.
+const SMALL_RECORD: usize = 64;
+/// The read-ahead buffer: a small record and what may follow it.
+const AHEAD_CAP: usize = SMALL_RECORD + LOOKAHEAD;
+
 #[derive(Debug, Clone, Copy)]
 enum SharerState {
     /// Reading message 2: its length prefix, then its body, into `small`.
@@ -739,10 +753,15 @@ enum SharerState {
     HsBody {
         len: usize,
     },
-    /// Reading a record's length into `small`.
+    /// A record's length is read into `ahead`.
     RecHead,
-    /// Reading a record's ciphertext and tag into `rec`.
-    RecBody {
+    /// A small record (`len` bytes of ciphertext) is read into `ahead`, its length still
+    /// there before it.
+    RecSmall {
+        len: usize,
+    },
+    /// A long record's ciphertext and tag are read into `rec` (`have` bytes in).
+    RecLong {
         len: usize,
     },
     /// Reading a block's ciphertext (`done` bytes of it are in).
@@ -752,7 +771,7 @@ enum SharerState {
         len: u32,
         done: u32,
     },
-    /// Reading the block's tag into `tag`.
+    /// The block's tag is read into `ahead`.
     Tag {
         piece: u32,
         offset: u32,
@@ -771,14 +790,23 @@ enum SharerState {
 /// [`SharerStream`] (which it feeds with the decrypted frames, and which checks the peer
 /// protocol's order and limits), it says where the next bytes go, so that a block's data
 /// lands where the caller keeps it and is decrypted there. Its own buffers are bounded: the
-/// handshake's message 2, one record (a frame of at most the peer link's largest, an
-/// `Accept`), a tag.
+/// handshake's message 2, a read-ahead buffer of [`AHEAD_CAP`] bytes, and one long record
+/// (a frame of at most the peer link's largest, an `Accept`).
+///
+/// Small reads are merged: a block's tag, the next record's length and a block header record
+/// (49 bytes) come in one read where the three took one each, so a block costs the socket
+/// read of its header and those of its data. What is read ahead is bounded so that it never
+/// reaches block data ([`LOOKAHEAD`]).
 pub struct SealedSharerStream {
     inner: SharerStream,
     handshake: Option<Box<snow::HandshakeState>>,
     opener: Option<Opener>,
     small: [u8; 2 + MAX_HANDSHAKE_MSG],
     have: usize,
+    /// Read-ahead bytes: `ahead[start..end]` are in and not yet used.
+    ahead: [u8; AHEAD_CAP],
+    start: usize,
+    end: usize,
     rec: Vec<u8>,
     tag: [u8; TAG_LEN],
     aad: [u8; BLOCK_HEAD_LEN],
@@ -807,6 +835,9 @@ impl SealedSharerStream {
             opener: None,
             small: [0; 2 + MAX_HANDSHAKE_MSG],
             have: 0,
+            ahead: [0; AHEAD_CAP],
+            start: 0,
+            end: 0,
             rec: Vec::new(),
             tag: [0; TAG_LEN],
             aad: [0; BLOCK_HEAD_LEN],
@@ -845,21 +876,43 @@ impl SealedSharerStream {
         self.inner.answered()
     }
 
+    /// For the read-ahead states: the bytes the current unit needs in `ahead` (from
+    /// `start`), and how far past them a read may go.
+    fn ahead_want(&self) -> Option<(usize, usize)> {
+        match self.state {
+            SharerState::RecHead => Some((RECORD_HEAD_LEN, LOOKAHEAD - RECORD_HEAD_LEN)),
+            // After what may be a block's header record nothing is read ahead: its data
+            // follows.
+            SharerState::RecSmall { len } => Some((
+                RECORD_HEAD_LEN + len + TAG_LEN,
+                if len == BLOCK_HEAD_LEN { 0 } else { LOOKAHEAD },
+            )),
+            SharerState::Tag { .. } => Some((TAG_LEN, LOOKAHEAD)),
+            _ => None,
+        }
+    }
+
     /// Where the next bytes of the link go.
     pub fn next_read(&mut self) -> SealedNext<'_> {
+        if let Some((need, beyond)) = self.ahead_want() {
+            if self.end - self.start >= need {
+                return SealedNext::Ready;
+            }
+            if self.start > 0 {
+                self.ahead.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let limit = (need + beyond).min(AHEAD_CAP);
+            return SealedNext::Buffer(&mut self.ahead[self.end..limit]);
+        }
         match self.state {
             SharerState::HsHead => SealedNext::Buffer(&mut self.small[self.have.min(2)..2]),
             SharerState::HsBody { len } => {
                 SealedNext::Buffer(&mut self.small[self.have.min(2 + len)..2 + len])
             }
-            SharerState::RecHead => {
-                SealedNext::Buffer(&mut self.small[self.have.min(RECORD_HEAD_LEN)..RECORD_HEAD_LEN])
-            }
-            SharerState::RecBody { len } => {
+            SharerState::RecLong { len } => {
                 let want = len + TAG_LEN;
-                if self.rec.len() != want {
-                    self.rec.resize(want, 0);
-                }
                 SealedNext::Buffer(&mut self.rec[self.have.min(want)..want])
             }
             SharerState::Data {
@@ -872,14 +925,17 @@ impl SealedSharerStream {
                 offset: offset.saturating_add(done),
                 len: len.saturating_sub(done),
             },
-            SharerState::Tag { .. } => SealedNext::Buffer(&mut self.tag[self.have.min(TAG_LEN)..]),
             // Nothing is read until the block is opened or skipped.
-            SharerState::Sealed { .. } | SharerState::Failed => SealedNext::Buffer(&mut []),
+            SharerState::Sealed { .. }
+            | SharerState::Failed
+            | SharerState::RecHead
+            | SharerState::RecSmall { .. }
+            | SharerState::Tag { .. } => SealedNext::Buffer(&mut []),
         }
     }
 
-    /// `n` bytes went where [`next_read`](Self::next_read) said. Returns what they
-    /// completed, if anything. Errors are final.
+    /// `n` bytes went where [`next_read`](Self::next_read) said (0 after
+    /// [`SealedNext::Ready`]). Returns what they completed, if anything. Errors are final.
     pub fn filled(&mut self, n: usize) -> Result<Option<SealedDecoded>, PeerSecureError> {
         let result = self.filled_inner(n);
         if result.is_err() {
@@ -889,6 +945,10 @@ impl SealedSharerStream {
     }
 
     fn filled_inner(&mut self, n: usize) -> Result<Option<SealedDecoded>, PeerSecureError> {
+        if self.ahead_want().is_some() {
+            self.end = (self.end + n).min(AHEAD_CAP);
+            return self.from_ahead();
+        }
         if n == 0 {
             return Ok(None);
         }
@@ -917,37 +977,28 @@ impl SealedSharerStream {
                 }
                 self.finish_handshake(len)
             }
-            SharerState::RecHead => {
-                self.have = (self.have + n).min(RECORD_HEAD_LEN);
-                if self.have < RECORD_HEAD_LEN {
-                    return Ok(None);
-                }
-                let len = u32::from_be_bytes([
-                    self.small[0],
-                    self.small[1],
-                    self.small[2],
-                    self.small[3],
-                ]) as usize;
-                // The largest frame a sharer sends in one record is an `Accept`.
-                let max = 4 + crate::wire::peer_link::MAX_PEER_FRAME;
-                if len > max {
-                    return Err(PeerSecureError::RecordTooLong { len, max });
-                }
-                if len < 5 {
-                    return Err(PeerSecureError::RecordShape(
-                        "a record shorter than a frame",
-                    ));
-                }
-                self.have = 0;
-                self.state = SharerState::RecBody { len };
-                Ok(None)
-            }
-            SharerState::RecBody { len } => {
+            SharerState::RecLong { len } => {
                 self.have = (self.have + n).min(len + TAG_LEN);
                 if self.have < len + TAG_LEN {
                     return Ok(None);
                 }
-                self.record_done(len)
+                let Some(opener) = self.opener.as_mut() else {
+                    return Err(PeerSecureError::OutOfTurn("a record before the handshake"));
+                };
+                let head = (len as u32).to_be_bytes();
+                let found = open_record(
+                    opener,
+                    &mut self.inner,
+                    &head,
+                    &mut self.rec[..len + TAG_LEN],
+                    &mut self.aad,
+                )?;
+                // A large `Accept` does not keep its buffer for the records after it.
+                if self.rec.capacity() > 4 * 4096 {
+                    self.rec = Vec::new();
+                }
+                self.have = 0;
+                self.after_record(found)
             }
             SharerState::Data {
                 piece,
@@ -966,19 +1017,120 @@ impl SealedSharerStream {
                         done,
                     }
                 } else {
-                    self.have = 0;
                     SharerState::Tag { piece, offset, len }
                 };
                 Ok(None)
             }
-            SharerState::Tag { piece, offset, len } => {
-                self.have = (self.have + n).min(TAG_LEN);
-                if self.have < TAG_LEN {
+            SharerState::RecHead | SharerState::RecSmall { .. } | SharerState::Tag { .. } => {
+                Err(PeerSecureError::OutOfTurn("read-ahead state"))
+            }
+        }
+    }
+
+    /// Takes what the read-ahead bytes complete: a record's length, a small record, a tag.
+    fn from_ahead(&mut self) -> Result<Option<SealedDecoded>, PeerSecureError> {
+        loop {
+            let avail = self.end - self.start;
+            match self.state {
+                SharerState::RecHead => {
+                    if avail < RECORD_HEAD_LEN {
+                        return Ok(None);
+                    }
+                    let at = self.start;
+                    let len = u32::from_be_bytes([
+                        self.ahead[at],
+                        self.ahead[at + 1],
+                        self.ahead[at + 2],
+                        self.ahead[at + 3],
+                    ]) as usize;
+                    // The largest frame a sharer sends in one record is an `Accept`.
+                    let max = 4 + crate::wire::peer_link::MAX_PEER_FRAME;
+                    if len > max {
+                        return Err(PeerSecureError::RecordTooLong { len, max });
+                    }
+                    if len < 5 {
+                        return Err(PeerSecureError::RecordShape(
+                            "a record shorter than a frame",
+                        ));
+                    }
+                    if RECORD_HEAD_LEN + len + TAG_LEN <= SMALL_RECORD {
+                        self.state = SharerState::RecSmall { len };
+                        continue;
+                    }
+                    // A long record: what was read ahead is all its own (a read stops
+                    // LOOKAHEAD bytes past the record's start, and it is longer).
+                    let want = len + TAG_LEN;
+                    if self.rec.len() != want {
+                        self.rec.resize(want, 0);
+                    }
+                    let got = avail - RECORD_HEAD_LEN;
+                    self.rec[..got].copy_from_slice(&self.ahead[at + RECORD_HEAD_LEN..self.end]);
+                    self.have = got;
+                    self.start = 0;
+                    self.end = 0;
+                    self.state = SharerState::RecLong { len };
                     return Ok(None);
                 }
-                self.state = SharerState::Sealed { piece, offset, len };
-                Ok(Some(SealedDecoded::BlockSealed { piece, offset, len }))
+                SharerState::RecSmall { len } => {
+                    let whole = RECORD_HEAD_LEN + len + TAG_LEN;
+                    if avail < whole {
+                        return Ok(None);
+                    }
+                    let Some(opener) = self.opener.as_mut() else {
+                        return Err(PeerSecureError::OutOfTurn("a record before the handshake"));
+                    };
+                    let at = self.start;
+                    let (head, body) = self.ahead[at..at + whole].split_at_mut(RECORD_HEAD_LEN);
+                    let found = open_record(opener, &mut self.inner, head, body, &mut self.aad)?;
+                    self.start += whole;
+                    return self.after_record(found);
+                }
+                SharerState::Tag { piece, offset, len } => {
+                    if avail < TAG_LEN {
+                        return Ok(None);
+                    }
+                    self.tag
+                        .copy_from_slice(&self.ahead[self.start..self.start + TAG_LEN]);
+                    self.start += TAG_LEN;
+                    self.state = SharerState::Sealed { piece, offset, len };
+                    return Ok(Some(SealedDecoded::BlockSealed { piece, offset, len }));
+                }
+                _ => return Ok(None),
             }
+        }
+    }
+
+    /// A record was opened: the stream moves on to the next record, or to a block's data.
+    fn after_record(&mut self, found: Decoded) -> Result<Option<SealedDecoded>, PeerSecureError> {
+        match found {
+            Decoded::Msg(msg) => {
+                self.state = SharerState::RecHead;
+                Ok(Some(SealedDecoded::Msg(msg)))
+            }
+            Decoded::BlockStart { piece, offset, len } => {
+                if self.start != self.end {
+                    // Cannot happen: reads stop where a block's header record ends.
+                    return Err(PeerSecureError::OutOfTurn(
+                        "block data was read ahead of its header",
+                    ));
+                }
+                self.start = 0;
+                self.end = 0;
+                self.state = if len == 0 {
+                    SharerState::Tag { piece, offset, len }
+                } else {
+                    SharerState::Data {
+                        piece,
+                        offset,
+                        len,
+                        done: 0,
+                    }
+                };
+                Ok(Some(SealedDecoded::BlockStart { piece, offset, len }))
+            }
+            Decoded::BlockEnd { .. } => Err(PeerSecureError::RecordShape(
+                "a record that does not hold exactly one frame",
+            )),
         }
     }
 
@@ -993,74 +1145,6 @@ impl SealedSharerStream {
         self.have = 0;
         self.state = SharerState::RecHead;
         Ok(Some(SealedDecoded::Established(sealer)))
-    }
-
-    /// A whole record is in `rec`: open it and hand its frame to the inner decoder.
-    fn record_done(&mut self, len: usize) -> Result<Option<SealedDecoded>, PeerSecureError> {
-        let Some(opener) = self.opener.as_mut() else {
-            return Err(PeerSecureError::OutOfTurn("a record before the handshake"));
-        };
-        let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&self.rec[len..len + TAG_LEN]);
-        let head = (len as u32).to_be_bytes();
-        opener.open(&head, &mut self.rec[..len], &tag)?;
-        let mut pos = 0;
-        let mut found = None;
-        while pos < len {
-            match self.inner.next_read() {
-                Next::Buffer(buf) => {
-                    let k = buf.len().min(len - pos);
-                    if k == 0 {
-                        return Err(PeerSecureError::RecordShape(
-                            "a record the frame cannot take",
-                        ));
-                    }
-                    buf[..k].copy_from_slice(&self.rec[pos..pos + k]);
-                    pos += k;
-                    if let Some(d) = self.inner.filled(k)? {
-                        if found.is_some() {
-                            return Err(PeerSecureError::RecordShape("two frames in one record"));
-                        }
-                        found = Some(d);
-                    }
-                }
-                Next::BlockData { .. } => break,
-            }
-        }
-        if pos != len {
-            return Err(PeerSecureError::RecordShape(
-                "a record holding more than a block's header",
-            ));
-        }
-        // A large `Accept` does not keep its buffer for the small records after it.
-        if self.rec.capacity() > 4 * 4096 {
-            self.rec = Vec::new();
-        }
-        self.have = 0;
-        match found {
-            Some(Decoded::Msg(msg)) => {
-                self.state = SharerState::RecHead;
-                Ok(Some(SealedDecoded::Msg(msg)))
-            }
-            Some(Decoded::BlockStart { piece, offset, len }) => {
-                if pos != BLOCK_HEAD_LEN {
-                    return Err(PeerSecureError::RecordShape(
-                        "a block header of another size",
-                    ));
-                }
-                self.aad.copy_from_slice(&self.rec[..BLOCK_HEAD_LEN]);
-                self.state = SharerState::Data {
-                    piece,
-                    offset,
-                    len,
-                    done: 0,
-                };
-                Ok(Some(SealedDecoded::BlockStart { piece, offset, len }))
-            }
-            Some(Decoded::BlockEnd { .. }) | None => Err(PeerSecureError::RecordShape(
-                "a record that does not hold exactly one frame",
-            )),
-        }
     }
 
     /// Opens the sealed block in place: `data` holds its ciphertext (exactly the block's
@@ -1104,9 +1188,66 @@ impl SealedSharerStream {
             Some(Decoded::BlockEnd { .. }) => {}
             _ => return Err(PeerSecureError::OutOfTurn("the block did not end")),
         }
-        self.have = 0;
         self.state = SharerState::RecHead;
         Ok((piece, offset, len))
+    }
+}
+
+/// Opens one record (`body`: `len` bytes of ciphertext, then the tag; `head`: its length
+/// prefix, the AAD) in place and hands its frame to `inner`; a block's header is also kept
+/// in `aad` (its data's AAD). Returns what the frame was.
+fn open_record(
+    opener: &mut Opener,
+    inner: &mut SharerStream,
+    head: &[u8],
+    body: &mut [u8],
+    aad: &mut [u8; BLOCK_HEAD_LEN],
+) -> Result<Decoded, PeerSecureError> {
+    let len = body.len() - TAG_LEN;
+    let (plain, tail) = body.split_at_mut(len);
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(tail);
+    opener.open(head, plain, &tag)?;
+    let mut pos = 0;
+    let mut found = None;
+    while pos < len {
+        match inner.next_read() {
+            Next::Buffer(buf) => {
+                let k = buf.len().min(len - pos);
+                if k == 0 {
+                    return Err(PeerSecureError::RecordShape(
+                        "a record the frame cannot take",
+                    ));
+                }
+                buf[..k].copy_from_slice(&plain[pos..pos + k]);
+                pos += k;
+                if let Some(d) = inner.filled(k)? {
+                    if found.is_some() {
+                        return Err(PeerSecureError::RecordShape("two frames in one record"));
+                    }
+                    found = Some(d);
+                }
+            }
+            Next::BlockData { .. } => break,
+        }
+    }
+    if pos != len {
+        return Err(PeerSecureError::RecordShape(
+            "a record holding more than a block's header",
+        ));
+    }
+    match found {
+        Some(Decoded::BlockStart { .. }) if pos != BLOCK_HEAD_LEN => Err(
+            PeerSecureError::RecordShape("a block header of another size"),
+        ),
+        Some(d @ Decoded::BlockStart { .. }) => {
+            aad.copy_from_slice(&plain[..BLOCK_HEAD_LEN]);
+            Ok(d)
+        }
+        Some(d) => Ok(d),
+        None => Err(PeerSecureError::RecordShape(
+            "a record that does not hold exactly one frame",
+        )),
     }
 }
 

@@ -86,8 +86,10 @@ fn fetch_feed(
     let mut got = Vec::new();
     let mut pos = 0;
     let mut block: Vec<u8> = Vec::new();
-    while pos < bytes.len() {
+    loop {
         let n = match fetch.next_read() {
+            SealedNext::Ready => 0,
+            _ if pos == bytes.len() => break,
             SealedNext::Buffer(buf) => {
                 let n = buf.len().min(step).min(bytes.len() - pos);
                 buf[..n].copy_from_slice(&bytes[pos..pos + n]);
@@ -639,4 +641,86 @@ fn peer_aead_throughput() {
             opened
         );
     }
+}
+
+#[test]
+fn small_reads_are_merged_and_never_take_block_data() {
+    // A long Accept, blocks back to back, Haves between blocks. The downloader's reads: a
+    // block's tag, the next record's length and a block header record come in one read (49
+    // bytes), and no read ahead ever takes bytes of block data (they must land in the .part:
+    // each block's bytes are only those given for BlockData, checked against the data).
+    let mut pair = linked();
+    let blocks: Vec<Vec<u8>> = (0..5).map(|i| data(1000 + i * 17)).collect();
+    let mut out = Vec::new();
+    let s = &mut pair.s_sealer;
+    s.seal_frame(&mut out, accept(1000)).unwrap();
+    s.seal_block(&mut out, 0, 0, &blocks[0]).unwrap();
+    s.seal_block(&mut out, 1, 0, &blocks[1]).unwrap();
+    s.seal_block(&mut out, 2, 0, &blocks[2]).unwrap();
+    s.seal_frame(&mut out, have(1)).unwrap();
+    s.seal_frame(&mut out, have(2)).unwrap();
+    s.seal_block(&mut out, 3, 0, &blocks[3]).unwrap();
+    s.seal_frame(&mut out, have(3)).unwrap();
+    s.seal_block(&mut out, 4, 0, &blocks[4]).unwrap();
+
+    let fetch = &mut pair.fetch;
+    let mut pos = 0;
+    let mut reads = Vec::new();
+    let mut block = Vec::new();
+    let mut got = Vec::new();
+    loop {
+        let n = match fetch.next_read() {
+            SealedNext::Ready => 0,
+            _ if pos == out.len() => break,
+            SealedNext::Buffer(buf) => {
+                let n = buf.len().min(out.len() - pos);
+                buf[..n].copy_from_slice(&out[pos..pos + n]);
+                reads.push(n);
+                n
+            }
+            SealedNext::BlockData { len, .. } => {
+                let n = (len as usize).min(out.len() - pos);
+                block.extend_from_slice(&out[pos..pos + n]);
+                n
+            }
+        };
+        pos += n;
+        match fetch.filled(n).unwrap() {
+            None | Some(SealedDecoded::BlockStart { .. }) => {}
+            Some(SealedDecoded::Msg(SharerMsg::Have { piece })) => {
+                got.push(format!("have {piece}"))
+            }
+            Some(SealedDecoded::Msg(_)) => got.push("accept".into()),
+            Some(SealedDecoded::BlockSealed { piece, .. }) => {
+                fetch.open_block(&mut block).unwrap();
+                assert_eq!(block, blocks[piece as usize], "block {piece}");
+                block.clear();
+                got.push(format!("block {piece}"));
+            }
+            Some(SealedDecoded::Established(_)) => panic!("established twice"),
+        }
+    }
+    assert_eq!(
+        got,
+        [
+            "accept", "block 0", "block 1", "block 2", "have 1", "have 2", "block 3", "have 3",
+            "block 4"
+        ]
+    );
+    // The long Accept in two reads (its first 33 bytes, the rest); a block header (33); then
+    // per block after it one read: tag + header (49), or tag + Have + 4 bytes (49) and the
+    // rest up to the end of the next block's header; the last tag alone. One read per
+    // record and one per tag (23 reads) before.
+    let mut alone = Vec::new();
+    Sealer::new([0; 32])
+        .seal_frame(&mut alone, accept(1000))
+        .unwrap();
+    assert!(alone.len() > 64, "the Accept is a long record");
+    let accept_rest = alone.len() - 33;
+    assert_eq!(
+        reads,
+        [33, accept_rest, 33, 49, 49, 49, 25 + 33, 49, 29, 16],
+        "read sizes"
+    );
+    assert!(matches!(fetch.next_read(), SealedNext::Buffer(b) if b.len() == 33));
 }

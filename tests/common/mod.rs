@@ -1265,6 +1265,7 @@ impl SecurePeer {
         };
         loop {
             let n = match self.reader.next_read() {
+                SealedNext::Ready => usize::MAX,
                 SealedNext::Buffer(buf) => self.stream.read(buf)?,
                 SealedNext::BlockData { len, .. } => {
                     let at = self.block.len();
@@ -1277,6 +1278,8 @@ impl SecurePeer {
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
+            // usize::MAX: bytes read ahead complete something, nothing was read.
+            let n = if n == usize::MAX { 0 } else { n };
             match self.reader.filled(n).map_err(bad)? {
                 None => {}
                 Some(SealedDecoded::Established(sealer)) => self.sealer = Some(sealer),
