@@ -947,7 +947,7 @@ impl SealedSharerStream {
     fn filled_inner(&mut self, n: usize) -> Result<Option<SealedDecoded>, PeerSecureError> {
         if self.ahead_want().is_some() {
             self.end = (self.end + n).min(AHEAD_CAP);
-            return self.from_ahead();
+            return self.take_ahead();
         }
         if n == 0 {
             return Ok(None);
@@ -1028,7 +1028,7 @@ impl SealedSharerStream {
     }
 
     /// Takes what the read-ahead bytes complete: a record's length, a small record, a tag.
-    fn from_ahead(&mut self) -> Result<Option<SealedDecoded>, PeerSecureError> {
+    fn take_ahead(&mut self) -> Result<Option<SealedDecoded>, PeerSecureError> {
         loop {
             let avail = self.end - self.start;
             match self.state {
