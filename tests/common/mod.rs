@@ -161,6 +161,16 @@ impl Tracker {
     /// Starts a tracker with extra options before the positional arguments. If it exits before
     /// it is ready (its port was taken meanwhile), it is retried on another port.
     pub fn start_with(options: &[OsString]) -> Tracker {
+        // The raw harnesses here (RawTracker, probe_welcome, the hostile and CLI tests)
+        // speak plain client frames, which a tracker refuses unless told otherwise.
+        let mut all = vec![OsString::from("--accept-plain-clients")];
+        all.extend_from_slice(options);
+        Tracker::start_exactly(&all)
+    }
+
+    /// Starts a tracker with exactly `options` (plain client links refused unless they
+    /// include `--accept-plain-clients`).
+    pub fn start_exactly(options: &[OsString]) -> Tracker {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut failures = Vec::new();
         for attempt in 0..ATTEMPTS {
@@ -930,6 +940,8 @@ impl Cluster {
         let stderr = File::create(&stderr_path).expect("create stderr file");
         let mut child = Command::new(TRACKER_BIN)
             .env("XDG_STATE_HOME", state_home(&self.info))
+            // Raw harnesses (probe_welcome) speak plain client frames.
+            .arg("--accept-plain-clients")
             .arg(&self.info)
             .arg(no.to_string())
             .stdin(Stdio::piped())
