@@ -180,7 +180,13 @@ impl Drop for Proc {
 fn start_tracker(info: &Path, no: u16, data: &Path, home: &Path) -> Res<Proc> {
     let child = Command::new(TRACKER_BIN)
         .env("XDG_STATE_HOME", home)
-        .args(["--log-level", "warn", "--data-dir"])
+        // The bench's probes speak plain client frames.
+        .args([
+            "--log-level",
+            "warn",
+            "--accept-plain-clients",
+            "--data-dir",
+        ])
         .arg(data)
         .arg(info)
         .arg(no.to_string())

@@ -197,7 +197,8 @@ impl Cluster {
         // Trackers' keys and data go in the bench's temporary directory, never the real home.
         let mut child = Command::new(TRACKER_BIN)
             .env("XDG_STATE_HOME", self.dir.path())
-            .args(["--log-level", "warn"])
+            // The bench's clients speak plain client frames.
+            .args(["--log-level", "warn", "--accept-plain-clients"])
             .arg(&self.info)
             .arg(no.to_string())
             .stdin(Stdio::piped())

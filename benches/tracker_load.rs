@@ -151,6 +151,8 @@ impl Tracker {
             .env("XDG_STATE_HOME", dir.path())
             .arg("--log-level")
             .arg("warn")
+            // The load generator speaks plain client frames.
+            .arg("--accept-plain-clients")
             .arg(&info)
             .arg("1")
             .stdin(Stdio::piped())

@@ -367,3 +367,40 @@ fn bad_key_files_exit_2_naming_the_file() {
     );
     assert_eq!(code, Some(2), "{err}");
 }
+
+#[test]
+fn a_plain_client_hello_gets_nothing_by_default() {
+    use p2pshare::wire::tracker_link::{Request, RequestBody};
+    use p2pshare::wire::{Password, UserId};
+    // A tracker started as a user would (no --accept-plain-clients).
+    let tracker = common::Tracker::start_exactly(&[]);
+    // A plain client says hello and asks to create a user, its password in clear.
+    let mut stream = TcpStream::connect(tracker.addr).unwrap();
+    let mut bytes = Vec::new();
+    ClientMsg::hello(0x5ea1).emit(&mut bytes);
+    ClientMsg::Request(Request {
+        req_id: 1,
+        body: RequestBody::CreateUser {
+            user: UserId::new("mallory").unwrap(),
+            password: Password::new(b"sent-in-clear").unwrap(),
+        },
+    })
+    .emit(&mut bytes);
+    stream.write_all(&bytes).unwrap();
+    // No welcome, no answer: the connection is closed unread.
+    let got = read_until_closed(&mut stream);
+    assert!(
+        got.is_empty(),
+        "the plain client was sent {} bytes",
+        got.len()
+    );
+    // Nothing changed: the user does not exist, so a real (secure) client can create it.
+    Client::new(&tracker.info)
+        .run(&["create_user mallory pw"])
+        .check(&["user mallory created"], 0, 0);
+    let logs = tracker.stderr();
+    assert!(
+        logs.contains("plain (unencrypted) client link refused"),
+        "no warning logged:\n{logs}"
+    );
+}

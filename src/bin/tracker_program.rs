@@ -40,6 +40,12 @@ fn main() -> ExitCode {
         "accept a client's listen address on another IP than the one its connection comes \
          from (for clients behind a proxy or NAT); by default such a login is refused",
     );
+    opts.optflag(
+        "",
+        "accept-plain-clients",
+        "also serve plain (unencrypted) client links, as raw test tools and the load \
+         benchmarks speak them; by default they are refused (client_program never makes one)",
+    );
     let quota_opts = [
         ("max-groups-per-user", "groups a user may own", "1000"),
         (
@@ -300,6 +306,7 @@ fn main() -> ExitCode {
         key_path,
         data: (data_dir, restored),
         allow_foreign_addresses: matches.opt_present("allow-foreign-addresses"),
+        accept_plain_clients: matches.opt_present("accept-plain-clients"),
         quotas,
         limits,
     }) {

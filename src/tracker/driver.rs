@@ -8,7 +8,9 @@
 //! their first bytes are the tracker-link magic (a peek decides, before anything is read).
 //! An accepted connection starting with the client-link magic is a client's secure link (the
 //! tracker proves the service key with the certified static key derived from it); any other is
-//! a plain client link (raw tools and tests speak it). On both kinds of client link the core
+//! a plain client link, closed unread unless the tracker was started with
+//! `--accept-plain-clients` (raw test tools and the load benchmarks speak it; client_program
+//! never does). On both kinds of client link the core
 //! refuses the tracker hello. Shutdown comes from the
 //! stdin line `quit` (read on a helper thread that wakes the loop) or SIGINT/SIGTERM (a mio
 //! source); end of stdin is not a shutdown, since trackers are often started with stdin closed.
@@ -99,6 +101,9 @@ pub struct TrackerConfig {
     /// Accept clients' listen addresses on other IPs than their connections' (behind a
     /// proxy); `--allow-foreign-addresses`.
     pub allow_foreign_addresses: bool,
+    /// Accept plain (unencrypted) client links, as raw test harnesses and the load benchmarks
+    /// speak them; `--accept-plain-clients`. By default they are refused: closed unread.
+    pub accept_plain_clients: bool,
     /// What one user may hold.
     pub quotas: Quotas,
     /// What all connections may take.
@@ -154,6 +159,8 @@ struct Driver {
     at_cap: bool,
     /// Handshake parameters of secure client links (the service's certified static key).
     client_params: secure::Params,
+    /// Plain client links are served (`--accept-plain-clients`), else refused.
+    accept_plain_clients: bool,
     limits: Limits,
     /// The bytes all connections' buffers hold (the sum of their `ConnData::held`).
     held: usize,
@@ -280,6 +287,7 @@ pub fn run(config: TrackerConfig) -> io::Result<()> {
         disk_failed: None,
         at_cap: false,
         client_params,
+        accept_plain_clients: config.accept_plain_clients,
         limits: config.limits,
         held: 0,
         over_budget: false,
@@ -627,7 +635,8 @@ impl Driver {
     /// Looks at an accepted connection's first bytes without reading them: the tracker-link
     /// magic starts the secure handshake (a tracker of this service, or someone who must
     /// prove it), the client-link magic a client's secure link, anything else is a plain
-    /// client link. Returns `false` while undecided (or closed).
+    /// client link, refused unless `accept_plain_clients`. Returns `false` while undecided
+    /// (or closed).
     fn sniff(&mut self, id: ConnId) -> bool {
         let Some(conn) = self.conns.get_mut(id) else {
             return false;
@@ -682,8 +691,25 @@ impl Driver {
                     return false;
                 }
             }
+            return true;
         }
-        // A plain link, or an end of input: the usual reading handles both.
+        if n > 0 && !self.accept_plain_clients {
+            // Nothing of a plain link is read or answered: its frames (a password in a
+            // login) would cross the network in clear.
+            let from = conn
+                .stream
+                .peer_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            warn!(
+                "conn {id} from {from}: plain (unencrypted) client link refused: clients \
+                 must open the secure link (tracker option --accept-plain-clients allows \
+                 plain ones, for raw test tools)"
+            );
+            self.close(id);
+            return false;
+        }
+        // A plain link (accepted by option), or an end of input: the usual reading handles
+        // both.
         true
     }
 

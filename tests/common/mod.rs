@@ -161,6 +161,16 @@ impl Tracker {
     /// Starts a tracker with extra options before the positional arguments. If it exits before
     /// it is ready (its port was taken meanwhile), it is retried on another port.
     pub fn start_with(options: &[OsString]) -> Tracker {
+        // The raw harnesses here (RawTracker, probe_welcome, the hostile and CLI tests)
+        // speak plain client frames, which a tracker refuses unless told otherwise.
+        let mut all = vec![OsString::from("--accept-plain-clients")];
+        all.extend_from_slice(options);
+        Tracker::start_exactly(&all)
+    }
+
+    /// Starts a tracker with exactly `options` (plain client links refused unless they
+    /// include `--accept-plain-clients`).
+    pub fn start_exactly(options: &[OsString]) -> Tracker {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut failures = Vec::new();
         for attempt in 0..ATTEMPTS {
@@ -944,6 +954,8 @@ impl Cluster {
         let mut child = Command::new(TRACKER_BIN)
             .env("XDG_STATE_HOME", state_home(&self.info))
             .args(&self.options)
+            // Raw harnesses (probe_welcome) speak plain client frames.
+            .arg("--accept-plain-clients")
             .arg(&self.info)
             .arg(no.to_string())
             .stdin(Stdio::piped())
@@ -1279,6 +1291,7 @@ impl SecurePeer {
         };
         loop {
             let n = match self.reader.next_read() {
+                SealedNext::Ready => usize::MAX,
                 SealedNext::Buffer(buf) => self.stream.read(buf)?,
                 SealedNext::BlockData { len, .. } => {
                     let at = self.block.len();
@@ -1291,6 +1304,8 @@ impl SecurePeer {
             if n == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
+            // usize::MAX: bytes read ahead complete something, nothing was read.
+            let n = if n == usize::MAX { 0 } else { n };
             match self.reader.filled(n).map_err(bad)? {
                 None => {}
                 Some(SealedDecoded::Established(sealer)) => self.sealer = Some(sealer),

@@ -507,9 +507,11 @@ fn read_sealed_sharer(
     };
     while budget > 0 {
         let (r, is_data) = match sec.stream.next_read() {
-            SealedNext::Buffer(buf) => (stream.read(buf), false),
+            // Bytes read ahead complete a record or a tag: no read.
+            SealedNext::Ready => (None, false),
+            SealedNext::Buffer(buf) => (Some(stream.read(buf)), false),
             SealedNext::BlockData { piece, offset, len } => (
-                read_block_data(
+                Some(read_block_data(
                     stream,
                     &mut link.writing,
                     active,
@@ -517,13 +519,14 @@ fn read_sealed_sharer(
                     piece,
                     offset,
                     len,
-                ),
+                )),
                 true,
             ),
         };
-        let n = match io_step(r)? {
-            Step::Read(n) => n,
-            Step::End(end) => return Ok(end),
+        let n = match r.map(io_step).transpose()? {
+            None => 0,
+            Some(Step::Read(n)) => n,
+            Some(Step::End(end)) => return Ok(end),
         };
         if is_data {
             active.engine.on_data(peer, now);
