@@ -212,6 +212,7 @@ impl Driver {
             if self.input_done
                 && !self.core.is_busy()
                 && !self.core.has_running_downloads()
+                && !self.core.has_background_work()
                 && !self.config.serve
             {
                 return Ok(self.exit_status());
@@ -615,6 +616,11 @@ impl Driver {
                 }
             }
             lines.push(line);
+        }
+        // Remembered downloads continuing after the login are running for the user, though
+        // their sharers' answer may not be here yet.
+        for saved in self.core.resuming_downloads() {
+            lines.push(format!("[D] [{}] {}", saved.group, saved.name));
         }
         if let Some(shell) = &self.shell {
             return lines.into_iter().for_each(|line| shell.print(line));

@@ -500,6 +500,28 @@ impl ClientCore {
         state
     }
 
+    /// Requests on the side whose outcome the state file or the tracker must see before the
+    /// client exits: a download's registration as a share (else a download completed just
+    /// before the end of input is not remembered), a withdrawal, an announcement, a resume,
+    /// and a remembered download asking for its sharers (else the end of input right after
+    /// `login` would leave it behind). A download's periodic sharer queries are not among
+    /// them: a running download is waited for anyway. All of them end when the tracker link
+    /// is lost ([`ClientCore::handle_tracker_lost`]).
+    pub fn has_background_work(&self) -> bool {
+        self.background
+            .values()
+            .any(|(job, _)| !matches!(job, Background::Sharers { .. }))
+    }
+
+    /// Remembered downloads that are continuing: asked for their sharers after the login, not
+    /// running yet (`show_downloads` lists them as running).
+    pub fn resuming_downloads(&self) -> impl Iterator<Item = &SavedDownload> {
+        self.background.values().filter_map(|(job, _)| match job {
+            Background::ResumeDownload { saved, .. } => Some(saved),
+            _ => None,
+        })
+    }
+
     /// Whether the state to save changed since the last call.
     pub fn take_state_dirty(&mut self) -> bool {
         std::mem::take(&mut self.state_dirty)
@@ -902,7 +924,11 @@ impl ClientCore {
         match result {
             Ok(completed) => {
                 d.status = DownloadStatus::Complete;
+                // A file with no pieces (0 bytes) never had a first piece to verify: the
+                // completed download is what makes its client a sharer.
+                d.wants_share = true;
                 self.print(completed.to_string());
+                self.register_downloads();
             }
             Err(reason) => {
                 d.status = DownloadStatus::Failed;

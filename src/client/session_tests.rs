@@ -1354,6 +1354,64 @@ fn a_completed_download_keeps_its_share() {
     assert_eq!(h.core.shares().len(), 1);
 }
 
+#[test]
+fn a_download_completed_before_its_first_piece_registered_registers_then() {
+    // A file of no pieces (0 bytes) completes without a first verified piece: the completion
+    // registers it, and the client holds its exit until the answer (the share remembered).
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    assert!(!h.core.has_background_work());
+    let completed = Completed {
+        name: fname("f.bin"),
+        group: gid("g1"),
+        target: dir.path().join("f.bin"),
+        size: 0,
+        elapsed: Duration::from_millis(1),
+    };
+    h.core.handle_download_finished(id, Ok(completed.clone()));
+    let outs = h.drain();
+    assert!(outs.contains(&print(&completed.to_string())), "{outs:?}");
+    let reg = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Send(r) if matches!(r.body, RequestBody::UploadFile { .. }) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("the completed download is registered: {outs:?}"));
+    assert!(
+        h.core.has_background_work(),
+        "the exit waits for the registration"
+    );
+    assert!(h.core.take_state_dirty());
+    h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
+    assert!(!h.core.has_background_work());
+    assert_eq!(h.core.shares().len(), 1);
+    let saved = h.core.saved_state();
+    assert_eq!(
+        saved.users[&uid("alice")].shares.len(),
+        1,
+        "the share is what the state file holds: {saved:?}"
+    );
+}
+
+#[test]
+fn a_registration_in_flight_holds_the_exit_and_a_lost_link_releases_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    let _reg = registration(&mut h, id);
+    assert!(h.core.has_background_work());
+    h.core.handle_tracker_lost();
+    h.drain();
+    assert!(
+        !h.core.has_background_work(),
+        "nothing left to wait for once the link is lost"
+    );
+}
+
 /// Logs `user` in and returns what the login produced (the requests due included).
 fn login_outputs(h: &mut Harness, user: &str) -> Vec<Output> {
     h.run(
