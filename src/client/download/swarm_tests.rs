@@ -16,8 +16,9 @@
 //!
 //! For investigation: `SWARM_TRACE=1` prints, every 0.5 s, the uplink use per uplink rate,
 //! the seed's line and held requests, and why idle leechers idle (no piece, nobody asks, or
-//! asked but waiting); `SIM_ROTATE_MS`, `SIM_REST_MS`, `SIM_LINE` and `SIM_SLOTS` override
-//! the policy's knobs.
+//! asked but waiting); `SIM_ROTATE_MS`, `SIM_REST_MS`, `SIM_LINE`, `SIM_SLOTS`,
+//! `SIM_DISCOVER_MIN_MS`, `SIM_DISCOVER_MAX_MS` and `SIM_MAX_LINKS` override the policy's
+//! knobs.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -753,6 +754,15 @@ fn run(name: &str, scenario: Scenario, mut limits: Limits, mut slots: SlotLimits
     }
     if let Some(ms) = env("SIM_REST_MS") {
         limits.reject_rest = Duration::from_millis(ms);
+    }
+    if let Some(ms) = env("SIM_DISCOVER_MIN_MS") {
+        limits.discover_min = Duration::from_millis(ms);
+    }
+    if let Some(ms) = env("SIM_DISCOVER_MAX_MS") {
+        limits.discover_max = Duration::from_millis(ms);
+    }
+    if let Some(n) = env("SIM_MAX_LINKS") {
+        limits.max_links = n as usize;
     }
     if let Some(n) = env("SIM_LINE") {
         slots.line = n as usize;
