@@ -216,12 +216,16 @@ impl Proc {
     }
 }
 
+/// One sample: seconds since the start, bytes sent by each host (seed first), and the
+/// seed's unacknowledged bytes per serve socket.
+type Sample = (f64, Vec<u64>, Vec<u64>);
+
 /// `SWARM_BENCH_TRACE`: samples the bytes every host sent (the received bytes of the hub's end
 /// of its veth: `h2` the seed, `h10`.. the leechers) every 250 ms, with one `ip netns exec`
 /// per sample, and prints per window the seed's and each leecher's uplink use.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<(f64, Vec<u64>, Vec<u64>)>>,
+    thread: std::thread::JoinHandle<Vec<Sample>>,
     rate: f64,
 }
 
