@@ -17,7 +17,11 @@
 //!
 //! Knobs: `SWARM_BENCH_LEECHERS` (8), `SWARM_BENCH_MIB` (64), `SWARM_BENCH_RATE` (uplink of
 //! every peer in Mbit/s, 100), `SWARM_BENCH_RUNS` (1), `SWARM_BENCH_LOG` (log level of the
-//! programs, `warn`).
+//! programs, `warn`), `SWARM_BENCH_TRACE` (set: every 250 ms, what each host's uplink sent,
+//! read from the hub side of its veth, the seed's unacknowledged bytes per serve socket (`ss`),
+//! and at the end how many times the seed sent the file), `SWARM_BENCH_NOTSENT_LOWAT` (bytes:
+//! sets `net.ipv4.tcp_notsent_lowat` inside the benchmark's namespaces, to measure how much the
+//! data waiting in socket buffers costs; unset: the kernel's default).
 
 mod common;
 
@@ -138,6 +142,11 @@ impl Net {
             .push(ns.to_owned());
         sh(&["ip", "netns", "add", ns]);
         sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        // Only in the benchmark's own namespaces (each has its own TCP settings).
+        if let Ok(v) = std::env::var("SWARM_BENCH_NOTSENT_LOWAT") {
+            let set = format!("net.ipv4.tcp_notsent_lowat={v}");
+            sh(&["ip", "netns", "exec", ns, "sysctl", "-q", &set]);
+        }
     }
 
     /// A host namespace `name` at `SUBNET.host`, its upload shaped; returns its namespace.
@@ -204,6 +213,112 @@ impl Proc {
             },
             None => panic!("no line containing {needle:?} within {STEP_TIMEOUT:?}"),
         }
+    }
+}
+
+/// One sample: seconds since the start, bytes sent by each host (seed first), and the
+/// seed's unacknowledged bytes per serve socket.
+type Sample = (f64, Vec<u64>, Vec<u64>);
+
+/// `SWARM_BENCH_TRACE`: samples the bytes every host sent (the received bytes of the hub's end
+/// of its veth: `h2` the seed, `h10`.. the leechers) every 250 ms, with one `ip netns exec`
+/// per sample, and prints per window the seed's and each leecher's uplink use.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<Sample>>,
+    rate: f64,
+}
+
+impl Sampler {
+    const EVERY: Duration = Duration::from_millis(250);
+
+    fn start(hub: String, seed_ns: String, n_leechers: usize, rate_mbit: u32) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ports: Vec<String> = std::iter::once("h2".to_owned())
+            .chain((0..n_leechers).map(|i| format!("h{}", 10 + i)))
+            .collect();
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut samples = Vec::new();
+            // Bounded in time as well: the benchmark's steps time out after STEP_TIMEOUT.
+            while !flag.load(Ordering::SeqCst) && t0.elapsed() < 2 * STEP_TIMEOUT {
+                let read_at = t0.elapsed().as_secs_f64();
+                let paths: Vec<String> = ports
+                    .iter()
+                    .map(|p| format!("/sys/class/net/{p}/statistics/rx_bytes"))
+                    .collect();
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &hub, "cat"])
+                    .args(&paths)
+                    .output();
+                if let Ok(out) = out {
+                    let bytes: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter_map(|l| l.trim().parse().ok())
+                        .collect();
+                    // The seed's serve sockets: bytes written but not yet acknowledged.
+                    let queued: Vec<u64> = Command::new("ip")
+                        .args([
+                            "netns", "exec", &seed_ns, "ss", "-tnH", "sport", "=", ":7000",
+                        ])
+                        .output()
+                        .map(|o| {
+                            String::from_utf8_lossy(&o.stdout)
+                                .lines()
+                                .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+                                .filter(|&q: &u64| q > 0)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if bytes.len() == ports.len() {
+                        samples.push((read_at, bytes, queued));
+                    }
+                }
+                std::thread::sleep(Self::EVERY);
+            }
+            samples
+        });
+        Sampler {
+            stop,
+            thread,
+            rate: f64::from(rate_mbit) * 1e6 / 8.0,
+        }
+    }
+
+    /// Stops sampling and prints the windows and the seed's total (in files).
+    fn stop(self, size: f64) {
+        self.stop.store(true, Ordering::SeqCst);
+        let Ok(samples) = self.thread.join() else {
+            return;
+        };
+        let (Some(first), Some(last)) = (samples.first(), samples.last()) else {
+            return;
+        };
+        for w in samples.windows(2) {
+            let dt = w[1].0 - w[0].0;
+            let use_of = |k: usize| (w[1].1[k] - w[0].1[k]) as f64 / (self.rate * dt) * 100.0;
+            let leechers: Vec<String> = (1..w[1].1.len())
+                .map(|k| format!("{:3.0}", use_of(k)))
+                .collect();
+            let queued: Vec<String> = w[1].2.iter().map(|q| format!("{}", q / 1024)).collect();
+            println!(
+                "  t={:5.2} seed {:3.0}% | leechers % {} | seed's unacknowledged KiB: {}",
+                w[1].0,
+                use_of(0),
+                leechers.join(" "),
+                queued.join(" ")
+            );
+        }
+        let seed = (last.1[0] - first.1[0]) as f64;
+        let all: f64 = (0..last.1.len())
+            .map(|k| (last.1[k] - first.1[k]) as f64)
+            .sum();
+        println!(
+            "  sent on the wire (headers included): seed {:.3}x the file, all {:.3}x",
+            seed / size,
+            all / size
+        );
     }
 }
 
@@ -280,6 +395,9 @@ fn run_once(
     let targets: Vec<PathBuf> = (0..n_leechers)
         .map(|i| dir.join(format!("out-{i}.bin")))
         .collect();
+    let tracing = std::env::var_os("SWARM_BENCH_TRACE").is_some();
+    let sampler =
+        tracing.then(|| Sampler::start(net.ns("hub"), seed_ns.clone(), n_leechers, rate_mbit));
     let t0 = Instant::now();
     for (p, target) in leechers.iter_mut().zip(&targets) {
         p.send(&format!(
@@ -309,6 +427,9 @@ fn run_once(
             .unwrap_or(f64::NAN);
         println!("  leecher {i}: {own:.2} s");
         last = last.max(own);
+    }
+    if let Some(sampler) = sampler {
+        sampler.stop(size);
     }
     let all_same = targets.iter().all(|t| same_contents(&file, t));
     println!(

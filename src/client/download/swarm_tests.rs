@@ -16,8 +16,9 @@
 //!
 //! For investigation: `SWARM_TRACE=1` prints, every 0.5 s, the uplink use per uplink rate,
 //! the seed's line and held requests, and why idle leechers idle (no piece, nobody asks, or
-//! asked but waiting); `SIM_ROTATE_MS`, `SIM_REST_MS`, `SIM_LINE` and `SIM_SLOTS` override
-//! the policy's knobs.
+//! asked but waiting); `SIM_ROTATE_MS`, `SIM_REST_MS`, `SIM_LINE`, `SIM_SLOTS`,
+//! `SIM_DISCOVER_MIN_MS`, `SIM_DISCOVER_MAX_MS` and `SIM_MAX_LINKS` override the policy's
+//! knobs.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -754,6 +755,15 @@ fn run(name: &str, scenario: Scenario, mut limits: Limits, mut slots: SlotLimits
     if let Some(ms) = env("SIM_REST_MS") {
         limits.reject_rest = Duration::from_millis(ms);
     }
+    if let Some(ms) = env("SIM_DISCOVER_MIN_MS") {
+        limits.discover_min = Duration::from_millis(ms);
+    }
+    if let Some(ms) = env("SIM_DISCOVER_MAX_MS") {
+        limits.discover_max = Duration::from_millis(ms);
+    }
+    if let Some(n) = env("SIM_MAX_LINKS") {
+        limits.max_links = n as usize;
+    }
     if let Some(n) = env("SIM_LINE") {
         slots.line = n as usize;
     }
@@ -796,7 +806,8 @@ fn flash_crowd_of_8() {
         limits(),
         SlotLimits::default(),
     );
-    assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
+    // 1.11x (2026-12-04).
+    assert!(ratio <= 1.2, "the last leecher took {ratio:.2}x the bound");
 }
 
 #[test]
@@ -807,11 +818,13 @@ fn flash_crowd_of_32() {
         limits(),
         SlotLimits::default(),
     );
-    assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
+    // 1.28x (2026-12-04).
+    assert!(ratio <= 1.35, "the last leecher took {ratio:.2}x the bound");
 }
 
-/// Not at the aim yet (1.5x): 1.62x, the seed sends the file about 1.5 times and the
-/// leechers use about two thirds of their uplinks. Guards against losing what is reached.
+/// At the aim (1.5x): 1.47x (2026-12-04; 1.62x before two upload slots, a rotation every
+/// 250 ms and 64 links); the seed sends the file about 1.4 times and the leechers use about
+/// 70% of their uplinks (their first second is spent getting a first piece and being found).
 /// Run in release builds only (about 8 minutes in a debug build, seconds in release):
 /// `cargo test --release --lib flash_crowd_of_128`, which `.ci/run` does.
 #[test]
@@ -823,7 +836,7 @@ fn flash_crowd_of_128() {
         limits(),
         SlotLimits::default(),
     );
-    assert!(ratio <= 1.75, "the last leecher took {ratio:.2}x the bound");
+    assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
 }
 
 #[test]
@@ -833,7 +846,8 @@ fn late_joiners() {
         l.join = Duration::from_millis(1000 + 250 * i as u64);
     }
     let ratio = run("late joiners", scenario, limits(), SlotLimits::default());
-    assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
+    // 1.40x (2026-12-04).
+    assert!(ratio <= 1.45, "the last leecher took {ratio:.2}x the bound");
 }
 
 #[test]
@@ -841,7 +855,8 @@ fn the_seed_leaves_once_every_piece_is_out() {
     let mut scenario = Scenario::crowd(16, 64 * MIB);
     scenario.seed_leaves = true;
     let ratio = run("seed leaves", scenario, limits(), SlotLimits::default());
-    assert!(ratio <= 1.5, "the last leecher took {ratio:.2}x the bound");
+    // 1.20x (2026-12-04).
+    assert!(ratio <= 1.3, "the last leecher took {ratio:.2}x the bound");
 }
 
 #[test]
@@ -855,8 +870,9 @@ fn uneven_uplinks() {
             _ => MBIT100 * 2.0,
         };
     }
-    // Not at the aim yet (1.5x): 1.76x; the 200 Mbit/s uplinks are used at 30-60% (pieces
-    // reach them no sooner than the others). Guards against losing what is reached.
+    // Not at the aim yet (1.5x): 1.59x (1.76x before two upload slots); the fast uplinks
+    // get pieces no sooner than the slow ones and idle. Guards against losing what is
+    // reached.
     let ratio = run("uneven uplinks", scenario, limits(), SlotLimits::default());
-    assert!(ratio <= 1.9, "the last leecher took {ratio:.2}x the bound");
+    assert!(ratio <= 1.65, "the last leecher took {ratio:.2}x the bound");
 }
