@@ -480,3 +480,75 @@ fn download_file_onto_an_interrupted_part_resumes_it() {
     finish(other, 0);
     finish(alice, 0);
 }
+
+/// Downloads that complete just before the end of input are remembered: the client holds its
+/// exit until their registration as shares is answered, and a file of no pieces (0 bytes) is
+/// registered at its completion. Started again at its address, the downloader serves both
+/// after its login (both listed with two sharers online).
+#[test]
+fn downloads_completed_right_before_the_end_of_input_are_remembered() {
+    let net = Net::new();
+    let src = net.dir("alice").join("f.bin");
+    write_file(&src, PIECE + 7, 9);
+    let empty = net.dir("alice").join("empty.bin");
+    File::create(&empty).unwrap();
+    let mut alice = net.login("alice");
+    upload(&mut alice, &src);
+    alice.cmd(
+        &format!("upload_file \"{}\" {G}", empty.display()),
+        &[&format!(
+            "uploaded empty.bin to group {G} (0 bytes, 0 pieces)"
+        )],
+    );
+
+    let mut bob = net.login("bob");
+    let bob_addr = bob.addr;
+    for name in ["f.bin", "empty.bin"] {
+        bob.send(&format!("download_file {G} {name} ./"));
+        let started = bob.next_out();
+        assert!(
+            started.starts_with(&format!("download of {name} from group {G} started")),
+            "{started}"
+        );
+    }
+    // End of input right away: the client waits for both downloads, then exits.
+    let seen = bob.seen();
+    let (status, rest) = bob.finish();
+    assert_eq!(status.code(), Some(0), "rest: {rest:?}; seen:\n{seen}");
+    for name in ["f.bin", "empty.bin"] {
+        assert!(
+            rest.iter()
+                .any(|l| l.starts_with(&format!("downloaded {name}"))),
+            "{rest:?}"
+        );
+    }
+    assert_same(&src, &net.dir("bob").join("f.bin"));
+    assert_eq!(
+        fs::metadata(net.dir("bob").join("empty.bin"))
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let mut bob = net.client("bob", Some(bob_addr));
+    bob.send("login bob pw");
+    let line = bob.next_out();
+    assert!(line.starts_with("logged in as bob"), "{line}");
+    // Both files online at alice and bob (a share whose stamp was not known yet is hashed
+    // again first, so this may take a moment).
+    let deadline = Instant::now() + STEP;
+    loop {
+        let now = listed(&mut alice, 2);
+        if now == [pair("empty.bin", "2"), pair("f.bin", "2")] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the downloads were not remembered as shares: {now:?}; seen:\n{}",
+            bob.seen()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    finish(bob, 0);
+    finish(alice, 0);
+}
