@@ -793,3 +793,39 @@ fn a_tracker_that_missed_changes_waits_for_the_one_that_has_them() {
         assert_lists_groups(&cluster, no, &["only-on-1".to_owned()]);
     }
 }
+
+/// Every tracker's data directory removed (a reset, or each run given a fresh data directory)
+/// while the service key and its founder marker stay: the founder marker names a data
+/// directory that is gone, so no tracker is the founder. Tracker 2 alone waits (tracker 1 may
+/// hold the state); once both are up and say they hold nothing, tracker 1 starts the service
+/// empty and both serve. (Before, neither ever served.)
+#[test]
+fn a_service_whose_data_directories_were_removed_starts_again_empty() {
+    let mut cluster = Cluster::start(2);
+    let out = Client::new(&cluster.info).run(&["create_user alice pw"]);
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    cluster.kill9(1);
+    cluster.kill9(2);
+    let base = common::state_home(&cluster.info).join("p2pshare");
+    for addr in &cluster.addrs {
+        let dir = base.join(format!("tracker-{}-{}", addr.ip(), addr.port()));
+        fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+    }
+    cluster.restart_listening(2);
+    cluster.restart(1);
+    let out = Client::new(&cluster.info_for(&[1])).run(&["create_user bob pw"]);
+    assert_eq!(
+        out.stdout,
+        ["user bob created"],
+        "{out:#?}\n{}",
+        cluster.logs()
+    );
+    // Tracker 2 joined tracker 1's new state: alice is gone, bob is there.
+    let out = Client::new(&cluster.info_for(&[2])).run(&["create_user alice pw", "login bob pw"]);
+    assert_eq!(
+        out.stdout,
+        ["user alice created", "logged in as bob"],
+        "{out:#?}\n{}",
+        cluster.logs()
+    );
+}

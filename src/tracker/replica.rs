@@ -69,6 +69,9 @@
 //!   with. A tracker with an empty disk starts the service only if it founded it (the first
 //!   tracker to start with this service key, named in a marker file beside the key): any
 //!   other waits to join, since the trackers holding the service's state may all be down.
+//!   Except when every tracker of the file is up and says it holds no state and is not the
+//!   founder (statuses say both): then no state exists anywhere, and tracker 1 starts the
+//!   service empty (every data directory was removed while the key and its marker stayed).
 //! - **Sessions of dead trackers.** The primary gives the sessions held by a tracker run that
 //!   is not live (dead, an earlier run of a restarted tracker, or a tracker's run before its
 //!   stall) a grace period to move elsewhere (clients resume with their token); then it ends
@@ -1400,6 +1403,7 @@ impl Replica {
                     .flat_map(|w| &w.must_hear)
                     .filter(|no| (1..=64).contains(*no))
                     .fold(0, |bits, no| bits | 1 << (no - 1)),
+                founder: self.persistent && self.founder,
             }
         }
     }
@@ -1599,6 +1603,7 @@ impl Replica {
                     view,
                     applied,
                     waiting,
+                    ..
                 } => {
                     if (view, applied) > mine {
                         waits.must_hear.insert(from);
@@ -1744,7 +1749,8 @@ impl Replica {
         // (A claim seen is no state: a tracker that saw the founder serve but never took
         // its state holds nothing the service acknowledged.)
         let holds_state = self.accepted_view > 0 || self.applied > 0;
-        if !holds_state && !self.founder {
+        let may_start_empty = self.founder || (self.me.no == 1 && self.all_others_empty());
+        if !holds_state && !may_start_empty {
             if !self
                 .role
                 .waits_mut()
@@ -1773,6 +1779,39 @@ impl Replica {
         );
         self.claim = (view, self.me.no);
         self.become_primary(now);
+    }
+
+    /// Every other tracker of the file is up and has said it holds no state and is not the
+    /// founder (a single tracker has no others). Then, if this one holds none either, no
+    /// tracker anywhere holds a state of the service, so none can be lost by starting an
+    /// empty one, and tracker 1 does. This is how a service whose every data directory was
+    /// removed (or given anew with `--data-dir`) starts again, though the founder marker
+    /// beside the service key names a data directory that is gone. The statuses read here
+    /// cannot be stale in a way that matters: a tracker without state that is not the
+    /// founder gains one only by joining a serving tracker, and with no founder up only
+    /// tracker 1 can start one. While any tracker is down, holds a state or is the founder,
+    /// only the founder may start an empty service.
+    fn all_others_empty(&self) -> bool {
+        if !self.persistent {
+            return false;
+        }
+        (2..=self.n_trackers).all(|no| {
+            self.peer_link
+                .get(&no)
+                .and_then(|link| self.links.get(link))
+                .and_then(|l| l.status)
+                .is_some_and(|status| {
+                    matches!(
+                        status,
+                        ReplStatus::Starting {
+                            view: 0,
+                            applied: 0,
+                            founder: false,
+                            ..
+                        }
+                    )
+                })
+        })
     }
 
     fn join(&mut self, primary: u16) {

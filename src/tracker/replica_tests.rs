@@ -3338,6 +3338,69 @@ fn a_joiner_killed_after_installing_the_state_waits_for_its_primary() {
     cl.check_acknowledged();
 }
 
+/// Every data directory removed (or given anew) while the founder marker stays, as a user
+/// resetting the service or tests giving each run a fresh `--data-dir` do: once every tracker
+/// is up and says it holds nothing, tracker 1 starts the service, whichever tracker founded
+/// it. While one tracker is missing, the others (empty, not the founder) keep waiting: the
+/// missing one may hold the state.
+#[test]
+fn a_service_whose_every_disk_is_new_starts_once_all_are_up() {
+    let mut cl = Cluster::new_durable(3, 91);
+    cl.start(2);
+    cl.start(1);
+    cl.start(3);
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![2], "tracker 2 founded the service");
+    let c = cl.add_client(Some(1));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "old"), ReplyBody::Done);
+    cl.settle();
+    for no in 1..=3 {
+        cl.crash(no);
+    }
+    cl.run_for(1000);
+    for disk in &mut cl.disks {
+        *disk = SimDisk::default();
+    }
+    // Tracker 2 founded the service with its old disk; the marker names that disk, which
+    // is gone, so no tracker is the founder now.
+    cl.founder = Some(99);
+    cl.start(1);
+    cl.start(3);
+    cl.run_for(10_000);
+    assert_eq!(
+        cl.primaries(),
+        Vec::<u16>::new(),
+        "tracker 2 may hold the state: nobody starts without it"
+    );
+    cl.start(2);
+    assert!(
+        cl.run_until(10_000, |cl| cl.primaries() == vec![1]),
+        "tracker 1 starts the new service once every tracker said it holds nothing"
+    );
+    cl.settle();
+    for no in 1..=3 {
+        assert!(cl.core(no).replica().is_serving(), "tracker {no} serves");
+    }
+    assert!(cl.core(1).state().group(&gid("old")).is_none());
+    cl.check_agreement();
+}
+
+/// A founder with an empty disk among trackers that are all up and empty starts the service
+/// alone: the others see it is the founder (its status says so) and never start beside it.
+#[test]
+fn an_empty_founder_among_empty_trackers_is_the_one_that_starts() {
+    let mut cl = Cluster::new_durable(2, 93);
+    cl.founder = Some(2);
+    cl.start(1);
+    cl.start(2);
+    assert!(cl.run_until(10_000, |cl| !cl.primaries().is_empty()));
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![2]);
+    cl.settle();
+    cl.check_agreement();
+}
+
 /// Two changes of one user that together pass a quota, each checked early by a tracker that
 /// had not seen the other: the replicated apply refuses the one ordered second, on every
 /// tracker alike, and its client gets the quota error through the tracker it used.

@@ -29,8 +29,8 @@
 //!
 //! Frames (after `u32 length | u8 type`):
 //! - `0x01` Hello: `u32 magic | u16 version | u8 role (2) | tracker_ref`
-//! - `0x40` Status: `u8 serving (0|1) | u64 view | (u16 primary if serving, else u64
-//!   applied | u64 waiting)`
+//! - `0x40` Status: `u8 kind | u64 view | (u16 primary if serving, else u64 applied | u64
+//!   waiting)`; kind 0 starting, 1 serving, 2 starting and the founder of the service
 //! - `0x41` Heartbeat: no fields
 //! - `0x42` Forward: `u32 n | entry * n`
 //! - `0x43` Batch: `batch`
@@ -70,10 +70,14 @@ pub enum ReplStatus {
     /// `waiting` names (bit `no - 1` for tracker `no`, trackers 1 to 64) the trackers it waits
     /// for before it may start the service: they may hold a state further on than its own.
     /// Whoever counts on this tracker's position waits for them too.
+    ///
+    /// `founder`: this tracker founded the service (its founder marker names its data
+    /// directory), so it may start the service with no state.
     Starting {
         view: u64,
         applied: u64,
         waiting: u64,
+        founder: bool,
     },
     /// Serving clients in `view`, whose primary is tracker `primary`.
     Serving { view: u64, primary: u16 },
@@ -175,6 +179,11 @@ mod kind {
     pub const JOIN_GROUP_Q: u8 = 17;
     pub const SHARE_FILE_Q: u8 = 18;
 }
+
+/// `Status` kinds.
+const STATUS_STARTING: u8 = 0;
+const STATUS_SERVING: u8 = 1;
+const STATUS_STARTING_FOUNDER: u8 = 2;
 
 /// `TakeoverAck` catchup kinds.
 const CATCHUP_NONE: u8 = 0;
@@ -590,17 +599,18 @@ impl ReplMsg {
                     tracker: tracker_ref(&mut r)?,
                 }
             }
-            ty::STATUS => ReplMsg::Status(if r.bool()? {
-                ReplStatus::Serving {
+            ty::STATUS => ReplMsg::Status(match r.u8()? {
+                STATUS_SERVING => ReplStatus::Serving {
                     view: r.u64()?,
                     primary: r.u16()?,
-                }
-            } else {
-                ReplStatus::Starting {
+                },
+                kind @ (STATUS_STARTING | STATUS_STARTING_FOUNDER) => ReplStatus::Starting {
                     view: r.u64()?,
                     applied: r.u64()?,
                     waiting: r.u64()?,
-                }
+                    founder: kind == STATUS_STARTING_FOUNDER,
+                },
+                _ => return Err(DecodeError::BadValue("status kind")),
             }),
             ty::HEARTBEAT => ReplMsg::Heartbeat,
             ty::FORWARD => ReplMsg::Forward {
@@ -693,14 +703,22 @@ impl ReplMsg {
                 view,
                 applied,
                 waiting,
+                founder,
             }) => {
-                put_bool(out, false);
+                put_u8(
+                    out,
+                    if *founder {
+                        STATUS_STARTING_FOUNDER
+                    } else {
+                        STATUS_STARTING
+                    },
+                );
                 put_u64(out, *view);
                 put_u64(out, *applied);
                 put_u64(out, *waiting);
             }
             ReplMsg::Status(ReplStatus::Serving { view, primary }) => {
-                put_bool(out, true);
+                put_u8(out, STATUS_SERVING);
                 put_u64(out, *view);
                 put_u16(out, *primary);
             }

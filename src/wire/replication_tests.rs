@@ -297,11 +297,13 @@ fn sample_msgs() -> Vec<ReplMsg> {
             view: 0,
             applied: 0,
             waiting: 0,
+            founder: false,
         }),
         ReplMsg::Status(ReplStatus::Starting {
             view: u64::MAX,
             applied: u64::MAX,
             waiting: u64::MAX,
+            founder: true,
         }),
         ReplMsg::Status(ReplStatus::Serving {
             view: 0,
@@ -582,6 +584,7 @@ fn rand_msg(rng: &mut Rng) -> ReplMsg {
             view: rng.next_u64(),
             applied: rng.next_u64(),
             waiting: rng.next_u64(),
+            founder: rng.below(2) == 1,
         }),
         2 => ReplMsg::Status(ReplStatus::Serving {
             view: rng.next_u64(),
@@ -674,12 +677,27 @@ fn golden_status_heartbeat_join_request() {
             view: 3,
             applied: 0x0102,
             waiting: 0b101,
+            founder: false,
         }),
         &[
             0, 0, 0, 26, 0x40, 0, //
             0, 0, 0, 0, 0, 0, 0, 3, // view
             0, 0, 0, 0, 0, 0, 1, 2, // applied
             0, 0, 0, 0, 0, 0, 0, 5, // waiting: trackers 1 and 3
+        ],
+    );
+    golden(
+        ReplMsg::Status(ReplStatus::Starting {
+            view: 0,
+            applied: 0,
+            waiting: 0,
+            founder: true,
+        }),
+        &[
+            0, 0, 0, 26, 0x40, 2, // kind 2: starting, the founder
+            0, 0, 0, 0, 0, 0, 0, 0, // view
+            0, 0, 0, 0, 0, 0, 0, 0, // applied
+            0, 0, 0, 0, 0, 0, 0, 0, // waiting
         ],
     );
     golden(
@@ -1372,12 +1390,13 @@ fn bad_flags_and_kinds_are_rejected() {
             view: 4,
             applied: 9,
             waiting: 2,
+            founder: false,
         }))
     );
-    for b in [2u8, 0x80, 0xff] {
+    for b in [3u8, 0x80, 0xff] {
         assert_eq!(
             ReplMsg::parse(&status(b)),
-            Err(DecodeError::BadValue("boolean"))
+            Err(DecodeError::BadValue("status kind"))
         );
     }
     let ack = |serving: u8, kind: u8| B::ty(0x47).u64(1).u8(serving).u64(2).u8(kind).0;
