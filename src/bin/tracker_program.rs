@@ -171,15 +171,16 @@ fn main() -> ExitCode {
     let lines = match cli::read_tracker_lines(Path::new(&info_path)) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("tracker_program: {e}");
+            eprintln!("tracker_program: {e}\n{}", usage(&opts));
             return ExitCode::from(EXIT_USAGE);
         }
     };
     let trackers: Vec<_> = lines.iter().map(|t| t.addr).collect();
     if usize::from(tracker_no) > trackers.len() {
         eprintln!(
-            "tracker_program: tracker number {tracker_no} is not in {info_path} ({} trackers)",
-            trackers.len()
+            "tracker_program: tracker number {tracker_no} is not in {info_path} ({} trackers)\n{}",
+            trackers.len(),
+            usage(&opts)
         );
         return ExitCode::from(EXIT_USAGE);
     }
