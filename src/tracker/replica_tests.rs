@@ -503,6 +503,9 @@ struct Stats {
     /// The highest view reached.
     max_view: u64,
     snapshot_parts: u64,
+    /// States sent to joiners whole (snapshots) and as the entries they lacked (suffixes).
+    snapshots: u64,
+    suffixes: u64,
     /// Times a core still had a timer due right after `handle_timeout` (a busy loop in a
     /// real driver).
     timer_spins: u64,
@@ -521,6 +524,8 @@ impl Stats {
         self.sessions_lost += o.sessions_lost;
         self.max_view = self.max_view.max(o.max_view);
         self.snapshot_parts += o.snapshot_parts;
+        self.snapshots += o.snapshots;
+        self.suffixes += o.suffixes;
         self.timer_spins += o.timer_spins;
     }
 }
@@ -798,8 +803,11 @@ impl Cluster {
                         .unwrap_or_else(|e| panic!("tracker {no} sent {msg:?}: {e}"));
                     assert_eq!(parsed, msg, "a message to a tracker survives the wire");
                     self.trace(|| format!("tracker {no} -> {conn}: {}", short_peer_msg(&msg)));
-                    if matches!(msg, ReplMsg::SnapshotPart { .. }) {
-                        self.stats.snapshot_parts += 1;
+                    match msg {
+                        ReplMsg::SnapshotPart { .. } => self.stats.snapshot_parts += 1,
+                        ReplMsg::Snapshot { .. } => self.stats.snapshots += 1,
+                        ReplMsg::Suffix { .. } => self.stats.suffixes += 1,
+                        _ => {}
                     }
                     self.send_frame(conn, frame);
                 }
@@ -2084,6 +2092,12 @@ fn short_peer_msg(msg: &ReplMsg) -> String {
             b.first_seq,
             b.entries.len()
         ),
+        ReplMsg::SuffixPart(b) => format!(
+            "SuffixPart(view {}, from {}, {} entries)",
+            b.view,
+            b.first_seq,
+            b.entries.len()
+        ),
         other => format!("{other:?}"),
     }
 }
@@ -2718,7 +2732,7 @@ fn a_joiner_whose_primary_dies_waits_for_the_tracker_holding_the_state() {
     cl.start(3);
     // Tracker 2's request for the state never reaches tracker 1, and the news that tracker 3
     // serves reaches tracker 2 only at the end.
-    let asks = |m: &ReplMsg| matches!(m, ReplMsg::JoinRequest);
+    let asks = |m: &ReplMsg| matches!(m, ReplMsg::JoinRequest(_));
     let serves = |m: &ReplMsg| matches!(m, ReplMsg::Status(ReplStatus::Serving { .. }));
     let (mut held_ask, mut held_news) = (false, false);
     while !(held_ask && held_news) {
