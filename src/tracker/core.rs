@@ -477,6 +477,12 @@ impl TrackerCore {
         &self.replica
     }
 
+    /// For scenarios that set what the replica keeps (its ring's bounds).
+    #[cfg(test)]
+    pub(crate) fn replica_mut(&mut self) -> &mut Replica {
+        &mut self.replica
+    }
+
     pub fn handle_open(&mut self, conn: ConnId, now: Instant) {
         self.n_opened += 1;
         self.links

@@ -746,6 +746,17 @@ impl Replica {
         self.applied
     }
 
+    /// The recent batches kept (for tests and logs).
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Bounds the ring of recent batches anew (scenarios use small bounds).
+    #[cfg(test)]
+    pub(crate) fn bound_ring(&mut self, max_batches: usize, max_bytes: usize) {
+        self.ring.set_bounds(max_batches, max_bytes);
+    }
+
     /// Names a change this tracker makes itself (a client gone, sessions expired) as a
     /// client's request is named: by this run (as the client id) and a counter. A copy
     /// forwarded twice (a resend over a replacing link, a re-forward to a new primary) is

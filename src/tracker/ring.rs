@@ -99,14 +99,7 @@ impl Ring {
             entries: entries.to_vec(),
             bytes,
         });
-        while self.batches.len() > self.max_batches
-            || (self.bytes > self.max_bytes && !self.batches.is_empty())
-        {
-            if let Some(old) = self.batches.pop_front() {
-                self.bytes -= old.bytes;
-                self.base = Some((old.last_seq(), old.claim));
-            }
-        }
+        self.evict();
     }
 
     /// Whether this tracker holds entry `seq` as applied under `claim` (so a tracker whose
@@ -155,6 +148,24 @@ impl Ring {
             }
         }
         Some(parts)
+    }
+
+    /// Bounds the ring anew (tests use small ones); the oldest batches past them go.
+    pub fn set_bounds(&mut self, max_batches: usize, max_bytes: usize) {
+        self.max_batches = max_batches.max(1);
+        self.max_bytes = max_bytes;
+        self.evict();
+    }
+
+    fn evict(&mut self) {
+        while self.batches.len() > self.max_batches
+            || (self.bytes > self.max_bytes && !self.batches.is_empty())
+        {
+            if let Some(old) = self.batches.pop_front() {
+                self.bytes -= old.bytes;
+                self.base = Some((old.last_seq(), old.claim));
+            }
+        }
     }
 
     /// The seq of the last entry held.
