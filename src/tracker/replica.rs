@@ -23,9 +23,23 @@
 //!   member is at most one batch behind the primary; changes that arrive meanwhile form the
 //!   next batch, so the batch grows with the load (group commit).
 //! - **Joining.** A starting tracker dials the others. If one of them is a serving primary, it
-//!   asks it for the state; the primary sends a snapshot between two batches (so the
-//!   snapshot holds only committed changes) and counts the joiner as a member from then on.
-//!   The joiner serves clients once it has installed the snapshot.
+//!   asks it for the state, saying where its own stands ([`JoinPosition`]: the entries it
+//!   applied and the claim under which it last accepted entries or a state). Between two
+//!   batches (so it sends committed changes only) the primary sends either the entries after
+//!   that position, when its [`Ring`] of recent batches holds the joiner's last entry as
+//!   applied under the same claim (suffix parts, then `Suffix`), or else a snapshot; it counts
+//!   the joiner as a member from then on. The joiner serves clients once it has applied the
+//!   suffix (written as log records, acknowledged once durable like a batch) or installed the
+//!   snapshot. An empty joiner, or one whose history is unknown, always gets a snapshot.
+//! - **Histories.** Entries applied under a claim (as its primary, or as a backup following
+//!   it) are a prefix of the sequence that claim's primary ordered, which only grows while the
+//!   claim lasts. So two trackers that each hold entry `n` as applied under the same claim
+//!   hold the same first `n` entries, and the entries after `n` on one are exactly what the
+//!   other lacks. Each tracker records that claim with its state (`accepted_view` and
+//!   `accepted_by`, in the metadata too), sets it to unknown before it writes entries or a
+//!   state of another claim's history, and tags the batches of its ring with it. A tracker
+//!   that was away holding a batch that was never committed (an abandoned view) names that
+//!   view's claim, which the primary does not hold at that position: it gets a snapshot.
 //! - **Starting the service.** When no tracker serves, the starting tracker whose state is
 //!   furthest on starts it: states are ordered by the view in which they last accepted entries
 //!   (a later view's state holds every change committed before it), then by entries applied,
@@ -77,7 +91,9 @@
 //! # Invariants
 //!
 //! 1. Every live tracker's state is a prefix of the primary's sequence of entries, applied in
-//!    order; members are at most one batch behind the primary.
+//!    order; members are at most one batch behind the primary. A joiner keeps its own entries
+//!    only when the primary proves they are its own (same position under the same claim);
+//!    otherwise its state is replaced whole.
 //! 2. A change is answered only after every live member holds it durably (fsync'd), so an
 //!    acknowledged change survives any crash that leaves one tracker up, and a crash of every
 //!    tracker at once: the service restarts from the most advanced durable state of the
