@@ -247,9 +247,10 @@ pub fn restore(rec: &Recovered) -> Result<Restored, RestoreError> {
         if let Some(claim) = history {
             if applied >= first_new {
                 let skip = (first_new - r.first_seq) as usize;
-                let new = &entries[skip..];
+                let mut new = entries;
+                new.drain(..skip);
                 let bytes = new.iter().map(super::replica::entry_size).sum();
-                recent.push(claim, first_new, new, bytes);
+                recent.push_owned(claim, first_new, new, bytes);
             }
         }
     }
@@ -352,6 +353,32 @@ mod tests {
         want.encode_snapshot(&mut b);
         assert_eq!(a, b, "same state as applying every entry once");
         assert_eq!(r.meta, Some(Meta::default()));
+        // The metadata does not say which claim's history the state is on: no recent batch
+        // is kept, and no position is provable.
+        assert!(r.recent.is_empty());
+        assert_eq!(r.recent.last_seq(), 6);
+        assert!(!r.recent.proves(6, (0, 0)));
+
+        // It does: the entries after the snapshot are kept as recent batches of that claim.
+        let recovered = Recovered {
+            meta: Some(
+                Meta {
+                    accepted_view: 4,
+                    accepted_by: 2,
+                    ..Meta::default()
+                }
+                .encode(),
+            ),
+            ..recovered
+        };
+        let r = restore(&recovered).unwrap();
+        assert_eq!(r.recent.last_seq(), 6);
+        assert!(r.recent.proves(3, (4, 2)), "the snapshot's position");
+        assert!(r.recent.proves(5, (4, 2)));
+        assert!(!r.recent.proves(5, (4, 1)));
+        let parts = r.recent.suffix(3, 100, usize::MAX).unwrap();
+        let entries: Vec<Entry> = parts.into_iter().flat_map(|(_, e)| e).collect();
+        assert_eq!(entries, (4..=6).map(entry).collect::<Vec<_>>());
     }
 
     #[test]

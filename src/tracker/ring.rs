@@ -85,6 +85,14 @@ impl Ring {
     /// size). Entries that do not follow the last one held (a bug elsewhere) reset the ring
     /// to an unknown history first: nothing is ever sent from a gap.
     pub fn push(&mut self, claim: Claim, first_seq: u64, entries: &[Entry], bytes: usize) {
+        if !entries.is_empty() {
+            self.push_owned(claim, first_seq, entries.to_vec(), bytes);
+        }
+    }
+
+    /// [`push`](Self::push) of entries the caller no longer needs (recovery decodes each
+    /// record once and hands its entries over without a copy).
+    pub fn push_owned(&mut self, claim: Claim, first_seq: u64, entries: Vec<Entry>, bytes: usize) {
         if entries.is_empty() {
             return;
         }
@@ -96,7 +104,7 @@ impl Ring {
         self.batches.push_back(Kept {
             claim,
             first_seq,
-            entries: entries.to_vec(),
+            entries,
             bytes,
         });
         self.evict();
