@@ -10,13 +10,20 @@
 //! - **start-up**: one tracker on the directory of N changes; the time from spawning it until
 //!   it answers a client's hello with its welcome (recovery, then serving);
 //! - **catch-up**: that tracker serving, a second one started on a directory holding the same
-//!   history but `BEHIND` changes shorter; the time until the second one serves. (A tracker
-//!   that is behind copies the primary's state: the time follows the size of the state, not
-//!   how far behind it is.)
+//!   history but `BEHIND` changes shorter; the time until the second one serves (its own
+//!   replay included). Both directories carry the metadata of trackers that served together
+//!   in view 1 under tracker 1, so the second one is sent only the changes it lacks when
+//!   they are in the first one's ring of recent batches (refilled from its log at start-up),
+//!   else a copy of the state.
 //!
 //! Knobs (environment): `RECOVERY_BENCH_CHANGES` (1,000,000), `RECOVERY_BENCH_BEHIND`
-//! (100,000). Every process is killed when the benchmark ends, also on an error; the
-//! directories live in a temporary directory under `target/` (on the real disk).
+//! (100,000), `RECOVERY_BENCH_HISTORY` (1; 0 writes no metadata, as the benchmark did before
+//! the suffix catch-up: the history is then unknown and the state is copied),
+//! `RECOVERY_BENCH_TRACKER` (the `tracker_program` to run, this build's by default: another
+//! build for an A/B comparison in one run), `RECOVERY_BENCH_LOG` (1: the trackers log at
+//! `info` on stderr, which shows how the second one caught up). Every process is killed when
+//! the benchmark ends, also on an error; the directories live in a temporary directory under
+//! `target/` (on the real disk).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,7 +33,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use p2pshare::tracker::disk::{DataDir, DiskEvent};
-use p2pshare::tracker::durable::{self, Persist};
+use p2pshare::tracker::durable::{self, Meta, Persist};
 use p2pshare::tracker::state::{Entry, Op, Origin, SessionId, TrackerRef, TrackerState};
 use p2pshare::wire::frame::{FrameBuffer, MAX_CLIENT_TRACKER_FRAME};
 use p2pshare::wire::tracker_link::{ClientMsg, TrackerMsg};
@@ -108,8 +115,9 @@ fn change(i: u64) -> Entry {
     }
 }
 
-/// Writes a data directory holding the first `n` changes; returns the state they make.
-fn write_dir(dir: &Path, n: u64) -> Res<TrackerState> {
+/// Writes a data directory holding the first `n` changes (and, with `meta`, the metadata
+/// before them); returns the state they make.
+fn write_dir(dir: &Path, n: u64, meta: Option<Meta>) -> Res<TrackerState> {
     let (data, recovered) = DataDir::open(dir).map_err(|e| e.to_string())?;
     if recovered.last_seq != 0 {
         return Err(format!("{} is not empty", dir.display()));
@@ -119,6 +127,12 @@ fn write_dir(dir: &Path, n: u64) -> Res<TrackerState> {
     let mut state = TrackerState::new();
     let mut seq = 1;
     let mut last = None;
+    if let Some(m) = meta {
+        last = Some(
+            disk.send(durable::to_disk_msg(Persist::Meta(m)))
+                .map_err(|e| e.to_string())?,
+        );
+    }
     while seq <= n {
         let len = (n + 1 - seq).min(BATCH as u64);
         let entries: Vec<Entry> = (seq - 1..seq - 1 + len).map(change).collect();
@@ -178,21 +192,27 @@ impl Drop for Proc {
 }
 
 fn start_tracker(info: &Path, no: u16, data: &Path, home: &Path) -> Res<Proc> {
-    let child = Command::new(TRACKER_BIN)
+    let other = std::env::var("RECOVERY_BENCH_TRACKER").ok();
+    let plain_flag: Vec<&str> = match other {
+        Some(_) => Vec::new(),
+        None => vec!["--accept-plain-clients"],
+    };
+    let bin = other.unwrap_or_else(|| TRACKER_BIN.into());
+    let log = env_num("RECOVERY_BENCH_LOG", 0) == 1;
+    let child = Command::new(bin)
         .env("XDG_STATE_HOME", home)
-        // The bench's probes speak plain client frames.
-        .args([
-            "--log-level",
-            "warn",
-            "--accept-plain-clients",
-            "--data-dir",
-        ])
+        .args(["--log-level", if log { "info" } else { "warn" }])
+        // The bench's probes speak plain client frames, which trackers of this build refuse
+        // unless told; a tracker given by RECOVERY_BENCH_TRACKER (an earlier build, for an
+        // A/B) may predate the option and accept them anyway.
+        .args(plain_flag.as_slice())
+        .args(["--data-dir"])
         .arg(data)
         .arg(info)
         .arg(no.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if log { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .map_err(|e| format!("start tracker_program: {e}"))?;
     let mut proc = Proc(child);
@@ -258,8 +278,18 @@ fn run() -> Res<()> {
     let home = root.path().join("home");
     let (d1, d2): (PathBuf, PathBuf) = (root.path().join("t1"), root.path().join("t2"));
     println!("recovery: {n} changes on disk; a second tracker {behind} changes behind");
-    write_dir(&d1, n)?;
-    write_dir(&d2, n - behind)?;
+    // Tracker 1 was primary of view 1 with tracker 2 as its backup, until tracker 2 stopped.
+    let history = env_num("RECOVERY_BENCH_HISTORY", 1) == 1;
+    let meta = |wait_for: &[u16]| {
+        history.then(|| Meta {
+            claim: (1, 1),
+            accepted_view: 1,
+            accepted_by: 1,
+            wait_for: wait_for.iter().copied().collect(),
+        })
+    };
+    write_dir(&d1, n, meta(&[]))?;
+    write_dir(&d2, n - behind, meta(&[1]))?;
     let (a1, a2) = (free_addr()?, free_addr()?);
     let info = root.path().join("tracker_info.txt");
     std::fs::write(&info, format!("{a1}\n{a2}\n")).map_err(|e| e.to_string())?;

@@ -203,7 +203,7 @@ fn plaintext_tracker_hello_gets_nothing_and_changes_nothing() {
         },
     }
     .emit(&mut bytes);
-    ReplMsg::JoinRequest.emit(&mut bytes);
+    ReplMsg::JoinRequest(None).emit(&mut bytes);
     ReplMsg::Heartbeat.emit(&mut bytes);
     stream.write_all(&bytes).unwrap();
     let got = read_until_closed(&mut stream);

@@ -489,7 +489,8 @@ impl TrackerCore {
         &self.replica
     }
 
-    /// The replica, to hand it changes straight (scenarios of the simulated clusters).
+    /// The replica, for scenarios of the simulated clusters (to hand it changes straight, or
+    /// to set what it keeps: its ring's bounds).
     #[cfg(test)]
     pub(crate) fn replica_mut(&mut self) -> &mut Replica {
         &mut self.replica

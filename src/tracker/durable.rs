@@ -12,13 +12,19 @@
 //! ```text
 //! entries record payload = u32 n | entry * n          (the replication link's entry encoding)
 //! snapshot               = TrackerState::encode_snapshot
-//! meta blob              = u8 version (1) | u64 claim view | u16 claim primary
-//!                          | u64 accepted view | u16 n | u16 tracker_no * n   (wait_for)
+//! meta blob              = u8 version (2) | u64 claim view | u16 claim primary
+//!                          | u64 accepted view | u16 accepted primary
+//!                          | u16 n | u16 tracker_no * n   (wait_for)
 //! ```
+//!
+//! (Version 1, written by earlier builds, lacks the accepted primary: it is read as 0,
+//! unknown.)
 //!
 //! The meta blob holds what the replica needs beyond the state to rejoin safely: the highest
 //! view it saw claimed (views never repeat, even across a restart of every tracker), the view
-//! in which it last accepted entries (its state's position, with the entries applied), and
+//! in which it last accepted entries (its state's position, with the entries applied) and the
+//! primary of that claim (so the state is known to be a prefix of that claim's sequence: a
+//! primary may then send it only the entries it lacks; 0 while that is not known), and
 //! the trackers it must hear from before it may start the service with its own state (those
 //! that may hold changes acknowledged after it stopped: see `Replica`'s module doc).
 
@@ -26,6 +32,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use super::disk::{DiskMsg, LogRecord, Recovered};
+use super::ring::{Ring, RING_MAX_BATCHES, RING_MAX_BYTES};
 use super::state::{Entry, TrackerState};
 use crate::wire::codec::{put_u16, put_u64, put_u8, DecodeError, Reader};
 use crate::wire::replication::{decode_entries, encode_entries};
@@ -51,18 +58,24 @@ pub enum Persist {
 pub struct Meta {
     pub claim: (u64, u16),
     pub accepted_view: u64,
+    /// The primary of the claim under which the state was accepted (with `accepted_view`):
+    /// the state is a prefix of the sequence that claim ordered. 0: not known.
+    pub accepted_by: u16,
     pub wait_for: BTreeSet<u16>,
 }
 
-const META_VERSION: u8 = 1;
+const META_VERSION: u8 = 2;
+/// Earlier builds' metadata: no `accepted_by`.
+const META_VERSION_1: u8 = 1;
 
 impl Meta {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(23 + 2 * self.wait_for.len());
+        let mut out = Vec::with_capacity(25 + 2 * self.wait_for.len());
         put_u8(&mut out, META_VERSION);
         put_u64(&mut out, self.claim.0);
         put_u16(&mut out, self.claim.1);
         put_u64(&mut out, self.accepted_view);
+        put_u16(&mut out, self.accepted_by);
         put_u16(&mut out, self.wait_for.len() as u16);
         for no in &self.wait_for {
             put_u16(&mut out, *no);
@@ -72,11 +85,13 @@ impl Meta {
 
     pub fn decode(bytes: &[u8]) -> Result<Meta, DecodeError> {
         let mut r = Reader::new(bytes);
-        if r.u8()? != META_VERSION {
+        let version = r.u8()?;
+        if version != META_VERSION && version != META_VERSION_1 {
             return Err(DecodeError::BadValue("meta version"));
         }
         let claim = (r.u64()?, r.u16()?);
         let accepted_view = r.u64()?;
+        let accepted_by = if version == META_VERSION { r.u16()? } else { 0 };
         let n = r.u16()?;
         let mut wait_for = BTreeSet::new();
         for _ in 0..n {
@@ -86,6 +101,7 @@ impl Meta {
         Ok(Meta {
             claim,
             accepted_view,
+            accepted_by,
             wait_for,
         })
     }
@@ -123,6 +139,10 @@ pub struct Restored {
     pub committed: u64,
     /// None: the directory was new.
     pub meta: Option<Meta>,
+    /// The last batches replayed (within the ring's bounds), tagged with the claim the
+    /// metadata says the state was accepted under; empty when that is not known. A tracker
+    /// restarted as primary sends a tracker that is behind what it lacks from these.
+    pub recent: Ring,
     /// This tracker founds the service: with no state of its own it may start the service
     /// empty (see `Replica`: a tracker without state that did not found the service only
     /// joins one). Set by the caller; [`restore`] leaves it false.
@@ -187,6 +207,19 @@ pub fn restore(rec: &Recovered) -> Result<Restored, RestoreError> {
         ),
         None => (TrackerState::new(), 0),
     };
+    let meta = rec
+        .meta
+        .as_deref()
+        .map(Meta::decode)
+        .transpose()
+        .map_err(RestoreError::Meta)?;
+    // Every entry restored is on the sequence of the claim the state was accepted under (see
+    // `Replica`), so every batch is tagged with it; unknown, nothing is kept.
+    let history = meta
+        .as_ref()
+        .filter(|m| m.accepted_by != 0)
+        .map(|m| (m.accepted_view, m.accepted_by));
+    let mut recent = Ring::new(RING_MAX_BATCHES, RING_MAX_BYTES, snap_seq, history);
     let mut applied = snap_seq;
     for r in &rec.records {
         let mut reader = Reader::new(&r.payload);
@@ -203,6 +236,7 @@ pub fn restore(rec: &Recovered) -> Result<Restored, RestoreError> {
                 n: entries.len(),
             });
         }
+        let first_new = applied + 1;
         for (i, e) in entries.iter().enumerate() {
             let seq = r.first_seq + i as u64;
             if seq > applied {
@@ -210,18 +244,25 @@ pub fn restore(rec: &Recovered) -> Result<Restored, RestoreError> {
                 applied = seq;
             }
         }
+        if let Some(claim) = history {
+            if applied >= first_new {
+                let skip = (first_new - r.first_seq) as usize;
+                let mut new = entries;
+                new.drain(..skip);
+                let bytes = new.iter().map(super::replica::entry_size).sum();
+                recent.push_owned(claim, first_new, new, bytes);
+            }
+        }
     }
-    let meta = rec
-        .meta
-        .as_deref()
-        .map(Meta::decode)
-        .transpose()
-        .map_err(RestoreError::Meta)?;
+    if history.is_none() {
+        recent.reset(applied, None);
+    }
     Ok(Restored {
         state,
         applied,
         committed: snap_seq,
         meta,
+        recent,
         founder: false,
     })
 }
@@ -250,6 +291,7 @@ mod tests {
         let m = Meta {
             claim: (9, 2),
             accepted_view: 8,
+            accepted_by: 3,
             wait_for: [1, 3].into_iter().collect(),
         };
         assert_eq!(Meta::decode(&m.encode()).unwrap(), m);
@@ -258,6 +300,25 @@ mod tests {
         long.push(0);
         assert!(Meta::decode(&long).is_err());
         assert!(Meta::decode(&m.encode()[..10]).is_err());
+        // Version 1 (earlier builds) has no accepted primary: read as 0, unknown.
+        let v1 = [
+            &[1u8][..],
+            &9u64.to_be_bytes(),
+            &2u16.to_be_bytes(),
+            &8u64.to_be_bytes(),
+            &1u16.to_be_bytes(),
+            &5u16.to_be_bytes(),
+        ]
+        .concat();
+        assert_eq!(
+            Meta::decode(&v1).unwrap(),
+            Meta {
+                claim: (9, 2),
+                accepted_view: 8,
+                accepted_by: 0,
+                wait_for: [5].into_iter().collect(),
+            }
+        );
     }
 
     #[test]
@@ -292,6 +353,32 @@ mod tests {
         want.encode_snapshot(&mut b);
         assert_eq!(a, b, "same state as applying every entry once");
         assert_eq!(r.meta, Some(Meta::default()));
+        // The metadata does not say which claim's history the state is on: no recent batch
+        // is kept, and no position is provable.
+        assert!(r.recent.is_empty());
+        assert_eq!(r.recent.last_seq(), 6);
+        assert!(!r.recent.proves(6, (0, 0)));
+
+        // It does: the entries after the snapshot are kept as recent batches of that claim.
+        let recovered = Recovered {
+            meta: Some(
+                Meta {
+                    accepted_view: 4,
+                    accepted_by: 2,
+                    ..Meta::default()
+                }
+                .encode(),
+            ),
+            ..recovered
+        };
+        let r = restore(&recovered).unwrap();
+        assert_eq!(r.recent.last_seq(), 6);
+        assert!(r.recent.proves(3, (4, 2)), "the snapshot's position");
+        assert!(r.recent.proves(5, (4, 2)));
+        assert!(!r.recent.proves(5, (4, 1)));
+        let parts = r.recent.suffix(3, 100, usize::MAX).unwrap();
+        let entries: Vec<Entry> = parts.into_iter().flat_map(|(_, e)| e).collect();
+        assert_eq!(entries, (4..=6).map(entry).collect::<Vec<_>>());
     }
 
     #[test]

@@ -8,5 +8,6 @@ pub mod durable;
 pub mod password;
 pub mod password_queue;
 pub mod replica;
+pub mod ring;
 pub mod state;
 pub mod tickets;

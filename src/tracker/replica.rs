@@ -23,9 +23,23 @@
 //!   member is at most one batch behind the primary; changes that arrive meanwhile form the
 //!   next batch, so the batch grows with the load (group commit).
 //! - **Joining.** A starting tracker dials the others. If one of them is a serving primary, it
-//!   asks it for the state; the primary sends a snapshot between two batches (so the
-//!   snapshot holds only committed changes) and counts the joiner as a member from then on.
-//!   The joiner serves clients once it has installed the snapshot.
+//!   asks it for the state, saying where its own stands ([`JoinPosition`]: the entries it
+//!   applied and the claim under which it last accepted entries or a state). Between two
+//!   batches (so it sends committed changes only) the primary sends either the entries after
+//!   that position, when its [`Ring`] of recent batches holds the joiner's last entry as
+//!   applied under the same claim (suffix parts, then `Suffix`), or else a snapshot; it counts
+//!   the joiner as a member from then on. The joiner serves clients once it has applied the
+//!   suffix (written as log records, acknowledged once durable like a batch) or installed the
+//!   snapshot. An empty joiner, or one whose history is unknown, always gets a snapshot.
+//! - **Histories.** Entries applied under a claim (as its primary, or as a backup following
+//!   it) are a prefix of the sequence that claim's primary ordered, which only grows while the
+//!   claim lasts. So two trackers that each hold entry `n` as applied under the same claim
+//!   hold the same first `n` entries, and the entries after `n` on one are exactly what the
+//!   other lacks. Each tracker records that claim with its state (`accepted_view` and
+//!   `accepted_by`, in the metadata too), sets it to unknown before it writes entries or a
+//!   state of another claim's history, and tags the batches of its ring with it. A tracker
+//!   that was away holding a batch that was never committed (an abandoned view) names that
+//!   view's claim, which the primary does not hold at that position: it gets a snapshot.
 //! - **Starting the service.** When no tracker serves, the starting tracker whose state is
 //!   furthest on starts it: states are ordered by the view in which they last accepted entries
 //!   (a later view's state holds every change committed before it), then by entries applied,
@@ -80,7 +94,9 @@
 //! # Invariants
 //!
 //! 1. Every live tracker's state is a prefix of the primary's sequence of entries, applied in
-//!    order; members are at most one batch behind the primary.
+//!    order; members are at most one batch behind the primary. A joiner keeps its own entries
+//!    only when the primary proves they are its own (same position under the same claim);
+//!    otherwise its state is replaced whole.
 //! 2. A change is answered only after every live member holds it durably (fsync'd), so an
 //!    acknowledged change survives any crash that leaves one tracker up, and a crash of every
 //!    tracker at once: the service restarts from the most advanced durable state of the
@@ -117,10 +133,11 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use super::durable::{Meta, Persist, Restored};
+use super::ring::{Claim, Ring, RING_MAX_BATCHES, RING_MAX_BYTES};
 use super::state::{Answer, Entry, Op, Origin, TrackerRef, TrackerState};
 use crate::net::ConnId;
 use crate::wire::replication::{
-    Batch, Catchup, ReplMsg, ReplStatus, MAX_SNAPSHOT_LEN, SNAPSHOT_PART_LEN,
+    Batch, Catchup, JoinPosition, ReplMsg, ReplStatus, MAX_SNAPSHOT_LEN, SNAPSHOT_PART_LEN,
 };
 use crate::wire::PROTOCOL_VERSION;
 
@@ -216,6 +233,8 @@ struct Link {
     last_sent: Instant,
     /// Snapshot parts received so far.
     snapshot: Vec<u8>,
+    /// Suffix parts received so far: the first seq, the entries, their estimated bytes.
+    suffix: Option<(u64, Vec<Entry>, usize)>,
 }
 
 /// Where this tracker stands, with the data that only means something in that role: a
@@ -328,8 +347,9 @@ struct Waits {
 struct Lead {
     /// The backups that hold the state and acknowledge batches.
     members: BTreeSet<u16>,
-    /// Trackers that asked for the state: they get it between two batches.
-    joiners: BTreeSet<u16>,
+    /// Trackers that asked for the state, with the position they said their own state has:
+    /// they get it (the entries they lack, or a snapshot) between two batches.
+    joiners: BTreeMap<u16, Option<JoinPosition>>,
     /// Changes waiting to be ordered.
     next: VecDeque<Queued>,
     /// The batch sent and not yet acknowledged by every member (a primary's only).
@@ -432,6 +452,14 @@ pub struct Replica {
     /// The view in which this tracker last accepted entries or a state: with `applied`, the
     /// position of its state. A later view's state holds every change committed before it.
     accepted_view: u64,
+    /// The primary of the claim (`accepted_view`, `accepted_by`) under which this tracker
+    /// last accepted entries or a state: its entries are a prefix of the sequence that claim
+    /// ordered, so a primary that holds one of them as applied under the same claim may send
+    /// it only what it lacks (see [`Ring`]). 0 while not known (the state is being replaced,
+    /// or the disk was written by an earlier build).
+    accepted_by: u16,
+    /// The most recent batches applied, tagged with the claim they were applied under.
+    ring: Ring,
     /// Trackers that may be up but have not said where they stand: their link was lost (it
     /// went silent, or was closed: a closed link proves nothing, a stalled tracker closes
     /// its links too), or our dial was accepted and never answered. They may hold the newest
@@ -540,13 +568,15 @@ fn msg_view(msg: &ReplMsg) -> Option<u64> {
         | ReplMsg::Commit { view, .. }
         | ReplMsg::Takeover { view, .. }
         | ReplMsg::TakeoverAck { view, .. }
-        | ReplMsg::Snapshot { view, .. } => Some(*view),
+        | ReplMsg::Snapshot { view, .. }
+        | ReplMsg::SuffixPart(Batch { view, .. })
+        | ReplMsg::Suffix { view, .. } => Some(*view),
         _ => None,
     }
 }
 
-/// A rough size of an entry on the wire, to bound batches.
-fn entry_size(e: &Entry) -> usize {
+/// A rough size of an entry on the wire, to bound batches (and the ring of recent batches).
+pub(crate) fn entry_size(e: &Entry) -> usize {
     match &e.op {
         Op::ShareFile { meta, .. } => 256 + 20 * meta.piece_hashes.len(),
         _ => 256,
@@ -594,6 +624,8 @@ impl Replica {
             claim: (0, u16::MAX),
             applied: 0,
             accepted_view: 0,
+            accepted_by: 0,
+            ring: Ring::new(RING_MAX_BATCHES, RING_MAX_BYTES, 0, None),
             unsure: BTreeSet::new(),
             committed: 0,
             last_batch: None,
@@ -633,11 +665,13 @@ impl Replica {
             r.applied = restored.applied;
             r.committed = restored.committed;
             r.durable_seq = restored.applied;
+            r.ring = restored.recent;
             if let Some(meta) = restored.meta {
                 // The claim's view only: whoever made it, it may be gone, and views go on
                 // above it.
                 r.claim = (meta.claim.0, u16::MAX);
                 r.accepted_view = meta.accepted_view;
+                r.accepted_by = meta.accepted_by;
                 r.role = Role::Starting {
                     waits: Waits {
                         must_hear: meta
@@ -731,6 +765,17 @@ impl Replica {
         self.applied
     }
 
+    /// The recent batches kept (for tests and logs).
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Bounds the ring of recent batches anew (scenarios use small bounds).
+    #[cfg(test)]
+    pub(crate) fn bound_ring(&mut self, max_batches: usize, max_bytes: usize) {
+        self.ring.set_bounds(max_batches, max_bytes);
+    }
+
     /// Names a change this tracker makes itself (a client gone, sessions expired) as a
     /// client's request is named: by this run (as the client id) and a counter. A copy
     /// forwarded twice (a resend over a replacing link, a re-forward to a new primary) is
@@ -807,7 +852,12 @@ impl Replica {
     /// while this tracker finds out where the service stands.
     fn wait_set(&self) -> BTreeSet<u16> {
         match &self.role {
-            Role::Primary { lead } => lead.members.union(&lead.joiners).copied().collect(),
+            Role::Primary { lead } => lead
+                .members
+                .iter()
+                .chain(lead.joiners.keys())
+                .copied()
+                .collect(),
             Role::Backup { .. } => [self.claim.1].into_iter().collect(),
             _ => self.meta.wait_for.clone(),
         }
@@ -821,6 +871,7 @@ impl Replica {
         let meta = Meta {
             claim: self.claim,
             accepted_view: self.accepted_view,
+            accepted_by: self.accepted_by,
             wait_for: self.wait_set(),
         };
         if meta != self.meta {
@@ -837,6 +888,9 @@ impl Replica {
             return self.written;
         }
         let last = first_seq + entries.len() as u64 - 1;
+        // Every path that applies entries logs them here, under the claim followed or led.
+        let bytes = entries.iter().map(entry_size).sum();
+        self.ring.push(self.claim, first_seq, entries, bytes);
         // (Without a disk the entries are not copied: `write` counts the write, durable.)
         let w = self.write(|| Persist::Entries {
             first_seq,
@@ -1080,6 +1134,7 @@ impl Replica {
                 last_heard: now,
                 last_sent: now,
                 snapshot: Vec::new(),
+                suffix: None,
             },
         );
         self.send(
@@ -1202,7 +1257,7 @@ impl Replica {
                 applied,
                 catchup,
             } => self.on_takeover_ack(link, from, view, serving, applied, catchup, now),
-            ReplMsg::JoinRequest => self.on_join_request(from),
+            ReplMsg::JoinRequest(position) => self.on_join_request(from, position),
             ReplMsg::SnapshotPart { data } => {
                 if let Some(l) = self.links.get_mut(&link) {
                     if (l.snapshot.len() + data.len()) as u64 > MAX_SNAPSHOT_LEN {
@@ -1216,6 +1271,8 @@ impl Replica {
             ReplMsg::Snapshot { view, seq, len } => {
                 self.on_snapshot(link, from, view, seq, len, now)
             }
+            ReplMsg::SuffixPart(part) => self.on_suffix_part(link, from, part, now),
+            ReplMsg::Suffix { view, seq } => self.on_suffix(link, from, view, seq, now),
         }
     }
 
@@ -1512,7 +1569,8 @@ impl Replica {
         self.send(link, ReplMsg::Status(status));
         match &self.role {
             Role::Joining { primary, .. } if *primary == no => {
-                self.send(link, ReplMsg::JoinRequest)
+                let position = self.position();
+                self.send(link, ReplMsg::JoinRequest(position))
             }
             Role::Primary { lead } if lead.members.contains(&no) => {
                 let in_flight = lead.in_flight.is_some();
@@ -1828,9 +1886,22 @@ impl Replica {
         if let Some(link) = self.peer_link.get(&primary).copied() {
             if let Some(l) = self.links.get_mut(&link) {
                 l.snapshot.clear();
+                l.suffix = None;
             }
         }
-        self.send_to(primary, ReplMsg::JoinRequest);
+        let position = self.position();
+        self.send_to(primary, ReplMsg::JoinRequest(position));
+    }
+
+    /// Where this tracker's state stands, for a primary that may send it only the entries it
+    /// lacks: none for an empty state (a snapshot is the compact form of a whole history) or
+    /// one whose history is not known.
+    fn position(&self) -> Option<JoinPosition> {
+        (self.applied > 0 && self.accepted_by != 0).then_some(JoinPosition {
+            applied: self.applied,
+            view: self.accepted_view,
+            primary: self.accepted_by,
+        })
     }
 
     fn stop_serving(&mut self) {
@@ -1867,7 +1938,7 @@ impl Replica {
         self.out.push_back(ReplicaOut::Serving(false));
     }
 
-    fn on_join_request(&mut self, from: u16) {
+    fn on_join_request(&mut self, from: u16, position: Option<JoinPosition>) {
         let Some(lead) = self.lead_mut() else {
             debug!("tracker {from} asked for the state, but this tracker is not primary");
             return;
@@ -1876,11 +1947,64 @@ impl Replica {
         if let Some(f) = lead.in_flight.as_mut() {
             f.waiting.remove(&from);
         }
-        lead.joiners.insert(from);
+        lead.joiners.insert(from, position);
         if self.role.is_primary() {
             self.try_commit();
             self.send_batch();
         }
+    }
+
+    /// Sends a joiner what it lacks: the entries after its position when this tracker holds
+    /// them and can prove the joiner's entries are its own (the joiner's last entry was
+    /// applied here under the claim the joiner names: both are prefixes of that claim's
+    /// sequence), else the whole state. Never a suffix over entries of another history, such
+    /// as a batch the joiner applied in an older view that was never committed.
+    fn send_state(&mut self, to: u16, position: Option<JoinPosition>) {
+        let parts = position
+            .filter(|p| {
+                p.applied <= self.applied
+                    && self.ring.last_seq() == self.applied
+                    && self.ring.proves(p.applied, (p.view, p.primary))
+            })
+            .and_then(|p| {
+                Some((
+                    p,
+                    self.ring
+                        .suffix(p.applied, MAX_BATCH_ENTRIES, MAX_BATCH_BYTES)?,
+                ))
+            });
+        let Some((p, parts)) = parts else {
+            if let Some(p) = position {
+                debug!(
+                    "tracker {to} is at entry {} of view {} (tracker {}): not in the recent batches; sending the state",
+                    p.applied, p.view, p.primary
+                );
+            }
+            return self.send_snapshot(to);
+        };
+        let view = self.claim.0;
+        let n_parts = parts.len();
+        for (first_seq, entries) in parts {
+            self.send_to(
+                to,
+                ReplMsg::SuffixPart(Batch {
+                    view,
+                    first_seq,
+                    entries,
+                }),
+            );
+        }
+        info!(
+            "sent tracker {to} the entries after {} up to {} ({n_parts} parts) instead of the state",
+            p.applied, self.applied
+        );
+        self.send_to(
+            to,
+            ReplMsg::Suffix {
+                view,
+                seq: self.applied,
+            },
+        );
     }
 
     /// Sends the state to one tracker, as snapshot parts and a closing message.
@@ -1949,9 +2073,11 @@ impl Replica {
         // that finds only the metadata does not take its old state for the new one.
         self.claim = (view, from);
         self.role = Role::backup();
+        self.accepted_by = 0;
         self.sync_meta();
-        self.install(state, seq, bytes);
+        self.install(state, seq, bytes, (view, from));
         self.accepted_view = view;
+        self.accepted_by = from;
         info!("caught up from tracker {from} at entry {seq} ({len} bytes); serving in view {view}");
         self.out.push_back(ReplicaOut::Serving(true));
         self.sync_meta();
@@ -1960,8 +2086,95 @@ impl Replica {
         self.release_held();
     }
 
-    fn install(&mut self, state: TrackerState, seq: u64, bytes: Vec<u8>) {
+    /// Replaces the state by `state`, after entry `seq`, taken from the primary of `claim`.
+    fn on_suffix_part(&mut self, link: ConnId, from: u16, part: Batch, now: Instant) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        let bytes: usize = part.entries.iter().map(entry_size).sum();
+        let fits = match &mut l.suffix {
+            None => {
+                l.suffix = Some((part.first_seq, part.entries, bytes));
+                true
+            }
+            Some((first, entries, held)) => {
+                // Parts are consecutive, and no more than a ring holds (the sender's bound).
+                let ok = *first + entries.len() as u64 == part.first_seq
+                    && *held + bytes <= RING_MAX_BYTES;
+                if ok {
+                    entries.extend(part.entries);
+                    *held += bytes;
+                }
+                ok
+            }
+        };
+        if !fits {
+            warn!("tracker {from}: suffix parts out of order or too large");
+            self.close(link, now);
+        }
+    }
+
+    /// The suffix is complete: if it continues this tracker's state, it is applied and
+    /// written like a batch, and this tracker serves as a backup of `from`.
+    fn on_suffix(&mut self, link: ConnId, from: u16, view: u64, seq: u64, now: Instant) {
+        let (first_seq, entries) = match self.links.get_mut(&link) {
+            Some(l) => match l.suffix.take() {
+                Some((first, entries, _)) => (first, entries),
+                None => (seq + 1, Vec::new()),
+            },
+            None => return,
+        };
+        if !matches!(self.role, Role::Joining { primary, .. } if primary == from)
+            || view < self.claim.0
+        {
+            debug!("ignoring a suffix from tracker {from}");
+            return;
+        }
+        if first_seq != self.applied + 1 || first_seq + entries.len() as u64 != seq + 1 {
+            // Sent for another position than this tracker's (it cannot have changed while
+            // joining, so this is a peer's bug): ask again.
+            warn!(
+                "tracker {from}: a suffix of entries {first_seq}..={seq}, but this tracker has applied up to {}; asking again",
+                self.applied
+            );
+            return self.join(from);
+        }
+        // As for a snapshot, the metadata naming the primary goes first; the claim the state
+        // was accepted under is unknown on disk until the entries are written (the entries
+        // after the old position are of the new claim's history, not the old one's).
+        self.claim = (view, from);
+        self.role = Role::backup();
+        self.accepted_by = 0;
+        self.sync_meta();
+        for e in &entries {
+            self.apply(e);
+        }
+        self.log_entries(first_seq, &entries);
+        // The primary sends what it holds between two batches: committed, as a snapshot is.
+        if seq > self.committed {
+            self.set_committed(seq);
+        }
+        self.accepted_view = view;
+        self.accepted_by = from;
+        info!(
+            "caught up from tracker {from} with {} entries up to {seq}; serving in view {view}",
+            entries.len()
+        );
+        self.out.push_back(ReplicaOut::Serving(true));
+        self.sync_meta();
+        self.send_ack(true);
+        self.broadcast_status();
+        self.release_held();
+        self.touch(link, now);
+    }
+
+    fn install(&mut self, state: TrackerState, seq: u64, bytes: Vec<u8>, claim: Claim) {
+        // Until the caller records the claim the new state was accepted under, the disk must
+        // not say that the old claim's history holds it.
+        self.accepted_by = 0;
+        self.sync_meta();
         self.log_install(seq, bytes);
+        self.ring.reset(seq, Some(claim));
         self.state = state;
         self.applied = seq;
         self.committed = seq;
@@ -2118,9 +2331,9 @@ impl Replica {
                         .lead_mut()
                         .map(|lead| std::mem::take(&mut lead.joiners))
                         .unwrap_or_default();
-                    for j in joiners {
+                    for (j, position) in joiners {
                         if self.peer_link.contains_key(&j) {
-                            self.send_snapshot(j);
+                            self.send_state(j, position);
                             if let Some(lead) = self.lead_mut() {
                                 lead.members.insert(j);
                             }
@@ -2256,7 +2469,10 @@ impl Replica {
         for e in batch.entries.iter().skip(skip) {
             self.apply(e);
         }
+        // As a backup of this claim the state is a prefix of its primary's sequence: so it
+        // is, with the batch, whether or not the batch's write reaches the disk.
         self.accepted_view = batch.view;
+        self.accepted_by = from;
         self.log_entries(batch.first_seq + skip as u64, &batch.entries[skip..]);
         self.last_batch = Some(batch);
         // Acknowledged once durable: now, or when the disk says so.
@@ -2468,6 +2684,9 @@ impl Replica {
         if let Some(offer) = offer {
             match offer.catchup {
                 Catchup::Batch(b) if b.first_seq <= self.applied + 1 => {
+                    // The batch may come from another claim's history than the one the disk
+                    // names: unknown until this tracker leads (below).
+                    self.accepted_by = 0;
                     let skip = (self.applied + 1 - b.first_seq) as usize;
                     for e in b.entries.iter().skip(skip) {
                         self.apply(e);
@@ -2476,7 +2695,7 @@ impl Replica {
                     self.last_batch = Some(b);
                 }
                 Catchup::Snapshot => match TrackerState::decode_snapshot(&offer.snapshot) {
-                    Ok(state) => self.install(state, offer.applied, offer.snapshot),
+                    Ok(state) => self.install(state, offer.applied, offer.snapshot, self.claim),
                     Err(e) => error!("tracker {}: bad snapshot: {e}", offer.from),
                 },
                 _ => error!(
@@ -2506,6 +2725,7 @@ impl Replica {
         );
         self.role = Role::Primary { lead };
         self.accepted_view = self.claim.0;
+        self.accepted_by = self.me.no;
         self.sync_meta();
         // Bring lagging members up: they all answered with their position, but only the
         // latest batch (or the state) is at hand, so every member gets what it may lack.
@@ -2558,6 +2778,7 @@ impl Replica {
     fn become_primary(&mut self, now: Instant) {
         self.role = Role::primary();
         self.accepted_view = self.claim.0;
+        self.accepted_by = self.me.no;
         self.sync_meta();
         self.out.push_back(ReplicaOut::Serving(true));
         self.broadcast_status();

@@ -91,6 +91,7 @@ use crate::tracker::core::{Output, Quotas, TrackerCore};
 use crate::tracker::disk::{LogRecord, Recovered};
 use crate::tracker::durable::{self, Persist};
 use crate::tracker::password::{self, PasswordJob, PasswordResult};
+use crate::tracker::ring::Ring;
 use crate::tracker::state::{Entry, Op, Origin, Outcome, Sharer, TrackerRef, TrackerState};
 use crate::wire::frame::{LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::wire::replication::{ReplMsg, ReplStatus, MAX_REPLICATION_FRAME};
@@ -505,6 +506,9 @@ struct Stats {
     /// The highest view reached.
     max_view: u64,
     snapshot_parts: u64,
+    /// States sent to joiners whole (snapshots) and as the entries they lacked (suffixes).
+    snapshots: u64,
+    suffixes: u64,
     /// Times a core still had a timer due right after `handle_timeout` (a busy loop in a
     /// real driver).
     timer_spins: u64,
@@ -526,6 +530,8 @@ impl Stats {
         self.sessions_lost += o.sessions_lost;
         self.max_view = self.max_view.max(o.max_view);
         self.snapshot_parts += o.snapshot_parts;
+        self.snapshots += o.snapshots;
+        self.suffixes += o.suffixes;
         self.timer_spins += o.timer_spins;
         self.quota_refusals += o.quota_refusals;
         self.state_quota_refusals += o.state_quota_refusals;
@@ -810,8 +816,11 @@ impl Cluster {
                         .unwrap_or_else(|e| panic!("tracker {no} sent {msg:?}: {e}"));
                     assert_eq!(parsed, msg, "a message to a tracker survives the wire");
                     self.trace(|| format!("tracker {no} -> {conn}: {}", short_peer_msg(&msg)));
-                    if matches!(msg, ReplMsg::SnapshotPart { .. }) {
-                        self.stats.snapshot_parts += 1;
+                    match msg {
+                        ReplMsg::SnapshotPart { .. } => self.stats.snapshot_parts += 1,
+                        ReplMsg::Snapshot { .. } => self.stats.snapshots += 1,
+                        ReplMsg::Suffix { .. } => self.stats.suffixes += 1,
+                        _ => {}
                     }
                     self.send_frame(conn, frame);
                 }
@@ -2138,6 +2147,12 @@ fn short_peer_msg(msg: &ReplMsg) -> String {
             b.first_seq,
             b.entries.len()
         ),
+        ReplMsg::SuffixPart(b) => format!(
+            "SuffixPart(view {}, from {}, {} entries)",
+            b.view,
+            b.first_seq,
+            b.entries.len()
+        ),
         other => format!("{other:?}"),
     }
 }
@@ -2772,7 +2787,7 @@ fn a_joiner_whose_primary_dies_waits_for_the_tracker_holding_the_state() {
     cl.start(3);
     // Tracker 2's request for the state never reaches tracker 1, and the news that tracker 3
     // serves reaches tracker 2 only at the end.
-    let asks = |m: &ReplMsg| matches!(m, ReplMsg::JoinRequest);
+    let asks = |m: &ReplMsg| matches!(m, ReplMsg::JoinRequest(_));
     let serves = |m: &ReplMsg| matches!(m, ReplMsg::Status(ReplStatus::Serving { .. }));
     let (mut held_ask, mut held_news) = (false, false);
     while !(held_ask && held_news) {
@@ -3336,6 +3351,273 @@ fn a_joiner_killed_after_installing_the_state_waits_for_its_primary() {
     cl.settle();
     cl.check_agreement();
     cl.check_acknowledged();
+}
+
+// ---- catch-up with the missing suffix ----
+
+/// Tracker 3 of a durable cluster is killed, the others go on; restarted from its disk, it
+/// is sent only the entries it lacks (no snapshot), writes them and serves.
+#[test]
+fn a_restarted_tracker_is_sent_only_the_entries_it_lacks() {
+    let mut cl = Cluster::new_durable(3, 91);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let c = cl.add_client(Some(1));
+    cl.sign_in(c);
+    for g in 0..3 {
+        assert_eq!(create_group(&mut cl, c, &format!("a{g}")), ReplyBody::Done);
+    }
+    cl.settle();
+    cl.crash(3);
+    for g in 0..5 {
+        assert_eq!(create_group(&mut cl, c, &format!("b{g}")), ReplyBody::Done);
+    }
+    let (snapshots, suffixes) = (cl.stats.snapshots, cl.stats.suffixes);
+    let snapshot_on_disk = cl.disks[2].rec.snapshot.as_ref().map(|s| s.0);
+    let behind =
+        cl.core(1).replica().applied() - durable::restore(&cl.disks[2].rec).unwrap().applied;
+    assert!(behind >= 5, "tracker 3 is {behind} entries behind");
+    cl.start(3);
+    assert!(cl.run_until(10_000, |cl| cl.core(3).replica().is_serving()));
+    assert_eq!(
+        cl.stats.suffixes,
+        suffixes + 1,
+        "the entries it lacked were sent"
+    );
+    assert_eq!(cl.stats.snapshots, snapshots, "no snapshot");
+    assert!(cl.core(3).state().group(&gid("b4")).is_some());
+    // It wrote them as log records (the snapshot path installs a state instead), and a
+    // change after it is acknowledged by it too.
+    assert!(!cl.disks[2]
+        .pending
+        .iter()
+        .any(|(_, p)| matches!(p, Persist::Install { .. })));
+    assert_eq!(create_group(&mut cl, c, "after"), ReplyBody::Done);
+    cl.settle();
+    assert_eq!(
+        cl.disks[2].rec.snapshot.as_ref().map(|s| s.0),
+        snapshot_on_disk,
+        "no state installed"
+    );
+    cl.check_agreement();
+    cl.check_acknowledged();
+    // From its disk alone it holds everything: killed and restored, it is where the others are.
+    let applied = cl.core(1).replica().applied();
+    let n = cl.disks[2].pending.len();
+    cl.crash_keeping(3, n);
+    assert_eq!(durable::restore(&cl.disks[2].rec).unwrap().applied, applied);
+}
+
+/// The same, but the primary keeps only its last two batches: tracker 3 is further behind
+/// than that, so it is sent the state.
+#[test]
+fn a_tracker_further_behind_than_the_ring_is_sent_the_state() {
+    let mut cl = Cluster::new_durable(3, 92);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let inc = cl.tracker(1).incarnation;
+    cl.tracker_mut(1, inc)
+        .unwrap()
+        .replica_mut()
+        .bound_ring(2, usize::MAX);
+    let c = cl.add_client(Some(1));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "a"), ReplyBody::Done);
+    cl.settle();
+    cl.crash(3);
+    // One change at a time: each is a batch of its own.
+    for g in 0..4 {
+        assert_eq!(create_group(&mut cl, c, &format!("b{g}")), ReplyBody::Done);
+    }
+    assert_eq!(cl.core(1).replica().ring().len().0, 2);
+    let (snapshots, suffixes) = (cl.stats.snapshots, cl.stats.suffixes);
+    cl.start(3);
+    assert!(cl.run_until(10_000, |cl| cl.core(3).replica().is_serving()));
+    assert_eq!(cl.stats.snapshots, snapshots + 1, "the state was sent");
+    assert_eq!(cl.stats.suffixes, suffixes, "no suffix");
+    assert!(cl.core(3).state().group(&gid("b3")).is_some());
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
+/// Tracker 3 applied a batch of view 1 that tracker 2 never got (the link from 1 to 2 held it
+/// back); 1 and 3 die, 2 takes over a new view and orders other changes at the same sequence
+/// numbers. Restarted, tracker 3 holds an entry at the same position as the primary, but of
+/// an abandoned history: it must be sent the state, never a suffix on top of that entry.
+#[test]
+fn a_joiner_holding_an_uncommitted_batch_of_an_older_view_is_sent_the_state() {
+    let mut cl = Cluster::new_durable(3, 93);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let view = cl.core(1).replica().view().unwrap().0;
+    let c = cl.add_client(Some(1));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "early"), ReplyBody::Done);
+    cl.settle();
+    let before = cl.core(1).replica().applied();
+    cl.pause(cl.tracker_link(1, 2).unwrap());
+    cl.issue(
+        c,
+        RequestBody::CreateGroup { group: gid("lost") },
+        Expect::Manual,
+    );
+    assert!(cl.run_until(2000, |cl| cl.core(3).replica().applied() > before));
+    // Tracker 3's disk keeps every write it asked for: the batch of view 1 is on it.
+    let n = cl.disks[2].pending.len();
+    cl.crash_keeping(3, n);
+    // The client goes with tracker 1 (it would retry the change through tracker 2).
+    cl.clients[c].frozen = true;
+    cl.crash(1);
+    let held = durable::restore(&cl.disks[2].rec).unwrap();
+    assert_eq!(held.applied, before + 1);
+    assert_eq!(
+        held.meta.as_ref().map(|m| (m.accepted_view, m.accepted_by)),
+        Some((view, 1))
+    );
+    assert!(cl.run_until(10_000, |cl| cl.primaries() == vec![2]));
+    assert!(cl.core(2).replica().view().unwrap().0 > view);
+    assert_eq!(
+        cl.core(2).replica().applied(),
+        before,
+        "tracker 2 never got the batch"
+    );
+    // The new primary orders other changes at the same positions.
+    let d = cl.add_client(Some(2));
+    cl.sign_in(d);
+    assert_eq!(create_group(&mut cl, d, "other"), ReplyBody::Done);
+    assert!(cl.core(2).replica().applied() > before);
+    let (snapshots, suffixes) = (cl.stats.snapshots, cl.stats.suffixes);
+    cl.start(3);
+    assert!(cl.run_until(10_000, |cl| cl.core(3).replica().is_serving()));
+    assert_eq!(
+        cl.stats.suffixes, suffixes,
+        "never a suffix over another history"
+    );
+    assert_eq!(cl.stats.snapshots, snapshots + 1);
+    assert!(cl.core(3).state().group(&gid("lost")).is_none());
+    assert!(cl.core(3).state().group(&gid("other")).is_some());
+    cl.start(1);
+    cl.settle();
+    cl.check_agreement();
+}
+
+// ---- the ring of recent batches ----
+
+fn ring_entries(from: u64, n: u64) -> Vec<crate::tracker::state::Entry> {
+    (from..from + n)
+        .map(|i| crate::tracker::state::Entry {
+            origin: Some(crate::tracker::state::Origin {
+                client: 1,
+                req_id: i,
+            }),
+            op: Op::CreateUser {
+                user: uid(&format!("u{i}")),
+                pw_hash: String::new(),
+            },
+        })
+        .collect()
+}
+
+/// Pushes batches of `size` entries from seq 1 (estimated 100 bytes an entry).
+fn ring_with(max_batches: usize, max_bytes: usize, claims: &[(u64, u16)], size: u64) -> Ring {
+    let mut ring = Ring::new(max_batches, max_bytes, 0, None);
+    for (k, claim) in claims.iter().enumerate() {
+        let first = 1 + k as u64 * size;
+        ring.push(
+            *claim,
+            first,
+            &ring_entries(first, size),
+            100 * size as usize,
+        );
+    }
+    ring
+}
+
+#[test]
+fn the_ring_keeps_at_most_its_count_of_batches() {
+    let ring = ring_with(3, usize::MAX, &[(1, 1); 10], 2);
+    assert_eq!(ring.len(), (3, 600));
+    assert_eq!(ring.last_seq(), 20);
+    // Batches 8 to 10 (entries 15..=20) are held; the end of batch 7 is the base.
+    assert!(ring.proves(14, (1, 1)));
+    assert!(!ring.proves(13, (1, 1)), "evicted");
+    assert!(ring.suffix(13, 100, usize::MAX).is_none());
+    let parts = ring.suffix(14, 100, usize::MAX).unwrap();
+    assert_eq!(parts.len(), 1);
+    assert_eq!(parts[0].0, 15);
+    assert_eq!(parts[0].1, ring_entries(15, 6));
+    assert_eq!(ring.suffix(20, 100, usize::MAX), Some(vec![]));
+    assert!(ring.suffix(21, 100, usize::MAX).is_none());
+}
+
+#[test]
+fn the_ring_keeps_at_most_its_bytes() {
+    // 250 bytes: two batches of 100 bytes each, not three.
+    let ring = ring_with(100, 250, &[(1, 1); 5], 1);
+    assert_eq!(ring.len(), (2, 200));
+    assert!(ring.proves(3, (1, 1)));
+    assert!(!ring.proves(2, (1, 1)));
+    // A batch larger than the bound alone leaves none, but its end stays provable.
+    let mut big = Ring::new(100, 250, 0, None);
+    big.push((1, 1), 1, &ring_entries(1, 3), 300);
+    assert_eq!(big.len(), (0, 0));
+    assert!(big.proves(3, (1, 1)));
+    assert_eq!(big.suffix(3, 100, usize::MAX), Some(vec![]));
+    assert!(big.suffix(2, 100, usize::MAX).is_none());
+}
+
+#[test]
+fn the_ring_proves_only_positions_applied_under_the_same_claim() {
+    let ring = ring_with(10, usize::MAX, &[(1, 1), (1, 1), (2, 3)], 2);
+    assert!(ring.proves(2, (1, 1)) && ring.proves(4, (1, 1)));
+    // Entries 5 and 6 were applied under claim (2, 3): a tracker holding entry 5 from view 1
+    // holds another history there.
+    assert!(!ring.proves(5, (1, 1)));
+    assert!(ring.proves(5, (2, 3)));
+    assert!(!ring.proves(5, (2, 2)), "same view, another primary");
+    // Nothing before the first batch is known (no base).
+    assert!(!ring.proves(0, (1, 1)));
+}
+
+#[test]
+fn the_ring_sends_suffixes_in_bounded_parts() {
+    let ring = ring_with(10, usize::MAX, &[(1, 1); 6], 3);
+    // At most 7 entries a part: whole batches of 3 are merged two at a time.
+    let parts = ring.suffix(2, 7, usize::MAX).unwrap();
+    let sizes: Vec<(u64, usize)> = parts.iter().map(|(f, e)| (*f, e.len())).collect();
+    assert_eq!(sizes, vec![(3, 7), (10, 6), (16, 3)]);
+    let all: Vec<_> = parts.into_iter().flat_map(|(_, e)| e).collect();
+    assert_eq!(all, ring_entries(3, 16));
+    // By bytes: 300 bytes a batch, at most 600 a part.
+    let parts = ring.suffix(3, 100, 600).unwrap();
+    assert_eq!(
+        parts.iter().map(|(_, e)| e.len()).collect::<Vec<_>>(),
+        vec![6, 6, 3]
+    );
+}
+
+#[test]
+fn a_ring_reset_or_a_gap_forgets_the_old_batches() {
+    let mut ring = ring_with(10, usize::MAX, &[(1, 1); 3], 2);
+    ring.reset(40, Some((4, 2)));
+    assert_eq!(ring.len(), (0, 0));
+    assert!(ring.proves(40, (4, 2)));
+    assert!(!ring.proves(2, (1, 1)));
+    // Entries that do not follow: nothing before them is provable.
+    ring.push((4, 2), 50, &ring_entries(50, 2), 200);
+    assert!(!ring.proves(40, (4, 2)));
+    assert!(ring.proves(50, (4, 2)));
+    assert!(ring.suffix(49, 100, usize::MAX).is_some());
 }
 
 /// Every data directory removed (or given anew) while the founder marker stays, as a user

@@ -39,9 +39,19 @@
 //! - `0x46` Takeover: `u64 view | u64 applied`
 //! - `0x47` TakeoverAck: `u64 view | u8 serving (0|1) | u64 applied | u8 kind | batch?`, kind
 //!   0 none, 1 batch (followed by the `batch`), 2 snapshot
-//! - `0x48` JoinRequest: no fields
+//! - `0x48` JoinRequest: nothing, or `u64 applied | u64 view | u16 primary` (the joiner's
+//!   position: see [`JoinPosition`]; the empty form is an earlier build's, or a tracker with
+//!   no state to offer, and always gets a snapshot)
 //! - `0x49` SnapshotPart: `u32 len | bytes` (`len` at most [`SNAPSHOT_PART_LEN`])
 //! - `0x4a` Snapshot: `u64 view | u64 seq | u64 len` (`len` at most [`MAX_SNAPSHOT_LEN`])
+//! - `0x4b` SuffixPart: `batch`: the next entries a joiner lacks (sent instead of a snapshot)
+//! - `0x4c` Suffix: `u64 view | u64 seq`: the suffix parts are complete; with them the joiner
+//!   holds the primary's entries up to `seq`
+//!
+//! Compatibility: a build of this protocol version before `0x4b`/`0x4c` sends the empty
+//! `JoinRequest`, which is still read (and answered with a snapshot); it cannot read the form
+//! with a position, so mixing such builds in one service needs the earlier build as primary
+//! or a restart of the joiners on the new build.
 
 use super::codec::*;
 use super::frame;
@@ -91,6 +101,18 @@ pub struct Batch {
     pub entries: Vec<Entry>,
 }
 
+/// Where a joining tracker's state stands: it applied `applied` entries, and they are a prefix
+/// of the sequence ordered under the claim (`view`, `primary`): the claim under which it last
+/// accepted entries or a state. `primary` 0 means that history is unknown (the metadata of an
+/// earlier build, or an install whose metadata did not reach the disk): such a joiner gets a
+/// snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinPosition {
+    pub applied: u64,
+    pub view: u64,
+    pub primary: u16,
+}
+
 /// What a tracker hands a new primary along with its takeover acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Catchup {
@@ -134,13 +156,19 @@ pub enum ReplMsg {
         applied: u64,
         catchup: Catchup,
     },
-    /// `0x48`: no fields: a starting tracker asks the primary for the state.
-    JoinRequest,
+    /// `0x48`: `(u64 applied | u64 view | u16 primary)?`: a starting tracker asks the
+    /// primary for the state, saying where its own stands (`None`: it offers none).
+    JoinRequest(Option<JoinPosition>),
     /// `0x49`: `u32 len | bytes`: the next piece of a snapshot (at most `SNAPSHOT_PART_LEN`).
     SnapshotPart { data: Vec<u8> },
     /// `0x4a`: `u64 view | u64 seq | u64 len`: the snapshot sent in parts is complete; it is
     /// the state after entry `seq`, `len` bytes long.
     Snapshot { view: u64, seq: u64, len: u64 },
+    /// `0x4b`: `batch`: the next entries of the suffix a joiner lacks.
+    SuffixPart(Batch),
+    /// `0x4c`: `u64 view | u64 seq`: the suffix sent in parts is complete: it ends at entry
+    /// `seq` (no part at all: the joiner was not behind).
+    Suffix { view: u64, seq: u64 },
 }
 
 mod ty {
@@ -156,6 +184,8 @@ mod ty {
     pub const JOIN_REQUEST: u8 = 0x48;
     pub const SNAPSHOT_PART: u8 = 0x49;
     pub const SNAPSHOT: u8 = 0x4a;
+    pub const SUFFIX_PART: u8 = 0x4b;
+    pub const SUFFIX: u8 = 0x4c;
 }
 
 /// The `kind` byte of each [`Op`] (see [`encode_op`]).
@@ -646,7 +676,15 @@ impl ReplMsg {
                     catchup,
                 }
             }
-            ty::JOIN_REQUEST => ReplMsg::JoinRequest,
+            ty::JOIN_REQUEST => ReplMsg::JoinRequest(if r.remaining() == 0 {
+                None
+            } else {
+                Some(JoinPosition {
+                    applied: r.u64()?,
+                    view: r.u64()?,
+                    primary: r.u16()?,
+                })
+            }),
             ty::SNAPSHOT_PART => {
                 let len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
                 if len > SNAPSHOT_PART_LEN {
@@ -665,6 +703,11 @@ impl ReplMsg {
                 }
                 ReplMsg::Snapshot { view, seq, len }
             }
+            ty::SUFFIX_PART => ReplMsg::SuffixPart(Batch::parse(&mut r)?),
+            ty::SUFFIX => ReplMsg::Suffix {
+                view: r.u64()?,
+                seq: r.u64()?,
+            },
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -687,9 +730,11 @@ impl ReplMsg {
             ReplMsg::Commit { .. } => ty::COMMIT,
             ReplMsg::Takeover { .. } => ty::TAKEOVER,
             ReplMsg::TakeoverAck { .. } => ty::TAKEOVER_ACK,
-            ReplMsg::JoinRequest => ty::JOIN_REQUEST,
+            ReplMsg::JoinRequest(_) => ty::JOIN_REQUEST,
             ReplMsg::SnapshotPart { .. } => ty::SNAPSHOT_PART,
             ReplMsg::Snapshot { .. } => ty::SNAPSHOT,
+            ReplMsg::SuffixPart(_) => ty::SUFFIX_PART,
+            ReplMsg::Suffix { .. } => ty::SUFFIX,
         };
         let start = frame::begin(out, frame_type);
         match self {
@@ -722,10 +767,17 @@ impl ReplMsg {
                 put_u64(out, *view);
                 put_u16(out, *primary);
             }
-            ReplMsg::Heartbeat | ReplMsg::JoinRequest => {}
+            ReplMsg::Heartbeat | ReplMsg::JoinRequest(None) => {}
+            ReplMsg::JoinRequest(Some(p)) => {
+                put_u64(out, p.applied);
+                put_u64(out, p.view);
+                put_u16(out, p.primary);
+            }
             ReplMsg::Forward { entries } => encode_entries(out, entries),
-            ReplMsg::Batch(batch) => batch.emit(out),
-            ReplMsg::Ack { view, seq } | ReplMsg::Commit { view, seq } => {
+            ReplMsg::Batch(batch) | ReplMsg::SuffixPart(batch) => batch.emit(out),
+            ReplMsg::Ack { view, seq }
+            | ReplMsg::Commit { view, seq }
+            | ReplMsg::Suffix { view, seq } => {
                 put_u64(out, *view);
                 put_u64(out, *seq);
             }

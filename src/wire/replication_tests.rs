@@ -113,12 +113,15 @@ fn msg_variant(m: &ReplMsg) -> usize {
             Catchup::Batch(_) => 10,
             Catchup::Snapshot => 11,
         },
-        ReplMsg::JoinRequest => 12,
+        ReplMsg::JoinRequest(None) => 12,
         ReplMsg::SnapshotPart { .. } => 13,
         ReplMsg::Snapshot { .. } => 14,
+        ReplMsg::JoinRequest(Some(_)) => 15,
+        ReplMsg::SuffixPart(_) => 16,
+        ReplMsg::Suffix { .. } => 17,
     }
 }
-const MSG_VARIANTS: usize = 15;
+const MSG_VARIANTS: usize = 18;
 
 fn sample_ops() -> Vec<Op> {
     let v4: SocketAddr = "10.0.0.7:6881".parse().unwrap();
@@ -352,7 +355,14 @@ fn sample_msgs() -> Vec<ReplMsg> {
             applied: 0,
             catchup: Catchup::Snapshot,
         },
-        ReplMsg::JoinRequest,
+        ReplMsg::JoinRequest(None),
+        ReplMsg::JoinRequest(Some(JoinPosition {
+            applied: 9,
+            view: 3,
+            primary: 2,
+        })),
+        ReplMsg::SuffixPart(sample_batch()),
+        ReplMsg::Suffix { view: 4, seq: 10 },
         ReplMsg::SnapshotPart { data: vec![] },
         ReplMsg::SnapshotPart {
             data: (0..=255).collect(),
@@ -617,7 +627,17 @@ fn rand_msg(rng: &mut Rng) -> ReplMsg {
                 _ => Catchup::Snapshot,
             },
         },
-        12 => ReplMsg::JoinRequest,
+        12 => ReplMsg::JoinRequest(None),
+        15 => ReplMsg::JoinRequest(Some(JoinPosition {
+            applied: rng.next_u64(),
+            view: rng.next_u64(),
+            primary: rng.next_u64() as u16,
+        })),
+        16 => ReplMsg::SuffixPart(rand_batch(rng)),
+        17 => ReplMsg::Suffix {
+            view: rng.next_u64(),
+            seq: rng.next_u64(),
+        },
         13 => {
             let mut data = vec![0u8; rng.below(64)];
             rng.fill(&mut data);
@@ -708,7 +728,44 @@ fn golden_status_heartbeat_join_request() {
         &[0, 0, 0, 12, 0x40, 1, 0, 0, 0, 0, 0, 0, 0, 5, 0, 2],
     );
     golden(ReplMsg::Heartbeat, &[0, 0, 0, 1, 0x41]);
-    golden(ReplMsg::JoinRequest, &[0, 0, 0, 1, 0x48]);
+    golden(ReplMsg::JoinRequest(None), &[0, 0, 0, 1, 0x48]);
+    golden(
+        ReplMsg::JoinRequest(Some(JoinPosition {
+            applied: 0x0102,
+            view: 3,
+            primary: 0x0405,
+        })),
+        &[
+            0, 0, 0, 19, 0x48, //
+            0, 0, 0, 0, 0, 0, 1, 2, // applied
+            0, 0, 0, 0, 0, 0, 0, 3, // view
+            4, 5, // primary
+        ],
+    );
+    golden(
+        ReplMsg::Suffix {
+            view: 1,
+            seq: 0x0203,
+        },
+        &[
+            0, 0, 0, 17, 0x4c, //
+            0, 0, 0, 0, 0, 0, 0, 1, // view
+            0, 0, 0, 0, 0, 0, 2, 3, // seq
+        ],
+    );
+    golden(
+        ReplMsg::SuffixPart(Batch {
+            view: 1,
+            first_seq: 2,
+            entries: vec![],
+        }),
+        &[
+            0, 0, 0, 21, 0x4b, //
+            0, 0, 0, 0, 0, 0, 0, 1, // view
+            0, 0, 0, 0, 0, 0, 0, 2, // first_seq
+            0, 0, 0, 0, // n
+        ],
+    );
 }
 
 #[test]
@@ -1119,7 +1176,7 @@ fn hello_has_the_layout_of_the_client_link_tracker_handshake() {
 fn emit_appends_without_touching_what_is_there() {
     let mut out = vec![0xee, 0xee];
     ReplMsg::Heartbeat.emit(&mut out);
-    ReplMsg::JoinRequest.emit(&mut out);
+    ReplMsg::JoinRequest(None).emit(&mut out);
     assert_eq!(out, [0xee, 0xee, 0, 0, 0, 1, 0x41, 0, 0, 0, 1, 0x48]);
 }
 
@@ -1265,6 +1322,12 @@ fn every_strict_prefix_is_an_error() {
         assert!(ReplMsg::parse(&p).is_ok(), "{p:?}");
         for i in 0..p.len() {
             let got = ReplMsg::parse(&p[..i]);
+            if i == 1 && p[0] == 0x48 {
+                // A JoinRequest's position is optional: its type byte alone is the form
+                // without one (a message of its own, pinned by the golden bytes).
+                assert_eq!(got, Ok(ReplMsg::JoinRequest(None)));
+                continue;
+            }
             assert!(got.is_err(), "prefix {i} of {p:?}: {got:?}");
             if i == 0 {
                 assert_eq!(got, Err(DecodeError::EmptyFrame));
@@ -1290,6 +1353,12 @@ fn every_strict_prefix_of_an_entry_is_an_error() {
 fn trailing_bytes_are_an_error() {
     let mut rng = Rng::new(0x9ee2_0003);
     for mut p in valid_payloads(&mut rng, 300) {
+        if p == [0x48] {
+            // The JoinRequest without a position: bytes after its type byte are the start of
+            // a position (pinned by every_strict_prefix_is_an_error), so they are truncated.
+            assert_eq!(ReplMsg::parse(&[0x48, 0]), Err(DecodeError::Truncated));
+            continue;
+        }
         for extra in [0u8, 1, 0xff] {
             p.push(extra);
             assert_eq!(
@@ -1356,7 +1425,7 @@ fn bad_hellos_are_rejected() {
 
 #[test]
 fn unknown_frame_types_are_rejected() {
-    let known: Vec<u8> = (0x40..=0x4a).chain([0x01]).collect();
+    let known: Vec<u8> = (0x40..=0x4c).chain([0x01]).collect();
     for t in 0..=255u8 {
         // A body long enough for any fixed fields, so the type is what fails.
         let p = B::ty(t).raw(&[0; 40]).0;
