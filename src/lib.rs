@@ -32,7 +32,8 @@
 //! - [`tracker`]: `state` (the deterministic [`tracker::state::TrackerState::apply`]; its
 //!   child `snapshot` encodes the whole state), `core` (sans-IO request handling per
 //!   connection), `replica` (sans-IO replication: primary, backups, takeover; data that
-//!   only one role means lives in that `Role` variant), `durable` (what the replica asks to write, as
+//!   only one role means lives in that `Role` variant), `ring` (the recent batches a tracker
+//!   keeps, by claim, to send a joiner only the entries it lacks), `durable` (what the replica asks to write, as
 //!   `Persist` values, and the state restored from disk), `tickets` (the tickets issued
 //!   with a file's sharers), `password` (Argon2id on helper threads) with `password_queue`
 //!   (sans-IO, fair and bounded: which password job runs next), `disk` (the data directory:
