@@ -57,14 +57,6 @@ pub struct Session {
     /// The client's identity key (X25519 public): downloaders get it with `peer_addr`, and
     /// tickets name it.
     pub client_key: [u8; 32],
-    /// The tracker the session was on before a retried login or resume moved it here
-    /// ([`TrackerState::apply_entry`]). Two copies of one login can come through two trackers
-    /// (the client lost its link after sending it, and sent it again through another) and be
-    /// ordered either way: if the copy from the link the client already left comes second,
-    /// it moves the session there, and that tracker's `ClientGone` for the dead link must then
-    /// hand the session back rather than end it. Cleared by any other move, and by a
-    /// `ClientGone` from the tracker named here (the client left that link too).
-    pub moved_from: Option<TrackerRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,7 +361,6 @@ impl TrackerState {
                     client: *client,
                     token: *token,
                     client_key: *client_key,
-                    moved_from: None,
                 };
                 self.size += session_bytes(&session);
                 self.sessions.insert(id, session);
@@ -388,7 +379,7 @@ impl TrackerState {
                 let id = self
                     .session_with_token(token)
                     .ok_or_else(|| Reject::new(RejectCode::NotLoggedIn, "the session has ended"))?;
-                self.move_session(id, *tracker, *client, false);
+                self.move_session(id, *tracker, *client);
                 Ok(Outcome::SessionOpened(id))
             }
             Op::CloseSession { session, tracker } => {
@@ -401,18 +392,12 @@ impl TrackerState {
             }
             Op::ClientGone { client, tracker } => {
                 if let Some(id) = self.session_of_client.get(client).copied() {
-                    if let Some(s) = self.sessions.get_mut(&id) {
-                        if s.tracker == *tracker {
-                            // A late copy of a retried login moved the session to the link
-                            // the client had left: it goes back where the client is.
-                            match s.moved_from.take() {
-                                Some(back) => s.tracker = back,
-                                None => self.close_session(id),
-                            }
-                        } else if s.moved_from == Some(*tracker) {
-                            // The client left the link it could have gone back to too.
-                            s.moved_from = None;
-                        }
+                    if self
+                        .sessions
+                        .get(&id)
+                        .is_some_and(|s| s.tracker == *tracker)
+                    {
+                        self.close_session(id);
                     }
                 }
                 Ok(Outcome::Done)
@@ -844,7 +829,7 @@ impl TrackerState {
                     _ => false,
                 });
                 if owner && !self.taken_since(origin, *id) {
-                    self.move_session(*id, *tracker, *client, true);
+                    self.move_session(*id, *tracker, *client);
                 }
             }
             return answer;
@@ -953,10 +938,8 @@ impl TrackerState {
         }
     }
 
-    /// Hands session `id` to `client` connected through `tracker`; `retry`: moved by a copy
-    /// of the request that opened or resumed it (which may come from a link the client has
-    /// left), so the tracker it leaves is kept to go back to (`Session::moved_from`).
-    fn move_session(&mut self, id: SessionId, tracker: TrackerRef, client: u64, retry: bool) {
+    /// Hands session `id` to `client` connected through `tracker`.
+    fn move_session(&mut self, id: SessionId, tracker: TrackerRef, client: u64) {
         let Some(old_client) = self.sessions.get(&id).map(|s| s.client) else {
             return;
         };
@@ -967,8 +950,6 @@ impl TrackerState {
             self.close_client_session(client);
         }
         if let Some(s) = self.sessions.get_mut(&id) {
-            s.moved_from =
-                (retry && s.tracker != tracker && old_client == client).then_some(s.tracker);
             s.tracker = tracker;
             s.client = client;
         }

@@ -359,7 +359,6 @@ fn open_session_records_the_client() {
         client: 99,
         token: [9; 16],
         client_key: [0x99; 32],
-        moved_from: None,
     };
     assert_eq!(st.session(s), Some(&expected));
     assert_eq!(st.user_of(s), Ok(&uid("alice")));

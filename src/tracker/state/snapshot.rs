@@ -17,8 +17,7 @@
 //! Layout, big-endian, with the field types of `wire::replication`:
 //!
 //! ```text
-//! u32 version (3; version 2, without `moved_from`, and 1, without `client_key` either, are
-//!   still read)
+//! u32 version (2; version 1, without `client_key`, is still read)
 //! u64 next_session | u64 n_applied
 //! u32 n | (str user | str pw_hash) * n                                       users
 //! u32 n | group * n                                                          groups
@@ -26,7 +25,7 @@
 //!             | u32 n | file * n
 //!     file:   file_meta | u32 n | (str user | addr peer_addr) * n             sharers
 //! u32 n | (u64 id | str user | addr peer_addr | tracker_ref | u64 client | token
-//!          | [32] client_key | u8 has_moved_from (0|1) | tracker_ref moved_from?) * n
+//!          | [32] client_key) * n
 //!                                                                            sessions
 //! u32 n | (u64 client | u64 last_used | u32 n | (u64 req_id | answer) * n) * n
 //!                                                                            answers
@@ -52,7 +51,7 @@ use crate::wire::tracker_link::{FileMeta, RejectCode};
 use crate::wire::UserId;
 
 /// The snapshot format this build writes and reads.
-const SNAPSHOT_VERSION: u32 = 3;
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// Longest refusal message a snapshot carries.
 const MAX_SNAPSHOT_MESSAGE_LEN: usize = u16::MAX as usize;
@@ -68,8 +67,8 @@ const MIN_GROUP_LEN: usize = MIN_ID_LEN + MIN_ID_LEN + 4 + 4 + 4;
 const MIN_FILE_LEN: usize = MIN_ID_LEN + 8 + 4 + 20 + 4 + 4;
 /// `str user | addr` (an IPv4 address is `u8 | 4 bytes | u16`).
 const MIN_SHARER_LEN: usize = MIN_ID_LEN + 7;
-/// `u64 id | str user | addr | tracker_ref | u64 client | token | [32] client_key | u8`.
-const MIN_SESSION_LEN: usize = 8 + MIN_ID_LEN + 7 + 10 + 8 + 16 + 32 + 1;
+/// `u64 id | str user | addr | tracker_ref | u64 client | token`.
+const MIN_SESSION_LEN: usize = 8 + MIN_ID_LEN + 7 + 10 + 8 + 16 + 32;
 /// `u64 client | u64 last_used | u32 n`.
 const MIN_CLIENT_ANSWERS_LEN: usize = 8 + 8 + 4;
 /// `u64 req_id | u8 kind`.
@@ -120,10 +119,6 @@ impl TrackerState {
             put_u64(out, s.client);
             out.extend_from_slice(&s.token);
             out.extend_from_slice(&s.client_key);
-            put_bool(out, s.moved_from.is_some());
-            if let Some(t) = &s.moved_from {
-                put_tracker_ref(out, t);
-            }
         }
 
         put_count(out, self.answers.len());
@@ -147,7 +142,7 @@ impl TrackerState {
         // with zero keys (such a session's sharer key is unknown until its client logs in
         // again), and written back as the current version.
         let version = r.u32()?;
-        if !(1..=SNAPSHOT_VERSION).contains(&version) {
+        if version != SNAPSHOT_VERSION && version != 1 {
             return Err(DecodeError::BadValue("snapshot version"));
         }
         let mut st = TrackerState::new();
@@ -168,14 +163,7 @@ impl TrackerState {
             insert_ascending(&mut st.groups, id, group, "groups out of order")?;
         }
 
-        let n = r.count(
-            MIN_SESSION_LEN
-                - match version {
-                    1 => 33,
-                    2 => 1,
-                    _ => 0,
-                },
-        )?;
+        let n = r.count(MIN_SESSION_LEN - if version == 1 { 32 } else { 0 })?;
         for _ in 0..n {
             let id = SessionId(r.u64()?);
             let session = Session {
@@ -185,11 +173,6 @@ impl TrackerState {
                 client: r.u64()?,
                 token: r.array()?,
                 client_key: if version == 1 { [0; 32] } else { r.array()? },
-                moved_from: if version >= 3 && r.bool()? {
-                    Some(tracker_ref(&mut r)?)
-                } else {
-                    None
-                },
             };
             if id.0 == 0 || id.0 > st.next_session {
                 return Err(DecodeError::BadValue("session id out of range"));

@@ -300,7 +300,7 @@ fn golden_empty_state() {
     assert_eq!(
         bytes,
         [
-            &[0, 0, 0, 3][..],         // version
+            &[0, 0, 0, 2][..],         // version
             &[0, 0, 0, 0, 0, 0, 0, 0], // next_session
             &[0, 0, 0, 0, 0, 0, 0, 0], // n_applied
             &[0, 0, 0, 0],             // users
@@ -339,7 +339,7 @@ fn golden_user_session_and_answers() {
     assert!(asked(&mut st, 5, 8, hash()).is_err());
     let message = b"user 'a' already exists";
     let want = [
-        &[0, 0, 0, 3][..],
+        &[0, 0, 0, 2][..],
         &[0, 0, 0, 0, 0, 0, 0, 1], // next_session
         &[0, 0, 0, 0, 0, 0, 0, 3], // n_applied
         &[0, 0, 0, 1],             // one user
@@ -353,7 +353,6 @@ fn golden_user_session_and_answers() {
         &[0, 0, 0, 0, 0, 0, 0, 5],          // client
         &[0xee; 16],                        // token
         &[0xcc; 32],                        // client key
-        &[0],                               // not moved by a retry
         &[0, 0, 0, 1],                      // one remembered client
         &[0, 0, 0, 0, 0, 0, 0, 5],          // client
         &[0, 0, 0, 0, 0, 0, 0, 3],          // last_used
@@ -796,7 +795,6 @@ fn session(user: &str, client: u64) -> Session {
         client,
         token: [1; 16],
         client_key: [0; 32],
-        moved_from: None,
     }
 }
 
@@ -986,7 +984,7 @@ fn keys_must_be_ascending_and_distinct() {
 fn bad_fields_are_refused() {
     // Version (1 is read: see `a_version_1_snapshot_is_read_with_zero_client_keys`).
     let mut b = encode(&rich_state());
-    b[3] = 4;
+    b[3] = 3;
     assert_eq!(
         TrackerState::decode_snapshot(&b),
         Err(DecodeError::BadValue("snapshot version"))
@@ -1172,9 +1170,8 @@ fn random_bytes_never_panic() {
     }
 }
 
-/// Snapshots of versions 1 and 2 (earlier builds, in their data directories: version 2's
-/// sessions have no `moved_from`, version 1's not even a client key) are read, with none
-/// and zero keys, and written back as the current version.
+/// A snapshot of version 1 (earlier builds, in their data directories: sessions without a
+/// client key) is read, with zero keys, and written back as the current version.
 #[test]
 fn a_version_1_snapshot_is_read_with_zero_client_keys() {
     let mut st = TrackerState::new();
@@ -1184,83 +1181,21 @@ fn a_version_1_snapshot_is_read_with_zero_client_keys() {
         incarnation: 1,
     };
     session_id(asked(&mut st, 7, 1, open("alice", 0x4142, t, 7)));
-    let v3 = round_trip(&st);
-    // Version 2 is version 3 without the `moved_from` byte after each session's key.
+    let v2 = round_trip(&st);
+    // Version 1 is version 2 without the 32-byte key after each session's token.
     let token = [0x42u8; 16];
-    let at = v3
+    let at = v2
         .windows(16)
         .position(|w| w == token)
         .expect("the token is in the snapshot")
         + 16;
-    assert_eq!(v3[at..at + 32], [0; 32]);
-    assert_eq!(v3[at + 32], 0, "not moved");
-    let mut v2 = [&v3[..at + 32], &v3[at + 33..]].concat();
-    v2[..4].copy_from_slice(&2u32.to_be_bytes());
-    let back = TrackerState::decode_snapshot(&v2).expect("version 2 is read");
-    assert_eq!(back, st);
-    assert_eq!(encode(&back), v3, "written back as the current version");
-    // Version 1 is version 2 without the 32-byte key after each session's token.
+    assert_eq!(v2[at..at + 32], [0; 32]);
     let mut v1 = [&v2[..at], &v2[at + 32..]].concat();
     v1[..4].copy_from_slice(&1u32.to_be_bytes());
     let back = TrackerState::decode_snapshot(&v1).expect("version 1 is read");
     assert_eq!(back, st);
-    assert_eq!(encode(&back), v3, "written back as the current version");
+    assert_eq!(encode(&back), v2, "written back as the current version");
     // Any other version is refused.
-    v1[..4].copy_from_slice(&4u32.to_be_bytes());
+    v1[..4].copy_from_slice(&3u32.to_be_bytes());
     assert!(TrackerState::decode_snapshot(&v1).is_err());
-}
-
-/// Two copies of one login through two trackers (the client left the first link after
-/// sending it): whichever is ordered second moves the session, and the `ClientGone` of the
-/// link the client left hands it back instead of ending it (seed 13002294 of the simulated
-/// clusters: the late copy came from the left link and its `ClientGone` ended the session the
-/// client held through the other tracker). The tracker to go back to survives a snapshot.
-#[test]
-fn a_late_copy_of_a_login_from_a_left_link_does_not_end_the_session() {
-    let a = TrackerRef {
-        no: 1,
-        incarnation: 10,
-    };
-    let b = TrackerRef {
-        no: 2,
-        incarnation: 20,
-    };
-    let gone = |st: &mut TrackerState, tracker: TrackerRef| {
-        internal(st, Op::ClientGone { client: 7, tracker }).unwrap()
-    };
-    let on = |st: &TrackerState| {
-        st.sessions()
-            .map(|(_, s)| (s.tracker, s.moved_from))
-            .collect::<Vec<_>>()
-    };
-    for late_from_left_link in [true, false] {
-        let mut st = TrackerState::new();
-        internal(&mut st, create_user("alice")).unwrap();
-        // The client now holds link `now`; `left` is the link it left.
-        let (left, now) = (a, b);
-        let (first, second) = if late_from_left_link {
-            (now, left)
-        } else {
-            (left, now)
-        };
-        let id = session_id(asked(&mut st, 7, 116, open("alice", 0x4142, first, 7)));
-        assert_eq!(
-            session_id(asked(&mut st, 7, 116, open("alice", 0x4142, second, 7))),
-            id,
-            "the copy gets the remembered answer"
-        );
-        assert_eq!(on(&st), [(second, Some(first))]);
-        let back = TrackerState::decode_snapshot(&encode(&st)).expect("round trip");
-        assert_eq!(back, st, "moved_from survives a snapshot");
-        // The left link's tracker sees it close.
-        gone(&mut st, left);
-        assert_eq!(
-            on(&st),
-            [(now, None)],
-            "the session stays where the client is"
-        );
-        // Once the client leaves its link too, the session ends.
-        gone(&mut st, now);
-        assert_eq!(on(&st), [], "late_from_left_link = {late_from_left_link}");
-    }
 }
