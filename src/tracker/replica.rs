@@ -1827,10 +1827,19 @@ impl Replica {
             // for the others until the discovery time is over.
             return;
         }
-        let Some(view) = next_view(self.claim.0) else {
+        let Some(mut view) = next_view(self.claim.0) else {
             error!("view numbers are exhausted; this tracker cannot start the service");
             return;
         };
+        if !holds_state && !self.founder {
+            // A new life of the service (every tracker empty, none its founder): disks of its
+            // earlier life may come back, holding entries under that life's claims, which
+            // began at view 1 too. A joiner is sent only a suffix when its last entry was
+            // applied under the primary's claim, so this life's claims must not repeat
+            // those: it starts at a view drawn from this run's random incarnation (below
+            // 2^40, far under `MAX_VIEW`), not at 1.
+            view = view.max(1 + self.me.incarnation % (1 << 40));
+        }
         info!(
             "no other tracker serves: starting the service as primary of view {view} with the state held ({} entries)",
             self.applied

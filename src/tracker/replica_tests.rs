@@ -3668,6 +3668,58 @@ fn a_service_whose_every_disk_is_new_starts_once_all_are_up() {
     cl.check_agreement();
 }
 
+/// A new life of the service (every disk new, started by the all-empty rule) after which a
+/// tracker comes back on its disk of the earlier life: its entries were applied under that
+/// life's claim, which the new life must not repeat, or it would be sent only the entries
+/// after its position and keep its own older ones (found by review: both lives claimed view
+/// 1 of tracker 1, and tracker 3 kept a group the new service never had).
+#[test]
+fn a_disk_of_an_earlier_life_rejoining_gets_the_state_not_a_suffix() {
+    let mut cl = Cluster::new_durable(3, 95);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    let c = cl.add_client(Some(1));
+    cl.sign_in(c);
+    for g in ["old0", "old1", "old2"] {
+        assert_eq!(create_group(&mut cl, c, g), ReplyBody::Done);
+    }
+    cl.settle();
+    // That client goes with its service's earlier life.
+    cl.clients[c].frozen = true;
+    for no in 1..=3 {
+        cl.crash(no);
+    }
+    cl.run_for(1000);
+    let old_disk_3 = std::mem::take(&mut cl.disks[2]);
+    for disk in &mut cl.disks {
+        *disk = SimDisk::default();
+    }
+    cl.founder = Some(99);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    assert!(cl.run_until(10_000, |cl| cl.primaries() == vec![1]));
+    cl.settle();
+    let c = cl.add_client(Some(1));
+    cl.sign_in(c);
+    for i in 0..8 {
+        assert_eq!(
+            create_group(&mut cl, c, &format!("new{i}")),
+            ReplyBody::Done
+        );
+    }
+    cl.settle();
+    cl.crash(3);
+    cl.run_for(1000);
+    cl.disks[2] = old_disk_3;
+    cl.start(3);
+    cl.settle();
+    assert!(cl.core(3).state().group(&gid("old0")).is_none());
+    cl.check_agreement();
+}
+
 /// A founder with an empty disk among trackers that are all up and empty starts the service
 /// alone: the others see it is the founder (its status says so) and never start beside it.
 #[test]
