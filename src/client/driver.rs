@@ -63,6 +63,10 @@ pub struct ClientConfig {
     pub tracker_keys: TrackerKeys,
 }
 
+/// Longest wait at the end of input for requests on the side (a download's registration as
+/// a share, a remembered download asking for its sharers...): as long as a command's answer.
+const BACKGROUND_WAIT: Duration = Duration::from_secs(30);
+
 struct Driver {
     poll: Poll,
     listener: TcpListener,
@@ -83,6 +87,10 @@ struct Driver {
     /// Input waiting for the core, in order (end of input included).
     lines: VecDeque<StdinEvent>,
     input_done: bool,
+    /// When input ended: requests on the side are waited for at most [`BACKGROUND_WAIT`]
+    /// after that (a tracker that keeps its link up but never answers must not hold the
+    /// exit for ever; what they would have recorded is in the state file anyway).
+    input_done_at: Option<Instant>,
     interactive: bool,
     prompted: bool,
     /// The progress line on a terminal.
@@ -161,6 +169,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         transfers,
         lines: VecDeque::new(),
         input_done: false,
+        input_done_at: None,
         interactive: io::stdin().is_terminal(),
         prompted: false,
         status,
@@ -212,7 +221,7 @@ impl Driver {
             if self.input_done
                 && !self.core.is_busy()
                 && !self.core.has_running_downloads()
-                && !self.core.has_background_work()
+                && !self.waits_for_background()
                 && !self.config.serve
             {
                 return Ok(self.exit_status());
@@ -224,6 +233,9 @@ impl Driver {
                     .next_paint(self.core.has_running_downloads(), Instant::now()),
                 self.transfers.next_deadline(),
                 self.uplink.poll_timeout(),
+                self.input_done_at
+                    .filter(|_| self.core.has_background_work())
+                    .map(|t| t + BACKGROUND_WAIT),
             ]
             .into_iter()
             .flatten()
@@ -428,6 +440,7 @@ impl Driver {
             match event {
                 StdinEvent::Eof => {
                     self.input_done = true;
+                    self.input_done_at.get_or_insert_with(Instant::now);
                     // The shell's editor ends the line itself.
                     if self.interactive && self.shell.is_none() {
                         println!();
@@ -486,6 +499,7 @@ impl Driver {
                 }
                 Output::Quit => {
                     self.input_done = true;
+                    self.input_done_at.get_or_insert_with(Instant::now);
                     self.lines.clear();
                 }
                 Output::StartDownload {
@@ -571,6 +585,15 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Input ended and requests on the side are still on their way, for less than
+    /// [`BACKGROUND_WAIT`] since: the exit waits for them.
+    fn waits_for_background(&self) -> bool {
+        self.core.has_background_work()
+            && self
+                .input_done_at
+                .is_none_or(|t| t.elapsed() < BACKGROUND_WAIT)
     }
 
     /// Writes the state file if what it holds changed. A failure is logged: the client goes

@@ -505,8 +505,10 @@ impl ClientCore {
     /// before the end of input is not remembered), a withdrawal, an announcement, a resume,
     /// and a remembered download asking for its sharers (else the end of input right after
     /// `login` would leave it behind). A download's periodic sharer queries are not among
-    /// them: a running download is waited for anyway. All of them end when the tracker link
-    /// is lost ([`ClientCore::handle_tracker_lost`]).
+    /// them: a running download is waited for anyway, nor is a remembered share still being
+    /// hashed again (the state file keeps it). All of them end when the tracker link is lost
+    /// ([`ClientCore::handle_tracker_lost`]), and the driver waits for them at most a
+    /// command's time after the end of input.
     pub fn has_background_work(&self) -> bool {
         self.background
             .values()

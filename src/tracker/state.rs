@@ -989,8 +989,9 @@ impl TrackerState {
 
     /// About how many bytes the state takes (what its snapshot would): ids, password hashes,
     /// members, requests, file metadata, sharers and sessions, plus a fixed cost per record
-    /// for what surrounds them. A walk over everything (for the total-state quota, which
-    /// refreshes it at most about once a second far from its limit).
+    /// for what surrounds them. A walk over everything: the state keeps the same figure
+    /// through every apply (rebuilt by this walk when a snapshot is read), and test and debug
+    /// builds check the two agree.
     pub fn approx_bytes(&self) -> usize {
         let users: usize = self
             .users

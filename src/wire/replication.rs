@@ -51,7 +51,9 @@
 //! Compatibility: a build of this protocol version before `0x4b`/`0x4c` sends the empty
 //! `JoinRequest`, which is still read (and answered with a snapshot); it cannot read the form
 //! with a position, so mixing such builds in one service needs the earlier build as primary
-//! or a restart of the joiners on the new build.
+//! or a restart of the joiners on the new build. Nor can an earlier build read a `Status` of
+//! kind 2 (a starting founder) or the ops of kinds 16-18 (changes carrying quotas): every
+//! tracker of one service should run the same build.
 
 use super::codec::*;
 use super::frame;
