@@ -193,10 +193,7 @@ impl Drop for Proc {
 
 fn start_tracker(info: &Path, no: u16, data: &Path, home: &Path) -> Res<Proc> {
     let other = std::env::var("RECOVERY_BENCH_TRACKER").ok();
-    let plain_flag: Vec<&str> = match other {
-        Some(_) => Vec::new(),
-        None => vec!["--accept-plain-clients"],
-    };
+    let plain_flag = other.is_none().then_some("--accept-plain-clients");
     let bin = other.unwrap_or_else(|| TRACKER_BIN.into());
     let log = env_num("RECOVERY_BENCH_LOG", 0) == 1;
     let child = Command::new(bin)
@@ -205,7 +202,7 @@ fn start_tracker(info: &Path, no: u16, data: &Path, home: &Path) -> Res<Proc> {
         // The bench's probes speak plain client frames, which trackers of this build refuse
         // unless told; a tracker given by RECOVERY_BENCH_TRACKER (an earlier build, for an
         // A/B) may predate the option and accept them anyway.
-        .args(plain_flag.as_slice())
+        .args(plain_flag)
         .args(["--data-dir"])
         .arg(data)
         .arg(info)

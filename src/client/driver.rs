@@ -86,10 +86,10 @@ struct Driver {
     transfers: Transfers,
     /// Input waiting for the core, in order (end of input included).
     lines: VecDeque<StdinEvent>,
-    input_done: bool,
-    /// When input ended: requests on the side are waited for at most [`BACKGROUND_WAIT`]
-    /// after that (a tracker that keeps its link up but never answers must not hold the
-    /// exit for ever; what they would have recorded is in the state file anyway).
+    /// When standard input ended (or `quit` came); requests on the side are waited for at
+    /// most [`BACKGROUND_WAIT`] after that (a tracker that keeps its link up but never
+    /// answers must not hold the exit for ever; what they would have recorded is in the
+    /// state file anyway).
     input_done_at: Option<Instant>,
     interactive: bool,
     prompted: bool,
@@ -168,7 +168,6 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         hasher,
         transfers,
         lines: VecDeque::new(),
-        input_done: false,
         input_done_at: None,
         interactive: io::stdin().is_terminal(),
         prompted: false,
@@ -218,7 +217,7 @@ impl Driver {
         let mut events = Events::with_capacity(256);
         loop {
             self.feed_commands();
-            if self.input_done
+            if self.input_done()
                 && !self.core.is_busy()
                 && !self.core.has_running_downloads()
                 && !self.waits_for_background()
@@ -359,7 +358,7 @@ impl Driver {
                 self.status.painted_elsewhere(now);
                 return shell.progress(text);
             }
-            let at_prompt = self.interactive && !self.input_done;
+            let at_prompt = self.interactive && !self.input_done();
             self.status
                 .paint(text.as_deref(), at_prompt, now, &mut io::stderr());
         }
@@ -372,7 +371,7 @@ impl Driver {
     fn prompt(&mut self) {
         if self.interactive
             && !self.prompted
-            && !self.input_done
+            && !self.input_done()
             && !self.core.is_busy()
             && self.lines.is_empty()
         {
@@ -432,14 +431,13 @@ impl Driver {
 
     /// Hands queued lines to the core while it is free.
     fn feed_commands(&mut self) {
-        while !self.core.is_busy() && !self.input_done {
+        while !self.core.is_busy() && !self.input_done() {
             let Some(event) = self.lines.pop_front() else {
                 return;
             };
             self.prompted = false;
             match event {
                 StdinEvent::Eof => {
-                    self.input_done = true;
                     self.input_done_at.get_or_insert_with(Instant::now);
                     // The shell's editor ends the line itself.
                     if self.interactive && self.shell.is_none() {
@@ -498,7 +496,6 @@ impl Driver {
                     self.hasher.hash_file(job, path, crate::wire::PIECE_LEN)
                 }
                 Output::Quit => {
-                    self.input_done = true;
                     self.input_done_at.get_or_insert_with(Instant::now);
                     self.lines.clear();
                 }
@@ -585,6 +582,11 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Standard input ended (or `quit` came): no more commands are read.
+    fn input_done(&self) -> bool {
+        self.input_done_at.is_some()
     }
 
     /// Input ended and requests on the side are still on their way, for less than
