@@ -170,7 +170,7 @@ impl Transfers {
                 )));
             };
             Some(Box::new(FetchSecure {
-                stream: SealedSharerStream::new(),
+                stream: SealedSharerStream::new().with_prefs(self.cipher_prefs),
                 sealer: None,
                 pending: Vec::new(),
                 started: false,
@@ -533,11 +533,23 @@ fn read_sealed_sharer(
         }
         match sec.stream.filled(n)? {
             None => {}
-            Some(SealedDecoded::Established(sealer)) => established(sec, sealer, out)?,
+            Some(SealedDecoded::Established(sealer)) => {
+                debug!(
+                    "sharer {}: records in {}",
+                    link.addr,
+                    sealer.cipher().name()
+                );
+                established(sec, sealer, out)?
+            }
             Some(SealedDecoded::Msg(msg)) => messages.push(msg),
             Some(SealedDecoded::BlockStart { piece, offset, len }) => {
                 link.writing =
                     active.engine.on_block_header(peer, piece, offset, len, now) == Verdict::Write;
+                if !link.writing {
+                    // Not kept, but still authenticated: the stream reads it into its own
+                    // buffer and checks its tag at the end.
+                    sec.stream.drop_block()?;
+                }
             }
             Some(SealedDecoded::BlockSealed { piece, offset, len }) => {
                 let opened = if link.writing {
@@ -561,6 +573,9 @@ fn read_sealed_sharer(
                             );
                         }
                     }
+                    // Dropped at its start: opened in the stream's buffer, its tag checked
+                    // (an error closes the link). A block the file stopped taking midway
+                    // (a bug) cannot be checked and fails the same way.
                     None => {
                         sec.stream.skip_block()?;
                     }
