@@ -1,25 +1,35 @@
 //! The peer links' security: a Noise `IK` handshake (via `snow`) between the downloader and
-//! the sharer, then a record layer of our framing around `ring`'s AES-128-GCM, keyed from the
-//! handshake's split. Sans-IO: bytes in, bytes out, no sockets, clocks or threads, and no
-//! cryptography of our own (the key exchange is `snow`'s, the AEAD is `ring`'s AES-128-GCM,
-//! whose AES-NI/VAES assembly runs at full speed even in unoptimised builds, and whose output
-//! the tests check against RustCrypto's `aes-gcm`; this module only frames and counts).
+//! the sharer, then a record layer of our framing around `ring`'s AES-128-GCM or
+//! ChaCha20-Poly1305 (negotiated), keyed from the handshake's split. Sans-IO: bytes in, bytes
+//! out, no sockets, clocks or threads, and no cryptography of our own (the key exchange is
+//! `snow`'s, the AEADs are `ring`'s, whose assembly runs at full speed even in unoptimised
+//! builds, and whose output the tests check against RustCrypto's `aes-gcm` and
+//! `chacha20poly1305`; this module only frames, counts and picks).
 //!
-//! Why AES-128-GCM rather than the handshake's ChaCha20-Poly1305 (version 1 of this layer):
-//! on the x86-64 machines this runs on (AES-NI, VAES, VPCLMULQDQ) ring's AES-128-GCM seals
-//! and opens about 8.7 GB/s per core against about 2.1-2.5 GB/s for ChaCha20-Poly1305
-//! (`peer_aead_throughput`), and block data is the bulk of what a client does: the profile of
-//! the transfer benchmark had the downloader spend a fifth of its CPU opening ChaCha20
-//! records. The record key is the first 16 bytes of the 32-byte key the handshake's split
-//! gives each direction (Noise itself truncates hash outputs to cipher keys the same way).
+//! Why a choice of cipher: on x86-64 machines with AES-NI, VAES and VPCLMULQDQ ring's
+//! AES-128-GCM seals and opens about 8.7 GB/s per core against about 2.1-2.5 GB/s for
+//! ChaCha20-Poly1305 (`peer_aead_throughput`), and block data is the bulk of what a client
+//! does (the transfer benchmark's downloader spent a fifth of its CPU opening ChaCha20
+//! records); but without AES instructions ring's AES is a constant-time software fallback
+//! several times slower than ChaCha20-Poly1305. So each side lists both, preferred first
+//! ([`CipherPrefs::detect`]: AES first only with the instructions), and the link takes the one
+//! both prefer ([`choose_cipher`]: ChaCha20-Poly1305 when they disagree). The downloader's
+//! list is in the clear preamble, which is the handshake's prologue (rewritten on the way, the
+//! handshake fails); the sharer's rides in message 2. The AES-128-GCM key is the first 16
+//! bytes of the 32-byte key the handshake's split gives each direction (Noise itself
+//! truncates hash outputs to cipher keys the same way); ChaCha20-Poly1305 takes all 32.
 //!
 //! ```text
-//! downloader -> sharer : "P2PL" | u16 version (2)                  (clear; the prologue)
+//! downloader -> sharer : "P2PL" | u16 version (3) | u8 u8        (clear; the prologue; the
+//!                                                                    two bytes: its record
+//!                                                                    ciphers, preferred first)
 //!                        u16 len | IK message 1                     (e, es, s, ss; its payload,
 //!                                                                    encrypted: the downloader's
 //!                                                                    first frames, Ticket and
 //!                                                                    Handshake)
-//! sharer -> downloader : u16 len | IK message 2                     (e, ee, se; empty payload)
+//! sharer -> downloader : u16 len | IK message 2                     (e, ee, se; payload,
+//!                                                                    encrypted: the sharer's
+//!                                                                    two cipher bytes)
 //! then, each way       : record*
 //! record = u32 len | ciphertext of one frame (len bytes) | tag (16)
 //!          (AAD = the 4 length bytes; the plaintext is one whole frame of the peer protocol,
