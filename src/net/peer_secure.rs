@@ -1273,6 +1273,15 @@ impl SealedSharerStream {
         }
     }
 
+    /// Whether the next bytes are a block's data (kept or dropped): a link sending them is
+    /// not stalled.
+    pub fn in_block_data(&self) -> bool {
+        matches!(
+            self.state,
+            SharerState::Data { .. } | SharerState::Dropping { .. }
+        )
+    }
+
     /// Right after [`SealedDecoded::BlockStart`]: the caller does not keep this block (an
     /// end-game duplicate, a block it did not ask for). Its ciphertext is then read into the
     /// stream's own buffer (at most one block, [`MAX_BLOCK_LEN`] bytes) instead of the

@@ -600,7 +600,9 @@ fn fetch_feed_dropping(
 ) -> Result<Vec<Got>, PeerSecureError> {
     let mut got = Vec::new();
     let mut pos = 0;
+    let mut data_bytes = 0;
     loop {
+        let in_data = fetch.in_block_data();
         let n = match fetch.next_read() {
             SealedNext::Ready => 0,
             _ if pos == bytes.len() => break,
@@ -611,12 +613,17 @@ fn fetch_feed_dropping(
             }
             SealedNext::BlockData { .. } => panic!("a dropped block's data is not the caller's"),
         };
+        if in_data {
+            data_bytes += n;
+        }
         pos += n;
         match fetch.filled(n)? {
             None | Some(SealedDecoded::Established(_)) => {}
             Some(SealedDecoded::Msg(m)) => got.push(Got::Msg(m)),
             Some(SealedDecoded::BlockStart { .. }) => fetch.drop_block()?,
-            Some(SealedDecoded::BlockSealed { piece, offset, .. }) => {
+            Some(SealedDecoded::BlockSealed { piece, offset, len }) => {
+                // Every byte of its data was read as block data (the link is not stalled).
+                assert_eq!(std::mem::take(&mut data_bytes), len as usize);
                 assert_eq!(fetch.skip_block()?.0, piece);
                 got.push(Got::Block(piece, offset, Vec::new()));
             }

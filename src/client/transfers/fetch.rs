@@ -506,10 +506,13 @@ fn read_sealed_sharer(
         return Ok(ReadEnd::Stopped);
     };
     while budget > 0 {
+        // A dropped block's data goes into the stream's own buffer, but it is data all the
+        // same (the link is not stalled).
+        let dropped_data = sec.stream.in_block_data();
         let (r, is_data) = match sec.stream.next_read() {
             // Bytes read ahead complete a record or a tag: no read.
             SealedNext::Ready => (None, false),
-            SealedNext::Buffer(buf) => (Some(stream.read(buf)), false),
+            SealedNext::Buffer(buf) => (Some(stream.read(buf)), dropped_data),
             SealedNext::BlockData { piece, offset, len } => (
                 Some(read_block_data(
                     stream,
