@@ -8,7 +8,8 @@
 //! - MiB/s over the whole download (from `download_file` to the completion line, as the
 //!   client itself reports it, and as seen from outside),
 //! - the downloader's CPU seconds (user + system, from `/proc/<pid>/stat`) during the download,
-//!   and per GiB,
+//!   and per GiB, and the sharers' together per GiB (what sealing costs them; the sharers'
+//!   processes also hash the upload, which is over before the download starts),
 //! - the downloader's peak anonymous memory (`RssAnon` of `/proc/<pid>/status`, sampled every
 //!   few milliseconds; the mapped file's pages are file-backed and not counted),
 //! - that the result is byte-identical (compared with `cmp`-like reading).
@@ -121,6 +122,13 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize, plain: bool) 
     sharers[0].expect("accepted");
     let target = setup.dir.join(format!("out-{tag}"));
     let cpu0 = cpu_secs(d.pid()).unwrap_or(0.0);
+    let sharers_cpu = |sharers: &[Proc]| -> f64 {
+        sharers
+            .iter()
+            .map(|p| cpu_secs(p.pid()).unwrap_or(0.0))
+            .sum()
+    };
+    let sharers_cpu0 = sharers_cpu(&sharers);
     let t0 = Instant::now();
     d.send(&format!(
         "download_file {group} {} {}",
@@ -146,13 +154,15 @@ fn run_once(setup: &Setup, n_sharers: usize, mib: u64, run: usize, plain: bool) 
     };
     let outside = t0.elapsed().as_secs_f64();
     let cpu = cpu_secs(d.pid()).unwrap_or(0.0) - cpu0;
+    let served_cpu = sharers_cpu(&sharers) - sharers_cpu0;
     peak_anon = peak_anon.max(status_kib(d.pid(), "RssAnon").unwrap_or(0));
     let gib = mib as f64 / 1024.0;
     let identical = same_contents(&setup.file, &target);
     println!(
-        "{mode:>6}: {mib} MiB from {n_sharers} sharer(s): {:.0} MiB/s (outside: {outside:.3} s), downloader CPU {cpu:.2} s ({:.2} s/GiB), peak anon {:.1} MiB, identical: {identical}",
+        "{mode:>6}: {mib} MiB from {n_sharers} sharer(s): {:.0} MiB/s (outside: {outside:.3} s), downloader CPU {cpu:.2} s ({:.2} s/GiB), sharers {:.2} CPU-s/GiB, peak anon {:.1} MiB, identical: {identical}",
         mib as f64 / outside,
         cpu / gib,
+        served_cpu / gib,
         peak_anon as f64 / 1024.0
     );
     println!("  client said: {line}");

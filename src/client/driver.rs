@@ -34,11 +34,14 @@ use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
 use super::session::{ClientCore, DownloadStatus, Output};
 use super::shell::{self, Shell};
 use super::state_file::{self, FileStamp, StateLock};
-use super::transfers::{PeerCaps, TransferEvent, Transfers, PLAINTEXT_PEER_LINKS_ENV};
+use super::transfers::{
+    PeerCaps, TransferEvent, Transfers, CIPHER_PREFS_ENV, PLAINTEXT_PEER_LINKS_ENV,
+};
 use super::uplink::{Uplink, UplinkEvent};
 use crate::hasher::{HashPool, HashResult};
 use crate::keys::{self, PublicKey};
 use crate::net::conn::{connect_progress, ConnError, ConnectProgress, FIRST_CONN_TOKEN};
+use crate::net::peer_secure::CipherPrefs;
 use crate::net::secure::{IdentityCheck, Params, SecureError, SecureLink};
 use crate::net::wake::{self, StdinEvent};
 use crate::net::{Conn, ConnId, ReadEnd};
@@ -154,6 +157,20 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
              network in clear)"
         );
         transfers = transfers.with_plaintext_peer_links();
+    }
+    match std::env::var(CIPHER_PREFS_ENV).as_deref() {
+        Ok("aes") => {
+            warn!("{CIPHER_PREFS_ENV}=aes: peer links prefer AES-128-GCM whatever the CPU");
+            transfers = transfers.with_cipher_prefs(CipherPrefs::AES_FIRST);
+        }
+        Ok("chacha") => {
+            warn!(
+                "{CIPHER_PREFS_ENV}=chacha: peer links prefer ChaCha20-Poly1305 whatever the CPU"
+            );
+            transfers = transfers.with_cipher_prefs(CipherPrefs::CHACHA_FIRST);
+        }
+        Ok(other) => warn!("{CIPHER_PREFS_ENV}={other}: not `aes` or `chacha`; ignored"),
+        Err(_) => {}
     }
     let mut driver = Driver {
         poll,

@@ -33,7 +33,7 @@ mod serve;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::net::peer_secure::SealedDownloaderStream;
+use crate::net::peer_secure::{CipherPrefs, SealedDownloaderStream};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -123,6 +123,9 @@ pub struct Transfers {
     /// Peer links in the plain protocol: only for the benchmark's comparison (see
     /// [`Transfers::with_plaintext_peer_links`]).
     plaintext: bool,
+    /// The record ciphers this client offers on secure peer links, preferred first (what its
+    /// CPU runs fast, unless forced: [`CIPHER_PREFS_ENV`]).
+    cipher_prefs: CipherPrefs,
     /// An instant and the Unix time at it: tickets' expiries are Unix times, and `now` is an
     /// `Instant`, so that tests can move it.
     clock: (Instant, Duration),
@@ -139,6 +142,11 @@ pub const MAX_PEER_KEYS: usize = 4096;
 /// The environment variable that makes `client_program` speak the plain peer protocol (the
 /// benchmark's comparison and tests only).
 pub const PLAINTEXT_PEER_LINKS_ENV: &str = "P2PSHARE_BENCH_PLAINTEXT_PEER_LINKS";
+
+/// The environment variable that forces `client_program`'s record cipher preference on peer
+/// links: `aes` (AES-128-GCM first) or `chacha` (ChaCha20-Poly1305 first); without it the CPU
+/// decides (tests and the benchmark only).
+pub const CIPHER_PREFS_ENV: &str = "P2PSHARE_PEER_CIPHER_PREFS";
 
 /// A download asks for a new ticket when less than this is left of its current one.
 const TICKET_RENEW_MARGIN_SECS: u64 = crate::tracker::tickets::TICKET_LIFE_SECS / 2;
@@ -203,6 +211,7 @@ impl Transfers {
             service_key: None,
             identity: None,
             plaintext: false,
+            cipher_prefs: CipherPrefs::detect(),
             clock: (
                 Instant::now(),
                 std::time::SystemTime::now()
@@ -312,6 +321,13 @@ impl Transfers {
     /// preamble.
     pub fn with_plaintext_peer_links(mut self) -> Self {
         self.plaintext = true;
+        self
+    }
+
+    /// Offers `prefs` on secure peer links instead of what this CPU prefers (see
+    /// [`CIPHER_PREFS_ENV`]).
+    pub fn with_cipher_prefs(mut self, prefs: CipherPrefs) -> Self {
+        self.cipher_prefs = prefs;
         self
     }
 
@@ -474,7 +490,8 @@ impl Transfers {
                 return;
             };
             Some(Box::new(serve::ServeSecure {
-                stream: SealedDownloaderStream::new(identity.private(), MAX_DOWNLOADER_FRAME),
+                stream: SealedDownloaderStream::new(identity.private(), MAX_DOWNLOADER_FRAME)
+                    .with_prefs(self.cipher_prefs),
                 sealer: None,
                 peer_key: None,
                 blocks: VecDeque::new(),

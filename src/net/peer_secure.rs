@@ -1,25 +1,35 @@
 //! The peer links' security: a Noise `IK` handshake (via `snow`) between the downloader and
-//! the sharer, then a record layer of our framing around `ring`'s AES-128-GCM, keyed from the
-//! handshake's split. Sans-IO: bytes in, bytes out, no sockets, clocks or threads, and no
-//! cryptography of our own (the key exchange is `snow`'s, the AEAD is `ring`'s AES-128-GCM,
-//! whose AES-NI/VAES assembly runs at full speed even in unoptimised builds, and whose output
-//! the tests check against RustCrypto's `aes-gcm`; this module only frames and counts).
+//! the sharer, then a record layer of our framing around `ring`'s AES-128-GCM or
+//! ChaCha20-Poly1305 (negotiated), keyed from the handshake's split. Sans-IO: bytes in, bytes
+//! out, no sockets, clocks or threads, and no cryptography of our own (the key exchange is
+//! `snow`'s, the AEADs are `ring`'s, whose assembly runs at full speed even in unoptimised
+//! builds, and whose output the tests check against RustCrypto's `aes-gcm` and
+//! `chacha20poly1305`; this module only frames, counts and picks).
 //!
-//! Why AES-128-GCM rather than the handshake's ChaCha20-Poly1305 (version 1 of this layer):
-//! on the x86-64 machines this runs on (AES-NI, VAES, VPCLMULQDQ) ring's AES-128-GCM seals
-//! and opens about 8.7 GB/s per core against about 2.1-2.5 GB/s for ChaCha20-Poly1305
-//! (`peer_aead_throughput`), and block data is the bulk of what a client does: the profile of
-//! the transfer benchmark had the downloader spend a fifth of its CPU opening ChaCha20
-//! records. The record key is the first 16 bytes of the 32-byte key the handshake's split
-//! gives each direction (Noise itself truncates hash outputs to cipher keys the same way).
+//! Why a choice of cipher: on x86-64 machines with AES-NI, VAES and VPCLMULQDQ ring's
+//! AES-128-GCM seals and opens about 8.7 GB/s per core against about 2.1-2.5 GB/s for
+//! ChaCha20-Poly1305 (`peer_aead_throughput`), and block data is the bulk of what a client
+//! does (the transfer benchmark's downloader spent a fifth of its CPU opening ChaCha20
+//! records); but without AES instructions ring's AES is a constant-time software fallback
+//! several times slower than ChaCha20-Poly1305. So each side lists both, preferred first
+//! ([`CipherPrefs::detect`]: AES first only with the instructions), and the link takes the one
+//! both prefer ([`choose_cipher`]: ChaCha20-Poly1305 when they disagree). The downloader's
+//! list is in the clear preamble, which is the handshake's prologue (rewritten on the way, the
+//! handshake fails); the sharer's rides in message 2. The AES-128-GCM key is the first 16
+//! bytes of the 32-byte key the handshake's split gives each direction (Noise itself
+//! truncates hash outputs to cipher keys the same way); ChaCha20-Poly1305 takes all 32.
 //!
 //! ```text
-//! downloader -> sharer : "P2PL" | u16 version (2)                  (clear; the prologue)
+//! downloader -> sharer : "P2PL" | u16 version (3) | u8 u8        (clear; the prologue; the
+//!                                                                    two bytes: its record
+//!                                                                    ciphers, preferred first)
 //!                        u16 len | IK message 1                     (e, es, s, ss; its payload,
 //!                                                                    encrypted: the downloader's
 //!                                                                    first frames, Ticket and
 //!                                                                    Handshake)
-//! sharer -> downloader : u16 len | IK message 2                     (e, ee, se; empty payload)
+//! sharer -> downloader : u16 len | IK message 2                     (e, ee, se; payload,
+//!                                                                    encrypted: the sharer's
+//!                                                                    two cipher bytes)
 //! then, each way       : record*
 //! record = u32 len | ciphertext of one frame (len bytes) | tag (16)
 //!          (AAD = the 4 length bytes; the plaintext is one whole frame of the peer protocol,
@@ -42,9 +52,10 @@
 //! mapped `.part`) and be decrypted there in place: [`SealedSharerStream`] says "the next N
 //! bytes are the ciphertext of piece p at offset o", then asks for the 16-byte tag into its own
 //! buffer, then the caller lends it the piece's bytes to open ([`SealedSharerStream::open_block`]).
-//! Data of a block the downloader does not keep is dropped without being opened
-//! ([`SealedSharerStream::skip_block`]): nothing of it is used, and the counter moves on so the
-//! next record still authenticates.
+//! Data of a block the downloader does not keep (an end-game duplicate, a block it did not
+//! ask for) is read into the stream's own buffer instead ([`SealedSharerStream::drop_block`])
+//! and opened there all the same ([`SealedSharerStream::skip_block`]): nothing of it is used,
+//! but its tag is checked like every other record's, and a failure closes the link.
 //!
 //! Why `IK`: the downloader knows the sharer's static key before it dials (the tracker hands
 //! it out with the address), so the sharer proves it at once (msg 1 is encrypted to it, and
@@ -59,7 +70,7 @@
 
 use std::fmt;
 
-use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM, CHACHA20_POLY1305};
 
 use crate::wire::peer_link::{Decoded, Next, SharerMsg, SharerStream, StreamError};
 
@@ -67,10 +78,118 @@ use crate::wire::peer_link::{Decoded, Next, SharerMsg, SharerStream, StreamError
 /// every peer link's limit, so a plain peer and a secure one can never mistake each other).
 pub const PEER_LINK_MAGIC: [u8; 4] = *b"P2PL";
 /// Version of this handshake and record layer, sent in the preamble (1: records in
-/// ChaCha20-Poly1305; 2: AES-128-GCM).
-pub const PEER_LINK_VERSION: u16 = 2;
-/// Bytes of the preamble.
-pub const PREAMBLE_LEN: usize = 6;
+/// ChaCha20-Poly1305; 2: AES-128-GCM; 3: the record cipher negotiated, see [`PeerCipher`]).
+pub const PEER_LINK_VERSION: u16 = 3;
+/// Bytes of the preamble: the magic, the version, the downloader's two cipher preferences.
+pub const PREAMBLE_LEN: usize = 8;
+/// Bytes of message 2's payload: the sharer's two cipher preferences.
+pub const CIPHER_PREFS_LEN: usize = 2;
+
+/// The record layer's AEAD, negotiated per link (both are `ring`'s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PeerCipher {
+    /// AES-128-GCM: about 8.7 GB/s per core with AES-NI/VAES, far slower without them.
+    Aes128Gcm,
+    /// ChaCha20-Poly1305: about 2-3 GB/s per core on any CPU (no special instructions).
+    ChaCha20Poly1305,
+}
+
+impl PeerCipher {
+    /// Its number on the wire.
+    pub fn id(self) -> u8 {
+        match self {
+            PeerCipher::Aes128Gcm => 1,
+            PeerCipher::ChaCha20Poly1305 => 2,
+        }
+    }
+
+    /// The cipher numbered `id`, if this program knows it.
+    pub fn from_id(id: u8) -> Option<Self> {
+        match id {
+            1 => Some(PeerCipher::Aes128Gcm),
+            2 => Some(PeerCipher::ChaCha20Poly1305),
+            _ => None,
+        }
+    }
+
+    /// Its name in logs and in the README.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerCipher::Aes128Gcm => "AES-128-GCM",
+            PeerCipher::ChaCha20Poly1305 => "ChaCha20-Poly1305",
+        }
+    }
+}
+
+/// One side's record ciphers, most preferred first, as sent on the wire: two cipher numbers
+/// (0: none). A side lists what it supports; this program supports both and puts first the
+/// one its CPU runs fast ([`CipherPrefs::detect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CipherPrefs([u8; CIPHER_PREFS_LEN]);
+
+impl CipherPrefs {
+    /// AES-128-GCM first (CPUs with AES instructions).
+    pub const AES_FIRST: CipherPrefs = CipherPrefs([1, 2]);
+    /// ChaCha20-Poly1305 first (CPUs without them).
+    pub const CHACHA_FIRST: CipherPrefs = CipherPrefs([2, 1]);
+
+    /// What this CPU prefers: AES-128-GCM where it has AES and carry-less multiplication
+    /// instructions (x86-64: AES-NI and PCLMULQDQ; AArch64: the AES extension, which brings
+    /// PMULL), else ChaCha20-Poly1305 (AES in software is several times slower).
+    pub fn detect() -> Self {
+        if hardware_aes() {
+            Self::AES_FIRST
+        } else {
+            Self::CHACHA_FIRST
+        }
+    }
+
+    /// The wire bytes.
+    pub fn to_wire(self) -> [u8; CIPHER_PREFS_LEN] {
+        self.0
+    }
+
+    /// Read from the wire: any bytes are taken (unknown numbers are ignored when choosing,
+    /// so that a later version may offer more).
+    pub fn from_wire(bytes: [u8; CIPHER_PREFS_LEN]) -> Self {
+        CipherPrefs(bytes)
+    }
+
+    /// Where `cipher` stands in this list (0: first), if listed.
+    fn rank(self, cipher: PeerCipher) -> Option<usize> {
+        self.0.iter().position(|&id| id == cipher.id())
+    }
+}
+
+/// The record cipher of a link between a downloader preferring `downloader` and a sharer
+/// preferring `sharer`: of the ciphers both list, the one whose worse rank of the two is
+/// best, so a cipher both put first wins; when they disagree (one side lacks the AES
+/// instructions), ChaCha20-Poly1305, which is fast on both. `None`: no cipher in common.
+pub fn choose_cipher(downloader: CipherPrefs, sharer: CipherPrefs) -> Option<PeerCipher> {
+    // Ties go to the first of this order.
+    [PeerCipher::ChaCha20Poly1305, PeerCipher::Aes128Gcm]
+        .into_iter()
+        .filter_map(|c| Some((downloader.rank(c)?.max(sharer.rank(c)?), c)))
+        .min_by_key(|&(worst, _)| worst)
+        .map(|(_, c)| c)
+}
+
+/// Whether this CPU has the instructions that make AES-GCM fast.
+fn hardware_aes() -> bool {
+    #[cfg(any(target_arch = "x86_64", target_arch = "x86"))]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
 /// The peer links' Noise protocol.
 pub const PEER_LINK_PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 /// Most bytes (plaintext) one direction's key protects; past that the link must close.
@@ -99,6 +218,11 @@ pub enum PeerSecureError {
     /// The handshake failed: the other side does not hold the key it must (the sharer's key
     /// the tracker named), or sent garbage.
     Handshake(String),
+    /// The two sides list no record cipher in common.
+    NoCommonCipher {
+        downloader: [u8; CIPHER_PREFS_LEN],
+        sharer: [u8; CIPHER_PREFS_LEN],
+    },
     /// A payload for message 1 longer than [`MAX_HANDSHAKE_PAYLOAD`].
     PayloadTooLong(usize),
     /// A record longer than the link allows.
@@ -137,6 +261,11 @@ impl fmt::Display for PeerSecureError {
             PeerSecureError::Handshake(e) => write!(
                 f,
                 "peer link: handshake failed ({e}): the peer does not hold the key it must"
+            ),
+            PeerSecureError::NoCommonCipher { downloader, sharer } => write!(
+                f,
+                "peer link: no record cipher in common (downloader offers {downloader:?}, \
+                 sharer {sharer:?})"
             ),
             PeerSecureError::PayloadTooLong(n) => write!(
                 f,
@@ -182,17 +311,22 @@ fn nonce_bytes(counter: u64) -> [u8; 12] {
     n
 }
 
-fn cipher_of(key: &[u8; 32]) -> Box<LessSafeKey> {
+fn cipher_of(cipher: PeerCipher, key: &[u8; 32]) -> Box<LessSafeKey> {
+    // AES-128 takes the first 16 bytes of the direction's key, ChaCha20 all 32.
+    let unbound = match cipher {
+        PeerCipher::Aes128Gcm => UnboundKey::new(&AES_128_GCM, &key[..16]),
+        PeerCipher::ChaCha20Poly1305 => UnboundKey::new(&CHACHA20_POLY1305, &key[..]),
+    };
     // Boxed: ring's key schedule (round keys and GHASH table) is large, and links are many.
-    Box::new(LessSafeKey::new(
-        UnboundKey::new(&AES_128_GCM, &key[..16])
-            .unwrap_or_else(|_| unreachable!("16 bytes are an AES-128 key")),
-    ))
+    Box::new(LessSafeKey::new(unbound.unwrap_or_else(|_| {
+        unreachable!("16 and 32 bytes are the ciphers' key lengths")
+    })))
 }
 
 /// The sending half of a link's record layer.
 pub struct Sealer {
     cipher: Box<LessSafeKey>,
+    kind: PeerCipher,
     next: u64,
     /// Plaintext bytes sealed so far (see [`MAX_KEY_BYTES`]).
     used: u64,
@@ -232,13 +366,24 @@ fn take_nonce(next: &mut u64, used: &mut u64, len: usize) -> Result<Nonce, PeerS
 }
 
 impl Sealer {
-    /// A sealer with `key` (tests and the handshake's split).
+    /// An AES-128-GCM sealer with `key` (tests).
     pub fn new(key: [u8; 32]) -> Self {
+        Self::with_cipher(PeerCipher::Aes128Gcm, key)
+    }
+
+    /// A sealer of `cipher` with `key` (the handshake's split).
+    pub fn with_cipher(cipher: PeerCipher, key: [u8; 32]) -> Self {
         Sealer {
-            cipher: cipher_of(&key),
+            cipher: cipher_of(cipher, &key),
+            kind: cipher,
             next: 0,
             used: 0,
         }
+    }
+
+    /// The record cipher.
+    pub fn cipher(&self) -> PeerCipher {
+        self.kind
     }
 
     /// Appends one record holding the frame `emit` writes (its whole frame, length prefix
@@ -351,10 +496,15 @@ impl Sealer {
 }
 
 impl Opener {
-    /// An opener with `key` (tests and the handshake's split).
+    /// An AES-128-GCM opener with `key` (tests).
     pub fn new(key: [u8; 32]) -> Self {
+        Self::with_cipher(PeerCipher::Aes128Gcm, key)
+    }
+
+    /// An opener of `cipher` with `key` (the handshake's split).
+    pub fn with_cipher(cipher: PeerCipher, key: [u8; 32]) -> Self {
         Opener {
-            cipher: cipher_of(&key),
+            cipher: cipher_of(cipher, &key),
             next: 0,
             used: 0,
         }
@@ -381,11 +531,14 @@ impl Opener {
     }
 }
 
-/// The clear preamble.
-pub fn preamble() -> [u8; PREAMBLE_LEN] {
+/// The clear preamble of a downloader preferring `prefs`. It is the handshake's prologue:
+/// changed on the way (a cipher list rewritten to force a weaker choice, say), the
+/// handshake fails.
+pub fn preamble(prefs: CipherPrefs) -> [u8; PREAMBLE_LEN] {
     let mut p = [0u8; PREAMBLE_LEN];
     p[..4].copy_from_slice(&PEER_LINK_MAGIC);
-    p[4..].copy_from_slice(&PEER_LINK_VERSION.to_be_bytes());
+    p[4..6].copy_from_slice(&PEER_LINK_VERSION.to_be_bytes());
+    p[6..].copy_from_slice(&prefs.to_wire());
     p
 }
 
@@ -413,19 +566,20 @@ fn push_message(out: &mut Vec<u8>, msg: &[u8]) {
     out.extend_from_slice(msg);
 }
 
-/// The downloader's opening: appends the preamble and message 1 (carrying `payload`,
-/// encrypted to the sharer's static key `sharer_public`) to `out`, and returns the handshake
-/// state that reads the sharer's answer.
+/// The downloader's opening: appends the preamble (offering `prefs`) and message 1
+/// (carrying `payload`, encrypted to the sharer's static key `sharer_public`) to `out`, and
+/// returns the handshake state that reads the sharer's answer.
 pub fn initiate(
     local_private: &[u8; 32],
     sharer_public: &[u8; 32],
     payload: &[u8],
     out: &mut Vec<u8>,
+    prefs: CipherPrefs,
 ) -> Result<Box<snow::HandshakeState>, PeerSecureError> {
     if payload.len() > MAX_HANDSHAKE_PAYLOAD {
         return Err(PeerSecureError::PayloadTooLong(payload.len()));
     }
-    let pre = preamble();
+    let pre = preamble(prefs);
     let mut hs = builder(local_private, &pre)?
         .remote_public_key(sharer_public)
         .map_err(snow_err)?
@@ -438,20 +592,35 @@ pub fn initiate(
     Ok(Box::new(hs))
 }
 
-/// The downloader reads message 2: the keys, `(sealer, opener)`.
+/// The downloader reads message 2 (its payload: the sharer's cipher preferences): the keys,
+/// `(sealer, opener)`, of the cipher both prefer.
 fn finish_initiator(
     hs: &mut snow::HandshakeState,
     msg: &[u8],
+    prefs: CipherPrefs,
 ) -> Result<(Sealer, Opener), PeerSecureError> {
     let mut payload = [0u8; MAX_HANDSHAKE_MSG];
-    hs.read_message(msg, &mut payload).map_err(snow_err)?;
+    let n = hs.read_message(msg, &mut payload).map_err(snow_err)?;
     if !hs.is_handshake_finished() {
         return Err(PeerSecureError::Handshake(
             "not finished after message 2".into(),
         ));
     }
+    let Ok(theirs) = <[u8; CIPHER_PREFS_LEN]>::try_from(&payload[..n]) else {
+        return Err(PeerSecureError::Handshake(format!(
+            "message 2 carries {n} bytes, not the sharer's {CIPHER_PREFS_LEN} cipher preferences"
+        )));
+    };
+    let sharer = CipherPrefs::from_wire(theirs);
+    let cipher = choose_cipher(prefs, sharer).ok_or(PeerSecureError::NoCommonCipher {
+        downloader: prefs.to_wire(),
+        sharer: theirs,
+    })?;
     let (to_responder, to_initiator) = split(hs);
-    Ok((Sealer::new(to_responder), Opener::new(to_initiator)))
+    Ok((
+        Sealer::with_cipher(cipher, to_responder),
+        Opener::with_cipher(cipher, to_initiator),
+    ))
 }
 
 /// What a sharer learns from a downloader's message 1.
@@ -460,7 +629,7 @@ pub struct Hello {
     pub remote_static: [u8; 32],
     /// The downloader's first frames (decrypted).
     pub payload: Vec<u8>,
-    /// The keys of the link: `sealer` for what the sharer sends.
+    /// The keys of the link: `sealer` for what the sharer sends (its cipher is the link's).
     pub sealer: Sealer,
     /// Message 2, to send before any record.
     pub reply: Vec<u8>,
@@ -497,6 +666,10 @@ enum ServeState {
 pub struct SealedDownloaderStream {
     state: ServeState,
     local_private: [u8; 32],
+    /// This sharer's cipher preferences (sent in message 2).
+    prefs: CipherPrefs,
+    /// The downloader's, from its preamble.
+    theirs: CipherPrefs,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -525,11 +698,19 @@ impl SealedDownloaderStream {
         SealedDownloaderStream {
             state: ServeState::Preamble,
             local_private,
+            prefs: CipherPrefs::detect(),
+            theirs: CipherPrefs::from_wire([0; CIPHER_PREFS_LEN]),
             buf: Vec::new(),
             start: 0,
             end: 0,
             max_frame,
         }
+    }
+
+    /// Offers `prefs` instead of what this CPU prefers (tests; the benchmark's switch).
+    pub fn with_prefs(mut self, prefs: CipherPrefs) -> Self {
+        self.prefs = prefs;
+        self
     }
 
     /// The handshake is done.
@@ -582,25 +763,28 @@ impl SealedDownloaderStream {
             match &mut self.state {
                 ServeState::Failed => return Err(PeerSecureError::OutOfTurn("failed earlier")),
                 ServeState::Preamble => {
-                    if have.len() < PREAMBLE_LEN {
-                        if have.len() >= 4 && have[..4] != PEER_LINK_MAGIC {
-                            return Err(PeerSecureError::BadMagic([
-                                have[0], have[1], have[2], have[3],
-                            ]));
-                        }
-                        return Ok(None);
-                    }
-                    if have[..4] != PEER_LINK_MAGIC {
+                    // The magic and the version are checked as soon as they are in (an
+                    // earlier version's preamble is shorter).
+                    if have.len() >= 4 && have[..4] != PEER_LINK_MAGIC {
                         return Err(PeerSecureError::BadMagic([
                             have[0], have[1], have[2], have[3],
                         ]));
                     }
-                    let version = u16::from_be_bytes([have[4], have[5]]);
-                    if version != PEER_LINK_VERSION {
-                        return Err(PeerSecureError::BadVersion(version));
+                    if have.len() >= 6 {
+                        let version = u16::from_be_bytes([have[4], have[5]]);
+                        if version != PEER_LINK_VERSION {
+                            return Err(PeerSecureError::BadVersion(version));
+                        }
                     }
+                    if have.len() < PREAMBLE_LEN {
+                        return Ok(None);
+                    }
+                    // The preamble as received is the prologue: the downloader's offer is
+                    // authenticated by the handshake.
+                    let mut pre = [0u8; PREAMBLE_LEN];
+                    pre.copy_from_slice(&have[..PREAMBLE_LEN]);
+                    self.theirs = CipherPrefs::from_wire([pre[6], pre[7]]);
                     self.start += PREAMBLE_LEN;
-                    let pre = preamble();
                     let hs = builder(&self.local_private, &pre)?
                         .build_responder()
                         .map_err(snow_err)?;
@@ -627,8 +811,16 @@ impl SealedDownloaderStream {
                         .get_remote_static()
                         .and_then(|k| k.try_into().ok())
                         .ok_or_else(|| PeerSecureError::Handshake("no static key".into()))?;
+                    let cipher = choose_cipher(self.theirs, self.prefs).ok_or(
+                        PeerSecureError::NoCommonCipher {
+                            downloader: self.theirs.to_wire(),
+                            sharer: self.prefs.to_wire(),
+                        },
+                    )?;
                     let mut msg = [0u8; MAX_HANDSHAKE_MSG];
-                    let m = hs.write_message(&[], &mut msg).map_err(snow_err)?;
+                    let m = hs
+                        .write_message(&self.prefs.to_wire(), &mut msg)
+                        .map_err(snow_err)?;
                     if !hs.is_handshake_finished() {
                         return Err(PeerSecureError::Handshake(
                             "not finished after message 2".into(),
@@ -637,11 +829,11 @@ impl SealedDownloaderStream {
                     let mut reply = Vec::with_capacity(2 + m);
                     push_message(&mut reply, &msg[..m]);
                     let (to_responder, to_initiator) = split(hs);
-                    self.state = ServeState::Open(Opener::new(to_responder));
+                    self.state = ServeState::Open(Opener::with_cipher(cipher, to_responder));
                     return Ok(Some(Stepped::Hello(Hello {
                         remote_static,
                         payload,
-                        sealer: Sealer::new(to_initiator),
+                        sealer: Sealer::with_cipher(cipher, to_initiator),
                         reply,
                     })));
                 }
@@ -745,6 +937,9 @@ const LOOKAHEAD: usize = RECORD_HEAD_LEN + BLOCK_HEAD_LEN + TAG_LEN;
 const SMALL_RECORD: usize = 64;
 /// The read-ahead buffer: a small record and what may follow it.
 const AHEAD_CAP: usize = SMALL_RECORD + LOOKAHEAD;
+/// The buffer of dropped blocks is kept up to this size (a block of the downloaders' usual
+/// 128 KiB); a larger one is given back once its block is checked.
+const KEEP_DROP_BUFFER: usize = 128 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 enum SharerState {
@@ -766,6 +961,14 @@ enum SharerState {
     },
     /// Reading a block's ciphertext (`done` bytes of it are in).
     Data {
+        piece: u32,
+        offset: u32,
+        len: u32,
+        done: u32,
+    },
+    /// Reading the ciphertext of a block the caller drops into `rec` (`done` bytes of it are
+    /// in): it is opened there all the same, so that its tag is checked.
+    Dropping {
         piece: u32,
         offset: u32,
         len: u32,
@@ -800,6 +1003,8 @@ enum SharerState {
 pub struct SealedSharerStream {
     inner: SharerStream,
     handshake: Option<Box<snow::HandshakeState>>,
+    /// This downloader's cipher preferences (offered in the preamble).
+    prefs: CipherPrefs,
     opener: Option<Opener>,
     small: [u8; 2 + MAX_HANDSHAKE_MSG],
     have: usize,
@@ -811,6 +1016,9 @@ pub struct SealedSharerStream {
     tag: [u8; TAG_LEN],
     aad: [u8; BLOCK_HEAD_LEN],
     state: SharerState,
+    /// The block being read is dropped: its ciphertext is in `rec` (see
+    /// [`drop_block`](Self::drop_block)).
+    dropping: bool,
 }
 
 impl fmt::Debug for SealedSharerStream {
@@ -832,6 +1040,7 @@ impl SealedSharerStream {
         SealedSharerStream {
             inner: SharerStream::new(),
             handshake: None,
+            prefs: CipherPrefs::detect(),
             opener: None,
             small: [0; 2 + MAX_HANDSHAKE_MSG],
             have: 0,
@@ -842,6 +1051,7 @@ impl SealedSharerStream {
             tag: [0; TAG_LEN],
             aad: [0; BLOCK_HEAD_LEN],
             state: SharerState::HsHead,
+            dropping: false,
         }
     }
 
@@ -854,6 +1064,12 @@ impl SealedSharerStream {
         s
     }
 
+    /// Offers `prefs` instead of what this CPU prefers (tests; the benchmark's switch).
+    pub fn with_prefs(mut self, prefs: CipherPrefs) -> Self {
+        self.prefs = prefs;
+        self
+    }
+
     /// Starts the handshake (see [`initiate`]): the preamble and message 1 go into `out`.
     pub fn start(
         &mut self,
@@ -862,7 +1078,13 @@ impl SealedSharerStream {
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), PeerSecureError> {
-        self.handshake = Some(initiate(local_private, sharer_public, payload, out)?);
+        self.handshake = Some(initiate(
+            local_private,
+            sharer_public,
+            payload,
+            out,
+            self.prefs,
+        )?);
         Ok(())
     }
 
@@ -925,6 +1147,9 @@ impl SealedSharerStream {
                 offset: offset.saturating_add(done),
                 len: len.saturating_sub(done),
             },
+            SharerState::Dropping { len, done, .. } => {
+                SealedNext::Buffer(&mut self.rec[done as usize..len as usize])
+            }
             // Nothing is read until the block is opened or skipped.
             SharerState::Sealed { .. }
             | SharerState::Failed
@@ -1021,10 +1246,79 @@ impl SealedSharerStream {
                 };
                 Ok(None)
             }
+            SharerState::Dropping {
+                piece,
+                offset,
+                len,
+                done,
+            } => {
+                let done = done
+                    .saturating_add(u32::try_from(n).unwrap_or(u32::MAX))
+                    .min(len);
+                self.state = if done < len {
+                    SharerState::Dropping {
+                        piece,
+                        offset,
+                        len,
+                        done,
+                    }
+                } else {
+                    SharerState::Tag { piece, offset, len }
+                };
+                Ok(None)
+            }
             SharerState::RecHead | SharerState::RecSmall { .. } | SharerState::Tag { .. } => {
                 Err(PeerSecureError::OutOfTurn("read-ahead state"))
             }
         }
+    }
+
+    /// Whether the next bytes are a block's data (kept or dropped): a link sending them is
+    /// not stalled.
+    pub fn in_block_data(&self) -> bool {
+        matches!(
+            self.state,
+            SharerState::Data { .. } | SharerState::Dropping { .. }
+        )
+    }
+
+    /// Right after [`SealedDecoded::BlockStart`]: the caller does not keep this block (an
+    /// end-game duplicate, a block it did not ask for). Its ciphertext is then read into the
+    /// stream's own buffer (at most one block, [`MAX_BLOCK_LEN`] bytes) instead of the
+    /// caller's, and [`skip_block`](Self::skip_block) opens it there, so that its tag is
+    /// checked like any other: a block that fails closes the link whatever is done with its
+    /// data (otherwise a tampered duplicate would pass unnoticed).
+    ///
+    /// [`MAX_BLOCK_LEN`]: crate::wire::peer_link::MAX_BLOCK_LEN
+    pub fn drop_block(&mut self) -> Result<(), PeerSecureError> {
+        let SharerState::Data {
+            piece,
+            offset,
+            len,
+            done: 0,
+        } = self.state
+        else {
+            // Zero-length blocks go straight to their tag: nothing to buffer.
+            if let SharerState::Tag { len: 0, .. } = self.state {
+                self.dropping = true;
+                return Ok(());
+            }
+            self.state = SharerState::Failed;
+            return Err(PeerSecureError::OutOfTurn(
+                "a block is dropped only before its data",
+            ));
+        };
+        self.rec.clear();
+        // `len` is at most MAX_BLOCK_LEN: the inner decoder checked the frame's length.
+        self.rec.resize(len as usize, 0);
+        self.dropping = true;
+        self.state = SharerState::Dropping {
+            piece,
+            offset,
+            len,
+            done: 0,
+        };
+        Ok(())
     }
 
     /// Takes what the read-ahead bytes complete: a record's length, a small record, a tag.
@@ -1140,7 +1434,7 @@ impl SealedSharerStream {
                 "bytes before the handshake started",
             ));
         };
-        let (sealer, opener) = finish_initiator(&mut hs, &self.small[2..2 + len])?;
+        let (sealer, opener) = finish_initiator(&mut hs, &self.small[2..2 + len], self.prefs)?;
         self.opener = Some(opener);
         self.have = 0;
         self.state = SharerState::RecHead;
@@ -1157,7 +1451,10 @@ impl SealedSharerStream {
         result
     }
 
-    /// The sealed block's data was dropped: it is not opened, and the stream moves on.
+    /// The sealed block was dropped ([`drop_block`](Self::drop_block) at its start): it is
+    /// opened in the stream's own buffer, its tag checked, and the plaintext thrown away.
+    /// Without that call at its start the block's data went elsewhere and cannot be checked
+    /// here: an error (open it with [`open_block`](Self::open_block)).
     pub fn skip_block(&mut self) -> Result<(u32, u32, u32), PeerSecureError> {
         let result = self.end_block(None);
         if result.is_err() {
@@ -1173,15 +1470,35 @@ impl SealedSharerStream {
         let Some(opener) = self.opener.as_mut() else {
             return Err(PeerSecureError::OutOfTurn("no keys"));
         };
+        let tag = self.tag;
         match data {
+            Some(_) if self.dropping => {
+                return Err(PeerSecureError::OutOfTurn("a dropped block is not opened"))
+            }
             Some(data) => {
                 if data.len() != len as usize {
                     return Err(PeerSecureError::OutOfTurn("a block of another length"));
                 }
-                let tag = self.tag;
                 opener.open(&self.aad, data, &tag)?;
             }
-            None => opener.skip(len as usize)?,
+            None if self.dropping => {
+                let buf = self
+                    .rec
+                    .get_mut(..len as usize)
+                    .ok_or(PeerSecureError::OutOfTurn("a dropped block's buffer"))?;
+                opener.open(&self.aad, buf, &tag)?;
+                self.dropping = false;
+                // Kept for the next dropped block (end-game duplicates come in runs) up to the
+                // usual block size; a larger one is given back.
+                if self.rec.capacity() > KEEP_DROP_BUFFER {
+                    self.rec = Vec::new();
+                }
+            }
+            None => {
+                return Err(PeerSecureError::OutOfTurn(
+                    "a block's data must be opened (or dropped at its start)",
+                ))
+            }
         }
         // The inner decoder learns that the data went by.
         match self.inner.filled(len as usize)? {

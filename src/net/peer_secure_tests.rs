@@ -120,14 +120,19 @@ fn fetch_feed(
 }
 
 fn linked() -> Pair {
+    linked_with(CipherPrefs::AES_FIRST, CipherPrefs::AES_FIRST)
+}
+
+/// A downloader offering `d` linked to a sharer offering `s`.
+fn linked_with(d: CipherPrefs, s: CipherPrefs) -> Pair {
     let mut first = Vec::new();
-    let mut fetch = SealedSharerStream::new();
+    let mut fetch = SealedSharerStream::new().with_prefs(d);
     let mut payload = Vec::new();
     payload.extend_from_slice(&handshake_frame());
     fetch
         .start(&DOWNLOADER, &public_of(&SHARER), &payload, &mut first)
         .unwrap();
-    let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME);
+    let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME).with_prefs(s);
     let mut events = serve_feed(&mut serve, &first).unwrap();
     assert_eq!(events.len(), 1);
     let Some(Ev::Hello(hello)) = events.pop() else {
@@ -257,6 +262,200 @@ fn golden_records() {
 }
 
 #[test]
+fn the_cipher_is_the_one_both_prefer() {
+    use PeerCipher::{Aes128Gcm as Aes, ChaCha20Poly1305 as ChaCha};
+    let p = CipherPrefs::from_wire;
+    let cases = [
+        // (downloader, sharer, chosen)
+        (CipherPrefs::AES_FIRST, CipherPrefs::AES_FIRST, Some(Aes)),
+        (
+            CipherPrefs::CHACHA_FIRST,
+            CipherPrefs::CHACHA_FIRST,
+            Some(ChaCha),
+        ),
+        // One side without AES instructions: ChaCha20, whichever side it is.
+        (
+            CipherPrefs::AES_FIRST,
+            CipherPrefs::CHACHA_FIRST,
+            Some(ChaCha),
+        ),
+        (
+            CipherPrefs::CHACHA_FIRST,
+            CipherPrefs::AES_FIRST,
+            Some(ChaCha),
+        ),
+        // Only what both list.
+        (p([1, 0]), CipherPrefs::CHACHA_FIRST, Some(Aes)),
+        (CipherPrefs::CHACHA_FIRST, p([1, 0]), Some(Aes)),
+        (p([2, 0]), CipherPrefs::AES_FIRST, Some(ChaCha)),
+        // Unknown numbers (a later version's ciphers) are passed over.
+        (p([9, 1]), CipherPrefs::CHACHA_FIRST, Some(Aes)),
+        (p([1, 0]), p([2, 0]), None),
+        (p([0, 0]), CipherPrefs::AES_FIRST, None),
+        (p([7, 9]), p([7, 9]), None),
+    ];
+    for (d, s, want) in cases {
+        assert_eq!(choose_cipher(d, s), want, "{d:?} {s:?}");
+    }
+    assert_eq!(PeerCipher::from_id(Aes.id()), Some(Aes));
+    assert_eq!(PeerCipher::from_id(ChaCha.id()), Some(ChaCha));
+    assert_eq!(PeerCipher::from_id(0), None);
+}
+
+#[test]
+fn forced_preferences_negotiate_the_record_cipher() {
+    // A switch stands in for the CPU: each pairing links, both sides take the same cipher,
+    // and a whole exchange goes through in it.
+    use PeerCipher::{Aes128Gcm as Aes, ChaCha20Poly1305 as ChaCha};
+    for (d, s, want) in [
+        (CipherPrefs::AES_FIRST, CipherPrefs::AES_FIRST, Aes),
+        (CipherPrefs::AES_FIRST, CipherPrefs::CHACHA_FIRST, ChaCha),
+        (CipherPrefs::CHACHA_FIRST, CipherPrefs::AES_FIRST, ChaCha),
+        (CipherPrefs::CHACHA_FIRST, CipherPrefs::CHACHA_FIRST, ChaCha),
+    ] {
+        let mut pair = linked_with(d, s);
+        assert_eq!(pair.d_sealer.cipher(), want);
+        assert_eq!(pair.s_sealer.cipher(), want);
+        // Message 2 carries the sharer's two preferences: e (32) | encrypted payload (2 + 16).
+        assert_eq!(pair.first[6..8], d.to_wire());
+        let mut out = Vec::new();
+        pair.d_sealer.seal_frame(&mut out, have(9)).unwrap();
+        let events = serve_feed(&mut pair.serve, &out).unwrap();
+        assert!(matches!(events.as_slice(), [Ev::Frame(f)] if f[..] == [0x83, 0, 0, 0, 9]));
+        let block = data(5000);
+        let bytes = sharer_bytes(&mut pair, &block);
+        let got = fetch_feed(&mut pair.fetch, &bytes, 777, &mut None).unwrap();
+        assert!(
+            matches!(got.as_slice(), [Got::Msg(_), Got::Msg(_), Got::Block(1, 64, b)] if *b == block),
+            "{want:?}: {got:?}"
+        );
+    }
+    // The reply's size: a length, e, and the two preference bytes sealed.
+    let mut first = Vec::new();
+    let mut fetch = SealedSharerStream::new().with_prefs(CipherPrefs::CHACHA_FIRST);
+    fetch
+        .start(
+            &DOWNLOADER,
+            &public_of(&SHARER),
+            &handshake_frame(),
+            &mut first,
+        )
+        .unwrap();
+    let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME)
+        .with_prefs(CipherPrefs::AES_FIRST);
+    let Some(Ev::Hello(hello)) = serve_feed(&mut serve, &first).unwrap().pop() else {
+        panic!("no hello");
+    };
+    assert_eq!(hello.reply.len(), 2 + 32 + 2 + 16);
+    assert_eq!(hello.sealer.cipher(), PeerCipher::ChaCha20Poly1305);
+}
+
+#[test]
+fn a_rewritten_offer_or_no_common_cipher_fails_the_handshake() {
+    // The offer travels in clear but is the handshake's prologue: rewritten on the way (to
+    // force a cipher), the sharer cannot read message 1.
+    let mut first = Vec::new();
+    let mut fetch = SealedSharerStream::new().with_prefs(CipherPrefs::AES_FIRST);
+    fetch
+        .start(
+            &DOWNLOADER,
+            &public_of(&SHARER),
+            &handshake_frame(),
+            &mut first,
+        )
+        .unwrap();
+    let mut rewritten = first.clone();
+    rewritten[6..8].copy_from_slice(&[2, 0]);
+    let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME)
+        .with_prefs(CipherPrefs::CHACHA_FIRST);
+    assert!(matches!(
+        serve_feed(&mut serve, &rewritten),
+        Err(PeerSecureError::Handshake(_))
+    ));
+    // Nothing in common: the sharer refuses (and answers nothing).
+    let mut first = Vec::new();
+    let mut fetch = SealedSharerStream::new().with_prefs(CipherPrefs::from_wire([1, 0]));
+    fetch
+        .start(
+            &DOWNLOADER,
+            &public_of(&SHARER),
+            &handshake_frame(),
+            &mut first,
+        )
+        .unwrap();
+    let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME)
+        .with_prefs(CipherPrefs::from_wire([2, 0]));
+    assert_eq!(
+        serve_feed(&mut serve, &first).err(),
+        Some(PeerSecureError::NoCommonCipher {
+            downloader: [1, 0],
+            sharer: [2, 0]
+        })
+    );
+}
+
+#[test]
+fn golden_chacha20_records() {
+    // The same layout in ChaCha20-Poly1305, keyed with the direction's whole 32-byte key,
+    // pinned byte for byte and checked against RustCrypto's implementation.
+    let mut sealer = Sealer::with_cipher(PeerCipher::ChaCha20Poly1305, [0x42; 32]);
+    let mut out = Vec::new();
+    sealer.seal_frame(&mut out, have(7)).unwrap();
+    sealer.seal_block(&mut out, 1, 2, b"abc").unwrap();
+    let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, GOLDEN_CHACHA_RECORDS, "{hex}");
+    use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+    let cipher = chacha20poly1305::ChaCha20Poly1305::new(&[0x42; 32].into());
+    let nonce_of = |n: u64| chacha20poly1305::Nonce::from(nonce_bytes(n));
+    let mut want = Vec::new();
+    for (n, aad, plain, head) in [
+        (
+            0,
+            &9u32.to_be_bytes()[..],
+            &[0, 0, 0, 5, 0x83, 0, 0, 0, 7][..],
+            true,
+        ),
+        (
+            1,
+            &13u32.to_be_bytes()[..],
+            &[0, 0, 0, 12, 0x84, 0, 0, 0, 1, 0, 0, 0, 2][..],
+            true,
+        ),
+        (
+            2,
+            &[0, 0, 0, 12, 0x84, 0, 0, 0, 1, 0, 0, 0, 2][..],
+            &b"abc"[..],
+            false,
+        ),
+    ] {
+        if head {
+            want.extend_from_slice(aad);
+        }
+        let mut body = plain.to_vec();
+        let tag = cipher
+            .encrypt_in_place_detached(&nonce_of(n), aad, &mut body)
+            .unwrap();
+        want.extend_from_slice(&body);
+        want.extend_from_slice(&tag);
+    }
+    assert_eq!(out, want);
+    let mut opener = Opener::with_cipher(PeerCipher::ChaCha20Poly1305, [0x42; 32]);
+    let mut rec = out[4..13].to_vec();
+    let tag: [u8; 16] = out[13..29].try_into().unwrap();
+    opener.open(&out[..4], &mut rec, &tag).unwrap();
+    assert_eq!(rec, [0, 0, 0, 5, 0x83, 0, 0, 0, 7]);
+    // An AES opener cannot read them.
+    let mut opener = Opener::new([0x42; 32]);
+    let mut rec = out[4..13].to_vec();
+    assert_eq!(
+        opener.open(&out[..4], &mut rec, &tag),
+        Err(PeerSecureError::BadRecord)
+    );
+}
+
+const GOLDEN_CHACHA_RECORDS: &str = "000000095966e42e9eb433cdeb2cd08a2fc6c501b06949264211076f620000000d8d88a012875a59aea84b17f1437514b06a23736c9020daa781d0e5d8c1a29598a7c2e9484b25232521bdf24885cef72c";
+
+#[test]
 fn a_key_stops_at_its_byte_limit() {
     // Both directions count the plaintext their key protected; the message that would pass
     // MAX_KEY_BYTES is refused (nothing appended), and so is everything after it.
@@ -291,11 +490,15 @@ const GOLDEN_RECORDS: &str = "00000009fc17c9a77af5ae95599f9ea381ab239bfbba24e04d
 #[test]
 fn the_preamble_and_the_first_message_are_pinned() {
     let mut pair = linked();
-    assert_eq!(&pair.first[..6], b"P2PL\x00\x02");
+    assert_eq!(&pair.first[..8], b"P2PL\x00\x03\x01\x02");
+    assert_eq!(
+        &preamble(CipherPrefs::CHACHA_FIRST),
+        b"P2PL\x00\x03\x02\x01"
+    );
     // IK message 1: e (32) | encrypted s (32 + 16) | encrypted payload (+ 16).
-    let len = u16::from_be_bytes([pair.first[6], pair.first[7]]) as usize;
+    let len = u16::from_be_bytes([pair.first[8], pair.first[9]]) as usize;
     assert_eq!(len, 32 + 48 + handshake_frame().len() + 16);
-    assert_eq!(pair.first.len(), 8 + len);
+    assert_eq!(pair.first.len(), 10 + len);
     // Nothing of the payload (the group and file names) is in clear.
     assert!(!pair.first.windows(3).any(|w| w == [0, 1, b'g']));
     let _ = serve_feed(&mut pair.serve, &[]).unwrap();
@@ -386,6 +589,143 @@ fn tampered_records_are_refused() {
         matches!(got.as_slice(), [Got::Msg(_), Got::Msg(_), Got::Block(1, 64, b)] if *b == block),
         "{got:?}"
     );
+}
+
+/// Feeds `bytes` to the downloader's stream as a downloader that keeps no block (every block
+/// an end-game duplicate): each is dropped at its start and checked at its end.
+fn fetch_feed_dropping(
+    fetch: &mut SealedSharerStream,
+    bytes: &[u8],
+    step: usize,
+) -> Result<Vec<Got>, PeerSecureError> {
+    let mut got = Vec::new();
+    let mut pos = 0;
+    let mut data_bytes = 0;
+    loop {
+        let in_data = fetch.in_block_data();
+        let n = match fetch.next_read() {
+            SealedNext::Ready => 0,
+            _ if pos == bytes.len() => break,
+            SealedNext::Buffer(buf) => {
+                let n = buf.len().min(step).min(bytes.len() - pos);
+                buf[..n].copy_from_slice(&bytes[pos..pos + n]);
+                n
+            }
+            SealedNext::BlockData { .. } => panic!("a dropped block's data is not the caller's"),
+        };
+        if in_data {
+            data_bytes += n;
+        }
+        pos += n;
+        match fetch.filled(n)? {
+            None | Some(SealedDecoded::Established(_)) => {}
+            Some(SealedDecoded::Msg(m)) => got.push(Got::Msg(m)),
+            Some(SealedDecoded::BlockStart { .. }) => fetch.drop_block()?,
+            Some(SealedDecoded::BlockSealed { piece, offset, len }) => {
+                // Every byte of its data was read as block data (the link is not stalled).
+                assert_eq!(std::mem::take(&mut data_bytes), len as usize);
+                assert_eq!(fetch.skip_block()?.0, piece);
+                got.push(Got::Block(piece, offset, Vec::new()));
+            }
+        }
+    }
+    Ok(got)
+}
+
+#[test]
+fn a_dropped_block_is_still_authenticated() {
+    // An end-game duplicate (or any block the downloader does not keep) is not written, but a
+    // tampered one must close the link all the same: its data and tag are read into the
+    // stream's buffer and opened there.
+    const KEY: [u8; 32] = [0x5e; 32];
+    let block = data(1000);
+    let mut reference = Vec::new();
+    let mut sealer = Sealer::new(KEY);
+    sealer.seal_frame(&mut reference, accept(3)).unwrap();
+    let block_at = reference.len();
+    sealer.seal_block(&mut reference, 1, 64, &block).unwrap();
+    sealer.seal_frame(&mut reference, have(2)).unwrap();
+    sealer
+        .seal_block(&mut reference, 1, 1064, &data(1))
+        .unwrap();
+    sealer.seal_frame(&mut reference, have(3)).unwrap();
+    let data_at = block_at + 4 + 13 + 16;
+    let tag_at = data_at + 1000;
+    for step in [1, 7, 100, 4096] {
+        let mut fetch = SealedSharerStream::open_with(Opener::new(KEY));
+        let got = fetch_feed_dropping(&mut fetch, &reference, step).unwrap();
+        assert!(
+            matches!(
+                got.as_slice(),
+                [
+                    Got::Msg(SharerMsg::Accept { .. }),
+                    Got::Block(1, 64, _),
+                    Got::Msg(SharerMsg::Have { piece: 2 }),
+                    Got::Block(1, 1064, _),
+                    Got::Msg(SharerMsg::Have { piece: 3 })
+                ]
+            ),
+            "step {step}: {got:?}"
+        );
+        for (what, at) in [
+            ("a flipped ciphertext byte", data_at),
+            ("another", data_at + 999),
+            ("a flipped tag byte", tag_at + 7),
+        ] {
+            let mut fetch = SealedSharerStream::open_with(Opener::new(KEY));
+            assert_eq!(
+                fetch_feed_dropping(&mut fetch, &flip(&reference, at), step).err(),
+                Some(PeerSecureError::BadRecord),
+                "step {step}: {what}"
+            );
+            assert!(fetch.filled(1).is_err(), "the stream stays failed");
+        }
+    }
+    // A block whose data went elsewhere (not dropped at its start) cannot be skipped
+    // unchecked.
+    let mut fetch = SealedSharerStream::open_with(Opener::new(KEY));
+    let mut pos = 0;
+    loop {
+        let n = match fetch.next_read() {
+            SealedNext::Ready => 0,
+            SealedNext::Buffer(buf) => {
+                let n = buf.len().min(reference.len() - pos);
+                buf[..n].copy_from_slice(&reference[pos..pos + n]);
+                n
+            }
+            SealedNext::BlockData { len, .. } => len as usize,
+        };
+        pos += n;
+        if let Some(SealedDecoded::BlockSealed { .. }) = fetch.filled(n).unwrap() {
+            break;
+        }
+    }
+    assert!(matches!(
+        fetch.skip_block(),
+        Err(PeerSecureError::OutOfTurn(_))
+    ));
+    // And a block cannot be dropped once its data has started.
+    let mut fetch = SealedSharerStream::open_with(Opener::new(KEY));
+    let head = &reference[..data_at];
+    let mut fed = 0;
+    loop {
+        let n = match fetch.next_read() {
+            SealedNext::Buffer(buf) => {
+                let n = buf.len().min(head.len() - fed);
+                buf[..n].copy_from_slice(&head[fed..fed + n]);
+                n
+            }
+            SealedNext::Ready => 0,
+            SealedNext::BlockData { len, .. } => {
+                assert_eq!((len, fed), (1000, head.len()));
+                break;
+            }
+        };
+        fed += n;
+        fetch.filled(n).unwrap();
+    }
+    fetch.filled(10).unwrap();
+    assert!(fetch.drop_block().is_err());
 }
 
 fn flip(bytes: &[u8], at: usize) -> Vec<u8> {
@@ -509,17 +849,20 @@ fn bad_preambles_and_oversize_messages_are_refused() {
     ));
     let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME);
     assert_eq!(
-        serve_feed(&mut serve, b"P2PL\x00\x03").err(),
-        Some(PeerSecureError::BadVersion(3))
+        serve_feed(&mut serve, b"P2PL\x00\x04").err(),
+        Some(PeerSecureError::BadVersion(4))
     );
-    // Version 1 (records in ChaCha20-Poly1305) is not spoken any more: refused, not misread.
+    // Versions 1 and 2 (records always in ChaCha20-Poly1305, then always in AES-128-GCM) are
+    // not spoken any more: refused as soon as the version is in, not misread.
+    for v in [1u8, 2] {
+        let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME);
+        assert_eq!(
+            serve_feed(&mut serve, &[b'P', b'2', b'P', b'L', 0, v]).err(),
+            Some(PeerSecureError::BadVersion(u16::from(v)))
+        );
+    }
     let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME);
-    assert_eq!(
-        serve_feed(&mut serve, b"P2PL\x00\x01").err(),
-        Some(PeerSecureError::BadVersion(1))
-    );
-    let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME);
-    let mut bytes = preamble().to_vec();
+    let mut bytes = preamble(CipherPrefs::AES_FIRST).to_vec();
     bytes.extend_from_slice(&(MAX_HANDSHAKE_MSG as u16 + 1).to_be_bytes());
     assert_eq!(
         serve_feed(&mut serve, &bytes).err(),
@@ -545,7 +888,8 @@ fn bad_preambles_and_oversize_messages_are_refused() {
             &DOWNLOADER,
             &public_of(&SHARER),
             &[0; MAX_HANDSHAKE_PAYLOAD + 1],
-            &mut out
+            &mut out,
+            CipherPrefs::AES_FIRST
         )
         .err(),
         Some(PeerSecureError::PayloadTooLong(MAX_HANDSHAKE_PAYLOAD + 1))
@@ -576,8 +920,8 @@ fn random_input_never_panics() {
         let len = rng.below(300);
         let mut bytes = vec![0u8; len];
         rng.fill(&mut bytes);
-        if round % 2 == 0 && len >= 6 {
-            bytes[..6].copy_from_slice(&preamble());
+        if round % 2 == 0 && len >= PREAMBLE_LEN {
+            bytes[..PREAMBLE_LEN].copy_from_slice(&preamble(CipherPrefs::AES_FIRST));
         }
         let mut serve = SealedDownloaderStream::new(SHARER, MAX_DOWNLOADER_FRAME);
         let _ = serve_feed(&mut serve, &bytes);

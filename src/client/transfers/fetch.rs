@@ -170,7 +170,7 @@ impl Transfers {
                 )));
             };
             Some(Box::new(FetchSecure {
-                stream: SealedSharerStream::new(),
+                stream: SealedSharerStream::new().with_prefs(self.cipher_prefs),
                 sealer: None,
                 pending: Vec::new(),
                 started: false,
@@ -506,10 +506,13 @@ fn read_sealed_sharer(
         return Ok(ReadEnd::Stopped);
     };
     while budget > 0 {
+        // A dropped block's data goes into the stream's own buffer, but it is data all the
+        // same (the link is not stalled).
+        let dropped_data = sec.stream.in_block_data();
         let (r, is_data) = match sec.stream.next_read() {
             // Bytes read ahead complete a record or a tag: no read.
             SealedNext::Ready => (None, false),
-            SealedNext::Buffer(buf) => (Some(stream.read(buf)), false),
+            SealedNext::Buffer(buf) => (Some(stream.read(buf)), dropped_data),
             SealedNext::BlockData { piece, offset, len } => (
                 Some(read_block_data(
                     stream,
@@ -533,11 +536,23 @@ fn read_sealed_sharer(
         }
         match sec.stream.filled(n)? {
             None => {}
-            Some(SealedDecoded::Established(sealer)) => established(sec, sealer, out)?,
+            Some(SealedDecoded::Established(sealer)) => {
+                debug!(
+                    "sharer {}: records in {}",
+                    link.addr,
+                    sealer.cipher().name()
+                );
+                established(sec, sealer, out)?
+            }
             Some(SealedDecoded::Msg(msg)) => messages.push(msg),
             Some(SealedDecoded::BlockStart { piece, offset, len }) => {
                 link.writing =
                     active.engine.on_block_header(peer, piece, offset, len, now) == Verdict::Write;
+                if !link.writing {
+                    // Not kept, but still authenticated: the stream reads it into its own
+                    // buffer and checks its tag at the end.
+                    sec.stream.drop_block()?;
+                }
             }
             Some(SealedDecoded::BlockSealed { piece, offset, len }) => {
                 let opened = if link.writing {
@@ -561,6 +576,9 @@ fn read_sealed_sharer(
                             );
                         }
                     }
+                    // Dropped at its start: opened in the stream's buffer, its tag checked
+                    // (an error closes the link). A block the file stopped taking midway
+                    // (a bug) cannot be checked and fails the same way.
                     None => {
                         sec.stream.skip_block()?;
                     }

@@ -219,6 +219,7 @@ fn read_sealed(
         while let Some(event) = sec.stream.next_event().map_err(|e| e.to_string())? {
             match event {
                 ServeEvent::Hello(hello) => {
+                    debug!("a downloader's records in {}", hello.sealer.cipher().name());
                     out.extend_from_slice(&hello.reply);
                     sec.sealer = Some(hello.sealer);
                     sec.peer_key = Some(hello.remote_static);
