@@ -115,16 +115,16 @@ pub fn read_tracker_info(path: &Path) -> Result<Vec<SocketAddr>, CliError> {
     parse_tracker_info(&text)
 }
 
-/// Adds the options both programs take.
-pub fn common_options(opts: &mut getopts::Options) {
+/// Adds the options both programs take; `default_level` is what the program logs at when
+/// `--log-level` is not given (said in its help).
+pub fn common_options(opts: &mut getopts::Options, default_level: LevelFilter) {
     opts.optflag("h", "help", "print this help and exit");
     opts.optflag("V", "version", "print the version and exit");
-    opts.optopt(
-        "",
-        "log-level",
-        "error|warn|info|debug|trace (default: warn)",
-        "LEVEL",
+    let level_help = format!(
+        "error|warn|info|debug|trace (default: {})",
+        default_level.as_str().to_ascii_lowercase()
     );
+    opts.optopt("", "log-level", &level_help, "LEVEL");
     opts.optopt(
         "",
         "log-file",

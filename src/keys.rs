@@ -17,7 +17,7 @@ use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -59,6 +59,11 @@ pub enum KeyError {
         mode: u32,
     },
     NotAFile(PathBuf),
+    /// Owned by another user (who could have chosen the secret).
+    NotOurs {
+        path: PathBuf,
+        owner: u32,
+    },
     /// Not the key file format, or a key of the wrong length.
     Corrupt {
         path: PathBuf,
@@ -93,6 +98,13 @@ impl fmt::Display for KeyError {
                     path.display()
                 )
             }
+            KeyError::NotOurs { path, owner } => write!(
+                f,
+                "service key file {} belongs to user {owner}, not to this process's user: \
+                 whoever owns it may know or change the secret; remove it or pass \
+                 --service-key FILE",
+                path.display()
+            ),
             KeyError::Corrupt { path, why } => write!(
                 f,
                 "service key file {} is corrupt ({why}); restore it from another tracker of \
@@ -339,6 +351,12 @@ impl ServiceKey {
         if !meta.is_file() {
             return Err(KeyError::NotAFile(path.to_path_buf()));
         }
+        if meta.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(KeyError::NotOurs {
+                path: path.to_path_buf(),
+                owner: meta.uid(),
+            });
+        }
         let mode = meta.permissions().mode();
         if mode & 0o077 != 0 {
             return Err(KeyError::Permissions {
@@ -416,6 +434,26 @@ impl ServiceKey {
         create_private_file(path, &self.file_text()).map_err(|e| io("create", e))
     }
 
+    /// Best effort: a copy of this key at `path` unless a file is there already (a failure
+    /// is logged, not fatal: the key has its main place).
+    fn copy_to(&self, path: &Path) {
+        match self.write_new(path) {
+            Ok(()) => log::info!("copied the service key to {}", path.display()),
+            Err(KeyError::Io { err, .. }) if err.kind() == io::ErrorKind::AlreadyExists => {
+                match Self::load(path) {
+                    Ok(other) if other.public_key() == self.public_key() => {}
+                    _ => log::warn!(
+                        "{} holds another service key than the one just created beside the \
+                         tracker file: trackers of copies of this tracker file elsewhere may \
+                         form another service",
+                        path.display()
+                    ),
+                }
+            }
+            Err(e) => log::warn!("could not copy the service key: {e}"),
+        }
+    }
+
     /// The key file's contents.
     fn file_text(&self) -> String {
         format!(
@@ -491,11 +529,97 @@ pub fn key_file_name(trackers: &[SocketAddr]) -> String {
     format!("service-{short}.key")
 }
 
-/// The default key file of the trackers of a tracker file, from the environment.
+/// The default key file of the trackers of a tracker file in the state home, from the
+/// environment.
 pub fn default_key_path(trackers: &[SocketAddr]) -> Result<PathBuf, KeyError> {
     let root = state_root(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"))
         .ok_or(KeyError::NoStateDir)?;
     Ok(root.join(key_file_name(trackers)))
+}
+
+/// Where the trackers of one tracker file look for their service key when no
+/// `--service-key` is given: first beside the tracker file (`.p2pshare-service-<hash>.key` in
+/// its directory), then in the state home (`service-<hash>.key`). The tracker file is the one
+/// thing every tracker of the file shares, so the first place is found by trackers started
+/// with different `HOME`s or `XDG_STATE_HOME`s; the second keeps keys made by earlier builds,
+/// and serves trackers whose tracker files are copies in different directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultKeyPlaces {
+    pub beside_file: PathBuf,
+    /// `None` when neither `XDG_STATE_HOME` nor `HOME` says where the state home is.
+    pub state_home: Option<PathBuf>,
+}
+
+impl DefaultKeyPlaces {
+    /// The places for the tracker file at `info_path` listing `trackers`, with the state home
+    /// `state_root` (see [`state_root`]).
+    pub fn new(info_path: &Path, trackers: &[SocketAddr], state_root: Option<PathBuf>) -> Self {
+        let name = key_file_name(trackers);
+        let dir = match info_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        DefaultKeyPlaces {
+            beside_file: dir.join(format!(".p2pshare-{name}")),
+            state_home: state_root.map(|root| root.join(name)),
+        }
+    }
+
+    /// The places, with the state home taken from the environment.
+    pub fn from_env(info_path: &Path, trackers: &[SocketAddr]) -> Self {
+        let root = state_root(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"));
+        Self::new(info_path, trackers, root)
+    }
+
+    /// The key of the first place that holds a file (an error if that file is unusable: a
+    /// bad file is never passed over for another key), or `None` when neither does.
+    pub fn find(&self) -> Result<Option<(ServiceKey, PathBuf)>, KeyError> {
+        for path in std::iter::once(&self.beside_file).chain(self.state_home.as_ref()) {
+            match fs::symlink_metadata(path) {
+                Ok(_) => return ServiceKey::load(path).map(|k| Some((k, path.clone()))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(KeyError::Io {
+                        path: path.clone(),
+                        what: "read",
+                        err,
+                    })
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The service key of the tracker file: found (see [`Self::find`]), or else created
+    /// beside the tracker file, with a copy in the state home for trackers whose tracker file
+    /// is a copy elsewhere. When the tracker file's directory cannot hold it (read-only, say),
+    /// it is created in the state home only. Returns the key and the file it is kept in.
+    pub fn find_or_create(&self) -> Result<(ServiceKey, PathBuf), KeyError> {
+        if let Some(found) = self.find()? {
+            return Ok(found);
+        }
+        match ServiceKey::load_or_create(&self.beside_file) {
+            Ok(key) => {
+                if let Some(home) = &self.state_home {
+                    key.copy_to(home);
+                }
+                Ok((key, self.beside_file.clone()))
+            }
+            Err(KeyError::Io { path, what, err })
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                let home = self
+                    .state_home
+                    .as_ref()
+                    .ok_or(KeyError::Io { path, what, err })?;
+                ServiceKey::load_or_create(home).map(|k| (k, home.clone()))
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Creates `path`, which must not exist, holding `text`, readable by its owner only: written

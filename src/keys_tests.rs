@@ -324,3 +324,88 @@ fn tickets_verify_offline_and_only_as_issued() {
         Err(TicketError::BadSignature)
     );
 }
+
+fn places_in(dir: &Path) -> DefaultKeyPlaces {
+    let a: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+    DefaultKeyPlaces::new(
+        &dir.join("files/tracker_info.txt"),
+        &[a],
+        Some(dir.join("home/p2pshare")),
+    )
+}
+
+#[test]
+fn the_default_key_is_made_beside_the_tracker_file_with_a_copy_in_the_state_home() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("files")).unwrap();
+    let places = places_in(dir.path());
+    assert_eq!(
+        places.beside_file,
+        dir.path().join("files").join(format!(
+            ".p2pshare-{}",
+            key_file_name(&["127.0.0.1:7001".parse().unwrap()])
+        ))
+    );
+    assert!(places.find().unwrap().is_none());
+    let (key, path) = places.find_or_create().unwrap();
+    assert_eq!(path, places.beside_file);
+    let home = places.state_home.clone().unwrap();
+    assert_eq!(mode_of(&places.beside_file), 0o600);
+    assert_eq!(mode_of(&home), 0o600);
+    assert_eq!(
+        ServiceKey::load(&home).unwrap().public_key(),
+        key.public_key()
+    );
+    // Found again, beside the file first.
+    let (again, path) = places.find().unwrap().unwrap();
+    assert_eq!(
+        (again.public_key(), path),
+        (key.public_key(), places.beside_file.clone())
+    );
+}
+
+#[test]
+fn a_key_in_the_state_home_only_is_found_there() {
+    // Keys made by earlier builds, or for a copy of the tracker file elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let places = places_in(dir.path());
+    let home = places.state_home.clone().unwrap();
+    let made = ServiceKey::load_or_create(&home).unwrap();
+    let (found, path) = places.find_or_create().unwrap();
+    assert_eq!((found.public_key(), path), (made.public_key(), home));
+    assert!(
+        fs::symlink_metadata(&places.beside_file).is_err(),
+        "no second key made"
+    );
+}
+
+#[test]
+fn a_bad_key_beside_the_file_is_an_error_not_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("files")).unwrap();
+    let places = places_in(dir.path());
+    ServiceKey::load_or_create(places.state_home.as_ref().unwrap()).unwrap();
+    fs::write(&places.beside_file, "garbage\n").unwrap();
+    fs::set_permissions(&places.beside_file, fs::Permissions::from_mode(0o600)).unwrap();
+    let err = places.find_or_create().unwrap_err();
+    assert!(matches!(err, KeyError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(".p2pshare-service-"), "{err}");
+}
+
+#[test]
+fn a_key_file_owned_by_another_user_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("service.key");
+    ServiceKey::load_or_create(&path).unwrap();
+    // Only root can give a file away; elsewhere there is nothing to test.
+    if std::os::unix::fs::chown(&path, Some(4242), None).is_err() {
+        eprintln!("skipped: cannot chown (not root)");
+        return;
+    }
+    let err = ServiceKey::load(&path).unwrap_err();
+    assert!(
+        matches!(err, KeyError::NotOurs { owner: 4242, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("belongs to user 4242"), "{err}");
+}

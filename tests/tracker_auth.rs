@@ -2,7 +2,8 @@
 //! 127.0.0.1: only the trackers of a service link with each other. The trackers of one tracker
 //! file find one service key by themselves and link; a process that says the tracker hello in
 //! clear, or attempts the handshake without the service's key, gets nothing (not one byte) and
-//! changes nothing; two trackers with different keys do not link (both log a warning). Key
+//! changes nothing; two trackers with different keys do not link (both log a warning); trackers
+//! with separate state homes find the key beside their tracker file. Key
 //! files: a corrupt or group-readable file, or a key on the tracker's own line that is not its
 //! own, exit 2 with a message naming the problem.
 //!
@@ -182,6 +183,13 @@ fn trackers_of_one_file_share_one_key_and_replicate() {
     assert_eq!(keys.len(), 1, "{keys:?}");
     let mode = std::fs::metadata(&keys[0]).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+    // It is the copy of the one beside the tracker file, where the trackers look first.
+    let beside = key_files_in(cluster.info.parent().unwrap());
+    assert_eq!(beside.len(), 1, "{beside:?}");
+    assert_eq!(
+        std::fs::read(&beside[0]).unwrap(),
+        std::fs::read(&keys[0]).unwrap()
+    );
     // A change through one tracker is on the other.
     create(&cluster.info_for(&[1]), "alice");
     assert!(groups_through(&cluster.info_for(&[2]), "bob").contains(&"g-alice".to_string()));
@@ -243,6 +251,73 @@ fn handshake_with_a_wrong_key_gets_nothing() {
     // The service still serves, with its state.
     let groups = groups_through(&cluster.info_for(&[1]), "bob");
     assert!(groups.contains(&"g-alice".to_string()), "{groups:?}");
+}
+
+/// The `*.key` files directly in `dir`.
+fn key_files_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "key"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn trackers_with_separate_state_homes_find_one_key_beside_their_tracker_file() {
+    // A harness may give every process its own XDG_STATE_HOME: the trackers of one tracker
+    // file must still be one service (the key is made beside the tracker file).
+    let dir = tempfile::tempdir().unwrap();
+    let ports = common::free_ports(2);
+    let info = dir.path().join("tracker_info.txt");
+    std::fs::write(
+        &info,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", ports[0], ports[1]),
+    )
+    .unwrap();
+    let homes = [dir.path().join("home1"), dir.path().join("home2")];
+    let t1 = start_solo(&info, 1, &homes[0], &[], dir.path().join("t1.log"));
+    let t2 = start_solo(&info, 2, &homes[1], &[], dir.path().join("t2.log"));
+    assert_eq!(key_of(&t1.key_line), key_of(&t2.key_line));
+    let beside = key_files_in(dir.path());
+    assert_eq!(beside.len(), 1, "{beside:?}");
+    let name = beside[0].file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.starts_with(".p2pshare-service-"), "{name}");
+    assert_eq!(
+        std::fs::metadata(&beside[0]).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // One service: a change through tracker 1 is seen through tracker 2.
+    let only = |no: usize| {
+        let p = dir.path().join(format!("only-{no}.txt"));
+        std::fs::write(&p, format!("127.0.0.1:{}\n", ports[no - 1])).unwrap();
+        p
+    };
+    create(&only(1), "alice");
+    assert!(groups_through(&only(2), "bob").contains(&"g-alice".to_string()));
+    drop((t1.proc, t2.proc));
+}
+
+#[test]
+fn a_key_on_the_own_line_without_its_key_file_creates_no_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let info = dir.path().join("tracker_info.txt");
+    let key = "ed25519:caYw7Udx7aESyOZBtTKdZVhBsOweLb7CsjO5aPleIkQ";
+    std::fs::write(&info, format!("{} {key}\n", common::free_addr())).unwrap();
+    let home = dir.path().join("home");
+    let out = Command::new(TRACKER_BIN)
+        .env("XDG_STATE_HOME", &home)
+        .args([info.to_str().unwrap(), "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(key) && err.contains("no key file"), "{err}");
+    assert!(key_files_in(dir.path()).is_empty());
+    assert!(key_files_in(&home.join("p2pshare")).is_empty());
 }
 
 #[test]

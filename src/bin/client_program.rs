@@ -12,6 +12,10 @@ use p2pshare::client::known_trackers::{KnownTrackers, TrackerKeys};
 use p2pshare::client::progress::{Drawn, LogSink};
 use p2pshare::client::state_dir::{self, StateEnv};
 
+/// What the client logs when `--log-level` is not given: problems only, so a batch run's
+/// stderr holds its `error: ` lines and little else.
+const DEFAULT_LOG_LEVEL: LevelFilter = LevelFilter::Warn;
+
 fn usage(opts: &getopts::Options) -> String {
     opts.usage("Usage: client_program [OPTIONS] <IP>:<PORT> <tracker_info_file>")
 }
@@ -30,7 +34,7 @@ fn full_help(opts: &getopts::Options) -> String {
 
 fn main() -> ExitCode {
     let mut opts = getopts::Options::new();
-    cli::common_options(&mut opts);
+    cli::common_options(&mut opts, DEFAULT_LOG_LEVEL);
     opts.optflag(
         "",
         "serve",
@@ -47,7 +51,7 @@ fn main() -> ExitCode {
     let parsed = opts
         .parse(&args)
         .map_err(|e| CliError(e.to_string()))
-        .and_then(|m| Ok((cli::common_args(&m, LevelFilter::Warn)?, m)));
+        .and_then(|m| Ok((cli::common_args(&m, DEFAULT_LOG_LEVEL)?, m)));
     let (common, matches) = match parsed {
         Ok(p) => p,
         Err(e) => {

@@ -10,6 +10,11 @@ use p2pshare::tracker::disk::{self, DataDir};
 use p2pshare::tracker::driver::{self, TrackerConfig};
 use p2pshare::tracker::durable;
 
+/// What the tracker logs when `--log-level` is not given: `info`, so an operator sees it
+/// start, link with the other trackers, take over or step down (a few lines per event, none
+/// per request).
+const DEFAULT_LOG_LEVEL: LevelFilter = LevelFilter::Info;
+
 fn usage(opts: &getopts::Options) -> String {
     opts.usage(
         "Usage: tracker_program [OPTIONS] <tracker_info_file> <tracker_no>\n       \
@@ -19,7 +24,7 @@ fn usage(opts: &getopts::Options) -> String {
 
 fn main() -> ExitCode {
     let mut opts = getopts::Options::new();
-    cli::common_options(&mut opts);
+    cli::common_options(&mut opts, DEFAULT_LOG_LEVEL);
     opts.optopt(
         "",
         "data-dir",
@@ -30,8 +35,9 @@ fn main() -> ExitCode {
     opts.optopt(
         "",
         "service-key",
-        "the service's key file (default: one per tracker file under \
-         $XDG_STATE_HOME/p2pshare/, created on first start)",
+        "the service's key file (default: .p2pshare-service-<hash>.key beside the tracker \
+         file, else service-<hash>.key under $XDG_STATE_HOME/p2pshare/; created on first \
+         start)",
         "FILE",
     );
     opts.optflag(
@@ -98,7 +104,7 @@ fn main() -> ExitCode {
     let parsed = opts
         .parse(&args)
         .map_err(|e| CliError(e.to_string()))
-        .and_then(|m| Ok((cli::common_args(&m, LevelFilter::Info)?, m)));
+        .and_then(|m| Ok((cli::common_args(&m, DEFAULT_LOG_LEVEL)?, m)));
     let (common, matches) = match parsed {
         Ok(p) => p,
         Err(e) => {
@@ -192,18 +198,39 @@ fn main() -> ExitCode {
         eprintln!("tracker_program: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let key_path = match matches.opt_str("service-key") {
-        Some(path) => PathBuf::from(path),
-        None => match keys::default_key_path(&trackers) {
-            Ok(path) => path,
-            Err(e) => {
-                eprintln!("tracker_program: {e}");
-                return ExitCode::from(EXIT_USAGE);
+    // A key on our own line names the service: without its key file we must not make a new
+    // key (it could never match), only say where the file is looked for.
+    let own_line_key = lines[usize::from(tracker_no) - 1].key;
+    let found = match matches.opt_str("service-key") {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            match own_line_key {
+                Some(k) if std::fs::symlink_metadata(&path).is_err() => Err(format!(
+                    "line {tracker_no} of {info_path} says the service key is {k}, but there \
+                     is no key file {}: copy that service's key file there",
+                    path.display()
+                )),
+                _ => ServiceKey::load_or_create(&path)
+                    .map(|k| (k, path))
+                    .map_err(|e| e.to_string()),
             }
-        },
+        }
+        None => {
+            let places = keys::DefaultKeyPlaces::from_env(Path::new(&info_path), &trackers);
+            match (own_line_key, places.find()) {
+                (_, Err(e)) => Err(e.to_string()),
+                (_, Ok(Some(found))) => Ok(found),
+                (Some(k), Ok(None)) => Err(format!(
+                    "line {tracker_no} of {info_path} says the service key is {k}, but no key \
+                     file of that service is here: copy it to {} (or pass --service-key FILE)",
+                    places.beside_file.display()
+                )),
+                (None, Ok(None)) => places.find_or_create().map_err(|e| e.to_string()),
+            }
+        }
     };
-    let service_key = match ServiceKey::load_or_create(&key_path) {
-        Ok(key) => key,
+    let (service_key, key_path) = match found {
+        Ok(found) => found,
         Err(e) => {
             error!("{e}");
             eprintln!("tracker_program: {e}");

@@ -1,4 +1,5 @@
-//! The resume record of a download: `<target>.part.resume`, beside the `.part`, says that
+//! The resume record of a download: `<target>.part.resume`, beside the `.part` (both named
+//! from a shortened target name when the target's name is too long for the suffixes), says that
 //! this program wrote that `.part` for a given content and which of its pieces were verified.
 //! A `download_file` onto the same target resumes from it; a `.part` without a record that
 //! matches (someone's own file, another content) is never touched.
@@ -57,18 +58,54 @@ pub enum Found {
     Foreign(String),
 }
 
-/// `<target>.part`.
+/// Longest file name a Linux file system takes (bytes), `NAME_MAX`.
+const NAME_MAX: usize = 255;
+/// The longest suffix a target's name gets: the record's temporary file while it is rewritten.
+const LONGEST_SUFFIX: &str = ".part.resume.tmp";
+
+/// `<target>.part`, or for a target whose name is too long to take the suffixes (more than
+/// 239 bytes), a shortened form of it (see [`stem`]).
 pub fn part_path(target: &Path) -> PathBuf {
-    let mut name = target.as_os_str().to_owned();
-    name.push(".part");
+    with_suffix(target, ".part")
+}
+
+/// `<target>.part.resume`, shortened like [`part_path`].
+pub fn record_path(target: &Path) -> PathBuf {
+    with_suffix(target, ".part.resume")
+}
+
+fn with_suffix(target: &Path, suffix: &str) -> PathBuf {
+    let mut name = stem(target);
+    name.push(suffix);
     PathBuf::from(name)
 }
 
-/// `<target>.part.resume`.
-pub fn record_path(target: &Path) -> PathBuf {
-    let mut name = target.as_os_str().to_owned();
-    name.push(".part.resume");
-    PathBuf::from(name)
+/// What the suffixes are appended to: the target itself, or, when its file name plus
+/// `.part.resume.tmp` would pass `NAME_MAX` (so the record could not be written), the directory
+/// joined with the name's first bytes (cut at a character boundary), `~` and 16 hex digits of
+/// the SHA1 of the whole name. Distinct long names get distinct stems, and the stem of a name
+/// is always the same, so an interrupted download of it is found again.
+fn stem(target: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(name) = target.file_name() else {
+        return target.as_os_str().to_owned();
+    };
+    let bytes = name.as_bytes();
+    if bytes.len() + LONGEST_SUFFIX.len() <= NAME_MAX {
+        return target.as_os_str().to_owned();
+    }
+    use sha1::Digest;
+    let digest = sha1::Sha1::digest(bytes);
+    let tag: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut keep = NAME_MAX - LONGEST_SUFFIX.len() - 1 - tag.len();
+    // A cut inside a UTF-8 character would make the name invalid text.
+    while keep > 0 && (bytes[keep] & 0b1100_0000) == 0b1000_0000 {
+        keep -= 1;
+    }
+    let mut short = std::ffi::OsStr::from_bytes(&bytes[..keep]).to_owned();
+    short.push("~");
+    short.push(tag);
+    target.with_file_name(short).into_os_string()
 }
 
 impl PartRecord {

@@ -108,3 +108,43 @@ fn other_content_and_foreign_files_are_foreign() {
     fs::create_dir(part_path(&t3)).unwrap();
     assert!(matches!(inspect(&t3, &m), Found::Foreign(_)));
 }
+
+#[test]
+fn names_too_long_for_the_suffixes_get_a_short_stem_that_can_be_created() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Up to 239 bytes, the suffixes go on the name as it is (the record's temporary file,
+    // `.part.resume.tmp`, still fits).
+    let fits = dir.path().join("a".repeat(239));
+    assert_eq!(
+        part_path(&fits),
+        dir.path().join(format!("{}.part", "a".repeat(239)))
+    );
+    let m = meta(3000, 7);
+    ours(&fits, &m, &[1]);
+    assert!(matches!(inspect(&fits, &m), Found::Resume { .. }));
+    // Longer names (up to NAME_MAX) get a stem: both files can be created, distinct names
+    // give distinct stems, and the same name always the same.
+    for (long, other) in [
+        ("n".repeat(240), format!("{}m", "n".repeat(239))),
+        ("n".repeat(255), format!("{}m", "n".repeat(254))),
+        ("é".repeat(127), format!("{}e", "é".repeat(126))),
+    ] {
+        let target = dir.path().join(&long);
+        let (part, record) = (part_path(&target), record_path(&target));
+        assert_eq!(part.parent(), Some(dir.path()));
+        assert!(part.file_name().unwrap().len() <= 255);
+        assert!(record.file_name().unwrap().len() <= 255);
+        assert!(std::str::from_utf8(record.file_name().unwrap().as_bytes()).is_ok());
+        let m = meta(3000, 7);
+        ours(&target, &m, &[1]);
+        assert!(part.exists() && record.exists());
+        assert!(
+            matches!(inspect(&target, &m), Found::Resume { verified } if verified.get(1)),
+            "resumed from the stem's files"
+        );
+        let other = dir.path().join(other);
+        assert_ne!(part_path(&other), part);
+        assert_eq!(part_path(&target), part);
+    }
+}

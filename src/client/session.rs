@@ -1223,9 +1223,29 @@ impl ClientCore {
 
     /// The request could not be sent: no tracker answered.
     pub fn handle_send_failed(&mut self, reason: &str) {
-        if matches!(self.pending, Some(Pending::Awaiting { .. })) {
+        if let Some(Pending::Awaiting { request, .. }) = &self.pending {
+            // A change may have reached a tracker before every link failed (all trackers
+            // killed right after it was written, say); the service then holds it. The user
+            // must not take the error for "not made".
+            let reads_only = matches!(
+                request.body,
+                RequestBody::Ping
+                    | RequestBody::ListRequests { .. }
+                    | RequestBody::ListGroups
+                    | RequestBody::ListFiles { .. }
+                    | RequestBody::FileSharers { .. }
+                    | RequestBody::ListPart { .. }
+            );
+            let why = if reads_only {
+                reason.to_owned()
+            } else {
+                format!(
+                    "{reason}; the change may have reached the service before its trackers \
+                     went away: check before repeating it"
+                )
+            };
             self.pending = None;
-            self.fail(reason.to_owned());
+            self.fail(why);
         }
     }
 

@@ -497,9 +497,16 @@ fn send_failed_fails_the_pending_command() {
     assert!(h.drain().is_empty(), "nothing pending: nothing to fail");
     assert_eq!(h.core.n_failed(), 0);
 
+    // A change may have been made: the line says so.
     let req = h.line_sends("create_user alice pw");
     h.core.handle_send_failed("no tracker answered");
-    assert_eq!(h.drain(), [fail("no tracker answered")]);
+    assert_eq!(
+        h.drain(),
+        [fail(
+            "no tracker answered; the change may have reached the service before its \
+             trackers went away: check before repeating it"
+        )]
+    );
     assert!(!h.core.is_busy());
     assert_eq!(h.core.n_failed(), 1);
     h.core.handle_reply(Reply {
@@ -507,6 +514,12 @@ fn send_failed_fails_the_pending_command() {
         body: ReplyBody::Done,
     });
     assert!(h.drain().is_empty());
+
+    // A read changes nothing: the reason alone.
+    h.login("alice");
+    h.line_sends("list_groups");
+    h.core.handle_send_failed("no tracker answered");
+    assert_eq!(h.drain(), [fail("no tracker answered")]);
 }
 
 #[test]
