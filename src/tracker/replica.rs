@@ -90,6 +90,14 @@
 //!   is not live (dead, an earlier run of a restarted tracker, or a tracker's run before its
 //!   stall) a grace period to move elsewhere (clients resume with their token); then it ends
 //!   them, and their shares go offline.
+//! - **A client's links are ordered.** A client that lost its link after sending a login or
+//!   resume sends it again (same request id) through another tracker, and the two copies may
+//!   be ordered either way. Logins and resumes carry the client's number for the link they
+//!   came through (growing with each new link of the process), and so does the `ClientGone`
+//!   a tracker submits when that link closes; the session keeps the number of the link that
+//!   holds it, and an op naming an older link of the same client neither moves the session
+//!   nor ends it (`TrackerState::left_link`), so a late copy from a link the client left
+//!   cannot take the session from the link it uses.
 //!
 //! # Invariants
 //!

@@ -51,9 +51,13 @@
 //!   it sees the loss at once, the tracker some time later, after handling what the client had
 //!   sent. That tracker then ends the client's session if it still holds it (`ClientGone`);
 //!   if that happens before the client's `Resume` elsewhere is applied, the resume is refused
-//!   and the client logs in again (the documented behaviour of a broken connection). The same
-//!   happens when a login was in flight on the cut link: the old tracker may handle it after
-//!   the retry elsewhere (its remembered answer moves the session back), then end it.
+//!   and the client logs in again (the documented behaviour of a broken connection). A login
+//!   in flight on the cut link may be handled by the old tracker after the retry elsewhere:
+//!   its copy names an older link of the client (logins and resumes carry the client's link
+//!   number, as the real client's do), so it neither moves the session back nor ends it with
+//!   that link's `ClientGone`. The same gap remains when the cut link's copy was applied
+//!   first, held the session, and its close ended it before the retry's copy moved it (the
+//!   retry may be answered from the first copy): `NotLoggedIn` may then come.
 //!
 //! # The checks
 //!
@@ -396,6 +400,9 @@ struct SimClient {
     frozen: bool,
     /// Attempts to connect so far (names the events).
     n_connects: u64,
+    /// Links made so far: the number of the current one, which its logins and resumes carry
+    /// (as `client::uplink` numbers them).
+    n_links: u64,
     next_req: u64,
     token: Option<[u8; 16]>,
     /// Believes it holds a session.
@@ -1446,6 +1453,7 @@ impl Cluster {
             prefer,
             frozen: false,
             n_connects: 0,
+            n_links: 0,
             next_req: 0,
             token: None,
             logged_in: false,
@@ -1534,6 +1542,7 @@ impl Cluster {
         let cl = &mut self.clients[c];
         cl.link = Some(cc);
         cl.tracker = Some(no);
+        cl.n_links += 1;
         let hello = ClientMsg::hello(cl.id);
         self.client_send(c, &hello);
         // The failover contract: resume the session, then ask again what was in flight.
@@ -1544,7 +1553,7 @@ impl Cluster {
             cl.resume = Some(req_id);
             let msg = ClientMsg::Request(Request {
                 req_id,
-                body: RequestBody::Resume { token },
+                body: RequestBody::Resume { token, link: 0 },
             });
             self.client_send(c, &msg);
         }
@@ -1562,6 +1571,16 @@ impl Cluster {
         let Some(conn) = self.clients[c].link else {
             return;
         };
+        // Logins and resumes carry the number of the link they go on (a retry too).
+        let mut msg = msg.clone();
+        if let ClientMsg::Request(Request {
+            body: RequestBody::Login { link, .. } | RequestBody::Resume { link, .. },
+            ..
+        }) = &mut msg
+        {
+            *link = self.clients[c].n_links;
+        }
+        let msg = &msg;
         let mut frame = Vec::new();
         msg.emit(&mut frame);
         let parsed = ClientMsg::parse(&frame[LEN_PREFIX..]).unwrap();
@@ -1771,8 +1790,12 @@ impl Cluster {
                 }
                 cl.logged_in = true;
                 cl.session_lost = false;
-                // A login also sent on a cut link may be handled there after this answer (its
-                // remembered answer moves the session there), and end with that link.
+                // A copy of this login sent on a cut link, handled after this answer, names an
+                // older link of the client: it neither moves the session nor ends it. But this
+                // answer may be that of a copy applied through a cut link (the first copy
+                // committed answers whichever link waits for it now), while that link held the
+                // session, and its close may end it before this link's copy moves it: the gap
+                // of a link cut while its tracker lives (seed 13000238).
                 cl.cut_since_session = p.cut;
                 cl.lost_since = None;
             }
@@ -1838,6 +1861,7 @@ impl Cluster {
                 peer_addr,
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         );
         assert!(matches!(reply, ReplyBody::LoggedIn { .. }), "{reply:?}");
@@ -1873,6 +1897,7 @@ impl Cluster {
                     peer_addr,
                     shares,
                     client_key: [0; 32],
+                    link: 0,
                 },
                 Expect::LoggedIn,
             );
@@ -2731,6 +2756,71 @@ fn a_resume_handled_late_on_a_cut_link_does_not_take_the_session_back() {
     cl.check_acknowledged();
 }
 
+/// A login sent through tracker 2, whose link the client then lost, and sent again (same
+/// request id) through tracker 3: tracker 3's copy was ordered first; the late copy from
+/// tracker 2, answered from memory, moved the session to tracker 2, and tracker 2's
+/// `ClientGone` for the dead link then ended it, while the client held it through tracker 3
+/// (seed 13002294 of `random_clusters_soak`). Logins carry the client's link number now: the
+/// copy from the older link moves nothing, and that link's close ends nothing.
+#[test]
+fn a_login_copy_from_a_left_link_neither_moves_nor_ends_the_session() {
+    let mut cl = started(3, 17);
+    assert!(cl.core(1).replica().is_primary());
+    let c = cl.add_client(Some(2));
+    let (user, password, peer_addr) = {
+        let cl = &cl.clients[c];
+        (cl.user.clone(), cl.password.clone(), cl.peer_addr)
+    };
+    let body = RequestBody::CreateUser {
+        user: user.clone(),
+        password: password.clone(),
+    };
+    assert_eq!(cl.ask(c, body), ReplyBody::Done);
+    // What tracker 2 sends the primary is held back for a while (well under its silence
+    // timeout): its copy of the login, and later its `ClientGone`.
+    let forwards = cl.tracker_link(2, 1).unwrap();
+    cl.pause(forwards);
+    let login = RequestBody::Login {
+        user,
+        password,
+        peer_addr,
+        shares: Vec::new(),
+        client_key: [0; 32],
+        link: 0,
+    };
+    let req_id = cl.issue(c, login, Expect::Manual);
+    cl.run_for(100);
+    // The client loses that link and sends the login again through tracker 3, whose copy the
+    // primary orders first; tracker 2 sees the close meanwhile.
+    cl.clients[c].prefer = Some(3);
+    cl.cut(c);
+    cl.run_for(400);
+    assert_eq!(cl.clients[c].tracker, Some(3));
+    cl.resume();
+    assert!(cl.run_until(2000, |cl| cl.clients[c].answered.contains(&req_id)));
+    let (_, reply) = cl.clients[c].replies.pop().unwrap();
+    assert!(matches!(reply, ReplyBody::LoggedIn { .. }), "{reply:?}");
+    cl.run_for(2000);
+    let session = cl
+        .core(1)
+        .replica()
+        .state()
+        .session_of_client(cl.clients[c].id);
+    let holder = session.and_then(|id| cl.core(1).replica().state().session(id));
+    assert_eq!(
+        holder.map(|s| (s.tracker.no, s.link)),
+        Some((3, 2)),
+        "the session stays with the client's second link, through tracker 3"
+    );
+    assert!(
+        matches!(cl.ask(c, RequestBody::ListGroups), ReplyBody::Groups(_)),
+        "the session lives on"
+    );
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
 /// The close of a client's old link removed the wait of the same request retried on a new
 /// link to the same tracker: that retry was never answered.
 #[test]
@@ -2755,6 +2845,7 @@ fn a_request_retried_on_the_same_tracker_is_answered() {
         peer_addr,
         shares: Vec::new(),
         client_key: [0; 32],
+        link: 0,
     };
     let req_id = cl.issue(c, login, Expect::Manual);
     cl.run_for(50);
@@ -2881,6 +2972,7 @@ fn a_link_whose_session_ended_elsewhere_may_log_in_again() {
         peer_addr,
         shares: Vec::new(),
         client_key: [0; 32],
+        link: 0,
     };
     // The login goes out on a link that is cut before tracker 2 reads it; the client logs in
     // through tracker 1; tracker 2 handles the old login (and then the close) only later.
