@@ -87,7 +87,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::{Timings, SESSION_GRACE};
+use super::{CatchUp, Timings, SESSION_GRACE};
 use crate::net::ConnId;
 use crate::rng::SplitMix64;
 use crate::testing::{fname, gid, uid};
@@ -494,6 +494,10 @@ struct Cluster {
     founder: Option<u16>,
     /// Quotas every tracker started from now on is given (the defaults otherwise).
     quotas: Option<Quotas>,
+    /// How every tracker started from now on catches up joiners (`None`: drawn for each
+    /// start from the seed, so that randomized runs, whose states are small, take both
+    /// paths).
+    catch_up: Option<CatchUp>,
 }
 
 /// What happened in a run, to see that the faults really were exercised.
@@ -575,6 +579,7 @@ impl Cluster {
             disks: (0..n).map(|_| SimDisk::default()).collect(),
             founder: None,
             quotas: None,
+            catch_up: Some(CatchUp::BySize),
         }
     }
 
@@ -687,10 +692,18 @@ impl Cluster {
                 self.instant(),
             )
         };
-        let core = match self.quotas {
+        let mut core = match self.quotas {
             Some(quotas) => core.with_quotas(quotas),
             None => core,
         };
+        let catch_up = self.catch_up.unwrap_or_else(|| {
+            if mix(self.seed, &[15, incarnation]).is_multiple_of(2) {
+                CatchUp::BySize
+            } else {
+                CatchUp::SuffixWhenProven
+            }
+        });
+        core.replica_mut().set_catch_up(catch_up);
         self.trace(|| format!("tracker {no} starts (run {incarnation:x})"));
         self.trackers[usize::from(no - 1)] = Some(SimTracker {
             core,
@@ -3164,6 +3177,9 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
     } else {
         Cluster::new(n, seed)
     };
+    // Each tracker start draws how it catches joiners up: the workload's states are small,
+    // so by size they would nearly always get the state, and the suffix path needs runs too.
+    cl.catch_up = None;
     // A third of the runs have quotas the workload reaches (drawn outside the run's stream),
     // half of them a state quota too.
     if mix(seed, &[12]).is_multiple_of(3) {
@@ -3452,6 +3468,9 @@ fn a_joiner_killed_after_installing_the_state_waits_for_its_primary() {
 #[test]
 fn a_restarted_tracker_is_sent_only_the_entries_it_lacks() {
     let mut cl = Cluster::new_durable(3, 91);
+    // The suffix whenever the ring proves the position: this state is smaller than the
+    // entries it lacks (see `catch_up_is_chosen_by_size` for the rule).
+    cl.catch_up = Some(CatchUp::SuffixWhenProven);
     for no in 1..=3 {
         cl.start(no);
     }
@@ -3503,11 +3522,95 @@ fn a_restarted_tracker_is_sent_only_the_entries_it_lacks() {
     assert_eq!(durable::restore(&cl.disks[2].rec).unwrap().applied, applied);
 }
 
+/// Tracker 3 of a durable cluster restarted from its disk 5 changes behind, after its
+/// primary's state grew by `file_pieces` piece hashes (a file shared before the crash, which
+/// tracker 3 holds): how many snapshots and suffixes it was sent, and the state's size and
+/// the estimated bytes of the entries it lacked.
+fn rejoin_behind(seed: u64, file_pieces: usize) -> (u64, u64, usize, usize) {
+    let mut cl = Cluster::new_durable(3, seed);
+    assert_eq!(
+        cl.catch_up,
+        Some(CatchUp::BySize),
+        "the rule trackers run with"
+    );
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let c = cl.add_client(Some(1));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "g"), ReplyBody::Done);
+    if file_pieces > 0 {
+        let size = file_pieces as u64 * u64::from(PIECE_LEN);
+        let meta = FileMeta {
+            name: fname("big"),
+            size,
+            piece_len: PIECE_LEN,
+            file_sha1: Sha1Digest([7; 20]),
+            piece_hashes: (0..file_pieces)
+                .map(|i| Sha1Digest([(i % 251) as u8; 20]))
+                .collect(),
+        };
+        let upload = RequestBody::UploadFile {
+            group: gid("g"),
+            meta,
+        };
+        assert_eq!(cl.ask(c, upload), ReplyBody::Shared { new_file: true });
+    }
+    cl.settle();
+    cl.crash(3);
+    for g in 0..5 {
+        assert_eq!(create_group(&mut cl, c, &format!("b{g}")), ReplyBody::Done);
+    }
+    let position = durable::restore(&cl.disks[2].rec).unwrap().applied;
+    let lacking = cl.core(1).replica().ring().bytes_after(position);
+    let state = cl.core(1).state().size();
+    let (snapshots, suffixes) = (cl.stats.snapshots, cl.stats.suffixes);
+    cl.start(3);
+    assert!(cl.run_until(10_000, |cl| cl.core(3).replica().is_serving()));
+    assert!(cl.core(3).state().group(&gid("b4")).is_some());
+    assert_eq!(create_group(&mut cl, c, "after"), ReplyBody::Done);
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+    (
+        cl.stats.snapshots - snapshots,
+        cl.stats.suffixes - suffixes,
+        state,
+        lacking,
+    )
+}
+
+/// A joiner whose position the primary's ring proves gets the entries it lacks only when they
+/// are smaller than the state (by the estimates of both), else the state: a small state is
+/// sent whole rather than more entries than it holds bytes; a large one (a file's 4,000 piece
+/// hashes) is not sent for 5 changes.
+#[test]
+fn catch_up_is_chosen_by_size() {
+    let (snapshots, suffixes, state, lacking) = rejoin_behind(96, 0);
+    assert!(
+        lacking >= state,
+        "{lacking} bytes lacked, the state {state}"
+    );
+    assert_eq!((snapshots, suffixes), (1, 0), "the small state was sent");
+    let (snapshots, suffixes, state, lacking) = rejoin_behind(96, 4000);
+    assert!(lacking < state, "{lacking} bytes lacked, the state {state}");
+    assert_eq!(
+        (snapshots, suffixes),
+        (0, 1),
+        "only the entries it lacked were sent"
+    );
+}
+
 /// The same, but the primary keeps only its last two batches: tracker 3 is further behind
 /// than that, so it is sent the state.
 #[test]
 fn a_tracker_further_behind_than_the_ring_is_sent_the_state() {
     let mut cl = Cluster::new_durable(3, 92);
+    // The suffix whenever the ring proves the position, small as the state is: what is
+    // tested here is which positions the ring proves.
+    cl.catch_up = Some(CatchUp::SuffixWhenProven);
     for no in 1..=3 {
         cl.start(no);
     }
@@ -3546,6 +3649,9 @@ fn a_tracker_further_behind_than_the_ring_is_sent_the_state() {
 #[test]
 fn a_joiner_holding_an_uncommitted_batch_of_an_older_view_is_sent_the_state() {
     let mut cl = Cluster::new_durable(3, 93);
+    // The suffix whenever the ring proves the position, small as the state is: what is
+    // tested here is which positions the ring proves.
+    cl.catch_up = Some(CatchUp::SuffixWhenProven);
     for no in 1..=3 {
         cl.start(no);
     }
@@ -3698,6 +3804,19 @@ fn the_ring_sends_suffixes_in_bounded_parts() {
     );
 }
 
+/// The estimated bytes of what a suffix after a position would send: whole batches, and the
+/// part of a batch the position cuts pro rata (300 bytes a batch of 3 entries here).
+#[test]
+fn the_ring_tells_the_bytes_of_a_suffix() {
+    let ring = ring_with(10, usize::MAX, &[(1, 1); 6], 3);
+    assert_eq!(ring.bytes_after(0), 1800);
+    assert_eq!(ring.bytes_after(2), 100 + 5 * 300);
+    assert_eq!(ring.bytes_after(3), 1500);
+    assert_eq!(ring.bytes_after(17), 100);
+    assert_eq!(ring.bytes_after(18), 0);
+    assert_eq!(ring.bytes_after(u64::MAX), 0);
+}
+
 #[test]
 fn a_ring_reset_or_a_gap_forgets_the_old_batches() {
     let mut ring = ring_with(10, usize::MAX, &[(1, 1); 3], 2);
@@ -3768,6 +3887,9 @@ fn a_service_whose_every_disk_is_new_starts_once_all_are_up() {
 #[test]
 fn a_disk_of_an_earlier_life_rejoining_gets_the_state_not_a_suffix() {
     let mut cl = Cluster::new_durable(3, 95);
+    // The suffix whenever the ring proves the position, small as the state is: what is
+    // tested here is which positions the ring proves.
+    cl.catch_up = Some(CatchUp::SuffixWhenProven);
     for no in 1..=3 {
         cl.start(no);
     }
