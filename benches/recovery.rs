@@ -89,6 +89,7 @@ fn change(i: u64) -> Entry {
                 token: [(u % 251) as u8; 16],
                 shares: None,
                 client_key: [0; 32],
+                link: 0,
             },
         };
     }

@@ -506,6 +506,7 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             })?;
             batch.push((c, id));
         }
@@ -684,6 +685,7 @@ fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Dur
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000)),
             shares: Vec::new(),
             client_key: [0; 32],
+            link: 0,
         },
         STEP,
     )? {
@@ -734,7 +736,7 @@ fn raw_round(cluster: &mut Cluster, primary: usize, user_name: &str) -> Res<(Dur
     n.set_next_id(pending.0 + 1);
     let resume = n.next_id();
     n.set_next_id(resume + 1);
-    n.send_with_id(resume, RequestBody::Resume { token })?;
+    n.send_with_id(resume, RequestBody::Resume { token, link: 0 })?;
     n.send_with_id(pending.0, pending.1)?;
     let deadline = Instant::now() + STEP;
     match n.recv(deadline)? {

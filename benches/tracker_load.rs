@@ -930,6 +930,7 @@ fn scenario_list_groups(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16)),
             shares: Vec::new(),
             client_key: [0; 32],
+            link: 0,
         }])?);
     }
     let deadline = Instant::now() + setup_timeout;
@@ -1184,6 +1185,7 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
             shares: Vec::new(),
             client_key: [0; 32],
+            link: 0,
         },
         cfg.flood_window,
     );
@@ -1195,6 +1197,7 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             })
         })
         .collect::<Result<_, String>>()?;
@@ -1243,6 +1246,7 @@ fn scenario_login_flood(tracker: &Tracker, cfg: &Config) -> Result<(), String> {
                     peer_addr: SocketAddr::from(([127, 0, 0, 1], 30_000 + i as u16)),
                     shares: Vec::new(),
                     client_key: [0; 32],
+                    link: 0,
                 };
                 let r = c.call_all(&[login], Duration::from_secs(30))?;
                 expect_all("login", &r, |r| matches!(r, ReplyBody::LoggedIn { .. }))?;
@@ -1326,6 +1330,7 @@ fn scenario_big_listing(tracker: &Tracker) -> Result<(), String> {
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         ])?;
         clients.push((c, first));

@@ -504,6 +504,7 @@ fn ticket_frame(net: &Net, user: &str, name: &str) -> Vec<u8> {
         peer_addr: "127.0.0.1:9".parse().unwrap(),
         shares: Vec::new(),
         client_key: common::raw_peer_public(),
+        link: 0,
     });
     assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
     let sharers = raw.call(RequestBody::FileSharers {

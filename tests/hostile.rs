@@ -138,6 +138,7 @@ fn unread_answers_are_held_back_not_piled_up() {
                 peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             }
         ),
         ReplyBody::LoggedIn { .. }
@@ -207,6 +208,7 @@ fn a_copied_client_id_and_request_id_get_no_session() {
         peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
         shares: Vec::new(),
         client_key: [0; 32],
+        link: 0,
     };
     let create = |user: &str, password: &str| RequestBody::CreateUser {
         user: uid(user),
@@ -240,7 +242,7 @@ fn a_copied_client_id_and_request_id_get_no_session() {
     );
     let mut again = Raw::connect(tracker.addr, 0xA11CE);
     assert_eq!(
-        again.call(9, RequestBody::Resume { token }),
+        again.call(9, RequestBody::Resume { token, link: 0 }),
         ReplyBody::LoggedIn { token }
     );
     // The resume moved the session: the old link is detached.
@@ -328,6 +330,7 @@ fn one_user_racing_through_two_trackers_stays_within_a_quota() {
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
             shares: Vec::new(),
             client_key: [0; 32],
+            link: 0,
         };
         let ReplyBody::LoggedIn { token } = a.call(2, login) else {
             panic!("{user} logs in");
@@ -337,7 +340,10 @@ fn one_user_racing_through_two_trackers_stays_within_a_quota() {
         // it; the first makes another.
         b.send_all(
             1,
-            &[RequestBody::Resume { token }, group(format!("{user}-b"))],
+            &[
+                RequestBody::Resume { token, link: 0 },
+                group(format!("{user}-b")),
+            ],
         );
         a.send_all(3, &[group(format!("{user}-a"))]);
         let reply = |raw: &mut Raw, req_id: u64| match raw.recv() {
@@ -392,6 +398,7 @@ fn one_user_racing_through_two_trackers_stays_within_a_quota() {
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
             shares: Vec::new(),
             client_key: [0; 32],
+            link: 0,
         };
         assert!(matches!(watcher.call(2, login), ReplyBody::LoggedIn { .. }));
         let through_first = owned(watcher.call(3, RequestBody::ListGroups));

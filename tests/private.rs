@@ -317,6 +317,7 @@ fn ticket_and_link(tracker: SocketAddr, user: &str, name: &str) -> (Ticket, RawT
         peer_addr: "127.0.0.1:9".parse().unwrap(),
         shares: Vec::new(),
         client_key: common::raw_peer_public(),
+        link: 0,
     });
     assert!(matches!(login, ReplyBody::LoggedIn { .. }), "{login:?}");
     match raw.call(RequestBody::FileSharers {

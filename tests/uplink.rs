@@ -218,6 +218,7 @@ fn download_goes_on_while_the_client_fails_over_toward_a_tracker_that_accepts_no
             peer_addr: sharer_addr,
             shares: Vec::new(),
             client_key: [0; 32],
+            link: 0,
         }),
         ReplyBody::LoggedIn { .. }
     ));

@@ -765,7 +765,8 @@ impl ClientCore {
         if let (Some(token), Some(_)) = (self.token, &self.user) {
             let request = Request {
                 req_id: self.next_id(),
-                body: RequestBody::Resume { token },
+                // The link number is the uplink's to fill in as it sends.
+                body: RequestBody::Resume { token, link: 0 },
             };
             self.background
                 .insert(request.req_id, (Background::Resume, request.clone()));
@@ -1347,6 +1348,8 @@ impl ClientCore {
                 peer_addr: self.peer_addr,
                 shares: keep.clone(),
                 client_key: self.client_key,
+                // The uplink stamps the number of the link each copy goes on.
+                link: 0,
             },
             Sent::Login {
                 user,

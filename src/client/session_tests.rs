@@ -327,6 +327,7 @@ fn login_carries_the_peer_addr_and_opens_the_session() {
             peer_addr: peer_addr(),
             shares: Vec::new(),
             client_key: [0; 32],
+            link: 0,
         }
     );
     assert_eq!(h.core.logged_in_user(), None, "not before the reply");
@@ -1093,7 +1094,13 @@ fn a_new_link_resumes_the_session_then_resends_the_command_with_its_id() {
     let [resume, again] = on_new_link.as_slice() else {
         panic!("expected a resume and the command: {on_new_link:?}");
     };
-    assert_eq!(resume.body, RequestBody::Resume { token: [9; 16] });
+    assert_eq!(
+        resume.body,
+        RequestBody::Resume {
+            token: [9; 16],
+            link: 0
+        }
+    );
     assert!(resume.req_id > cmd.req_id, "the resume has a fresh id");
     assert_eq!(again, &cmd, "the command goes again with its original id");
     // The resume answered: nothing to print, the session is kept.
@@ -1108,7 +1115,13 @@ fn a_new_link_resumes_the_session_then_resends_the_command_with_its_id() {
     // A second failover resumes again, with a fresh id, and nothing else is in flight.
     let next = h.core.requests_for_new_link();
     assert_eq!(next.len(), 1);
-    assert_eq!(next[0].body, RequestBody::Resume { token: [9; 16] });
+    assert_eq!(
+        next[0].body,
+        RequestBody::Resume {
+            token: [9; 16],
+            link: 0
+        }
+    );
     assert!(next[0].req_id > resume.req_id);
 }
 

@@ -146,6 +146,11 @@ pub struct Uplink {
     /// also holds the pongs) gets twice the time on the next link, so that the client's retry
     /// does not add to the work that made it slow.
     silent_links: u32,
+    /// Connections made so far: the number of the current link (1 for the first), which
+    /// every login and resume sent on it carries (`RequestBody::Login::link`). The trackers
+    /// order the client's links by it, so that a copy of a request sent on a link the client
+    /// has left neither moves its session there nor, when that link's close is seen, ends it.
+    n_links: u64,
     n_pings: u64,
     events: VecDeque<UplinkEvent>,
     transmit: VecDeque<ClientMsg>,
@@ -163,6 +168,7 @@ impl Uplink {
             unreachable: false,
             failed_links: 0,
             silent_links: 0,
+            n_links: 0,
             n_pings: 0,
             events: VecDeque::new(),
             transmit: VecDeque::new(),
@@ -216,9 +222,17 @@ impl Uplink {
     /// between trackers it is dropped here, because the session hands every request in flight
     /// over again once a new link is up ([`UplinkEvent::Connected`]); with no link at all, a
     /// first connection starts (and that request goes out with the others once it is up).
-    pub fn send(&mut self, request: Request, now: Instant) {
+    pub fn send(&mut self, mut request: Request, now: Instant) {
         match self.state {
-            State::Open { .. } => self.transmit.push_back(ClientMsg::Request(request)),
+            State::Open { .. } => {
+                if let RequestBody::Login { link, .. } | RequestBody::Resume { link, .. } =
+                    &mut request.body
+                {
+                    // A retry carries the number of the link it goes on, not the first one's.
+                    *link = self.n_links;
+                }
+                self.transmit.push_back(ClientMsg::Request(request));
+            }
             State::Connecting { .. } | State::Waiting { .. } if self.unreachable => {
                 // No tracker answered a whole round: the command fails now rather than
                 // after its timeout (the link keeps trying; a later command may find one).
@@ -252,6 +266,7 @@ impl Uplink {
         self.failing_over = false;
         self.unreachable = false;
         self.index = index;
+        self.n_links = self.n_links.saturating_add(1);
         self.state = State::Open {
             index,
             welcomed: false,

@@ -556,3 +556,60 @@ fn a_connected_socket_gets_the_silence_timeout_for_its_handshake() {
     u.handle_connect_failed("refused: wrong key", t1 + TRACKER_SILENCE);
     assert_eq!(events(&mut u), [UplinkEvent::Unreachable]);
 }
+
+/// Every login and resume carries the number of the link it goes out on: 1 for the first
+/// link, one more for each link after, and a request handed over again on a new link (the
+/// same request id) carries the new number. The trackers order a client's links by it.
+#[test]
+fn logins_and_resumes_carry_the_number_of_their_link() {
+    let t0 = Instant::now();
+    let login = |req_id| Request {
+        req_id,
+        body: RequestBody::Login {
+            user: crate::testing::uid("al"),
+            password: crate::wire::Password::new(b"pw").unwrap(),
+            peer_addr: addr(9),
+            shares: Vec::new(),
+            client_key: [0; 32],
+            link: 0,
+        },
+    };
+    let link_of = |msg: &ClientMsg| match msg {
+        ClientMsg::Request(Request {
+            body: RequestBody::Login { link, .. } | RequestBody::Resume { link, .. },
+            ..
+        }) => Some(*link),
+        _ => None,
+    };
+    let mut u = open_on(2, 0, t0);
+    u.send(login(5), t0);
+    u.send(request(6), t0);
+    let sent = transmits(&mut u);
+    assert_eq!(
+        sent.iter().map(link_of).collect::<Vec<_>>(),
+        [Some(1), None],
+        "{sent:?}"
+    );
+    // The link breaks; on the next one the same login goes out again, with a resume.
+    u.handle_closed("reset", t0);
+    assert_eq!(events(&mut u), [UplinkEvent::Connect(addr(1))]);
+    u.handle_connected(t0);
+    assert_eq!(events(&mut u), [UplinkEvent::Connected]);
+    u.send(
+        Request {
+            req_id: 7,
+            body: RequestBody::Resume {
+                token: [1; 16],
+                link: 0,
+            },
+        },
+        t0,
+    );
+    u.send(login(5), t0);
+    let sent = transmits(&mut u);
+    assert_eq!(
+        sent.iter().map(link_of).collect::<Vec<_>>(),
+        [None, Some(2), Some(2)],
+        "hello, then both with the second link's number: {sent:?}"
+    );
+}

@@ -35,7 +35,8 @@ use super::password::{PasswordJob, PasswordResult};
 use super::password_queue::{JobOwner, PasswordQueue, Pushed};
 use super::replica::{Replica, ReplicaOut, Timings};
 use super::state::{
-    Adds, Answer, Entry, Op, OpQuotas, Origin, Outcome, Reject, SessionId, TrackerRef, TrackerState,
+    Adds, Answer, Entry, LinkNo, Op, OpQuotas, Origin, Outcome, Reject, SessionId, TrackerRef,
+    TrackerState,
 };
 use super::tickets::TicketIssuer;
 use crate::net::ConnId;
@@ -98,6 +99,10 @@ struct Link {
     /// When the connection opened, as a count of connections opened before it.
     opened: u64,
     session: Option<SessionId>,
+    /// The client's number for this link, as its last login or resume on it said (0: none
+    /// yet, or an earlier build's client): its `ClientGone` names it, so that the close of a
+    /// link the client has left never ends the session it holds through a newer one.
+    client_link: LinkNo,
     /// The client asked for a change (so its answers are remembered until it leaves).
     changed: bool,
     /// The request waiting for password work, if any.
@@ -125,6 +130,7 @@ impl Link {
             secure: false,
             ip: None,
             session: None,
+            client_link: 0,
             changed: false,
             waiting: None,
             queued: VecDeque::new(),
@@ -187,6 +193,7 @@ enum Waiting {
         peer_addr: SocketAddr,
         shares: Vec<(GroupId, FileName)>,
         client_key: [u8; 32],
+        link: LinkNo,
     },
     /// The change is being replicated.
     Commit {
@@ -250,7 +257,7 @@ pub struct TrackerCore {
     tickets: Option<TicketIssuer>,
     /// Clients this tracker sent elsewhere when it stopped serving, with when their session
     /// ends if they have not moved it (oldest first): see `drop_clients`.
-    sent_away: VecDeque<(Instant, u64)>,
+    sent_away: VecDeque<(Instant, u64, LinkNo)>,
     /// `drop_clients` is closing connections (their sessions get the grace period).
     sending_away: bool,
 }
@@ -586,34 +593,40 @@ impl TrackerCore {
                     // session through another tracker, and ending it here first would race
                     // that resume. It ends after the grace period unless it moved.
                     let grace = self.replica.session_grace();
-                    self.sent_away.push_back((now + grace, client));
+                    self.sent_away
+                        .push_back((now + grace, client, link.client_link));
                     return;
                 }
-                self.client_gone(client);
+                self.client_gone(client, link.client_link);
             }
             _ => {}
         }
     }
 
-    /// Ends `client`'s session if this tracker (this run of it) still holds it.
-    fn client_gone(&mut self, client: u64) {
+    /// Ends `client`'s session if this tracker (this run of it) still holds it through its
+    /// link `link` or a later one.
+    fn client_gone(&mut self, client: u64, link: LinkNo) {
         let tracker = self.replica.me();
         let origin = self.replica.internal_origin();
         self.submit(Entry {
             origin: Some(origin),
-            op: Op::ClientGone { client, tracker },
+            op: Op::ClientGone {
+                client,
+                tracker,
+                link,
+            },
         });
     }
 
     /// Ends the sessions of the clients sent away whose grace period is over and that have
     /// neither moved their session (then `ClientGone` changes nothing) nor come back here.
     fn end_sent_away(&mut self, now: Instant) {
-        while self.sent_away.front().is_some_and(|(end, _)| *end <= now) {
-            let Some((_, client)) = self.sent_away.pop_front() else {
+        while self.sent_away.front().is_some_and(|(end, ..)| *end <= now) {
+            let Some((_, client, link)) = self.sent_away.pop_front() else {
                 break;
             };
             if !self.links.values().any(|l| l.client() == Some(client)) {
-                self.client_gone(client);
+                self.client_gone(client, link);
             }
         }
     }
@@ -722,7 +735,7 @@ impl TrackerCore {
             self.replica.poll_timeout(),
             self.passwords.poll_timeout(),
             self.idle_timeout.and(self.next_idle_sweep),
-            self.sent_away.front().map(|(end, _)| *end),
+            self.sent_away.front().map(|(end, ..)| *end),
         ]
         .into_iter()
         .flatten()
@@ -1138,16 +1151,9 @@ impl TrackerCore {
                     SessionEffect::None,
                 );
             }
-            (
-                Waiting::Login {
-                    req_id,
-                    user,
-                    peer_addr,
-                    shares,
-                    client_key,
-                },
-                PasswordResult::Verified(true),
-            ) => return self.open_session(conn, req_id, user, peer_addr, shares, client_key),
+            (login @ Waiting::Login { .. }, PasswordResult::Verified(true)) => {
+                return self.open_session(conn, login)
+            }
             (Waiting::Login { req_id, .. }, PasswordResult::Verified(false)) => (
                 req_id,
                 Reject::new(RejectCode::WrongPassword, "wrong password"),
@@ -1283,16 +1289,19 @@ impl TrackerCore {
         self.run_queued(conn);
     }
 
-    /// Opens a session for `conn` once its password has been checked.
-    fn open_session(
-        &mut self,
-        conn: ConnId,
-        req_id: u64,
-        user: UserId,
-        peer_addr: SocketAddr,
-        shares: Vec<(GroupId, FileName)>,
-        client_key: [u8; 32],
-    ) {
+    /// Opens a session for `conn` once the password of its `Waiting::Login` has been checked.
+    fn open_session(&mut self, conn: ConnId, login: Waiting) {
+        let Waiting::Login {
+            req_id,
+            user,
+            peer_addr,
+            shares,
+            client_key,
+            link,
+        } = login
+        else {
+            return;
+        };
         let Some(client) = self.links.get(&conn).and_then(Link::client) else {
             return;
         };
@@ -1307,6 +1316,7 @@ impl TrackerCore {
             token,
             shares: Some(shares),
             client_key,
+            link,
         };
         self.propose(conn, req_id, op, SessionEffect::Open(proof));
     }
@@ -1322,6 +1332,9 @@ impl TrackerCore {
         };
         let origin = Origin { client, req_id };
         link.changed = true;
+        if let Op::OpenSession { link: no, .. } | Op::ResumeSession { link: no, .. } = &op {
+            link.client_link = *no;
+        }
         link.waiting = Some(Waiting::Commit {
             req_id,
             origin,
@@ -1412,6 +1425,7 @@ impl TrackerCore {
                 peer_addr,
                 shares,
                 client_key,
+                link,
             } => {
                 if self.session_of(conn).is_ok() {
                     return Err(Reject::new(
@@ -1459,6 +1473,7 @@ impl TrackerCore {
                         peer_addr,
                         shares,
                         client_key,
+                        link,
                     },
                     PasswordJob::Verify {
                         password,
@@ -1466,7 +1481,7 @@ impl TrackerCore {
                     },
                 ));
             }
-            RequestBody::Resume { token } => {
+            RequestBody::Resume { token, link } => {
                 if self.session_of(conn).is_ok() {
                     return Err(Reject::new(
                         RejectCode::SessionAlreadyOpen,
@@ -1486,6 +1501,7 @@ impl TrackerCore {
                         token,
                         tracker: self.replica.me(),
                         client,
+                        link,
                     },
                     SessionEffect::Open(Proof::Token(token)),
                 ));

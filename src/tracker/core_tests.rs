@@ -177,6 +177,7 @@ impl Harness {
                 peer_addr: addr(port),
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         )
     }
@@ -1070,6 +1071,7 @@ fn a_login_names_its_shares_and_ends_what_the_client_lost() {
         peer_addr: addr(5000),
         shares: vec![(g.clone(), fname("kept"))],
         client_key: [0; 32],
+        link: 0,
     };
     assert_logged_in(&h.ask(b, login));
     let open = h.core.state().sessions().count();
@@ -1099,6 +1101,7 @@ fn wrong_login(req_id: u64, user: &str) -> ClientMsg {
             peer_addr: SocketAddr::from((Ipv4Addr::new(127, 0, 0, 2), 9)),
             shares: Vec::new(),
             client_key: [0; 32],
+            link: 0,
         },
     )
 }
@@ -1204,6 +1207,7 @@ fn a_fresh_login_is_not_delayed_by_a_wrong_password_flood() {
                 peer_addr: addr(5000),
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         )),
         h.now,
@@ -1519,6 +1523,7 @@ fn login_req(req_id: u64, user: &str, password: &str) -> ClientMsg {
             peer_addr: addr(5000),
             shares: Vec::new(),
             client_key: [0; 32],
+            link: 0,
         },
     )
 }
@@ -1641,7 +1646,7 @@ fn resume_moves_the_session_and_detaches_the_old_link() {
     let token = alice_logged_in(&mut h);
     let newer = conn(2);
     h.connect(newer);
-    assert_logged_in(&h.ask(newer, RequestBody::Resume { token }));
+    assert_logged_in(&h.ask(newer, RequestBody::Resume { token, link: 0 }));
     assert_eq!(
         h.ask(newer, RequestBody::ListGroups),
         ReplyBody::Groups(vec![])
@@ -1673,9 +1678,9 @@ fn a_late_resume_on_an_older_link_of_the_client_does_not_take_the_session_back()
     let (older, newer) = (conn(2), conn(3));
     connect_as(&mut h, older, client);
     connect_as(&mut h, newer, client);
-    let outs = h.send(newer, &request(7, RequestBody::Resume { token }));
+    let outs = h.send(newer, &request(7, RequestBody::Resume { token, link: 0 }));
     assert_logged_in(&only_reply(&outs, newer));
-    let outs = h.send(older, &request(6, RequestBody::Resume { token }));
+    let outs = h.send(older, &request(6, RequestBody::Resume { token, link: 0 }));
     assert_logged_in(&only_reply(&outs, older));
     assert_eq!(
         h.ask(newer, RequestBody::ListGroups),
@@ -1695,7 +1700,10 @@ fn resume_with_a_wrong_token_costs_no_change_and_no_memory() {
     for i in 0..100u64 {
         let mut token = [0u8; 16];
         token[..8].copy_from_slice(&i.to_be_bytes());
-        let outs = h.send(guesser, &request(1000 + i, RequestBody::Resume { token }));
+        let outs = h.send(
+            guesser,
+            &request(1000 + i, RequestBody::Resume { token, link: 0 }),
+        );
         assert_refused(&only_reply(&outs, guesser), RejectCode::NotLoggedIn);
         let origin = Origin {
             client: client_id(guesser),
@@ -1749,6 +1757,7 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
                 peer_addr: foreign,
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         );
         if allow {
@@ -1774,6 +1783,7 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
                 peer_addr: own,
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         ));
     }

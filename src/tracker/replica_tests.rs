@@ -51,9 +51,13 @@
 //!   it sees the loss at once, the tracker some time later, after handling what the client had
 //!   sent. That tracker then ends the client's session if it still holds it (`ClientGone`);
 //!   if that happens before the client's `Resume` elsewhere is applied, the resume is refused
-//!   and the client logs in again (the documented behaviour of a broken connection). The same
-//!   happens when a login was in flight on the cut link: the old tracker may handle it after
-//!   the retry elsewhere (its remembered answer moves the session back), then end it.
+//!   and the client logs in again (the documented behaviour of a broken connection). A login
+//!   in flight on the cut link may be handled by the old tracker after the retry elsewhere:
+//!   its copy names an older link of the client (logins and resumes carry the client's link
+//!   number, as the real client's do), so it neither moves the session back nor ends it with
+//!   that link's `ClientGone`. The same gap remains when the cut link's copy was applied
+//!   first, held the session, and its close ended it before the retry's copy moved it (the
+//!   retry may be answered from the first copy): `NotLoggedIn` may then come.
 //!
 //! # The checks
 //!
@@ -83,7 +87,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::{Timings, SESSION_GRACE};
+use super::{CatchUp, Timings, SESSION_GRACE};
 use crate::net::ConnId;
 use crate::rng::SplitMix64;
 use crate::testing::{fname, gid, uid};
@@ -396,6 +400,9 @@ struct SimClient {
     frozen: bool,
     /// Attempts to connect so far (names the events).
     n_connects: u64,
+    /// Links made so far: the number of the current one, which its logins and resumes carry
+    /// (as `client::uplink` numbers them).
+    n_links: u64,
     next_req: u64,
     token: Option<[u8; 16]>,
     /// Believes it holds a session.
@@ -487,6 +494,10 @@ struct Cluster {
     founder: Option<u16>,
     /// Quotas every tracker started from now on is given (the defaults otherwise).
     quotas: Option<Quotas>,
+    /// How every tracker started from now on catches up joiners (`None`: drawn for each
+    /// start from the seed, so that randomized runs, whose states are small, take both
+    /// paths).
+    catch_up: Option<CatchUp>,
 }
 
 /// What happened in a run, to see that the faults really were exercised.
@@ -568,6 +579,7 @@ impl Cluster {
             disks: (0..n).map(|_| SimDisk::default()).collect(),
             founder: None,
             quotas: None,
+            catch_up: Some(CatchUp::BySize),
         }
     }
 
@@ -680,10 +692,18 @@ impl Cluster {
                 self.instant(),
             )
         };
-        let core = match self.quotas {
+        let mut core = match self.quotas {
             Some(quotas) => core.with_quotas(quotas),
             None => core,
         };
+        let catch_up = self.catch_up.unwrap_or_else(|| {
+            if mix(self.seed, &[15, incarnation]).is_multiple_of(2) {
+                CatchUp::BySize
+            } else {
+                CatchUp::SuffixWhenProven
+            }
+        });
+        core.replica_mut().set_catch_up(catch_up);
         self.trace(|| format!("tracker {no} starts (run {incarnation:x})"));
         self.trackers[usize::from(no - 1)] = Some(SimTracker {
             core,
@@ -1446,6 +1466,7 @@ impl Cluster {
             prefer,
             frozen: false,
             n_connects: 0,
+            n_links: 0,
             next_req: 0,
             token: None,
             logged_in: false,
@@ -1534,6 +1555,7 @@ impl Cluster {
         let cl = &mut self.clients[c];
         cl.link = Some(cc);
         cl.tracker = Some(no);
+        cl.n_links += 1;
         let hello = ClientMsg::hello(cl.id);
         self.client_send(c, &hello);
         // The failover contract: resume the session, then ask again what was in flight.
@@ -1544,7 +1566,7 @@ impl Cluster {
             cl.resume = Some(req_id);
             let msg = ClientMsg::Request(Request {
                 req_id,
-                body: RequestBody::Resume { token },
+                body: RequestBody::Resume { token, link: 0 },
             });
             self.client_send(c, &msg);
         }
@@ -1562,6 +1584,16 @@ impl Cluster {
         let Some(conn) = self.clients[c].link else {
             return;
         };
+        // Logins and resumes carry the number of the link they go on (a retry too).
+        let mut msg = msg.clone();
+        if let ClientMsg::Request(Request {
+            body: RequestBody::Login { link, .. } | RequestBody::Resume { link, .. },
+            ..
+        }) = &mut msg
+        {
+            *link = self.clients[c].n_links;
+        }
+        let msg = &msg;
         let mut frame = Vec::new();
         msg.emit(&mut frame);
         let parsed = ClientMsg::parse(&frame[LEN_PREFIX..]).unwrap();
@@ -1771,8 +1803,12 @@ impl Cluster {
                 }
                 cl.logged_in = true;
                 cl.session_lost = false;
-                // A login also sent on a cut link may be handled there after this answer (its
-                // remembered answer moves the session there), and end with that link.
+                // A copy of this login sent on a cut link, handled after this answer, names an
+                // older link of the client: it neither moves the session nor ends it. But this
+                // answer may be that of a copy applied through a cut link (the first copy
+                // committed answers whichever link waits for it now), while that link held the
+                // session, and its close may end it before this link's copy moves it: the gap
+                // of a link cut while its tracker lives (seed 13000238).
                 cl.cut_since_session = p.cut;
                 cl.lost_since = None;
             }
@@ -1838,6 +1874,7 @@ impl Cluster {
                 peer_addr,
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         );
         assert!(matches!(reply, ReplyBody::LoggedIn { .. }), "{reply:?}");
@@ -1873,6 +1910,7 @@ impl Cluster {
                     peer_addr,
                     shares,
                     client_key: [0; 32],
+                    link: 0,
                 },
                 Expect::LoggedIn,
             );
@@ -2731,6 +2769,71 @@ fn a_resume_handled_late_on_a_cut_link_does_not_take_the_session_back() {
     cl.check_acknowledged();
 }
 
+/// A login sent through tracker 2, whose link the client then lost, and sent again (same
+/// request id) through tracker 3: tracker 3's copy was ordered first; the late copy from
+/// tracker 2, answered from memory, moved the session to tracker 2, and tracker 2's
+/// `ClientGone` for the dead link then ended it, while the client held it through tracker 3
+/// (seed 13002294 of `random_clusters_soak`). Logins carry the client's link number now: the
+/// copy from the older link moves nothing, and that link's close ends nothing.
+#[test]
+fn a_login_copy_from_a_left_link_neither_moves_nor_ends_the_session() {
+    let mut cl = started(3, 17);
+    assert!(cl.core(1).replica().is_primary());
+    let c = cl.add_client(Some(2));
+    let (user, password, peer_addr) = {
+        let cl = &cl.clients[c];
+        (cl.user.clone(), cl.password.clone(), cl.peer_addr)
+    };
+    let body = RequestBody::CreateUser {
+        user: user.clone(),
+        password: password.clone(),
+    };
+    assert_eq!(cl.ask(c, body), ReplyBody::Done);
+    // What tracker 2 sends the primary is held back for a while (well under its silence
+    // timeout): its copy of the login, and later its `ClientGone`.
+    let forwards = cl.tracker_link(2, 1).unwrap();
+    cl.pause(forwards);
+    let login = RequestBody::Login {
+        user,
+        password,
+        peer_addr,
+        shares: Vec::new(),
+        client_key: [0; 32],
+        link: 0,
+    };
+    let req_id = cl.issue(c, login, Expect::Manual);
+    cl.run_for(100);
+    // The client loses that link and sends the login again through tracker 3, whose copy the
+    // primary orders first; tracker 2 sees the close meanwhile.
+    cl.clients[c].prefer = Some(3);
+    cl.cut(c);
+    cl.run_for(400);
+    assert_eq!(cl.clients[c].tracker, Some(3));
+    cl.resume();
+    assert!(cl.run_until(2000, |cl| cl.clients[c].answered.contains(&req_id)));
+    let (_, reply) = cl.clients[c].replies.pop().unwrap();
+    assert!(matches!(reply, ReplyBody::LoggedIn { .. }), "{reply:?}");
+    cl.run_for(2000);
+    let session = cl
+        .core(1)
+        .replica()
+        .state()
+        .session_of_client(cl.clients[c].id);
+    let holder = session.and_then(|id| cl.core(1).replica().state().session(id));
+    assert_eq!(
+        holder.map(|s| (s.tracker.no, s.link)),
+        Some((3, 2)),
+        "the session stays with the client's second link, through tracker 3"
+    );
+    assert!(
+        matches!(cl.ask(c, RequestBody::ListGroups), ReplyBody::Groups(_)),
+        "the session lives on"
+    );
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
 /// The close of a client's old link removed the wait of the same request retried on a new
 /// link to the same tracker: that retry was never answered.
 #[test]
@@ -2755,6 +2858,7 @@ fn a_request_retried_on_the_same_tracker_is_answered() {
         peer_addr,
         shares: Vec::new(),
         client_key: [0; 32],
+        link: 0,
     };
     let req_id = cl.issue(c, login, Expect::Manual);
     cl.run_for(50);
@@ -2881,6 +2985,7 @@ fn a_link_whose_session_ended_elsewhere_may_log_in_again() {
         peer_addr,
         shares: Vec::new(),
         client_key: [0; 32],
+        link: 0,
     };
     // The login goes out on a link that is cut before tracker 2 reads it; the client logs in
     // through tracker 1; tracker 2 handles the old login (and then the close) only later.
@@ -3072,6 +3177,9 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
     } else {
         Cluster::new(n, seed)
     };
+    // Each tracker start draws how it catches joiners up: the workload's states are small,
+    // so by size they would nearly always get the state, and the suffix path needs runs too.
+    cl.catch_up = None;
     // A third of the runs have quotas the workload reaches (drawn outside the run's stream),
     // half of them a state quota too.
     if mix(seed, &[12]).is_multiple_of(3) {
@@ -3360,6 +3468,9 @@ fn a_joiner_killed_after_installing_the_state_waits_for_its_primary() {
 #[test]
 fn a_restarted_tracker_is_sent_only_the_entries_it_lacks() {
     let mut cl = Cluster::new_durable(3, 91);
+    // The suffix whenever the ring proves the position: this state is smaller than the
+    // entries it lacks (see `catch_up_is_chosen_by_size` for the rule).
+    cl.catch_up = Some(CatchUp::SuffixWhenProven);
     for no in 1..=3 {
         cl.start(no);
     }
@@ -3411,11 +3522,95 @@ fn a_restarted_tracker_is_sent_only_the_entries_it_lacks() {
     assert_eq!(durable::restore(&cl.disks[2].rec).unwrap().applied, applied);
 }
 
+/// Tracker 3 of a durable cluster restarted from its disk 5 changes behind, after its
+/// primary's state grew by `file_pieces` piece hashes (a file shared before the crash, which
+/// tracker 3 holds): how many snapshots and suffixes it was sent, and the state's size and
+/// the estimated bytes of the entries it lacked.
+fn rejoin_behind(seed: u64, file_pieces: usize) -> (u64, u64, usize, usize) {
+    let mut cl = Cluster::new_durable(3, seed);
+    assert_eq!(
+        cl.catch_up,
+        Some(CatchUp::BySize),
+        "the rule trackers run with"
+    );
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let c = cl.add_client(Some(1));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "g"), ReplyBody::Done);
+    if file_pieces > 0 {
+        let size = file_pieces as u64 * u64::from(PIECE_LEN);
+        let meta = FileMeta {
+            name: fname("big"),
+            size,
+            piece_len: PIECE_LEN,
+            file_sha1: Sha1Digest([7; 20]),
+            piece_hashes: (0..file_pieces)
+                .map(|i| Sha1Digest([(i % 251) as u8; 20]))
+                .collect(),
+        };
+        let upload = RequestBody::UploadFile {
+            group: gid("g"),
+            meta,
+        };
+        assert_eq!(cl.ask(c, upload), ReplyBody::Shared { new_file: true });
+    }
+    cl.settle();
+    cl.crash(3);
+    for g in 0..5 {
+        assert_eq!(create_group(&mut cl, c, &format!("b{g}")), ReplyBody::Done);
+    }
+    let position = durable::restore(&cl.disks[2].rec).unwrap().applied;
+    let lacking = cl.core(1).replica().ring().bytes_after(position);
+    let state = cl.core(1).state().size();
+    let (snapshots, suffixes) = (cl.stats.snapshots, cl.stats.suffixes);
+    cl.start(3);
+    assert!(cl.run_until(10_000, |cl| cl.core(3).replica().is_serving()));
+    assert!(cl.core(3).state().group(&gid("b4")).is_some());
+    assert_eq!(create_group(&mut cl, c, "after"), ReplyBody::Done);
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+    (
+        cl.stats.snapshots - snapshots,
+        cl.stats.suffixes - suffixes,
+        state,
+        lacking,
+    )
+}
+
+/// A joiner whose position the primary's ring proves gets the entries it lacks only when they
+/// are smaller than the state (by the estimates of both), else the state: a small state is
+/// sent whole rather than more entries than it holds bytes; a large one (a file's 4,000 piece
+/// hashes) is not sent for 5 changes.
+#[test]
+fn catch_up_is_chosen_by_size() {
+    let (snapshots, suffixes, state, lacking) = rejoin_behind(96, 0);
+    assert!(
+        lacking >= state,
+        "{lacking} bytes lacked, the state {state}"
+    );
+    assert_eq!((snapshots, suffixes), (1, 0), "the small state was sent");
+    let (snapshots, suffixes, state, lacking) = rejoin_behind(96, 4000);
+    assert!(lacking < state, "{lacking} bytes lacked, the state {state}");
+    assert_eq!(
+        (snapshots, suffixes),
+        (0, 1),
+        "only the entries it lacked were sent"
+    );
+}
+
 /// The same, but the primary keeps only its last two batches: tracker 3 is further behind
 /// than that, so it is sent the state.
 #[test]
 fn a_tracker_further_behind_than_the_ring_is_sent_the_state() {
     let mut cl = Cluster::new_durable(3, 92);
+    // The suffix whenever the ring proves the position, small as the state is: what is
+    // tested here is which positions the ring proves.
+    cl.catch_up = Some(CatchUp::SuffixWhenProven);
     for no in 1..=3 {
         cl.start(no);
     }
@@ -3454,6 +3649,9 @@ fn a_tracker_further_behind_than_the_ring_is_sent_the_state() {
 #[test]
 fn a_joiner_holding_an_uncommitted_batch_of_an_older_view_is_sent_the_state() {
     let mut cl = Cluster::new_durable(3, 93);
+    // The suffix whenever the ring proves the position, small as the state is: what is
+    // tested here is which positions the ring proves.
+    cl.catch_up = Some(CatchUp::SuffixWhenProven);
     for no in 1..=3 {
         cl.start(no);
     }
@@ -3606,6 +3804,19 @@ fn the_ring_sends_suffixes_in_bounded_parts() {
     );
 }
 
+/// The estimated bytes of what a suffix after a position would send: whole batches, and the
+/// part of a batch the position cuts pro rata (300 bytes a batch of 3 entries here).
+#[test]
+fn the_ring_tells_the_bytes_of_a_suffix() {
+    let ring = ring_with(10, usize::MAX, &[(1, 1); 6], 3);
+    assert_eq!(ring.bytes_after(0), 1800);
+    assert_eq!(ring.bytes_after(2), 100 + 5 * 300);
+    assert_eq!(ring.bytes_after(3), 1500);
+    assert_eq!(ring.bytes_after(17), 100);
+    assert_eq!(ring.bytes_after(18), 0);
+    assert_eq!(ring.bytes_after(u64::MAX), 0);
+}
+
 #[test]
 fn a_ring_reset_or_a_gap_forgets_the_old_batches() {
     let mut ring = ring_with(10, usize::MAX, &[(1, 1); 3], 2);
@@ -3676,6 +3887,9 @@ fn a_service_whose_every_disk_is_new_starts_once_all_are_up() {
 #[test]
 fn a_disk_of_an_earlier_life_rejoining_gets_the_state_not_a_suffix() {
     let mut cl = Cluster::new_durable(3, 95);
+    // The suffix whenever the ring proves the position, small as the state is: what is
+    // tested here is which positions the ring proves.
+    cl.catch_up = Some(CatchUp::SuffixWhenProven);
     for no in 1..=3 {
         cl.start(no);
     }

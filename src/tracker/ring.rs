@@ -158,6 +158,25 @@ impl Ring {
         Some(parts)
     }
 
+    /// The estimated bytes (as given to [`push`](Ring::push)) of the entries after `after`
+    /// held here: what [`suffix`](Ring::suffix) would send. A batch that `after` cuts
+    /// counts for its entries after it, pro rata.
+    pub fn bytes_after(&self, after: u64) -> usize {
+        self.batches
+            .iter()
+            .filter(|b| b.last_seq() > after)
+            .map(|b| {
+                let n = b.entries.len();
+                let kept = (b.last_seq() - after.max(b.first_seq - 1)) as usize;
+                if kept >= n {
+                    b.bytes
+                } else {
+                    (b.bytes as u128 * kept as u128 / n as u128) as usize
+                }
+            })
+            .sum()
+    }
+
     /// Bounds the ring anew (tests use small ones); the oldest batches past them go.
     pub fn set_bounds(&mut self, max_batches: usize, max_bytes: usize) {
         self.max_batches = max_batches.max(1);

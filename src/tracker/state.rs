@@ -10,6 +10,10 @@
 //! [`TrackerState::apply_entry`], which remembers the last answers of each client: a request
 //! retried after a failover, with the same client and request id, gets the remembered answer
 //! instead of being applied twice. That memory is part of the state, so every replica holds it.
+//! A remembered login or resume moves the session to the tracker the copy came through, unless
+//! the copy names an older link of the client than the one holding the session (each client
+//! numbers its tracker links, [`LinkNo`]): then the client has already moved on, and the copy
+//! must neither move the session nor let that link's `ClientGone` end it.
 //!
 //! The quotas are enforced here, where changes are ordered: `CreateGroup`, `JoinGroup` and
 //! `ShareFile` carry the limits of the tracker that received the request ([`OpQuotas`]), and
@@ -40,7 +44,7 @@ use crate::wire::{FileName, GroupId, UserId};
 
 // The replicated changes are defined next to their encoding in `wire`, which must not depend
 // on the tracker; they are the tracker state's vocabulary, so they are named from here too.
-pub use crate::wire::ops::{Entry, Op, OpQuotas, Origin, SessionId, TrackerRef};
+pub use crate::wire::ops::{Entry, LinkNo, Op, OpQuotas, Origin, SessionId, TrackerRef};
 
 /// A logged-in user on one client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +61,10 @@ pub struct Session {
     /// The client's identity key (X25519 public): downloaders get it with `peer_addr`, and
     /// tickets name it.
     pub client_key: [u8; 32],
+    /// The client's number for the tracker link that holds the session ([`LinkNo`]; 0: not
+    /// numbered). An op naming an older link of the same client neither moves the session
+    /// nor ends it ([`TrackerState::left_link`]).
+    pub link: LinkNo,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,6 +293,14 @@ fn group_bytes(id: &GroupId, g: &Group) -> usize {
         + g.files.values().map(file_bytes).sum::<usize>()
 }
 
+/// Whether an op naming the client's link `link` comes from a link older than `current`, the
+/// one holding the client's session: a client numbers its links in the order it opens them.
+/// A link not numbered (0: an earlier build's client or logged op) is never older, and
+/// nothing is older than an unnumbered session's link, so such ops act as they always did.
+pub fn older_link(link: LinkNo, current: LinkNo) -> bool {
+    link != 0 && link < current
+}
+
 fn session_bytes(s: &Session) -> usize {
     SESSION + s.user.as_str().len()
 }
@@ -339,10 +355,20 @@ impl TrackerState {
                 token,
                 shares,
                 client_key,
+                link,
             } => {
+                if self.left_link(*client, *link) {
+                    // A login from a link the client has left, ordered after its session
+                    // moved to a newer link: opening it would end that session, and nobody
+                    // waits for this answer.
+                    return Err(Reject::new(
+                        RejectCode::SessionAlreadyOpen,
+                        "a newer link of this client holds its session",
+                    ));
+                }
                 // The same client process logging the same user in again replaces its own
                 // session (closed just below): it was told it is not logged in (its session
-                // had moved under a late retry of its login).
+                // had ended meanwhile, or moved under a copy of its login).
                 let own = self
                     .session_of_user
                     .get(user)
@@ -361,6 +387,7 @@ impl TrackerState {
                     client: *client,
                     token: *token,
                     client_key: *client_key,
+                    link: *link,
                 };
                 self.size += session_bytes(&session);
                 self.sessions.insert(id, session);
@@ -375,11 +402,20 @@ impl TrackerState {
                 token,
                 tracker,
                 client,
+                link,
             } => {
                 let id = self
                     .session_with_token(token)
                     .ok_or_else(|| Reject::new(RejectCode::NotLoggedIn, "the session has ended"))?;
-                self.move_session(id, *tracker, *client);
+                // A resume from a link the client has left (ordered after the client moved
+                // the session to a newer one) leaves the session where the client is.
+                let left = self
+                    .sessions
+                    .get(&id)
+                    .is_some_and(|s| s.client == *client && older_link(*link, s.link));
+                if !left {
+                    self.move_session(id, *tracker, *client, *link);
+                }
                 Ok(Outcome::SessionOpened(id))
             }
             Op::CloseSession { session, tracker } => {
@@ -390,12 +426,20 @@ impl TrackerState {
                 self.close_session(*session);
                 Ok(Outcome::Done)
             }
-            Op::ClientGone { client, tracker } => {
+            Op::ClientGone {
+                client,
+                tracker,
+                link,
+            } => {
+                // The session ends only if it is still held through that tracker, by that
+                // link or a later one of the client: a copy of its login or resume may have
+                // been ordered on this tracker after the client moved on, and that link's close
+                // must not end the session the client holds through its newer link.
                 if let Some(id) = self.session_of_client.get(client).copied() {
                     if self
                         .sessions
                         .get(&id)
-                        .is_some_and(|s| s.tracker == *tracker)
+                        .is_some_and(|s| s.tracker == *tracker && !older_link(*link, s.link))
                     {
                         self.close_session(id);
                     }
@@ -814,22 +858,31 @@ impl TrackerState {
             if let (
                 Ok(Outcome::SessionOpened(id)),
                 Op::OpenSession {
-                    tracker, client, ..
+                    tracker,
+                    client,
+                    link,
+                    ..
                 }
                 | Op::ResumeSession {
-                    tracker, client, ..
+                    tracker,
+                    client,
+                    link,
+                    ..
                 },
             ) = (&answer, &entry.op)
             {
                 // Only for the session's owner: a retry with a copied client id and request id
-                // that proved another user's password, or no token, moves nothing.
+                // that proved another user's password, or no token, moves nothing. Nor does a
+                // copy from a link the client has left (it sent the request again through a
+                // newer link, whose copy was ordered first): the session stays with the newer
+                // link, and the left link's `ClientGone` will not end it.
                 let owner = self.sessions.get(id).is_some_and(|s| match &entry.op {
                     Op::OpenSession { user, .. } => s.user == *user,
                     Op::ResumeSession { token, .. } => s.token == *token,
                     _ => false,
                 });
-                if owner && !self.taken_since(origin, *id) {
-                    self.move_session(*id, *tracker, *client);
+                if owner && !self.taken_since(origin, *id) && !self.left_link(*client, *link) {
+                    self.move_session(*id, *tracker, *client, *link);
                 }
             }
             return answer;
@@ -938,8 +991,17 @@ impl TrackerState {
         }
     }
 
-    /// Hands session `id` to `client` connected through `tracker`.
-    fn move_session(&mut self, id: SessionId, tracker: TrackerRef, client: u64) {
+    /// Whether `link` is a link `client` has left: its session is held through a newer link
+    /// of the same process ([`older_link`]).
+    pub fn left_link(&self, client: u64, link: LinkNo) -> bool {
+        self.session_of_client
+            .get(&client)
+            .and_then(|id| self.sessions.get(id))
+            .is_some_and(|s| s.client == client && older_link(link, s.link))
+    }
+
+    /// Hands session `id` to `client` connected through `tracker` by its link `link`.
+    fn move_session(&mut self, id: SessionId, tracker: TrackerRef, client: u64, link: LinkNo) {
         let Some(old_client) = self.sessions.get(&id).map(|s| s.client) else {
             return;
         };
@@ -952,6 +1014,7 @@ impl TrackerState {
         if let Some(s) = self.sessions.get_mut(&id) {
             s.tracker = tracker;
             s.client = client;
+            s.link = link;
         }
         self.session_of_client.insert(client, id);
     }

@@ -74,6 +74,7 @@ mod op {
             token: [port.to_be_bytes()[1]; 16],
             shares: None,
             client_key: [port.to_be_bytes()[1] ^ 0x5a; 32],
+            link: 0,
         }
     }
 
@@ -345,6 +346,7 @@ fn open_session_records_the_client() {
         token: [9; 16],
         shares: None,
         client_key: [0x99; 32],
+        link: 3,
     };
     let Outcome::SessionOpened(s) = ok(&mut st, open) else {
         panic!("no session id");
@@ -359,6 +361,7 @@ fn open_session_records_the_client() {
         client: 99,
         token: [9; 16],
         client_key: [0x99; 32],
+        link: 3,
     };
     assert_eq!(st.session(s), Some(&expected));
     assert_eq!(st.user_of(s), Ok(&uid("alice")));

@@ -14,6 +14,15 @@ use super::{FileName, GroupId, UserId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionId(pub u64);
 
+/// A client process's number for one of its tracker links: 1 for its first link, one more
+/// for every link after (`client::uplink` counts them), carried by its logins and resumes.
+/// Two copies of one request can come through two links of the client (it lost the first
+/// after sending, and sent the request again through another tracker) and be ordered either
+/// way; the number tells which link the client left, so that a copy from that one neither
+/// moves the session nor, with its `ClientGone`, ends it. 0: not numbered (an earlier
+/// build's client or logged op), which compares as before numbers existed: never older.
+pub type LinkNo = u64;
+
 /// One run of one tracker: its number in the tracker file and a random id drawn at start, so
 /// that sessions held by a tracker that died are told apart from those of its restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,12 +52,16 @@ pub enum Op {
         shares: Option<Vec<(GroupId, FileName)>>,
         /// The client's identity key (X25519 public), handed to downloaders with its address.
         client_key: [u8; 32],
+        /// The client's number for the tracker link the login came through ([`LinkNo`]).
+        link: LinkNo,
     },
     /// Moves the session holding `token` to `tracker` and `client` (a failover).
     ResumeSession {
         token: [u8; 16],
         tracker: TrackerRef,
         client: u64,
+        /// The client's number for the tracker link the resume came through.
+        link: LinkNo,
     },
     /// Logout: closes `session` if `tracker` still holds it.
     CloseSession {
@@ -62,6 +75,9 @@ pub enum Op {
     ClientGone {
         client: u64,
         tracker: TrackerRef,
+        /// The client's number for the link that closed (the one its login or resume on it
+        /// named): a `ClientGone` for a link older than the session's changes nothing.
+        link: LinkNo,
     },
     /// `tracker` died and the grace period for its clients to move is over: the sessions it
     /// still holds end (their shares go offline).

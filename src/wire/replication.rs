@@ -52,8 +52,9 @@
 //! `JoinRequest`, which is still read (and answered with a snapshot); it cannot read the form
 //! with a position, so mixing such builds in one service needs the earlier build as primary
 //! or a restart of the joiners on the new build. Nor can an earlier build read a `Status` of
-//! kind 2 (a starting founder) or the ops of kinds 16-18 (changes carrying quotas): every
-//! tracker of one service should run the same build.
+//! kind 2 (a starting founder) or the ops of kinds 16-18 (changes carrying quotas) and 19-21
+//! (session changes naming the client's link): every tracker of one service should run the
+//! same build.
 
 use super::codec::*;
 use super::frame;
@@ -210,6 +211,9 @@ mod kind {
     pub const CREATE_GROUP_Q: u8 = 16;
     pub const JOIN_GROUP_Q: u8 = 17;
     pub const SHARE_FILE_Q: u8 = 18;
+    pub const OPEN_SESSION_LINK: u8 = 19;
+    pub const RESUME_SESSION_LINK: u8 = 20;
+    pub const CLIENT_GONE_LINK: u8 = 21;
 }
 
 /// `Status` kinds.
@@ -276,6 +280,10 @@ pub(crate) fn put_tracker_ref(out: &mut Vec<u8>, t: &TrackerRef) {
 ///   fields of `7`, `8`, `12`, then `quotas` (`u64 groups_owned | u64 requests | u64 files |
 ///   u64 metadata | u64 state_bytes`); an op without quotas (an earlier build's) is written as
 ///   kind `7`, `8` or `12`
+/// - `19` OpenSession, `20` ResumeSession, `21` ClientGone with the client's number for its
+///   tracker link (`LinkNo`): the fields of `15`, `3`, `5`, then `u64 link` (not 0); an op
+///   whose link is 0 (not numbered: an earlier build's client or entry) is written as kind
+///   `2` or `15`, `3`, `5`, and refused as `19`-`21`
 ///
 /// Any other kind is [`DecodeError::BadValue`].
 pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
@@ -293,10 +301,13 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             token,
             shares,
             client_key,
+            link,
         } => {
-            // An earlier build's entry (no shares, no key) keeps its kind: read back and
-            // written again, the bytes are the same.
-            let kind_byte = if shares.is_none() && *client_key == [0; 32] {
+            // An earlier build's entry (no shares, no key, no link) keeps its kind: read back
+            // and written again, the bytes are the same.
+            let kind_byte = if *link != 0 {
+                kind::OPEN_SESSION_LINK
+            } else if shares.is_none() && *client_key == [0; 32] {
                 kind::OPEN_SESSION
             } else {
                 kind::OPEN_SESSION_V2
@@ -307,7 +318,7 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
             put_tracker_ref(out, tracker);
             put_u64(out, *client);
             out.extend_from_slice(token);
-            if kind_byte == kind::OPEN_SESSION_V2 {
+            if kind_byte != kind::OPEN_SESSION {
                 match shares {
                     Some(shares) => {
                         put_bool(out, true);
@@ -317,26 +328,54 @@ pub fn encode_op(out: &mut Vec<u8>, op: &Op) {
                 }
                 out.extend_from_slice(client_key);
             }
+            if kind_byte == kind::OPEN_SESSION_LINK {
+                put_u64(out, *link);
+            }
         }
         Op::ResumeSession {
             token,
             tracker,
             client,
+            link,
         } => {
-            put_u8(out, kind::RESUME_SESSION);
+            put_u8(
+                out,
+                if *link != 0 {
+                    kind::RESUME_SESSION_LINK
+                } else {
+                    kind::RESUME_SESSION
+                },
+            );
             out.extend_from_slice(token);
             put_tracker_ref(out, tracker);
             put_u64(out, *client);
+            if *link != 0 {
+                put_u64(out, *link);
+            }
         }
         Op::CloseSession { session, tracker } => {
             put_u8(out, kind::CLOSE_SESSION);
             put_u64(out, session.0);
             put_tracker_ref(out, tracker);
         }
-        Op::ClientGone { client, tracker } => {
-            put_u8(out, kind::CLIENT_GONE);
+        Op::ClientGone {
+            client,
+            tracker,
+            link,
+        } => {
+            put_u8(
+                out,
+                if *link != 0 {
+                    kind::CLIENT_GONE_LINK
+                } else {
+                    kind::CLIENT_GONE
+                },
+            );
             put_u64(out, *client);
             put_tracker_ref(out, tracker);
+            if *link != 0 {
+                put_u64(out, *link);
+            }
         }
         Op::ExpireSessions { tracker } => {
             put_u8(out, kind::EXPIRE_SESSIONS);
@@ -455,6 +494,17 @@ fn user_quotas(r: &mut Reader<'_>, present: bool) -> Result<Option<OpQuotas>, De
     }))
 }
 
+/// The `u64 link` of kinds 19-21: never 0 there (an op without a link number has its own
+/// kind, so each op has one encoding).
+fn nonzero_link(r: &mut Reader<'_>) -> Result<u64, DecodeError> {
+    match r.u64()? {
+        0 => Err(DecodeError::BadValue(
+            "link number 0 in an op of a numbered kind",
+        )),
+        link => Ok(link),
+    }
+}
+
 /// Reads an op written by [`encode_op`].
 pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
     let op = match r.u8()? {
@@ -462,22 +512,24 @@ pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             user: user_id(r)?,
             pw_hash: pw_hash(r)?,
         },
-        k @ (kind::OPEN_SESSION | kind::OPEN_SESSION_V2) => {
+        k @ (kind::OPEN_SESSION | kind::OPEN_SESSION_V2 | kind::OPEN_SESSION_LINK) => {
+            let extended = k != kind::OPEN_SESSION;
             let op = Op::OpenSession {
                 user: user_id(r)?,
                 peer_addr: r.socket_addr()?,
                 tracker: tracker_ref(r)?,
                 client: r.u64()?,
                 token: r.array()?,
-                shares: if k == kind::OPEN_SESSION_V2 && r.bool()? {
+                shares: if extended && r.bool()? {
                     Some(share_list(r)?)
                 } else {
                     None
                 },
-                client_key: if k == kind::OPEN_SESSION_V2 {
-                    r.array()?
+                client_key: if extended { r.array()? } else { [0; 32] },
+                link: if k == kind::OPEN_SESSION_LINK {
+                    nonzero_link(r)?
                 } else {
-                    [0; 32]
+                    0
                 },
             };
             // What kind 2 says is written as kind 2 (one encoding per op).
@@ -488,18 +540,28 @@ pub fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             }
             op
         }
-        kind::RESUME_SESSION => Op::ResumeSession {
+        k @ (kind::RESUME_SESSION | kind::RESUME_SESSION_LINK) => Op::ResumeSession {
             token: r.array()?,
             tracker: tracker_ref(r)?,
             client: r.u64()?,
+            link: if k == kind::RESUME_SESSION_LINK {
+                nonzero_link(r)?
+            } else {
+                0
+            },
         },
         kind::CLOSE_SESSION => Op::CloseSession {
             session: SessionId(r.u64()?),
             tracker: tracker_ref(r)?,
         },
-        kind::CLIENT_GONE => Op::ClientGone {
+        k @ (kind::CLIENT_GONE | kind::CLIENT_GONE_LINK) => Op::ClientGone {
             client: r.u64()?,
             tracker: tracker_ref(r)?,
+            link: if k == kind::CLIENT_GONE_LINK {
+                nonzero_link(r)?
+            } else {
+                0
+            },
         },
         kind::EXPIRE_SESSIONS => Op::ExpireSessions {
             tracker: tracker_ref(r)?,

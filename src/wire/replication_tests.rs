@@ -149,6 +149,7 @@ fn sample_ops() -> Vec<Op> {
             token: [0x11; 16],
             shares: None,
             client_key: [0; 32],
+            link: 0,
         },
         Op::OpenSession {
             user: uid("carol"),
@@ -158,11 +159,19 @@ fn sample_ops() -> Vec<Op> {
             token: *b"0123456789abcdef",
             shares: None,
             client_key: [0; 32],
+            link: u64::MAX,
         },
         Op::ResumeSession {
             token: [0xfe; 16],
             tracker: tref(2, 7),
             client: 9,
+            link: 0,
+        },
+        Op::ResumeSession {
+            token: [0xfd; 16],
+            tracker: tref(2, 8),
+            client: 10,
+            link: 1,
         },
         Op::CloseSession {
             session: SessionId(1),
@@ -175,6 +184,12 @@ fn sample_ops() -> Vec<Op> {
         Op::ClientGone {
             client: 77,
             tracker: tref(3, 33),
+            link: 0,
+        },
+        Op::ClientGone {
+            client: 78,
+            tracker: tref(3, 34),
+            link: 2,
         },
         Op::ExpireSessions {
             tracker: tref(4, 44),
@@ -482,6 +497,15 @@ fn rand_quotas(rng: &mut Rng) -> Option<OpQuotas> {
     })
 }
 
+/// A client's link number: not numbered (0) half the time.
+fn rand_link(rng: &mut Rng) -> u64 {
+    if rng.below(2) == 0 {
+        0
+    } else {
+        rng.next_u64().max(1)
+    }
+}
+
 fn rand_op(rng: &mut Rng) -> Op {
     match rng.below(OP_VARIANTS) {
         0 => Op::CreateUser {
@@ -496,11 +520,13 @@ fn rand_op(rng: &mut Rng) -> Op {
             token: rand_token(rng),
             shares: None,
             client_key: [0; 32],
+            link: rand_link(rng),
         },
         2 => Op::ResumeSession {
             token: rand_token(rng),
             tracker: rand_tref(rng),
             client: rng.next_u64(),
+            link: rand_link(rng),
         },
         3 => Op::CloseSession {
             session: rand_session(rng),
@@ -509,6 +535,7 @@ fn rand_op(rng: &mut Rng) -> Op {
         4 => Op::ClientGone {
             client: rng.next_u64(),
             tracker: rand_tref(rng),
+            link: rand_link(rng),
         },
         5 => Op::ExpireSessions {
             tracker: rand_tref(rng),
@@ -932,6 +959,7 @@ fn golden_ops() {
         token: [7; 16],
         shares: Some(vec![(gid("g"), fname("f"))]),
         client_key: [0x3c; 32],
+        link: 0,
     };
     assert_eq!(
         op_bytes(&open),
@@ -955,6 +983,7 @@ fn golden_ops() {
         token: [7; 16],
         shares: None,
         client_key: [0; 32],
+        link: 0,
     };
     let bytes = op_bytes(&legacy);
     assert_eq!(
@@ -977,6 +1006,7 @@ fn golden_ops() {
         token: [9; 16],
         tracker: tref(0x0102, 3),
         client: 4,
+        link: 0,
     };
     assert_eq!(
         op_bytes(&resume),
@@ -990,6 +1020,7 @@ fn golden_ops() {
     let gone = Op::ClientGone {
         client: 5,
         tracker: tref(6, 7),
+        link: 0,
     };
     assert_eq!(
         op_bytes(&gone),
@@ -1224,21 +1255,22 @@ fn round_trip_every_op_with_and_without_origin() {
 }
 
 #[test]
-fn op_kinds_are_one_to_eighteen_each_of_one_op() {
+fn op_kinds_are_one_to_twenty_one_each_of_one_op() {
     let mut kinds = [None; 256];
     for op in sample_ops() {
         let k = op_bytes(&op)[0] as usize;
-        assert!((1..=18).contains(&k), "{op:?}");
+        assert!((1..=21).contains(&k), "{op:?}");
         match kinds[k] {
             None => kinds[k] = Some(op_variant(&op)),
             Some(v) => assert_eq!(v, op_variant(&op), "kind {k} shared by two ops"),
         }
     }
-    // Kinds 16-18 are CreateGroup, JoinGroup and ShareFile with quotas: 17 kinds so far, as
-    // kind 15 (an OpenSession with shares or a key) is not among the samples.
+    // Kinds 16-18 are CreateGroup, JoinGroup and ShareFile with quotas, 19-21 OpenSession,
+    // ResumeSession and ClientGone with a link number: 20 kinds, as kind 15 (an OpenSession
+    // with shares or a key, and no link number) is not among the samples.
     assert_eq!(
         kinds.iter().filter(|k| k.is_some()).count(),
-        OP_VARIANTS + 3
+        OP_VARIANTS + 6
     );
     let mut variants: Vec<usize> = kinds.iter().flatten().copied().collect();
     variants.sort_unstable();
@@ -1492,7 +1524,7 @@ fn bad_flags_and_kinds_are_rejected() {
         ReplMsg::parse(&fwd(2, 1)),
         Err(DecodeError::BadValue("boolean"))
     );
-    for kind in [0u8, 19, 0x40, 0xff] {
+    for kind in [0u8, 22, 0x40, 0xff] {
         assert_eq!(
             ReplMsg::parse(&fwd(0, kind)),
             Err(DecodeError::BadValue("op kind")),
@@ -1784,4 +1816,88 @@ fn mutated_entries_never_panic() {
         }
     }
     assert!(accepted > 0);
+}
+
+/// Kinds 19-21: the session ops naming the client's link, the fields of kinds 15, 3 and 5
+/// then `u64 link`. Link 0 (not numbered) is written as the earlier kinds, and refused as
+/// 19-21, so that each op has one encoding.
+#[test]
+fn golden_ops_with_link_numbers() {
+    let open = Op::OpenSession {
+        user: uid("u"),
+        peer_addr: "10.0.0.1:80".parse().unwrap(),
+        tracker: tref(1, 2),
+        client: 3,
+        token: [7; 16],
+        shares: Some(vec![(gid("g"), fname("f"))]),
+        client_key: [0x3c; 32],
+        link: 0x0102,
+    };
+    let open_bytes = cat(&[
+        &[19],
+        &[0, 1, b'u'],
+        &[4, 10, 0, 0, 1, 0, 80],
+        &[0, 1, 0, 0, 0, 0, 0, 0, 0, 2],
+        &[0, 0, 0, 0, 0, 0, 0, 3],
+        &[7; 16],
+        &[1, 0, 0, 0, 1, 0, 1, b'g', 0, 1, b'f'],
+        &[0x3c; 32],
+        &[0, 0, 0, 0, 0, 0, 1, 2], // link
+    ]);
+    assert_eq!(op_bytes(&open), open_bytes);
+    // Without shares and key (which kind 2 could say), a numbered login is still kind 19.
+    let mut bare = open.clone();
+    if let Op::OpenSession {
+        shares, client_key, ..
+    } = &mut bare
+    {
+        *shares = None;
+        *client_key = [0; 32];
+    }
+    assert_eq!(op_bytes(&bare)[0], 19);
+    let resume = Op::ResumeSession {
+        token: [9; 16],
+        tracker: tref(0x0102, 3),
+        client: 4,
+        link: 5,
+    };
+    let resume_bytes = cat(&[
+        &[20],
+        &[9; 16],
+        &[1, 2, 0, 0, 0, 0, 0, 0, 0, 3],
+        &[0, 0, 0, 0, 0, 0, 0, 4],
+        &[0, 0, 0, 0, 0, 0, 0, 5],
+    ]);
+    assert_eq!(op_bytes(&resume), resume_bytes);
+    let gone = Op::ClientGone {
+        client: 5,
+        tracker: tref(6, 7),
+        link: u64::MAX,
+    };
+    let gone_bytes = cat(&[
+        &[21],
+        &[0, 0, 0, 0, 0, 0, 0, 5],
+        &[0, 6, 0, 0, 0, 0, 0, 0, 0, 7],
+        &[0xff; 8],
+    ]);
+    assert_eq!(op_bytes(&gone), gone_bytes);
+    for (op, bytes) in [
+        (open, open_bytes),
+        (resume, resume_bytes),
+        (gone, gone_bytes),
+    ] {
+        let mut r = Reader::new(&bytes);
+        assert_eq!(decode_op(&mut r), Ok(op));
+        assert_eq!(r.remaining(), 0);
+        // Link 0 in a numbered kind is refused.
+        let mut zero = bytes.clone();
+        let n = zero.len();
+        zero[n - 8..].fill(0);
+        assert_eq!(
+            decode_op(&mut Reader::new(&zero)),
+            Err(DecodeError::BadValue(
+                "link number 0 in an op of a numbered kind"
+            ))
+        );
+    }
 }

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use super::codec::*;
 use super::frame;
 use super::ids::{FileName, GroupId, Password, Sha1Digest, UserId, MAX_FILE_NAME_LEN, MAX_ID_LEN};
+use super::ops::LinkNo;
 use super::ticket::{Ticket, MAX_TICKET_LEN};
 use super::{PROTOCOL_MAGIC, PROTOCOL_VERSION};
 
@@ -61,10 +62,10 @@ pub enum RequestBody {
     /// `0x11`: `str user | bytes password`.
     CreateUser { user: UserId, password: Password },
     /// `0x12`: `str user | bytes password | addr peer_addr | u32 n | (str group | str name) * n
-    /// | [32] client_key`: the shares this client holds for the user now (the files it
-    /// serves; the session opens and the user's other shares at `peer_addr` end in one change,
-    /// so no downloader is sent here for a file this client no longer holds), and its identity
-    /// key.
+    /// | [32] client_key | (u64 link)?`: the shares this client holds for the user now (the
+    /// files it serves; the session opens and the user's other shares at `peer_addr` end in
+    /// one change, so no downloader is sent here for a file this client no longer holds), its
+    /// identity key, and its number for this tracker link.
     Login {
         user: UserId,
         password: Password,
@@ -73,6 +74,11 @@ pub enum RequestBody {
         /// The client's identity key (X25519 public): the tracker hands it to downloaders
         /// with `peer_addr` and names it in this user's tickets.
         client_key: [u8; 32],
+        /// The client's number for the link this login is sent on ([`LinkNo`]: 1 for the
+        /// process's first tracker link, growing with each new one), so that a copy of the
+        /// login from a link the client has left neither moves nor ends its session. Written
+        /// only when not 0; absent (an earlier build's client) reads as 0, not numbered.
+        link: LinkNo,
     },
     /// `0x13`: no fields.
     Logout,
@@ -99,9 +105,10 @@ pub enum RequestBody {
     /// `0x1e`: `str group | str name`: the file's metadata and where its online sharers
     /// listen (members only).
     FileSharers { group: GroupId, name: FileName },
-    /// `0x1f`: `[u8; 16] token`: take over the session holding `token` (after the client's
-    /// tracker died). Answered with `LoggedIn` carrying the same token.
-    Resume { token: [u8; 16] },
+    /// `0x1f`: `[u8; 16] token | (u64 link)?`: take over the session holding `token` (after
+    /// the client's tracker died). Answered with `LoggedIn` carrying the same token. `link`
+    /// as in `Login`.
+    Resume { token: [u8; 16], link: LinkNo },
     /// `0x21`: `u8 listing | str group (requests and files only) | u32 from`: the part of a
     /// listing that starts at item `from` (0 for the first), as large as fits in
     /// [`MAX_PART_BYTES`]; answered with [`ReplyBody::Part`]. Listing 1 is the groups, 2 a
@@ -397,6 +404,24 @@ fn password(r: &mut Reader<'_>) -> Result<Password, DecodeError> {
     Ok(Password::new(r.bytes16(super::ids::MAX_PASSWORD_LEN)?)?)
 }
 
+/// The `(u64 link)?` ending a `Login` or `Resume`: absent is 0 (not numbered: an earlier
+/// build's client); a present 0 is refused, so that each request has one encoding.
+fn optional_link(r: &mut Reader<'_>) -> Result<LinkNo, DecodeError> {
+    if r.remaining() == 0 {
+        return Ok(0);
+    }
+    match r.u64()? {
+        0 => Err(DecodeError::BadValue("link number 0 (written as absent)")),
+        link => Ok(link),
+    }
+}
+
+fn put_optional_link(out: &mut Vec<u8>, link: LinkNo) {
+    if link != 0 {
+        put_u64(out, link);
+    }
+}
+
 impl ClientMsg {
     /// Parses a frame payload (type byte + body).
     pub fn parse(payload: &[u8]) -> Result<Self, DecodeError> {
@@ -431,6 +456,7 @@ impl ClientMsg {
                     peer_addr: r.socket_addr()?,
                     shares: share_list(&mut r)?,
                     client_key: r.array()?,
+                    link: optional_link(&mut r)?,
                 },
                 ty::LOGOUT => RequestBody::Logout,
                 ty::CREATE_GROUP => RequestBody::CreateGroup {
@@ -469,7 +495,10 @@ impl ClientMsg {
                     group: group_id(&mut r)?,
                     name: file_name(&mut r)?,
                 },
-                ty::RESUME => RequestBody::Resume { token: r.array()? },
+                ty::RESUME => RequestBody::Resume {
+                    token: r.array()?,
+                    link: optional_link(&mut r)?,
+                },
                 ty::LIST_PART => {
                     let listing = match r.u8()? {
                         1 => Listing::Groups,
@@ -558,12 +587,14 @@ impl Request {
                 peer_addr,
                 shares,
                 client_key,
+                link,
             } => {
                 put_str16(out, user.as_str());
                 put_bytes16(out, password.as_bytes());
                 put_socket_addr(out, peer_addr);
                 put_share_list(out, shares);
                 out.extend_from_slice(client_key);
+                put_optional_link(out, *link);
             }
             RequestBody::CreateGroup { group }
             | RequestBody::JoinGroup { group }
@@ -583,7 +614,10 @@ impl Request {
                 put_str16(out, group.as_str());
                 put_str16(out, name.as_str());
             }
-            RequestBody::Resume { token } => out.extend_from_slice(token),
+            RequestBody::Resume { token, link } => {
+                out.extend_from_slice(token);
+                put_optional_link(out, *link);
+            }
             RequestBody::ListPart { listing, from } => {
                 match listing {
                     Listing::Groups => put_u8(out, 1),

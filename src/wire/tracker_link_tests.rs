@@ -169,6 +169,7 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 peer_addr: v4,
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         ),
         req(
@@ -179,6 +180,7 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 peer_addr: v6,
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         ),
         req(5, RequestBody::Logout),
@@ -259,7 +261,13 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 name: fname("my file.txt"),
             },
         ),
-        req(20, RequestBody::Resume { token: [0; 16] }),
+        req(
+            20,
+            RequestBody::Resume {
+                token: [0; 16],
+                link: 0,
+            },
+        ),
         req(
             23,
             RequestBody::Login {
@@ -268,12 +276,14 @@ fn sample_client_msgs() -> Vec<ClientMsg> {
                 peer_addr: "127.0.0.1:1".parse().unwrap(),
                 shares: vec![(gid("grp"), fname("my file.txt")), (gid("g"), fname("x"))],
                 client_key: [5; 32],
+                link: 0,
             },
         ),
         req(
             21,
             RequestBody::Resume {
                 token: *b"0123456789abcdef",
+                link: 0,
             },
         ),
         req(
@@ -501,6 +511,15 @@ fn rand_meta(rng: &mut Rng) -> FileMeta {
     }
 }
 
+/// A client's link number: absent (0) half the time.
+fn rand_link(rng: &mut Rng) -> u64 {
+    if rng.below(2) == 0 {
+        0
+    } else {
+        rng.next_u64().max(1)
+    }
+}
+
 fn rand_client(rng: &mut Rng) -> ClientMsg {
     let req_id = rng.next_u64();
     let body = match rng.below(CLIENT_VARIANTS) {
@@ -531,6 +550,7 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
                 .map(|_| (rand_group(rng), rand_name(rng)))
                 .collect(),
             client_key: [0; 32],
+            link: rand_link(rng),
         },
         4 => RequestBody::Logout,
         5 => RequestBody::CreateGroup {
@@ -572,7 +592,10 @@ fn rand_client(rng: &mut Rng) -> ClientMsg {
         16 => {
             let mut token = [0u8; 16];
             rng.fill(&mut token);
-            RequestBody::Resume { token }
+            RequestBody::Resume {
+                token,
+                link: rand_link(rng),
+            }
         }
         _ => RequestBody::ListPart {
             listing: match rng.below(3) {
@@ -762,6 +785,7 @@ fn golden_resume() {
             0x0102,
             RequestBody::Resume {
                 token: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0xff],
+                link: 0,
             },
         ),
         &cat(&[
@@ -810,6 +834,7 @@ fn golden_login_ipv4() {
                 peer_addr: "127.0.0.1:8080".parse().unwrap(),
                 shares: Vec::new(),
                 client_key: [0xc1; 32],
+                link: 0,
             },
         ),
         &cat(&[
@@ -836,6 +861,7 @@ fn golden_login_ipv6() {
                 peer_addr: "[2001:db8::1]:443".parse().unwrap(),
                 shares: Vec::new(),
                 client_key: [0; 32],
+                link: 0,
             },
         ),
         &cat(&[
@@ -1035,6 +1061,7 @@ fn golden_login_with_shares() {
                 peer_addr: "127.0.0.1:8080".parse().unwrap(),
                 shares: vec![(gid("g"), fname("a b"))],
                 client_key: [0xc2; 32],
+                link: 0,
             },
         ),
         &cat(&[
@@ -1378,13 +1405,46 @@ fn parse_any(
     (ClientMsg::parse(p), TrackerMsg::parse(p))
 }
 
+/// The link number of a `Login` or `Resume` (whose optional last field it is).
+fn request_link(msg: &ClientMsg) -> Option<u64> {
+    match msg {
+        ClientMsg::Request(Request {
+            body: RequestBody::Login { link, .. } | RequestBody::Resume { link, .. },
+            ..
+        }) => Some(*link),
+        _ => None,
+    }
+}
+
+/// `msg` with its link number (if it has one) set to `link`.
+fn with_link(mut msg: ClientMsg, to: u64) -> ClientMsg {
+    if let ClientMsg::Request(Request {
+        body: RequestBody::Login { link, .. } | RequestBody::Resume { link, .. },
+        ..
+    }) = &mut msg
+    {
+        *link = to;
+    }
+    msg
+}
+
 #[test]
 fn every_strict_prefix_is_an_error() {
     let mut rng = Rng::new(0x5eed_0002);
     for p in valid_payloads(&mut rng, 200) {
         let (c, t) = parse_any(&p);
         assert!(c.is_ok() != t.is_ok(), "exactly one parser accepts {p:?}");
+        let numbered = c
+            .as_ref()
+            .ok()
+            .filter(|m| request_link(m).is_some_and(|l| l != 0));
         for i in 0..p.len() {
+            if let Some(m) = numbered.filter(|_| i == p.len() - 8) {
+                // A login's or resume's link number is optional: without it, the request is
+                // the form of an earlier build's client (link 0), pinned by the golden bytes.
+                assert_eq!(ClientMsg::parse(&p[..i]), Ok(with_link(m.clone(), 0)));
+                continue;
+            }
             let (c, t) = parse_any(&p[..i]);
             assert!(c.is_err() && t.is_err(), "prefix {i} of {p:?}: {c:?} {t:?}");
             if i == 0 {
@@ -1399,7 +1459,17 @@ fn every_strict_prefix_is_an_error() {
 fn trailing_byte_is_an_error() {
     let mut rng = Rng::new(0x5eed_0003);
     for mut p in valid_payloads(&mut rng, 200) {
-        let client = ClientMsg::parse(&p).is_ok();
+        let parsed = ClientMsg::parse(&p);
+        let client = parsed.is_ok();
+        if parsed.as_ref().ok().and_then(request_link) == Some(0) {
+            // A login or resume without a link number: bytes after it are the start of one.
+            for extra in [0u8, 1, 0xff] {
+                p.push(extra);
+                assert_eq!(ClientMsg::parse(&p), Err(DecodeError::Truncated), "{p:?}");
+                p.pop();
+            }
+            continue;
+        }
         for extra in [0u8, 1, 0xff] {
             p.push(extra);
             let (c, t) = parse_any(&p);
@@ -2233,4 +2303,62 @@ fn sharers_carry_the_ticket_after_the_peers() {
     tail.extend_from_slice(&[0, 0, 0, 0]); // no sharer keys
     assert!(got.ends_with(&tail), "{got:?}");
     assert_eq!(TrackerMsg::parse(&got[4..]).unwrap(), reply);
+}
+
+/// A login and a resume end with the client's number for its link, `u64 link`, when it is not
+/// 0; without it (an earlier build's client) they read as link 0; a written 0 is refused (one
+/// encoding per request).
+#[test]
+fn golden_login_and_resume_with_a_link_number() {
+    golden_c(
+        req(
+            2,
+            RequestBody::Login {
+                user: uid("al"),
+                password: pw(b"pw"),
+                peer_addr: "127.0.0.1:8080".parse().unwrap(),
+                shares: Vec::new(),
+                client_key: [0xc1; 32],
+                link: 0x0a0b,
+            },
+        ),
+        &cat(&[
+            &[0, 0, 0, 68, 0x12],            // length, type
+            &[0, 0, 0, 0, 0, 0, 0, 2],       // req_id
+            &[0, 2, b'a', b'l'],             // user
+            &[0, 2, b'p', b'w'],             // password
+            &[4, 127, 0, 0, 1],              // family, address
+            &[0x1f, 0x90],                   // port 8080
+            &[0, 0, 0, 0],                   // no shares
+            &[0xc1; 32],                     // client key
+            &[0, 0, 0, 0, 0, 0, 0x0a, 0x0b], // link
+        ]),
+    );
+    let resume = cat(&[
+        &[0, 0, 0, 33, 0x1f],
+        &[0, 0, 0, 0, 0, 0, 0x01, 0x02], // req_id
+        &[7; 16],                        // token
+        &[0, 0, 0, 0, 0, 0, 0, 3],       // link
+    ]);
+    golden_c(
+        req(
+            0x0102,
+            RequestBody::Resume {
+                token: [7; 16],
+                link: 3,
+            },
+        ),
+        &resume,
+    );
+    // A written 0 is refused; a partial number too.
+    let mut zero = resume.clone();
+    let n = zero.len();
+    zero[n - 8..].fill(0);
+    assert_eq!(
+        ClientMsg::parse(&zero[LEN_PREFIX..]),
+        Err(DecodeError::BadValue("link number 0 (written as absent)"))
+    );
+    let mut short = resume[..n - 1].to_vec();
+    short[3] -= 1;
+    assert!(ClientMsg::parse(&short[LEN_PREFIX..]).is_err());
 }

@@ -17,7 +17,8 @@
 //! Layout, big-endian, with the field types of `wire::replication`:
 //!
 //! ```text
-//! u32 version (2; version 1, without `client_key`, is still read)
+//! u32 version (3; version 2, without `link`, and 1, without `client_key` either, are still
+//!               read)
 //! u64 next_session | u64 n_applied
 //! u32 n | (str user | str pw_hash) * n                                       users
 //! u32 n | group * n                                                          groups
@@ -25,7 +26,7 @@
 //!             | u32 n | file * n
 //!     file:   file_meta | u32 n | (str user | addr peer_addr) * n             sharers
 //! u32 n | (u64 id | str user | addr peer_addr | tracker_ref | u64 client | token
-//!          | [32] client_key) * n
+//!          | [32] client_key | u64 link) * n
 //!                                                                            sessions
 //! u32 n | (u64 client | u64 last_used | u32 n | (u64 req_id | answer) * n) * n
 //!                                                                            answers
@@ -51,7 +52,7 @@ use crate::wire::tracker_link::{FileMeta, RejectCode};
 use crate::wire::UserId;
 
 /// The snapshot format this build writes and reads.
-const SNAPSHOT_VERSION: u32 = 2;
+const SNAPSHOT_VERSION: u32 = 3;
 
 /// Longest refusal message a snapshot carries.
 const MAX_SNAPSHOT_MESSAGE_LEN: usize = u16::MAX as usize;
@@ -67,8 +68,8 @@ const MIN_GROUP_LEN: usize = MIN_ID_LEN + MIN_ID_LEN + 4 + 4 + 4;
 const MIN_FILE_LEN: usize = MIN_ID_LEN + 8 + 4 + 20 + 4 + 4;
 /// `str user | addr` (an IPv4 address is `u8 | 4 bytes | u16`).
 const MIN_SHARER_LEN: usize = MIN_ID_LEN + 7;
-/// `u64 id | str user | addr | tracker_ref | u64 client | token`.
-const MIN_SESSION_LEN: usize = 8 + MIN_ID_LEN + 7 + 10 + 8 + 16 + 32;
+/// `u64 id | str user | addr | tracker_ref | u64 client | token | [32] client_key | u64 link`.
+const MIN_SESSION_LEN: usize = 8 + MIN_ID_LEN + 7 + 10 + 8 + 16 + 32 + 8;
 /// `u64 client | u64 last_used | u32 n`.
 const MIN_CLIENT_ANSWERS_LEN: usize = 8 + 8 + 4;
 /// `u64 req_id | u8 kind`.
@@ -119,6 +120,7 @@ impl TrackerState {
             put_u64(out, s.client);
             out.extend_from_slice(&s.token);
             out.extend_from_slice(&s.client_key);
+            put_u64(out, s.link);
         }
 
         put_count(out, self.answers.len());
@@ -140,9 +142,10 @@ impl TrackerState {
         let mut r = Reader::new(bytes);
         // Version 1 (earlier builds, in their data directories) has no client keys: read
         // with zero keys (such a session's sharer key is unknown until its client logs in
-        // again), and written back as the current version.
+        // again), and written back as the current version. Versions 1 and 2 have no link
+        // numbers: read as 0 (not numbered, so every op of the client acts as it did).
         let version = r.u32()?;
-        if version != SNAPSHOT_VERSION && version != 1 {
+        if !(1..=SNAPSHOT_VERSION).contains(&version) {
             return Err(DecodeError::BadValue("snapshot version"));
         }
         let mut st = TrackerState::new();
@@ -163,7 +166,12 @@ impl TrackerState {
             insert_ascending(&mut st.groups, id, group, "groups out of order")?;
         }
 
-        let n = r.count(MIN_SESSION_LEN - if version == 1 { 32 } else { 0 })?;
+        let missing = match version {
+            1 => 32 + 8,
+            2 => 8,
+            _ => 0,
+        };
+        let n = r.count(MIN_SESSION_LEN - missing)?;
         for _ in 0..n {
             let id = SessionId(r.u64()?);
             let session = Session {
@@ -173,6 +181,7 @@ impl TrackerState {
                 client: r.u64()?,
                 token: r.array()?,
                 client_key: if version == 1 { [0; 32] } else { r.array()? },
+                link: if version < 3 { 0 } else { r.u64()? },
             };
             if id.0 == 0 || id.0 > st.next_session {
                 return Err(DecodeError::BadValue("session id out of range"));

@@ -67,6 +67,7 @@ fn open(user: &str, port: u16, tracker: TrackerRef, client: u64) -> Op {
         token: [port.to_be_bytes()[1]; 16],
         shares: None,
         client_key: [0; 32],
+        link: 0,
     }
 }
 
@@ -255,7 +256,8 @@ fn rich_state() -> TrackerState {
             Op::ResumeSession {
                 token,
                 tracker: T1,
-                client: 202
+                client: 202,
+                link: 0,
             }
         ),
         Ok(Outcome::SessionOpened(carol))
@@ -279,7 +281,8 @@ fn rich_state() -> TrackerState {
             &mut st,
             Op::ClientGone {
                 client: 104,
-                tracker: T2
+                tracker: T2,
+                link: 0,
             }
         ),
         Ok(Outcome::Done)
@@ -300,7 +303,7 @@ fn golden_empty_state() {
     assert_eq!(
         bytes,
         [
-            &[0, 0, 0, 2][..],         // version
+            &[0, 0, 0, 3][..],         // version
             &[0, 0, 0, 0, 0, 0, 0, 0], // next_session
             &[0, 0, 0, 0, 0, 0, 0, 0], // n_applied
             &[0, 0, 0, 0],             // users
@@ -331,6 +334,7 @@ fn golden_user_session_and_answers() {
         token: [0xee; 16],
         shares: None,
         client_key: [0xcc; 32],
+        link: 9,
     };
     assert_eq!(
         asked(&mut st, 5, 7, open),
@@ -339,7 +343,7 @@ fn golden_user_session_and_answers() {
     assert!(asked(&mut st, 5, 8, hash()).is_err());
     let message = b"user 'a' already exists";
     let want = [
-        &[0, 0, 0, 2][..],
+        &[0, 0, 0, 3][..],
         &[0, 0, 0, 0, 0, 0, 0, 1], // next_session
         &[0, 0, 0, 0, 0, 0, 0, 3], // n_applied
         &[0, 0, 0, 1],             // one user
@@ -353,6 +357,7 @@ fn golden_user_session_and_answers() {
         &[0, 0, 0, 0, 0, 0, 0, 5],          // client
         &[0xee; 16],                        // token
         &[0xcc; 32],                        // client key
+        &[0, 0, 0, 0, 0, 0, 0, 9],          // link
         &[0, 0, 0, 1],                      // one remembered client
         &[0, 0, 0, 0, 0, 0, 0, 5],          // client
         &[0, 0, 0, 0, 0, 0, 0, 3],          // last_used
@@ -622,8 +627,9 @@ fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
                 tracker,
                 client,
             );
-            if let Op::OpenSession { token, .. } = &mut op {
+            if let Op::OpenSession { token, link, .. } = &mut op {
                 rng.fill(token);
+                *link = rng.below(4) as u64;
             }
             op
         }
@@ -638,13 +644,18 @@ fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
                 token,
                 tracker,
                 client,
+                link: rng.below(4) as u64,
             }
         }
         22..=26 => Op::CloseSession {
             session: random_session(rng, st),
             tracker,
         },
-        27..=29 => Op::ClientGone { client, tracker },
+        27..=29 => Op::ClientGone {
+            client,
+            tracker,
+            link: rng.below(4) as u64,
+        },
         30 => Op::ExpireSessions { tracker },
         31..=36 => Op::CreateGroup {
             session: random_session(rng, st),
@@ -795,6 +806,7 @@ fn session(user: &str, client: u64) -> Session {
         client,
         token: [1; 16],
         client_key: [0; 32],
+        link: 0,
     }
 }
 
@@ -984,7 +996,7 @@ fn keys_must_be_ascending_and_distinct() {
 fn bad_fields_are_refused() {
     // Version (1 is read: see `a_version_1_snapshot_is_read_with_zero_client_keys`).
     let mut b = encode(&rich_state());
-    b[3] = 3;
+    b[3] = 4;
     assert_eq!(
         TrackerState::decode_snapshot(&b),
         Err(DecodeError::BadValue("snapshot version"))
@@ -1170,8 +1182,9 @@ fn random_bytes_never_panic() {
     }
 }
 
-/// A snapshot of version 1 (earlier builds, in their data directories: sessions without a
-/// client key) is read, with zero keys, and written back as the current version.
+/// Snapshots of versions 1 and 2 (earlier builds, in their data directories: version 2's
+/// sessions have no link number, version 1's not even a client key) are read, with link 0
+/// (not numbered) and zero keys, and written back as the current version.
 #[test]
 fn a_version_1_snapshot_is_read_with_zero_client_keys() {
     let mut st = TrackerState::new();
@@ -1181,21 +1194,172 @@ fn a_version_1_snapshot_is_read_with_zero_client_keys() {
         incarnation: 1,
     };
     session_id(asked(&mut st, 7, 1, open("alice", 0x4142, t, 7)));
-    let v2 = round_trip(&st);
-    // Version 1 is version 2 without the 32-byte key after each session's token.
+    let v3 = round_trip(&st);
+    // Version 2 is version 3 without the 8-byte link number after each session's key.
     let token = [0x42u8; 16];
-    let at = v2
+    let at = v3
         .windows(16)
         .position(|w| w == token)
         .expect("the token is in the snapshot")
         + 16;
-    assert_eq!(v2[at..at + 32], [0; 32]);
+    assert_eq!(v3[at..at + 32], [0; 32]);
+    assert_eq!(v3[at + 32..at + 40], [0; 8], "not numbered");
+    let mut v2 = [&v3[..at + 32], &v3[at + 40..]].concat();
+    v2[..4].copy_from_slice(&2u32.to_be_bytes());
+    let back = TrackerState::decode_snapshot(&v2).expect("version 2 is read");
+    assert_eq!(back, st);
+    assert_eq!(encode(&back), v3, "written back as the current version");
+    // Version 1 is version 2 without the 32-byte key after each session's token.
     let mut v1 = [&v2[..at], &v2[at + 32..]].concat();
     v1[..4].copy_from_slice(&1u32.to_be_bytes());
     let back = TrackerState::decode_snapshot(&v1).expect("version 1 is read");
     assert_eq!(back, st);
-    assert_eq!(encode(&back), v2, "written back as the current version");
+    assert_eq!(encode(&back), v3, "written back as the current version");
     // Any other version is refused.
-    v1[..4].copy_from_slice(&3u32.to_be_bytes());
-    assert!(TrackerState::decode_snapshot(&v1).is_err());
+    for version in [0u32, 4] {
+        v1[..4].copy_from_slice(&version.to_be_bytes());
+        assert!(TrackerState::decode_snapshot(&v1).is_err());
+    }
+}
+
+/// Two copies of one login through two trackers (the client left the first link after
+/// sending it, and sent it again through another): whichever is ordered second is answered
+/// from memory, and it moves the session only if it came through the client's newer link; the
+/// `ClientGone` of the link the client left ends nothing (seed 13002294 of the simulated
+/// clusters: the late copy came from the left link, moved the session there, and its
+/// `ClientGone` ended the session the client held through the other tracker). The link number
+/// survives a snapshot.
+#[test]
+fn a_late_copy_of_a_login_from_a_left_link_neither_moves_nor_ends_the_session() {
+    let a = TrackerRef {
+        no: 1,
+        incarnation: 10,
+    };
+    let b = TrackerRef {
+        no: 2,
+        incarnation: 20,
+    };
+    let login = |tracker: TrackerRef, link: u64| {
+        let mut op = open("alice", 0x4142, tracker, 7);
+        if let Op::OpenSession { link: l, .. } = &mut op {
+            *l = link;
+        }
+        op
+    };
+    let gone = |st: &mut TrackerState, tracker: TrackerRef, link: u64| {
+        internal(
+            st,
+            Op::ClientGone {
+                client: 7,
+                tracker,
+                link,
+            },
+        )
+        .unwrap()
+    };
+    let on = |st: &TrackerState| {
+        st.sessions()
+            .map(|(_, s)| (s.tracker, s.link))
+            .collect::<Vec<_>>()
+    };
+    // The client sent the login on its link 1 (through `a`), then on its link 2 (through `b`).
+    for late_from_left_link in [true, false] {
+        let mut st = TrackerState::new();
+        internal(&mut st, create_user("alice")).unwrap();
+        let ((first, first_link), (second, second_link)) = if late_from_left_link {
+            ((b, 2), (a, 1))
+        } else {
+            ((a, 1), (b, 2))
+        };
+        let id = session_id(asked(&mut st, 7, 116, login(first, first_link)));
+        assert_eq!(on(&st), [(first, first_link)]);
+        assert_eq!(
+            session_id(asked(&mut st, 7, 116, login(second, second_link))),
+            id,
+            "the copy gets the remembered answer"
+        );
+        assert_eq!(on(&st), [(b, 2)], "the session is with the newer link");
+        let back = TrackerState::decode_snapshot(&encode(&st)).expect("round trip");
+        assert_eq!(back, st, "the link number survives a snapshot");
+        // The left link's tracker sees it close: nothing changes.
+        gone(&mut st, a, 1);
+        assert_eq!(on(&st), [(b, 2)], "the session stays where the client is");
+        // A resume through the left link, ordered late, moves nothing either.
+        let token = st.sessions().next().map(|(_, s)| s.token).unwrap();
+        let resume = Op::ResumeSession {
+            token,
+            tracker: a,
+            client: 7,
+            link: 1,
+        };
+        assert_eq!(
+            asked(&mut st, 7, 117, resume),
+            Ok(Outcome::SessionOpened(id))
+        );
+        assert_eq!(on(&st), [(b, 2)]);
+        // Nor does a login through it, which is refused (a newer link holds the session).
+        assert_eq!(
+            asked(&mut st, 7, 118, login(a, 1)).map_err(|r| r.code),
+            Err(RejectCode::SessionAlreadyOpen)
+        );
+        assert_eq!(on(&st), [(b, 2)]);
+        // The newer link's close ends it, as does a later link's through the same tracker.
+        let mut later = st.clone();
+        gone(&mut st, b, 2);
+        assert!(on(&st).is_empty(), "its own link's close ends it");
+        gone(&mut later, b, 3);
+        assert!(on(&later).is_empty(), "a later link's close ends it too");
+    }
+}
+
+/// Ops of clients and logs that do not number links (link 0: earlier builds) act as they
+/// always did: a late copy moves the session, and the `ClientGone` of the tracker holding it
+/// ends it, whatever link a numbered op named before.
+#[test]
+fn unnumbered_links_act_as_before() {
+    let a = TrackerRef {
+        no: 1,
+        incarnation: 10,
+    };
+    let b = TrackerRef {
+        no: 2,
+        incarnation: 20,
+    };
+    let mut st = TrackerState::new();
+    internal(&mut st, create_user("alice")).unwrap();
+    let id = session_id(asked(&mut st, 7, 1, open("alice", 0x4142, b, 7)));
+    session_id(asked(&mut st, 7, 1, open("alice", 0x4142, a, 7)));
+    assert_eq!(
+        st.session(id).map(|s| s.tracker),
+        Some(a),
+        "moved by the copy"
+    );
+    internal(
+        &mut st,
+        Op::ClientGone {
+            client: 7,
+            tracker: a,
+            link: 0,
+        },
+    )
+    .unwrap();
+    assert_eq!(st.session(id), None);
+    // A numbered session and an unnumbered op: the op is never older.
+    let mut st = TrackerState::new();
+    internal(&mut st, create_user("alice")).unwrap();
+    let mut numbered = open("alice", 0x4142, b, 7);
+    if let Op::OpenSession { link, .. } = &mut numbered {
+        *link = 5;
+    }
+    let id = session_id(asked(&mut st, 7, 1, numbered));
+    internal(
+        &mut st,
+        Op::ClientGone {
+            client: 7,
+            tracker: b,
+            link: 0,
+        },
+    )
+    .unwrap();
+    assert_eq!(st.session(id), None);
 }
