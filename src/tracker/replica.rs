@@ -17,15 +17,22 @@
 //!   the dropped link may have lost (`resync`: every message is safe to repeat).
 //! - **Order.** One tracker, the primary, orders every change. The others (backups) forward
 //!   their clients' changes to it. The primary applies changes in batches: it applies a batch,
-//!   sends it to every member (the backups that hold the state), and once every member has
-//!   acknowledged it the batch is committed: the primary tells the members, and each tracker
-//!   answers its clients whose changes were in it. At most one batch is in flight, so every
-//!   member is at most one batch behind the primary; changes that arrive meanwhile form the
-//!   next batch, so the batch grows with the load (group commit).
+//!   writes it, sends it to every member (the backups that hold the state), and once every
+//!   member has acknowledged it and its own write of it is durable the batch is committed:
+//!   the primary tells the members, and each tracker answers its clients whose changes were
+//!   in it. Batches are pipelined: the primary starts the next batch once its own write of
+//!   the one before is durable, without waiting for the members' acknowledgements, up to
+//!   [`MAX_IN_FLIGHT`] batches (and [`MAX_IN_FLIGHT_BYTES`]) in flight; batches commit in
+//!   order, and a member's acknowledgement of a batch covers every batch before it. So every
+//!   member is at most [`MAX_IN_FLIGHT`] batches behind the primary; changes that arrive
+//!   while the primary's disk is busy form the next batch, so the batch grows with the load
+//!   (group commit), and a member's disk covers the batches that reached it meanwhile with
+//!   one fsync.
 //! - **Joining.** A starting tracker dials the others. If one of them is a serving primary, it
 //!   asks it for the state, saying where its own stands ([`JoinPosition`]: the entries it
-//!   applied and the claim under which it last accepted entries or a state). Between two
-//!   batches (so it sends committed changes only) the primary sends either the entries after
+//!   applied and the claim under which it last accepted entries or a state). Once no batch is
+//!   in flight (it starts no new batch while a joiner waits, so the pipeline drains; it then
+//!   sends committed changes only) the primary sends either the entries after
 //!   that position, when its [`Ring`] of recent batches holds the joiner's last entry as
 //!   applied under the same claim (suffix parts, then `Suffix`), or else a snapshot; it counts
 //!   the joiner as a member from then on. The joiner serves clients once it has applied the
@@ -49,8 +56,12 @@
 //!   refused dial shows a tracker down.
 //! - **Takeover.** When the primary dies, the lowest-numbered serving tracker takes over a
 //!   new view: it asks every linked tracker where it stands, adopts the most advanced state
-//!   among them (at most one batch ahead, sent back with the answer), brings the members that
-//!   lag up to it, then serves as primary. Backups re-forward the changes they forwarded and
+//!   among them (at most [`MAX_IN_FLIGHT`] batches ahead: the entries it lacks, taken from
+//!   the answering tracker's [`Ring`], come back with the answer as one batch, or the whole
+//!   state when they do not fit one), brings every member up to it with the entries after
+//!   the position that member answered (members stand up to [`MAX_IN_FLIGHT`] batches apart;
+//!   a member its ring does not reach back to is sent a batch past its point and asks for
+//!   the state), then serves as primary. Backups re-forward the changes they forwarded and
 //!   have not seen committed; a client retrying a change through another tracker carries the
 //!   same request id, so nothing is applied twice (see `TrackerState::apply_entry`). Claims of
 //!   primaryship are ordered by view, then by lower tracker number; a tracker follows the
@@ -94,9 +105,11 @@
 //! # Invariants
 //!
 //! 1. Every live tracker's state is a prefix of the primary's sequence of entries, applied in
-//!    order; members are at most one batch behind the primary. A joiner keeps its own entries
-//!    only when the primary proves they are its own (same position under the same claim);
-//!    otherwise its state is replaced whole.
+//!    order; members are at most [`MAX_IN_FLIGHT`] batches behind the primary (the batches in
+//!    flight), and a batch commits only after every batch before it. A joiner is given a
+//!    state only when no batch is in flight, so it holds committed entries only. A joiner
+//!    keeps its own entries only when the primary proves they are its own (same position
+//!    under the same claim); otherwise its state is replaced whole.
 //! 2. A change is answered only after every live member holds it durably (fsync'd), so an
 //!    acknowledged change survives any crash that leaves one tracker up, and a crash of every
 //!    tracker at once: the service restarts from the most advanced durable state of the
@@ -163,6 +176,16 @@ pub const REDIAL_MAX: Duration = Duration::from_secs(1);
 const MAX_BATCH_ENTRIES: usize = 4096;
 /// Roughly the most bytes of entries in one batch (at least one entry goes in any batch).
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Most batches a primary has in flight (sent and not yet committed): members are at most
+/// this many batches behind it. More than one lets a batch be written and acknowledged while
+/// the next is already on its way (pipelining); the disks' group commit then covers several
+/// batches with one fsync.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// Roughly the most bytes of entries in flight: a new batch is not started past it.
+const MAX_IN_FLIGHT_BYTES: usize = 2 * MAX_BATCH_BYTES;
+/// Most entries a tracker answering a takeover sends as one catch-up batch (the entries of
+/// every batch in flight); past this, or past [`MAX_BATCH_BYTES`], it sends its state.
+const MAX_CATCHUP_ENTRIES: usize = MAX_IN_FLIGHT * MAX_BATCH_ENTRIES;
 /// A durable tracker snapshots its state (to compact its log) once this many entries, or
 /// roughly this many bytes of entries, were logged since the last snapshot.
 pub const COMPACT_ENTRIES: u64 = 100_000;
@@ -265,6 +288,9 @@ enum Role {
         /// The best state offered so far.
         offer: Option<Offer>,
         forwarded: Forwarded,
+        /// The entries each member that answered has applied: with batches pipelined,
+        /// members stand at different points, up to [`MAX_IN_FLIGHT`] batches apart.
+        positions: BTreeMap<u16, u64>,
     },
     Primary {
         lead: Lead,
@@ -352,8 +378,16 @@ struct Lead {
     joiners: BTreeMap<u16, Option<JoinPosition>>,
     /// Changes waiting to be ordered.
     next: VecDeque<Queued>,
-    /// The batch sent and not yet acknowledged by every member (a primary's only).
-    in_flight: Option<InFlight>,
+    /// The batches sent and not yet committed, oldest first (a primary's only; at most
+    /// [`MAX_IN_FLIGHT`], and [`MAX_IN_FLIGHT_BYTES`] of entries).
+    in_flight: VecDeque<InFlight>,
+}
+
+impl Lead {
+    /// Estimated bytes of the entries in flight.
+    fn in_flight_bytes(&self) -> usize {
+        self.in_flight.iter().map(|f| f.bytes).sum()
+    }
 }
 
 /// A backup's changes sent to the primary and not yet seen applied (a tracker taking over
@@ -419,14 +453,18 @@ struct Queued {
     entry: Entry,
 }
 
-/// A batch sent to the members and not yet acknowledged by all of them.
+/// A batch sent to the members and not yet committed.
 #[derive(Debug)]
 struct InFlight {
     last_seq: u64,
+    /// The members that have not acknowledged it (acknowledgements are cumulative: one for
+    /// a later batch covers this one).
     waiting: BTreeSet<u16>,
     /// The primary's own write of the batch (and of the metadata before it): the batch is
     /// committed only once this write is durable too.
     write: u64,
+    /// Estimated bytes of its entries.
+    bytes: usize,
 }
 
 /// The best state offered during a takeover.
@@ -467,8 +505,6 @@ pub struct Replica {
     /// their hello, or by a refused dial (they are down).
     unsure: BTreeSet<u16>,
     committed: u64,
-    /// The last batch applied (to hand a new primary, or a lagging member).
-    last_batch: Option<Batch>,
     links: BTreeMap<ConnId, Link>,
     /// The link in use to each tracker.
     peer_link: BTreeMap<u16, ConnId>,
@@ -492,10 +528,10 @@ pub struct Replica {
     /// [`Role::Backup`]: a deadline set by a backup that then stopped serving still wakes the
     /// loop, and is dropped when it comes.)
     takeover_deadline: Option<Instant>,
-    /// This tracker's own changes in its last batch as primary, with their sequence numbers.
-    /// (Outside [`Lead`]: after a step-down they stay until the next batch this tracker
-    /// orders replaces them, and a later `stop_serving` as primary still hands on those not
-    /// committed.)
+    /// This tracker's own changes in its batches as primary that were not known committed
+    /// when it last ordered a batch, with their sequence numbers. (Outside [`Lead`]: after a
+    /// step-down they stay until the next batch this tracker orders drops those committed,
+    /// and a later `stop_serving` as primary still hands on those not committed.)
     own_in_flight: Vec<(u64, Entry)>,
     /// Sessions of trackers that are not live end at these times (a primary's; outside
     /// [`Lead`] because a tracker that is primary again keeps the deadlines it set).
@@ -628,7 +664,6 @@ impl Replica {
             ring: Ring::new(RING_MAX_BATCHES, RING_MAX_BYTES, 0, None),
             unsure: BTreeSet::new(),
             committed: 0,
-            last_batch: None,
             links: BTreeMap::new(),
             peer_link: BTreeMap::new(),
             dialing: BTreeSet::new(),
@@ -768,6 +803,12 @@ impl Replica {
     /// The recent batches kept (for tests and logs).
     pub fn ring(&self) -> &Ring {
         &self.ring
+    }
+
+    /// Batches a primary has in flight (sent, not yet committed).
+    #[cfg(test)]
+    pub(crate) fn in_flight_batches(&self) -> usize {
+        self.lead().map_or(0, |lead| lead.in_flight.len())
     }
 
     /// Bounds the ring of recent batches anew (scenarios use small bounds).
@@ -1573,13 +1614,19 @@ impl Replica {
                 self.send(link, ReplMsg::JoinRequest(position))
             }
             Role::Primary { lead } if lead.members.contains(&no) => {
-                let in_flight = lead.in_flight.is_some();
-                if let Some(b) = self.last_batch.clone() {
-                    let view = self.claim.0;
-                    self.send(link, ReplMsg::Batch(Batch { view, ..b }));
-                } else if in_flight {
-                    self.send_empty_batch(no);
+                // The batches in flight, and the commit that may have been lost (the
+                // member's clients wait for it).
+                if !lead.in_flight.is_empty() {
+                    let committed = self.committed;
+                    self.send_entries_after(no, committed);
                 }
+                self.send(
+                    link,
+                    ReplMsg::Commit {
+                        view: self.claim.0,
+                        seq: self.committed,
+                    },
+                );
             }
             Role::Taking { waiting, .. } if waiting.contains(&no) => self.send(
                 link,
@@ -1604,7 +1651,7 @@ impl Replica {
             if lead.members.remove(&no) {
                 info!("tracker {no} left the members");
             }
-            if let Some(f) = lead.in_flight.as_mut() {
+            for f in &mut lead.in_flight {
                 f.waiting.remove(&no);
             }
         }
@@ -1953,7 +2000,7 @@ impl Replica {
             return;
         };
         lead.members.remove(&from);
-        if let Some(f) = lead.in_flight.as_mut() {
+        for f in &mut lead.in_flight {
             f.waiting.remove(&from);
         }
         lead.joiners.insert(from, position);
@@ -2187,7 +2234,6 @@ impl Replica {
         self.state = state;
         self.applied = seq;
         self.committed = seq;
-        self.last_batch = None;
         // Changes applied here without a commit may be missing from the new state: those it
         // does not remember are held to be ordered again (a change with a client id is never
         // applied twice; one without is taken as included when the state reaches past it).
@@ -2292,10 +2338,7 @@ impl Replica {
             self.uncommitted.pop_front();
         }
         self.out.push_back(ReplicaOut::Committed(seq));
-        if self.persistent
-            && self.applied == seq
-            && (self.since_snapshot.0 >= COMPACT_ENTRIES || self.since_snapshot.1 >= COMPACT_BYTES)
-        {
+        if self.applied == seq && self.compaction_due() {
             // The log since the last snapshot is long: a snapshot of the state (which holds
             // only committed entries here) lets the disk thread drop it.
             self.since_snapshot = (0, 0);
@@ -2307,6 +2350,14 @@ impl Replica {
             );
             self.write(|| Persist::Compact { seq, state: bytes });
         }
+    }
+
+    /// Whether the log since the last snapshot is long enough to compact. A snapshot holds
+    /// committed entries only, so it is taken when every entry applied is committed: a
+    /// primary with batches in flight starts no new one meanwhile (see `send_batch`).
+    fn compaction_due(&self) -> bool {
+        self.persistent
+            && (self.since_snapshot.0 >= COMPACT_ENTRIES || self.since_snapshot.1 >= COMPACT_BYTES)
     }
 
     /// Applies one entry at the next sequence number.
@@ -2323,14 +2374,38 @@ impl Replica {
         });
     }
 
-    /// Primary: orders the waiting changes into a batch if none is in flight.
+    /// Whether the primary may start another batch now: fewer than [`MAX_IN_FLIGHT`] are in
+    /// flight and [`MAX_IN_FLIGHT_BYTES`] not reached; its own write of the newest batch is
+    /// durable (so a batch holds every change that came while the disk was busy with the one
+    /// before, one batch per fsync); no joiner is waiting (joiners are given the state between
+    /// committed batches: the pipeline drains for them); and no compaction waits for the
+    /// batches in flight to commit.
+    fn may_start_batch(&self) -> bool {
+        let Some(lead) = self.lead() else {
+            return false;
+        };
+        let Some(newest) = lead.in_flight.back() else {
+            return lead.joiners.is_empty();
+        };
+        lead.in_flight.len() < MAX_IN_FLIGHT
+            && lead.in_flight_bytes() < MAX_IN_FLIGHT_BYTES
+            && self.durable >= newest.write
+            && lead.joiners.is_empty()
+            && !self.compaction_due()
+    }
+
+    /// Primary: gives waiting joiners the state once no batch is in flight, and orders the
+    /// waiting changes into batches while [`may_start_batch`](Self::may_start_batch).
     fn send_batch(&mut self) {
         let now = self.now;
         if !self.role.is_primary() {
             return;
         }
-        while self.lead().is_some_and(|lead| lead.in_flight.is_none()) {
-            if self.lead().is_some_and(|lead| !lead.joiners.is_empty()) {
+        loop {
+            if self
+                .lead()
+                .is_some_and(|lead| lead.in_flight.is_empty() && !lead.joiners.is_empty())
+            {
                 // A joiner may hold acknowledged changes no other tracker holds once it
                 // serves (if this one then dies): this tracker's disk must name it before it
                 // gets the state, so that this tracker, restarted, waits for it.
@@ -2349,6 +2424,9 @@ impl Replica {
                         }
                     }
                 }
+            }
+            if !self.may_start_batch() {
+                return;
             }
             let first_seq = self.applied + 1;
             let Some(lead) = self.lead_mut().filter(|lead| !lead.next.is_empty()) else {
@@ -2372,7 +2450,10 @@ impl Replica {
                     entries.push(q.entry);
                 }
             }
-            self.own_in_flight = own;
+            // Own changes of batches committed since are no longer at risk.
+            let committed = self.committed;
+            self.own_in_flight.retain(|(seq, _)| *seq > committed);
+            self.own_in_flight.extend(own);
             let mut moved_sessions = false;
             for e in &entries {
                 self.apply(e);
@@ -2393,16 +2474,19 @@ impl Replica {
                 entries,
             };
             let members = self.members();
-            for m in &members {
-                self.send_to(*m, ReplMsg::Batch(batch.clone()));
+            if let Some((last, others)) = members.split_last() {
+                for m in others {
+                    self.send_to(*m, ReplMsg::Batch(batch.clone()));
+                }
+                self.send_to(*last, ReplMsg::Batch(batch));
             }
-            self.last_batch = Some(batch);
             let last_seq = self.applied;
             if let Some(lead) = self.lead_mut() {
-                lead.in_flight = Some(InFlight {
+                lead.in_flight.push_back(InFlight {
                     last_seq,
                     waiting: members.into_iter().collect(),
                     write,
+                    bytes,
                 });
             }
             self.try_commit();
@@ -2416,20 +2500,24 @@ impl Replica {
             .unwrap_or_default()
     }
 
-    /// Primary: commits the batch in flight once every member holds it.
+    /// Primary: commits the batches in flight, in order, that every member acknowledged and
+    /// whose own write is durable.
     fn try_commit(&mut self) {
         let durable = self.durable;
         let Some(lead) = self.lead_mut() else {
             return;
         };
-        let Some(f) = &lead.in_flight else {
+        let mut seq = None;
+        while let Some(f) = lead.in_flight.front() {
+            if !f.waiting.is_empty() || durable < f.write {
+                break;
+            }
+            seq = Some(f.last_seq);
+            lead.in_flight.pop_front();
+        }
+        let Some(seq) = seq else {
             return;
         };
-        if !f.waiting.is_empty() || durable < f.write {
-            return;
-        }
-        let seq = f.last_seq;
-        lead.in_flight = None;
         if seq > self.committed {
             self.set_committed(seq);
             for m in self.members() {
@@ -2448,8 +2536,9 @@ impl Replica {
         if view != self.claim.0 || !self.role.is_primary() {
             return;
         }
-        if let Some(f) = self.lead_mut().and_then(|lead| lead.in_flight.as_mut()) {
-            if seq >= f.last_seq {
+        if let Some(lead) = self.lead_mut() {
+            // (Acknowledgements are cumulative.)
+            for f in lead.in_flight.iter_mut().take_while(|f| f.last_seq <= seq) {
                 f.waiting.remove(&from);
             }
         }
@@ -2482,10 +2571,12 @@ impl Replica {
         // is, with the batch, whether or not the batch's write reaches the disk.
         self.accepted_view = batch.view;
         self.accepted_by = from;
+        let new = batch.entries.len() - skip;
         self.log_entries(batch.first_seq + skip as u64, &batch.entries[skip..]);
-        self.last_batch = Some(batch);
-        // Acknowledged once durable: now, or when the disk says so.
-        self.send_ack(true);
+        // Acknowledged once durable: now, or when the disk says so. A batch that brought
+        // nothing new (sent again, or an empty one naming a new view) is answered at once
+        // with what is durable: the primary may have lost the earlier acknowledgement.
+        self.send_ack(new == 0);
         self.touch(link, now);
     }
 
@@ -2545,6 +2636,7 @@ impl Replica {
             lead: Lead::default(),
             offer: None,
             forwarded,
+            positions: BTreeMap::new(),
         };
         self.finish_takeover(now);
     }
@@ -2595,19 +2687,27 @@ impl Replica {
             Role::Starting { .. } | Role::Joining { .. } => Forwarded::default(),
         };
         self.role = Role::Backup { forwarded };
+        // The entries the new primary lacks: the batches in flight this tracker applied and
+        // it did not (at most [`MAX_IN_FLIGHT`]), as one batch from the ring of recent
+        // batches; the whole state when the ring does not reach back that far or they are too
+        // many for one message.
         let catchup = if self.applied <= applied {
             Catchup::None
         } else {
-            match &self.last_batch {
-                Some(b) if b.first_seq <= applied + 1 => {
-                    let skip = (applied + 1 - b.first_seq) as usize;
-                    Catchup::Batch(Batch {
-                        view: b.view,
-                        first_seq: applied + 1,
-                        entries: b.entries.iter().skip(skip).cloned().collect(),
-                    })
-                }
-                _ => {
+            let one = (self.ring.last_seq() == self.applied)
+                .then(|| {
+                    self.ring
+                        .suffix(applied, MAX_CATCHUP_ENTRIES, MAX_BATCH_BYTES)
+                })
+                .flatten()
+                .filter(|parts| parts.len() == 1);
+            match one.and_then(|mut parts| parts.pop()) {
+                Some((first_seq, entries)) => Catchup::Batch(Batch {
+                    view: self.accepted_view,
+                    first_seq,
+                    entries,
+                }),
+                None => {
                     self.send_snapshot(from);
                     Catchup::Snapshot
                 }
@@ -2668,8 +2768,15 @@ impl Replica {
                 _ => Vec::new(),
             };
             let applied_here = self.applied;
-            if let Role::Taking { lead, offer, .. } = &mut self.role {
+            if let Role::Taking {
+                lead,
+                offer,
+                positions,
+                ..
+            } = &mut self.role
+            {
                 lead.members.insert(from);
+                positions.insert(from, applied);
                 let best = offer.as_ref().map_or(applied_here, |o| o.applied);
                 if applied > best {
                     *offer = Some(Offer {
@@ -2701,7 +2808,6 @@ impl Replica {
                         self.apply(e);
                     }
                     self.log_entries(b.first_seq + skip as u64, &b.entries[skip..]);
-                    self.last_batch = Some(b);
                 }
                 Catchup::Snapshot => match TrackerState::decode_snapshot(&offer.snapshot) {
                     Ok(state) => self.install(state, offer.applied, offer.snapshot, self.claim),
@@ -2715,15 +2821,19 @@ impl Replica {
         }
         // Changes forwarded to the old primary are ordered here now, but for those the
         // catch-up just applied.
-        let (mut lead, forwarded) = match std::mem::replace(&mut self.role, Role::starting()) {
-            Role::Taking {
-                lead, forwarded, ..
-            } => (lead, forwarded),
-            other => {
-                self.role = other;
-                return;
-            }
-        };
+        let (mut lead, forwarded, positions) =
+            match std::mem::replace(&mut self.role, Role::starting()) {
+                Role::Taking {
+                    lead,
+                    forwarded,
+                    positions,
+                    ..
+                } => (lead, forwarded, positions),
+                other => {
+                    self.role = other;
+                    return;
+                }
+            };
         let mut forwarded = forwarded.entries;
         while let Some(entry) = forwarded.pop_back() {
             lead.next.push_front(Queued { own: true, entry });
@@ -2736,31 +2846,22 @@ impl Replica {
         self.accepted_view = self.claim.0;
         self.accepted_by = self.me.no;
         self.sync_meta();
-        // Bring lagging members up: they all answered with their position, but only the
-        // latest batch (or the state) is at hand, so every member gets what it may lack.
+        // Bring lagging members up: each answered with its position (members stand up to
+        // [`MAX_IN_FLIGHT`] batches apart), and gets the entries after it, from the ring.
         let members = self.members();
         let mut waiting = BTreeSet::new();
         for m in members {
-            match &self.last_batch {
-                Some(b) => {
-                    self.send_to(
-                        m,
-                        ReplMsg::Batch(Batch {
-                            view: self.claim.0,
-                            ..b.clone()
-                        }),
-                    );
-                }
-                None => self.send_empty_batch(m),
-            }
+            let after = positions.get(&m).copied().unwrap_or(0);
+            self.send_entries_after(m, after);
             waiting.insert(m);
         }
         let (last_seq, write) = (self.applied, self.written);
         if let Some(lead) = self.lead_mut() {
-            lead.in_flight = Some(InFlight {
+            lead.in_flight.push_back(InFlight {
                 last_seq,
                 waiting,
                 write,
+                bytes: 0,
             });
         }
         self.broadcast_status();
@@ -2771,8 +2872,34 @@ impl Replica {
         self.scan_grace(now);
     }
 
-    /// With no batch at hand every member is at this tracker's point (a member further on
-    /// would have offered its batch): an empty batch makes it acknowledge the new view.
+    /// Sends member `m`, which has applied the entries up to `after`, the entries after it as
+    /// batches of the current view (an empty batch when it lacks none: it acknowledges the
+    /// view). Members are at most [`MAX_IN_FLIGHT`] batches behind, which the ring of recent
+    /// batches holds; should it not reach back to `after` (a ring bounded small), the member
+    /// gets an empty batch past its point, and asks for the state (see `on_batch`).
+    fn send_entries_after(&mut self, m: u16, after: u64) {
+        let parts = (after < self.applied && self.ring.last_seq() == self.applied)
+            .then(|| self.ring.suffix(after, MAX_BATCH_ENTRIES, MAX_BATCH_BYTES))
+            .flatten()
+            .filter(|parts| !parts.is_empty());
+        let Some(parts) = parts else {
+            return self.send_empty_batch(m);
+        };
+        let view = self.claim.0;
+        for (first_seq, entries) in parts {
+            self.send_to(
+                m,
+                ReplMsg::Batch(Batch {
+                    view,
+                    first_seq,
+                    entries,
+                }),
+            );
+        }
+    }
+
+    /// An empty batch at this tracker's point: a member there acknowledges the view with it,
+    /// a member behind asks for the state.
     fn send_empty_batch(&mut self, m: u16) {
         self.send_to(
             m,
