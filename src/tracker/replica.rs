@@ -141,6 +141,7 @@
 //! again). A disk that lies about fsync is not covered.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -923,24 +924,23 @@ impl Replica {
 
     /// Logs entries just applied at `first_seq..`, after the metadata; returns the number of
     /// the last write.
-    fn log_entries(&mut self, first_seq: u64, entries: &[Entry]) -> u64 {
+    fn log_entries(&mut self, first_seq: u64, entries: Arc<[Entry]>) -> u64 {
         self.sync_meta();
         if entries.is_empty() {
             return self.written;
         }
-        let last = first_seq + entries.len() as u64 - 1;
+        let n = entries.len();
+        let last = first_seq + n as u64 - 1;
         // Every path that applies entries logs them here, under the claim followed or led.
+        // The ring and the write share the entries: no copy of the batch for either.
         let bytes = entries.iter().map(entry_size).sum();
-        self.ring.push(self.claim, first_seq, entries, bytes);
-        // (Without a disk the entries are not copied: `write` counts the write, durable.)
-        let w = self.write(|| Persist::Entries {
-            first_seq,
-            entries: entries.to_vec(),
-        });
+        self.ring
+            .push_shared(self.claim, first_seq, entries.clone(), bytes);
+        let w = self.write(|| Persist::Entries { first_seq, entries });
         self.note_write(w, last);
         if self.persistent {
-            self.since_snapshot.0 += entries.len() as u64;
-            self.since_snapshot.1 += entries.iter().map(entry_size).sum::<usize>();
+            self.since_snapshot.0 += n as u64;
+            self.since_snapshot.1 += bytes;
         }
         w
     }
@@ -2205,7 +2205,8 @@ impl Replica {
         for e in &entries {
             self.apply(e);
         }
-        self.log_entries(first_seq, &entries);
+        let n_entries = entries.len();
+        self.log_entries(first_seq, entries.into());
         // The primary sends what it holds between two batches: committed, as a snapshot is.
         if seq > self.committed {
             self.set_committed(seq);
@@ -2213,8 +2214,7 @@ impl Replica {
         self.accepted_view = view;
         self.accepted_by = from;
         info!(
-            "caught up from tracker {from} with {} entries up to {seq}; serving in view {view}",
-            entries.len()
+            "caught up from tracker {from} with {n_entries} entries up to {seq}; serving in view {view}"
         );
         self.out.push_back(ReplicaOut::Serving(true));
         self.sync_meta();
@@ -2467,18 +2467,16 @@ impl Replica {
                 // A session arrived from a tracker that may have died since.
                 self.scan_grace(now);
             }
-            let write = self.log_entries(first_seq, &entries);
-            let batch = Batch {
-                view: self.claim.0,
-                first_seq,
-                entries,
-            };
+            let entries: Arc<[Entry]> = entries.into();
+            let write = self.log_entries(first_seq, entries.clone());
             let members = self.members();
-            if let Some((last, others)) = members.split_last() {
-                for m in others {
-                    self.send_to(*m, ReplMsg::Batch(batch.clone()));
-                }
-                self.send_to(*last, ReplMsg::Batch(batch));
+            for m in &members {
+                let batch = Batch {
+                    view: self.claim.0,
+                    first_seq,
+                    entries: entries.to_vec(),
+                };
+                self.send_to(*m, ReplMsg::Batch(batch));
             }
             let last_seq = self.applied;
             if let Some(lead) = self.lead_mut() {
@@ -2571,8 +2569,11 @@ impl Replica {
         // is, with the batch, whether or not the batch's write reaches the disk.
         self.accepted_view = batch.view;
         self.accepted_by = from;
-        let new = batch.entries.len() - skip;
-        self.log_entries(batch.first_seq + skip as u64, &batch.entries[skip..]);
+        let first_new = batch.first_seq + skip as u64;
+        let mut entries = batch.entries;
+        entries.drain(..skip);
+        let new = entries.len();
+        self.log_entries(first_new, entries.into());
         // Acknowledged once durable: now, or when the disk says so. A batch that brought
         // nothing new (sent again, or an empty one naming a new view) is answered at once
         // with what is durable: the primary may have lost the earlier acknowledgement.
@@ -2807,7 +2808,9 @@ impl Replica {
                     for e in b.entries.iter().skip(skip) {
                         self.apply(e);
                     }
-                    self.log_entries(b.first_seq + skip as u64, &b.entries[skip..]);
+                    let mut entries = b.entries;
+                    entries.drain(..skip);
+                    self.log_entries(b.first_seq + skip as u64, entries.into());
                 }
                 Catchup::Snapshot => match TrackerState::decode_snapshot(&offer.snapshot) {
                     Ok(state) => self.install(state, offer.applied, offer.snapshot, self.claim),
