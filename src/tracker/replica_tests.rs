@@ -509,6 +509,8 @@ struct Stats {
     /// States sent to joiners whole (snapshots) and as the entries they lacked (suffixes).
     snapshots: u64,
     suffixes: u64,
+    /// Batches sent while an earlier batch was still in flight (pipelining exercised).
+    pipelined: u64,
     /// Times a core still had a timer due right after `handle_timeout` (a busy loop in a
     /// real driver).
     timer_spins: u64,
@@ -532,6 +534,7 @@ impl Stats {
         self.snapshot_parts += o.snapshot_parts;
         self.snapshots += o.snapshots;
         self.suffixes += o.suffixes;
+        self.pipelined += o.pipelined;
         self.timer_spins += o.timer_spins;
         self.quota_refusals += o.quota_refusals;
         self.state_quota_refusals += o.state_quota_refusals;
@@ -820,6 +823,11 @@ impl Cluster {
                         ReplMsg::SnapshotPart { .. } => self.stats.snapshot_parts += 1,
                         ReplMsg::Snapshot { .. } => self.stats.snapshots += 1,
                         ReplMsg::Suffix { .. } => self.stats.suffixes += 1,
+                        ReplMsg::Batch(_) => {
+                            if self.core(no).replica().in_flight_batches() > 1 {
+                                self.stats.pipelined += 1;
+                            }
+                        }
                         _ => {}
                     }
                     self.send_frame(conn, frame);
