@@ -262,7 +262,7 @@ struct Link {
 }
 
 /// Where this tracker stands, with the data that only means something in that role: a
-/// primary's members, joiners, waiting changes and batch in flight ([`Lead`]), a backup's
+/// primary's members, joiners, waiting changes and batches in flight ([`Lead`]), a backup's
 /// changes forwarded to its primary ([`Forwarded`]), a takeover's answers still awaited and
 /// best offer. Leaving a role drops or hands on its data in one place (`stop_serving`,
 /// `on_takeover`, `take_over`, `finish_takeover`).
@@ -538,7 +538,7 @@ pub struct Replica {
     /// [`Lead`] because a tracker that is primary again keeps the deadlines it set).
     grace: BTreeMap<TrackerRef, Instant>,
     /// Forwarded entries seen applied and not yet known committed, with their sequence
-    /// numbers (and, on a primary that stopped serving, its batch in flight): if the state is
+    /// numbers (and, on a primary that stopped serving, its batches in flight): if the state is
     /// then replaced by one that lacks them, they are ordered again.
     uncommitted: VecDeque<(u64, Entry)>,
     /// Submitted while no primary is known.
@@ -1599,8 +1599,8 @@ impl Replica {
     /// The exchange with tracker `no` moved to another link (two were open; one was dropped)
     /// and what went out on the dropped one may be lost. Every message of the protocol is
     /// safe to repeat, so each side repeats what the other may still be waiting for: its
-    /// status, a request for the state, the batch in flight, the takeover in progress, the
-    /// changes forwarded and the acknowledgement of what it applied.
+    /// status, a request for the state, the batches in flight (and the last commit), the
+    /// takeover in progress, the changes forwarded and the acknowledgement of what it applied.
     fn resync(&mut self, no: u16, now: Instant) {
         self.resync_pending.remove(&no);
         let Some(link) = self.peer_link.get(&no).copied() else {
@@ -1658,7 +1658,7 @@ impl Replica {
         match &mut self.role {
             Role::Primary { .. } => {
                 self.try_commit();
-                // The batch in flight may have waited only for `no`: the next one goes now.
+                // The batches in flight may have waited only for `no`: the next ones go now.
                 self.send_batch();
                 self.scan_grace(now);
             }
@@ -1961,7 +1961,7 @@ impl Replica {
     }
 
     fn stop_serving(&mut self) {
-        // The role's data goes with it: the members, joiners, batch in flight and offer are
+        // The role's data goes with it: the members, joiners, batches in flight and offer are
         // dropped, the changes waiting or forwarded are held for the next primary.
         let (lead, forwarded) = match std::mem::replace(&mut self.role, Role::starting()) {
             Role::Primary { lead } => (Some(lead), None),
@@ -1972,8 +1972,8 @@ impl Replica {
             Role::Starting { .. } | Role::Joining { .. } => (None, None),
         };
         if let Some(mut lead) = lead {
-            // The batch in flight was never committed: a state this tracker takes from the
-            // next primary may lack it, and then its own changes must be ordered again.
+            // The batches in flight were never committed: a state this tracker takes from the
+            // next primary may lack them, and then its own changes must be ordered again.
             let committed = self.committed;
             let lost = std::mem::take(&mut self.own_in_flight)
                 .into_iter()
@@ -2731,7 +2731,7 @@ impl Replica {
     }
 
     /// A primary (or a tracker taking over) follows tracker `from`'s takeover of `view`: its
-    /// members, joiners, batch in flight and offer are dropped; its own changes not yet
+    /// members, joiners, batches in flight and offer are dropped; its own changes not yet
     /// ordered go to the new primary (the backups that forwarded the others send them again
     /// themselves), ahead of what it had forwarded. Returns what it now has forwarded.
     fn step_down(&self, from: u16, view: u64, lead: Lead, mut forwarded: Forwarded) -> Forwarded {
