@@ -823,10 +823,8 @@ impl Cluster {
                         ReplMsg::SnapshotPart { .. } => self.stats.snapshot_parts += 1,
                         ReplMsg::Snapshot { .. } => self.stats.snapshots += 1,
                         ReplMsg::Suffix { .. } => self.stats.suffixes += 1,
-                        ReplMsg::Batch(_) => {
-                            if self.core(no).replica().in_flight_batches() > 1 {
-                                self.stats.pipelined += 1;
-                            }
+                        ReplMsg::Batch(_) if self.core(no).replica().in_flight_batches() > 1 => {
+                            self.stats.pipelined += 1;
                         }
                         _ => {}
                     }
