@@ -142,7 +142,7 @@ fn write_dir(dir: &Path, n: u64, meta: Option<Meta>) -> Res<TrackerState> {
         }
         let msg = durable::to_disk_msg(Persist::Entries {
             first_seq: seq,
-            entries,
+            entries: entries.into(),
         });
         last = Some(disk.send(msg).map_err(|e| e.to_string())?);
         seq += len;

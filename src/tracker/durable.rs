@@ -30,6 +30,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 
 use super::disk::{DiskMsg, LogRecord, Recovered};
 use super::ring::{Ring, RING_MAX_BATCHES, RING_MAX_BYTES};
@@ -41,8 +42,12 @@ use crate::wire::replication::{decode_entries, encode_entries};
 /// earlier one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Persist {
-    /// Entries applied at `first_seq..` (never empty).
-    Entries { first_seq: u64, entries: Vec<Entry> },
+    /// Entries applied at `first_seq..` (never empty; shared with the replica's ring of
+    /// recent batches, so a batch is not copied to be logged).
+    Entries {
+        first_seq: u64,
+        entries: Arc<[Entry]>,
+    },
     /// The replica's metadata changed.
     Meta(Meta),
     /// The state was replaced by one taken from another tracker, after entry `seq`: every

@@ -17,15 +17,22 @@
 //!   the dropped link may have lost (`resync`: every message is safe to repeat).
 //! - **Order.** One tracker, the primary, orders every change. The others (backups) forward
 //!   their clients' changes to it. The primary applies changes in batches: it applies a batch,
-//!   sends it to every member (the backups that hold the state), and once every member has
-//!   acknowledged it the batch is committed: the primary tells the members, and each tracker
-//!   answers its clients whose changes were in it. At most one batch is in flight, so every
-//!   member is at most one batch behind the primary; changes that arrive meanwhile form the
-//!   next batch, so the batch grows with the load (group commit).
+//!   writes it, sends it to every member (the backups that hold the state), and once every
+//!   member has acknowledged it and its own write of it is durable the batch is committed:
+//!   the primary tells the members, and each tracker answers its clients whose changes were
+//!   in it. Batches are pipelined: the primary starts the next batch once its own write of
+//!   the one before is durable, without waiting for the members' acknowledgements, up to
+//!   [`MAX_IN_FLIGHT`] batches (and [`MAX_IN_FLIGHT_BYTES`]) in flight; batches commit in
+//!   order, and a member's acknowledgement of a batch covers every batch before it. So every
+//!   member is at most [`MAX_IN_FLIGHT`] batches behind the primary; changes that arrive
+//!   while the primary's disk is busy form the next batch, so the batch grows with the load
+//!   (group commit), and a member's disk covers the batches that reached it meanwhile with
+//!   one fsync.
 //! - **Joining.** A starting tracker dials the others. If one of them is a serving primary, it
 //!   asks it for the state, saying where its own stands ([`JoinPosition`]: the entries it
-//!   applied and the claim under which it last accepted entries or a state). Between two
-//!   batches (so it sends committed changes only) the primary sends either the entries after
+//!   applied and the claim under which it last accepted entries or a state). Once no batch is
+//!   in flight (it starts no new batch while a joiner waits, so the pipeline drains; it then
+//!   sends committed changes only) the primary sends either the entries after
 //!   that position, when its [`Ring`] of recent batches holds the joiner's last entry as
 //!   applied under the same claim (suffix parts, then `Suffix`) and those entries are
 //!   smaller than the state by the estimates of both ([`CatchUp`]), or else a snapshot; it counts
@@ -50,8 +57,12 @@
 //!   refused dial shows a tracker down.
 //! - **Takeover.** When the primary dies, the lowest-numbered serving tracker takes over a
 //!   new view: it asks every linked tracker where it stands, adopts the most advanced state
-//!   among them (at most one batch ahead, sent back with the answer), brings the members that
-//!   lag up to it, then serves as primary. Backups re-forward the changes they forwarded and
+//!   among them (at most [`MAX_IN_FLIGHT`] batches ahead: the entries it lacks, taken from
+//!   the answering tracker's [`Ring`], come back with the answer as one batch, or the whole
+//!   state when they do not fit one), brings every member up to it with the entries after
+//!   the position that member answered (members stand up to [`MAX_IN_FLIGHT`] batches apart;
+//!   a member its ring does not reach back to is sent a batch past its point and asks for
+//!   the state), then serves as primary. Backups re-forward the changes they forwarded and
 //!   have not seen committed; a client retrying a change through another tracker carries the
 //!   same request id, so nothing is applied twice (see `TrackerState::apply_entry`). Claims of
 //!   primaryship are ordered by view, then by lower tracker number; a tracker follows the
@@ -103,9 +114,11 @@
 //! # Invariants
 //!
 //! 1. Every live tracker's state is a prefix of the primary's sequence of entries, applied in
-//!    order; members are at most one batch behind the primary. A joiner keeps its own entries
-//!    only when the primary proves they are its own (same position under the same claim);
-//!    otherwise its state is replaced whole.
+//!    order; members are at most [`MAX_IN_FLIGHT`] batches behind the primary (the batches in
+//!    flight), and a batch commits only after every batch before it. A joiner is given a
+//!    state only when no batch is in flight, so it holds committed entries only. A joiner
+//!    keeps its own entries only when the primary proves they are its own (same position
+//!    under the same claim); otherwise its state is replaced whole.
 //! 2. A change is answered only after every live member holds it durably (fsync'd), so an
 //!    acknowledged change survives any crash that leaves one tracker up, and a crash of every
 //!    tracker at once: the service restarts from the most advanced durable state of the
@@ -137,6 +150,7 @@
 //! again). A disk that lies about fsync is not covered.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -172,6 +186,16 @@ pub const REDIAL_MAX: Duration = Duration::from_secs(1);
 const MAX_BATCH_ENTRIES: usize = 4096;
 /// Roughly the most bytes of entries in one batch (at least one entry goes in any batch).
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Most batches a primary has in flight (sent and not yet committed): members are at most
+/// this many batches behind it. More than one lets a batch be written and acknowledged while
+/// the next is already on its way (pipelining); the disks' group commit then covers several
+/// batches with one fsync.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// Roughly the most bytes of entries in flight: a new batch is not started past it.
+const MAX_IN_FLIGHT_BYTES: usize = 2 * MAX_BATCH_BYTES;
+/// Most entries a tracker answering a takeover sends as one catch-up batch (the entries of
+/// every batch in flight); past this, or past [`MAX_BATCH_BYTES`], it sends its state.
+const MAX_CATCHUP_ENTRIES: usize = MAX_IN_FLIGHT * MAX_BATCH_ENTRIES;
 /// A durable tracker snapshots its state (to compact its log) once this many entries, or
 /// roughly this many bytes of entries, were logged since the last snapshot.
 pub const COMPACT_ENTRIES: u64 = 100_000;
@@ -264,7 +288,7 @@ struct Link {
 }
 
 /// Where this tracker stands, with the data that only means something in that role: a
-/// primary's members, joiners, waiting changes and batch in flight ([`Lead`]), a backup's
+/// primary's members, joiners, waiting changes and batches in flight ([`Lead`]), a backup's
 /// changes forwarded to its primary ([`Forwarded`]), a takeover's answers still awaited and
 /// best offer. Leaving a role drops or hands on its data in one place (`stop_serving`,
 /// `on_takeover`, `take_over`, `finish_takeover`).
@@ -291,6 +315,9 @@ enum Role {
         /// The best state offered so far.
         offer: Option<Offer>,
         forwarded: Forwarded,
+        /// The entries each member that answered has applied: with batches pipelined,
+        /// members stand at different points, up to [`MAX_IN_FLIGHT`] batches apart.
+        positions: BTreeMap<u16, u64>,
     },
     Primary {
         lead: Lead,
@@ -378,8 +405,16 @@ struct Lead {
     joiners: BTreeMap<u16, Option<JoinPosition>>,
     /// Changes waiting to be ordered.
     next: VecDeque<Queued>,
-    /// The batch sent and not yet acknowledged by every member (a primary's only).
-    in_flight: Option<InFlight>,
+    /// The batches sent and not yet committed, oldest first (a primary's only; at most
+    /// [`MAX_IN_FLIGHT`], and [`MAX_IN_FLIGHT_BYTES`] of entries).
+    in_flight: VecDeque<InFlight>,
+}
+
+impl Lead {
+    /// Estimated bytes of the entries in flight.
+    fn in_flight_bytes(&self) -> usize {
+        self.in_flight.iter().map(|f| f.bytes).sum()
+    }
 }
 
 /// A backup's changes sent to the primary and not yet seen applied (a tracker taking over
@@ -445,14 +480,18 @@ struct Queued {
     entry: Entry,
 }
 
-/// A batch sent to the members and not yet acknowledged by all of them.
+/// A batch sent to the members and not yet committed.
 #[derive(Debug)]
 struct InFlight {
     last_seq: u64,
+    /// The members that have not acknowledged it (acknowledgements are cumulative: one for
+    /// a later batch covers this one).
     waiting: BTreeSet<u16>,
     /// The primary's own write of the batch (and of the metadata before it): the batch is
     /// committed only once this write is durable too.
     write: u64,
+    /// Estimated bytes of its entries.
+    bytes: usize,
 }
 
 /// The best state offered during a takeover.
@@ -495,8 +534,6 @@ pub struct Replica {
     /// their hello, or by a refused dial (they are down).
     unsure: BTreeSet<u16>,
     committed: u64,
-    /// The last batch applied (to hand a new primary, or a lagging member).
-    last_batch: Option<Batch>,
     links: BTreeMap<ConnId, Link>,
     /// The link in use to each tracker.
     peer_link: BTreeMap<u16, ConnId>,
@@ -520,16 +557,16 @@ pub struct Replica {
     /// [`Role::Backup`]: a deadline set by a backup that then stopped serving still wakes the
     /// loop, and is dropped when it comes.)
     takeover_deadline: Option<Instant>,
-    /// This tracker's own changes in its last batch as primary, with their sequence numbers.
-    /// (Outside [`Lead`]: after a step-down they stay until the next batch this tracker
-    /// orders replaces them, and a later `stop_serving` as primary still hands on those not
-    /// committed.)
+    /// This tracker's own changes in its batches as primary that were not known committed
+    /// when it last ordered a batch, with their sequence numbers. (Outside [`Lead`]: after a
+    /// step-down they stay until the next batch this tracker orders drops those committed,
+    /// and a later `stop_serving` as primary still hands on those not committed.)
     own_in_flight: Vec<(u64, Entry)>,
     /// Sessions of trackers that are not live end at these times (a primary's; outside
     /// [`Lead`] because a tracker that is primary again keeps the deadlines it set).
     grace: BTreeMap<TrackerRef, Instant>,
     /// Forwarded entries seen applied and not yet known committed, with their sequence
-    /// numbers (and, on a primary that stopped serving, its batch in flight): if the state is
+    /// numbers (and, on a primary that stopped serving, its batches in flight): if the state is
     /// then replaced by one that lacks them, they are ordered again.
     uncommitted: VecDeque<(u64, Entry)>,
     /// Submitted while no primary is known.
@@ -657,7 +694,6 @@ impl Replica {
             catch_up: CatchUp::BySize,
             unsure: BTreeSet::new(),
             committed: 0,
-            last_batch: None,
             links: BTreeMap::new(),
             peer_link: BTreeMap::new(),
             dialing: BTreeSet::new(),
@@ -799,6 +835,12 @@ impl Replica {
         &self.ring
     }
 
+    /// Batches a primary has in flight (sent, not yet committed).
+    #[cfg(test)]
+    pub(crate) fn in_flight_batches(&self) -> usize {
+        self.lead().map_or(0, |lead| lead.in_flight.len())
+    }
+
     /// Bounds the ring of recent batches anew (scenarios use small bounds).
     #[cfg(test)]
     pub(crate) fn bound_ring(&mut self, max_batches: usize, max_bytes: usize) {
@@ -917,24 +959,23 @@ impl Replica {
 
     /// Logs entries just applied at `first_seq..`, after the metadata; returns the number of
     /// the last write.
-    fn log_entries(&mut self, first_seq: u64, entries: &[Entry]) -> u64 {
+    fn log_entries(&mut self, first_seq: u64, entries: Arc<[Entry]>) -> u64 {
         self.sync_meta();
         if entries.is_empty() {
             return self.written;
         }
-        let last = first_seq + entries.len() as u64 - 1;
+        let n = entries.len();
+        let last = first_seq + n as u64 - 1;
         // Every path that applies entries logs them here, under the claim followed or led.
+        // The ring and the write share the entries: no copy of the batch for either.
         let bytes = entries.iter().map(entry_size).sum();
-        self.ring.push(self.claim, first_seq, entries, bytes);
-        // (Without a disk the entries are not copied: `write` counts the write, durable.)
-        let w = self.write(|| Persist::Entries {
-            first_seq,
-            entries: entries.to_vec(),
-        });
+        self.ring
+            .push_shared(self.claim, first_seq, entries.clone(), bytes);
+        let w = self.write(|| Persist::Entries { first_seq, entries });
         self.note_write(w, last);
         if self.persistent {
-            self.since_snapshot.0 += entries.len() as u64;
-            self.since_snapshot.1 += entries.iter().map(entry_size).sum::<usize>();
+            self.since_snapshot.0 += n as u64;
+            self.since_snapshot.1 += bytes;
         }
         w
     }
@@ -1593,8 +1634,8 @@ impl Replica {
     /// The exchange with tracker `no` moved to another link (two were open; one was dropped)
     /// and what went out on the dropped one may be lost. Every message of the protocol is
     /// safe to repeat, so each side repeats what the other may still be waiting for: its
-    /// status, a request for the state, the batch in flight, the takeover in progress, the
-    /// changes forwarded and the acknowledgement of what it applied.
+    /// status, a request for the state, the batches in flight (and the last commit), the
+    /// takeover in progress, the changes forwarded and the acknowledgement of what it applied.
     fn resync(&mut self, no: u16, now: Instant) {
         self.resync_pending.remove(&no);
         let Some(link) = self.peer_link.get(&no).copied() else {
@@ -1608,13 +1649,19 @@ impl Replica {
                 self.send(link, ReplMsg::JoinRequest(position))
             }
             Role::Primary { lead } if lead.members.contains(&no) => {
-                let in_flight = lead.in_flight.is_some();
-                if let Some(b) = self.last_batch.clone() {
-                    let view = self.claim.0;
-                    self.send(link, ReplMsg::Batch(Batch { view, ..b }));
-                } else if in_flight {
-                    self.send_empty_batch(no);
+                // The batches in flight, and the commit that may have been lost (the
+                // member's clients wait for it).
+                if !lead.in_flight.is_empty() {
+                    let committed = self.committed;
+                    self.send_entries_after(no, committed);
                 }
+                self.send(
+                    link,
+                    ReplMsg::Commit {
+                        view: self.claim.0,
+                        seq: self.committed,
+                    },
+                );
             }
             Role::Taking { waiting, .. } if waiting.contains(&no) => self.send(
                 link,
@@ -1639,14 +1686,14 @@ impl Replica {
             if lead.members.remove(&no) {
                 info!("tracker {no} left the members");
             }
-            if let Some(f) = lead.in_flight.as_mut() {
+            for f in &mut lead.in_flight {
                 f.waiting.remove(&no);
             }
         }
         match &mut self.role {
             Role::Primary { .. } => {
                 self.try_commit();
-                // The batch in flight may have waited only for `no`: the next one goes now.
+                // The batches in flight may have waited only for `no`: the next ones go now.
                 self.send_batch();
                 self.scan_grace(now);
             }
@@ -1949,7 +1996,7 @@ impl Replica {
     }
 
     fn stop_serving(&mut self) {
-        // The role's data goes with it: the members, joiners, batch in flight and offer are
+        // The role's data goes with it: the members, joiners, batches in flight and offer are
         // dropped, the changes waiting or forwarded are held for the next primary.
         let (lead, forwarded) = match std::mem::replace(&mut self.role, Role::starting()) {
             Role::Primary { lead } => (Some(lead), None),
@@ -1960,8 +2007,8 @@ impl Replica {
             Role::Starting { .. } | Role::Joining { .. } => (None, None),
         };
         if let Some(mut lead) = lead {
-            // The batch in flight was never committed: a state this tracker takes from the
-            // next primary may lack it, and then its own changes must be ordered again.
+            // The batches in flight were never committed: a state this tracker takes from the
+            // next primary may lack them, and then its own changes must be ordered again.
             let committed = self.committed;
             let lost = std::mem::take(&mut self.own_in_flight)
                 .into_iter()
@@ -1988,7 +2035,7 @@ impl Replica {
             return;
         };
         lead.members.remove(&from);
-        if let Some(f) = lead.in_flight.as_mut() {
+        for f in &mut lead.in_flight {
             f.waiting.remove(&from);
         }
         lead.joiners.insert(from, position);
@@ -2213,7 +2260,8 @@ impl Replica {
         for e in &entries {
             self.apply(e);
         }
-        self.log_entries(first_seq, &entries);
+        let n_entries = entries.len();
+        self.log_entries(first_seq, entries.into());
         // The primary sends what it holds between two batches: committed, as a snapshot is.
         if seq > self.committed {
             self.set_committed(seq);
@@ -2221,8 +2269,7 @@ impl Replica {
         self.accepted_view = view;
         self.accepted_by = from;
         info!(
-            "caught up from tracker {from} with {} entries up to {seq}; serving in view {view}",
-            entries.len()
+            "caught up from tracker {from} with {n_entries} entries up to {seq}; serving in view {view}"
         );
         self.out.push_back(ReplicaOut::Serving(true));
         self.sync_meta();
@@ -2242,7 +2289,6 @@ impl Replica {
         self.state = state;
         self.applied = seq;
         self.committed = seq;
-        self.last_batch = None;
         // Changes applied here without a commit may be missing from the new state: those it
         // does not remember are held to be ordered again (a change with a client id is never
         // applied twice; one without is taken as included when the state reaches past it).
@@ -2347,10 +2393,7 @@ impl Replica {
             self.uncommitted.pop_front();
         }
         self.out.push_back(ReplicaOut::Committed(seq));
-        if self.persistent
-            && self.applied == seq
-            && (self.since_snapshot.0 >= COMPACT_ENTRIES || self.since_snapshot.1 >= COMPACT_BYTES)
-        {
+        if self.applied == seq && self.compaction_due() {
             // The log since the last snapshot is long: a snapshot of the state (which holds
             // only committed entries here) lets the disk thread drop it.
             self.since_snapshot = (0, 0);
@@ -2362,6 +2405,14 @@ impl Replica {
             );
             self.write(|| Persist::Compact { seq, state: bytes });
         }
+    }
+
+    /// Whether the log since the last snapshot is long enough to compact. A snapshot holds
+    /// committed entries only, so it is taken when every entry applied is committed: a
+    /// primary with batches in flight starts no new one meanwhile (see `send_batch`).
+    fn compaction_due(&self) -> bool {
+        self.persistent
+            && (self.since_snapshot.0 >= COMPACT_ENTRIES || self.since_snapshot.1 >= COMPACT_BYTES)
     }
 
     /// Applies one entry at the next sequence number.
@@ -2378,14 +2429,38 @@ impl Replica {
         });
     }
 
-    /// Primary: orders the waiting changes into a batch if none is in flight.
+    /// Whether the primary may start another batch now: fewer than [`MAX_IN_FLIGHT`] are in
+    /// flight and [`MAX_IN_FLIGHT_BYTES`] not reached; its own write of the newest batch is
+    /// durable (so a batch holds every change that came while the disk was busy with the one
+    /// before, one batch per fsync); no joiner is waiting (joiners are given the state between
+    /// committed batches: the pipeline drains for them); and no compaction waits for the
+    /// batches in flight to commit.
+    fn may_start_batch(&self) -> bool {
+        let Some(lead) = self.lead() else {
+            return false;
+        };
+        let Some(newest) = lead.in_flight.back() else {
+            return lead.joiners.is_empty();
+        };
+        lead.in_flight.len() < MAX_IN_FLIGHT
+            && lead.in_flight_bytes() < MAX_IN_FLIGHT_BYTES
+            && self.durable >= newest.write
+            && lead.joiners.is_empty()
+            && !self.compaction_due()
+    }
+
+    /// Primary: gives waiting joiners the state once no batch is in flight, and orders the
+    /// waiting changes into batches while [`may_start_batch`](Self::may_start_batch).
     fn send_batch(&mut self) {
         let now = self.now;
         if !self.role.is_primary() {
             return;
         }
-        while self.lead().is_some_and(|lead| lead.in_flight.is_none()) {
-            if self.lead().is_some_and(|lead| !lead.joiners.is_empty()) {
+        loop {
+            if self
+                .lead()
+                .is_some_and(|lead| lead.in_flight.is_empty() && !lead.joiners.is_empty())
+            {
                 // A joiner may hold acknowledged changes no other tracker holds once it
                 // serves (if this one then dies): this tracker's disk must name it before it
                 // gets the state, so that this tracker, restarted, waits for it.
@@ -2404,6 +2479,9 @@ impl Replica {
                         }
                     }
                 }
+            }
+            if !self.may_start_batch() {
+                return;
             }
             let first_seq = self.applied + 1;
             let Some(lead) = self.lead_mut().filter(|lead| !lead.next.is_empty()) else {
@@ -2427,7 +2505,10 @@ impl Replica {
                     entries.push(q.entry);
                 }
             }
-            self.own_in_flight = own;
+            // Own changes of batches committed since are no longer at risk.
+            let committed = self.committed;
+            self.own_in_flight.retain(|(seq, _)| *seq > committed);
+            self.own_in_flight.extend(own);
             let mut moved_sessions = false;
             for e in &entries {
                 self.apply(e);
@@ -2441,23 +2522,24 @@ impl Replica {
                 // A session arrived from a tracker that may have died since.
                 self.scan_grace(now);
             }
-            let write = self.log_entries(first_seq, &entries);
-            let batch = Batch {
-                view: self.claim.0,
-                first_seq,
-                entries,
-            };
+            let entries: Arc<[Entry]> = entries.into();
+            let write = self.log_entries(first_seq, entries.clone());
             let members = self.members();
             for m in &members {
-                self.send_to(*m, ReplMsg::Batch(batch.clone()));
+                let batch = Batch {
+                    view: self.claim.0,
+                    first_seq,
+                    entries: entries.to_vec(),
+                };
+                self.send_to(*m, ReplMsg::Batch(batch));
             }
-            self.last_batch = Some(batch);
             let last_seq = self.applied;
             if let Some(lead) = self.lead_mut() {
-                lead.in_flight = Some(InFlight {
+                lead.in_flight.push_back(InFlight {
                     last_seq,
                     waiting: members.into_iter().collect(),
                     write,
+                    bytes,
                 });
             }
             self.try_commit();
@@ -2471,20 +2553,24 @@ impl Replica {
             .unwrap_or_default()
     }
 
-    /// Primary: commits the batch in flight once every member holds it.
+    /// Primary: commits the batches in flight, in order, that every member acknowledged and
+    /// whose own write is durable.
     fn try_commit(&mut self) {
         let durable = self.durable;
         let Some(lead) = self.lead_mut() else {
             return;
         };
-        let Some(f) = &lead.in_flight else {
+        let mut seq = None;
+        while let Some(f) = lead.in_flight.front() {
+            if !f.waiting.is_empty() || durable < f.write {
+                break;
+            }
+            seq = Some(f.last_seq);
+            lead.in_flight.pop_front();
+        }
+        let Some(seq) = seq else {
             return;
         };
-        if !f.waiting.is_empty() || durable < f.write {
-            return;
-        }
-        let seq = f.last_seq;
-        lead.in_flight = None;
         if seq > self.committed {
             self.set_committed(seq);
             for m in self.members() {
@@ -2503,8 +2589,9 @@ impl Replica {
         if view != self.claim.0 || !self.role.is_primary() {
             return;
         }
-        if let Some(f) = self.lead_mut().and_then(|lead| lead.in_flight.as_mut()) {
-            if seq >= f.last_seq {
+        if let Some(lead) = self.lead_mut() {
+            // (Acknowledgements are cumulative.)
+            for f in lead.in_flight.iter_mut().take_while(|f| f.last_seq <= seq) {
                 f.waiting.remove(&from);
             }
         }
@@ -2537,10 +2624,15 @@ impl Replica {
         // is, with the batch, whether or not the batch's write reaches the disk.
         self.accepted_view = batch.view;
         self.accepted_by = from;
-        self.log_entries(batch.first_seq + skip as u64, &batch.entries[skip..]);
-        self.last_batch = Some(batch);
-        // Acknowledged once durable: now, or when the disk says so.
-        self.send_ack(true);
+        let first_new = batch.first_seq + skip as u64;
+        let mut entries = batch.entries;
+        entries.drain(..skip);
+        let new = entries.len();
+        self.log_entries(first_new, entries.into());
+        // Acknowledged once durable: now, or when the disk says so. A batch that brought
+        // nothing new (sent again, or an empty one naming a new view) is answered at once
+        // with what is durable: the primary may have lost the earlier acknowledgement.
+        self.send_ack(new == 0);
         self.touch(link, now);
     }
 
@@ -2600,6 +2692,7 @@ impl Replica {
             lead: Lead::default(),
             offer: None,
             forwarded,
+            positions: BTreeMap::new(),
         };
         self.finish_takeover(now);
     }
@@ -2650,19 +2743,27 @@ impl Replica {
             Role::Starting { .. } | Role::Joining { .. } => Forwarded::default(),
         };
         self.role = Role::Backup { forwarded };
+        // The entries the new primary lacks: the batches in flight this tracker applied and
+        // it did not (at most [`MAX_IN_FLIGHT`]), as one batch from the ring of recent
+        // batches; the whole state when the ring does not reach back that far or they are too
+        // many for one message.
         let catchup = if self.applied <= applied {
             Catchup::None
         } else {
-            match &self.last_batch {
-                Some(b) if b.first_seq <= applied + 1 => {
-                    let skip = (applied + 1 - b.first_seq) as usize;
-                    Catchup::Batch(Batch {
-                        view: b.view,
-                        first_seq: applied + 1,
-                        entries: b.entries.iter().skip(skip).cloned().collect(),
-                    })
-                }
-                _ => {
+            let one = (self.ring.last_seq() == self.applied)
+                .then(|| {
+                    self.ring
+                        .suffix(applied, MAX_CATCHUP_ENTRIES, MAX_BATCH_BYTES)
+                })
+                .flatten()
+                .filter(|parts| parts.len() == 1);
+            match one.and_then(|mut parts| parts.pop()) {
+                Some((first_seq, entries)) => Catchup::Batch(Batch {
+                    view: self.accepted_view,
+                    first_seq,
+                    entries,
+                }),
+                None => {
                     self.send_snapshot(from);
                     Catchup::Snapshot
                 }
@@ -2685,7 +2786,7 @@ impl Replica {
     }
 
     /// A primary (or a tracker taking over) follows tracker `from`'s takeover of `view`: its
-    /// members, joiners, batch in flight and offer are dropped; its own changes not yet
+    /// members, joiners, batches in flight and offer are dropped; its own changes not yet
     /// ordered go to the new primary (the backups that forwarded the others send them again
     /// themselves), ahead of what it had forwarded. Returns what it now has forwarded.
     fn step_down(&self, from: u16, view: u64, lead: Lead, mut forwarded: Forwarded) -> Forwarded {
@@ -2723,8 +2824,15 @@ impl Replica {
                 _ => Vec::new(),
             };
             let applied_here = self.applied;
-            if let Role::Taking { lead, offer, .. } = &mut self.role {
+            if let Role::Taking {
+                lead,
+                offer,
+                positions,
+                ..
+            } = &mut self.role
+            {
                 lead.members.insert(from);
+                positions.insert(from, applied);
                 let best = offer.as_ref().map_or(applied_here, |o| o.applied);
                 if applied > best {
                     *offer = Some(Offer {
@@ -2755,8 +2863,9 @@ impl Replica {
                     for e in b.entries.iter().skip(skip) {
                         self.apply(e);
                     }
-                    self.log_entries(b.first_seq + skip as u64, &b.entries[skip..]);
-                    self.last_batch = Some(b);
+                    let mut entries = b.entries;
+                    entries.drain(..skip);
+                    self.log_entries(b.first_seq + skip as u64, entries.into());
                 }
                 Catchup::Snapshot => match TrackerState::decode_snapshot(&offer.snapshot) {
                     Ok(state) => self.install(state, offer.applied, offer.snapshot, self.claim),
@@ -2770,15 +2879,19 @@ impl Replica {
         }
         // Changes forwarded to the old primary are ordered here now, but for those the
         // catch-up just applied.
-        let (mut lead, forwarded) = match std::mem::replace(&mut self.role, Role::starting()) {
-            Role::Taking {
-                lead, forwarded, ..
-            } => (lead, forwarded),
-            other => {
-                self.role = other;
-                return;
-            }
-        };
+        let (mut lead, forwarded, positions) =
+            match std::mem::replace(&mut self.role, Role::starting()) {
+                Role::Taking {
+                    lead,
+                    forwarded,
+                    positions,
+                    ..
+                } => (lead, forwarded, positions),
+                other => {
+                    self.role = other;
+                    return;
+                }
+            };
         let mut forwarded = forwarded.entries;
         while let Some(entry) = forwarded.pop_back() {
             lead.next.push_front(Queued { own: true, entry });
@@ -2791,31 +2904,22 @@ impl Replica {
         self.accepted_view = self.claim.0;
         self.accepted_by = self.me.no;
         self.sync_meta();
-        // Bring lagging members up: they all answered with their position, but only the
-        // latest batch (or the state) is at hand, so every member gets what it may lack.
+        // Bring lagging members up: each answered with its position (members stand up to
+        // [`MAX_IN_FLIGHT`] batches apart), and gets the entries after it, from the ring.
         let members = self.members();
         let mut waiting = BTreeSet::new();
         for m in members {
-            match &self.last_batch {
-                Some(b) => {
-                    self.send_to(
-                        m,
-                        ReplMsg::Batch(Batch {
-                            view: self.claim.0,
-                            ..b.clone()
-                        }),
-                    );
-                }
-                None => self.send_empty_batch(m),
-            }
+            let after = positions.get(&m).copied().unwrap_or(0);
+            self.send_entries_after(m, after);
             waiting.insert(m);
         }
         let (last_seq, write) = (self.applied, self.written);
         if let Some(lead) = self.lead_mut() {
-            lead.in_flight = Some(InFlight {
+            lead.in_flight.push_back(InFlight {
                 last_seq,
                 waiting,
                 write,
+                bytes: 0,
             });
         }
         self.broadcast_status();
@@ -2826,8 +2930,34 @@ impl Replica {
         self.scan_grace(now);
     }
 
-    /// With no batch at hand every member is at this tracker's point (a member further on
-    /// would have offered its batch): an empty batch makes it acknowledge the new view.
+    /// Sends member `m`, which has applied the entries up to `after`, the entries after it as
+    /// batches of the current view (an empty batch when it lacks none: it acknowledges the
+    /// view). Members are at most [`MAX_IN_FLIGHT`] batches behind, which the ring of recent
+    /// batches holds; should it not reach back to `after` (a ring bounded small), the member
+    /// gets an empty batch past its point, and asks for the state (see `on_batch`).
+    fn send_entries_after(&mut self, m: u16, after: u64) {
+        let parts = (after < self.applied && self.ring.last_seq() == self.applied)
+            .then(|| self.ring.suffix(after, MAX_BATCH_ENTRIES, MAX_BATCH_BYTES))
+            .flatten()
+            .filter(|parts| !parts.is_empty());
+        let Some(parts) = parts else {
+            return self.send_empty_batch(m);
+        };
+        let view = self.claim.0;
+        for (first_seq, entries) in parts {
+            self.send_to(
+                m,
+                ReplMsg::Batch(Batch {
+                    view,
+                    first_seq,
+                    entries,
+                }),
+            );
+        }
+    }
+
+    /// An empty batch at this tracker's point: a member there acknowledges the view with it,
+    /// a member behind asks for the state.
     fn send_empty_batch(&mut self, m: u16) {
         self.send_to(
             m,

@@ -520,6 +520,8 @@ struct Stats {
     /// States sent to joiners whole (snapshots) and as the entries they lacked (suffixes).
     snapshots: u64,
     suffixes: u64,
+    /// Batches sent while an earlier batch was still in flight (pipelining exercised).
+    pipelined: u64,
     /// Times a core still had a timer due right after `handle_timeout` (a busy loop in a
     /// real driver).
     timer_spins: u64,
@@ -543,6 +545,7 @@ impl Stats {
         self.snapshot_parts += o.snapshot_parts;
         self.snapshots += o.snapshots;
         self.suffixes += o.suffixes;
+        self.pipelined += o.pipelined;
         self.timer_spins += o.timer_spins;
         self.quota_refusals += o.quota_refusals;
         self.state_quota_refusals += o.state_quota_refusals;
@@ -840,6 +843,9 @@ impl Cluster {
                         ReplMsg::SnapshotPart { .. } => self.stats.snapshot_parts += 1,
                         ReplMsg::Snapshot { .. } => self.stats.snapshots += 1,
                         ReplMsg::Suffix { .. } => self.stats.suffixes += 1,
+                        ReplMsg::Batch(_) if self.core(no).replica().in_flight_batches() > 1 => {
+                            self.stats.pipelined += 1;
+                        }
                         _ => {}
                     }
                     self.send_frame(conn, frame);
@@ -1371,6 +1377,27 @@ impl Cluster {
         for ((_, kind, a, b, c), event) in now {
             self.queue((self.now, kind, a, b, c), event);
         }
+    }
+
+    /// Scenario: what was held back on one direction, or is on its way, is lost (its sender
+    /// dies with it still in its own send buffer), but for a close, which arrives; nothing is
+    /// held back there any more.
+    fn lose_held(&mut self, (link, from): (usize, usize)) {
+        self.trace(|| format!("link {link}: deliveries from end {from} held back are lost"));
+        self.paused.remove(&(link, from));
+        let (now, mine): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_back)
+            .into_iter()
+            .partition(|((_, _, l, e, _), _)| (*l, *e) == (link as u64, from as u64));
+        self.held_back = mine;
+        for ((_, kind, a, b, c), event) in now {
+            if matches!(event, Event::Closed { .. }) {
+                self.queue((self.now, kind, a, b, c), event);
+            }
+        }
+        // (And what is on its way there and not yet due.)
+        self.events.retain(
+            |_, e| !matches!(e, Event::Frame { link: l, to, .. } if (*l, 1 - *to) == (link, from)),
+        );
     }
 
     /// The newest open link from the current run of tracker `from` to that of `to`, as
@@ -4036,4 +4063,195 @@ fn a_quota_holds_where_changes_are_ordered_whatever_the_receiving_trackers_saw()
         );
         assert_eq!(st.holdings_walk().get(&user), Some(&st.holdings(&user)));
     }
+}
+
+// ---- pipelined batches ----
+
+/// Clients `clients` (on the primary, tracker 1) each send a change, `gap_ms` apart, so each
+/// goes in a batch of its own; returns their request ids.
+fn changes_in_separate_batches(cl: &mut Cluster, clients: &[usize], tag: &str) -> Vec<u64> {
+    let mut reqs = Vec::new();
+    for &c in clients {
+        reqs.push(cl.issue(
+            c,
+            RequestBody::CreateGroup {
+                group: gid(&format!("{tag}{c}")),
+            },
+            Expect::Manual,
+        ));
+        cl.run_for(20);
+    }
+    reqs
+}
+
+fn signed_in_clients(cl: &mut Cluster, on: u16, n: usize) -> Vec<usize> {
+    let clients: Vec<usize> = (0..n).map(|_| cl.add_client(Some(on))).collect();
+    for &c in &clients {
+        cl.sign_in(c);
+    }
+    clients
+}
+
+fn all_answered(cl: &Cluster, clients: &[usize], reqs: &[u64]) -> bool {
+    clients
+        .iter()
+        .zip(reqs)
+        .all(|(&c, r)| cl.clients[c].answered.contains(r))
+}
+
+/// With every acknowledgement held back, the primary has several batches in flight, each
+/// already applied by the backups (sent before the one before it committed); none is
+/// answered before every member acknowledged it; all are once the acknowledgements arrive.
+#[test]
+fn several_batches_are_in_flight_at_once_and_commit_in_order() {
+    let mut cl = started(3, 9001);
+    let clients = signed_in_clients(&mut cl, 1, 3);
+    let acks_2 = cl.tracker_link(2, 1).unwrap();
+    let acks_3 = cl.tracker_link(3, 1).unwrap();
+    cl.pause(acks_2);
+    cl.pause(acks_3);
+    let before = cl.core(1).replica().committed();
+    let reqs = changes_in_separate_batches(&mut cl, &clients, "p");
+    let primary = cl.core(1).replica();
+    assert_eq!(
+        primary.in_flight_batches(),
+        3,
+        "one batch per change, all in flight"
+    );
+    assert_eq!(primary.committed(), before, "nothing acknowledged yet");
+    for no in [2, 3] {
+        assert_eq!(
+            cl.core(no).replica().applied(),
+            primary.applied(),
+            "tracker {no} applied every batch in flight"
+        );
+    }
+    assert!(clients
+        .iter()
+        .zip(&reqs)
+        .all(|(&c, r)| !cl.clients[c].answered.contains(r)));
+    // Tracker 2 acknowledges: still not committed, tracker 3 holds them too but did not say.
+    cl.resume_one(acks_2);
+    cl.run_for(50);
+    assert_eq!(cl.core(1).replica().committed(), before);
+    cl.resume_one(acks_3);
+    assert!(cl.run_until(500, |cl| all_answered(cl, &clients, &reqs)));
+    assert_eq!(cl.core(1).replica().in_flight_batches(), 0);
+    cl.settle();
+    cl.check_agreement();
+}
+
+/// A backup that dies (crash, or a hang that ends in a kill) while several batches wait for
+/// its acknowledgement: every one of them commits without it, not only the oldest.
+#[test]
+fn a_backup_lost_with_several_batches_outstanding_does_not_block_them() {
+    for hang in [false, true] {
+        let mut cl = started(3, 9002);
+        let clients = signed_in_clients(&mut cl, 1, 3);
+        let acks_3 = cl.tracker_link(3, 1).unwrap();
+        cl.pause(acks_3);
+        let reqs = changes_in_separate_batches(&mut cl, &clients, "q");
+        assert_eq!(cl.core(1).replica().in_flight_batches(), 3);
+        if hang {
+            cl.hang(3);
+            cl.run_for(100);
+            assert!(
+                !all_answered(&cl, &clients, &reqs),
+                "tracker 3 holds them up"
+            );
+            cl.kill_hung(3);
+        } else {
+            cl.crash(3);
+        }
+        // Its acknowledgements never left it.
+        cl.lose_held(acks_3);
+        assert!(
+            cl.run_until(500, |cl| all_answered(cl, &clients, &reqs)),
+            "every batch commits (hang: {hang})"
+        );
+        assert_eq!(create_group(&mut cl, clients[0], "after"), ReplyBody::Done);
+        cl.settle();
+        cl.check_agreement();
+    }
+}
+
+/// The primary dies with three batches in flight that the backups hold in different numbers
+/// (tracker `ahead` got them all, the other none): the new primary (tracker 2) ends up with
+/// every one of them and brings the other member up with all of them, as batches (no state
+/// is sent whole), whichever of the two was ahead.
+#[test]
+fn a_takeover_brings_members_several_batches_apart_to_the_most_advanced_state() {
+    for ahead in [2u16, 3] {
+        let behind = 5 - ahead;
+        let mut cl = started(3, 9003 + u64::from(ahead));
+        let clients = signed_in_clients(&mut cl, 1, 3);
+        for &c in &clients {
+            cl.clients[c].prefer = None;
+        }
+        let to_behind = cl.tracker_link(1, behind).unwrap();
+        let acks = cl.tracker_link(ahead, 1).unwrap();
+        cl.pause(to_behind);
+        cl.pause(acks);
+        let base = cl.core(behind).replica().applied();
+        let reqs = changes_in_separate_batches(&mut cl, &clients, "t");
+        let top = cl.core(1).replica().applied();
+        assert_eq!(cl.core(1).replica().in_flight_batches(), 3);
+        assert_eq!(cl.core(ahead).replica().applied(), top);
+        assert_eq!(cl.core(behind).replica().applied(), base);
+        let (snapshots, suffixes) = (cl.stats.snapshots, cl.stats.suffixes);
+        cl.crash(1);
+        cl.lose_held(to_behind);
+        cl.lose_held(acks);
+        assert!(cl.run_until(5000, |cl| cl.primaries() == vec![2]
+            && cl.core(2).replica().committed() >= top
+            && cl.core(3).replica().applied() >= top));
+        assert!(cl.run_until(5000, |cl| all_answered(cl, &clients, &reqs)));
+        for (&c, r) in clients.iter().zip(&reqs) {
+            assert!(
+                cl.clients[c].replies.contains(&(*r, ReplyBody::Done)),
+                "applied once, answered done (ahead: {ahead})"
+            );
+        }
+        assert_eq!(
+            (cl.stats.snapshots, cl.stats.suffixes),
+            (snapshots, suffixes),
+            "caught up by batches, not by joining again (ahead: {ahead})"
+        );
+        cl.settle();
+        cl.check_agreement();
+    }
+}
+
+/// A tracker asking for the state while batches are in flight gets it only once they have
+/// committed (the pipeline drains for it): its state never holds an entry the primary has
+/// not committed, which it would otherwise take as committed and answer.
+#[test]
+fn a_joiner_during_a_pipeline_gets_the_state_between_committed_batches() {
+    let mut cl = Cluster::new(3, 9006);
+    cl.start(1);
+    cl.start(2);
+    cl.run_for(5000);
+    let clients = signed_in_clients(&mut cl, 1, 3);
+    let acks = cl.tracker_link(2, 1).unwrap();
+    cl.pause(acks);
+    let reqs = changes_in_separate_batches(&mut cl, &clients, "j");
+    assert_eq!(cl.core(1).replica().in_flight_batches(), 3);
+    cl.start(3);
+    cl.run_for(300);
+    assert!(
+        !cl.core(3).replica().is_serving(),
+        "no state while batches are in flight"
+    );
+    cl.resume();
+    assert!(cl.run_until(2000, |cl| cl.core(3).replica().is_serving()));
+    assert!(
+        cl.core(3).replica().applied() <= cl.core(1).replica().committed(),
+        "the joiner's state holds committed entries only"
+    );
+    assert!(cl.run_until(500, |cl| all_answered(cl, &clients, &reqs)));
+    let c = cl.add_client(Some(3));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "via-joiner"), ReplyBody::Done);
+    cl.settle();
+    cl.check_agreement();
 }

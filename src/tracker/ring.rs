@@ -15,6 +15,7 @@
 //! It does no IO and never panics on any position it is asked about.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use super::state::Entry;
 
@@ -31,7 +32,8 @@ pub type Claim = (u64, u16);
 struct Kept {
     claim: Claim,
     first_seq: u64,
-    entries: Vec<Entry>,
+    /// Shared with the write that logs them (`Persist::Entries`): kept without a copy.
+    entries: Arc<[Entry]>,
     bytes: usize,
 }
 
@@ -86,13 +88,25 @@ impl Ring {
     /// to an unknown history first: nothing is ever sent from a gap.
     pub fn push(&mut self, claim: Claim, first_seq: u64, entries: &[Entry], bytes: usize) {
         if !entries.is_empty() {
-            self.push_owned(claim, first_seq, entries.to_vec(), bytes);
+            self.push_shared(claim, first_seq, entries.into(), bytes);
         }
     }
 
     /// [`push`](Self::push) of entries the caller no longer needs (recovery decodes each
     /// record once and hands its entries over without a copy).
     pub fn push_owned(&mut self, claim: Claim, first_seq: u64, entries: Vec<Entry>, bytes: usize) {
+        self.push_shared(claim, first_seq, entries.into(), bytes);
+    }
+
+    /// [`push`](Self::push) of entries shared with their other holders (the replica keeps
+    /// each batch once, for the ring and for the write that logs it).
+    pub fn push_shared(
+        &mut self,
+        claim: Claim,
+        first_seq: u64,
+        entries: Arc<[Entry]>,
+        bytes: usize,
+    ) {
         if entries.is_empty() {
             return;
         }
