@@ -87,15 +87,20 @@ const SCRATCH_LEN: usize = 64 * 1024;
 pub const SERVE_NOTSENT_LOWAT: u32 = 128 * 1024;
 
 // The macro names itself and its helpers unqualified.
-use nix::{libc, setsockopt_impl, sockopt_impl};
+use nix::{getsockopt_impl, libc, setsockopt_impl, sockopt_impl};
 sockopt_impl!(
     /// `TCP_NOTSENT_LOWAT` (nix has the macro but no such option).
     TcpNotSentLowat,
-    SetOnly,
+    Both,
     libc::IPPROTO_TCP,
     libc::TCP_NOTSENT_LOWAT,
     u32
 );
+
+/// Sets [`SERVE_NOTSENT_LOWAT`] on a serve link's socket.
+fn limit_unsent(stream: &impl std::os::fd::AsFd) -> nix::Result<()> {
+    nix::sys::socket::setsockopt(stream, TcpNotSentLowat, &SERVE_NOTSENT_LOWAT)
+}
 
 /// Something the command loop or the tracker must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -503,8 +508,7 @@ impl Transfers {
         };
         let _ = stream.set_nodelay(true);
         // Best effort: without it the link works as before, only with deeper socket buffers.
-        if let Err(e) = nix::sys::socket::setsockopt(&stream, TcpNotSentLowat, &SERVE_NOTSENT_LOWAT)
-        {
+        if let Err(e) = limit_unsent(&stream) {
             debug!("peer {addr}: TCP_NOTSENT_LOWAT not set: {e}");
         }
         let now = Instant::now();
