@@ -76,6 +76,31 @@ pub const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const IDLE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Scratch space for data that is read and dropped.
 const SCRATCH_LEN: usize = 64 * 1024;
+/// Bytes a serve link's socket may hold not yet sent (`TCP_NOTSENT_LOWAT`); past it the
+/// socket takes no more and the blocks wait in the link's own queue. Why: with the kernel's
+/// defaults each serve socket held 0.6-1.4 MiB unsent on a shaped 100 Mbit/s uplink (up to
+/// 0.6 s of it over all links), so the upload slots decided only what was queued, not what
+/// went on the wire: every link in the socket buffers shared the uplink, a seed's last
+/// unique pieces waited behind second copies queued earlier, and a turn "drained" long
+/// before its bytes left. 128 KiB is about 10 ms at 100 Mbit/s (see the README's swarm
+/// benchmark for the figures).
+pub const SERVE_NOTSENT_LOWAT: u32 = 128 * 1024;
+
+// The macro names itself and its helpers unqualified.
+use nix::{getsockopt_impl, libc, setsockopt_impl, sockopt_impl};
+sockopt_impl!(
+    /// `TCP_NOTSENT_LOWAT` (nix has the macro but no such option).
+    TcpNotSentLowat,
+    Both,
+    libc::IPPROTO_TCP,
+    libc::TCP_NOTSENT_LOWAT,
+    u32
+);
+
+/// Sets [`SERVE_NOTSENT_LOWAT`] on a serve link's socket.
+fn limit_unsent(stream: &impl std::os::fd::AsFd) -> nix::Result<()> {
+    nix::sys::socket::setsockopt(stream, TcpNotSentLowat, &SERVE_NOTSENT_LOWAT)
+}
 
 /// Something the command loop or the tracker must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -499,6 +524,10 @@ impl Transfers {
             }))
         };
         let _ = stream.set_nodelay(true);
+        // Best effort: without it the link works as before, only with deeper socket buffers.
+        if let Err(e) = limit_unsent(&stream) {
+            debug!("peer {addr}: TCP_NOTSENT_LOWAT not set: {e}");
+        }
         let now = Instant::now();
         if self.next_idle_check.is_none() {
             self.next_idle_check = Some(now + IDLE_CHECK_EVERY.min(self.caps.serve_idle));

@@ -10,6 +10,21 @@ use mio::{Poll, Token, Waker};
 
 use super::*;
 
+/// A serve link's socket keeps at most [`SERVE_NOTSENT_LOWAT`] unsent (the kernel's default
+/// is unlimited, which let each socket hold a megabyte or more on a shaped link).
+#[test]
+fn serve_sockets_limit_their_unsent_bytes() {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let before = nix::sys::socket::getsockopt(&stream, TcpNotSentLowat).unwrap();
+    assert_ne!(before, SERVE_NOTSENT_LOWAT);
+    limit_unsent(&stream).unwrap();
+    assert_eq!(
+        nix::sys::socket::getsockopt(&stream, TcpNotSentLowat).unwrap(),
+        SERVE_NOTSENT_LOWAT
+    );
+}
+
 fn caps() -> PeerCaps {
     PeerCaps {
         max_fetch: 8,

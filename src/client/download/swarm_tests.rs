@@ -17,8 +17,9 @@
 //! For investigation: `SWARM_TRACE=1` prints, every 0.5 s, the uplink use per uplink rate,
 //! the seed's line and held requests, and why idle leechers idle (no piece, nobody asks, or
 //! asked but waiting); `SIM_ROTATE_MS`, `SIM_REST_MS`, `SIM_LINE`, `SIM_SLOTS`,
-//! `SIM_DISCOVER_MIN_MS`, `SIM_DISCOVER_MAX_MS` and `SIM_MAX_LINKS` override the policy's
-//! knobs.
+//! `SIM_DISCOVER_MIN_MS`, `SIM_DISCOVER_MAX_MS`, `SIM_MAX_LINKS`, `SIM_QUEUE_MS` (the
+//! engine's queue time) and `SIM_MIN_DEPTH` override the policy's knobs, and
+//! `SIM_ORDER_SEED` the order of the first pieces.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -761,6 +762,12 @@ fn run(name: &str, scenario: Scenario, mut limits: Limits, mut slots: SlotLimits
     if let Some(ms) = env("SIM_DISCOVER_MAX_MS") {
         limits.discover_max = Duration::from_millis(ms);
     }
+    if let Some(ms) = env("SIM_QUEUE_MS") {
+        limits.queue_time = Duration::from_millis(ms);
+    }
+    if let Some(n) = env("SIM_MIN_DEPTH") {
+        limits.min_depth = n as usize;
+    }
     if let Some(n) = env("SIM_MAX_LINKS") {
         limits.max_links = n as usize;
     }
@@ -791,9 +798,15 @@ fn before_live_discovery_a_crowd_of_8_takes_8_seed_loads() {
     assert!(ratio > 6.0, "{ratio:.2}x the bound");
 }
 
+/// The engine's limits for the scenarios; `SIM_ORDER_SEED` draws another order of the first
+/// pieces (the simulator is deterministic but chaotic: a policy change should be judged over
+/// several orders, not one).
 fn limits() -> Limits {
+    let seed = std::env::var("SIM_ORDER_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok());
     Limits {
-        piece_order_seed: 1,
+        piece_order_seed: seed.unwrap_or(1),
         ..Limits::default()
     }
 }
