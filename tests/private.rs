@@ -536,6 +536,78 @@ fn a_handshake_flood_on_a_sharer_never_stops_its_own_download() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// Idle connections (that never send a handshake) from the downloader's own address, beyond
+/// the per-address cap and kept coming while the download runs, never lock it out: a new
+/// connection takes the place of the quietest one not yet accepted, and those are closed
+/// after 3 s anyway.
+#[test]
+fn idle_connections_past_the_per_address_cap_never_stop_a_download() {
+    let tracker = Tracker::start();
+    let out = tracker.run(&[
+        "create_user alice pw",
+        "create_user bob pw",
+        "login alice pw",
+        "create_group g",
+        "logout",
+        "login bob pw",
+        "join_group g",
+        "logout",
+        "login alice pw",
+        "accept_request g bob",
+        "logout",
+    ]);
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    let root = tracker.dir.path().canonicalize().unwrap();
+    let alice_dir = root.join("alice");
+    std::fs::create_dir(&alice_dir).unwrap();
+    let data = varied(8 << 20, 3);
+    std::fs::write(alice_dir.join("f.bin"), &data).unwrap();
+    let mut alice = tracker.client().cwd(&alice_dir).live();
+    alice.cmd("login alice pw", &["logged in as alice"]);
+    alice.cmd(
+        "upload_file f.bin g",
+        &["uploaded f.bin to group g (8388608 bytes, 16 pieces)"],
+    );
+    let mut bob = tracker.client().live();
+    bob.cmd("login bob pw", &["logged in as bob"]);
+
+    // Twice the per-address cap of silent connections from 127.0.0.1, bob's address too.
+    let to = alice.addr;
+    let mut idle: Vec<TcpStream> = (0..2 * MAX_SERVE_LINKS_PER_ADDR)
+        .map(|_| TcpStream::connect(to).expect("idle connect"))
+        .collect();
+    // More keep coming while bob downloads (a thread, stopped and joined below).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut opened = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = TcpStream::connect(to) {
+                    idle.push(s);
+                    opened += 1;
+                }
+                if idle.len() > 4 * MAX_SERVE_LINKS_PER_ADDR {
+                    idle.drain(..MAX_SERVE_LINKS_PER_ADDR);
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            opened
+        })
+    };
+    let dl = tempfile::tempdir().unwrap();
+    let dl_dir = dl.path().canonicalize().unwrap();
+    download(&mut bob, "f.bin", &dl_dir, data.len());
+    stop.store(true, Ordering::Relaxed);
+    let opened = flooder.join().unwrap();
+    assert!(opened > 0, "the flood stopped before the download");
+    assert_eq!(std::fs::read(dl_dir.join("f.bin")).unwrap(), data);
+    let (status, _) = bob.finish();
+    assert_eq!(status.code(), Some(0));
+    let (status, _) = alice.finish();
+    assert_eq!(status.code(), Some(0));
+}
+
 // ---------------------------------------------------------------------------------------
 // Tickets: member-only serving
 // ---------------------------------------------------------------------------------------
