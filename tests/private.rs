@@ -608,6 +608,74 @@ fn idle_connections_past_the_per_address_cap_never_stop_a_download() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// A member who leaves the group while downloading gets no more of the file: the client stops
+/// its user's downloads in that group with an `error: ` line, and the target never appears
+/// (the `.part` is removed).
+#[test]
+fn leaving_a_group_during_a_download_stops_it() {
+    let tracker = Tracker::start();
+    let out = tracker.run(&[
+        "create_user alice pw",
+        "create_user carol pw",
+        "login alice pw",
+        "create_group g",
+        "logout",
+        "login carol pw",
+        "join_group g",
+        "logout",
+        "login alice pw",
+        "accept_request g carol",
+        "logout",
+    ]);
+    assert_eq!(out.code(), Some(0), "{out:#?}");
+    let root = tracker.dir.path().canonicalize().unwrap();
+    let alice_dir = root.join("alice");
+    std::fs::create_dir(&alice_dir).unwrap();
+    // Large enough that the download is still running when the leave is answered (one round
+    // trip to the tracker after the download started).
+    let data = varied(64 << 20, 4);
+    std::fs::write(alice_dir.join("big.bin"), &data).unwrap();
+    let mut alice = tracker.client().cwd(&alice_dir).live();
+    alice.cmd("login alice pw", &["logged in as alice"]);
+    alice.cmd(
+        "upload_file big.bin g",
+        &["uploaded big.bin to group g (67108864 bytes, 128 pieces)"],
+    );
+    let mut carol = tracker.client().live();
+    carol.cmd("login carol pw", &["logged in as carol"]);
+    let dl = tempfile::tempdir().unwrap();
+    let dl_dir = dl.path().canonicalize().unwrap();
+    carol.send(&format!("download_file g big.bin {}/", dl_dir.display()));
+    carol.send("leave_group g");
+    let (mut left, mut stopped) = (false, false);
+    while !(left && stopped) {
+        match carol.next_any_within(STEP) {
+            Ok(line) if line == "left group g" => left = true,
+            Ok(line) if line.starts_with("download of big.bin from group g started: ") => {}
+            Ok(line) => panic!("unexpected: {line}; seen:\n{}", carol.seen()),
+            Err(e) if e == "error: download of big.bin from group g failed: its user left the group" => {
+                stopped = true
+            }
+            Err(e) => panic!("unexpected: {e}; seen:\n{}", carol.seen()),
+        }
+    }
+    assert!(
+        !dl_dir.join("big.bin").exists(),
+        "the former member got the file"
+    );
+    assert!(!dl_dir.join("big.bin.part").exists(), "the .part stayed");
+    carol.cmd("show_downloads", &["[F] [g] big.bin"]);
+    let (status, rest) = carol.finish();
+    assert!(
+        !rest.iter().any(|l| l.starts_with("downloaded big.bin")),
+        "{rest:?}"
+    );
+    // A download failed: exit status 1 (SPEC).
+    assert_eq!(status.code(), Some(1), "{rest:?}");
+    let (status, _) = alice.finish();
+    assert_eq!(status.code(), Some(0));
+}
+
 // ---------------------------------------------------------------------------------------
 // Tickets: member-only serving
 // ---------------------------------------------------------------------------------------

@@ -420,7 +420,7 @@ impl Transfers {
             self.handshake_deadlines.pop_front();
             let silent = matches!(
                 self.conns.get(id).map(|c| &c.data),
-                Some(PeerConn::Serve(link)) if link.core.awaits_handshake()
+                Some(PeerConn::Serve(link)) if link.serving.is_none()
             );
             if silent {
                 debug!("peer link {id}: no handshake in time; closed");
