@@ -941,6 +941,9 @@ impl ClientCore {
             }
             Err(reason) => {
                 d.status = DownloadStatus::Failed;
+                // The leave that stopped it ended the user's shares in the group already (at
+                // the tracker and here): there is nothing to withdraw.
+                let left = matches!(reason, DownloadError::LeftGroup);
                 let reason = format!(
                     "download of {} from group {} failed: {reason}",
                     d.name, d.group
@@ -948,7 +951,7 @@ impl ClientCore {
                 // Never registered from now on; a registration still on its way is withdrawn
                 // when its answer comes.
                 d.wants_share = false;
-                let registered = d.registered;
+                let registered = d.registered && !left;
                 self.fail(reason);
                 if registered {
                     self.withdraw_share(id);

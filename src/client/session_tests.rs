@@ -1294,6 +1294,9 @@ fn leaving_a_group_stops_the_users_downloads_in_it() {
     let mut h = Harness::new();
     h.login("alice");
     let id = started_download(&mut h, dir.path());
+    // Registered as a share (its first piece verified).
+    let reg = registration(&mut h, id);
+    h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
     // Leaving another group stops nothing.
     assert_eq!(
         h.run("leave_group g2", ReplyBody::Done),
@@ -1308,8 +1311,11 @@ fn leaving_a_group_stops_the_users_downloads_in_it() {
             }
         ]
     );
+    assert!(h.core.shares().is_empty(), "the leave ended the share");
     h.core
         .handle_download_finished(id, Err(DownloadError::LeftGroup));
+    // Only the error line: no StopShare for the share the leave ended (the tracker would
+    // refuse it: not a member).
     assert_eq!(
         h.drain(),
         [fail(
