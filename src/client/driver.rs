@@ -31,7 +31,7 @@ use super::disk;
 use super::identity::ClientIdentity;
 use super::known_trackers::TrackerKeys;
 use super::progress::{self, Drawn, Item, RecentRates, StatusLine};
-use super::session::{ClientCore, DownloadStatus, Output};
+use super::session::{ClientCore, DownloadError, DownloadStatus, Output};
 use super::shell::{self, Shell};
 use super::state_file::{self, FileStamp, StateLock};
 use super::transfers::{
@@ -552,6 +552,15 @@ impl Driver {
                 Output::ShowDownloads => self.show_downloads(),
                 Output::SharesChanged => {
                     self.transfers.revalidate(self.poll.registry(), &self.core);
+                }
+                Output::StopDownloads { downloads } => {
+                    for id in downloads {
+                        self.transfers.stop_download(
+                            self.poll.registry(),
+                            id,
+                            DownloadError::LeftGroup,
+                        );
+                    }
                 }
                 Output::CheckShares { shares } => {
                     let checked = shares

@@ -90,6 +90,10 @@ pub enum Output {
     /// The set of files this client may serve changed (login, logout, stop_share,
     /// leave_group): links serving what is no longer shared must close.
     SharesChanged,
+    /// The user of these running downloads left their group: stop them (an honest client
+    /// does not keep fetching what its user may no longer have), each ending with
+    /// [`DownloadError::LeftGroup`].
+    StopDownloads { downloads: Vec<DownloadId> },
     /// A user logged in: read the stamp of each of these shared files and call
     /// `handle_shares_checked` with them, in the same order.
     CheckShares { shares: Vec<LocalShare> },
@@ -133,6 +137,8 @@ pub enum DownloadError {
     },
     /// The client is exiting (SIGINT or SIGTERM); the download resumes at the next run.
     Exiting,
+    /// The download's user left the file's group (its `.part` is removed).
+    LeftGroup,
 }
 
 impl std::fmt::Display for DownloadError {
@@ -153,6 +159,7 @@ impl std::fmt::Display for DownloadError {
                 part.display()
             ),
             DownloadError::Exiting => f.write_str("the client is exiting"),
+            DownloadError::LeftGroup => f.write_str("its user left the group"),
         }
     }
 }
@@ -935,6 +942,9 @@ impl ClientCore {
             }
             Err(reason) => {
                 d.status = DownloadStatus::Failed;
+                // The leave that stopped it ended the user's shares in the group already (at
+                // the tracker and here): there is nothing to withdraw.
+                let left = matches!(reason, DownloadError::LeftGroup);
                 let reason = format!(
                     "download of {} from group {} failed: {reason}",
                     d.name, d.group
@@ -942,7 +952,7 @@ impl ClientCore {
                 // Never registered from now on; a registration still on its way is withdrawn
                 // when its answer comes.
                 d.wants_share = false;
-                let registered = d.registered;
+                let registered = d.registered && !left;
                 self.fail(reason);
                 if registered {
                     self.withdraw_share(id);
@@ -1785,7 +1795,21 @@ impl ClientCore {
                         .retain(|s| !(s.user == user && s.group == group));
                 }
                 self.out.push_back(Output::SharesChanged);
-                self.print(format!("left group {group}"))
+                let stop: Vec<DownloadId> = self
+                    .downloads
+                    .iter()
+                    .filter(|d| {
+                        d.status == DownloadStatus::Running
+                            && d.group == group
+                            && self.user.as_ref() == Some(&d.user)
+                    })
+                    .map(|d| d.id)
+                    .collect();
+                self.print(format!("left group {group}"));
+                if !stop.is_empty() {
+                    self.out
+                        .push_back(Output::StopDownloads { downloads: stop });
+                }
             }
             (Command::AcceptRequest { group, user }, _) => {
                 self.print(format!("{user} accepted into group {group}"))

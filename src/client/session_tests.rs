@@ -1315,6 +1315,53 @@ fn a_download_failing_after_its_registration_withdraws_the_share() {
 }
 
 #[test]
+fn leaving_a_group_stops_the_users_downloads_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    h.login("alice");
+    let id = started_download(&mut h, dir.path());
+    // Registered as a share (its first piece verified).
+    let reg = registration(&mut h, id);
+    h.reply_busy(&reg, ReplyBody::Shared { new_file: false });
+    // Leaving another group stops nothing.
+    assert_eq!(
+        h.run("leave_group g2", ReplyBody::Done),
+        [print("left group g2")]
+    );
+    assert_eq!(
+        h.run("leave_group g1", ReplyBody::Done),
+        [
+            print("left group g1"),
+            Output::StopDownloads {
+                downloads: vec![id]
+            }
+        ]
+    );
+    assert!(h.core.shares().is_empty(), "the leave ended the share");
+    h.core
+        .handle_download_finished(id, Err(DownloadError::LeftGroup));
+    // Only the error line: no StopShare for the share the leave ended (the tracker would
+    // refuse it: not a member).
+    assert_eq!(
+        h.drain(),
+        [fail(
+            "download of f.bin from group g1 failed: its user left the group"
+        )]
+    );
+    // A refused leave stops nothing (the download is over anyway; a new one runs).
+    let id2 = started_download(&mut h, dir.path());
+    let outs = h.run(
+        "leave_group g1",
+        ReplyBody::Refused {
+            code: RejectCode::NotMember,
+            message: "not a member of group 'g1'".into(),
+        },
+    );
+    assert_eq!(outs, [fail("not a member of group 'g1'")]);
+    assert!(h.core.downloads().iter().any(|d| d.id == id2));
+}
+
+#[test]
 fn a_registration_answered_after_the_failure_is_withdrawn() {
     let dir = tempfile::tempdir().unwrap();
     let mut h = Harness::new();

@@ -14,8 +14,10 @@
 //! Caps, so that links others open can never take what this client's own downloads need:
 //! served links and this client's own (fetch) links have separate limits
 //! ([`PeerCaps`]), served links are limited per remote address too, a served link must send its
-//! handshake within 10 s and is closed after [`SERVE_IDLE_TIMEOUT`] without a frame from its
-//! downloader (while nothing is queued for it). A connection over a cap is closed at once.
+//! handshake within [`SERVE_HANDSHAKE_TIMEOUT`] (3 s) and is closed after [`SERVE_IDLE_TIMEOUT`] without a frame from its
+//! downloader (while nothing is queued for it). A connection over a cap takes the place of
+//! the quietest served link not yet accepted (no valid handshake yet), or is closed at once
+//! when every served link under that cap is accepted.
 //!
 //! Tickets: a download holds the tracker's ticket for its file and sends it on each fetch link
 //! before the handshake, and again on every open link when it is renewed (asked for when less
@@ -61,8 +63,11 @@ use serve::ServeLink;
 const READ_BUDGET: usize = 8 * 1024 * 1024;
 /// Frames read from one serve link before the others get a turn.
 const FRAME_BUDGET: usize = 256;
-/// How long a serve link may take to send its handshake.
-const SERVE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a serve link may take to send its handshake (its ticket and handshake ride in the
+/// downloader's first message, so an honest downloader needs one round trip; a connection
+/// that stays silent only holds a place under the caps, and is evicted sooner when a new
+/// connection needs that place, see [`Transfers::accept`]).
+pub const SERVE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most links this client opens for its own downloads.
 pub const MAX_FETCH_LINKS: usize = 4096;
 /// Most served links at once (links other clients opened to fetch from this one).
@@ -379,6 +384,23 @@ impl Transfers {
         (fetch, serve, from_ip)
     }
 
+    /// The served link (from `ip`, if given) that has not been accepted (no handshake with a
+    /// valid ticket yet) and whose downloader was heard from longest ago.
+    fn evictable_serve_link(&self, ip: Option<IpAddr>) -> Option<(ConnId, SocketAddr)> {
+        self.conns
+            .iter()
+            .filter_map(|c| match &c.data {
+                PeerConn::Serve(link)
+                    if link.serving.is_none() && ip.is_none_or(|ip| link.addr.ip() == ip) =>
+                {
+                    Some((link.last_heard, c.id, link.addr))
+                }
+                _ => None,
+            })
+            .min_by_key(|&(heard, id, _)| (heard, id.generation))
+            .map(|(_, id, addr)| (id, addr))
+    }
+
     pub fn poll_event(&mut self) -> Option<TransferEvent> {
         self.events.pop_front()
     }
@@ -439,7 +461,7 @@ impl Transfers {
             self.handshake_deadlines.pop_front();
             let silent = matches!(
                 self.conns.get(id).map(|c| &c.data),
-                Some(PeerConn::Serve(link)) if link.core.awaits_handshake()
+                Some(PeerConn::Serve(link)) if link.serving.is_none()
             );
             if silent {
                 debug!("peer link {id}: no handshake in time; closed");
@@ -496,16 +518,25 @@ impl Transfers {
     /// A peer connected to this client's listening socket.
     pub fn accept(&mut self, registry: &Registry, stream: TcpStream, addr: SocketAddr) {
         let (_, served, from_ip) = self.count_links(Some(addr.ip()));
-        if served >= self.caps.max_serve {
-            debug!("peer {addr}: {served} served links already; closed");
-            return;
-        }
-        if from_ip >= self.caps.max_serve_per_addr {
-            debug!(
-                "peer {addr}: {from_ip} served links from {} already; closed",
-                addr.ip()
-            );
-            return;
+        let over_addr = from_ip >= self.caps.max_serve_per_addr;
+        if over_addr || served >= self.caps.max_serve {
+            // A cap is reached: the new connection takes the place of the quietest link that
+            // has not been accepted yet (from this address when its own cap is the one
+            // reached), so that idle connections cannot lock honest downloaders out; links
+            // serving with a valid ticket are never evicted for a newcomer.
+            match self.evictable_serve_link(over_addr.then_some(addr.ip())) {
+                Some((victim, victim_addr)) => {
+                    debug!("peer {addr}: caps reached; evicted {victim_addr}, not yet accepted");
+                    self.remove_conn(registry, victim);
+                }
+                None => {
+                    debug!(
+                        "peer {addr}: {served} served links, {from_ip} from {}, all accepted; closed",
+                        addr.ip()
+                    );
+                    return;
+                }
+            }
         }
         let secure = if self.plaintext {
             None

@@ -94,6 +94,29 @@ fn closed(stream: &mut TcpStream) -> bool {
     }
 }
 
+/// Marks the served link from `from` as accepted (what a handshake with a valid ticket
+/// does), serving a small file in `dir`.
+fn accept_link(h: &mut Harness, from: Ipv4Addr, dir: &std::path::Path) {
+    use super::serve::{Serving, Source};
+    use crate::wire::{FileName, GroupId, Sha1Digest};
+    let path = dir.join(format!("f{from}"));
+    std::fs::write(&path, b"data").unwrap();
+    let map = std::sync::Arc::new(crate::storage::SourceMap::open(&path).unwrap());
+    for conn in h.transfers.conns.iter_mut() {
+        if let PeerConn::Serve(link) = &mut conn.data {
+            if link.addr.ip() == from {
+                link.serving = Some(Serving {
+                    group: GroupId::new("g").unwrap(),
+                    name: FileName::new("f").unwrap(),
+                    file_sha1: Sha1Digest([1; 20]),
+                    source: Source::File(map.clone(), None),
+                    download: None,
+                });
+            }
+        }
+    }
+}
+
 #[test]
 fn served_links_are_capped_per_address_and_in_all() {
     let mut h = Harness::new();
@@ -101,25 +124,88 @@ fn served_links_are_capped_per_address_and_in_all() {
     let b = Ipv4Addr::new(127, 0, 0, 2);
     let mut a1 = h.connect_from(a);
     let mut a2 = h.connect_from(a);
+    // Over the per-address cap: the newcomer takes the place of the quietest link from that
+    // address not accepted yet (a1, the oldest).
     let mut a3 = h.connect_from(a);
-    assert_eq!(h.served(), 2, "the third from one address is over its cap");
-    assert!(closed(&mut a3));
+    assert_eq!(h.served(), 2, "at most two from one address");
+    assert!(
+        closed(&mut a1),
+        "the oldest unaccepted link from a is evicted"
+    );
     let mut b1 = h.connect_from(b);
     assert_eq!(h.served(), 3);
+    // Over the cap of all served links: the quietest unaccepted link of any address goes.
     let mut c1 = h.connect_from(Ipv4Addr::new(127, 0, 0, 3));
-    assert_eq!(h.served(), 3, "over the cap of all served links");
-    assert!(closed(&mut c1));
-    for s in [&mut a1, &mut a2, &mut b1] {
+    assert_eq!(h.served(), 3, "at most three in all");
+    assert!(closed(&mut a2));
+    for s in [&mut a3, &mut b1, &mut c1] {
         assert!(!closed(s));
     }
 }
 
 #[test]
+fn accepted_served_links_are_never_evicted_for_a_newcomer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    let a = Ipv4Addr::new(127, 0, 0, 1);
+    let b = Ipv4Addr::new(127, 0, 0, 2);
+    let mut a1 = h.connect_from(a);
+    let mut a2 = h.connect_from(a);
+    accept_link(&mut h, a, dir.path());
+    // Both links from a serve: a third from a is closed, not them.
+    let mut a3 = h.connect_from(a);
+    assert_eq!(h.served(), 2);
+    assert!(closed(&mut a3));
+    // b's unaccepted link is evicted by c's at the cap of all; then, with every link
+    // accepted, a newcomer is closed.
+    let mut b1 = h.connect_from(b);
+    let mut c1 = h.connect_from(Ipv4Addr::new(127, 0, 0, 3));
+    assert_eq!(h.served(), 3);
+    assert!(closed(&mut b1));
+    accept_link(&mut h, Ipv4Addr::new(127, 0, 0, 3), dir.path());
+    let mut d1 = h.connect_from(Ipv4Addr::new(127, 0, 0, 4));
+    assert_eq!(h.served(), 3);
+    assert!(closed(&mut d1));
+    for s in [&mut a1, &mut a2, &mut c1] {
+        assert!(!closed(s));
+    }
+}
+
+#[test]
+fn unaccepted_served_links_close_at_the_handshake_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::new();
+    let now = Instant::now();
+    let mut silent = h.connect_from(Ipv4Addr::new(127, 0, 0, 1));
+    let mut serving = h.connect_from(Ipv4Addr::new(127, 0, 0, 2));
+    accept_link(&mut h, Ipv4Addr::new(127, 0, 0, 2), dir.path());
+    let deadline = now + super::SERVE_HANDSHAKE_TIMEOUT;
+    h.transfers.on_tick(
+        h.poll.registry(),
+        &h.hasher,
+        deadline - Duration::from_millis(500),
+    );
+    assert_eq!(h.served(), 2, "before the deadline");
+    h.transfers.on_tick(
+        h.poll.registry(),
+        &h.hasher,
+        deadline + Duration::from_millis(500),
+    );
+    assert_eq!(h.served(), 1);
+    assert!(closed(&mut silent));
+    assert!(!closed(&mut serving));
+}
+
+#[test]
 fn served_links_close_when_idle_but_not_while_the_downloader_talks() {
+    let dir = tempfile::tempdir().unwrap();
     let mut h = Harness::new();
     let now = Instant::now();
     let mut quiet = h.connect_from(Ipv4Addr::new(127, 0, 0, 1));
     let mut talking = h.connect_from(Ipv4Addr::new(127, 0, 0, 2));
+    // Both accepted, so that only idleness can close them (not the handshake deadline).
+    accept_link(&mut h, Ipv4Addr::new(127, 0, 0, 1), dir.path());
+    accept_link(&mut h, Ipv4Addr::new(127, 0, 0, 2), dir.path());
     assert_eq!(h.served(), 2);
     assert!(h.transfers.next_deadline().is_some());
     h.transfers
@@ -133,7 +219,7 @@ fn served_links_close_when_idle_but_not_while_the_downloader_talks() {
             }
         }
     }
-    // At 6 s (before the 10 s handshake deadline, so only idleness can close a link).
+    // At 6 s.
     h.transfers
         .on_tick(h.poll.registry(), &h.hasher, now + Duration::from_secs(6));
     assert_eq!(h.served(), 1, "the quiet link is idle");

@@ -1,7 +1,8 @@
 //! The tickets a tracker issues: with a file's sharers, a member gets the service's signed
 //! permission to download that file, valid for [`TICKET_LIFE`]; sharers check it offline
 //! (`keys::verify_ticket`) and serve only with one. A user who left a group, or was never
-//! accepted, gets no sharers and so no ticket; one they kept ends at its expiry.
+//! accepted, gets no sharers and so no ticket; one they kept ends at its expiry (at most
+//! [`TICKET_LIFE_SECS`], 60 s, after they left).
 //!
 //! Sans-IO like the core that uses it: the wall-clock time (seconds since the Unix epoch,
 //! which a ticket's expiry is written in, since other processes check it) is set by the
@@ -12,8 +13,12 @@ use crate::wire::ticket::{Ticket, TicketBody};
 use crate::wire::{GroupId, Sha1Digest, UserId};
 
 /// How long a ticket is valid. A running download renews its ticket when less than half of
-/// this is left, so a former member keeps access for at most this long after leaving.
-pub const TICKET_LIFE_SECS: u64 = 600;
+/// this is left (one `FileSharers` question per 30 s per download), so a former member keeps
+/// access for at most this long after leaving, even at a sharer that keeps serving whatever
+/// the downloader's own client does. Short for that bound; long enough that a tracker
+/// failover (seconds) never lets a running download's ticket lapse, and that clocks need only
+/// roughly agree (a sharer whose clock is ahead by more than this refuses every ticket).
+pub const TICKET_LIFE_SECS: u64 = 60;
 
 /// Signs tickets with the service key.
 pub struct TicketIssuer {

@@ -46,7 +46,9 @@
 //! work to the others. When some missing piece is held by no connected, trusted peer (the
 //! picker is *stuck*), the download asks the tracker for the sharers online again (new sharers,
 //! or a sharer that came back) and retries the addresses it has not banned. It fails only when
-//! it has stayed stuck for [`Limits::stuck_grace`] after asking [`Limits::max_requeries`] times.
+//! it has stayed stuck for [`Limits::stuck_grace`] after asking [`Limits::max_requeries`] times,
+//! or, when some sharer dropped a link before answering its handshake (a sharer at its link
+//! cap is not untrusted), after asking on, further apart, for [`Limits::retry_dropped_for`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -96,6 +98,12 @@ pub struct Limits {
     /// never again after `max_refusals` refusals.
     pub refused_backoff: Duration,
     pub max_refusals: u32,
+    /// A sharer that dropped a link before answering its handshake (a sharer at its link
+    /// cap, restarting, or flooded) is not untrusted: while some did, a stuck download keeps
+    /// asking the tracker and linking again after its `max_requeries` questions (2 s, then
+    /// every 4 s, with the default interval of 1 s) while another question fits in this long
+    /// after it got stuck; it gives up `stuck_grace` after the last.
+    pub retry_dropped_for: Duration,
     /// A sharer that rejects a block of a piece it offered is asked for that piece again
     /// after this long ([`Picker::block_deferred`]: a seed sending each piece once first);
     /// zero takes a rejection as "does not hold it" ([`Picker::block_rejected`]).
@@ -134,6 +142,7 @@ impl Default for Limits {
             rotate_interval: Duration::from_millis(250),
             refused_backoff: Duration::from_secs(2),
             max_refusals: 3,
+            retry_dropped_for: Duration::from_secs(20),
             reject_rest: Duration::from_millis(500),
             piece_order_seed: 0,
         }
@@ -150,6 +159,7 @@ impl Limits {
             max_links: usize::MAX,
             refused_backoff: Duration::ZERO,
             max_refusals: u32::MAX,
+            retry_dropped_for: Duration::ZERO,
             reject_rest: Duration::ZERO,
             ..self
         }
@@ -344,6 +354,9 @@ pub struct Download {
     /// When the tracker was last asked for sharers, and how often while stuck.
     last_query: Option<Instant>,
     n_queries: u32,
+    /// Set when a link was dropped before its handshake was answered (cleared with the
+    /// stuck clock): the download then retries for [`Limits::retry_dropped_for`].
+    dropped: bool,
     query_outstanding: bool,
     /// Live discovery: when the tracker was last asked, and the interval now.
     last_discovery: Option<Instant>,
@@ -385,6 +398,7 @@ impl Download {
             stuck_since: None,
             last_query: None,
             n_queries: 0,
+            dropped: false,
             query_outstanding: false,
             last_discovery: None,
             discover_every,
@@ -789,8 +803,11 @@ impl Download {
 
     /// The link broke (closed, reset, protocol error, connect failure).
     pub fn on_link_lost(&mut self, peer: PeerId, reason: &str, now: Instant) {
-        if self.links.contains_key(&peer) {
+        if let Some(link) = self.links.get(&peer) {
             log::info!("{}: peer link {} lost: {reason}", self.meta.name, peer.0);
+            if matches!(link.state, LinkState::Opening { .. }) {
+                self.dropped = true;
+            }
             self.forget(peer, AddrState::Idle { retry_at: now });
             self.check_stuck(now);
             self.fill_all(now);
@@ -940,8 +957,11 @@ impl Download {
         if let Some(since) = self.stuck_since {
             if !self.query_outstanding && self.is_stuck() {
                 let last = self.last_query.unwrap_or(since);
-                if self.n_queries < self.limits.max_requeries {
-                    consider(last + self.limits.requery_interval);
+                let next_query = last + self.requery_after();
+                if self.n_queries < self.limits.max_requeries
+                    || (self.dropped && next_query < since + self.limits.retry_dropped_for)
+                {
+                    consider(next_query);
                 } else {
                     consider(last + self.limits.stuck_grace);
                 }
@@ -1079,6 +1099,19 @@ impl Download {
         !self.picker.is_complete() && !opening && (self.picker.stuck() || self.links.is_empty())
     }
 
+    /// How long after the last question to the tracker the next is asked while stuck: the
+    /// requery interval for the first `max_requeries`, then doubling up to 4 times it (only
+    /// while retrying sharers that dropped links).
+    fn requery_after(&self) -> Duration {
+        if self.n_queries < self.limits.max_requeries {
+            return self.limits.requery_interval;
+        }
+        let beyond = self.n_queries - self.limits.max_requeries;
+        self.limits
+            .requery_interval
+            .saturating_mul(1 << (beyond + 1).min(2))
+    }
+
     fn check_stuck(&mut self, now: Instant) {
         if self.finished {
             return;
@@ -1096,6 +1129,7 @@ impl Download {
             if progress {
                 self.stuck_since = None;
                 self.n_queries = 0;
+                self.dropped = false;
             }
             return;
         }
@@ -1104,9 +1138,12 @@ impl Download {
             return;
         }
         let last = self.last_query.unwrap_or(since);
+        // Retrying while another question fits in the window (as `next_deadline` tells).
+        let retrying =
+            self.dropped && last + self.requery_after() < since + self.limits.retry_dropped_for;
         if self.n_queries == 0
-            || (self.n_queries < self.limits.max_requeries
-                && now >= last + self.limits.requery_interval)
+            || ((self.n_queries < self.limits.max_requeries || retrying)
+                && now >= last + self.requery_after())
         {
             self.n_queries += 1;
             self.last_query = Some(now);
@@ -1114,6 +1151,7 @@ impl Download {
             self.query_outstanding = true;
             self.actions.push_back(Action::QuerySharers);
         } else if self.n_queries >= self.limits.max_requeries
+            && !retrying
             && now >= last + self.limits.stuck_grace
         {
             let missing = (0..self.picker.n_pieces())

@@ -852,6 +852,89 @@ fn stuck_without_new_sharers_fails_after_the_requeries_and_the_grace() {
 }
 
 #[test]
+fn a_sharer_that_drops_links_before_the_handshake_is_retried_for_a_while() {
+    // A sharer whose link cap is full of others' connections closes new ones at once: not
+    // untrusted, so the download keeps asking and linking again (0, 1, 2, 4, 8, 12 ... s)
+    // for `retry_dropped_for` after it got stuck, and goes on once a link is accepted.
+    let t0 = Instant::now();
+    let l = Limits {
+        retry_dropped_for: secs(20),
+        ..limits()
+    };
+    let mut d = Download::new(group(), meta(24), l.clone());
+    d.start(&[addr(1)], t0);
+    let mut peer = connects(&drain(&mut d))[0].0;
+    let mut now = t0;
+    let mut gaps = Vec::new();
+    let mut last = now;
+    loop {
+        // Dropped before the handshake's answer.
+        d.on_link_lost(peer, "reset", now);
+        let actions = drain(&mut d);
+        if !actions.contains(&Action::QuerySharers) {
+            // Not yet: the next question comes at the deadline.
+            assert!(actions.is_empty(), "{actions:?}");
+            let Some(next) = d.next_deadline() else {
+                panic!("no deadline while stuck");
+            };
+            now = next;
+            d.on_tick(now);
+            let actions = drain(&mut d);
+            if d.is_finished() {
+                assert!(
+                    matches!(actions.last(), Some(Action::Finished(Err(_)))),
+                    "{actions:?}"
+                );
+                break;
+            }
+            assert_eq!(actions, vec![Action::QuerySharers], "at {:?}", now - t0);
+        }
+        gaps.push(now - last);
+        last = now;
+        now += ms(10);
+        d.on_sharers(&[addr(1)], now);
+        let linked = connects(&drain(&mut d));
+        assert_eq!(linked.len(), 1, "linked again at {:?}", now - t0);
+        peer = linked[0].0;
+    }
+    // Asked at once, then twice 1 s apart (the 3 questions of before), then 2 s later, then
+    // 4 s apart while another question fits in the 20 s since it got stuck; it gives up the
+    // grace (2 s) after its last question.
+    assert_eq!(gaps[0], Duration::ZERO);
+    assert_eq!(&gaps[1..3], &[secs(1); 2], "{gaps:?}");
+    assert_eq!(gaps[3], secs(2), "{gaps:?}");
+    assert!(gaps[4..].iter().all(|g| *g == secs(4)), "{gaps:?}");
+    let asked_until = last - t0;
+    assert!(
+        asked_until >= secs(16) && asked_until < secs(20),
+        "{asked_until:?}"
+    );
+    assert_eq!(now - last, l.stuck_grace);
+
+    // With the same drops, a sharer accepted before the end carries the download on.
+    let mut d = Download::new(group(), meta(24), l.clone());
+    d.start(&[addr(1)], t0);
+    let peer = connects(&drain(&mut d))[0].0;
+    d.on_link_lost(peer, "reset", t0);
+    assert_eq!(drain(&mut d), vec![Action::QuerySharers]);
+    // Past the old end (3 questions and the grace: 4 s): still asking.
+    let mut now = t0;
+    for _ in 0..5 {
+        d.on_sharers(&[], now + ms(10));
+        now = d.next_deadline().unwrap();
+        d.on_tick(now);
+    }
+    assert!(!d.is_finished(), "gave up at {:?}", now - t0);
+    assert!(now - t0 > secs(4));
+    drain(&mut d);
+    d.on_sharers(&[addr(1)], now + ms(1));
+    let peer = connects(&drain(&mut d))[0].0;
+    d.on_accept(peer, &full(3), now + ms(2));
+    assert!(!requests(&drain(&mut d), peer).is_empty());
+    assert!(!d.is_finished());
+}
+
+#[test]
 fn a_sharer_the_tracker_keeps_listing_but_that_always_refuses_does_not_keep_it_alive() {
     let t0 = Instant::now();
     let l = limits();

@@ -438,6 +438,12 @@ impl Transfers {
         }
     }
 
+    /// Ends download `id` (if it runs) with `error`: its links close and its `.part` goes
+    /// (kept, with its resume record, only for [`DownloadError::Exiting`]).
+    pub fn stop_download(&mut self, registry: &Registry, id: DownloadId, error: DownloadError) {
+        self.fail_download(registry, id, error);
+    }
+
     /// Ends every running download (the client is exiting); their `.part` files stay, with
     /// their resume records, for the next run.
     pub fn abort_all(&mut self, registry: &Registry) {
