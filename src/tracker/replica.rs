@@ -1624,6 +1624,12 @@ impl Replica {
         }
         info!("tracker {} linked", peer.no);
         self.peer_link.insert(peer.no, link);
+        // The status sent with this side's hello may be stale: it changed while the peer had
+        // not answered (a frozen peer's link is open long before its hello), and
+        // `broadcast_status` goes to linked peers only. Without it a peer may never learn a
+        // higher claim (it took over the same view meanwhile and waits for an answer).
+        let status = self.status();
+        self.send(link, ReplMsg::Status(status));
         if self.resync_pending.remove(&peer.no) {
             self.resync(peer.no, now);
         }
