@@ -1147,7 +1147,12 @@ impl TrackerCore {
                     client_key,
                 },
                 PasswordResult::Verified(true),
-            ) => return self.open_session(conn, req_id, user, peer_addr, shares, client_key),
+            ) => match self.foreign_listen_address(peer_addr, ip) {
+                Some(reject) => (req_id, reject),
+                None => {
+                    return self.open_session(conn, req_id, user, peer_addr, shares, client_key)
+                }
+            },
             (Waiting::Login { req_id, .. }, PasswordResult::Verified(false)) => (
                 req_id,
                 Reject::new(RejectCode::WrongPassword, "wrong password"),
@@ -1177,6 +1182,27 @@ impl TrackerCore {
         };
         self.reply(conn, req_id, Err(reject));
         self.run_queued(conn);
+    }
+
+    /// The refusal of a login whose listen address is not on the IP its connection comes
+    /// from (`from`): downloaders would be sent to someone else. `None` when it is, when the
+    /// connection's address is unknown, or when the tracker was told to accept that.
+    fn foreign_listen_address(
+        &self,
+        peer_addr: SocketAddr,
+        from: Option<IpAddr>,
+    ) -> Option<Reject> {
+        let from = from.filter(|_| !self.allow_foreign_addresses)?;
+        (peer_addr.ip().to_canonical() != from.to_canonical()).then(|| {
+            Reject::new(
+                RejectCode::BadRequest,
+                format!(
+                    "listen address {peer_addr} is not on this connection's address {from}: \
+                     downloaders would be sent elsewhere (a tracker started with \
+                     --allow-foreign-addresses accepts it)"
+                ),
+            )
+        })
     }
 
     /// Handles the requests queued on `conn` until one has to wait.
@@ -1422,19 +1448,9 @@ impl TrackerCore {
                 let phc = state.password_hash(&user).ok_or_else(|| {
                     Reject::new(RejectCode::UnknownUser, format!("no such user '{user}'"))
                 })?;
-                let from = self.links.get(&conn).and_then(|l| l.ip);
-                if let Some(from) = from.filter(|_| !self.allow_foreign_addresses) {
-                    if peer_addr.ip().to_canonical() != from.to_canonical() {
-                        return Err(Reject::new(
-                            RejectCode::BadRequest,
-                            format!(
-                                "listen address {peer_addr} is not on this connection's \
-                                 address {from}: downloaders would be sent elsewhere (a \
-                                 tracker started with --allow-foreign-addresses accepts it)"
-                            ),
-                        ));
-                    }
-                }
+                // The listen address is checked against the connection's once the password is
+                // (`password_done`): a wrong password is reported as such, whatever the
+                // address.
                 let other_users = state
                     .session_of_client(client)
                     .and_then(|id| state.session(id))
