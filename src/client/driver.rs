@@ -785,7 +785,13 @@ impl Driver {
             Err(reason) => {
                 warn!("{reason}");
                 self.close_tracker();
-                self.uplink.handle_connect_failed(&reason, now);
+                if self.tracker_refusal.as_ref() == Some(&reason) {
+                    // Another service's key: the command fails naming it, and no other
+                    // tracker of the file is trusted on first use in its place.
+                    self.uplink.handle_refused(&reason, now);
+                } else {
+                    self.uplink.handle_connect_failed(&reason, now);
+                }
             }
         }
         self.pump();
