@@ -22,6 +22,12 @@
 //! [`BACKOFF_MAX`], so a client never spins on trackers that refuse at once, and never waits
 //! much more than a second for one that came back. After [`RECONNECT_FOR`] without a tracker,
 //! or when links keep breaking before the tracker's welcome, the session is given up.
+//!
+//! Silence is the tracker's only while this process runs: like a tracker's stall fencing, a
+//! call of [`handle_timeout`](Uplink::handle_timeout) much later than asked ([`AWAY_AFTER`])
+//! means the client itself was stopped or starved, and its link pings the tracker rather than
+//! leaving it. A key mismatch ([`handle_refused`](Uplink::handle_refused)) fails a first
+//! connection at once instead of moving on to a tracker that might be trusted on first use.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
