@@ -280,17 +280,14 @@ impl Uplink {
     }
 
     /// The socket the last [`UplinkEvent::Connect`] asked for is connected and now runs the
-    /// link's secure handshake (the driver's): the attempt gets [`TRACKER_SILENCE`] to
-    /// complete it, since it needs the tracker's loop to answer (a busy tracker is slow, not
-    /// gone), where the connect itself needed only its kernel. Not the longer silence given
-    /// after links left for silence: that is for replies held behind password hashing, which
-    /// runs off the tracker's loop and never holds its handshake, so a longer wait here would
-    /// only be lost on a hung tracker (whose kernel completes the connect from its backlog).
+    /// link's secure handshake (the driver's): the attempt gets as long as a quiet open link
+    /// may stay silent to complete it, since it needs the tracker's loop to answer (a busy
+    /// tracker is slow, not gone), where the connect itself needed only its kernel.
     pub fn handle_transport_up(&mut self, now: Instant) {
         if let State::Connecting { index, round, .. } = self.state {
             self.state = State::Connecting {
                 index,
-                deadline: now + TRACKER_SILENCE,
+                deadline: now + self.silence(),
                 round,
             };
         }

@@ -682,37 +682,3 @@ fn a_connect_timer_does_not_run_while_the_client_was_away() {
         [UplinkEvent::Close, UplinkEvent::Connect(addr(1))]
     );
 }
-
-/// Two trackers of three hung: the link leaves the first after its silence, and the second,
-/// whose kernel completes the connect from its backlog but whose loop never answers the
-/// handshake, is passed after the plain silence, not the longer one the next open link gets
-/// after a link left for silence (the time that made a failover past two hung trackers take
-/// over 5 s).
-#[test]
-fn a_hung_tracker_s_handshake_is_given_the_plain_silence_after_a_silent_link() {
-    let t0 = Instant::now();
-    let mut u = open_on(3, 0, t0);
-    let now = loop {
-        let now = u.poll_timeout().unwrap();
-        u.handle_timeout(now);
-        transmits(&mut u);
-        let ev = events(&mut u);
-        if !ev.is_empty() {
-            assert_eq!(ev, [UplinkEvent::Close, UplinkEvent::Connect(addr(1))]);
-            break now;
-        }
-    };
-    assert_eq!(now, t0 + TRACKER_SILENCE);
-    let up = now + Duration::from_millis(1);
-    u.handle_transport_up(up);
-    assert_eq!(u.poll_timeout(), Some(up + TRACKER_SILENCE));
-    u.handle_timeout(up + TRACKER_SILENCE);
-    assert_eq!(
-        events(&mut u),
-        [UplinkEvent::Close, UplinkEvent::Connect(addr(2))]
-    );
-    // The link that then opens still gets the longer silence (its replies may be slow).
-    u.handle_connected(up + TRACKER_SILENCE);
-    events(&mut u);
-    assert_eq!(u.silence(), 2 * TRACKER_SILENCE);
-}
