@@ -252,33 +252,118 @@ fn a_copied_client_id_and_request_id_get_no_session() {
     }
 }
 
-/// A client that says it listens on another IP than the one it connects from is refused at
-/// login with a clear error (downloaders would be sent to someone else), unless the tracker
-/// was told to accept that.
+/// A connection that says its client listens on another IP than the one it comes from is
+/// refused at login with a clear error (downloaders would be sent to someone else), unless
+/// the tracker was told to accept that; a wrong password is reported as such first.
 #[test]
 fn a_listen_address_on_a_foreign_ip_is_refused_at_login() {
     let tracker = Tracker::start();
-    // Listening on 127.0.0.2, connecting to the tracker from 127.0.0.1.
+    tracker
+        .client()
+        .run(&["create_user a pw"])
+        .check(&["user a created"], 0, 0);
+    // Connected from 127.0.0.1, claiming to listen on 127.0.0.2.
     let foreign = SocketAddr::from(([127, 0, 0, 2], free_port()));
-    let out = Client::with_addr(&tracker.info, foreign).run(&["create_user a pw", "login a pw"]);
-    out.check(&["user a created"], 1, 1);
-    assert!(
-        out.errors[0].contains(&format!(
-            "listen address {foreign} is not on this connection"
-        )),
-        "{out:#?}"
-    );
-    // The same client on its connection's IP logs in.
-    let own = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    Client::with_addr(&tracker.info, own)
-        .run(&["login a pw"])
-        .check(&["logged in as a"], 0, 0);
+    let login = |password: &str| RequestBody::Login {
+        user: uid("a"),
+        password: pw(password),
+        peer_addr: foreign,
+        shares: Vec::new(),
+        client_key: [0; 32],
+        link: 0,
+    };
+    let mut raw = Raw::connect(tracker.addr, 0xF0E1);
+    match raw.call(1, login("wrong")) {
+        ReplyBody::Refused { code, .. } => assert_eq!(code, RejectCode::WrongPassword),
+        other => panic!("{other:?}"),
+    }
+    match raw.call(2, login("pw")) {
+        ReplyBody::Refused { code, message } => {
+            assert_eq!(code, RejectCode::BadRequest);
+            assert!(
+                message.contains(&format!(
+                    "listen address {foreign} is not on this connection"
+                )),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 
     let lenient = Tracker::start_with(&["--allow-foreign-addresses".into()]);
-    let foreign = SocketAddr::from(([127, 0, 0, 2], free_port()));
-    Client::with_addr(&lenient.info, foreign)
-        .run(&["create_user a pw", "login a pw"])
-        .check(&["user a created", "logged in as a"], 0, 0);
+    lenient
+        .client()
+        .run(&["create_user a pw"])
+        .check(&["user a created"], 0, 0);
+    let mut raw = Raw::connect(lenient.addr, 0xF0E2);
+    assert!(matches!(
+        raw.call(1, login("pw")),
+        ReplyBody::LoggedIn { .. }
+    ));
+}
+
+/// Clients listening on other loopback IPs than their trackers' (127.0.0.2 and 127.0.0.3
+/// against a tracker on 127.0.0.1) connect to the tracker from their listen IP, so the
+/// tracker's honest-address check passes: they log in, one shares, the other downloads from
+/// it. Skipped where 127.0.0.2 cannot be bound (on Linux it always can).
+#[test]
+fn clients_on_other_loopback_ips_log_in_share_and_download() {
+    if std::net::TcpListener::bind(("127.0.0.2", 0)).is_err() {
+        eprintln!("skipped: 127.0.0.2 cannot be bound here");
+        return;
+    }
+    let tracker = Tracker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("f.bin");
+    let data: Vec<u8> = (0..700_000u32).map(|i| (i * 7 + i / 1000) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+
+    let mut alice = Client::with_addr(
+        &tracker.info,
+        SocketAddr::from(([127, 0, 0, 2], free_port())),
+    )
+    .live();
+    assert_eq!(alice.addr.ip().to_string(), "127.0.0.2");
+    alice.cmd("create_user alice pa", &["user alice created"]);
+    alice.send("login alice wrong");
+    let wrong = alice.expect_error();
+    assert!(wrong.contains("wrong password"), "{wrong}");
+    alice.cmd("login alice pa", &["logged in as alice"]);
+    alice.cmd("create_group g1", &["group g1 created"]);
+    alice.cmd(
+        &format!("upload_file {} g1", src.display()),
+        &["uploaded f.bin to group g1 (700000 bytes, 2 pieces)"],
+    );
+
+    let mut bob = Client::with_addr(
+        &tracker.info,
+        SocketAddr::from(([127, 0, 0, 3], free_port())),
+    )
+    .cwd(dir.path())
+    .live();
+    assert_eq!(bob.addr.ip().to_string(), "127.0.0.3");
+    bob.cmd("create_user bob pb", &["user bob created"]);
+    bob.cmd("login bob pb", &["logged in as bob"]);
+    bob.cmd("join_group g1", &["request to join group g1 sent"]);
+    alice.cmd("accept_request g1 bob", &["bob accepted into group g1"]);
+    let target = dir.path().canonicalize().unwrap().join("copy.bin");
+    bob.send("download_file g1 f.bin copy.bin");
+    let started = bob.next_out();
+    assert!(
+        started.starts_with("download of f.bin from group g1 started"),
+        "{started}"
+    );
+    let done = bob.next_out_within(Duration::from_secs(60));
+    assert!(
+        done.starts_with("downloaded f.bin from group g1 to "),
+        "{done}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), data);
+    let (status, rest) = bob.finish();
+    assert!(status.success(), "{rest:?}");
+    // The wrong password counts as a failed command.
+    let (status, rest) = alice.finish();
+    assert_eq!(status.code(), Some(1), "{rest:?}");
 }
 
 /// A quota set by an option is a clear error for the command past it; the session lives on.

@@ -281,6 +281,49 @@ fn first_use_trust_is_remembered_and_checked_on_the_next_start() {
         .check(&["user mallory created"], 0, 0);
 }
 
+/// With several trackers listed, a tracker that presents another key than the one remembered
+/// is refused with an `error: ` line naming it and both keys, and the next tracker of the
+/// file is not trusted on first use in its place: the trackers of a file are one service
+/// with one key.
+#[test]
+fn a_mismatch_with_other_trackers_listed_fails_and_trusts_none_of_them() {
+    let tracker = Tracker::start();
+    let real = service_key_of(&tracker.info);
+    let relay = Relay::start(tracker.addr);
+    // Line 1 through the relay, line 2 the tracker itself (the same service).
+    let info = tracker.dir.path().join("two_info.txt");
+    std::fs::write(&info, format!("{}\n{}\n", relay.addr, tracker.addr)).unwrap();
+    let mut client = Client::new(&info);
+    client
+        .run(&["create_user alice pw"])
+        .check(&["user alice created"], 0, 0);
+    let known = state_home(&info)
+        .join("p2pshare")
+        .join(format!(
+            "client-{}-{}",
+            client.addr.ip(),
+            client.addr.port()
+        ))
+        .join("known_trackers");
+    let text = std::fs::read_to_string(&known).unwrap();
+    assert!(text.contains(&format!("{} {real}", relay.addr)), "{text}");
+
+    let impostor = Tracker::start();
+    let other = service_key_of(&impostor.info);
+    relay.point_to(impostor.addr);
+    let out = client.run(&["login alice PW-marker-5b7a"]);
+    assert_eq!(out.code(), Some(1), "{out:#?}");
+    assert_eq!(out.errors.len(), 1, "{out:#?}");
+    let error = &out.errors[0];
+    for part in [relay.addr.to_string(), real.to_string(), other.to_string()] {
+        assert!(error.contains(&part), "'{part}' not in {error}");
+    }
+    assert!(out.stdout.is_empty(), "{out:#?}");
+    // Nothing newly trusted, and the impostor never saw the password.
+    assert_eq!(std::fs::read_to_string(&known).unwrap(), text);
+    assert!(!contains(&relay.recorded(), b"PW-marker-5b7a"));
+}
+
 // ---------------------------------------------------------------------------------------
 // Caps on peer links
 // ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -728,7 +728,7 @@ impl Driver {
             key: 0,
             generation: self.n_links,
         };
-        let opened = TcpStream::connect(addr).and_then(|stream| {
+        let opened = connect_from(self.config.listen.ip(), addr).and_then(|stream| {
             let _ = stream.set_nodelay(true);
             let mut conn = Conn::new(registry, stream, TRACKER, id, MAX_CLIENT_TRACKER_FRAME, ())?;
             conn.await_connect(registry)?;
@@ -811,7 +811,13 @@ impl Driver {
             Err(reason) => {
                 warn!("{reason}");
                 self.close_tracker();
-                self.uplink.handle_connect_failed(&reason, now);
+                if self.tracker_refusal.as_ref() == Some(&reason) {
+                    // Another service's key: the command fails naming it, and no other
+                    // tracker of the file is trusted on first use in its place.
+                    self.uplink.handle_refused(&reason, now);
+                } else {
+                    self.uplink.handle_connect_failed(&reason, now);
+                }
             }
         }
         self.pump();
@@ -911,4 +917,37 @@ impl Driver {
             }
         }
     }
+}
+
+/// Starts a non-blocking connection to `to` from the IP this client listens on (`listen_ip`),
+/// so that the tracker sees the connection come from the address it hands to downloaders (it
+/// refuses a login whose listen address is on another IP). A client listening on every
+/// address, or on loopback while its tracker is elsewhere (a loopback source cannot reach
+/// it), lets the kernel choose, as a plain connect does.
+fn connect_from(listen_ip: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let bind_to = (!listen_ip.is_unspecified()
+        && listen_ip.is_ipv4() == to.is_ipv4()
+        && (!listen_ip.is_loopback() || to.ip().is_loopback()))
+    .then_some(SocketAddr::new(listen_ip, 0));
+    let Some(local) = bind_to else {
+        return TcpStream::connect(to);
+    };
+    let family = if to.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::bind(&fd, &local)?;
+    match rustix::net::connect(&fd, &to) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(TcpStream::from_std(std::net::TcpStream::from(fd)))
 }

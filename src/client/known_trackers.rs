@@ -1,6 +1,10 @@
 //! Which service key a client expects of each tracker: the key written on the tracker file's
 //! lines, else the one the client saw the first time it reached that tracker (trust on first
-//! use, remembered in `known_trackers` in its state directory, as SSH's `known_hosts`).
+//! use, remembered in `known_trackers` in its state directory, as SSH's `known_hosts`), else
+//! the one remembered for another tracker of the file (all trackers of a file are one service
+//! with one key: a tracker refused for a mismatch must not be followed by trusting the next
+//! on first use). Only a state directory that remembers none of the file's trackers trusts on
+//! first use.
 //!
 //! [`TrackerKeys::expected`] is pure; only [`KnownTrackers::load`] and
 //! [`KnownTrackers::remember`] touch the disk (the file is replaced atomically: temporary
@@ -216,6 +220,9 @@ pub enum KeySource {
     OtherLine(SocketAddr),
     /// Seen at this address before and remembered in this file.
     Remembered(Option<PathBuf>),
+    /// Seen at another tracker of the file (this address) before, and remembered in this
+    /// file: the same service.
+    RememberedOther(SocketAddr, Option<PathBuf>),
 }
 
 /// The keys a client expects of its trackers.
@@ -245,11 +252,16 @@ impl TrackerKeys {
         if let Some(line) = self.lines.iter().find(|l| l.key.is_some()) {
             return line.key.map(|k| (k, KeySource::OtherLine(line.addr)));
         }
-        self.known.get(addr).map(|k| {
-            (
-                k,
-                KeySource::Remembered(self.known.path().map(Path::to_path_buf)),
-            )
+        let path = || self.known.path().map(Path::to_path_buf);
+        if let Some(key) = self.known.get(addr) {
+            return Some((key, KeySource::Remembered(path())));
+        }
+        // Every tracker of a file presents the service's one key: a key remembered for
+        // another of them binds this one too, so that a tracker refused for a mismatch is not
+        // followed by trusting the next on first use.
+        self.lines.iter().find_map(|line| {
+            let key = self.known.get(line.addr)?;
+            Some((key, KeySource::RememberedOther(line.addr, path())))
         })
     }
 
@@ -271,6 +283,14 @@ impl TrackerKeys {
                 path.display()
             ),
             KeySource::Remembered(None) => "seen earlier in this run".to_string(),
+            KeySource::RememberedOther(other, Some(path)) => format!(
+                "remembered for {other}, a tracker of the same service, in {} when first \
+                 used; if the service's key was changed on purpose, remove that line",
+                path.display()
+            ),
+            KeySource::RememberedOther(other, None) => {
+                format!("seen at {other}, a tracker of the same service, earlier in this run")
+            }
         };
         format!(
             "tracker {addr} refused: it presents service key {presented}, but the expected \

@@ -68,13 +68,24 @@ fn lines_win_over_remembered_keys() {
         addr: addr(port),
         key: k,
     };
-    // No key on any line: what was remembered for that address, else first use.
+    // No key on any line: what was remembered for that address, else what was remembered
+    // for another tracker of the file (the same service), else first use.
     let keys = TrackerKeys::new(vec![line(6000, None), line(6001, None)], known);
     assert_eq!(
         keys.expected(addr(6000)),
         Some((key(9), KeySource::Remembered(None)))
     );
-    assert_eq!(keys.expected(addr(6001)), None);
+    assert_eq!(
+        keys.expected(addr(6001)),
+        Some((key(9), KeySource::RememberedOther(addr(6000), None)))
+    );
+    let fresh = TrackerKeys::new(
+        vec![line(6001, None), line(6004, None)],
+        KnownTrackers::in_memory(),
+    );
+    assert_eq!(fresh.expected(addr(6001)), None);
+    assert_eq!(fresh.expected(addr(6004)), None);
+    let keys = TrackerKeys::new(vec![line(6000, None), line(6001, None)], keys.known);
     // A key on its own line wins; another line's key binds the lines without one.
     let keys = TrackerKeys::new(vec![line(6000, Some(key(1))), line(6002, None)], keys.known);
     assert_eq!(

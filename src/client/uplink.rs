@@ -22,6 +22,12 @@
 //! [`BACKOFF_MAX`], so a client never spins on trackers that refuse at once, and never waits
 //! much more than a second for one that came back. After [`RECONNECT_FOR`] without a tracker,
 //! or when links keep breaking before the tracker's welcome, the session is given up.
+//!
+//! Silence is the tracker's only while this process runs: like a tracker's stall fencing, a
+//! call of [`handle_timeout`](Uplink::handle_timeout) much later than asked ([`AWAY_AFTER`])
+//! means the client itself was stopped or starved, and its link pings the tracker rather than
+//! leaving it. A key mismatch ([`handle_refused`](Uplink::handle_refused)) fails a first
+//! connection at once instead of moving on to a tracker that might be trusted on first use.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -48,6 +54,10 @@ pub const PING_AFTER: Duration = Duration::from_millis(600);
 /// A tracker silent this long, pings included, is taken for hung: the client moves on (a
 /// request retried elsewhere is not applied twice, so a false alarm costs nothing).
 pub const TRACKER_SILENCE: Duration = Duration::from_millis(1800);
+/// A turn of the client's loop this much later than its link asked to be woken means the
+/// process was away (stopped or starved): that time is not the tracker's silence. Well above
+/// a loaded machine's scheduling delays, well below [`TRACKER_SILENCE`].
+pub const AWAY_AFTER: Duration = Duration::from_millis(900);
 /// Most doublings of the silence allowed after links left for silence in a row (to 14.4 s).
 const MAX_SILENCE_DOUBLINGS: u32 = 3;
 /// Ping ids count down from the top of the id space, far from the session's, which count up
@@ -152,6 +162,11 @@ pub struct Uplink {
     /// has left neither moves its session there nor, when that link's close is seen, ends it.
     n_links: u64,
     n_pings: u64,
+    /// When the last [`handle_timeout`](Uplink::handle_timeout) asked to be called next (its
+    /// [`poll_timeout`](Uplink::poll_timeout)): a call more than [`AWAY_AFTER`] later means
+    /// this process itself was away (stopped, swapped out, starved), and that time is not
+    /// counted against the tracker.
+    next_turn: Option<Instant>,
     events: VecDeque<UplinkEvent>,
     transmit: VecDeque<ClientMsg>,
 }
@@ -170,6 +185,7 @@ impl Uplink {
             silent_links: 0,
             n_links: 0,
             n_pings: 0,
+            next_turn: None,
             events: VecDeque::new(),
             transmit: VecDeque::new(),
         }
@@ -304,6 +320,24 @@ impl Uplink {
         self.next_attempt(index, round, now);
     }
 
+    /// The tracker the last [`UplinkEvent::Connect`] asked for proved another service key than
+    /// the one expected (the driver checks it). For a first connection the command fails at
+    /// once ([`UplinkEvent::Unreachable`]; the driver names the tracker and both keys) rather
+    /// than trying the file's other trackers: they are the same service and present the same
+    /// key, so the mismatch is the user's to look at. While failing over with a session the
+    /// others are still tried (each must present the expected key too).
+    pub fn handle_refused(&mut self, reason: &str, now: Instant) {
+        let State::Connecting { index, round, .. } = self.state else {
+            return;
+        };
+        if round.give_up.is_some() {
+            return self.next_attempt(index, round, now);
+        }
+        debug!("{reason}");
+        self.state = State::Idle;
+        self.events.push_back(UplinkEvent::Unreachable);
+    }
+
     /// A whole frame from the tracker. A reply for the session comes back; a malformed or
     /// misplaced frame breaks the link (and the next tracker is tried).
     pub fn handle_frame(&mut self, payload: &[u8], now: Instant) -> Option<Reply> {
@@ -358,8 +392,24 @@ impl Uplink {
 
     /// Timers: a connection attempt that takes too long, the pause between rounds, pings on a
     /// quiet link and leaving a silent tracker (a hung process keeps its sockets open, so only
-    /// silence tells).
+    /// silence tells). A call much later than asked ([`AWAY_AFTER`]) means this process was
+    /// away: that time is not counted as the tracker's silence (see `came_back`).
     pub fn handle_timeout(&mut self, now: Instant) {
+        // The loop may wait as long as the later of what the last call asked and what the
+        // core asks now (a link that came up since has later timers).
+        let asked = self.poll_timeout();
+        let away = self
+            .next_turn
+            .map(|t| now.saturating_duration_since(t.max(asked.unwrap_or(t))))
+            .filter(|late| *late >= AWAY_AFTER);
+        match away {
+            Some(gap) => self.came_back(gap, now),
+            None => self.on_timers(now),
+        }
+        self.next_turn = self.poll_timeout();
+    }
+
+    fn on_timers(&mut self, now: Instant) {
         match self.state {
             State::Idle => {}
             State::Connecting {
@@ -408,6 +458,55 @@ impl Uplink {
                     }));
                 }
             }
+        }
+    }
+
+    /// This process was away for `gap` (its loop did not turn: stopped, or starved on a loaded
+    /// machine), longer than a tracker may stay silent. The time away is not the tracker's
+    /// silence: the link's clocks move on by `gap` and an open link is pinged at once, so a
+    /// live tracker is kept (leaving it would race the resume through another tracker against
+    /// this link's close) and a hung one is still left after its silence.
+    fn came_back(&mut self, gap: Duration, now: Instant) {
+        match self.state {
+            State::Open {
+                index,
+                welcomed,
+                last_heard,
+                ..
+            } => {
+                if let Some(addr) = self.trackers.get(index) {
+                    info!("this client was away for {gap:?}: checking tracker {addr} again");
+                }
+                // The ping gets at least its interval to be answered, whenever the stop
+                // came.
+                let floor = (now + PING_AFTER)
+                    .checked_sub(self.silence())
+                    .unwrap_or(now);
+                self.state = State::Open {
+                    index,
+                    welcomed,
+                    last_heard: (last_heard + gap).max(floor).min(now),
+                    last_ping: now,
+                };
+                self.n_pings += 1;
+                self.transmit.push_back(ClientMsg::Request(Request {
+                    req_id: u64::MAX - (self.n_pings % PING_IDS),
+                    body: RequestBody::Ping,
+                }));
+            }
+            State::Connecting {
+                index,
+                deadline,
+                round,
+            } => {
+                self.state = State::Connecting {
+                    index,
+                    deadline: (deadline + gap).max(now + CONNECT_TIMEOUT),
+                    round,
+                };
+            }
+            // A pause between rounds may end late: nothing is blamed for it.
+            State::Waiting { .. } | State::Idle => self.on_timers(now),
         }
     }
 

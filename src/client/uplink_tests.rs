@@ -613,3 +613,129 @@ fn logins_and_resumes_carry_the_number_of_their_link() {
         "hello, then both with the second link's number: {sent:?}"
     );
 }
+
+#[test]
+fn a_key_mismatch_fails_a_first_connection_at_once_without_trying_the_others() {
+    let t0 = Instant::now();
+    let mut u = uplink(3);
+    u.send(request(1), t0);
+    assert_eq!(events(&mut u), [UplinkEvent::Connect(addr(0))]);
+    u.handle_transport_up(t0);
+    u.handle_refused("tracker 127.0.0.1:6000 refused: ...", t0);
+    // No first-use trust of the next tracker: the command fails, naming the refusal.
+    assert_eq!(events(&mut u), [UplinkEvent::Unreachable]);
+    assert_eq!(u.tracker(), None);
+    assert_eq!(u.poll_timeout(), None);
+    // The next command tries again (and is refused again while the key is wrong).
+    u.send(request(2), t0);
+    assert_eq!(events(&mut u), [UplinkEvent::Connect(addr(0))]);
+}
+
+#[test]
+fn a_key_mismatch_while_failing_over_tries_the_next_tracker() {
+    let t0 = Instant::now();
+    let mut u = open_on(3, 0, t0);
+    u.handle_closed("closed the connection", t0);
+    assert_eq!(events(&mut u), [UplinkEvent::Connect(addr(1))]);
+    u.handle_transport_up(t0);
+    u.handle_refused("refused", t0);
+    // The session is kept; the next must present the expected key too (the driver checks).
+    assert_eq!(events(&mut u), [UplinkEvent::Connect(addr(2))]);
+}
+
+/// A process stopped for a few seconds (SIGSTOP, swapped out) comes back to a link whose
+/// tracker it has not heard for longer than the silence: that is its own absence, not the
+/// tracker's silence, so it pings rather than leaving a live tracker. A tracker that then
+/// stays silent is still left once silent for the silence while this process was there.
+#[test]
+fn a_client_that_was_away_pings_its_tracker_instead_of_leaving_it() {
+    let t0 = Instant::now();
+    let mut u = open_on(3, 0, t0);
+    u.handle_timeout(t0 + PING_AFTER);
+    assert!(matches!(
+        transmits(&mut u)[..],
+        [ClientMsg::Request(Request {
+            body: RequestBody::Ping,
+            ..
+        })]
+    ));
+    // Stopped for 5 s: the loop turns 3.8 s after it asked to.
+    let back = t0 + Duration::from_secs(5);
+    u.handle_timeout(back);
+    assert_eq!(events(&mut u), []);
+    assert_eq!(u.tracker(), Some(addr(0)));
+    let pings = transmits(&mut u);
+    assert!(
+        matches!(
+            pings[..],
+            [ClientMsg::Request(Request {
+                body: RequestBody::Ping,
+                ..
+            })]
+        ),
+        "{pings:?}"
+    );
+    assert_no_spin(&u, back);
+    // The tracker answers: kept.
+    let ClientMsg::Request(Request { req_id, .. }) = pings[0] else {
+        unreachable!()
+    };
+    assert_eq!(u.handle_frame(&reply(req_id, ReplyBody::Pong), back), None);
+    assert!(u.is_open());
+
+    // A tracker silent from then on is left after the silence, as without the stop.
+    let mut now = back;
+    loop {
+        let next = u.poll_timeout().expect("a timer");
+        assert!(next > now);
+        now = next;
+        u.handle_timeout(now);
+        transmits(&mut u);
+        if !events(&mut u).is_empty() {
+            break;
+        }
+    }
+    assert_eq!(now, back + TRACKER_SILENCE, "left as without the stop");
+
+    // Stopped again, and this time the tracker is hung: it is left once silent for the
+    // silence while this process was there, and no later.
+    let mut u = open_on(3, 0, t0);
+    u.handle_timeout(t0 + PING_AFTER);
+    transmits(&mut u);
+    let back = t0 + Duration::from_secs(5);
+    u.handle_timeout(back);
+    assert_eq!(events(&mut u), []);
+    transmits(&mut u);
+    let left = loop {
+        let now = u.poll_timeout().expect("a timer");
+        u.handle_timeout(now);
+        transmits(&mut u);
+        let ev = events(&mut u);
+        if !ev.is_empty() {
+            assert_eq!(ev, [UplinkEvent::Close, UplinkEvent::Connect(addr(1))]);
+            break now;
+        }
+    };
+    // Heard at t0; 1.2 s of silence counted before the stop (t0 .. t0 + 1.2 s asked turn),
+    // so 0.6 s more after coming back.
+    assert_eq!(left, back + (TRACKER_SILENCE - PING_AFTER * 2));
+}
+
+/// A connect whose timer was due while this process was away gets its time back.
+#[test]
+fn a_connect_timer_does_not_run_while_the_client_was_away() {
+    let t0 = Instant::now();
+    let mut u = uplink(2);
+    u.send(request(1), t0);
+    assert_eq!(events(&mut u), [UplinkEvent::Connect(addr(0))]);
+    u.handle_timeout(t0);
+    let back = t0 + Duration::from_secs(4);
+    u.handle_timeout(back);
+    assert_eq!(events(&mut u), []);
+    assert_eq!(u.poll_timeout(), Some(back + CONNECT_TIMEOUT));
+    u.handle_timeout(back + CONNECT_TIMEOUT);
+    assert_eq!(
+        events(&mut u),
+        [UplinkEvent::Close, UplinkEvent::Connect(addr(1))]
+    );
+}

@@ -1151,8 +1151,17 @@ impl TrackerCore {
                     SessionEffect::None,
                 );
             }
-            (login @ Waiting::Login { .. }, PasswordResult::Verified(true)) => {
-                return self.open_session(conn, login)
+            (
+                login @ Waiting::Login {
+                    req_id, peer_addr, ..
+                },
+                PasswordResult::Verified(true),
+            ) => {
+                // The password first: a wrong one is reported as such, whatever the address.
+                match self.foreign_listen_address(peer_addr, ip) {
+                    Some(reject) => (req_id, reject),
+                    None => return self.open_session(conn, login),
+                }
             }
             (Waiting::Login { req_id, .. }, PasswordResult::Verified(false)) => (
                 req_id,
@@ -1183,6 +1192,27 @@ impl TrackerCore {
         };
         self.reply(conn, req_id, Err(reject));
         self.run_queued(conn);
+    }
+
+    /// The refusal of a login whose listen address is not on the IP its connection comes
+    /// from (`from`): downloaders would be sent to someone else. `None` when it is, when the
+    /// connection's address is unknown, or when the tracker was told to accept that.
+    fn foreign_listen_address(
+        &self,
+        peer_addr: SocketAddr,
+        from: Option<IpAddr>,
+    ) -> Option<Reject> {
+        let from = from.filter(|_| !self.allow_foreign_addresses)?;
+        (peer_addr.ip().to_canonical() != from.to_canonical()).then(|| {
+            Reject::new(
+                RejectCode::BadRequest,
+                format!(
+                    "listen address {peer_addr} is not on this connection's address {from}: \
+                     downloaders would be sent elsewhere (a tracker started with \
+                     --allow-foreign-addresses accepts it)"
+                ),
+            )
+        })
     }
 
     /// Handles the requests queued on `conn` until one has to wait.
@@ -1436,19 +1466,9 @@ impl TrackerCore {
                 let phc = state.password_hash(&user).ok_or_else(|| {
                     Reject::new(RejectCode::UnknownUser, format!("no such user '{user}'"))
                 })?;
-                let from = self.links.get(&conn).and_then(|l| l.ip);
-                if let Some(from) = from.filter(|_| !self.allow_foreign_addresses) {
-                    if peer_addr.ip().to_canonical() != from.to_canonical() {
-                        return Err(Reject::new(
-                            RejectCode::BadRequest,
-                            format!(
-                                "listen address {peer_addr} is not on this connection's \
-                                 address {from}: downloaders would be sent elsewhere (a \
-                                 tracker started with --allow-foreign-addresses accepts it)"
-                            ),
-                        ));
-                    }
-                }
+                // The listen address is checked against the connection's once the password is
+                // (`password_done`): a wrong password is reported as such, whatever the
+                // address.
                 let other_users = state
                     .session_of_client(client)
                     .and_then(|id| state.session(id))

@@ -1749,6 +1749,29 @@ fn a_listen_address_on_another_ip_is_refused_at_login() {
         h.send(c, &hello(c));
         assert_eq!(h.create_user(c, "alice", "pw"), ReplyBody::Done);
         let foreign = SocketAddr::from((Ipv4Addr::new(10, 1, 2, 3), 6000));
+        // A wrong password is reported as such, whatever the address (the password is
+        // checked first).
+        let body = h.ask(
+            c,
+            RequestBody::Login {
+                user: uid("alice"),
+                password: pw("wrong"),
+                peer_addr: foreign,
+                shares: Vec::new(),
+                client_key: [0; 32],
+                link: 0,
+            },
+        );
+        assert!(
+            matches!(
+                body,
+                ReplyBody::Refused {
+                    code: RejectCode::WrongPassword,
+                    ..
+                }
+            ),
+            "{body:?}"
+        );
         let body = h.ask(
             c,
             RequestBody::Login {
