@@ -279,6 +279,9 @@ struct Link {
     /// hellos arrive in.
     opened: u64,
     status: Option<ReplStatus>,
+    /// The status this side sent with its hello: what the peer knows of us until its hello
+    /// links it and `broadcast_status` reaches it.
+    hello_status: ReplStatus,
     last_heard: Instant,
     last_sent: Instant,
     /// Snapshot parts received so far.
@@ -1207,6 +1210,7 @@ impl Replica {
                 dialed,
                 opened,
                 status: None,
+                hello_status: self.status(),
                 last_heard: now,
                 last_sent: now,
                 snapshot: Vec::new(),
@@ -1629,7 +1633,13 @@ impl Replica {
         // `broadcast_status` goes to linked peers only. Without it a peer may never learn a
         // higher claim (it took over the same view meanwhile and waits for an answer).
         let status = self.status();
-        self.send(link, ReplMsg::Status(status));
+        if self
+            .links
+            .get(&link)
+            .is_some_and(|l| l.hello_status != status)
+        {
+            self.send(link, ReplMsg::Status(status));
+        }
         if self.resync_pending.remove(&peer.no) {
             self.resync(peer.no, now);
         }
