@@ -4255,3 +4255,41 @@ fn a_joiner_during_a_pipeline_gets_the_state_between_committed_batches() {
     cl.settle();
     cl.check_agreement();
 }
+
+/// A backup frozen (under the stall limit) while the service moves on: a tracker starts and
+/// joins (its link to the frozen one opens, but no hello comes back), the primary crashes and
+/// restarts, and the new tracker takes over the next view. The thawed backup sees its
+/// primary's link closed and takes over the same view number; the higher claim of that view
+/// (the lower tracker number) must reach it, though its status changed after the hello it
+/// sent on that link. Found as seed 23000205 of `random_clusters_soak`: the thawed tracker
+/// waited for an answer to its takeover for good, its clients with it.
+#[test]
+fn a_thawed_backup_learns_a_claim_made_while_its_hello_was_unanswered() {
+    let mut cl = started(3, 5);
+    cl.crash(1);
+    assert!(cl.run_until(10_000, |cl| cl.primaries() == vec![2]));
+    // Quiet: no batch in flight waits for the tracker about to freeze.
+    cl.run_for(3_000);
+    cl.freeze(3, 1_100);
+    cl.start(1);
+    assert!(cl.run_until(1_000, |cl| cl.core(1).replica().is_serving()));
+    assert!(
+        cl.is_frozen(3),
+        "tracker 1 joined while tracker 3 was frozen"
+    );
+    cl.crash(2);
+    cl.start(2);
+    assert!(cl.run_until(2_000, |cl| !cl.is_frozen(3)));
+    // Every tracker serves again under one primary, and a client of tracker 3 is answered.
+    assert!(
+        cl.run_until(10_000, |cl| (1..=3)
+            .all(|no| cl.core(no).replica().is_serving())),
+        "every tracker serves again"
+    );
+    cl.check_one_primary();
+    let c = cl.add_client(Some(3));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "after-thaw"), ReplyBody::Done);
+    cl.settle();
+    cl.check_agreement();
+}
