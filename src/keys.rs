@@ -347,7 +347,17 @@ impl ServiceKey {
             what,
             err,
         };
-        let meta = fs::metadata(path).map_err(|e| io("read", e))?;
+        // One open, then every check on what was opened (fstat) and the read from it: checking
+        // the path and reading it again would let a file swapped in between (a symlink
+        // replaced in a shared directory) pass the owner and mode checks. A symlink is
+        // refused (`O_NOFOLLOW`), and a FIFO planted in its place does not block the open.
+        use nix::fcntl::OFlag;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+            .open(path)
+            .map_err(|e| io("read", e))?;
+        let meta = file.metadata().map_err(|e| io("read", e))?;
         if !meta.is_file() {
             return Err(KeyError::NotAFile(path.to_path_buf()));
         }
@@ -371,7 +381,9 @@ impl ServiceKey {
                 why: format!("{} bytes, far more than a key file holds", meta.len()),
             });
         }
-        let text = fs::read(path).map_err(|e| io("read", e))?;
+        let mut text = Vec::with_capacity(meta.len() as usize);
+        io::Read::read_to_end(&mut io::Read::take(&mut file, 4097), &mut text)
+            .map_err(|e| io("read", e))?;
         let seed = parse_key_file(&text).map_err(|why| KeyError::Corrupt {
             path: path.to_path_buf(),
             why,
@@ -574,7 +586,8 @@ impl DefaultKeyPlaces {
     /// The key of the first place that holds a file (an error if that file is unusable: a
     /// bad file is never passed over for another key), or `None` when neither does.
     pub fn find(&self) -> Result<Option<(ServiceKey, PathBuf)>, KeyError> {
-        for path in std::iter::once(&self.beside_file).chain(self.state_home.as_ref()) {
+        let beside = self.beside_file_is_safe().then_some(&self.beside_file);
+        for path in beside.into_iter().chain(self.state_home.as_ref()) {
             match fs::symlink_metadata(path) {
                 Ok(_) => return ServiceKey::load(path).map(|k| Some((k, path.clone()))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -590,6 +603,32 @@ impl DefaultKeyPlaces {
         Ok(None)
     }
 
+    /// Whether the tracker file's directory may hold the key: it belongs to this user or to
+    /// root, and nobody else can replace its entries (not writable by group or others, or
+    /// sticky like `/tmp`). Elsewhere another user could plant a key of their choosing (they
+    /// would know the secret) or remove ours, so only the state home is used (logged).
+    fn beside_file_is_safe(&self) -> bool {
+        let dir = match self.beside_file.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let Ok(meta) = fs::metadata(dir) else {
+            return false;
+        };
+        let me = nix::unistd::geteuid().as_raw();
+        let mode = meta.permissions().mode();
+        let safe =
+            (meta.uid() == me || meta.uid() == 0) && (mode & 0o022 == 0 || mode & 0o1000 != 0);
+        if !safe {
+            log::warn!(
+                "not keeping the service key beside the tracker file: {} can be changed by \
+                 other users; the state home is used",
+                dir.display()
+            );
+        }
+        safe
+    }
+
     /// The service key of the tracker file: found (see [`Self::find`]), or else created
     /// beside the tracker file, with a copy in the state home for trackers whose tracker file
     /// is a copy elsewhere. When the tracker file's directory cannot hold it (read-only, say),
@@ -597,6 +636,10 @@ impl DefaultKeyPlaces {
     pub fn find_or_create(&self) -> Result<(ServiceKey, PathBuf), KeyError> {
         if let Some(found) = self.find()? {
             return Ok(found);
+        }
+        if !self.beside_file_is_safe() {
+            let home = self.state_home.as_ref().ok_or(KeyError::NoStateDir)?;
+            return ServiceKey::load_or_create(home).map(|k| (k, home.clone()));
         }
         match ServiceKey::load_or_create(&self.beside_file) {
             Ok(key) => {

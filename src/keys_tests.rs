@@ -409,3 +409,41 @@ fn a_key_file_owned_by_another_user_is_refused() {
     );
     assert!(err.to_string().contains("belongs to user 4242"), "{err}");
 }
+
+#[test]
+fn a_symlink_is_not_followed_to_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.key");
+    ServiceKey::load_or_create(&real).unwrap();
+    let link = dir.path().join("link.key");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let err = ServiceKey::load(&link).unwrap_err();
+    assert!(matches!(err, KeyError::Io { .. }), "{err}");
+}
+
+#[test]
+fn a_tracker_file_in_a_directory_others_can_change_keeps_its_key_in_the_state_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    fs::create_dir(&files).unwrap();
+    fs::set_permissions(&files, fs::Permissions::from_mode(0o777)).unwrap();
+    let places = places_in(dir.path());
+    // Someone else's key planted there is never looked at.
+    fs::write(&places.beside_file, "planted\n").unwrap();
+    let (key, path) = places.find_or_create().unwrap();
+    assert_eq!(Some(&path), places.state_home.as_ref());
+    assert_eq!(
+        ServiceKey::load(&path).unwrap().public_key(),
+        key.public_key()
+    );
+    // Sticky, as /tmp is: safe again (entries cannot be replaced by others).
+    fs::remove_file(&places.beside_file).unwrap();
+    fs::set_permissions(&files, fs::Permissions::from_mode(0o1777)).unwrap();
+    let (_, path) = places.find_or_create().unwrap();
+    assert_eq!(
+        Some(&path),
+        places.state_home.as_ref(),
+        "found in the state home first"
+    );
+    assert!(places.beside_file_is_safe());
+}

@@ -205,11 +205,16 @@ fn main() -> ExitCode {
         Some(path) => {
             let path = PathBuf::from(path);
             match own_line_key {
-                Some(k) if std::fs::symlink_metadata(&path).is_err() => Err(format!(
-                    "line {tracker_no} of {info_path} says the service key is {k}, but there \
-                     is no key file {}: copy that service's key file there",
-                    path.display()
-                )),
+                Some(k)
+                    if std::fs::symlink_metadata(&path)
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+                {
+                    Err(format!(
+                        "line {tracker_no} of {info_path} says the service key is {k}, but \
+                         there is no key file {}: copy that service's key file there",
+                        path.display()
+                    ))
+                }
                 _ => ServiceKey::load_or_create(&path)
                     .map(|k| (k, path))
                     .map_err(|e| e.to_string()),
