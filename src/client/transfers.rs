@@ -702,9 +702,12 @@ impl Transfers {
             PeerConn::Fetch(link) => {
                 if let Some(active) = self.downloads.get_mut(&link.download) {
                     active.links.remove(&link.peer);
-                    active
-                        .engine
-                        .on_link_lost(link.peer, reason, Instant::now());
+                    let now = Instant::now();
+                    if link.connected {
+                        active.engine.on_link_lost(link.peer, reason, now);
+                    } else {
+                        active.engine.on_connect_failed(link.peer, reason, now);
+                    }
                     self.pending_actions.push(link.download);
                 }
             }

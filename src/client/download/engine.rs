@@ -801,11 +801,22 @@ impl Download {
         self.fill_all(now);
     }
 
-    /// The link broke (closed, reset, protocol error, connect failure).
+    /// The link broke (closed, reset, protocol error) after its connection was made.
     pub fn on_link_lost(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        self.link_gone(peer, reason, true, now);
+    }
+
+    /// The connection to the peer could not be made (refused, unreachable): nobody is
+    /// there, which is not a sharer at its link cap dropping the link, so it does not make
+    /// the download retry for [`Limits::retry_dropped_for`].
+    pub fn on_connect_failed(&mut self, peer: PeerId, reason: &str, now: Instant) {
+        self.link_gone(peer, reason, false, now);
+    }
+
+    fn link_gone(&mut self, peer: PeerId, reason: &str, connected: bool, now: Instant) {
         if let Some(link) = self.links.get(&peer) {
             log::info!("{}: peer link {} lost: {reason}", self.meta.name, peer.0);
-            if matches!(link.state, LinkState::Opening { .. }) {
+            if connected && matches!(link.state, LinkState::Opening { .. }) {
                 self.dropped = true;
             }
             self.forget(peer, AddrState::Idle { retry_at: now });

@@ -852,6 +852,41 @@ fn stuck_without_new_sharers_fails_after_the_requeries_and_the_grace() {
 }
 
 #[test]
+fn a_sharer_nobody_answers_for_fails_as_soon_as_before() {
+    // A refused or unreachable connection is nobody there, not a sharer at its link cap:
+    // the download gives up after its usual questions and grace, not `retry_dropped_for`.
+    let t0 = Instant::now();
+    let l = Limits {
+        retry_dropped_for: secs(20),
+        ..limits()
+    };
+    let mut d = Download::new(group(), meta(24), l.clone());
+    d.start(&[addr(1)], t0);
+    let mut now = t0;
+    let mut actions = drain(&mut d);
+    while !d.is_finished() && now - t0 < secs(30) {
+        // Every connection attempt fails; every question is answered with the same sharer.
+        for (peer, _) in connects(&actions) {
+            d.on_connect_failed(peer, "connection refused", now);
+        }
+        if actions.contains(&Action::QuerySharers) {
+            d.on_sharers(&[addr(1)], now);
+        }
+        actions = drain(&mut d);
+        if actions.is_empty() {
+            let Some(next) = d.next_deadline() else {
+                panic!("no deadline at {:?}", now - t0);
+            };
+            now = next;
+            d.on_tick(now);
+            actions = drain(&mut d);
+        }
+    }
+    assert!(d.is_finished());
+    assert!(now - t0 < secs(10), "gave up at {:?}", now - t0);
+}
+
+#[test]
 fn a_sharer_that_drops_links_before_the_handshake_is_retried_for_a_while() {
     // A sharer whose link cap is full of others' connections closes new ones at once: not
     // untrusted, so the download keeps asking and linking again (0, 1, 2, 4, 8, 12 ... s)

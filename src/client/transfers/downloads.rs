@@ -265,9 +265,11 @@ impl Transfers {
                 Action::Connect { peer, addr } => {
                     if let Err(e) = self.connect(registry, id, peer, addr) {
                         if let Some(active) = self.downloads.get_mut(&id) {
-                            active
-                                .engine
-                                .on_link_lost(peer, &format!("cannot connect: {e}"), now);
+                            active.engine.on_connect_failed(
+                                peer,
+                                &format!("cannot connect: {e}"),
+                                now,
+                            );
                         }
                     }
                 }
