@@ -1225,45 +1225,36 @@ impl SealedSharerStream {
                 self.have = 0;
                 self.after_record(found)
             }
-            SharerState::Data {
+            state @ (SharerState::Data {
                 piece,
                 offset,
                 len,
                 done,
-            } => {
-                let done = done
-                    .saturating_add(u32::try_from(n).unwrap_or(u32::MAX))
-                    .min(len);
-                self.state = if done < len {
-                    SharerState::Data {
-                        piece,
-                        offset,
-                        len,
-                        done,
-                    }
-                } else {
-                    SharerState::Tag { piece, offset, len }
-                };
-                Ok(None)
             }
-            SharerState::Dropping {
+            | SharerState::Dropping {
                 piece,
                 offset,
                 len,
                 done,
-            } => {
+            }) => {
+                // A block's data, kept or dropped alike: on to its tag once it is all here.
                 let done = done
                     .saturating_add(u32::try_from(n).unwrap_or(u32::MAX))
                     .min(len);
-                self.state = if done < len {
-                    SharerState::Dropping {
+                self.state = match state {
+                    _ if done == len => SharerState::Tag { piece, offset, len },
+                    SharerState::Dropping { .. } => SharerState::Dropping {
                         piece,
                         offset,
                         len,
                         done,
-                    }
-                } else {
-                    SharerState::Tag { piece, offset, len }
+                    },
+                    _ => SharerState::Data {
+                        piece,
+                        offset,
+                        len,
+                        done,
+                    },
                 };
                 Ok(None)
             }
