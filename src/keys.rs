@@ -586,7 +586,12 @@ impl DefaultKeyPlaces {
     /// The key of the first place that holds a file (an error if that file is unusable: a
     /// bad file is never passed over for another key), or `None` when neither does.
     pub fn find(&self) -> Result<Option<(ServiceKey, PathBuf)>, KeyError> {
-        let beside = self.beside_file_is_safe().then_some(&self.beside_file);
+        self.find_in(self.beside_file_is_safe())
+    }
+
+    /// [`Self::find`], told whether the place beside the tracker file may be used.
+    fn find_in(&self, beside_safe: bool) -> Result<Option<(ServiceKey, PathBuf)>, KeyError> {
+        let beside = beside_safe.then_some(&self.beside_file);
         for path in beside.into_iter().chain(self.state_home.as_ref()) {
             match fs::symlink_metadata(path) {
                 Ok(_) => return ServiceKey::load(path).map(|k| Some((k, path.clone()))),
@@ -634,10 +639,12 @@ impl DefaultKeyPlaces {
     /// is a copy elsewhere. When the tracker file's directory cannot hold it (read-only, say),
     /// it is created in the state home only. Returns the key and the file it is kept in.
     pub fn find_or_create(&self) -> Result<(ServiceKey, PathBuf), KeyError> {
-        if let Some(found) = self.find()? {
+        // Checked once, so a directory others can change is logged once.
+        let beside_safe = self.beside_file_is_safe();
+        if let Some(found) = self.find_in(beside_safe)? {
             return Ok(found);
         }
-        if !self.beside_file_is_safe() {
+        if !beside_safe {
             let home = self.state_home.as_ref().ok_or(KeyError::NoStateDir)?;
             return ServiceKey::load_or_create(home).map(|k| (k, home.clone()));
         }
