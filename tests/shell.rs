@@ -164,6 +164,44 @@ fn up_arrow_and_enter_run_the_last_command_again_and_passwords_stay_out_of_histo
     assert!(!history.contains("s3cret"));
 }
 
+#[test]
+fn with_stdout_redirected_the_prompt_goes_to_the_terminal_and_stdout_holds_results_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let info = dir.path().join("tracker_info.txt");
+    std::fs::write(&info, format!("{}\n", free_addr())).unwrap();
+    let out_path = dir.path().join("out.txt");
+    let out = File::create(&out_path).unwrap();
+    let (mut pty, slave) = Pty::open();
+    let child = Command::new(env!("CARGO_BIN_EXE_client_program"))
+        .arg(free_addr().to_string())
+        .arg(&info)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("TERM", "xterm")
+        .env("XDG_STATE_HOME", dir.path())
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("start client_program");
+    let mut client = ProcGuard::new(child);
+    // The user still sees a prompt (on the terminal, standard error)...
+    pty.wait_for("the first prompt", |t| t.contains("> "));
+    pty.type_keys("show_downloads\r");
+    pty.wait_for("the second prompt", |t| t.matches("> ").count() >= 2);
+    pty.type_keys("help quit\r");
+    pty.wait_for("the third prompt", |t| t.matches("> ").count() >= 3);
+    pty.type_keys("quit\r");
+    let Some(status) = client.wait_timeout(TIMEOUT) else {
+        panic!("client_program still runs after quit: {:?}", pty.text());
+    };
+    assert_eq!(status.code(), Some(0));
+    // ...and the file gets the results alone.
+    let stdout = std::fs::read_to_string(&out_path).unwrap();
+    assert!(!stdout.contains("> "), "{stdout:?}");
+    assert!(stdout.starts_with("usage: quit"), "{stdout:?}");
+}
+
 fn run_batch(stdin: &str, args: &[&str]) -> (String, String, Option<i32>) {
     let dir = tempfile::tempdir().unwrap();
     let info = dir.path().join("tracker_info.txt");

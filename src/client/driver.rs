@@ -95,6 +95,8 @@ struct Driver {
     /// state file anyway).
     input_done_at: Option<Instant>,
     interactive: bool,
+    /// Where the plain prompt (no shell) is written.
+    prompt_out: PromptOut,
     prompted: bool,
     /// The progress line on a terminal.
     status: StatusLine,
@@ -187,6 +189,7 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         lines: VecDeque::new(),
         input_done_at: None,
         interactive: io::stdin().is_terminal(),
+        prompt_out: PromptOut::detect(),
         prompted: false,
         status,
         rates: RecentRates::default(),
@@ -221,6 +224,41 @@ fn load_state(dir: &std::path::Path) -> state_file::ClientState {
         Err(e) => {
             warn!("{e}; starting without the remembered state");
             state_file::ClientState::default()
+        }
+    }
+}
+
+/// Where the plain prompt goes when standard input is a terminal but the shell is not used:
+/// standard output when it is a terminal, else standard error when that one is (results
+/// redirected to a file must hold results only), else nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PromptOut {
+    Stdout,
+    Stderr,
+    Nowhere,
+}
+
+impl PromptOut {
+    fn detect() -> Self {
+        if io::stdout().is_terminal() {
+            PromptOut::Stdout
+        } else if io::stderr().is_terminal() {
+            PromptOut::Stderr
+        } else {
+            PromptOut::Nowhere
+        }
+    }
+
+    fn write(self, text: &str) {
+        match self {
+            PromptOut::Stdout => {
+                let mut out = io::stdout().lock();
+                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            }
+            PromptOut::Stderr => {
+                let _ = io::stderr().lock().write_all(text.as_bytes());
+            }
+            PromptOut::Nowhere => {}
         }
     }
 }
@@ -409,8 +447,7 @@ impl Driver {
                 self.status
                     .at_prompt(text.as_deref(), now, &mut io::stderr());
             }
-            print!("> ");
-            let _ = io::stdout().flush();
+            self.prompt_out.write("> ");
             self.prompted = true;
         }
     }
@@ -424,7 +461,7 @@ impl Driver {
         }
         self.status.before_output(&mut io::stderr());
         if self.prompted {
-            println!();
+            self.prompt_out.write("\n");
             self.prompted = false;
         }
     }
@@ -458,7 +495,7 @@ impl Driver {
                     self.input_done_at.get_or_insert_with(Instant::now);
                     // The shell's editor ends the line itself.
                     if self.interactive && self.shell.is_none() {
-                        println!();
+                        self.prompt_out.write("\n");
                     }
                 }
                 StdinEvent::TooLong => {
@@ -656,7 +693,10 @@ impl Driver {
                 DownloadStatus::Failed => "F",
             };
             let mut line = format!("[{tag}] [{}] {}", d.group, d.name);
-            if self.interactive && d.status == DownloadStatus::Running {
+            if self.interactive
+                && self.prompt_out == PromptOut::Stdout
+                && d.status == DownloadStatus::Running
+            {
                 if let Some((p, elapsed)) = self.transfers.progress(d.id) {
                     line.push_str(&format!(
                         "  {:.1}%  {:.1} MiB/s  {} peers",
