@@ -11,7 +11,7 @@
 //! [`MAX_UNSENT`]. With 128 KiB there, the socket said "full" every 128 KiB, and the sharer
 //! woke up and wrote about that much at a time: in alternated runs of 1 GiB from one sharer
 //! on loopback, the option left unset made the transfer faster in 7 of 7 pairs (5% summed)
-//! and the sharer spend 0.48-0.52 CPU-s/GiB against 0.53-0.58; this rule against the fixed
+//! and the sharer spent 0.48-0.52 CPU-s/GiB against 0.53-0.58; this rule against the fixed
 //! 128 KiB, 4 of 4 pairs faster (5% summed), the sharer 0.48-0.54 against 0.58-0.62 CPU-s/GiB
 //! (README, Download throughput). On the shaped links of the swarm benchmark (100 Mbit/s
 //! shared by the seed's links) no link's limit ever changed.
