@@ -679,7 +679,7 @@ impl Transfers {
         };
         // A serve socket's unsent limit follows the link's rate (`client::unsent`).
         let (stream, data, _) = conn.parts();
-        if let PeerConn::Serve(s) = data {
+        if let (PeerConn::Serve(s), true) = (data, written > 0) {
             if let Some(limit) = s.unsent.on_written(written, Instant::now()) {
                 debug!("peer link {id}: unsent limit {limit} bytes");
                 if let Err(e) = set_unsent_limit(stream, limit) {
