@@ -47,7 +47,8 @@
 //!   and the sans-IO `engine` of one download), `outcome` (what a download reports to the
 //!   command loop: `Started`, `Completed`, `SharersError`, printed through `Display`),
 //!   `uploader` (sans-IO serving core: accept or refuse, block or reject), `slots` (sans-IO upload slots: which serve links send now,
-//!   which piece first), `transfers` (the peer links' IO: `downloads`, `fetch`, `serve`),
+//!   which piece first), `unsent` (sans-IO: how much a serve socket may hold unsent, from the
+//!   link's rate), `transfers` (the peer links' IO: `downloads`, `fetch`, `serve`),
 //!   `disk` (the file-system facts the session core asks for), `progress` (the progress line),
 //!   `shell` (line editing, `history`, `complete`, `help` and `listing` at a terminal; batch
 //!   input never goes through it), `state_dir` (where a client keeps what it remembers),
@@ -71,7 +72,7 @@
 //!
 //! - Architecture Invariant: the cores (`tracker::state` with `snapshot`, `tracker::core`,
 //!   `tracker::replica`, `tracker::password_queue`, `client::session`, `client::command`,
-//!   `client::uplink`, `client::uploader`, `client::slots`, `client::download::{picker,
+//!   `client::uplink`, `client::uploader`, `client::slots`, `client::unsent`, `client::download::{picker,
 //!   engine}`, `wire`, `net::secure`) do no IO: no `mio`, no sockets, no files, no
 //!   `Instant::now()`. Time is an argument. They use ordered maps. `tests/tidy.rs` checks
 //!   this, and that the crate doc names every module.

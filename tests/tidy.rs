@@ -56,6 +56,7 @@ fn is_core(rel: &str) -> bool {
                 | "client/uplink.rs"
                 | "client/uploader.rs"
                 | "client/slots.rs"
+                | "client/unsent.rs"
                 | "client/download/picker.rs"
                 | "client/download/engine.rs"
                 | "net/secure.rs"

@@ -1,7 +1,7 @@
 //! The client: the command loop ([`command`] parsing, [`session`] core, [`disk`] facts it
 //! asks for), the link to the trackers ([`uplink`] core), the peer links ([`transfers`]) with
-//! the download engine ([`download`]) and what they report of a download ([`outcome`]), the serving core ([`uploader`]) and the upload slots
-//! ([`slots`]), the mio reactor
+//! the download engine ([`download`]) and what they report of a download ([`outcome`]), the serving core ([`uploader`]), the upload slots
+//! ([`slots`]) and each serve socket's unsent limit ([`unsent`]), the mio reactor
 //! that runs them all ([`driver`]), and the progress line on a terminal ([`progress`]). At a
 //! terminal the [`shell`] reads the commands (line editing, [`history`], [`complete`],
 //! [`help`], [`listing`]); the [`state_dir`] holds what a client remembers between runs: the
@@ -28,5 +28,6 @@ pub mod slots;
 pub mod state_dir;
 pub mod state_file;
 pub mod transfers;
+pub mod unsent;
 pub mod uplink;
 pub mod uploader;

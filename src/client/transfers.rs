@@ -48,6 +48,7 @@ use super::identity::ClientIdentity;
 use super::outcome::Completed;
 use super::session::{ClientCore, DownloadError, DownloadId};
 use super::slots::{SlotLimits, UploadSlots};
+use super::unsent::{UnsentLimit, MIN_UNSENT};
 use super::uploader::Uploader;
 use crate::hasher::HashPool;
 use crate::keys::PublicKey;
@@ -81,15 +82,16 @@ pub const SERVE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const IDLE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Scratch space for data that is read and dropped.
 const SCRATCH_LEN: usize = 64 * 1024;
-/// Bytes a serve link's socket may hold not yet sent (`TCP_NOTSENT_LOWAT`); past it the
-/// socket takes no more and the blocks wait in the link's own queue. Why: with the kernel's
-/// defaults each serve socket held 0.6-1.4 MiB unsent on a shaped 100 Mbit/s uplink (up to
-/// 0.6 s of it over all links), so the upload slots decided only what was queued, not what
-/// went on the wire: every link in the socket buffers shared the uplink, a seed's last
+/// Bytes a serve link's socket may hold not yet sent (`TCP_NOTSENT_LOWAT`) when it opens; past
+/// it the socket takes no more and the blocks wait in the link's own queue. Why: with the
+/// kernel's defaults each serve socket held 0.6-1.4 MiB unsent on a shaped 100 Mbit/s uplink
+/// (up to 0.6 s of it over all links), so the upload slots decided only what was queued, not
+/// what went on the wire: every link in the socket buffers shared the uplink, a seed's last
 /// unique pieces waited behind second copies queued earlier, and a turn "drained" long
 /// before its bytes left. 128 KiB is about 10 ms at 100 Mbit/s (see the README's swarm
-/// benchmark for the figures).
-pub const SERVE_NOTSENT_LOWAT: u32 = 128 * 1024;
+/// benchmark for the figures). From then on the limit follows the link's rate
+/// (`client::unsent`: 10 ms of it, up to 4 MiB on a fast link).
+pub const SERVE_NOTSENT_LOWAT: u32 = MIN_UNSENT;
 
 // The macro names itself and its helpers unqualified.
 use nix::{getsockopt_impl, libc, setsockopt_impl, sockopt_impl};
@@ -104,7 +106,12 @@ sockopt_impl!(
 
 /// Sets [`SERVE_NOTSENT_LOWAT`] on a serve link's socket.
 fn limit_unsent(stream: &impl std::os::fd::AsFd) -> nix::Result<()> {
-    nix::sys::socket::setsockopt(stream, TcpNotSentLowat, &SERVE_NOTSENT_LOWAT)
+    set_unsent_limit(stream, SERVE_NOTSENT_LOWAT)
+}
+
+/// Sets a serve link's socket's unsent limit.
+fn set_unsent_limit(stream: &impl std::os::fd::AsFd, bytes: u32) -> nix::Result<()> {
+    nix::sys::socket::setsockopt(stream, TcpNotSentLowat, &bytes)
 }
 
 /// Something the command loop or the tracker must act on.
@@ -576,6 +583,7 @@ impl Transfers {
                 ticket: None,
                 ticket_expires: None,
                 secure,
+                unsent: UnsentLimit::new(),
             }),
         ) {
             Ok(id) => self
@@ -651,14 +659,17 @@ impl Transfers {
                 return;
             }
         }
+        let mut written = 0;
         let result = loop {
             // Granted blocks are sealed into the send buffer as it drains (secure links).
             if let Err(e) = serve::seal_blocks(conn) {
                 break Err(std::io::Error::other(e.to_string()));
             }
+            let before = conn.pending_write();
             if let Err(e) = conn.flush(registry) {
                 break Err(e);
             }
+            written += before.saturating_sub(conn.pending_write());
             let more = matches!(&conn.data, PeerConn::Serve(s) if s.unsealed() > 0);
             // The socket took everything sealed: seal more. Otherwise it is full (it will
             // say when it is writable again) or nothing is left.
@@ -666,6 +677,16 @@ impl Transfers {
                 break Ok(());
             }
         };
+        // A serve socket's unsent limit follows the link's rate (`client::unsent`).
+        let (stream, data, _) = conn.parts();
+        if let (PeerConn::Serve(s), true) = (data, written > 0) {
+            if let Some(limit) = s.unsent.on_written(written, Instant::now()) {
+                debug!("peer link {id}: unsent limit {limit} bytes");
+                if let Err(e) = set_unsent_limit(stream, limit) {
+                    debug!("peer link {id}: TCP_NOTSENT_LOWAT not set: {e}");
+                }
+            }
+        }
         let unsealed = match &conn.data {
             PeerConn::Serve(s) => s.unsealed(),
             PeerConn::Fetch(_) => 0,

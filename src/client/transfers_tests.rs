@@ -25,6 +25,48 @@ fn serve_sockets_limit_their_unsent_bytes() {
     );
 }
 
+/// A serve link that moves hundreds of MB a second (a downloader on loopback) gets a larger
+/// unsent limit than the 128 KiB it starts with (`client::unsent`), so that its sharer is not
+/// woken up every 128 KiB; the downloader here reads as fast as it can on its own thread.
+#[test]
+fn a_fast_serve_link_may_hold_more_unsent() {
+    let mut h = Harness::new();
+    let mut downloader = h.connect_from(Ipv4Addr::LOCALHOST);
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match downloader.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n as u64,
+            }
+        }
+    });
+    let id = h.transfers.conns.iter().next().unwrap().id;
+    let chunk = vec![7u8; 1 << 20];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let limit = loop {
+        let conn = h.transfers.conns.get_mut(id).unwrap();
+        if conn.pending_write() < chunk.len() {
+            conn.out().extend_from_slice(&chunk);
+        }
+        h.transfers.flush_conn(h.poll.registry(), id);
+        let conn = h.transfers.conns.get_mut(id).unwrap();
+        let (stream, _, _) = conn.parts();
+        let limit = nix::sys::socket::getsockopt(&*stream, TcpNotSentLowat).unwrap();
+        if limit > SERVE_NOTSENT_LOWAT || Instant::now() > deadline {
+            break limit;
+        }
+    };
+    assert!(
+        limit > SERVE_NOTSENT_LOWAT,
+        "the unsent limit stayed at {limit} bytes"
+    );
+    let conn = h.transfers.conns.remove(h.poll.registry(), id).unwrap();
+    drop(conn);
+    assert!(reader.join().unwrap() > 0);
+}
+
 fn caps() -> PeerCaps {
     PeerCaps {
         max_fetch: 8,

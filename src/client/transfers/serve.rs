@@ -24,6 +24,7 @@ use mio::Registry;
 use super::super::download::engine::bitfield_of;
 use super::super::session::{ClientCore, DownloadId};
 use super::super::slots::Grant;
+use super::super::unsent::UnsentLimit;
 use super::super::uploader::{self, Offer, Refusal, RefuseCode, ServeError, Uploader};
 use super::downloads::Active;
 use super::{PeerConn, Transfers, FRAME_BUDGET};
@@ -117,6 +118,8 @@ pub(super) struct ServeLink {
     pub(super) block_bytes: u64,
     /// The link's security (`None` only for the benchmark's plain comparison).
     pub(super) secure: Option<Box<ServeSecure>>,
+    /// How much its socket may hold unsent, from the rate it is written at.
+    pub(super) unsent: UnsentLimit,
 }
 
 /// Sealed bytes a serve link keeps in its send buffer ahead of the socket: granted blocks
