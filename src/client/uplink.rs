@@ -16,7 +16,7 @@
 //! on [`UplinkEvent::Connected`], which is emitted once per link.
 //!
 //! Racing: a new link (a first connection, or a failover after the link was closed, broke or
-//! went silent: 1.8 s without a frame although pings go out every 600 ms) is a round of
+//! went silent: 1.5 s without a frame although pings go out every 300 ms) is a round of
 //! attempts at the trackers of the file, starting after the one lost (or at the last one used).
 //! The first attempt starts at once and each next one [`RACE_STAGGER`] later while none has
 //! won, or at once when an attempt fails; at most [`MAX_RACE`] are in flight. An attempt gets
@@ -30,10 +30,10 @@
 //! waits much more than a second for one that came back. After [`RECONNECT_FOR`] without a
 //! tracker, or when links keep breaking between handshake and welcome, the session is given up.
 //!
-//! Silence: 1.8 s less the 600 ms ping interval is the tracker's own stall limit (1.2 s, after
+//! Silence: 1.5 s less the 300 ms ping interval is the tracker's own stall limit (1.2 s, after
 //! which it fences itself), so a tracker is left only when it stalled at least as long as it
 //! would have fenced itself. After each link left for silence without a reply in between, the
-//! next link gets twice as long, up to 14.4 s. Silence is the tracker's only while this process
+//! next link gets twice as long, up to 12 s. Silence is the tracker's only while this process
 //! runs: like a tracker's stall fencing, a call of [`handle_timeout`](Uplink::handle_timeout)
 //! much later than asked ([`AWAY_AFTER`]) means the client itself was stopped or starved, and
 //! its link pings the tracker rather than leaving it. A key mismatch
@@ -63,12 +63,12 @@ pub const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A tracker link quiet this long gets a ping (a live tracker answers it at once, even while
 /// its requests wait for password hashing, which runs on other threads).
-pub const PING_AFTER: Duration = Duration::from_millis(600);
+pub const PING_AFTER: Duration = Duration::from_millis(300);
 /// A tracker silent this long, pings included, is taken for hung: the client moves on (a
 /// request retried elsewhere is not applied twice, so a false alarm costs a reconnect). Less
 /// the ping interval it is the tracker's own stall limit (`replica::STALL_LIMIT`, 1.2 s): a
 /// tracker stalled less than that, whenever its stall began, answers a ping in time.
-pub const TRACKER_SILENCE: Duration = Duration::from_millis(1800);
+pub const TRACKER_SILENCE: Duration = Duration::from_millis(1500);
 /// A turn of the client's loop this much later than its link asked to be woken means the
 /// process was away (stopped or starved): that time is not the tracker's silence. Well above
 /// a loaded machine's scheduling delays, well below [`TRACKER_SILENCE`].
@@ -80,7 +80,7 @@ pub const MAX_RACE: usize = 3;
 /// so a failover usually opens one connection, and a hung next tracker costs this, not a
 /// whole silence timeout.
 pub const RACE_STAGGER: Duration = Duration::from_millis(150);
-/// Most doublings of the silence allowed after links left for silence in a row (to 14.4 s).
+/// Most doublings of the silence allowed after links left for silence in a row (to 12 s).
 const MAX_SILENCE_DOUBLINGS: u32 = 3;
 /// Ping ids count down from the top of the id space, far from the session's, which count up
 /// from 1; replies in this range are the link's own.
