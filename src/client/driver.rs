@@ -3,11 +3,14 @@
 //! do and [`Uplink`] which tracker to talk to. Nothing here blocks: the tracker link connects
 //! with a non-blocking socket, and its timers are the core's.
 //!
-//! The tracker link runs over the secure layer ([`crate::net::secure`], `Noise_NX`): the link
-//! counts as connected for [`Uplink`] only once the handshake is done and the tracker proved
-//! the service key this client expects ([`TrackerKeys`]), or, on first use, once that key is
-//! remembered. Until then nothing but handshake bytes is written, so no request (no password)
-//! ever reaches a process that is not a tracker of the service.
+//! The tracker link runs over the secure layer ([`crate::net::secure`], `Noise_NX`): a
+//! connection is reported up to [`Uplink`] only once the handshake is done and the tracker
+//! proved the service key this client expects ([`TrackerKeys`]), or, on first use, once that
+//! key is remembered. Until then nothing but handshake bytes is written, so no request (no
+//! password) ever reaches a process that is not a tracker of the service. While the link races
+//! trackers for a new link the driver holds up to [`MAX_RACE`] tracker sockets, one poll token
+//! each, named by the core's [`LinkId`]s; a key is checked again when a handshake completes,
+//! since a raced tracker may have been trusted on first use meanwhile.
 //!
 //! The loop feeds the core one command at a time (the next line waits until the current
 //! command has its answer), performs the core's outputs (print, send, hash) and exits once
@@ -37,7 +40,7 @@ use super::state_file::{self, FileStamp, StateLock};
 use super::transfers::{
     PeerCaps, TransferEvent, Transfers, CIPHER_PREFS_ENV, PLAINTEXT_PEER_LINKS_ENV,
 };
-use super::uplink::{Uplink, UplinkEvent};
+use super::uplink::{LinkId, Uplink, UplinkEvent, MAX_RACE};
 use crate::hasher::{HashPool, HashResult};
 use crate::keys::{self, PublicKey};
 use crate::net::conn::{connect_progress, ConnError, ConnectProgress, FIRST_CONN_TOKEN};
@@ -50,7 +53,9 @@ use crate::wire::frame::MAX_CLIENT_TRACKER_FRAME;
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
-const TRACKER: Token = Token(3);
+/// The first tracker socket's token; the others follow, one per slot of the race.
+const TRACKER_FIRST: usize = 3;
+const _: () = assert!(TRACKER_FIRST + MAX_RACE <= FIRST_CONN_TOKEN);
 
 pub struct ClientConfig {
     /// Where this client listens for peers.
@@ -66,6 +71,34 @@ pub struct ClientConfig {
     pub tracker_keys: TrackerKeys,
 }
 
+/// How far a tracker socket got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SockStage {
+    /// The TCP connection is being made.
+    Connecting,
+    /// The secure handshake runs.
+    Handshaking,
+    /// The handshake is done: frames go both ways.
+    Up,
+}
+
+/// One tracker connection the link core asked for.
+struct TrackerSock {
+    id: LinkId,
+    addr: SocketAddr,
+    conn: Conn<()>,
+    stage: SockStage,
+}
+
+/// Why a tracker's secure handshake failed.
+enum Handshake {
+    /// It proved another service key (the message names both, and where the expected one
+    /// comes from).
+    Refused(String),
+    /// Anything else (closed, reset, a bad message).
+    Failed(String),
+}
+
 /// Longest wait at the end of input for requests on the side (a download's registration as
 /// a share, a remembered download asking for its sharers...): as long as a command's answer.
 const BACKGROUND_WAIT: Duration = Duration::from_secs(30);
@@ -75,14 +108,11 @@ struct Driver {
     listener: TcpListener,
     core: ClientCore,
     config: ClientConfig,
-    /// The socket to the tracker, connecting or connected, as `uplink` asked.
-    tracker: Option<Conn<()>>,
-    /// Which tracker, when to ping, when to move on.
+    /// The sockets to trackers, connecting or connected, as `uplink` asked: the link, or
+    /// the attempts of a race (slot `i` has the token `TRACKER_FIRST + i`).
+    trackers: [Option<TrackerSock>; MAX_RACE],
+    /// Which trackers, when to ping, when to move on.
     uplink: Uplink,
-    /// Tracker sockets opened so far (their `ConnId` generations).
-    n_links: u64,
-    /// The connecting tracker socket is connected and runs its secure handshake.
-    tracker_handshaking: bool,
     /// Why the last tracker was refused (a key mismatch), for the command that then fails.
     tracker_refusal: Option<String>,
     hasher: HashPool,
@@ -179,10 +209,8 @@ pub fn run(config: ClientConfig) -> io::Result<u8> {
         listener,
         core,
         config,
-        tracker: None,
+        trackers: Default::default(),
         uplink,
-        n_links: 0,
-        tracker_handshaking: false,
         tracker_refusal: None,
         hasher,
         transfers,
@@ -336,15 +364,21 @@ impl Driver {
                         return Ok(self.exit_status());
                     }
                     LISTENER => self.accept_peers(),
-                    TRACKER => {
-                        if self.uplink.is_reconnecting() {
-                            self.tracker_connecting();
-                        } else {
-                            if event.is_writable() {
-                                self.flush_tracker();
+                    token if (TRACKER_FIRST..TRACKER_FIRST + MAX_RACE).contains(&token.0) => {
+                        let slot = token.0 - TRACKER_FIRST;
+                        match self.trackers[slot].as_ref().map(|t| t.stage) {
+                            None => {}
+                            Some(SockStage::Connecting | SockStage::Handshaking) => {
+                                self.tracker_connecting(slot)
                             }
-                            if event.is_readable() || event.is_read_closed() || event.is_error() {
-                                self.read_tracker();
+                            Some(SockStage::Up) => {
+                                if event.is_writable() {
+                                    self.flush_tracker(slot);
+                                }
+                                if event.is_readable() || event.is_read_closed() || event.is_error()
+                                {
+                                    self.read_tracker(slot);
+                                }
                             }
                         }
                     }
@@ -730,9 +764,11 @@ impl Driver {
         while let Some(event) = self.uplink.poll_event() {
             acted = true;
             match event {
-                UplinkEvent::Connect(addr) => self.open_tracker(addr),
-                UplinkEvent::Close => self.close_tracker(),
+                UplinkEvent::Connect(id, addr) => self.open_tracker(id, addr),
+                UplinkEvent::Close(id) => self.close_tracker(id),
                 UplinkEvent::Connected => {
+                    // A refusal seen during the race is not the next command's failure.
+                    self.tracker_refusal = None;
                     // A new link carries a resume of the session and every request in flight.
                     let now = Instant::now();
                     for request in self.core.requests_for_new_link() {
@@ -746,98 +782,137 @@ impl Driver {
                 UplinkEvent::SessionLost => self.core.handle_tracker_lost(),
             }
         }
-        let mut queued = false;
-        while let Some(msg) = self.uplink.poll_transmit() {
-            if let Some(conn) = self.tracker.as_mut() {
-                msg.emit(conn.out());
-                queued = true;
+        let mut queued = [false; MAX_RACE];
+        while let Some((id, msg)) = self.uplink.poll_transmit() {
+            if let Some(slot) = self.tracker_slot(id) {
+                if let Some(t) = self.trackers[slot].as_mut() {
+                    msg.emit(t.conn.out());
+                    queued[slot] = true;
+                }
             }
         }
-        if queued {
-            self.flush_tracker();
+        for (slot, _) in queued.iter().enumerate().filter(|(_, q)| **q) {
+            self.flush_tracker(slot);
         }
         acted
     }
 
-    /// Starts a non-blocking connection to a tracker, in place of the current one.
-    fn open_tracker(&mut self, addr: SocketAddr) {
-        self.close_tracker();
-        let registry = self.poll.registry();
-        self.n_links += 1;
-        let id = ConnId {
-            key: 0,
-            generation: self.n_links,
+    /// The slot of tracker connection `id`, if it is open.
+    fn tracker_slot(&self, id: LinkId) -> Option<usize> {
+        self.trackers
+            .iter()
+            .position(|t| t.as_ref().is_some_and(|t| t.id == id))
+    }
+
+    /// Starts a non-blocking connection `id` to a tracker, in a free slot (the core never
+    /// asks for more than [`MAX_RACE`] at once).
+    fn open_tracker(&mut self, id: LinkId, addr: SocketAddr) {
+        let Some(slot) = self.trackers.iter().position(Option::is_none) else {
+            let reason = format!("more than {MAX_RACE} tracker connections");
+            return self
+                .uplink
+                .handle_connect_failed(id, &reason, Instant::now());
         };
+        let registry = self.poll.registry();
+        let conn_id = ConnId {
+            key: slot,
+            generation: id.0,
+        };
+        let token = Token(TRACKER_FIRST + slot);
         let opened = connect_from(self.config.listen.ip(), addr).and_then(|stream| {
             let _ = stream.set_nodelay(true);
-            let mut conn = Conn::new(registry, stream, TRACKER, id, MAX_CLIENT_TRACKER_FRAME, ())?;
+            let mut conn = Conn::new(
+                registry,
+                stream,
+                token,
+                conn_id,
+                MAX_CLIENT_TRACKER_FRAME,
+                (),
+            )?;
             conn.await_connect(registry)?;
             Ok(conn)
         });
         match opened {
-            Ok(conn) => self.tracker = Some(conn),
+            Ok(conn) => {
+                self.trackers[slot] = Some(TrackerSock {
+                    id,
+                    addr,
+                    conn,
+                    stage: SockStage::Connecting,
+                })
+            }
             Err(e) => self
                 .uplink
-                .handle_connect_failed(&e.to_string(), Instant::now()),
+                .handle_connect_failed(id, &e.to_string(), Instant::now()),
         }
     }
 
-    fn close_tracker(&mut self) {
-        self.tracker_handshaking = false;
-        if let Some(mut conn) = self.tracker.take() {
-            conn.deregister(self.poll.registry());
+    /// Closes tracker connection `id` if it is open.
+    fn close_tracker(&mut self, id: LinkId) {
+        if let Some(slot) = self.tracker_slot(id) {
+            if let Some(mut t) = self.trackers[slot].take() {
+                t.conn.deregister(self.poll.registry());
+            }
         }
     }
 
-    /// The connecting tracker socket became ready: connected (then its secure handshake
-    /// starts), failed, or, while handshaking, the tracker's answer arrived.
-    fn tracker_connecting(&mut self) {
-        let Some(conn) = self.tracker.as_mut() else {
+    /// The connecting tracker socket in `slot` became ready: connected (then its secure
+    /// handshake starts), failed, or, while handshaking, the tracker's answer arrived.
+    fn tracker_connecting(&mut self, slot: usize) {
+        let Some(t) = self.trackers[slot].as_mut() else {
             return;
         };
+        let (id, addr) = (t.id, t.addr);
         let now = Instant::now();
-        if !self.tracker_handshaking {
-            let failed = match connect_progress(&conn.stream) {
+        if t.stage == SockStage::Connecting {
+            let failed = match connect_progress(&t.conn.stream) {
                 ConnectProgress::Connected => None,
                 ConnectProgress::Pending => return,
                 ConnectProgress::Failed(e) => Some(e),
             };
             if let Some(e) = failed {
-                self.close_tracker();
-                self.uplink.handle_connect_failed(&e.to_string(), now);
+                self.close_tracker(id);
+                self.uplink.handle_connect_failed(id, &e.to_string(), now);
                 self.pump();
                 return;
             }
-            let Some(addr) = self.uplink.tracker() else {
-                return;
-            };
             let expected = self.config.tracker_keys.expected(addr).map(|(k, _)| k.0);
             let params = Params::client_link_initiator(IdentityCheck {
                 verify: keys::verify_static_cert,
                 expected,
             });
             match SecureLink::initiator(&params) {
-                Ok(link) => conn.set_secure(link),
+                Ok(link) => t.conn.set_secure(link),
                 Err(e) => {
-                    self.close_tracker();
-                    self.uplink.handle_connect_failed(&e.to_string(), now);
+                    self.close_tracker(id);
+                    self.uplink.handle_connect_failed(id, &e.to_string(), now);
                     self.pump();
                     return;
                 }
             }
-            self.tracker_handshaking = true;
-            self.uplink.handle_transport_up(now);
+            t.stage = SockStage::Handshaking;
+            self.uplink.handle_transport_up(id, now);
         }
-        let result = self.tracker_handshake();
-        let Some(addr) = self.uplink.tracker() else {
-            return;
-        };
+        let result = self.tracker_handshake(slot).and_then(|presented| {
+            let Some(presented) = presented else {
+                return Ok(None);
+            };
+            // Checked again now: while this handshake ran, another tracker of the race may
+            // have been trusted on first use, and it binds this one.
+            match self.config.tracker_keys.expected(addr) {
+                Some((expected, source)) if expected != presented => Err(Handshake::Refused(
+                    TrackerKeys::refusal(addr, presented, expected, &source),
+                )),
+                _ => Ok(Some(presented)),
+            }
+        });
         match result {
             Ok(None) => return,
             Ok(Some(presented)) => {
-                self.tracker_handshaking = false;
-                self.tracker_refusal = None;
-                // Tickets this client is shown are checked with the key its tracker proved.
+                if let Some(t) = self.trackers[slot].as_mut() {
+                    t.stage = SockStage::Up;
+                }
+                // Tickets this client is shown are checked with the key its trackers prove.
                 self.transfers.set_service_key(presented);
                 let keys = &mut self.config.tracker_keys;
                 if keys.expected(addr).is_none() {
@@ -846,97 +921,107 @@ impl Driver {
                         warn!("{e}: the key of tracker {addr} is not remembered");
                     }
                 }
-                self.uplink.handle_connected(now);
+                self.uplink.handle_connected(id, now);
             }
-            Err(reason) => {
+            Err(Handshake::Refused(reason)) => {
                 warn!("{reason}");
-                self.close_tracker();
-                if self.tracker_refusal.as_ref() == Some(&reason) {
-                    // Another service's key: the command fails naming it, and no other
-                    // tracker of the file is trusted on first use in its place.
-                    self.uplink.handle_refused(&reason, now);
-                } else {
-                    self.uplink.handle_connect_failed(&reason, now);
-                }
+                self.close_tracker(id);
+                // Another service's key: the command fails naming it, and no other tracker
+                // of the file is trusted on first use in its place.
+                self.tracker_refusal = Some(reason.clone());
+                self.uplink.handle_refused(id, &reason, now);
+            }
+            Err(Handshake::Failed(reason)) => {
+                warn!("tracker {addr}: {reason}");
+                self.close_tracker(id);
+                self.uplink.handle_connect_failed(id, &reason, now);
             }
         }
         self.pump();
     }
 
-    /// Moves the tracker link's handshake on: `Ok(Some(key))` once it is done and the tracker
-    /// proved the service key `key`, `Ok(None)` while it goes on, `Err(reason)` if it failed
-    /// (a key mismatch is then remembered for the command that fails).
-    fn tracker_handshake(&mut self) -> Result<Option<PublicKey>, String> {
-        let Some(conn) = self.tracker.as_mut() else {
-            return Err("no connection".into());
+    /// Moves the handshake of the tracker socket in `slot` on: `Ok(Some(key))` once it is
+    /// done and the tracker proved the service key `key`, `Ok(None)` while it goes on, an
+    /// error if it failed.
+    fn tracker_handshake(&mut self, slot: usize) -> Result<Option<PublicKey>, Handshake> {
+        let Some(t) = self.trackers[slot].as_mut() else {
+            return Err(Handshake::Failed("no connection".into()));
         };
-        let addr = self.uplink.tracker();
+        let addr = t.addr;
         let registry = self.poll.registry();
-        conn.flush(registry)
-            .map_err(|e| format!("write failed: {e}"))?;
+        t.conn
+            .flush(registry)
+            .map_err(|e| Handshake::Failed(format!("write failed: {e}")))?;
         // No frame can come before the handshake is done and our hello sent: stop at the
         // first one (there is none) and judge the secure layer.
-        let read = conn.read_frames(1, |_| false);
-        if let Some(identity) = conn.secure().and_then(|s| s.remote_identity()) {
+        let read = t.conn.read_frames(1, |_| false);
+        if let Some(identity) = t.conn.secure().and_then(|s| s.remote_identity()) {
             return Ok(Some(PublicKey(identity)));
         }
         match read {
             Ok(ReadEnd::WouldBlock) => Ok(None),
-            Ok(_) => Err("closed the connection during the handshake".into()),
+            Ok(_) => Err(Handshake::Failed(
+                "closed the connection during the handshake".into(),
+            )),
             Err(ConnError::Secure(SecureError::WrongIdentity {
                 expected,
                 presented,
             })) => {
-                let addr = addr.unwrap_or(self.config.listen);
                 let source = self
                     .config
                     .tracker_keys
                     .expected(addr)
                     .map(|(_, source)| source)
                     .unwrap_or(super::known_trackers::KeySource::Remembered(None));
-                let refusal =
-                    TrackerKeys::refusal(addr, PublicKey(presented), PublicKey(expected), &source);
-                self.tracker_refusal = Some(refusal.clone());
-                Err(refusal)
+                Err(Handshake::Refused(TrackerKeys::refusal(
+                    addr,
+                    PublicKey(presented),
+                    PublicKey(expected),
+                    &source,
+                )))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Handshake::Failed(e.to_string())),
         }
     }
 
-    /// Writes what is queued for the tracker; a failed write breaks the link.
-    fn flush_tracker(&mut self) {
+    /// Writes what is queued for the tracker socket in `slot`; a failed write breaks it.
+    fn flush_tracker(&mut self, slot: usize) {
         // A connecting socket has nothing to write yet, and must keep its `WRITABLE` interest
         // to tell when it is up.
-        if !self.uplink.is_open() {
-            return;
-        }
-        let Some(conn) = self.tracker.as_mut() else {
+        let Some(t) = self.trackers[slot].as_mut() else {
             return;
         };
-        if let Err(e) = conn.flush(self.poll.registry()) {
+        if t.stage != SockStage::Up {
+            return;
+        }
+        if let Err(e) = t.conn.flush(self.poll.registry()) {
+            let id = t.id;
             self.uplink
-                .handle_closed(&format!("write failed: {e}"), Instant::now());
+                .handle_closed(id, &format!("write failed: {e}"), Instant::now());
         }
     }
 
-    fn read_tracker(&mut self) {
-        let Some(conn) = self.tracker.as_mut() else {
+    /// Reads the frames of the tracker socket in `slot` (a welcome, replies), for as long as
+    /// the link core wants them.
+    fn read_tracker(&mut self, slot: usize) {
+        let Some(t) = self.trackers[slot].as_mut() else {
             return;
         };
+        let id = t.id;
         let core = &mut self.core;
         let uplink = &mut self.uplink;
         let now = Instant::now();
-        let result = conn.read_frames(usize::MAX, |payload| {
-            if let Some(reply) = uplink.handle_frame(payload, now) {
+        let result = t.conn.read_frames(usize::MAX, |payload| {
+            if let Some(reply) = uplink.handle_frame(id, payload, now) {
                 core.handle_reply(reply);
             }
-            // A frame that broke the link ends the reading.
-            uplink.is_open()
+            // A frame that broke the connection, or a loser's, ends the reading.
+            uplink.wants_frames(id)
         });
-        if uplink.is_open() {
+        if uplink.wants_frames(id) {
             match result {
-                Ok(ReadEnd::Eof) => uplink.handle_closed("closed the connection", now),
-                Err(e) => uplink.handle_closed(&e.to_string(), now),
+                Ok(ReadEnd::Eof) => uplink.handle_closed(id, "closed the connection", now),
+                Err(e) => uplink.handle_closed(id, &e.to_string(), now),
                 Ok(_) => {}
             }
         }
