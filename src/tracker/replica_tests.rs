@@ -98,7 +98,7 @@ use crate::tracker::password::{self, PasswordJob, PasswordResult};
 use crate::tracker::ring::Ring;
 use crate::tracker::state::{Entry, Op, Origin, Outcome, Sharer, TrackerRef, TrackerState};
 use crate::wire::frame::{LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_HANDSHAKE_FRAME};
-use crate::wire::replication::{ReplMsg, ReplStatus, MAX_REPLICATION_FRAME};
+use crate::wire::replication::{Catchup, ReplMsg, ReplStatus, MAX_REPLICATION_FRAME};
 use crate::wire::tracker_link::{
     ClientMsg, FileInfo, FileMeta, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
 };
@@ -483,6 +483,10 @@ struct Cluster {
     /// events held (in order).
     paused: BTreeSet<(usize, usize)>,
     held_back: Vec<(EventKey, Event)>,
+    /// Trackers whose disk scenarios hold up (a slow disk): their writes become durable only
+    /// once it goes on (`disk_resumes`); the events held, in order.
+    slow_disks: BTreeSet<u16>,
+    disk_held: Vec<(EventKey, Event)>,
     /// Password jobs handed out per connection (names their events).
     n_jobs: HashMap<ConnId, u64>,
     acked: Acked,
@@ -520,6 +524,8 @@ struct Stats {
     /// States sent to joiners whole (snapshots) and as the entries they lacked (suffixes).
     snapshots: u64,
     suffixes: u64,
+    /// Takeovers answered with the answering tracker's whole state.
+    takeover_snapshots: u64,
     /// Batches sent while an earlier batch was still in flight (pipelining exercised).
     pipelined: u64,
     /// Times a core still had a timer due right after `handle_timeout` (a busy loop in a
@@ -545,6 +551,7 @@ impl Stats {
         self.snapshot_parts += o.snapshot_parts;
         self.snapshots += o.snapshots;
         self.suffixes += o.suffixes;
+        self.takeover_snapshots += o.takeover_snapshots;
         self.pipelined += o.pipelined;
         self.timer_spins += o.timer_spins;
         self.quota_refusals += o.quota_refusals;
@@ -575,6 +582,8 @@ impl Cluster {
             events: BTreeMap::new(),
             paused: BTreeSet::new(),
             held_back: Vec::new(),
+            slow_disks: BTreeSet::new(),
+            disk_held: Vec::new(),
             n_jobs: HashMap::new(),
             acked: Acked::default(),
             stats: Stats::default(),
@@ -843,6 +852,10 @@ impl Cluster {
                         ReplMsg::SnapshotPart { .. } => self.stats.snapshot_parts += 1,
                         ReplMsg::Snapshot { .. } => self.stats.snapshots += 1,
                         ReplMsg::Suffix { .. } => self.stats.suffixes += 1,
+                        ReplMsg::TakeoverAck {
+                            catchup: Catchup::Snapshot,
+                            ..
+                        } => self.stats.takeover_snapshots += 1,
                         ReplMsg::Batch(_) if self.core(no).replica().in_flight_batches() > 1 => {
                             self.stats.pipelined += 1;
                         }
@@ -1320,6 +1333,9 @@ impl Cluster {
                 };
                 if direction.is_some_and(|d| self.paused.contains(&d)) {
                     self.held_back.push((key, event));
+                } else if matches!(&event, Event::Durable { no, .. } if self.slow_disks.contains(no))
+                {
+                    self.disk_held.push((key, event));
                 } else if self
                     .event_tracker(&event)
                     .is_some_and(|no| self.is_frozen(no))
@@ -1398,6 +1414,51 @@ impl Cluster {
         self.events.retain(
             |_, e| !matches!(e, Event::Frame { link: l, to, .. } if (*l, 1 - *to) == (link, from)),
         );
+    }
+
+    /// Scenario: rewrites the tracker messages held back on one direction (`f` gives the
+    /// message delivered instead of each): a peer's bug, or corruption, in a chosen message.
+    fn tamper_held(&mut self, (link, from): (usize, usize), mut f: impl FnMut(ReplMsg) -> ReplMsg) {
+        for ((_, _, l, e, _), event) in &mut self.held_back {
+            if (*l, *e) != (link as u64, from as u64) {
+                continue;
+            }
+            if let Event::Frame { payload, .. } = event {
+                let msg = ReplMsg::parse(payload).expect("a tracker message");
+                let mut frame = Vec::new();
+                f(msg).emit(&mut frame);
+                *payload = frame[LEN_PREFIX..].to_vec();
+            }
+        }
+    }
+
+    /// Whether a tracker message matching `what` is held back on one direction.
+    fn holds(&self, (link, from): (usize, usize), what: impl Fn(&ReplMsg) -> bool) -> bool {
+        self.held_back.iter().any(|((_, _, l, e, _), event)| {
+            (*l, *e) == (link as u64, from as u64)
+                && matches!(event, Event::Frame { payload, .. }
+                    if ReplMsg::parse(payload).is_ok_and(|m| what(&m)))
+        })
+    }
+
+    /// Scenario: tracker `no`'s disk holds up: what it is asked to write becomes durable only
+    /// once [`disk_resumes`](Self::disk_resumes).
+    fn disk_stalls(&mut self, no: u16) {
+        self.trace(|| format!("tracker {no}'s disk stalls"));
+        self.slow_disks.insert(no);
+    }
+
+    /// Scenario: tracker `no`'s disk goes on: the writes held up become durable, in order.
+    fn disk_resumes(&mut self, no: u16) {
+        self.trace(|| format!("tracker {no}'s disk resumes"));
+        self.slow_disks.remove(&no);
+        let (now, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.disk_held)
+            .into_iter()
+            .partition(|(_, e)| self.event_tracker(e) == Some(no));
+        self.disk_held = still;
+        for ((_, kind, a, b, c), event) in now {
+            self.queue((self.now, kind, a, b, c), event);
+        }
     }
 
     /// The newest open link from the current run of tracker `from` to that of `to`, as
@@ -4292,4 +4353,172 @@ fn a_thawed_backup_learns_a_claim_made_while_its_hello_was_unanswered() {
     assert_eq!(create_group(&mut cl, c, "after-thaw"), ReplyBody::Done);
     cl.settle();
     cl.check_agreement();
+}
+
+// ---- takeovers whose catch-up cannot be used ----
+
+/// How the answer of the tracker ahead is spoilt in
+/// `a_takeover_whose_catch_up_cannot_be_applied_does_not_lead_the_member_ahead`.
+#[derive(Debug, Clone, Copy)]
+enum Spoilt {
+    /// Its state comes as a snapshot whose bytes do not decode.
+    Snapshot,
+    /// It says it is further on, with nothing to catch up from.
+    Nothing,
+}
+
+/// The primary dies with three batches in flight that only tracker 3 applied; tracker 2 takes
+/// over, and 3's answer cannot be applied (a peer's bug, or corruption): a snapshot (3's ring
+/// is bounded to one batch, so it sends its state) whose bytes do not decode, or an answer
+/// that says 3 is further on and holds nothing to catch up from. Tracker 2 then leads from
+/// its own, lower, position. Tracker 3, which holds entries 2 lacks, must not be led from
+/// there as a member (it would take 2's next batches for the ones it holds: two histories
+/// under one view, and states that never agree again); it is sent 2's state instead. Every
+/// change is answered once, and all states agree.
+#[test]
+fn a_takeover_whose_catch_up_cannot_be_applied_does_not_lead_the_member_ahead() {
+    for spoilt in [Spoilt::Snapshot, Spoilt::Nothing] {
+        let mut cl = started(3, 9110);
+        let clients = signed_in_clients(&mut cl, 1, 3);
+        for &c in &clients {
+            cl.clients[c].prefer = None;
+        }
+        if matches!(spoilt, Spoilt::Snapshot) {
+            let inc = cl.tracker(3).incarnation;
+            cl.tracker_mut(3, inc)
+                .unwrap()
+                .replica_mut()
+                .bound_ring(1, usize::MAX);
+        }
+        let to_2 = cl.tracker_link(1, 2).unwrap();
+        let acks = cl.tracker_link(3, 1).unwrap();
+        cl.pause(to_2);
+        cl.pause(acks);
+        let base = cl.core(2).replica().applied();
+        let reqs = changes_in_separate_batches(&mut cl, &clients, "t");
+        let top = cl.core(1).replica().applied();
+        assert!(cl.run_until(100, |cl| cl.core(3).replica().applied() == top));
+        assert!(top > base);
+        let answers = cl.tracker_link(3, 2).unwrap();
+        cl.pause(answers);
+        cl.crash(1);
+        cl.lose_held(to_2);
+        cl.lose_held(acks);
+        let answer = |m: &ReplMsg| matches!(m, ReplMsg::TakeoverAck { serving: true, .. });
+        assert!(cl.run_until(3000, |cl| cl.holds(answers, answer)));
+        match spoilt {
+            Spoilt::Snapshot => assert!(cl.holds(answers, |m| matches!(
+                m,
+                ReplMsg::TakeoverAck {
+                    catchup: Catchup::Snapshot,
+                    ..
+                }
+            ))),
+            Spoilt::Nothing => assert!(cl.holds(answers, |m| matches!(
+                m,
+                ReplMsg::TakeoverAck {
+                    catchup: Catchup::Batch(_),
+                    ..
+                }
+            ))),
+        }
+        cl.tamper_held(answers, |m| match (spoilt, m) {
+            (Spoilt::Snapshot, ReplMsg::SnapshotPart { data }) => ReplMsg::SnapshotPart {
+                data: vec![0xff; data.len()],
+            },
+            (
+                Spoilt::Nothing,
+                ReplMsg::TakeoverAck {
+                    view,
+                    serving,
+                    applied,
+                    ..
+                },
+            ) => ReplMsg::TakeoverAck {
+                view,
+                serving,
+                applied,
+                catchup: Catchup::None,
+            },
+            (_, m) => m,
+        });
+        let snapshots = cl.stats.snapshots;
+        cl.resume_one(answers);
+        assert!(cl.run_until(3000, |cl| cl.primaries() == vec![2]));
+        assert_eq!(
+            cl.core(2).replica().applied(),
+            base,
+            "tracker 2 leads from its own position ({spoilt:?})"
+        );
+        assert!(
+            cl.run_until(5000, |cl| cl.stats.snapshots > snapshots
+                && cl.core(3).replica().is_serving()),
+            "tracker 3 is sent tracker 2's state ({spoilt:?})"
+        );
+        assert!(cl.run_until(5000, |cl| all_answered(cl, &clients, &reqs)));
+        for (&c, r) in clients.iter().zip(&reqs) {
+            assert!(
+                cl.clients[c].replies.contains(&(*r, ReplyBody::Done)),
+                "applied once, answered done ({spoilt:?})"
+            );
+        }
+        cl.settle();
+        cl.check_agreement();
+    }
+}
+
+/// Tracker 2 takes over from a snapshot (tracker 3's ring is bounded to one batch, so the
+/// three batches in flight that only 3 applied come as its state) while 2's disk is held up.
+/// The clients waiting on tracker 2 had their changes in those batches: the state taken
+/// remembers their answers, but nobody committed them and the install is not durable on 2, so
+/// no answer goes out until it is (and 3 acknowledged its position); every one does after.
+#[test]
+fn answers_in_a_takeover_snapshot_wait_until_it_is_durable() {
+    let mut cl = Cluster::new_durable(3, 9120);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let inc = cl.tracker(3).incarnation;
+    cl.tracker_mut(3, inc)
+        .unwrap()
+        .replica_mut()
+        .bound_ring(1, usize::MAX);
+    let clients = signed_in_clients(&mut cl, 2, 3);
+    let to_2 = cl.tracker_link(1, 2).unwrap();
+    let acks = cl.tracker_link(3, 1).unwrap();
+    cl.pause(to_2);
+    cl.pause(acks);
+    let reqs = changes_in_separate_batches(&mut cl, &clients, "d");
+    let top = cl.core(1).replica().applied();
+    assert!(cl.run_until(100, |cl| cl.core(3).replica().applied() == top));
+    assert!(cl.core(2).replica().applied() < top);
+    let snapshots = cl.stats.snapshots;
+    cl.disk_stalls(2);
+    cl.crash(1);
+    cl.lose_held(to_2);
+    cl.lose_held(acks);
+    assert!(cl.run_until(3000, |cl| cl.primaries() == vec![2]
+        && cl.core(2).replica().applied() >= top));
+    cl.run_for(500);
+    assert_eq!(
+        cl.stats.snapshots, snapshots,
+        "tracker 2 took tracker 3's state: 3 was not sent one"
+    );
+    assert!(
+        clients
+            .iter()
+            .zip(&reqs)
+            .all(|(&c, r)| !cl.clients[c].answered.contains(r)),
+        "no answer before the state taken over is durable on tracker 2"
+    );
+    cl.disk_resumes(2);
+    assert!(cl.run_until(2000, |cl| all_answered(cl, &clients, &reqs)));
+    for (&c, r) in clients.iter().zip(&reqs) {
+        assert!(cl.clients[c].replies.contains(&(*r, ReplyBody::Done)));
+    }
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
 }
