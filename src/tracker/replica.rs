@@ -626,6 +626,9 @@ pub struct Replica {
     last_status: Option<ReplStatus>,
     /// Entries and bytes of entries logged since the last snapshot.
     since_snapshot: (u64, usize),
+    /// When the log is compacted: [`COMPACT_ENTRIES`] and [`COMPACT_BYTES`] (scenarios use
+    /// less).
+    compact_at: (u64, usize),
 }
 
 /// Whether claim `a` beats claim `b`: a higher view, or the same view by a lower number.
@@ -746,6 +749,7 @@ impl Replica {
             ack_owed: false,
             last_status: None,
             since_snapshot: (0, 0),
+            compact_at: (COMPACT_ENTRIES, COMPACT_BYTES),
         };
         if let Some(restored) = restored {
             r.persistent = true;
@@ -755,6 +759,12 @@ impl Replica {
             r.committed = restored.committed;
             r.durable_seq = restored.applied;
             r.ring = restored.recent;
+            // The log past the snapshot counts toward the next compaction, as it would have
+            // had the tracker not restarted (at least 256 estimated bytes an entry: the ring
+            // may not hold them all).
+            let logged = restored.applied.saturating_sub(restored.committed);
+            let bytes = usize::try_from(logged.saturating_mul(256)).unwrap_or(usize::MAX);
+            r.since_snapshot = (logged, r.ring.bytes_after(restored.committed).max(bytes));
             if let Some(meta) = restored.meta {
                 // The claim's view only: whoever made it, it may be gone, and views go on
                 // above it.
@@ -869,6 +879,12 @@ impl Replica {
     #[cfg(test)]
     pub(crate) fn bound_ring(&mut self, max_batches: usize, max_bytes: usize) {
         self.ring.set_bounds(max_batches, max_bytes);
+    }
+
+    /// Compacts the log after this many entries or bytes of entries (scenarios use few).
+    #[cfg(test)]
+    pub(crate) fn compact_after(&mut self, entries: u64, bytes: usize) {
+        self.compact_at = (entries, bytes);
     }
 
     /// Chooses how joiners are caught up (scenarios force the suffix on small states).
@@ -2463,7 +2479,8 @@ impl Replica {
     /// primary with batches in flight starts no new one meanwhile (see `send_batch`).
     fn compaction_due(&self) -> bool {
         self.persistent
-            && (self.since_snapshot.0 >= COMPACT_ENTRIES || self.since_snapshot.1 >= COMPACT_BYTES)
+            && (self.since_snapshot.0 >= self.compact_at.0
+                || self.since_snapshot.1 >= self.compact_at.1)
     }
 
     /// Applies one entry at the next sequence number.
