@@ -4632,3 +4632,67 @@ fn every_log_is_compacted_under_a_load_that_keeps_batches_in_flight() {
         );
     }
 }
+
+// ---- an old disk with a higher view ----
+
+/// Tracker 3 comes back with a disk whose metadata says it claimed, and accepted its state
+/// in, a view well above the one the live trackers serve in (a disk of an earlier life of the
+/// service, or one that served alone in views nobody else saw). Its claim names nobody live,
+/// so it is void: tracker 3 follows the live primary, joins it, is sent the state (its
+/// position names a claim the primary never held), and the service goes on through the next
+/// takeovers (tracker 3 taking over last). Nothing waits for the higher view.
+#[test]
+fn a_disk_with_a_higher_view_joins_the_live_service() {
+    let mut cl = Cluster::new_durable(3, 9140);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let c = cl.add_client(None);
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "before"), ReplyBody::Done);
+    cl.settle();
+    cl.crash(3);
+    let disk = &mut cl.disks[2];
+    let mut meta = durable::Meta::decode(disk.rec.meta.as_deref().unwrap()).unwrap();
+    let live_view = meta.claim.0;
+    meta.claim.0 += 10;
+    meta.accepted_view += 10;
+    disk.rec.meta = Some(meta.encode());
+    assert_eq!(create_group(&mut cl, c, "while-away"), ReplyBody::Done);
+    let snapshots = cl.stats.snapshots;
+    cl.start(3);
+    assert!(
+        cl.run_until(10_000, |cl| cl.core(3).replica().is_serving()),
+        "tracker 3 joins"
+    );
+    assert_eq!(cl.core(3).replica().view(), Some((live_view, 1)));
+    assert!(
+        cl.stats.snapshots > snapshots,
+        "sent the state, not a suffix"
+    );
+    assert!(cl.core(3).state().group(&gid("while-away")).is_some());
+    // Takeovers go on from the live view: 2, then 3 (alone), which the others then join.
+    for (dead, next) in [(1u16, 2u16), (2, 3)] {
+        cl.crash(dead);
+        assert!(
+            cl.run_until(10_000, |cl| cl.primaries() == vec![next]),
+            "tracker {next} takes over"
+        );
+        let c = cl.add_client(Some(next));
+        cl.sign_in(c);
+        assert_eq!(
+            create_group(&mut cl, c, &format!("after-{dead}")),
+            ReplyBody::Done
+        );
+    }
+    assert_eq!(cl.core(3).replica().view(), Some((live_view + 2, 3)));
+    cl.start(1);
+    cl.start(2);
+    assert!(cl.run_until(10_000, |cl| (1..=3)
+        .all(|no| cl.core(no).replica().is_serving())));
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
