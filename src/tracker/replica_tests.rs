@@ -25,7 +25,11 @@
 //!   key built the same way, so a run does not depend on the order in which one core handler
 //!   emitted sends on different links.
 //! - **Trackers** crash like `kill -9`: the process disappears, what it had sent is still
-//!   delivered, then its links close at the other ends, and what is sent to it is lost. A
+//!   delivered, then its links close at the other ends, and what is sent to it is lost. In a
+//!   quarter of the randomized runs (drawn from the seed) most crashes also lose what was on
+//!   its way to the tracker that would take over (a host that died with its send buffers, a
+//!   close turned into a reset), and half the tracker starts keep no batch, or two, in their
+//!   ring: members then stand apart at a takeover, whose answer may be the whole state. A
 //!   tracker may also hang: it handles nothing more and its links stay open but silent (the
 //!   others find out by heartbeat timeout; its clients only when it is killed, at its
 //!   restart). A restart is a new `TrackerCore` with a new incarnation and an empty state,
@@ -502,6 +506,11 @@ struct Cluster {
     /// start from the seed, so that randomized runs, whose states are small, take both
     /// paths).
     catch_up: Option<CatchUp>,
+    /// Half the trackers started from now on keep no batch, or only their last two, in
+    /// their ring (drawn for each start from the seed): with crashes that lose what was on
+    /// its way ([`crash_losing`](Self::crash_losing)), a takeover is then answered with the
+    /// whole state, a path the workload does not reach otherwise.
+    small_rings: bool,
 }
 
 /// What happened in a run, to see that the faults really were exercised.
@@ -592,6 +601,7 @@ impl Cluster {
             founder: None,
             quotas: None,
             catch_up: Some(CatchUp::BySize),
+            small_rings: false,
         }
     }
 
@@ -716,6 +726,13 @@ impl Cluster {
             }
         });
         core.replica_mut().set_catch_up(catch_up);
+        if self.small_rings && mix(self.seed, &[16, incarnation]).is_multiple_of(2) {
+            // None at all (no byte kept), or the last two batches.
+            let batches = 2 * (mix(self.seed, &[17, incarnation]) % 2) as usize;
+            self.trace(|| format!("tracker {no} keeps {batches} batches in its ring"));
+            core.replica_mut()
+                .bound_ring(batches, if batches == 0 { 0 } else { usize::MAX });
+        }
         self.trace(|| format!("tracker {no} starts (run {incarnation:x})"));
         self.trackers[usize::from(no - 1)] = Some(SimTracker {
             core,
@@ -753,6 +770,24 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Kills tracker `no` as [`crash`](Self::crash) does, but what it sent tracker `to` and
+    /// has not arrived is lost (the host died with it in its send buffers, or the close
+    /// became a reset that discarded them): `to` may be left behind the others.
+    fn crash_losing(&mut self, no: u16, to: u16) {
+        let from = self.node_of(no);
+        self.crash(no);
+        self.trace(|| format!("what tracker {no} sent tracker {to} is lost"));
+        let links = &self.links;
+        self.events.retain(|_, e| match e {
+            Event::Frame { link, to: end, .. } => {
+                let ends = &links[*link].ends;
+                !(ends[1 - *end].node == from
+                    && matches!(ends[*end].node, Node::Tracker { no: n, .. } if n == to))
+            }
+            _ => true,
+        });
     }
 
     /// Tracker `no` hangs: it handles nothing more, and its links stay open but silent (the
@@ -3268,6 +3303,13 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
     // Each tracker start draws how it catches joiners up: the workload's states are small,
     // so by size they would nearly always get the state, and the suffix path needs runs too.
     cl.catch_up = None;
+    // A quarter of the runs (not those of `soak_seeds_that_failed_once`) bound some trackers'
+    // rings small, and two thirds of their crashes lose what was on its way to the tracker
+    // that would take over: members
+    // then stand apart at a takeover, which may be answered with the whole state. (Drawn
+    // from the seed alone: the other runs' schedules are unchanged.)
+    let lossy = mix(seed, &[16]).is_multiple_of(4);
+    cl.small_rings = lossy;
     // A third of the runs have quotas the workload reaches (drawn outside the run's stream),
     // half of them a state quota too.
     if mix(seed, &[12]).is_multiple_of(3) {
@@ -3302,7 +3344,7 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
     for _ in 0..n_clients {
         cl.add_client(None);
     }
-    for _ in 0..steps {
+    for step in 0..steps as u64 {
         let no = cl.rng.between(1, usize::from(n)) as u16;
         let mut r = cl.rng.below(100);
         let mut roll = |p: usize| {
@@ -3311,8 +3353,16 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
             hit
         };
         if roll(f.crash) {
-            if may_crash(&cl, no) {
-                cl.crash(no);
+            // (The lowest-numbered other tracker up: the one that takes over if `no` led.)
+            let to = cl.live().into_iter().find(|o| *o != no);
+            match to {
+                Some(to)
+                    if lossy && may_crash(&cl, no) && !mix(seed, &[18, step]).is_multiple_of(3) =>
+                {
+                    cl.crash_losing(no, to)
+                }
+                _ if may_crash(&cl, no) => cl.crash(no),
+                _ => {}
             }
         } else if durable && roll(f.outage) {
             for no in 1..=n {
