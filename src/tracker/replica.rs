@@ -62,7 +62,23 @@
 //!   state when they do not fit one), brings every member up to it with the entries after
 //!   the position that member answered (members stand up to [`MAX_IN_FLIGHT`] batches apart;
 //!   a member its ring does not reach back to is sent a batch past its point and asks for
-//!   the state), then serves as primary. Backups re-forward the changes they forwarded and
+//!   the state), then serves as primary. The state, when it comes whole, is sent as snapshot
+//!   parts just before the answer, with no closing `Snapshot` (a taker handling that as a
+//!   joiner's state would drop the parts before the answer that says what they are). The
+//!   takeover's first commit (the answering members' acknowledgements, this tracker's write of
+//!   what it took durable) releases the answers to the changes it took over: a state taken
+//!   whole holds entries no primary committed, durable maybe nowhere yet, so unlike a
+//!   joiner's it does not count as committed when installed. A catch-up that cannot be
+//!   applied (a snapshot that does not decode, an answer from further on with nothing to
+//!   catch up from: a peer's bug or corruption) leaves the taker at its own position, and a
+//!   member that answered from further on is then not led: it is told to ask for the state
+//!   (a batch past its point), and gets the taker's, as a joiner does. Batches sent after
+//!   the taker's point would otherwise be taken by such a member as the ones it holds: two
+//!   histories under one view (Invariant 1). What it loses was never committed (a batch
+//!   commits only once every member, the taker among them, acknowledged it), and its own
+//!   changes in it are ordered again (`uncommitted`). Starting the takeover over in a new
+//!   view instead would meet the same answer each time (the same state encoded the same way,
+//!   the same bug), and the service would never serve again. Backups re-forward the changes they forwarded and
 //!   have not seen committed; a client retrying a change through another tracker carries the
 //!   same request id, so nothing is applied twice (see `TrackerState::apply_entry`). Claims of
 //!   primaryship are ordered by view, then by lower tracker number; a tracker follows the
@@ -411,6 +427,11 @@ struct Lead {
     /// The batches sent and not yet committed, oldest first (a primary's only; at most
     /// [`MAX_IN_FLIGHT`], and [`MAX_IN_FLIGHT_BYTES`] of entries).
     in_flight: VecDeque<InFlight>,
+    /// Trackers that answered this tracker's takeover from further on than the state it took
+    /// over with (its catch-up could not be applied), with the position they answered: not
+    /// members, told to ask for the state (see `finish_takeover`); kept until they do, to
+    /// tell them again should that message be lost with a dropped duplicate link.
+    rejoining: BTreeMap<u16, u64>,
 }
 
 impl Lead {
@@ -605,6 +626,9 @@ pub struct Replica {
     last_status: Option<ReplStatus>,
     /// Entries and bytes of entries logged since the last snapshot.
     since_snapshot: (u64, usize),
+    /// When the log is compacted: [`COMPACT_ENTRIES`] and [`COMPACT_BYTES`] (scenarios use
+    /// less).
+    compact_at: (u64, usize),
 }
 
 /// Whether claim `a` beats claim `b`: a higher view, or the same view by a lower number.
@@ -725,6 +749,7 @@ impl Replica {
             ack_owed: false,
             last_status: None,
             since_snapshot: (0, 0),
+            compact_at: (COMPACT_ENTRIES, COMPACT_BYTES),
         };
         if let Some(restored) = restored {
             r.persistent = true;
@@ -734,6 +759,12 @@ impl Replica {
             r.committed = restored.committed;
             r.durable_seq = restored.applied;
             r.ring = restored.recent;
+            // The log past the snapshot counts toward the next compaction, as it would have
+            // had the tracker not restarted (at least 256 estimated bytes an entry: the ring
+            // may not hold them all).
+            let logged = restored.applied.saturating_sub(restored.committed);
+            let bytes = usize::try_from(logged.saturating_mul(256)).unwrap_or(usize::MAX);
+            r.since_snapshot = (logged, r.ring.bytes_after(restored.committed).max(bytes));
             if let Some(meta) = restored.meta {
                 // The claim's view only: whoever made it, it may be gone, and views go on
                 // above it.
@@ -848,6 +879,12 @@ impl Replica {
     #[cfg(test)]
     pub(crate) fn bound_ring(&mut self, max_batches: usize, max_bytes: usize) {
         self.ring.set_bounds(max_batches, max_bytes);
+    }
+
+    /// Compacts the log after this many entries or bytes of entries (scenarios use few).
+    #[cfg(test)]
+    pub(crate) fn compact_after(&mut self, entries: u64, bytes: usize) {
+        self.compact_at = (entries, bytes);
     }
 
     /// Chooses how joiners are caught up (scenarios force the suffix on small states).
@@ -1664,6 +1701,10 @@ impl Replica {
                 let position = self.position();
                 self.send(link, ReplMsg::JoinRequest(position))
             }
+            Role::Primary { lead } if lead.rejoining.contains_key(&no) => {
+                let after = lead.rejoining.get(&no).copied().unwrap_or(0);
+                self.send_rejoin(no, after);
+            }
             Role::Primary { lead } if lead.members.contains(&no) => {
                 // The batches in flight, and the commit that may have been lost (the
                 // member's clients wait for it).
@@ -1699,6 +1740,7 @@ impl Replica {
     fn peer_lost(&mut self, no: u16, now: Instant) {
         if let Some(lead) = self.lead_mut() {
             lead.joiners.remove(&no);
+            lead.rejoining.remove(&no);
             if lead.members.remove(&no) {
                 info!("tracker {no} left the members");
             }
@@ -2051,6 +2093,7 @@ impl Replica {
             return;
         };
         lead.members.remove(&from);
+        lead.rejoining.remove(&from);
         for f in &mut lead.in_flight {
             f.waiting.remove(&from);
         }
@@ -2136,17 +2179,7 @@ impl Replica {
 
     /// Sends the state to one tracker, as snapshot parts and a closing message.
     fn send_snapshot(&mut self, to: u16) {
-        let mut bytes = Vec::new();
-        self.state.encode_snapshot(&mut bytes);
-        let len = bytes.len() as u64;
-        for part in bytes.chunks(SNAPSHOT_PART_LEN) {
-            self.send_to(
-                to,
-                ReplMsg::SnapshotPart {
-                    data: part.to_vec(),
-                },
-            );
-        }
+        let len = self.send_snapshot_parts(to);
         info!(
             "sent the state after entry {} ({len} bytes) to tracker {to}",
             self.applied
@@ -2159,6 +2192,24 @@ impl Replica {
                 len,
             },
         );
+    }
+
+    /// Sends the state to one tracker as snapshot parts only; returns its length. A tracker
+    /// answering a takeover sends these before its `TakeoverAck` (which says what they are):
+    /// a closing `Snapshot` would make the taker consume the parts as a joiner's state
+    /// (`on_snapshot`), and ignore them, before the answer that needs them arrives.
+    fn send_snapshot_parts(&mut self, to: u16) -> u64 {
+        let mut bytes = Vec::new();
+        self.state.encode_snapshot(&mut bytes);
+        for part in bytes.chunks(SNAPSHOT_PART_LEN) {
+            self.send_to(
+                to,
+                ReplMsg::SnapshotPart {
+                    data: part.to_vec(),
+                },
+            );
+        }
+        bytes.len() as u64
     }
 
     fn on_snapshot(
@@ -2428,7 +2479,8 @@ impl Replica {
     /// primary with batches in flight starts no new one meanwhile (see `send_batch`).
     fn compaction_due(&self) -> bool {
         self.persistent
-            && (self.since_snapshot.0 >= COMPACT_ENTRIES || self.since_snapshot.1 >= COMPACT_BYTES)
+            && (self.since_snapshot.0 >= self.compact_at.0
+                || self.since_snapshot.1 >= self.compact_at.1)
     }
 
     /// Applies one entry at the next sequence number.
@@ -2780,7 +2832,11 @@ impl Replica {
                     entries,
                 }),
                 None => {
-                    self.send_snapshot(from);
+                    let len = self.send_snapshot_parts(from);
+                    info!(
+                        "sent the state after entry {} ({len} bytes) to tracker {from}, taking over",
+                        self.applied
+                    );
                     Catchup::Snapshot
                 }
             }
@@ -2884,7 +2940,16 @@ impl Replica {
                     self.log_entries(b.first_seq + skip as u64, entries.into());
                 }
                 Catchup::Snapshot => match TrackerState::decode_snapshot(&offer.snapshot) {
-                    Ok(state) => self.install(state, offer.applied, offer.snapshot, self.claim),
+                    Ok(state) => {
+                        // Unlike a joiner's, this state holds entries nobody committed (the
+                        // batches in flight when the primary died), durable maybe nowhere
+                        // yet: the answers it remembers wait for the takeover's first commit
+                        // (below: this tracker's write of it durable, every member's
+                        // acknowledgement), not for the install.
+                        let committed = self.committed;
+                        self.install(state, offer.applied, offer.snapshot, self.claim);
+                        self.committed = committed;
+                    }
                     Err(e) => error!("tracker {}: bad snapshot: {e}", offer.from),
                 },
                 _ => error!(
@@ -2912,6 +2977,22 @@ impl Replica {
         while let Some(entry) = forwarded.pop_back() {
             lead.next.push_front(Queued { own: true, entry });
         }
+        // A member that answered from further on than this tracker now stands (its catch-up
+        // could not be applied: a snapshot that does not decode, an answer with nothing to
+        // catch up from) holds entries this tracker lacks: batches sent after its point
+        // would be taken as ones it holds, on top of another history. It is not led: it is
+        // told to ask for the state, and gets this tracker's (see the module doc, Takeover).
+        for (&m, &after) in positions.iter().filter(|(_, at)| **at > self.applied) {
+            if lead.members.remove(&m) {
+                warn!(
+                    "tracker {m} answered from entry {after}, past this tracker's {}: it is \
+                     sent the state instead of being led from there",
+                    self.applied
+                );
+                lead.rejoining.insert(m, after);
+            }
+        }
+        let rejoining: Vec<(u16, u64)> = lead.rejoining.iter().map(|(m, a)| (*m, *a)).collect();
         info!(
             "primary of view {} at entry {}; members {:?}",
             self.claim.0, self.applied, lead.members
@@ -2920,6 +3001,9 @@ impl Replica {
         self.accepted_view = self.claim.0;
         self.accepted_by = self.me.no;
         self.sync_meta();
+        for (m, after) in rejoining {
+            self.send_rejoin(m, after);
+        }
         // Bring lagging members up: each answered with its position (members stand up to
         // [`MAX_IN_FLIGHT`] batches apart), and gets the entries after it, from the ring.
         let members = self.members();
@@ -2970,6 +3054,21 @@ impl Replica {
                 }),
             );
         }
+    }
+
+    /// Tells tracker `m`, a backup of this claim that has applied the entries up to `after`
+    /// (past this tracker's), to ask for the state: an empty batch past its point, which it
+    /// answers as a member whose primary is ahead of it, with a join request (see
+    /// `on_batch`). Only its position decides: the batch holds no entry.
+    fn send_rejoin(&mut self, m: u16, after: u64) {
+        self.send_to(
+            m,
+            ReplMsg::Batch(Batch {
+                view: self.claim.0,
+                first_seq: after.saturating_add(2),
+                entries: Vec::new(),
+            }),
+        );
     }
 
     /// An empty batch at this tracker's point: a member there acknowledges the view with it,

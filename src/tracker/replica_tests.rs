@@ -25,7 +25,11 @@
 //!   key built the same way, so a run does not depend on the order in which one core handler
 //!   emitted sends on different links.
 //! - **Trackers** crash like `kill -9`: the process disappears, what it had sent is still
-//!   delivered, then its links close at the other ends, and what is sent to it is lost. A
+//!   delivered, then its links close at the other ends, and what is sent to it is lost. In a
+//!   quarter of the randomized runs (drawn from the seed) most crashes also lose what was on
+//!   its way to the tracker that would take over (a host that died with its send buffers, a
+//!   close turned into a reset), and half the tracker starts keep no batch, or two, in their
+//!   ring: members then stand apart at a takeover, whose answer may be the whole state. A
 //!   tracker may also hang: it handles nothing more and its links stay open but silent (the
 //!   others find out by heartbeat timeout; its clients only when it is killed, at its
 //!   restart). A restart is a new `TrackerCore` with a new incarnation and an empty state,
@@ -98,7 +102,7 @@ use crate::tracker::password::{self, PasswordJob, PasswordResult};
 use crate::tracker::ring::Ring;
 use crate::tracker::state::{Entry, Op, Origin, Outcome, Sharer, TrackerRef, TrackerState};
 use crate::wire::frame::{LEN_PREFIX, MAX_CLIENT_TRACKER_FRAME, MAX_HANDSHAKE_FRAME};
-use crate::wire::replication::{ReplMsg, ReplStatus, MAX_REPLICATION_FRAME};
+use crate::wire::replication::{Catchup, ReplMsg, ReplStatus, MAX_REPLICATION_FRAME};
 use crate::wire::tracker_link::{
     ClientMsg, FileInfo, FileMeta, RejectCode, Reply, ReplyBody, Request, RequestBody, TrackerMsg,
 };
@@ -483,6 +487,10 @@ struct Cluster {
     /// events held (in order).
     paused: BTreeSet<(usize, usize)>,
     held_back: Vec<(EventKey, Event)>,
+    /// Trackers whose disk scenarios hold up (a slow disk): their writes become durable only
+    /// once it goes on (`disk_resumes`); the events held, in order.
+    slow_disks: BTreeSet<u16>,
+    disk_held: Vec<(EventKey, Event)>,
     /// Password jobs handed out per connection (names their events).
     n_jobs: HashMap<ConnId, u64>,
     acked: Acked,
@@ -498,6 +506,11 @@ struct Cluster {
     /// start from the seed, so that randomized runs, whose states are small, take both
     /// paths).
     catch_up: Option<CatchUp>,
+    /// Half the trackers started from now on keep no batch, or only their last two, in
+    /// their ring (drawn for each start from the seed): with crashes that lose what was on
+    /// its way ([`crash_losing`](Self::crash_losing)), a takeover is then answered with the
+    /// whole state, a path the workload does not reach otherwise.
+    small_rings: bool,
 }
 
 /// What happened in a run, to see that the faults really were exercised.
@@ -520,6 +533,8 @@ struct Stats {
     /// States sent to joiners whole (snapshots) and as the entries they lacked (suffixes).
     snapshots: u64,
     suffixes: u64,
+    /// Takeovers answered with the answering tracker's whole state.
+    takeover_snapshots: u64,
     /// Batches sent while an earlier batch was still in flight (pipelining exercised).
     pipelined: u64,
     /// Times a core still had a timer due right after `handle_timeout` (a busy loop in a
@@ -545,6 +560,7 @@ impl Stats {
         self.snapshot_parts += o.snapshot_parts;
         self.snapshots += o.snapshots;
         self.suffixes += o.suffixes;
+        self.takeover_snapshots += o.takeover_snapshots;
         self.pipelined += o.pipelined;
         self.timer_spins += o.timer_spins;
         self.quota_refusals += o.quota_refusals;
@@ -575,6 +591,8 @@ impl Cluster {
             events: BTreeMap::new(),
             paused: BTreeSet::new(),
             held_back: Vec::new(),
+            slow_disks: BTreeSet::new(),
+            disk_held: Vec::new(),
             n_jobs: HashMap::new(),
             acked: Acked::default(),
             stats: Stats::default(),
@@ -583,6 +601,7 @@ impl Cluster {
             founder: None,
             quotas: None,
             catch_up: Some(CatchUp::BySize),
+            small_rings: false,
         }
     }
 
@@ -707,6 +726,13 @@ impl Cluster {
             }
         });
         core.replica_mut().set_catch_up(catch_up);
+        if self.small_rings && mix(self.seed, &[16, incarnation]).is_multiple_of(2) {
+            // None at all (no byte kept), or the last two batches.
+            let batches = 2 * (mix(self.seed, &[17, incarnation]) % 2) as usize;
+            self.trace(|| format!("tracker {no} keeps {batches} batches in its ring"));
+            core.replica_mut()
+                .bound_ring(batches, if batches == 0 { 0 } else { usize::MAX });
+        }
         self.trace(|| format!("tracker {no} starts (run {incarnation:x})"));
         self.trackers[usize::from(no - 1)] = Some(SimTracker {
             core,
@@ -744,6 +770,24 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Kills tracker `no` as [`crash`](Self::crash) does, but what it sent tracker `to` and
+    /// has not arrived is lost (the host died with it in its send buffers, or the close
+    /// became a reset that discarded them): `to` may be left behind the others.
+    fn crash_losing(&mut self, no: u16, to: u16) {
+        let from = self.node_of(no);
+        self.crash(no);
+        self.trace(|| format!("what tracker {no} sent tracker {to} is lost"));
+        let links = &self.links;
+        self.events.retain(|_, e| match e {
+            Event::Frame { link, to: end, .. } => {
+                let ends = &links[*link].ends;
+                !(ends[1 - *end].node == from
+                    && matches!(ends[*end].node, Node::Tracker { no: n, .. } if n == to))
+            }
+            _ => true,
+        });
     }
 
     /// Tracker `no` hangs: it handles nothing more, and its links stay open but silent (the
@@ -843,6 +887,10 @@ impl Cluster {
                         ReplMsg::SnapshotPart { .. } => self.stats.snapshot_parts += 1,
                         ReplMsg::Snapshot { .. } => self.stats.snapshots += 1,
                         ReplMsg::Suffix { .. } => self.stats.suffixes += 1,
+                        ReplMsg::TakeoverAck {
+                            catchup: Catchup::Snapshot,
+                            ..
+                        } => self.stats.takeover_snapshots += 1,
                         ReplMsg::Batch(_) if self.core(no).replica().in_flight_batches() > 1 => {
                             self.stats.pipelined += 1;
                         }
@@ -1320,6 +1368,9 @@ impl Cluster {
                 };
                 if direction.is_some_and(|d| self.paused.contains(&d)) {
                     self.held_back.push((key, event));
+                } else if matches!(&event, Event::Durable { no, .. } if self.slow_disks.contains(no))
+                {
+                    self.disk_held.push((key, event));
                 } else if self
                     .event_tracker(&event)
                     .is_some_and(|no| self.is_frozen(no))
@@ -1398,6 +1449,51 @@ impl Cluster {
         self.events.retain(
             |_, e| !matches!(e, Event::Frame { link: l, to, .. } if (*l, 1 - *to) == (link, from)),
         );
+    }
+
+    /// Scenario: rewrites the tracker messages held back on one direction (`f` gives the
+    /// message delivered instead of each): a peer's bug, or corruption, in a chosen message.
+    fn tamper_held(&mut self, (link, from): (usize, usize), mut f: impl FnMut(ReplMsg) -> ReplMsg) {
+        for ((_, _, l, e, _), event) in &mut self.held_back {
+            if (*l, *e) != (link as u64, from as u64) {
+                continue;
+            }
+            if let Event::Frame { payload, .. } = event {
+                let msg = ReplMsg::parse(payload).expect("a tracker message");
+                let mut frame = Vec::new();
+                f(msg).emit(&mut frame);
+                *payload = frame[LEN_PREFIX..].to_vec();
+            }
+        }
+    }
+
+    /// Whether a tracker message matching `what` is held back on one direction.
+    fn holds(&self, (link, from): (usize, usize), what: impl Fn(&ReplMsg) -> bool) -> bool {
+        self.held_back.iter().any(|((_, _, l, e, _), event)| {
+            (*l, *e) == (link as u64, from as u64)
+                && matches!(event, Event::Frame { payload, .. }
+                    if ReplMsg::parse(payload).is_ok_and(|m| what(&m)))
+        })
+    }
+
+    /// Scenario: tracker `no`'s disk holds up: what it is asked to write becomes durable only
+    /// once [`disk_resumes`](Self::disk_resumes).
+    fn disk_stalls(&mut self, no: u16) {
+        self.trace(|| format!("tracker {no}'s disk stalls"));
+        self.slow_disks.insert(no);
+    }
+
+    /// Scenario: tracker `no`'s disk goes on: the writes held up become durable, in order.
+    fn disk_resumes(&mut self, no: u16) {
+        self.trace(|| format!("tracker {no}'s disk resumes"));
+        self.slow_disks.remove(&no);
+        let (now, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.disk_held)
+            .into_iter()
+            .partition(|(_, e)| self.event_tracker(e) == Some(no));
+        self.disk_held = still;
+        for ((_, kind, a, b, c), event) in now {
+            self.queue((self.now, kind, a, b, c), event);
+        }
     }
 
     /// The newest open link from the current run of tracker `from` to that of `to`, as
@@ -3207,6 +3303,13 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
     // Each tracker start draws how it catches joiners up: the workload's states are small,
     // so by size they would nearly always get the state, and the suffix path needs runs too.
     cl.catch_up = None;
+    // A quarter of the runs (not those of `soak_seeds_that_failed_once`) bound some trackers'
+    // rings small, and two thirds of their crashes lose what was on its way to the tracker
+    // that would take over: members
+    // then stand apart at a takeover, which may be answered with the whole state. (Drawn
+    // from the seed alone: the other runs' schedules are unchanged.)
+    let lossy = mix(seed, &[16]).is_multiple_of(4);
+    cl.small_rings = lossy;
     // A third of the runs have quotas the workload reaches (drawn outside the run's stream),
     // half of them a state quota too.
     if mix(seed, &[12]).is_multiple_of(3) {
@@ -3241,7 +3344,7 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
     for _ in 0..n_clients {
         cl.add_client(None);
     }
-    for _ in 0..steps {
+    for step in 0..steps as u64 {
         let no = cl.rng.between(1, usize::from(n)) as u16;
         let mut r = cl.rng.below(100);
         let mut roll = |p: usize| {
@@ -3250,8 +3353,16 @@ fn random_run_with(seed: u64, steps: usize, durable: bool) -> Cluster {
             hit
         };
         if roll(f.crash) {
-            if may_crash(&cl, no) {
-                cl.crash(no);
+            // (The lowest-numbered other tracker up: the one that takes over if `no` led.)
+            let to = cl.live().into_iter().find(|o| *o != no);
+            match to {
+                Some(to)
+                    if lossy && may_crash(&cl, no) && !mix(seed, &[18, step]).is_multiple_of(3) =>
+                {
+                    cl.crash_losing(no, to)
+                }
+                _ if may_crash(&cl, no) => cl.crash(no),
+                _ => {}
             }
         } else if durable && roll(f.outage) {
             for no in 1..=n {
@@ -4292,4 +4403,346 @@ fn a_thawed_backup_learns_a_claim_made_while_its_hello_was_unanswered() {
     assert_eq!(create_group(&mut cl, c, "after-thaw"), ReplyBody::Done);
     cl.settle();
     cl.check_agreement();
+}
+
+// ---- takeovers whose catch-up cannot be used ----
+
+/// How the answer of the tracker ahead is spoilt in
+/// `a_takeover_whose_catch_up_cannot_be_applied_does_not_lead_the_member_ahead`.
+#[derive(Debug, Clone, Copy)]
+enum Spoilt {
+    /// Its state comes as a snapshot whose bytes do not decode.
+    Snapshot,
+    /// It says it is further on, with nothing to catch up from.
+    Nothing,
+}
+
+/// The primary dies with three batches in flight that only tracker 3 applied; tracker 2 takes
+/// over, and 3's answer cannot be applied (a peer's bug, or corruption): a snapshot (3's ring
+/// is bounded to one batch, so it sends its state) whose bytes do not decode, or an answer
+/// that says 3 is further on and holds nothing to catch up from. Tracker 2 then leads from
+/// its own, lower, position. Tracker 3, which holds entries 2 lacks, must not be led from
+/// there as a member (it would take 2's next batches for the ones it holds: two histories
+/// under one view, and states that never agree again); it is sent 2's state instead. Every
+/// change is answered once, and all states agree.
+#[test]
+fn a_takeover_whose_catch_up_cannot_be_applied_does_not_lead_the_member_ahead() {
+    for spoilt in [Spoilt::Snapshot, Spoilt::Nothing] {
+        let mut cl = started(3, 9110);
+        let clients = signed_in_clients(&mut cl, 1, 3);
+        for &c in &clients {
+            cl.clients[c].prefer = None;
+        }
+        if matches!(spoilt, Spoilt::Snapshot) {
+            let inc = cl.tracker(3).incarnation;
+            cl.tracker_mut(3, inc)
+                .unwrap()
+                .replica_mut()
+                .bound_ring(1, usize::MAX);
+        }
+        let to_2 = cl.tracker_link(1, 2).unwrap();
+        let acks = cl.tracker_link(3, 1).unwrap();
+        cl.pause(to_2);
+        cl.pause(acks);
+        let base = cl.core(2).replica().applied();
+        let reqs = changes_in_separate_batches(&mut cl, &clients, "t");
+        let top = cl.core(1).replica().applied();
+        assert!(cl.run_until(100, |cl| cl.core(3).replica().applied() == top));
+        assert!(top > base);
+        let answers = cl.tracker_link(3, 2).unwrap();
+        cl.pause(answers);
+        cl.crash(1);
+        cl.lose_held(to_2);
+        cl.lose_held(acks);
+        let answer = |m: &ReplMsg| matches!(m, ReplMsg::TakeoverAck { serving: true, .. });
+        assert!(cl.run_until(3000, |cl| cl.holds(answers, answer)));
+        match spoilt {
+            Spoilt::Snapshot => assert!(cl.holds(answers, |m| matches!(
+                m,
+                ReplMsg::TakeoverAck {
+                    catchup: Catchup::Snapshot,
+                    ..
+                }
+            ))),
+            Spoilt::Nothing => assert!(cl.holds(answers, |m| matches!(
+                m,
+                ReplMsg::TakeoverAck {
+                    catchup: Catchup::Batch(_),
+                    ..
+                }
+            ))),
+        }
+        cl.tamper_held(answers, |m| match (spoilt, m) {
+            (Spoilt::Snapshot, ReplMsg::SnapshotPart { data }) => ReplMsg::SnapshotPart {
+                data: vec![0xff; data.len()],
+            },
+            (
+                Spoilt::Nothing,
+                ReplMsg::TakeoverAck {
+                    view,
+                    serving,
+                    applied,
+                    ..
+                },
+            ) => ReplMsg::TakeoverAck {
+                view,
+                serving,
+                applied,
+                catchup: Catchup::None,
+            },
+            (_, m) => m,
+        });
+        let snapshots = cl.stats.snapshots;
+        cl.resume_one(answers);
+        assert!(cl.run_until(3000, |cl| cl.primaries() == vec![2]));
+        assert_eq!(
+            cl.core(2).replica().applied(),
+            base,
+            "tracker 2 leads from its own position ({spoilt:?})"
+        );
+        assert!(
+            cl.run_until(5000, |cl| cl.stats.snapshots > snapshots
+                && cl.core(3).replica().is_serving()),
+            "tracker 3 is sent tracker 2's state ({spoilt:?})"
+        );
+        assert!(cl.run_until(5000, |cl| all_answered(cl, &clients, &reqs)));
+        for (&c, r) in clients.iter().zip(&reqs) {
+            assert!(
+                cl.clients[c].replies.contains(&(*r, ReplyBody::Done)),
+                "applied once, answered done ({spoilt:?})"
+            );
+        }
+        cl.settle();
+        cl.check_agreement();
+    }
+}
+
+/// Tracker 2 takes over from a snapshot (tracker 3's ring is bounded to one batch, so the
+/// three batches in flight that only 3 applied come as its state) while 2's disk is held up.
+/// The clients waiting on tracker 2 had their changes in those batches: the state taken
+/// remembers their answers, but nobody committed them and the install is not durable on 2, so
+/// no answer goes out until it is (and 3 acknowledged its position); every one does after.
+#[test]
+fn answers_in_a_takeover_snapshot_wait_until_it_is_durable() {
+    let mut cl = Cluster::new_durable(3, 9120);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let inc = cl.tracker(3).incarnation;
+    cl.tracker_mut(3, inc)
+        .unwrap()
+        .replica_mut()
+        .bound_ring(1, usize::MAX);
+    let clients = signed_in_clients(&mut cl, 2, 3);
+    let to_2 = cl.tracker_link(1, 2).unwrap();
+    let acks = cl.tracker_link(3, 1).unwrap();
+    cl.pause(to_2);
+    cl.pause(acks);
+    let reqs = changes_in_separate_batches(&mut cl, &clients, "d");
+    let top = cl.core(1).replica().applied();
+    assert!(cl.run_until(100, |cl| cl.core(3).replica().applied() == top));
+    assert!(cl.core(2).replica().applied() < top);
+    let snapshots = cl.stats.snapshots;
+    cl.disk_stalls(2);
+    cl.crash(1);
+    cl.lose_held(to_2);
+    cl.lose_held(acks);
+    assert!(cl.run_until(3000, |cl| cl.primaries() == vec![2]
+        && cl.core(2).replica().applied() >= top));
+    cl.run_for(500);
+    assert_eq!(
+        cl.stats.snapshots, snapshots,
+        "tracker 2 took tracker 3's state: 3 was not sent one"
+    );
+    assert!(
+        clients
+            .iter()
+            .zip(&reqs)
+            .all(|(&c, r)| !cl.clients[c].answered.contains(r)),
+        "no answer before the state taken over is durable on tracker 2"
+    );
+    cl.disk_resumes(2);
+    assert!(cl.run_until(2000, |cl| all_answered(cl, &clients, &reqs)));
+    for (&c, r) in clients.iter().zip(&reqs) {
+        assert!(cl.clients[c].replies.contains(&(*r, ReplyBody::Done)));
+    }
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
+// ---- compaction under load ----
+
+impl SimDisk {
+    /// Entries its log holds durably past its newest snapshot.
+    fn logged_past_snapshot(&self) -> u64 {
+        let snap = self.rec.snapshot.as_ref().map_or(0, |s| s.0);
+        self.rec.last_seq.saturating_sub(snap)
+    }
+}
+
+/// The entries logged between two compactions in the scenarios below.
+const AT: u64 = 40;
+
+/// Nine clients each with a change always in flight, for 10 simulated seconds, against three
+/// trackers that compact every [`AT`] entries; tracker 3 is killed and restarted from its
+/// disk at step `restart_at` (5 ms each). Returns the entries logged, and for each tracker
+/// the most its log held past its snapshot and the snapshots it wrote.
+fn compaction_under_load(restart_at: Option<usize>) -> (u64, [u64; 3], [usize; 3]) {
+    let mut cl = Cluster::new_durable(3, 9130);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let compact = |cl: &mut Cluster, no: u16| {
+        let inc = cl.tracker(no).incarnation;
+        cl.tracker_mut(no, inc)
+            .unwrap()
+            .replica_mut()
+            .compact_after(AT, usize::MAX);
+    };
+    for no in 1..=3 {
+        compact(&mut cl, no);
+    }
+    let clients: Vec<usize> = (0..9).map(|i| cl.add_client(Some(1 + i % 2))).collect();
+    for &c in &clients {
+        cl.sign_in(c);
+    }
+    let (pipelined, start) = (cl.stats.pipelined, cl.core(1).replica().applied());
+    let mut most = [0u64; 3];
+    let mut snapshots = [BTreeSet::new(), BTreeSet::new(), BTreeSet::new()];
+    for step in 0..2000 {
+        for (i, &c) in clients.iter().enumerate() {
+            if cl.clients[c].pending.is_none() && cl.clients[c].link.is_some() {
+                let group = gid(&format!("l{i}-{step}"));
+                cl.issue(c, RequestBody::CreateGroup { group }, Expect::Manual);
+            }
+        }
+        if restart_at == Some(step) {
+            cl.crash(3);
+            cl.start(3);
+            compact(&mut cl, 3);
+        }
+        cl.run_for(5);
+        for (no, disk) in cl.disks.iter().enumerate() {
+            most[no] = most[no].max(disk.logged_past_snapshot());
+            if let Some((seq, _)) = &disk.rec.snapshot {
+                snapshots[no].insert(*seq);
+            }
+        }
+    }
+    let logged = cl.core(1).replica().applied() - start;
+    assert!(logged > 20 * AT, "a load of {logged} entries");
+    assert!(
+        cl.stats.pipelined - pipelined > logged / 10,
+        "batches stayed in flight"
+    );
+    (logged, most, snapshots.map(|s| s.len()))
+}
+
+/// Under a load that keeps batches in flight, every tracker's log is still compacted, the
+/// backups' too though they compact only at a commit that reaches every entry they applied:
+/// the primary starts no batch while its own compaction is due, so its pipeline drains once
+/// every [`AT`] entries, and a backup whose count is due by then compacts there (one that is
+/// not yet due is by the next drain). So no log holds much more than twice [`AT`] entries
+/// past its snapshot (plus the batches in flight), however long the load lasts. A backup
+/// restarted from its disk in the middle of it (at a few points between two drains) counts
+/// its log past the snapshot toward the next compaction, so it goes on compacting at the
+/// drains it compacted at before (here, where every count started together, with no more
+/// than [`AT`] entries and the batches in flight past its snapshot); counting from zero
+/// after a restart, it held up to twice that.
+#[test]
+fn every_log_is_compacted_under_a_load_that_keeps_batches_in_flight() {
+    // (Each batch holds at most one change per client: 4 batches in flight hold 36.)
+    let in_flight = 4 * 9;
+    let bound = 2 * AT + in_flight;
+    for restart_at in [None, Some(1000), Some(1007)] {
+        let (logged, most, snapshots) = compaction_under_load(restart_at);
+        for no in 0..3 {
+            assert!(
+                most[no] <= bound,
+                "tracker {}: {} entries past its snapshot (bound {bound}), {logged} logged, restart at {restart_at:?}",
+                no + 1,
+                most[no]
+            );
+            assert!(
+                snapshots[no] as u64 >= logged / (3 * AT),
+                "tracker {}: {} snapshots for {logged} entries",
+                no + 1,
+                snapshots[no]
+            );
+        }
+        assert!(
+            most[2] <= AT + in_flight,
+            "tracker 3 (restart at {restart_at:?}): {} entries past its snapshot",
+            most[2]
+        );
+    }
+}
+
+// ---- an old disk with a higher view ----
+
+/// Tracker 3 comes back with a disk whose metadata says it claimed, and accepted its state
+/// in, a view well above the one the live trackers serve in (a disk of an earlier life of the
+/// service, or one that served alone in views nobody else saw). Its claim names nobody live,
+/// so it is void: tracker 3 follows the live primary, joins it, is sent the state (its
+/// position names a claim the primary never held), and the service goes on through the next
+/// takeovers (tracker 3 taking over last). Nothing waits for the higher view.
+#[test]
+fn a_disk_with_a_higher_view_joins_the_live_service() {
+    let mut cl = Cluster::new_durable(3, 9140);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let c = cl.add_client(None);
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "before"), ReplyBody::Done);
+    cl.settle();
+    cl.crash(3);
+    let disk = &mut cl.disks[2];
+    let mut meta = durable::Meta::decode(disk.rec.meta.as_deref().unwrap()).unwrap();
+    let live_view = meta.claim.0;
+    meta.claim.0 += 10;
+    meta.accepted_view += 10;
+    disk.rec.meta = Some(meta.encode());
+    assert_eq!(create_group(&mut cl, c, "while-away"), ReplyBody::Done);
+    let snapshots = cl.stats.snapshots;
+    cl.start(3);
+    assert!(
+        cl.run_until(10_000, |cl| cl.core(3).replica().is_serving()),
+        "tracker 3 joins"
+    );
+    assert_eq!(cl.core(3).replica().view(), Some((live_view, 1)));
+    assert!(
+        cl.stats.snapshots > snapshots,
+        "sent the state, not a suffix"
+    );
+    assert!(cl.core(3).state().group(&gid("while-away")).is_some());
+    // Takeovers go on from the live view: 2, then 3 (alone), which the others then join.
+    for (dead, next) in [(1u16, 2u16), (2, 3)] {
+        cl.crash(dead);
+        assert!(
+            cl.run_until(10_000, |cl| cl.primaries() == vec![next]),
+            "tracker {next} takes over"
+        );
+        let c = cl.add_client(Some(next));
+        cl.sign_in(c);
+        assert_eq!(
+            create_group(&mut cl, c, &format!("after-{dead}")),
+            ReplyBody::Done
+        );
+    }
+    assert_eq!(cl.core(3).replica().view(), Some((live_view + 2, 3)));
+    cl.start(1);
+    cl.start(2);
+    assert!(cl.run_until(10_000, |cl| (1..=3)
+        .all(|no| cl.core(no).replica().is_serving())));
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
 }
