@@ -33,7 +33,13 @@
 //! connection, 1), `REPL_BENCH_SECS` (measured seconds per cluster size, 5),
 //! `REPL_BENCH_WARMUP` (seconds excluded, 1), `REPL_BENCH_TRACKERS` (cluster sizes, `1,2,3`),
 //! `REPL_BENCH_SPREAD` (1: connections spread over the trackers; 0: all on the primary),
-//! `REPL_BENCH_FAILOVERS` (repetitions of the failover rounds, 5).
+//! `REPL_BENCH_FAILOVERS` (repetitions of the failover rounds, 5), `REPL_BENCH_TRACKER_BIN`
+//! (the tracker program to run instead of this build's: two builds compared under the same
+//! load generator).
+//!
+//! With `perf` (as root) the writes part also prints, per change and for all the trackers
+//! together, the `recvfrom`, `sendto` and `epoll_wait` calls and the CPU time (`task-clock`)
+//! of the measured seconds, beside the `fdatasync` calls.
 //!
 //! Every process is stopped when the benchmark ends (trackers get `quit`, then SIGKILL after
 //! 2 s; clients end with their input), also on an error.
@@ -57,6 +63,13 @@ use p2pshare::wire::tracker_link::{Reply, ReplyBody, Request, RequestBody, Track
 use p2pshare::wire::{GroupId, Password, UserId};
 
 const TRACKER_BIN: &str = env!("CARGO_BIN_EXE_tracker_program");
+
+/// The tracker program to run: `REPL_BENCH_TRACKER_BIN` (another build's, to compare two
+/// builds under the same load generator), else this build's.
+fn tracker_bin() -> PathBuf {
+    std::env::var_os("REPL_BENCH_TRACKER_BIN")
+        .map_or_else(|| PathBuf::from(TRACKER_BIN), PathBuf::from)
+}
 const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_client_program");
 const BENCH: &str = "replication";
 const PASSWORD: &[u8] = b"bench-password";
@@ -195,7 +208,7 @@ impl Cluster {
         let log = self.log_path(no, self.runs[no - 1]);
         let stderr = File::create(&log).map_err(io_err("create a log file"))?;
         // Trackers' keys and data go in the bench's temporary directory, never the real home.
-        let mut child = Command::new(TRACKER_BIN)
+        let mut child = Command::new(tracker_bin())
             .env("XDG_STATE_HOME", self.dir.path())
             // The bench's clients speak plain client frames.
             .args(["--log-level", "warn", "--accept-plain-clients"])
@@ -428,49 +441,68 @@ struct WriteResult {
     lat: Latencies,
     max_ms: f64,
     cpu: Vec<Option<f64>>,
-    /// `fdatasync` calls of all the trackers during the measured seconds, if `perf` could
-    /// count them.
-    fsyncs: Option<u64>,
+    /// This process's CPU use (the load generator) over the measured seconds.
+    generator_cpu: Option<f64>,
+    /// What `perf` counted in all the trackers during the measured seconds, if it could.
+    counts: Option<TrackerCounts>,
 }
 
-/// Counts the `fdatasync` calls of some processes with `perf stat` (a kernel tracepoint:
-/// no cost to them) from `start` until `finish`. Needs `perf` and the right to read
-/// tracepoints (root); `None` otherwise.
-struct FsyncCounter {
+/// Counts of all the trackers' processes over the measured seconds (`perf stat`).
+#[derive(Debug, Default, Clone, Copy)]
+struct TrackerCounts {
+    fsyncs: u64,
+    recvs: u64,
+    sends: u64,
+    epoll_waits: u64,
+    /// CPU time, in milliseconds (`task-clock`).
+    cpu_ms: f64,
+}
+
+/// Counts the `fdatasync`, `recvfrom`, `sendto` and `epoll_wait` calls and the CPU time of
+/// some processes with `perf stat` (kernel tracepoints and a software clock: no cost to
+/// them, and no hardware counters needed) from `start` until `finish`. Needs `perf` and the
+/// right to read tracepoints (root); `None` otherwise.
+struct PerfCounter {
     child: Child,
 }
 
-impl FsyncCounter {
-    fn start(pids: &[u32]) -> Option<FsyncCounter> {
+/// The events `PerfCounter` asks for.
+const PERF_EVENTS: &str = "syscalls:sys_enter_fdatasync,syscalls:sys_enter_recvfrom,\
+    syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,task-clock";
+
+impl PerfCounter {
+    fn start(pids: &[u32]) -> Option<PerfCounter> {
         let list: Vec<String> = pids.iter().map(u32::to_string).collect();
         let child = Command::new("perf")
-            .args([
-                "stat",
-                "-x",
-                ",",
-                "-e",
-                "syscalls:sys_enter_fdatasync",
-                "-p",
-            ])
+            .args(["stat", "-x", ",", "-e", PERF_EVENTS, "-p"])
             .arg(list.join(","))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .ok()?;
-        Some(FsyncCounter { child })
+        Some(PerfCounter { child })
     }
 
-    fn finish(self) -> Option<u64> {
+    fn finish(self) -> Option<TrackerCounts> {
         let _ = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status();
         let out = self.child.wait_with_output().ok()?;
         let text = String::from_utf8_lossy(&out.stderr);
-        text.lines()
-            .find(|l| l.contains("sys_enter_fdatasync"))
-            .and_then(|l| l.split(',').next())
-            .and_then(|n| n.trim().parse().ok())
+        let count = |event: &str| -> Option<f64> {
+            text.lines()
+                .find(|l| l.contains(event))
+                .and_then(|l| l.split(',').next())
+                .and_then(|n| n.trim().parse().ok())
+        };
+        Some(TrackerCounts {
+            fsyncs: count("sys_enter_fdatasync")? as u64,
+            recvs: count("sys_enter_recvfrom").unwrap_or(0.0) as u64,
+            sends: count("sys_enter_sendto").unwrap_or(0.0) as u64,
+            epoll_waits: count("sys_enter_epoll_wait").unwrap_or(0.0) as u64,
+            cpu_ms: count("task-clock").unwrap_or(0.0),
+        })
     }
 }
 
@@ -555,7 +587,8 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
         .map(|no| cluster.pid(no))
         .collect();
     let mut cpu_from: Option<Vec<Option<f64>>> = None;
-    let mut fsync_counter: Option<Option<FsyncCounter>> = None;
+    let mut generator_from = None;
+    let mut perf_counter: Option<Option<PerfCounter>> = None;
     let mut lat = Vec::new();
     let mut changes = 0u64;
     let mut max_s = 0f64;
@@ -567,8 +600,11 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
         }
         if cpu_from.is_none() && now >= from {
             cpu_from = Some(pids.iter().map(|p| p.and_then(cpu_secs)).collect());
+            generator_from = cpu_secs(std::process::id());
+            // For a profiler started by hand on the trackers (`perf record -p`).
+            eprintln!("  measuring for {:?}", cfg.secs);
             let live: Vec<u32> = pids.iter().flatten().copied().collect();
-            fsync_counter = Some(FsyncCounter::start(&live));
+            perf_counter = Some(PerfCounter::start(&live));
         }
         let wait = to
             .saturating_duration_since(now)
@@ -586,10 +622,21 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
             if !(ev.is_readable() || ev.is_read_closed() || ev.is_error()) {
                 continue;
             }
-            loop {
-                match c.stream.read(c.rbuf.spare()) {
+            // A read that returns less than it had room for emptied the socket, and more
+            // bytes raise a new (edge-triggered) event: no second read to hear `WouldBlock`,
+            // as the tracker reads (`Conn::set_short_reads_end`). A close or an error reads on
+            // to the end (its event is the last).
+            let short_reads_end = !(ev.is_read_closed() || ev.is_error());
+            let mut drained = false;
+            while !drained {
+                let spare = c.rbuf.spare();
+                let room = spare.len();
+                match c.stream.read(spare) {
                     Ok(0) => return Err(format!("connection {} closed", ev.token().0)),
-                    Ok(k) => c.rbuf.commit(k),
+                    Ok(k) => {
+                        c.rbuf.commit(k);
+                        drained = short_reads_end && k < room;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(format!("read: {e}")),
@@ -624,7 +671,10 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
         }
     }
     let cpu_to: Vec<Option<f64>> = pids.iter().map(|p| p.and_then(cpu_secs)).collect();
-    let fsyncs = fsync_counter.flatten().and_then(FsyncCounter::finish);
+    let generator_cpu = cpu_secs(std::process::id())
+        .zip(generator_from)
+        .map(|(b, a)| (b - a) / cfg.secs.as_secs_f64());
+    let counts = perf_counter.flatten().and_then(PerfCounter::finish);
     let cpu = match cpu_from {
         Some(f) => f
             .iter()
@@ -640,7 +690,8 @@ fn run_writes(cfg: &Config, cluster: &Cluster) -> Res<WriteResult> {
         lat: Latencies(lat),
         max_ms: max_s * 1e3,
         cpu,
-        fsyncs,
+        generator_cpu,
+        counts,
     })
 }
 
@@ -929,16 +980,29 @@ fn main() {
                             Some(c) => format!("t{} {:.0}%", i + 1, c * 100.0),
                             None => format!("t{} ?", i + 1),
                         })
+                        .chain(std::iter::once(match r.generator_cpu {
+                            Some(c) => format!("generator {:.0}%", c * 100.0),
+                            None => "generator ?".to_owned(),
+                        }))
                         .collect();
                     // Every tracker writes every change: per tracker, fsyncs and the changes
                     // each one covers.
-                    let fsyncs = match r.fsyncs {
-                        Some(f) if f > 0 => {
-                            let per_tracker = f as f64 / k as f64;
+                    let fsyncs = match r.counts {
+                        Some(c) if c.fsyncs > 0 => {
+                            let per_tracker = c.fsyncs as f64 / k as f64;
+                            // Per change, all the trackers together: the cost of one change
+                            // to the service.
+                            let per = |n: u64| n as f64 / r.changes.max(1) as f64;
                             format!(
-                                "{:.0} fsyncs/s per tracker, {:.1} changes per fsync",
+                                "{:.0} fsyncs/s per tracker, {:.1} changes per fsync; per \
+                                 change, all trackers: {:.2} recvfrom, {:.2} sendto, {:.3} \
+                                 epoll_wait, {:.2} us CPU",
                                 per_tracker / r.elapsed.as_secs_f64(),
-                                r.changes as f64 / per_tracker
+                                r.changes as f64 / per_tracker,
+                                per(c.recvs),
+                                per(c.sends),
+                                per(c.epoll_waits),
+                                c.cpu_ms * 1e3 / r.changes.max(1) as f64
                             )
                         }
                         _ => "fsyncs not counted (needs perf, as root)".to_owned(),

@@ -58,7 +58,8 @@ impl From<DecodeError> for ConnError {
 /// How a call to [`Conn::read_frames`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadEnd {
-    /// The socket has nothing more for now.
+    /// The socket has nothing more for now: it said `WouldBlock`, or (with
+    /// [`Conn::set_short_reads_end`]) a read returned less than it had room for.
     WouldBlock,
     /// The peer closed its side; every frame before the close was handled.
     Eof,
@@ -102,6 +103,12 @@ pub struct Conn<T> {
     /// When set, every byte read is decrypted by it and every byte written encrypted: the
     /// frame buffer and the send buffer hold plaintext, so the code above sees frames only.
     secure: Option<Box<SecureLink>>,
+    /// A read that returned fewer bytes than it had room for ends the reading (see
+    /// [`set_short_reads_end`](Self::set_short_reads_end)).
+    short_reads_end: bool,
+    /// Reads made on the socket (tests count them).
+    #[cfg(test)]
+    socket_reads: usize,
     pub data: T,
 }
 
@@ -129,6 +136,9 @@ impl<T> Conn<T> {
             writable_registered: false,
             read_paused: false,
             secure: None,
+            short_reads_end: false,
+            #[cfg(test)]
+            socket_reads: 0,
             data,
         })
     }
@@ -138,6 +148,29 @@ impl<T> Conn<T> {
     /// plaintext queued meanwhile waits until the handshake is done.
     pub fn set_secure(&mut self, link: SecureLink) {
         self.secure = Some(Box::new(link));
+    }
+
+    /// Whether a short read ends [`read_frames`](Self::read_frames) (off by default).
+    ///
+    /// With edge-triggered readiness (mio's, epoll on Linux) a `recv` that returned fewer
+    /// bytes than it had room for emptied the socket's receive queue at that moment, and any
+    /// byte arriving later raises a new readiness event; so the read that would only say
+    /// `WouldBlock` can be skipped, and a request costs one `recv`, not two (tokio's
+    /// `PollEvented` read path relies on the same). A read that filled its room reads again.
+    /// A peer's close is the exception: the end of input that arrived with the last bytes
+    /// raises no later event, so an owner that turns this on must turn it off for good once
+    /// an event reports the peer's close or an error (`is_read_closed`, `is_error`); the
+    /// reads then go on to the end of input. Owners that stop reading for their own reasons
+    /// (a frame budget, back-pressure) must call again without waiting for an event, as
+    /// they already must when the socket may still hold bytes.
+    pub fn set_short_reads_end(&mut self, on: bool) {
+        self.short_reads_end = on;
+    }
+
+    /// Reads made on the socket so far.
+    #[cfg(test)]
+    pub fn socket_reads(&self) -> usize {
+        self.socket_reads
     }
 
     /// The connection runs over a secure layer.
@@ -268,6 +301,9 @@ impl<T> Conn<T> {
         mut on_frame: impl FnMut(&[u8]) -> bool,
     ) -> Result<ReadEnd, ConnError> {
         let mut handled = 0;
+        // A short read emptied the socket (see `set_short_reads_end`): what is buffered is
+        // handled, then the reading ends without asking the socket again.
+        let mut drained = false;
         loop {
             // Frames already buffered go first: a close or an error after them must not
             // lose them.
@@ -288,9 +324,21 @@ impl<T> Conn<T> {
                     self.rbuf.commit(n);
                     continue;
                 }
-                match self.stream.read(secure.spare()) {
+                if drained {
+                    return Ok(ReadEnd::WouldBlock);
+                }
+                let spare = secure.spare();
+                let room = spare.len();
+                #[cfg(test)]
+                {
+                    self.socket_reads += 1;
+                }
+                match self.stream.read(spare) {
                     Ok(0) => return Ok(ReadEnd::Eof),
-                    Ok(n) => secure.commit(n),
+                    Ok(n) => {
+                        secure.commit(n);
+                        drained = self.short_reads_end && n < room;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         return Ok(ReadEnd::WouldBlock)
                     }
@@ -299,9 +347,21 @@ impl<T> Conn<T> {
                 }
                 continue;
             }
-            match self.stream.read(self.rbuf.spare()) {
+            if drained {
+                return Ok(ReadEnd::WouldBlock);
+            }
+            let spare = self.rbuf.spare();
+            let room = spare.len();
+            #[cfg(test)]
+            {
+                self.socket_reads += 1;
+            }
+            match self.stream.read(spare) {
                 Ok(0) => return Ok(ReadEnd::Eof),
-                Ok(n) => self.rbuf.commit(n),
+                Ok(n) => {
+                    self.rbuf.commit(n);
+                    drained = self.short_reads_end && n < room;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadEnd::WouldBlock),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ConnError::Io(e)),

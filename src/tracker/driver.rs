@@ -388,6 +388,11 @@ impl Driver {
                             continue;
                         };
                         let id = conn.id;
+                        if event.is_read_closed() || event.is_error() {
+                            // The end of input (or the error) came with this event and will
+                            // raise no other: from now on the reads go on until they see it.
+                            conn.set_short_reads_end(false);
+                        }
                         if conn.data.sniffing && !self.sniff(id) {
                             continue;
                         }
@@ -476,6 +481,7 @@ impl Driver {
                     ) {
                         Ok(id) => {
                             debug!("conn {id}: accepted from {peer}");
+                            self.short_reads_end(id);
                             self.core.handle_open(id, Instant::now());
                             self.core.handle_peer_addr(id, peer);
                         }
@@ -806,6 +812,7 @@ impl Driver {
                 .conns
                 .insert(self.poll.registry(), stream, MAX_HANDSHAKE_FRAME, data)?;
             if let Some(conn) = self.conns.get_mut(id) {
+                conn.set_short_reads_end(true);
                 // Every tracker link runs the service's handshake before any frame.
                 conn.set_secure(link);
                 conn.await_connect(self.poll.registry())?;
@@ -869,6 +876,17 @@ impl Driver {
             self.make_ready(id);
         }
         self.account(id);
+    }
+
+    /// A read that returns less than it had room for ends the connection's reading: a new
+    /// event comes when more arrives (see `Conn::set_short_reads_end`). Every path that stops
+    /// reading for the tracker's own reasons (the frame budget, a pause) already gives the
+    /// connection another turn without an event (`make_ready`), and an event that reports the
+    /// peer's close turns the rule off for that connection.
+    fn short_reads_end(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.set_short_reads_end(true);
+        }
     }
 
     /// Gives `id` another turn after the current round (once, however often it is asked).

@@ -469,8 +469,9 @@ impl Forwarded {
         }
     }
 
-    /// `entry` was applied: it is no longer waiting to be. Returns whether it was here.
-    fn remove(&mut self, entry: &Entry) -> bool {
+    /// `entry` was applied: it is no longer waiting to be. Returns the copy kept here (equal
+    /// to `entry`), if it was here, so that the caller keeps it without another copy.
+    fn remove(&mut self, entry: &Entry) -> Option<Entry> {
         let pos = if self.entries.front() == Some(entry) {
             Some(0)
         } else if entry.origin.is_some_and(|o| self.origins.contains_key(&o)) {
@@ -478,9 +479,7 @@ impl Forwarded {
         } else {
             None
         };
-        let Some(e) = pos.and_then(|p| self.entries.remove(p)) else {
-            return false;
-        };
+        let e = pos.and_then(|p| self.entries.remove(p))?;
         if let Some(o) = e.origin {
             if let Some(n) = self.origins.get_mut(&o) {
                 *n -= 1;
@@ -489,7 +488,7 @@ impl Forwarded {
                 }
             }
         }
-        true
+        Some(e)
     }
 }
 
@@ -2413,9 +2412,10 @@ impl Replica {
         }
     }
 
-    /// `entry` was applied: it is no longer waiting to be. Returns whether it was forwarded.
-    fn unforward(&mut self, entry: &Entry) -> bool {
-        self.forwarded_mut().is_some_and(|f| f.remove(entry))
+    /// `entry` was applied: it is no longer waiting to be. Returns the forwarded copy, if it
+    /// was forwarded.
+    fn unforward(&mut self, entry: &Entry) -> Option<Entry> {
+        self.forwarded_mut().and_then(|f| f.remove(entry))
     }
 
     /// Forwards again everything not seen applied (to a new primary).
@@ -2487,8 +2487,9 @@ impl Replica {
     fn apply(&mut self, entry: &Entry) {
         let answer = self.state.apply_entry(entry);
         self.applied += 1;
-        if self.unforward(entry) {
-            self.uncommitted.push_back((self.applied, entry.clone()));
+        // The copy kept while it was forwarded is the one kept until it commits (no other).
+        if let Some(own) = self.unforward(entry) {
+            self.uncommitted.push_back((self.applied, own));
         }
         self.out.push_back(ReplicaOut::Applied {
             seq: self.applied,

@@ -35,7 +35,7 @@
 //! Architecture invariant: everything a tracker answers is derived from this state; nothing
 //! else in the tracker holds users, groups, files or sessions.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{btree_map, BTreeMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -305,6 +305,22 @@ fn session_bytes(s: &Session) -> usize {
     SESSION + s.user.as_str().len()
 }
 
+/// Adds to what `user` holds. A function of the index alone, so that an apply can call it
+/// while it borrows the user's id from the sessions.
+fn hold_add(holdings: &mut BTreeMap<UserId, Holdings>, user: &UserId, adds: &Holdings) {
+    holdings.entry(user.clone()).or_default().add(adds);
+}
+
+/// Takes from what `user` holds; a user left holding nothing leaves the index.
+fn hold_sub(holdings: &mut BTreeMap<UserId, Holdings>, user: &UserId, lost: &Holdings) {
+    if let Some(held) = holdings.get_mut(user) {
+        held.sub(lost);
+        if *held == Holdings::default() {
+            holdings.remove(user);
+        }
+    }
+}
+
 impl TrackerState {
     pub fn new() -> Self {
         TrackerState::default()
@@ -466,20 +482,22 @@ impl TrackerState {
                 group,
                 quotas,
             } => {
-                let user = self.user_of(*session)?.clone();
+                // Borrowed from the session, beside the maps it goes into (every change
+                // of the replication bench passes here or in `LeaveGroup`: no copy of the
+                // id but those the group keeps, and one search of the groups).
+                let user = &self.sessions.get(session).ok_or_else(not_logged_in)?.user;
                 if let Some(q) = quotas {
-                    self.check_quota(&user, Adds::Group, q)?;
+                    self.check_quota(user, Adds::Group, q)?;
                     // The group record with its id, its owner and its one member.
-                    let adds =
-                        RECORD + group.as_str().len() + user.as_str().len() + id_bytes(&user);
+                    let adds = RECORD + group.as_str().len() + user.as_str().len() + id_bytes(user);
                     self.check_room(adds, q.state_bytes)?;
                 }
-                if self.groups.contains_key(group) {
+                let btree_map::Entry::Vacant(slot) = self.groups.entry(group.clone()) else {
                     return Err(Reject::new(
                         RejectCode::GroupExists,
                         format!("group '{group}' already exists"),
                     ));
-                }
+                };
                 let new_group = Group {
                     owner: user.clone(),
                     members: vec![user.clone()],
@@ -487,8 +505,8 @@ impl TrackerState {
                     files: BTreeMap::new(),
                 };
                 self.size += group_bytes(group, &new_group);
-                self.groups.insert(group.clone(), new_group);
-                self.hold_add(&user, &Holdings::owned(1));
+                slot.insert(new_group);
+                hold_add(&mut self.holdings, user, &Holdings::owned(1));
                 Ok(Outcome::Done)
             }
             Op::JoinGroup {
@@ -520,17 +538,24 @@ impl TrackerState {
                 Ok(Outcome::Done)
             }
             Op::LeaveGroup { session, group } => {
-                let (user, g) = self.acting_in(*session, group)?;
-                if !g.is_member(&user) {
+                // As `acting_in`, with the user borrowed from the session, not copied, and
+                // the group held by its map entry: the last member's leaving removes it
+                // without a second search (a copy of its id costs less than the search).
+                let user = &self.sessions.get(session).ok_or_else(not_logged_in)?.user;
+                let btree_map::Entry::Occupied(mut slot) = self.groups.entry(group.clone()) else {
+                    return Err(no_such_group(group));
+                };
+                let g = slot.get_mut();
+                if !g.is_member(user) {
                     return Err(not_member(group));
                 }
                 let bytes_before = group_bytes(group, g);
                 let mut bytes_after = 0;
-                g.members.retain(|m| *m != user);
+                g.members.retain(|m| m != user);
                 let mut lost = Holdings::default();
                 for file in g.files.values_mut() {
                     let before = file.sharers.len();
-                    file.sharers.retain(|s| s.user != user);
+                    file.sharers.retain(|s| s.user != *user);
                     if file.sharers.len() < before {
                         lost.add(&Holdings::file(&file.meta));
                     }
@@ -544,10 +569,10 @@ impl TrackerState {
                         // The owner is always a member: the last member was the owner.
                         lost.add(&Holdings::owned(1));
                         dropped_requests = std::mem::take(&mut g.requests);
-                        self.groups.remove(group);
+                        slot.remove();
                     }
                     Some(longest_standing) => {
-                        if g.owner == user {
+                        if g.owner == *user {
                             g.owner = longest_standing.clone();
                             lost.add(&Holdings::owned(1));
                             new_owner = Some(longest_standing.clone());
@@ -556,14 +581,14 @@ impl TrackerState {
                     }
                 }
                 self.size = self.size.saturating_sub(bytes_before) + bytes_after;
-                self.hold_sub(&user, &lost);
+                hold_sub(&mut self.holdings, user, &lost);
                 for requester in &dropped_requests {
-                    self.hold_sub(requester, &Holdings::request(1));
+                    hold_sub(&mut self.holdings, requester, &Holdings::request(1));
                 }
                 if let Some(owner) = new_owner {
                     // Ownership passes on whatever the new owner's quota: refusing the
                     // departure would keep a user in a group against their will.
-                    self.hold_add(&owner, &Holdings::owned(1));
+                    hold_add(&mut self.holdings, &owner, &Holdings::owned(1));
                 }
                 Ok(Outcome::Done)
             }
@@ -735,16 +760,11 @@ impl TrackerState {
     }
 
     fn hold_add(&mut self, user: &UserId, adds: &Holdings) {
-        self.holdings.entry(user.clone()).or_default().add(adds);
+        hold_add(&mut self.holdings, user, adds);
     }
 
     fn hold_sub(&mut self, user: &UserId, lost: &Holdings) {
-        if let Some(held) = self.holdings.get_mut(user) {
-            held.sub(lost);
-            if *held == Holdings::default() {
-                self.holdings.remove(user);
-            }
-        }
+        hold_sub(&mut self.holdings, user, lost);
     }
 
     /// Builds the holdings index and the kept size by walks (after a snapshot is read).

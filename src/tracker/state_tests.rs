@@ -2088,3 +2088,82 @@ fn the_apply_refuses_a_change_past_the_state_quota_it_carries() {
     done(&mut st, with(op::create_group(ann, "i"), q));
     assert_eq!(st.size(), st.approx_bytes());
 }
+
+/// Not a correctness test: a fixed workload of the replication bench's changes, for counting
+/// the apply path's instructions and allocations with callgrind (the README's figures):
+///
+///     valgrind --tool=callgrind --toggle-collect='*TrackerState::apply_entry*' \
+///         target/release/deps/p2pshare-<hash> apply_cost_of_the_bench_changes --ignored
+///
+/// 1,024 logged-in users each alternate `CreateGroup g<i>` and `LeaveGroup g<i>` with the
+/// quotas the tracker puts in its ops, 100 rounds (204,800 entries through `apply_entry`,
+/// each with its client's origin). 2,100 other groups keep the state above
+/// `HOLDINGS_CHECK_GROUPS`, so test builds skip their check walk in the measured part.
+#[test]
+#[ignore]
+fn apply_cost_of_the_bench_changes() {
+    const USERS: usize = 1024;
+    const ROUNDS: u64 = 100;
+    let mut st = TrackerState::new();
+    let quotas = OpQuotas {
+        groups_owned: 1_000,
+        requests: 1_000,
+        files: 1_000,
+        metadata: 1 << 30,
+        state_bytes: 1 << 40,
+    };
+    assert!(st.apply(&op::create_user("filler")).is_ok());
+    let filler = open_session(&mut st, "filler", 1);
+    for g in 0..HOLDINGS_CHECK_GROUPS + 52 {
+        assert!(st
+            .apply(&op::create_group(filler, &format!("filler-{g}")))
+            .is_ok());
+    }
+    let mut sessions = Vec::new();
+    for i in 0..USERS {
+        let user = format!("u{i}");
+        assert!(st.apply(&op::create_user(&user)).is_ok());
+        sessions.push(open_session(&mut st, &user, 2_000 + i as u16));
+    }
+    let groups: Vec<GroupId> = (0..USERS).map(|i| gid(&format!("g{i}"))).collect();
+    let started = std::time::Instant::now();
+    for round in 0..ROUNDS {
+        for (i, (session, group)) in sessions.iter().zip(&groups).enumerate() {
+            for (k, create) in [(0, true), (1, false)] {
+                let op = if create {
+                    Op::CreateGroup {
+                        session: *session,
+                        group: group.clone(),
+                        quotas: Some(quotas),
+                    }
+                } else {
+                    Op::LeaveGroup {
+                        session: *session,
+                        group: group.clone(),
+                    }
+                };
+                let entry = Entry {
+                    origin: Some(Origin {
+                        client: 1_000 + i as u64,
+                        req_id: 2 * round + k + 1,
+                    }),
+                    op,
+                };
+                assert_eq!(st.apply_entry(&entry), Ok(Outcome::Done));
+            }
+        }
+    }
+    eprintln!(
+        "{} entries applied in {:?}",
+        2 * ROUNDS as usize * USERS,
+        started.elapsed()
+    );
+}
+
+/// Opens a session for `user` and returns its id.
+fn open_session(st: &mut TrackerState, user: &str, port: u16) -> SessionId {
+    match st.apply(&op::open(user, port)) {
+        Ok(Outcome::SessionOpened(id)) => id,
+        other => panic!("login of {user}: {other:?}"),
+    }
+}
