@@ -614,6 +614,13 @@ mod tests {
             );
             std::thread::yield_now();
         }
+        // `nice` lowers the calling thread alone (Linux, NPTL): the thread that started the
+        // pool, the reactor in the programs, keeps its priority.
+        let after = nice_at(std::path::Path::new("/proc/thread-self/stat")).unwrap();
+        assert_eq!(
+            after, me,
+            "the starting thread's nice changed with its workers'"
+        );
         drop(pool);
     }
 

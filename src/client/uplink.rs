@@ -515,7 +515,12 @@ impl Uplink {
                         };
                         debug!("tracker {addr}: {what} in time");
                     }
-                    self.fail_attempt(pos, a.stage == Stage::Hello, now);
+                    // Not counted as a broken link, even after the hello: a tracker that
+                    // holds its welcome is not serving yet (restarted and waiting for the
+                    // others, copying the state), like a hung one, and the session waits
+                    // for it until `RECONNECT_FOR`. Counted, three raced attempts a round
+                    // gave the session up after two rounds (3.6 s).
+                    self.fail_attempt(pos, false, now);
                 }
                 if let State::Racing { next_start, .. } = self.state {
                     if now >= next_start && self.can_start() {
@@ -624,9 +629,10 @@ impl Uplink {
         self.start_round(round, now);
     }
 
-    /// Attempt `attempts[pos]` failed (`counted`: after its handshake, before the welcome):
-    /// it is closed, and the next tracker of the round is tried at once, or, when none is
-    /// left and no attempt is in flight, the round ends.
+    /// Attempt `attempts[pos]` failed (`counted`: it broke after its handshake, before the
+    /// welcome; one that waited too long for the welcome is not counted): it is closed, and the
+    /// next tracker of the round is tried at once, or, when none is left and no attempt is in
+    /// flight, the round ends.
     fn fail_attempt(&mut self, pos: usize, counted: bool, now: Instant) {
         let a = self.attempts.remove(pos);
         self.drop_connection(a.id);

@@ -1110,3 +1110,43 @@ fn a_connect_timer_does_not_run_while_the_client_was_away() {
         [UplinkEvent::Close(second), UplinkEvent::Unreachable]
     );
 }
+
+/// Every tracker of the file up but holding its welcome (restarted and waiting for the
+/// tracker with the newest state, or copying the state): each attempt completes its handshake
+/// and times out waiting for the welcome. That is a service not serving yet, not links that
+/// break: the session is kept, as for hung trackers, until [`RECONNECT_FOR`]. (Counting each
+/// timed-out attempt as a broken link gave the session up after two rounds of three raced
+/// attempts, 3.6 s, where the trackers are meant to be given two minutes to come back.)
+#[test]
+fn trackers_holding_their_welcome_keep_the_session_until_the_reconnect_limit() {
+    let t0 = Instant::now();
+    let (mut u, id) = open_on(3, 0, t0);
+    u.handle_closed(id, "reset", t0);
+    let mut now = t0;
+    let mut hellos = 0;
+    loop {
+        let evs = events(&mut u);
+        if evs.contains(&UplinkEvent::SessionLost) {
+            break;
+        }
+        for e in evs {
+            if let UplinkEvent::Connect(id, _) = e {
+                u.handle_transport_up(id, now);
+                u.handle_connected(id, now);
+            }
+        }
+        hellos += sent(&mut u)
+            .iter()
+            .filter(|(_, m)| *m == ClientMsg::hello(77))
+            .count();
+        assert_no_spin(&u, now);
+        now = u.poll_timeout().unwrap();
+        u.handle_timeout(now);
+    }
+    assert!(
+        now >= t0 + RECONNECT_FOR,
+        "the session was given up after {:?} ({hellos} hellos sent)",
+        now - t0
+    );
+    assert!(hellos > 2 * 3, "every attempt sent its hello: {hellos}");
+}
