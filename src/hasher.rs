@@ -6,8 +6,10 @@
 //! through its [`HashTicket`], against its expected digest; the verdict consumes the ticket
 //! and goes back to the download. Every
 //! result goes to the results channel and the owner's `mio::Waker` is woken; the reactor never
-//! blocks on hashing, and the workers run at a lower CPU priority ([`WORKER_NICE`]) so that
-//! hashing never keeps the reactor from the data it moves.
+//! blocks on hashing. The workers that check downloaded pieces run at a lower CPU priority
+//! ([`WORKER_NICE`]) so that hashing never keeps the reactor from the data it moves; files
+//! being shared are hashed by workers of their own at the reactor's priority, since the user
+//! waits for `upload_file` (the two groups have a queue each).
 //!
 //! # A download's whole-file digest
 //!
@@ -306,34 +308,54 @@ fn lower_priority() {
     }
 }
 
-/// A fixed set of hashing threads.
+/// A fixed set of hashing threads: one group for downloaded pieces (and a download's
+/// whole-file digest), one for files being shared.
 pub struct HashPool {
     tasks: Sender<Task>,
+    file_tasks: Sender<Task>,
+}
+
+/// Starts `n` workers named `<name>-<i>` on a queue of their own (a task they split or feed
+/// further goes back on it); `lower` puts them at [`WORKER_NICE`].
+fn spawn_workers(
+    name: &str,
+    n: usize,
+    lower: bool,
+    done_tx: &Sender<HashResult>,
+    waker: &Arc<Waker>,
+) -> std::io::Result<Sender<Task>> {
+    let (task_tx, task_rx) = mpsc::channel::<Task>();
+    let task_rx = Arc::new(Mutex::new(task_rx));
+    for i in 0..n.max(1) {
+        let task_rx = Arc::clone(&task_rx);
+        let task_tx = task_tx.clone();
+        let done_tx = done_tx.clone();
+        let waker = Arc::clone(waker);
+        thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || {
+                if lower {
+                    lower_priority();
+                }
+                worker(&task_rx, &task_tx, &done_tx, &waker)
+            })?;
+    }
+    Ok(task_tx)
 }
 
 impl HashPool {
-    /// Starts `n_workers` threads; results arrive on the returned channel, each followed by a
-    /// wake of `waker`.
+    /// Starts `n_workers` threads for downloaded pieces (at [`WORKER_NICE`]) and as many for
+    /// files (at the caller's priority: `upload_file` waits for them, and a busy machine must
+    /// not slow it tenfold); results arrive on the returned channel, each followed by a wake
+    /// of `waker`.
     pub fn start(
         n_workers: usize,
         waker: Arc<Waker>,
     ) -> std::io::Result<(Self, Receiver<HashResult>)> {
-        let (task_tx, task_rx) = mpsc::channel::<Task>();
         let (done_tx, done_rx) = mpsc::channel();
-        let task_rx = Arc::new(Mutex::new(task_rx));
-        for i in 0..n_workers.max(1) {
-            let task_rx = Arc::clone(&task_rx);
-            let task_tx = task_tx.clone();
-            let done_tx = done_tx.clone();
-            let waker = Arc::clone(&waker);
-            thread::Builder::new()
-                .name(format!("hasher-{i}"))
-                .spawn(move || {
-                    lower_priority();
-                    worker(&task_rx, &task_tx, &done_tx, &waker)
-                })?;
-        }
-        Ok((HashPool { tasks: task_tx }, done_rx))
+        let tasks = spawn_workers("hasher", n_workers, true, &done_tx, &waker)?;
+        let file_tasks = spawn_workers("filehash", n_workers, false, &done_tx, &waker)?;
+        Ok((HashPool { tasks, file_tasks }, done_rx))
     }
 
     /// Queues the check of a complete downloaded piece against `expected`. A piece that
@@ -356,7 +378,7 @@ impl HashPool {
 
     /// Queues the hashing of the file at `path` in pieces of `piece_len` bytes.
     pub fn hash_file(&self, job: JobId, path: PathBuf, piece_len: u32) {
-        let _ = self.tasks.send(Task::Open {
+        let _ = self.file_tasks.send(Task::Open {
             job,
             path,
             piece_len,
@@ -598,13 +620,22 @@ mod tests {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let mut workers = Vec::new();
+            let mut file_workers = Vec::new();
             for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
                 let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
                 if comm.starts_with("hasher-") {
                     workers.push(nice_at(&entry.path().join("stat")));
+                } else if comm.starts_with("filehash-") {
+                    file_workers.push(nice_at(&entry.path().join("stat")));
                 }
             }
             assert!(workers.len() >= 2, "the pool's workers are not found");
+            // Files (what `upload_file` waits for) are hashed at the caller's priority.
+            assert!(file_workers.len() >= 2, "the file workers are not found");
+            assert!(
+                file_workers.iter().all(|n| *n == Some(me) || n.is_none()),
+                "file workers at nice {file_workers:?}, want {me}"
+            );
             if workers.iter().all(|n| *n == Some(want) || n.is_none()) {
                 break;
             }
