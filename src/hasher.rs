@@ -346,7 +346,7 @@ fn spawn_workers(
 impl HashPool {
     /// Starts `n_workers` threads for downloaded pieces (at [`WORKER_NICE`]) and as many for
     /// files (at the caller's priority: `upload_file` waits for them, and a busy machine must
-    /// not slow it tenfold); results arrive on the returned channel, each followed by a wake
+    /// not slow it fivefold); results arrive on the returned channel, each followed by a wake
     /// of `waker`.
     pub fn start(
         n_workers: usize,
