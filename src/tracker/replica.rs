@@ -2884,6 +2884,14 @@ impl Replica {
         catchup: Catchup,
         now: Instant,
     ) {
+        // The parts the peer sent just before this answer are this answer's, whatever
+        // becomes of it: taken off the link now, so that an answer ignored here (a takeover
+        // given up for a higher claim, a stale view) does not leave a whole state buffered
+        // to spoil the next one this peer sends (review: a bad snapshot, a member dropped).
+        let snapshot = match (&catchup, self.links.get_mut(&link)) {
+            (Catchup::Snapshot, Some(l)) => std::mem::take(&mut l.snapshot),
+            _ => Vec::new(),
+        };
         let claim_view = self.claim.0;
         let Role::Taking { waiting, .. } = &mut self.role else {
             return;
@@ -2892,10 +2900,6 @@ impl Replica {
             return;
         }
         if serving {
-            let snapshot = match (&catchup, self.links.get_mut(&link)) {
-                (Catchup::Snapshot, Some(l)) => std::mem::take(&mut l.snapshot),
-                _ => Vec::new(),
-            };
             let applied_here = self.applied;
             if let Role::Taking {
                 lead,
