@@ -20,17 +20,22 @@ def free_ports(n):
     return ports
 
 def readline(proc, deadline):
-    buf = b""
+    """The next line the client prints on stdout or stderr (its `error: ` lines go to stderr,
+    beside its log lines), or None at the deadline or the end of both."""
+    bufs = proc.__dict__.setdefault("_bufs", {proc.stdout.fileno(): b"", proc.stderr.fileno(): b""})
     while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], max(0, deadline - time.monotonic()))
+        for fd, buf in bufs.items():
+            if b"\n" in buf:
+                line, bufs[fd] = buf.split(b"\n", 1)
+                return line.decode(errors="replace")
+        r, _, _ = select.select(list(bufs), [], [], max(0, deadline - time.monotonic()))
         if not r:
             break
-        ch = os.read(proc.stdout.fileno(), 1)
-        if not ch:
-            return None
-        if ch == b"\n":
-            return buf.decode()
-        buf += ch
+        for fd in r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return None
+            bufs[fd] += chunk
     return None
 
 def cmd(client, line, want, timeout=30):
@@ -66,9 +71,8 @@ def one_run(k):
             trackers.append(t); procs.append(t)
         with open(os.path.join(d, "f.bin"), "wb") as f:
             f.write(os.urandom(200_000))
-        clog = open(os.path.join(d, "c.log"), "w")
         c = subprocess.Popen([f"{bindir}/client_program", "--state-dir", os.path.join(d, "c"), f"127.0.0.1:{ports[3]}", cinfo],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=clog, env=env, cwd=d)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=d)
         procs.append(c)
         for _ in range(100):
             out = cmd(c, "create_user u pw", "created")
