@@ -4746,3 +4746,242 @@ fn a_disk_with_a_higher_view_joins_the_live_service() {
     cl.check_agreement();
     cl.check_acknowledged();
 }
+
+// =============================================================================================
+// One replica driven by hand
+// =============================================================================================
+
+/// One [`Replica`](super::Replica) (tracker `me` of `n`, without a disk) whose links to every
+/// other tracker are driven message by message, the time moving 10 ms a step: schedules too
+/// precise to arrange in the simulated cluster, where the other trackers would act on their
+/// own.
+struct Hand {
+    r: super::Replica,
+    now: Instant,
+    links: BTreeMap<u16, ConnId>,
+}
+
+impl Hand {
+    /// Tracker `me`, linked to every other (their hellos arrived, no status yet).
+    fn new(me: u16, n: u16) -> Hand {
+        let now = Instant::now();
+        let tracker = |no: u16| TrackerRef {
+            no,
+            incarnation: 100 + u64::from(no),
+        };
+        let r = super::Replica::new(tracker(me), n, Timings::default(), now);
+        let mut h = Hand {
+            r,
+            now,
+            links: BTreeMap::new(),
+        };
+        for no in (1..=n).filter(|no| *no != me) {
+            let link = ConnId {
+                key: usize::from(no),
+                generation: 1,
+            };
+            h.r.handle_dialed(link, no, u64::from(no), h.now);
+            h.links.insert(no, link);
+            h.from(
+                no,
+                ReplMsg::Hello {
+                    version: crate::wire::PROTOCOL_VERSION,
+                    tracker: tracker(no),
+                },
+            );
+        }
+        h.drain();
+        h
+    }
+
+    /// Tracker `no` sends `msg`.
+    fn from(&mut self, no: u16, msg: ReplMsg) {
+        self.now += Duration::from_millis(10);
+        let link = self.links[&no];
+        self.r.handle_msg(link, msg, self.now);
+    }
+
+    /// The link to tracker `no` closes (it died).
+    fn closed(&mut self, no: u16) {
+        self.now += Duration::from_millis(10);
+        let link = self.links[&no];
+        self.r.handle_closed(link, self.now);
+    }
+
+    /// Takes everything the replica asked for so far.
+    fn drain(&mut self) -> Vec<super::ReplicaOut> {
+        std::iter::from_fn(|| self.r.poll_output()).collect()
+    }
+
+    /// The messages the replica sent to tracker `no` since the last drain (the rest of what it
+    /// asked for is dropped).
+    fn sent_to(&mut self, no: u16) -> Vec<ReplMsg> {
+        let link = self.links[&no];
+        self.drain()
+            .into_iter()
+            .filter_map(|o| match o {
+                super::ReplicaOut::Send(l, m) if l == link => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Tracker `no` sends the state `state` (entries applied up to its `n_applied`) as
+    /// snapshot parts, then the message `last`.
+    fn state_from(&mut self, no: u16, state: &TrackerState, last: ReplMsg) {
+        let mut bytes = Vec::new();
+        state.encode_snapshot(&mut bytes);
+        for part in bytes.chunks(crate::wire::replication::SNAPSHOT_PART_LEN) {
+            self.from(
+                no,
+                ReplMsg::SnapshotPart {
+                    data: part.to_vec(),
+                },
+            );
+        }
+        self.from(no, last);
+    }
+
+    /// Bytes of snapshot parts buffered on the link from tracker `no`.
+    fn buffered_from(&self, no: u16) -> usize {
+        self.r
+            .links
+            .get(&self.links[&no])
+            .map_or(0, |l| l.snapshot.len())
+    }
+}
+
+/// A state holding `n` entries (users created by one client).
+fn state_of(n: u64) -> TrackerState {
+    let mut state = TrackerState::new();
+    for e in ring_entries(1, n) {
+        let _ = state.apply_entry(&e);
+    }
+    state
+}
+
+/// The schedule of commit af1d94e (found by reading, 4 trackers). Tracker 3 takes over view 2
+/// when primary 1 dies (2 has not said it serves), and tracker 4, ahead of it, answers with its
+/// state: snapshot parts, then the answer. Tracker 2's claim of the same view beats 3's (a lower
+/// number) and reaches 3 first: 3 steps down, follows 2, and ignores 4's answer when it
+/// arrives. The parts before that answer are that answer's: if they stayed buffered on 3's
+/// link from 4 (the whole state, in memory for as long as the link lives), the next state 4
+/// sends 3 would be read after them. Here 2 then dies, 3 takes over view 3 and 4 answers again
+/// with its state: 3 must take it, with 4 as a member. Before the fix the stale parts made it
+/// a "bad snapshot": 3 led from its own position, and 4 (ahead of it) was not a member but
+/// told to ask for the state. Fails without af1d94e (`git show af1d94e -- src/ | git apply
+/// -R`): 3 stays at entry 2 ("bad snapshot"), 4 is no member, 4's first state stays buffered.
+#[test]
+fn an_ignored_takeover_answer_leaves_no_snapshot_parts_to_spoil_the_next() {
+    let mut h = Hand::new(3, 4);
+    h.from(
+        1,
+        ReplMsg::Status(ReplStatus::Serving {
+            view: 1,
+            primary: 1,
+        }),
+    );
+    h.from(
+        4,
+        ReplMsg::Status(ReplStatus::Serving {
+            view: 1,
+            primary: 1,
+        }),
+    );
+    assert!(h
+        .sent_to(1)
+        .iter()
+        .any(|m| matches!(m, ReplMsg::JoinRequest(_))));
+    let base = state_of(2);
+    let mut bytes = Vec::new();
+    base.encode_snapshot(&mut bytes);
+    let len = bytes.len() as u64;
+    h.state_from(
+        1,
+        &base,
+        ReplMsg::Snapshot {
+            view: 1,
+            seq: 2,
+            len,
+        },
+    );
+    assert_eq!(h.r.view(), Some((1, 1)));
+    assert_eq!(h.r.applied(), 2);
+    h.drain();
+
+    // Primary 1 dies: 3 takes over view 2 (2 has not said it serves).
+    h.closed(1);
+    assert!(h.sent_to(4).contains(&ReplMsg::Takeover {
+        view: 2,
+        applied: 2
+    }));
+    // 2's claim of view 2 reaches 3 before 4's answer: 3 follows 2.
+    h.from(
+        2,
+        ReplMsg::Takeover {
+            view: 2,
+            applied: 2,
+        },
+    );
+    assert_eq!(h.r.view(), Some((2, 2)));
+    assert!(h.r.role.is_backup());
+    // 4's answer to 3's takeover, from entry 4: its state, then the answer. Ignored.
+    h.state_from(
+        4,
+        &state_of(4),
+        ReplMsg::TakeoverAck {
+            view: 2,
+            serving: true,
+            applied: 4,
+            catchup: Catchup::Snapshot,
+        },
+    );
+    assert_eq!(
+        h.r.applied(),
+        2,
+        "the answer to a takeover given up is ignored"
+    );
+    let buffered = h.buffered_from(4);
+    h.from(
+        4,
+        ReplMsg::Status(ReplStatus::Serving {
+            view: 2,
+            primary: 2,
+        }),
+    );
+    h.drain();
+
+    // 2 dies too: 3 takes over view 3, and 4 answers from entry 6 with its state.
+    h.closed(2);
+    assert!(h.sent_to(4).contains(&ReplMsg::Takeover {
+        view: 3,
+        applied: 2
+    }));
+    h.state_from(
+        4,
+        &state_of(6),
+        ReplMsg::TakeoverAck {
+            view: 3,
+            serving: true,
+            applied: 6,
+            catchup: Catchup::Snapshot,
+        },
+    );
+    assert!(h.r.is_primary());
+    assert_eq!(h.r.view(), Some((3, 3)));
+    assert_eq!(
+        h.r.applied(),
+        6,
+        "tracker 3 took tracker 4's state (a bad snapshot leaves it at 2)"
+    );
+    assert!(
+        h.r.lead()
+            .is_some_and(|l| l.members.contains(&4) && l.rejoining.is_empty()),
+        "tracker 4 is a member, not told to ask for the state"
+    );
+    assert!(h.r.state().password_hash(&uid("u6")).is_some());
+    assert_eq!(
+        buffered, 0,
+        "no snapshot part stays buffered after the ignored answer"
+    );
+}
