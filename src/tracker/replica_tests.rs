@@ -4985,3 +4985,112 @@ fn an_ignored_takeover_answer_leaves_no_snapshot_parts_to_spoil_the_next() {
         "no snapshot part stays buffered after the ignored answer"
     );
 }
+
+// ---- a crash between a takeover's install and its first commit ----
+
+/// Tracker 2 takes over from tracker 3's state (3's ring keeps no batch, so its answer is the
+/// whole state), holding the batch in flight that only 3 applied, with changes of 2's clients
+/// in it. That batch is durable nowhere but on 2 once 2's install is: the old primary's disk
+/// and 3's were held up and lose it when they die. Before the takeover's first commit (3
+/// cannot acknowledge: its disk is held up) every tracker dies; restarted from their disks,
+/// the service starts again from 2's.
+///
+/// What the restart makes of that state: tracker 2's disk gives it back as a snapshot, and
+/// restored snapshots count as committed (`Restored::committed`), so the restarted 2 has the
+/// install's entries committed although no primary ever committed them. That is right, and
+/// this scenario guards it: `committed` is local, it answers nothing by itself (a restarted
+/// tracker has no client waiting; a client's retry of a change it holds is ordered again and
+/// answered only when that commits, see `TrackerState::apply_entry`) and never leaves the
+/// tracker (statuses and join positions carry the entries applied and the view accepted, not
+/// the commit point). The state is offered to the others only as any restarted tracker's own
+/// durable state is, by the restart rule (the furthest durable state, once every tracker that
+/// may hold a newer one has been heard): here 2's, the only one holding the batch. No client
+/// is answered before the crash, each is answered once after it, and every answer given is in
+/// the state the trackers agree on.
+#[test]
+fn a_takeover_killed_between_its_install_and_its_first_commit_restarts_from_that_state() {
+    let mut cl = Cluster::new_durable(3, 9150);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let inc = cl.tracker(3).incarnation;
+    cl.tracker_mut(3, inc)
+        .unwrap()
+        .replica_mut()
+        .bound_ring(0, 0);
+    let clients = signed_in_clients(&mut cl, 2, 3);
+    cl.settle();
+    let base = cl.core(2).replica().applied();
+    let to_2 = cl.tracker_link(1, 2).unwrap();
+    let acks = cl.tracker_link(3, 1).unwrap();
+    cl.pause(to_2);
+    cl.pause(acks);
+    cl.disk_stalls(1);
+    cl.disk_stalls(3);
+    let reqs = changes_in_separate_batches(&mut cl, &clients, "k");
+    let top = cl.core(1).replica().applied();
+    assert!(top > base);
+    assert!(cl.run_until(100, |cl| cl.core(3).replica().applied() == top));
+    // The old primary dies with its batch not durable.
+    cl.crash_keeping(1, 0);
+    cl.lose_held(to_2);
+    cl.lose_held(acks);
+    assert!(cl.run_until(3000, |cl| cl.primaries() == vec![2]
+        && cl.core(2).replica().applied() == top));
+    // 2's install is durable; its first commit waits for 3's acknowledgement.
+    assert!(cl.run_until(1000, |cl| cl.disks[1]
+        .rec
+        .snapshot
+        .as_ref()
+        .is_some_and(|(seq, _)| *seq == top)));
+    cl.run_for(300);
+    assert!(
+        cl.core(2).replica().committed() < top,
+        "no first commit yet"
+    );
+    assert!(
+        clients
+            .iter()
+            .zip(&reqs)
+            .all(|(&c, r)| !cl.clients[c].answered.contains(r)),
+        "nothing answered before the takeover's first commit"
+    );
+    // Every tracker dies: 3 with its batch not durable, 2 with its install durable.
+    cl.crash_keeping(3, 0);
+    cl.crash_keeping(2, 0);
+    cl.disk_resumes(1);
+    cl.disk_resumes(3);
+    cl.run_for(500);
+    for no in [3, 1, 2] {
+        cl.start(no);
+    }
+    assert_eq!(
+        cl.core(2).replica().committed(),
+        top,
+        "the install restored counts as committed, locally"
+    );
+    assert_eq!(cl.core(1).replica().applied(), base);
+    assert_eq!(cl.core(3).replica().applied(), base);
+    assert!(
+        cl.run_until(15_000, |cl| (1..=3)
+            .all(|no| cl.core(no).replica().is_serving())),
+        "the service restarts"
+    );
+    assert!(
+        cl.core(1).replica().applied() >= top,
+        "from tracker 2's state"
+    );
+    assert!(cl.run_until(10_000, |cl| all_answered(cl, &clients, &reqs)));
+    for (&c, r) in clients.iter().zip(&reqs) {
+        assert!(
+            cl.clients[c].replies.contains(&(*r, ReplyBody::Done)),
+            "applied once, answered done"
+        );
+        assert!(cl.core(3).state().group(&gid(&format!("k{c}"))).is_some());
+    }
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
