@@ -4691,8 +4691,75 @@ fn every_log_is_compacted_under_a_load_that_keeps_batches_in_flight() {
 /// so it is void: tracker 3 follows the live primary, joins it, is sent the state (its
 /// position names a claim the primary never held), and the service goes on through the next
 /// takeovers (tracker 3 taking over last). Nothing waits for the higher view.
+///
+/// Views never repeat: tracker 3's claim goes down to the live one, but its highest view
+/// stays (on its disk too), and tracker 2 heard it in 3's status while 3 was starting, so
+/// every takeover after claims a view above those 3's disk named (before, 2 took over view
+/// `live + 1` and 3 then `live + 2`: views that disk had claimed under another history).
 #[test]
 fn a_disk_with_a_higher_view_joins_the_live_service() {
+    let (mut cl, live_view) = a_disk_with_a_higher_view_joined();
+    // Takeovers go on above the views 3's disk named: 2, then 3 (alone), which the others
+    // then join.
+    let mut views = Vec::new();
+    for (dead, next) in [(1u16, 2u16), (2, 3)] {
+        cl.crash(dead);
+        assert!(
+            cl.run_until(10_000, |cl| cl.primaries() == vec![next]),
+            "tracker {next} takes over"
+        );
+        views.push(cl.core(next).replica().view().unwrap());
+        let c = cl.add_client(Some(next));
+        cl.sign_in(c);
+        assert_eq!(
+            create_group(&mut cl, c, &format!("after-{dead}")),
+            ReplyBody::Done
+        );
+    }
+    assert_eq!(
+        views,
+        vec![(live_view + 11, 2), (live_view + 12, 3)],
+        "views above the disk's (live view {live_view})"
+    );
+    cl.start(1);
+    cl.start(2);
+    assert!(cl.run_until(10_000, |cl| (1..=3)
+        .all(|no| cl.core(no).replica().is_serving())));
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
+/// As above, but the two live trackers die together once 3 has joined: 3 takes over alone,
+/// above its own highest view (the one its disk named), not above the claim it followed.
+/// Before, it claimed `live + 1`.
+#[test]
+fn a_tracker_that_joined_in_a_lower_view_claims_above_its_disk() {
+    let (mut cl, live_view) = a_disk_with_a_higher_view_joined();
+    cl.crash(1);
+    cl.crash(2);
+    assert!(
+        cl.run_until(10_000, |cl| cl.primaries() == vec![3]),
+        "tracker 3 takes over"
+    );
+    assert_eq!(cl.core(3).replica().view(), Some((live_view + 11, 3)));
+    let c = cl.add_client(Some(3));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "alone"), ReplyBody::Done);
+    cl.start(1);
+    cl.start(2);
+    assert!(cl.run_until(10_000, |cl| (1..=3)
+        .all(|no| cl.core(no).replica().is_serving())));
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
+/// Three durable trackers; tracker 3 is killed, its disk's metadata raised ten views above
+/// the live one (claim and state's view), and started again: it joins the live service,
+/// following the live claim, while its highest view, on its disk too, stays ten views up.
+/// Returns the cluster and the live view.
+fn a_disk_with_a_higher_view_joined() -> (Cluster, u64) {
     let mut cl = Cluster::new_durable(3, 9140);
     for no in 1..=3 {
         cl.start(no);
@@ -4723,28 +4790,14 @@ fn a_disk_with_a_higher_view_joins_the_live_service() {
         "sent the state, not a suffix"
     );
     assert!(cl.core(3).state().group(&gid("while-away")).is_some());
-    // Takeovers go on from the live view: 2, then 3 (alone), which the others then join.
-    for (dead, next) in [(1u16, 2u16), (2, 3)] {
-        cl.crash(dead);
-        assert!(
-            cl.run_until(10_000, |cl| cl.primaries() == vec![next]),
-            "tracker {next} takes over"
-        );
-        let c = cl.add_client(Some(next));
-        cl.sign_in(c);
-        assert_eq!(
-            create_group(&mut cl, c, &format!("after-{dead}")),
-            ReplyBody::Done
-        );
-    }
-    assert_eq!(cl.core(3).replica().view(), Some((live_view + 2, 3)));
-    cl.start(1);
-    cl.start(2);
-    assert!(cl.run_until(10_000, |cl| (1..=3)
-        .all(|no| cl.core(no).replica().is_serving())));
     cl.settle();
-    cl.check_agreement();
-    cl.check_acknowledged();
+    let meta = durable::Meta::decode(cl.disks[2].rec.meta.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (meta.claim.0, meta.highest_view),
+        (live_view, live_view + 10),
+        "the claim went down on disk, the highest view did not"
+    );
+    (cl, live_view)
 }
 
 // =============================================================================================
