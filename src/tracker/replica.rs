@@ -93,11 +93,14 @@
 //!   above [`MAX_VIEW`] closes its link. So no tracker claims a view its own disk ever named
 //!   (across restarts), nor one a tracker linked to it named. An old disk that joins the live
 //!   service in a lower view (a void claim, above) tells the view its state was accepted in
-//!   while it starts, so the takeovers of the trackers that heard it, and its own, go above
-//!   it (and above what it claimed): the live service does not re-use that history's claims,
-//!   under which other disks of it may hold entries. What this does not reach: a view named
-//!   only by disks that are down and never heard (nobody up knows it), and a tracker that
-//!   links after the old disk joined (statuses of serving trackers name the live view only).
+//!   while it starts, so the takeovers of the trackers that heard it go above that view, and
+//!   its own above every view its disk named: the live service does not re-use that history's
+//!   claims, under which other disks of it may hold entries. What this does not reach: a view
+//!   named only by disks that are down and never heard (nobody up knows it), a tracker that
+//!   links after the old disk joined (statuses of serving trackers name the live view only),
+//!   and a claim made just before a kill: the metadata naming it is written after the claim
+//!   goes out, as it always was, so a tracker restarted without that write claims the view
+//!   again unless a tracker it hears names it.
 //! - **Stalls (fencing).** Every handler first passes the time to [`Replica::observe`]. A
 //!   gap of [`STALL_LIMIT`] between two turns of the loop (which wakes at least every
 //!   [`HEARTBEAT_EVERY`]) means this tracker was frozen or starved: the others may have
