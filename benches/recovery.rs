@@ -283,6 +283,7 @@ fn run() -> Res<()> {
             claim: (1, 1),
             accepted_view: 1,
             accepted_by: 1,
+            highest_view: 1,
             wait_for: wait_for.iter().copied().collect(),
         })
     };

@@ -1167,10 +1167,27 @@ impl TrackerCore {
                 req_id,
                 Reject::new(RejectCode::WrongPassword, "wrong password"),
             ),
-            (Waiting::CreateUserRetry { req_id, .. }, PasswordResult::Verified(true)) => {
-                // The user exists with this password: the creation this retry asks for.
-                self.reply(conn, req_id, Ok(ReplyBody::Done));
-                return self.run_queued(conn);
+            (Waiting::CreateUserRetry { req_id, user }, PasswordResult::Verified(true)) => {
+                // The user exists with this password: the creation this retry asks for,
+                // applied here but maybe not committed (nor durable anywhere: a crash of every
+                // tracker could still lose it). So the retry is ordered again, with its request
+                // id: it gets the remembered answer (nothing is applied twice), at a commit
+                // after the creation's, as every other retry does.
+                match self.replica.state().password_hash(&user).map(str::to_owned) {
+                    Some(pw_hash) => {
+                        return self.propose(
+                            conn,
+                            req_id,
+                            Op::CreateUser { user, pw_hash },
+                            SessionEffect::None,
+                        );
+                    }
+                    // The state was replaced meanwhile by one without the user.
+                    None => (
+                        req_id,
+                        Reject::new(RejectCode::Unavailable, "the user changed; ask again"),
+                    ),
+                }
             }
             (Waiting::CreateUserRetry { req_id, user }, PasswordResult::Verified(false)) => (
                 req_id,
@@ -1419,7 +1436,9 @@ impl TrackerCore {
                 // A remembered answer for this (client id, request id), which anyone can
                 // copy: the retry of a creation applied through another tracker is answered
                 // only once its password is checked against the user's (and a wrong one
-                // counts as a failure, as at login). Nothing is replicated or remembered.
+                // counts as a failure, as at login). A wrong one replicates and remembers
+                // nothing; a right one has the retry ordered again (`password_done`), so that
+                // it is answered at a commit, not from a creation applied and maybe not durable.
                 let Some(phc) = state.password_hash(&user) else {
                     // No such user, so the remembered answer is not a creation of it.
                     return Err(Reject::new(

@@ -12,21 +12,25 @@
 //! ```text
 //! entries record payload = u32 n | entry * n          (the replication link's entry encoding)
 //! snapshot               = TrackerState::encode_snapshot
-//! meta blob              = u8 version (2) | u64 claim view | u16 claim primary
+//! meta blob              = u8 version (3) | u64 claim view | u16 claim primary
 //!                          | u64 accepted view | u16 accepted primary
+//!                          | u64 highest view
 //!                          | u16 n | u16 tracker_no * n   (wait_for)
 //! ```
 //!
-//! (Version 1, written by earlier builds, lacks the accepted primary: it is read as 0,
-//! unknown.)
+//! (Version 2, written by earlier builds, lacks the highest view: it is read as the higher of
+//! the claim's view and the accepted view, the most that version kept. Version 1 also lacks
+//! the accepted primary: it is read as 0, unknown.)
 //!
-//! The meta blob holds what the replica needs beyond the state to rejoin safely: the highest
-//! view it saw claimed (views never repeat, even across a restart of every tracker), the view
-//! in which it last accepted entries (its state's position, with the entries applied) and the
-//! primary of that claim (so the state is known to be a prefix of that claim's sequence: a
-//! primary may then send it only the entries it lacks; 0 while that is not known), and
-//! the trackers it must hear from before it may start the service with its own state (those
-//! that may hold changes acknowledged after it stopped: see `Replica`'s module doc).
+//! The meta blob holds what the replica needs beyond the state to rejoin safely: the claim it
+//! follows or makes, the view in which it last accepted entries (its state's position, with
+//! the entries applied) and the primary of that claim (so the state is known to be a prefix
+//! of that claim's sequence: a primary may then send it only the entries it lacks; 0 while
+//! that is not known), the highest view it ever claimed, followed or heard of (never lowered,
+//! though the claim may go down when it joins a live service in a lower view: its next claim
+//! goes above it, so it never claims a view its disk once named), and the trackers it must
+//! hear from before it may start the service with its own state (those that may hold changes
+//! acknowledged after it stopped: see `Replica`'s module doc).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -66,21 +70,27 @@ pub struct Meta {
     /// The primary of the claim under which the state was accepted (with `accepted_view`):
     /// the state is a prefix of the sequence that claim ordered. 0: not known.
     pub accepted_by: u16,
+    /// The highest view this tracker ever claimed, followed or heard a peer name: never
+    /// lowered, and every claim it makes goes above it.
+    pub highest_view: u64,
     pub wait_for: BTreeSet<u16>,
 }
 
-const META_VERSION: u8 = 2;
-/// Earlier builds' metadata: no `accepted_by`.
+const META_VERSION: u8 = 3;
+/// Earlier builds' metadata: no `highest_view`.
+const META_VERSION_2: u8 = 2;
+/// Earlier builds' metadata: no `accepted_by` either.
 const META_VERSION_1: u8 = 1;
 
 impl Meta {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(25 + 2 * self.wait_for.len());
+        let mut out = Vec::with_capacity(33 + 2 * self.wait_for.len());
         put_u8(&mut out, META_VERSION);
         put_u64(&mut out, self.claim.0);
         put_u16(&mut out, self.claim.1);
         put_u64(&mut out, self.accepted_view);
         put_u16(&mut out, self.accepted_by);
+        put_u64(&mut out, self.highest_view);
         put_u16(&mut out, self.wait_for.len() as u16);
         for no in &self.wait_for {
             put_u16(&mut out, *no);
@@ -91,12 +101,21 @@ impl Meta {
     pub fn decode(bytes: &[u8]) -> Result<Meta, DecodeError> {
         let mut r = Reader::new(bytes);
         let version = r.u8()?;
-        if version != META_VERSION && version != META_VERSION_1 {
+        if !(META_VERSION_1..=META_VERSION).contains(&version) {
             return Err(DecodeError::BadValue("meta version"));
         }
         let claim = (r.u64()?, r.u16()?);
         let accepted_view = r.u64()?;
-        let accepted_by = if version == META_VERSION { r.u16()? } else { 0 };
+        let accepted_by = if version >= META_VERSION_2 {
+            r.u16()?
+        } else {
+            0
+        };
+        let highest_view = if version >= META_VERSION {
+            r.u64()?
+        } else {
+            claim.0.max(accepted_view)
+        };
         let n = r.u16()?;
         let mut wait_for = BTreeSet::new();
         for _ in 0..n {
@@ -107,6 +126,7 @@ impl Meta {
             claim,
             accepted_view,
             accepted_by,
+            highest_view,
             wait_for,
         })
     }
@@ -297,6 +317,7 @@ mod tests {
             claim: (9, 2),
             accepted_view: 8,
             accepted_by: 3,
+            highest_view: 19,
             wait_for: [1, 3].into_iter().collect(),
         };
         assert_eq!(Meta::decode(&m.encode()).unwrap(), m);
@@ -305,6 +326,31 @@ mod tests {
         long.push(0);
         assert!(Meta::decode(&long).is_err());
         assert!(Meta::decode(&m.encode()[..10]).is_err());
+        let mut future = m.encode();
+        future[0] = 4;
+        assert!(Meta::decode(&future).is_err());
+        // Version 2 (earlier builds) has no highest view: read as the higher of the claim's
+        // view and the accepted one.
+        let v2 = [
+            &[2u8][..],
+            &9u64.to_be_bytes(),
+            &2u16.to_be_bytes(),
+            &8u64.to_be_bytes(),
+            &3u16.to_be_bytes(),
+            &2u16.to_be_bytes(),
+            &1u16.to_be_bytes(),
+            &3u16.to_be_bytes(),
+        ]
+        .concat();
+        assert_eq!(
+            Meta::decode(&v2).unwrap(),
+            Meta {
+                highest_view: 9,
+                ..m.clone()
+            }
+        );
+        let v2_accepted_higher = [&v2[..1], &1u64.to_be_bytes(), &v2[9..]].concat();
+        assert_eq!(Meta::decode(&v2_accepted_higher).unwrap().highest_view, 8);
         // Version 1 (earlier builds) has no accepted primary: read as 0, unknown.
         let v1 = [
             &[1u8][..],
@@ -321,6 +367,7 @@ mod tests {
                 claim: (9, 2),
                 accepted_view: 8,
                 accepted_by: 0,
+                highest_view: 9,
                 wait_for: [5].into_iter().collect(),
             }
         );

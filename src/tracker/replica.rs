@@ -82,8 +82,25 @@
 //!   have not seen committed; a client retrying a change through another tracker carries the
 //!   same request id, so nothing is applied twice (see `TrackerState::apply_entry`). Claims of
 //!   primaryship are ordered by view, then by lower tracker number; a tracker follows the
-//!   highest claim it has seen and ignores messages of lower ones. Views only grow, by one,
-//!   with checked arithmetic; a message naming a view above [`MAX_VIEW`] closes its link.
+//!   highest claim it has seen and ignores messages of lower ones (but for a claim that is
+//!   void: its tracker is gone, or it came from an old disk naming a view above the live
+//!   service's; the live claim is then followed though lower).
+//! - **Views never repeat.** Each tracker keeps the highest view it ever claimed, followed
+//!   or heard a linked tracker name (any message naming a view, a starting tracker's status
+//!   too, which names the view its state was accepted in), in its metadata as well
+//!   (`Meta::highest_view`); it never goes down, though the claim followed may. A claim this
+//!   tracker makes is the view after it, with checked arithmetic; a message naming a view
+//!   above [`MAX_VIEW`] closes its link. So no tracker claims a view its own disk ever named
+//!   (across restarts), nor one a tracker linked to it named. An old disk that joins the live
+//!   service in a lower view (a void claim, above) tells the view its state was accepted in
+//!   while it starts, so the takeovers of the trackers that heard it go above that view, and
+//!   its own above every view its disk named: the live service does not re-use that history's
+//!   claims, under which other disks of it may hold entries. What this does not reach: a view
+//!   named only by disks that are down and never heard (nobody up knows it), a tracker that
+//!   links after the old disk joined (statuses of serving trackers name the live view only),
+//!   and a claim made just before a kill: the metadata naming it is written after the claim
+//!   goes out, as it always was, so a tracker restarted without that write claims the view
+//!   again unless a tracker it hears names it.
 //! - **Stalls (fencing).** Every handler first passes the time to [`Replica::observe`]. A
 //!   gap of [`STALL_LIMIT`] between two turns of the loop (which wakes at least every
 //!   [`HEARTBEAT_EVERY`]) means this tracker was frozen or starved: the others may have
@@ -98,7 +115,8 @@
 //!   ([`ReplicaOut::Persist`], in order) before it counts: a backup acknowledges a batch only
 //!   once its write (and the metadata before it) is durable ([`Replica::handle_durable`]), and
 //!   the primary commits a batch only once every member acknowledged it and its own write is
-//!   durable. The metadata ([`Meta`]) holds the highest view claimed, the view of the state,
+//!   durable. The metadata ([`Meta`]) holds the claim, the highest view (never lowered), the
+//!   view of the state,
 //!   and the trackers this one last served with (a primary's members and the trackers it is
 //!   giving the state to, written before they get it; a backup's primary). A state taken
 //!   from another tracker is written as a snapshot that voids the log past it.
@@ -533,8 +551,13 @@ pub struct Replica {
     t: Timings,
     state: TrackerState,
     role: Role,
-    /// Highest claim of primaryship seen: (view, primary number).
+    /// The claim of primaryship followed or made: (view, primary number). It may go down:
+    /// a tracker whose disk named a view above the live service's follows the live primary.
     claim: (u64, u16),
+    /// The highest view this tracker ever claimed, followed or heard a linked tracker name
+    /// (in its metadata too, so across restarts): never lowered, and every claim this tracker
+    /// makes goes above it, so it never claims a view it once named under another history.
+    highest_view: u64,
     /// Sequence number of the last applied entry.
     applied: u64,
     /// The view in which this tracker last accepted entries or a state: with `applied`, the
@@ -653,7 +676,7 @@ fn impossible_view(view: u64) -> bool {
 /// The view a tracker message names, if any.
 fn msg_view(msg: &ReplMsg) -> Option<u64> {
     match msg {
-        ReplMsg::Status(ReplStatus::Serving { view, .. })
+        ReplMsg::Status(ReplStatus::Serving { view, .. } | ReplStatus::Starting { view, .. })
         | ReplMsg::Batch(Batch { view, .. })
         | ReplMsg::Ack { view, .. }
         | ReplMsg::Commit { view, .. }
@@ -713,6 +736,7 @@ impl Replica {
             state: TrackerState::new(),
             role: Role::starting(),
             claim: (0, u16::MAX),
+            highest_view: 0,
             applied: 0,
             accepted_view: 0,
             accepted_by: 0,
@@ -768,6 +792,11 @@ impl Replica {
                 // The claim's view only: whoever made it, it may be gone, and views go on
                 // above it.
                 r.claim = (meta.claim.0, u16::MAX);
+                r.highest_view = meta
+                    .highest_view
+                    .max(meta.claim.0)
+                    .max(meta.accepted_view)
+                    .min(MAX_VIEW);
                 r.accepted_view = meta.accepted_view;
                 r.accepted_by = meta.accepted_by;
                 r.role = Role::Starting {
@@ -988,6 +1017,7 @@ impl Replica {
             claim: self.claim,
             accepted_view: self.accepted_view,
             accepted_by: self.accepted_by,
+            highest_view: self.highest_view,
             wait_for: self.wait_set(),
         };
         if meta != self.meta {
@@ -1350,6 +1380,10 @@ impl Replica {
                 warn!("tracker {from}: a message naming view {view}, which no tracker reaches; closing the link");
                 return self.close(link, now);
             }
+            // A view a linked tracker names may be one this tracker never saw (claimed while
+            // it was away, or named by an old disk that joins in a lower view): the next
+            // claim goes above it.
+            self.highest_view = self.highest_view.max(view);
         }
         match msg {
             ReplMsg::Hello { .. } => {
@@ -1535,6 +1569,13 @@ impl Replica {
                 // (A link that said hello and not yet its status: the status follows at
                 // once; until it comes, the primary there is taken as still serving.)
                 .is_some_and(|l| matches!(l.status, None | Some(ReplStatus::Serving { .. })))
+    }
+
+    /// Follows or makes `claim`. The highest view stays the highest ever named here, though
+    /// the claim may go down (a void claim from an old disk, left for the live service's).
+    fn set_claim(&mut self, claim: (u64, u16)) {
+        self.highest_view = self.highest_view.max(claim.0);
+        self.claim = claim;
     }
 
     /// Whether the tracker of the claim this tracker follows still stands for it: linked and
@@ -1826,7 +1867,7 @@ impl Replica {
                 if self.is_serving() {
                     self.stop_serving();
                 }
-                self.claim = (view, primary);
+                self.set_claim((view, primary));
                 self.join(primary);
                 return;
             }
@@ -1889,7 +1930,7 @@ impl Replica {
             // A claim whose tracker no longer stands for it (it died or restarted during its
             // takeover) is void, even against a lower claim of the same view.
             if beats(best, self.claim) || !self.claimant_live() {
-                self.claim = best;
+                self.set_claim(best);
             }
             if best == self.claim {
                 self.join(best.1);
@@ -1966,7 +2007,7 @@ impl Replica {
             // for the others until the discovery time is over.
             return;
         }
-        let Some(mut view) = next_view(self.claim.0) else {
+        let Some(mut view) = next_view(self.highest_view) else {
             error!("view numbers are exhausted; this tracker cannot start the service");
             return;
         };
@@ -1983,7 +2024,7 @@ impl Replica {
             "no other tracker serves: starting the service as primary of view {view} with the state held ({} entries)",
             self.applied
         );
-        self.claim = (view, self.me.no);
+        self.set_claim((view, self.me.no));
         self.become_primary(now);
     }
 
@@ -2248,7 +2289,7 @@ impl Replica {
         // the new state on disk must also find whom to wait for (the primary, which may go on
         // acknowledging changes). The state's view is written after the state, so a restart
         // that finds only the metadata does not take its old state for the new one.
-        self.claim = (view, from);
+        self.set_claim((view, from));
         self.role = Role::backup();
         self.accepted_by = 0;
         self.sync_meta();
@@ -2319,7 +2360,7 @@ impl Replica {
         // As for a snapshot, the metadata naming the primary goes first; the claim the state
         // was accepted under is unknown on disk until the entries are written (the entries
         // after the old position are of the new claim's history, not the old one's).
-        self.claim = (view, from);
+        self.set_claim((view, from));
         self.role = Role::backup();
         self.accepted_by = 0;
         self.sync_meta();
@@ -2731,11 +2772,11 @@ impl Replica {
     }
 
     fn take_over(&mut self, now: Instant) {
-        let Some(view) = next_view(self.claim.0) else {
+        let Some(view) = next_view(self.highest_view) else {
             error!("view numbers are exhausted; this tracker cannot take over");
             return;
         };
-        self.claim = (view, self.me.no);
+        self.set_claim((view, self.me.no));
         self.takeover_deadline = None;
         let waiting: BTreeSet<u16> = self.peer_link.keys().copied().collect();
         info!(
@@ -2778,7 +2819,7 @@ impl Replica {
             debug!("ignoring the takeover of view {view} by tracker {from}");
             return;
         }
-        self.claim = (view, from);
+        self.set_claim((view, from));
         self.takeover_deadline = None;
         if view > self.accepted_view {
             // It may go on to acknowledge changes in that view (see `on_status`); a tracker

@@ -4691,8 +4691,75 @@ fn every_log_is_compacted_under_a_load_that_keeps_batches_in_flight() {
 /// so it is void: tracker 3 follows the live primary, joins it, is sent the state (its
 /// position names a claim the primary never held), and the service goes on through the next
 /// takeovers (tracker 3 taking over last). Nothing waits for the higher view.
+///
+/// Views never repeat: tracker 3's claim goes down to the live one, but its highest view
+/// stays (on its disk too), and tracker 2 heard it in 3's status while 3 was starting, so
+/// every takeover after claims a view above those 3's disk named (before, 2 took over view
+/// `live + 1` and 3 then `live + 2`: views that disk had claimed under another history).
 #[test]
 fn a_disk_with_a_higher_view_joins_the_live_service() {
+    let (mut cl, live_view) = a_disk_with_a_higher_view_joined();
+    // Takeovers go on above the views 3's disk named: 2, then 3 (alone), which the others
+    // then join.
+    let mut views = Vec::new();
+    for (dead, next) in [(1u16, 2u16), (2, 3)] {
+        cl.crash(dead);
+        assert!(
+            cl.run_until(10_000, |cl| cl.primaries() == vec![next]),
+            "tracker {next} takes over"
+        );
+        views.push(cl.core(next).replica().view().unwrap());
+        let c = cl.add_client(Some(next));
+        cl.sign_in(c);
+        assert_eq!(
+            create_group(&mut cl, c, &format!("after-{dead}")),
+            ReplyBody::Done
+        );
+    }
+    assert_eq!(
+        views,
+        vec![(live_view + 11, 2), (live_view + 12, 3)],
+        "views above the disk's (live view {live_view})"
+    );
+    cl.start(1);
+    cl.start(2);
+    assert!(cl.run_until(10_000, |cl| (1..=3)
+        .all(|no| cl.core(no).replica().is_serving())));
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
+/// As above, but the two live trackers die together once 3 has joined: 3 takes over alone,
+/// above its own highest view (the one its disk named), not above the claim it followed.
+/// Before, it claimed `live + 1`.
+#[test]
+fn a_tracker_that_joined_in_a_lower_view_claims_above_its_disk() {
+    let (mut cl, live_view) = a_disk_with_a_higher_view_joined();
+    cl.crash(1);
+    cl.crash(2);
+    assert!(
+        cl.run_until(10_000, |cl| cl.primaries() == vec![3]),
+        "tracker 3 takes over"
+    );
+    assert_eq!(cl.core(3).replica().view(), Some((live_view + 11, 3)));
+    let c = cl.add_client(Some(3));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "alone"), ReplyBody::Done);
+    cl.start(1);
+    cl.start(2);
+    assert!(cl.run_until(10_000, |cl| (1..=3)
+        .all(|no| cl.core(no).replica().is_serving())));
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
+/// Three durable trackers; tracker 3 is killed, its disk's metadata raised ten views above
+/// the live one (claim and state's view), and started again: it joins the live service,
+/// following the live claim, while its highest view, on its disk too, stays ten views up.
+/// Returns the cluster and the live view.
+fn a_disk_with_a_higher_view_joined() -> (Cluster, u64) {
     let mut cl = Cluster::new_durable(3, 9140);
     for no in 1..=3 {
         cl.start(no);
@@ -4723,25 +4790,424 @@ fn a_disk_with_a_higher_view_joins_the_live_service() {
         "sent the state, not a suffix"
     );
     assert!(cl.core(3).state().group(&gid("while-away")).is_some());
-    // Takeovers go on from the live view: 2, then 3 (alone), which the others then join.
-    for (dead, next) in [(1u16, 2u16), (2, 3)] {
-        cl.crash(dead);
-        assert!(
-            cl.run_until(10_000, |cl| cl.primaries() == vec![next]),
-            "tracker {next} takes over"
-        );
-        let c = cl.add_client(Some(next));
-        cl.sign_in(c);
-        assert_eq!(
-            create_group(&mut cl, c, &format!("after-{dead}")),
-            ReplyBody::Done
-        );
+    cl.settle();
+    let meta = durable::Meta::decode(cl.disks[2].rec.meta.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (meta.claim.0, meta.highest_view),
+        (live_view, live_view + 10),
+        "the claim went down on disk, the highest view did not"
+    );
+    (cl, live_view)
+}
+
+// =============================================================================================
+// One replica driven by hand
+// =============================================================================================
+
+/// One [`Replica`](super::Replica) (tracker `me` of `n`, without a disk) whose links to every
+/// other tracker are driven message by message, the time moving 10 ms a step: schedules too
+/// precise to arrange in the simulated cluster, where the other trackers would act on their
+/// own.
+struct Hand {
+    r: super::Replica,
+    now: Instant,
+    links: BTreeMap<u16, ConnId>,
+}
+
+impl Hand {
+    /// Tracker `me`, linked to every other (their hellos arrived, no status yet).
+    fn new(me: u16, n: u16) -> Hand {
+        let now = Instant::now();
+        let tracker = |no: u16| TrackerRef {
+            no,
+            incarnation: 100 + u64::from(no),
+        };
+        let r = super::Replica::new(tracker(me), n, Timings::default(), now);
+        let mut h = Hand {
+            r,
+            now,
+            links: BTreeMap::new(),
+        };
+        for no in (1..=n).filter(|no| *no != me) {
+            let link = ConnId {
+                key: usize::from(no),
+                generation: 1,
+            };
+            h.r.handle_dialed(link, no, u64::from(no), h.now);
+            h.links.insert(no, link);
+            h.from(
+                no,
+                ReplMsg::Hello {
+                    version: crate::wire::PROTOCOL_VERSION,
+                    tracker: tracker(no),
+                },
+            );
+        }
+        h.drain();
+        h
     }
-    assert_eq!(cl.core(3).replica().view(), Some((live_view + 2, 3)));
-    cl.start(1);
-    cl.start(2);
-    assert!(cl.run_until(10_000, |cl| (1..=3)
-        .all(|no| cl.core(no).replica().is_serving())));
+
+    /// Tracker `no` sends `msg`.
+    fn from(&mut self, no: u16, msg: ReplMsg) {
+        self.now += Duration::from_millis(10);
+        let link = self.links[&no];
+        self.r.handle_msg(link, msg, self.now);
+    }
+
+    /// The link to tracker `no` closes (it died).
+    fn closed(&mut self, no: u16) {
+        self.now += Duration::from_millis(10);
+        let link = self.links[&no];
+        self.r.handle_closed(link, self.now);
+    }
+
+    /// Takes everything the replica asked for so far.
+    fn drain(&mut self) -> Vec<super::ReplicaOut> {
+        std::iter::from_fn(|| self.r.poll_output()).collect()
+    }
+
+    /// The messages the replica sent to tracker `no` since the last drain (the rest of what it
+    /// asked for is dropped).
+    fn sent_to(&mut self, no: u16) -> Vec<ReplMsg> {
+        let link = self.links[&no];
+        self.drain()
+            .into_iter()
+            .filter_map(|o| match o {
+                super::ReplicaOut::Send(l, m) if l == link => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Tracker `no` sends the state `state` (entries applied up to its `n_applied`) as
+    /// snapshot parts, then the message `last`.
+    fn state_from(&mut self, no: u16, state: &TrackerState, last: ReplMsg) {
+        let mut bytes = Vec::new();
+        state.encode_snapshot(&mut bytes);
+        for part in bytes.chunks(crate::wire::replication::SNAPSHOT_PART_LEN) {
+            self.from(
+                no,
+                ReplMsg::SnapshotPart {
+                    data: part.to_vec(),
+                },
+            );
+        }
+        self.from(no, last);
+    }
+
+    /// Bytes of snapshot parts buffered on the link from tracker `no`.
+    fn buffered_from(&self, no: u16) -> usize {
+        self.r
+            .links
+            .get(&self.links[&no])
+            .map_or(0, |l| l.snapshot.len())
+    }
+}
+
+/// A state holding `n` entries (users created by one client).
+fn state_of(n: u64) -> TrackerState {
+    let mut state = TrackerState::new();
+    for e in ring_entries(1, n) {
+        let _ = state.apply_entry(&e);
+    }
+    state
+}
+
+/// The schedule of commit af1d94e (found by reading, 4 trackers). Tracker 3 takes over view 2
+/// when primary 1 dies (2 has not said it serves), and tracker 4, ahead of it, answers with its
+/// state: snapshot parts, then the answer. Tracker 2's claim of the same view beats 3's (a lower
+/// number) and reaches 3 first: 3 steps down, follows 2, and ignores 4's answer when it
+/// arrives. The parts before that answer are that answer's: if they stayed buffered on 3's
+/// link from 4 (the whole state, in memory for as long as the link lives), the next state 4
+/// sends 3 would be read after them. Here 2 then dies, 3 takes over view 3 and 4 answers again
+/// with its state: 3 must take it, with 4 as a member. Before the fix the stale parts made it
+/// a "bad snapshot": 3 led from its own position, and 4 (ahead of it) was not a member but
+/// told to ask for the state. Fails without af1d94e (`git show af1d94e -- src/ | git apply
+/// -R`): 3 stays at entry 2 ("bad snapshot"), 4 is no member, 4's first state stays buffered.
+#[test]
+fn an_ignored_takeover_answer_leaves_no_snapshot_parts_to_spoil_the_next() {
+    let mut h = Hand::new(3, 4);
+    h.from(
+        1,
+        ReplMsg::Status(ReplStatus::Serving {
+            view: 1,
+            primary: 1,
+        }),
+    );
+    h.from(
+        4,
+        ReplMsg::Status(ReplStatus::Serving {
+            view: 1,
+            primary: 1,
+        }),
+    );
+    assert!(h
+        .sent_to(1)
+        .iter()
+        .any(|m| matches!(m, ReplMsg::JoinRequest(_))));
+    let base = state_of(2);
+    let mut bytes = Vec::new();
+    base.encode_snapshot(&mut bytes);
+    let len = bytes.len() as u64;
+    h.state_from(
+        1,
+        &base,
+        ReplMsg::Snapshot {
+            view: 1,
+            seq: 2,
+            len,
+        },
+    );
+    assert_eq!(h.r.view(), Some((1, 1)));
+    assert_eq!(h.r.applied(), 2);
+    h.drain();
+
+    // Primary 1 dies: 3 takes over view 2 (2 has not said it serves).
+    h.closed(1);
+    assert!(h.sent_to(4).contains(&ReplMsg::Takeover {
+        view: 2,
+        applied: 2
+    }));
+    // 2's claim of view 2 reaches 3 before 4's answer: 3 follows 2.
+    h.from(
+        2,
+        ReplMsg::Takeover {
+            view: 2,
+            applied: 2,
+        },
+    );
+    assert_eq!(h.r.view(), Some((2, 2)));
+    assert!(h.r.role.is_backup());
+    // 4's answer to 3's takeover, from entry 4: its state, then the answer. Ignored.
+    h.state_from(
+        4,
+        &state_of(4),
+        ReplMsg::TakeoverAck {
+            view: 2,
+            serving: true,
+            applied: 4,
+            catchup: Catchup::Snapshot,
+        },
+    );
+    assert_eq!(
+        h.r.applied(),
+        2,
+        "the answer to a takeover given up is ignored"
+    );
+    let buffered = h.buffered_from(4);
+    h.from(
+        4,
+        ReplMsg::Status(ReplStatus::Serving {
+            view: 2,
+            primary: 2,
+        }),
+    );
+    h.drain();
+
+    // 2 dies too: 3 takes over view 3, and 4 answers from entry 6 with its state.
+    h.closed(2);
+    assert!(h.sent_to(4).contains(&ReplMsg::Takeover {
+        view: 3,
+        applied: 2
+    }));
+    h.state_from(
+        4,
+        &state_of(6),
+        ReplMsg::TakeoverAck {
+            view: 3,
+            serving: true,
+            applied: 6,
+            catchup: Catchup::Snapshot,
+        },
+    );
+    assert!(h.r.is_primary());
+    assert_eq!(h.r.view(), Some((3, 3)));
+    assert_eq!(
+        h.r.applied(),
+        6,
+        "tracker 3 took tracker 4's state (a bad snapshot leaves it at 2)"
+    );
+    assert!(
+        h.r.lead()
+            .is_some_and(|l| l.members.contains(&4) && l.rejoining.is_empty()),
+        "tracker 4 is a member, not told to ask for the state"
+    );
+    assert!(h.r.state().password_hash(&uid("u6")).is_some());
+    assert_eq!(
+        buffered, 0,
+        "no snapshot part stays buffered after the ignored answer"
+    );
+}
+
+// ---- a crash between a takeover's install and its first commit ----
+
+/// Tracker 2 takes over from tracker 3's state (3's ring keeps no batch, so its answer is the
+/// whole state), holding the batch in flight that only 3 applied, with changes of 2's clients
+/// in it. That batch is durable nowhere but on 2 once 2's install is: the old primary's disk
+/// and 3's were held up and lose it when they die. Before the takeover's first commit (3
+/// cannot acknowledge: its disk is held up) every tracker dies; restarted from their disks,
+/// the service starts again from 2's.
+///
+/// What the restart makes of that state: tracker 2's disk gives it back as a snapshot, and
+/// restored snapshots count as committed (`Restored::committed`), so the restarted 2 has the
+/// install's entries committed although no primary ever committed them. That is right, and
+/// this scenario guards it: `committed` is local, it answers nothing by itself (a restarted
+/// tracker has no client waiting; a client's retry of a change it holds is ordered again and
+/// answered only when that commits, see `TrackerState::apply_entry`) and never leaves the
+/// tracker (statuses and join positions carry the entries applied and the view accepted, not
+/// the commit point). The state is offered to the others only as any restarted tracker's own
+/// durable state is, by the restart rule (the furthest durable state, once every tracker that
+/// may hold a newer one has been heard): here 2's, the only one holding the batch. No client
+/// is answered before the crash, each is answered once after it, and every answer given is in
+/// the state the trackers agree on.
+#[test]
+fn a_takeover_killed_between_its_install_and_its_first_commit_restarts_from_that_state() {
+    let mut cl = Cluster::new_durable(3, 9150);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let inc = cl.tracker(3).incarnation;
+    cl.tracker_mut(3, inc)
+        .unwrap()
+        .replica_mut()
+        .bound_ring(0, 0);
+    let clients = signed_in_clients(&mut cl, 2, 3);
+    cl.settle();
+    let base = cl.core(2).replica().applied();
+    let to_2 = cl.tracker_link(1, 2).unwrap();
+    let acks = cl.tracker_link(3, 1).unwrap();
+    cl.pause(to_2);
+    cl.pause(acks);
+    cl.disk_stalls(1);
+    cl.disk_stalls(3);
+    let reqs = changes_in_separate_batches(&mut cl, &clients, "k");
+    let top = cl.core(1).replica().applied();
+    assert!(top > base);
+    assert!(cl.run_until(100, |cl| cl.core(3).replica().applied() == top));
+    // The old primary dies with its batch not durable.
+    cl.crash_keeping(1, 0);
+    cl.lose_held(to_2);
+    cl.lose_held(acks);
+    assert!(cl.run_until(3000, |cl| cl.primaries() == vec![2]
+        && cl.core(2).replica().applied() == top));
+    // 2's install is durable; its first commit waits for 3's acknowledgement.
+    assert!(cl.run_until(1000, |cl| cl.disks[1]
+        .rec
+        .snapshot
+        .as_ref()
+        .is_some_and(|(seq, _)| *seq == top)));
+    cl.run_for(300);
+    assert!(
+        cl.core(2).replica().committed() < top,
+        "no first commit yet"
+    );
+    assert!(
+        clients
+            .iter()
+            .zip(&reqs)
+            .all(|(&c, r)| !cl.clients[c].answered.contains(r)),
+        "nothing answered before the takeover's first commit"
+    );
+    // Every tracker dies: 3 with its batch not durable, 2 with its install durable.
+    cl.crash_keeping(3, 0);
+    cl.crash_keeping(2, 0);
+    cl.disk_resumes(1);
+    cl.disk_resumes(3);
+    cl.run_for(500);
+    for no in [3, 1, 2] {
+        cl.start(no);
+    }
+    assert_eq!(
+        cl.core(2).replica().committed(),
+        top,
+        "the install restored counts as committed, locally"
+    );
+    assert_eq!(cl.core(1).replica().applied(), base);
+    assert_eq!(cl.core(3).replica().applied(), base);
+    assert!(
+        cl.run_until(15_000, |cl| (1..=3)
+            .all(|no| cl.core(no).replica().is_serving())),
+        "the service restarts"
+    );
+    assert!(
+        cl.core(1).replica().applied() >= top,
+        "from tracker 2's state"
+    );
+    assert!(cl.run_until(10_000, |cl| all_answered(cl, &clients, &reqs)));
+    for (&c, r) in clients.iter().zip(&reqs) {
+        assert!(
+            cl.clients[c].replies.contains(&(*r, ReplyBody::Done)),
+            "applied once, answered done"
+        );
+        assert!(cl.core(3).state().group(&gid(&format!("k{c}"))).is_some());
+    }
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
+// ---- a retried creation of a user ----
+
+/// A client creates its user through tracker 2; the creation is applied everywhere but
+/// committed nowhere (every disk is held up, so no write is durable and no backup
+/// acknowledges). The client drops its link and retries through tracker 3 with the same
+/// request id: 3 finds the creation in its state and checks the password. It must not answer
+/// before the creation commits: it did (at once, from the state's memory), and when every
+/// tracker was then killed, none had the user on disk: a change acknowledged and lost
+/// (Invariant 2; found while checking what a restart makes of uncommitted states, issue 9).
+/// Now the retry is ordered again and answered at its commit; after the restart the client's
+/// next retry creates the user.
+#[test]
+fn a_retried_user_creation_is_answered_only_once_it_commits() {
+    let mut cl = Cluster::new_durable(3, 9160);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let c = cl.add_client(Some(2));
+    cl.run_for(200);
+    for no in 1..=3 {
+        cl.disk_stalls(no);
+    }
+    let user = cl.clients[c].user.clone();
+    let password = cl.clients[c].password.clone();
+    let r = cl.issue(
+        c,
+        RequestBody::CreateUser {
+            user: user.clone(),
+            password,
+        },
+        Expect::Manual,
+    );
+    assert!(cl.run_until(3000, |cl| cl.core(3).state().password_hash(&user).is_some()));
+    cl.clients[c].prefer = Some(3);
+    cl.cut(c);
+    cl.run_for(1000);
+    assert!(
+        (1..=3).all(|no| cl.core(no).replica().committed() == 0),
+        "nothing committed"
+    );
+    assert!(
+        !cl.clients[c].answered.contains(&r),
+        "not answered before the creation commits: {:?}",
+        cl.clients[c].replies
+    );
+    for no in 1..=3 {
+        cl.crash_keeping(no, 0);
+    }
+    for no in 1..=3 {
+        cl.disk_resumes(no);
+    }
+    cl.run_for(500);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    assert!(cl.run_until(15_000, |cl| cl.clients[c].answered.contains(&r)));
+    assert_eq!(cl.clients[c].replies, vec![(r, ReplyBody::Done)]);
+    assert!(cl.core(1).state().password_hash(&user).is_some());
     cl.settle();
     cl.check_agreement();
     cl.check_acknowledged();
