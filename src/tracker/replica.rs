@@ -3135,8 +3135,25 @@ impl Replica {
         self.accepted_view = self.claim.0;
         self.accepted_by = self.me.no;
         self.sync_meta();
+        if self.applied > self.committed {
+            // A state from disk holds entries after the last commit it knew of. They are the
+            // service's now (the furthest state starts it), and count as committed once the
+            // metadata naming this claim is durable, as a takeover's first commit does:
+            // answers made from the state wait for a commit (the core's read rule), and an
+            // idle service would otherwise hold them until its next change.
+            let (last_seq, write) = (self.applied, self.written);
+            if let Some(lead) = self.lead_mut() {
+                lead.in_flight.push_back(InFlight {
+                    last_seq,
+                    waiting: BTreeSet::new(),
+                    write,
+                    bytes: 0,
+                });
+            }
+        }
         self.out.push_back(ReplicaOut::Serving(true));
         self.broadcast_status();
+        self.try_commit();
         self.release_held();
         self.scan_grace(now);
     }
