@@ -4535,6 +4535,8 @@ fn a_takeover_whose_catch_up_cannot_be_applied_does_not_lead_the_member_ahead() 
 /// The clients waiting on tracker 2 had their changes in those batches: the state taken
 /// remembers their answers, but nobody committed them and the install is not durable on 2, so
 /// no answer goes out until it is (and 3 acknowledged its position); every one does after.
+/// A query through tracker 2 meanwhile waits the same way (the read rule), and then lists
+/// the changes taken over.
 #[test]
 fn answers_in_a_takeover_snapshot_wait_until_it_is_durable() {
     let mut cl = Cluster::new_durable(3, 9120);
@@ -4549,6 +4551,8 @@ fn answers_in_a_takeover_snapshot_wait_until_it_is_durable() {
         .replica_mut()
         .bound_ring(1, usize::MAX);
     let clients = signed_in_clients(&mut cl, 2, 3);
+    let asker = cl.add_client(Some(2));
+    cl.sign_in(asker);
     let to_2 = cl.tracker_link(1, 2).unwrap();
     let acks = cl.tracker_link(3, 1).unwrap();
     cl.pause(to_2);
@@ -4576,10 +4580,18 @@ fn answers_in_a_takeover_snapshot_wait_until_it_is_durable() {
             .all(|(&c, r)| !cl.clients[c].answered.contains(r)),
         "no answer before the state taken over is durable on tracker 2"
     );
+    let q = cl.issue(asker, RequestBody::ListGroups, Expect::Manual);
+    cl.run_for(300);
+    assert!(
+        !cl.clients[asker].answered.contains(&q),
+        "a query waits for the takeover's first commit"
+    );
     cl.disk_resumes(2);
-    assert!(cl.run_until(2000, |cl| all_answered(cl, &clients, &reqs)));
+    assert!(cl.run_until(2000, |cl| all_answered(cl, &clients, &reqs)
+        && cl.clients[asker].answered.contains(&q)));
     for (&c, r) in clients.iter().zip(&reqs) {
         assert!(cl.clients[c].replies.contains(&(*r, ReplyBody::Done)));
+        assert!(lists_group(&cl, asker, q, &gid(&format!("d{c}"))));
     }
     cl.settle();
     cl.check_agreement();
@@ -5409,4 +5421,41 @@ fn a_query_never_shows_a_change_that_is_lost() {
     cl.settle();
     cl.check_agreement();
     cl.check_acknowledged();
+}
+
+/// Every tracker killed and restarted from its disk: the tracker that starts the service holds
+/// entries past the last commit its disk knew of. With nothing written since (the only client
+/// is gone), a query is still answered at once: the state it starts from counts as committed
+/// once its claim is durable. Without that, every answer made from the state (here a
+/// `not logged in`) waited for the service's next change.
+#[test]
+fn after_every_tracker_restarts_an_idle_query_is_answered_at_once() {
+    let mut cl = Cluster::new_durable(3, 9172);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    let a = cl.add_client(Some(1));
+    cl.sign_in(a);
+    assert_eq!(create_group(&mut cl, a, "kept"), ReplyBody::Done);
+    cl.run_for(200);
+    cl.clients[a].frozen = true;
+    for no in 1..=3 {
+        cl.crash(no);
+    }
+    cl.run_for(500);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    let start = cl.now;
+    assert!(cl.run_until(8000, |cl| (1..=3)
+        .all(|no| cl.core(no).replica().is_serving())));
+    let b = cl.add_client(None);
+    assert!(cl.run_until(1000, |cl| cl.clients[b].idle()));
+    cl.run_for(200);
+    assert!(
+        cl.now - start < SESSION_GRACE.as_millis() as u64,
+        "no change yet (the gone client's session ends only after the grace period)"
+    );
+    idle_query_is_answered_at_once(&mut cl, b);
 }
