@@ -16,8 +16,9 @@
 //! (`applied` then): it waits as a change's answer does (`Waiting::Read`, the connection's
 //! later requests queued behind it), and goes out at the commit. When nothing is in flight
 //! (`committed == applied`) it goes out at once. If the state is replaced meanwhile, a held
-//! query is answered again from the new state, and a held refusal of a change becomes
-//! `Unavailable` (ask again): neither is sent from a state that may be gone.
+//! request is handled again with the new state (a refusal made after password work or at a
+//! commit, whose request is not kept, becomes `Unavailable`: ask again): nothing is sent from
+//! a state that may be gone.
 //! The driver feeds it `handle_open`, `handle_frame`, `handle_close` and `handle_timeout(now)`
 //! and drains [`Output`]s with `poll_output`. No sockets, clocks or threads live here: time is
 //! an argument, so the whole request path is tested without a network.
@@ -219,9 +220,10 @@ enum Waiting {
         /// The entry the state stood at when the answer was made.
         at: u64,
         body: Result<ReplyBody, Reject>,
-        /// The query, to answer it again if the state is replaced meanwhile (`None`: the
-        /// refusal of a change, which is refused `Unavailable` then, so the client asks again).
-        query: Option<(RequestBody, usize)>,
+        /// The request and its frame size, to handle it again if the state is replaced
+        /// meanwhile (`None`: a refusal made after password work or at a change's commit,
+        /// which becomes `Unavailable` then, so the client asks again).
+        request: Option<(RequestBody, usize)>,
     },
 }
 
@@ -886,20 +888,24 @@ impl TrackerCore {
     }
 
     /// The state was replaced: the answers held for a commit were made from the state before,
-    /// which may hold entries the new one lacks, so none of them is sent. A held query goes
-    /// back to the front of its connection's queue, to be answered from the new state; a held
-    /// refusal of a change (whose request is not kept) is refused `Unavailable` instead, so the
-    /// client asks again.
+    /// which may hold entries the new one lacks, so none of them is sent. A held request goes
+    /// back to the front of its connection's queue, to be handled again with the new state
+    /// (a query answered, a change refused before maybe made now); a refusal made after
+    /// password work or at a commit (its request not kept) is refused `Unavailable` instead,
+    /// so the client asks again.
     fn answer_reads_again(&mut self) {
         let held = std::mem::take(&mut self.reads);
         for (_, conn) in held {
             let Some(link) = self.links.get_mut(&conn) else {
                 continue;
             };
-            let Some(Waiting::Read { req_id, query, .. }) = link.waiting.take() else {
+            let Some(Waiting::Read {
+                req_id, request, ..
+            }) = link.waiting.take()
+            else {
                 continue;
             };
-            match query {
+            match request {
                 Some((body, len)) => {
                     link.queued_bytes += len;
                     link.queued.push_front((Request { req_id, body }, len));
@@ -1358,8 +1364,8 @@ impl TrackerCore {
         self.reply_query(conn, req_id, body, None);
     }
 
-    /// [`reply`](Self::reply), keeping the query (and its frame size) that made `body`, to
-    /// answer it again should the state be replaced before the commit.
+    /// [`reply`](Self::reply), keeping the request (and its frame size) that made `body`, to
+    /// handle it again should the state be replaced before the commit.
     fn reply_query(
         &mut self,
         conn: ConnId,
@@ -1384,7 +1390,7 @@ impl TrackerCore {
             req_id,
             at,
             body,
-            query,
+            request: query,
         });
         self.reads.insert((at, conn));
     }
@@ -1424,9 +1430,10 @@ impl TrackerCore {
     /// Answers a request, or parks it behind a password job or a change being replicated.
     fn handle_request(&mut self, conn: ConnId, request: Request) {
         let Request { req_id, body } = request;
-        // A query's answer may have to wait for a commit, and be made again if the state is
-        // replaced meanwhile: it is kept then (queries are small; changes are not kept).
-        let query = (self.replica.committed() < self.replica.applied() && is_query(&body))
+        // An answer made now may have to wait for a commit, and the request be handled again
+        // if the state is replaced meanwhile: it is kept while entries are in flight (a copy
+        // dropped at once when the request is a change the replica takes).
+        let query = (self.replica.committed() < self.replica.applied())
             .then(|| (body.clone(), self.frame_len));
         match self.answer(conn, req_id, body) {
             Ok(Handled::Reply(body)) => self.reply_query(conn, req_id, Ok(body), query),
@@ -1885,18 +1892,6 @@ fn take_part<T>(
         None => 0,
     };
     (part, next)
-}
-
-/// Whether `body` asks only for what the state holds (a query: nothing is replicated).
-fn is_query(body: &RequestBody) -> bool {
-    matches!(
-        body,
-        RequestBody::ListGroups
-            | RequestBody::ListRequests { .. }
-            | RequestBody::ListFiles { .. }
-            | RequestBody::ListPart { .. }
-            | RequestBody::FileSharers { .. }
-    )
 }
 
 /// Whether `session` is the one `proof` was made for.

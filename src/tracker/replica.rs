@@ -1872,6 +1872,18 @@ impl Replica {
                 return;
             }
         }
+        if matches!(
+            (&self.role, status),
+            (Role::Joining { primary, .. }, ReplStatus::Starting { .. }) if *primary == from
+        ) {
+            // The primary this tracker asked for the state stalled and starts over (it will
+            // not answer a join request): waiting for it would wait for ever when it waits in
+            // turn for this tracker to start the service (as far on, a lower number; seed
+            // 35001715). This tracker decides again, as a starting tracker.
+            info!("tracker {from}, whose state this tracker asked for, is starting over");
+            let waits = self.role.take_waits();
+            self.role = Role::Starting { waits };
+        }
         match self.role {
             Role::Starting { .. } => self.decide(now),
             Role::Backup { .. } if !self.primary_linked() => self.elect(now),
