@@ -1150,6 +1150,21 @@ fn end_game_cancels_the_losers_copy() {
     assert_eq!(d.on_block_header(a, 0, 4, 4, t0), Verdict::Discard);
     assert_eq!(d.picker().outstanding(a), 0);
     assert_eq!(d.picker().outstanding(b), 0);
+    // The discarded copies are counted.
+    let waste = d.waste();
+    assert_eq!(
+        (
+            waste.received_bytes,
+            waste.discarded_blocks,
+            waste.discarded_bytes
+        ),
+        (16, 2, 8)
+    );
+    assert_eq!(
+        (waste.seconds.endgame, waste.seconds.relief, waste.cancels),
+        (2, 0, 2)
+    );
+    assert_eq!(waste.fraction(), 1.0);
     d.on_piece_checked(0, true, t0);
     let end = drain(&mut d);
     assert_eq!(end.first(), Some(&Action::Verified { piece: 0 }));

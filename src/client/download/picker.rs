@@ -259,6 +259,18 @@ pub struct Picker {
     n_unavailable: u32,
     peers: BTreeMap<PeerId, Peer>,
     banned: BTreeSet<PeerId>,
+    /// Second requests made so far (see [`SecondRequests`]).
+    seconds: SecondRequests,
+}
+
+/// How many blocks were requested a second time (each usually costs one copy that is
+/// received and thrown away, unless its cancel reaches the sharer before the block leaves).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SecondRequests {
+    /// In the end-game (step 5 of the policy).
+    pub endgame: u64,
+    /// From [`Picker::relieve`] (a faster link taking over a slower one's blocks).
+    pub relief: u64,
 }
 
 impl Picker {
@@ -289,6 +301,7 @@ impl Picker {
             n_unavailable: n_pieces,
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
+            seconds: SecondRequests::default(),
         }
     }
 
@@ -403,6 +416,11 @@ impl Picker {
     /// The number of blocks `peer` has outstanding (requested, not yet written).
     pub fn outstanding(&self, peer: PeerId) -> usize {
         self.peers.get(&peer).map_or(0, |p| p.outstanding.len())
+    }
+
+    /// How many second requests were made so far.
+    pub fn second_requests(&self) -> SecondRequests {
+        self.seconds
     }
 
     /// Whether `peer` is banned from this download (it stays banned if it reconnects).
@@ -586,12 +604,14 @@ impl Picker {
                 .copied()
                 .filter(|&piece| !self.solo.contains(&piece) && self.holds(peer, piece))
                 .collect();
+            let before = out.len();
             for piece in pieces {
                 if need == 0 {
                     break;
                 }
                 self.duplicate(peer, piece, &mut need, &mut out);
             }
+            self.seconds.endgame += (out.len() - before) as u64;
         }
         out
     }
@@ -634,6 +654,7 @@ impl Picker {
             }
             self.duplicate(peer, piece, &mut need, &mut out);
         }
+        self.seconds.relief += out.len() as u64;
         out
     }
 
