@@ -789,8 +789,10 @@ impl Sim {
             .as_secs_f64();
         let bound = self.scenario.bound();
         let seed_total: u64 = self.uploaded[0];
-        let leech_up: u64 = self.uploaded[1..].iter().sum();
-        let leech_cap: f64 = self.peers[1..].iter().map(|p| p.up).sum::<f64>() * last;
+        // The leechers only (more seeds come after them).
+        let leechers = 1..=self.scenario.leechers.len();
+        let leech_up: u64 = self.uploaded[leechers.clone()].iter().sum();
+        let leech_cap: f64 = self.peers[leechers].iter().map(|p| p.up).sum::<f64>() * last;
         eprintln!(
             "{name}: last {last:.2} s, bound {bound:.2} s ({:.2}x); first {:.2} s; seed sent {:.2}x the file; leechers used {:.0}% of their uplinks",
             last / bound,
