@@ -161,7 +161,9 @@ fn tracing() -> bool {
 }
 
 /// Argon2 is slow, so every job's result is kept for the whole test binary (a hash is then
-/// the same for every cluster, which is harmless: only its verification matters here).
+/// the same for every cluster, which is harmless: only its verification matters here, and
+/// each simulated client creates its own user, `u<c>`; two creations of one user with one
+/// password would share a hash, and the second be taken for the first ordered again).
 fn run_password(job: &PasswordJob) -> PasswordResult {
     #[derive(PartialEq, Eq, Hash)]
     enum Key {
