@@ -37,6 +37,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::disk::{DiskMsg, LogRecord, Recovered};
+use super::replica::MAX_STORED_VIEW;
 use super::ring::{Ring, RING_MAX_BATCHES, RING_MAX_BYTES};
 use super::state::{Entry, TrackerState};
 use crate::wire::codec::{put_u16, put_u64, put_u8, DecodeError, Reader};
@@ -84,7 +85,7 @@ const META_VERSION_1: u8 = 1;
 
 impl Meta {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(33 + 2 * self.wait_for.len());
+        let mut out = Vec::with_capacity(31 + 2 * self.wait_for.len());
         put_u8(&mut out, META_VERSION);
         put_u64(&mut out, self.claim.0);
         put_u16(&mut out, self.claim.1);
@@ -122,6 +123,13 @@ impl Meta {
             wait_for.insert(r.u16()?);
         }
         r.finish()?;
+        if claim.0.max(accepted_view).max(highest_view) > MAX_STORED_VIEW {
+            // No honest tracker names such a view (see `VIEW_JUMP`): starting from it would
+            // bring every claim to `MAX_VIEW`, and this tracker could never take over.
+            return Err(DecodeError::BadValue(
+                "meta view beyond any the service reaches",
+            ));
+        }
         Ok(Meta {
             claim,
             accepted_view,
@@ -351,6 +359,34 @@ mod tests {
         );
         let v2_accepted_higher = [&v2[..1], &1u64.to_be_bytes(), &v2[9..]].concat();
         assert_eq!(Meta::decode(&v2_accepted_higher).unwrap().highest_view, 8);
+        // Metadata naming a view no honest tracker reaches is corruption, refused rather than
+        // followed to view exhaustion; the highest honest one is read.
+        for bad in [
+            Meta {
+                highest_view: MAX_STORED_VIEW + 1,
+                ..m.clone()
+            },
+            Meta {
+                claim: (u64::MAX, 1),
+                ..m.clone()
+            },
+            Meta {
+                accepted_view: 1 << 63,
+                ..m.clone()
+            },
+        ] {
+            assert!(Meta::decode(&bad.encode()).is_err(), "{bad:?}");
+        }
+        let top = Meta {
+            highest_view: MAX_STORED_VIEW,
+            ..m.clone()
+        };
+        assert_eq!(Meta::decode(&top.encode()).unwrap(), top);
+        assert_eq!(
+            m.encode().len(),
+            31 + 2 * m.wait_for.len(),
+            "the reserve is exact"
+        );
         // Version 1 (earlier builds) has no accepted primary: read as 0, unknown.
         let v1 = [
             &[1u8][..],

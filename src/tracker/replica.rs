@@ -86,11 +86,19 @@
 //!   void: its tracker is gone, or it came from an old disk naming a view above the live
 //!   service's; the live claim is then followed though lower).
 //! - **Views never repeat.** Each tracker keeps the highest view it ever claimed, followed
-//!   or heard a linked tracker name (any message naming a view, a starting tracker's status
-//!   too, which names the view its state was accepted in), in its metadata as well
-//!   (`Meta::highest_view`); it never goes down, though the claim followed may. A claim this
-//!   tracker makes is the view after it, with checked arithmetic; a message naming a view
-//!   above [`MAX_VIEW`] closes its link. So no tracker claims a view its own disk ever named
+//!   or heard a linked tracker claim (in a serving tracker's status or a takeover) or name as
+//!   the view its state was accepted in (a starting tracker's status), in its metadata as
+//!   well (`Meta::highest_view`); it never goes down, though the claim followed may. Other
+//!   messages name a view only within a claim already followed, or are ignored, and raise
+//!   nothing. A view heard is written at once (the metadata last written, with only the
+//!   highest view changed). A claim this tracker makes is the view after it, with checked
+//!   arithmetic. A message naming a view more than [`VIEW_JUMP`] (2^41) above both this
+//!   tracker's highest view and `VIEW_JUMP` itself, or above [`MAX_VIEW`], closes its link
+//!   and raises nothing: every honest view is under 2^41 (a service's first claim is under
+//!   2^40, and each takeover adds one), and heeding such a view (a peer's bug, a corrupt
+//!   disk's status) would bring the next claim to `MAX_VIEW`, after which no tracker could
+//!   take over again. Metadata naming a view above [`MAX_STORED_VIEW`] (2^42) is refused as
+//!   corrupt when the tracker starts. So no tracker claims a view its own disk ever named
 //!   (across restarts), nor one a tracker linked to it named. An old disk that joins the live
 //!   service in a lower view (a void claim, above) tells the view its state was accepted in
 //!   while it starts, so the takeovers of the trackers that heard it go above that view, and
@@ -98,9 +106,13 @@
 //!   claims, under which other disks of it may hold entries. What this does not reach: a view
 //!   named only by disks that are down and never heard (nobody up knows it), a tracker that
 //!   links after the old disk joined (statuses of serving trackers name the live view only),
-//!   and a claim made just before a kill: the metadata naming it is written after the claim
-//!   goes out, as it always was, so a tracker restarted without that write claims the view
-//!   again unless a tracker it hears names it.
+//!   a view heard by a tracker killed before that write was durable, and a claim made just
+//!   before a kill: the metadata naming it is written after the claim goes out (in the
+//!   `Takeover` messages; the first batches and catch-ups of the new view do not wait for it
+//!   either), as it always was, so a tracker restarted without that write claims the view
+//!   again unless a tracker it hears names it. (Members that logged entries under that claim
+//!   then hold them under a claim made twice; with the other disks intact the restarted
+//!   tracker waits for them, so this needs a lost disk as well.)
 //! - **Stalls (fencing).** Every handler first passes the time to [`Replica::observe`]. A
 //!   gap of [`STALL_LIMIT`] between two turns of the loop (which wakes at least every
 //!   [`HEARTBEAT_EVERY`]) means this tracker was frozen or starved: the others may have
@@ -659,8 +671,8 @@ fn beats(a: (u64, u16), b: (u64, u16)) -> bool {
 }
 
 /// The view after `view`. Views only grow and never wrap: [`MAX_VIEW`] is never reached by
-/// counting (2^63 takeovers), so a message naming a view above it did not come from a
-/// tracker of this service and is ignored ([`impossible_view`]).
+/// counting (2^63 takeovers), and a message naming a view far above what this tracker knows
+/// is refused ([`Replica::impossible_view`]), so no message brings a tracker near it.
 fn next_view(view: u64) -> Option<u64> {
     view.checked_add(1).filter(|v| *v <= MAX_VIEW)
 }
@@ -668,23 +680,53 @@ fn next_view(view: u64) -> Option<u64> {
 /// The highest view a tracker ever claims.
 pub const MAX_VIEW: u64 = 1 << 63;
 
-/// Whether a peer's message names a view no tracker of this service can have reached.
-fn impossible_view(view: u64) -> bool {
-    view > MAX_VIEW
-}
+/// How far above what a tracker knows an honest view can be. Every view of the service is
+/// under it: a service's first claim is below 2^40 (a new life starts at a view drawn from
+/// the founder's random incarnation below 2^40, see `decide`), and each takeover
+/// adds one, so reaching 2^41 takes 2^40 takeovers. A linked tracker naming a view more than
+/// this above `max(highest_view, VIEW_JUMP)` is not an honest tracker of this service (a bug,
+/// or a corrupt disk's status), and a metadata file naming a view above `2 * VIEW_JUMP` is
+/// corrupt: heeding either would bring the next claims to [`MAX_VIEW`], and then no
+/// takeover could ever be made again.
+pub const VIEW_JUMP: u64 = 1 << 41;
 
-/// The view a tracker message names, if any.
-fn msg_view(msg: &ReplMsg) -> Option<u64> {
+/// The highest view a tracker's metadata may name (see [`VIEW_JUMP`]).
+pub const MAX_STORED_VIEW: u64 = 2 * VIEW_JUMP;
+
+/// The views a tracker message names, if any: its own, and one nested in it (a joiner's
+/// position, a takeover answer's catch-up batch). Every one is checked against
+/// [`Replica::impossible_view`].
+fn msg_views(msg: &ReplMsg) -> [Option<u64>; 2] {
     match msg {
         ReplMsg::Status(ReplStatus::Serving { view, .. } | ReplStatus::Starting { view, .. })
         | ReplMsg::Batch(Batch { view, .. })
         | ReplMsg::Ack { view, .. }
         | ReplMsg::Commit { view, .. }
         | ReplMsg::Takeover { view, .. }
-        | ReplMsg::TakeoverAck { view, .. }
         | ReplMsg::Snapshot { view, .. }
         | ReplMsg::SuffixPart(Batch { view, .. })
-        | ReplMsg::Suffix { view, .. } => Some(*view),
+        | ReplMsg::Suffix { view, .. } => [Some(*view), None],
+        ReplMsg::TakeoverAck { view, catchup, .. } => [
+            Some(*view),
+            match catchup {
+                Catchup::Batch(b) => Some(b.view),
+                _ => None,
+            },
+        ],
+        ReplMsg::JoinRequest(Some(position)) => [Some(position.view), None],
+        _ => [None, None],
+    }
+}
+
+/// The view a message names that may become a claim this tracker follows or must stay
+/// above: a status (a serving tracker's claim, or the view a starting tracker's state was
+/// accepted in: it may join in a lower view, its disk having named this one) and a takeover.
+/// Other messages name a view only within a claim already followed (raised by `set_claim`),
+/// or are ignored: they raise nothing.
+fn claim_view(msg: &ReplMsg) -> Option<u64> {
+    match msg {
+        ReplMsg::Status(ReplStatus::Serving { view, .. } | ReplStatus::Starting { view, .. })
+        | ReplMsg::Takeover { view, .. } => Some(*view),
         _ => None,
     }
 }
@@ -792,11 +834,12 @@ impl Replica {
                 // The claim's view only: whoever made it, it may be gone, and views go on
                 // above it.
                 r.claim = (meta.claim.0, u16::MAX);
+                // (`Meta::decode` refuses views above `MAX_STORED_VIEW` as corruption.)
                 r.highest_view = meta
                     .highest_view
                     .max(meta.claim.0)
                     .max(meta.accepted_view)
-                    .min(MAX_VIEW);
+                    .min(MAX_STORED_VIEW);
                 r.accepted_view = meta.accepted_view;
                 r.accepted_by = meta.accepted_by;
                 r.role = Role::Starting {
@@ -1375,15 +1418,22 @@ impl Replica {
             return;
         }
         let from = from.no;
-        if let Some(view) = msg_view(&msg) {
-            if impossible_view(view) {
-                warn!("tracker {from}: a message naming view {view}, which no tracker reaches; closing the link");
-                return self.close(link, now);
-            }
-            // A view a linked tracker names may be one this tracker never saw (claimed while
-            // it was away, or named by an old disk that joins in a lower view): the next
-            // claim goes above it.
-            self.highest_view = self.highest_view.max(view);
+        if let Some(view) = msg_views(&msg)
+            .into_iter()
+            .flatten()
+            .find(|v| self.impossible_view(*v))
+        {
+            warn!(
+                "tracker {from}: a message naming view {view}, far above any this tracker knows ({}); closing the link",
+                self.highest_view
+            );
+            return self.close(link, now);
+        }
+        if let Some(view) = claim_view(&msg).filter(|v| *v > self.highest_view) {
+            // A view a linked tracker claims or its state was accepted in may be one this
+            // tracker never saw (claimed while it was away, or named by an old disk that
+            // joins in a lower view): the next claim goes above it, after a restart too.
+            self.raise_highest_view(view);
         }
         match msg {
             ReplMsg::Hello { .. } => {
@@ -1569,6 +1619,29 @@ impl Replica {
                 // (A link that said hello and not yet its status: the status follows at
                 // once; until it comes, the primary there is taken as still serving.)
                 .is_some_and(|l| matches!(l.status, None | Some(ReplStatus::Serving { .. })))
+    }
+
+    /// Whether a peer's message names a view no honest tracker of this service can have
+    /// reached: above [`MAX_VIEW`], or more than [`VIEW_JUMP`] above both the highest view
+    /// this tracker knows and `VIEW_JUMP` itself (every honest view is under it).
+    fn impossible_view(&self, view: u64) -> bool {
+        view > MAX_VIEW || view.saturating_sub(self.highest_view.max(VIEW_JUMP)) > VIEW_JUMP
+    }
+
+    /// Raises the highest view to `view`, heard from a linked tracker, and writes it at once:
+    /// the metadata last written with only the highest view changed, so the claim and the
+    /// accepted view on disk keep their own order of writes (the claim before the entries
+    /// accepted under it), and a restart right after still claims above what it heard.
+    fn raise_highest_view(&mut self, view: u64) {
+        self.highest_view = view;
+        if self.persistent && self.meta.highest_view < view {
+            let meta = Meta {
+                highest_view: view,
+                ..self.meta.clone()
+            };
+            self.meta = meta.clone();
+            self.meta_write = self.write(|| Persist::Meta(meta));
+        }
     }
 
     /// Follows or makes `claim`. The highest view stays the highest ever named here, though

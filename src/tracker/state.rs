@@ -348,7 +348,16 @@ impl TrackerState {
     fn apply_op(&mut self, op: &Op) -> Result<Outcome, Reject> {
         match op {
             Op::CreateUser { user, pw_hash } => {
-                if self.users.contains_key(user) {
+                if let Some(existing) = self.users.get(user) {
+                    if existing.pw_hash == *pw_hash {
+                        // This very creation, ordered again: a PHC string holds a random
+                        // salt, so an identical one comes only from the same hashing of the
+                        // same request. A retried create_user is re-proposed after its
+                        // password check, and its remembered answer may have been dropped
+                        // before the copy applies (older than the answers kept); the client
+                        // is then told its own creation succeeded, not that the user exists.
+                        return Ok(Outcome::Done);
+                    }
                     return Err(Reject::new(
                         RejectCode::UserExists,
                         format!("user '{user}' already exists"),

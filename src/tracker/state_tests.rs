@@ -304,7 +304,6 @@ fn create_user_stores_only_the_hash() {
 fn create_user_twice_is_user_exists() {
     let mut st = TrackerState::new();
     done(&mut st, op::create_user("alice"));
-    refused(&mut st, op::create_user("alice"), RejectCode::UserExists);
     let other_hash = Op::CreateUser {
         user: uid("alice"),
         pw_hash: "another".into(),
@@ -316,6 +315,37 @@ fn create_user_twice_is_user_exists() {
     );
     // Ids are case-sensitive: another user.
     done(&mut st, op::create_user("Alice"));
+}
+
+/// The same creation ordered again (a retried create_user re-proposed after its password
+/// check, its remembered answer dropped meanwhile): the hash is byte-identical (a PHC string
+/// with its random salt), so it is this client's own creation, answered Done and applying
+/// nothing. Any other hash, the same password's included, is another creation: UserExists.
+#[test]
+fn the_same_creation_again_is_done_and_changes_nothing() {
+    let mut st = TrackerState::new();
+    done(&mut st, op::create_user("alice"));
+    let before = st.clone();
+    assert_eq!(st.apply(&op::create_user("alice")), Ok(Outcome::Done));
+    assert_eq!(st, before, "nothing applied twice");
+    // Through `apply_entry` with no remembered answer for the request (as when it was
+    // dropped before the copy applied).
+    let entry = |req_id| Entry {
+        origin: Some(Origin { client: 9, req_id }),
+        op: op::create_user("alice"),
+    };
+    assert_eq!(st.apply_entry(&entry(1)), Ok(Outcome::Done));
+    assert_eq!(
+        st.password_hash(&uid("alice")),
+        before.password_hash(&uid("alice"))
+    );
+    let before = st.clone();
+    let resalted = Op::CreateUser {
+        user: uid("alice"),
+        pw_hash: "$argon2id$another-salt$hash-of-alice".into(),
+    };
+    refused(&mut st, resalted, RejectCode::UserExists);
+    assert_eq!(st, before);
 }
 
 // =============================================================================================
@@ -1530,7 +1560,15 @@ fn with_quotas(rng: &mut SplitMix64, mut op: Op) -> Op {
 fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
     let group = *rng.pick(&R_GROUPS);
     match rng.below(100) {
-        0..=4 => op::create_user(rng.pick::<&str>(&R_USERS)),
+        0..=4 => {
+            // Sometimes this very creation again (the same salted hash), sometimes another.
+            let user = *rng.pick::<&str>(&R_USERS);
+            let salt = rng.below(2);
+            Op::CreateUser {
+                user: uid(user),
+                pw_hash: format!("$argon2id$salt{salt}$hash-of-{user}"),
+            }
+        }
         5..=16 => op::open(rng.pick::<&str>(&R_USERS), *rng.pick(&R_PORTS)),
         17..=24 => op::close(random_session(rng, st)),
         25..=31 => {

@@ -18,6 +18,13 @@
 //! slow link holds only about a queue time's worth of blocks, which would otherwise wait behind
 //! it while faster links run dry at the end.
 //!
+//! # Waste
+//!
+//! [`Download::waste`] counts what the sharers sent for nothing: block bytes received and
+//! discarded (a copy that lost an end-game or relief race, a block not or no longer asked
+//! for), the second requests behind them and the cancels sent. The driver logs it at `info`
+//! when the download ends; tests and the swarm simulation read it.
+//!
 //! It does no IO and reads no clock. The driver calls the `on_*` methods with what happened
 //! (and `now`) and performs the [`Action`]s that [`Download::poll_action`] hands out: open a
 //! connection, send a message, close a link, verify a piece, announce a verified piece, ask the
@@ -54,7 +61,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::picker::{Block, PeerId, Picker, Verdict, Written};
+use super::picker::{Block, PeerId, Picker, SecondRequests, Verdict, Written};
 use crate::bitfield::Bitfield;
 use crate::rng::SplitMix64;
 use crate::wire::peer_link::{BlockRef, DownloaderMsg};
@@ -319,6 +326,52 @@ pub struct Progress {
     pub active_peers: usize,
 }
 
+/// What a download received and did not keep, and the second requests behind it: the
+/// sharers' upload that was wasted (see [`Download::waste`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Waste {
+    /// The file's size, for the fraction.
+    pub size: u64,
+    /// Block bytes whose header arrived, kept or not.
+    pub received_bytes: u64,
+    /// Blocks (and their bytes) read and thrown away: a copy that lost the end-game race, a
+    /// block not (or no longer) asked for. Counted when the header arrives (the driver reads
+    /// the data into a scratch buffer).
+    pub discarded_blocks: u64,
+    pub discarded_bytes: u64,
+    /// Blocks requested a second time, in the end-game and by relief.
+    pub seconds: SecondRequests,
+    /// Cancels sent for the losers' requests.
+    pub cancels: u64,
+}
+
+impl Waste {
+    /// Discarded bytes per byte of the file (0 for an empty file).
+    pub fn fraction(&self) -> f64 {
+        if self.size == 0 {
+            0.0
+        } else {
+            self.discarded_bytes as f64 / self.size as f64
+        }
+    }
+}
+
+impl std::fmt::Display for Waste {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "received {} block bytes, discarded {} in {} blocks ({:.1}% of the file); second requests: {} end-game, {} relief; {} cancels",
+            self.received_bytes,
+            self.discarded_bytes,
+            self.discarded_blocks,
+            self.fraction() * 100.0,
+            self.seconds.endgame,
+            self.seconds.relief,
+            self.cancels
+        )
+    }
+}
+
 /// Bytes in a MiB, for rates shown to the user.
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -372,6 +425,11 @@ pub struct Download {
     /// Pieces a peer declined for now, and when to ask again (in time order).
     deferred: VecDeque<(Instant, PeerId, u32)>,
     bytes_verified: u64,
+    /// For [`Download::waste`].
+    received_bytes: u64,
+    discarded_blocks: u64,
+    discarded_bytes: u64,
+    cancels: u64,
     finished: bool,
     /// The latest time a caller passed in (for the few calls without one).
     last_now: Option<Instant>,
@@ -408,6 +466,10 @@ impl Download {
             deferred: VecDeque::new(),
             rng,
             bytes_verified: 0,
+            received_bytes: 0,
+            discarded_blocks: 0,
+            discarded_bytes: 0,
+            cancels: 0,
             finished: false,
             last_now: None,
         }
@@ -455,6 +517,18 @@ impl Download {
                 .values()
                 .filter(|l| matches!(l.state, LinkState::Active { .. }))
                 .count(),
+        }
+    }
+
+    /// What this download received and threw away so far (logged when it ends).
+    pub fn waste(&self) -> Waste {
+        Waste {
+            size: self.meta.size,
+            received_bytes: self.received_bytes,
+            discarded_blocks: self.discarded_blocks,
+            discarded_bytes: self.discarded_bytes,
+            seconds: self.picker.second_requests(),
+            cancels: self.cancels,
         }
     }
 
@@ -703,6 +777,16 @@ impl Download {
         len: u32,
         now: Instant,
     ) -> Verdict {
+        let verdict = self.block_verdict(peer, Block { piece, offset, len }, now);
+        self.received_bytes = self.received_bytes.saturating_add(u64::from(len));
+        if verdict == Verdict::Discard {
+            self.discarded_blocks += 1;
+            self.discarded_bytes = self.discarded_bytes.saturating_add(u64::from(len));
+        }
+        verdict
+    }
+
+    fn block_verdict(&mut self, peer: PeerId, block: Block, now: Instant) -> Verdict {
         let Some(link) = self.links.get_mut(&peer) else {
             return Verdict::Discard;
         };
@@ -711,11 +795,10 @@ impl Download {
         } else {
             return Verdict::Discard;
         }
-        if let Some(rate) = link.rate.add(u64::from(len), now) {
+        if let Some(rate) = link.rate.add(u64::from(block.len), now) {
             link.depth = depth_for(rate, &self.limits);
         }
-        self.picker
-            .block_arrived(peer, Block { piece, offset, len })
+        self.picker.block_arrived(peer, block)
     }
 
     /// Data keeps arriving on the link (a long block): it is not stalled.
@@ -737,6 +820,7 @@ impl Download {
             cancels,
         } = self.picker.block_written(peer, block);
         for (other, b) in cancels {
+            self.cancels += 1;
             self.actions.push_back(Action::Send {
                 peer: other,
                 msg: DownloaderMsg::Cancel(block_ref(b)),

@@ -25,12 +25,32 @@
 //! 4. open blocks of pieces owned by other peers (only when the peer has nothing of its own to
 //!    do, so that a piece normally comes from a single peer);
 //! 5. end-game: once no piece is missing and every block of every unfinished piece has been
-//!    requested, blocks outstanding at exactly one other peer are requested a second time.
-//!    Whichever copy arrives first is written; [`Picker::block_written`] names the loser so the
-//!    driver can cancel it. A block is never requested from more than two peers.
+//!    requested, a block outstanding at exactly one other peer is requested a second time,
+//!    but only one per top-up and only while the peer has fewer than
+//!    [`ENDGAME_MAX_OUTSTANDING`] blocks outstanding; the block is the last one of the
+//!    longest queue (see below). Whichever copy arrives first is written;
+//!    [`Picker::block_written`] names the loser so the driver can cancel it. A block is never
+//!    requested from more than two peers.
 //!
 //! [`Picker::relieve`] adds a sixth source for the engine to use: blocks outstanding at a
-//! slower (or choking) peer, requested a second time from a faster one.
+//! slower (or choking) peer, requested a second time from a faster one, up to the faster
+//! peer's depth, also from the back of the slower peers' queues.
+//!
+//! Why the end-game is bounded: it used to top a peer up to its whole pipeline depth with
+//! second copies, taken from the head of the other peers' queues. Those are the blocks the
+//! other peers deliver next, and on a fast link (loopback) their sharers have sent them
+//! before a cancel can arrive, so nearly every second copy was received and thrown away:
+//! 8 MiB from 4 sharers received 52-75% more than the file, 64 MiB 9-10% (the end-game
+//! starts when everything is requested, which for a small file is at once). The rule now is
+//! libtorrent's: a peer takes a second copy only when it is about to run dry, one at a time,
+//! so at most [`ENDGAME_MAX_OUTSTANDING`] blocks per peer are requested twice at once and
+//! the copies are bounded by the number of peers, not by their pipeline depth. Two rather
+//! than one keeps a block in flight while the next is asked for. The copy is the last block
+//! of the longest queue: the block that would arrive last, where a copy can win, and which
+//! its sharer has most likely not sent yet, so the loser's cancel still withdraws it. A slow
+//! sharer's queue is still taken over in bulk by [`Picker::relieve`], which the engine uses
+//! only for links delivering less than half as fast (or resting, or silent), so shaped links
+//! keep their relief.
 //!
 //! # Blame
 //!
@@ -63,6 +83,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// How many pieces [`Picker::shuffle_ties`] draws at random before the rest go by index.
 pub const SHUFFLE_HEAD: u32 = 16;
+
+/// In the end-game a peer is given a second copy of a block only while it has fewer than
+/// this many blocks outstanding, one per top-up (see the module documentation).
+pub const ENDGAME_MAX_OUTSTANDING: usize = 2;
 
 /// An opaque name for a peer connection, chosen by the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -259,6 +283,18 @@ pub struct Picker {
     n_unavailable: u32,
     peers: BTreeMap<PeerId, Peer>,
     banned: BTreeSet<PeerId>,
+    /// Second requests made so far (see [`SecondRequests`]).
+    seconds: SecondRequests,
+}
+
+/// How many blocks were requested a second time (each usually costs one copy that is
+/// received and thrown away, unless its cancel reaches the sharer before the block leaves).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SecondRequests {
+    /// In the end-game (step 5 of the policy).
+    pub endgame: u64,
+    /// From [`Picker::relieve`] (a faster link taking over a slower one's blocks).
+    pub relief: u64,
 }
 
 impl Picker {
@@ -289,6 +325,7 @@ impl Picker {
             n_unavailable: n_pieces,
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
+            seconds: SecondRequests::default(),
         }
     }
 
@@ -403,6 +440,11 @@ impl Picker {
     /// The number of blocks `peer` has outstanding (requested, not yet written).
     pub fn outstanding(&self, peer: PeerId) -> usize {
         self.peers.get(&peer).map_or(0, |p| p.outstanding.len())
+    }
+
+    /// How many second requests were made so far.
+    pub fn second_requests(&self) -> SecondRequests {
+        self.seconds
     }
 
     /// Whether `peer` is banned from this download (it stays banned if it reconnects).
@@ -573,34 +615,100 @@ impl Picker {
             return out;
         }
 
-        // 5. End-game: every block of every unfinished piece has been requested.
+        // 5. End-game: every block of every unfinished piece has been requested. At most one
+        // second copy per top-up, and only while the peer is nearly idle.
         let all_requested = self.missing.is_empty()
             && self
                 .downloading
                 .iter()
                 .all(|&piece| self.partial(piece).is_none_or(|pt| pt.n_open == 0));
-        if all_requested {
-            let pieces: Vec<u32> = self
-                .downloading
-                .iter()
-                .copied()
-                .filter(|&piece| !self.solo.contains(&piece) && self.holds(peer, piece))
-                .collect();
-            for piece in pieces {
-                if need == 0 {
-                    break;
+        if all_requested && self.outstanding(peer) < ENDGAME_MAX_OUTSTANDING {
+            if let Some(block) = self.endgame_block(peer) {
+                if self.add_second(peer, block) {
+                    self.seconds.endgame += 1;
+                    out.push(block);
                 }
-                self.duplicate(peer, piece, &mut need, &mut out);
             }
         }
         out
     }
 
+    /// The end-game's choice for `peer`: a block outstanding at exactly one other peer (no
+    /// copy being written), in a non-solo piece `peer` holds, that is likely to arrive last:
+    /// from the peer with the most blocks outstanding (the longest queue), the last of them
+    /// (the peer's requests go out in (piece, offset) order, mostly). A copy of a block at
+    /// the head of a queue would almost always lose, and be thrown away.
+    fn endgame_block(&self, peer: PeerId) -> Option<Block> {
+        let mut others: Vec<(usize, PeerId)> = self
+            .peers
+            .iter()
+            .filter(|&(&q, p)| q != peer && !p.outstanding.is_empty())
+            .map(|(&q, p)| (p.outstanding.len(), q))
+            .collect();
+        // Longest queue first; among equals, the lowest id (a deterministic order).
+        others.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, q) in others {
+            let Some(p) = self.peers.get(&q) else {
+                continue;
+            };
+            if let Some(block) = p
+                .outstanding
+                .iter()
+                .rev()
+                .find(|b| self.second_copy_ok(peer, b))
+            {
+                return Some(*block);
+            }
+        }
+        None
+    }
+
+    /// Whether `peer` may be asked for a second copy of `block`: a block of a non-solo
+    /// piece that `peer` holds, requested from exactly one other peer, no copy being written.
+    fn second_copy_ok(&self, peer: PeerId, block: &Block) -> bool {
+        if self.solo.contains(&block.piece) || !self.holds(peer, block.piece) {
+            return false;
+        }
+        self.block_index(block).is_some_and(|idx| {
+            self.partial(block.piece).is_some_and(|pt| {
+                matches!(
+                    pt.blocks.get(idx),
+                    Some(BlockState::Requested { by, writer: None })
+                        if by.count() == 1 && !by.contains(peer)
+                )
+            })
+        })
+    }
+
+    /// Records `peer` as the second requester of `block` (chosen by
+    /// [`endgame_block`](Self::endgame_block), so the block has one other requester);
+    /// false if it could not be.
+    fn add_second(&mut self, peer: PeerId, block: Block) -> bool {
+        let Some(idx) = self.block_index(&block) else {
+            return false;
+        };
+        let Some(Slot::Downloading(pt)) = self.slots.get_mut(block.piece as usize) else {
+            return false;
+        };
+        let Some(BlockState::Requested { by, .. }) = pt.blocks.get_mut(idx) else {
+            return false;
+        };
+        if !by.add(peer) {
+            return false;
+        }
+        self.peers
+            .get_mut(&peer)
+            .is_some_and(|p| p.outstanding.insert(block))
+    }
+
     /// A second copy, from `peer` (up to `max_in_flight` outstanding), of blocks outstanding
     /// only at one of `slower` (no copy being written yet), in pieces that `slower` own and
     /// `peer` holds: a fast link takes over the pieces waiting behind a slow or busy sharer.
-    /// Whichever copy arrives first is written, and [`Picker::block_written`] names the loser
-    /// (to cancel), as in the end-game. Solo pieces are left alone.
+    /// The blocks are taken from the back of the slower peers' queues (the longest queue
+    /// first), which they would deliver last and their sharers have most likely not sent yet,
+    /// so the cancel for a copy that loses usually arrives in time. Whichever copy arrives
+    /// first is written, and [`Picker::block_written`] names the loser (to cancel), as in the
+    /// end-game. Solo pieces are left alone.
     pub fn relieve(
         &mut self,
         peer: PeerId,
@@ -615,25 +723,42 @@ impl Picker {
             return out;
         };
         let mut need = max_in_flight.saturating_sub(p.outstanding.len());
-        let pieces: Vec<u32> = self
-            .downloading
+        if need == 0 {
+            return out;
+        }
+        let mut victims: Vec<(usize, PeerId)> = slower
             .iter()
-            .copied()
-            .filter(|&piece| {
-                !self.solo.contains(&piece)
-                    && self
-                        .partial(piece)
+            .filter_map(|q| self.peers.get(q).map(|p| (p.outstanding.len(), *q)))
+            .filter(|&(n, _)| n > 0)
+            .collect();
+        victims.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, q) in victims {
+            let Some(p) = self.peers.get(&q) else {
+                continue;
+            };
+            let blocks: Vec<Block> = p
+                .outstanding
+                .iter()
+                .rev()
+                .filter(|b| {
+                    self.partial(b.piece)
                         .and_then(|pt| pt.owner)
                         .is_some_and(|o| slower.contains(&o))
-                    && self.holds(peer, piece)
-            })
-            .collect();
-        for piece in pieces {
-            if need == 0 {
-                break;
+                        && self.second_copy_ok(peer, b)
+                })
+                .copied()
+                .collect();
+            for block in blocks {
+                if need == 0 {
+                    break;
+                }
+                if self.add_second(peer, block) {
+                    need -= 1;
+                    out.push(block);
+                }
             }
-            self.duplicate(peer, piece, &mut need, &mut out);
         }
+        self.seconds.relief += out.len() as u64;
         out
     }
 
@@ -691,27 +816,6 @@ impl Picker {
                 pt.n_open -= 1;
                 *need -= 1;
                 taken.push(idx);
-            }
-        }
-        self.record_requests(peer, piece, &taken, out);
-    }
-
-    /// End-game: requests from `peer` the blocks of `piece` outstanding at one other peer.
-    fn duplicate(&mut self, peer: PeerId, piece: u32, need: &mut usize, out: &mut Vec<Block>) {
-        let Some(Slot::Downloading(pt)) = self.slots.get_mut(piece as usize) else {
-            return;
-        };
-        let mut taken = Vec::new();
-        for (idx, state) in pt.blocks.iter_mut().enumerate() {
-            if *need == 0 {
-                break;
-            }
-            if let BlockState::Requested { by, writer: None } = state {
-                // `add` refuses a block this peer already requested or that has two requesters.
-                if by.add(peer) {
-                    *need -= 1;
-                    taken.push(idx);
-                }
             }
         }
         self.record_requests(peer, piece, &taken, out);

@@ -632,20 +632,31 @@ fn end_game_waits_until_nothing_is_missing_and_all_requested() {
     assert_eq!(req(&mut pk, A, 6), vec![blk(1, 0, 1), blk(1, 1, 1)]);
     assert!(req(&mut pk, D, 4).is_empty());
     assert_eq!(req(&mut pk, A, 8), vec![blk(1, 2, 1), blk(1, 3, 1)]);
-    // Everything requested: D duplicates piece 0 (it does not hold piece 1).
-    let dup = req(&mut pk, D, 4);
-    assert_eq!(dup, (0..4).map(|o| blk(0, o, 1)).collect::<Vec<_>>());
-    for b in &dup {
-        assert_eq!(requesters(&pk, *b), vec![A, D]);
+    // Everything requested: D takes one second copy per top-up, the last block of A's queue
+    // that it holds (D does not hold piece 1), while it has fewer than two outstanding.
+    assert_eq!(req(&mut pk, D, 4), vec![blk(0, 3, 1)]);
+    assert_eq!(req(&mut pk, D, 4), vec![blk(0, 2, 1)]);
+    assert!(req(&mut pk, D, 4).is_empty(), "two outstanding: no more");
+    for b in [blk(0, 2, 1), blk(0, 3, 1)] {
+        assert_eq!(requesters(&pk, b), vec![A, D]);
     }
-    // A block is never at a third peer.
-    pk.add_peer(E, &all(2));
-    let dup = req(&mut pk, E, 100);
-    assert_eq!(dup, (0..4).map(|o| blk(1, o, 1)).collect::<Vec<_>>());
-    pk.add_peer(B, &all(2));
-    assert!(req(&mut pk, B, 100).is_empty());
+    assert_eq!(pk.second_requests().endgame, 2);
     // A peer never duplicates its own request.
     assert!(req(&mut pk, A, 100).is_empty());
+}
+
+#[test]
+fn end_game_never_asks_a_third_peer() {
+    let mut pk = Picker::new(2, 2, 1); // 1 piece of 2 blocks
+    pk.add_peer(A, &all(1));
+    pk.add_peer(D, &all(1));
+    pk.add_peer(E, &all(1));
+    assert_eq!(req(&mut pk, A, 2).len(), 2);
+    assert_eq!(req(&mut pk, D, 4), vec![blk(0, 1, 1)]);
+    assert_eq!(req(&mut pk, D, 4), vec![blk(0, 0, 1)]);
+    // Both blocks are at two peers: E gets nothing, however idle.
+    assert!(req(&mut pk, E, 100).is_empty());
+    assert_eq!(pk.second_requests().endgame, 2);
 }
 
 #[test]
@@ -663,85 +674,204 @@ fn end_game_winner_cancels_loser_and_late_copy_is_discarded() {
     let mut pk = endgame_setup();
     req(&mut pk, A, 8);
     let dup = req(&mut pk, D, 4);
-    assert_eq!(dup.len(), 4);
-    let b0 = blk(0, 0, 1);
+    let b3 = blk(0, 3, 1);
+    assert_eq!(dup, vec![b3]);
     // D's copy arrives first and wins.
-    let w = deliver(&mut pk, D, b0);
-    assert_eq!(w.cancels, vec![(A, b0)]);
+    let w = deliver(&mut pk, D, b3);
+    assert_eq!(w.cancels, vec![(A, b3)]);
     assert_eq!(w.piece_complete, None);
     assert_eq!(pk.outstanding(A), 7);
-    assert_eq!(pk.outstanding(D), 3);
-    assert_eq!(block_state(&pk, b0), Some(BlockState::Received(D)));
+    assert_eq!(pk.outstanding(D), 0);
+    assert_eq!(block_state(&pk, b3), Some(BlockState::Received(D)));
     // A's late copy is discarded and changes nothing.
-    assert_eq!(pk.block_arrived(A, b0), Verdict::Discard);
-    assert_eq!(pk.block_written(A, b0), Written::default());
+    assert_eq!(pk.block_arrived(A, b3), Verdict::Discard);
+    assert_eq!(pk.block_written(A, b3), Written::default());
     check(&pk);
     assert_eq!(pk.outstanding(A), 7);
-    assert_eq!(block_state(&pk, b0), Some(BlockState::Received(D)));
+    assert_eq!(block_state(&pk, b3), Some(BlockState::Received(D)));
 }
 
 #[test]
 fn end_game_loser_arriving_during_the_write_is_discarded() {
     let mut pk = endgame_setup();
     req(&mut pk, A, 8);
-    req(&mut pk, D, 4);
-    let b1 = blk(0, 1, 1);
-    assert_eq!(pk.block_arrived(A, b1), Verdict::Write);
+    let b3 = blk(0, 3, 1);
+    assert_eq!(req(&mut pk, D, 4), vec![b3]);
+    assert_eq!(pk.block_arrived(A, b3), Verdict::Write);
     check(&pk);
-    assert_eq!(pk.block_arrived(D, b1), Verdict::Discard);
+    assert_eq!(pk.block_arrived(D, b3), Verdict::Discard);
     check(&pk);
     // D's request is consumed; A's write proceeds with nobody to cancel.
-    assert_eq!(pk.outstanding(D), 3);
-    assert_eq!(requesters(&pk, b1), vec![A]);
-    let w = pk.block_written(A, b1);
+    assert_eq!(pk.outstanding(D), 0);
+    assert_eq!(requesters(&pk, b3), vec![A]);
+    let w = pk.block_written(A, b3);
     check(&pk);
     assert!(w.cancels.is_empty());
     // D's write of the block is refused.
-    assert_eq!(pk.block_written(D, b1), Written::default());
-    assert_eq!(block_state(&pk, b1), Some(BlockState::Received(A)));
+    assert_eq!(pk.block_written(D, b3), Written::default());
+    assert_eq!(block_state(&pk, b3), Some(BlockState::Received(A)));
 }
 
 #[test]
 fn end_game_skips_a_block_being_written() {
     let mut pk = endgame_setup();
     req(&mut pk, A, 8);
-    let b2 = blk(0, 2, 1);
-    assert_eq!(pk.block_arrived(A, b2), Verdict::Write);
-    let dup = req(&mut pk, D, 4);
-    assert_eq!(dup, vec![blk(0, 0, 1), blk(0, 1, 1), blk(0, 3, 1)]);
-    assert_eq!(requesters(&pk, b2), vec![A]);
+    let b3 = blk(0, 3, 1);
+    assert_eq!(pk.block_arrived(A, b3), Verdict::Write);
+    assert_eq!(req(&mut pk, D, 4), vec![blk(0, 2, 1)]);
+    assert_eq!(req(&mut pk, D, 4), vec![blk(0, 1, 1)]);
+    assert_eq!(requesters(&pk, b3), vec![A]);
 }
 
 #[test]
 fn end_game_completes_piece_with_mixed_winners() {
     let mut pk = endgame_setup();
     req(&mut pk, A, 8);
-    req(&mut pk, D, 4);
+    assert_eq!(req(&mut pk, D, 4), vec![blk(0, 3, 1)]);
+    assert_eq!(req(&mut pk, D, 4), vec![blk(0, 2, 1)]);
     let mut cancels = Vec::new();
     let mut done = None;
-    for o in 0..4 {
-        let winner = if o % 2 == 0 { A } else { D };
+    for (o, winner) in [(0, A), (1, A), (2, D), (3, A)] {
         let w = deliver(&mut pk, winner, blk(0, o, 1));
         cancels.extend(w.cancels);
         done = done.or(w.piece_complete);
     }
     assert_eq!(done, Some(0));
-    assert_eq!(
-        cancels,
-        vec![
-            (D, blk(0, 0, 1)),
-            (A, blk(0, 1, 1)),
-            (D, blk(0, 2, 1)),
-            (A, blk(0, 3, 1))
-        ]
-    );
+    assert_eq!(cancels, vec![(A, blk(0, 2, 1)), (D, blk(0, 3, 1))]);
     assert_eq!(pk.outstanding(D), 0);
     assert_eq!(pk.outstanding(A), 4);
     assert_eq!(state(&pk, 0), St::Verifying);
     // Late copies of a verifying piece are discarded.
-    assert_eq!(pk.block_arrived(D, blk(0, 1, 1)), Verdict::Discard);
+    assert_eq!(pk.block_arrived(D, blk(0, 3, 1)), Verdict::Discard);
     assert!(verified(&mut pk, 0, true).is_empty());
-    assert_eq!(pk.block_arrived(D, blk(0, 1, 1)), Verdict::Discard);
+    assert_eq!(pk.block_arrived(D, blk(0, 3, 1)), Verdict::Discard);
+}
+
+/// The end-game on loopback, where a cancel never arrives in time: peers holding the whole
+/// file, each delivering `speeds[i]` blocks per round from the front of its queue (second
+/// copies that lost arrive all the same and are discarded), topping up to `depth` after each
+/// block (and the loser after a cancel, as the engine does). Returns the rounds taken, the
+/// second copies requested (each is one block sent twice: no cancel arrives in time, and
+/// copies still queued when the download ends are sent to a closed link) and the most blocks
+/// requested twice at once.
+fn race(speeds: &[usize], depth: usize) -> (usize, usize, usize) {
+    use std::collections::VecDeque;
+    let mut pk = Picker::new(64, 16, 1); // 4 pieces of 16 blocks
+    let peers: Vec<PeerId> = (1..=speeds.len() as u64).map(PeerId).collect();
+    let mut queues: BTreeMap<PeerId, VecDeque<Block>> = BTreeMap::new();
+    for &p in &peers {
+        pk.add_peer(p, &all(4));
+    }
+    for &p in &peers {
+        queues.insert(p, req(&mut pk, p, depth).into());
+    }
+    let doubled = |pk: &Picker| {
+        pk.downloading
+            .iter()
+            .filter_map(|&piece| pk.partial(piece))
+            .flat_map(|pt| pt.blocks.iter())
+            .filter(|s| matches!(s, BlockState::Requested { by, .. } if by.count() == 2))
+            .count()
+    };
+    let (mut most_doubled, mut rounds) = (doubled(&pk), 0);
+    while !pk.is_complete() {
+        rounds += 1;
+        assert!(rounds < 1000, "the download does not end");
+        for (i, &p) in peers.iter().enumerate() {
+            for _ in 0..speeds[i] {
+                let Some(b) = queues.get_mut(&p).and_then(|q| q.pop_front()) else {
+                    break;
+                };
+                if pk.block_arrived(p, b) == Verdict::Write {
+                    let w = pk.block_written(p, b);
+                    if let Some(piece) = w.piece_complete {
+                        verified(&mut pk, piece, true);
+                    }
+                    for (loser, _) in w.cancels {
+                        let more = req(&mut pk, loser, depth);
+                        queues.entry(loser).or_default().extend(more);
+                    }
+                }
+                check(&pk);
+                let more = req(&mut pk, p, depth);
+                queues.entry(p).or_default().extend(more);
+                most_doubled = most_doubled.max(doubled(&pk));
+            }
+        }
+    }
+    (rounds, pk.second_requests().endgame as usize, most_doubled)
+}
+
+/// Equal peers drain their pipelines together: second copies only at the very end, a few
+/// per peer. (The policy before asked every peer, at each block it delivered, for a copy of
+/// the block at the head of another's queue, which always lost.)
+#[test]
+fn end_game_copies_are_bounded_by_peers_not_pipeline_depth() {
+    let (rounds, seconds, most_doubled) = race(&[1, 1, 1, 1], 16);
+    eprintln!("equal: {rounds} rounds, {seconds} second copies, {most_doubled} at two peers");
+    let bound = 4 * ENDGAME_MAX_OUTSTANDING;
+    assert!(seconds <= bound, "{seconds} second copies");
+    assert!(most_doubled <= bound, "{most_doubled} blocks at two peers");
+    assert_eq!(rounds, 16, "as fast as without copies");
+}
+
+/// A fast peer that ran dry takes over the tails of the slow peers' queues, one block at a
+/// time: the download ends well before the slow peers would have delivered their own blocks
+/// (16 rounds), with few blocks requested twice at once.
+#[test]
+fn end_game_lets_a_fast_peer_finish_the_slow_queues() {
+    let (rounds, seconds, most_doubled) = race(&[4, 1, 1, 1], 16);
+    eprintln!("fast: {rounds} rounds, {seconds} second copies, {most_doubled} at two peers");
+    assert!(rounds < 12, "{rounds} rounds");
+    assert!(
+        most_doubled <= 4 * ENDGAME_MAX_OUTSTANDING,
+        "{most_doubled} at two peers"
+    );
+    // Every copy the fast peer won is one a slow peer still sends (no cancel in time).
+    assert!(seconds <= 24, "{seconds} second copies");
+}
+
+/// Relief: a fast peer takes over the back of a slower peer's queue, up to its own depth.
+#[test]
+fn relief_takes_the_back_of_the_slower_queue() {
+    let mut pk = Picker::new(16, 8, 1); // 2 pieces of 8 blocks
+    pk.add_peer(A, &all(2)); // slow
+    pk.add_peer(B, &all(2)); // fast
+    assert_eq!(pieces_of(&req(&mut pk, A, 8)), vec![0]);
+    let b = req(&mut pk, B, 8);
+    assert_eq!(pieces_of(&b), vec![1]);
+    deliver_all(&mut pk, B, &b);
+    let slower = BTreeSet::from([A]);
+    assert!(pk.relieve(A, 8, &slower).is_empty(), "not from itself");
+    assert!(pk.relieve(B, 8, &BTreeSet::new()).is_empty());
+    assert_eq!(
+        pk.relieve(B, 3, &slower),
+        vec![blk(0, 7, 1), blk(0, 6, 1), blk(0, 5, 1)]
+    );
+    check(&pk);
+    assert!(pk.relieve(B, 3, &slower).is_empty(), "at its depth");
+    assert_eq!(pk.relieve(B, 4, &slower), vec![blk(0, 4, 1)]);
+    assert_eq!(
+        pk.second_requests(),
+        SecondRequests {
+            endgame: 0,
+            relief: 4
+        }
+    );
+    // Nearly idle or not, B is past the end-game's allowance now.
+    assert!(req(&mut pk, B, 8).is_empty());
+    // A third peer gets nothing of what is already at two.
+    pk.add_peer(C, &all(2));
+    assert_eq!(
+        pk.relieve(C, 8, &slower),
+        (0..4).rev().map(|o| blk(0, o, 1)).collect::<Vec<_>>()
+    );
+    check(&pk);
+    // B's copy wins: A is told to cancel.
+    assert_eq!(
+        deliver(&mut pk, B, blk(0, 7, 1)).cancels,
+        vec![(A, blk(0, 7, 1))]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -892,12 +1022,12 @@ fn rejection_can_make_download_stuck() {
 fn rejection_in_end_game_keeps_the_other_request() {
     let mut pk = endgame_setup();
     req(&mut pk, A, 8);
-    req(&mut pk, D, 4);
-    let b0 = blk(0, 0, 1);
-    pk.block_rejected(D, b0);
+    let b3 = blk(0, 3, 1);
+    assert_eq!(req(&mut pk, D, 4), vec![b3]);
+    pk.block_rejected(D, b3);
     check(&pk);
-    assert_eq!(requesters(&pk, b0), vec![A]);
-    assert_eq!(pk.outstanding(D), 3);
+    assert_eq!(requesters(&pk, b3), vec![A]);
+    assert_eq!(pk.outstanding(D), 0);
     assert!(!pk.peers[&D].has.get(0));
 }
 
@@ -942,14 +1072,21 @@ fn end_game_partner_loss_leaves_single_request() {
     let mut pk = endgame_setup();
     req(&mut pk, A, 8);
     req(&mut pk, D, 4);
+    req(&mut pk, D, 4);
     pk.remove_peer(A);
     check(&pk);
-    for o in 0..4 {
+    // D's second copies stay with D; A's other blocks are open again.
+    for o in 0..2 {
+        assert_eq!(block_state(&pk, blk(0, o, 1)), Some(BlockState::Open));
+    }
+    for o in 2..4 {
         assert_eq!(requesters(&pk, blk(0, o, 1)), vec![D]);
     }
     // Piece 1 (only A held it) is back to Missing and nobody holds it.
     assert_eq!(state(&pk, 1), St::Missing);
     assert!(pk.stuck());
+    // D adopts the orphan and finishes it.
+    assert_eq!(req(&mut pk, D, 4), vec![blk(0, 0, 1), blk(0, 1, 1)]);
     assert_eq!(
         deliver_all(
             &mut pk,
@@ -1074,26 +1211,29 @@ fn ban_drops_banned_blocks_in_pieces_owned_by_others() {
     assert_eq!(pieces_of(&a), vec![0]);
     let c = req(&mut pk, C, 3); // piece 1
     assert_eq!(pieces_of(&c), vec![1]);
-    let c2 = req(&mut pk, C, 4); // nothing open left: end-game duplicate of piece 0
-    assert_eq!(c2, vec![blk(0, 0, 1)]);
-    // C wins block 0 of piece 0, A writes the rest; C delivers its piece 1.
+    deliver(&mut pk, C, c[0]);
+    deliver(&mut pk, C, c[1]);
+    // Nothing open left and C nearly idle: an end-game copy of the last of A's blocks.
+    let c2 = req(&mut pk, C, 3);
+    assert_eq!(c2, vec![blk(0, 2, 1)]);
+    // C wins block 2 of piece 0, A writes block 0; C finishes its piece 1.
     assert_eq!(
-        deliver(&mut pk, C, blk(0, 0, 1)).cancels,
-        vec![(A, blk(0, 0, 1))]
+        deliver(&mut pk, C, blk(0, 2, 1)).cancels,
+        vec![(A, blk(0, 2, 1))]
     );
-    deliver(&mut pk, A, blk(0, 1, 1));
-    assert_eq!(deliver_all(&mut pk, C, &c), vec![1]);
+    deliver(&mut pk, A, blk(0, 0, 1));
+    assert_eq!(deliver_all(&mut pk, C, &c[2..]), vec![1]);
     // Piece 1 fails: C alone delivered it.
     assert_eq!(verified(&mut pk, 1, false), vec![C]);
     // C's block in A's piece is dropped and will be requested again, from A.
-    assert_eq!(block_state(&pk, blk(0, 0, 1)), Some(BlockState::Open));
+    assert_eq!(block_state(&pk, blk(0, 2, 1)), Some(BlockState::Open));
     assert_eq!(
-        block_state(&pk, blk(0, 1, 1)),
+        block_state(&pk, blk(0, 0, 1)),
         Some(BlockState::Received(A))
     );
     assert_eq!(owner(&pk, 0), Some(A));
     let again = req(&mut pk, A, 3);
-    assert_eq!(again[0], blk(0, 0, 1));
+    assert_eq!(again[0], blk(0, 2, 1));
 }
 
 #[test]

@@ -381,6 +381,7 @@ impl Transfers {
             elapsed: active.started.elapsed(),
         };
         info!("{completed}");
+        info!("{}: {}", completed.name, active.engine.waste());
         self.events.push_back(TransferEvent::Finished {
             download: id,
             result: Ok(completed),
@@ -397,6 +398,7 @@ impl Transfers {
             return;
         };
         warn!("download of {} failed: {error}", active.engine.meta.name);
+        info!("{}: {}", active.engine.meta.name, active.engine.waste());
         self.close_links(registry, &active);
         self.close_serving(registry, id);
         if matches!(error, DownloadError::Exiting) {

@@ -58,6 +58,15 @@ fn create_user(user: &str) -> Op {
     }
 }
 
+/// Another creation of `user` (another salt): refused once `user` exists. The same creation
+/// again (a byte-identical hash) is answered `Done`.
+fn another_creation(user: &str) -> Op {
+    Op::CreateUser {
+        user: uid(user),
+        pw_hash: format!("$argon2id$v=19$m=8192,t=2,p=1$another-salt-of-{user}$hash"),
+    }
+}
+
 fn open(user: &str, port: u16, tracker: TrackerRef, client: u64) -> Op {
     Op::OpenSession {
         user: uid(user),
@@ -159,7 +168,7 @@ fn rich_state() -> TrackerState {
         );
     }
     // A refusal, remembered.
-    assert!(asked(&mut st, 100, 2, create_user("alice")).is_err());
+    assert!(asked(&mut st, 100, 2, another_creation("alice")).is_err());
     let alice = session_id(asked(&mut st, 100, 3, open("alice", 7001, T1, 100)));
     let bob = session_id(asked(&mut st, 101, 2, open("bob", 7002, T1, 101)));
     let carol = session_id(asked(&mut st, 102, 2, open("carol", 7003, T2, 102)));
@@ -340,7 +349,11 @@ fn golden_user_session_and_answers() {
         asked(&mut st, 5, 7, open),
         Ok(Outcome::SessionOpened(SessionId(1)))
     );
-    assert!(asked(&mut st, 5, 8, hash()).is_err());
+    let again = Op::CreateUser {
+        user: uid("a"),
+        pw_hash: "h2".to_owned(),
+    };
+    assert!(asked(&mut st, 5, 8, again).is_err());
     let message = b"user 'a' already exists";
     let want = [
         &[0, 0, 0, 3][..],
@@ -538,7 +551,7 @@ fn a_full_answer_memory_round_trips() {
     let mut st = TrackerState::new();
     assert!(internal(&mut st, create_user("a")).is_ok());
     for req_id in 0..100 {
-        let answer = asked(&mut st, 9, req_id, create_user("a"));
+        let answer = asked(&mut st, 9, req_id, another_creation("a"));
         assert!(answer.is_err());
         // And a few other clients in between.
         let _ = asked(&mut st, 1000 + req_id % 3, req_id, create_user("b"));
@@ -619,7 +632,15 @@ fn random_op(rng: &mut SplitMix64, st: &TrackerState) -> Op {
     let tracker = *rng.pick(&R_TRACKERS);
     let client = *rng.pick(&R_CLIENTS);
     match rng.below(100) {
-        0..=5 => create_user(rng.pick::<&str>(&R_USERS)),
+        0..=5 => {
+            // Sometimes this very creation again (answered Done), sometimes another.
+            let user = *rng.pick::<&str>(&R_USERS);
+            if rng.below(2) == 0 {
+                create_user(user)
+            } else {
+                another_creation(user)
+            }
+        }
         6..=17 => {
             let mut op = open(
                 rng.pick::<&str>(&R_USERS),
