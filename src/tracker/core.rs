@@ -2,11 +2,23 @@
 //!
 //! [`TrackerCore`] owns the [`Replica`] (which owns the replicated [`TrackerState`]) and knows
 //! which connection is a client or another tracker, and which client holds which session.
-//! Queries are answered from the local state at once. A change becomes an [`Entry`] (the op
-//! and the client's id and request id) that the replica orders across the trackers; the
-//! client is answered when the entry is committed (held by every live tracker), and its later
-//! requests wait until then, so answers keep their order. Clients are welcomed only once this
-//! tracker serves (holds a state caught up with the others).
+//! A change becomes an [`Entry`] (the op and the client's id and request id) that the replica
+//! orders across the trackers; the client is answered when the entry is committed (held by
+//! every live tracker), and its later requests wait until then, so answers keep their order.
+//! Clients are welcomed only once this tracker serves (holds a state caught up with the
+//! others).
+//!
+//! **No dirty reads.** Every other answer made from the state (queries, and refusals such as
+//! `not logged in` or a quota) is made at once from the applied state, but that state may hold
+//! entries not committed yet (the primary applies a batch when it sends it, a backup when it
+//! receives it), which a crash of every tracker or a takeover may still lose. So such an
+//! answer is sent only once `committed` reaches the entry the state stood at when it was made
+//! (`applied` then): it waits as a change's answer does (`Waiting::Read`, the connection's
+//! later requests queued behind it), and goes out at the commit. When nothing is in flight
+//! (`committed == applied`) it goes out at once. If the state is replaced meanwhile, a held
+//! request is handled again with the new state (a refusal made after password work or at a
+//! commit, whose request is not kept, becomes `Unavailable`: ask again): nothing is sent from
+//! a state that may be gone.
 //! The driver feeds it `handle_open`, `handle_frame`, `handle_close` and `handle_timeout(now)`
 //! and drains [`Output`]s with `poll_output`. No sockets, clocks or threads live here: time is
 //! an argument, so the whole request path is tested without a network.
@@ -24,7 +36,7 @@
 //! handshake or a wrong protocol version closes that connection; a well-formed request that is
 //! refused is answered with `Refused` and the connection lives on.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -201,6 +213,18 @@ enum Waiting {
         origin: Origin,
         effect: SessionEffect,
     },
+    /// An answer made from a state that held entries not yet committed: sent once
+    /// `committed` reaches `at` (see the module doc: no dirty reads).
+    Read {
+        req_id: u64,
+        /// The entry the state stood at when the answer was made.
+        at: u64,
+        body: Result<ReplyBody, Reject>,
+        /// The request and its frame size, to handle it again if the state is replaced
+        /// meanwhile (`None`: a refusal made after password work or at a change's commit,
+        /// which becomes `Unavailable` then, so the client asks again).
+        request: Option<(RequestBody, usize)>,
+    },
 }
 
 /// What handling a request led to.
@@ -219,6 +243,9 @@ pub struct TrackerCore {
     awaiting: BTreeMap<Origin, ConnId>,
     /// Answers to those changes, applied and not yet committed, in order.
     answers: VecDeque<(u64, Origin, Answer)>,
+    /// Connections whose answer waits for a commit (`Waiting::Read`), by the entry it waits
+    /// for: at most one per connection.
+    reads: BTreeSet<(u64, ConnId)>,
     /// Connections still owing a handshake, with their deadlines, oldest first.
     handshake_deadlines: VecDeque<(Instant, ConnId)>,
     out: VecDeque<Output>,
@@ -346,6 +373,7 @@ impl TrackerCore {
             links: BTreeMap::new(),
             awaiting: BTreeMap::new(),
             answers: VecDeque::new(),
+            reads: BTreeSet::new(),
             handshake_deadlines: VecDeque::new(),
             out: VecDeque::new(),
             frame_limit_changed: false,
@@ -570,11 +598,15 @@ impl TrackerCore {
             return;
         };
         self.passwords.forget_conn(conn);
-        if let Some(Waiting::Commit { origin, .. }) = link.waiting {
+        match link.waiting {
             // A retry of the same request on a newer link of the client may be waiting now.
-            if self.awaiting.get(&origin) == Some(&conn) {
+            Some(Waiting::Commit { origin, .. }) if self.awaiting.get(&origin) == Some(&conn) => {
                 self.awaiting.remove(&origin);
             }
+            Some(Waiting::Read { at, .. }) => {
+                self.reads.remove(&(at, conn));
+            }
+            _ => {}
         }
         match link.kind {
             Kind::Tracker => {
@@ -787,7 +819,10 @@ impl TrackerCore {
                     self.answers.push_back((seq, origin, answer));
                 }
                 ReplicaOut::Applied { .. } => {}
-                ReplicaOut::Committed(seq) => self.release_answers(seq),
+                ReplicaOut::Committed(seq) => {
+                    self.release_answers(seq);
+                    self.release_reads(seq);
+                }
                 ReplicaOut::StateReplaced(seq) => {
                     // Answers queued so far came from the replaced state, which may hold
                     // changes the new one lacks (a primary that stalled and was replaced):
@@ -806,6 +841,7 @@ impl TrackerCore {
                     if self.replica.committed() >= seq {
                         self.release_answers(seq);
                     }
+                    self.answer_reads_again();
                 }
                 ReplicaOut::Persist(p) => self.out.push_back(Output::Persist(p)),
                 ReplicaOut::Serving(true) => self.welcome_waiting(),
@@ -824,6 +860,66 @@ impl TrackerCore {
                 continue;
             };
             self.deliver(conn, origin, answer);
+        }
+    }
+
+    /// Sends the answers held until entry `seq` is committed (`Waiting::Read`), and lets
+    /// their connections go on. `seq` is the commit reported, not the replica's `committed`
+    /// now: that may already be a replaced state's, which says nothing of entries of the
+    /// state these answers were made from.
+    fn release_reads(&mut self, seq: u64) {
+        while let Some(&(at, conn)) = self.reads.first() {
+            if at > seq {
+                break;
+            }
+            self.reads.pop_first();
+            let Some(link) = self.links.get_mut(&conn) else {
+                continue;
+            };
+            if !matches!(link.waiting, Some(Waiting::Read { at: a, .. }) if a == at) {
+                continue;
+            }
+            let Some(Waiting::Read { req_id, body, .. }) = link.waiting.take() else {
+                continue;
+            };
+            self.send_reply(conn, req_id, body);
+            self.run_queued(conn);
+        }
+    }
+
+    /// The state was replaced: the answers held for a commit were made from the state before,
+    /// which may hold entries the new one lacks, so none of them is sent. A held request goes
+    /// back to the front of its connection's queue, to be handled again with the new state
+    /// (a query answered, a change refused before maybe made now); a refusal made after
+    /// password work or at a commit (its request not kept) is refused `Unavailable` instead,
+    /// so the client asks again.
+    fn answer_reads_again(&mut self) {
+        let held = std::mem::take(&mut self.reads);
+        for (_, conn) in held {
+            let Some(link) = self.links.get_mut(&conn) else {
+                continue;
+            };
+            let Some(Waiting::Read {
+                req_id, request, ..
+            }) = link.waiting.take()
+            else {
+                continue;
+            };
+            match request {
+                Some((body, len)) => {
+                    link.queued_bytes += len;
+                    link.queued.push_front((Request { req_id, body }, len));
+                }
+                None => self.send_reply(
+                    conn,
+                    req_id,
+                    Err(Reject::new(
+                        RejectCode::Unavailable,
+                        "the tracker's state changed before this answer was sure; ask again",
+                    )),
+                ),
+            }
+            self.run_queued(conn);
         }
     }
 
@@ -859,6 +955,9 @@ impl TrackerCore {
         };
         link.waiting = None;
         let mut detach = None;
+        // The answer is the committed entry's, but for the two refusals below, which the
+        // state as it stands now makes (it may hold entries not yet committed).
+        let mut from_state = false;
         let body = match (effect, answer) {
             (SessionEffect::Open(proof), Ok(Outcome::SessionOpened(id))) => {
                 match self.replica.state().session(id) {
@@ -877,15 +976,19 @@ impl TrackerCore {
                         // A remembered answer for the same (client id, request id), about a
                         // session this connection proved nothing for: a copied client id.
                         warn!("conn {conn}: a retry naming another's session; refused");
+                        from_state = true;
                         Err(Reject::new(
                             RejectCode::NotLoggedIn,
                             "this request id was used for another session",
                         ))
                     }
-                    None => Err(Reject::new(
-                        RejectCode::NotLoggedIn,
-                        "the session has ended",
-                    )),
+                    None => {
+                        from_state = true;
+                        Err(Reject::new(
+                            RejectCode::NotLoggedIn,
+                            "the session has ended",
+                        ))
+                    }
                 }
             }
             (SessionEffect::Close, Ok(_)) => {
@@ -906,7 +1009,11 @@ impl TrackerCore {
                 }
             }
         }
-        self.reply(conn, origin.req_id, body);
+        if from_state {
+            self.reply(conn, origin.req_id, body);
+        } else {
+            self.send_reply(conn, origin.req_id, body);
+        }
         self.run_queued(conn);
     }
 
@@ -1072,7 +1179,7 @@ impl TrackerCore {
             }) => {
                 // At once, even behind a parked request: it changes nothing, and a client
                 // that hears nothing for a while takes its tracker for hung.
-                self.reply(conn, req_id, Ok(ReplyBody::Pong));
+                self.send_reply(conn, req_id, Ok(ReplyBody::Pong));
             }
             ClientMsg::Request(request) => {
                 if link.waiting.is_none() && link.queued.is_empty() {
@@ -1110,7 +1217,10 @@ impl TrackerCore {
             // The connection closed meanwhile.
             return;
         };
-        if matches!(link.waiting, Some(Waiting::Commit { .. }) | None) {
+        if matches!(
+            link.waiting,
+            Some(Waiting::Commit { .. } | Waiting::Read { .. }) | None
+        ) {
             return;
         }
         let Some(waiting) = link.waiting.take() else {
@@ -1200,7 +1310,8 @@ impl TrackerCore {
                 Waiting::CreateUser { req_id, .. }
                 | Waiting::CreateUserRetry { req_id, .. }
                 | Waiting::Login { req_id, .. }
-                | Waiting::Commit { req_id, .. },
+                | Waiting::Commit { req_id, .. }
+                | Waiting::Read { req_id, .. },
                 _,
             ) => (
                 req_id,
@@ -1246,7 +1357,46 @@ impl TrackerCore {
         }
     }
 
+    /// Answers `req_id` with `body`, made from the state as it stands now: at once if every
+    /// entry applied is committed, else once they are (`Waiting::Read`). The connection must
+    /// not be waiting for anything else (its requests are handled one at a time).
     fn reply(&mut self, conn: ConnId, req_id: u64, body: Result<ReplyBody, Reject>) {
+        self.reply_query(conn, req_id, body, None);
+    }
+
+    /// [`reply`](Self::reply), keeping the request (and its frame size) that made `body`, to
+    /// handle it again should the state be replaced before the commit.
+    fn reply_query(
+        &mut self,
+        conn: ConnId,
+        req_id: u64,
+        body: Result<ReplyBody, Reject>,
+        query: Option<(RequestBody, usize)>,
+    ) {
+        let at = self.replica.applied();
+        if at <= self.replica.committed() {
+            return self.send_reply(conn, req_id, body);
+        }
+        let Some(link) = self.links.get_mut(&conn) else {
+            return;
+        };
+        if link.waiting.is_some() {
+            // Not reached (callers hold nothing else for the connection); should it be, the
+            // answer waiting goes first and this one is sent as it always was.
+            warn!("conn {conn}: an answer made while another waits; sent at once");
+            return self.send_reply(conn, req_id, body);
+        }
+        link.waiting = Some(Waiting::Read {
+            req_id,
+            at,
+            body,
+            request: query,
+        });
+        self.reads.insert((at, conn));
+    }
+
+    /// Queues the answer to `req_id` for sending now.
+    fn send_reply(&mut self, conn: ConnId, req_id: u64, body: Result<ReplyBody, Reject>) {
         let body = body.unwrap_or_else(|reject| {
             debug!("conn {conn}: request {req_id} refused: {reject}");
             ReplyBody::Refused {
@@ -1280,11 +1430,16 @@ impl TrackerCore {
     /// Answers a request, or parks it behind a password job or a change being replicated.
     fn handle_request(&mut self, conn: ConnId, request: Request) {
         let Request { req_id, body } = request;
+        // An answer made now may have to wait for a commit, and the request be handled again
+        // if the state is replaced meanwhile: it is kept while entries are in flight (a copy
+        // dropped at once when the request is a change the replica takes).
+        let query = (self.replica.committed() < self.replica.applied())
+            .then(|| (body.clone(), self.frame_len));
         match self.answer(conn, req_id, body) {
-            Ok(Handled::Reply(body)) => self.reply(conn, req_id, Ok(body)),
+            Ok(Handled::Reply(body)) => self.reply_query(conn, req_id, Ok(body), query),
             Ok(Handled::Waiting(waiting, job)) => self.queue_password(conn, req_id, waiting, job),
             Ok(Handled::Change(op, effect)) => self.propose(conn, req_id, op, effect),
-            Err(reject) => self.reply(conn, req_id, Err(reject)),
+            Err(reject) => self.reply_query(conn, req_id, Err(reject), query),
         }
     }
 
@@ -1311,7 +1466,8 @@ impl TrackerCore {
                 link.waiting = Some(waiting);
                 self.refuse_busy(other);
             }
-            Pushed::Full => self.reply(conn, req_id, Err(busy())),
+            // Made from nothing in the replicated state: sent at once.
+            Pushed::Full => self.send_reply(conn, req_id, Err(busy())),
         }
         self.dispatch_passwords(now);
     }
@@ -1332,7 +1488,7 @@ impl TrackerCore {
                 return;
             }
         };
-        self.reply(conn, req_id, Err(busy()));
+        self.send_reply(conn, req_id, Err(busy()));
         self.run_queued(conn);
     }
 

@@ -1945,6 +1945,18 @@ impl Replica {
                 return;
             }
         }
+        if matches!(
+            (&self.role, status),
+            (Role::Joining { primary, .. }, ReplStatus::Starting { .. }) if *primary == from
+        ) {
+            // The primary this tracker asked for the state stalled and starts over (it will
+            // not answer a join request): waiting for it would wait for ever when it waits in
+            // turn for this tracker to start the service (as far on, a lower number; seed
+            // 35001715). This tracker decides again, as a starting tracker.
+            info!("tracker {from}, whose state this tracker asked for, is starting over");
+            let waits = self.role.take_waits();
+            self.role = Role::Starting { waits };
+        }
         match self.role {
             Role::Starting { .. } => self.decide(now),
             Role::Backup { .. } if !self.primary_linked() => self.elect(now),
@@ -3208,8 +3220,25 @@ impl Replica {
         self.accepted_view = self.claim.0;
         self.accepted_by = self.me.no;
         self.sync_meta();
+        if self.applied > self.committed {
+            // A state from disk holds entries after the last commit it knew of. They are the
+            // service's now (the furthest state starts it), and count as committed once the
+            // metadata naming this claim is durable, as a takeover's first commit does:
+            // answers made from the state wait for a commit (the core's read rule), and an
+            // idle service would otherwise hold them until its next change.
+            let (last_seq, write) = (self.applied, self.written);
+            if let Some(lead) = self.lead_mut() {
+                lead.in_flight.push_back(InFlight {
+                    last_seq,
+                    waiting: BTreeSet::new(),
+                    write,
+                    bytes: 0,
+                });
+            }
+        }
         self.out.push_back(ReplicaOut::Serving(true));
         self.broadcast_status();
+        self.try_commit();
         self.release_held();
         self.scan_grace(now);
     }

@@ -453,6 +453,10 @@ struct Acked {
     shares: BTreeMap<(GroupId, FileName), (UserId, SocketAddr)>,
     stops_tried: BTreeSet<(GroupId, FileName)>,
     stopped: BTreeSet<(GroupId, FileName)>,
+    /// Groups some query answer of the workload listed: each must be in the final state
+    /// (groups are never removed), or the answer showed a change the service never had (a
+    /// dirty read).
+    groups_seen: BTreeSet<GroupId>,
 }
 
 // =============================================================================================
@@ -1889,6 +1893,9 @@ impl Cluster {
             | (Expect::NewFile, ReplyBody::Shared { new_file: true }) => {}
             (Expect::LoggedIn, ReplyBody::LoggedIn { .. }) => {}
             (Expect::Groups(must), ReplyBody::Groups(groups)) => {
+                for i in groups {
+                    self.acked.groups_seen.insert(i.group.clone());
+                }
                 for (g, owner) in must {
                     assert!(
                         groups.iter().any(|i| i.group == *g && i.owner == *owner),
@@ -2226,6 +2233,12 @@ impl Cluster {
         let live = self.live();
         let st: &TrackerState = self.core(live[0]).state();
         let a = &self.acked;
+        for g in &a.groups_seen {
+            assert!(
+                st.group(g).is_some(),
+                "group {g} was listed, and the service never had it"
+            );
+        }
         for (g, owner) in &a.groups {
             let group = st
                 .group(g)
@@ -4524,6 +4537,8 @@ fn a_takeover_whose_catch_up_cannot_be_applied_does_not_lead_the_member_ahead() 
 /// The clients waiting on tracker 2 had their changes in those batches: the state taken
 /// remembers their answers, but nobody committed them and the install is not durable on 2, so
 /// no answer goes out until it is (and 3 acknowledged its position); every one does after.
+/// A query through tracker 2 meanwhile waits the same way (the read rule), and then lists
+/// the changes taken over.
 #[test]
 fn answers_in_a_takeover_snapshot_wait_until_it_is_durable() {
     let mut cl = Cluster::new_durable(3, 9120);
@@ -4538,6 +4553,8 @@ fn answers_in_a_takeover_snapshot_wait_until_it_is_durable() {
         .replica_mut()
         .bound_ring(1, usize::MAX);
     let clients = signed_in_clients(&mut cl, 2, 3);
+    let asker = cl.add_client(Some(2));
+    cl.sign_in(asker);
     let to_2 = cl.tracker_link(1, 2).unwrap();
     let acks = cl.tracker_link(3, 1).unwrap();
     cl.pause(to_2);
@@ -4565,10 +4582,18 @@ fn answers_in_a_takeover_snapshot_wait_until_it_is_durable() {
             .all(|(&c, r)| !cl.clients[c].answered.contains(r)),
         "no answer before the state taken over is durable on tracker 2"
     );
+    let q = cl.issue(asker, RequestBody::ListGroups, Expect::Manual);
+    cl.run_for(300);
+    assert!(
+        !cl.clients[asker].answered.contains(&q),
+        "a query waits for the takeover's first commit"
+    );
     cl.disk_resumes(2);
-    assert!(cl.run_until(2000, |cl| all_answered(cl, &clients, &reqs)));
+    assert!(cl.run_until(2000, |cl| all_answered(cl, &clients, &reqs)
+        && cl.clients[asker].answered.contains(&q)));
     for (&c, r) in clients.iter().zip(&reqs) {
         assert!(cl.clients[c].replies.contains(&(*r, ReplyBody::Done)));
+        assert!(lists_group(&cl, asker, q, &gid(&format!("d{c}"))));
     }
     cl.settle();
     cl.check_agreement();
@@ -5537,4 +5562,226 @@ fn a_view_heard_then_a_quick_crash_of_the_hearer() {
         v.0 > live_view + 10,
         "2 claimed {v:?}, a view 3's disk named"
     );
+}
+
+// ---- no dirty reads (issue 9) ----
+
+/// Whether the last reply client `c` got lists group `g`.
+fn lists_group(cl: &Cluster, c: usize, req_id: u64, g: &GroupId) -> bool {
+    let (id, body) = cl.clients[c]
+        .replies
+        .iter()
+        .find(|(id, _)| *id == req_id)
+        .unwrap_or_else(|| panic!("client {c}: no reply to {req_id}"));
+    match body {
+        ReplyBody::Groups(groups) => groups.iter().any(|i| i.group == *g),
+        other => panic!("client {c}: request {id} answered {other:?}"),
+    }
+}
+
+/// Asks client `c`'s tracker for the groups on an idle service: the answer comes within one
+/// round trip (at most 2 x 20 ms of message delay), not held for a commit.
+fn idle_query_is_answered_at_once(cl: &mut Cluster, c: usize) {
+    for no in cl.live() {
+        let r = cl.core(no).replica();
+        assert_eq!(
+            r.committed(),
+            r.applied(),
+            "tracker {no} knows its state committed"
+        );
+    }
+    let q = cl.issue(c, RequestBody::ListGroups, Expect::Manual);
+    assert!(
+        cl.run_until(40, |cl| cl.clients[c].answered.contains(&q)),
+        "client {c}: a query on an idle service waits"
+    );
+}
+
+/// A change applied on the primary and a backup but not committed (the third tracker's disk
+/// is held up, so it does not acknowledge): queries through the primary and through the
+/// backup, sent meanwhile, are answered only once it commits, and then show it. Without the
+/// read rule both were answered at once from the applied state (showing a group that was
+/// not yet sure to exist). Idle, a query is answered at once, on a backup too (it learns the
+/// last commit from the primary without waiting for another change).
+#[test]
+fn a_query_is_answered_only_once_what_it_shows_is_committed() {
+    let mut cl = Cluster::new_durable(3, 9170);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let a = cl.add_client(Some(1));
+    let b = cl.add_client(Some(2));
+    let p = cl.add_client(Some(1));
+    for c in [a, b, p] {
+        cl.sign_in(c);
+    }
+    cl.run_for(200);
+    idle_query_is_answered_at_once(&mut cl, b);
+    idle_query_is_answered_at_once(&mut cl, p);
+    cl.disk_stalls(3);
+    let g = gid("uncommitted");
+    let r = cl.issue(
+        a,
+        RequestBody::CreateGroup { group: g.clone() },
+        Expect::Manual,
+    );
+    assert!(cl.run_until(3000, |cl| {
+        cl.core(1).state().group(&g).is_some() && cl.core(2).state().group(&g).is_some()
+    }));
+    let qb = cl.issue(b, RequestBody::ListGroups, Expect::Manual);
+    let qp = cl.issue(p, RequestBody::ListGroups, Expect::Manual);
+    cl.run_for(1000);
+    for no in 1..=2 {
+        let rep = cl.core(no).replica();
+        assert!(
+            rep.committed() < rep.applied(),
+            "tracker {no}: the group is not committed"
+        );
+    }
+    for (c, q) in [(a, r), (b, qb), (p, qp)] {
+        assert!(
+            !cl.clients[c].answered.contains(&q),
+            "client {c}: answered before the commit: {:?}",
+            cl.clients[c].replies
+        );
+    }
+    cl.disk_resumes(3);
+    assert!(cl.run_until(3000, |cl| {
+        [(a, r), (b, qb), (p, qp)]
+            .iter()
+            .all(|(c, q)| cl.clients[*c].answered.contains(q))
+    }));
+    assert!(
+        lists_group(&cl, b, qb, &g),
+        "the backup's answer shows the change"
+    );
+    assert!(
+        lists_group(&cl, p, qp, &g),
+        "the primary's answer shows the change"
+    );
+    // Once the load stops, every tracker learns the last commit: queries go out at once.
+    cl.run_for(200);
+    idle_query_is_answered_at_once(&mut cl, b);
+    idle_query_is_answered_at_once(&mut cl, p);
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
+/// A change applied everywhere but committed nowhere (every disk held up); queries through
+/// the primary and a backup wait for it. Every tracker is then killed, none keeping the
+/// change on disk, and its client is gone (it does not retry it). After the restart the
+/// queries, sent again by their clients, never show the change: the service never had it.
+/// Without the read rule they were answered at once with the group listed. After the
+/// restart, idle, a query is answered at once (the state the service starts from counts as
+/// committed once the new primary's claim is durable, not at the next change).
+#[test]
+fn a_query_never_shows_a_change_that_is_lost() {
+    let mut cl = Cluster::new_durable(3, 9171);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    assert_eq!(cl.primaries(), vec![1]);
+    let a = cl.add_client(Some(1));
+    let b = cl.add_client(Some(2));
+    let p = cl.add_client(Some(1));
+    for c in [a, b, p] {
+        cl.sign_in(c);
+    }
+    cl.run_for(200);
+    for no in 1..=3 {
+        cl.disk_stalls(no);
+    }
+    let g = gid("lost");
+    cl.issue(
+        a,
+        RequestBody::CreateGroup { group: g.clone() },
+        Expect::Manual,
+    );
+    assert!(cl.run_until(3000, |cl| {
+        (1..=3).all(|no| cl.core(no).state().group(&g).is_some())
+    }));
+    let qb = cl.issue(b, RequestBody::ListGroups, Expect::Manual);
+    let qp = cl.issue(p, RequestBody::ListGroups, Expect::Manual);
+    cl.run_for(1000);
+    for (c, q) in [(b, qb), (p, qp)] {
+        assert!(
+            !cl.clients[c].answered.contains(&q),
+            "client {c}: answered from an uncommitted state: {:?}",
+            cl.clients[c].replies
+        );
+    }
+    cl.clients[a].frozen = true;
+    for no in 1..=3 {
+        cl.crash_keeping(no, 0);
+    }
+    for no in 1..=3 {
+        cl.disk_resumes(no);
+    }
+    cl.run_for(500);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    assert!(cl.run_until(15_000, |cl| {
+        [(b, qb), (p, qp)]
+            .iter()
+            .all(|(c, q)| cl.clients[*c].answered.contains(q))
+    }));
+    assert!(!lists_group(&cl, b, qb, &g), "the lost change is not shown");
+    assert!(!lists_group(&cl, p, qp, &g), "the lost change is not shown");
+    assert!(cl.run_until(10_000, |cl| (1..=3).all(|no| cl.is_up(no)
+        && cl.core(no).replica().is_serving()
+        && cl.core(no).replica().committed() == cl.core(no).replica().applied())));
+    for no in 1..=3 {
+        assert!(cl.core(no).state().group(&g).is_none());
+    }
+    let prim = cl.primaries()[0];
+    let on_primary = cl.clients[p].tracker;
+    let c = if on_primary == Some(prim) { p } else { b };
+    idle_query_is_answered_at_once(&mut cl, c);
+    // The gone client's session ends after the grace period.
+    cl.run_for(SESSION_GRACE.as_millis() as u64 + 2000);
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
+
+/// Every tracker killed and restarted from its disk: the tracker that starts the service holds
+/// entries past the last commit its disk knew of. With nothing written since (the only client
+/// is gone), a query is still answered at once: the state it starts from counts as committed
+/// once its claim is durable. Without that, every answer made from the state (here a
+/// `not logged in`) waited for the service's next change.
+#[test]
+fn after_every_tracker_restarts_an_idle_query_is_answered_at_once() {
+    let mut cl = Cluster::new_durable(3, 9172);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    cl.run_for(5000);
+    let a = cl.add_client(Some(1));
+    cl.sign_in(a);
+    assert_eq!(create_group(&mut cl, a, "kept"), ReplyBody::Done);
+    cl.run_for(200);
+    cl.clients[a].frozen = true;
+    for no in 1..=3 {
+        cl.crash(no);
+    }
+    cl.run_for(500);
+    for no in 1..=3 {
+        cl.start(no);
+    }
+    let start = cl.now;
+    assert!(cl.run_until(8000, |cl| (1..=3)
+        .all(|no| cl.core(no).replica().is_serving())));
+    let b = cl.add_client(None);
+    assert!(cl.run_until(1000, |cl| cl.clients[b].idle()));
+    cl.run_for(200);
+    assert!(
+        cl.now - start < SESSION_GRACE.as_millis() as u64,
+        "no change yet (the gone client's session ends only after the grace period)"
+    );
+    idle_query_is_answered_at_once(&mut cl, b);
 }
