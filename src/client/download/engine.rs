@@ -44,8 +44,10 @@
 //! sharer whose line is full), and the piece meanwhile counts as held by it. After a
 //! rejection the link itself makes no new request for a while ([`Limits::reject_rest`] if
 //! it had delivered nothing for [`CHOKED_SILENCE`], [`BUSY_REST`] otherwise), and a link
-//! with room in its pipeline requests a second copy of blocks waiting at a resting, much
-//! slower or silent link ([`Picker::relieve`]).
+//! with room in its pipeline requests a second copy of blocks waiting at a much slower or
+//! silent link, or a resting one with a measured rate, but only of the blocks it could
+//! deliver first ([`Picker::relieve_paced`]). A resting link with no rate measured yet is
+//! relieved only once it has been silent for [`SLOW_SILENCE`]: its queue may still come.
 //!
 //! # Failure
 //!
@@ -1121,7 +1123,7 @@ impl Download {
         if self.picker.outstanding(peer) < depth {
             let slower = self.slower_than(peer, now);
             if !slower.is_empty() {
-                blocks.extend(self.picker.relieve(peer, depth, &slower));
+                blocks.extend(self.picker.relieve_paced(peer, depth, &slower));
             }
         }
         // The stall clock runs only while requests are outstanding, so it starts when an idle
@@ -1150,29 +1152,36 @@ impl Download {
         }
     }
 
-    /// The links that `peer`'s link may relieve ([`Picker::relieve`]): those resting after a
-    /// rejection (choked), those delivering less than half its measured rate, and those that
-    /// have delivered nothing for [`SLOW_SILENCE`] while it did. Empty while `peer`'s rate is
-    /// unknown.
-    fn slower_than(&self, peer: PeerId, now: Option<Instant>) -> BTreeSet<PeerId> {
+    /// The links that `peer`'s link may relieve ([`Picker::relieve_paced`]), with their rate
+    /// as a fraction of its own: those delivering less than half its measured rate, those
+    /// resting after a rejection whose rate is measured (at that rate: only the blocks they
+    /// would deliver after `peer` could are copied), and those that have delivered nothing
+    /// for [`SLOW_SILENCE`] while it did, resting or not (as stalled, 0). A link merely
+    /// resting, with no rate measured and not yet silent that long, is left alone: its queue
+    /// may still come, and copying all of it at once lost most races in a crowd. Empty while
+    /// `peer`'s rate is unknown.
+    fn slower_than(&self, peer: PeerId, now: Option<Instant>) -> BTreeMap<PeerId, f64> {
         let Some(rate) = self.links.get(&peer).and_then(|l| l.rate.rate) else {
-            return BTreeSet::new();
+            return BTreeMap::new();
         };
         let now = now.or(self.last_now);
         self.links
             .iter()
-            .filter(|&(&p, l)| {
-                p != peer
-                    && match (l.state, l.rate.rate) {
-                        _ if l.rest_until.is_some() => true,
-                        (LinkState::Active { .. }, Some(r)) => r < rate / 2.0,
-                        (LinkState::Active { last_data }, None) => {
-                            now.is_some_and(|n| n >= last_data + SLOW_SILENCE)
-                        }
-                        _ => false,
+            .filter(|&(&p, _)| p != peer)
+            .filter_map(|(&p, l)| {
+                let speed = |r: f64| if rate > 0.0 { r / rate } else { 0.0 };
+                let speed = match (l.state, l.rate.rate) {
+                    (LinkState::Active { .. }, Some(r)) if l.rest_until.is_some() => speed(r),
+                    (LinkState::Active { .. }, Some(r)) if r < rate / 2.0 => speed(r),
+                    (LinkState::Active { last_data }, None)
+                        if now.is_some_and(|n| n >= last_data + SLOW_SILENCE) =>
+                    {
+                        0.0
                     }
+                    _ => return None,
+                };
+                Some((p, speed))
             })
-            .map(|(&p, _)| p)
             .collect()
     }
 

@@ -34,7 +34,21 @@
 //!
 //! [`Picker::relieve`] adds a sixth source for the engine to use: blocks outstanding at a
 //! slower (or choking) peer, requested a second time from a faster one, up to the faster
-//! peer's depth, also from the back of the slower peers' queues.
+//! peer's depth, also from the back of the slower peers' queues. The engine uses
+//! [`Picker::relieve_paced`], which copies only the blocks the faster peer could deliver
+//! first: a block at position `i` of a queue delivered at a fraction `s` of the faster peer's
+//! rate arrives after about `(i + 1) / s` of its block times, the faster peer's `k`-th copy
+//! after `outstanding + k + 1`, and the copy is asked for only if it would come first. A
+//! stalled peer (`s` = 0) loses its whole queue as before; one only moderately slower keeps
+//! the head of its queue, which it delivers before any copy could.
+//!
+//! Why relief is paced: in the simulated crowds (8 to 128 leechers, `swarm_tests.rs`) each
+//! leecher asked for 105-430 relief copies of a 512-block file, and on shaped links (the
+//! swarm bench) most of the discarded bytes were relief copies that lost. Pacing by rate,
+//! and leaving a link that merely rests after a rejection alone until it has been silent for
+//! the engine's `SLOW_SILENCE` (see `Download::slower_than` in `engine.rs`), cut them by
+//! 15-50% with the finish times unchanged within the simulator's noise (README, "End-game
+//! duplicates").
 //!
 //! Why the end-game is bounded: it used to top a peer up to its whole pipeline depth with
 //! second copies, taken from the head of the other peers' queues. Those are the blocks the
@@ -709,47 +723,77 @@ impl Picker {
     /// so the cancel for a copy that loses usually arrives in time. Whichever copy arrives
     /// first is written, and [`Picker::block_written`] names the loser (to cancel), as in the
     /// end-game. Solo pieces are left alone.
+    ///
+    /// Every slower peer counts as stalled (any block of its queue may be copied); see
+    /// [`Picker::relieve_paced`] for the bound by speed that the engine uses.
     pub fn relieve(
         &mut self,
         peer: PeerId,
         max_in_flight: usize,
         slower: &BTreeSet<PeerId>,
     ) -> Vec<Block> {
+        let stalled: BTreeMap<PeerId, f64> = slower.iter().map(|&q| (q, 0.0)).collect();
+        self.relieve_paced(peer, max_in_flight, &stalled)
+    }
+
+    /// [`Picker::relieve`], copying only the blocks that `peer` could win. `slower` maps each
+    /// slower peer to its delivery rate as a fraction of `peer`'s (0 for a peer that is not
+    /// delivering: choked or silent). A block at position `i` (from 0) of a slower peer's
+    /// queue arrives after about `(i + 1) / speed` of `peer`'s block times; the `k`-th copy
+    /// (from 0) that `peer` takes arrives after `outstanding + k + 1` of them. A block is
+    /// copied only if the copy would arrive first: the head of a queue that is only
+    /// moderately slower is left alone (see the module documentation).
+    pub fn relieve_paced(
+        &mut self,
+        peer: PeerId,
+        max_in_flight: usize,
+        slower: &BTreeMap<PeerId, f64>,
+    ) -> Vec<Block> {
         let mut out = Vec::new();
-        if self.banned.contains(&peer) || slower.contains(&peer) {
+        if self.banned.contains(&peer) || slower.contains_key(&peer) {
             return out;
         }
         let Some(p) = self.peers.get(&peer) else {
             return out;
         };
-        let mut need = max_in_flight.saturating_sub(p.outstanding.len());
+        let own = p.outstanding.len();
+        let mut need = max_in_flight.saturating_sub(own);
         if need == 0 {
             return out;
         }
-        let mut victims: Vec<(usize, PeerId)> = slower
+        let mut victims: Vec<(usize, PeerId, f64)> = slower
             .iter()
-            .filter_map(|q| self.peers.get(q).map(|p| (p.outstanding.len(), *q)))
-            .filter(|&(n, _)| n > 0)
+            .filter_map(|(q, &speed)| self.peers.get(q).map(|p| (p.outstanding.len(), *q, speed)))
+            .filter(|&(n, _, _)| n > 0)
             .collect();
         victims.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (_, q) in victims {
+        for (_, q, speed) in victims {
             let Some(p) = self.peers.get(&q) else {
                 continue;
             };
-            let blocks: Vec<Block> = p
+            // (position in the queue, block), from the back. The queue is kept in block
+            // order, which is the order the blocks were asked for (a peer works through its
+            // pieces in order), so the position approximates when the sharer sends it.
+            let blocks: Vec<(usize, Block)> = p
                 .outstanding
                 .iter()
+                .enumerate()
                 .rev()
-                .filter(|b| {
+                .filter(|(_, b)| {
                     self.partial(b.piece)
                         .and_then(|pt| pt.owner)
-                        .is_some_and(|o| slower.contains(&o))
+                        .is_some_and(|o| slower.contains_key(&o))
                         && self.second_copy_ok(peer, b)
                 })
-                .copied()
+                .map(|(i, b)| (i, *b))
                 .collect();
-            for block in blocks {
+            for (i, block) in blocks {
                 if need == 0 {
+                    break;
+                }
+                let copy_at = (own + out.len() + 1) as f64;
+                if (i + 1) as f64 <= speed.max(0.0) * copy_at {
+                    // This block and the ones before it arrive from `q` first.
                     break;
                 }
                 if self.add_second(peer, block) {

@@ -874,6 +874,72 @@ fn relief_takes_the_back_of_the_slower_queue() {
     );
 }
 
+/// Paced relief: a fast peer copies only the blocks of a slower queue that it could deliver
+/// first. A peer at 0.45 of B's rate with 8 blocks queued delivers its 4th block after
+/// 4 / 0.45 = 8.9 of B's block times; B, with 4 blocks of its own outstanding, would deliver
+/// copies after 5, 6, 7, 8, 9 block times: the last 4 blocks of A's queue are worth copying,
+/// the head is not. The unpaced rule takes all 8 (up to B's depth).
+#[test]
+fn paced_relief_leaves_a_moderately_slower_queue_its_head() {
+    let setup = || {
+        let mut pk = Picker::new(24, 8, 1); // 3 pieces of 8 blocks
+        pk.add_peer(A, &all(3)); // slower
+        pk.add_peer(B, &all(3)); // faster
+        assert_eq!(pieces_of(&req(&mut pk, A, 8)), vec![0]);
+        let b = req(&mut pk, B, 8);
+        assert_eq!(pieces_of(&b), vec![1]);
+        deliver_all(&mut pk, B, &b[..4]);
+        pk
+    };
+    let mut pk = setup();
+    let paced = pk.relieve_paced(B, 12, &BTreeMap::from([(A, 0.45)]));
+    assert_eq!(
+        paced,
+        (4..8).rev().map(|o| blk(0, o, 1)).collect::<Vec<_>>()
+    );
+    assert_eq!(pk.second_requests().relief, 4);
+    check(&pk);
+    // Nothing more while B's queue is as long: the next copy would arrive after A's block.
+    assert!(pk
+        .relieve_paced(B, 12, &BTreeMap::from([(A, 0.45)]))
+        .is_empty());
+
+    // The unpaced rule (a stalled peer: speed 0) takes the whole queue.
+    let mut pk = setup();
+    assert_eq!(pk.relieve(B, 12, &BTreeSet::from([A])).len(), 8);
+    let mut pk = setup();
+    assert_eq!(
+        pk.relieve_paced(B, 12, &BTreeMap::from([(A, 0.0)])).len(),
+        8
+    );
+    // A peer as fast keeps all but what waits behind its longer queue (its 7th and 8th
+    // blocks against B's 5th and 6th); a much slower one loses more.
+    let mut pk = setup();
+    assert_eq!(
+        pk.relieve_paced(B, 12, &BTreeMap::from([(A, 1.0)])),
+        vec![blk(0, 7, 1), blk(0, 6, 1)]
+    );
+    let mut pk = setup();
+    assert_eq!(
+        pk.relieve_paced(B, 12, &BTreeMap::from([(A, 0.2)])).len(),
+        6
+    );
+    // Nonsense speeds are harmless: negative or NaN counts as stalled, infinity as never
+    // overtaken.
+    for speed in [-1.0, f64::NAN] {
+        let mut pk = setup();
+        assert_eq!(
+            pk.relieve_paced(B, 12, &BTreeMap::from([(A, speed)])).len(),
+            8
+        );
+        check(&pk);
+    }
+    let mut pk = setup();
+    assert!(pk
+        .relieve_paced(B, 12, &BTreeMap::from([(A, f64::INFINITY)]))
+        .is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // block_arrived / block_written rules
 // ---------------------------------------------------------------------------------------------

@@ -800,6 +800,14 @@ impl Sim {
             seed_total as f64 / self.scenario.size as f64,
             leech_up as f64 * 100.0 / leech_cap,
         );
+        let n = self.scenario.leechers.len().max(1) as f64;
+        let (discarded, endgame, relief) = self.waste();
+        eprintln!(
+            "{name}: per leecher: discarded {:.2}% of the file, second requests {:.1} end-game, {:.1} relief",
+            discarded as f64 * 100.0 / n / self.scenario.size as f64,
+            endgame as f64 / n,
+            relief as f64 / n,
+        );
         last / bound
     }
 }
