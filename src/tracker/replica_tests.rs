@@ -5785,3 +5785,77 @@ fn after_every_tracker_restarts_an_idle_query_is_answered_at_once() {
     );
     idle_query_is_answered_at_once(&mut cl, b);
 }
+
+/// A joiner whose primary stalls and starts over while a link between the two, opened during
+/// the stall, survives it. Three trackers: tracker 1, primary, freezes past the peer
+/// timeout, and so does 3 just before the others find 1 silent. Tracker 2 takes over view 2,
+/// waiting for 3's answer (so it accepts no state of view 2), and redials 1 (the link opens;
+/// its hello waits for 1). Tracker 2 freezes past the stall limit before 1 thaws. Tracker 1
+/// thaws (stalled: it re-links, dialing 2, whose hello waits in turn), reads 2's hello
+/// (primary of view 2) and asks 2 for the state. Tracker 2 thaws, stalled: it closes that
+/// link (its earlier run's) and answers on the one 1 dialed as a starting tracker of a new
+/// run, as far on as 1 and with a higher number, so it waits for 1 to start the service.
+/// Tracker 3 is killed. Tracker 1 lost no link to 2 (the other one carries on), it only hears
+/// that 2 is starting: it must decide again as a starting tracker. Found as seed 35001715 of
+/// `random_clusters_soak` on an earlier tree: tracker 1 waited for 2 for ever, 2 for 1, and
+/// the service never served again.
+#[test]
+fn a_joiner_whose_primary_stalls_and_starts_over_decides_again() {
+    let mut cl = started(3, 9150);
+    assert_eq!(cl.primaries(), vec![1]);
+    let c = cl.add_client(Some(2));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "before"), ReplyBody::Done);
+    cl.settle();
+    let t0 = cl.now;
+    cl.freeze(1, 4_000);
+    cl.run_for(1_400);
+    cl.freeze(3, 10_000);
+    assert!(
+        cl.run_until(1_000, |cl| matches!(
+            cl.core(2).replica().role,
+            super::Role::Taking { .. }
+        )),
+        "tracker 2 takes over while 1 and 3 are frozen"
+    );
+    // Tracker 2 redials 1 a second after the link it closed: the link opens, 1's hello waits
+    // for it to thaw.
+    cl.run_for(t0 + 2_600 - cl.now);
+    cl.freeze(2, 1_600);
+    assert!(
+        cl.run_until(2_000, |cl| matches!(
+            cl.core(1).replica().role,
+            super::Role::Joining { primary: 2, .. }
+        )),
+        "tracker 1 thaws and asks tracker 2 for the state"
+    );
+    assert!(cl.is_frozen(2), "tracker 2 is still frozen");
+    assert!(cl.run_until(2_000, |cl| !cl.is_frozen(2)));
+    assert!(
+        cl.core(2).replica().role.is_starting(),
+        "tracker 2 found itself stalled and starts over"
+    );
+    cl.run_for(100);
+    assert!(
+        !cl.core(2).replica().is_serving(),
+        "tracker 2 waits for tracker 1"
+    );
+    cl.crash(3);
+    assert!(
+        cl.run_until(20_000, |cl| cl.primaries().len() == 1
+            && (1..=2).all(|no| cl.core(no).replica().is_serving())),
+        "the service serves again"
+    );
+    let c = cl.add_client(Some(1));
+    cl.sign_in(c);
+    assert_eq!(create_group(&mut cl, c, "after"), ReplyBody::Done);
+    cl.start(3);
+    assert!(
+        cl.run_until(10_000, |cl| (1..=3)
+            .all(|no| cl.core(no).replica().is_serving())),
+        "tracker 3 joins again"
+    );
+    cl.settle();
+    cl.check_agreement();
+    cl.check_acknowledged();
+}
