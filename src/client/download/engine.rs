@@ -46,7 +46,7 @@
 //! it had delivered nothing for [`CHOKED_SILENCE`], [`BUSY_REST`] otherwise), and a link
 //! with room in its pipeline requests a second copy of blocks waiting at a much slower or
 //! silent link, or a resting one with a measured rate, but only of the blocks it could
-//! deliver first ([`Picker::relieve_paced`]). A resting link with no rate measured yet is
+//! deliver first ([`Picker::relieve`]). A resting link with no rate measured yet is
 //! relieved only once it has been silent for [`SLOW_SILENCE`]: its queue may still come.
 //!
 //! # Failure
@@ -1123,7 +1123,7 @@ impl Download {
         if self.picker.outstanding(peer) < depth {
             let slower = self.slower_than(peer, now);
             if !slower.is_empty() {
-                blocks.extend(self.picker.relieve_paced(peer, depth, &slower));
+                blocks.extend(self.picker.relieve(peer, depth, &slower));
             }
         }
         // The stall clock runs only while requests are outstanding, so it starts when an idle
@@ -1152,7 +1152,7 @@ impl Download {
         }
     }
 
-    /// The links that `peer`'s link may relieve ([`Picker::relieve_paced`]), with their rate
+    /// The links that `peer`'s link may relieve ([`Picker::relieve`]), with their rate
     /// as a fraction of its own: those delivering less than half its measured rate, those
     /// resting after a rejection whose rate is measured (at that rate: only the blocks they
     /// would deliver after `peer` could are copied), and those that have delivered nothing

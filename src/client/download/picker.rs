@@ -34,9 +34,8 @@
 //!
 //! [`Picker::relieve`] adds a sixth source for the engine to use: blocks outstanding at a
 //! slower (or choking) peer, requested a second time from a faster one, up to the faster
-//! peer's depth, also from the back of the slower peers' queues. The engine uses
-//! [`Picker::relieve_paced`], which copies only the blocks the faster peer could deliver
-//! first: a block at position `i` of a queue delivered at a fraction `s` of the faster peer's
+//! peer's depth, from the back of the slower peers' queues, and only the blocks the faster
+//! peer could deliver first: a block at position `i` of a queue delivered at a fraction `s` of the faster peer's
 //! rate arrives after about `(i + 1) / s` of its block times, the faster peer's `k`-th copy
 //! after `outstanding + k + 1`, and the copy is asked for only if it would come first. A
 //! stalled peer (`s` = 0) loses its whole queue as before; one only moderately slower keeps
@@ -724,26 +723,14 @@ impl Picker {
     /// first is written, and [`Picker::block_written`] names the loser (to cancel), as in the
     /// end-game. Solo pieces are left alone.
     ///
-    /// Every slower peer counts as stalled (any block of its queue may be copied); see
-    /// [`Picker::relieve_paced`] for the bound by speed that the engine uses.
-    pub fn relieve(
-        &mut self,
-        peer: PeerId,
-        max_in_flight: usize,
-        slower: &BTreeSet<PeerId>,
-    ) -> Vec<Block> {
-        let stalled: BTreeMap<PeerId, f64> = slower.iter().map(|&q| (q, 0.0)).collect();
-        self.relieve_paced(peer, max_in_flight, &stalled)
-    }
-
-    /// [`Picker::relieve`], copying only the blocks that `peer` could win. `slower` maps each
-    /// slower peer to its delivery rate as a fraction of `peer`'s (0 for a peer that is not
-    /// delivering: choked or silent). A block at position `i` (from 0) of a slower peer's
-    /// queue arrives after about `(i + 1) / speed` of `peer`'s block times; the `k`-th copy
-    /// (from 0) that `peer` takes arrives after `outstanding + k + 1` of them. A block is
+    /// Only the blocks that `peer` could win are copied. `slower` maps each slower peer to its
+    /// delivery rate as a fraction of `peer`'s (0 for a peer that is not delivering: choked or
+    /// silent, whose whole queue may be copied). A block at position `i` (from 0) of a slower
+    /// peer's queue arrives after about `(i + 1) / speed` of `peer`'s block times; the `k`-th
+    /// copy (from 0) that `peer` takes arrives after `outstanding + k + 1` of them. A block is
     /// copied only if the copy would arrive first: the head of a queue that is only
     /// moderately slower is left alone (see the module documentation).
-    pub fn relieve_paced(
+    pub fn relieve(
         &mut self,
         peer: PeerId,
         max_in_flight: usize,

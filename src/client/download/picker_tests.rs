@@ -32,6 +32,11 @@ fn only(n: u32, pieces: &[u32]) -> Vec<bool> {
     v
 }
 
+/// Every peer of `peers` as stalled (speed 0): [`Picker::relieve`] may copy its whole queue.
+fn stalled(peers: &BTreeSet<PeerId>) -> BTreeMap<PeerId, f64> {
+    peers.iter().map(|&p| (p, 0.0)).collect()
+}
+
 fn blk(piece: u32, offset: u32, len: u32) -> Block {
     Block { piece, offset, len }
 }
@@ -842,15 +847,21 @@ fn relief_takes_the_back_of_the_slower_queue() {
     assert_eq!(pieces_of(&b), vec![1]);
     deliver_all(&mut pk, B, &b);
     let slower = BTreeSet::from([A]);
-    assert!(pk.relieve(A, 8, &slower).is_empty(), "not from itself");
-    assert!(pk.relieve(B, 8, &BTreeSet::new()).is_empty());
+    assert!(
+        pk.relieve(A, 8, &stalled(&slower)).is_empty(),
+        "not from itself"
+    );
+    assert!(pk.relieve(B, 8, &BTreeMap::new()).is_empty());
     assert_eq!(
-        pk.relieve(B, 3, &slower),
+        pk.relieve(B, 3, &stalled(&slower)),
         vec![blk(0, 7, 1), blk(0, 6, 1), blk(0, 5, 1)]
     );
     check(&pk);
-    assert!(pk.relieve(B, 3, &slower).is_empty(), "at its depth");
-    assert_eq!(pk.relieve(B, 4, &slower), vec![blk(0, 4, 1)]);
+    assert!(
+        pk.relieve(B, 3, &stalled(&slower)).is_empty(),
+        "at its depth"
+    );
+    assert_eq!(pk.relieve(B, 4, &stalled(&slower)), vec![blk(0, 4, 1)]);
     assert_eq!(
         pk.second_requests(),
         SecondRequests {
@@ -863,7 +874,7 @@ fn relief_takes_the_back_of_the_slower_queue() {
     // A third peer gets nothing of what is already at two.
     pk.add_peer(C, &all(2));
     assert_eq!(
-        pk.relieve(C, 8, &slower),
+        pk.relieve(C, 8, &stalled(&slower)),
         (0..4).rev().map(|o| blk(0, o, 1)).collect::<Vec<_>>()
     );
     check(&pk);
@@ -892,7 +903,7 @@ fn paced_relief_leaves_a_moderately_slower_queue_its_head() {
         pk
     };
     let mut pk = setup();
-    let paced = pk.relieve_paced(B, 12, &BTreeMap::from([(A, 0.45)]));
+    let paced = pk.relieve(B, 12, &BTreeMap::from([(A, 0.45)]));
     assert_eq!(
         paced,
         (4..8).rev().map(|o| blk(0, o, 1)).collect::<Vec<_>>()
@@ -900,43 +911,32 @@ fn paced_relief_leaves_a_moderately_slower_queue_its_head() {
     assert_eq!(pk.second_requests().relief, 4);
     check(&pk);
     // Nothing more while B's queue is as long: the next copy would arrive after A's block.
-    assert!(pk
-        .relieve_paced(B, 12, &BTreeMap::from([(A, 0.45)]))
-        .is_empty());
+    assert!(pk.relieve(B, 12, &BTreeMap::from([(A, 0.45)])).is_empty());
 
     // The unpaced rule (a stalled peer: speed 0) takes the whole queue.
     let mut pk = setup();
-    assert_eq!(pk.relieve(B, 12, &BTreeSet::from([A])).len(), 8);
+    assert_eq!(pk.relieve(B, 12, &stalled(&BTreeSet::from([A]))).len(), 8);
     let mut pk = setup();
-    assert_eq!(
-        pk.relieve_paced(B, 12, &BTreeMap::from([(A, 0.0)])).len(),
-        8
-    );
+    assert_eq!(pk.relieve(B, 12, &BTreeMap::from([(A, 0.0)])).len(), 8);
     // A peer as fast keeps all but what waits behind its longer queue (its 7th and 8th
     // blocks against B's 5th and 6th); a much slower one loses more.
     let mut pk = setup();
     assert_eq!(
-        pk.relieve_paced(B, 12, &BTreeMap::from([(A, 1.0)])),
+        pk.relieve(B, 12, &BTreeMap::from([(A, 1.0)])),
         vec![blk(0, 7, 1), blk(0, 6, 1)]
     );
     let mut pk = setup();
-    assert_eq!(
-        pk.relieve_paced(B, 12, &BTreeMap::from([(A, 0.2)])).len(),
-        6
-    );
+    assert_eq!(pk.relieve(B, 12, &BTreeMap::from([(A, 0.2)])).len(), 6);
     // Nonsense speeds are harmless: negative or NaN counts as stalled, infinity as never
     // overtaken.
     for speed in [-1.0, f64::NAN] {
         let mut pk = setup();
-        assert_eq!(
-            pk.relieve_paced(B, 12, &BTreeMap::from([(A, speed)])).len(),
-            8
-        );
+        assert_eq!(pk.relieve(B, 12, &BTreeMap::from([(A, speed)])).len(), 8);
         check(&pk);
     }
     let mut pk = setup();
     assert!(pk
-        .relieve_paced(B, 12, &BTreeMap::from([(A, f64::INFINITY)]))
+        .relieve(B, 12, &BTreeMap::from([(A, f64::INFINITY)]))
         .is_empty());
 }
 
